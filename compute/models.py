@@ -1,0 +1,145 @@
+"""Models as pure functions over pytrees of parameters.
+
+A :class:`Model` is ``init(key) -> params`` and ``loss(params, x, y) -> (loss,
+metrics)``; ``loss`` is the mean over the rows of ``x``. ``layers`` describes the net
+structure for export: each layer names the parameters it uses, in data-flow order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any  # arbitrary nests of arrays
+Layer = dict[str, Any]  # {"name", "type", "params": [names], ...}
+
+
+class Model(NamedTuple):
+    init: Callable[[jax.Array], Params]
+    loss: Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+    layers: list[Layer]
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
+    """Mean softmax cross-entropy and accuracy of integer labels."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    accuracy = (jnp.argmax(logits, axis=-1) == labels).mean()
+    return loss, {"accuracy": accuracy}
+
+
+def _dense_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Array]:
+    scale = jnp.sqrt(2.0 / fan_in)
+    return {
+        "w": jax.random.normal(key, (fan_in, fan_out), jnp.float32) * scale,
+        "b": jnp.zeros((fan_out,), jnp.float32),
+    }
+
+
+def mlp(sizes: Sequence[int]) -> Model:
+    """A ReLU multi-layer perceptron; ``sizes`` = [inputs, hidden..., classes]."""
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"mlp sizes must be at least [inputs, classes], got {sizes}")
+    names = [f"dense{i}" for i in range(len(sizes) - 1)]
+
+    def init(key: jax.Array) -> Params:
+        keys = jax.random.split(key, len(names))
+        return {n: _dense_init(k, a, b) for n, k, a, b in zip(names, keys, sizes, sizes[1:])}
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        h = x.reshape(x.shape[0], -1)
+        for i, n in enumerate(names):
+            h = h @ params[n]["w"] + params[n]["b"]
+            if i < len(names) - 1:
+                h = jax.nn.relu(h)
+        return h
+
+    def loss(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict]:
+        return classification_loss(apply(params, x), y)
+
+    layers: list[Layer] = [{"name": "input", "type": "input", "shape": [sizes[0]], "params": []}]
+    for i, n in enumerate(names):
+        layers.append({"name": n, "type": "dense", "units": sizes[i + 1], "params": [f"{n}/w", f"{n}/b"]})
+        if i < len(names) - 1:
+            layers.append({"name": f"relu{i}", "type": "relu", "params": []})
+    layers.append({"name": "loss", "type": "softmax_cross_entropy", "params": []})
+    return Model(init, loss, layers)
+
+
+def cnn(input_shape: Sequence[int], classes: int, channels: Sequence[int] = (16, 32)) -> Model:
+    """A small convnet for NHWC images: 3x3 conv + ReLU (+ 2x2 average pool between
+    convs), then a dense classifier."""
+    height, width, in_ch = (int(d) for d in input_shape)
+    chans = [in_ch, *map(int, channels)]
+    conv_names = [f"conv{i}" for i in range(len(chans) - 1)]
+    pools = len(conv_names) - 1
+    flat = (height >> pools) * (width >> pools) * chans[-1]
+
+    def init(key: jax.Array) -> Params:
+        keys = jax.random.split(key, len(conv_names) + 1)
+        params = {}
+        for n, k, cin, cout in zip(conv_names, keys, chans, chans[1:]):
+            w = jax.random.normal(k, (3, 3, cin, cout), jnp.float32) * jnp.sqrt(2.0 / (9 * cin))
+            params[n] = {"w": w, "b": jnp.zeros((cout,), jnp.float32)}
+        params["head"] = _dense_init(keys[-1], flat, classes)
+        return params
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        h = x
+        for i, n in enumerate(conv_names):
+            h = jax.lax.conv_general_dilated(
+                h, params[n]["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            h = jax.nn.relu(h + params[n]["b"])
+            if i < pools:
+                h = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4
+        h = h.reshape(h.shape[0], -1)
+        return h @ params["head"]["w"] + params["head"]["b"]
+
+    def loss(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict]:
+        return classification_loss(apply(params, x), y)
+
+    layers: list[Layer] = [{"name": "input", "type": "input", "shape": [height, width, in_ch], "params": []}]
+    for i, n in enumerate(conv_names):
+        layers.append({"name": n, "type": "conv3x3_relu", "channels": chans[i + 1], "params": [f"{n}/w", f"{n}/b"]})
+        if i < pools:
+            layers.append({"name": f"pool{i}", "type": "avg_pool2x2", "params": []})
+    layers.append({"name": "head", "type": "dense", "units": classes, "params": ["head/w", "head/b"]})
+    layers.append({"name": "loss", "type": "softmax_cross_entropy", "params": []})
+    return Model(init, loss, layers)
+
+
+def load_user_model(path: str | Path, **options: Any) -> Model:
+    """Load a user's model from a Python file that defines ``init(key)`` and
+    ``loss(params, x, y)``.
+
+    ``loss`` returns the mean loss, or ``(loss, metrics)`` with a dict of scalars
+    (``accuracy`` is shown when present). An optional ``layers`` list describes the
+    net structure; without it, one layer per top-level parameter group is assumed.
+    If the file defines ``make(**options)``, it is called with the config's
+    ``options`` and must return an object with ``init`` and ``loss``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model file {path} does not exist: give a path to a .py file")
+    spec = importlib.util.spec_from_file_location(f"psfw_user_model_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    source = module.make(**options) if hasattr(module, "make") else module
+    for name in ("init", "loss"):
+        if not callable(getattr(source, name, None)):
+            raise ValueError(f"model file {path} must define a function {name}()")
+    user_loss = source.loss
+
+    def loss(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict]:
+        out = user_loss(params, x, y)
+        return out if isinstance(out, tuple) else (out, {})
+
+    layers = list(getattr(source, "layers", None) or [])
+    return Model(source.init, loss, layers)

@@ -1,0 +1,32 @@
+"""The worker's jitted region: loss, metrics and gradients in one XLA call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from psfw.compute.models import Params
+
+
+def make_grad_step(loss: Callable) -> Callable:
+    """``step(params, x, y) -> (loss, metrics, summed_grads)``, jitted.
+
+    ``summed_grads`` is the gradient of the *summed* loss over the rows of ``x``
+    (the mean-loss gradient times the row count), so that gradients of sub-batches
+    of different sizes add up to the full batch's summed gradient. Dividing by the
+    group's rows on the server gives the full-batch mean-loss gradient exactly.
+    """
+
+    def step(params: Params, x: jax.Array, y: jax.Array):
+        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, x, y)
+        rows = jnp.asarray(x.shape[0], jnp.float32)
+        return value, metrics, jax.tree.map(lambda g: g * rows.astype(g.dtype), grads)
+
+    return jax.jit(step)
+
+
+def make_eval_fn(loss: Callable) -> Callable:
+    """``evaluate(params, x, y) -> (loss, metrics)``, jitted."""
+    return jax.jit(loss)

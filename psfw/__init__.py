@@ -1,0 +1,1 @@
+"""psfw: an asyncio parameter-server microframework for data-parallel JAX training."""

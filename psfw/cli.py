@@ -1,0 +1,82 @@
+"""The ``psfw`` command: train, server, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from psfw.errors import ConfigError, PsfwError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from psfw.config import load_config
+    from psfw.launcher import train
+
+    config = load_config(args.config)
+    result = train(config, args.run_dir, progress=not args.no_progress)
+    acc = result.test_accuracy
+    line = f"test loss {result.test_loss:.4f}" + (f", test accuracy {acc:.4f}" if acc is not None else "")
+    print(f"{line}; {result.steps} steps; outputs in {result.run_dir}")
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from psfw.services.server import serve
+
+    asyncio.run(serve(args.shard, args.of, args.listen, grace=args.grace, nonfinite=args.nonfinite))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from psfw.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="psfw", description="asyncio parameter server for data-parallel JAX training")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a config end to end on this machine (embedded shards)")
+    t.add_argument("config", help="TOML config, e.g. examples/digits_mlp.toml")
+    t.add_argument("--run-dir", help="folder for the outputs (default: a new folder under runs/)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(run=_train)
+
+    s = sub.add_parser("server", help="serve one parameter-server shard")
+    s.add_argument("--shard", type=int, default=0, help="this shard's index")
+    s.add_argument("--of", type=int, default=1, help="how many shards the cluster has")
+    s.add_argument("--listen", default="127.0.0.1:50051", help="address to listen on (port 0: any free port)")
+    s.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get on shutdown")
+    s.add_argument("--nonfinite", choices=("reject", "skip"), default="reject", help="NaN/Inf gradient policy")
+    s.set_defaults(run=_server)
+
+    b = sub.add_parser("bench", help="samples/s of psfw against single-process JAX")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--steps", type=int, default=60, help="measured steps per variant")
+    b.add_argument("--warmup", type=int, default=10, help="unmeasured steps first")
+    b.set_defaults(run=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except ConfigError as err:
+        print(f"psfw: config error: {err}", file=sys.stderr)
+        return 2
+    except PsfwError as err:
+        print(f"psfw: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("psfw: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

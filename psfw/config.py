@@ -1,0 +1,159 @@
+"""The job config: a TOML file validated on load.
+
+Unknown keys, wrong types and impossible topologies are ConfigErrors whose one-line
+message names the field and the problem, before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from psfw.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelConfig(_Strict):
+    name: Literal["mlp", "cnn", "custom"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [128])
+    channels: list[int] = Field(default_factory=lambda: [16, 32])
+    path: str | None = None  # custom: a .py file with init(key) and loss(params, x, y)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.name == "custom" and not self.path:
+            raise ValueError("a custom model needs path = 'file.py' (a file with init and loss)")
+        if any(h < 1 for h in self.hidden) or any(c < 1 for c in self.channels):
+            raise ValueError("layer sizes must be positive")
+        return self
+
+
+class DataConfig(_Strict):
+    name: Literal["digits", "synthetic"] = "digits"
+    features: int = Field(784, ge=1)  # synthetic only
+    classes: int = Field(10, ge=2)
+    train: int = Field(8192, ge=1)
+    test: int = Field(1024, ge=1)
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["constant", "cosine", "exponential", "warmup_cosine", "linear"] = "constant"
+    steps: int = Field(1000, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    end_value: float = Field(0.0, ge=0)
+    decay_rate: float = Field(0.5, gt=0)
+    transition_steps: int = Field(1000, ge=1)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"] = "sgd"
+    learning_rate: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    decay: float = Field(0.9, ge=0, lt=1)
+    initial_accumulator_value: float = Field(0.1, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    def spec_json(self) -> str:
+        """The spec the shards build their optimizer from."""
+        return json.dumps(self.model_dump(), sort_keys=True)
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+    steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    log_every: int = Field(10, ge=1)
+    wait_s: float = Field(120.0, gt=0)  # longest wait for a group, a Get or a Put
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        return self
+
+
+class ClusterConfig(_Strict):
+    worker_groups: int = Field(1, ge=1)
+    workers_per_group: int = Field(2, ge=1)
+    workers_per_process: int = Field(2, ge=1)
+    servers: int = Field(2, ge=1)
+    slice_bytes: int = Field(1 << 20, ge=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if self.workers_per_group % self.workers_per_process:
+            raise ValueError(
+                f"workers_per_group ({self.workers_per_group}) must be a multiple of "
+                f"workers_per_process ({self.workers_per_process})"
+            )
+        return self
+
+    @property
+    def processes_per_group(self) -> int:
+        return self.workers_per_group // self.workers_per_process
+
+
+class Config(_Strict):
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    base_dir: str = "."  # where relative paths in the config resolve; set by load_config
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.train.batch_size < self.cluster.workers_per_group:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) is smaller than cluster.workers_per_group "
+                f"({self.cluster.workers_per_group}): every worker needs at least one row"
+            )
+        return self
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling against the config reference)"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        parts.append(f"{where}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_config(data: dict[str, Any], source: str = "config", base_dir: str = ".") -> Config:
+    """Validate a config given as a dict (what a TOML file parses to)."""
+    try:
+        return Config.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, source)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config; raises ConfigError with a one-line message."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    if "base_dir" in data:
+        raise ConfigError(f"{path}: base_dir: unknown key (check its spelling against the config reference)")
+    return parse_config(data, str(path), str(path.parent.resolve()))

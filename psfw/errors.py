@@ -1,0 +1,25 @@
+"""The errors psfw raises to its users."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class PsfwError(Exception):
+    """Base of psfw's errors."""
+
+
+class ConfigError(PsfwError, ValueError):
+    """A config that cannot run; the message names the field and the problem."""
+
+
+class ShardError(PsfwError):
+    """An RPC to a shard failed; ``code`` is the gRPC status code."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class WaitTimeout(PsfwError, TimeoutError):
+    """A wait ran past its limit; the message says what it waited for."""

@@ -1,0 +1,80 @@
+"""A config resolved into the things that run: model, data, steps and layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from psfw.compute.batching import BatchOrder
+from psfw.compute.datasets import Dataset, load_dataset
+from psfw.compute.models import Model, cnn, load_user_model, mlp
+from psfw.config import Config
+from psfw.errors import ConfigError
+from psfw.layout import Layout, plan_layout
+from psfw.params import flatten_params
+
+
+@dataclass
+class Job:
+    config: Config
+    model: Model
+    data: Dataset
+    layout: Layout
+    treedef: Any
+    steps: int
+
+    def order(self, group: int) -> BatchOrder:
+        """The data order of ``group`` (one group for now: every group sees the same)."""
+        return BatchOrder(len(self.data.x_train), self.config.train.batch_size, self.config.seed, 0)
+
+
+def build_model(config: Config, data: Dataset) -> Model:
+    m = config.model
+    if m.name == "mlp":
+        features = 1
+        for d in data.input_shape:
+            features *= d
+        return mlp([features, *m.hidden, data.classes])
+    if m.name == "cnn":
+        if len(data.input_shape) != 3:
+            raise ConfigError(f"model.name: cnn needs image data (H, W, C), {config.data.name} has {data.input_shape}")
+        return cnn(data.input_shape, data.classes, m.channels)
+    path = Path(m.path)
+    if not path.is_absolute():
+        path = Path(config.base_dir) / path
+    try:
+        return load_user_model(path, **m.options)
+    except ValueError as err:
+        raise ConfigError(f"model.path: {err}") from None
+
+
+def build_job(config: Config) -> Job:
+    """Load the data, build the model and plan the layout; ConfigError when they
+    cannot work together."""
+    d = config.data
+    try:
+        if d.name == "synthetic":
+            data = load_dataset("synthetic", features=d.features, classes=d.classes, train=d.train, test=d.test,
+                                seed=config.seed)
+        else:
+            data = load_dataset(d.name, image=config.model.name == "cnn")
+    except ValueError as err:
+        raise ConfigError(f"data.name: {err}") from None
+    batch = config.train.batch_size
+    if batch > len(data.x_train):
+        raise ConfigError(
+            f"train.batch_size: {batch} is larger than the {len(data.x_train)} training rows of {d.name}"
+        )
+    model = build_model(config, data)
+    shapes_tree = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed))
+    flat, treedef = flatten_params(shapes_tree)
+    shapes = {n: (tuple(s.shape), str(s.dtype)) for n, s in flat.items()}
+    c = config.cluster
+    layout = plan_layout(shapes, c.servers, c.workers_per_group, c.slice_bytes)
+    order = BatchOrder(len(data.x_train), batch, config.seed)
+    t = config.train
+    steps = t.steps if t.steps is not None else (t.epochs or 1) * order.steps_per_epoch
+    return Job(config, model, data, layout, treedef, steps)

@@ -1,0 +1,179 @@
+"""The embedded default: shards, stubs and workers of a whole job in one process.
+
+``train(config)`` starts one gRPC shard per ``cluster.servers`` on 127.0.0.1 (or
+uses the addresses given), one stub per worker process and the workers, trains,
+evaluates on the test split, and writes the run folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from psfw.cache import ParamCache
+from psfw.client import ShardClient
+from psfw.compute.step import make_eval_fn, make_grad_step
+from psfw.config import Config, load_config
+from psfw.job import Job, build_job
+from psfw.layout import SliceKey
+from psfw.outputs import PARAMS_FILE, MetricsLog, new_run_dir, write_curves, write_net, write_params
+from psfw.params import unflatten_params
+from psfw.progress import ProgressBar, StepReporter
+from psfw.services.server import ShardServer
+from psfw.stub import Stub
+from psfw.worker import WorkerSpec, run_worker
+
+log = logging.getLogger("psfw")
+
+
+@dataclass
+class TrainResult:
+    params: dict[str, np.ndarray]  # final values by parameter name
+    steps: int
+    test_loss: float
+    test_metrics: dict[str, float]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: Path | None = None
+    rpcs: list[dict[str, int]] = field(default_factory=list)  # per process: RPCs its stub sent
+    shard_addresses: list[str] = field(default_factory=list)
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.test_metrics.get("accuracy")
+
+
+async def fetch_params(clients: list[ShardClient], job: Job, group: int, step: int, wait_s: float) -> dict[str, np.ndarray]:
+    """The values the shards hold once ``group`` completed ``step`` steps."""
+    keys: dict[int, list[SliceKey]] = {}
+    for p in job.layout.params.values():
+        for s in p.slices:
+            keys.setdefault(s.shard, []).append((p.name, s.index))
+    parts = await asyncio.gather(
+        *(clients[i].get(group, step, ks, job.layout.slice_dtype_shape, wait_s) for i, ks in keys.items())
+    )
+    slices = {k: v for _, part in parts for k, v in part.items()}
+    return {
+        p.name: np.concatenate([slices[(p.name, s.index)] for s in p.slices]).reshape(p.shape)
+        for p in job.layout.params.values()
+    }
+
+
+async def run_job(
+    job: Job, addresses: list[str], *, on_record: list | None = None, reporter: StepReporter | None = None
+) -> list[Stub]:
+    """Run every worker process of ``job`` in this process against ``addresses``."""
+    c, t = job.config.cluster, job.config.train
+    step_fn = make_grad_step(job.model.loss)
+    workers_total = c.worker_groups * c.workers_per_group
+    stubs: list[Stub] = []
+    async with AsyncExitStack() as stack:
+        executor = stack.enter_context(ThreadPoolExecutor(workers_total, thread_name_prefix="psfw-worker"))
+        async with asyncio.TaskGroup() as tasks:
+            for group in range(c.worker_groups):
+                spec = WorkerSpec(
+                    layout=job.layout, treedef=job.treedef, step_fn=step_fn, init=job.model.init, seed=job.config.seed,
+                    data=job.data, order=job.order(group), workers_per_group=c.workers_per_group, executor=executor,
+                    wait_s=t.wait_s,
+                )
+                for local in range(c.processes_per_group):
+                    process = group * c.processes_per_group + local
+                    clients = [ShardClient(a, i, timeout_s=t.wait_s) for i, a in enumerate(addresses)]
+                    for client in clients:
+                        stack.push_async_callback(client.close)
+                    cache = ParamCache(group, process)
+                    workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
+                    stub = Stub(
+                        clients=clients, layout=job.layout, cache=cache, group=group, process=process,
+                        workers=workers, workers_per_group=c.workers_per_group,
+                        optimizer=job.config.optimizer.spec_json(), wait_s=t.wait_s, on_metrics=reporter,
+                    )
+                    stubs.append(stub)
+                    tasks.create_task(stub.run(0, job.steps), name=f"stub-{process}")
+                    for w in workers:
+                        tasks.create_task(
+                            run_worker(spec, w, group, stub, cache, 0, job.steps), name=f"worker-{group}.{w}"
+                        )
+    return stubs
+
+
+async def train_async(
+    config: Config,
+    run_dir: str | Path | None = None,
+    *,
+    progress: bool = True,
+    outputs: bool = True,
+    servers: list[str] | None = None,
+) -> TrainResult:
+    """Train ``config`` end to end; see the module docstring."""
+    job = build_job(config)
+    t = config.train
+    folder = None
+    if outputs:
+        folder = Path(run_dir) if run_dir else new_run_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(config.model_dump_json(indent=1))
+    async with AsyncExitStack() as stack:
+        addresses = list(servers or [])
+        if not addresses:
+            for shard in range(config.cluster.servers):
+                server = ShardServer(shard, config.cluster.servers)
+                await server.start("127.0.0.1:0")
+                stack.push_async_callback(server.stop, 0)
+                addresses.append(server.address)
+        sinks: list = []
+        metrics = None
+        if folder is not None:
+            metrics = MetricsLog(folder / "metrics.jsonl")
+            stack.callback(metrics.close)
+            sinks.append(metrics.write)
+        if progress:
+            sinks.append(stack.enter_context(ProgressBar(job.steps)))
+        reporter = StepReporter(config.cluster.processes_per_group, job.steps, t.log_every, sinks)
+        stubs = await run_job(job, addresses, reporter=reporter)
+
+        clients = [ShardClient(a, i, timeout_s=t.wait_s) for i, a in enumerate(addresses)]
+        for client in clients:
+            stack.push_async_callback(client.close)
+        params = await fetch_params(clients, job, 0, job.steps, t.wait_s)
+
+    evaluate = make_eval_fn(job.model.loss)
+    tree = unflatten_params(job.treedef, list(job.layout.params), params)
+    test_loss, test_metrics = await asyncio.to_thread(evaluate, tree, job.data.x_test, job.data.y_test)
+    result = TrainResult(
+        params=params,
+        steps=job.steps,
+        test_loss=float(test_loss),
+        test_metrics={k: float(v) for k, v in test_metrics.items()},
+        records=reporter.records,
+        run_dir=folder,
+        rpcs=[dict(s.rpcs) for s in stubs],
+        shard_addresses=addresses,
+    )
+    if folder is not None:
+        final = {"final": True, "step": job.steps, "test_loss": result.test_loss}
+        final.update({f"test_{k}": v for k, v in result.test_metrics.items()})
+        _append_json(folder / "metrics.jsonl", final)
+        write_params(folder / PARAMS_FILE, params, {"step": str(job.steps)})
+        await asyncio.to_thread(write_net, folder, job.model.layers, job.layout)
+        await asyncio.to_thread(write_curves, folder / "curves.png", reporter.records)
+    return result
+
+
+def _append_json(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(config: Config | str | Path, run_dir: str | Path | None = None, **options: Any) -> TrainResult:
+    """Synchronous entry point: ``train("examples/digits_mlp.toml")``."""
+    if not isinstance(config, Config):
+        config = load_config(config)
+    return asyncio.run(train_async(config, run_dir, **options))

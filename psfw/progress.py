@@ -1,0 +1,97 @@
+"""Step records from the stubs' reports, a progress bar, and the metrics log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+SUMMED = ("rows",)
+MAXED = ("compute_s", "comm_s", "wait_s", "wall_s")
+
+
+class StepReporter:
+    """Combines the reports of a group's processes into one record per step and
+    emits every ``log_every``-th step (and the last) to ``sinks``.
+
+    A record holds ``step``, ``loss``, ``accuracy`` (if the model reports it),
+    ``samples_per_s`` over the logged window and the time split of the step.
+    """
+
+    def __init__(self, processes_per_group: int, steps: int, log_every: int, sinks: list[Callable[[dict], None]]):
+        self.processes, self.steps, self.log_every, self.sinks = processes_per_group, steps, log_every, sinks
+        self.records: list[dict[str, Any]] = []
+        self._pending: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        self._window: dict[int, tuple[float, int]] = {}  # group -> (window start, rows)
+
+    def __call__(self, report: dict[str, Any]) -> None:
+        key = (report["group"], report["step"])
+        parts = self._pending.setdefault(key, [])
+        parts.append(report)
+        if len(parts) < self.processes:
+            return
+        del self._pending[key]
+        group, step = key
+        now = time.perf_counter()
+        start, rows = self._window.get(group, (now - max(p["wall_s"] for p in parts), 0))
+        rows += sum(p["rows"] for p in parts)
+        if (step + 1) % self.log_every and step + 1 != self.steps:
+            self._window[group] = (start, rows)
+            return
+        self._window[group] = (now, 0)
+        total = sum(p["rows"] for p in parts)
+        record: dict[str, Any] = {"step": step + 1, "group": group}
+        for name in parts[0]:
+            if name in ("group", "process", "step") or name in SUMMED:
+                continue
+            if name in MAXED:
+                record[name] = max(p[name] for p in parts)
+            else:
+                record[name] = sum(p[name] * p["rows"] for p in parts) / total
+        record["samples_per_s"] = rows / max(now - start, 1e-9)
+        self.records.append(record)
+        for sink in self.sinks:
+            sink(record)
+
+
+class ProgressBar:
+    """A rich progress bar fed with step records."""
+
+    def __init__(self, steps: int, console: Console | None = None):
+        self._progress = Progress(
+            TextColumn("[bold]psfw[/]"),
+            BarColumn(),
+            TextColumn("step {task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("acc {task.fields[accuracy]:.3f}"),
+            TextColumn("{task.fields[rate]:,.0f} samples/s"),
+            TextColumn("[dim]compute {task.fields[compute]:.1f} / comm {task.fields[comm]:.1f} / "
+                       "wait {task.fields[wait]:.1f} ms[/]"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._task = self._progress.add_task(
+            "train", total=steps, loss=float("nan"), accuracy=float("nan"), rate=0.0, compute=0.0, comm=0.0, wait=0.0
+        )
+
+    def __enter__(self) -> ProgressBar:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self._progress.update(
+            self._task,
+            completed=record["step"],
+            loss=record["loss"],
+            accuracy=record.get("accuracy", float("nan")),
+            rate=record["samples_per_s"],
+            compute=record["compute_s"] * 1e3,
+            comm=record["comm_s"] * 1e3,
+            wait=record["wait_s"] * 1e3,
+        )

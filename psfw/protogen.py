@@ -1,0 +1,53 @@
+"""Regenerate the Python gRPC code in ``psfw/proto`` from ``protos/``.
+
+Run ``python -m psfw.protogen`` after editing a ``.proto`` file; the test suite fails
+when the committed code drifts from the sources.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROTO_ROOT = REPO / "protos"
+
+
+def proto_sources(root: Path = PROTO_ROOT) -> list[Path]:
+    """The ``.proto`` files under ``root``, sorted."""
+    return sorted(root.rglob("*.proto"))
+
+
+def generate(out_dir: Path, root: Path = PROTO_ROOT) -> list[Path]:
+    """Run ``grpc_tools.protoc`` on every source into ``out_dir``.
+
+    Returns the generated files. Raises RuntimeError when protoc fails.
+    """
+    from grpc_tools import protoc  # build-time tool only
+    import grpc_tools
+
+    include = Path(grpc_tools.__file__).parent / "_proto"
+    sources = proto_sources(root)
+    args = [
+        "protoc",
+        f"-I{root}",
+        f"-I{include}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        *[str(s) for s in sources],
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed on {', '.join(map(str, sources))}")
+    return sorted(p for p in out_dir.rglob("*") if p.suffix in (".py", ".pyi"))
+
+
+def main() -> int:
+    generated = generate(REPO)
+    for path in generated:
+        print(path.relative_to(REPO))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

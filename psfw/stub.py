@@ -1,0 +1,204 @@
+"""The stub: one coroutine per process between its workers and the shards.
+
+Each step it collects the row-weighted gradient sums of all local workers, adds them
+up per parameter, sends one Update per shard (all shards at once), and publishes the
+fresh values the shards answer with. At the start it Puts the parameters its local
+owners initialized (one Put per shard) and Gets the rest (one Get per shard).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from psfw.cache import ParamCache
+from psfw.client import ShardClient
+from psfw.errors import PsfwError, ShardError, WaitTimeout
+from psfw.layout import Layout, SliceKey
+
+INIT_RETRY_S = 0.05
+
+
+class Contribution:
+    """One worker's report for one step."""
+
+    __slots__ = ("worker", "grads", "rows", "metrics")
+
+    def __init__(self, worker: int, grads: dict[str, np.ndarray], rows: int, metrics: dict[str, float]):
+        self.worker, self.grads, self.rows, self.metrics = worker, grads, rows, metrics
+
+
+class Stub:
+    def __init__(
+        self,
+        *,
+        clients: list[ShardClient],
+        layout: Layout,
+        cache: ParamCache,
+        group: int,
+        process: int,
+        workers: list[int],
+        workers_per_group: int,
+        optimizer: str,
+        wait_s: float = 120.0,
+        on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        self.clients, self.layout, self.cache = clients, layout, cache
+        self.group, self.process, self.workers = group, process, list(workers)
+        self.workers_per_group, self.optimizer, self.wait_s = workers_per_group, optimizer, wait_s
+        self.on_metrics = on_metrics
+        self._inbox: asyncio.Queue[Contribution] = asyncio.Queue()
+        self._puts: asyncio.Queue[dict[str, np.ndarray]] = asyncio.Queue()
+        self.rpcs = {"Put": 0, "Get": 0, "Update": 0}
+
+    # -- what workers call ---------------------------------------------------
+
+    async def put(self, worker: int, values: dict[str, np.ndarray]) -> None:
+        """Hand over the initial values an owner worker made for its parameters."""
+        wrong = sorted(n for n in values if self.layout.params[n].owner != worker)
+        if wrong or worker not in self.workers:
+            raise PsfwError(f"worker {worker} of process {self.process} does not own {wrong}")
+        await self._puts.put(values)
+
+    async def update(self, step: int, worker: int, grads: dict[str, np.ndarray], rows: int, metrics: dict) -> None:
+        """Report a worker's summed gradients (gradient of the summed loss) for a step."""
+        await self._inbox.put(Contribution(worker, grads, rows, {**metrics, "step": step}))
+
+    # -- the coroutine -------------------------------------------------------
+
+    async def run(self, start_step: int, steps: int) -> None:
+        """Serve the local workers from ``start_step`` until ``steps`` are done."""
+        try:
+            await self._initial_sync(start_step)
+            last = time.perf_counter()
+            for step in range(start_step, steps):
+                batch = [await self._inbox.get() for _ in self.workers]
+                bad = [c.metrics["step"] for c in batch if c.metrics["step"] != step]
+                if bad:
+                    raise PsfwError(f"process {self.process} got reports for steps {bad} during step {step}")
+                comm_s = await self._step(step, batch)
+                now = time.perf_counter()
+                self._report(step, batch, comm_s, now - last)
+                last = now
+        except BaseException as err:
+            await self.cache.fail(err)
+            raise
+
+    async def _initial_sync(self, step: int) -> None:
+        local_owners = {self.layout.params[n].owner for n in self.layout.params} & set(self.workers)
+        values: dict[str, np.ndarray] = {}
+        if step == 0 and self.group == 0:
+            for _ in local_owners:
+                values.update(await self._puts.get())
+            await self._put_all(values)
+        missing = [n for n in self.layout.params if n not in values]
+        if missing:
+            values.update(await self._get_all(step, missing))
+        await self.cache.publish(step, {n: jax.device_put(values[n]) for n in self.layout.params})
+
+    async def _put_all(self, values: dict[str, np.ndarray]) -> None:
+        by_shard: dict[int, list] = {}
+        for name, value in values.items():
+            flat = np.asarray(value).reshape(-1)
+            for s in self.layout.params[name].slices:
+                by_shard.setdefault(s.shard, []).append((name, s.index, flat[s.start : s.stop]))
+        self.rpcs["Put"] += len(by_shard)
+        await asyncio.gather(*(self.clients[i].put(items, self.optimizer) for i, items in by_shard.items()))
+
+    async def _get_all(self, step: int, names: list[str]) -> dict[str, np.ndarray]:
+        """One Get per shard for the slices of ``names``; waits (bounded) for owners
+        in other processes to Put them."""
+        by_shard: dict[int, list[SliceKey]] = {}
+        for name in names:
+            for s in self.layout.params[name].slices:
+                by_shard.setdefault(s.shard, []).append((name, s.index))
+        deadline = time.monotonic() + self.wait_s
+
+        async def fetch(shard: int, keys: list[SliceKey]) -> dict[SliceKey, np.ndarray]:
+            while True:
+                self.rpcs["Get"] += 1
+                try:
+                    _, got = await self.clients[shard].get(
+                        self.group, step, keys, self.layout.slice_dtype_shape, self.wait_s
+                    )
+                    return got
+                except ShardError as err:
+                    if err.code is None or err.code.name != "NOT_FOUND" or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(INIT_RETRY_S)  # the owner has not put it yet
+
+        parts = await asyncio.gather(*(fetch(i, keys) for i, keys in by_shard.items()))
+        slices = {k: v for part in parts for k, v in part.items()}
+        return {n: self._join(n, slices) for n in names}
+
+    def _join(self, name: str, slices: dict[SliceKey, np.ndarray]) -> np.ndarray:
+        spec = self.layout.params[name]
+        if len(spec.slices) == 1:
+            return slices[(name, 0)].reshape(spec.shape)
+        return np.concatenate([slices[(name, s.index)] for s in spec.slices]).reshape(spec.shape)
+
+    async def _step(self, step: int, batch: list[Contribution]) -> float:
+        rows = sum(c.rows for c in batch)
+        total = await asyncio.to_thread(_sum_grads, [c.grads for c in batch])
+        started = time.perf_counter()
+
+        async def send(shard: int) -> tuple[int, dict[SliceKey, np.ndarray]]:
+            items = [
+                (s.key, s.index, total[s.key].reshape(-1)[s.start : s.stop])
+                for s in self.layout.shard_slices(shard)
+            ]
+            return await self.clients[shard].update(
+                group=self.group,
+                step=step,
+                process=self.process,
+                workers=len(batch),
+                rows=rows,
+                workers_per_group=self.workers_per_group,
+                items=items,
+                expect=self.layout.slice_dtype_shape,
+                wait_s=self.wait_s,
+            )
+
+        self.rpcs["Update"] += len(self.clients)
+        replies = await asyncio.gather(*(send(i) for i in range(len(self.clients))))
+        comm_s = time.perf_counter() - started
+        for shard, (new_step, _) in enumerate(replies):
+            if new_step != step + 1:
+                raise WaitTimeout(f"shard {shard} answered step {new_step} for the update of step {step}")
+        slices = {k: v for _, part in replies for k, v in part.items()}
+        fresh = await asyncio.to_thread(
+            lambda: {n: jax.device_put(self._join(n, slices)) for n in self.layout.params}
+        )
+        await self.cache.publish(step + 1, fresh)
+        return comm_s
+
+    def _report(self, step: int, batch: list[Contribution], comm_s: float, wall_s: float) -> None:
+        if self.on_metrics is None:
+            return
+        rows = sum(c.rows for c in batch)
+        report: dict[str, Any] = {"group": self.group, "process": self.process, "step": step, "rows": rows}
+        for key in batch[0].metrics:
+            if key not in ("step", "compute_s", "wait_s"):
+                report[key] = sum(float(c.metrics[key]) * c.rows for c in batch) / rows
+        compute_s = max(c.metrics["compute_s"] for c in batch)
+        report.update(
+            compute_s=compute_s, comm_s=comm_s, wait_s=max(0.0, wall_s - compute_s - comm_s), wall_s=wall_s
+        )
+        self.on_metrics(report)
+
+
+def _sum_grads(grads: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(grads) == 1:
+        return grads[0]
+    total = {}
+    for name in grads[0]:
+        acc = np.add(grads[0][name], grads[1][name])
+        for g in grads[2:]:
+            np.add(acc, g[name], out=acc)
+        total[name] = acc
+    return total

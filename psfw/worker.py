@@ -1,0 +1,80 @@
+"""The worker coroutine: wait for fresh parameters, compute, report to the stub."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from psfw.cache import ParamCache
+from psfw.compute.batching import BatchOrder
+from psfw.compute.datasets import Dataset
+from psfw.layout import Layout
+from psfw.params import flatten_params, unflatten_params
+from psfw.stub import Stub
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker needs beyond its index: shared by the workers of a process."""
+
+    layout: Layout
+    treedef: Any
+    step_fn: Callable  # jitted (params, x, y) -> (loss, metrics, summed_grads)
+    init: Callable  # model init(key)
+    seed: int
+    data: Dataset
+    order: BatchOrder
+    workers_per_group: int
+    executor: Executor
+    wait_s: float = 120.0
+
+
+def init_owned(init: Callable, seed: int, names: list[str]) -> dict[str, np.ndarray]:
+    """Initialize only ``names``: under jit, XLA drops the work for every other
+    parameter, so a worker computes nothing it does not own."""
+
+    def owned(key):
+        flat, _ = flatten_params(init(key))
+        return {n: flat[n] for n in names}
+
+    return {n: np.asarray(v) for n, v in jax.jit(owned)(jax.random.PRNGKey(seed)).items()}
+
+
+def _compute(spec: WorkerSpec, values: dict[str, Any], x: np.ndarray, y: np.ndarray):
+    params = unflatten_params(spec.treedef, list(spec.layout.params), values)
+    loss, metrics, grads = spec.step_fn(params, x, y)
+    flat, _ = flatten_params(grads)
+    out = {n: np.asarray(g) for n, g in flat.items()}  # waits for XLA, off the event loop
+    return float(loss), {k: float(v) for k, v in metrics.items()}, out
+
+
+async def run_worker(
+    spec: WorkerSpec, worker: int, group: int, stub: Stub, cache: ParamCache, start_step: int, steps: int
+) -> None:
+    """Train ``worker`` of ``group`` from ``start_step`` to ``steps``.
+
+    Owners (group 0, fresh start) initialize their parameters and hand them to the
+    stub for the Put; every worker then waits for each step's fresh parameters.
+    """
+    loop = asyncio.get_running_loop()
+    owned = spec.layout.owned_by(worker) if group == 0 and start_step == 0 else []
+    if owned:
+        values = await loop.run_in_executor(spec.executor, init_owned, spec.init, spec.seed, owned)
+        await stub.put(worker, values)
+    for step in range(start_step, steps):
+        waited = time.perf_counter()
+        params = await cache.fresh(step, spec.wait_s)
+        started = time.perf_counter()
+        rows = spec.order.worker_indices(step, worker, spec.workers_per_group)
+        x, y = spec.data.x_train[rows], spec.data.y_train[rows]
+        loss, metrics, grads = await loop.run_in_executor(spec.executor, _compute, spec, params, x, y)
+        done = time.perf_counter()
+        metrics.update(loss=loss, compute_s=done - started, wait_s=started - waited)
+        await stub.update(step, worker, grads, len(rows), metrics)

@@ -1,0 +1,137 @@
+"""The ParameterServer gRPC service of one shard (grpc.aio).
+
+Each handler reads its whole request, validates it against the store, and only then
+changes state; an invalid request ends with a precise status code and a message that
+says what was wrong. Bugs are logged once and surface as INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import grpc
+
+from psfw.proto import ps_pb2 as pb
+from psfw.proto import ps_pb2_grpc as pb_grpc
+from psfw.services.store import ShardStore
+from psfw.wire import Assembler, WireError, encode_chunks
+
+log = logging.getLogger("psfw.server")
+
+DEFAULT_MAX_REQUEST_BYTES = 16 << 30
+
+
+class ParameterServerServicer(pb_grpc.ParameterServerServicer):
+    def __init__(self, store: ShardStore, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+        self.store = store
+        self.max_request_bytes = max_request_bytes
+        self.rpc_counts: Counter[str] = Counter()
+
+    async def Put(self, request_iterator: AsyncIterator[pb.PutRequest], context) -> pb.PutReply:
+        self.rpc_counts["Put"] += 1
+        async with _handled(context, "Put"):
+            assembler = Assembler(max_bytes=self.max_request_bytes)
+            optimizer = None
+            async for request in request_iterator:
+                if optimizer is None:
+                    optimizer = request.optimizer
+                for chunk in request.chunks:
+                    assembler.add(chunk)
+            stored = self.store.put(assembler.finish(), optimizer or "")
+        return pb.PutReply(slices=stored)
+
+    async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[pb.GetReply]:
+        self.rpc_counts["Get"] += 1
+        async with _handled(context, "Get"):
+            keys = [(r.key, r.slice) for r in request.slices] or sorted(self.store.values)
+            for key in keys:
+                self.store.expect(key)
+            step = await self.store.wait_for_step(request.group, request.step, _wait(request.wait_s))
+        values = self.store.values
+        for chunks in encode_chunks((k, i, values[(k, i)]) for k, i in keys):
+            yield pb.GetReply(step=step, chunks=chunks)
+
+    async def Update(self, request_iterator: AsyncIterator[pb.UpdateRequest], context) -> AsyncIterator[pb.UpdateReply]:
+        self.rpc_counts["Update"] += 1
+        header = None
+        async with _handled(context, "Update"):
+            assembler = Assembler(self.store.expect, max_bytes=self.max_request_bytes)
+            async for request in request_iterator:
+                if header is None:
+                    header = request
+                for chunk in request.chunks:
+                    assembler.add(chunk)
+            if header is None:
+                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "Update carries no message")
+            result = await self.store.update(
+                header.group,
+                header.step,
+                header.process,
+                header.workers,
+                header.rows,
+                header.workers_per_group,
+                assembler.finish(),
+                _wait(header.wait_s),
+            )
+        replies = result.round.cache if result.round is not None else None
+        if replies is None:
+            values = result.values
+            replies = [
+                pb.UpdateReply(step=result.step, chunks=chunks)
+                for chunks in encode_chunks((k, i, values[(k, i)]) for k, i in sorted(values))
+            ]
+            if result.round is not None:
+                result.round.cache = replies  # every process of the group gets the same answer
+        for reply in replies:
+            yield reply
+
+    async def Describe(self, request: pb.DescribeRequest, context) -> pb.DescribeReply:
+        self.rpc_counts["Describe"] += 1
+        store = self.store
+        reply = pb.DescribeReply(
+            shard=store.shard, shards=store.shards, bytes=store.nbytes(), optimizer=store.optimizer_spec
+        )
+        for (key, index), (dtype, shape) in sorted(store.specs.items()):
+            reply.slices.add(
+                key=key,
+                slice=index,
+                dtype=dtype.name,
+                shape=shape,
+                version=store.versions[(key, index)],
+                nbytes=dtype.itemsize * math.prod(shape),
+            )
+        for group, state in sorted(store.groups.items()):
+            rnd = state.round
+            reply.groups.add(
+                group=group,
+                step=state.step,
+                pending_workers=rnd.workers if rnd else 0,
+                pending_processes=sorted(rnd.contributions) if rnd else [],
+            )
+        reply.rpc_counts.update(self.rpc_counts)
+        return reply
+
+
+def _wait(wait_s: float) -> float:
+    """The wait a request asked for, bounded; 0 means the default of 60 s."""
+    return min(wait_s, 3600.0) if wait_s > 0 else 60.0
+
+
+
+@contextlib.asynccontextmanager
+async def _handled(context: grpc.aio.ServicerContext, method: str):
+    """Turn a WireError into its status; log a bug once and answer INTERNAL."""
+    try:
+        yield
+    except WireError as err:
+        await context.abort(err.code, err.message)
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception:
+        log.exception("%s failed", method)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the server: see the server log")
