@@ -19,8 +19,8 @@ from psfw.errors import ShardError
 from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.services.server import grpc_options
-from psfw.wire import CHUNK_BYTES, Assembler, Expect, encode_chunks
+from psfw.services.server import SERVICE_NAME, grpc_options
+from psfw.wire import CHUNK_BYTES, Assembler, Expect, Frame, WireError, encode_chunks, frame_deserializer, frame_serializer
 
 T = TypeVar("T")
 Items = Iterable[tuple[str, int, np.ndarray]]
@@ -41,6 +41,20 @@ class ShardClient:
         self.timeout_s, self.retries, self.chunk_bytes = timeout_s, retries, chunk_bytes
         self.channel = grpc.aio.insecure_channel(address, options=grpc_options())
         self._stub = pb_grpc.ParameterServerStub(self.channel)
+        method = f"/{SERVICE_NAME}/"
+        self._put = self.channel.stream_unary(
+            method + "Put", request_serializer=frame_serializer(pb.PutRequest), response_deserializer=pb.PutReply.FromString
+        )
+        self._get = self.channel.unary_stream(
+            method + "Get",
+            request_serializer=pb.GetRequest.SerializeToString,
+            response_deserializer=frame_deserializer(pb.GetReply),
+        )
+        self._update = self.channel.stream_stream(
+            method + "Update",
+            request_serializer=frame_serializer(pb.UpdateRequest),
+            response_deserializer=frame_deserializer(pb.UpdateReply),
+        )
 
     async def close(self) -> None:
         await self.channel.close()
@@ -58,6 +72,8 @@ class ShardClient:
                 raise ShardError(
                     f"shard {self.shard} ({self.address}) {rpc}: {err.code().name}: {err.details()}", err.code()
                 ) from None
+            except WireError as err:
+                raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: bad reply: {err.message}") from None
         raise AssertionError("unreachable")
 
     async def put(self, items: Items, optimizer: str) -> int:
@@ -66,27 +82,32 @@ class ShardClient:
 
         def requests():
             for i, chunks in enumerate(encode_chunks(items, self.chunk_bytes)):
-                yield pb.PutRequest(optimizer=optimizer if i == 0 else "", chunks=chunks)
+                yield Frame(pb.PutRequest(optimizer=optimizer if i == 0 else ""), chunks)
 
         async def attempt():
-            return (await self._stub.Put(requests(), timeout=self.timeout_s)).slices
+            return (await self._put(requests(), timeout=self.timeout_s)).slices
 
         return await self._call("Put", attempt)
 
     async def get(
-        self, group: int, step: int, keys: list[SliceKey], expect: Expect, wait_s: float
+        self,
+        group: int,
+        step: int,
+        keys: list[SliceKey],
+        expect: Expect,
+        wait_s: float,
+        into: dict[SliceKey, np.ndarray] | None = None,
     ) -> tuple[int, dict[SliceKey, np.ndarray]]:
-        """Values of ``keys`` once ``group`` has completed ``step`` steps."""
+        """Values of ``keys`` once ``group`` has completed ``step`` steps (written
+        into ``into`` where it has the slice, see ``Assembler``)."""
         request = pb.GetRequest(
             group=group, step=step, slices=[pb.SliceRef(key=k, slice=i) for k, i in keys], wait_s=wait_s
         )
 
         async def attempt():
-            assembler, step_seen = Assembler(expect), step
-            async for reply in self._stub.Get(request, timeout=wait_s + RPC_MARGIN_S):
-                step_seen = reply.step
-                for chunk in reply.chunks:
-                    assembler.add(chunk)
+            assembler, step_seen = Assembler(expect, into=into), step
+            async for frame in self._get(request, timeout=wait_s + RPC_MARGIN_S):
+                step_seen = assembler.add_frame(frame).step
             return step_seen, assembler.finish()
 
         return await self._call("Get", attempt)
@@ -103,14 +124,16 @@ class ShardClient:
         items: Items,
         expect: Expect,
         wait_s: float,
+        into: dict[SliceKey, np.ndarray] | None = None,
     ) -> tuple[int, dict[SliceKey, np.ndarray]]:
-        """Send one process's gradient sums for a step; returns the fresh values."""
+        """Send one process's gradient sums for a step; returns the fresh values
+        (written into ``into`` where it has the slice)."""
         items = list(items)
 
         def requests():
             for i, chunks in enumerate(encode_chunks(items, self.chunk_bytes)):
                 if i == 0:
-                    yield pb.UpdateRequest(
+                    header = pb.UpdateRequest(
                         group=group,
                         step=step,
                         process=process,
@@ -118,17 +141,15 @@ class ShardClient:
                         rows=rows,
                         workers_per_group=workers_per_group,
                         wait_s=wait_s,
-                        chunks=chunks,
                     )
                 else:
-                    yield pb.UpdateRequest(chunks=chunks)
+                    header = pb.UpdateRequest()
+                yield Frame(header, chunks)
 
         async def attempt():
-            assembler, new_step = Assembler(expect), step
-            async for reply in self._stub.Update(requests(), timeout=wait_s + RPC_MARGIN_S):
-                new_step = reply.step
-                for chunk in reply.chunks:
-                    assembler.add(chunk)
+            assembler, new_step = Assembler(expect, into=into), step
+            async for frame in self._update(requests(), timeout=wait_s + RPC_MARGIN_S):
+                new_step = assembler.add_frame(frame).step
             return new_step, assembler.finish()
 
         return await self._call("Update", attempt)

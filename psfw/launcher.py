@@ -23,12 +23,11 @@ from psfw.client import ShardClient
 from psfw.compute.step import make_eval_fn, make_grad_step
 from psfw.config import Config, load_config
 from psfw.job import Job, build_job
-from psfw.layout import SliceKey
 from psfw.outputs import PARAMS_FILE, MetricsLog, new_run_dir, write_curves, write_net, write_params
 from psfw.params import unflatten_params
 from psfw.progress import ProgressBar, StepReporter
 from psfw.services.server import ShardServer
-from psfw.stub import Stub
+from psfw.stub import Stub, fetch_params
 from psfw.worker import WorkerSpec, run_worker
 
 log = logging.getLogger("psfw")
@@ -48,22 +47,6 @@ class TrainResult:
     @property
     def test_accuracy(self) -> float | None:
         return self.test_metrics.get("accuracy")
-
-
-async def fetch_params(clients: list[ShardClient], job: Job, group: int, step: int, wait_s: float) -> dict[str, np.ndarray]:
-    """The values the shards hold once ``group`` completed ``step`` steps."""
-    keys: dict[int, list[SliceKey]] = {}
-    for p in job.layout.params.values():
-        for s in p.slices:
-            keys.setdefault(s.shard, []).append((p.name, s.index))
-    parts = await asyncio.gather(
-        *(clients[i].get(group, step, ks, job.layout.slice_dtype_shape, wait_s) for i, ks in keys.items())
-    )
-    slices = {k: v for _, part in parts for k, v in part.items()}
-    return {
-        p.name: np.concatenate([slices[(p.name, s.index)] for s in p.slices]).reshape(p.shape)
-        for p in job.layout.params.values()
-    }
 
 
 async def run_job(
@@ -142,7 +125,7 @@ async def train_async(
         clients = [ShardClient(a, i, timeout_s=t.wait_s) for i, a in enumerate(addresses)]
         for client in clients:
             stack.push_async_callback(client.close)
-        params = await fetch_params(clients, job, 0, job.steps, t.wait_s)
+        params = await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), t.wait_s)
 
     evaluate = make_eval_fn(job.model.loss)
     tree = unflatten_params(job.treedef, list(job.layout.params), params)

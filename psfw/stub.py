@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import jax
 import numpy as np
 
@@ -20,6 +21,7 @@ from psfw.cache import ParamCache
 from psfw.client import ShardClient
 from psfw.errors import PsfwError, ShardError, WaitTimeout
 from psfw.layout import Layout, SliceKey
+from psfw.wire import param_buffers
 
 INIT_RETRY_S = 0.05
 
@@ -111,40 +113,15 @@ class Stub:
         await asyncio.gather(*(self.clients[i].put(items, self.optimizer) for i, items in by_shard.items()))
 
     async def _get_all(self, step: int, names: list[str]) -> dict[str, np.ndarray]:
-        """One Get per shard for the slices of ``names``; waits (bounded) for owners
-        in other processes to Put them."""
-        by_shard: dict[int, list[SliceKey]] = {}
-        for name in names:
-            for s in self.layout.params[name].slices:
-                by_shard.setdefault(s.shard, []).append((name, s.index))
-        deadline = time.monotonic() + self.wait_s
-
-        async def fetch(shard: int, keys: list[SliceKey]) -> dict[SliceKey, np.ndarray]:
-            while True:
-                self.rpcs["Get"] += 1
-                try:
-                    _, got = await self.clients[shard].get(
-                        self.group, step, keys, self.layout.slice_dtype_shape, self.wait_s
-                    )
-                    return got
-                except ShardError as err:
-                    if err.code is None or err.code.name != "NOT_FOUND" or time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(INIT_RETRY_S)  # the owner has not put it yet
-
-        parts = await asyncio.gather(*(fetch(i, keys) for i, keys in by_shard.items()))
-        slices = {k: v for part in parts for k, v in part.items()}
-        return {n: self._join(n, slices) for n in names}
-
-    def _join(self, name: str, slices: dict[SliceKey, np.ndarray]) -> np.ndarray:
-        spec = self.layout.params[name]
-        if len(spec.slices) == 1:
-            return slices[(name, 0)].reshape(spec.shape)
-        return np.concatenate([slices[(name, s.index)] for s in spec.slices]).reshape(spec.shape)
+        self.rpcs["Get"] += len({s.shard for n in names for s in self.layout.params[n].slices})
+        return await fetch_params(
+            self.clients, self.layout, self.group, step, names, self.wait_s, wait_for_put=True
+        )
 
     async def _step(self, step: int, batch: list[Contribution]) -> float:
         rows = sum(c.rows for c in batch)
         total = await asyncio.to_thread(_sum_grads, [c.grads for c in batch])
+        fresh, into = param_buffers(self.layout, self.layout.params)
         started = time.perf_counter()
 
         async def send(shard: int) -> tuple[int, dict[SliceKey, np.ndarray]]:
@@ -162,6 +139,7 @@ class Stub:
                 items=items,
                 expect=self.layout.slice_dtype_shape,
                 wait_s=self.wait_s,
+                into=into,
             )
 
         self.rpcs["Update"] += len(self.clients)
@@ -170,11 +148,8 @@ class Stub:
         for shard, (new_step, _) in enumerate(replies):
             if new_step != step + 1:
                 raise WaitTimeout(f"shard {shard} answered step {new_step} for the update of step {step}")
-        slices = {k: v for _, part in replies for k, v in part.items()}
-        fresh = await asyncio.to_thread(
-            lambda: {n: jax.device_put(self._join(n, slices)) for n in self.layout.params}
-        )
-        await self.cache.publish(step + 1, fresh)
+        # the buffers are 64-byte aligned and new every step: JAX adopts them, no copy
+        await self.cache.publish(step + 1, {n: jax.device_put(v) for n, v in fresh.items()})
         return comm_s
 
     def _report(self, step: int, batch: list[Contribution], comm_s: float, wall_s: float) -> None:
@@ -190,6 +165,39 @@ class Stub:
             compute_s=compute_s, comm_s=comm_s, wait_s=max(0.0, wall_s - compute_s - comm_s), wall_s=wall_s
         )
         self.on_metrics(report)
+
+
+async def fetch_params(
+    clients: list[ShardClient],
+    layout: Layout,
+    group: int,
+    step: int,
+    names: list[str],
+    wait_s: float,
+    wait_for_put: bool = False,
+) -> dict[str, np.ndarray]:
+    """Whole parameters ``names`` once ``group`` has completed ``step`` steps: one
+    Get per shard, all shards at once. With ``wait_for_put``, a slice that is not
+    put yet (NOT_FOUND) is asked for again until ``wait_s`` has passed."""
+    by_shard: dict[int, list[SliceKey]] = {}
+    for name in names:
+        for s in layout.params[name].slices:
+            by_shard.setdefault(s.shard, []).append((name, s.index))
+    params, into = param_buffers(layout, names)
+    deadline = time.monotonic() + wait_s
+
+    async def fetch(shard: int, keys: list[SliceKey]) -> None:
+        while True:
+            try:
+                await clients[shard].get(group, step, keys, layout.slice_dtype_shape, wait_s, into=into)
+                return
+            except ShardError as err:
+                if not wait_for_put or err.code != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(INIT_RETRY_S)  # its owner has not put it yet
+
+    await asyncio.gather(*(fetch(i, keys) for i, keys in by_shard.items()))
+    return params
 
 
 def _sum_grads(grads: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

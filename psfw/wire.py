@@ -1,20 +1,24 @@
 """Tensors on the wire: slices as raw little-endian bytes in chunks of about 1 MiB.
 
 ``encode_chunks`` packs slices into messages of at most ``chunk_bytes`` of data (small
-slices share a message, large ones span several); ``Assembler`` checks every chunk
-against what the receiver expects and rebuilds the arrays, without a copy when a
-slice arrived in one chunk.
+slices share a message, large ones span several); ``frame_serializer`` and
+``frame_deserializer`` turn such messages into protobuf bytes and back without
+copying the tensor data through the protobuf runtime; ``Assembler`` checks every
+chunk against what the receiver expects and rebuilds the arrays, without a copy
+when a slice arrived in one chunk.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
-from psfw.layout import SliceKey
+from psfw.layout import Layout, SliceKey
 from psfw.proto import ps_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
@@ -41,19 +45,64 @@ def wire_dtype(name: str) -> np.dtype:
     return np.dtype(name).newbyteorder("<")
 
 
-def encode_chunks(
-    items: Iterable[tuple[str, int, np.ndarray]], chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[list[pb.Chunk]]:
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str, align: int = 64) -> np.ndarray:
+    """An uninitialized array whose data starts on an ``align``-byte boundary.
+
+    JAX on CPU adopts such a buffer without copying it (``jax.device_put``), so a
+    fresh buffer must be used for every step: JAX may still read the old one.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def param_buffers(layout: Layout, names: Iterable[str]) -> tuple[dict[str, np.ndarray], dict[SliceKey, np.ndarray]]:
+    """Fresh aligned arrays for whole parameters, and the flat view of each slice
+    inside them (an ``into`` for the Assembler)."""
+    params, into = {}, {}
+    for name in names:
+        spec = layout.params[name]
+        params[name] = aligned_empty(spec.shape, spec.dtype)
+        flat = params[name].reshape(-1)
+        for s in spec.slices:
+            into[(name, s.index)] = flat[s.start : s.stop]
+    return params, into
+
+
+class Chunk(NamedTuple):
+    """One piece of a slice: the wire's ``psfw.v1.Chunk`` with ``data`` as a view."""
+
+    key: str
+    slice: int
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    data: memoryview | bytes
+
+
+class Frame(NamedTuple):
+    """One streamed message: its scalar fields (a protobuf message whose ``chunks``
+    are left empty) and its chunks."""
+
+    header: Message | None
+    chunks: list[Chunk]
+    error: str = ""  # set instead of raising when the bytes do not parse
+
+
+def encode_chunks(items: Iterable[tuple[str, int, np.ndarray]], chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[Chunk]]:
     """Group ``(key, slice, array)`` items into lists of chunks of at most
-    ``chunk_bytes`` of data each; every list becomes one message."""
-    batch: list[pb.Chunk] = []
+    ``chunk_bytes`` of data each; every list becomes one message. No data is copied:
+    chunks are views of the arrays."""
+    batch: list[Chunk] = []
     room = chunk_bytes
     for key, index, array in items:
         array = np.ascontiguousarray(array)
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
         raw = memoryview(array.reshape(-1)).cast("B")
-        dtype, shape = array.dtype.name, array.shape
+        dtype, shape = array.dtype.name, tuple(array.shape)
         offset, total = 0, len(raw)
         while True:
             take = min(room, total - offset)
@@ -61,15 +110,128 @@ def encode_chunks(
                 yield batch
                 batch, room = [], chunk_bytes
                 continue
-            batch.append(
-                pb.Chunk(key=key, slice=index, dtype=dtype, shape=shape, offset=offset, data=raw[offset : offset + take].tobytes())
-            )
+            batch.append(Chunk(key, index, dtype, shape, offset, raw[offset : offset + take]))
             offset += take
             room -= take
             if offset >= total:
                 break
     if batch:
         yield batch
+
+
+# -- protobuf encoding with the bulk bytes outside the protobuf runtime ----------
+#
+# A chunk's ``data`` is written straight from the array and read back as a view of
+# the received buffer: one copy on the sending side (the final join), none on the
+# receiving side. Everything else goes through the generated protobuf classes, so
+# the bytes on the wire are exactly the ``.proto`` messages.
+
+_DATA_FIELD = pb.Chunk.DESCRIPTOR.fields_by_name["data"].number
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("malformed varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, start, value start, end, length or varint) of each field."""
+    pos = 0
+    while pos < len(buf):
+        start = pos
+        tag, pos = _read_varint(buf, pos)
+        number, kind = tag >> 3, tag & 7
+        if kind == 0:
+            value, pos = _read_varint(buf, pos)
+            yield number, start, pos, pos, value
+            continue
+        if kind == 1:
+            size = 8
+        elif kind == 5:
+            size = 4
+        elif kind == 2:
+            size, pos = _read_varint(buf, pos)
+        else:
+            raise ValueError(f"unsupported wire type {kind}")
+        if pos + size > len(buf):
+            raise ValueError("field runs past the end of the message")
+        yield number, start, pos, pos + size, size
+        pos += size
+
+
+def frame_serializer(cls: type[Message]) -> Callable[[Frame], bytes]:
+    """Serialize a Frame as a ``cls`` message."""
+    chunk_tag = _varint((cls.DESCRIPTOR.fields_by_name["chunks"].number << 3) | 2)
+    data_tag = _varint((_DATA_FIELD << 3) | 2)
+
+    def serialize(frame: Frame | bytes) -> bytes:
+        if isinstance(frame, bytes):
+            return frame  # serialized before, e.g. one reply sent to several stubs
+        parts: list[bytes | memoryview] = [frame.header.SerializeToString()]
+        for c in frame.chunks:
+            meta = pb.Chunk(key=c.key, slice=c.slice, dtype=c.dtype, shape=c.shape, offset=c.offset)
+            head = meta.SerializeToString() + data_tag + _varint(len(c.data))
+            parts += [chunk_tag, _varint(len(head) + len(c.data)), head, c.data]
+        return b"".join(parts)
+
+    return serialize
+
+
+def frame_deserializer(cls: type[Message]) -> Callable[[bytes], Frame]:
+    """Parse a ``cls`` message into a Frame whose chunk data are views of the buffer.
+
+    Never raises: a message that does not parse gives a Frame with ``error`` set,
+    which the reader turns into INVALID_ARGUMENT."""
+    chunk_field = cls.DESCRIPTOR.fields_by_name["chunks"].number
+
+    def deserialize(data: bytes) -> Frame:
+        buf = memoryview(data)
+        rest: list[memoryview] = []
+        chunks = []
+        try:
+            for number, start, vstart, end, _ in _fields(buf):
+                if number == chunk_field:
+                    chunks.append(_parse_chunk(buf[vstart:end]))
+                else:
+                    rest.append(buf[start:end])
+            header = cls.FromString(b"".join(rest))
+        except (ValueError, DecodeError) as err:
+            return Frame(None, [], f"malformed {cls.__name__}: {err}")
+        return Frame(header, chunks)
+
+    return deserialize
+
+
+def _parse_chunk(buf: memoryview) -> Chunk:
+    rest: list[memoryview] = []
+    data: memoryview | bytes = b""
+    for number, start, vstart, end, _ in _fields(buf):
+        if number == _DATA_FIELD:
+            data = buf[vstart:end]
+        else:
+            rest.append(buf[start:end])
+    meta = pb.Chunk.FromString(b"".join(rest))
+    return Chunk(meta.key, meta.slice, meta.dtype, tuple(meta.shape), meta.offset, data)
 
 
 Expect = Callable[[SliceKey], "tuple[np.dtype, tuple[int, ...]]"]
@@ -81,17 +243,33 @@ class Assembler:
     ``expect(key)`` returns the dtype and shape the receiver holds for a slice and
     raises WireError(NOT_FOUND) for an unknown one; without it any supported dtype
     and shape is accepted (a Put of new parameters). ``max_bytes`` bounds the total.
+    ``into`` maps slices to contiguous arrays that receive their bytes (for example
+    views of a parameter's aligned buffer); other slices stay views of the messages.
     """
 
-    def __init__(self, expect: Expect | None = None, max_bytes: int | None = None):
+    def __init__(
+        self,
+        expect: Expect | None = None,
+        max_bytes: int | None = None,
+        into: dict[SliceKey, np.ndarray] | None = None,
+    ):
         self._expect = expect
+        self._into = into or {}
         self._max_bytes = max_bytes
         self._total = 0
         self._specs: dict[SliceKey, tuple[np.dtype, tuple[int, ...], int]] = {}
         self._parts: dict[SliceKey, bytes | np.ndarray] = {}
         self._got: dict[SliceKey, int] = {}
 
-    def add(self, chunk: pb.Chunk) -> None:
+    def add_frame(self, frame: Frame) -> Message:
+        """Add every chunk of a frame; returns its header."""
+        if frame.error:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, frame.error)
+        for chunk in frame.chunks:
+            self.add(chunk)
+        return frame.header
+
+    def add(self, chunk: Chunk) -> None:
         key = (chunk.key, chunk.slice)
         name = slice_name(key)
         data = chunk.data
@@ -121,7 +299,10 @@ class Assembler:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"request carries more than the shard's limit of {self._max_bytes} bytes",
             )
-        if got == 0 and len(data) == nbytes:
+        if key in self._into:
+            self._parts.setdefault(key, self._into[key].reshape(-1).view(np.uint8))
+            self._parts[key][got : got + len(data)] = np.frombuffer(data, np.uint8)
+        elif got == 0 and len(data) == nbytes:
             self._parts[key] = data  # whole slice in one chunk: keep it, no copy
         else:
             if key not in self._parts:
@@ -129,7 +310,7 @@ class Assembler:
             self._parts[key][got : got + len(data)] = np.frombuffer(data, np.uint8)
         self._got[key] = got + len(data)
 
-    def _open(self, key: SliceKey, chunk: pb.Chunk) -> tuple[np.dtype, tuple[int, ...], int]:
+    def _open(self, key: SliceKey, chunk: Chunk) -> tuple[np.dtype, tuple[int, ...], int]:
         dtype = wire_dtype(chunk.dtype)
         shape = tuple(int(d) for d in chunk.shape)
         if any(d < 0 for d in shape):
@@ -147,6 +328,12 @@ class Assembler:
                     f"{slice_name(key)} has shape {list(want_shape)}, the request sent {list(shape)}",
                 )
         spec = (dtype, shape, math.prod(shape) * dtype.itemsize)
+        target = self._into.get(key)
+        if target is not None and (target.dtype != dtype or target.nbytes != spec[2]):
+            raise WireError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{slice_name(key)} arrived as {dtype.name}{list(shape)}, expected {target.dtype.name}[{target.size}]",
+            )
         self._specs[key] = spec
         self._got[key] = 0
         return spec
@@ -160,6 +347,8 @@ class Assembler:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"{slice_name(key)} is truncated: {self._got[key]} of {nbytes} bytes arrived",
                 )
-            buffer = self._parts.get(key, b"")
-            out[key] = np.frombuffer(buffer, dtype).reshape(shape)
+            if key in self._into:
+                out[key] = self._into[key]
+            else:
+                out[key] = np.frombuffer(self._parts.get(key, b""), dtype).reshape(shape)
         return out

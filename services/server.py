@@ -20,8 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from psfw.proto import ps_pb2 as pb
-from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.services.servicer import DEFAULT_MAX_REQUEST_BYTES, ParameterServerServicer
+from psfw.services.servicer import DEFAULT_MAX_REQUEST_BYTES, ParameterServerServicer, add_servicer
 from psfw.services.store import ShardStore
 
 log = logging.getLogger("psfw.server")
@@ -57,7 +56,7 @@ class ShardServer:
         self.servicer = ParameterServerServicer(self.store, max_request_bytes)
         self.health = health.aio.HealthServicer()
         self._server = grpc.aio.server(options=grpc_options(max_message_bytes))
-        pb_grpc.add_ParameterServerServicer_to_server(self.servicer, self._server)
+        add_servicer(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

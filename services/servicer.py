@@ -19,11 +19,12 @@ import grpc
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
 from psfw.services.store import ShardStore
-from psfw.wire import Assembler, WireError, encode_chunks
+from psfw.wire import Assembler, Frame, WireError, encode_chunks, frame_deserializer, frame_serializer
 
 log = logging.getLogger("psfw.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 30
+UPDATE_REPLY = frame_serializer(pb.UpdateReply)
 
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
@@ -32,20 +33,19 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.max_request_bytes = max_request_bytes
         self.rpc_counts: Counter[str] = Counter()
 
-    async def Put(self, request_iterator: AsyncIterator[pb.PutRequest], context) -> pb.PutReply:
+    async def Put(self, request_iterator: AsyncIterator[Frame], context) -> pb.PutReply:
         self.rpc_counts["Put"] += 1
         async with _handled(context, "Put"):
             assembler = Assembler(max_bytes=self.max_request_bytes)
             optimizer = None
-            async for request in request_iterator:
+            async for frame in request_iterator:
+                header = assembler.add_frame(frame)
                 if optimizer is None:
-                    optimizer = request.optimizer
-                for chunk in request.chunks:
-                    assembler.add(chunk)
+                    optimizer = header.optimizer
             stored = self.store.put(assembler.finish(), optimizer or "")
         return pb.PutReply(slices=stored)
 
-    async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[pb.GetReply]:
+    async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[Frame]:
         self.rpc_counts["Get"] += 1
         async with _handled(context, "Get"):
             keys = [(r.key, r.slice) for r in request.slices] or sorted(self.store.values)
@@ -54,18 +54,17 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             step = await self.store.wait_for_step(request.group, request.step, _wait(request.wait_s))
         values = self.store.values
         for chunks in encode_chunks((k, i, values[(k, i)]) for k, i in keys):
-            yield pb.GetReply(step=step, chunks=chunks)
+            yield Frame(pb.GetReply(step=step), chunks)
 
-    async def Update(self, request_iterator: AsyncIterator[pb.UpdateRequest], context) -> AsyncIterator[pb.UpdateReply]:
+    async def Update(self, request_iterator: AsyncIterator[Frame], context) -> AsyncIterator[bytes]:
         self.rpc_counts["Update"] += 1
         header = None
         async with _handled(context, "Update"):
             assembler = Assembler(self.store.expect, max_bytes=self.max_request_bytes)
-            async for request in request_iterator:
+            async for frame in request_iterator:
+                first = assembler.add_frame(frame)
                 if header is None:
-                    header = request
-                for chunk in request.chunks:
-                    assembler.add(chunk)
+                    header = first
             if header is None:
                 raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "Update carries no message")
             result = await self.store.update(
@@ -82,7 +81,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if replies is None:
             values = result.values
             replies = [
-                pb.UpdateReply(step=result.step, chunks=chunks)
+                UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step), chunks))
                 for chunks in encode_chunks((k, i, values[(k, i)]) for k, i in sorted(values))
             ]
             if result.round is not None:
@@ -121,6 +120,35 @@ def _wait(wait_s: float) -> float:
     """The wait a request asked for, bounded; 0 means the default of 60 s."""
     return min(wait_s, 3600.0) if wait_s > 0 else 60.0
 
+
+
+def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:
+    """Register the service with the bulk-data codec of ``psfw.wire``: the bytes on the
+    wire are the messages of ``ps.proto``; tensor data is never copied by protobuf."""
+    handlers = {
+        "Put": grpc.stream_unary_rpc_method_handler(
+            servicer.Put,
+            request_deserializer=frame_deserializer(pb.PutRequest),
+            response_serializer=pb.PutReply.SerializeToString,
+        ),
+        "Get": grpc.unary_stream_rpc_method_handler(
+            servicer.Get,
+            request_deserializer=pb.GetRequest.FromString,
+            response_serializer=frame_serializer(pb.GetReply),
+        ),
+        "Update": grpc.stream_stream_rpc_method_handler(
+            servicer.Update,
+            request_deserializer=frame_deserializer(pb.UpdateRequest),
+            response_serializer=frame_serializer(pb.UpdateReply),
+        ),
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            servicer.Describe,
+            request_deserializer=pb.DescribeRequest.FromString,
+            response_serializer=pb.DescribeReply.SerializeToString,
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
 
 @contextlib.asynccontextmanager
