@@ -97,11 +97,17 @@ class ShardClient:
         expect: Expect,
         wait_s: float,
         into: dict[SliceKey, np.ndarray] | None = None,
+        wait_for_put: bool = False,
     ) -> tuple[int, dict[SliceKey, np.ndarray]]:
         """Values of ``keys`` once ``group`` has completed ``step`` steps (written
-        into ``into`` where it has the slice, see ``Assembler``)."""
+        into ``into`` where it has the slice, see ``Assembler``). With
+        ``wait_for_put`` the shard also waits for slices that are not put yet."""
         request = pb.GetRequest(
-            group=group, step=step, slices=[pb.SliceRef(key=k, slice=i) for k, i in keys], wait_s=wait_s
+            group=group,
+            step=step,
+            slices=[pb.SliceRef(key=k, slice=i) for k, i in keys],
+            wait_s=wait_s,
+            wait_for_put=wait_for_put,
         )
 
         async def attempt():

@@ -13,17 +13,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 import jax
 import numpy as np
 
 from psfw.cache import ParamCache
 from psfw.client import ShardClient
-from psfw.errors import PsfwError, ShardError, WaitTimeout
+from psfw.errors import PsfwError, WaitTimeout
 from psfw.layout import Layout, SliceKey
 from psfw.wire import param_buffers
-
-INIT_RETRY_S = 0.05
 
 
 class Contribution:
@@ -177,24 +174,16 @@ async def fetch_params(
     wait_for_put: bool = False,
 ) -> dict[str, np.ndarray]:
     """Whole parameters ``names`` once ``group`` has completed ``step`` steps: one
-    Get per shard, all shards at once. With ``wait_for_put``, a slice that is not
-    put yet (NOT_FOUND) is asked for again until ``wait_s`` has passed."""
+    Get per shard, all shards at once. With ``wait_for_put``, the shards wait (up to
+    ``wait_s``) for slices whose owners in other processes have not put them yet."""
     by_shard: dict[int, list[SliceKey]] = {}
     for name in names:
         for s in layout.params[name].slices:
             by_shard.setdefault(s.shard, []).append((name, s.index))
     params, into = param_buffers(layout, names)
-    deadline = time.monotonic() + wait_s
 
     async def fetch(shard: int, keys: list[SliceKey]) -> None:
-        while True:
-            try:
-                await clients[shard].get(group, step, keys, layout.slice_dtype_shape, wait_s, into=into)
-                return
-            except ShardError as err:
-                if not wait_for_put or err.code != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(INIT_RETRY_S)  # its owner has not put it yet
+        await clients[shard].get(group, step, keys, layout.slice_dtype_shape, wait_s, into, wait_for_put)
 
     await asyncio.gather(*(fetch(i, keys) for i, keys in by_shard.items()))
     return params

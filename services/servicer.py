@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -42,16 +43,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 header = assembler.add_frame(frame)
                 if optimizer is None:
                     optimizer = header.optimizer
-            stored = self.store.put(assembler.finish(), optimizer or "")
+            stored = await self.store.put(assembler.finish(), optimizer or "")
         return pb.PutReply(slices=stored)
 
     async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[Frame]:
         self.rpc_counts["Get"] += 1
         async with _handled(context, "Get"):
             keys = [(r.key, r.slice) for r in request.slices] or sorted(self.store.values)
+            started = time.monotonic()
+            if request.wait_for_put:
+                await self.store.wait_for_put(keys, _wait(request.wait_s))
             for key in keys:
                 self.store.expect(key)
-            step = await self.store.wait_for_step(request.group, request.step, _wait(request.wait_s))
+            remaining = max(0.0, _wait(request.wait_s) - (time.monotonic() - started))
+            step = await self.store.wait_for_step(request.group, request.step, remaining)
         values = self.store.values
         for chunks in encode_chunks((k, i, values[(k, i)]) for k, i in keys):
             yield Frame(pb.GetReply(step=step), chunks)

@@ -119,7 +119,7 @@ class ShardStore:
 
     # -- put ---------------------------------------------------------------
 
-    def put(self, arrays: dict[SliceKey, np.ndarray], optimizer: str) -> int:
+    async def put(self, arrays: dict[SliceKey, np.ndarray], optimizer: str) -> int:
         """Store the initial values of new slices (version 0).
 
         A retried Put of identical values is acknowledged; a different value for a
@@ -165,9 +165,29 @@ class ShardStore:
             self.versions[key] = 0
             self.specs[key] = (value.dtype, value.shape)
             self._opt_state[key] = self._opt.init(array)
+        async with self._progress:
+            self._progress.notify_all()
         return len(arrays)
 
     # -- get ---------------------------------------------------------------
+
+    async def wait_for_put(self, keys: list[SliceKey], wait_s: float) -> None:
+        """Wait until every slice of ``keys`` has been put (by owners elsewhere).
+
+        Raises WireError(DEADLINE_EXCEEDED) naming the missing slices after ``wait_s``.
+        """
+        if all(k in self.specs for k in keys):
+            return
+        try:
+            async with self._progress:
+                await asyncio.wait_for(self._progress.wait_for(lambda: all(k in self.specs for k in keys)), wait_s)
+        except TimeoutError:
+            missing = [slice_name(k) for k in keys if k not in self.specs]
+            raise _abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"shard {self.shard}: waited {wait_s:.1f} s for {len(missing)} slices to be put "
+                f"({', '.join(missing[:5])}): has their owner started?",
+            ) from None
 
     async def wait_for_step(self, group: int, step: int, wait_s: float) -> int:
         """Wait until ``group`` has completed ``step`` steps; returns its step.

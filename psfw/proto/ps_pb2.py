@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13psfw/proto/ps.proto\x12\x07psfw.v1\"_\n\x05\x43hunk\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"?\n\nPutRequest\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12\x1e\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0e.psfw.v1.Chunk\"\x1a\n\x08PutReply\x12\x0e\n\x06slices\x18\x01 \x01(\r\"&\n\x08SliceRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\r\"\\\n\nGetRequest\x12\r\n\x05group\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12!\n\x06slices\x18\x03 \x03(\x0b\x32\x11.psfw.v1.SliceRef\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\"8\n\x08GetReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0e.psfw.v1.Chunk\"\xa7\x01\n\rUpdateRequest\x12\r\n\x05group\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07process\x18\x03 \x01(\r\x12\x0f\n\x07workers\x18\x04 \x01(\r\x12\x0c\n\x04rows\x18\x05 \x01(\x04\x12\x19\n\x11workers_per_group\x18\x06 \x01(\r\x12\x0e\n\x06wait_s\x18\x07 \x01(\x01\x12\x1e\n\x06\x63hunks\x18\x08 \x03(\x0b\x32\x0e.psfw.v1.Chunk\";\n\x0bUpdateReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0e.psfw.v1.Chunk\"\x11\n\x0f\x44\x65scribeRequest\"f\n\tSliceInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\"\\\n\tGroupInfo\x12\r\n\x05group\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x17\n\x0fpending_workers\x18\x03 \x01(\r\x12\x19\n\x11pending_processes\x18\x04 \x03(\r\"\x85\x02\n\rDescribeReply\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0e\n\x06shards\x18\x02 \x01(\r\x12\"\n\x06slices\x18\x03 \x03(\x0b\x32\x12.psfw.v1.SliceInfo\x12\"\n\x06groups\x18\x04 \x03(\x0b\x32\x12.psfw.v1.GroupInfo\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x39\n\nrpc_counts\x18\x06 \x03(\x0b\x32%.psfw.v1.DescribeReply.RpcCountsEntry\x12\x11\n\toptimizer\x18\x07 \x01(\t\x1a\x30\n\x0eRpcCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xed\x01\n\x0fParameterServer\x12/\n\x03Put\x12\x13.psfw.v1.PutRequest\x1a\x11.psfw.v1.PutReply(\x01\x12/\n\x03Get\x12\x13.psfw.v1.GetRequest\x1a\x11.psfw.v1.GetReply0\x01\x12:\n\x06Update\x12\x16.psfw.v1.UpdateRequest\x1a\x14.psfw.v1.UpdateReply(\x01\x30\x01\x12<\n\x08\x44\x65scribe\x12\x18.psfw.v1.DescribeRequest\x1a\x16.psfw.v1.DescribeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13psfw/proto/ps.proto\x12\x07psfw.v1\"_\n\x05\x43hunk\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"?\n\nPutRequest\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12\x1e\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0e.psfw.v1.Chunk\"\x1a\n\x08PutReply\x12\x0e\n\x06slices\x18\x01 \x01(\r\"&\n\x08SliceRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\r\"r\n\nGetRequest\x12\r\n\x05group\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12!\n\x06slices\x18\x03 \x03(\x0b\x32\x11.psfw.v1.SliceRef\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\x12\x14\n\x0cwait_for_put\x18\x05 \x01(\x08\"8\n\x08GetReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0e.psfw.v1.Chunk\"\xa7\x01\n\rUpdateRequest\x12\r\n\x05group\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07process\x18\x03 \x01(\r\x12\x0f\n\x07workers\x18\x04 \x01(\r\x12\x0c\n\x04rows\x18\x05 \x01(\x04\x12\x19\n\x11workers_per_group\x18\x06 \x01(\r\x12\x0e\n\x06wait_s\x18\x07 \x01(\x01\x12\x1e\n\x06\x63hunks\x18\x08 \x03(\x0b\x32\x0e.psfw.v1.Chunk\";\n\x0bUpdateReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0e.psfw.v1.Chunk\"\x11\n\x0f\x44\x65scribeRequest\"f\n\tSliceInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\"\\\n\tGroupInfo\x12\r\n\x05group\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x17\n\x0fpending_workers\x18\x03 \x01(\r\x12\x19\n\x11pending_processes\x18\x04 \x03(\r\"\x85\x02\n\rDescribeReply\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0e\n\x06shards\x18\x02 \x01(\r\x12\"\n\x06slices\x18\x03 \x03(\x0b\x32\x12.psfw.v1.SliceInfo\x12\"\n\x06groups\x18\x04 \x03(\x0b\x32\x12.psfw.v1.GroupInfo\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x39\n\nrpc_counts\x18\x06 \x03(\x0b\x32%.psfw.v1.DescribeReply.RpcCountsEntry\x12\x11\n\toptimizer\x18\x07 \x01(\t\x1a\x30\n\x0eRpcCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xed\x01\n\x0fParameterServer\x12/\n\x03Put\x12\x13.psfw.v1.PutRequest\x1a\x11.psfw.v1.PutReply(\x01\x12/\n\x03Get\x12\x13.psfw.v1.GetRequest\x1a\x11.psfw.v1.GetReply0\x01\x12:\n\x06Update\x12\x16.psfw.v1.UpdateRequest\x1a\x14.psfw.v1.UpdateReply(\x01\x30\x01\x12<\n\x08\x44\x65scribe\x12\x18.psfw.v1.DescribeRequest\x1a\x16.psfw.v1.DescribeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,23 +42,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SLICEREF']._serialized_start=222
   _globals['_SLICEREF']._serialized_end=260
   _globals['_GETREQUEST']._serialized_start=262
-  _globals['_GETREQUEST']._serialized_end=354
-  _globals['_GETREPLY']._serialized_start=356
-  _globals['_GETREPLY']._serialized_end=412
-  _globals['_UPDATEREQUEST']._serialized_start=415
-  _globals['_UPDATEREQUEST']._serialized_end=582
-  _globals['_UPDATEREPLY']._serialized_start=584
-  _globals['_UPDATEREPLY']._serialized_end=643
-  _globals['_DESCRIBEREQUEST']._serialized_start=645
-  _globals['_DESCRIBEREQUEST']._serialized_end=662
-  _globals['_SLICEINFO']._serialized_start=664
-  _globals['_SLICEINFO']._serialized_end=766
-  _globals['_GROUPINFO']._serialized_start=768
-  _globals['_GROUPINFO']._serialized_end=860
-  _globals['_DESCRIBEREPLY']._serialized_start=863
-  _globals['_DESCRIBEREPLY']._serialized_end=1124
-  _globals['_DESCRIBEREPLY_RPCCOUNTSENTRY']._serialized_start=1076
-  _globals['_DESCRIBEREPLY_RPCCOUNTSENTRY']._serialized_end=1124
-  _globals['_PARAMETERSERVER']._serialized_start=1127
-  _globals['_PARAMETERSERVER']._serialized_end=1364
+  _globals['_GETREQUEST']._serialized_end=376
+  _globals['_GETREPLY']._serialized_start=378
+  _globals['_GETREPLY']._serialized_end=434
+  _globals['_UPDATEREQUEST']._serialized_start=437
+  _globals['_UPDATEREQUEST']._serialized_end=604
+  _globals['_UPDATEREPLY']._serialized_start=606
+  _globals['_UPDATEREPLY']._serialized_end=665
+  _globals['_DESCRIBEREQUEST']._serialized_start=667
+  _globals['_DESCRIBEREQUEST']._serialized_end=684
+  _globals['_SLICEINFO']._serialized_start=686
+  _globals['_SLICEINFO']._serialized_end=788
+  _globals['_GROUPINFO']._serialized_start=790
+  _globals['_GROUPINFO']._serialized_end=882
+  _globals['_DESCRIBEREPLY']._serialized_start=885
+  _globals['_DESCRIBEREPLY']._serialized_end=1146
+  _globals['_DESCRIBEREPLY_RPCCOUNTSENTRY']._serialized_start=1098
+  _globals['_DESCRIBEREPLY_RPCCOUNTSENTRY']._serialized_end=1146
+  _globals['_PARAMETERSERVER']._serialized_start=1149
+  _globals['_PARAMETERSERVER']._serialized_end=1386
 # @@protoc_insertion_point(module_scope)

@@ -45,16 +45,18 @@ class SliceRef(_message.Message):
     def __init__(self, key: _Optional[str] = ..., slice: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("group", "step", "slices", "wait_s")
+    __slots__ = ("group", "step", "slices", "wait_s", "wait_for_put")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_PUT_FIELD_NUMBER: _ClassVar[int]
     group: int
     step: int
     slices: _containers.RepeatedCompositeFieldContainer[SliceRef]
     wait_s: float
-    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceRef, _Mapping]]] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    wait_for_put: bool
+    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceRef, _Mapping]]] = ..., wait_s: _Optional[float] = ..., wait_for_put: _Optional[bool] = ...) -> None: ...
 
 class GetReply(_message.Message):
     __slots__ = ("step", "chunks")

@@ -1,0 +1,29 @@
+"""Shared fixtures: real gRPC shards on 127.0.0.1 port 0, torn down after each test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from psfw.client import ShardClient
+from psfw.services.server import ShardServer
+
+from helpers import EXAMPLES
+
+
+@pytest_asyncio.fixture
+async def shard():
+    """One running shard (index 0 of 1) and a client for it."""
+    server = ShardServer(0, 1)
+    await server.start("127.0.0.1:0")
+    client = ShardClient(server.address, 0, timeout_s=10, retries=0)
+    yield server, client
+    await client.close()
+    await server.stop(0)
+
+
+@pytest.fixture
+def examples() -> Path:
+    return EXAMPLES

@@ -1,0 +1,70 @@
+"""The bulk codec writes exactly the messages of ps.proto and reads them back."""
+
+import grpc
+import numpy as np
+import pytest
+
+from psfw.proto import ps_pb2 as pb
+from psfw.wire import Assembler, Frame, WireError, encode_chunks, frame_deserializer, frame_serializer
+
+
+def _items():
+    rng = np.random.default_rng(0)
+    return [("a/w", 0, rng.normal(size=(300,)).astype(np.float32)), ("b", 1, np.arange(5, dtype=np.float64))]
+
+
+def test_encoded_frames_parse_with_the_generated_protobuf_classes():
+    items = _items()
+    [chunks] = list(encode_chunks(items, chunk_bytes=1 << 20))
+    header = pb.UpdateRequest(group=1, step=7, process=2, workers=3, rows=40, workers_per_group=4, wait_s=1.5)
+    data = frame_serializer(pb.UpdateRequest)(Frame(header, chunks))
+    message = pb.UpdateRequest.FromString(data)
+    assert (message.group, message.step, message.rows, message.wait_s) == (1, 7, 40, 1.5)
+    assert [c.key for c in message.chunks] == ["a/w", "b"]
+    assert message.chunks[0].data == items[0][2].tobytes()
+    assert list(message.chunks[1].shape) == [5] and message.chunks[1].dtype == "float64"
+
+
+def test_protobuf_bytes_parse_into_frames_without_losing_anything():
+    items = _items()
+    message = pb.UpdateReply(step=3)
+    for key, index, array in items:
+        message.chunks.add(key=key, slice=index, dtype=array.dtype.name, shape=array.shape, data=array.tobytes())
+    frame = frame_deserializer(pb.UpdateReply)(message.SerializeToString())
+    assert not frame.error and frame.header.step == 3
+    assembler = Assembler()
+    assembler.add_frame(frame)
+    out = assembler.finish()
+    for key, index, array in items:
+        assert np.array_equal(out[(key, index)], array)
+
+
+def test_large_slices_span_several_chunks_and_reassemble():
+    array = np.arange(10_000, dtype=np.float32)
+    messages = list(encode_chunks([("w", 0, array)], chunk_bytes=4096))
+    assert len(messages) == 10 and all(sum(len(c.data) for c in m) <= 4096 for m in messages)
+    serialize, parse = frame_serializer(pb.GetReply), frame_deserializer(pb.GetReply)
+    assembler = Assembler()
+    for chunks in messages:
+        assembler.add_frame(parse(serialize(Frame(pb.GetReply(step=0), chunks))))
+    assert np.array_equal(assembler.finish()[("w", 0)], array)
+
+
+def test_truncated_and_out_of_order_chunks_are_rejected():
+    array = np.arange(100, dtype=np.float32)
+    first, second = list(encode_chunks([("w", 0, array)], chunk_bytes=200))[:2]
+    assembler = Assembler()
+    assembler.add_frame(Frame(pb.GetReply(), first))
+    with pytest.raises(WireError, match="truncated: 200 of 400 bytes") as err:
+        assembler.finish()
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(WireError, match="send each slice's chunks in order"):
+        Assembler().add_frame(Frame(pb.GetReply(), second))
+
+
+def test_garbage_bytes_give_a_frame_error_not_an_exception():
+    frame = frame_deserializer(pb.UpdateRequest)(b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff")
+    assert frame.error.startswith("malformed UpdateRequest")
+    with pytest.raises(WireError) as err:
+        Assembler().add_frame(frame)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
