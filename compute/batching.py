@@ -25,8 +25,7 @@ def split_sizes(batch_size: int, workers: int) -> list[int]:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if batch_size < workers:
         raise ValueError(
-            f"batch of {batch_size} rows cannot feed {workers} workers: "
-            "raise the batch size or use fewer workers"
+            f"batch of {batch_size} rows cannot feed {workers} workers: raise the batch size or use fewer workers"
         )
     base = batch_size // workers
     return [base] * (workers - 1) + [batch_size - base * (workers - 1)]

@@ -37,9 +37,7 @@ def digits(image: bool = False, test_fraction: float = 0.2) -> Dataset:
     return Dataset(x[train], y[train], x[test], y[test], classes=10)
 
 
-def synthetic(
-    features: int = 784, classes: int = 10, train: int = 8192, test: int = 1024, seed: int = 0
-) -> Dataset:
+def synthetic(features: int = 784, classes: int = 10, train: int = 8192, test: int = 1024, seed: int = 0) -> Dataset:
     """Gaussian inputs labelled by a fixed random linear teacher (learnable)."""
     rng = np.random.default_rng(seed)
     teacher = rng.normal(size=(features, classes)).astype(np.float32)

@@ -86,8 +86,7 @@ def render(graph: nx.DiGraph, path: str | Path) -> None:
     styles = {"data": "-", "uses": ":", "held_by": "--"}
     for kind, style in styles.items():
         edges = [(u, v) for u, v, d in graph.edges(data=True) if d["kind"] == kind]
-        nx.draw_networkx_edges(graph, pos, edgelist=edges, style=style, ax=ax, arrows=True, alpha=0.6,
-                               node_size=900)
+        nx.draw_networkx_edges(graph, pos, edgelist=edges, style=style, ax=ax, arrows=True, alpha=0.6, node_size=900)
     nx.draw_networkx_nodes(graph, pos, node_color=node_colors, node_size=900, ax=ax, edgecolors="#555555")
     labels = {}
     for n, d in graph.nodes(data=True):

@@ -71,7 +71,9 @@ def single_process(config: Config, warmup: int, steps: int) -> float:
 async def _psfw(config: Config, warmup: int, addresses: list[str] | None) -> float:
     job = build_job(config)
     stamps: list[float] = []
-    reporter = StepReporter(config.cluster.processes_per_group, job.steps, 1, [lambda r: stamps.append(time.perf_counter())])
+    reporter = StepReporter(
+        config.cluster.processes_per_group, job.steps, 1, [lambda r: stamps.append(time.perf_counter())]
+    )
     servers = []
     if addresses is None:
         addresses = []
@@ -97,9 +99,23 @@ def shard_processes(count: int):
         addresses = []
         for i in range(count):
             proc = subprocess.Popen(
-                [sys.executable, "-m", "psfw.cli", "server", "--shard", str(i), "--of", str(count),
-                 "--listen", "127.0.0.1:0", "--grace", "0"],
-                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                [
+                    sys.executable,
+                    "-m",
+                    "psfw.cli",
+                    "server",
+                    "--shard",
+                    str(i),
+                    "--of",
+                    str(count),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--grace",
+                    "0",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
             procs.append(proc)
             line = proc.stdout.readline()
@@ -116,6 +132,8 @@ def shard_processes(count: int):
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+            proc.stdout.close()
 
 
 def run_bench(steps: int = 60, warmup: int = 10) -> dict[str, float]:
@@ -141,8 +159,10 @@ def main(args: argparse.Namespace) -> int:
     print("benchmark MLP 784-1024-1024-10, float32, batch 256, SGD; 1 group x 2 workers, 2 shards")
     print(f"  single-process JAX  {figures['single_process']:10,.0f} samples/s  (reference)")
     print(f"  psfw embedded       {figures['embedded']:10,.0f} samples/s  ratio {figures['embedded_ratio']:.2f}")
-    print(f"  psfw shard procs    {figures['separate_processes']:10,.0f} samples/s  "
-          f"ratio {figures['separate_processes_ratio']:.2f}")
+    print(
+        f"  psfw shard procs    {figures['separate_processes']:10,.0f} samples/s  "
+        f"ratio {figures['separate_processes_ratio']:.2f}"
+    )
     return 0
 
 

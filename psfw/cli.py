@@ -1,4 +1,4 @@
-"""The ``psfw`` command: train, server, bench."""
+"""The ``psfw`` command: train, server, health, bench."""
 
 from __future__ import annotations
 
@@ -29,6 +29,23 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as err:
+            print(f"{args.address}: {err.code().name}: {err.details()}")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _bench(args: argparse.Namespace) -> int:
     from psfw.bench import main as bench_main
 
@@ -53,6 +70,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get on shutdown")
     s.add_argument("--nonfinite", choices=("reject", "skip"), default="reject", help="NaN/Inf gradient policy")
     s.set_defaults(run=_server)
+
+    h = sub.add_parser("health", help="probe a shard's gRPC health service (exit 0 when SERVING)")
+    h.add_argument("address", help="host:port of the shard")
+    h.add_argument("--service", default="", help="service name ('' = the whole server)")
+    h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    h.set_defaults(run=_health)
 
     b = sub.add_parser("bench", help="samples/s of psfw against single-process JAX")
     b.add_argument("--json", action="store_true", help="print one JSON object")

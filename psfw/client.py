@@ -20,7 +20,16 @@ from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
 from psfw.services.server import SERVICE_NAME, grpc_options
-from psfw.wire import CHUNK_BYTES, Assembler, Expect, Frame, WireError, encode_chunks, frame_deserializer, frame_serializer
+from psfw.wire import (
+    CHUNK_BYTES,
+    Assembler,
+    Expect,
+    Frame,
+    WireError,
+    encode_chunks,
+    frame_deserializer,
+    frame_serializer,
+)
 
 T = TypeVar("T")
 Items = Iterable[tuple[str, int, np.ndarray]]
@@ -43,7 +52,9 @@ class ShardClient:
         self._stub = pb_grpc.ParameterServerStub(self.channel)
         method = f"/{SERVICE_NAME}/"
         self._put = self.channel.stream_unary(
-            method + "Put", request_serializer=frame_serializer(pb.PutRequest), response_deserializer=pb.PutReply.FromString
+            method + "Put",
+            request_serializer=frame_serializer(pb.PutRequest),
+            response_deserializer=pb.PutReply.FromString,
         )
         self._get = self.channel.unary_stream(
             method + "Get",

@@ -57,17 +57,16 @@ def build_job(config: Config) -> Job:
     d = config.data
     try:
         if d.name == "synthetic":
-            data = load_dataset("synthetic", features=d.features, classes=d.classes, train=d.train, test=d.test,
-                                seed=config.seed)
+            data = load_dataset(
+                "synthetic", features=d.features, classes=d.classes, train=d.train, test=d.test, seed=config.seed
+            )
         else:
             data = load_dataset(d.name, image=config.model.name == "cnn")
     except ValueError as err:
         raise ConfigError(f"data.name: {err}") from None
     batch = config.train.batch_size
     if batch > len(data.x_train):
-        raise ConfigError(
-            f"train.batch_size: {batch} is larger than the {len(data.x_train)} training rows of {d.name}"
-        )
+        raise ConfigError(f"train.batch_size: {batch} is larger than the {len(data.x_train)} training rows of {d.name}")
     model = build_model(config, data)
     shapes_tree = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed))
     flat, treedef = flatten_params(shapes_tree)

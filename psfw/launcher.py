@@ -62,8 +62,15 @@ async def run_job(
         async with asyncio.TaskGroup() as tasks:
             for group in range(c.worker_groups):
                 spec = WorkerSpec(
-                    layout=job.layout, treedef=job.treedef, step_fn=step_fn, init=job.model.init, seed=job.config.seed,
-                    data=job.data, order=job.order(group), workers_per_group=c.workers_per_group, executor=executor,
+                    layout=job.layout,
+                    treedef=job.treedef,
+                    step_fn=step_fn,
+                    init=job.model.init,
+                    seed=job.config.seed,
+                    data=job.data,
+                    order=job.order(group),
+                    workers_per_group=c.workers_per_group,
+                    executor=executor,
                     wait_s=t.wait_s,
                 )
                 for local in range(c.processes_per_group):
@@ -74,9 +81,16 @@ async def run_job(
                     cache = ParamCache(group, process)
                     workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
                     stub = Stub(
-                        clients=clients, layout=job.layout, cache=cache, group=group, process=process,
-                        workers=workers, workers_per_group=c.workers_per_group,
-                        optimizer=job.config.optimizer.spec_json(), wait_s=t.wait_s, on_metrics=reporter,
+                        clients=clients,
+                        layout=job.layout,
+                        cache=cache,
+                        group=group,
+                        process=process,
+                        workers=workers,
+                        workers_per_group=c.workers_per_group,
+                        optimizer=job.config.optimizer.spec_json(),
+                        wait_s=t.wait_s,
+                        on_metrics=reporter,
                     )
                     stubs.append(stub)
                     tasks.create_task(stub.run(0, job.steps), name=f"stub-{process}")

@@ -93,9 +93,7 @@ def _ranges(size: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def plan_layout(
-    shapes: dict[str, tuple[tuple[int, ...], str]], shards: int, workers: int, slice_bytes: int
-) -> Layout:
+def plan_layout(shapes: dict[str, tuple[tuple[int, ...], str]], shards: int, workers: int, slice_bytes: int) -> Layout:
     """Slice, place and assign owners for parameters given as ``{name: (shape, dtype)}``.
 
     >>> plan_layout({"w": ((4, 4), "float32")}, shards=2, workers=1, slice_bytes=32).shard_bytes()
@@ -113,9 +111,7 @@ def plan_layout(
     # Largest first onto the lightest shard; ties broken by name and index so that
     # every process computes the same placement.
     order = sorted(
-        ((hi - lo) * np.dtype(shapes[n][1]).itemsize, n, i)
-        for n, rs in cuts.items()
-        for i, (lo, hi) in enumerate(rs)
+        ((hi - lo) * np.dtype(shapes[n][1]).itemsize, n, i) for n, rs in cuts.items() for i, (lo, hi) in enumerate(rs)
     )
     order.sort(key=lambda t: (-t[0], t[1], t[2]))
     load = [0] * shards
@@ -135,8 +131,6 @@ def plan_layout(
 
     params = {}
     for name, (shape, dtype) in shapes.items():
-        slices = tuple(
-            SliceSpec(name, i, lo, hi, placed[(name, i)]) for i, (lo, hi) in enumerate(cuts[name])
-        )
+        slices = tuple(SliceSpec(name, i, lo, hi, placed[(name, i)]) for i, (lo, hi) in enumerate(cuts[name]))
         params[name] = ParamSpec(name, tuple(int(d) for d in shape), str(np.dtype(dtype)), owners[name], slices)
     return Layout(params, shards)

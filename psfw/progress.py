@@ -68,8 +68,10 @@ class ProgressBar:
             TextColumn("loss {task.fields[loss]:.4f}"),
             TextColumn("acc {task.fields[accuracy]:.3f}"),
             TextColumn("{task.fields[rate]:,.0f} samples/s"),
-            TextColumn("[dim]compute {task.fields[compute]:.1f} / comm {task.fields[comm]:.1f} / "
-                       "wait {task.fields[wait]:.1f} ms[/]"),
+            TextColumn(
+                "[dim]compute {task.fields[compute]:.1f} / comm {task.fields[comm]:.1f} / "
+                "wait {task.fields[wait]:.1f} ms[/]"
+            ),
             TimeRemainingColumn(),
             console=console,
         )

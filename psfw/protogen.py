@@ -23,8 +23,8 @@ def generate(out_dir: Path, root: Path = PROTO_ROOT) -> list[Path]:
 
     Returns the generated files. Raises RuntimeError when protoc fails.
     """
-    from grpc_tools import protoc  # build-time tool only
     import grpc_tools
+    from grpc_tools import protoc  # build-time tool only
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     sources = proto_sources(root)

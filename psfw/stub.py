@@ -111,9 +111,7 @@ class Stub:
 
     async def _get_all(self, step: int, names: list[str]) -> dict[str, np.ndarray]:
         self.rpcs["Get"] += len({s.shard for n in names for s in self.layout.params[n].slices})
-        return await fetch_params(
-            self.clients, self.layout, self.group, step, names, self.wait_s, wait_for_put=True
-        )
+        return await fetch_params(self.clients, self.layout, self.group, step, names, self.wait_s, wait_for_put=True)
 
     async def _step(self, step: int, batch: list[Contribution]) -> float:
         rows = sum(c.rows for c in batch)
@@ -123,8 +121,7 @@ class Stub:
 
         async def send(shard: int) -> tuple[int, dict[SliceKey, np.ndarray]]:
             items = [
-                (s.key, s.index, total[s.key].reshape(-1)[s.start : s.stop])
-                for s in self.layout.shard_slices(shard)
+                (s.key, s.index, total[s.key].reshape(-1)[s.start : s.stop]) for s in self.layout.shard_slices(shard)
             ]
             return await self.clients[shard].update(
                 group=self.group,
@@ -158,9 +155,7 @@ class Stub:
             if key not in ("step", "compute_s", "wait_s"):
                 report[key] = sum(float(c.metrics[key]) * c.rows for c in batch) / rows
         compute_s = max(c.metrics["compute_s"] for c in batch)
-        report.update(
-            compute_s=compute_s, comm_s=comm_s, wait_s=max(0.0, wall_s - compute_s - comm_s), wall_s=wall_s
-        )
+        report.update(compute_s=compute_s, comm_s=comm_s, wait_s=max(0.0, wall_s - compute_s - comm_s), wall_s=wall_s)
         self.on_metrics(report)
 
 

@@ -41,7 +41,9 @@ def slice_name(key: SliceKey) -> str:
 def wire_dtype(name: str) -> np.dtype:
     """The little-endian numpy dtype for a wire dtype name."""
     if name not in DTYPES:
-        raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"dtype {name!r} is not supported: use one of {', '.join(DTYPES)}")
+        raise WireError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"dtype {name!r} is not supported: use one of {', '.join(DTYPES)}"
+        )
     return np.dtype(name).newbyteorder("<")
 
 
@@ -91,7 +93,9 @@ class Frame(NamedTuple):
     error: str = ""  # set instead of raising when the bytes do not parse
 
 
-def encode_chunks(items: Iterable[tuple[str, int, np.ndarray]], chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[Chunk]]:
+def encode_chunks(
+    items: Iterable[tuple[str, int, np.ndarray]], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[list[Chunk]]:
     """Group ``(key, slice, array)`` items into lists of chunks of at most
     ``chunk_bytes`` of data each; every list becomes one message. No data is copied:
     chunks are views of the arrays."""
@@ -314,7 +318,9 @@ class Assembler:
         dtype = wire_dtype(chunk.dtype)
         shape = tuple(int(d) for d in chunk.shape)
         if any(d < 0 for d in shape):
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"{slice_name(key)} has a negative dimension {list(shape)}")
+            raise WireError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{slice_name(key)} has a negative dimension {list(shape)}"
+            )
         if self._expect is not None:
             want_dtype, want_shape = self._expect(key)
             if dtype != want_dtype:

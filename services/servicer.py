@@ -126,7 +126,6 @@ def _wait(wait_s: float) -> float:
     return min(wait_s, 3600.0) if wait_s > 0 else 60.0
 
 
-
 def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:
     """Register the service with the bulk-data codec of ``psfw.wire``: the bytes on the
     wire are the messages of ``ps.proto``; tensor data is never copied by protobuf."""

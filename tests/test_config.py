@@ -22,8 +22,10 @@ def test_shipped_examples_validate(examples, name):
         ("[train]\nbatchsize = 4\n", "train.batchsize: unknown key"),
         ("[optimizer]\nlearning_rate = 'fast'\n", "optimizer.learning_rate: Input should be a valid number"),
         ("[optimizer]\nname = 'lbfgs'\n", "optimizer.name: Input should be"),
-        ("[train]\nbatch_size = 2\n[cluster]\nworkers_per_group = 4\nworkers_per_process = 4\n",
-         "batch_size (2) is smaller than cluster.workers_per_group (4)"),
+        (
+            "[train]\nbatch_size = 2\n[cluster]\nworkers_per_group = 4\nworkers_per_process = 4\n",
+            "batch_size (2) is smaller than cluster.workers_per_group (4)",
+        ),
         ("[cluster]\nworkers_per_group = 3\nworkers_per_process = 2\n", "must be a multiple of"),
         ("[train]\nsteps = 10\nepochs = 2\n", "give steps or epochs, not both"),
         ("[model]\nname = 'custom'\n", "a custom model needs path"),

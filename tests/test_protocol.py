@@ -128,8 +128,15 @@ async def test_a_waiting_get_returns_as_soon_as_the_step_completes(shard):
     await asyncio.sleep(0.1)
     assert not waiting.done()
     await client.update(
-        group=0, step=0, process=0, workers=1, rows=2, workers_per_group=1,
-        items=[("w", 0, np.full(4, 2.0, np.float32))], expect=_expect, wait_s=5,
+        group=0,
+        step=0,
+        process=0,
+        workers=1,
+        rows=2,
+        workers_per_group=1,
+        items=[("w", 0, np.full(4, 2.0, np.float32))],
+        expect=_expect,
+        wait_s=5,
     )
     step, values = await asyncio.wait_for(waiting, 5)
     assert step == 1
@@ -148,8 +155,15 @@ async def test_group_step_completes_only_when_all_workers_reported():
 
         def send(process, grad_sum, rows):
             return clients[process].update(
-                group=0, step=0, process=process, workers=1, rows=rows, workers_per_group=2,
-                items=[("w", 0, np.full(4, grad_sum, np.float32))], expect=_expect, wait_s=5,
+                group=0,
+                step=0,
+                process=process,
+                workers=1,
+                rows=rows,
+                workers_per_group=2,
+                items=[("w", 0, np.full(4, grad_sum, np.float32))],
+                expect=_expect,
+                wait_s=5,
             )
 
         first = asyncio.create_task(send(0, 3.0, 1))

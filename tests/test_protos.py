@@ -2,13 +2,16 @@
 
 from pathlib import Path
 
-from psfw.protogen import REPO, generate, proto_sources
+from psfw.protogen import generate, proto_sources
+
+from helpers import REPO
 
 
 def test_generated_code_matches_proto_sources(tmp_path: Path):
     """Regenerating into a temporary folder gives byte-identical files."""
-    assert proto_sources(), "no .proto sources found"
-    fresh = generate(tmp_path)
+    root = REPO / "protos"
+    assert proto_sources(root), "no .proto sources found"
+    fresh = generate(tmp_path, root)
     assert fresh, "protoc generated nothing"
     for path in fresh:
         relative = path.relative_to(tmp_path)

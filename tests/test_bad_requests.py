@@ -1,0 +1,187 @@
+"""Malformed requests to a running shard get a precise status and message, and the
+shard's values, versions and optimizer state stay exactly as they were."""
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from psfw.client import ShardClient
+from psfw.proto import ps_pb2 as pb
+from psfw.services.server import ShardServer
+from psfw.wire import Chunk, Frame, frame_deserializer, frame_serializer
+
+from helpers import SGD
+
+UPDATE = "/psfw.v1.ParameterServer/Update"
+GOOD = [("w", 0, np.ones(4, np.float32)), ("w", 1, np.ones(4, np.float32))]
+
+
+def chunk(key="w", index=0, dtype="float32", shape=(4,), data=None):
+    if data is None:
+        data = np.ones(shape, np.dtype(dtype)).tobytes()
+    return Chunk(key, index, dtype, tuple(shape), 0, data)
+
+
+def header(**fields):
+    base = dict(group=0, step=0, process=0, workers=1, rows=2, workers_per_group=1, wait_s=2)
+    return pb.UpdateRequest(**{**base, **fields})
+
+
+@pytest_asyncio.fixture
+async def running():
+    server = ShardServer(0, 1)
+    await server.start("127.0.0.1:0")
+    client = ShardClient(server.address, 0, timeout_s=10, retries=0)
+    await client.put([("w", 0, np.zeros(4, np.float32)), ("w", 1, np.zeros(4, np.float32))], SGD)
+    channel = grpc.aio.insecure_channel(server.address)
+    update = channel.stream_stream(
+        UPDATE,
+        request_serializer=frame_serializer(pb.UpdateRequest),
+        response_deserializer=frame_deserializer(pb.UpdateReply),
+    )
+    raw = channel.stream_stream(UPDATE, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    yield server, client, update, raw
+    await channel.close()
+    await client.close()
+    await server.stop(0)
+
+
+async def call(method, messages):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in method(iter(messages), timeout=10):
+            pass
+    return err.value
+
+
+BAD_UPDATES = {
+    "unknown key": ([Frame(header(), [chunk(key="nope")])], grpc.StatusCode.NOT_FOUND, "holds no slice nope[0]"),
+    "unknown slice": ([Frame(header(), [chunk(index=7)])], grpc.StatusCode.NOT_FOUND, "holds no slice w[7]"),
+    "wrong dtype": (
+        [Frame(header(), [chunk(dtype="float64"), chunk(index=1)])],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "w[0] is float32, the request sent float64",
+    ),
+    "unsupported dtype": (
+        [Frame(header(), [chunk(dtype="int8", data=b"\0" * 4)])],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "dtype 'int8' is not supported",
+    ),
+    "wrong shape": (
+        [Frame(header(), [chunk(shape=(2, 2)), chunk(index=1)])],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "w[0] has shape [4], the request sent [2, 2]",
+    ),
+    "truncated bytes": (
+        [Frame(header(), [chunk(data=b"\0" * 8), chunk(index=1)])],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "w[0] is truncated: 8 of 16 bytes arrived",
+    ),
+    "too many bytes": (
+        [Frame(header(), [chunk(data=b"\0" * 20)])],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "w[0] has 20 bytes, more than",
+    ),
+    "missing slice": (
+        [Frame(header(), [chunk()])],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "lacks 1 slices of shard 0 (w[1])",
+    ),
+    "nan gradient": (
+        [Frame(header(), [chunk(data=np.array([1, np.nan, 0, 0], np.float32).tobytes()), chunk(index=1)])],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "gradient of w[0] has NaN or Inf values",
+    ),
+    "step ahead": (
+        [Frame(header(step=5), [chunk(), chunk(index=1)])],
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "group 0 step 5 is ahead of the group, which has completed 0 steps",
+    ),
+    "impossible workers": (
+        [Frame(header(workers=3, workers_per_group=2), [chunk(), chunk(index=1)])],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "workers=3 of workers_per_group=2 is impossible",
+    ),
+    "no message": ([], grpc.StatusCode.INVALID_ARGUMENT, "Update carries no message"),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", sorted(BAD_UPDATES))
+async def test_bad_update_is_refused_and_changes_nothing(running, case):
+    server, client, update, _ = running
+    before = server.store.digest()
+    messages, code, fragment = BAD_UPDATES[case]
+    err = await call(update, messages)
+    assert err.code() == code, err.details()
+    assert fragment in err.details()
+    assert server.store.digest() == before
+    described = await client.describe()
+    assert [s.version for s in described.slices] == [0, 0]
+    assert [g.pending_workers for g in described.groups] in ([], [0])
+
+
+@pytest.mark.asyncio
+async def test_garbage_bytes_are_invalid_argument(running):
+    server, _, _, raw = running
+    before = server.store.digest()
+    err = await call(raw, [b"\x42\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed UpdateRequest" in err.details()
+    assert server.store.digest() == before
+
+
+@pytest.mark.asyncio
+async def test_oversize_message_is_resource_exhausted(running):
+    server, _, update, _ = running
+    before = server.store.digest()
+    big = np.zeros(2 << 20, np.float32)  # one 8 MiB message, over the 4 MiB limit
+    err = await call(update, [Frame(header(), [Chunk("w", 0, "float32", (4,), 0, big.tobytes())])])
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in err.details()
+    assert server.store.digest() == before
+
+
+@pytest.mark.asyncio
+async def test_a_valid_update_still_works_after_refusals(running):
+    server, client, update, _ = running
+    await call(update, BAD_UPDATES["nan gradient"][0])
+    step, values = await client.update(
+        group=0,
+        step=0,
+        process=0,
+        workers=1,
+        rows=2,
+        workers_per_group=1,
+        items=GOOD,
+        expect=lambda key: (np.dtype("float32"), (4,)),
+        wait_s=5,
+    )
+    assert step == 1
+    np.testing.assert_allclose(values[("w", 0)], -0.1 * 0.5)
+
+
+@pytest.mark.asyncio
+async def test_put_of_other_values_for_a_held_slice_is_already_exists(running):
+    server, client, _, _ = running
+    before = server.store.digest()
+    from psfw.errors import ShardError
+
+    with pytest.raises(ShardError) as err:
+        await client.put([("w", 0, np.ones(4, np.float32))], SGD)
+    assert err.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert "a parameter is put once, by its owner" in str(err.value)
+    assert await client.put([("w", 0, np.zeros(4, np.float32))], SGD) == 1, "an identical retry is acknowledged"
+    assert server.store.digest() == before
+
+
+@pytest.mark.asyncio
+async def test_put_with_an_unknown_optimizer_is_refused(shard):
+    server, client = shard
+    from psfw.errors import ShardError
+
+    with pytest.raises(ShardError) as err:
+        await client.put([("w", 0, np.ones(4, np.float32))], '{"name": "lbfgs"}')
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown optimizer 'lbfgs'" in str(err.value)
+    assert server.store.specs == {}
