@@ -36,6 +36,17 @@ Items = Iterable[tuple[str, int, np.ndarray]]
 RPC_MARGIN_S = 10.0  # the client's deadline exceeds the shard's own wait by this much
 
 
+UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)
+
+
+def _assemble(frames: list[Frame], expect: Expect, into) -> tuple[int, dict[SliceKey, np.ndarray]]:
+    assembler = Assembler(expect, into=into)
+    step = 0
+    for frame in frames:
+        step = assembler.add_frame(frame).step
+    return step, assembler.finish()
+
+
 class ShardClient:
     def __init__(
         self,
@@ -122,10 +133,8 @@ class ShardClient:
         )
 
         async def attempt():
-            assembler, step_seen = Assembler(expect, into=into), step
-            async for frame in self._get(request, timeout=wait_s + RPC_MARGIN_S):
-                step_seen = assembler.add_frame(frame).step
-            return step_seen, assembler.finish()
+            frames = [f async for f in self._get(request, timeout=wait_s + RPC_MARGIN_S)]
+            return await asyncio.to_thread(_assemble, frames, expect, into)
 
         return await self._call("Get", attempt)
 
@@ -147,8 +156,10 @@ class ShardClient:
         (written into ``into`` where it has the slice)."""
         items = list(items)
 
-        def requests():
+        def encode() -> list[bytes]:
+            messages = []
             for i, chunks in enumerate(encode_chunks(items, self.chunk_bytes)):
+                header = pb.UpdateRequest()
                 if i == 0:
                     header = pb.UpdateRequest(
                         group=group,
@@ -159,15 +170,15 @@ class ShardClient:
                         workers_per_group=workers_per_group,
                         wait_s=wait_s,
                     )
-                else:
-                    header = pb.UpdateRequest()
-                yield Frame(header, chunks)
+                messages.append(UPDATE_REQUEST(Frame(header, chunks)))
+            return messages
+
+        # the copies (into messages, out of them) run in threads, off the event loop
+        messages = await asyncio.to_thread(encode)
 
         async def attempt():
-            assembler, new_step = Assembler(expect, into=into), step
-            async for frame in self._update(requests(), timeout=wait_s + RPC_MARGIN_S):
-                new_step = assembler.add_frame(frame).step
-            return new_step, assembler.finish()
+            frames = [f async for f in self._update(iter(messages), timeout=wait_s + RPC_MARGIN_S)]
+            return await asyncio.to_thread(_assemble, frames, expect, into)
 
         return await self._call("Update", attempt)
 

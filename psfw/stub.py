@@ -19,7 +19,7 @@ import numpy as np
 from psfw.cache import ParamCache
 from psfw.client import ShardClient
 from psfw.errors import PsfwError, WaitTimeout
-from psfw.layout import Layout, SliceKey
+from psfw.layout import Layout, SliceKey, SliceSpec
 from psfw.wire import param_buffers
 
 
@@ -115,14 +115,14 @@ class Stub:
 
     async def _step(self, step: int, batch: list[Contribution]) -> float:
         rows = sum(c.rows for c in batch)
-        total = await asyncio.to_thread(_sum_grads, [c.grads for c in batch])
+        grads = [c.grads for c in batch]
         fresh, into = param_buffers(self.layout, self.layout.params)
         started = time.perf_counter()
 
         async def send(shard: int) -> tuple[int, dict[SliceKey, np.ndarray]]:
-            items = [
-                (s.key, s.index, total[s.key].reshape(-1)[s.start : s.stop]) for s in self.layout.shard_slices(shard)
-            ]
+            # each shard's slices are summed in a thread of their own, and sent as
+            # soon as they are ready: the shards' sums run side by side
+            items = await asyncio.to_thread(_sum_slices, self.layout.shard_slices(shard), grads)
             return await self.clients[shard].update(
                 group=self.group,
                 step=step,
@@ -184,13 +184,13 @@ async def fetch_params(
     return params
 
 
-def _sum_grads(grads: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(grads) == 1:
-        return grads[0]
-    total = {}
-    for name in grads[0]:
-        acc = np.add(grads[0][name], grads[1][name])
-        for g in grads[2:]:
-            np.add(acc, g[name], out=acc)
-        total[name] = acc
-    return total
+def _sum_slices(slices: list[SliceSpec], grads: list[dict[str, np.ndarray]]) -> list[tuple[str, int, np.ndarray]]:
+    """The workers' gradients summed slice by slice: ``(key, index, sum)`` items."""
+    items = []
+    for s in slices:
+        parts = [g[s.key].reshape(-1)[s.start : s.stop] for g in grads]
+        total = parts[0] if len(parts) == 1 else np.add(parts[0], parts[1])
+        for part in parts[2:]:
+            np.add(total, part, out=total)
+        items.append((s.key, s.index, total))
+    return items

@@ -98,7 +98,7 @@ def encode_chunks(
 ) -> Iterator[list[Chunk]]:
     """Group ``(key, slice, array)`` items into lists of chunks of at most
     ``chunk_bytes`` of data each; every list becomes one message. No data is copied:
-    chunks are views of the arrays."""
+    chunks are views of the arrays. Only slices larger than a message are split."""
     batch: list[Chunk] = []
     room = chunk_bytes
     for key, index, array in items:
@@ -108,6 +108,11 @@ def encode_chunks(
         raw = memoryview(array.reshape(-1)).cast("B")
         dtype, shape = array.dtype.name, tuple(array.shape)
         offset, total = 0, len(raw)
+        if batch and total <= chunk_bytes and total > room:
+            # a slice that fits in one message is never split: the receiver then
+            # keeps it as a view of the message instead of copying it together
+            yield batch
+            batch, room = [], chunk_bytes
         while True:
             take = min(room, total - offset)
             if take == 0 and total > 0:

@@ -82,15 +82,13 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 assembler.finish(),
                 _wait(header.wait_s),
             )
-        replies = result.round.cache if result.round is not None else None
-        if replies is None:
-            values = result.values
-            replies = [
-                UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step), chunks))
-                for chunks in encode_chunks((k, i, values[(k, i)]) for k, i in sorted(values))
-            ]
-            if result.round is not None:
-                result.round.cache = replies  # every process of the group gets the same answer
+        rnd = result.round
+        if rnd is None:
+            replies = await asyncio.to_thread(_encode_reply, result.step, result.values)
+        else:
+            if rnd.reply is None:  # the first waiter encodes; every process gets the same bytes
+                rnd.reply = asyncio.create_task(asyncio.to_thread(_encode_reply, result.step, result.values))
+            replies = await rnd.reply
         for reply in replies:
             yield reply
 
@@ -124,6 +122,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 def _wait(wait_s: float) -> float:
     """The wait a request asked for, bounded; 0 means the default of 60 s."""
     return min(wait_s, 3600.0) if wait_s > 0 else 60.0
+
+
+def _encode_reply(step: int, values: dict) -> list[bytes]:
+    chunks = encode_chunks((k, i, values[(k, i)]) for k, i in sorted(values))
+    return [UPDATE_REPLY(Frame(pb.UpdateReply(step=step), c)) for c in chunks]
 
 
 def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:

@@ -35,7 +35,7 @@ class Round:
     contributions: dict[int, tuple[int, int]] = field(default_factory=dict)  # process -> (workers, rows)
     sums: dict[SliceKey, np.ndarray] = field(default_factory=dict)
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    cache: Any = None  # the encoded reply, built once and sent to every waiter
+    reply: asyncio.Task | None = None  # the encoded answer, built once for every waiter
 
     @property
     def workers(self) -> int:
@@ -227,6 +227,8 @@ class ShardStore:
         A contribution that was already added (a retried RPC) is acknowledged and not
         added again; a step that is already complete answers with current values.
         """
+        if self.nonfinite == "reject":
+            await asyncio.to_thread(self._check_finite, group, step, sums)
         state = self.groups.get(group) or GroupState()
         if step < state.step:
             return UpdateResult(state.step, dict(self.values), None)
@@ -283,14 +285,16 @@ class ShardStore:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"{where}: {rnd.workers} + {workers} workers exceed workers_per_group={wpg}",
                 )
-        if self.nonfinite == "reject":
-            for key, value in sums.items():
-                if not np.isfinite(value).all():
-                    raise _abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"{where}: the gradient of {slice_name(key)} has NaN or Inf values (policy: reject)",
-                    )
         return rnd
+
+    def _check_finite(self, group: int, step: int, sums: dict[SliceKey, np.ndarray]) -> None:
+        for key, value in sums.items():
+            if not np.isfinite(value).all():
+                raise _abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"group {group} step {step}: the gradient of {slice_name(key)} has NaN or Inf values "
+                    "(policy: reject)",
+                )
 
     def _add(self, rnd: Round, process: int, workers: int, rows: int, sums: dict[SliceKey, np.ndarray]) -> None:
         if not rnd.contributions:
