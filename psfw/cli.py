@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from psfw.errors import ConfigError, PsfwError
@@ -25,8 +26,27 @@ def _train(args: argparse.Namespace) -> int:
 def _server(args: argparse.Namespace) -> int:
     from psfw.services.server import serve
 
-    asyncio.run(serve(args.shard, args.of, args.listen, grace=args.grace, nonfinite=args.nonfinite))
+    try:
+        asyncio.run(
+            serve(
+                args.shard,
+                args.of,
+                args.listen,
+                grace=args.grace,
+                drain=args.drain,
+                metrics_port=args.metrics_port,
+                nonfinite=args.nonfinite,
+                insecure=args.insecure,
+            )
+        )
+    except (PermissionError, OSError, ValueError) as err:
+        print(f"psfw server: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"PSFW_{name}", default)
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -63,12 +83,37 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(run=_train)
 
-    s = sub.add_parser("server", help="serve one parameter-server shard")
-    s.add_argument("--shard", type=int, default=0, help="this shard's index")
-    s.add_argument("--of", type=int, default=1, help="how many shards the cluster has")
-    s.add_argument("--listen", default="127.0.0.1:50051", help="address to listen on (port 0: any free port)")
-    s.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get on shutdown")
-    s.add_argument("--nonfinite", choices=("reject", "skip"), default="reject", help="NaN/Inf gradient policy")
+    s = sub.add_parser(
+        "server",
+        help="serve one parameter-server shard",
+        description="Serve one shard. Every flag can also come from the environment (PSFW_SHARD, PSFW_SHARDS, "
+        "PSFW_LISTEN, PSFW_GRACE, PSFW_DRAIN, PSFW_METRICS_PORT, PSFW_NONFINITE, PSFW_INSECURE=1), "
+        "so a container needs no arguments.",
+    )
+    s.add_argument("--shard", type=int, default=int(_env("SHARD", "0")), help="this shard's index")
+    s.add_argument("--of", type=int, default=int(_env("SHARDS", "1")), help="how many shards the cluster has")
+    s.add_argument(
+        "--listen", default=_env("LISTEN", "127.0.0.1:50051"), help="address to listen on (port 0: any free port)"
+    )
+    s.add_argument(
+        "--grace", type=float, default=float(_env("GRACE", "5")), help="seconds in-flight RPCs get on shutdown"
+    )
+    s.add_argument("--drain", type=float, default=float(_env("DRAIN", "0")), help="seconds NOT_SERVING before stopping")
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("METRICS_PORT")) if _env("METRICS_PORT") else None,
+        help="serve Prometheus metrics on this HTTP port",
+    )
+    s.add_argument(
+        "--nonfinite", choices=("reject", "skip"), default=_env("NONFINITE", "reject"), help="NaN/Inf gradient policy"
+    )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        default=_env("INSECURE", "0") == "1",
+        help="allow a non-loopback address without TLS or a token",
+    )
     s.set_defaults(run=_server)
 
     h = sub.add_parser("health", help="probe a shard's gRPC health service (exit 0 when SERVING)")

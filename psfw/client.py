@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import grpc
 import numpy as np
@@ -39,12 +39,23 @@ RPC_MARGIN_S = 10.0  # the client's deadline exceeds the shard's own wait by thi
 UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)
 
 
-def _assemble(frames: list[Frame], expect: Expect, into) -> tuple[int, dict[SliceKey, np.ndarray]]:
+class Fresh(NamedTuple):
+    """Values a shard answered with."""
+
+    step: int  # the group's completed steps they reflect
+    values: dict[SliceKey, np.ndarray]
+    slowest_step: int = 0  # Update only: the slowest group's completed steps
+
+
+def _assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
     assembler = Assembler(expect, into=into)
-    step = 0
+    head = None
     for frame in frames:
-        step = assembler.add_frame(frame).step
-    return step, assembler.finish()
+        head = assembler.add_frame(frame)
+    values = assembler.finish()
+    if head is None:
+        raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
+    return Fresh(head.step, values, getattr(head, "slowest_step", 0))
 
 
 class ShardClient:
@@ -120,7 +131,7 @@ class ShardClient:
         wait_s: float,
         into: dict[SliceKey, np.ndarray] | None = None,
         wait_for_put: bool = False,
-    ) -> tuple[int, dict[SliceKey, np.ndarray]]:
+    ) -> Fresh:
         """Values of ``keys`` once ``group`` has completed ``step`` steps (written
         into ``into`` where it has the slice, see ``Assembler``). With
         ``wait_for_put`` the shard also waits for slices that are not put yet."""
@@ -147,13 +158,16 @@ class ShardClient:
         workers: int,
         rows: int,
         workers_per_group: int,
+        worker_groups: int = 1,
+        staleness: int = -1,
         items: Items,
         expect: Expect,
         wait_s: float,
         into: dict[SliceKey, np.ndarray] | None = None,
-    ) -> tuple[int, dict[SliceKey, np.ndarray]]:
+    ) -> Fresh:
         """Send one process's gradient sums for a step; returns the fresh values
-        (written into ``into`` where it has the slice)."""
+        (written into ``into`` where it has the slice). ``staleness`` >= 0 bounds how
+        far this group may run ahead of the slowest of ``worker_groups``."""
         items = list(items)
 
         def encode() -> list[bytes]:
@@ -169,6 +183,8 @@ class ShardClient:
                         rows=rows,
                         workers_per_group=workers_per_group,
                         wait_s=wait_s,
+                        worker_groups=worker_groups,
+                        staleness=staleness,
                     )
                 messages.append(UPDATE_REQUEST(Frame(header, chunks)))
             return messages

@@ -90,9 +90,15 @@ class ClusterConfig(_Strict):
     workers_per_process: int = Field(2, ge=1)
     servers: int = Field(2, ge=1)
     slice_bytes: int = Field(1 << 20, ge=64)
+    staleness: int | None = Field(None, ge=0)  # None: groups fully asynchronous; k: SSP bound
+    warmup_steps: int = Field(0, ge=0)  # group 0 trains alone this long before other groups start
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
+        if self.staleness is not None and self.warmup_steps:
+            raise ValueError(
+                "warmup_steps lets group 0 run ahead alone, which a staleness bound forbids: set one of them"
+            )
         if self.workers_per_group % self.workers_per_process:
             raise ValueError(
                 f"workers_per_group ({self.workers_per_group}) must be a multiple of "

@@ -27,8 +27,8 @@ class Job:
     steps: int
 
     def order(self, group: int) -> BatchOrder:
-        """The data order of ``group`` (one group for now: every group sees the same)."""
-        return BatchOrder(len(self.data.x_train), self.config.train.batch_size, self.config.seed, 0)
+        """The data order of ``group``: each group shuffles every epoch its own way."""
+        return BatchOrder(len(self.data.x_train), self.config.train.batch_size, self.config.seed, group)
 
 
 def build_model(config: Config, data: Dataset) -> Model:
@@ -76,4 +76,8 @@ def build_job(config: Config) -> Job:
     order = BatchOrder(len(data.x_train), batch, config.seed)
     t = config.train
     steps = t.steps if t.steps is not None else (t.epochs or 1) * order.steps_per_epoch
+    if c.warmup_steps >= steps and c.worker_groups > 1:
+        raise ConfigError(
+            f"cluster.warmup_steps: {c.warmup_steps} warmup steps leave nothing of the {steps} steps to the other groups"
+        )
     return Job(config, model, data, layout, treedef, steps)

@@ -22,6 +22,7 @@ from psfw.cache import ParamCache
 from psfw.client import ShardClient
 from psfw.compute.step import make_eval_fn, make_grad_step
 from psfw.config import Config, load_config
+from psfw.errors import ConfigError
 from psfw.job import Job, build_job
 from psfw.outputs import PARAMS_FILE, MetricsLog, new_run_dir, write_curves, write_net, write_params
 from psfw.params import unflatten_params
@@ -50,17 +51,35 @@ class TrainResult:
 
 
 async def run_job(
-    job: Job, addresses: list[str], *, on_record: list | None = None, reporter: StepReporter | None = None
+    job: Job,
+    addresses: list[str],
+    *,
+    processes: list[int] | None = None,
+    reporter: StepReporter | None = None,
 ) -> list[Stub]:
-    """Run every worker process of ``job`` in this process against ``addresses``."""
+    """Run worker processes of ``job`` (default: all) in this OS process, each with
+    its own stub, cache and channels, against the shards at ``addresses``.
+
+    Process ``p`` is local process ``p % processes_per_group`` of group
+    ``p // processes_per_group`` and runs ``workers_per_process`` workers.
+    """
     c, t = job.config.cluster, job.config.train
+    total = c.worker_groups * c.processes_per_group
+    processes = list(range(total)) if processes is None else processes
+    wrong = [p for p in processes if not 0 <= p < total]
+    if wrong:
+        raise ConfigError(f"process {wrong[0]} does not exist: the cluster has processes 0..{total - 1}")
+    if len(addresses) != c.servers:
+        raise ConfigError(f"cluster.servers is {c.servers} but {len(addresses)} shard addresses were given")
     step_fn = make_grad_step(job.model.loss)
-    workers_total = c.worker_groups * c.workers_per_group
     stubs: list[Stub] = []
     async with AsyncExitStack() as stack:
-        executor = stack.enter_context(ThreadPoolExecutor(workers_total, thread_name_prefix="psfw-worker"))
+        executor = stack.enter_context(
+            ThreadPoolExecutor(len(processes) * c.workers_per_process, thread_name_prefix="psfw-worker")
+        )
         async with asyncio.TaskGroup() as tasks:
-            for group in range(c.worker_groups):
+            for process in processes:
+                group, local = divmod(process, c.processes_per_group)
                 spec = WorkerSpec(
                     layout=job.layout,
                     treedef=job.treedef,
@@ -73,31 +92,32 @@ async def run_job(
                     executor=executor,
                     wait_s=t.wait_s,
                 )
-                for local in range(c.processes_per_group):
-                    process = group * c.processes_per_group + local
-                    clients = [ShardClient(a, i, timeout_s=t.wait_s) for i, a in enumerate(addresses)]
-                    for client in clients:
-                        stack.push_async_callback(client.close)
-                    cache = ParamCache(group, process)
-                    workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
-                    stub = Stub(
-                        clients=clients,
-                        layout=job.layout,
-                        cache=cache,
-                        group=group,
-                        process=process,
-                        workers=workers,
-                        workers_per_group=c.workers_per_group,
-                        optimizer=job.config.optimizer.spec_json(),
-                        wait_s=t.wait_s,
-                        on_metrics=reporter,
+                clients = [ShardClient(a, i, timeout_s=t.wait_s) for i, a in enumerate(addresses)]
+                for client in clients:
+                    stack.push_async_callback(client.close)
+                cache = ParamCache(group, process)
+                workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
+                stub = Stub(
+                    clients=clients,
+                    layout=job.layout,
+                    cache=cache,
+                    group=group,
+                    process=process,
+                    workers=workers,
+                    workers_per_group=c.workers_per_group,
+                    optimizer=job.config.optimizer.spec_json(),
+                    wait_s=t.wait_s,
+                    on_metrics=reporter,
+                    worker_groups=c.worker_groups,
+                    staleness=c.staleness,
+                    warmup_steps=c.warmup_steps,
+                )
+                stubs.append(stub)
+                tasks.create_task(stub.run(0, job.steps), name=f"stub-{process}")
+                for w in workers:
+                    tasks.create_task(
+                        run_worker(spec, w, group, stub, cache, 0, job.steps), name=f"worker-{process}.{w}"
                     )
-                    stubs.append(stub)
-                    tasks.create_task(stub.run(0, job.steps), name=f"stub-{process}")
-                    for w in workers:
-                        tasks.create_task(
-                            run_worker(spec, w, group, stub, cache, 0, job.steps), name=f"worker-{group}.{w}"
-                        )
     return stubs
 
 

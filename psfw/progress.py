@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 SUMMED = ("rows",)
-MAXED = ("compute_s", "comm_s", "wait_s", "wall_s")
+MAXED = ("compute_s", "comm_s", "wait_s", "wall_s", "lead")
+MINED = ("slowest_step",)
 
 
 class StepReporter:
@@ -49,6 +50,8 @@ class StepReporter:
                 continue
             if name in MAXED:
                 record[name] = max(p[name] for p in parts)
+            elif name in MINED:
+                record[name] = min(p[name] for p in parts)
             else:
                 record[name] = sum(p[name] * p["rows"] for p in parts) / total
         record["samples_per_s"] = rows / max(now - start, 1e-9)
@@ -64,7 +67,7 @@ class ProgressBar:
         self._progress = Progress(
             TextColumn("[bold]psfw[/]"),
             BarColumn(),
-            TextColumn("step {task.completed}/{task.total}"),
+            TextColumn("step {task.completed}/{task.total}{task.fields[spread]}"),
             TextColumn("loss {task.fields[loss]:.4f}"),
             TextColumn("acc {task.fields[accuracy]:.3f}"),
             TextColumn("{task.fields[rate]:,.0f} samples/s"),
@@ -76,8 +79,17 @@ class ProgressBar:
             console=console,
         )
         self._task = self._progress.add_task(
-            "train", total=steps, loss=float("nan"), accuracy=float("nan"), rate=0.0, compute=0.0, comm=0.0, wait=0.0
+            "train",
+            total=steps,
+            loss=float("nan"),
+            accuracy=float("nan"),
+            rate=0.0,
+            compute=0.0,
+            comm=0.0,
+            wait=0.0,
+            spread="",
         )
+        self._steps: dict[int, int] = {}  # group -> last logged step
 
     def __enter__(self) -> ProgressBar:
         self._progress.start()
@@ -87,9 +99,12 @@ class ProgressBar:
         self._progress.stop()
 
     def __call__(self, record: dict[str, Any]) -> None:
+        self._steps[record.get("group", 0)] = record["step"]
+        slowest, fastest = min(self._steps.values()), max(self._steps.values())
         self._progress.update(
             self._task,
-            completed=record["step"],
+            completed=slowest,
+            spread=f" ({len(self._steps)} groups, spread {fastest - slowest})" if len(self._steps) > 1 else "",
             loss=record["loss"],
             accuracy=record.get("accuracy", float("nan")),
             rate=record["samples_per_s"],

@@ -46,11 +46,17 @@ class Stub:
         optimizer: str,
         wait_s: float = 120.0,
         on_metrics: Callable[[dict[str, Any]], None] | None = None,
+        worker_groups: int = 1,
+        staleness: int | None = None,
+        warmup_steps: int = 0,
     ):
         self.clients, self.layout, self.cache = clients, layout, cache
         self.group, self.process, self.workers = group, process, list(workers)
         self.workers_per_group, self.optimizer, self.wait_s = workers_per_group, optimizer, wait_s
         self.on_metrics = on_metrics
+        self.worker_groups, self.warmup_steps = worker_groups, warmup_steps
+        self.staleness = -1 if staleness is None else staleness
+        self.slowest_step = 0  # the slowest group's completed steps, from the last answer
         self._inbox: asyncio.Queue[Contribution] = asyncio.Queue()
         self._puts: asyncio.Queue[dict[str, np.ndarray]] = asyncio.Queue()
         self.rpcs = {"Put": 0, "Get": 0, "Update": 0}
@@ -97,7 +103,10 @@ class Stub:
             await self._put_all(values)
         missing = [n for n in self.layout.params if n not in values]
         if missing:
-            values.update(await self._get_all(step, missing))
+            if self.group == 0 or step > 0:
+                values.update(await self._get_all(self.group, step, missing))
+            else:  # another group starts from what group 0 has after its warmup steps
+                values.update(await self._get_all(0, self.warmup_steps, missing))
         await self.cache.publish(step, {n: jax.device_put(values[n]) for n in self.layout.params})
 
     async def _put_all(self, values: dict[str, np.ndarray]) -> None:
@@ -109,9 +118,9 @@ class Stub:
         self.rpcs["Put"] += len(by_shard)
         await asyncio.gather(*(self.clients[i].put(items, self.optimizer) for i, items in by_shard.items()))
 
-    async def _get_all(self, step: int, names: list[str]) -> dict[str, np.ndarray]:
+    async def _get_all(self, group: int, step: int, names: list[str]) -> dict[str, np.ndarray]:
         self.rpcs["Get"] += len({s.shard for n in names for s in self.layout.params[n].slices})
-        return await fetch_params(self.clients, self.layout, self.group, step, names, self.wait_s, wait_for_put=True)
+        return await fetch_params(self.clients, self.layout, group, step, names, self.wait_s, wait_for_put=True)
 
     async def _step(self, step: int, batch: list[Contribution]) -> float:
         rows = sum(c.rows for c in batch)
@@ -130,6 +139,8 @@ class Stub:
                 workers=len(batch),
                 rows=rows,
                 workers_per_group=self.workers_per_group,
+                worker_groups=self.worker_groups,
+                staleness=self.staleness,
                 items=items,
                 expect=self.layout.slice_dtype_shape,
                 wait_s=self.wait_s,
@@ -139,9 +150,10 @@ class Stub:
         self.rpcs["Update"] += len(self.clients)
         replies = await asyncio.gather(*(send(i) for i in range(len(self.clients))))
         comm_s = time.perf_counter() - started
-        for shard, (new_step, _) in enumerate(replies):
-            if new_step != step + 1:
-                raise WaitTimeout(f"shard {shard} answered step {new_step} for the update of step {step}")
+        for shard, answer in enumerate(replies):
+            if answer.step != step + 1:
+                raise WaitTimeout(f"shard {shard} answered step {answer.step} for the update of step {step}")
+        self.slowest_step = min(answer.slowest_step for answer in replies)
         # the buffers are 64-byte aligned and new every step: JAX adopts them, no copy
         await self.cache.publish(step + 1, {n: jax.device_put(v) for n, v in fresh.items()})
         return comm_s

@@ -265,7 +265,7 @@ class Assembler:
         self._expect = expect
         self._into = into or {}
         self._max_bytes = max_bytes
-        self._total = 0
+        self.total = 0  # bytes received so far
         self._specs: dict[SliceKey, tuple[np.dtype, tuple[int, ...], int]] = {}
         self._parts: dict[SliceKey, bytes | np.ndarray] = {}
         self._got: dict[SliceKey, int] = {}
@@ -302,8 +302,8 @@ class Assembler:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{name} has {got + len(data)} bytes, more than its {dtype.name}{list(shape)} holds ({nbytes})",
             )
-        self._total += len(data)
-        if self._max_bytes is not None and self._total > self._max_bytes:
+        self.total += len(data)
+        if self._max_bytes is not None and self.total > self._max_bytes:
             raise WireError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"request carries more than the shard's limit of {self._max_bytes} bytes",

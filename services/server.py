@@ -12,8 +12,11 @@ moment a graceful shutdown starts.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import os
 import signal
+import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +31,7 @@ log = logging.getLogger("psfw.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 MAX_MESSAGE_BYTES = 4 << 20  # chunks are about 1 MiB: 4 MiB leaves room, bounds abuse
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -36,6 +40,17 @@ def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, 
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` names a loopback host (127.0.0.0/8, ::1, localhost)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ShardServer:
@@ -49,12 +64,14 @@ class ShardServer:
         nonfinite: str = "reject",
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        insecure: bool = False,
     ):
         if not 0 <= shard < shards:
             raise ValueError(f"shard index {shard} is outside 0..{shards - 1}")
         self.store = ShardStore(shard, shards, nonfinite=nonfinite)
         self.servicer = ParameterServerServicer(self.store, max_request_bytes)
         self.health = health.aio.HealthServicer()
+        self.insecure = insecure
         self._server = grpc.aio.server(options=grpc_options(max_message_bytes))
         add_servicer(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -63,48 +80,83 @@ class ShardServer:
             self._server,
         )
         self.address = ""
+        self.metrics_port: int | None = None
 
-    async def start(self, address: str = "127.0.0.1:0") -> int:
-        """Bind ``address`` (port 0 picks a free one), start serving; returns the port."""
-        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    async def _set_health(self, status: int) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def start(self, address: str = "127.0.0.1:0", *, ready: bool = True, metrics_port: int | None = None) -> int:
+        """Bind ``address`` (port 0 picks a free one) and start serving; returns the port.
+
+        Health stays NOT_SERVING until the shard is ready: at once with ``ready``,
+        else when ``mark_ready`` is called (after loading a checkpoint, say).
+        Raises PermissionError for a non-loopback address without ``insecure``.
+        """
+        if not is_loopback(address) and not self.insecure:
+            raise PermissionError(
+                f"refusing to listen on {address} without TLS or a token: "
+                "use a loopback address, or pass --insecure to accept anyone who can reach it"
+            )
+        await self._set_health(NOT_SERVING)
         port = self._server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot listen on {address}: the address is taken or invalid")
         await self._server.start()
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
-        await self.health.set("", SERVING)
-        await self.health.set(SERVICE_NAME, SERVING)
-        log.info("shard %d of %d serving on %s", self.store.shard, self.store.shards, self.address)
+        if metrics_port is not None:
+            metrics_host = host.strip("[]") if is_loopback(address) else "0.0.0.0"
+            self.metrics_port = self.servicer.metrics.serve(metrics_port, metrics_host)
+        if ready:
+            await self.mark_ready()
         return port
 
-    async def stop(self, grace: float | None = 1.0) -> None:
-        """NOT_SERVING at once, then let in-flight RPCs finish within ``grace`` seconds."""
+    async def mark_ready(self) -> None:
+        """Report SERVING: the shard holds what it should (fresh or restored)."""
+        await self._set_health(SERVING)
+        log.info("shard %d of %d serving on %s", self.store.shard, self.store.shards, self.address)
+
+    async def stop(self, grace: float | None = 1.0, drain: float = 0.0) -> None:
+        """NOT_SERVING at once; after ``drain`` seconds (for probes to notice) stop
+        taking RPCs and let in-flight ones finish within ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
+        if drain > 0:
+            await asyncio.sleep(drain)
         await self._server.stop(grace)
+        self.servicer.metrics.close()
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
 
 
-async def serve(shard: int, shards: int, address: str, grace: float = 5.0, **options) -> None:
-    """Run one shard until SIGTERM/SIGINT: the first signal starts a graceful stop,
-    a second one stops at once."""
+async def serve(
+    shard: int,
+    shards: int,
+    address: str,
+    *,
+    grace: float = 5.0,
+    drain: float = 0.0,
+    metrics_port: int | None = None,
+    **options,
+) -> None:
+    """Run one shard until SIGTERM/SIGINT: the first signal starts a graceful stop
+    (NOT_SERVING, then in-flight RPCs get ``grace`` seconds), a second one exits at once."""
     server = ShardServer(shard, shards, **options)
-    await server.start(address)
-    print(f"psfw shard {shard}/{shards} listening on {server.address}", flush=True)
+    await server.start(address, metrics_port=metrics_port)
+    extra = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
+    print(f"psfw shard {shard}/{shards} listening on {server.address}{extra}", flush=True)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
     def on_signal() -> None:
         if stopping.is_set():
-            log.warning("second signal: stopping now")
-            raise SystemExit(1)
+            print(f"psfw shard {shard}: second signal, exiting now", file=sys.stderr, flush=True)
+            os._exit(1)
         stopping.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     await stopping.wait()
-    log.info("stopping: finishing in-flight RPCs within %.1f s", grace)
-    await server.stop(grace)
+    print(f"psfw shard {shard}: stopping, in-flight RPCs get {grace:.1f} s", file=sys.stderr, flush=True)
+    await server.stop(grace, drain)

@@ -19,7 +19,8 @@ import grpc
 
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.services.store import ShardStore
+from psfw.services.metrics import ShardMetrics
+from psfw.services.store import ShardStore, UpdateResult
 from psfw.wire import Assembler, Frame, WireError, encode_chunks, frame_deserializer, frame_serializer
 
 log = logging.getLogger("psfw.server")
@@ -33,10 +34,29 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.store = store
         self.max_request_bytes = max_request_bytes
         self.rpc_counts: Counter[str] = Counter()
+        self.metrics = ShardMetrics(store)
+        self._shard = str(store.shard)
+
+    @contextlib.asynccontextmanager
+    async def _handled(self, context: grpc.aio.ServicerContext, method: str):
+        """Count and time the RPC; turn a WireError into its status; log a bug once
+        and answer INTERNAL."""
+        self.rpc_counts[method] += 1
+        started = time.perf_counter()
+        try:
+            yield
+        except WireError as err:
+            await context.abort(err.code, err.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("%s failed", method)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the server: see the server log")
+        finally:
+            self.metrics.latency.labels(self._shard, method).observe(time.perf_counter() - started)
 
     async def Put(self, request_iterator: AsyncIterator[Frame], context) -> pb.PutReply:
-        self.rpc_counts["Put"] += 1
-        async with _handled(context, "Put"):
+        async with self._handled(context, "Put"):
             assembler = Assembler(max_bytes=self.max_request_bytes)
             optimizer = None
             async for frame in request_iterator:
@@ -44,11 +64,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 if optimizer is None:
                     optimizer = header.optimizer
             stored = await self.store.put(assembler.finish(), optimizer or "")
+            self.metrics.bytes_in.labels(self._shard).inc(assembler.total)
         return pb.PutReply(slices=stored)
 
     async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[Frame]:
-        self.rpc_counts["Get"] += 1
-        async with _handled(context, "Get"):
+        async with self._handled(context, "Get"):
             keys = [(r.key, r.slice) for r in request.slices] or sorted(self.store.values)
             started = time.monotonic()
             if request.wait_for_put:
@@ -62,9 +82,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             yield Frame(pb.GetReply(step=step), chunks)
 
     async def Update(self, request_iterator: AsyncIterator[Frame], context) -> AsyncIterator[bytes]:
-        self.rpc_counts["Update"] += 1
         header = None
-        async with _handled(context, "Update"):
+        async with self._handled(context, "Update"):
             assembler = Assembler(self.store.expect, max_bytes=self.max_request_bytes)
             async for frame in request_iterator:
                 first = assembler.add_frame(frame)
@@ -72,31 +91,28 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     header = first
             if header is None:
                 raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "Update carries no message")
-            result = await self.store.update(
-                header.group,
-                header.step,
-                header.process,
-                header.workers,
-                header.rows,
-                header.workers_per_group,
-                assembler.finish(),
-                _wait(header.wait_s),
-            )
+            result = await self.store.update(header, assembler.finish(), _wait(header.wait_s))
+            self.metrics.bytes_in.labels(self._shard).inc(assembler.total)
         rnd = result.round
         if rnd is None:
-            replies = await asyncio.to_thread(_encode_reply, result.step, result.values)
+            replies = await asyncio.to_thread(_encode_reply, result)
         else:
             if rnd.reply is None:  # the first waiter encodes; every process gets the same bytes
-                rnd.reply = asyncio.create_task(asyncio.to_thread(_encode_reply, result.step, result.values))
+                rnd.reply = asyncio.create_task(asyncio.to_thread(_encode_reply, result))
             replies = await rnd.reply
+        self.metrics.bytes_out.labels(self._shard).inc(sum(len(r) for r in replies))
         for reply in replies:
             yield reply
 
     async def Describe(self, request: pb.DescribeRequest, context) -> pb.DescribeReply:
-        self.rpc_counts["Describe"] += 1
         store = self.store
         reply = pb.DescribeReply(
-            shard=store.shard, shards=store.shards, bytes=store.nbytes(), optimizer=store.optimizer_spec
+            shard=store.shard,
+            shards=store.shards,
+            bytes=store.nbytes(),
+            optimizer=store.optimizer_spec,
+            updates_applied=store.updates_applied,
+            uptime_s=time.monotonic() - store.started,
         )
         for (key, index), (dtype, shape) in sorted(store.specs.items()):
             reply.slices.add(
@@ -124,9 +140,10 @@ def _wait(wait_s: float) -> float:
     return min(wait_s, 3600.0) if wait_s > 0 else 60.0
 
 
-def _encode_reply(step: int, values: dict) -> list[bytes]:
-    chunks = encode_chunks((k, i, values[(k, i)]) for k, i in sorted(values))
-    return [UPDATE_REPLY(Frame(pb.UpdateReply(step=step), c)) for c in chunks]
+def _encode_reply(result: UpdateResult) -> list[bytes]:
+    values = result.values
+    head = pb.UpdateReply(step=result.step, slowest_step=result.slowest_step)
+    return [UPDATE_REPLY(Frame(head, c)) for c in encode_chunks((k, i, values[(k, i)]) for k, i in sorted(values))]
 
 
 def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:
@@ -156,17 +173,3 @@ def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> 
     }
     service = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-
-
-@contextlib.asynccontextmanager
-async def _handled(context: grpc.aio.ServicerContext, method: str):
-    """Turn a WireError into its status; log a bug once and answer INTERNAL."""
-    try:
-        yield
-    except WireError as err:
-        await context.abort(err.code, err.message)
-    except (asyncio.CancelledError, grpc.aio.AbortError):
-        raise
-    except Exception:
-        log.exception("%s failed", method)
-        await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the server: see the server log")

@@ -9,6 +9,7 @@ optimizer update itself runs in a thread under a lock (JAX releases the GIL).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import optax
 
 from psfw.compute.optimizers import build_optimizer
 from psfw.layout import SliceKey
+from psfw.proto import ps_pb2 as pb
 from psfw.wire import WireError, slice_name
 
 NONFINITE_POLICIES = ("reject", "skip")
@@ -53,11 +55,12 @@ class GroupState:
     updated_at: float = 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class UpdateResult:
     step: int  # the group's completed steps after the update
     values: dict[SliceKey, jax.Array]  # a snapshot right after the update
     round: Round | None  # the round that produced it (None: an acknowledged old step)
+    slowest_step: int = 0  # the slowest group's completed steps when the answer left
 
 
 def _abort(code: grpc.StatusCode, message: str) -> WireError:
@@ -77,6 +80,8 @@ class ShardStore:
         self.groups: dict[int, GroupState] = {}
         self.optimizer_spec = ""
         self.skipped_nonfinite = 0
+        self.updates_applied = 0
+        self.started = time.monotonic()
         self._opt: optax.GradientTransformation | None = None
         self._opt_state: dict[SliceKey, Any] = {}
         self._update_fn = None
@@ -209,37 +214,31 @@ class ShardStore:
 
     # -- update --------------------------------------------------------------
 
-    async def update(
-        self,
-        group: int,
-        step: int,
-        process: int,
-        workers: int,
-        rows: int,
-        workers_per_group: int,
-        sums: dict[SliceKey, np.ndarray],
-        wait_s: float,
-    ) -> UpdateResult:
-        """Add one process's row-weighted gradient sum to its group's step; once the
-        whole group has reported, apply the averaged gradient. Waits for the group
-        (at most ``wait_s``) and returns the fresh values.
+    async def update(self, head: pb.UpdateRequest, sums: dict[SliceKey, np.ndarray], wait_s: float) -> UpdateResult:
+        """Add one process's row-weighted gradient sum (``head`` names group, step,
+        process, workers, rows) to its group's step; once the whole group has
+        reported, apply the averaged gradient. Waits for the group (at most
+        ``wait_s``), then, under a staleness bound, for the slowest group, and
+        returns the fresh values.
 
         A contribution that was already added (a retried RPC) is acknowledged and not
         added again; a step that is already complete answers with current values.
         """
         if self.nonfinite == "reject":
-            await asyncio.to_thread(self._check_finite, group, step, sums)
+            await asyncio.to_thread(self._check_finite, head.group, head.step, sums)
+        group, step, process = head.group, head.step, head.process
         state = self.groups.get(group) or GroupState()
         if step < state.step:
-            return UpdateResult(state.step, dict(self.values), None)
-        rnd = self._validate_update(state, group, step, process, workers, rows, workers_per_group, sums)
+            return UpdateResult(state.step, dict(self.values), None, self.slowest_step(head.worker_groups))
+        rnd = self._validate_update(state, head, sums)
         if rnd is None:
-            rnd = state.round = Round(step, workers_per_group)
+            rnd = state.round = Round(step, head.workers_per_group)
         self.groups[group] = state
         if process not in rnd.contributions:
-            self._add(rnd, process, workers, rows, sums)
+            self._add(rnd, process, head.workers, head.rows, sums)
             if rnd.workers == rnd.workers_per_group:
                 await self._apply(group, state, rnd)
+        deadline = time.monotonic() + wait_s
         try:
             await asyncio.wait_for(asyncio.shield(rnd.done), wait_s)
         except TimeoutError:
@@ -249,10 +248,37 @@ class ShardStore:
                 f"{rnd.workers} of {rnd.workers_per_group} workers reported "
                 f"(processes {sorted(rnd.contributions)}); the group's other processes are missing",
             ) from None
-        return rnd.done.result()
+        result = rnd.done.result()
+        if head.staleness >= 0 and head.worker_groups > 1:
+            await self._hold_for_slowest(group, result.step, head, max(0.0, deadline - time.monotonic()))
+        return dataclasses.replace(result, slowest_step=self.slowest_step(head.worker_groups))
 
-    def _validate_update(self, state, group, step, process, workers, rows, wpg, sums) -> Round | None:
-        where = f"group {group} step {step}"
+    def slowest_step(self, worker_groups: int) -> int:
+        """The completed steps of the slowest of groups 0..worker_groups-1."""
+        return min((self.group_step(g) for g in range(max(worker_groups, 1))), default=0)
+
+    async def _hold_for_slowest(self, group: int, step: int, head: pb.UpdateRequest, wait_s: float) -> None:
+        """Bounded staleness (SSP): a group may start ``step`` only while it is at most
+        ``staleness`` steps ahead of the slowest group."""
+        groups, bound = head.worker_groups, head.staleness
+        if step - self.slowest_step(groups) <= bound:
+            return
+        try:
+            async with self._progress:
+                await asyncio.wait_for(
+                    self._progress.wait_for(lambda: step - self.slowest_step(groups) <= bound), wait_s
+                )
+        except TimeoutError:
+            behind = sorted(g for g in range(groups) if step - self.group_step(g) > bound)
+            raise _abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"shard {self.shard}: group {group} may not start step {step} with staleness {bound}: "
+                f"groups {behind} are further behind and did not advance for {wait_s:.1f} s",
+            ) from None
+
+    def _validate_update(self, state: GroupState, head: pb.UpdateRequest, sums) -> Round | None:
+        step, process, workers, rows, wpg = head.step, head.process, head.workers, head.rows, head.workers_per_group
+        where = f"group {head.group} step {step}"
         if step > state.step:
             raise _abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -265,6 +291,12 @@ class ShardStore:
             )
         if rows < workers:
             raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {rows} rows cannot come from {workers} workers")
+        if head.worker_groups and head.group >= head.worker_groups:
+            raise _abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{where}: group {head.group} of {head.worker_groups} groups"
+            )
+        if head.staleness < -1:
+            raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: staleness {head.staleness} (use -1 for none)")
         missing = sorted(set(self.values) - set(sums))
         if missing:
             names = ", ".join(slice_name(k) for k in missing[:5])
@@ -324,6 +356,7 @@ class ShardStore:
             rnd.sums = {}
             state.step = rnd.step + 1
             state.round = None
+            self.updates_applied += 1
             state.updated_at = time.monotonic()
             rnd.done.set_result(UpdateResult(state.step, dict(self.values), rnd))
         async with self._progress:

@@ -146,7 +146,7 @@ async def test_oversize_message_is_resource_exhausted(running):
 async def test_a_valid_update_still_works_after_refusals(running):
     server, client, update, _ = running
     await call(update, BAD_UPDATES["nan gradient"][0])
-    step, values = await client.update(
+    step, values, _ = await client.update(
         group=0,
         step=0,
         process=0,

@@ -1,0 +1,74 @@
+"""Prometheus metrics of one shard, served over HTTP when a port is given.
+
+Counters and the RPC latency histogram are updated by the servicer; versions, group
+steps and pending contributions are read from the store at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from psfw.services.store import ShardStore
+
+
+class _StoreCollector(Collector):
+    def __init__(self, store: ShardStore):
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        store = self.store
+        shard = str(store.shard)
+        held = GaugeMetricFamily("psfw_shard_bytes", "bytes of parameter values the shard holds", labels=["shard"])
+        held.add_metric([shard], store.nbytes())
+        slices = GaugeMetricFamily("psfw_shard_slices", "parameter slices the shard holds", labels=["shard"])
+        slices.add_metric([shard], len(store.specs))
+        version = GaugeMetricFamily(
+            "psfw_slice_version_max", "highest slice version (updates applied)", labels=["shard"]
+        )
+        version.add_metric([shard], max(store.versions.values(), default=0))
+        step = GaugeMetricFamily("psfw_group_step", "completed steps of each group", labels=["shard", "group"])
+        pending = GaugeMetricFamily(
+            "psfw_pending_workers", "workers reported for each group's step in progress", labels=["shard", "group"]
+        )
+        for group, state in sorted(store.groups.items()):
+            step.add_metric([shard, str(group)], state.step)
+            pending.add_metric([shard, str(group)], state.round.workers if state.round else 0)
+        applied = CounterMetricFamily("psfw_updates_applied", "group steps applied", labels=["shard"])
+        applied.add_metric([shard], store.updates_applied)
+        yield from (held, slices, version, step, pending, applied)
+
+
+class ShardMetrics:
+    """The metrics of one shard in a registry of its own (several shards may share
+    a process, as in the embedded default)."""
+
+    def __init__(self, store: ShardStore):
+        self.registry = CollectorRegistry()
+        labels = ["shard"]
+        self.shard = str(store.shard)
+        self.bytes_in = Counter("psfw_bytes_received", "tensor bytes received", labels, registry=self.registry)
+        self.bytes_out = Counter("psfw_bytes_sent", "tensor bytes sent", labels, registry=self.registry)
+        self.latency = Histogram(
+            "psfw_rpc_seconds",
+            "RPC latency by method",
+            ["shard", "method"],
+            registry=self.registry,
+            buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100),
+        )
+        self.registry.register(_StoreCollector(store))
+        self._http = None
+
+    def serve(self, port: int, address: str = "127.0.0.1") -> int:
+        """Export on http://address:port/metrics (port 0 picks one); returns the port."""
+        self._http, _ = start_http_server(port, address, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
