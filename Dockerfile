@@ -16,7 +16,7 @@ FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 psfw
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-USER psfw
+USER 10001:10001
 WORKDIR /home/psfw
 EXPOSE 50051
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \

@@ -72,7 +72,7 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None) -> flo
     job = build_job(config)
     stamps: list[float] = []
     reporter = StepReporter(
-        config.cluster.processes_per_group, job.steps, 1, [lambda r: stamps.append(time.perf_counter())]
+        {0: config.cluster.processes_per_group}, job.steps, 1, [lambda r: stamps.append(time.perf_counter())]
     )
     servers = []
     if addresses is None:

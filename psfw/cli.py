@@ -1,4 +1,4 @@
-"""The ``psfw`` command: train, server, health, bench."""
+"""The ``psfw`` command: train, server, worker, launch, status, health, bench."""
 
 from __future__ import annotations
 
@@ -47,6 +47,43 @@ def _server(args: argparse.Namespace) -> int:
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"PSFW_{name}", default)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from psfw.config import load_config
+    from psfw.launcher import train
+
+    config = load_config(args.config)
+    servers = [a.strip() for a in args.servers.split(",") if a.strip()]
+    result = train(config, args.run_dir, progress=False, servers=servers, processes=[args.process])
+    if result.run_dir is not None:
+        acc = result.test_accuracy
+        print(f"test loss {result.test_loss:.4f}" + (f", test accuracy {acc:.4f}" if acc is not None else ""))
+        print(f"outputs in {result.run_dir}")
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from psfw.config import load_config
+    from psfw.launch import launch
+    from psfw.outputs import new_run_dir
+
+    config = load_config(args.config)
+    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir()
+    return asyncio.run(launch(Path(args.config), config, run_dir))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from psfw.cluster import Cluster, format_status
+
+    async def show() -> None:
+        async with Cluster([a.strip() for a in args.servers.split(",") if a.strip()]) as cluster:
+            print(format_status(await cluster.status(args.interval)))
+
+    asyncio.run(show())
+    return 0
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -115,6 +152,25 @@ def parser() -> argparse.ArgumentParser:
         help="allow a non-loopback address without TLS or a token",
     )
     s.set_defaults(run=_server)
+
+    w = sub.add_parser("worker", help="run one worker process of a cluster against running shards")
+    w.add_argument("config", help="the job's TOML config (the same for every process)")
+    w.add_argument("--process", type=int, default=int(_env("PROCESS", "0")), help="this process's index")
+    w.add_argument(
+        "--servers", default=_env("SERVERS", ""), help="shard addresses host:port, comma-separated, in shard order"
+    )
+    w.add_argument("--run-dir", default=_env("RUN_DIR"), help="outputs folder (process 0 evaluates and writes)")
+    w.set_defaults(run=_worker)
+
+    la = sub.add_parser("launch", help="run the shards and worker processes of a config as OS processes here")
+    la.add_argument("config", help="TOML config")
+    la.add_argument("--run-dir", help="folder for the outputs (default: a new folder under runs/)")
+    la.set_defaults(run=_launch)
+
+    st = sub.add_parser("status", help="a running cluster's shards: keys, bytes, versions, groups, update rate")
+    st.add_argument("servers", help="shard addresses host:port, comma-separated")
+    st.add_argument("--interval", type=float, default=1.0, help="seconds over which to measure the update rate")
+    st.set_defaults(run=_status)
 
     h = sub.add_parser("health", help="probe a shard's gRPC health service (exit 0 when SERVING)")
     h.add_argument("address", help="host:port of the shard")

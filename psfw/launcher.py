@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -128,34 +129,45 @@ async def train_async(
     progress: bool = True,
     outputs: bool = True,
     servers: list[str] | None = None,
+    processes: list[int] | None = None,
 ) -> TrainResult:
-    """Train ``config`` end to end; see the module docstring."""
+    """Train ``config``; see the module docstring.
+
+    ``servers``: addresses of running shards (default: start them here, on
+    127.0.0.1). ``processes``: run only these worker processes here (``psfw worker``;
+    default: all). Evaluation and the run folder are the job of the OS process that
+    runs process 0; elsewhere the result holds no parameters.
+    """
     job = build_job(config)
-    t = config.train
+    t, c = config.train, config.cluster
+    processes = list(range(c.worker_groups * c.processes_per_group)) if processes is None else processes
+    chief = 0 in processes
     folder = None
-    if outputs:
+    if outputs and chief:
         folder = Path(run_dir) if run_dir else new_run_dir()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(config.model_dump_json(indent=1))
     async with AsyncExitStack() as stack:
         addresses = list(servers or [])
         if not addresses:
-            for shard in range(config.cluster.servers):
-                server = ShardServer(shard, config.cluster.servers)
+            for shard in range(c.servers):
+                server = ShardServer(shard, c.servers)
                 await server.start("127.0.0.1:0")
                 stack.push_async_callback(server.stop, 0)
                 addresses.append(server.address)
         sinks: list = []
-        metrics = None
         if folder is not None:
-            metrics = MetricsLog(folder / "metrics.jsonl")
-            stack.callback(metrics.close)
+            metrics = stack.enter_context(MetricsLog(folder / "metrics.jsonl"))
             sinks.append(metrics.write)
         if progress:
             sinks.append(stack.enter_context(ProgressBar(job.steps)))
-        reporter = StepReporter(config.cluster.processes_per_group, job.steps, t.log_every, sinks)
-        stubs = await run_job(job, addresses, reporter=reporter)
-
+        else:
+            sinks.append(log_line)
+        local = Counter(p // c.processes_per_group for p in processes)
+        reporter = StepReporter(dict(local), job.steps, t.log_every, sinks)
+        stubs = await run_job(job, addresses, processes=processes, reporter=reporter)
+        if not chief:
+            return TrainResult({}, job.steps, float("nan"), {}, reporter.records, None, [dict(s.rpcs) for s in stubs])
         clients = [ShardClient(a, i, timeout_s=t.wait_s) for i, a in enumerate(addresses)]
         for client in clients:
             stack.push_async_callback(client.close)
@@ -182,6 +194,18 @@ async def train_async(
         await asyncio.to_thread(write_net, folder, job.model.layers, job.layout)
         await asyncio.to_thread(write_curves, folder / "curves.png", reporter.records)
     return result
+
+
+def log_line(record: dict[str, Any]) -> None:
+    """A plain progress line, for logs (``psfw worker``, ``psfw launch``)."""
+    acc = f" acc {record['accuracy']:.3f}" if "accuracy" in record else ""
+    lead = f" lead {record['lead']}" if "lead" in record else ""
+    print(
+        f"group {record['group']} step {record['step']} loss {record['loss']:.4f}{acc}{lead} "
+        f"{record['samples_per_s']:,.0f} samples/s (compute {record['compute_s'] * 1e3:.1f} / "
+        f"comm {record['comm_s'] * 1e3:.1f} / wait {record['wait_s'] * 1e3:.1f} ms)",
+        flush=True,
+    )
 
 
 def _append_json(path: Path, record: dict[str, Any]) -> None:

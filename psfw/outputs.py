@@ -42,6 +42,12 @@ class MetricsLog:
     def close(self) -> None:
         self._file.close()
 
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temporary file, fsync, rename: a reader sees all or nothing."""

@@ -15,15 +15,16 @@ MINED = ("slowest_step",)
 
 
 class StepReporter:
-    """Combines the reports of a group's processes into one record per step and
-    emits every ``log_every``-th step (and the last) to ``sinks``.
+    """Combines the reports of a group's processes (``processes``: group -> how many
+    report here) into one record per step and emits every ``log_every``-th step
+    (and the last) to ``sinks``.
 
     A record holds ``step``, ``loss``, ``accuracy`` (if the model reports it),
     ``samples_per_s`` over the logged window and the time split of the step.
     """
 
-    def __init__(self, processes_per_group: int, steps: int, log_every: int, sinks: list[Callable[[dict], None]]):
-        self.processes, self.steps, self.log_every, self.sinks = processes_per_group, steps, log_every, sinks
+    def __init__(self, processes: dict[int, int], steps: int, log_every: int, sinks: list[Callable[[dict], None]]):
+        self.processes, self.steps, self.log_every, self.sinks = processes, steps, log_every, sinks
         self.records: list[dict[str, Any]] = []
         self._pending: dict[tuple[int, int], list[dict[str, Any]]] = {}
         self._window: dict[int, tuple[float, int]] = {}  # group -> (window start, rows)
@@ -32,7 +33,7 @@ class StepReporter:
         key = (report["group"], report["step"])
         parts = self._pending.setdefault(key, [])
         parts.append(report)
-        if len(parts) < self.processes:
+        if len(parts) < self.processes.get(key[0], 1):
             return
         del self._pending[key]
         group, step = key

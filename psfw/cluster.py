@@ -1,0 +1,106 @@
+"""A client script's view of a running cluster: describe the shards, read
+parameters by name, follow the progress.
+
+    async with Cluster(["127.0.0.1:50051", "127.0.0.1:50052"], config) as cluster:
+        print(await cluster.status())
+        w = await cluster.read("dense0/w")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from psfw.client import ShardClient
+from psfw.config import Config
+from psfw.errors import PsfwError
+from psfw.job import build_job
+from psfw.proto import ps_pb2 as pb
+from psfw.stub import fetch_params
+
+
+class Cluster:
+    """Channels to every shard of a cluster. ``config`` (the job's) is needed only
+    to read parameters, whose layout it defines."""
+
+    def __init__(self, addresses: list[str], config: Config | None = None, timeout_s: float = 10.0):
+        if not addresses:
+            raise PsfwError("no shard addresses given: pass host:port of every shard, comma-separated")
+        self.addresses = list(addresses)
+        self.config = config
+        self.clients = [ShardClient(a, i, timeout_s=timeout_s, retries=2) for i, a in enumerate(addresses)]
+        self._job = None
+
+    async def __aenter__(self) -> Cluster:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients))
+
+    async def describe(self) -> list[pb.DescribeReply]:
+        return list(await asyncio.gather(*(c.describe() for c in self.clients)))
+
+    async def read(self, name: str, group: int = 0) -> np.ndarray:
+        """The current value of parameter ``name`` as the shards hold it."""
+        if self.config is None:
+            raise PsfwError("reading a parameter needs the job's config (its layout says where the slices are)")
+        if self._job is None:
+            self._job = build_job(self.config)
+        layout = self._job.layout
+        if name not in layout.params:
+            raise PsfwError(f"no parameter {name!r}; the job has {', '.join(layout.params)}")
+        step = min(_group_steps(await self.describe()).get(group, 0), self._job.steps)
+        values = await fetch_params(self.clients, layout, group, step, [name], wait_s=self.clients[0].timeout_s)
+        return values[name]
+
+    async def status(self, interval_s: float = 1.0) -> list[dict[str, Any]]:
+        """Per shard: slices, keys, bytes, versions, groups' steps and the update rate
+        measured over ``interval_s``."""
+        first, started = await self.describe(), time.monotonic()
+        if interval_s > 0:
+            await asyncio.sleep(interval_s)
+        second, elapsed = await self.describe(), time.monotonic() - started
+        rows = []
+        for address, a, b in zip(self.addresses, first, second, strict=True):
+            versions = [s.version for s in b.slices]
+            rows.append(
+                {
+                    "shard": b.shard,
+                    "address": address,
+                    "keys": len({s.key for s in b.slices}),
+                    "slices": len(b.slices),
+                    "bytes": b.bytes,
+                    "versions": (min(versions, default=0), max(versions, default=0)),
+                    "groups": {g.group: g.step for g in b.groups},
+                    "pending": {g.group: list(g.pending_processes) for g in b.groups if g.pending_workers},
+                    "updates_per_s": (b.updates_applied - a.updates_applied) / elapsed if elapsed > 0 else 0.0,
+                    "updates_applied": b.updates_applied,
+                }
+            )
+        return rows
+
+
+def _group_steps(replies: list[pb.DescribeReply]) -> dict[int, int]:
+    steps: dict[int, int] = {}
+    for reply in replies:
+        for g in reply.groups:
+            steps[g.group] = min(steps.get(g.group, g.step), g.step)
+    return steps
+
+
+def format_status(rows: list[dict[str, Any]]) -> str:
+    """A plain table of ``Cluster.status``."""
+    lines = [f"{'shard':>5}  {'address':<22} {'keys':>5} {'slices':>6} {'MB':>9} {'versions':>11}  updates/s  groups"]
+    for r in rows:
+        groups = " ".join(f"g{g}@{s}" for g, s in sorted(r["groups"].items())) or "-"
+        lines.append(
+            f"{r['shard']:>5}  {r['address']:<22} {r['keys']:>5} {r['slices']:>6} {r['bytes'] / 1e6:>9.2f} "
+            f"{r['versions'][0]:>5}-{r['versions'][1]:<5}  {r['updates_per_s']:>9.1f}  {groups}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""``psfw launch``: a whole cluster on this machine as separate OS processes.
+
+Starts one ``psfw server`` per shard on 127.0.0.1 (free ports), then one
+``psfw worker`` per worker process, streams every process's output with a prefix,
+and stops all of them when one fails (naming it) or when interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from psfw.config import Config
+from psfw.errors import PsfwError
+
+START_TIMEOUT_S = 120.0
+STOP_GRACE_S = 10.0
+
+
+@dataclass(eq=False)
+class Child:
+    name: str
+    proc: asyncio.subprocess.Process
+    pump: asyncio.Task | None = None
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+async def _spawn(name: str, args: list[str]) -> Child:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "psfw.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    return Child(name, proc)
+
+
+async def _pump(child: Child) -> None:
+    assert child.proc.stdout is not None
+    async for raw in child.proc.stdout:
+        print(f"[{child.name}] {raw.decode(errors='replace').rstrip()}", flush=True)
+
+
+async def _start_shard(index: int, shards: int, config_grace: float) -> tuple[Child, str]:
+    child = await _spawn(
+        f"shard {index}",
+        ["server", "--shard", str(index), "--of", str(shards), "--listen", "127.0.0.1:0", "--grace", str(config_grace)],
+    )
+    assert child.proc.stdout is not None
+    try:
+        while True:
+            line = await asyncio.wait_for(child.proc.stdout.readline(), START_TIMEOUT_S)
+            if not line:
+                raise PsfwError(f"shard {index} {_describe_exit(await child.proc.wait())} before it listened")
+            text = line.decode(errors="replace").rstrip()
+            print(f"[{child.name}] {text}", flush=True)
+            match = re.search(r"listening on (\S+)", text)
+            if match:
+                return child, match.group(1).rstrip(",")
+    except TimeoutError:
+        child.proc.kill()
+        raise PsfwError(f"shard {index} did not start listening within {START_TIMEOUT_S:.0f} s") from None
+
+
+async def _stop(children: list[Child]) -> None:
+    for child in children:
+        if child.proc.returncode is None:
+            child.proc.terminate()
+    for child in children:
+        try:
+            await asyncio.wait_for(child.proc.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            child.proc.kill()
+            await child.proc.wait()
+    for child in children:
+        if child.pump is not None:
+            await asyncio.gather(child.pump, return_exceptions=True)
+
+
+async def launch(config_path: Path, config: Config, run_dir: Path | None) -> int:
+    """Run the cluster of ``config``; returns the exit code for ``psfw launch``."""
+    c = config.cluster
+    children: list[Child] = []
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted.set)
+    try:
+        addresses = []
+        for index in range(c.servers):
+            child, address = await _start_shard(index, c.servers, 1.0)
+            children.append(child)
+            addresses.append(address)
+        shards = list(children)
+        workers = []
+        for process in range(c.worker_groups * c.processes_per_group):
+            args = ["worker", str(config_path), "--process", str(process), "--servers", ",".join(addresses)]
+            if process == 0 and run_dir is not None:
+                args += ["--run-dir", str(run_dir)]
+            workers.append(await _spawn(f"worker {process}", args))
+        children.extend(workers)
+        for child in children:
+            child.pump = asyncio.create_task(_pump(child))
+        waits = {asyncio.create_task(child.proc.wait()): child for child in children}
+        stop = asyncio.create_task(interrupted.wait())
+        running_workers = set(workers)
+        while running_workers:
+            done, _ = await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
+            if stop in done:
+                print("psfw launch: interrupted, stopping every process", file=sys.stderr, flush=True)
+                return 130
+            for task in done:
+                child = waits.pop(task)
+                code = task.result()
+                if code != 0 or child in shards:
+                    print(
+                        f"psfw launch: {child.name} {_describe_exit(code)}; stopping the others",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    return 1
+                running_workers.discard(child)
+        stop.cancel()
+        print("psfw launch: every worker process finished", flush=True)
+        return 0
+    finally:
+        await _stop(children)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,100 @@
+"""What can be checked of the container deployments without a Docker engine or a
+cluster: the manifests validate against the Kubernetes schemas, the Dockerfile
+passes hadolint, and every command the images run parses with psfw's CLI."""
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from psfw.cli import parser
+from psfw.config import load_config, parse_config
+
+from helpers import REPO
+
+DEPLOY = REPO / "examples" / "deploy"
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path=str(BIN))
+    assert found, f"{name} is not installed: pip install -e '.[test]'"
+    return found
+
+
+def test_kubernetes_manifests_validate_strictly():
+    files = sorted(str(p) for p in (DEPLOY / "kubernetes").glob("*.yaml"))
+    done = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "--quiet", *files], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfile_passes_hadolint():
+    done = subprocess.run([tool("hadolint"), str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def parse_with_env(argv: list[str], env: dict[str, str], monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return parser().parse_args(argv)
+
+
+def test_dockerfile_entrypoint_and_healthcheck_are_psfw_commands():
+    text = (REPO / "Dockerfile").read_text()
+    entry = re.search(r"^ENTRYPOINT (\[.*\])", text, re.M).group(1)
+    cmd = re.search(r"^CMD (\[.*\])", text, re.M).group(1)
+    health = re.search(r'CMD \["psfw", "health", "([^"]+)"\]', text).group(1)
+    argv = [*yaml.safe_load(entry), *yaml.safe_load(cmd)]
+    assert argv[0] == "psfw"
+    args = parser().parse_args(argv[1:])
+    assert (args.command, args.shard, args.of) == ("server", 0, 1)
+    assert parser().parse_args(["health", health]).address == "127.0.0.1:50051"
+
+
+def test_compose_services_run_commands_the_cli_accepts(monkeypatch):
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"shard-0", "shard-1", "worker-0", "worker-1"} <= set(services)
+    for name in ("shard-0", "shard-1"):
+        args = parse_with_env(["server"], services[name]["environment"], monkeypatch)
+        assert args.of == 2 and args.shard == int(name[-1]) and args.insecure
+    for name in ("worker-0", "worker-1"):
+        service = services[name]
+        argv = [*service["entrypoint"]]
+        assert argv[:2] == ["psfw", "worker"]
+        args = parse_with_env(argv[1:], service["environment"], monkeypatch)
+        assert args.process == int(name[-1])
+        assert args.servers == "shard-0:50051,shard-1:50051"
+        assert any(v.startswith("./cluster.toml:") for v in service["volumes"])
+
+
+def test_kubernetes_commands_and_config_match_the_cli_and_the_job():
+    docs = [d for p in sorted((DEPLOY / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())]
+    by_kind = {d["kind"]: d for d in docs}
+    shard = by_kind["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in shard["env"]}
+    assert env["PSFW_SHARDS"] == str(by_kind["StatefulSet"]["spec"]["replicas"])
+    assert shard["readinessProbe"]["grpc"]["service"] == "psfw.v1.ParameterServer"
+    job = by_kind["Job"]["spec"]
+    worker = job["template"]["spec"]["containers"][0]
+    args = parser().parse_args([*worker["command"][1:]])
+    assert args.command == "worker"
+    config = parse_config(tomllib.loads(by_kind["ConfigMap"]["data"]["cluster.toml"]), "configmap")
+    assert config == load_config(DEPLOY / "cluster.toml").model_copy(update={"base_dir": "."})
+    assert job["completions"] == config.cluster.worker_groups * config.cluster.processes_per_group
+    servers = next(e["value"] for e in worker["env"] if e["name"] == "PSFW_SERVERS").split(",")
+    assert len(servers) == config.cluster.servers
+
+
+@pytest.mark.parametrize("line", ["psfw server --help", "psfw worker --help", "psfw health --help"])
+def test_container_commands_have_help(line):
+    done = subprocess.run([sys.executable, "-m", "psfw.cli", *shlex.split(line)[1:]], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage:" in done.stdout
