@@ -168,6 +168,9 @@ class Stub:
                 report[key] = sum(float(c.metrics[key]) * c.rows for c in batch) / rows
         compute_s = max(c.metrics["compute_s"] for c in batch)
         report.update(compute_s=compute_s, comm_s=comm_s, wait_s=max(0.0, wall_s - compute_s - comm_s), wall_s=wall_s)
+        if self.worker_groups > 1:
+            # how far this group runs ahead of the slowest group (SSP bounds it by staleness)
+            report.update(slowest_step=self.slowest_step, lead=step + 1 - self.slowest_step)
         self.on_metrics(report)
 
 

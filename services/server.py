@@ -144,8 +144,6 @@ async def serve(
     (NOT_SERVING, then in-flight RPCs get ``grace`` seconds), a second one exits at once."""
     server = ShardServer(shard, shards, **options)
     await server.start(address, metrics_port=metrics_port)
-    extra = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
-    print(f"psfw shard {shard}/{shards} listening on {server.address}{extra}", flush=True)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
@@ -157,6 +155,8 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    extra = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
+    print(f"psfw shard {shard}/{shards} listening on {server.address}{extra}", flush=True)
     await stopping.wait()
     print(f"psfw shard {shard}: stopping, in-flight RPCs get {grace:.1f} s", file=sys.stderr, flush=True)
     await server.stop(grace, drain)

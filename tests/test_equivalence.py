@@ -3,37 +3,15 @@ single-process JAX + optax on the full batch, up to float rounding."""
 
 import jax
 import numpy as np
-import optax
 import pytest
 
-from psfw.compute.optimizers import build_optimizer
 from psfw.config import parse_config
 from psfw.job import build_job
 from psfw.launcher import train_async
-from psfw.params import flatten_params
+
+from helpers import reference
 
 STEPS = 6
-
-
-def reference(config, steps: int) -> dict[str, np.ndarray]:
-    """Plain training on the whole batch, one jitted step, the same data order."""
-    job = build_job(config)
-    opt = build_optimizer(config.optimizer.model_dump())
-    params = job.model.init(jax.random.PRNGKey(config.seed))
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, x, y):
-        grads = jax.grad(lambda p: job.model.loss(p, x, y)[0])(params)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    order = job.order(0)
-    for s in range(steps):
-        rows = order.indices(s)
-        params, state = step(params, state, job.data.x_train[rows], job.data.y_train[rows])
-    flat, _ = flatten_params(params)
-    return {n: np.asarray(v) for n, v in flat.items()}
 
 
 def make_config(optimizer: dict, workers: int, per_process: int, batch: int, servers: int = 2, slice_bytes=1 << 20):
