@@ -7,7 +7,8 @@ The public API is small:
   process; ``train_async`` is the same inside a running event loop;
 - ``Model``, ``mlp``, ``cnn``: models as pure ``init``/``loss`` functions;
 - ``ShardServer`` / ``serve``: one parameter-server shard over gRPC;
-- ``ShardClient``: the put/get/update verbs against a running shard.
+- ``ShardClient``: the put/get/update verbs against a running shard;
+- ``Cluster``: a client script's view of running shards (status, read a parameter).
 
 Names load lazily, so ``import psfw`` stays cheap for the command line.
 """
@@ -31,6 +32,7 @@ _EXPORTS = {
     "ShardServer": "psfw.services.server",
     "serve": "psfw.services.server",
     "ShardClient": "psfw.client",
+    "Cluster": "psfw.cluster",
     "PsfwError": "psfw.errors",
     "ConfigError": "psfw.errors",
     "ShardError": "psfw.errors",

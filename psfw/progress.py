@@ -67,14 +67,11 @@ class ProgressBar:
     def __init__(self, steps: int, console: Console | None = None):
         self._progress = Progress(
             TextColumn("[bold]psfw[/]"),
-            BarColumn(),
-            TextColumn("step {task.completed}/{task.total}{task.fields[spread]}"),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("acc {task.fields[accuracy]:.3f}"),
-            TextColumn("{task.fields[rate]:,.0f} samples/s"),
+            BarColumn(bar_width=16),
             TextColumn(
-                "[dim]compute {task.fields[compute]:.1f} / comm {task.fields[comm]:.1f} / "
-                "wait {task.fields[wait]:.1f} ms[/]"
+                "step {task.completed}/{task.total}{task.fields[spread]}  loss {task.fields[loss]:.4f}  "
+                "acc {task.fields[accuracy]:.3f}  {task.fields[rate]:,.0f}/s  [dim]compute {task.fields[compute]:.1f}"
+                " / comm {task.fields[comm]:.1f} / wait {task.fields[wait]:.1f} ms[/]"
             ),
             TimeRemainingColumn(),
             console=console,

@@ -16,12 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from psfw.cluster import Cluster, format_status
 from psfw.compute.batching import BatchOrder
-from psfw.config import parse_config
+from psfw.config import load_config, parse_config
 from psfw.launcher import train_async
 from psfw.outputs import read_params
 from psfw.services.server import SERVICE_NAME, ShardServer
 
-from helpers import assert_params_close, reference
+from helpers import EXAMPLES, assert_params_close, reference
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 
@@ -63,8 +63,6 @@ def test_one_group_over_two_processes_equals_single_process_training(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[worker 1]" in done.stdout and "[shard 1]" in done.stdout
-    from psfw.config import load_config
-
     expected = reference(load_config(config_path), 6)
     assert_params_close(read_params(tmp_path / "run" / "params.safetensors"), expected)
 
@@ -170,10 +168,13 @@ async def test_health_is_not_serving_until_ready_and_from_the_start_of_shutdown(
 
 
 @pytest.mark.asyncio
-async def test_status_metrics_and_reading_a_parameter_from_a_client_script():
-    config = groups_config(None, steps=20).model_copy(
-        update={"cluster": groups_config(None).cluster.model_copy(update={"worker_groups": 1})}
+async def test_status_metrics_and_reading_a_parameter_from_a_client_script(tmp_path):
+    config_file = tmp_path / "job.toml"
+    config_file.write_text(
+        "seed = 1\n[model]\nhidden = [64]\n[train]\nbatch_size = 32\nsteps = 20\n"
+        "[cluster]\nworkers_per_group = 2\nworkers_per_process = 1\nservers = 2\n"
     )
+    config = load_config(config_file)
     servers = [ShardServer(i, 2) for i in range(2)]
     for server in servers:
         await server.start("127.0.0.1:0", metrics_port=0)
@@ -192,6 +193,18 @@ async def test_status_metrics_and_reading_a_parameter_from_a_client_script():
         )
         out, _ = await cli.communicate()
         assert cli.returncode == 0 and out.decode().count("g0@20") == 2
+        example = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(EXAMPLES / "watch_cluster.py"),
+            str(config_file),
+            ",".join(addresses),
+            "dense0/w",
+            "--every",
+            "0.2",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(example.communicate(), 120)
+        assert example.returncode == 0 and "dense0/w: shape (64, 64)" in out.decode()
         url = f"http://127.0.0.1:{servers[0].metrics_port}/metrics"
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
         assert re.search(r'psfw_updates_applied_total\{shard="0"\} 20\.0', text)
