@@ -8,41 +8,63 @@ from typing import Any
 from psfw.errors import PsfwError, WaitTimeout
 
 
+class Rewind(Exception):
+    """The stub re-synced with the shards: go on from ``step`` in ``generation``."""
+
+    def __init__(self, step: int, generation: int):
+        super().__init__(f"re-synced: continue from step {step}")
+        self.step, self.generation = step, generation
+
+
 class ParamCache:
     """Full parameter values by name and the group step they reflect.
 
     The stub writes values first, then the step (``publish``), which wakes the
     workers waiting in ``fresh``. Values are immutable arrays: a publish replaces
-    them, it never writes into an array a worker may still be reading.
+    them, it never writes into an array a worker may still be reading. A re-sync
+    (``rewind``) starts a new generation: workers of the old one get ``Rewind``.
     """
 
     def __init__(self, group: int = 0, process: int = 0):
         self.group, self.process = group, process
         self.values: dict[str, Any] = {}
         self.step = -1
+        self.generation = 0
         self._changed = asyncio.Condition()
         self._error: BaseException | None = None
 
-    async def fresh(self, step: int, timeout_s: float) -> dict[str, Any]:
+    async def start(self, timeout_s: float) -> tuple[int, int]:
+        """Wait for the first values; returns ``(step, generation)`` to start from."""
+        await self._wait(lambda: self.step >= 0, timeout_s, "the first parameters")
+        return self.step, self.generation
+
+    async def fresh(self, step: int, generation: int, timeout_s: float) -> dict[str, Any]:
         """The values once they reflect ``step`` completed steps of the group.
 
-        Raises WaitTimeout naming the group, process and step after ``timeout_s``,
-        or the stub's error if the stub failed.
+        Raises Rewind if the stub re-synced since ``generation``, WaitTimeout naming
+        the group, process and step after ``timeout_s``, or the stub's error.
         """
-        if self.step < step and self._error is None:
+        await self._wait(
+            lambda: self.step >= step or self.generation != generation, timeout_s, f"parameters of step {step}"
+        )
+        if self.generation != generation:
+            raise Rewind(self.step, self.generation)
+        return self.values
+
+    async def _wait(self, ready, timeout_s: float, what: str) -> None:
+        if not ready() and self._error is None:
             try:
                 async with self._changed:
                     await asyncio.wait_for(
-                        self._changed.wait_for(lambda: self.step >= step or self._error is not None), timeout_s
+                        self._changed.wait_for(lambda: ready() or self._error is not None), timeout_s
                     )
             except TimeoutError:
                 raise WaitTimeout(
-                    f"group {self.group} process {self.process}: waited {timeout_s:.1f} s for parameters "
-                    f"of step {step}; the cache holds step {self.step}"
+                    f"group {self.group} process {self.process}: waited {timeout_s:.1f} s for {what}; "
+                    f"the cache holds step {self.step}"
                 ) from None
         if self._error is not None:
             raise PsfwError(f"the stub of process {self.process} failed: {self._error}") from self._error
-        return self.values
 
     async def publish(self, step: int, values: dict[str, Any]) -> None:
         """Install fresh values for ``step`` and wake the waiting workers."""
@@ -50,6 +72,14 @@ class ParamCache:
         self.step = step
         async with self._changed:
             self._changed.notify_all()
+
+    async def rewind(self, step: int, values: dict[str, Any]) -> int:
+        """Start a new generation at ``step`` (after a re-sync); returns it."""
+        self.values, self.step = values, step
+        self.generation += 1
+        async with self._changed:
+            self._changed.notify_all()
+        return self.generation
 
     async def fail(self, error: BaseException) -> None:
         """Wake every waiting worker with the stub's error."""

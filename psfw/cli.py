@@ -37,6 +37,7 @@ def _server(args: argparse.Namespace) -> int:
                 metrics_port=args.metrics_port,
                 nonfinite=args.nonfinite,
                 insecure=args.insecure,
+                checkpoint_dir=args.checkpoint_dir,
             )
         )
     except (PermissionError, OSError, ValueError) as err:
@@ -124,7 +125,8 @@ def parser() -> argparse.ArgumentParser:
         "server",
         help="serve one parameter-server shard",
         description="Serve one shard. Every flag can also come from the environment (PSFW_SHARD, PSFW_SHARDS, "
-        "PSFW_LISTEN, PSFW_GRACE, PSFW_DRAIN, PSFW_METRICS_PORT, PSFW_NONFINITE, PSFW_INSECURE=1), "
+        "PSFW_LISTEN, PSFW_GRACE, PSFW_DRAIN, PSFW_METRICS_PORT, PSFW_NONFINITE, PSFW_CHECKPOINT_DIR, "
+        "PSFW_INSECURE=1), "
         "so a container needs no arguments.",
     )
     s.add_argument("--shard", type=int, default=int(_env("SHARD", "0")), help="this shard's index")
@@ -144,6 +146,11 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--nonfinite", choices=("reject", "skip"), default=_env("NONFINITE", "reject"), help="NaN/Inf gradient policy"
+    )
+    s.add_argument(
+        "--checkpoint-dir",
+        default=_env("CHECKPOINT_DIR"),
+        help="folder shared by the job's shards for checkpoints; the newest complete one is loaded at start",
     )
     s.add_argument(
         "--insecure",

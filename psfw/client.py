@@ -160,6 +160,9 @@ class ShardClient:
         workers_per_group: int,
         worker_groups: int = 1,
         staleness: int = -1,
+        group_processes: int = 0,
+        epoch: int = 0,
+        checkpoint_every: int = 0,
         items: Items,
         expect: Expect,
         wait_s: float,
@@ -185,6 +188,9 @@ class ShardClient:
                         wait_s=wait_s,
                         worker_groups=worker_groups,
                         staleness=staleness,
+                        group_processes=group_processes,
+                        epoch=epoch,
+                        checkpoint_every=checkpoint_every,
                     )
                 messages.append(UPDATE_REQUEST(Frame(header, chunks)))
             return messages
@@ -197,6 +203,11 @@ class ShardClient:
             return await asyncio.to_thread(_assemble, frames, expect, into)
 
         return await self._call("Update", attempt)
+
+    async def restore(self, step: int, epoch: int) -> pb.RestoreReply:
+        """Roll the shard back to its complete checkpoint of ``step``, at ``epoch``."""
+        request = pb.RestoreRequest(step=step, epoch=epoch)
+        return await self._call("Restore", lambda: self._stub.Restore(request, timeout=self.timeout_s))
 
     async def describe(self) -> pb.DescribeReply:
         return await self._call("Describe", lambda: self._stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s))

@@ -76,6 +76,8 @@ class TrainConfig(_Strict):
     epochs: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
     wait_s: float = Field(120.0, gt=0)  # longest wait for a group, a Get or a Put
+    checkpoint_every: int = Field(0, ge=0)  # consistent shard checkpoints every N steps of group 0 (0: never)
+    retries: int = Field(5, ge=0)  # retries of an RPC that found its shard UNAVAILABLE
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

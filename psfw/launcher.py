@@ -93,7 +93,7 @@ async def run_job(
                     executor=executor,
                     wait_s=t.wait_s,
                 )
-                clients = [ShardClient(a, i, timeout_s=t.wait_s) for i, a in enumerate(addresses)]
+                clients = [ShardClient(a, i, timeout_s=t.wait_s, retries=t.retries) for i, a in enumerate(addresses)]
                 for client in clients:
                     stack.push_async_callback(client.close)
                 cache = ParamCache(group, process)
@@ -112,13 +112,12 @@ async def run_job(
                     worker_groups=c.worker_groups,
                     staleness=c.staleness,
                     warmup_steps=c.warmup_steps,
+                    checkpoint_every=t.checkpoint_every,
                 )
                 stubs.append(stub)
-                tasks.create_task(stub.run(0, job.steps), name=f"stub-{process}")
+                tasks.create_task(stub.run(job.steps), name=f"stub-{process}")
                 for w in workers:
-                    tasks.create_task(
-                        run_worker(spec, w, group, stub, cache, 0, job.steps), name=f"worker-{process}.{w}"
-                    )
+                    tasks.create_task(run_worker(spec, w, group, stub, cache, job.steps), name=f"worker-{process}.{w}")
     return stubs
 
 

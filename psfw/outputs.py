@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from psfw.atomic import write_atomic
 from psfw.compute.netgraph import default_layers, net_graph, node_link, render
 from psfw.layout import Layout
 
@@ -47,16 +47,6 @@ class MetricsLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file, fsync, rename: a reader sees all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_params(path: Path, params: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

@@ -9,27 +9,37 @@ owners initialized (one Put per shard) and Gets the rest (one Get per shard).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import jax
 import numpy as np
 
 from psfw.cache import ParamCache
 from psfw.client import ShardClient
-from psfw.errors import PsfwError, WaitTimeout
+from psfw.errors import PsfwError, ShardError, WaitTimeout
 from psfw.layout import Layout, SliceKey, SliceSpec
 from psfw.wire import param_buffers
+
+log = logging.getLogger("psfw.stub")
 
 
 class Contribution:
     """One worker's report for one step."""
 
-    __slots__ = ("worker", "grads", "rows", "metrics")
+    __slots__ = ("worker", "step", "generation", "grads", "rows", "metrics")
 
-    def __init__(self, worker: int, grads: dict[str, np.ndarray], rows: int, metrics: dict[str, float]):
-        self.worker, self.grads, self.rows, self.metrics = worker, grads, rows, metrics
+    def __init__(self, worker, step, generation, grads, rows, metrics):
+        self.worker, self.step, self.generation = worker, step, generation
+        self.grads, self.rows, self.metrics = grads, rows, metrics
+
+
+# A shard said the cluster moved under us (restored, restarted, rolled back) or it is
+# unreachable for longer than the client's retries: re-sync instead of failing.
+RESYNC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class Stub:
@@ -49,6 +59,7 @@ class Stub:
         worker_groups: int = 1,
         staleness: int | None = None,
         warmup_steps: int = 0,
+        checkpoint_every: int = 0,
     ):
         self.clients, self.layout, self.cache = clients, layout, cache
         self.group, self.process, self.workers = group, process, list(workers)
@@ -56,12 +67,22 @@ class Stub:
         self.on_metrics = on_metrics
         self.worker_groups, self.warmup_steps = worker_groups, warmup_steps
         self.staleness = -1 if staleness is None else staleness
+        self.checkpoint_every = checkpoint_every
+        self.group_processes = workers_per_group // max(len(self.workers), 1)
         self.slowest_step = 0  # the slowest group's completed steps, from the last answer
+        self.epoch = 0  # the shards' restore count this stub is synced to
+        self.resyncs = 0
         self._inbox: asyncio.Queue[Contribution] = asyncio.Queue()
         self._puts: asyncio.Queue[dict[str, np.ndarray]] = asyncio.Queue()
+        self._wanted: asyncio.Future[dict[int, list[str]]] = asyncio.get_running_loop().create_future()
         self.rpcs = {"Put": 0, "Get": 0, "Update": 0}
 
     # -- what workers call ---------------------------------------------------
+
+    async def initial_values(self, worker: int) -> list[str]:
+        """The parameters ``worker`` must initialize and hand to ``put``: the ones it
+        owns on a fresh start, none when the shards hold them already (a resume)."""
+        return (await asyncio.shield(self._wanted)).get(worker, [])
 
     async def put(self, worker: int, values: dict[str, np.ndarray]) -> None:
         """Hand over the initial values an owner worker made for its parameters."""
@@ -70,44 +91,148 @@ class Stub:
             raise PsfwError(f"worker {worker} of process {self.process} does not own {wrong}")
         await self._puts.put(values)
 
-    async def update(self, step: int, worker: int, grads: dict[str, np.ndarray], rows: int, metrics: dict) -> None:
+    async def update(
+        self, step: int, worker: int, grads: dict[str, np.ndarray], rows: int, metrics: dict, generation: int = 0
+    ) -> None:
         """Report a worker's summed gradients (gradient of the summed loss) for a step."""
-        await self._inbox.put(Contribution(worker, grads, rows, {**metrics, "step": step}))
+        await self._inbox.put(Contribution(worker, step, generation, grads, rows, metrics))
 
     # -- the coroutine -------------------------------------------------------
 
-    async def run(self, start_step: int, steps: int) -> None:
-        """Serve the local workers from ``start_step`` until ``steps`` are done."""
+    async def run(self, steps: int) -> None:
+        """Join the shards (fresh start or resume), then serve the local workers until
+        the group has completed ``steps`` steps; re-sync when the shards moved."""
         try:
-            await self._initial_sync(start_step)
+            step = await self._join()
             last = time.perf_counter()
-            for step in range(start_step, steps):
-                batch = [await self._inbox.get() for _ in self.workers]
-                bad = [c.metrics["step"] for c in batch if c.metrics["step"] != step]
-                if bad:
-                    raise PsfwError(f"process {self.process} got reports for steps {bad} during step {step}")
-                comm_s = await self._step(step, batch)
+            batch = None
+            while step < steps:
+                try:
+                    batch = batch or await self._collect(step)
+                    comm_s = await self._step(step, batch)
+                except ShardError as err:
+                    if err.code not in RESYNC_CODES:
+                        raise
+                    log.warning("process %d step %d: %s", self.process, step, err)
+                    if not await self._can_retry(step):
+                        step, batch = await self._resync(), None
+                        last = time.perf_counter()
+                    continue  # the same contributions again: a shard adds them once
                 now = time.perf_counter()
                 self._report(step, batch, comm_s, now - last)
-                last = now
+                last, batch = now, None
+                step += 1
         except BaseException as err:
+            if not self._wanted.done():
+                self._wanted.set_exception(PsfwError(f"the stub of process {self.process} failed: {err}"))
+                self._wanted.exception()
             await self.cache.fail(err)
             raise
 
-    async def _initial_sync(self, step: int) -> None:
-        local_owners = {self.layout.params[n].owner for n in self.layout.params} & set(self.workers)
+    async def _can_retry(self, step: int) -> bool:
+        """Whether the shards are still where this process left them (same epoch, the
+        group at ``step`` or just past it), so the step can simply be sent again."""
+        replies = await self._describe_all()
+        steps = {_group_step(r, self.group) for r in replies}
+        return {r.epoch for r in replies} == {self.epoch} and steps <= {step, step + 1}
+
+    async def _collect(self, step: int) -> list[Contribution]:
+        batch: list[Contribution] = []
+        while len(batch) < len(self.workers):
+            c = await self._inbox.get()
+            if c.generation != self.cache.generation:
+                continue  # computed before a re-sync: dropped
+            if c.step != step:
+                raise PsfwError(f"process {self.process}: worker {c.worker} reported step {c.step} during {step}")
+            batch.append(c)
+        return batch
+
+    async def _describe_all(self) -> list:
+        """Every shard's description; waits (bounded) for shards that are down."""
+        deadline = time.monotonic() + self.wait_s
+        delay = 0.05
+        while True:
+            try:
+                return list(await asyncio.gather(*(c.describe() for c in self.clients)))
+            except ShardError as err:
+                if err.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _settle(self) -> list:
+        """Describe the shards until they agree on an epoch and, for this group, on a
+        step; restore them to their newest common checkpoint when they cannot agree
+        (a shard restarted from a checkpoint, or this process died mid-step)."""
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            replies = await self._describe_all()
+            epochs = {r.epoch for r in replies}
+            steps = {_group_step(r, self.group) for r in replies}
+            held = [len(r.slices) == len(self.layout.shard_slices(i)) for i, r in enumerate(replies)]
+            lost = [i for i, (r, h) in enumerate(zip(replies, held, strict=True)) if not h and r.slices == []]
+            if lost and any(held) and len(epochs) == 1:
+                raise PsfwError(
+                    f"shards {lost} lost their state (restarted without a checkpoint) while others hold theirs: "
+                    "give the shards a shared --checkpoint-dir and set train.checkpoint_every"
+                )
+            if len(epochs) == 1 and (len(steps) == 1 or not all(held)):
+                return replies
+            common = set.intersection(*(set(r.checkpoint_steps) for r in replies))
+            if not common:
+                raise PsfwError(
+                    f"the shards disagree (epochs {sorted(epochs)}, steps {sorted(steps)} of group {self.group}) "
+                    "and share no complete checkpoint to restore"
+                )
+            target, epoch = max(common), max(epochs) + (1 if len(epochs) == 1 else 0)
+            for i, r in enumerate(replies):
+                if r.epoch != epoch or _group_step(r, 0) != target:
+                    await self.clients[i].restore(target, epoch)
+            log.warning("process %d: shards restored to step %d (epoch %d)", self.process, target, epoch)
+            if time.monotonic() > deadline:
+                raise PsfwError(f"the shards did not settle within {self.wait_s:.0f} s")
+
+    async def _join(self) -> int:
+        replies = await self._settle()
+        self.epoch = replies[0].epoch
+        start = min(_group_step(r, self.group) for r in replies)
+        held = {(s.key, s.slice) for r in replies for s in r.slices}
+        wanted: dict[int, list[str]] = {}
+        if self.group == 0 and start == 0:
+            for w in self.workers:
+                names = [
+                    n
+                    for n in self.layout.owned_by(w)
+                    if any((n, s.index) not in held for s in self.layout.params[n].slices)
+                ]
+                if names:
+                    wanted[w] = names
+        self._wanted.set_result(wanted)
         values: dict[str, np.ndarray] = {}
-        if step == 0 and self.group == 0:
-            for _ in local_owners:
-                values.update(await self._puts.get())
+        for _ in wanted:
+            values.update(await self._puts.get())
+        if values:
             await self._put_all(values)
         missing = [n for n in self.layout.params if n not in values]
         if missing:
-            if self.group == 0 or step > 0:
-                values.update(await self._get_all(self.group, step, missing))
-            else:  # another group starts from what group 0 has after its warmup steps
+            if self.group != 0 and start == 0:  # another group starts from group 0 after its warmup steps
                 values.update(await self._get_all(0, self.warmup_steps, missing))
-        await self.cache.publish(step, {n: jax.device_put(values[n]) for n in self.layout.params})
+            else:
+                values.update(await self._get_all(self.group, start, missing))
+        await self.cache.publish(start, {n: jax.device_put(values[n]) for n in self.layout.params})
+        return start
+
+    async def _resync(self) -> int:
+        replies = await self._settle()
+        self.epoch = replies[0].epoch
+        self.resyncs += 1
+        start = min(_group_step(r, self.group) for r in replies)
+        values = await self._get_all(self.group, start, list(self.layout.params))
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+        await self.cache.rewind(start, {n: jax.device_put(v) for n, v in values.items()})
+        log.warning("process %d re-synced at step %d (epoch %d)", self.process, start, self.epoch)
+        return start
 
     async def _put_all(self, values: dict[str, np.ndarray]) -> None:
         by_shard: dict[int, list] = {}
@@ -141,6 +266,9 @@ class Stub:
                 workers_per_group=self.workers_per_group,
                 worker_groups=self.worker_groups,
                 staleness=self.staleness,
+                group_processes=self.group_processes,
+                epoch=self.epoch,
+                checkpoint_every=self.checkpoint_every if self.group == 0 else 0,
                 items=items,
                 expect=self.layout.slice_dtype_shape,
                 wait_s=self.wait_s,
@@ -164,7 +292,7 @@ class Stub:
         rows = sum(c.rows for c in batch)
         report: dict[str, Any] = {"group": self.group, "process": self.process, "step": step, "rows": rows}
         for key in batch[0].metrics:
-            if key not in ("step", "compute_s", "wait_s"):
+            if key not in ("compute_s", "wait_s"):
                 report[key] = sum(float(c.metrics[key]) * c.rows for c in batch) / rows
         compute_s = max(c.metrics["compute_s"] for c in batch)
         report.update(compute_s=compute_s, comm_s=comm_s, wait_s=max(0.0, wall_s - compute_s - comm_s), wall_s=wall_s)
@@ -172,6 +300,10 @@ class Stub:
             # how far this group runs ahead of the slowest group (SSP bounds it by staleness)
             report.update(slowest_step=self.slowest_step, lead=step + 1 - self.slowest_step)
         self.on_metrics(report)
+
+
+def _group_step(reply, group: int) -> int:
+    return next((g.step for g in reply.groups if g.group == group), 0)
 
 
 async def fetch_params(

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from psfw.cache import ParamCache
+from psfw.cache import ParamCache, Rewind
 from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset
 from psfw.layout import Layout
@@ -55,26 +55,32 @@ def _compute(spec: WorkerSpec, values: dict[str, Any], x: np.ndarray, y: np.ndar
     return float(loss), {k: float(v) for k, v in metrics.items()}, out
 
 
-async def run_worker(
-    spec: WorkerSpec, worker: int, group: int, stub: Stub, cache: ParamCache, start_step: int, steps: int
-) -> None:
-    """Train ``worker`` of ``group`` from ``start_step`` to ``steps``.
+async def run_worker(spec: WorkerSpec, worker: int, group: int, stub: Stub, cache: ParamCache, steps: int) -> None:
+    """Train ``worker`` of ``group`` until the group has completed ``steps`` steps.
 
-    Owners (group 0, fresh start) initialize their parameters and hand them to the
-    stub for the Put; every worker then waits for each step's fresh parameters.
+    An owner initializes its parameters when the stub asks (a fresh start) and hands
+    them over for the Put; then the worker follows the cache: wait for each step's
+    fresh parameters, compute, report. After a re-sync it goes on where the cache
+    says (``Rewind``).
     """
     loop = asyncio.get_running_loop()
-    owned = spec.layout.owned_by(worker) if group == 0 and start_step == 0 else []
+    owned = await stub.initial_values(worker)
     if owned:
         values = await loop.run_in_executor(spec.executor, init_owned, spec.init, spec.seed, owned)
         await stub.put(worker, values)
-    for step in range(start_step, steps):
+    step, generation = await cache.start(spec.wait_s)
+    while step < steps:
         waited = time.perf_counter()
-        params = await cache.fresh(step, spec.wait_s)
+        try:
+            params = await cache.fresh(step, generation, spec.wait_s)
+        except Rewind as rewind:
+            step, generation = rewind.step, rewind.generation
+            continue
         started = time.perf_counter()
         rows = spec.order.worker_indices(step, worker, spec.workers_per_group)
         x, y = spec.data.x_train[rows], spec.data.y_train[rows]
         loss, metrics, grads = await loop.run_in_executor(spec.executor, _compute, spec, params, x, y)
         done = time.perf_counter()
         metrics.update(loss=loss, compute_s=done - started, wait_s=started - waited)
-        await stub.update(step, worker, grads, len(rows), metrics)
+        await stub.update(step, worker, grads, len(rows), metrics, generation)
+        step += 1

@@ -65,10 +65,12 @@ class ShardServer:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         insecure: bool = False,
+        checkpoint_dir: str | None = None,
+        keep: int = 3,
     ):
         if not 0 <= shard < shards:
             raise ValueError(f"shard index {shard} is outside 0..{shards - 1}")
-        self.store = ShardStore(shard, shards, nonfinite=nonfinite)
+        self.store = ShardStore(shard, shards, nonfinite=nonfinite, checkpoint_dir=checkpoint_dir, keep=keep)
         self.servicer = ParameterServerServicer(self.store, max_request_bytes)
         self.health = health.aio.HealthServicer()
         self.insecure = insecure
@@ -81,6 +83,7 @@ class ShardServer:
         )
         self.address = ""
         self.metrics_port: int | None = None
+        self.restored_step: int | None = None  # set when start() loaded a checkpoint
 
     async def _set_health(self, status: int) -> None:
         await self.health.set("", status)
@@ -89,8 +92,9 @@ class ShardServer:
     async def start(self, address: str = "127.0.0.1:0", *, ready: bool = True, metrics_port: int | None = None) -> int:
         """Bind ``address`` (port 0 picks a free one) and start serving; returns the port.
 
-        Health stays NOT_SERVING until the shard is ready: at once with ``ready``,
-        else when ``mark_ready`` is called (after loading a checkpoint, say).
+        With a checkpoint folder, the newest complete checkpoint is loaded first.
+        Health stays NOT_SERVING until the shard is ready: then at once with
+        ``ready``, else when ``mark_ready`` is called.
         Raises PermissionError for a non-loopback address without ``insecure``.
         """
         if not is_loopback(address) and not self.insecure:
@@ -108,6 +112,11 @@ class ShardServer:
         if metrics_port is not None:
             metrics_host = host.strip("[]") if is_loopback(address) else "0.0.0.0"
             self.metrics_port = self.servicer.metrics.serve(metrics_port, metrics_host)
+        if self.store.checkpoint_dir is not None:
+            step = await asyncio.to_thread(self.store.load_newest)
+            if step is not None:
+                log.warning("shard %d restored from its checkpoint of step %d", self.store.shard, step)
+                self.restored_step = step
         if ready:
             await self.mark_ready()
         return port
@@ -119,11 +128,13 @@ class ShardServer:
 
     async def stop(self, grace: float | None = 1.0, drain: float = 0.0) -> None:
         """NOT_SERVING at once; after ``drain`` seconds (for probes to notice) stop
-        taking RPCs and let in-flight ones finish within ``grace`` seconds."""
+        taking RPCs and let in-flight ones finish within ``grace`` seconds; then
+        finish checkpoint writes and, with a checkpoint folder, save the final state."""
         await self.health.enter_graceful_shutdown()
         if drain > 0:
             await asyncio.sleep(drain)
         await self._server.stop(grace)
+        await self.store.flush_checkpoints(final=True)
         self.servicer.metrics.close()
 
     async def wait(self) -> None:
@@ -156,6 +167,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     extra = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
+    if server.restored_step is not None:
+        extra += f", restored step {server.restored_step} (epoch {server.store.epoch})"
     print(f"psfw shard {shard}/{shards} listening on {server.address}{extra}", flush=True)
     await stopping.wait()
     print(f"psfw shard {shard}: stopping, in-flight RPCs get {grace:.1f} s", file=sys.stderr, flush=True)

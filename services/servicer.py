@@ -113,6 +113,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             optimizer=store.optimizer_spec,
             updates_applied=store.updates_applied,
             uptime_s=time.monotonic() - store.started,
+            epoch=store.epoch,
+            checkpoint_steps=store.checkpoint_steps(),
         )
         for (key, index), (dtype, shape) in sorted(store.specs.items()):
             reply.slices.add(
@@ -133,6 +135,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             )
         reply.rpc_counts.update(self.rpc_counts)
         return reply
+
+    async def Restore(self, request: pb.RestoreRequest, context) -> pb.RestoreReply:
+        async with self._handled(context, "Restore"):
+            await self.store.restore(request.step, request.epoch)
+            log.warning("shard %d restored to step %d, epoch %d", self.store.shard, request.step, request.epoch)
+        return pb.RestoreReply(step=request.step, epoch=self.store.epoch)
 
 
 def _wait(wait_s: float) -> float:
@@ -169,6 +177,11 @@ def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> 
             servicer.Describe,
             request_deserializer=pb.DescribeRequest.FromString,
             response_serializer=pb.DescribeReply.SerializeToString,
+        ),
+        "Restore": grpc.unary_unary_rpc_method_handler(
+            servicer.Restore,
+            request_deserializer=pb.RestoreRequest.FromString,
+            response_serializer=pb.RestoreReply.SerializeToString,
         ),
     }
     service = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,9 +25,11 @@ import optax
 from psfw.compute.optimizers import build_optimizer
 from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
+from psfw.services import checkpoint
 from psfw.wire import WireError, slice_name
 
 NONFINITE_POLICIES = ("reject", "skip")
+log = logging.getLogger("psfw.server")
 
 
 @dataclass
@@ -53,6 +57,7 @@ class GroupState:
     step: int = 0  # completed steps
     round: Round | None = None
     updated_at: float = 0.0
+    last: list[int] = field(default_factory=list)  # processes of the last applied step (the dedup state)
 
 
 @dataclass(frozen=True)
@@ -70,10 +75,21 @@ def _abort(code: grpc.StatusCode, message: str) -> WireError:
 class ShardStore:
     """The slices one shard holds and the server-side optimizer that updates them."""
 
-    def __init__(self, shard: int = 0, shards: int = 1, nonfinite: str = "reject"):
+    def __init__(
+        self,
+        shard: int = 0,
+        shards: int = 1,
+        nonfinite: str = "reject",
+        checkpoint_dir: str | Path | None = None,
+        keep: int = 3,
+    ):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite policy {nonfinite!r}: use 'reject' or 'skip'")
         self.shard, self.shards, self.nonfinite = shard, shards, nonfinite
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.keep = keep
+        self.epoch = 0  # restores so far; every Update must carry the same
+        self.saved_step = -1  # group 0's step of the newest checkpoint this shard wrote or loaded
         self.values: dict[SliceKey, jax.Array] = {}
         self.versions: dict[SliceKey, int] = {}
         self.specs: dict[SliceKey, tuple[np.dtype, tuple[int, ...]]] = {}
@@ -87,6 +103,8 @@ class ShardStore:
         self._update_fn = None
         self._lock = asyncio.Lock()
         self._progress = asyncio.Condition()
+        self._saving = asyncio.Lock()
+        self._saves: set[asyncio.Task] = set()
 
     # -- reading -------------------------------------------------------------
 
@@ -227,8 +245,21 @@ class ShardStore:
         if self.nonfinite == "reject":
             await asyncio.to_thread(self._check_finite, head.group, head.step, sums)
         group, step, process = head.group, head.step, head.process
+        if head.epoch != self.epoch:
+            raise _abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"shard {self.shard} is at epoch {self.epoch} (restored from a checkpoint), the update was made "
+                f"at epoch {head.epoch}: re-sync",
+            )
         state = self.groups.get(group) or GroupState()
         if step < state.step:
+            if step + 1 < state.step:
+                raise _abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"shard {self.shard}: group {group} step {step} was applied long ago (the group has completed "
+                    f"{state.step} steps): re-sync",
+                )
+            # a retry of the last applied step: acknowledged, never added twice
             return UpdateResult(state.step, dict(self.values), None, self.slowest_step(head.worker_groups))
         rnd = self._validate_update(state, head, sums)
         if rnd is None:
@@ -242,13 +273,17 @@ class ShardStore:
         try:
             await asyncio.wait_for(asyncio.shield(rnd.done), wait_s)
         except TimeoutError:
+            n = head.group_processes
+            missing = sorted(set(range(group * n, group * n + n)) - set(rnd.contributions)) if n else "unknown"
             raise _abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"shard {self.shard}: group {group} step {step} is incomplete after {wait_s:.1f} s: "
-                f"{rnd.workers} of {rnd.workers_per_group} workers reported "
-                f"(processes {sorted(rnd.contributions)}); the group's other processes are missing",
+                f"{rnd.workers} of {rnd.workers_per_group} workers reported (processes {sorted(rnd.contributions)}); "
+                f"missing processes: {missing}",
             ) from None
         result = rnd.done.result()
+        if group == 0 and head.checkpoint_every and result.step % head.checkpoint_every == 0:
+            self._schedule_checkpoint()
         if head.staleness >= 0 and head.worker_groups > 1:
             await self._hold_for_slowest(group, result.step, head, max(0.0, deadline - time.monotonic()))
         return dataclasses.replace(result, slowest_step=self.slowest_step(head.worker_groups))
@@ -356,11 +391,127 @@ class ShardStore:
             rnd.sums = {}
             state.step = rnd.step + 1
             state.round = None
+            state.last = sorted(rnd.contributions)
             self.updates_applied += 1
             state.updated_at = time.monotonic()
             rnd.done.set_result(UpdateResult(state.step, dict(self.values), rnd))
         async with self._progress:
             self._progress.notify_all()
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The state as tensors and JSON metadata: values, optimizer state, versions,
+        each group's step (its data position) and last contributors, the epoch."""
+        tensors: dict[str, np.ndarray] = {}
+        slices = []
+        for index, key in enumerate(sorted(self.values)):
+            tensors[f"value/{index}"] = np.asarray(self.values[key])
+            for leaf_index, leaf in enumerate(jax.tree.leaves(self._opt_state[key])):
+                tensors[f"opt/{index}/{leaf_index}"] = np.asarray(leaf)
+            slices.append({"key": key[0], "slice": key[1], "version": self.versions[key]})
+        meta = {
+            "shard": self.shard,
+            "shards": self.shards,
+            "epoch": self.epoch,
+            "optimizer": self.optimizer_spec,
+            "slices": slices,
+            "groups": {str(g): {"step": st.step, "last": st.last} for g, st in self.groups.items()},
+            "updates_applied": self.updates_applied,
+        }
+        return tensors, meta
+
+    def load(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Replace the whole state with a snapshot (see ``snapshot``)."""
+        if meta["shard"] != self.shard or meta["shards"] != self.shards:
+            raise ValueError(
+                f"checkpoint of shard {meta['shard']} of {meta['shards']} cannot load into shard "
+                f"{self.shard} of {self.shards}"
+            )
+        values, versions, states = {}, {}, {}
+        opt = build_optimizer(json.loads(meta["optimizer"])) if meta["optimizer"] else None
+        for index, entry in enumerate(meta["slices"]):
+            key = (entry["key"], int(entry["slice"]))
+            value = jax.numpy.array(tensors[f"value/{index}"])
+            template = jax.tree.structure(opt.init(value))
+            leaves = [jax.numpy.array(tensors[f"opt/{index}/{i}"]) for i in range(template.num_leaves)]
+            values[key], versions[key] = value, int(entry["version"])
+            states[key] = jax.tree.unflatten(template, leaves)
+        self._fail_rounds(f"shard {self.shard} was restored from a checkpoint: re-sync")
+        self.values, self.versions, self._opt_state = values, versions, states
+        self.specs = {k: (np.dtype(np.asarray(v).dtype), tuple(v.shape)) for k, v in values.items()}
+        self.optimizer_spec, self._opt = meta["optimizer"], opt
+        self._update_fn = jax.jit(_make_update(opt)) if opt else None
+        self.groups = {
+            int(g): GroupState(step=int(st["step"]), last=list(st["last"])) for g, st in meta["groups"].items()
+        }
+        self.updates_applied = int(meta.get("updates_applied", 0))
+
+    def _fail_rounds(self, message: str) -> None:
+        for state in self.groups.values():
+            if state.round is not None and not state.round.done.done():
+                state.round.done.set_exception(WireError(grpc.StatusCode.FAILED_PRECONDITION, message))
+                state.round.done.exception()  # retrieved: waiters that left do not warn
+            state.round = None
+
+    def checkpoint_steps(self) -> list[int]:
+        return checkpoint.complete_steps(self.checkpoint_dir, self.shards) if self.checkpoint_dir else []
+
+    def load_newest(self) -> int | None:
+        """Load the newest complete checkpoint, if any (a restarted shard); its epoch
+        goes up by one so that every stub re-syncs. Returns group 0's step."""
+        steps = self.checkpoint_steps()
+        if not steps:
+            return None
+        tensors, meta = checkpoint.load_shard(self.checkpoint_dir, steps[-1], self.shard)
+        self.load(tensors, meta)
+        self.epoch = int(meta["epoch"]) + 1
+        self.saved_step = steps[-1]
+        return steps[-1]
+
+    async def restore(self, step: int, epoch: int) -> None:
+        """Roll back to the complete checkpoint of ``step`` and take on ``epoch``."""
+        if step not in self.checkpoint_steps():
+            raise _abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"shard {self.shard} has no complete checkpoint of step {step} (it has {self.checkpoint_steps()})",
+            )
+        tensors, meta = await asyncio.to_thread(checkpoint.load_shard, self.checkpoint_dir, step, self.shard)
+        async with self._lock:
+            self.load(tensors, meta)
+            self.epoch = epoch
+        async with self._progress:
+            self._progress.notify_all()
+
+    def _schedule_checkpoint(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        step = self.group_step(0)
+        tensors, meta = self.snapshot()  # arrays are immutable: later updates cannot change it
+        task = asyncio.get_running_loop().create_task(self._write(step, tensors, meta))
+        self._saves.add(task)
+        task.add_done_callback(self._saves.discard)
+
+    async def _write(self, step: int, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        async with self._saving:  # one write at a time, in step order
+            if step <= self.saved_step:
+                return
+            try:
+                await asyncio.to_thread(
+                    checkpoint.save_shard, self.checkpoint_dir, step, self.shard, self.shards, tensors, meta
+                )
+                await asyncio.to_thread(checkpoint.prune, self.checkpoint_dir, self.keep, self.shards)
+                self.saved_step = step
+            except OSError:
+                log.exception("shard %d: checkpoint of step %d failed", self.shard, step)
+
+    async def flush_checkpoints(self, final: bool = False) -> None:
+        """Wait for pending writes; with ``final``, also save the current state (a
+        graceful shutdown) unless that step is saved already."""
+        if final and self.checkpoint_dir is not None and self.values and self.group_step(0) > self.saved_step:
+            self._schedule_checkpoint()
+        while self._saves:
+            await asyncio.gather(*self._saves, return_exceptions=True)
 
 
 def _make_update(opt: optax.GradientTransformation):

@@ -54,6 +54,11 @@ class ParameterServerStub:
                 request_serializer=psfw_dot_proto_dot_ps__pb2.DescribeRequest.SerializeToString,
                 response_deserializer=psfw_dot_proto_dot_ps__pb2.DescribeReply.FromString,
                 _registered_method=True)
+        self.Restore = channel.unary_unary(
+                '/psfw.v1.ParameterServer/Restore',
+                request_serializer=psfw_dot_proto_dot_ps__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=psfw_dot_proto_dot_ps__pb2.RestoreReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -83,6 +88,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Restore(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Describe,
                     request_deserializer=psfw_dot_proto_dot_ps__pb2.DescribeRequest.FromString,
                     response_serializer=psfw_dot_proto_dot_ps__pb2.DescribeReply.SerializeToString,
+            ),
+            'Restore': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=psfw_dot_proto_dot_ps__pb2.RestoreRequest.FromString,
+                    response_serializer=psfw_dot_proto_dot_ps__pb2.RestoreReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class ParameterServer:
             '/psfw.v1.ParameterServer/Describe',
             psfw_dot_proto_dot_ps__pb2.DescribeRequest.SerializeToString,
             psfw_dot_proto_dot_ps__pb2.DescribeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psfw.v1.ParameterServer/Restore',
+            psfw_dot_proto_dot_ps__pb2.RestoreRequest.SerializeToString,
+            psfw_dot_proto_dot_ps__pb2.RestoreReply.FromString,
             options,
             channel_credentials,
             insecure,
