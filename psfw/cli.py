@@ -16,7 +16,7 @@ def _train(args: argparse.Namespace) -> int:
     from psfw.launcher import train
 
     config = load_config(args.config)
-    result = train(config, args.run_dir, progress=not args.no_progress)
+    result = train(config, args.run_dir, progress=not args.no_progress, resume=args.resume)
     acc = result.test_accuracy
     line = f"test loss {result.test_loss:.4f}" + (f", test accuracy {acc:.4f}" if acc is not None else "")
     print(f"{line}; {result.steps} steps; outputs in {result.run_dir}")
@@ -118,7 +118,8 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a config end to end on this machine (embedded shards)")
     t.add_argument("config", help="TOML config, e.g. examples/digits_mlp.toml")
     t.add_argument("--run-dir", help="folder for the outputs (default: a new folder under runs/)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
     t.set_defaults(run=_train)
 
     s = sub.add_parser(

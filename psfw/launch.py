@@ -57,11 +57,11 @@ async def _pump(child: Child) -> None:
         print(f"[{child.name}] {raw.decode(errors='replace').rstrip()}", flush=True)
 
 
-async def _start_shard(index: int, shards: int, config_grace: float) -> tuple[Child, str]:
-    child = await _spawn(
-        f"shard {index}",
-        ["server", "--shard", str(index), "--of", str(shards), "--listen", "127.0.0.1:0", "--grace", str(config_grace)],
-    )
+async def _start_shard(index: int, shards: int, checkpoint_dir: Path | None) -> tuple[Child, str]:
+    args = ["server", "--shard", str(index), "--of", str(shards), "--listen", "127.0.0.1:0", "--grace", "1"]
+    if checkpoint_dir is not None:
+        args += ["--checkpoint-dir", str(checkpoint_dir)]
+    child = await _spawn(f"shard {index}", args)
     assert child.proc.stdout is not None
     try:
         while True:
@@ -104,7 +104,8 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None) -> int
     try:
         addresses = []
         for index in range(c.servers):
-            child, address = await _start_shard(index, c.servers, 1.0)
+            checkpoints = run_dir / "checkpoints" if run_dir is not None and config.train.checkpoint_every else None
+            child, address = await _start_shard(index, c.servers, checkpoints)
             children.append(child)
             addresses.append(address)
         shards = list(children)

@@ -25,14 +25,16 @@ from psfw.compute.step import make_eval_fn, make_grad_step
 from psfw.config import Config, load_config
 from psfw.errors import ConfigError
 from psfw.job import Job, build_job
-from psfw.outputs import PARAMS_FILE, MetricsLog, new_run_dir, write_curves, write_net, write_params
+from psfw.outputs import PARAMS_FILE, MetricsLog, new_run_dir, read_records, write_curves, write_net, write_params
 from psfw.params import unflatten_params
 from psfw.progress import ProgressBar, StepReporter
+from psfw.services.checkpoint import complete_steps
 from psfw.services.server import ShardServer
 from psfw.stub import Stub, fetch_params
 from psfw.worker import WorkerSpec, run_worker
 
 log = logging.getLogger("psfw")
+CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -129,28 +131,45 @@ async def train_async(
     outputs: bool = True,
     servers: list[str] | None = None,
     processes: list[int] | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train ``config``; see the module docstring.
 
     ``servers``: addresses of running shards (default: start them here, on
     127.0.0.1). ``processes``: run only these worker processes here (``psfw worker``;
     default: all). Evaluation and the run folder are the job of the OS process that
-    runs process 0; elsewhere the result holds no parameters.
+    runs process 0; elsewhere the result holds no parameters. The embedded shards
+    checkpoint into ``RUN_DIR/checkpoints`` every ``train.checkpoint_every`` steps;
+    ``resume`` continues from the newest complete checkpoint there.
     """
     job = build_job(config)
     t, c = config.train, config.cluster
     processes = list(range(c.worker_groups * c.processes_per_group)) if processes is None else processes
     chief = 0 in processes
     folder = None
+    if resume and not run_dir:
+        raise ConfigError("--resume needs the --run-dir of the run to continue")
     if outputs and chief:
         folder = Path(run_dir) if run_dir else new_run_dir()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(config.model_dump_json(indent=1))
+    checkpoints = (Path(run_dir) if run_dir else folder) / CHECKPOINTS if (run_dir or folder) else None
+    if checkpoints is not None and not servers:
+        found = complete_steps(checkpoints, c.servers)
+        if resume and not found:
+            raise ConfigError(f"--resume: {checkpoints} holds no complete checkpoint to continue from")
+        if found and not resume:
+            raise ConfigError(
+                f"{checkpoints} holds checkpoints (newest: step {found[-1]}): pass --resume to continue that run, "
+                "or use a new --run-dir"
+            )
     async with AsyncExitStack() as stack:
         addresses = list(servers or [])
         if not addresses:
             for shard in range(c.servers):
-                server = ShardServer(shard, c.servers)
+                server = ShardServer(
+                    shard, c.servers, checkpoint_dir=checkpoints if t.checkpoint_every or resume else None
+                )
                 await server.start("127.0.0.1:0")
                 stack.push_async_callback(server.stop, 0)
                 addresses.append(server.address)
@@ -191,7 +210,7 @@ async def train_async(
         _append_json(folder / "metrics.jsonl", final)
         write_params(folder / PARAMS_FILE, params, {"step": str(job.steps)})
         await asyncio.to_thread(write_net, folder, job.model.layers, job.layout)
-        await asyncio.to_thread(write_curves, folder / "curves.png", reporter.records)
+        await asyncio.to_thread(write_curves, folder / "curves.png", read_records(folder / "metrics.jsonl"))
     return result
 
 

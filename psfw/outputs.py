@@ -71,6 +71,14 @@ def write_net(run_dir: Path, layers: list[dict[str, Any]], layout: Layout) -> No
     render(graph, run_dir / "net.png")
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The step records of a metrics file (a resumed run appends to it)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if not r.get("final")]
+
+
 def write_curves(path: Path, records: list[dict[str, Any]]) -> None:
     """Loss and accuracy over the steps, one line per group."""
     import matplotlib
@@ -90,7 +98,8 @@ def write_curves(path: Path, records: list[dict[str, Any]]) -> None:
     ax_acc.set(xlabel="step", ylabel="accuracy", title="training accuracy", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -68,7 +68,9 @@ async def run_worker(spec: WorkerSpec, worker: int, group: int, stub: Stub, cach
     if owned:
         values = await loop.run_in_executor(spec.executor, init_owned, spec.init, spec.seed, owned)
         await stub.put(worker, values)
-    step, generation = await cache.start(spec.wait_s)
+    # the stub's own waits (for the shards, for owners' Puts) are bounded by wait_s
+    # and name what they waited for: the worker waits longer so that their error wins
+    step, generation = await cache.start(3 * spec.wait_s + 10)
     while step < steps:
         waited = time.perf_counter()
         try:

@@ -1,0 +1,387 @@
+"""Nothing lost, nothing doubled: retries, checkpoints, and runs that are killed
+(SIGKILL) at a random step and resumed end with the parameters of a run that was
+never killed."""
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from psfw.client import ShardClient
+from psfw.config import load_config, parse_config
+from psfw.launcher import train_async
+from psfw.outputs import read_params
+from psfw.services import checkpoint
+from psfw.services.server import ShardServer
+
+from helpers import SGD, assert_params_close, reference
+
+PSFW = [sys.executable, "-m", "psfw.cli"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def job_file(path, *, steps, workers=3, per_process=3, every=7, wait_s=60):
+    path.write_text(
+        f"""
+seed = 2
+[model]
+hidden = [32]
+[train]
+batch_size = 50
+steps = {steps}
+log_every = 1
+checkpoint_every = {every}
+wait_s = {wait_s}
+retries = 3
+[optimizer]
+name = "adam"
+learning_rate = 0.01
+[cluster]
+workers_per_group = {workers}
+workers_per_process = {per_process}
+servers = 2
+slice_bytes = 4096
+"""
+    )
+    return path
+
+
+def wait_for_step(proc, step: int, prefix: str = "", timeout_s: float = 180) -> None:
+    """Read the process's log until it reports ``step``."""
+    deadline = time.monotonic() + timeout_s
+    pattern = f"{prefix}group 0 step {step} "
+    for line in proc.stdout:
+        if line.startswith(pattern):
+            return
+        assert time.monotonic() < deadline, f"no step {step} within {timeout_s} s"
+    raise AssertionError(f"the process ended before step {step}")
+
+
+@pytest.mark.slow
+def test_embedded_run_killed_at_a_random_step_resumes_to_the_same_parameters(tmp_path):
+    steps = 300
+    config_path = job_file(tmp_path / "job.toml", steps=steps)
+    run_dir = tmp_path / "run"
+    kill_at = random.Random().randint(20, 150)
+    with subprocess.Popen(
+        [*PSFW, "train", str(config_path), "--run-dir", str(run_dir), "--no-progress"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    ) as proc:
+        wait_for_step(proc, kill_at)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert not (run_dir / "params.safetensors").exists(), f"the run finished before the kill at step {kill_at}"
+    saved = checkpoint.complete_steps(run_dir / "checkpoints", 2)
+    assert saved and saved[-1] >= 7, saved
+    done = subprocess.run(
+        [*PSFW, "train", str(config_path), "--run-dir", str(run_dir), "--no-progress", "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = reference(load_config(config_path), steps)
+    assert_params_close(read_params(run_dir / "params.safetensors"), expected)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_shard(index: int, port: int, folder) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [*PSFW, "server", "--shard", str(index), "--of", "2", "--listen", f"127.0.0.1:{port}", "--grace", "0"]
+        + ["--checkpoint-dir", str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    assert "listening on" in proc.stdout.readline()
+    return proc
+
+
+def start_worker(config_path, process: int, addresses: list[str], run_dir) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*PSFW, "worker", str(config_path), "--process", str(process), "--servers", ",".join(addresses)]
+        + ["--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
+
+
+def stop_all(procs) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_a_killed_shard_restarts_from_its_checkpoint_and_the_job_resyncs(tmp_path):
+    steps = 200
+    config_path = job_file(tmp_path / "job.toml", steps=steps)
+    ports = free_ports(2)
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    folder = tmp_path / "checkpoints"
+    shards = [start_shard(i, ports[i], folder) for i in range(2)]
+    procs = list(shards)
+    try:
+        worker = start_worker(config_path, 0, addresses, tmp_path / "run")
+        procs.append(worker)
+        kill_at = random.Random().randint(20, 120)
+        wait_for_step(worker, kill_at)
+        shards[1].send_signal(signal.SIGKILL)
+        shards[1].wait(30)
+        procs.append(start_shard(1, ports[1], folder))
+        out = worker.stdout.read()
+        assert worker.wait(300) == 0, out[-3000:]
+        assert "re-synced" in out or "restored" in out, out[-3000:]
+    finally:
+        stop_all(procs)
+    expected = reference(load_config(config_path), steps)
+    assert_params_close(read_params(tmp_path / "run" / "params.safetensors"), expected)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_process_rejoins_and_the_job_ends_as_if_never_killed(tmp_path):
+    steps = 200
+    config_path = job_file(tmp_path / "job.toml", steps=steps, workers=2, per_process=1)
+    ports = free_ports(2)
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    procs = [start_shard(i, ports[i], tmp_path / "checkpoints") for i in range(2)]
+    try:
+        chief = start_worker(config_path, 0, addresses, tmp_path / "run")
+        other = start_worker(config_path, 1, addresses, tmp_path / "other")
+        procs += [chief, other]
+        kill_at = random.Random().randint(20, 120)
+        wait_for_step(other, kill_at)
+        other.send_signal(signal.SIGKILL)
+        other.wait(30)
+        again = start_worker(config_path, 1, addresses, tmp_path / "other")
+        procs.append(again)
+        assert again.wait(300) == 0, again.stdout.read()[-3000:]
+        out = chief.stdout.read()
+        assert chief.wait(300) == 0, out[-3000:]
+    finally:
+        stop_all(procs)
+    expected = reference(load_config(config_path), steps)
+    assert_params_close(read_params(tmp_path / "run" / "params.safetensors"), expected)
+
+
+@pytest.mark.asyncio
+async def test_a_process_that_never_starts_is_named_instead_of_a_hang():
+    config = parse_config(
+        {
+            "train": {"batch_size": 20, "steps": 3, "wait_s": 1.0},
+            "cluster": {"workers_per_group": 2, "workers_per_process": 1, "servers": 1},
+        }
+    )
+    started = time.monotonic()
+    with pytest.raises(BaseExceptionGroup) as err:
+        await train_async(config, progress=False, outputs=False, processes=[0])
+    assert time.monotonic() - started < 30
+    text = repr(err.value.exceptions)
+    assert "to be put" in text and "has their owner started?" in text
+
+
+@pytest.mark.asyncio
+async def test_a_step_that_cannot_complete_names_the_missing_processes(shard):
+    server, client = shard
+    await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
+    from psfw.errors import ShardError
+
+    with pytest.raises(ShardError) as err:
+        await client.update(
+            group=0,
+            step=0,
+            process=0,
+            workers=1,
+            rows=1,
+            workers_per_group=2,
+            group_processes=2,
+            items=[("w", 0, np.ones(4, np.float32))],
+            expect=_expect,
+            wait_s=0.5,
+        )
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "group 0 step 0 is incomplete" in str(err.value) and "missing processes: [1]" in str(err.value)
+
+
+def _expect(key):
+    return np.dtype("float32"), (4,)
+
+
+async def _update(client, process=0, wpg=1, grad=1.0, epoch=0):
+    return await client.update(
+        group=0,
+        step=0,
+        process=process,
+        workers=1,
+        rows=1,
+        workers_per_group=wpg,
+        group_processes=wpg,
+        epoch=epoch,
+        items=[("w", 0, np.full(4, grad, np.float32))],
+        expect=_expect,
+        wait_s=5,
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_retried_update_gets_the_same_answer_and_is_added_once(shard):
+    server, client = shard
+    await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
+    first = await _update(client)
+    again = await _update(client)
+    assert first.step == again.step == 1
+    np.testing.assert_array_equal(first.values[("w", 0)], again.values[("w", 0)])
+    assert server.store.versions[("w", 0)] == 1 and server.store.updates_applied == 1
+
+
+@pytest.mark.asyncio
+async def test_a_duplicate_contribution_to_a_pending_step_is_not_added(shard):
+    server, client = shard
+    await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
+    waiting = [asyncio.create_task(_update(client, 0, 2, 1.0)) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    assert server.store.groups[0].round.workers == 1, "the same process counted once"
+    other = await _update(client, 1, 2, 3.0)
+    answers = [await t for t in waiting] + [other]
+    for answer in answers:
+        np.testing.assert_allclose(answer.values[("w", 0)], -0.1 * (1.0 + 3.0) / 2)
+    assert server.store.versions[("w", 0)] == 1
+
+
+@pytest.mark.asyncio
+async def test_an_update_from_another_epoch_asks_for_a_resync(shard):
+    server, client = shard
+    await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
+    from psfw.errors import ShardError
+
+    with pytest.raises(ShardError) as err:
+        await _update(client, epoch=3)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "re-sync" in str(err.value)
+
+
+@pytest.mark.asyncio
+async def test_checkpoints_hold_values_optimizer_state_versions_and_dedup_state(tmp_path):
+    folder = tmp_path / "ckpt"
+    adam = json.dumps({"name": "adam", "learning_rate": 0.1})
+    servers = [ShardServer(i, 2, checkpoint_dir=folder) for i in range(2)]
+    for s in servers:
+        await s.start("127.0.0.1:0")
+    clients = [ShardClient(s.address, i, timeout_s=10, retries=0) for i, s in enumerate(servers)]
+    try:
+        for c in clients:
+            await c.put([("w", 0, np.zeros(4, np.float32))], adam)
+        for step in range(4):
+            for c in clients:
+                await c.update(
+                    group=0,
+                    step=step,
+                    process=0,
+                    workers=1,
+                    rows=1,
+                    workers_per_group=1,
+                    checkpoint_every=2,
+                    items=[("w", 0, np.full(4, step + 1.0, np.float32))],
+                    expect=_expect,
+                    wait_s=5,
+                )
+        for s in servers:
+            await s.store.flush_checkpoints()
+        assert checkpoint.complete_steps(folder, 2) == [2, 4]
+        digests = [s.store.digest() for s in servers]
+    finally:
+        for c in clients:
+            await c.close()
+        for s in servers:
+            await s.stop(0)
+    restarted = ShardServer(1, 2, checkpoint_dir=folder)
+    await restarted.start("127.0.0.1:0")
+    try:
+        assert restarted.restored_step == 4 and restarted.store.epoch == 1
+        assert restarted.store.digest() == digests[1], "values, versions, steps and optimizer state come back"
+        assert restarted.store.groups[0].last == [0]
+    finally:
+        await restarted.stop(0)
+
+
+def test_a_half_written_checkpoint_is_never_loaded(tmp_path):
+    tensors = {"value/0": np.ones(3, np.float32)}
+    meta = {"shard": 0, "shards": 2}
+    assert not checkpoint.save_shard(tmp_path, 5, 0, 2, tensors, meta), "one shard of two: incomplete"
+    assert checkpoint.complete_steps(tmp_path, 2) == []
+    assert checkpoint.save_shard(tmp_path, 5, 1, 2, tensors, {**meta, "shard": 1})
+    assert checkpoint.complete_steps(tmp_path, 2) == [5]
+    checkpoint.save_shard(tmp_path, 10, 0, 2, tensors, meta)
+    checkpoint.save_shard(tmp_path, 10, 1, 2, tensors, {**meta, "shard": 1})
+    shard_file = checkpoint.shard_file(tmp_path, 10, 1)
+    shard_file.write_bytes(shard_file.read_bytes()[:20])  # torn write of a file the manifest names
+    assert checkpoint.complete_steps(tmp_path, 2) == [5]
+    (checkpoint.step_dir(tmp_path, 5) / ".shard-0.safetensors.tmp-1").write_bytes(b"partial")
+    assert checkpoint.complete_steps(tmp_path, 2) == [5]
+    assert [p.name for p in tmp_path.rglob("*.pkl")] == []
+
+
+@pytest.mark.asyncio
+async def test_a_graceful_stop_saves_a_final_checkpoint(tmp_path):
+    server = ShardServer(0, 1, checkpoint_dir=tmp_path)
+    await server.start("127.0.0.1:0")
+    client = ShardClient(server.address, 0, timeout_s=10, retries=0)
+    await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
+    await _update(client)
+    await client.close()
+    await server.stop(1.0)
+    assert checkpoint.complete_steps(tmp_path, 1) == [1]
+
+
+def test_resume_without_checkpoints_and_reuse_without_resume_are_refused(tmp_path):
+    config = job_file(tmp_path / "job.toml", steps=3, every=1)
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [*PSFW, "train", str(config), "--run-dir", str(run_dir), "--resume", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "holds no complete checkpoint" in done.stderr
+    assert (
+        subprocess.run(
+            [*PSFW, "train", str(config), "--run-dir", str(run_dir), "--no-progress"], capture_output=True, timeout=120
+        ).returncode
+        == 0
+    )
+    done = subprocess.run(
+        [*PSFW, "train", str(config), "--run-dir", str(run_dir), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "pass --resume" in done.stderr
