@@ -24,6 +24,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
+    from psfw.security import Security
     from psfw.services.server import serve
 
     try:
@@ -38,6 +39,7 @@ def _server(args: argparse.Namespace) -> int:
                 nonfinite=args.nonfinite,
                 insecure=args.insecure,
                 checkpoint_dir=args.checkpoint_dir,
+                security=Security.from_files(args.tls_cert, args.tls_key, args.tls_client_ca, args.token_file),
             )
         )
     except (PermissionError, OSError, ValueError) as err:
@@ -50,13 +52,28 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"PSFW_{name}", default)
 
 
+def _client_security(args: argparse.Namespace):
+    from psfw.security import Security
+
+    return Security.from_files(args.tls_cert, args.tls_key, args.tls_ca, args.token_file)
+
+
+def _add_client_security(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", default=_env("TLS_CA"), help="CA certificate that signed the shards' (turns on TLS)")
+    p.add_argument("--tls-cert", default=_env("TLS_CERT"), help="this client's certificate, for mutual TLS")
+    p.add_argument("--tls-key", default=_env("TLS_KEY"), help="this client's private key, for mutual TLS")
+    p.add_argument("--token-file", default=_env("TOKEN_FILE"), help="file holding the bearer token")
+
+
 def _worker(args: argparse.Namespace) -> int:
     from psfw.config import load_config
     from psfw.launcher import train
 
     config = load_config(args.config)
     servers = [a.strip() for a in args.servers.split(",") if a.strip()]
-    result = train(config, args.run_dir, progress=False, servers=servers, processes=[args.process])
+    result = train(
+        config, args.run_dir, progress=False, servers=servers, processes=[args.process], security=_client_security(args)
+    )
     if result.run_dir is not None:
         acc = result.test_accuracy
         print(f"test loss {result.test_loss:.4f}" + (f", test accuracy {acc:.4f}" if acc is not None else ""))
@@ -80,7 +97,8 @@ def _status(args: argparse.Namespace) -> int:
     from psfw.cluster import Cluster, format_status
 
     async def show() -> None:
-        async with Cluster([a.strip() for a in args.servers.split(",") if a.strip()]) as cluster:
+        addresses = [a.strip() for a in args.servers.split(",") if a.strip()]
+        async with Cluster(addresses, security=_client_security(args)) as cluster:
             print(format_status(await cluster.status(args.interval)))
 
     asyncio.run(show())
@@ -91,7 +109,13 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    security = _client_security(args)
+    if security.ca is not None:
+        credentials = grpc.ssl_channel_credentials(security.ca, security.key, security.cert)
+        channel = grpc.secure_channel(args.address, credentials)
+    else:
+        channel = grpc.insecure_channel(args.address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -127,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
         help="serve one parameter-server shard",
         description="Serve one shard. Every flag can also come from the environment (PSFW_SHARD, PSFW_SHARDS, "
         "PSFW_LISTEN, PSFW_GRACE, PSFW_DRAIN, PSFW_METRICS_PORT, PSFW_NONFINITE, PSFW_CHECKPOINT_DIR, "
-        "PSFW_INSECURE=1), "
+        "PSFW_TLS_CERT, PSFW_TLS_KEY, PSFW_TLS_CLIENT_CA, PSFW_TOKEN_FILE, PSFW_INSECURE=1), "
         "so a container needs no arguments.",
     )
     s.add_argument("--shard", type=int, default=int(_env("SHARD", "0")), help="this shard's index")
@@ -153,6 +177,12 @@ def parser() -> argparse.ArgumentParser:
         default=_env("CHECKPOINT_DIR"),
         help="folder shared by the job's shards for checkpoints; the newest complete one is loaded at start",
     )
+    s.add_argument("--tls-cert", default=_env("TLS_CERT"), help="server certificate (PEM): turns on TLS")
+    s.add_argument("--tls-key", default=_env("TLS_KEY"), help="server private key (PEM)")
+    s.add_argument(
+        "--tls-client-ca", default=_env("TLS_CLIENT_CA"), help="require client certificates signed by this CA (mTLS)"
+    )
+    s.add_argument("--token-file", default=_env("TOKEN_FILE"), help="require this bearer token on every RPC but health")
     s.add_argument(
         "--insecure",
         action="store_true",
@@ -168,6 +198,7 @@ def parser() -> argparse.ArgumentParser:
         "--servers", default=_env("SERVERS", ""), help="shard addresses host:port, comma-separated, in shard order"
     )
     w.add_argument("--run-dir", default=_env("RUN_DIR"), help="outputs folder (process 0 evaluates and writes)")
+    _add_client_security(w)
     w.set_defaults(run=_worker)
 
     la = sub.add_parser("launch", help="run the shards and worker processes of a config as OS processes here")
@@ -178,12 +209,14 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="a running cluster's shards: keys, bytes, versions, groups, update rate")
     st.add_argument("servers", help="shard addresses host:port, comma-separated")
     st.add_argument("--interval", type=float, default=1.0, help="seconds over which to measure the update rate")
+    _add_client_security(st)
     st.set_defaults(run=_status)
 
     h = sub.add_parser("health", help="probe a shard's gRPC health service (exit 0 when SERVING)")
     h.add_argument("address", help="host:port of the shard")
     h.add_argument("--service", default="", help="service name ('' = the whole server)")
     h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    _add_client_security(h)
     h.set_defaults(run=_health)
 
     b = sub.add_parser("bench", help="samples/s of psfw against single-process JAX")

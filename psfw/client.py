@@ -19,6 +19,7 @@ from psfw.errors import ShardError
 from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
+from psfw.security import NO_SECURITY, Security
 from psfw.services.server import SERVICE_NAME, grpc_options
 from psfw.wire import (
     CHUNK_BYTES,
@@ -67,10 +68,12 @@ class ShardClient:
         timeout_s: float = 60.0,
         retries: int = 5,
         chunk_bytes: int = CHUNK_BYTES,
+        security: Security = NO_SECURITY,
     ):
         self.address, self.shard = address, shard
         self.timeout_s, self.retries, self.chunk_bytes = timeout_s, retries, chunk_bytes
-        self.channel = grpc.aio.insecure_channel(address, options=grpc_options())
+        self.channel = security.channel(address, grpc_options())
+        self._md = security.metadata()
         self._stub = pb_grpc.ParameterServerStub(self.channel)
         method = f"/{SERVICE_NAME}/"
         self._put = self.channel.stream_unary(
@@ -118,7 +121,7 @@ class ShardClient:
                 yield Frame(pb.PutRequest(optimizer=optimizer if i == 0 else ""), chunks)
 
         async def attempt():
-            return (await self._put(requests(), timeout=self.timeout_s)).slices
+            return (await self._put(requests(), timeout=self.timeout_s, metadata=self._md)).slices
 
         return await self._call("Put", attempt)
 
@@ -144,7 +147,7 @@ class ShardClient:
         )
 
         async def attempt():
-            frames = [f async for f in self._get(request, timeout=wait_s + RPC_MARGIN_S)]
+            frames = [f async for f in self._get(request, timeout=wait_s + RPC_MARGIN_S, metadata=self._md)]
             return await asyncio.to_thread(_assemble, frames, expect, into)
 
         return await self._call("Get", attempt)
@@ -199,7 +202,7 @@ class ShardClient:
         messages = await asyncio.to_thread(encode)
 
         async def attempt():
-            frames = [f async for f in self._update(iter(messages), timeout=wait_s + RPC_MARGIN_S)]
+            frames = [f async for f in self._update(iter(messages), timeout=wait_s + RPC_MARGIN_S, metadata=self._md)]
             return await asyncio.to_thread(_assemble, frames, expect, into)
 
         return await self._call("Update", attempt)
@@ -207,7 +210,11 @@ class ShardClient:
     async def restore(self, step: int, epoch: int) -> pb.RestoreReply:
         """Roll the shard back to its complete checkpoint of ``step``, at ``epoch``."""
         request = pb.RestoreRequest(step=step, epoch=epoch)
-        return await self._call("Restore", lambda: self._stub.Restore(request, timeout=self.timeout_s))
+        return await self._call(
+            "Restore", lambda: self._stub.Restore(request, timeout=self.timeout_s, metadata=self._md)
+        )
 
     async def describe(self) -> pb.DescribeReply:
-        return await self._call("Describe", lambda: self._stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s))
+        return await self._call(
+            "Describe", lambda: self._stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s, metadata=self._md)
+        )

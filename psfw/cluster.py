@@ -19,6 +19,7 @@ from psfw.config import Config
 from psfw.errors import PsfwError
 from psfw.job import build_job
 from psfw.proto import ps_pb2 as pb
+from psfw.security import NO_SECURITY, Security
 from psfw.stub import fetch_params
 
 
@@ -26,12 +27,20 @@ class Cluster:
     """Channels to every shard of a cluster. ``config`` (the job's) is needed only
     to read parameters, whose layout it defines."""
 
-    def __init__(self, addresses: list[str], config: Config | None = None, timeout_s: float = 10.0):
+    def __init__(
+        self,
+        addresses: list[str],
+        config: Config | None = None,
+        timeout_s: float = 10.0,
+        security: Security = NO_SECURITY,
+    ):
         if not addresses:
             raise PsfwError("no shard addresses given: pass host:port of every shard, comma-separated")
         self.addresses = list(addresses)
         self.config = config
-        self.clients = [ShardClient(a, i, timeout_s=timeout_s, retries=2) for i, a in enumerate(addresses)]
+        self.clients = [
+            ShardClient(a, i, timeout_s=timeout_s, retries=2, security=security) for i, a in enumerate(addresses)
+        ]
         self._job = None
 
     async def __aenter__(self) -> Cluster:

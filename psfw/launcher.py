@@ -28,6 +28,7 @@ from psfw.job import Job, build_job
 from psfw.outputs import PARAMS_FILE, MetricsLog, new_run_dir, read_records, write_curves, write_net, write_params
 from psfw.params import unflatten_params
 from psfw.progress import ProgressBar, StepReporter
+from psfw.security import NO_SECURITY, Security
 from psfw.services.checkpoint import complete_steps
 from psfw.services.server import ShardServer
 from psfw.stub import Stub, fetch_params
@@ -59,6 +60,7 @@ async def run_job(
     *,
     processes: list[int] | None = None,
     reporter: StepReporter | None = None,
+    security: Security = NO_SECURITY,
 ) -> list[Stub]:
     """Run worker processes of ``job`` (default: all) in this OS process, each with
     its own stub, cache and channels, against the shards at ``addresses``.
@@ -95,7 +97,10 @@ async def run_job(
                     executor=executor,
                     wait_s=t.wait_s,
                 )
-                clients = [ShardClient(a, i, timeout_s=t.wait_s, retries=t.retries) for i, a in enumerate(addresses)]
+                clients = [
+                    ShardClient(a, i, timeout_s=t.wait_s, retries=t.retries, security=security)
+                    for i, a in enumerate(addresses)
+                ]
                 for client in clients:
                     stack.push_async_callback(client.close)
                 cache = ParamCache(group, process)
@@ -132,6 +137,7 @@ async def train_async(
     servers: list[str] | None = None,
     processes: list[int] | None = None,
     resume: bool = False,
+    security: Security = NO_SECURITY,
 ) -> TrainResult:
     """Train ``config``; see the module docstring.
 
@@ -140,7 +146,8 @@ async def train_async(
     default: all). Evaluation and the run folder are the job of the OS process that
     runs process 0; elsewhere the result holds no parameters. The embedded shards
     checkpoint into ``RUN_DIR/checkpoints`` every ``train.checkpoint_every`` steps;
-    ``resume`` continues from the newest complete checkpoint there.
+    ``resume`` continues from the newest complete checkpoint there. ``security``:
+    TLS and token for the channels to ``servers``.
     """
     job = build_job(config)
     t, c = config.train, config.cluster
@@ -183,10 +190,10 @@ async def train_async(
             sinks.append(log_line)
         local = Counter(p // c.processes_per_group for p in processes)
         reporter = StepReporter(dict(local), job.steps, t.log_every, sinks)
-        stubs = await run_job(job, addresses, processes=processes, reporter=reporter)
+        stubs = await run_job(job, addresses, processes=processes, reporter=reporter, security=security)
         if not chief:
             return TrainResult({}, job.steps, float("nan"), {}, reporter.records, None, [dict(s.rpcs) for s in stubs])
-        clients = [ShardClient(a, i, timeout_s=t.wait_s) for i, a in enumerate(addresses)]
+        clients = [ShardClient(a, i, timeout_s=t.wait_s, security=security) for i, a in enumerate(addresses)]
         for client in clients:
             stack.push_async_callback(client.close)
         params = await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), t.wait_s)

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from psfw.proto import ps_pb2 as pb
+from psfw.security import NO_SECURITY, Security
 from psfw.services.servicer import DEFAULT_MAX_REQUEST_BYTES, ParameterServerServicer, add_servicer
 from psfw.services.store import ShardStore
 
@@ -53,6 +54,15 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def check_listen(address: str, security: Security, insecure: bool) -> None:
+    """A non-loopback address needs TLS or a token, unless ``insecure`` says otherwise."""
+    if not is_loopback(address) and not (security.tls or security.token or insecure):
+        raise PermissionError(
+            f"refusing to listen on {address} without TLS or a token: give --tls-cert/--tls-key or "
+            "--token-file, use a loopback address, or pass --insecure to accept anyone who can reach it"
+        )
+
+
 class ShardServer:
     """One parameter-server shard served over gRPC."""
 
@@ -67,6 +77,7 @@ class ShardServer:
         insecure: bool = False,
         checkpoint_dir: str | None = None,
         keep: int = 3,
+        security: Security = NO_SECURITY,
     ):
         if not 0 <= shard < shards:
             raise ValueError(f"shard index {shard} is outside 0..{shards - 1}")
@@ -74,7 +85,8 @@ class ShardServer:
         self.servicer = ParameterServerServicer(self.store, max_request_bytes)
         self.health = health.aio.HealthServicer()
         self.insecure = insecure
-        self._server = grpc.aio.server(options=grpc_options(max_message_bytes))
+        self.security = security
+        self._server = grpc.aio.server(options=grpc_options(max_message_bytes), interceptors=security.interceptors())
         add_servicer(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -95,15 +107,16 @@ class ShardServer:
         With a checkpoint folder, the newest complete checkpoint is loaded first.
         Health stays NOT_SERVING until the shard is ready: then at once with
         ``ready``, else when ``mark_ready`` is called.
-        Raises PermissionError for a non-loopback address without ``insecure``.
+        Raises PermissionError for a non-loopback address without TLS or a token,
+        unless the server was made ``insecure``.
         """
-        if not is_loopback(address) and not self.insecure:
-            raise PermissionError(
-                f"refusing to listen on {address} without TLS or a token: "
-                "use a loopback address, or pass --insecure to accept anyone who can reach it"
-            )
+        check_listen(address, self.security, self.insecure)
         await self._set_health(NOT_SERVING)
-        port = self._server.add_insecure_port(address)
+        credentials = self.security.server_credentials()
+        if credentials is None:
+            port = self._server.add_insecure_port(address)
+        else:
+            port = self._server.add_secure_port(address, credentials)
         if port == 0:
             raise OSError(f"cannot listen on {address}: the address is taken or invalid")
         await self._server.start()

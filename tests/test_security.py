@@ -1,0 +1,179 @@
+"""TLS, mutual TLS and bearer tokens: no one without them gets in, and a refused call
+changes nothing."""
+
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from psfw.client import ShardClient
+from psfw.config import parse_config
+from psfw.errors import ConfigError, ShardError
+from psfw.launcher import train_async
+from psfw.security import Security
+from psfw.services.server import ShardServer, check_listen
+
+from certs import make_ca, make_leaf
+from helpers import SGD
+
+TOKEN = "s3cret-token-for-tests"
+
+
+@pytest.fixture
+def pki(tmp_path):
+    ca = make_ca(tmp_path, "ca")
+    other_ca = make_ca(tmp_path, "rogue-ca")
+    files = {
+        "ca": tmp_path / "ca.pem",
+        "server": make_leaf(tmp_path, "server", ca, server=True),
+        "client": make_leaf(tmp_path, "client", ca),
+        "rogue": make_leaf(tmp_path, "rogue", other_ca),
+    }
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    files["token"] = tmp_path / "token"
+    return files
+
+
+def server_security(pki, mtls=True, token=True) -> Security:
+    cert, key = pki["server"]
+    return Security.from_files(
+        str(cert), str(key), str(pki["ca"]) if mtls else None, str(pki["token"]) if token else None
+    )
+
+
+def client_security(pki, cert="client", token=TOKEN, ca=True) -> Security:
+    files = pki[cert] if cert else (None, None)
+    return Security.from_files(
+        str(files[0]) if files[0] else None,
+        str(files[1]) if files[1] else None,
+        str(pki["ca"]) if ca else None,
+        token=token,
+    )
+
+
+@pytest_asyncio.fixture
+async def secured(pki):
+    server = ShardServer(0, 1, security=server_security(pki))
+    await server.start("127.0.0.1:0")
+    good = ShardClient(server.address, 0, timeout_s=5, retries=0, security=client_security(pki))
+    await good.put([("w", 0, np.zeros(4, np.float32))], SGD)
+    yield server, good
+    await good.close()
+    await server.stop(0)
+
+
+async def attempt(server, security):
+    client = ShardClient(server.address, 0, timeout_s=5, retries=0, security=security)
+    try:
+        return await client.update(
+            group=0,
+            step=0,
+            process=0,
+            workers=1,
+            rows=1,
+            workers_per_group=1,
+            items=[("w", 0, np.ones(4, np.float32))],
+            expect=lambda key: (np.dtype("float32"), (4,)),
+            wait_s=2,
+        )
+    finally:
+        await client.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("missing token", grpc.StatusCode.UNAUTHENTICATED),
+        ("wrong token", grpc.StatusCode.UNAUTHENTICATED),
+        ("no client certificate", grpc.StatusCode.UNAVAILABLE),
+        ("certificate from another CA", grpc.StatusCode.UNAVAILABLE),
+        ("plaintext", grpc.StatusCode.UNAVAILABLE),
+    ],
+)
+async def test_refused_callers_change_nothing(secured, pki, case, code):
+    server, _ = secured
+    security = {
+        "missing token": client_security(pki, token=None),
+        "wrong token": client_security(pki, token="guess"),
+        "no client certificate": client_security(pki, cert=None),
+        "certificate from another CA": client_security(pki, cert="rogue"),
+        "plaintext": Security(token=TOKEN),
+    }[case]
+    before = server.store.digest()
+    with pytest.raises(ShardError) as err:
+        await attempt(server, security)
+    assert err.value.code == code, str(err.value)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        assert "bearer token" in str(err.value)
+    assert server.store.digest() == before
+    assert server.store.updates_applied == 0
+
+
+@pytest.mark.asyncio
+async def test_the_right_certificate_and_token_get_in(secured, pki):
+    server, _ = secured
+    answer = await attempt(server, client_security(pki))
+    assert answer.step == 1 and server.store.updates_applied == 1
+
+
+@pytest.mark.asyncio
+async def test_health_needs_no_token_but_tls_still_holds(secured, pki):
+    server, _ = secured
+    cert, key = pki["client"]
+    credentials = grpc.ssl_channel_credentials(pki["ca"].read_bytes(), key.read_bytes(), cert.read_bytes())
+    async with grpc.aio.secure_channel(server.address, credentials) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.asyncio
+async def test_training_over_mutual_tls_with_a_token(pki):
+    security = server_security(pki)
+    servers = [ShardServer(i, 2, security=security) for i in range(2)]
+    for s in servers:
+        await s.start("127.0.0.1:0")
+    config = parse_config({"train": {"batch_size": 32, "steps": 5}, "model": {"hidden": [16]}})
+    try:
+        result = await train_async(
+            config, progress=False, outputs=False, servers=[s.address for s in servers], security=client_security(pki)
+        )
+        assert result.steps == 5 and all(s.store.updates_applied == 5 for s in servers)
+    finally:
+        for s in servers:
+            await s.stop(0)
+
+
+def test_open_addresses_need_tls_or_a_token(pki):
+    with pytest.raises(PermissionError, match="refusing to listen on 0.0.0.0:7000 without TLS or a token"):
+        check_listen("0.0.0.0:7000", Security(), insecure=False)
+    check_listen("0.0.0.0:7000", Security(token="t"), insecure=False)
+    check_listen("0.0.0.0:7000", server_security(pki, mtls=False, token=False), insecure=False)
+    check_listen("0.0.0.0:7000", Security(), insecure=True)
+    check_listen("127.0.0.5:7000", Security(), insecure=False)
+    check_listen("[::1]:7000", Security(), insecure=False)
+
+
+def test_security_files_are_checked(tmp_path, pki):
+    with pytest.raises(ConfigError, match="give both"):
+        Security.from_files(cert=str(pki["server"][0]))
+    with pytest.raises(ConfigError, match="token file .*absent: No such file"):
+        Security.from_files(token_file=str(tmp_path / "absent"))
+    (tmp_path / "blank").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        Security.from_files(token_file=str(tmp_path / "blank"))
+
+
+def test_server_command_refuses_an_open_address_in_one_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "psfw.cli", "server", "--listen", "0.0.0.0:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "--insecure" in done.stderr
