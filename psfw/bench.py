@@ -11,12 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 
 import jax
 import optax
@@ -25,6 +20,7 @@ from psfw.compute.batching import BatchOrder
 from psfw.config import Config, parse_config
 from psfw.job import build_job
 from psfw.launcher import run_job
+from psfw.localprocs import shard_processes
 from psfw.progress import StepReporter
 from psfw.services.server import ShardServer
 
@@ -91,56 +87,11 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None) -> flo
     return measured * config.train.batch_size / (stamps[-1] - stamps[warmup - 1])
 
 
-@contextmanager
-def shard_processes(count: int):
-    """Start ``count`` ``psfw server`` processes on 127.0.0.1; yields their addresses."""
-    procs = []
-    try:
-        addresses = []
-        for i in range(count):
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "psfw.cli",
-                    "server",
-                    "--shard",
-                    str(i),
-                    "--of",
-                    str(count),
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--grace",
-                    "0",
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            procs.append(proc)
-            line = proc.stdout.readline()
-            match = re.search(r"listening on (\S+)", line)
-            if not match:
-                raise RuntimeError(f"shard process {i} did not start: {line!r}")
-            addresses.append(match.group(1))
-        yield addresses
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-
-
 def run_bench(steps: int = 60, warmup: int = 10) -> dict[str, float]:
     config = bench_config(warmup + steps)
     ref = single_process(config, warmup, steps)
     embedded = asyncio.run(_psfw(config, warmup, None))
-    with shard_processes(config.cluster.servers) as addresses:
+    with shard_processes(config.cluster.servers) as (addresses, _):
         separate = asyncio.run(_psfw(config, warmup, addresses))
     return {
         "single_process": ref,

@@ -128,6 +128,17 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    import json
+
+    from psfw.loadtest import load_test
+
+    figures = load_test(args.groups, args.seconds, args.mb)
+    print(json.dumps(figures, indent=None if args.json else 1))
+    ok = not figures["errors"] and not figures["lost"] and not figures["doubled"] and figures["values_consistent"]
+    return 0 if ok else 1
+
+
 def _bench(args: argparse.Namespace) -> int:
     from psfw.bench import main as bench_main
 
@@ -218,6 +229,15 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     _add_client_security(h)
     h.set_defaults(run=_health)
+
+    lt = sub.add_parser(
+        "loadtest", help="concurrent streams against 2 shard processes: errors, lost/doubled updates, RSS"
+    )
+    lt.add_argument("--groups", type=int, default=32, help="concurrent groups; each keeps one stream open per shard")
+    lt.add_argument("--seconds", type=float, default=10.0, help="how long to send")
+    lt.add_argument("--mb", type=float, default=1.0, help="MB of values per shard")
+    lt.add_argument("--json", action="store_true", help="one line of JSON")
+    lt.set_defaults(run=_loadtest)
 
     b = sub.add_parser("bench", help="samples/s of psfw against single-process JAX")
     b.add_argument("--json", action="store_true", help="print one JSON object")
