@@ -250,6 +250,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("psfw").setLevel(logging.INFO)  # psfw's own notes (transport, restores) are shown
     try:
         return args.run(args)
     except ConfigError as err:

@@ -60,6 +60,8 @@ def _assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
 
 
 class ShardClient:
+    transport = "grpc"
+
     def __init__(
         self,
         address: str,

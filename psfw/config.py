@@ -94,6 +94,7 @@ class ClusterConfig(_Strict):
     slice_bytes: int = Field(1 << 20, ge=64)
     staleness: int | None = Field(None, ge=0)  # None: groups fully asynchronous; k: SSP bound
     warmup_steps: int = Field(0, ge=0)  # group 0 trains alone this long before other groups start
+    transport: Literal["auto", "grpc"] = "auto"  # auto: shards in this process are called directly
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:

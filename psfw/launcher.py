@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from psfw.cache import ParamCache
-from psfw.client import ShardClient
 from psfw.compute.step import make_eval_fn, make_grad_step
 from psfw.config import Config, load_config
 from psfw.errors import ConfigError
 from psfw.job import Job, build_job
+from psfw.local import connect
 from psfw.outputs import PARAMS_FILE, MetricsLog, new_run_dir, read_records, write_curves, write_net, write_params
 from psfw.params import unflatten_params
 from psfw.progress import ProgressBar, StepReporter
@@ -98,9 +98,18 @@ async def run_job(
                     wait_s=t.wait_s,
                 )
                 clients = [
-                    ShardClient(a, i, timeout_s=t.wait_s, retries=t.retries, security=security)
+                    connect(
+                        a,
+                        i,
+                        timeout_s=t.wait_s,
+                        prefer_local=c.transport == "auto",
+                        retries=t.retries,
+                        security=security,
+                    )
                     for i, a in enumerate(addresses)
                 ]
+                paths = ", ".join(f"shard {i} {cl.transport}" for i, cl in enumerate(clients))
+                log.info("process %d of group %d: %s", process, group, paths)
                 for client in clients:
                     stack.push_async_callback(client.close)
                 cache = ParamCache(group, process)
@@ -193,7 +202,7 @@ async def train_async(
         stubs = await run_job(job, addresses, processes=processes, reporter=reporter, security=security)
         if not chief:
             return TrainResult({}, job.steps, float("nan"), {}, reporter.records, None, [dict(s.rpcs) for s in stubs])
-        clients = [ShardClient(a, i, timeout_s=t.wait_s, security=security) for i, a in enumerate(addresses)]
+        clients = [connect(a, i, timeout_s=t.wait_s, security=security) for i, a in enumerate(addresses)]
         for client in clients:
             stack.push_async_callback(client.close)
         params = await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), t.wait_s)

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import weakref
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,6 +53,15 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+_IN_PROCESS: weakref.WeakValueDictionary[str, ShardServer] = weakref.WeakValueDictionary()
+
+
+def in_process(address: str) -> ShardServer | None:
+    """The running shard of this process that serves ``address``, if any: clients
+    in the same process then skip gRPC (``psfw.local``)."""
+    return _IN_PROCESS.get(address)
 
 
 def check_listen(address: str, security: Security, insecure: bool) -> None:
@@ -132,17 +142,19 @@ class ShardServer:
                 self.restored_step = step
         if ready:
             await self.mark_ready()
+        _IN_PROCESS[self.address] = self
         return port
 
     async def mark_ready(self) -> None:
         """Report SERVING: the shard holds what it should (fresh or restored)."""
         await self._set_health(SERVING)
-        log.info("shard %d of %d serving on %s", self.store.shard, self.store.shards, self.address)
+        log.debug("shard %d of %d serving on %s", self.store.shard, self.store.shards, self.address)
 
     async def stop(self, grace: float | None = 1.0, drain: float = 0.0) -> None:
         """NOT_SERVING at once; after ``drain`` seconds (for probes to notice) stop
         taking RPCs and let in-flight ones finish within ``grace`` seconds; then
         finish checkpoint writes and, with a checkpoint folder, save the final state."""
+        _IN_PROCESS.pop(self.address, None)
         await self.health.enter_graceful_shutdown()
         if drain > 0:
             await asyncio.sleep(drain)

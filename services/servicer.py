@@ -69,16 +69,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[Frame]:
         async with self._handled(context, "Get"):
-            keys = [(r.key, r.slice) for r in request.slices] or sorted(self.store.values)
-            started = time.monotonic()
-            if request.wait_for_put:
-                await self.store.wait_for_put(keys, _wait(request.wait_s))
-            for key in keys:
-                self.store.expect(key)
-            remaining = max(0.0, _wait(request.wait_s) - (time.monotonic() - started))
-            step = await self.store.wait_for_step(request.group, request.step, remaining)
-        values = self.store.values
-        for chunks in encode_chunks((k, i, values[(k, i)]) for k, i in keys):
+            keys = [(r.key, r.slice) for r in request.slices]
+            step, values = await self.store.read(
+                keys, request.group, request.step, _wait(request.wait_s), request.wait_for_put
+            )
+        for chunks in encode_chunks((k, i, v) for (k, i), v in values.items()):
             yield Frame(pb.GetReply(step=step), chunks)
 
     async def Update(self, request_iterator: AsyncIterator[Frame], context) -> AsyncIterator[bytes]:
@@ -105,35 +100,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             yield reply
 
     async def Describe(self, request: pb.DescribeRequest, context) -> pb.DescribeReply:
-        store = self.store
-        reply = pb.DescribeReply(
-            shard=store.shard,
-            shards=store.shards,
-            bytes=store.nbytes(),
-            optimizer=store.optimizer_spec,
-            updates_applied=store.updates_applied,
-            uptime_s=time.monotonic() - store.started,
-            epoch=store.epoch,
-            checkpoint_steps=store.checkpoint_steps(),
-        )
-        for (key, index), (dtype, shape) in sorted(store.specs.items()):
-            reply.slices.add(
-                key=key,
-                slice=index,
-                dtype=dtype.name,
-                shape=shape,
-                version=store.versions[(key, index)],
-                nbytes=dtype.itemsize * math.prod(shape),
-            )
-        for group, state in sorted(store.groups.items()):
-            rnd = state.round
-            reply.groups.add(
-                group=group,
-                step=state.step,
-                pending_workers=rnd.workers if rnd else 0,
-                pending_processes=sorted(rnd.contributions) if rnd else [],
-            )
-        reply.rpc_counts.update(self.rpc_counts)
+        async with self._handled(context, "Describe"):
+            reply = describe_store(self.store)
+            reply.rpc_counts.update(self.rpc_counts)
         return reply
 
     async def Restore(self, request: pb.RestoreRequest, context) -> pb.RestoreReply:
@@ -146,6 +115,38 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 def _wait(wait_s: float) -> float:
     """The wait a request asked for, bounded; 0 means the default of 60 s."""
     return min(wait_s, 3600.0) if wait_s > 0 else 60.0
+
+
+def describe_store(store: ShardStore) -> pb.DescribeReply:
+    """The Describe answer for a shard's current state."""
+    reply = pb.DescribeReply(
+        shard=store.shard,
+        shards=store.shards,
+        bytes=store.nbytes(),
+        optimizer=store.optimizer_spec,
+        updates_applied=store.updates_applied,
+        uptime_s=time.monotonic() - store.started,
+        epoch=store.epoch,
+        checkpoint_steps=store.checkpoint_steps(),
+    )
+    for (key, index), (dtype, shape) in sorted(store.specs.items()):
+        reply.slices.add(
+            key=key,
+            slice=index,
+            dtype=dtype.name,
+            shape=shape,
+            version=store.versions[(key, index)],
+            nbytes=dtype.itemsize * math.prod(shape),
+        )
+    for group, state in sorted(store.groups.items()):
+        rnd = state.round
+        reply.groups.add(
+            group=group,
+            step=state.step,
+            pending_workers=rnd.workers if rnd else 0,
+            pending_processes=sorted(rnd.contributions) if rnd else [],
+        )
+    return reply
 
 
 def _encode_reply(result: UpdateResult) -> list[bytes]:

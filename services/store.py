@@ -212,6 +212,21 @@ class ShardStore:
                 f"({', '.join(missing[:5])}): has their owner started?",
             ) from None
 
+    async def read(
+        self, keys: list[SliceKey], group: int, step: int, wait_s: float, wait_for_put: bool = False
+    ) -> tuple[int, dict[SliceKey, jax.Array]]:
+        """The values of ``keys`` (all slices when empty) once ``group`` has completed
+        ``step`` steps, waiting at most ``wait_s`` in all (see Get)."""
+        keys = keys or sorted(self.values)
+        started = time.monotonic()
+        if wait_for_put:
+            await self.wait_for_put(keys, wait_s)
+        for key in keys:
+            self.expect(key)
+        done = await self.wait_for_step(group, step, max(0.0, wait_s - (time.monotonic() - started)))
+        values = self.values
+        return done, {k: values[k] for k in keys}
+
     async def wait_for_step(self, group: int, step: int, wait_s: float) -> int:
         """Wait until ``group`` has completed ``step`` steps; returns its step.
 

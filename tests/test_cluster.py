@@ -172,7 +172,7 @@ async def test_status_metrics_and_reading_a_parameter_from_a_client_script(tmp_p
     config_file = tmp_path / "job.toml"
     config_file.write_text(
         "seed = 1\n[model]\nhidden = [64]\n[train]\nbatch_size = 32\nsteps = 20\n"
-        "[cluster]\nworkers_per_group = 2\nworkers_per_process = 1\nservers = 2\n"
+        "[cluster]\nworkers_per_group = 2\nworkers_per_process = 1\nservers = 2\ntransport = 'grpc'\n"
     )
     config = load_config(config_file)
     servers = [ShardServer(i, 2) for i in range(2)]

@@ -14,7 +14,9 @@ from helpers import reference
 STEPS = 6
 
 
-def make_config(optimizer: dict, workers: int, per_process: int, batch: int, servers: int = 2, slice_bytes=1 << 20):
+def make_config(
+    optimizer: dict, workers: int, per_process: int, batch: int, servers: int = 2, slice_bytes=1 << 20, transport="auto"
+):
     return parse_config(
         {
             "seed": 3,
@@ -27,6 +29,7 @@ def make_config(optimizer: dict, workers: int, per_process: int, batch: int, ser
                 "workers_per_process": per_process,
                 "servers": servers,
                 "slice_bytes": slice_bytes,
+                "transport": transport,
             },
         }
     )
@@ -41,16 +44,19 @@ OPTIMIZERS = {
 @pytest.mark.asyncio
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize(
-    ("workers", "per_process", "batch", "slice_bytes"),
+    ("workers", "per_process", "batch", "slice_bytes", "transport"),
     [
-        (2, 2, 64, 1 << 20),  # 2 workers in one process, 2 shards
-        (3, 3, 50, 1 << 20),  # 3 workers on 16 + 16 + 18 rows
-        (3, 1, 50, 2048),  # 3 stubs (one per worker), parameters sliced over both shards
+        (2, 2, 64, 1 << 20, "auto"),  # 2 workers in one process, 2 shards, called in-process
+        (2, 2, 64, 1 << 20, "grpc"),  # the same over gRPC on 127.0.0.1
+        (3, 3, 50, 1 << 20, "auto"),  # 3 workers on 16 + 16 + 18 rows
+        (3, 1, 50, 2048, "grpc"),  # 3 stubs (one per worker), parameters sliced over both shards
     ],
 )
-async def test_psfw_equals_single_process_training(optimizer, workers, per_process, batch, slice_bytes):
+async def test_psfw_equals_single_process_training(optimizer, workers, per_process, batch, slice_bytes, transport):
     """Row-weighted sums make uneven sub-batches add up to the full-batch gradient."""
-    config = make_config(OPTIMIZERS[optimizer], workers, per_process, batch, slice_bytes=slice_bytes)
+    config = make_config(
+        OPTIMIZERS[optimizer], workers, per_process, batch, slice_bytes=slice_bytes, transport=transport
+    )
     result = await train_async(config, progress=False, outputs=False)
     expected = reference(config, STEPS)
     assert set(result.params) == set(expected)

@@ -1,0 +1,155 @@
+"""The put/get/update verbs for a shard that runs in this very process.
+
+The embedded default has its shards, stubs and workers in one process; there the
+stub calls the shard's store directly: no serialization, no sockets, no copies but
+the one into the stub's aligned parameter buffers. Requests are checked exactly as
+the servicer checks them (the store's own validation), errors are the same
+ShardErrors, and RPCs are counted alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import grpc
+import numpy as np
+
+from psfw.client import Fresh
+from psfw.errors import ShardError
+from psfw.layout import SliceKey
+from psfw.proto import ps_pb2 as pb
+from psfw.services.server import ShardServer, in_process
+from psfw.services.servicer import describe_store
+from psfw.wire import WireError, slice_name, wire_dtype
+
+
+class LocalShardClient:
+    """A ShardClient twin that calls an in-process ShardServer's store."""
+
+    transport = "in-process"
+
+    def __init__(self, server: ShardServer, shard: int, timeout_s: float = 60.0):
+        self.server, self.store, self.shard = server, server.store, shard
+        self.address, self.timeout_s = server.address, timeout_s
+
+    async def close(self) -> None:
+        return None
+
+    async def _call(self, rpc: str, coroutine):
+        self.server.servicer.rpc_counts[rpc] += 1
+        try:
+            return await coroutine
+        except WireError as err:
+            raise ShardError(
+                f"shard {self.shard} (in-process) {rpc}: {err.code.name}: {err.message}", err.code
+            ) from None
+
+    def _checked(self, items: Iterable[tuple[str, int, np.ndarray]], known: bool) -> dict[SliceKey, np.ndarray]:
+        arrays = {}
+        for key, index, array in items:
+            array = np.asarray(array)
+            wire_dtype(array.dtype.name)  # the dtypes the wire takes
+            if known:
+                want_dtype, want_shape = self.store.expect((key, index))
+                if array.dtype != want_dtype or array.shape != tuple(want_shape):
+                    raise WireError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{slice_name((key, index))} is {want_dtype.name}{list(want_shape)}, "
+                        f"the request sent {array.dtype.name}{list(array.shape)}",
+                    )
+            arrays[(key, index)] = array
+        return arrays
+
+    async def put(self, items, optimizer: str) -> int:
+        async def put():
+            return await self.store.put(self._checked(items, known=False), optimizer)
+
+        return await self._call("Put", put())
+
+    async def get(self, group, step, keys, expect, wait_s, into=None, wait_for_put=False) -> Fresh:
+        async def get():
+            done, values = await self.store.read(list(keys), group, step, wait_s, wait_for_put)
+            return Fresh(done, await _deliver(values, into))
+
+        return await self._call("Get", get())
+
+    async def update(
+        self,
+        *,
+        group,
+        step,
+        process,
+        workers,
+        rows,
+        workers_per_group,
+        items,
+        expect,
+        wait_s,
+        into=None,
+        worker_groups=1,
+        staleness=-1,
+        group_processes=0,
+        epoch=0,
+        checkpoint_every=0,
+    ) -> Fresh:
+        head = pb.UpdateRequest(
+            group=group,
+            step=step,
+            process=process,
+            workers=workers,
+            rows=rows,
+            workers_per_group=workers_per_group,
+            worker_groups=worker_groups,
+            staleness=staleness,
+            group_processes=group_processes,
+            epoch=epoch,
+            checkpoint_every=checkpoint_every,
+        )
+
+        async def update():
+            result = await self.store.update(head, self._checked(items, known=True), wait_s)
+            return Fresh(result.step, await _deliver(result.values, into), result.slowest_step)
+
+        return await self._call("Update", update())
+
+    async def describe(self) -> pb.DescribeReply:
+        self.server.servicer.rpc_counts["Describe"] += 1
+        reply = describe_store(self.store)
+        reply.rpc_counts.update(self.server.servicer.rpc_counts)
+        return reply
+
+    async def restore(self, step: int, epoch: int) -> pb.RestoreReply:
+        await self._call("Restore", self.store.restore(step, epoch))
+        return pb.RestoreReply(step=step, epoch=self.store.epoch)
+
+
+async def _deliver(values: dict, into: dict | None) -> dict[SliceKey, np.ndarray]:
+    """The shard's (immutable) values, copied into the caller's buffers where it
+    has them, in a thread; other slices are handed over as they are."""
+    if not into:
+        return {k: np.asarray(v) for k, v in values.items()}
+
+    def copy() -> dict[SliceKey, np.ndarray]:
+        out = {}
+        for key, value in values.items():
+            target = into.get(key)
+            if target is None:
+                out[key] = np.asarray(value)
+            else:
+                np.copyto(target, np.asarray(value).reshape(target.shape))
+                out[key] = target
+        return out
+
+    return await asyncio.to_thread(copy)
+
+
+def connect(address: str, shard: int, *, timeout_s: float, prefer_local: bool = True, **grpc_options):
+    """A client for the shard at ``address``: in-process when that shard runs in this
+    process (and ``prefer_local``), else over gRPC."""
+    from psfw.client import ShardClient
+
+    server = in_process(address) if prefer_local else None
+    if server is not None:
+        return LocalShardClient(server, shard, timeout_s)
+    return ShardClient(address, shard, timeout_s=timeout_s, **grpc_options)
