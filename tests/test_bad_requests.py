@@ -185,3 +185,29 @@ async def test_put_with_an_unknown_optimizer_is_refused(shard):
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown optimizer 'lbfgs'" in str(err.value)
     assert server.store.specs == {}
+
+
+@pytest.mark.asyncio
+async def test_nonfinite_policy_skip_skips_the_step_and_keeps_the_values():
+    server = ShardServer(0, 1, nonfinite="skip")
+    await server.start("127.0.0.1:0")
+    client = ShardClient(server.address, 0, timeout_s=10, retries=0)
+    try:
+        await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
+        answer = await client.update(
+            group=0,
+            step=0,
+            process=0,
+            workers=1,
+            rows=1,
+            workers_per_group=1,
+            items=[("w", 0, np.array([1, np.nan, 0, 0], np.float32))],
+            expect=lambda key: (np.dtype("float32"), (4,)),
+            wait_s=5,
+        )
+        assert answer.step == 1, "the group moves on"
+        np.testing.assert_array_equal(answer.values[("w", 0)], np.zeros(4, np.float32))
+        assert server.store.skipped_nonfinite == 1 and server.store.versions[("w", 0)] == 0
+    finally:
+        await client.close()
+        await server.stop(0)

@@ -229,3 +229,28 @@ def test_server_takes_its_settings_from_the_environment_and_refuses_open_address
         finally:
             proc.terminate()
             assert proc.wait(30) == 0
+
+
+@pytest.mark.asyncio
+async def test_other_groups_start_from_group_0_after_its_warmup_steps():
+    config = groups_config(None, steps=30)
+    config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"warmup_steps": 10})})
+    result = await train_async(config, progress=False, outputs=False)
+    group0 = [r for r in result.records if r["group"] == 0]
+    assert max(r["lead"] for r in group0) >= 10, "group 1 waited for group 0's warmup"
+    assert {r["group"] for r in result.records} == {0, 1}
+
+
+def test_a_second_signal_stops_the_server_at_once():
+    with subprocess.Popen(
+        [*PSFW, "server", "--listen", "127.0.0.1:0", "--grace", "30", "--drain", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert "listening on" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        assert "stopping" in proc.stderr.readline()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 1 and time.monotonic() - started < 10
