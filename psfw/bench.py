@@ -14,6 +14,7 @@ import json
 import time
 
 import jax
+import numpy as np
 import optax
 
 from psfw.compute.batching import BatchOrder
@@ -87,34 +88,165 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None) -> flo
     return measured * config.train.batch_size / (stamps[-1] - stamps[warmup - 1])
 
 
-def run_bench(steps: int = 60, warmup: int = 10) -> dict[str, float]:
+def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto") -> dict[str, float]:
+    """Samples/s of the reference, psfw embedded, psfw with shard processes, and psfw
+    with shard processes over the network path (``tcp``), measured in one run.
+    ``path="tcp"`` forces the network path for every psfw variant."""
     config = bench_config(warmup + steps)
+    if path == "tcp":
+        config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"transport": "grpc"})})
     ref = single_process(config, warmup, steps)
     embedded = asyncio.run(_psfw(config, warmup, None))
     with shard_processes(config.cluster.servers) as (addresses, _):
         separate = asyncio.run(_psfw(config, warmup, addresses))
+        tcp = asyncio.run(_psfw(config, warmup, addresses))
     return {
         "single_process": ref,
         "embedded": embedded,
         "separate_processes": separate,
+        "tcp": tcp,
         "embedded_ratio": embedded / ref,
         "separate_processes_ratio": separate / ref,
+        "tcp_ratio": tcp / ref,
+        "path": path,
     }
 
 
+async def _transfer(clients, size: int, slice_bytes: int, tag: str, repeats: int) -> tuple[float, float]:
+    """Best push and pull GB/s of a model of ``size`` bytes over ``clients``' shards."""
+    from psfw.layout import plan_layout
+    from psfw.stub import fetch_params
+
+    n = size // 4
+    best_push = best_pull = 0.0
+    for r in range(repeats):
+        name = f"{tag}{r}/w"
+        layout = plan_layout({name: ((n,), "float32")}, len(clients), 1, slice_bytes)
+        value = np.full(n, 0.5, np.float32)
+        items: dict[int, list] = {}
+        for s in layout.params[name].slices:
+            items.setdefault(s.shard, []).append((name, s.index, value[s.start : s.stop]))
+        sgd = json.dumps({"name": "sgd", "learning_rate": 0.0})
+        started = time.perf_counter()
+        await asyncio.gather(*(clients[i].put(part, sgd) for i, part in items.items()))
+        best_push = max(best_push, size / (time.perf_counter() - started) / 1e9)
+        started = time.perf_counter()
+        got = await fetch_params(clients, layout, 0, 0, [name], wait_s=120)
+        best_pull = max(best_pull, size / (time.perf_counter() - started) / 1e9)
+        if got[name][-1] != 0.5:
+            raise AssertionError("the transfer did not round-trip")
+        del got, value
+    return best_push, best_pull
+
+
+def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
+    """Push (Put) and pull (Get) of ``size`` bytes across 2 shards: GB/s each way,
+    over the network path (shard processes) and in-process (embedded)."""
+    from psfw.client import ShardClient
+    from psfw.local import LocalShardClient
+
+    async def network(addresses):
+        clients = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
+        try:
+            return await _transfer(clients, size, 1 << 20, "net", repeats)
+        finally:
+            for c in clients:
+                await c.close()
+
+    async def in_process():
+        servers = [ShardServer(i, 2) for i in range(2)]
+        for server in servers:
+            await server.start("127.0.0.1:0")
+        try:
+            return await _transfer(
+                [LocalShardClient(s, i) for i, s in enumerate(servers)], size, 1 << 20, "mem", repeats
+            )
+        finally:
+            for server in servers:
+                await server.stop(0)
+
+    with shard_processes(2) as (addresses, _):
+        push, pull = asyncio.run(network(addresses))
+    local_push, local_pull = asyncio.run(in_process())
+    return {
+        "transfer_bytes": size,
+        "tcp_push_gb_s": push,
+        "tcp_pull_gb_s": pull,
+        "in_process_push_gb_s": local_push,
+        "in_process_pull_gb_s": local_pull,
+        "shared_memory_push_gb_s": None,  # shard processes on one host talk over the network path for now
+        "shared_memory_pull_gb_s": None,
+    }
+
+
+def run_scale(stubs: int = 16, seconds: float = 3.0, model_mb: float = 1.0) -> dict[str, float]:
+    """Updates/s of ``stubs`` simulated stub processes (synthetic gradients, no
+    compute) against 1, 2 and 4 shard processes holding a model of ``model_mb`` MB."""
+    from psfw.loadtest import load_test
+
+    figures = {}
+    for shards in (1, 2, 4):
+        result = load_test(stubs, seconds, model_mb / shards, shards=shards, gets_every=10**9)
+        if result["errors"] or result["lost"] or result["doubled"]:
+            raise AssertionError(f"scale run with {shards} shards went wrong: {result}")
+        figures[f"scale_{shards}_shards_updates_per_s"] = result["updates_per_s"]
+    return figures
+
+
+def parse_size(text: str) -> int:
+    """``256MiB``, ``1GB``, ``8388608`` -> bytes."""
+    units = {
+        "": 1,
+        "k": 10**3,
+        "kb": 10**3,
+        "kib": 2**10,
+        "m": 10**6,
+        "mb": 10**6,
+        "mib": 2**20,
+        "g": 10**9,
+        "gb": 10**9,
+        "gib": 2**30,
+    }
+    number = text.strip().lower()
+    digits = "".join(ch for ch in number if ch.isdigit() or ch == ".")
+    unit = number[len(digits) :].strip()
+    if not digits or unit not in units:
+        raise ValueError(f"size {text!r}: use a number with an optional unit (KiB, MiB, GiB, KB, MB, GB)")
+    return int(float(digits) * units[unit])
+
+
 def main(args: argparse.Namespace) -> int:
-    figures = run_bench(args.steps, args.warmup)
+    figures: dict = {}
+    if args.transfer:
+        figures.update(run_transfer(parse_size(args.transfer)))
+    if args.scale:
+        figures.update(run_scale())
+    if not args.transfer and not args.scale:
+        figures.update(run_bench(args.steps, args.warmup, args.path))
     if args.json:
         print(json.dumps(figures))
         return 0
-    print("benchmark MLP 784-1024-1024-10, float32, batch 256, SGD; 1 group x 2 workers, 2 shards")
-    print(f"  single-process JAX  {figures['single_process']:10,.0f} samples/s  (reference)")
-    print(f"  psfw embedded       {figures['embedded']:10,.0f} samples/s  ratio {figures['embedded_ratio']:.2f}")
-    print(
-        f"  psfw shard procs    {figures['separate_processes']:10,.0f} samples/s  "
-        f"ratio {figures['separate_processes_ratio']:.2f}"
-    )
+    if "single_process" in figures:
+        print(
+            f"benchmark MLP 784-1024-1024-10, float32, batch 256, SGD; 1 group x 2 workers, 2 shards "
+            f"(path: {figures['path']})"
+        )
+        print(f"  single-process JAX      {figures['single_process']:10,.0f} samples/s  (reference)")
+        for key, label in (
+            ("embedded", "psfw embedded"),
+            ("separate_processes", "psfw shard processes"),
+            ("tcp", "psfw network path"),
+        ):
+            print(f"  {label:<22}  {figures[key]:10,.0f} samples/s  ratio {figures[key + '_ratio']:.2f}")
+    if "transfer_bytes" in figures:
+        print(f"transfer of {figures['transfer_bytes'] / 2**20:,.0f} MiB over 2 shards (push / pull, GB/s):")
+        print(f"  network path  {figures['tcp_push_gb_s']:.2f} / {figures['tcp_pull_gb_s']:.2f}")
+        print(f"  in-process    {figures['in_process_push_gb_s']:.2f} / {figures['in_process_pull_gb_s']:.2f}")
+    for shards in (1, 2, 4):
+        key = f"scale_{shards}_shards_updates_per_s"
+        if key in figures:
+            print(f"  {shards} shard(s): {figures[key]:,.1f} updates/s")
     return 0
 
 
-__all__ = ["BENCH_CONFIG", "run_bench"]
+__all__ = ["BENCH_CONFIG", "run_bench", "run_scale", "run_transfer"]

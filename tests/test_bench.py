@@ -1,0 +1,42 @@
+"""``psfw bench`` runs and reports every figure it promises (tiny sizes: this checks
+the harness, not the speed)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from psfw.bench import parse_size
+
+PSFW = [sys.executable, "-m", "psfw.cli", "bench", "--json"]
+
+
+def test_sizes_parse_with_units():
+    assert parse_size("256MiB") == 256 * 2**20
+    assert parse_size("1GB") == 10**9
+    assert parse_size("4096") == 4096
+    with pytest.raises(ValueError, match="use a number with an optional unit"):
+        parse_size("lots")
+
+
+@pytest.mark.slow
+def test_bench_reports_every_variant_and_ratio():
+    done = subprocess.run([*PSFW, "--steps", "4", "--warmup", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("single_process", "embedded", "separate_processes", "tcp"):
+        assert figures[key] > 0
+        if key != "single_process":
+            assert figures[f"{key}_ratio"] == pytest.approx(figures[key] / figures["single_process"])
+
+
+@pytest.mark.slow
+def test_bench_transfer_reports_both_directions():
+    done = subprocess.run([*PSFW, "--transfer", "4MiB"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["transfer_bytes"] == 4 * 2**20
+    assert all(
+        figures[k] > 0 for k in ("tcp_push_gb_s", "tcp_pull_gb_s", "in_process_push_gb_s", "in_process_pull_gb_s")
+    )
