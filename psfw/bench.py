@@ -85,6 +85,8 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None) -> flo
         for server in servers:
             await server.stop(0)
     measured = len(stamps) - warmup
+    if measured < 1:
+        raise RuntimeError(f"only {len(stamps)} steps were timed: the shards were not fresh")
     return measured * config.train.batch_size / (stamps[-1] - stamps[warmup - 1])
 
 
@@ -93,13 +95,15 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto") -> dict[str
     with shard processes over the network path (``tcp``), measured in one run.
     ``path="tcp"`` forces the network path for every psfw variant."""
     config = bench_config(warmup + steps)
+    tcp_config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"transport": "grpc"})})
     if path == "tcp":
-        config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"transport": "grpc"})})
+        config = tcp_config
     ref = single_process(config, warmup, steps)
     embedded = asyncio.run(_psfw(config, warmup, None))
     with shard_processes(config.cluster.servers) as (addresses, _):
         separate = asyncio.run(_psfw(config, warmup, addresses))
-        tcp = asyncio.run(_psfw(config, warmup, addresses))
+    with shard_processes(config.cluster.servers) as (addresses, _):  # fresh shards: a run leaves its state
+        tcp = asyncio.run(_psfw(tcp_config, warmup, addresses))
     return {
         "single_process": ref,
         "embedded": embedded,
