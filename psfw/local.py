@@ -45,20 +45,23 @@ class LocalShardClient:
                 f"shard {self.shard} (in-process) {rpc}: {err.code.name}: {err.message}", err.code
             ) from None
 
-    def _checked(self, items: Iterable[tuple[str, int, np.ndarray]], known: bool) -> dict[SliceKey, np.ndarray]:
-        arrays = {}
-        for key, index, array in items:
-            array = np.asarray(array)
-            wire_dtype(array.dtype.name)  # the dtypes the wire takes
-            if known:
-                want_dtype, want_shape = self.store.expect((key, index))
-                if array.dtype != want_dtype or array.shape != tuple(want_shape):
-                    raise WireError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"{slice_name((key, index))} is {want_dtype.name}{list(want_shape)}, "
-                        f"the request sent {array.dtype.name}{list(array.shape)}",
-                    )
-            arrays[(key, index)] = array
+    def _checked(self, items: Iterable[tuple[str, int, np.ndarray | tuple]], known: bool) -> dict[SliceKey, object]:
+        """Validate like the servicer does; a tuple of arrays (the workers' parts of
+        one process's sum) stays a tuple: the shard adds the parts up itself."""
+        arrays: dict[SliceKey, object] = {}
+        for key, index, value in items:
+            parts = tuple(np.asarray(p) for p in value) if isinstance(value, tuple) else (np.asarray(value),)
+            for array in parts:
+                wire_dtype(array.dtype.name)  # the dtypes the wire takes
+                if known:
+                    want_dtype, want_shape = self.store.expect((key, index))
+                    if array.dtype != want_dtype or array.shape != tuple(want_shape):
+                        raise WireError(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{slice_name((key, index))} is {want_dtype.name}{list(want_shape)}, "
+                            f"the request sent {array.dtype.name}{list(array.shape)}",
+                        )
+            arrays[(key, index)] = parts if isinstance(value, tuple) else parts[0]
         return arrays
 
     async def put(self, items, optimizer: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -39,7 +40,7 @@ class Round:
     step: int
     workers_per_group: int
     contributions: dict[int, tuple[int, int]] = field(default_factory=dict)  # process -> (workers, rows)
-    sums: dict[SliceKey, np.ndarray] = field(default_factory=dict)
+    parts: dict[int, dict[SliceKey, tuple[np.ndarray, ...]]] = field(default_factory=dict)  # process -> sums
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     reply: asyncio.Task | None = None  # the encoded answer, built once for every waiter
 
@@ -257,9 +258,13 @@ class ShardStore:
         A contribution that was already added (a retried RPC) is acknowledged and not
         added again; a step that is already complete answers with current values.
         """
-        if self.nonfinite == "reject":
-            await asyncio.to_thread(self._check_finite, head.group, head.step, sums)
+        sums = {k: v if isinstance(v, tuple) else (v,) for k, v in sums.items()}  # parts, added when applied
         group, step, process = head.group, head.step, head.process
+        pending = self.groups[group].round if group in self.groups else None
+        completes = (pending.workers if pending else 0) + head.workers >= head.workers_per_group
+        if self.nonfinite == "reject" and not completes:
+            # the contribution that completes a step is checked inside the jitted update
+            await asyncio.to_thread(self._check_finite, head.group, head.step, sums)
         if head.epoch != self.epoch:
             raise _abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -277,13 +282,21 @@ class ShardStore:
             # a retry of the last applied step: acknowledged, never added twice
             return UpdateResult(state.step, dict(self.values), None, self.slowest_step(head.worker_groups))
         rnd = self._validate_update(state, head, sums)
+        created = group not in self.groups
         if rnd is None:
             rnd = state.round = Round(step, head.workers_per_group)
         self.groups[group] = state
         if process not in rnd.contributions:
             self._add(rnd, process, head.workers, head.rows, sums)
             if rnd.workers == rnd.workers_per_group:
-                await self._apply(group, state, rnd)
+                try:
+                    await self._apply(group, state, rnd, process)
+                except WireError:
+                    if not rnd.contributions:  # refused alone: leave no trace
+                        state.round = None
+                        if created:
+                            del self.groups[group]
+                    raise
         deadline = time.monotonic() + wait_s
         try:
             await asyncio.wait_for(asyncio.shield(rnd.done), wait_s)
@@ -369,41 +382,37 @@ class ShardStore:
                 )
         return rnd
 
-    def _check_finite(self, group: int, step: int, sums: dict[SliceKey, np.ndarray]) -> None:
-        for key, value in sums.items():
-            if not np.isfinite(value).all():
-                raise _abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"group {group} step {step}: the gradient of {slice_name(key)} has NaN or Inf values "
-                    "(policy: reject)",
-                )
+    def _check_finite(self, group: int, step: int, sums: dict[SliceKey, tuple[np.ndarray, ...]]) -> None:
+        for key, parts in sums.items():
+            if not all(np.isfinite(p).all() for p in parts):
+                raise _nonfinite(group, step, slice_name(key))
 
-    def _add(self, rnd: Round, process: int, workers: int, rows: int, sums: dict[SliceKey, np.ndarray]) -> None:
-        if not rnd.contributions:
-            rnd.sums = dict(sums)  # the first contribution is kept as received, no copy
-        else:
-            for key, value in sums.items():
-                total = rnd.sums[key]
-                if total.flags.writeable and total.base is None:
-                    np.add(total, value, out=total)
-                else:
-                    rnd.sums[key] = total + value
+    def _add(self, rnd: Round, process: int, workers: int, rows: int, sums: dict) -> None:
+        rnd.parts[process] = sums  # kept as received, no copy: the update adds them up
         rnd.contributions[process] = (workers, rows)
 
-    async def _apply(self, group: int, state: GroupState, rnd: Round) -> None:
+    async def _apply(self, group: int, state: GroupState, rnd: Round, last: int) -> None:
+        """One jitted call adds up the contributions, checks them, and applies the
+        optimizer; a non-finite sum is refused (the last contribution is taken back)
+        or skipped, as the policy says."""
         async with self._lock:
-            grads = rnd.sums
-            if self.nonfinite == "skip" and not all(np.isfinite(v).all() for v in grads.values()):
+            grads = {key: tuple(p for sums in rnd.parts.values() for p in sums[key]) for key in self.values}
+            values, opt_state, finite = await asyncio.to_thread(
+                self._update_fn, grads, self._opt_state, self.values, np.float32(rnd.rows)
+            )
+            if not bool(finite):
+                if self.nonfinite == "reject":
+                    sums = rnd.parts.pop(last)
+                    del rnd.contributions[last]
+                    bad = [k for k, ps in sums.items() if not all(np.isfinite(p).all() for p in ps)]
+                    raise _nonfinite(group, rnd.step, slice_name(bad[0]) if bad else "the summed contributions")
                 self.skipped_nonfinite += 1
                 values, opt_state = self.values, self._opt_state
             else:
-                values, opt_state = await asyncio.to_thread(
-                    self._update_fn, grads, self._opt_state, self.values, np.float32(rnd.rows)
-                )
                 for key in values:
                     self.versions[key] += 1
             self.values, self._opt_state = dict(values), dict(opt_state)
-            rnd.sums = {}
+            rnd.parts = {}
             state.step = rnd.step + 1
             state.round = None
             state.last = sorted(rnd.contributions)
@@ -529,13 +538,23 @@ class ShardStore:
             await asyncio.gather(*self._saves, return_exceptions=True)
 
 
+def _nonfinite(group: int, step: int, what: str) -> WireError:
+    return _abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"group {group} step {step}: the gradient of {what} has NaN or Inf values (policy: reject)",
+    )
+
+
 def _make_update(opt: optax.GradientTransformation):
-    def update(sums, states, params, rows):
+    def update(parts, states, params, rows):
+        # the contributions' parts are added here, fused with the update by XLA
+        sums = {key: functools.reduce(jax.numpy.add, ps) for key, ps in parts.items()}
+        finite = jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(s).all() for s in sums.values()]))
         grads = jax.tree.map(lambda g: g / rows.astype(g.dtype), sums)
         updates = {}
         new_states = {}
         for key in params:  # one optimizer state per slice: every optimizer is element-wise
             updates[key], new_states[key] = opt.update(grads[key], states[key], params[key])
-        return optax.apply_updates(params, updates), new_states
+        return optax.apply_updates(params, updates), new_states, finite
 
     return update
