@@ -27,6 +27,7 @@ log = logging.getLogger("psfw.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 30
 UPDATE_REPLY = frame_serializer(pb.UpdateReply)
+SHARED_REPLY_BYTES = 64 << 20  # up to this, one encoded answer is shared by the group's processes
 
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
@@ -89,15 +90,22 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             result = await self.store.update(header, assembler.finish(), _wait(header.wait_s))
             self.metrics.bytes_in.labels(self._shard).inc(assembler.total)
         rnd = result.round
-        if rnd is None:
-            replies = await asyncio.to_thread(_encode_reply, result)
-        else:
+        sent = 0
+        if rnd is not None and self.store.nbytes() <= SHARED_REPLY_BYTES:
             if rnd.reply is None:  # the first waiter encodes; every process gets the same bytes
                 rnd.reply = asyncio.create_task(asyncio.to_thread(_encode_reply, result))
-            replies = await rnd.reply
-        self.metrics.bytes_out.labels(self._shard).inc(sum(len(r) for r in replies))
-        for reply in replies:
-            yield reply
+            for reply in await rnd.reply:
+                sent += len(reply)
+                yield reply
+        else:
+            # a large shard's answer is encoded a batch at a time while it is sent, so
+            # that only a batch of it is ever held as bytes
+            batches = _reply_batches(result)
+            while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+                for reply in batch:
+                    sent += len(reply)
+                    yield reply
+        self.metrics.bytes_out.labels(self._shard).inc(sent)
 
     async def Describe(self, request: pb.DescribeRequest, context) -> pb.DescribeReply:
         async with self._handled(context, "Describe"):
@@ -147,6 +155,21 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
             pending_processes=sorted(rnd.contributions) if rnd else [],
         )
     return reply
+
+
+def _reply_batches(result: UpdateResult, batch_bytes: int = 16 << 20):
+    """The encoded answer as lists of messages of about ``batch_bytes`` in all."""
+    values = result.values
+    head = pb.UpdateReply(step=result.step, slowest_step=result.slowest_step)
+    batch, size = [], 0
+    for chunks in encode_chunks((k, i, values[(k, i)]) for k, i in sorted(values)):
+        batch.append(UPDATE_REPLY(Frame(head, chunks)))
+        size += len(batch[-1])
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _encode_reply(result: UpdateResult) -> list[bytes]:
