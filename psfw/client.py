@@ -8,6 +8,7 @@ Failures surface as ShardError naming the shard, the RPC and the server's messag
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from typing import NamedTuple, TypeVar
@@ -21,6 +22,7 @@ from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
 from psfw.security import NO_SECURITY, Security
 from psfw.services.server import SERVICE_NAME, grpc_options
+from psfw.shm import Region, host_id, slot_layout
 from psfw.wire import (
     CHUNK_BYTES,
     Assembler,
@@ -34,7 +36,8 @@ from psfw.wire import (
 
 T = TypeVar("T")
 Items = Iterable[tuple[str, int, np.ndarray]]
-RPC_MARGIN_S = 10.0  # the client's deadline exceeds the shard's own wait by this much
+RPC_MARGIN_S = 10.0
+log = logging.getLogger("psfw.client")  # the client's deadline exceeds the shard's own wait by this much
 
 
 UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)
@@ -60,8 +63,6 @@ def _assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
 
 
 class ShardClient:
-    transport = "grpc"
-
     def __init__(
         self,
         address: str,
@@ -76,6 +77,8 @@ class ShardClient:
         self.timeout_s, self.retries, self.chunk_bytes = timeout_s, retries, chunk_bytes
         self.channel = security.channel(address, grpc_options())
         self._md = security.metadata()
+        self._shm: Region | None = None
+        self._offsets: dict[SliceKey, int] = {}
         self._stub = pb_grpc.ParameterServerStub(self.channel)
         method = f"/{SERVICE_NAME}/"
         self._put = self.channel.stream_unary(
@@ -94,7 +97,46 @@ class ShardClient:
             response_deserializer=frame_deserializer(pb.UpdateReply),
         )
 
+    @property
+    def transport(self) -> str:
+        return "shared-memory" if self._shm is not None else "grpc"
+
+    async def use_shared_memory(self, specs: list[tuple[SliceKey, np.dtype, tuple[int, ...]]]) -> bool:
+        """Move tensors through shared memory from now on if the shard runs on this
+        host (``specs``: the slices it holds); returns whether it does."""
+        reply = await self.describe()
+        if not reply.host or reply.host != host_id():
+            return False
+        self._offsets, area = slot_layout(specs)
+        self._shm = Region.create(area)
+        return True
+
+    def _drop_shared_memory(self, err: ShardError) -> bool:
+        """The shard cannot map our region: go back to the network path."""
+        if self._shm is None or err.code != grpc.StatusCode.FAILED_PRECONDITION or "shared-memory" not in str(err):
+            return False
+        log.warning("shard %d: %s; tensors go over the network from now on", self.shard, err)
+        self._shm.close()
+        self._shm = None
+        return True
+
+    def _from_region(self, keys, expect: Expect, into) -> dict[SliceKey, np.ndarray]:
+        out = {}
+        for key in keys:
+            dtype, shape = expect(key)
+            view = self._shm.view(True, self._offsets[key], dtype, shape)
+            target = (into or {}).get(key)
+            if target is None:
+                out[key] = view.copy()
+            else:
+                np.copyto(target, view.reshape(target.shape))
+                out[key] = target
+        return out
+
     async def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
         await self.channel.close()
 
     async def _call(self, rpc: str, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -150,8 +192,19 @@ class ShardClient:
 
         async def attempt():
             frames = [f async for f in self._get(request, timeout=wait_s + RPC_MARGIN_S, metadata=self._md)]
-            return await asyncio.to_thread(_assemble, frames, expect, into)
+            if not request.shm:
+                return await asyncio.to_thread(_assemble, frames, expect, into)
+            step = _assemble(frames, expect, None).step
+            return Fresh(step, await asyncio.to_thread(self._from_region, keys, expect, into))
 
+        if self._shm is not None:
+            request.shm = self._shm.name
+            try:
+                return await self._call("Get", attempt)
+            except ShardError as err:
+                if not self._drop_shared_memory(err):
+                    raise
+                request.shm = ""
         return await self._call("Get", attempt)
 
     async def update(
@@ -200,14 +253,52 @@ class ShardClient:
                 messages.append(UPDATE_REQUEST(Frame(header, chunks)))
             return messages
 
+        def encode_shm() -> list[bytes]:
+            for key, index, array in items:
+                view = self._shm.view(False, self._offsets[(key, index)], array.dtype, array.shape)
+                np.copyto(view, array)
+            header = pb.UpdateRequest(
+                group=group,
+                step=step,
+                process=process,
+                workers=workers,
+                rows=rows,
+                workers_per_group=workers_per_group,
+                wait_s=wait_s,
+                worker_groups=worker_groups,
+                staleness=staleness,
+                group_processes=group_processes,
+                epoch=epoch,
+                checkpoint_every=checkpoint_every,
+                shm=self._shm.name,
+            )
+            return [UPDATE_REQUEST(Frame(header, []))]
+
+        def attempt_with(messages: list[bytes], shared: bool):
+            async def attempt():
+                frames = [
+                    f async for f in self._update(iter(messages), timeout=wait_s + RPC_MARGIN_S, metadata=self._md)
+                ]
+                if not shared:
+                    return await asyncio.to_thread(_assemble, frames, expect, into)
+                head = _assemble(frames, expect, None)
+                keys = [(key, index) for key, index, _ in items]
+                values = await asyncio.to_thread(self._from_region, keys, expect, into)
+                return Fresh(head.step, values, head.slowest_step)
+
+            return attempt
+
+        if self._shm is not None:
+            # the gradients go into the shared region, the message carries only its name
+            messages = await asyncio.to_thread(encode_shm)
+            try:
+                return await self._call("Update", attempt_with(messages, True))
+            except ShardError as err:
+                if not self._drop_shared_memory(err):
+                    raise
         # the copies (into messages, out of them) run in threads, off the event loop
         messages = await asyncio.to_thread(encode)
-
-        async def attempt():
-            frames = [f async for f in self._update(iter(messages), timeout=wait_s + RPC_MARGIN_S, metadata=self._md)]
-            return await asyncio.to_thread(_assemble, frames, expect, into)
-
-        return await self._call("Update", attempt)
+        return await self._call("Update", attempt_with(messages, False))
 
     async def restore(self, step: int, epoch: int) -> pb.RestoreReply:
         """Roll the shard back to its complete checkpoint of ``step``, at ``epoch``."""

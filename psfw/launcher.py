@@ -108,6 +108,15 @@ async def run_job(
                     )
                     for i, a in enumerate(addresses)
                 ]
+                if c.transport == "auto":
+                    for i, client in enumerate(clients):
+                        if client.transport == "grpc":  # a shard process on this host: shared memory
+                            await client.use_shared_memory(
+                                [
+                                    ((s.key, s.index), job.layout.params[s.key].dtype, (s.size,))
+                                    for s in job.layout.shard_slices(i)
+                                ]
+                            )
                 paths = ", ".join(f"shard {i} {cl.transport}" for i, cl in enumerate(clients))
                 log.info("process %d of group %d: %s", process, group, paths)
                 for client in clients:

@@ -160,7 +160,7 @@ class ShardServer:
             await asyncio.sleep(drain)
         await self._server.stop(grace)
         await self.store.flush_checkpoints(final=True)
-        self.servicer.metrics.close()
+        self.servicer.close()
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()

@@ -16,11 +16,14 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 
+from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
 from psfw.services.metrics import ShardMetrics
 from psfw.services.store import ShardStore, UpdateResult
+from psfw.shm import Region, RegionCache, host_id, slot_layout
 from psfw.wire import Assembler, Frame, WireError, encode_chunks, frame_deserializer, frame_serializer
 
 log = logging.getLogger("psfw.server")
@@ -36,7 +39,25 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.max_request_bytes = max_request_bytes
         self.rpc_counts: Counter[str] = Counter()
         self.metrics = ShardMetrics(store)
+        self._regions = RegionCache()
         self._shard = str(store.shard)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self._regions.close()
+
+    def _region(self, name: str) -> tuple[Region, dict[SliceKey, int]]:
+        """A stub's shared-memory region and the slices' offsets in it."""
+        specs = [(key, dtype, shape) for key, (dtype, shape) in self.store.specs.items()]
+        offsets, area = slot_layout(specs)
+        try:
+            return self._regions.get(name, area), offsets
+        except (OSError, ValueError) as err:
+            raise WireError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"shard {self.store.shard} cannot use shared-memory region {name}: {err}; "
+                "send the tensors over the network",
+            ) from None
 
     @contextlib.asynccontextmanager
     async def _handled(self, context: grpc.aio.ServicerContext, method: str):
@@ -74,6 +95,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             step, values = await self.store.read(
                 keys, request.group, request.step, _wait(request.wait_s), request.wait_for_put
             )
+            if request.shm:
+                region, offsets = self._region(request.shm)
+                await asyncio.to_thread(_write_values, region, offsets, values)
+        if request.shm:
+            yield Frame(pb.GetReply(step=step), [])
+            return
         for chunks in encode_chunks((k, i, v) for (k, i), v in values.items()):
             yield Frame(pb.GetReply(step=step), chunks)
 
@@ -87,8 +114,21 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     header = first
             if header is None:
                 raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "Update carries no message")
-            result = await self.store.update(header, assembler.finish(), _wait(header.wait_s))
-            self.metrics.bytes_in.labels(self._shard).inc(assembler.total)
+            if header.shm:
+                if assembler.total:
+                    raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "an Update through shared memory carries no data")
+                region, offsets = self._region(header.shm)
+                sums = {k: region.view(False, offsets[k], d, s) for k, (d, s) in self.store.specs.items()}
+            else:
+                sums = assembler.finish()
+            result = await self.store.update(header, sums, _wait(header.wait_s))
+            self.metrics.bytes_in.labels(self._shard).inc(assembler.total or self.store.nbytes())
+            if header.shm:
+                await asyncio.to_thread(_write_values, region, offsets, result.values)
+        if header.shm:  # the answer is in the region already
+            self.metrics.bytes_out.labels(self._shard).inc(self.store.nbytes())
+            yield UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, slowest_step=result.slowest_step), []))
+            return
         rnd = result.round
         sent = 0
         if rnd is not None and self.store.nbytes() <= SHARED_REPLY_BYTES:
@@ -125,6 +165,12 @@ def _wait(wait_s: float) -> float:
     return min(wait_s, 3600.0) if wait_s > 0 else 60.0
 
 
+def _write_values(region: Region, offsets: dict[SliceKey, int], values: dict) -> None:
+    for key, value in values.items():
+        array = np.asarray(value)
+        np.copyto(region.view(True, offsets[key], array.dtype, array.shape), array)
+
+
 def describe_store(store: ShardStore) -> pb.DescribeReply:
     """The Describe answer for a shard's current state."""
     reply = pb.DescribeReply(
@@ -136,6 +182,7 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
         uptime_s=time.monotonic() - store.started,
         epoch=store.epoch,
         checkpoint_steps=store.checkpoint_steps(),
+        host=host_id(),
     )
     for (key, index), (dtype, shape) in sorted(store.specs.items()):
         reply.slices.add(

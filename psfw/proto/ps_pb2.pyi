@@ -45,18 +45,20 @@ class SliceRef(_message.Message):
     def __init__(self, key: _Optional[str] = ..., slice: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("group", "step", "slices", "wait_s", "wait_for_put")
+    __slots__ = ("group", "step", "slices", "wait_s", "wait_for_put", "shm")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     WAIT_FOR_PUT_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     group: int
     step: int
     slices: _containers.RepeatedCompositeFieldContainer[SliceRef]
     wait_s: float
     wait_for_put: bool
-    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceRef, _Mapping]]] = ..., wait_s: _Optional[float] = ..., wait_for_put: _Optional[bool] = ...) -> None: ...
+    shm: str
+    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceRef, _Mapping]]] = ..., wait_s: _Optional[float] = ..., wait_for_put: _Optional[bool] = ..., shm: _Optional[str] = ...) -> None: ...
 
 class GetReply(_message.Message):
     __slots__ = ("step", "chunks")
@@ -67,7 +69,7 @@ class GetReply(_message.Message):
     def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("group", "step", "process", "workers", "rows", "workers_per_group", "wait_s", "chunks", "worker_groups", "staleness", "group_processes", "epoch", "checkpoint_every")
+    __slots__ = ("group", "step", "process", "workers", "rows", "workers_per_group", "wait_s", "chunks", "worker_groups", "staleness", "group_processes", "epoch", "checkpoint_every", "shm")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +83,7 @@ class UpdateRequest(_message.Message):
     GROUP_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     group: int
     step: int
     process: int
@@ -94,7 +97,8 @@ class UpdateRequest(_message.Message):
     group_processes: int
     epoch: int
     checkpoint_every: int
-    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., process: _Optional[int] = ..., workers: _Optional[int] = ..., rows: _Optional[int] = ..., workers_per_group: _Optional[int] = ..., wait_s: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., worker_groups: _Optional[int] = ..., staleness: _Optional[int] = ..., group_processes: _Optional[int] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
+    shm: str
+    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., process: _Optional[int] = ..., workers: _Optional[int] = ..., rows: _Optional[int] = ..., workers_per_group: _Optional[int] = ..., wait_s: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., worker_groups: _Optional[int] = ..., staleness: _Optional[int] = ..., group_processes: _Optional[int] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., shm: _Optional[str] = ...) -> None: ...
 
 class UpdateReply(_message.Message):
     __slots__ = ("step", "chunks", "slowest_step")
@@ -139,7 +143,7 @@ class GroupInfo(_message.Message):
     def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., pending_workers: _Optional[int] = ..., pending_processes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("shard", "shards", "slices", "groups", "bytes", "rpc_counts", "optimizer", "updates_applied", "uptime_s", "epoch", "checkpoint_steps")
+    __slots__ = ("shard", "shards", "slices", "groups", "bytes", "rpc_counts", "optimizer", "updates_applied", "uptime_s", "epoch", "checkpoint_steps", "host")
     class RpcCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +162,7 @@ class DescribeReply(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
     shard: int
     shards: int
     slices: _containers.RepeatedCompositeFieldContainer[SliceInfo]
@@ -169,7 +174,8 @@ class DescribeReply(_message.Message):
     uptime_s: float
     epoch: int
     checkpoint_steps: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, shard: _Optional[int] = ..., shards: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., rpc_counts: _Optional[_Mapping[str, int]] = ..., optimizer: _Optional[str] = ..., updates_applied: _Optional[int] = ..., uptime_s: _Optional[float] = ..., epoch: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ...) -> None: ...
+    host: str
+    def __init__(self, shard: _Optional[int] = ..., shards: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., rpc_counts: _Optional[_Mapping[str, int]] = ..., optimizer: _Optional[str] = ..., updates_applied: _Optional[int] = ..., uptime_s: _Optional[float] = ..., epoch: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ..., host: _Optional[str] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("step", "epoch")
