@@ -144,8 +144,9 @@ async def _transfer(clients, size: int, slice_bytes: int, tag: str, repeats: int
 
 
 def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
-    """Push (Put) and pull (Get) of ``size`` bytes across 2 shards: GB/s each way,
-    over the network path (shard processes) and in-process (embedded)."""
+    """Push and pull of ``size`` bytes across 2 shards, GB/s each way: over the
+    network path (Put, Get), through shared memory with shard processes on this host
+    (an Update carries the gradients in and the values back; Get), and in-process."""
     from psfw.client import ShardClient
     from psfw.local import LocalShardClient
 
@@ -169,17 +170,61 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
             for server in servers:
                 await server.stop(0)
 
+    async def shared(addresses):
+        from psfw.layout import plan_layout
+        from psfw.stub import fetch_params
+
+        clients = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
+        try:
+            layout = plan_layout({"w": ((size // 4,), "float32")}, 2, 1, 1 << 20)
+            value = np.full(size // 4, 0.5, np.float32)
+            sgd = json.dumps({"name": "sgd", "learning_rate": 0.0})
+            for i, client in enumerate(clients):
+                slices = layout.shard_slices(i)
+                await client.put([("w", s.index, value[s.start : s.stop]) for s in slices], sgd)
+                if not await client.use_shared_memory([(("w", s.index), np.float32, (s.size,)) for s in slices]):
+                    return None, None
+            best_update = best_pull = 0.0
+            for step in range(repeats):
+                started = time.perf_counter()
+                await asyncio.gather(
+                    *(
+                        c.update(
+                            group=0,
+                            step=step,
+                            process=0,
+                            workers=1,
+                            rows=1,
+                            workers_per_group=1,
+                            items=[("w", s.index, value[s.start : s.stop]) for s in layout.shard_slices(i)],
+                            expect=layout.slice_dtype_shape,
+                            wait_s=120,
+                        )
+                        for i, c in enumerate(clients)
+                    )
+                )
+                best_update = max(best_update, size / (time.perf_counter() - started) / 1e9)
+                started = time.perf_counter()
+                await fetch_params(clients, layout, 0, step + 1, ["w"], wait_s=120)
+                best_pull = max(best_pull, size / (time.perf_counter() - started) / 1e9)
+            return best_update, best_pull
+        finally:
+            for c in clients:
+                await c.close()
+
     with shard_processes(2) as (addresses, _):
         push, pull = asyncio.run(network(addresses))
+    with shard_processes(2) as (addresses, _):
+        shm_update, shm_pull = asyncio.run(shared(addresses))
     local_push, local_pull = asyncio.run(in_process())
     return {
         "transfer_bytes": size,
         "tcp_push_gb_s": push,
         "tcp_pull_gb_s": pull,
+        "shared_memory_update_gb_s": shm_update,  # gradients in and fresh values back, per direction
+        "shared_memory_pull_gb_s": shm_pull,
         "in_process_push_gb_s": local_push,
         "in_process_pull_gb_s": local_pull,
-        "shared_memory_push_gb_s": None,  # shard processes on one host talk over the network path for now
-        "shared_memory_pull_gb_s": None,
     }
 
 
@@ -245,6 +290,11 @@ def main(args: argparse.Namespace) -> int:
     if "transfer_bytes" in figures:
         print(f"transfer of {figures['transfer_bytes'] / 2**20:,.0f} MiB over 2 shards (push / pull, GB/s):")
         print(f"  network path  {figures['tcp_push_gb_s']:.2f} / {figures['tcp_pull_gb_s']:.2f}")
+        if figures["shared_memory_pull_gb_s"] is not None:
+            print(
+                f"  shared memory {figures['shared_memory_update_gb_s']:.2f} (update) / "
+                f"{figures['shared_memory_pull_gb_s']:.2f}"
+            )
         print(f"  in-process    {figures['in_process_push_gb_s']:.2f} / {figures['in_process_pull_gb_s']:.2f}")
     for shards in (1, 2, 4):
         key = f"scale_{shards}_shards_updates_per_s"

@@ -1,0 +1,121 @@
+"""Shared memory between a stub and a shard process on the same host."""
+
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from psfw.client import ShardClient
+from psfw.localprocs import shard_processes
+from psfw.proto import ps_pb2 as pb
+from psfw.shm import SHM_DIR, Region, host_id, slot_layout
+from psfw.wire import Frame, frame_deserializer, frame_serializer
+
+from helpers import SGD
+
+SPECS = [(("w", 0), np.dtype("float32"), (1000,)), (("w", 1), np.dtype("float32"), (24,))]
+
+
+def _expect(key):
+    return np.dtype("float32"), (1000,) if key == ("w", 0) else (24,)
+
+
+@pytest.fixture(scope="module")
+def shard_process():
+    with shard_processes(1) as (addresses, _):
+        yield addresses[0]
+
+
+@pytest_asyncio.fixture
+async def clients(shard_process):
+    shared = ShardClient(shard_process, 0, timeout_s=10, retries=0)
+    network = ShardClient(shard_process, 0, timeout_s=10, retries=0)
+    yield shared, network
+    await shared.close()
+    await network.close()
+
+
+def test_offsets_are_aligned_and_ordered():
+    offsets, area = slot_layout(list(reversed(SPECS)))
+    assert offsets == {("w", 0): 0, ("w", 1): 4032} and area == 4160
+    assert all(o % 64 == 0 for o in offsets.values())
+
+
+def test_regions_are_private_files_removed_on_close():
+    region = Region.create(128)
+    path = SHM_DIR / region.name
+    assert path.exists() and path.stat().st_mode & 0o777 == 0o600
+    region.close()
+    assert not path.exists()
+    with pytest.raises(ValueError, match="not a psfw shared-memory region"):
+        Region.attach("../etc/passwd", 64)
+
+
+@pytest.mark.asyncio
+async def test_updates_through_shared_memory_equal_the_network_path(clients):
+    shared, network = clients
+    values = {("w", 0): np.linspace(0, 1, 1000, dtype=np.float32), ("w", 1): np.ones(24, np.float32)}
+    await network.put([(k, i, v) for (k, i), v in values.items()], SGD)
+    assert await shared.use_shared_memory(SPECS) and shared.transport == "shared-memory"
+    assert network.transport == "grpc"
+    grads = [("w", 0, np.full(1000, 2.0, np.float32)), ("w", 1, np.full(24, -1.0, np.float32))]
+    answer = await shared.update(
+        group=0, step=0, process=0, workers=1, rows=4, workers_per_group=1, items=grads, expect=_expect, wait_s=5
+    )
+    assert answer.step == 1
+    fetched = await network.get(0, 1, [("w", 0), ("w", 1)], _expect, 5)
+    for key, value in values.items():
+        expected = value - 0.1 * dict(((k, i), g) for k, i, g in grads)[key] / 4
+        np.testing.assert_allclose(answer.values[key], expected, rtol=1e-6)
+        np.testing.assert_array_equal(fetched.values[key], answer.values[key])
+    again = await shared.get(0, 1, [("w", 1)], _expect, 5)
+    np.testing.assert_array_equal(again.values[("w", 1)], answer.values[("w", 1)])
+
+
+@pytest.mark.asyncio
+async def test_a_region_the_shard_cannot_map_is_refused_and_the_client_falls_back(shard_process, clients):
+    shared, network = clients
+    request = pb.UpdateRequest(group=0, step=5, process=0, workers=1, rows=1, workers_per_group=1, shm="psfw-1-bad")
+    async with grpc.aio.insecure_channel(shard_process) as channel:
+        call = channel.stream_stream(
+            "/psfw.v1.ParameterServer/Update",
+            request_serializer=frame_serializer(pb.UpdateRequest),
+            response_deserializer=frame_deserializer(pb.UpdateReply),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call(iter([Frame(request, [])]), timeout=10):
+                pass
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cannot use shared-memory region psfw-1-bad" in err.value.details()
+
+    step = (await network.describe()).groups[0].step
+    assert await shared.use_shared_memory(SPECS)
+    (SHM_DIR / shared._shm.name).unlink()  # the shard can no longer open it
+    answer = await shared.update(
+        group=0,
+        step=step,
+        process=0,
+        workers=1,
+        rows=1,
+        workers_per_group=1,
+        items=[("w", 0, np.zeros(1000, np.float32)), ("w", 1, np.zeros(24, np.float32))],
+        expect=_expect,
+        wait_s=5,
+    )
+    assert answer.step == step + 1 and shared.transport == "grpc"
+
+
+def test_another_network_namespace_counts_as_another_host():
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a network namespace here")
+    other = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", "from psfw.shm import host_id; print(host_id())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.strip() and other.stdout.strip() != host_id()
