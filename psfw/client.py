@@ -230,49 +230,32 @@ class ShardClient:
         (written into ``into`` where it has the slice). ``staleness`` >= 0 bounds how
         far this group may run ahead of the slowest of ``worker_groups``."""
         items = list(items)
+        head = pb.UpdateRequest(
+            group=group,
+            step=step,
+            process=process,
+            workers=workers,
+            rows=rows,
+            workers_per_group=workers_per_group,
+            wait_s=wait_s,
+            worker_groups=worker_groups,
+            staleness=staleness,
+            group_processes=group_processes,
+            epoch=epoch,
+            checkpoint_every=checkpoint_every,
+        )
 
         def encode() -> list[bytes]:
-            messages = []
-            for i, chunks in enumerate(encode_chunks(items, self.chunk_bytes)):
-                header = pb.UpdateRequest()
-                if i == 0:
-                    header = pb.UpdateRequest(
-                        group=group,
-                        step=step,
-                        process=process,
-                        workers=workers,
-                        rows=rows,
-                        workers_per_group=workers_per_group,
-                        wait_s=wait_s,
-                        worker_groups=worker_groups,
-                        staleness=staleness,
-                        group_processes=group_processes,
-                        epoch=epoch,
-                        checkpoint_every=checkpoint_every,
-                    )
-                messages.append(UPDATE_REQUEST(Frame(header, chunks)))
-            return messages
+            chunked = encode_chunks(items, self.chunk_bytes)
+            return [UPDATE_REQUEST(Frame(head if i == 0 else pb.UpdateRequest(), c)) for i, c in enumerate(chunked)]
 
         def encode_shm() -> list[bytes]:
             for key, index, array in items:
-                view = self._shm.view(False, self._offsets[(key, index)], array.dtype, array.shape)
-                np.copyto(view, array)
-            header = pb.UpdateRequest(
-                group=group,
-                step=step,
-                process=process,
-                workers=workers,
-                rows=rows,
-                workers_per_group=workers_per_group,
-                wait_s=wait_s,
-                worker_groups=worker_groups,
-                staleness=staleness,
-                group_processes=group_processes,
-                epoch=epoch,
-                checkpoint_every=checkpoint_every,
-                shm=self._shm.name,
-            )
-            return [UPDATE_REQUEST(Frame(header, []))]
+                np.copyto(self._shm.view(False, self._offsets[(key, index)], array.dtype, array.shape), array)
+            shared = pb.UpdateRequest()
+            shared.CopyFrom(head)
+            shared.shm = self._shm.name
+            return [UPDATE_REQUEST(Frame(shared, []))]
 
         def attempt_with(messages: list[bytes], shared: bool):
             async def attempt():
