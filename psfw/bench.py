@@ -242,6 +242,59 @@ def run_scale(stubs: int = 16, seconds: float = 3.0, model_mb: float = 1.0) -> d
     return figures
 
 
+def run_memory(size: int, steps: int = 3) -> dict:
+    """Train an MLP F-F-10 of about ``size`` bytes (F*F float32) for ``steps`` steps
+    with 2 shard processes and one worker process of 2 workers; report each shard's
+    peak RSS against the bytes of values it holds."""
+    import math
+    import subprocess
+    import sys
+    import tempfile
+
+    from psfw.localprocs import rss_bytes
+
+    width = int(math.sqrt(size / 4))
+    text = (
+        f"[model]\nname = 'mlp'\nhidden = [{width}]\n"
+        f"[data]\nname = 'synthetic'\nfeatures = {width}\nclasses = 10\ntrain = 64\ntest = 16\n"
+        f"[train]\nbatch_size = 8\nsteps = {steps}\nwait_s = 1200\n"
+        "[optimizer]\nname = 'sgd'\nlearning_rate = 0.01\n"
+        "[cluster]\nworkers_per_group = 2\nworkers_per_process = 2\nservers = 2\n"
+    )
+    with tempfile.TemporaryDirectory() as folder, shard_processes(2) as (addresses, procs):
+        config = f"{folder}/memory.toml"
+        with open(config, "w") as f:
+            f.write(text)
+        started = time.perf_counter()
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "psfw.cli",
+                "worker",
+                config,
+                "--servers",
+                ",".join(addresses),
+                "--run-dir",
+                f"{folder}/run",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the memory run failed: {done.stderr[-2000:]}")
+        peaks = [rss_bytes(p.pid) for p in procs]
+    values = width * width * 4 + width * 4 + width * 40 + 40  # the MLP's parameters
+    return {
+        "memory_model_bytes": values,
+        "memory_seconds": round(time.perf_counter() - started, 1),
+        "memory_shard_values_mb": round(values / 2 / 2**20, 1),
+        "memory_shard_peak_rss_mb": [round(p / 2**20, 1) for p in peaks],
+        "memory_shard_peak_over_values": [round(p / (values / 2), 2) for p in peaks],
+        "memory_path": "shared-memory" if "shared-memory" in done.stderr else "grpc",
+    }
+
+
 def parse_size(text: str) -> int:
     """``256MiB``, ``1GB``, ``8388608`` -> bytes."""
     units = {
@@ -270,7 +323,9 @@ def main(args: argparse.Namespace) -> int:
         figures.update(run_transfer(parse_size(args.transfer)))
     if args.scale:
         figures.update(run_scale())
-    if not args.transfer and not args.scale:
+    if args.memory:
+        figures.update(run_memory(parse_size(args.memory)))
+    if not args.transfer and not args.scale and not args.memory:
         figures.update(run_bench(args.steps, args.warmup, args.path))
     if args.json:
         print(json.dumps(figures))
@@ -296,6 +351,12 @@ def main(args: argparse.Namespace) -> int:
                 f"{figures['shared_memory_pull_gb_s']:.2f}"
             )
         print(f"  in-process    {figures['in_process_push_gb_s']:.2f} / {figures['in_process_pull_gb_s']:.2f}")
+    if "memory_model_bytes" in figures:
+        print(
+            f"model of {figures['memory_model_bytes'] / 2**30:.2f} GiB, 2 shards ({figures['memory_path']}): "
+            f"shard peak RSS {figures['memory_shard_peak_rss_mb']} MB for {figures['memory_shard_values_mb']} MB "
+            f"of values each ({figures['memory_shard_peak_over_values']} x)"
+        )
     for shards in (1, 2, 4):
         key = f"scale_{shards}_shards_updates_per_s"
         if key in figures:

@@ -246,6 +246,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--path", choices=("auto", "tcp"), default="auto", help="tcp: force the network path everywhere")
     b.add_argument("--transfer", metavar="SIZE", help="push + pull of a model of SIZE (e.g. 256MiB): GB/s each way")
     b.add_argument("--scale", action="store_true", help="updates/s of simulated stubs against 1, 2 and 4 shards")
+    b.add_argument("--memory", metavar="SIZE", help="train a model of SIZE (e.g. 1GiB): shard peak RSS vs values")
     b.set_defaults(run=_bench)
     return p
 
