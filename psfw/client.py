@@ -104,11 +104,18 @@ class ShardClient:
     async def use_shared_memory(self, specs: list[tuple[SliceKey, np.dtype, tuple[int, ...]]]) -> bool:
         """Move tensors through shared memory from now on if the shard runs on this
         host (``specs``: the slices it holds); returns whether it does."""
-        reply = await self.describe()
+        try:
+            reply = await self.describe()
+        except ShardError:
+            return False  # not up yet: the network path works once it is
         if not reply.host or reply.host != host_id():
             return False
         self._offsets, area = slot_layout(specs)
-        self._shm = Region.create(area)
+        try:
+            self._shm = Region.create(area)
+        except OSError as err:
+            log.warning("shard %d: no shared memory (%s); tensors go over the network", self.shard, err)
+            return False
         return True
 
     def _drop_shared_memory(self, err: ShardError) -> bool:

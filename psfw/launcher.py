@@ -108,19 +108,16 @@ async def run_job(
                     )
                     for i, a in enumerate(addresses)
                 ]
+                for client in clients:
+                    stack.push_async_callback(client.close)
                 if c.transport == "auto":
                     for i, client in enumerate(clients):
                         if client.transport == "grpc":  # a shard process on this host: shared memory
-                            await client.use_shared_memory(
-                                [
-                                    ((s.key, s.index), job.layout.params[s.key].dtype, (s.size,))
-                                    for s in job.layout.shard_slices(i)
-                                ]
-                            )
+                            slices = job.layout.shard_slices(i)
+                            specs = [((s.key, s.index), job.layout.params[s.key].dtype, (s.size,)) for s in slices]
+                            await client.use_shared_memory(specs)
                 paths = ", ".join(f"shard {i} {cl.transport}" for i, cl in enumerate(clients))
                 log.info("process %d of group %d: %s", process, group, paths)
-                for client in clients:
-                    stack.push_async_callback(client.close)
                 cache = ParamCache(group, process)
                 workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
                 stub = Stub(

@@ -61,9 +61,15 @@ class Region:
         name = f"psfw-{os.getpid()}-{uuid.uuid4().hex}"
         fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, 2 * area)
+            # reserve the pages now: a full /dev/shm fails here (OSError: use the network)
+            # instead of killing a process with SIGBUS on its first write
+            os.posix_fallocate(fd, 0, 2 * area)
             mapping = mmap.mmap(fd, 2 * area)
-        finally:
+        except OSError:
+            os.close(fd)
+            (SHM_DIR / name).unlink(missing_ok=True)
+            raise
+        else:
             os.close(fd)
         return cls(name, area, mapping, owner=True)
 
@@ -75,8 +81,10 @@ class Region:
         fd = os.open(SHM_DIR / name, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
-            if size < 2 * area:
-                raise ValueError(f"region {name} holds {size} bytes, the shard needs {2 * area}")
+            if size != 2 * area:
+                raise ValueError(
+                    f"region {name} holds {size} bytes, the shard's slices need {2 * area}: the layouts differ"
+                )
             mapping = mmap.mmap(fd, 2 * area)
         finally:
             os.close(fd)
@@ -101,19 +109,26 @@ class Region:
 class RegionCache:
     """The regions a shard has mapped, the most recently used ``capacity`` of them."""
 
-    def __init__(self, capacity: int = 64):
+    def __init__(self, capacity: int = 16):
         self.capacity = capacity
         self._regions: OrderedDict[str, Region] = OrderedDict()
 
     def get(self, name: str, area: int) -> Region:
         region = self._regions.get(name)
         if region is None or region.area != area:
+            self._forget_removed()
             region = Region.attach(name, area)
             self._regions[name] = region
             while len(self._regions) > self.capacity:
                 self._regions.popitem(last=False)[1].close()
         self._regions.move_to_end(name)
         return region
+
+    def _forget_removed(self) -> None:
+        """Unmap regions whose stub has closed (their file is gone): their memory is
+        freed only once no process maps them."""
+        for name in [n for n in self._regions if not (SHM_DIR / n).exists()]:
+            self._regions.pop(name).close()
 
     def close(self) -> None:
         for region in self._regions.values():

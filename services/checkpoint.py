@@ -93,3 +93,15 @@ def prune(root: Path, keep: int, shards: int) -> None:
             continue
         if step < oldest_kept:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def drop_after(root: Path, step: int) -> None:
+    """Remove the checkpoint folders of steps after ``step`` (a rolled-back history),
+    so that a half-written set from it can never be completed and loaded later."""
+    for folder in root.glob("step-*") if root.is_dir() else []:
+        try:
+            later = int(folder.name.split("-", 1)[1]) > step
+        except ValueError:
+            continue
+        if later:
+            shutil.rmtree(folder, ignore_errors=True)

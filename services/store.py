@@ -159,7 +159,7 @@ class ShardStore:
                 opt = build_optimizer(json.loads(optimizer))
             except (ValueError, TypeError, AttributeError) as err:
                 raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"optimizer spec {optimizer!r}: {err}") from None
-        elif optimizer and json.loads(optimizer) != json.loads(self.optimizer_spec):
+        elif optimizer and _spec(optimizer) != json.loads(self.optimizer_spec):
             raise _abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"shard {self.shard} already trains with optimizer {self.optimizer_spec}, the Put asks for {optimizer}",
@@ -183,15 +183,19 @@ class ShardStore:
         if not self.optimizer_spec:
             self.optimizer_spec, self._opt = optimizer, opt
             self._update_fn = jax.jit(_make_update(opt))
+        async with self._lock:  # not while an update reads or replaces the values
+            self._store_new(new)
+        async with self._progress:
+            self._progress.notify_all()
+        return len(arrays)
+
+    def _store_new(self, new: dict[SliceKey, np.ndarray]) -> None:
         for key, value in new.items():
             array = jax.numpy.array(value)  # a private copy: the request buffer is not ours
             self.values[key] = array
             self.versions[key] = 0
             self.specs[key] = (value.dtype, value.shape)
             self._opt_state[key] = self._opt.init(array)
-        async with self._progress:
-            self._progress.notify_all()
-        return len(arrays)
 
     # -- get ---------------------------------------------------------------
 
@@ -258,6 +262,12 @@ class ShardStore:
         A contribution that was already added (a retried RPC) is acknowledged and not
         added again; a step that is already complete answers with current values.
         """
+        if head.epoch != self.epoch:
+            raise _abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"shard {self.shard} is at epoch {self.epoch} (restored from a checkpoint), the update was made "
+                f"at epoch {head.epoch}: re-sync",
+            )
         sums = {k: v if isinstance(v, tuple) else (v,) for k, v in sums.items()}  # parts, added when applied
         group, step, process = head.group, head.step, head.process
         pending = self.groups[group].round if group in self.groups else None
@@ -265,12 +275,6 @@ class ShardStore:
         if self.nonfinite == "reject" and not completes:
             # the contribution that completes a step is checked inside the jitted update
             await asyncio.to_thread(self._check_finite, head.group, head.step, sums)
-        if head.epoch != self.epoch:
-            raise _abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"shard {self.shard} is at epoch {self.epoch} (restored from a checkpoint), the update was made "
-                f"at epoch {head.epoch}: re-sync",
-            )
         state = self.groups.get(group) or GroupState()
         if step < state.step:
             if step + 1 < state.step:
@@ -280,6 +284,8 @@ class ShardStore:
                     f"{state.step} steps): re-sync",
                 )
             # a retry of the last applied step: acknowledged, never added twice
+            if head.staleness >= 0 and head.worker_groups > 1:
+                await self._hold_for_slowest(group, state.step, head, wait_s)
             return UpdateResult(state.step, dict(self.values), None, self.slowest_step(head.worker_groups))
         rnd = self._validate_update(state, head, sums)
         created = group not in self.groups
@@ -289,8 +295,11 @@ class ShardStore:
         if process not in rnd.contributions:
             self._add(rnd, process, head.workers, head.rows, sums)
             if rnd.workers == rnd.workers_per_group:
+                # a task of its own: a handler cancelled meanwhile cannot leave the round full but unapplied
+                applying = asyncio.get_running_loop().create_task(self._apply(group, state, rnd, process))
+                applying.add_done_callback(_retrieve)
                 try:
-                    await self._apply(group, state, rnd, process)
+                    await asyncio.shield(applying)
                 except WireError:
                     if not rnd.contributions:  # refused alone: leave no trace
                         state.round = None
@@ -396,6 +405,8 @@ class ShardStore:
         optimizer; a non-finite sum is refused (the last contribution is taken back)
         or skipped, as the policy says."""
         async with self._lock:
+            if rnd.done.done() or self.groups.get(group) is not state or state.round is not rnd:
+                return  # a restore replaced the state while this waited: its waiters were told to re-sync
             grads = {key: tuple(p for sums in rnd.parts.values() for p in sums[key]) for key in self.values}
             values, opt_state, finite = await asyncio.to_thread(
                 self._update_fn, grads, self._opt_state, self.values, np.float32(rnd.rows)
@@ -491,6 +502,7 @@ class ShardStore:
         self.load(tensors, meta)
         self.epoch = int(meta["epoch"]) + 1
         self.saved_step = steps[-1]
+        checkpoint.drop_after(self.checkpoint_dir, steps[-1])
         return steps[-1]
 
     async def restore(self, step: int, epoch: int) -> None:
@@ -504,6 +516,9 @@ class ShardStore:
         async with self._lock:
             self.load(tensors, meta)
             self.epoch = epoch
+            self.saved_step = step
+        # checkpoints after the step rolled back to belong to an abandoned history
+        await asyncio.to_thread(checkpoint.drop_after, self.checkpoint_dir, step)
         async with self._progress:
             self._progress.notify_all()
 
@@ -536,6 +551,18 @@ class ShardStore:
             self._schedule_checkpoint()
         while self._saves:
             await asyncio.gather(*self._saves, return_exceptions=True)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # seen by whoever awaited it; nothing to log twice
+
+
+def _spec(optimizer: str) -> Any:
+    try:
+        return json.loads(optimizer)
+    except ValueError:
+        raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"optimizer spec {optimizer!r} is not JSON") from None
 
 
 def _nonfinite(group: int, step: int, what: str) -> WireError:

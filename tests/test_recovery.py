@@ -385,3 +385,35 @@ def test_resume_without_checkpoints_and_reuse_without_resume_are_refused(tmp_pat
         timeout=120,
     )
     assert done.returncode == 2 and "pass --resume" in done.stderr
+
+
+@pytest.mark.asyncio
+async def test_a_restore_abandons_the_checkpoints_after_it(tmp_path):
+    server = ShardServer(0, 1, checkpoint_dir=tmp_path)
+    await server.start("127.0.0.1:0")
+    client = ShardClient(server.address, 0, timeout_s=10, retries=0)
+    try:
+        await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
+        for step in range(4):
+            await client.update(
+                group=0,
+                step=step,
+                process=0,
+                workers=1,
+                rows=1,
+                workers_per_group=1,
+                checkpoint_every=2,
+                items=[("w", 0, np.ones(4, np.float32))],
+                expect=_expect,
+                wait_s=5,
+            )
+        await server.store.flush_checkpoints()
+        (checkpoint.step_dir(tmp_path, 6)).mkdir()  # a half-written later set
+        checkpoint.save_shard(tmp_path, 6, 0, 2, {"value/0": np.ones(1, np.float32)}, {})
+        await client.restore(2, epoch=1)
+        assert checkpoint.complete_steps(tmp_path, 1) == [2]
+        assert not checkpoint.step_dir(tmp_path, 6).exists() and server.store.saved_step == 2
+        assert server.store.group_step(0) == 2 and server.store.epoch == 1
+    finally:
+        await client.close()
+        await server.stop(0)

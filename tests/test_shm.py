@@ -119,3 +119,13 @@ def test_another_network_namespace_counts_as_another_host():
     )
     assert other.returncode == 0, other.stderr
     assert other.stdout.strip() and other.stdout.strip() != host_id()
+
+
+def test_a_region_of_another_layout_is_refused():
+    region = Region.create(4096)
+    try:
+        with pytest.raises(ValueError, match="the layouts differ"):
+            Region.attach(region.name, 2048)
+        Region.attach(region.name, 4096).close()
+    finally:
+        region.close()
