@@ -1,7 +1,8 @@
 """One gRPC channel to one shard, with the three verbs put, get and update.
 
-Every RPC has a deadline; UNAVAILABLE is retried with exponential backoff and jitter
-up to ``retries`` times (a retried Update is safe: the shard adds a contribution once).
+Every RPC has a deadline; UNAVAILABLE and deadlines gRPC ran out of are retried with
+exponential backoff and jitter up to ``retries`` times (a retried Update is safe: the
+shard adds a contribution once).
 Failures surface as ShardError naming the shard, the RPC and the server's message.
 """
 
@@ -41,6 +42,14 @@ log = logging.getLogger("psfw.client")  # the client's deadline exceeds the shar
 
 
 UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)
+
+
+def _transient(err: grpc.aio.AioRpcError) -> bool:
+    """UNAVAILABLE, or a deadline that gRPC itself ran out of (a shard's own waits
+    end in DEADLINE_EXCEEDED too, but name the shard: those are answers, not losses)."""
+    if err.code() == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not (err.details() or "").startswith("shard ")
 
 
 class Fresh(NamedTuple):
@@ -152,7 +161,7 @@ class ShardClient:
             try:
                 return await attempt()
             except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE and tries < self.retries:
+                if _transient(err) and tries < self.retries:
                     await asyncio.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 2.0)
                     continue
