@@ -1,7 +1,10 @@
-# psfw server image: one parameter-server shard per container. The same image runs
-# worker processes (override the command).
+# psfw server image: one parameter-server shard per container, configured by PSFW_*
+# environment variables (see `psfw server --help`). The same image runs worker
+# processes (entrypoint `psfw worker ...`).
 #   docker build -t psfw .
-#   docker run -p 50051:50051 psfw --shard 0 --of 2 --listen 0.0.0.0:50051
+#   docker run -e PSFW_SHARD=0 -e PSFW_SHARDS=2 -e PSFW_TOKEN_FILE=/run/secrets/token ... psfw
+# A shard listening on the container's network refuses to start without TLS or a
+# token unless PSFW_INSECURE=1 says that the network is private.
 
 FROM python:3.11-slim AS build
 WORKDIR /src
@@ -18,8 +21,8 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER 10001:10001
 WORKDIR /home/psfw
+ENV PSFW_LISTEN=0.0.0.0:50051 PSFW_SHARD=0 PSFW_SHARDS=1
 EXPOSE 50051
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["psfw", "health", "127.0.0.1:50051"]
 ENTRYPOINT ["psfw", "server"]
-CMD ["--shard", "0", "--of", "1", "--listen", "0.0.0.0:50051"]

@@ -47,16 +47,16 @@ def parse_with_env(argv: list[str], env: dict[str, str], monkeypatch):
     return parser().parse_args(argv)
 
 
-def test_dockerfile_entrypoint_and_healthcheck_are_psfw_commands():
+def test_dockerfile_entrypoint_and_healthcheck_are_psfw_commands(monkeypatch):
     text = (REPO / "Dockerfile").read_text()
-    entry = re.search(r"^ENTRYPOINT (\[.*\])", text, re.M).group(1)
-    cmd = re.search(r"^CMD (\[.*\])", text, re.M).group(1)
+    entry = yaml.safe_load(re.search(r"^ENTRYPOINT (\[.*\])", text, re.M).group(1))
+    env = dict(pair.split("=", 1) for pair in re.search(r"^ENV (.*)$", text, re.M).group(1).split())
     health = re.search(r'CMD \["psfw", "health", "([^"]+)"\]', text).group(1)
-    argv = [*yaml.safe_load(entry), *yaml.safe_load(cmd)]
-    assert argv[0] == "psfw"
-    args = parser().parse_args(argv[1:])
-    assert (args.command, args.shard, args.of) == ("server", 0, 1)
-    assert parser().parse_args(["health", health]).address == "127.0.0.1:50051"
+    assert entry[0] == "psfw"
+    args = parse_with_env(entry[1:], env, monkeypatch)
+    assert (args.command, args.shard, args.of, args.listen) == ("server", 0, 1, "0.0.0.0:50051")
+    assert not args.insecure, "the image does not open its port to anyone by default"
+    assert parser().parse_args(["health", health]).address == args.listen.replace("0.0.0.0", "127.0.0.1")
 
 
 def test_compose_services_run_commands_the_cli_accepts(monkeypatch):
