@@ -16,7 +16,9 @@ COPY protos ./protos
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 psfw
+RUN useradd --create-home --uid 10001 psfw \
+    && mkdir -p /home/psfw/runs /checkpoints \
+    && chown 10001:10001 /home/psfw/runs /checkpoints
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER 10001:10001
