@@ -129,12 +129,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             self.metrics.bytes_out.labels(self._shard).inc(self.store.nbytes())
             yield UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, slowest_step=result.slowest_step), []))
             return
-        rnd = result.round
         sent = 0
-        if rnd is not None and self.store.nbytes() <= SHARED_REPLY_BYTES:
-            if rnd.reply is None:  # the first waiter encodes; every process gets the same bytes
-                rnd.reply = asyncio.create_task(asyncio.to_thread(_encode_reply, result))
-            for reply in await rnd.reply:
+        if result.shared and self.store.nbytes() <= SHARED_REPLY_BYTES:
+            if "reply" not in result.cache:  # the first waiter encodes; every process gets the same bytes
+                result.cache["reply"] = asyncio.create_task(asyncio.to_thread(_encode_reply, result))
+            for reply in await result.cache["reply"]:
                 sent += len(reply)
                 yield reply
         else:

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from psfw.services import checkpoint
 from psfw.wire import WireError, slice_name
 
 NONFINITE_POLICIES = ("reject", "skip")
+UPDATE_BATCH_BYTES = 64 << 20
 log = logging.getLogger("psfw.server")
 
 
@@ -42,7 +44,6 @@ class Round:
     contributions: dict[int, tuple[int, int]] = field(default_factory=dict)  # process -> (workers, rows)
     parts: dict[int, dict[SliceKey, tuple[np.ndarray, ...]]] = field(default_factory=dict)  # process -> sums
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    reply: asyncio.Task | None = None  # the encoded answer, built once for every waiter
 
     @property
     def workers(self) -> int:
@@ -65,8 +66,11 @@ class GroupState:
 class UpdateResult:
     step: int  # the group's completed steps after the update
     values: dict[SliceKey, jax.Array]  # a snapshot right after the update
-    round: Round | None  # the round that produced it (None: an acknowledged old step)
+    shared: bool  # True: every process of the group gets this answer (False: an acknowledged retry)
     slowest_step: int = 0  # the slowest group's completed steps when the answer left
+    # the encoded answer, built once for all the group's processes; the result holds
+    # no reference to its round, so that old values are freed without the cycle collector
+    cache: dict = field(default_factory=dict)
 
 
 def _abort(code: grpc.StatusCode, message: str) -> WireError:
@@ -286,7 +290,7 @@ class ShardStore:
             # a retry of the last applied step: acknowledged, never added twice
             if head.staleness >= 0 and head.worker_groups > 1:
                 await self._hold_for_slowest(group, state.step, head, wait_s)
-            return UpdateResult(state.step, dict(self.values), None, self.slowest_step(head.worker_groups))
+            return UpdateResult(state.step, dict(self.values), False, self.slowest_step(head.worker_groups))
         rnd = self._validate_update(state, head, sums)
         created = group not in self.groups
         if rnd is None:
@@ -408,10 +412,8 @@ class ShardStore:
             if rnd.done.done() or self.groups.get(group) is not state or state.round is not rnd:
                 return  # a restore replaced the state while this waited: its waiters were told to re-sync
             grads = {key: tuple(p for sums in rnd.parts.values() for p in sums[key]) for key in self.values}
-            values, opt_state, finite = await asyncio.to_thread(
-                self._update_fn, grads, self._opt_state, self.values, np.float32(rnd.rows)
-            )
-            if not bool(finite):
+            values, opt_state, finite = await asyncio.to_thread(self._update_in_batches, grads, np.float32(rnd.rows))
+            if not finite:
                 if self.nonfinite == "reject":
                     sums = rnd.parts.pop(last)
                     del rnd.contributions[last]
@@ -429,9 +431,34 @@ class ShardStore:
             state.last = sorted(rnd.contributions)
             self.updates_applied += 1
             state.updated_at = time.monotonic()
-            rnd.done.set_result(UpdateResult(state.step, dict(self.values), rnd))
+            rnd.done.set_result(UpdateResult(state.step, dict(self.values), True))
         async with self._progress:
             self._progress.notify_all()
+
+    def _update_in_batches(self, grads: dict, rows: np.float32) -> tuple[dict, dict, bool]:
+        """The jitted update over batches of about UPDATE_BATCH_BYTES of slices, so
+        that XLA's copies of its inputs and its outputs-in-progress stay that small
+        for a large shard (a small one is one batch: one call)."""
+        values, states, finite = {}, {}, True
+        batch: list[SliceKey] = []
+        size = 0
+        keys = list(self.values)
+        for index, key in enumerate(keys):
+            dtype, shape = self.specs[key]
+            batch.append(key)
+            size += dtype.itemsize * math.prod(shape)
+            if size >= UPDATE_BATCH_BYTES or index == len(keys) - 1:
+                new_values, new_states, ok = self._update_fn(
+                    {k: grads[k] for k in batch},
+                    {k: self._opt_state[k] for k in batch},
+                    {k: self.values[k] for k in batch},
+                    rows,
+                )
+                values.update(new_values)
+                states.update(new_states)
+                finite = finite and bool(ok)
+                batch, size = [], 0
+        return values, states, finite
 
     # -- checkpoints ---------------------------------------------------------
 
