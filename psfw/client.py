@@ -52,6 +52,22 @@ def _transient(err: grpc.aio.AioRpcError) -> bool:
     return err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not (err.details() or "").startswith("shard ")
 
 
+def _sum_into(out: np.ndarray | None, parts: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Add ``parts`` up into ``out`` (a new array when None)."""
+    if out is None:
+        out = np.add(parts[0], parts[1]) if len(parts) > 1 else parts[0]
+        rest = parts[2:]
+    elif len(parts) == 1:
+        np.copyto(out, parts[0])
+        return out
+    else:
+        np.add(parts[0], parts[1], out=out)
+        rest = parts[2:]
+    for part in rest:
+        np.add(out, part, out=out)
+    return out
+
+
 class Fresh(NamedTuple):
     """Values a shard answered with."""
 
@@ -237,7 +253,7 @@ class ShardClient:
         group_processes: int = 0,
         epoch: int = 0,
         checkpoint_every: int = 0,
-        items: Items,
+        items: Items,  # (key, slice, array), or (key, slice, tuple of arrays to add up)
         expect: Expect,
         wait_s: float,
         into: dict[SliceKey, np.ndarray] | None = None,
@@ -262,12 +278,15 @@ class ShardClient:
         )
 
         def encode() -> list[bytes]:
-            chunked = encode_chunks(items, self.chunk_bytes)
+            summed = [(k, i, _sum_into(None, v) if isinstance(v, tuple) else v) for k, i, v in items]
+            chunked = encode_chunks(summed, self.chunk_bytes)
             return [UPDATE_REQUEST(Frame(head if i == 0 else pb.UpdateRequest(), c)) for i, c in enumerate(chunked)]
 
         def encode_shm() -> list[bytes]:
-            for key, index, array in items:
-                np.copyto(self._shm.view(False, self._offsets[(key, index)], array.dtype, array.shape), array)
+            for key, index, value in items:
+                parts = value if isinstance(value, tuple) else (value,)
+                view = self._shm.view(False, self._offsets[(key, index)], parts[0].dtype, parts[0].shape)
+                _sum_into(view, parts)  # the workers' parts are added straight into the region
             shared = pb.UpdateRequest()
             shared.CopyFrom(head)
             shared.shm = self._shm.name

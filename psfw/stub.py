@@ -257,8 +257,10 @@ class Stub:
             # each shard's slices are summed in a thread of their own, and sent as
             # soon as they are ready: the shards' sums run side by side
             slices = self.layout.shard_slices(shard)
-            if self.clients[shard].transport == "in-process":
-                items = _slice_parts(slices, grads)  # the shard adds them up inside its jitted update
+            if self.clients[shard].transport in ("in-process", "shared-memory"):
+                # in-process, the shard adds the parts up inside its jitted update; through
+                # shared memory, the client adds them straight into the region
+                items = _slice_parts(slices, grads)
             else:
                 items = await asyncio.to_thread(_sum_slices, slices, grads)
             return await self.clients[shard].update(

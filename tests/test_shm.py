@@ -129,3 +129,25 @@ def test_a_region_of_another_layout_is_refused():
         Region.attach(region.name, 4096).close()
     finally:
         region.close()
+
+
+@pytest.mark.asyncio
+async def test_workers_parts_are_added_into_the_region(shard_process):
+    shared = ShardClient(shard_process, 0, timeout_s=10, retries=0)
+    network = ShardClient(shard_process, 0, timeout_s=10, retries=0)
+    try:
+        step = (await network.describe()).groups[0].step
+        assert await shared.use_shared_memory(SPECS)
+        before = await network.get(0, step, [("w", 0), ("w", 1)], _expect, 5)
+        parts = [
+            ("w", 0, (np.full(1000, 1.0, np.float32), np.full(1000, 2.0, np.float32))),
+            ("w", 1, (np.full(24, 0.5, np.float32), np.full(24, 0.5, np.float32), np.ones(24, np.float32))),
+        ]
+        answer = await shared.update(
+            group=0, step=step, process=0, workers=1, rows=2, workers_per_group=1, items=parts, expect=_expect, wait_s=5
+        )
+        np.testing.assert_allclose(answer.values[("w", 0)], before.values[("w", 0)] - 0.1 * 3.0 / 2, atol=1e-6)
+        np.testing.assert_allclose(answer.values[("w", 1)], before.values[("w", 1)] - 0.1 * 2.0 / 2, atol=1e-6)
+    finally:
+        await shared.close()
+        await network.close()
