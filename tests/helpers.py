@@ -42,3 +42,25 @@ def assert_params_close(actual: dict, expected: dict) -> None:
     assert set(actual) == set(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(actual[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+def expect4(key) -> tuple[np.dtype, tuple[int, ...]]:
+    """What the tests' small shards hold: float32[4] slices."""
+    return np.dtype("float32"), (4,)
+
+
+async def send(client, values: dict, *, step=0, process=0, rows=1, workers_per_group=1, wait_s=5.0, **options):
+    """One Update from one worker: ``values`` maps slice indices of parameter "w" to
+    its float32[4] gradient sums."""
+    return await client.update(
+        group=0,
+        step=step,
+        process=process,
+        workers=1,
+        rows=rows,
+        workers_per_group=workers_per_group,
+        items=[("w", index, value) for index, value in values.items()],
+        expect=expect4,
+        wait_s=wait_s,
+        **options,
+    )

@@ -11,7 +11,7 @@ from psfw.proto import ps_pb2 as pb
 from psfw.services.server import ShardServer
 from psfw.wire import Chunk, Frame, frame_deserializer, frame_serializer
 
-from helpers import SGD
+from helpers import SGD, send
 
 UPDATE = "/psfw.v1.ParameterServer/Update"
 GOOD = [("w", 0, np.ones(4, np.float32)), ("w", 1, np.ones(4, np.float32))]
@@ -146,17 +146,7 @@ async def test_oversize_message_is_resource_exhausted(running):
 async def test_a_valid_update_still_works_after_refusals(running):
     server, client, update, _ = running
     await call(update, BAD_UPDATES["nan gradient"][0])
-    step, values, _ = await client.update(
-        group=0,
-        step=0,
-        process=0,
-        workers=1,
-        rows=2,
-        workers_per_group=1,
-        items=GOOD,
-        expect=lambda key: (np.dtype("float32"), (4,)),
-        wait_s=5,
-    )
+    step, values, _ = await send(client, {i: v for _, i, v in GOOD}, rows=2)
     assert step == 1
     np.testing.assert_allclose(values[("w", 0)], -0.1 * 0.5)
 
@@ -194,17 +184,7 @@ async def test_nonfinite_policy_skip_skips_the_step_and_keeps_the_values():
     client = ShardClient(server.address, 0, timeout_s=10, retries=0)
     try:
         await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
-        answer = await client.update(
-            group=0,
-            step=0,
-            process=0,
-            workers=1,
-            rows=1,
-            workers_per_group=1,
-            items=[("w", 0, np.array([1, np.nan, 0, 0], np.float32))],
-            expect=lambda key: (np.dtype("float32"), (4,)),
-            wait_s=5,
-        )
+        answer = await send(client, {0: np.array([1, np.nan, 0, 0], np.float32)})
         assert answer.step == 1, "the group moves on"
         np.testing.assert_array_equal(answer.values[("w", 0)], np.zeros(4, np.float32))
         assert server.store.skipped_nonfinite == 1 and server.store.versions[("w", 0)] == 0

@@ -15,7 +15,7 @@ from psfw.job import build_job
 from psfw.launcher import train_async
 from psfw.services.server import ShardServer
 
-from helpers import SGD
+from helpers import SGD, send
 
 
 def config(workers=2, per_process=2, batch=40, steps=5, servers=2, hidden=(16, 16, 16), slice_bytes=1024):
@@ -127,17 +127,7 @@ async def test_a_waiting_get_returns_as_soon_as_the_step_completes(shard):
     waiting = asyncio.create_task(client.get(0, 1, [("w", 0)], _expect, wait_s=10))
     await asyncio.sleep(0.1)
     assert not waiting.done()
-    await client.update(
-        group=0,
-        step=0,
-        process=0,
-        workers=1,
-        rows=2,
-        workers_per_group=1,
-        items=[("w", 0, np.full(4, 2.0, np.float32))],
-        expect=_expect,
-        wait_s=5,
-    )
+    await send(client, {0: np.full(4, 2.0, np.float32)}, rows=2)
     step, values, _ = await asyncio.wait_for(waiting, 5)
     assert step == 1
     np.testing.assert_allclose(values[("w", 0)], 1.0 - 0.1 * 2.0 / 2)
@@ -153,23 +143,15 @@ async def test_group_step_completes_only_when_all_workers_reported():
     try:
         await clients[0].put([("w", 0, np.zeros(4, np.float32))], SGD)
 
-        def send(process, grad_sum, rows):
-            return clients[process].update(
-                group=0,
-                step=0,
-                process=process,
-                workers=1,
-                rows=rows,
-                workers_per_group=2,
-                items=[("w", 0, np.full(4, grad_sum, np.float32))],
-                expect=_expect,
-                wait_s=5,
+        def contribute(process, grad_sum, rows):
+            return send(
+                clients[process], {0: np.full(4, grad_sum, np.float32)}, process=process, rows=rows, workers_per_group=2
             )
 
-        first = asyncio.create_task(send(0, 3.0, 1))
+        first = asyncio.create_task(contribute(0, 3.0, 1))
         await asyncio.sleep(0.2)
         assert not first.done(), "the step must wait for the whole group"
-        second = await send(1, 5.0, 3)
+        second = await contribute(1, 5.0, 3)
         first = await first
         for step, values, _ in (first, second):
             assert step == 1

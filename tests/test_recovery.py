@@ -23,7 +23,7 @@ from psfw.outputs import read_params
 from psfw.services import checkpoint
 from psfw.services.server import ShardServer
 
-from helpers import SGD, assert_params_close, reference
+from helpers import SGD, assert_params_close, reference, send
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -217,40 +217,14 @@ async def test_a_step_that_cannot_complete_names_the_missing_processes(shard):
     from psfw.errors import ShardError
 
     with pytest.raises(ShardError) as err:
-        await client.update(
-            group=0,
-            step=0,
-            process=0,
-            workers=1,
-            rows=1,
-            workers_per_group=2,
-            group_processes=2,
-            items=[("w", 0, np.ones(4, np.float32))],
-            expect=_expect,
-            wait_s=0.5,
-        )
+        await send(client, {0: np.ones(4, np.float32)}, workers_per_group=2, group_processes=2, wait_s=0.5)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "group 0 step 0 is incomplete" in str(err.value) and "missing processes: [1]" in str(err.value)
 
 
-def _expect(key):
-    return np.dtype("float32"), (4,)
-
-
 async def _update(client, process=0, wpg=1, grad=1.0, epoch=0):
-    return await client.update(
-        group=0,
-        step=0,
-        process=process,
-        workers=1,
-        rows=1,
-        workers_per_group=wpg,
-        group_processes=wpg,
-        epoch=epoch,
-        items=[("w", 0, np.full(4, grad, np.float32))],
-        expect=_expect,
-        wait_s=5,
-    )
+    values = {0: np.full(4, grad, np.float32)}
+    return await send(client, values, process=process, workers_per_group=wpg, group_processes=wpg, epoch=epoch)
 
 
 @pytest.mark.asyncio
@@ -302,18 +276,7 @@ async def test_checkpoints_hold_values_optimizer_state_versions_and_dedup_state(
             await c.put([("w", 0, np.zeros(4, np.float32))], adam)
         for step in range(4):
             for c in clients:
-                await c.update(
-                    group=0,
-                    step=step,
-                    process=0,
-                    workers=1,
-                    rows=1,
-                    workers_per_group=1,
-                    checkpoint_every=2,
-                    items=[("w", 0, np.full(4, step + 1.0, np.float32))],
-                    expect=_expect,
-                    wait_s=5,
-                )
+                await send(c, {0: np.full(4, step + 1.0, np.float32)}, step=step, checkpoint_every=2)
         for s in servers:
             await s.store.flush_checkpoints()
         assert checkpoint.complete_steps(folder, 2) == [2, 4]
@@ -395,18 +358,7 @@ async def test_a_restore_abandons_the_checkpoints_after_it(tmp_path):
     try:
         await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
         for step in range(4):
-            await client.update(
-                group=0,
-                step=step,
-                process=0,
-                workers=1,
-                rows=1,
-                workers_per_group=1,
-                checkpoint_every=2,
-                items=[("w", 0, np.ones(4, np.float32))],
-                expect=_expect,
-                wait_s=5,
-            )
+            await send(client, {0: np.ones(4, np.float32)}, step=step, checkpoint_every=2)
         await server.store.flush_checkpoints()
         (checkpoint.step_dir(tmp_path, 6)).mkdir()  # a half-written later set
         checkpoint.save_shard(tmp_path, 6, 0, 2, {"value/0": np.ones(1, np.float32)}, {})
