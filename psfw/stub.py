@@ -71,7 +71,6 @@ class Stub:
         self.group_processes = workers_per_group // max(len(self.workers), 1)
         self.slowest_step = 0  # the slowest group's completed steps, from the last answer
         self.epoch = 0  # the shards' restore count this stub is synced to
-        self.resyncs = 0
         self._inbox: asyncio.Queue[Contribution] = asyncio.Queue()
         self._puts: asyncio.Queue[dict[str, np.ndarray]] = asyncio.Queue()
         self._wanted: asyncio.Future[dict[int, list[str]]] = asyncio.get_running_loop().create_future()
@@ -225,7 +224,6 @@ class Stub:
     async def _resync(self) -> int:
         replies = await self._settle()
         self.epoch = replies[0].epoch
-        self.resyncs += 1
         start = min(_group_step(r, self.group) for r in replies)
         values = await self._get_all(self.group, start, list(self.layout.params))
         while not self._inbox.empty():

@@ -58,7 +58,6 @@ class Round:
 class GroupState:
     step: int = 0  # completed steps
     round: Round | None = None
-    updated_at: float = 0.0
     last: list[int] = field(default_factory=list)  # processes of the last applied step (the dedup state)
 
 
@@ -430,7 +429,6 @@ class ShardStore:
             state.round = None
             state.last = sorted(rnd.contributions)
             self.updates_applied += 1
-            state.updated_at = time.monotonic()
             rnd.done.set_result(UpdateResult(state.step, dict(self.values), True))
         async with self._progress:
             self._progress.notify_all()
