@@ -77,38 +77,10 @@ class LocalShardClient:
 
         return await self._call("Get", get())
 
-    async def update(
-        self,
-        *,
-        group,
-        step,
-        process,
-        workers,
-        rows,
-        workers_per_group,
-        items,
-        expect,
-        wait_s,
-        into=None,
-        worker_groups=1,
-        staleness=-1,
-        group_processes=0,
-        epoch=0,
-        checkpoint_every=0,
-    ) -> Fresh:
-        head = pb.UpdateRequest(
-            group=group,
-            step=step,
-            process=process,
-            workers=workers,
-            rows=rows,
-            workers_per_group=workers_per_group,
-            worker_groups=worker_groups,
-            staleness=staleness,
-            group_processes=group_processes,
-            epoch=epoch,
-            checkpoint_every=checkpoint_every,
-        )
+    async def update(self, *, items, expect, wait_s, into=None, **header) -> Fresh:
+        """ShardClient.update's verb; ``header`` are its keyword arguments (group,
+        step, process, workers, rows, workers_per_group, ...): the Update's fields."""
+        head = pb.UpdateRequest(wait_s=wait_s, **header)
 
         async def update():
             result = await self.store.update(head, self._checked(items, known=True), wait_s)
