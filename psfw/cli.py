@@ -252,6 +252,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from psfw.allocator import tune_malloc
+
+    tune_malloc()  # before any thread starts: see psfw/allocator.py
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("psfw").setLevel(logging.INFO)  # psfw's own notes (transport, restores) are shown

@@ -50,9 +50,10 @@ def slot_layout(specs: list[tuple[SliceKey, np.dtype, tuple[int, ...]]]) -> tupl
 class Region:
     """A mapped shared-memory file: the gradients area, then the values area."""
 
-    def __init__(self, name: str, area: int, mapping: mmap.mmap, owner: bool):
+    def __init__(self, name: str, area: int, mapping: mmap.mmap, owner: bool, fd: int | None = None):
         self.name, self.area, self._map, self.owner = name, area, mapping, owner
         self.buffer = np.frombuffer(mapping, np.uint8)
+        self._fd = fd  # a shard's: it writes the values area through the file
 
     @classmethod
     def create(cls, area: int) -> Region:
@@ -86,17 +87,35 @@ class Region:
                     f"region {name} holds {size} bytes, the shard's slices need {2 * area}: the layouts differ"
                 )
             mapping = mmap.mmap(fd, 2 * area)
-        finally:
+        except BaseException:
             os.close(fd)
-        return cls(name, area, mapping, owner=False)
+            raise
+        return cls(name, area, mapping, owner=False, fd=fd)
 
     def view(self, values: bool, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         start = (self.area if values else 0) + offset
         count = math.prod(shape)
         return self.buffer[start : start + count * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
 
+    def write_values(self, offset: int, array: np.ndarray) -> None:
+        """Write ``array`` into the values area at ``offset`` through the file, not
+        the mapping: the stub reads it from its own mapping, and the pages never
+        enter the shard's resident memory (the region is the stub's buffer)."""
+        if self._fd is None:
+            raise ValueError(f"region {self.name} was not attached by a shard")
+        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        position = self.area + offset
+        if position + len(data) > 2 * self.area:
+            raise ValueError(f"{len(data)} bytes at {offset} overrun the values area of region {self.name}")
+        while data:
+            written = os.pwrite(self._fd, data, position)
+            data, position = data[written:], position + written
+
     def close(self) -> None:
         self.buffer = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         try:
             self._map.close()
         except BufferError:

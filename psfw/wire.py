@@ -253,7 +253,9 @@ class Assembler:
     raises WireError(NOT_FOUND) for an unknown one; without it any supported dtype
     and shape is accepted (a Put of new parameters). ``max_bytes`` bounds the total.
     ``into`` maps slices to contiguous arrays that receive their bytes (for example
-    views of a parameter's aligned buffer); other slices stay views of the messages.
+    views of a parameter's aligned buffer); other slices stay views of the messages,
+    or, with ``keep``, are copied into aligned buffers of their own, which a receiver
+    that keeps them (a Put) hands to JAX as they are, and which free the messages.
     """
 
     def __init__(
@@ -261,8 +263,10 @@ class Assembler:
         expect: Expect | None = None,
         max_bytes: int | None = None,
         into: dict[SliceKey, np.ndarray] | None = None,
+        keep: bool = False,
     ):
         self._expect = expect
+        self._keep = keep
         self._into = into or {}
         self._max_bytes = max_bytes
         self.total = 0  # bytes received so far
@@ -311,11 +315,11 @@ class Assembler:
         if key in self._into:
             self._parts.setdefault(key, self._into[key].reshape(-1).view(np.uint8))
             self._parts[key][got : got + len(data)] = np.frombuffer(data, np.uint8)
-        elif got == 0 and len(data) == nbytes:
-            self._parts[key] = data  # whole slice in one chunk: keep it, no copy
+        elif got == 0 and len(data) == nbytes and not self._keep:
+            self._parts[key] = data  # whole slice in one chunk: a view, no copy
         else:
             if key not in self._parts:
-                self._parts[key] = np.empty(nbytes, np.uint8)
+                self._parts[key] = aligned_empty((nbytes,), np.uint8)  # JAX can adopt it
             self._parts[key][got : got + len(data)] = np.frombuffer(data, np.uint8)
         self._got[key] = got + len(data)
 

@@ -79,13 +79,13 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     async def Put(self, request_iterator: AsyncIterator[Frame], context) -> pb.PutReply:
         async with self._handled(context, "Put"):
-            assembler = Assembler(max_bytes=self.max_request_bytes)
+            assembler = Assembler(max_bytes=self.max_request_bytes, keep=True)
             optimizer = None
             async for frame in request_iterator:
                 header = assembler.add_frame(frame)
                 if optimizer is None:
                     optimizer = header.optimizer
-            stored = await self.store.put(assembler.finish(), optimizer or "")
+            stored = await self.store.put(assembler.finish(), optimizer or "", adopt=True)
             self.metrics.bytes_in.labels(self._shard).inc(assembler.total)
         return pb.PutReply(slices=stored)
 
@@ -166,8 +166,7 @@ def _wait(wait_s: float) -> float:
 
 def _write_values(region: Region, offsets: dict[SliceKey, int], values: dict) -> None:
     for key, value in values.items():
-        array = np.asarray(value)
-        np.copyto(region.view(True, offsets[key], array.dtype, array.shape), array)
+        region.write_values(offsets[key], np.asarray(value))
 
 
 def describe_store(store: ShardStore) -> pb.DescribeReply:

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,12 +87,14 @@ class ShardStore:
         nonfinite: str = "reject",
         checkpoint_dir: str | Path | None = None,
         keep: int = 3,
+        update_batch_bytes: int = UPDATE_BATCH_BYTES,
     ):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite policy {nonfinite!r}: use 'reject' or 'skip'")
         self.shard, self.shards, self.nonfinite = shard, shards, nonfinite
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.keep = keep
+        self.update_batch_bytes = update_batch_bytes
         self.epoch = 0  # restores so far; every Update must carry the same
         self.saved_step = -1  # group 0's step of the newest checkpoint this shard wrote or loaded
         self.values: dict[SliceKey, jax.Array] = {}
@@ -104,7 +107,7 @@ class ShardStore:
         self.started = time.monotonic()
         self._opt: optax.GradientTransformation | None = None
         self._opt_state: dict[SliceKey, Any] = {}
-        self._update_fn = None
+        self._update_fn = self._update_in_place = None
         self._lock = asyncio.Lock()
         self._progress = asyncio.Condition()
         self._saving = asyncio.Lock()
@@ -146,11 +149,13 @@ class ShardStore:
 
     # -- put ---------------------------------------------------------------
 
-    async def put(self, arrays: dict[SliceKey, np.ndarray], optimizer: str) -> int:
+    async def put(self, arrays: dict[SliceKey, np.ndarray], optimizer: str, adopt: bool = False) -> int:
         """Store the initial values of new slices (version 0).
 
         A retried Put of identical values is acknowledged; a different value for a
-        held slice is ALREADY_EXISTS. The first Put fixes the shard's optimizer.
+        held slice is ALREADY_EXISTS. The first Put fixes the shard's optimizer. With
+        ``adopt``, the arrays are the request's own buffers, which nobody writes again:
+        the shard keeps them instead of a copy.
         """
         if not arrays:
             raise _abort(grpc.StatusCode.INVALID_ARGUMENT, "Put carries no slices")
@@ -185,16 +190,17 @@ class ShardStore:
             new[key] = value
         if not self.optimizer_spec:
             self.optimizer_spec, self._opt = optimizer, opt
-            self._update_fn = jax.jit(_make_update(opt))
+            self._update_fn, self._update_in_place = _jit_update(opt)
         async with self._lock:  # not while an update reads or replaces the values
-            self._store_new(new)
+            self._store_new(new, adopt)
         async with self._progress:
             self._progress.notify_all()
         return len(arrays)
 
-    def _store_new(self, new: dict[SliceKey, np.ndarray]) -> None:
+    def _store_new(self, new: dict[SliceKey, np.ndarray], adopt: bool) -> None:
         for key, value in new.items():
-            array = jax.numpy.array(value)  # a private copy: the request buffer is not ours
+            # JAX adopts an aligned buffer as it is; a caller's buffer is copied
+            array = jax.device_put(value) if adopt else jax.numpy.array(value)
             self.values[key] = array
             self.versions[key] = 0
             self.specs[key] = (value.dtype, value.shape)
@@ -231,9 +237,10 @@ class ShardStore:
             await self.wait_for_put(keys, wait_s)
         for key in keys:
             self.expect(key)
-        done = await self.wait_for_step(group, step, max(0.0, wait_s - (time.monotonic() - started)))
-        values = self.values
-        return done, {k: values[k] for k in keys}
+        await self.wait_for_step(group, step, max(0.0, wait_s - (time.monotonic() - started)))
+        async with self._lock:  # not in the middle of an update, which replaces values batch by batch
+            values = self.values
+            return self.group_step(group), {k: values[k] for k in keys}
 
     async def wait_for_step(self, group: int, step: int, wait_s: float) -> int:
         """Wait until ``group`` has completed ``step`` steps; returns its step.
@@ -289,7 +296,9 @@ class ShardStore:
             # a retry of the last applied step: acknowledged, never added twice
             if head.staleness >= 0 and head.worker_groups > 1:
                 await self._hold_for_slowest(group, state.step, head, wait_s)
-            return UpdateResult(state.step, dict(self.values), False, self.slowest_step(head.worker_groups))
+            async with self._lock:
+                values = dict(self.values)
+            return UpdateResult(state.step, values, False, self.slowest_step(head.worker_groups))
         rnd = self._validate_update(state, head, sums)
         created = group not in self.groups
         if rnd is None:
@@ -323,7 +332,7 @@ class ShardStore:
             ) from None
         result = rnd.done.result()
         if group == 0 and head.checkpoint_every and result.step % head.checkpoint_every == 0:
-            self._schedule_checkpoint()
+            await self._schedule_checkpoint()
         if head.staleness >= 0 and head.worker_groups > 1:
             await self._hold_for_slowest(group, result.step, head, max(0.0, deadline - time.monotonic()))
         return dataclasses.replace(result, slowest_step=self.slowest_step(head.worker_groups))
@@ -404,14 +413,14 @@ class ShardStore:
         rnd.contributions[process] = (workers, rows)
 
     async def _apply(self, group: int, state: GroupState, rnd: Round, last: int) -> None:
-        """One jitted call adds up the contributions, checks them, and applies the
-        optimizer; a non-finite sum is refused (the last contribution is taken back)
-        or skipped, as the policy says."""
+        """Add up the contributions, check them, and apply the optimizer (jitted); a
+        non-finite sum is refused (the last contribution is taken back) or skipped,
+        as the policy says, and then nothing has changed."""
         async with self._lock:
             if rnd.done.done() or self.groups.get(group) is not state or state.round is not rnd:
                 return  # a restore replaced the state while this waited: its waiters were told to re-sync
             grads = {key: tuple(p for sums in rnd.parts.values() for p in sums[key]) for key in self.values}
-            values, opt_state, finite = await asyncio.to_thread(self._update_in_batches, grads, np.float32(rnd.rows))
+            finite = await asyncio.to_thread(self._update_in_batches, grads, np.float32(rnd.rows))
             if not finite:
                 if self.nonfinite == "reject":
                     sums = rnd.parts.pop(last)
@@ -419,11 +428,9 @@ class ShardStore:
                     bad = [k for k, ps in sums.items() if not all(np.isfinite(p).all() for p in ps)]
                     raise _nonfinite(group, rnd.step, slice_name(bad[0]) if bad else "the summed contributions")
                 self.skipped_nonfinite += 1
-                values, opt_state = self.values, self._opt_state
             else:
-                for key in values:
+                for key in self.versions:
                     self.versions[key] += 1
-            self.values, self._opt_state = dict(values), dict(opt_state)
             rnd.parts = {}
             state.step = rnd.step + 1
             state.round = None
@@ -433,30 +440,49 @@ class ShardStore:
         async with self._progress:
             self._progress.notify_all()
 
-    def _update_in_batches(self, grads: dict, rows: np.float32) -> tuple[dict, dict, bool]:
-        """The jitted update over batches of about UPDATE_BATCH_BYTES of slices, so
-        that XLA's copies of its inputs and its outputs-in-progress stay that small
-        for a large shard (a small one is one batch: one call)."""
-        values, states, finite = {}, {}, True
-        batch: list[SliceKey] = []
+    def _batches(self) -> list[list[SliceKey]]:
+        """The slices in batches of about ``update_batch_bytes`` (a small shard: one)."""
+        batches: list[list[SliceKey]] = [[]]
         size = 0
-        keys = list(self.values)
-        for index, key in enumerate(keys):
+        for key in self.values:
+            if size >= self.update_batch_bytes:
+                batches.append([])
+                size = 0
             dtype, shape = self.specs[key]
-            batch.append(key)
+            batches[-1].append(key)
             size += dtype.itemsize * math.prod(shape)
-            if size >= UPDATE_BATCH_BYTES or index == len(keys) - 1:
-                new_values, new_states, ok = self._update_fn(
-                    {k: grads[k] for k in batch},
-                    {k: self._opt_state[k] for k in batch},
-                    {k: self.values[k] for k in batch},
-                    rows,
-                )
-                values.update(new_values)
-                states.update(new_states)
-                finite = finite and bool(ok)
-                batch, size = [], 0
-        return values, states, finite
+        return batches
+
+    def _update_in_batches(self, grads: dict, rows: np.float32) -> bool:
+        """Apply the jitted update, replacing values and optimizer state; returns
+        False (and changes nothing) when the summed gradients are not all finite.
+
+        A small shard is one batch: one call, with the finite check fused. A large
+        shard goes a batch of about ``update_batch_bytes`` at a time, after a finite
+        check over all batches, and each batch is updated in place (its buffers
+        donated to XLA) unless a reader (an answer being sent, a Get) still holds
+        them, in which case that batch gets new buffers and the reader keeps the old
+        ones. So a large shard needs no second copy of its state. Readers take
+        their snapshot under the update lock, never halfway through.
+        """
+        batches = self._batches()
+        if len(batches) > 1 and not all(bool(_all_finite({k: grads[k] for k in keys})) for keys in batches):
+            return False
+        for keys in batches:
+            update = self._update_fn
+            if len(batches) > 1 and all(_unshared(self.values[k]) for k in keys):
+                update = self._update_in_place
+            values, states, finite = update(
+                {k: grads[k] for k in keys},
+                {k: self._opt_state[k] for k in keys},
+                {k: self.values[k] for k in keys},
+                rows,
+            )
+            if not finite:
+                return False  # only a single batch gets here: nothing was replaced
+            self.values.update(values)
+            self._opt_state.update(states)
+        return True
 
     # -- checkpoints ---------------------------------------------------------
 
@@ -501,7 +527,7 @@ class ShardStore:
         self.values, self.versions, self._opt_state = values, versions, states
         self.specs = {k: (np.dtype(np.asarray(v).dtype), tuple(v.shape)) for k, v in values.items()}
         self.optimizer_spec, self._opt = meta["optimizer"], opt
-        self._update_fn = jax.jit(_make_update(opt)) if opt else None
+        self._update_fn, self._update_in_place = _jit_update(opt) if opt else (None, None)
         self.groups = {
             int(g): GroupState(step=int(st["step"]), last=list(st["last"])) for g, st in meta["groups"].items()
         }
@@ -547,11 +573,12 @@ class ShardStore:
         async with self._progress:
             self._progress.notify_all()
 
-    def _schedule_checkpoint(self) -> None:
+    async def _schedule_checkpoint(self) -> None:
         if self.checkpoint_dir is None:
             return
-        step = self.group_step(0)
-        tensors, meta = self.snapshot()  # arrays are immutable: later updates cannot change it
+        async with self._lock:  # between updates; the snapshot's arrays stay as they are
+            step = self.group_step(0)
+            tensors, meta = self.snapshot()
         task = asyncio.get_running_loop().create_task(self._write(step, tensors, meta))
         self._saves.add(task)
         task.add_done_callback(self._saves.discard)
@@ -573,7 +600,7 @@ class ShardStore:
         """Wait for pending writes; with ``final``, also save the current state (a
         graceful shutdown) unless that step is saved already."""
         if final and self.checkpoint_dir is not None and self.values and self.group_step(0) > self.saved_step:
-            self._schedule_checkpoint()
+            await self._schedule_checkpoint()
         while self._saves:
             await asyncio.gather(*self._saves, return_exceptions=True)
 
@@ -595,6 +622,25 @@ def _nonfinite(group: int, step: int, what: str) -> WireError:
         grpc.StatusCode.INVALID_ARGUMENT,
         f"group {group} step {step}: the gradient of {what} has NaN or Inf values (policy: reject)",
     )
+
+
+def _unshared(array: jax.Array) -> bool:
+    """No reference to ``array`` but the store's own (and this call's argument)."""
+    return sys.getrefcount(array) <= 3
+
+
+def _jit_update(opt: optax.GradientTransformation):
+    """The jitted update, and the same with the old values and state donated (the
+    new ones are written over them)."""
+    update = _make_update(opt)
+    return jax.jit(update), jax.jit(update, donate_argnums=(1, 2))
+
+
+@jax.jit
+def _all_finite(parts: dict) -> jax.Array:
+    """Whether the sums of every slice's parts are all finite."""
+    sums = [functools.reduce(jax.numpy.add, ps) for ps in parts.values()]
+    return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(s).all() for s in sums]))
 
 
 def _make_update(opt: optax.GradientTransformation):

@@ -1,0 +1,87 @@
+"""The shard store's update of a large shard: batch by batch, in place, and still
+all-or-nothing and safe for readers."""
+
+import json
+
+import grpc
+import jax
+import numpy as np
+import pytest
+
+from psfw.proto import ps_pb2 as pb
+from psfw.services.store import ShardStore
+from psfw.wire import WireError
+
+ADAM = json.dumps({"name": "adam", "learning_rate": 0.01})
+SLICES = 6
+
+
+def _grads(step: int) -> dict:
+    rng = np.random.default_rng(step)
+    return {("w", i): rng.normal(size=256).astype(np.float32) for i in range(SLICES)}
+
+
+def _head(step: int) -> pb.UpdateRequest:
+    return pb.UpdateRequest(group=0, step=step, process=0, workers=1, rows=2, workers_per_group=1, staleness=-1)
+
+
+def _buffers(store: ShardStore, keys) -> set[int]:
+    """Where the slices' values and optimizer state live (XLA may swap buffers
+    between a slice's value and its state when it writes in place)."""
+    arrays = [store.values[k] for k in keys] + jax.tree.leaves([store._opt_state[k] for k in keys])
+    return {a.unsafe_buffer_pointer() for a in arrays}
+
+
+async def _store(batch_bytes: int) -> ShardStore:
+    store = ShardStore(update_batch_bytes=batch_bytes)
+    initial = {("w", i): np.linspace(-1, 1, 256, dtype=np.float32) * (i + 1) for i in range(SLICES)}
+    await store.put(initial, ADAM)
+    return store
+
+
+@pytest.mark.asyncio
+async def test_a_shard_updated_batch_by_batch_in_place_equals_one_jitted_update():
+    """Six slices in batches of two (donated, in place) end where one batch ends."""
+    whole, batched = await _store(1 << 30), await _store(2 * 256 * 4)
+    assert len(batched._batches()) == 3 and len(whole._batches()) == 1
+    before = _buffers(batched, batched.values)
+    for step in range(3):
+        for store in (whole, batched):
+            await store.update(_head(step), _grads(step), 5.0)
+    assert batched.digest() == whole.digest()  # values, optimizer state, versions, steps
+    assert _buffers(batched, batched.values) == before, "with no reader, batches are updated where they are"
+
+
+@pytest.mark.asyncio
+async def test_a_reader_keeps_its_values_while_the_shard_updates_in_place():
+    """A Get's snapshot (an answer still being sent) is never written over: the
+    batches it holds get new buffers, the others are updated in place."""
+    store = await _store(256 * 4)
+    await store.update(_head(0), _grads(0), 5.0)
+    step, held = await store.read([("w", 0), ("w", 3)], 0, 1, 5.0)
+    copies = {k: np.array(v) for k, v in held.items()}
+    free = [k for k in store.values if k not in held]
+    before = _buffers(store, free)
+    await store.update(_head(1), _grads(1), 5.0)
+    for key, value in held.items():
+        assert not value.is_deleted()
+        np.testing.assert_array_equal(np.asarray(value), copies[key])
+        assert not np.array_equal(np.asarray(store.values[key]), copies[key])
+    assert _buffers(store, free) == before
+    assert step == 1 and store.group_step(0) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_nonfinite_gradient_in_the_last_batch_changes_no_batch():
+    store = await _store(256 * 4)
+    await store.update(_head(0), _grads(0), 5.0)
+    digest = store.digest()
+    grads = _grads(1)
+    grads[("w", SLICES - 1)][7] = np.inf
+    with pytest.raises(WireError) as refused:
+        await store.update(_head(1), grads, 5.0)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN or Inf" in refused.value.message
+    assert store.digest() == digest
+    await store.update(_head(1), _grads(1), 5.0)  # the step can still be made
+    assert store.group_step(0) == 2
