@@ -22,13 +22,16 @@ def test_sizes_parse_with_units():
 
 @pytest.mark.slow
 def test_bench_reports_every_variant_and_ratio():
-    done = subprocess.run([*PSFW, "--steps", "4", "--warmup", "2"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*PSFW, "--steps", "4", "--warmup", "2", "--rounds", "2"], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     for key in ("single_process", "embedded", "separate_processes", "tcp"):
         assert figures[key] > 0
         if key != "single_process":
             assert figures[f"{key}_ratio"] == pytest.approx(figures[key] / figures["single_process"])
+            assert len(figures[f"{key}_round_ratios"]) == 2
 
 
 @pytest.mark.slow
