@@ -8,6 +8,7 @@ split into one sub-batch per worker, B // W rows each, the remainder to the last
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, TypeVar
 
 import numpy as np
@@ -40,6 +41,14 @@ def split_batch(batch: T, workers: int) -> list[T]:
     return parts if isinstance(batch, tuple) else [p[0] for p in parts]
 
 
+@functools.lru_cache(maxsize=8)
+def _epoch_order(rows: int, seed: int, group: int, epoch: int) -> np.ndarray:
+    """One epoch's shuffled rows (cached: every worker of every step reads it)."""
+    order = np.random.default_rng([seed, group, epoch]).permutation(rows)
+    order.flags.writeable = False
+    return order
+
+
 class BatchOrder(NamedTuple):
     """The deterministic order in which one group visits the training rows."""
 
@@ -55,8 +64,7 @@ class BatchOrder(NamedTuple):
     def indices(self, step: int) -> np.ndarray:
         """Row indices of the group's batch at ``step``."""
         epoch, position = divmod(step, self.steps_per_epoch)
-        rng = np.random.default_rng([self.seed, self.group, epoch])
-        order = rng.permutation(self.rows)
+        order = _epoch_order(self.rows, self.seed, self.group, epoch)
         start = position * self.batch_size
         return order[start : start + self.batch_size]
 

@@ -121,6 +121,14 @@ class ShardClient:
             request_serializer=frame_serializer(pb.UpdateRequest),
             response_deserializer=frame_deserializer(pb.UpdateReply),
         )
+        # the same method for an Update of one message (through shared memory): called
+        # with a unary request, the message and the end of the stream leave together
+        # (gRPC does not carry a method's cardinality on the wire)
+        self._update_one = self.channel.unary_stream(
+            method + "Update",
+            request_serializer=frame_serializer(pb.UpdateRequest),
+            response_deserializer=frame_deserializer(pb.UpdateReply),
+        )
 
     @property
     def transport(self) -> str:
@@ -294,9 +302,12 @@ class ShardClient:
 
         def attempt_with(messages: list[bytes], shared: bool):
             async def attempt():
-                frames = [
-                    f async for f in self._update(iter(messages), timeout=wait_s + RPC_MARGIN_S, metadata=self._md)
-                ]
+                timeout = wait_s + RPC_MARGIN_S
+                if len(messages) == 1:
+                    call = self._update_one(messages[0], timeout=timeout, metadata=self._md)
+                else:
+                    call = self._update(iter(messages), timeout=timeout, metadata=self._md)
+                frames = [f async for f in call]
                 if not shared:
                     return await asyncio.to_thread(_assemble, frames, expect, into)
                 head = _assemble(frames, expect, None)

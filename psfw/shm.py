@@ -53,7 +53,7 @@ class Region:
     def __init__(self, name: str, area: int, mapping: mmap.mmap, owner: bool, fd: int | None = None):
         self.name, self.area, self._map, self.owner = name, area, mapping, owner
         self.buffer = np.frombuffer(mapping, np.uint8)
-        self._fd = fd  # a shard's: it writes the values area through the file
+        self._fd = fd  # a shard's: it may write the values area through the file
 
     @classmethod
     def create(cls, area: int) -> Region:
@@ -97,19 +97,23 @@ class Region:
         count = math.prod(shape)
         return self.buffer[start : start + count * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
 
-    def write_values(self, offset: int, array: np.ndarray) -> None:
-        """Write ``array`` into the values area at ``offset`` through the file, not
-        the mapping: the stub reads it from its own mapping, and the pages never
-        enter the shard's resident memory (the region is the stub's buffer)."""
-        if self._fd is None:
-            raise ValueError(f"region {self.name} was not attached by a shard")
+    def write_values(self, offset: int, array: np.ndarray, through_file: bool = False) -> None:
+        """Write ``array`` into the values area at ``offset`` (a shard's answer).
+
+        ``through_file`` writes with pwrite instead of through the mapping: slower
+        (a system call per slice), but the pages never enter this process's
+        resident memory, so a large shard does not hold a second copy of its values
+        (the region is the stub's buffer, counted there)."""
+        start = self.area + offset
         data = memoryview(np.ascontiguousarray(array)).cast("B")
-        position = self.area + offset
-        if position + len(data) > 2 * self.area:
+        if start + len(data) > 2 * self.area:
             raise ValueError(f"{len(data)} bytes at {offset} overrun the values area of region {self.name}")
+        if not through_file or self._fd is None:
+            self.buffer[start : start + len(data)] = np.frombuffer(data, np.uint8)
+            return
         while data:
-            written = os.pwrite(self._fd, data, position)
-            data, position = data[written:], position + written
+            written = os.pwrite(self._fd, data, start)
+            data, start = data[written:], start + written
 
     def close(self) -> None:
         self.buffer = None

@@ -31,6 +31,7 @@ log = logging.getLogger("psfw.server")
 DEFAULT_MAX_REQUEST_BYTES = 16 << 30
 UPDATE_REPLY = frame_serializer(pb.UpdateReply)
 SHARED_REPLY_BYTES = 64 << 20  # up to this, one encoded answer is shared by the group's processes
+WRITE_THROUGH_FILE_BYTES = 64 << 20  # from this, answers through shared memory bypass the mapping
 
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
@@ -165,8 +166,11 @@ def _wait(wait_s: float) -> float:
 
 
 def _write_values(region: Region, offsets: dict[SliceKey, int], values: dict) -> None:
+    """The answer into the stub's region: a large one through the file, so that it
+    never counts in the shard's resident memory (see Region.write_values)."""
+    through_file = sum(np.asarray(v).nbytes for v in values.values()) >= WRITE_THROUGH_FILE_BYTES
     for key, value in values.items():
-        region.write_values(offsets[key], np.asarray(value))
+        region.write_values(offsets[key], np.asarray(value), through_file)
 
 
 def describe_store(store: ShardStore) -> pb.DescribeReply:

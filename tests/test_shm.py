@@ -54,6 +54,24 @@ def test_regions_are_private_files_removed_on_close():
         Region.attach("../etc/passwd", 64)
 
 
+def test_a_shard_writes_answers_through_the_mapping_or_the_file_alike():
+    """Through the file (a large answer) the pages stay out of the shard's memory;
+    the stub reads the same bytes either way."""
+    stub = Region.create(4096)
+    shard = Region.attach(stub.name, 4096)
+    try:
+        first, second = np.arange(256, dtype=np.float32), -np.arange(512, dtype=np.float32)
+        shard.write_values(0, first)
+        shard.write_values(1024, second, through_file=True)
+        np.testing.assert_array_equal(stub.view(True, 0, np.float32, (256,)), first)
+        np.testing.assert_array_equal(stub.view(True, 1024, np.float32, (512,)), second)
+        with pytest.raises(ValueError, match="overrun the values area"):
+            shard.write_values(4000, first, through_file=True)
+    finally:
+        shard.close()
+        stub.close()
+
+
 @pytest.mark.asyncio
 async def test_updates_through_shared_memory_equal_the_network_path(clients):
     shared, network = clients
