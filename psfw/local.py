@@ -23,6 +23,8 @@ from psfw.services.server import ShardServer, in_process
 from psfw.services.servicer import describe_store
 from psfw.wire import WireError, slice_name, wire_dtype
 
+INLINE_COPY_BYTES = 8 << 20
+
 
 class LocalShardClient:
     """A ShardClient twin that calls an in-process ShardServer's store."""
@@ -101,7 +103,8 @@ class LocalShardClient:
 
 async def _deliver(values: dict, into: dict | None) -> dict[SliceKey, np.ndarray]:
     """The shard's (immutable) values, copied into the caller's buffers where it
-    has them, in a thread; other slices are handed over as they are."""
+    has them (in a thread unless they are small); other slices are handed over as
+    they are."""
     if not into:
         return {k: np.asarray(v) for k, v in values.items()}
 
@@ -116,6 +119,8 @@ async def _deliver(values: dict, into: dict | None) -> dict[SliceKey, np.ndarray
                 out[key] = target
         return out
 
+    if sum(np.asarray(v).nbytes for v in values.values()) <= INLINE_COPY_BYTES:
+        return copy()  # a millisecond or less: cheaper than a hop to a thread and back
     return await asyncio.to_thread(copy)
 
 

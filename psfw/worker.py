@@ -47,7 +47,8 @@ def init_owned(init: Callable, seed: int, names: list[str]) -> dict[str, np.ndar
     return {n: np.asarray(v) for n, v in jax.jit(owned)(jax.random.PRNGKey(seed)).items()}
 
 
-def _compute(spec: WorkerSpec, values: dict[str, Any], x: np.ndarray, y: np.ndarray):
+def _compute(spec: WorkerSpec, values: dict[str, Any], rows: np.ndarray):
+    x, y = spec.data.x_train[rows], spec.data.y_train[rows]  # gathered here, off the event loop
     params = unflatten_params(spec.treedef, list(spec.layout.params), values)
     loss, metrics, grads = spec.step_fn(params, x, y)
     flat, _ = flatten_params(grads)
@@ -80,8 +81,7 @@ async def run_worker(spec: WorkerSpec, worker: int, group: int, stub: Stub, cach
             continue
         started = time.perf_counter()
         rows = spec.order.worker_indices(step, worker, spec.workers_per_group)
-        x, y = spec.data.x_train[rows], spec.data.y_train[rows]
-        loss, metrics, grads = await loop.run_in_executor(spec.executor, _compute, spec, params, x, y)
+        loss, metrics, grads = await loop.run_in_executor(spec.executor, _compute, spec, params, rows)
         done = time.perf_counter()
         metrics.update(loss=loss, compute_s=done - started, wait_s=started - waited)
         await stub.update(step, worker, grads, len(rows), metrics, generation)

@@ -3,7 +3,8 @@ contributions of each group's step in progress.
 
 Every method validates fully before it changes anything, so a rejected request
 leaves the shard exactly as it was. All methods run on the server's event loop; the
-optimizer update itself runs in a thread under a lock (JAX releases the GIL).
+optimizer update runs under a lock, in a thread (JAX releases the GIL) unless the
+shard is small enough that the hop would cost more than the update.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from psfw.wire import WireError, slice_name
 
 NONFINITE_POLICIES = ("reject", "skip")
 UPDATE_BATCH_BYTES = 64 << 20
+INLINE_UPDATE_BYTES = 8 << 20  # a shard this small updates on the event loop
 log = logging.getLogger("psfw.server")
 
 
@@ -420,7 +422,10 @@ class ShardStore:
             if rnd.done.done() or self.groups.get(group) is not state or state.round is not rnd:
                 return  # a restore replaced the state while this waited: its waiters were told to re-sync
             grads = {key: tuple(p for sums in rnd.parts.values() for p in sums[key]) for key in self.values}
-            finite = await asyncio.to_thread(self._update_in_batches, grads, np.float32(rnd.rows))
+            if self.nbytes() <= INLINE_UPDATE_BYTES:  # about a millisecond: less than a hop to a thread and back
+                finite = self._update_in_batches(grads, np.float32(rnd.rows))
+            else:
+                finite = await asyncio.to_thread(self._update_in_batches, grads, np.float32(rnd.rows))
             if not finite:
                 if self.nonfinite == "reject":
                     sums = rnd.parts.pop(last)
