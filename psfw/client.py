@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import NamedTuple, TypeVar
 
 import grpc
@@ -85,6 +85,40 @@ def _assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
     if head is None:
         raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
     return Fresh(head.step, values, getattr(head, "slowest_step", 0))
+
+
+PIPELINE_BYTES = 4 << 20  # the request is summed and encoded this much at a time
+
+
+async def _pipelined(items: list, head: pb.UpdateRequest, chunk_bytes: int) -> AsyncIterator[bytes]:
+    """The Update's messages, summed and encoded in a thread a batch of slices at a
+    time, the next batch while gRPC sends this one: the early slices travel while
+    later ones are still being added up."""
+    batches: list[list] = [[]]
+    size = 0
+    for item in items:
+        if size >= PIPELINE_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        value = item[2]
+        size += (value[0] if isinstance(value, tuple) else value).nbytes
+
+    def encode(batch: list, first: bool) -> list[bytes]:
+        summed = [(k, i, _sum_into(None, v) if isinstance(v, tuple) else v) for k, i, v in batch]
+        chunked = encode_chunks(summed, chunk_bytes)
+        return [
+            UPDATE_REQUEST(Frame(head if first and n == 0 else pb.UpdateRequest(), c)) for n, c in enumerate(chunked)
+        ]
+
+    loop = asyncio.get_running_loop()
+    ahead = loop.run_in_executor(None, encode, batches[0], True)
+    for index in range(len(batches)):
+        messages = await ahead
+        if index + 1 < len(batches):
+            ahead = loop.run_in_executor(None, encode, batches[index + 1], False)
+        for message in messages:
+            yield message
 
 
 class ShardClient:
@@ -285,11 +319,6 @@ class ShardClient:
             checkpoint_every=checkpoint_every,
         )
 
-        def encode() -> list[bytes]:
-            summed = [(k, i, _sum_into(None, v) if isinstance(v, tuple) else v) for k, i, v in items]
-            chunked = encode_chunks(summed, self.chunk_bytes)
-            return [UPDATE_REQUEST(Frame(head if i == 0 else pb.UpdateRequest(), c)) for i, c in enumerate(chunked)]
-
         def encode_shm() -> list[bytes]:
             for key, index, value in items:
                 parts = value if isinstance(value, tuple) else (value,)
@@ -300,34 +329,34 @@ class ShardClient:
             shared.shm = self._shm.name
             return [UPDATE_REQUEST(Frame(shared, []))]
 
-        def attempt_with(messages: list[bytes], shared: bool):
-            async def attempt():
-                timeout = wait_s + RPC_MARGIN_S
-                if len(messages) == 1:
-                    call = self._update_one(messages[0], timeout=timeout, metadata=self._md)
-                else:
-                    call = self._update(iter(messages), timeout=timeout, metadata=self._md)
-                frames = [f async for f in call]
-                if not shared:
-                    return await asyncio.to_thread(_assemble, frames, expect, into)
-                head = _assemble(frames, expect, None)
-                keys = [(key, index) for key, index, _ in items]
-                values = await asyncio.to_thread(self._from_region, keys, expect, into)
-                return Fresh(head.step, values, head.slowest_step)
+        async def send_shared(messages: list[bytes]) -> Fresh:
+            call = self._update_one(messages[0], timeout=wait_s + RPC_MARGIN_S, metadata=self._md)
+            reply = _assemble([f async for f in call], expect, None)
+            keys = [(key, index) for key, index, _ in items]
+            values = await asyncio.to_thread(self._from_region, keys, expect, into)
+            return Fresh(reply.step, values, reply.slowest_step)
 
-            return attempt
+        async def send_network() -> Fresh:
+            call = self._update(
+                _pipelined(items, head, self.chunk_bytes), timeout=wait_s + RPC_MARGIN_S, metadata=self._md
+            )
+            assembler = Assembler(expect, into=into)
+            reply = None
+            async for frame in call:  # each message is taken in as it arrives, while the next one travels
+                reply = assembler.add_frame(frame)
+            if reply is None:
+                raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
+            return Fresh(reply.step, assembler.finish(), reply.slowest_step)
 
         if self._shm is not None:
             # the gradients go into the shared region, the message carries only its name
             messages = await asyncio.to_thread(encode_shm)
             try:
-                return await self._call("Update", attempt_with(messages, True))
+                return await self._call("Update", lambda: send_shared(messages))
             except ShardError as err:
                 if not self._drop_shared_memory(err):
                     raise
-        # the copies (into messages, out of them) run in threads, off the event loop
-        messages = await asyncio.to_thread(encode)
-        return await self._call("Update", attempt_with(messages, False))
+        return await self._call("Update", send_network)
 
     async def restore(self, step: int, epoch: int) -> pb.RestoreReply:
         """Roll the shard back to its complete checkpoint of ``step``, at ``epoch``."""

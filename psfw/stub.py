@@ -252,15 +252,10 @@ class Stub:
         started = time.perf_counter()
 
         async def send(shard: int) -> tuple[int, dict[SliceKey, np.ndarray]]:
-            # each shard's slices are summed in a thread of their own, and sent as
-            # soon as they are ready: the shards' sums run side by side
-            slices = self.layout.shard_slices(shard)
-            if self.clients[shard].transport in ("in-process", "shared-memory"):
-                # in-process, the shard adds the parts up inside its jitted update; through
-                # shared memory, the client adds them straight into the region
-                items = _slice_parts(slices, grads)
-            else:
-                items = await asyncio.to_thread(_sum_slices, slices, grads)
+            # every client adds up the workers' parts itself: in-process inside the
+            # shard's jitted update, through shared memory straight into the region,
+            # over the network a batch at a time while earlier batches travel
+            items = _slice_parts(self.layout.shard_slices(shard), grads)
             return await self.clients[shard].update(
                 group=self.group,
                 step=step,
@@ -338,15 +333,3 @@ async def fetch_params(
 def _slice_parts(slices: list[SliceSpec], grads: list[dict[str, np.ndarray]]) -> list[tuple[str, int, tuple]]:
     """Each slice as the tuple of the workers' gradients (views, nothing added yet)."""
     return [(s.key, s.index, tuple(g[s.key].reshape(-1)[s.start : s.stop] for g in grads)) for s in slices]
-
-
-def _sum_slices(slices: list[SliceSpec], grads: list[dict[str, np.ndarray]]) -> list[tuple[str, int, np.ndarray]]:
-    """The workers' gradients summed slice by slice: ``(key, index, sum)`` items."""
-    items = []
-    for s in slices:
-        parts = [g[s.key].reshape(-1)[s.start : s.stop] for g in grads]
-        total = parts[0] if len(parts) == 1 else np.add(parts[0], parts[1])
-        for part in parts[2:]:
-            np.add(total, part, out=total)
-        items.append((s.key, s.index, total))
-    return items

@@ -31,6 +31,7 @@ log = logging.getLogger("psfw.server")
 DEFAULT_MAX_REQUEST_BYTES = 16 << 30
 UPDATE_REPLY = frame_serializer(pb.UpdateReply)
 SHARED_REPLY_BYTES = 64 << 20  # up to this, one encoded answer is shared by the group's processes
+ANSWER_BATCH_BYTES = 4 << 20  # an answer is encoded this much at a time
 WRITE_THROUGH_FILE_BYTES = 64 << 20  # from this, answers through shared memory bypass the mapping
 
 
@@ -131,20 +132,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             yield UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, slowest_step=result.slowest_step), []))
             return
         sent = 0
-        if result.shared and self.store.nbytes() <= SHARED_REPLY_BYTES:
-            if "reply" not in result.cache:  # the first waiter encodes; every process gets the same bytes
-                result.cache["reply"] = asyncio.create_task(asyncio.to_thread(_encode_reply, result))
-            for reply in await result.cache["reply"]:
-                sent += len(reply)
-                yield reply
-        else:
-            # a large shard's answer is encoded a batch at a time while it is sent, so
-            # that only a batch of it is ever held as bytes
-            batches = _reply_batches(result)
-            while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-                for reply in batch:
-                    sent += len(reply)
-                    yield reply
+        async for reply in _answer(result, self.store.nbytes() <= SHARED_REPLY_BYTES):
+            sent += len(reply)
+            yield reply
         self.metrics.bytes_out.labels(self._shard).inc(sent)
 
     async def Describe(self, request: pb.DescribeRequest, context) -> pb.DescribeReply:
@@ -206,25 +196,46 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
     return reply
 
 
-def _reply_batches(result: UpdateResult, batch_bytes: int = 16 << 20):
-    """The encoded answer as lists of messages of about ``batch_bytes`` in all."""
-    values = result.values
-    head = pb.UpdateReply(step=result.step, slowest_step=result.slowest_step)
-    batch, size = [], 0
-    for chunks in encode_chunks((k, i, values[(k, i)]) for k, i in sorted(values)):
-        batch.append(UPDATE_REPLY(Frame(head, chunks)))
-        size += len(batch[-1])
-        if size >= batch_bytes:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+def _answer_batches(values: dict) -> list[list[SliceKey]]:
+    """The answer's slices in order, in batches of about ANSWER_BATCH_BYTES."""
+    batches: list[list[SliceKey]] = [[]]
+    size = 0
+    for key in sorted(values):
+        if size >= ANSWER_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(key)
+        size += values[key].nbytes
+    return batches
 
 
-def _encode_reply(result: UpdateResult) -> list[bytes]:
-    values = result.values
+def _encode_answer(result: UpdateResult, keys: list[SliceKey]) -> list[bytes]:
     head = pb.UpdateReply(step=result.step, slowest_step=result.slowest_step)
-    return [UPDATE_REPLY(Frame(head, c)) for c in encode_chunks((k, i, values[(k, i)]) for k, i in sorted(values))]
+    values = result.values
+    return [UPDATE_REPLY(Frame(head, c)) for c in encode_chunks((k, i, values[(k, i)]) for k, i in keys)]
+
+
+async def _answer(result: UpdateResult, share: bool) -> AsyncIterator[bytes]:
+    """The encoded answer, a batch at a time, the next batch encoded (in a thread)
+    while this one is sent. A small answer to a whole group is encoded once, all
+    batches at once, and every process of the group gets the same bytes; a large
+    one is encoded a batch ahead, so that only two batches are ever held as bytes."""
+    loop = asyncio.get_running_loop()
+    batches = _answer_batches(result.values)
+    if share and result.shared:
+        if "reply" not in result.cache:  # the first waiter encodes
+            result.cache["reply"] = [loop.run_in_executor(None, _encode_answer, result, keys) for keys in batches]
+        for encoded in result.cache["reply"]:
+            for reply in await asyncio.shield(encoded):  # a waiter that leaves does not cancel it for the others
+                yield reply
+        return
+    ahead = loop.run_in_executor(None, _encode_answer, result, batches[0])
+    for index in range(len(batches)):
+        encoded = await ahead
+        if index + 1 < len(batches):
+            ahead = loop.run_in_executor(None, _encode_answer, result, batches[index + 1])
+        for reply in encoded:
+            yield reply
 
 
 def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:
