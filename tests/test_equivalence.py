@@ -5,6 +5,8 @@ import jax
 import numpy as np
 import pytest
 
+import psfw.client
+import psfw.services.servicer
 from psfw.config import parse_config
 from psfw.job import build_job
 from psfw.launcher import train_async
@@ -64,6 +66,20 @@ async def test_psfw_equals_single_process_training(optimizer, workers, per_proce
         np.testing.assert_allclose(result.params[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
     moved = max(np.abs(expected[n] - reference(config, 0)[n]).max() for n in expected)
     assert moved > 1e-3, "training must change the parameters for the comparison to mean anything"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("per_process", [2, 1])
+async def test_the_network_path_in_pipelined_batches_equals_single_process_training(monkeypatch, per_process):
+    """Requests summed and encoded, and answers encoded, a few slices at a time
+    while earlier ones travel (one stub, and 2 stubs sharing their group's answer)."""
+    monkeypatch.setattr(psfw.client, "PIPELINE_BYTES", 4096)
+    monkeypatch.setattr(psfw.services.servicer, "ANSWER_BATCH_BYTES", 4096)
+    config = make_config(OPTIMIZERS["adam"], 2, per_process, 64, slice_bytes=2048, transport="grpc")
+    result = await train_async(config, progress=False, outputs=False)
+    expected = reference(config, STEPS)
+    for name, value in expected.items():
+        np.testing.assert_allclose(result.params[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
 
 
 @pytest.mark.asyncio
