@@ -30,7 +30,9 @@ from psfw.wire import (
     Expect,
     Frame,
     WireError,
+    batched,
     encode_chunks,
+    encoded_ahead,
     frame_deserializer,
     frame_serializer,
 )
@@ -94,31 +96,20 @@ async def _pipelined(items: list, head: pb.UpdateRequest, chunk_bytes: int) -> A
     """The Update's messages, summed and encoded in a thread a batch of slices at a
     time, the next batch while gRPC sends this one: the early slices travel while
     later ones are still being added up."""
-    batches: list[list] = [[]]
-    size = 0
-    for item in items:
-        if size >= PIPELINE_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(item)
-        value = item[2]
-        size += (value[0] if isinstance(value, tuple) else value).nbytes
 
-    def encode(batch: list, first: bool) -> list[bytes]:
+    def nbytes(item) -> int:
+        value = item[2]
+        return (value[0] if isinstance(value, tuple) else value).nbytes
+
+    def encode(batch: list, index: int) -> list[bytes]:
         summed = [(k, i, _sum_into(None, v) if isinstance(v, tuple) else v) for k, i, v in batch]
-        chunked = encode_chunks(summed, chunk_bytes)
+        chunked = list(encode_chunks(summed, chunk_bytes)) or ([[]] if index == 0 else [])  # the header, always
         return [
-            UPDATE_REQUEST(Frame(head if first and n == 0 else pb.UpdateRequest(), c)) for n, c in enumerate(chunked)
+            UPDATE_REQUEST(Frame(head if index == n == 0 else pb.UpdateRequest(), c)) for n, c in enumerate(chunked)
         ]
 
-    loop = asyncio.get_running_loop()
-    ahead = loop.run_in_executor(None, encode, batches[0], True)
-    for index in range(len(batches)):
-        messages = await ahead
-        if index + 1 < len(batches):
-            ahead = loop.run_in_executor(None, encode, batches[index + 1], False)
-        for message in messages:
-            yield message
+    async for message in encoded_ahead(batched(items, nbytes, PIPELINE_BYTES), encode):
+        yield message
 
 
 class ShardClient:

@@ -14,6 +14,7 @@ import math
 import mmap
 import os
 import re
+import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -54,6 +55,7 @@ class Region:
         self.name, self.area, self._map, self.owner = name, area, mapping, owner
         self.buffer = np.frombuffer(mapping, np.uint8)
         self._fd = fd  # a shard's: it may write the values area through the file
+        self._closing = threading.Lock()  # a write in a thread against close() on the event loop
 
     @classmethod
     def create(cls, area: int) -> Region:
@@ -108,18 +110,27 @@ class Region:
         data = memoryview(np.ascontiguousarray(array)).cast("B")
         if start + len(data) > 2 * self.area:
             raise ValueError(f"{len(data)} bytes at {offset} overrun the values area of region {self.name}")
-        if not through_file or self._fd is None:
-            self.buffer[start : start + len(data)] = np.frombuffer(data, np.uint8)
+        with self._closing:  # a view or a duplicate of the fd: close() cannot pull either away mid-write
+            buffer = self.buffer
+            fd = os.dup(self._fd) if through_file and self._fd is not None else None
+        if buffer is None:
+            raise ValueError(f"region {self.name} is closed")
+        if fd is None:
+            buffer[start : start + len(data)] = np.frombuffer(data, np.uint8)
             return
-        while data:
-            written = os.pwrite(self._fd, data, start)
-            data, start = data[written:], start + written
+        try:
+            while data:
+                written = os.pwrite(fd, data, start)
+                data, start = data[written:], start + written
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        self.buffer = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._closing:
+            self.buffer = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
         try:
             self._map.close()
         except BufferError:

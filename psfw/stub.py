@@ -168,9 +168,11 @@ class Stub:
             replies = await self._describe_all()
             epochs = {r.epoch for r in replies}
             steps = {_group_step(r, self.group) for r in replies}
-            held = [len(r.slices) == len(self.layout.shard_slices(i)) for i, r in enumerate(replies)]
-            lost = [i for i, (r, h) in enumerate(zip(replies, held, strict=True)) if not h and r.slices == []]
-            if lost and any(held) and len(epochs) == 1:
+            sizes = [len(self.layout.shard_slices(i)) for i in range(len(replies))]
+            # a shard with no slices in the layout (more shards than slices) holds nothing to lose
+            held = [len(r.slices) == n for r, n in zip(replies, sizes, strict=True)]
+            lost = [i for i, (r, n) in enumerate(zip(replies, sizes, strict=True)) if n and not r.slices]
+            if lost and any(h and n for h, n in zip(held, sizes, strict=True)) and len(epochs) == 1:
                 raise PsfwError(
                     f"shards {lost} lost their state (restarted without a checkpoint) while others hold theirs: "
                     "give the shards a shared --checkpoint-dir and set train.checkpoint_every"

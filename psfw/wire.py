@@ -10,9 +10,10 @@ when a slice arrived in one chunk.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import NamedTuple, TypeVar
 
 import grpc
 import numpy as np
@@ -20,6 +21,8 @@ from google.protobuf.message import DecodeError, Message
 
 from psfw.layout import Layout, SliceKey
 from psfw.proto import ps_pb2 as pb
+
+T = TypeVar("T")
 
 CHUNK_BYTES = 1 << 20
 DTYPES = ("float16", "float32", "float64")
@@ -58,6 +61,39 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str, align: int = 64
     raw = np.empty(nbytes + align, np.uint8)
     start = (-raw.ctypes.data) % align
     return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def batched(items: Iterable[T], nbytes: Callable[[T], int], limit: int) -> list[list[T]]:
+    """``items`` in order, in batches of about ``limit`` bytes (a batch is closed
+    once it reaches the limit; there is always at least one, maybe empty)."""
+    batches: list[list[T]] = [[]]
+    size = 0
+    for item in items:
+        if size >= limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += nbytes(item)
+    return batches
+
+
+async def encoded_ahead(batches: list[T], encode: Callable[[T, int], list[bytes]]) -> AsyncIterator[bytes]:
+    """The messages of ``encode(batch, index)`` for every batch, each batch encoded in
+    a thread while the caller sends the previous one's messages."""
+    loop = asyncio.get_running_loop()
+    pending = loop.run_in_executor(None, encode, batches[0], 0)
+    try:
+        for index in range(len(batches)):
+            messages = await pending
+            if index + 1 < len(batches):
+                pending = loop.run_in_executor(None, encode, batches[index + 1], index + 1)
+            for message in messages:
+                yield message
+    finally:
+        if not pending.done():
+            pending.cancel()  # the caller left (a cancelled or failed RPC): its result is not wanted
+        elif not pending.cancelled():
+            pending.exception()  # retrieved, so that a failure nobody awaits is not logged
 
 
 def param_buffers(layout: Layout, names: Iterable[str]) -> tuple[dict[str, np.ndarray], dict[SliceKey, np.ndarray]]:

@@ -24,7 +24,16 @@ from psfw.proto import ps_pb2_grpc as pb_grpc
 from psfw.services.metrics import ShardMetrics
 from psfw.services.store import ShardStore, UpdateResult
 from psfw.shm import Region, RegionCache, host_id, slot_layout
-from psfw.wire import Assembler, Frame, WireError, encode_chunks, frame_deserializer, frame_serializer
+from psfw.wire import (
+    Assembler,
+    Frame,
+    WireError,
+    batched,
+    encode_chunks,
+    encoded_ahead,
+    frame_deserializer,
+    frame_serializer,
+)
 
 log = logging.getLogger("psfw.server")
 
@@ -196,23 +205,11 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
     return reply
 
 
-def _answer_batches(values: dict) -> list[list[SliceKey]]:
-    """The answer's slices in order, in batches of about ANSWER_BATCH_BYTES."""
-    batches: list[list[SliceKey]] = [[]]
-    size = 0
-    for key in sorted(values):
-        if size >= ANSWER_BATCH_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(key)
-        size += values[key].nbytes
-    return batches
-
-
 def _encode_answer(result: UpdateResult, keys: list[SliceKey]) -> list[bytes]:
     head = pb.UpdateReply(step=result.step, slowest_step=result.slowest_step)
     values = result.values
-    return [UPDATE_REPLY(Frame(head, c)) for c in encode_chunks((k, i, values[(k, i)]) for k, i in keys)]
+    chunked = list(encode_chunks((k, i, values[(k, i)]) for k, i in keys)) or [[]]  # a shard with no slices
+    return [UPDATE_REPLY(Frame(head, c)) for c in chunked]
 
 
 async def _answer(result: UpdateResult, share: bool) -> AsyncIterator[bytes]:
@@ -220,22 +217,28 @@ async def _answer(result: UpdateResult, share: bool) -> AsyncIterator[bytes]:
     while this one is sent. A small answer to a whole group is encoded once, all
     batches at once, and every process of the group gets the same bytes; a large
     one is encoded a batch ahead, so that only two batches are ever held as bytes."""
-    loop = asyncio.get_running_loop()
-    batches = _answer_batches(result.values)
+    batches = batched(sorted(result.values), lambda key: result.values[key].nbytes, ANSWER_BATCH_BYTES)
+
+    def encode(keys: list[SliceKey], index: int) -> list[bytes]:
+        return _encode_answer(result, keys)
+
     if share and result.shared:
         if "reply" not in result.cache:  # the first waiter encodes
-            result.cache["reply"] = [loop.run_in_executor(None, _encode_answer, result, keys) for keys in batches]
+            loop = asyncio.get_running_loop()
+            result.cache["reply"] = [loop.run_in_executor(None, encode, keys, 0) for keys in batches]
+            for encoded in result.cache["reply"]:
+                encoded.add_done_callback(_retrieve)
         for encoded in result.cache["reply"]:
             for reply in await asyncio.shield(encoded):  # a waiter that leaves does not cancel it for the others
                 yield reply
         return
-    ahead = loop.run_in_executor(None, _encode_answer, result, batches[0])
-    for index in range(len(batches)):
-        encoded = await ahead
-        if index + 1 < len(batches):
-            ahead = loop.run_in_executor(None, _encode_answer, result, batches[index + 1])
-        for reply in encoded:
-            yield reply
+    async for reply in encoded_ahead(batches, encode):
+        yield reply
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # seen by whoever awaits it; nobody else needs to be told
 
 
 def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:

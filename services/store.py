@@ -30,7 +30,7 @@ from psfw.compute.optimizers import build_optimizer
 from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
 from psfw.services import checkpoint
-from psfw.wire import WireError, slice_name
+from psfw.wire import WireError, batched, slice_name
 
 NONFINITE_POLICIES = ("reject", "skip")
 UPDATE_BATCH_BYTES = 64 << 20
@@ -110,12 +110,21 @@ class ShardStore:
         self._opt: optax.GradientTransformation | None = None
         self._opt_state: dict[SliceKey, Any] = {}
         self._update_fn = self._update_in_place = None
+        self._compiled = False  # the jitted update has run once (its first call compiles)
+        self.damage = ""  # why the state cannot be trusted any more (an update failed halfway)
         self._lock = asyncio.Lock()
         self._progress = asyncio.Condition()
         self._saving = asyncio.Lock()
         self._saves: set[asyncio.Task] = set()
 
     # -- reading -------------------------------------------------------------
+
+    def _check_intact(self) -> None:
+        if self.damage:
+            raise _abort(
+                grpc.StatusCode.DATA_LOSS,
+                f"shard {self.shard} cannot be trusted: {self.damage}; restart it (it loads its newest checkpoint)",
+            )
 
     def expect(self, key: SliceKey) -> tuple[np.dtype, tuple[int, ...]]:
         """dtype and shape of a held slice; WireError(NOT_FOUND) for an unknown one."""
@@ -137,7 +146,7 @@ class ShardStore:
 
     def digest(self) -> str:
         """A hash of values, versions, group steps and optimizer state (for tests and
-        operators: equal digests mean equal state)."""
+        operators: equal digests mean equal state). Call it between updates."""
         import hashlib
 
         h = hashlib.sha256()
@@ -174,30 +183,35 @@ class ShardStore:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"shard {self.shard} already trains with optimizer {self.optimizer_spec}, the Put asks for {optimizer}",
             )
-        new = {}
-        for key, value in arrays.items():
-            if key in self.values:
-                same = self.specs[key] == (value.dtype, value.shape) and np.array_equal(
-                    np.asarray(self.values[key]), value
-                )
-                if not same:
-                    raise _abort(
-                        grpc.StatusCode.ALREADY_EXISTS,
-                        f"shard {self.shard} already holds {slice_name(key)} with other values: "
-                        "a parameter is put once, by its owner",
+        async with self._lock:  # not while an update replaces (or writes over) the values
+            self._check_intact()
+            new = {}
+            for key, value in arrays.items():
+                if key in self.values:
+                    same = self.specs[key] == (value.dtype, value.shape) and np.array_equal(
+                        np.asarray(self.values[key]), value
                     )
-                continue
-            if not np.isfinite(value).all():
-                raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"initial value of {slice_name(key)} is not finite")
-            new[key] = value
-        if not self.optimizer_spec:
-            self.optimizer_spec, self._opt = optimizer, opt
-            self._update_fn, self._update_in_place = _jit_update(opt)
-        async with self._lock:  # not while an update reads or replaces the values
+                    if not same:
+                        raise _abort(
+                            grpc.StatusCode.ALREADY_EXISTS,
+                            f"shard {self.shard} already holds {slice_name(key)} with other values: "
+                            "a parameter is put once, by its owner",
+                        )
+                    continue
+                if not np.isfinite(value).all():
+                    raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"initial value of {slice_name(key)} is not finite")
+                new[key] = value
+            if not self.optimizer_spec:
+                self.optimizer_spec, self._opt = optimizer, opt
+                self._set_update(opt)
             self._store_new(new, adopt)
         async with self._progress:
             self._progress.notify_all()
         return len(arrays)
+
+    def _set_update(self, opt: optax.GradientTransformation | None) -> None:
+        self._update_fn, self._update_in_place = _jit_update(opt) if opt else (None, None)
+        self._compiled = False
 
     def _store_new(self, new: dict[SliceKey, np.ndarray], adopt: bool) -> None:
         for key, value in new.items():
@@ -241,6 +255,7 @@ class ShardStore:
             self.expect(key)
         await self.wait_for_step(group, step, max(0.0, wait_s - (time.monotonic() - started)))
         async with self._lock:  # not in the middle of an update, which replaces values batch by batch
+            self._check_intact()
             values = self.values
             return self.group_step(group), {k: values[k] for k in keys}
 
@@ -274,6 +289,7 @@ class ShardStore:
         A contribution that was already added (a retried RPC) is acknowledged and not
         added again; a step that is already complete answers with current values.
         """
+        self._check_intact()
         if head.epoch != self.epoch:
             raise _abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -310,7 +326,9 @@ class ShardStore:
             self._add(rnd, process, head.workers, head.rows, sums)
             if rnd.workers == rnd.workers_per_group:
                 # a task of its own: a handler cancelled meanwhile cannot leave the round full but unapplied
-                applying = asyncio.get_running_loop().create_task(self._apply(group, state, rnd, process))
+                applying = asyncio.get_running_loop().create_task(
+                    self._apply(group, state, rnd, process, head.checkpoint_every)
+                )
                 applying.add_done_callback(_retrieve)
                 try:
                     await asyncio.shield(applying)
@@ -333,8 +351,6 @@ class ShardStore:
                 f"missing processes: {missing}",
             ) from None
         result = rnd.done.result()
-        if group == 0 and head.checkpoint_every and result.step % head.checkpoint_every == 0:
-            await self._schedule_checkpoint()
         if head.staleness >= 0 and head.worker_groups > 1:
             await self._hold_for_slowest(group, result.step, head, max(0.0, deadline - time.monotonic()))
         return dataclasses.replace(result, slowest_step=self.slowest_step(head.worker_groups))
@@ -414,18 +430,31 @@ class ShardStore:
         rnd.parts[process] = sums  # kept as received, no copy: the update adds them up
         rnd.contributions[process] = (workers, rows)
 
-    async def _apply(self, group: int, state: GroupState, rnd: Round, last: int) -> None:
+    async def _apply(self, group: int, state: GroupState, rnd: Round, last: int, checkpoint_every: int) -> None:
         """Add up the contributions, check them, and apply the optimizer (jitted); a
         non-finite sum is refused (the last contribution is taken back) or skipped,
-        as the policy says, and then nothing has changed."""
+        as the policy says, and then nothing has changed. A checkpoint that falls on
+        the new step is taken here, under the lock, so it is never missed."""
         async with self._lock:
             if rnd.done.done() or self.groups.get(group) is not state or state.round is not rnd:
                 return  # a restore replaced the state while this waited: its waiters were told to re-sync
             grads = {key: tuple(p for sums in rnd.parts.values() for p in sums[key]) for key in self.values}
-            if self.nbytes() <= INLINE_UPDATE_BYTES:  # about a millisecond: less than a hop to a thread and back
-                finite = self._update_in_batches(grads, np.float32(rnd.rows))
-            else:
-                finite = await asyncio.to_thread(self._update_in_batches, grads, np.float32(rnd.rows))
+            try:
+                if self._compiled and self.nbytes() <= INLINE_UPDATE_BYTES:
+                    finite = self._update_in_batches(grads, np.float32(rnd.rows))  # less than a thread hop
+                else:
+                    finite = await asyncio.to_thread(self._update_in_batches, grads, np.float32(rnd.rows))
+            except Exception as err:
+                log.exception("shard %d: the update of group %d step %d failed", self.shard, group, rnd.step)
+                failed = WireError(
+                    grpc.StatusCode.DATA_LOSS if self.damage else grpc.StatusCode.INTERNAL,
+                    f"shard {self.shard}: the update of group {group} step {rnd.step} failed ({err!r})",
+                )
+                rnd.done.set_exception(failed)
+                rnd.done.exception()  # retrieved: waiters that left do not warn
+                state.round = None
+                raise failed from None
+            self._compiled = True
             if not finite:
                 if self.nonfinite == "reject":
                     sums = rnd.parts.pop(last)
@@ -442,21 +471,19 @@ class ShardStore:
             state.last = sorted(rnd.contributions)
             self.updates_applied += 1
             rnd.done.set_result(UpdateResult(state.step, dict(self.values), True))
+            if group == 0 and checkpoint_every and state.step % checkpoint_every == 0:
+                self._checkpoint_now()
         async with self._progress:
             self._progress.notify_all()
 
     def _batches(self) -> list[list[SliceKey]]:
         """The slices in batches of about ``update_batch_bytes`` (a small shard: one)."""
-        batches: list[list[SliceKey]] = [[]]
-        size = 0
-        for key in self.values:
-            if size >= self.update_batch_bytes:
-                batches.append([])
-                size = 0
+
+        def nbytes(key: SliceKey) -> int:
             dtype, shape = self.specs[key]
-            batches[-1].append(key)
-            size += dtype.itemsize * math.prod(shape)
-        return batches
+            return dtype.itemsize * math.prod(shape)
+
+        return batched(self.values, nbytes, self.update_batch_bytes)
 
     def _update_in_batches(self, grads: dict, rows: np.float32) -> bool:
         """Apply the jitted update, replacing values and optimizer state; returns
@@ -470,23 +497,32 @@ class ShardStore:
         ones. So a large shard needs no second copy of its state. Readers take
         their snapshot under the update lock, never halfway through.
         """
-        batches = self._batches()
+        batches = [keys for keys in self._batches() if keys]
         if len(batches) > 1 and not all(bool(_all_finite({k: grads[k] for k in keys})) for keys in batches):
             return False
-        for keys in batches:
-            update = self._update_fn
-            if len(batches) > 1 and all(_unshared(self.values[k]) for k in keys):
-                update = self._update_in_place
-            values, states, finite = update(
-                {k: grads[k] for k in keys},
-                {k: self._opt_state[k] for k in keys},
-                {k: self.values[k] for k in keys},
-                rows,
-            )
-            if not finite:
-                return False  # only a single batch gets here: nothing was replaced
-            self.values.update(values)
-            self._opt_state.update(states)
+        changed = False  # once a batch is replaced or donated, a failure cannot be taken back
+        try:
+            for keys in batches:
+                update = self._update_fn
+                if len(batches) > 1 and all(_references(self.values[k]) <= _STORE_ONLY for k in keys):
+                    update, changed = self._update_in_place, True
+                values, states, finite = update(
+                    {k: grads[k] for k in keys},
+                    {k: self._opt_state[k] for k in keys},
+                    {k: self.values[k] for k in keys},
+                    rows,
+                )
+                if not finite:
+                    if changed:
+                        raise RuntimeError("a batch was not finite after the check over all batches")
+                    return False  # a single batch: nothing was replaced
+                self.values.update(values)
+                self._opt_state.update(states)
+                changed = True
+        except Exception as err:
+            if changed:
+                self.damage = f"an update failed after it had changed part of the values ({err!r})"
+            raise
         return True
 
     # -- checkpoints ---------------------------------------------------------
@@ -530,9 +566,10 @@ class ShardStore:
             states[key] = jax.tree.unflatten(template, leaves)
         self._fail_rounds(f"shard {self.shard} was restored from a checkpoint: re-sync")
         self.values, self.versions, self._opt_state = values, versions, states
+        self.damage = ""  # a checkpoint is a state to trust again
         self.specs = {k: (np.dtype(np.asarray(v).dtype), tuple(v.shape)) for k, v in values.items()}
         self.optimizer_spec, self._opt = meta["optimizer"], opt
-        self._update_fn, self._update_in_place = _jit_update(opt) if opt else (None, None)
+        self._set_update(opt)
         self.groups = {
             int(g): GroupState(step=int(st["step"]), last=list(st["last"])) for g, st in meta["groups"].items()
         }
@@ -578,12 +615,13 @@ class ShardStore:
         async with self._progress:
             self._progress.notify_all()
 
-    async def _schedule_checkpoint(self) -> None:
-        if self.checkpoint_dir is None:
+    def _checkpoint_now(self) -> None:
+        """Snapshot the state (the caller holds the update lock: the snapshot is never
+        halfway through an update) and write it in the background."""
+        if self.checkpoint_dir is None or self.damage:
             return
-        async with self._lock:  # between updates; the snapshot's arrays stay as they are
-            step = self.group_step(0)
-            tensors, meta = self.snapshot()
+        step = self.group_step(0)
+        tensors, meta = self.snapshot()  # numpy views: the update never writes over them
         task = asyncio.get_running_loop().create_task(self._write(step, tensors, meta))
         self._saves.add(task)
         task.add_done_callback(self._saves.discard)
@@ -605,7 +643,8 @@ class ShardStore:
         """Wait for pending writes; with ``final``, also save the current state (a
         graceful shutdown) unless that step is saved already."""
         if final and self.checkpoint_dir is not None and self.values and self.group_step(0) > self.saved_step:
-            await self._schedule_checkpoint()
+            async with self._lock:
+                self._checkpoint_now()
         while self._saves:
             await asyncio.gather(*self._saves, return_exceptions=True)
 
@@ -629,9 +668,14 @@ def _nonfinite(group: int, step: int, what: str) -> WireError:
     )
 
 
-def _unshared(array: jax.Array) -> bool:
-    """No reference to ``array`` but the store's own (and this call's argument)."""
-    return sys.getrefcount(array) <= 3
+def _references(array: Any) -> int:
+    return sys.getrefcount(array)
+
+
+# How many references ``_references(store.values[key])`` sees when the store's dict is
+# the only holder (the count differs between Python versions): measured, not assumed.
+_PROBE = {"probe": object()}
+_STORE_ONLY = _references(_PROBE["probe"])
 
 
 def _jit_update(opt: optax.GradientTransformation):

@@ -83,6 +83,20 @@ async def test_the_network_path_in_pipelined_batches_equals_single_process_train
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("transport", ["auto", "grpc"])
+async def test_a_shard_that_holds_no_slice_takes_part_without_harm(transport):
+    """Two parameters on three shards: one shard holds nothing, and every Update to
+    it is still answered (in-process and over gRPC)."""
+    config = make_config(OPTIMIZERS["sgd"], 2, 2, 64, servers=3, transport=transport)
+    config = config.model_copy(update={"model": config.model.model_copy(update={"hidden": []})})
+    assert [len(build_job(config).layout.shard_slices(i)) for i in range(3)].count(0) == 1
+    result = await train_async(config, progress=False, outputs=False)
+    expected = reference(config, STEPS)
+    for name, value in expected.items():
+        np.testing.assert_allclose(result.params[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+@pytest.mark.asyncio
 async def test_a_plain_mean_of_uneven_sub_batches_would_differ():
     """Guard on the test itself: with 16/16/18 rows, averaging the workers' mean
     gradients is measurably different from the full-batch gradient."""

@@ -85,3 +85,33 @@ async def test_a_nonfinite_gradient_in_the_last_batch_changes_no_batch():
     assert store.digest() == digest
     await store.update(_head(1), _grads(1), 5.0)  # the step can still be made
     assert store.group_step(0) == 2
+
+
+@pytest.mark.asyncio
+async def test_an_update_that_fails_halfway_leaves_a_shard_that_refuses_to_serve(tmp_path):
+    """Batches written in place cannot be taken back: the shard says so (DATA_LOSS)
+    to every request and never checkpoints that state, until a checkpoint is loaded."""
+    store = await _store(256 * 4)
+    store.checkpoint_dir = tmp_path
+    in_place, calls = store._update_in_place, []
+
+    def fails_on_the_third_batch(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("out of memory in XLA")
+        return in_place(*args)
+
+    store._update_in_place = fails_on_the_third_batch
+    with pytest.raises(WireError) as failed:
+        await store.update(_head(0), _grads(0), 5.0)
+    assert failed.value.code == grpc.StatusCode.DATA_LOSS and "MemoryError" in failed.value.message
+    for attempt in (
+        store.update(_head(0), _grads(0), 5.0),
+        store.read([("w", 0)], 0, 0, 1.0),
+        store.put({("w", 9): np.zeros(4, np.float32)}, ADAM),
+    ):
+        with pytest.raises(WireError) as refused:
+            await attempt
+        assert refused.value.code == grpc.StatusCode.DATA_LOSS and "restart it" in refused.value.message
+    await store.flush_checkpoints(final=True)
+    assert not list(tmp_path.iterdir()), "a damaged state is never checkpointed"
