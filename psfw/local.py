@@ -1,8 +1,9 @@
 """The put/get/update verbs for a shard that runs in this very process.
 
 The embedded default has its shards, stubs and workers in one process; there the
-stub calls the shard's store directly: no serialization, no sockets, no copies but
-the one into the stub's aligned parameter buffers. Requests are checked exactly as
+stub calls the shard's store directly: no serialization, no sockets; an Update is
+answered with the shard's own immutable arrays, and the stub's one jitted call puts
+whole parameters together from them (the only copy). Requests are checked exactly as
 the servicer checks them (the store's own validation), errors are the same
 ShardErrors, and RPCs are counted alike.
 """
@@ -104,7 +105,10 @@ class LocalShardClient:
 async def _deliver(values: dict, into: dict | None) -> dict[SliceKey, np.ndarray]:
     """The shard's (immutable) values, copied into the caller's buffers where it
     has them (in a thread unless they are small); other slices are handed over as
-    they are."""
+    they are. With ``into`` None: the shard's own arrays as they are (they never
+    change; a caller that keeps them copies them: the stub, with one jitted call)."""
+    if into is None:
+        return dict(values)
     if not into:
         return {k: np.asarray(v) for k, v in values.items()}
 
