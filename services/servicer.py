@@ -22,7 +22,7 @@ from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
 from psfw.services.metrics import ShardMetrics
-from psfw.services.store import ShardStore, UpdateResult
+from psfw.services.store import ShardStore, UpdateResult, mark_retrieved
 from psfw.shm import Region, RegionCache, host_id, slot_layout
 from psfw.wire import (
     Assembler,
@@ -227,18 +227,13 @@ async def _answer(result: UpdateResult, share: bool) -> AsyncIterator[bytes]:
             loop = asyncio.get_running_loop()
             result.cache["reply"] = [loop.run_in_executor(None, encode, keys, 0) for keys in batches]
             for encoded in result.cache["reply"]:
-                encoded.add_done_callback(_retrieve)
+                encoded.add_done_callback(mark_retrieved)
         for encoded in result.cache["reply"]:
             for reply in await asyncio.shield(encoded):  # a waiter that leaves does not cancel it for the others
                 yield reply
         return
     async for reply in encoded_ahead(batches, encode):
         yield reply
-
-
-def _retrieve(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()  # seen by whoever awaits it; nobody else needs to be told
 
 
 def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:

@@ -329,7 +329,7 @@ class ShardStore:
                 applying = asyncio.get_running_loop().create_task(
                     self._apply(group, state, rnd, process, head.checkpoint_every)
                 )
-                applying.add_done_callback(_retrieve)
+                applying.add_done_callback(mark_retrieved)
                 try:
                     await asyncio.shield(applying)
                 except WireError:
@@ -649,9 +649,11 @@ class ShardStore:
             await asyncio.gather(*self._saves, return_exceptions=True)
 
 
-def _retrieve(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()  # seen by whoever awaited it; nothing to log twice
+def mark_retrieved(future: asyncio.Future) -> None:
+    """A done callback: the future's exception counts as seen (whoever awaits it gets
+    it), so asyncio does not log it again when nobody is left to await it."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _spec(optimizer: str) -> Any:
