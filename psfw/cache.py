@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import threading
 from typing import Any
 
 from psfw.errors import PsfwError, WaitTimeout
@@ -19,10 +19,12 @@ class Rewind(Exception):
 class ParamCache:
     """Full parameter values by name and the group step they reflect.
 
-    The stub writes values first, then the step (``publish``), which wakes the
-    workers waiting in ``fresh``. Values are immutable arrays: a publish replaces
-    them, it never writes into an array a worker may still be reading. A re-sync
-    (``rewind``) starts a new generation: workers of the old one get ``Rewind``.
+    The stub (on the event loop) writes values and step together (``publish``),
+    which wakes the workers waiting in ``fresh``: they run in threads of their own
+    and wait on a thread condition, so waking them costs no trip through the event
+    loop. Values are immutable arrays: a publish replaces them, it never writes into
+    an array a worker may still be reading. A re-sync (``rewind``) starts a new
+    generation: workers of the old one get ``Rewind``.
     """
 
     def __init__(self, group: int = 0, process: int = 0):
@@ -30,59 +32,56 @@ class ParamCache:
         self.values: dict[str, Any] = {}
         self.step = -1
         self.generation = 0
-        self._changed = asyncio.Condition()
+        self._changed = threading.Condition()
         self._error: BaseException | None = None
 
-    async def start(self, timeout_s: float) -> tuple[int, int]:
+    def start(self, timeout_s: float) -> tuple[int, int]:
         """Wait for the first values; returns ``(step, generation)`` to start from."""
-        await self._wait(lambda: self.step >= 0, timeout_s, "the first parameters")
-        return self.step, self.generation
+        self._wait(lambda: self.step >= 0, timeout_s, "the first parameters")
+        with self._changed:
+            return self.step, self.generation
 
-    async def fresh(self, step: int, generation: int, timeout_s: float) -> dict[str, Any]:
-        """The values once they reflect ``step`` completed steps of the group.
+    def fresh(self, step: int, generation: int, timeout_s: float) -> dict[str, Any]:
+        """The values once they reflect ``step`` completed steps of the group (blocks).
 
         Raises Rewind if the stub re-synced since ``generation``, WaitTimeout naming
         the group, process and step after ``timeout_s``, or the stub's error.
         """
-        await self._wait(
-            lambda: self.step >= step or self.generation != generation, timeout_s, f"parameters of step {step}"
-        )
-        if self.generation != generation:
-            raise Rewind(self.step, self.generation)
-        return self.values
+        with self._changed:
+            self._wait(
+                lambda: self.step >= step or self.generation != generation, timeout_s, f"parameters of step {step}"
+            )
+            if self.generation != generation:
+                raise Rewind(self.step, self.generation)
+            return self.values
 
-    async def _wait(self, ready, timeout_s: float, what: str) -> None:
-        if not ready() and self._error is None:
-            try:
-                async with self._changed:
-                    await asyncio.wait_for(
-                        self._changed.wait_for(lambda: ready() or self._error is not None), timeout_s
-                    )
-            except TimeoutError:
+    def _wait(self, ready, timeout_s: float, what: str) -> None:
+        with self._changed:  # reentrant: ``fresh`` holds it already
+            if not self._changed.wait_for(lambda: ready() or self._error is not None, timeout_s):
                 raise WaitTimeout(
                     f"group {self.group} process {self.process}: waited {timeout_s:.1f} s for {what}; "
                     f"the cache holds step {self.step}"
-                ) from None
-        if self._error is not None:
-            raise PsfwError(f"the stub of process {self.process} failed: {self._error}") from self._error
+                )
+            if self._error is not None:
+                raise PsfwError(f"the stub of process {self.process} failed: {self._error}") from self._error
 
-    async def publish(self, step: int, values: dict[str, Any]) -> None:
+    def publish(self, step: int, values: dict[str, Any]) -> None:
         """Install fresh values for ``step`` and wake the waiting workers."""
-        self.values = values
-        self.step = step
-        async with self._changed:
+        with self._changed:
+            self.values, self.step = values, step
             self._changed.notify_all()
 
-    async def rewind(self, step: int, values: dict[str, Any]) -> int:
+    def rewind(self, step: int, values: dict[str, Any]) -> int:
         """Start a new generation at ``step`` (after a re-sync); returns it."""
-        self.values, self.step = values, step
-        self.generation += 1
-        async with self._changed:
+        with self._changed:
+            self.values, self.step = values, step
+            self.generation += 1
             self._changed.notify_all()
-        return self.generation
+            return self.generation
 
-    async def fail(self, error: BaseException) -> None:
-        """Wake every waiting worker with the stub's error."""
-        self._error = error
-        async with self._changed:
+    def fail(self, error: BaseException) -> None:
+        """Wake every waiting worker with ``error`` (the stub's, or the job's end)."""
+        with self._changed:
+            if self._error is None:
+                self._error = error
             self._changed.notify_all()

@@ -72,9 +72,10 @@ class Stub:
         self.group_processes = workers_per_group // max(len(self.workers), 1)
         self.slowest_step = 0  # the slowest group's completed steps, from the last answer
         self.epoch = 0  # the shards' restore count this stub is synced to
+        self._loop = asyncio.get_running_loop()
         self._inbox: asyncio.Queue[Contribution] = asyncio.Queue()
         self._puts: asyncio.Queue[dict[str, np.ndarray]] = asyncio.Queue()
-        self._wanted: asyncio.Future[dict[int, list[str]]] = asyncio.get_running_loop().create_future()
+        self._wanted: asyncio.Future[dict[int, list[str]]] = self._loop.create_future()
         self.rpcs = {"Put": 0, "Get": 0, "Update": 0}
         self._whole_params = jax.jit(functools.partial(_whole_params, layout))
 
@@ -92,11 +93,14 @@ class Stub:
             raise PsfwError(f"worker {worker} of process {self.process} does not own {wrong}")
         await self._puts.put(values)
 
-    async def update(
+    def report(
         self, step: int, worker: int, grads: dict[str, np.ndarray], rows: int, metrics: dict, generation: int = 0
     ) -> None:
-        """Report a worker's summed gradients (gradient of the summed loss) for a step."""
-        await self._inbox.put(Contribution(worker, step, generation, grads, rows, metrics))
+        """Report a worker's summed gradients (gradient of the summed loss) for a
+        step. Called from the worker's thread (safe from any thread)."""
+        self._loop.call_soon_threadsafe(
+            self._inbox.put_nowait, Contribution(worker, step, generation, grads, rows, metrics)
+        )
 
     # -- the coroutine -------------------------------------------------------
 
@@ -127,7 +131,7 @@ class Stub:
             if not self._wanted.done():
                 self._wanted.set_exception(PsfwError(f"the stub of process {self.process} failed: {err}"))
                 self._wanted.exception()
-            await self.cache.fail(err)
+            self.cache.fail(err)
             raise
 
     async def _can_retry(self, step: int) -> bool:
@@ -222,7 +226,7 @@ class Stub:
                 values.update(await self._get_all(0, self.warmup_steps, missing))
             else:
                 values.update(await self._get_all(self.group, start, missing))
-        await self.cache.publish(start, {n: jax.device_put(values[n]) for n in self.layout.params})
+        self.cache.publish(start, {n: jax.device_put(values[n]) for n in self.layout.params})
         return start
 
     async def _resync(self) -> int:
@@ -232,7 +236,7 @@ class Stub:
         values = await self._get_all(self.group, start, list(self.layout.params))
         while not self._inbox.empty():
             self._inbox.get_nowait()
-        await self.cache.rewind(start, {n: jax.device_put(v) for n, v in values.items()})
+        self.cache.rewind(start, {n: jax.device_put(v) for n, v in values.items()})
         log.warning("process %d re-synced at step %d (epoch %d)", self.process, start, self.epoch)
         return start
 
@@ -291,10 +295,10 @@ class Stub:
         self.slowest_step = min(answer.slowest_step for answer in replies)
         if in_process:
             slices = {key: value for answer in replies for key, value in answer.values.items()}
-            await self.cache.publish(step + 1, self._whole_params(slices))
+            self.cache.publish(step + 1, self._whole_params(slices))
             return comm_s
         # the buffers are 64-byte aligned and new every step: JAX adopts them, no copy
-        await self.cache.publish(step + 1, {n: jax.device_put(v) for n, v in fresh.items()})
+        self.cache.publish(step + 1, {n: jax.device_put(v) for n, v in fresh.items()})
         return comm_s
 
     def _report(self, step: int, batch: list[Contribution], comm_s: float, wall_s: float) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from psfw.cache import ParamCache, Rewind
 from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset
+from psfw.errors import PsfwError
 from psfw.layout import Layout
 from psfw.params import flatten_params, unflatten_params
 from psfw.stub import Stub
@@ -60,29 +61,45 @@ async def run_worker(spec: WorkerSpec, worker: int, group: int, stub: Stub, cach
     """Train ``worker`` of ``group`` until the group has completed ``steps`` steps.
 
     An owner initializes its parameters when the stub asks (a fresh start) and hands
-    them over for the Put; then the worker follows the cache: wait for each step's
-    fresh parameters, compute, report. After a re-sync it goes on where the cache
-    says (``Rewind``).
+    them over for the Put; then the worker follows the cache in a thread of its own
+    (``train_steps``). Cancelling this coroutine stops that thread at its next wait
+    for parameters and waits for it: no worker outlives its task.
     """
     loop = asyncio.get_running_loop()
     owned = await stub.initial_values(worker)
     if owned:
         values = await loop.run_in_executor(spec.executor, init_owned, spec.init, spec.seed, owned)
         await stub.put(worker, values)
+    training = loop.run_in_executor(spec.executor, train_steps, spec, worker, stub, cache, steps)
+    try:
+        await asyncio.shield(training)
+    except asyncio.CancelledError:
+        cache.fail(PsfwError(f"worker {worker} of group {group} was stopped"))
+        await asyncio.wait([training])
+        if not training.cancelled():
+            training.exception()  # the thread's way out (the stop above): the cancellation wins
+        raise
+
+
+def train_steps(spec: WorkerSpec, worker: int, stub: Stub, cache: ParamCache, steps: int) -> None:
+    """The worker's loop, in its own thread: wait for each step's fresh parameters,
+    compute, report. The whole step runs here, off the event loop, so the loop only
+    sees one report per worker per step; after a re-sync the worker goes on where
+    the cache says (``Rewind``)."""
     # the stub's own waits (for the shards, for owners' Puts) are bounded by wait_s
     # and name what they waited for: the worker waits longer so that their error wins
-    step, generation = await cache.start(3 * spec.wait_s + 10)
+    step, generation = cache.start(3 * spec.wait_s + 10)
     while step < steps:
         waited = time.perf_counter()
         try:
-            params = await cache.fresh(step, generation, spec.wait_s)
+            params = cache.fresh(step, generation, spec.wait_s)
         except Rewind as rewind:
             step, generation = rewind.step, rewind.generation
             continue
         started = time.perf_counter()
         rows = spec.order.worker_indices(step, worker, spec.workers_per_group)
-        loss, metrics, grads = await loop.run_in_executor(spec.executor, _compute, spec, params, rows)
+        loss, metrics, grads = _compute(spec, params, rows)
         done = time.perf_counter()
         metrics.update(loss=loss, compute_s=done - started, wait_s=started - waited)
-        await stub.update(step, worker, grads, len(rows), metrics, generation)
+        stub.report(step, worker, grads, len(rows), metrics, generation)
         step += 1

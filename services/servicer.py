@@ -42,6 +42,7 @@ UPDATE_REPLY = frame_serializer(pb.UpdateReply)
 SHARED_REPLY_BYTES = 64 << 20  # up to this, one encoded answer is shared by the group's processes
 ANSWER_BATCH_BYTES = 4 << 20  # an answer is encoded this much at a time
 WRITE_THROUGH_FILE_BYTES = 64 << 20  # from this, answers through shared memory bypass the mapping
+INLINE_WRITE_BYTES = 8 << 20  # an answer this small is written on the event loop: less than a thread hop
 
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
@@ -108,7 +109,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             )
             if request.shm:
                 region, offsets = self._region(request.shm)
-                await asyncio.to_thread(_write_values, region, offsets, values)
+                await _write_answer(region, offsets, values)
         if request.shm:
             yield Frame(pb.GetReply(step=step), [])
             return
@@ -135,7 +136,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             result = await self.store.update(header, sums, _wait(header.wait_s))
             self.metrics.bytes_in.labels(self._shard).inc(assembler.total or self.store.nbytes())
             if header.shm:
-                await asyncio.to_thread(_write_values, region, offsets, result.values)
+                await _write_answer(region, offsets, result.values)
         if header.shm:  # the answer is in the region already
             self.metrics.bytes_out.labels(self._shard).inc(self.store.nbytes())
             yield UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, slowest_step=result.slowest_step), []))
@@ -162,6 +163,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 def _wait(wait_s: float) -> float:
     """The wait a request asked for, bounded; 0 means the default of 60 s."""
     return min(wait_s, 3600.0) if wait_s > 0 else 60.0
+
+
+async def _write_answer(region: Region, offsets: dict[SliceKey, int], values: dict) -> None:
+    """Write an answer into the stub's region: in a thread unless it is small."""
+    if sum(np.asarray(v).nbytes for v in values.values()) <= INLINE_WRITE_BYTES:
+        _write_values(region, offsets, values)
+    else:
+        await asyncio.to_thread(_write_values, region, offsets, values)
 
 
 def _write_values(region: Region, offsets: dict[SliceKey, int], values: dict) -> None:

@@ -94,8 +94,8 @@ async def test_workers_never_compute_on_a_stale_version(monkeypatch):
     seen = []
     real = ParamCache.fresh
 
-    async def recording(self, step, generation, timeout_s):
-        values = await real(self, step, generation, timeout_s)
+    def recording(self, step, generation, timeout_s):
+        values = real(self, step, generation, timeout_s)
         seen.append((step, self.step))
         return values
 
