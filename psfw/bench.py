@@ -1,9 +1,12 @@
 """``psfw bench``: samples/s of psfw against single-process JAX, side by side.
 
 The benchmark model is an MLP 784-1024-1024-10 (float32) on synthetic data, global
-batch 256, SGD. Three ways, in one run: single-process jitted JAX on the full batch
-(the reference), psfw embedded (1 group x 2 workers, 2 shards in-process), and psfw
-with the 2 shards as separate OS processes on this host.
+batch 256, SGD. In one run, side by side: single-process jitted JAX on the full batch
+(the reference), the same 2-worker split with no parameter server (one thread per
+worker and one fused update: the bound of data parallelism on this machine), psfw
+embedded (1 group x 2 workers, 2 shards in-process), psfw with the 2 shards as
+separate OS processes on this host (shared memory), and the same over the network
+path.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import threading
 import time
 
 import jax
@@ -18,6 +22,7 @@ import numpy as np
 import optax
 
 from psfw.compute.batching import BatchOrder
+from psfw.compute.step import make_grad_step
 from psfw.config import Config, parse_config
 from psfw.job import build_job
 from psfw.launcher import run_job
@@ -65,6 +70,57 @@ def single_process(config: Config, warmup: int, steps: int) -> float:
     return steps * config.train.batch_size / (time.perf_counter() - start)
 
 
+def data_parallel_bound(config: Config, warmup: int, steps: int) -> float:
+    """Samples/s of the group's split with no parameter server: one thread per worker
+    runs the same jitted gradient step as psfw's workers on its sub-batch, and the
+    last to finish applies one fused optimizer update to the whole parameters (no
+    slices, no checks, no protocol). What any in-process data-parallel scheme can
+    reach on this machine; psfw's embedded figure over this one is the cost of the
+    parameter server itself."""
+    job = build_job(config)
+    workers = config.cluster.workers_per_group
+    opt = optax.sgd(config.optimizer.learning_rate)
+    step_fn = make_grad_step(job.model.loss)
+    params = job.model.init(jax.random.PRNGKey(config.seed))
+    state = {"params": params, "opt": opt.init(params), "grads": [None] * workers}
+    rows = np.float32(config.train.batch_size)
+    order = job.order(0)
+    stamps: list[float] = []
+
+    @jax.jit
+    def apply(params, opt_state, grads):
+        total = jax.tree.map(lambda *g: sum(g) / rows, *grads)
+        updates, opt_state = opt.update(total, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def update() -> None:  # run by the last worker to arrive, while the others wait
+        state["params"], state["opt"] = jax.block_until_ready(apply(state["params"], state["opt"], state["grads"]))
+        stamps.append(time.perf_counter())
+
+    barrier = threading.Barrier(workers, action=update)
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            for step in range(warmup + steps):
+                index = order.worker_indices(step, w, workers)
+                _, _, grads = step_fn(state["params"], job.data.x_train[index], job.data.y_train[index])
+                state["grads"][w] = jax.block_until_ready(grads)
+                barrier.wait(timeout=60)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            errors.append(err)
+            barrier.abort()  # the others stop waiting for this one
+
+    threads = [threading.Thread(target=worker, args=(w,), name=f"bound-worker-{w}") for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"the data-parallel bound failed: {errors[0]!r}") from errors[0]
+    return steps * config.train.batch_size / (stamps[-1] - stamps[warmup - 1])
+
+
 async def _psfw(config: Config, warmup: int, addresses: list[str] | None) -> float:
     job = build_job(config)
     stamps: list[float] = []
@@ -101,9 +157,16 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
     tcp_config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"transport": "grpc"})})
     if path == "tcp":
         config = tcp_config
-    runs: dict[str, list[float]] = {"single_process": [], "embedded": [], "separate_processes": [], "tcp": []}
+    runs: dict[str, list[float]] = {
+        "single_process": [],
+        "data_parallel_bound": [],
+        "embedded": [],
+        "separate_processes": [],
+        "tcp": [],
+    }
     for _ in range(rounds):
         runs["single_process"].append(single_process(config, warmup, steps))
+        runs["data_parallel_bound"].append(data_parallel_bound(config, warmup, steps))
         runs["embedded"].append(asyncio.run(_psfw(config, warmup, None)))
         with shard_processes(config.cluster.servers) as (addresses, _):
             runs["separate_processes"].append(asyncio.run(_psfw(config, warmup, addresses)))
@@ -111,7 +174,7 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
             runs["tcp"].append(asyncio.run(_psfw(tcp_config, warmup, addresses)))
     best = {key: max(values) for key, values in runs.items()}
     figures: dict = dict(best)
-    for key in ("embedded", "separate_processes", "tcp"):
+    for key in ("data_parallel_bound", "embedded", "separate_processes", "tcp"):
         figures[f"{key}_ratio"] = best[key] / best["single_process"]
         figures[f"{key}_round_ratios"] = [
             round(v / r, 3) for v, r in zip(runs[key], runs["single_process"], strict=True)
@@ -341,6 +404,7 @@ def main(args: argparse.Namespace) -> int:
         )
         print(f"  single-process JAX      {figures['single_process']:10,.0f} samples/s  (reference)")
         for key, label in (
+            ("data_parallel_bound", "2 threads, no server"),
             ("embedded", "psfw embedded"),
             ("separate_processes", "psfw shard processes"),
             ("tcp", "psfw network path"),
@@ -371,4 +435,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["BENCH_CONFIG", "run_bench", "run_scale", "run_transfer"]
+__all__ = ["BENCH_CONFIG", "data_parallel_bound", "run_bench", "run_scale", "run_transfer"]

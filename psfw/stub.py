@@ -298,7 +298,7 @@ class Stub:
             self.cache.publish(step + 1, self._whole_params(slices))
             return comm_s
         # the buffers are 64-byte aligned and new every step: JAX adopts them, no copy
-        self.cache.publish(step + 1, {n: jax.device_put(v) for n, v in fresh.items()})
+        self.cache.publish(step + 1, jax.device_put(fresh))
         return comm_s
 
     def _report(self, step: int, batch: list[Contribution], comm_s: float, wall_s: float) -> None:

@@ -142,7 +142,7 @@ class ShardStore:
         return state.step if state else 0
 
     def nbytes(self) -> int:
-        return sum(int(np.prod(s)) * d.itemsize for d, s in self.specs.values())
+        return sum(math.prod(s) * d.itemsize for d, s in self.specs.values())
 
     def digest(self) -> str:
         """A hash of values, versions, group steps and optimizer state (for tests and
@@ -340,7 +340,8 @@ class ShardStore:
                     raise
         deadline = time.monotonic() + wait_s
         try:
-            await asyncio.wait_for(asyncio.shield(rnd.done), wait_s)
+            if not rnd.done.done():  # the contribution that completed the step has its answer already
+                await asyncio.wait_for(asyncio.shield(rnd.done), wait_s)
         except TimeoutError:
             n = head.group_processes
             missing = sorted(set(range(group * n, group * n + n)) - set(rnd.contributions)) if n else "unknown"

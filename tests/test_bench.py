@@ -27,7 +27,7 @@ def test_bench_reports_every_variant_and_ratio():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    for key in ("single_process", "embedded", "separate_processes", "tcp"):
+    for key in ("single_process", "data_parallel_bound", "embedded", "separate_processes", "tcp"):
         assert figures[key] > 0
         if key != "single_process":
             assert figures[f"{key}_ratio"] == pytest.approx(figures[key] / figures["single_process"])
