@@ -116,8 +116,9 @@ def data_parallel_bound(config: Config, warmup: int, steps: int) -> float:
         thread.start()
     for thread in threads:
         thread.join()
-    if errors:
-        raise RuntimeError(f"the data-parallel bound failed: {errors[0]!r}") from errors[0]
+    if errors:  # the cause, not the other threads' broken barrier
+        cause = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        raise RuntimeError(f"the data-parallel bound failed: {cause!r}") from cause
     return steps * config.train.batch_size / (stamps[-1] - stamps[warmup - 1])
 
 
@@ -385,6 +386,11 @@ def parse_size(text: str) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+        raise ValueError(
+            f"--steps {args.steps}, --warmup {args.warmup}, --rounds {args.rounds}: each must be at least 1 "
+            "(the first measured step is timed from the end of the last warmup step)"
+        )
     figures: dict = {}
     if args.transfer:
         figures.update(run_transfer(parse_size(args.transfer)))

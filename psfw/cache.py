@@ -45,7 +45,8 @@ class ParamCache:
         """The values once they reflect ``step`` completed steps of the group (blocks).
 
         Raises Rewind if the stub re-synced since ``generation``, WaitTimeout naming
-        the group, process and step after ``timeout_s``, or the stub's error.
+        the group, process and step after ``timeout_s``, or PsfwError with the
+        reason the process stopped (the stub's error, or the job's end).
         """
         with self._changed:
             self._wait(
@@ -57,13 +58,15 @@ class ParamCache:
 
     def _wait(self, ready, timeout_s: float, what: str) -> None:
         with self._changed:  # reentrant: ``fresh`` holds it already
-            if not self._changed.wait_for(lambda: ready() or self._error is not None, timeout_s):
+            # a wait beyond what the thread library takes (train.wait_s may be huge) has no limit
+            limit = None if timeout_s >= threading.TIMEOUT_MAX else timeout_s
+            if not self._changed.wait_for(lambda: ready() or self._error is not None, limit):
                 raise WaitTimeout(
                     f"group {self.group} process {self.process}: waited {timeout_s:.1f} s for {what}; "
                     f"the cache holds step {self.step}"
                 )
             if self._error is not None:
-                raise PsfwError(f"the stub of process {self.process} failed: {self._error}") from self._error
+                raise PsfwError(f"process {self.process} stopped: {self._error}") from self._error
 
     def publish(self, step: int, values: dict[str, Any]) -> None:
         """Install fresh values for ``step`` and wake the waiting workers."""

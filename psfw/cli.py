@@ -142,7 +142,11 @@ def _loadtest(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from psfw.bench import main as bench_main
 
-    return bench_main(args)
+    try:
+        return bench_main(args)
+    except ValueError as err:  # a flag it cannot use (a size, a count): say which
+        print(f"psfw bench: {err}", file=sys.stderr)
+        return 2
 
 
 def parser() -> argparse.ArgumentParser:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+
 import grpc
 
 
@@ -23,3 +26,10 @@ class ShardError(PsfwError):
 
 class WaitTimeout(PsfwError, TimeoutError):
     """A wait ran past its limit; the message says what it waited for."""
+
+
+def mark_retrieved(future: asyncio.Future | concurrent.futures.Future) -> None:
+    """A done callback: the future's exception counts as seen (whoever awaits it gets
+    it), so asyncio does not log it again when nobody is left to await it."""
+    if not future.cancelled():
+        future.exception()

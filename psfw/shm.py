@@ -55,7 +55,7 @@ class Region:
         self.name, self.area, self._map, self.owner = name, area, mapping, owner
         self.buffer = np.frombuffer(mapping, np.uint8)
         self._fd = fd  # a shard's: it may write the values area through the file
-        self._closing = threading.Lock()  # a write in a thread against close() on the event loop
+        self._closing = threading.Lock()  # a write (possibly in a thread) against close()
 
     @classmethod
     def create(cls, area: int) -> Region:

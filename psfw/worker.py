@@ -1,4 +1,4 @@
-"""The worker coroutine: wait for fresh parameters, compute, report to the stub."""
+"""A worker: wait for fresh parameters, compute, report to the stub (in a thread of its own)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 from psfw.cache import ParamCache, Rewind
 from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset
-from psfw.errors import PsfwError
+from psfw.errors import PsfwError, mark_retrieved
 from psfw.layout import Layout
 from psfw.params import flatten_params, unflatten_params
 from psfw.stub import Stub
@@ -74,10 +74,14 @@ async def run_worker(spec: WorkerSpec, worker: int, group: int, stub: Stub, cach
     try:
         await asyncio.shield(training)
     except asyncio.CancelledError:
+        # the thread's way out (the stop below) is not an error of its own: the cancellation wins
+        training.add_done_callback(mark_retrieved)
         cache.fail(PsfwError(f"worker {worker} of group {group} was stopped"))
-        await asyncio.wait([training])
-        if not training.cancelled():
-            training.exception()  # the thread's way out (the stop above): the cancellation wins
+        while not training.done():  # a second cancel (a second Ctrl-C) still waits for the thread
+            try:
+                await asyncio.wait([training])
+            except asyncio.CancelledError:
+                continue
         raise
 
 

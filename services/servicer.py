@@ -18,11 +18,12 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
+from psfw.errors import mark_retrieved
 from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
 from psfw.services.metrics import ShardMetrics
-from psfw.services.store import ShardStore, UpdateResult, mark_retrieved
+from psfw.services.store import ShardStore, UpdateResult
 from psfw.shm import Region, RegionCache, host_id, slot_layout
 from psfw.wire import (
     Assembler,
@@ -167,7 +168,7 @@ def _wait(wait_s: float) -> float:
 
 async def _write_answer(region: Region, offsets: dict[SliceKey, int], values: dict) -> None:
     """Write an answer into the stub's region: in a thread unless it is small."""
-    if sum(np.asarray(v).nbytes for v in values.values()) <= INLINE_WRITE_BYTES:
+    if sum(v.nbytes for v in values.values()) <= INLINE_WRITE_BYTES:
         _write_values(region, offsets, values)
     else:
         await asyncio.to_thread(_write_values, region, offsets, values)
@@ -176,7 +177,7 @@ async def _write_answer(region: Region, offsets: dict[SliceKey, int], values: di
 def _write_values(region: Region, offsets: dict[SliceKey, int], values: dict) -> None:
     """The answer into the stub's region: a large one through the file, so that it
     never counts in the shard's resident memory (see Region.write_values)."""
-    through_file = sum(np.asarray(v).nbytes for v in values.values()) >= WRITE_THROUGH_FILE_BYTES
+    through_file = sum(v.nbytes for v in values.values()) >= WRITE_THROUGH_FILE_BYTES
     for key, value in values.items():
         region.write_values(offsets[key], np.asarray(value), through_file)
 

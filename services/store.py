@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from psfw.compute.optimizers import build_optimizer
+from psfw.errors import mark_retrieved
 from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
 from psfw.services import checkpoint
@@ -648,13 +649,6 @@ class ShardStore:
                 self._checkpoint_now()
         while self._saves:
             await asyncio.gather(*self._saves, return_exceptions=True)
-
-
-def mark_retrieved(future: asyncio.Future) -> None:
-    """A done callback: the future's exception counts as seen (whoever awaits it gets
-    it), so asyncio does not log it again when nobody is left to await it."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _spec(optimizer: str) -> Any:

@@ -43,3 +43,12 @@ def test_bench_transfer_reports_both_directions():
     assert all(
         figures[k] > 0 for k in ("tcp_push_gb_s", "tcp_pull_gb_s", "in_process_push_gb_s", "in_process_pull_gb_s")
     )
+
+
+def test_bench_refuses_counts_it_cannot_time():
+    done = subprocess.run([*PSFW, "--warmup", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--warmup 0" in done.stderr and "at least 1" in done.stderr
+    done = subprocess.run([*PSFW, "--transfer", "lots"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "use a number with an optional unit" in done.stderr

@@ -1,6 +1,8 @@
 """The stub/shard protocol: batching, ownership and versions, with real shards."""
 
 import asyncio
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -10,7 +12,7 @@ import psfw.worker
 from psfw.cache import ParamCache
 from psfw.client import ShardClient
 from psfw.config import parse_config
-from psfw.errors import ShardError
+from psfw.errors import PsfwError, ShardError, WaitTimeout
 from psfw.job import build_job
 from psfw.launcher import train_async
 from psfw.services.server import ShardServer
@@ -161,3 +163,59 @@ async def test_group_step_completes_only_when_all_workers_reported():
         for client in clients:
             await client.close()
         await server.stop(0)
+
+
+def test_the_cache_wakes_a_waiting_worker_thread_and_takes_any_wait_limit():
+    """Workers wait in threads of their own; a wait of ``inf`` (a huge train.wait_s)
+    is no limit rather than an error, and a failure wakes every waiter."""
+    cache = ParamCache(0, 0)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(cache.fresh(2, 0, float("inf"))))
+    waiter.start()
+    cache.publish(1, {"w": 1})
+    time.sleep(0.05)
+    assert not got, "step 1 is not fresh enough for step 2"
+    cache.publish(2, {"w": 2})
+    waiter.join(5)
+    assert got == [{"w": 2}]
+    errors = []
+
+    def wait_for_step_3():
+        try:
+            cache.fresh(3, 0, 30)
+        except PsfwError as err:
+            errors.append(str(err))
+
+    waiter = threading.Thread(target=wait_for_step_3)
+    waiter.start()
+    cache.fail(RuntimeError("shard 1 is gone"))
+    waiter.join(5)
+    assert errors == ["process 0 stopped: shard 1 is gone"]
+    with pytest.raises(WaitTimeout, match="waited 0.1 s for parameters of step 5; the cache holds step 2"):
+        _published(2).fresh(5, 0, 0.1)
+
+
+def _published(step):
+    cache = ParamCache(0, 0)
+    cache.publish(step, {})
+    return cache
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_job_leaves_no_worker_thread_behind():
+    """Cancelling training stops each worker's thread at its next wait, and the
+    cancellation waits for it: no thread outlives the job."""
+    cfg = config(workers=2, per_process=2, steps=100_000)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"wait_s": 10.0})})
+    training = asyncio.create_task(run_with_shards(cfg))
+    deadline = time.monotonic() + 60
+    while not any(t.name.startswith("psfw-worker") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the workers never started"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # some steps in
+    cancelled = time.monotonic()
+    training.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await training
+    assert time.monotonic() - cancelled < 5, "the worker threads waited out their 10 s timeouts"
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("psfw-worker")]
