@@ -4,18 +4,21 @@ never killed."""
 
 import asyncio
 import json
+import logging
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
 import numpy as np
 import pytest
 
+from psfw.atomic import write_atomic
 from psfw.client import ShardClient
 from psfw.config import load_config, parse_config
 from psfw.launcher import train_async
@@ -369,3 +372,39 @@ async def test_a_restore_abandons_the_checkpoints_after_it(tmp_path):
     finally:
         await client.close()
         await server.stop(0)
+
+
+def test_two_threads_writing_the_same_file_atomically_both_succeed(tmp_path):
+    """In-process shards complete a checkpoint's manifest from two threads at once:
+    each write has a temporary file of its own, and the file is always whole."""
+    path = tmp_path / "MANIFEST.json"
+    start = threading.Barrier(2)
+    errors = []
+
+    def write(payload: bytes) -> None:
+        try:
+            start.wait(timeout=10)
+            for _ in range(200):
+                write_atomic(path, payload)
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(bytes([i]) * 4096,)) for i in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors[0]
+    assert path.read_bytes() in (b"\x01" * 4096, b"\x02" * 4096)
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "MANIFEST.json"], "no temporary file is left"
+
+
+@pytest.mark.asyncio
+async def test_embedded_shards_complete_their_checkpoints_without_errors(tmp_path, caplog):
+    """Two in-process shards write each checkpoint side by side: every one completes,
+    the old ones are pruned, and nothing is logged as failed."""
+    cfg = load_config(job_file(tmp_path / "job.toml", steps=12, workers=2, per_process=2, every=3))
+    with caplog.at_level(logging.ERROR, logger="psfw.server"):
+        await train_async(cfg, tmp_path / "run", progress=False)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert checkpoint.complete_steps(tmp_path / "run" / "checkpoints", 2) == [6, 9, 12]
