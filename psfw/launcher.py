@@ -79,6 +79,8 @@ async def run_job(
     step_fn = make_grad_step(job.model.loss)
     stubs: list[Stub] = []
     async with AsyncExitStack() as stack:
+        # one thread per worker, held for the whole job (its steps run there): nothing
+        # else may be submitted to this pool, it would wait for the job's end
         executor = stack.enter_context(
             ThreadPoolExecutor(len(processes) * c.workers_per_process, thread_name_prefix="psfw-worker")
         )
