@@ -493,11 +493,14 @@ class ShardStore:
 
         A small shard is one batch: one call, with the finite check fused. A large
         shard goes a batch of about ``update_batch_bytes`` at a time, after a finite
-        check over all batches, and each batch is updated in place (its buffers
-        donated to XLA) unless a reader (an answer being sent, a Get) still holds
-        them, in which case that batch gets new buffers and the reader keeps the old
-        ones. So a large shard needs no second copy of its state. Readers take
-        their snapshot under the update lock, never halfway through.
+        check over all batches. Each batch is updated in place (its buffers donated
+        to XLA) unless a reader (an answer being sent, a Get, a checkpoint being
+        written) still holds them, in which case that batch gets new buffers and the
+        reader keeps the old ones. So a shard needs no second copy of its state.
+        A non-finite sum makes the jitted update hand back the old values and state
+        (written over themselves when donated), so an update in place can still be
+        refused. Readers take their snapshot under the update lock, never halfway
+        through.
         """
         batches = [keys for keys in self._batches() if keys]
         if len(batches) > 1 and not all(bool(_all_finite({k: grads[k] for k in keys})) for keys in batches):
@@ -506,7 +509,7 @@ class ShardStore:
         try:
             for keys in batches:
                 update = self._update_fn
-                if len(batches) > 1 and all(_references(self.values[k]) <= _STORE_ONLY for k in keys):
+                if all(_references(self.values[k]) <= _STORE_ONLY for k in keys):
                     update, changed = self._update_in_place, True
                 values, states, finite = update(
                     {k: grads[k] for k in keys},
@@ -514,12 +517,14 @@ class ShardStore:
                     {k: self.values[k] for k in keys},
                     rows,
                 )
-                if not finite:
-                    if changed:
-                        raise RuntimeError("a batch was not finite after the check over all batches")
-                    return False  # a single batch: nothing was replaced
+                # the outputs replace the inputs either way: donated inputs are gone,
+                # and a refused update's outputs are the old values and state
                 self.values.update(values)
                 self._opt_state.update(states)
+                if not finite:
+                    if len(batches) > 1:
+                        raise RuntimeError("a batch was not finite after the check over all batches")
+                    return False  # a single batch: the values are the old ones
                 changed = True
         except Exception as err:
             if changed:
@@ -699,6 +704,9 @@ def _make_update(opt: optax.GradientTransformation):
         new_states = {}
         for key in params:  # one optimizer state per slice: every optimizer is element-wise
             updates[key], new_states[key] = opt.update(grads[key], states[key], params[key])
-        return optax.apply_updates(params, updates), new_states, finite
+        # a non-finite sum changes nothing: the old values and state come out again
+        # (fused into the same pass), which is what lets a donated update be refused
+        keep = functools.partial(jax.tree.map, lambda new, old: jax.numpy.where(finite, new, old))
+        return keep(optax.apply_updates(params, updates), params), keep(new_states, states), finite
 
     return update

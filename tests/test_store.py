@@ -1,4 +1,4 @@
-"""The shard store's update of a large shard: batch by batch, in place, and still
+"""The shard store's update: in place (a large shard batch by batch), and still
 all-or-nothing and safe for readers."""
 
 import json
@@ -69,6 +69,26 @@ async def test_a_reader_keeps_its_values_while_the_shard_updates_in_place():
         assert not np.array_equal(np.asarray(store.values[key]), copies[key])
     assert _buffers(store, free) == before
     assert step == 1 and store.group_step(0) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_small_shard_updates_in_place_and_a_refused_update_changes_nothing():
+    """One batch, no reader: values and optimizer state are updated where they are;
+    a NaN makes the same in-place call hand back the old values and state, so the
+    refusal leaves the shard as it was, and the step can still be made."""
+    store, fresh = await _store(1 << 30), await _store(1 << 30)
+    await store.update(_head(0), _grads(0), 5.0)
+    before, digest = _buffers(store, store.values), store.digest()
+    grads = _grads(1)
+    grads[("w", 2)][5] = np.nan
+    with pytest.raises(WireError, match="gradient of w\\[2\\] has NaN or Inf"):
+        await store.update(_head(1), grads, 5.0)
+    assert store.digest() == digest
+    await store.update(_head(1), _grads(1), 5.0)
+    assert _buffers(store, store.values) == before, "updated where they are"
+    for step in range(2):
+        await fresh.update(_head(step), _grads(step), 5.0)
+    assert store.digest() == fresh.digest()
 
 
 @pytest.mark.asyncio
