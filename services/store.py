@@ -111,7 +111,7 @@ class ShardStore:
         self._opt: optax.GradientTransformation | None = None
         self._opt_state: dict[SliceKey, Any] = {}
         self._update_fn = self._update_in_place = None
-        self._compiled = False  # the jitted update has run once (its first call compiles)
+        self._compiled: set[bool] = set()  # the variants (in place or not) that have run: a first call compiles
         self.damage = ""  # why the state cannot be trusted any more (an update failed halfway)
         self._lock = asyncio.Lock()
         self._progress = asyncio.Condition()
@@ -212,7 +212,7 @@ class ShardStore:
 
     def _set_update(self, opt: optax.GradientTransformation | None) -> None:
         self._update_fn, self._update_in_place = _jit_update(opt) if opt else (None, None)
-        self._compiled = False
+        self._compiled = set()
 
     def _store_new(self, new: dict[SliceKey, np.ndarray], adopt: bool) -> None:
         for key, value in new.items():
@@ -442,7 +442,7 @@ class ShardStore:
                 return  # a restore replaced the state while this waited: its waiters were told to re-sync
             grads = {key: tuple(p for sums in rnd.parts.values() for p in sums[key]) for key in self.values}
             try:
-                if self._compiled and self.nbytes() <= INLINE_UPDATE_BYTES:
+                if self.nbytes() <= INLINE_UPDATE_BYTES and self._in_place(list(self.values)) in self._compiled:
                     finite = self._update_in_batches(grads, np.float32(rnd.rows))  # less than a thread hop
                 else:
                     finite = await asyncio.to_thread(self._update_in_batches, grads, np.float32(rnd.rows))
@@ -456,7 +456,6 @@ class ShardStore:
                 rnd.done.exception()  # retrieved: waiters that left do not warn
                 state.round = None
                 raise failed from None
-            self._compiled = True
             if not finite:
                 if self.nonfinite == "reject":
                     sums = rnd.parts.pop(last)
@@ -477,6 +476,10 @@ class ShardStore:
                 self._checkpoint_now()
         async with self._progress:
             self._progress.notify_all()
+
+    def _in_place(self, keys: list[SliceKey]) -> bool:
+        """Whether these slices can be updated in place: no reader holds their values."""
+        return all(_references(self.values[k]) <= _STORE_ONLY for k in keys)
 
     def _batches(self) -> list[list[SliceKey]]:
         """The slices in batches of about ``update_batch_bytes`` (a small shard: one)."""
@@ -506,17 +509,16 @@ class ShardStore:
         if len(batches) > 1 and not all(bool(_all_finite({k: grads[k] for k in keys})) for keys in batches):
             return False
         changed = False  # once a batch is replaced or donated, a failure cannot be taken back
+        donated: list = []  # this batch's inputs, when given to XLA to write over
         try:
             for keys in batches:
-                update = self._update_fn
-                if all(_references(self.values[k]) <= _STORE_ONLY for k in keys):
-                    update, changed = self._update_in_place, True
-                values, states, finite = update(
-                    {k: grads[k] for k in keys},
-                    {k: self._opt_state[k] for k in keys},
-                    {k: self.values[k] for k in keys},
-                    rows,
-                )
+                in_place = self._in_place(keys)
+                olds = ({k: self._opt_state[k] for k in keys}, {k: self.values[k] for k in keys})
+                donated = jax.tree.leaves(olds) if in_place else []
+                update = self._update_in_place if in_place else self._update_fn
+                values, states, finite = update({k: grads[k] for k in keys}, *olds, rows)
+                del olds
+                self._compiled.add(in_place)
                 # the outputs replace the inputs either way: donated inputs are gone,
                 # and a refused update's outputs are the old values and state
                 self.values.update(values)
@@ -527,7 +529,8 @@ class ShardStore:
                     return False  # a single batch: the values are the old ones
                 changed = True
         except Exception as err:
-            if changed:
+            # an error before XLA ran (tracing, compiling) leaves donated inputs as they were
+            if changed or any(leaf.is_deleted() for leaf in donated):
                 self.damage = f"an update failed after it had changed part of the values ({err!r})"
             raise
         return True

@@ -135,3 +135,24 @@ async def test_an_update_that_fails_halfway_leaves_a_shard_that_refuses_to_serve
         assert refused.value.code == grpc.StatusCode.DATA_LOSS and "restart it" in refused.value.message
     await store.flush_checkpoints(final=True)
     assert not list(tmp_path.iterdir()), "a damaged state is never checkpointed"
+
+
+@pytest.mark.asyncio
+async def test_an_update_that_fails_before_xla_ran_leaves_the_shard_serving():
+    """A failure before anything was donated (a trace or compile error) is an
+    INTERNAL error of that update, not damage: the values are intact."""
+    store = await _store(1 << 30)
+    await store.update(_head(0), _grads(0), 5.0)
+    digest, in_place = store.digest(), store._update_in_place
+
+    def cannot_compile(*args):
+        raise RuntimeError("XLA could not compile the update")
+
+    store._update_in_place = cannot_compile
+    with pytest.raises(WireError) as failed:
+        await store.update(_head(1), _grads(1), 5.0)
+    assert failed.value.code == grpc.StatusCode.INTERNAL and not store.damage
+    assert store.digest() == digest
+    store._update_in_place = in_place
+    await store.update(_head(1), _grads(1), 5.0)
+    assert store.group_step(0) == 2
