@@ -1,4 +1,4 @@
-"""The errors psfw raises to its users."""
+"""The errors psfw raises to its users, and a done-callback that marks a future's error as seen."""
 
 from __future__ import annotations
 
