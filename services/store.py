@@ -517,7 +517,6 @@ class ShardStore:
                 donated = jax.tree.leaves(olds) if in_place else []
                 update = self._update_in_place if in_place else self._update_fn
                 values, states, finite = update({k: grads[k] for k in keys}, *olds, rows)
-                del olds
                 self._compiled.add(in_place)
                 # the outputs replace the inputs either way: donated inputs are gone,
                 # and a refused update's outputs are the old values and state
