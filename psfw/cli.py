@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from psfw.console import say
 from psfw.errors import ConfigError, PsfwError
 
 
@@ -43,7 +44,7 @@ def _server(args: argparse.Namespace) -> int:
             )
         )
     except (PermissionError, OSError, ValueError) as err:
-        print(f"psfw server: {err}", file=sys.stderr)
+        say(f"psfw server: {err}")
         return 2
     return 0
 
@@ -145,7 +146,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         return bench_main(args)
     except ValueError as err:  # a flag it cannot use (a size, a count): say which
-        print(f"psfw bench: {err}", file=sys.stderr)
+        say(f"psfw bench: {err}")
         return 2
 
 
@@ -266,13 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ConfigError as err:
-        print(f"psfw: config error: {err}", file=sys.stderr)
+        say(f"psfw: config error: {err}")
         return 2
     except PsfwError as err:
-        print(f"psfw: {err}", file=sys.stderr)
+        say(f"psfw: {err}")
         return 1
     except KeyboardInterrupt:
-        print("psfw: interrupted", file=sys.stderr)
+        say("psfw: interrupted")
         return 130
 
 

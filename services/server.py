@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from psfw.console import say
 from psfw.proto import ps_pb2 as pb
 from psfw.security import NO_SECURITY, Security
 from psfw.services.servicer import DEFAULT_MAX_REQUEST_BYTES, ParameterServerServicer, add_servicer
@@ -185,7 +186,7 @@ async def serve(
 
     def on_signal() -> None:
         if stopping.is_set():
-            print(f"psfw shard {shard}: second signal, exiting now", file=sys.stderr, flush=True)
+            say(f"psfw shard {shard}: second signal, exiting now")
             os._exit(1)
         stopping.set()
 
@@ -194,7 +195,7 @@ async def serve(
     extra = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
     if server.restored_step is not None:
         extra += f", restored step {server.restored_step} (epoch {server.store.epoch})"
-    print(f"psfw shard {shard}/{shards} listening on {server.address}{extra}", flush=True)
+    say(f"psfw shard {shard}/{shards} listening on {server.address}{extra}", sys.stdout)
     await stopping.wait()
-    print(f"psfw shard {shard}: stopping, in-flight RPCs get {grace:.1f} s", file=sys.stderr, flush=True)
+    say(f"psfw shard {shard}: stopping, in-flight RPCs get {grace:.1f} s")
     await server.stop(grace, drain)

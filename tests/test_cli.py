@@ -95,3 +95,21 @@ def _check_health_then_stop(proc):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_processes_sharing_a_log_never_cut_each_others_lines(tmp_path):
+    """Shards of one host write to one terminal or log: every line arrives whole."""
+    code = (
+        "import sys\n"
+        "from psfw.console import say\n"
+        "for _ in range(2000):\n"
+        "    say(f'psfw shard {sys.argv[1]}: stopping, in-flight RPCs get 0.0 s')\n"
+    )
+    log = tmp_path / "shared.log"
+    with open(log, "w") as out:
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(k)], stderr=out) for k in range(2)]
+        for proc in procs:
+            assert proc.wait(timeout=60) == 0
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4000
+    assert all(re.fullmatch(r"psfw shard [01]: stopping, in-flight RPCs get 0\.0 s", line) for line in lines)
