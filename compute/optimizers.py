@@ -9,6 +9,9 @@ different shards gives exactly the update of the whole parameter.
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Callable
 from typing import Any
 
 import optax
@@ -16,27 +19,87 @@ import optax
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
 SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine", "linear")
 
+# A rule is a test and how it reads in an error message.
+Rule = tuple[Callable[[float], bool], str]
+_POSITIVE: Rule = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE: Rule = (lambda v: v >= 0, ">= 0")
+_AT_LEAST_ONE: Rule = (lambda v: v >= 1, ">= 1")
+_FRACTION: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+# field: (default, rule, whole number); the same bounds as psfw.config.OptimizerConfig
+FIELDS: dict[str, tuple[float, Rule, bool]] = {
+    "learning_rate": (0.01, _POSITIVE, False),
+    "momentum": (0.9, _FRACTION, False),
+    "b1": (0.9, _FRACTION, False),
+    "b2": (0.999, _FRACTION, False),
+    "eps": (1e-8, _POSITIVE, False),
+    "decay": (0.9, _FRACTION, False),
+    "initial_accumulator_value": (0.1, _NON_NEGATIVE, False),
+    "weight_decay": (0.0, _NON_NEGATIVE, False),
+}
+SCHEDULE_FIELDS: dict[str, tuple[float, Rule, bool]] = {
+    "steps": (1000, _AT_LEAST_ONE, True),
+    "warmup_steps": (0, _NON_NEGATIVE, True),
+    "end_value": (0.0, _NON_NEGATIVE, False),
+    "decay_rate": (0.5, _POSITIVE, False),
+    "transition_steps": (1000, _AT_LEAST_ONE, True),
+}
+
+
+def _checked(
+    spec: dict[str, Any], fields: dict[str, tuple[float, Rule, bool]], prefix: str = "", other: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The numeric fields of ``spec`` (defaults filled in), each checked against its
+    rule: a NaN or an out-of-range hyperparameter would train on nonsense silently,
+    and so would a misspelled field left at its default."""
+    known = ("name", *other, *fields)
+    unknown = sorted(str(k) for k in spec if k not in known)
+    if unknown:
+        raise ValueError(f"unknown field {prefix + unknown[0]!r} in the optimizer spec: use {', '.join(known)}")
+    out: dict[str, Any] = {}
+    for field, (default, (ok, words), whole) in fields.items():
+        raw = spec.get(field, default)
+        name = prefix + field
+        is_number = isinstance(raw, numbers.Real) and not isinstance(raw, bool)
+        if whole:
+            if not is_number or not float(raw).is_integer():
+                raise ValueError(f"{name} must be a whole number, got {raw!r}")
+            value: float = int(raw)
+        else:
+            if not is_number:
+                raise ValueError(f"{name} must be a number, got {raw!r}")
+            if not math.isfinite(raw):
+                raise ValueError(f"{name} must be a finite number, got {raw!r}")
+            value = float(raw)
+        if not ok(value):
+            raise ValueError(f"{name} must be {words}, got {raw!r}")
+        out[field] = value
+    return out
+
 
 def build_schedule(learning_rate: float, schedule: dict[str, Any] | None) -> optax.ScalarOrSchedule:
-    """A learning rate or an optax schedule for it."""
-    if not schedule or schedule.get("name", "constant") == "constant":
+    """A learning rate or an optax schedule for it.
+
+    Raises ValueError naming the field when the schedule is not understood.
+    """
+    if schedule is None:
         return learning_rate
-    name = schedule["name"]
-    steps = int(schedule.get("steps", 1000))
-    end = float(schedule.get("end_value", 0.0))
+    if not isinstance(schedule, dict):
+        raise ValueError(f'schedule must be a JSON object such as {{"name": "cosine"}}, got {schedule!r}')
+    name = schedule.get("name", "constant")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}: use one of {', '.join(SCHEDULES)}")
+    f = _checked(schedule, SCHEDULE_FIELDS, "schedule.")
+    steps, end = f["steps"], f["end_value"]
     if name == "cosine":
-        return optax.cosine_decay_schedule(learning_rate, steps, alpha=end / learning_rate if learning_rate else 0.0)
+        return optax.cosine_decay_schedule(learning_rate, steps, alpha=end / learning_rate)
     if name == "exponential":
-        return optax.exponential_decay(
-            learning_rate, int(schedule.get("transition_steps", steps)), float(schedule.get("decay_rate", 0.5))
-        )
+        return optax.exponential_decay(learning_rate, f["transition_steps"], f["decay_rate"])
     if name == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(
-            0.0, learning_rate, int(schedule.get("warmup_steps", 0)), steps, end_value=end
-        )
+        return optax.warmup_cosine_decay_schedule(0.0, learning_rate, f["warmup_steps"], steps, end_value=end)
     if name == "linear":
         return optax.linear_schedule(learning_rate, end, steps)
-    raise ValueError(f"unknown schedule {name!r}: use one of {', '.join(SCHEDULES)}")
+    return learning_rate
 
 
 def build_optimizer(spec: dict[str, Any]) -> optax.GradientTransformation:
@@ -44,10 +107,14 @@ def build_optimizer(spec: dict[str, Any]) -> optax.GradientTransformation:
 
     Raises ValueError naming the field when the spec is not understood.
     """
+    if not isinstance(spec, dict):
+        raise ValueError(f'an optimizer spec is a JSON object such as {{"name": "sgd"}}, got {spec!r}')
     name = spec.get("name")
-    lr = build_schedule(float(spec.get("learning_rate", 0.01)), spec.get("schedule"))
-    momentum = float(spec.get("momentum", 0.9))
-    wd = float(spec.get("weight_decay", 0.0))
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+    f = _checked(spec, FIELDS, other=("schedule",))
+    lr = build_schedule(f["learning_rate"], spec.get("schedule"))
+    momentum, wd = f["momentum"], f["weight_decay"]
     if name == "sgd":
         opt = optax.sgd(lr)
     elif name == "momentum":
@@ -55,12 +122,10 @@ def build_optimizer(spec: dict[str, Any]) -> optax.GradientTransformation:
     elif name == "nesterov":
         opt = optax.sgd(lr, momentum=momentum, nesterov=True)
     elif name == "adagrad":
-        opt = optax.adagrad(lr, initial_accumulator_value=float(spec.get("initial_accumulator_value", 0.1)))
+        opt = optax.adagrad(lr, initial_accumulator_value=f["initial_accumulator_value"])
     elif name == "rmsprop":
-        opt = optax.rmsprop(lr, decay=float(spec.get("decay", 0.9)), eps=float(spec.get("eps", 1e-8)))
-    elif name == "adam":
-        kw = {"b1": float(spec.get("b1", 0.9)), "b2": float(spec.get("b2", 0.999)), "eps": float(spec.get("eps", 1e-8))}
+        opt = optax.rmsprop(lr, decay=f["decay"], eps=f["eps"])
+    else:  # adam
+        kw = {"b1": f["b1"], "b2": f["b2"], "eps": f["eps"]}
         return optax.adamw(lr, weight_decay=wd, **kw) if wd else optax.adam(lr, **kw)
-    else:
-        raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
     return optax.chain(optax.add_decayed_weights(wd), opt) if wd else opt

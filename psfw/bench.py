@@ -198,7 +198,7 @@ async def _transfer(clients, size: int, slice_bytes: int, tag: str, repeats: int
         items: dict[int, list] = {}
         for s in layout.params[name].slices:
             items.setdefault(s.shard, []).append((name, s.index, value[s.start : s.stop]))
-        sgd = json.dumps({"name": "sgd", "learning_rate": 0.0})
+        sgd = json.dumps({"name": "sgd", "learning_rate": 0.01})  # not 0: a shard refuses it
         started = time.perf_counter()
         await asyncio.gather(*(clients[i].put(part, sgd) for i, part in items.items()))
         best_push = max(best_push, size / (time.perf_counter() - started) / 1e9)
@@ -246,7 +246,7 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
         try:
             layout = plan_layout({"w": ((size // 4,), "float32")}, 2, 1, 1 << 20)
             value = np.full(size // 4, 0.5, np.float32)
-            sgd = json.dumps({"name": "sgd", "learning_rate": 0.0})
+            sgd = json.dumps({"name": "sgd", "learning_rate": 0.01})  # not 0: a shard refuses it
             for i, client in enumerate(clients):
                 slices = layout.shard_slices(i)
                 await client.put([("w", s.index, value[s.start : s.stop]) for s in slices], sgd)

@@ -44,7 +44,12 @@ class DataConfig(_Strict):
     test: int = Field(1024, ge=1)
 
 
-class ScheduleConfig(_Strict):
+class _Finite(_Strict):
+    # the shards refuse an infinite hyperparameter (psfw.compute.optimizers): so does the config, first
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class ScheduleConfig(_Finite):
     name: Literal["constant", "cosine", "exponential", "warmup_cosine", "linear"] = "constant"
     steps: int = Field(1000, ge=1)
     warmup_steps: int = Field(0, ge=0)
@@ -53,7 +58,7 @@ class ScheduleConfig(_Strict):
     transition_steps: int = Field(1000, ge=1)
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(_Finite):
     name: Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"] = "sgd"
     learning_rate: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)

@@ -178,6 +178,20 @@ async def test_put_with_an_unknown_optimizer_is_refused(shard):
 
 
 @pytest.mark.asyncio
+async def test_put_with_a_nan_learning_rate_is_refused(shard):
+    """JSON carries NaN: a shard that took it would turn every value into NaN at the
+    first update."""
+    server, client = shard
+    from psfw.errors import ShardError
+
+    with pytest.raises(ShardError) as err:
+        await client.put([("w", 0, np.ones(4, np.float32))], '{"name": "sgd", "learning_rate": NaN}')
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "learning_rate must be a finite number, got nan" in str(err.value)
+    assert server.store.specs == {} and not server.store.optimizer_spec
+
+
+@pytest.mark.asyncio
 async def test_nonfinite_policy_skip_skips_the_step_and_keeps_the_values():
     server = ShardServer(0, 1, nonfinite="skip")
     await server.start("127.0.0.1:0")

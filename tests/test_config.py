@@ -30,6 +30,9 @@ def test_shipped_examples_validate(examples, name):
         ("[train]\nsteps = 10\nepochs = 2\n", "give steps or epochs, not both"),
         ("[model]\nname = 'custom'\n", "a custom model needs path"),
         ("seed = [1\n", "not valid TOML"),
+        ("[optimizer]\nlearning_rate = inf\n", "optimizer.learning_rate: Input should be a finite number"),
+        ("[optimizer]\nname = 'adam'\neps = inf\n", "optimizer.eps: Input should be a finite number"),
+        ("[optimizer.schedule]\nname = 'linear'\nend_value = inf\n", "optimizer.schedule.end_value: Input should be"),
     ],
 )
 def test_bad_configs_fail_with_one_line_naming_the_field(tmp_path, text, fragment):
