@@ -165,7 +165,8 @@ class ShardStore:
         """Store the initial values of new slices (version 0).
 
         A retried Put of identical values is acknowledged; a different value for a
-        held slice is ALREADY_EXISTS. The first Put fixes the shard's optimizer. With
+        held slice is ALREADY_EXISTS, a new slice once a step is open or done is
+        FAILED_PRECONDITION. The first Put fixes the shard's optimizer. With
         ``adopt``, the arrays are the request's own buffers, which nobody writes again:
         the shard keeps them instead of a copy.
         """
@@ -202,6 +203,14 @@ class ShardStore:
                 if not np.isfinite(value).all():
                     raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"initial value of {slice_name(key)} is not finite")
                 new[key] = value
+            training = self._training() if new else ""
+            if training:
+                raise _abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"shard {self.shard} is already training ({training}): slices can only be put before the "
+                    f"first update, and {slice_name(next(iter(new)))} is new; every owner puts its parameters "
+                    "before any worker updates (restart the job to add parameters)",
+                )
             if not self.optimizer_spec:
                 self.optimizer_spec, self._opt = optimizer, opt
                 self._set_update(opt)
@@ -209,6 +218,17 @@ class ShardStore:
         async with self._progress:
             self._progress.notify_all()
         return len(arrays)
+
+    def _training(self) -> str:
+        """Why new slices can no longer be put ('' while they can): every Update carries
+        every slice the shard holds, so a slice added once a step is open or done
+        could never be added up with the others."""
+        for group, state in sorted(self.groups.items()):
+            if state.round is not None:
+                return f"group {group} has step {state.round.step} open"
+            if state.step:
+                return f"group {group} has completed {state.step} steps"
+        return ""
 
     def _set_update(self, opt: optax.GradientTransformation | None) -> None:
         self._update_fn, self._update_in_place = _jit_update(opt) if opt else (None, None)
@@ -440,18 +460,23 @@ class ShardStore:
         async with self._lock:
             if rnd.done.done() or self.groups.get(group) is not state or state.round is not rnd:
                 return  # a restore replaced the state while this waited: its waiters were told to re-sync
-            grads = {key: tuple(p for sums in rnd.parts.values() for p in sums[key]) for key in self.values}
             try:
+                self._check_intact()  # another group's update may have failed halfway while this one waited
+                grads = self._gradients(group, rnd)
                 if self.nbytes() <= INLINE_UPDATE_BYTES and self._in_place(list(self.values)) in self._compiled:
                     finite = self._update_in_batches(grads, np.float32(rnd.rows))  # less than a thread hop
                 else:
                     finite = await asyncio.to_thread(self._update_in_batches, grads, np.float32(rnd.rows))
             except Exception as err:
-                log.exception("shard %d: the update of group %d step %d failed", self.shard, group, rnd.step)
-                failed = WireError(
-                    grpc.StatusCode.DATA_LOSS if self.damage else grpc.StatusCode.INTERNAL,
-                    f"shard {self.shard}: the update of group {group} step {rnd.step} failed ({err!r})",
-                )
+                # every waiter gets the error and the step is cleared: sent again, it can still complete
+                if isinstance(err, WireError):
+                    failed = err
+                else:
+                    log.exception("shard %d: the update of group %d step %d failed", self.shard, group, rnd.step)
+                    failed = WireError(
+                        grpc.StatusCode.DATA_LOSS if self.damage else grpc.StatusCode.INTERNAL,
+                        f"shard {self.shard}: the update of group {group} step {rnd.step} failed ({err!r})",
+                    )
                 rnd.done.set_exception(failed)
                 rnd.done.exception()  # retrieved: waiters that left do not warn
                 state.round = None
@@ -476,6 +501,19 @@ class ShardStore:
                 self._checkpoint_now()
         async with self._progress:
             self._progress.notify_all()
+
+    def _gradients(self, group: int, rnd: Round) -> dict[SliceKey, tuple[np.ndarray, ...]]:
+        """Each slice's parts from every contribution of the step."""
+        for process, sums in sorted(rnd.parts.items()):
+            missing = [key for key in self.values if key not in sums]
+            if missing:
+                raise _abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"shard {self.shard}: group {group} step {rnd.step} cannot be added up: process {process} "
+                    f"sent no gradient for {len(missing)} slices the shard holds ({slice_name(missing[0])}): "
+                    "the shard's slices changed while the step was open; re-sync and send the step again",
+                )
+        return {key: tuple(p for sums in rnd.parts.values() for p in sums[key]) for key in self.values}
 
     def _in_place(self, keys: list[SliceKey]) -> bool:
         """Whether these slices can be updated in place: no reader holds their values."""

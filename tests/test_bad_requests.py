@@ -1,6 +1,8 @@
 """Malformed requests to a running shard get a precise status and message, and the
 shard's values, versions and optimizer state stay exactly as they were."""
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -163,6 +165,33 @@ async def test_put_of_other_values_for_a_held_slice_is_already_exists(running):
     assert "a parameter is put once, by its owner" in str(err.value)
     assert await client.put([("w", 0, np.zeros(4, np.float32))], SGD) == 1, "an identical retry is acknowledged"
     assert server.store.digest() == before
+
+
+@pytest.mark.asyncio
+async def test_put_of_a_new_slice_once_training_started_is_refused_and_the_step_completes(running):
+    """A new slice in the middle of an open step would make the step impossible to add
+    up: it is refused, and the step still completes with the slices it began with."""
+    server, client, _, _ = running
+    from psfw.errors import ShardError
+
+    grads = {i: np.ones(4, np.float32) for _, i, _ in GOOD}
+    first = asyncio.create_task(send(client, grads, process=0, workers_per_group=2, wait_s=5))
+    for _ in range(100):  # the step is open once process 0's contribution is in
+        if server.store.groups.get(0) and server.store.groups[0].round:
+            break
+        await asyncio.sleep(0.02)
+    before = server.store.digest()
+    with pytest.raises(ShardError) as err:
+        await client.put([("w", 2, np.zeros(4, np.float32))], "")
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already training" in str(err.value) and "before the first update" in str(err.value)
+    assert server.store.digest() == before and ("w", 2) not in server.store.specs
+    assert await client.put([("w", 0, np.zeros(4, np.float32))], SGD) == 1, "an identical retry is acknowledged"
+    second = await send(client, grads, process=1, workers_per_group=2, wait_s=5)
+    assert second.step == (await asyncio.wait_for(first, 10)).step == 1
+    with pytest.raises(ShardError) as err:  # and after a completed step
+        await client.put([("w", 2, np.zeros(4, np.float32))], "")
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.mark.asyncio
