@@ -310,13 +310,7 @@ class ShardStore:
         A contribution that was already added (a retried RPC) is acknowledged and not
         added again; a step that is already complete answers with current values.
         """
-        self._check_intact()
-        if head.epoch != self.epoch:
-            raise _abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"shard {self.shard} is at epoch {self.epoch} (restored from a checkpoint), the update was made "
-                f"at epoch {head.epoch}: re-sync",
-            )
+        self._check_current(head)
         sums = {k: v if isinstance(v, tuple) else (v,) for k, v in sums.items()}  # parts, added when applied
         group, step, process = head.group, head.step, head.process
         pending = self.groups[group].round if group in self.groups else None
@@ -324,6 +318,7 @@ class ShardStore:
         if self.nonfinite == "reject" and not completes:
             # the contribution that completes a step is checked inside the jitted update
             await asyncio.to_thread(self._check_finite, head.group, head.step, sums)
+            self._check_current(head)  # a Restore may have run meanwhile
         state = self.groups.get(group) or GroupState()
         if step < state.step:
             if step + 1 < state.step:
@@ -336,6 +331,7 @@ class ShardStore:
             if head.staleness >= 0 and head.worker_groups > 1:
                 await self._hold_for_slowest(group, state.step, head, wait_s)
             async with self._lock:
+                self._check_current(head)
                 values = dict(self.values)
             return UpdateResult(state.step, values, False, self.slowest_step(head.worker_groups))
         rnd = self._validate_update(state, head, sums)
@@ -376,6 +372,17 @@ class ShardStore:
         if head.staleness >= 0 and head.worker_groups > 1:
             await self._hold_for_slowest(group, result.step, head, max(0.0, deadline - time.monotonic()))
         return dataclasses.replace(result, slowest_step=self.slowest_step(head.worker_groups))
+
+    def _check_current(self, head: pb.UpdateRequest) -> None:
+        """The shard is intact and at the update's epoch: checked again after every
+        wait, since a Restore may have rolled the shard back during it."""
+        self._check_intact()
+        if head.epoch != self.epoch:
+            raise _abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"shard {self.shard} is at epoch {self.epoch} (restored from a checkpoint), the update was made "
+                f"at epoch {head.epoch}: re-sync",
+            )
 
     def slowest_step(self, worker_groups: int) -> int:
         """The completed steps of the slowest of groups 0..worker_groups-1."""

@@ -1,0 +1,84 @@
+"""Rolling a shard back to a checkpoint (a Restore, or a restarted shard's load) races
+with what is in flight: checkpoint writes, updates of the abandoned history, RPCs.
+None of it may leak into the restored history.
+
+The races are made certain, not likely: a ``Gate`` holds the real function at its
+start, in its thread, until the test lets it go."""
+
+import asyncio
+import json
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from psfw.proto import ps_pb2 as pb
+from psfw.services.store import ShardStore
+from psfw.wire import WireError
+
+SGD1 = json.dumps({"name": "sgd", "learning_rate": 1.0})
+W = ("w", 0)
+
+
+class Gate:
+    """Wraps a function that runs in a thread: each call says it has started, then
+    waits (at most 10 s) until ``release`` before it runs the real function."""
+
+    def __init__(self, function):
+        self.function = function
+        self.started = threading.Event()
+        self.released = threading.Event()
+
+    def __call__(self, *args, **kwargs):
+        self.started.set()
+        if not self.released.wait(10):
+            raise TimeoutError("the test never released the gate")
+        return self.function(*args, **kwargs)
+
+    async def entered(self) -> None:
+        assert await asyncio.to_thread(self.started.wait, 10), "the gated call never started"
+
+    def release(self) -> None:
+        self.released.set()
+
+
+def _head(step: int, process: int = 0, epoch: int = 0, workers_per_group: int = 1, every: int = 1):
+    return pb.UpdateRequest(
+        group=0,
+        step=step,
+        process=process,
+        workers=1,
+        rows=1,
+        workers_per_group=workers_per_group,
+        staleness=-1,
+        epoch=epoch,
+        checkpoint_every=every,
+    )
+
+
+def _grad(value: float) -> dict:
+    return {W: np.full(4, value, np.float32)}
+
+
+@pytest.mark.asyncio
+async def test_an_update_of_the_old_epoch_cannot_slip_in_while_a_restore_runs(tmp_path):
+    """An Update checked against the epoch before its finite check's thread hop is
+    checked again after it: a Restore during the hop makes it a re-sync, and the new
+    epoch's step adds only the new epoch's contributions."""
+    store = ShardStore(0, 1, checkpoint_dir=tmp_path)
+    await store.put({W: np.zeros(4, np.float32)}, SGD1)
+    await asyncio.gather(*(store.update(_head(0, p, workers_per_group=2), _grad(0.0), 5.0) for p in (0, 1)))
+    await store.flush_checkpoints()
+    gate = store._check_finite = Gate(store._check_finite)
+    stale = asyncio.create_task(store.update(_head(1, 0, workers_per_group=2), _grad(100.0), 5.0))
+    await gate.entered()
+    await store.restore(1, epoch=1)
+    gate.release()
+    with pytest.raises(WireError) as err:
+        await asyncio.wait_for(stale, 5.0)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "epoch 1" in err.value.message and "re-sync" in err.value.message
+    assert store.groups[0].round is None, "the old epoch's contribution was not added"
+    await asyncio.gather(*(store.update(_head(1, p, epoch=1, workers_per_group=2), _grad(1.0), 5.0) for p in (0, 1)))
+    np.testing.assert_allclose(np.asarray(store.values[W]), -1.0)
