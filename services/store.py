@@ -100,6 +100,7 @@ class ShardStore:
         self.update_batch_bytes = update_batch_bytes
         self.epoch = 0  # restores so far; every Update must carry the same
         self.saved_step = -1  # group 0's step of the newest checkpoint this shard wrote or loaded
+        self._generation = 0  # loads so far: a snapshot taken before the last one is of an abandoned history
         self.values: dict[SliceKey, jax.Array] = {}
         self.versions: dict[SliceKey, int] = {}
         self.specs: dict[SliceKey, tuple[np.dtype, tuple[int, ...]]] = {}
@@ -619,6 +620,7 @@ class ShardStore:
             values[key], versions[key] = value, int(entry["version"])
             states[key] = jax.tree.unflatten(template, leaves)
         self._fail_rounds(f"shard {self.shard} was restored from a checkpoint: re-sync")
+        self._generation += 1
         self.values, self.versions, self._opt_state = values, versions, states
         self.damage = ""  # a checkpoint is a state to trust again
         self.specs = {k: (np.dtype(np.asarray(v).dtype), tuple(v.shape)) for k, v in values.items()}
@@ -653,19 +655,26 @@ class ShardStore:
         return steps[-1]
 
     async def restore(self, step: int, epoch: int) -> None:
-        """Roll back to the complete checkpoint of ``step`` and take on ``epoch``."""
-        if step not in self.checkpoint_steps():
-            raise _abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"shard {self.shard} has no complete checkpoint of step {step} (it has {self.checkpoint_steps()})",
-            )
-        tensors, meta = await asyncio.to_thread(checkpoint.load_shard, self.checkpoint_dir, step, self.shard)
-        async with self._lock:
-            self.load(tensors, meta)
-            self.epoch = epoch
-            self.saved_step = step
-        # checkpoints after the step rolled back to belong to an abandoned history
-        await asyncio.to_thread(checkpoint.drop_after, self.checkpoint_dir, step)
+        """Roll back to the complete checkpoint of ``step`` and take on ``epoch``.
+
+        Under the save lock: a checkpoint write in flight finishes first, so that the
+        steps after ``step`` (an abandoned history) are dropped with whatever it
+        wrote, and writes queued behind the restore are skipped (see ``_write``).
+        """
+        async with self._saving:
+            steps = await asyncio.to_thread(self.checkpoint_steps)
+            if step not in steps:
+                raise _abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"shard {self.shard} has no complete checkpoint of step {step} (it has {steps}): "
+                    "restore to one of those",
+                )
+            tensors, meta = await asyncio.to_thread(checkpoint.load_shard, self.checkpoint_dir, step, self.shard)
+            async with self._lock:
+                self.load(tensors, meta)
+                self.epoch = epoch
+                self.saved_step = step
+            await asyncio.to_thread(checkpoint.drop_after, self.checkpoint_dir, step)
         async with self._progress:
             self._progress.notify_all()
 
@@ -676,14 +685,14 @@ class ShardStore:
             return
         step = self.group_step(0)
         tensors, meta = self.snapshot()  # numpy views: the update never writes over them
-        task = asyncio.get_running_loop().create_task(self._write(step, tensors, meta))
+        task = asyncio.get_running_loop().create_task(self._write(step, tensors, meta, self._generation))
         self._saves.add(task)
         task.add_done_callback(self._saves.discard)
 
-    async def _write(self, step: int, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    async def _write(self, step: int, tensors: dict[str, np.ndarray], meta: dict[str, Any], generation: int) -> None:
         async with self._saving:  # one write at a time, in step order
-            if step <= self.saved_step:
-                return
+            if step <= self.saved_step or generation != self._generation:
+                return  # saved already, or taken before a restore: of the history it abandoned
             try:
                 await asyncio.to_thread(
                     checkpoint.save_shard, self.checkpoint_dir, step, self.shard, self.shards, tensors, meta

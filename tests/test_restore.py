@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from psfw.proto import ps_pb2 as pb
+from psfw.services import checkpoint
 from psfw.services.store import ShardStore
 from psfw.wire import WireError
 
@@ -82,3 +83,62 @@ async def test_an_update_of_the_old_epoch_cannot_slip_in_while_a_restore_runs(tm
     assert store.groups[0].round is None, "the old epoch's contribution was not added"
     await asyncio.gather(*(store.update(_head(1, p, epoch=1, workers_per_group=2), _grad(1.0), 5.0) for p in (0, 1)))
     np.testing.assert_allclose(np.asarray(store.values[W]), -1.0)
+
+
+async def _store_at_checkpoint(tmp_path, steps: int, every: int) -> ShardStore:
+    store = ShardStore(0, 1, checkpoint_dir=tmp_path)
+    await store.put({W: np.zeros(4, np.float32)}, SGD1)
+    for step in range(steps):
+        await store.update(_head(step, every=every), _grad(1.0), 5.0)
+    await store.flush_checkpoints()
+    assert checkpoint.complete_steps(tmp_path, 1)[-1] == steps
+    return store
+
+
+async def _check_new_history_checkpoints(store: ShardStore, tmp_path, start: int, stop: int, every: int) -> None:
+    """The restored history reaches ``stop`` and checkpoints it: the file is the live state."""
+    for step in range(start, stop):
+        await store.update(_head(step, epoch=1, every=every), _grad(5.0), 5.0)
+    await store.flush_checkpoints()
+    assert checkpoint.complete_steps(tmp_path, 1)[-1] == stop
+    tensors, meta = checkpoint.load_shard(tmp_path, stop, 0)
+    assert meta["epoch"] == 1
+    np.testing.assert_array_equal(tensors["value/0"], np.asarray(store.values[W]))
+
+
+@pytest.mark.asyncio
+async def test_a_restore_waits_for_the_checkpoint_write_in_flight_and_then_drops_it(tmp_path, monkeypatch):
+    """A write of the abandoned history that lands after the Restore would stand as
+    checkpoint 4 and make the restored history skip its own write of step 4."""
+    store = await _store_at_checkpoint(tmp_path, 2, every=2)
+    gate = Gate(checkpoint.save_shard)
+    monkeypatch.setattr(checkpoint, "save_shard", gate)
+    for step in (2, 3):
+        await store.update(_head(step, every=2), _grad(1.0), 5.0)
+    await gate.entered()  # the write of step 4 is in flight
+    restoring = asyncio.create_task(store.restore(2, epoch=1))
+    await asyncio.sleep(0.1)
+    gate.release()
+    await asyncio.wait_for(restoring, 10.0)
+    await store.flush_checkpoints()
+    assert checkpoint.complete_steps(tmp_path, 1) == [2]
+    assert not checkpoint.step_dir(tmp_path, 4).exists() and store.saved_step == 2
+    await _check_new_history_checkpoints(store, tmp_path, 2, 4, every=2)
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_of_the_abandoned_history_queued_during_a_restore_is_never_written(tmp_path, monkeypatch):
+    """A step of the old epoch that completes while the Restore reads its checkpoint
+    queues a write behind the Restore: that write is of the abandoned history."""
+    store = await _store_at_checkpoint(tmp_path, 1, every=1)
+    gate = Gate(checkpoint.load_shard)
+    monkeypatch.setattr(checkpoint, "load_shard", gate)
+    restoring = asyncio.create_task(store.restore(1, epoch=1))
+    await gate.entered()
+    await store.update(_head(1, every=1), _grad(1.0), 5.0)  # still epoch 0: its checkpoint of step 2 queues
+    gate.release()
+    await asyncio.wait_for(restoring, 10.0)
+    await store.flush_checkpoints()
+    assert checkpoint.complete_steps(tmp_path, 1) == [1]
+    assert not checkpoint.step_dir(tmp_path, 2).exists() and store.saved_step == 1
+    await _check_new_history_checkpoints(store, tmp_path, 1, 2, every=1)
