@@ -115,8 +115,9 @@ class ShardServer:
     async def start(self, address: str = "127.0.0.1:0", *, ready: bool = True, metrics_port: int | None = None) -> int:
         """Bind ``address`` (port 0 picks a free one) and start serving; returns the port.
 
-        With a checkpoint folder, the newest complete checkpoint is loaded first.
-        Health stays NOT_SERVING until the shard is ready: then at once with
+        With a checkpoint folder, the newest complete checkpoint is loaded first;
+        meanwhile every RPC is UNAVAILABLE (clients retry) and a failed load stops
+        the server. Health stays NOT_SERVING until the shard is ready: then at once with
         ``ready``, else when ``mark_ready`` is called.
         Raises PermissionError for a non-loopback address without TLS or a token,
         unless the server was made ``insecure``.
@@ -130,14 +131,22 @@ class ShardServer:
             port = self._server.add_secure_port(address, credentials)
         if port == 0:
             raise OSError(f"cannot listen on {address}: the address is taken or invalid")
+        loading = self.store.checkpoint_dir is not None
+        self.servicer.loading = loading
         await self._server.start()
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
         if metrics_port is not None:
             metrics_host = host.strip("[]") if is_loopback(address) else "0.0.0.0"
             self.metrics_port = self.servicer.metrics.serve(metrics_port, metrics_host)
-        if self.store.checkpoint_dir is not None:
-            step = await asyncio.to_thread(self.store.load_newest)
+        if loading:
+            try:
+                step = await self.store.load_newest()
+            except Exception:
+                await self._server.stop(0)  # not left answering "loading" forever
+                self.servicer.close()
+                raise
+            self.servicer.loading = False
             if step is not None:
                 log.warning("shard %d restored from its checkpoint of step %d", self.store.shard, step)
                 self.restored_step = step

@@ -54,6 +54,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.metrics = ShardMetrics(store)
         self._regions = RegionCache()
         self._shard = str(store.shard)
+        self.loading = False  # set while the shard loads its checkpoint: every RPC is then UNAVAILABLE
 
     def close(self) -> None:
         self.metrics.close()
@@ -75,10 +76,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     @contextlib.asynccontextmanager
     async def _handled(self, context: grpc.aio.ServicerContext, method: str):
         """Count and time the RPC; turn a WireError into its status; log a bug once
-        and answer INTERNAL."""
+        and answer INTERNAL. While the shard loads, answer UNAVAILABLE (clients retry)."""
         self.rpc_counts[method] += 1
         started = time.perf_counter()
         try:
+            if self.loading:  # an answer now (epoch 0, no slices) would say the shard lost its state
+                raise WireError(
+                    grpc.StatusCode.UNAVAILABLE, f"shard {self.store.shard} is loading its checkpoint: retry"
+                )
             yield
         except WireError as err:
             await context.abort(err.code, err.message)

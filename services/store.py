@@ -603,8 +603,9 @@ class ShardStore:
         }
         return tensors, meta
 
-    def load(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        """Replace the whole state with a snapshot (see ``snapshot``)."""
+    def _loaded(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple:
+        """The arrays and optimizer of a snapshot (see ``snapshot``), built without
+        touching the state: off the event loop, in a thread. ``_install`` puts them in."""
         if meta["shard"] != self.shard or meta["shards"] != self.shards:
             raise ValueError(
                 f"checkpoint of shard {meta['shard']} of {meta['shards']} cannot load into shard "
@@ -619,6 +620,11 @@ class ShardStore:
             leaves = [jax.numpy.array(tensors[f"opt/{index}/{i}"]) for i in range(template.num_leaves)]
             values[key], versions[key] = value, int(entry["version"])
             states[key] = jax.tree.unflatten(template, leaves)
+        return values, versions, states, opt
+
+    def _install(self, loaded: tuple, meta: dict[str, Any]) -> None:
+        """Replace the whole state with a loaded snapshot (under the update lock)."""
+        values, versions, states, opt = loaded
         self._fail_rounds(f"shard {self.shard} was restored from a checkpoint: re-sync")
         self._generation += 1
         self.values, self.versions, self._opt_state = values, versions, states
@@ -641,18 +647,14 @@ class ShardStore:
     def checkpoint_steps(self) -> list[int]:
         return checkpoint.complete_steps(self.checkpoint_dir, self.shards) if self.checkpoint_dir else []
 
-    def load_newest(self) -> int | None:
+    async def load_newest(self) -> int | None:
         """Load the newest complete checkpoint, if any (a restarted shard); its epoch
         goes up by one so that every stub re-syncs. Returns group 0's step."""
-        steps = self.checkpoint_steps()
-        if not steps:
-            return None
-        tensors, meta = checkpoint.load_shard(self.checkpoint_dir, steps[-1], self.shard)
-        self.load(tensors, meta)
-        self.epoch = int(meta["epoch"]) + 1
-        self.saved_step = steps[-1]
-        checkpoint.drop_after(self.checkpoint_dir, steps[-1])
-        return steps[-1]
+        async with self._saving:
+            steps = await asyncio.to_thread(self.checkpoint_steps)
+            if steps:
+                await self._roll_back(steps[-1], None)
+        return steps[-1] if steps else None
 
     async def restore(self, step: int, epoch: int) -> None:
         """Roll back to the complete checkpoint of ``step`` and take on ``epoch``.
@@ -669,12 +671,19 @@ class ShardStore:
                     f"shard {self.shard} has no complete checkpoint of step {step} (it has {steps}): "
                     "restore to one of those",
                 )
-            tensors, meta = await asyncio.to_thread(checkpoint.load_shard, self.checkpoint_dir, step, self.shard)
-            async with self._lock:
-                self.load(tensors, meta)
-                self.epoch = epoch
-                self.saved_step = step
-            await asyncio.to_thread(checkpoint.drop_after, self.checkpoint_dir, step)
+            await self._roll_back(step, epoch)
+
+    async def _roll_back(self, step: int, epoch: int | None) -> None:
+        """Load the checkpoint of ``step`` and drop the later ones (an abandoned history);
+        ``epoch`` None: the checkpoint's plus one. The caller holds the save lock; the
+        state is replaced under the update lock, then waiters look again."""
+        tensors, meta = await asyncio.to_thread(checkpoint.load_shard, self.checkpoint_dir, step, self.shard)
+        loaded = await asyncio.to_thread(self._loaded, tensors, meta)
+        async with self._lock:
+            self._install(loaded, meta)
+            self.epoch = int(meta["epoch"]) + 1 if epoch is None else epoch
+            self.saved_step = step
+        await asyncio.to_thread(checkpoint.drop_after, self.checkpoint_dir, step)
         async with self._progress:
             self._progress.notify_all()
 

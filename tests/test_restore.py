@@ -1,6 +1,6 @@
 """Rolling a shard back to a checkpoint (a Restore, or a restarted shard's load) races
 with what is in flight: checkpoint writes, updates of the abandoned history, RPCs.
-None of it may leak into the restored history.
+None of it may leak into the restored history, and no RPC sees a shard half loaded.
 
 The races are made certain, not likely: a ``Gate`` holds the real function at its
 start, in its thread, until the test lets it go."""
@@ -12,11 +12,17 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from psfw.client import ShardClient
+from psfw.errors import ShardError
 from psfw.proto import ps_pb2 as pb
 from psfw.services import checkpoint
+from psfw.services.server import ShardServer
 from psfw.services.store import ShardStore
 from psfw.wire import WireError
+
+from helpers import expect4, send
 
 SGD1 = json.dumps({"name": "sgd", "learning_rate": 1.0})
 W = ("w", 0)
@@ -142,3 +148,72 @@ async def test_a_checkpoint_of_the_abandoned_history_queued_during_a_restore_is_
     assert checkpoint.complete_steps(tmp_path, 1) == [1]
     assert not checkpoint.step_dir(tmp_path, 2).exists() and store.saved_step == 1
     await _check_new_history_checkpoints(store, tmp_path, 1, 2, every=1)
+
+
+async def _checkpointed_shard(tmp_path) -> np.ndarray:
+    """A shard that trained 2 steps, checkpointed step 2 and stopped; its values."""
+    server = ShardServer(0, 1, checkpoint_dir=tmp_path)
+    await server.start("127.0.0.1:0")
+    client = ShardClient(server.address, 0, timeout_s=10, retries=0)
+    try:
+        await client.put([("w", 0, np.zeros(4, np.float32))], SGD1)
+        for step in range(2):
+            await send(client, {0: np.ones(4, np.float32)}, step=step, checkpoint_every=2)
+        return np.asarray(server.store.values[W])
+    finally:
+        await client.close()
+        await server.stop(0)
+
+
+@pytest.mark.asyncio
+async def test_a_shard_loading_its_checkpoint_answers_unavailable_until_it_is_loaded(tmp_path, monkeypatch):
+    """While a restarted shard loads, an answer from it (epoch 0, no slices) would
+    tell a stub that the shard lost its state: every RPC is UNAVAILABLE instead, which
+    clients retry, and health says NOT_SERVING."""
+    values = await _checkpointed_shard(tmp_path)
+    gate = Gate(checkpoint.load_shard)
+    monkeypatch.setattr(checkpoint, "load_shard", gate)
+    server = ShardServer(0, 1, checkpoint_dir=tmp_path)
+    starting = asyncio.create_task(server.start("127.0.0.1:0"))
+    await gate.entered()
+    impatient = ShardClient(server.address, 0, timeout_s=10, retries=0)
+    patient = ShardClient(server.address, 0, timeout_s=10, retries=8)
+    channel = grpc.aio.insecure_channel(server.address)
+    try:
+        for rpc in (impatient.describe, lambda: impatient.get(0, 0, [W], expect4, 1.0)):
+            with pytest.raises(ShardError) as err:
+                await rpc()
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "shard 0 is loading its checkpoint: retry" in str(err.value)
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        getting = asyncio.create_task(patient.get(0, 2, [W], expect4, 5.0, wait_for_put=True))
+        await asyncio.sleep(0.2)
+        gate.release()
+        await asyncio.wait_for(starting, 10.0)
+        fresh = await asyncio.wait_for(getting, 10.0)
+        assert fresh.step == 2
+        np.testing.assert_array_equal(fresh.values[W], values)
+        described = await impatient.describe()
+        assert described.epoch == 1 and len(described.slices) == 1
+    finally:
+        gate.release()
+        await channel.close()
+        await impatient.close()
+        await patient.close()
+        if not starting.done():
+            starting.cancel()
+        await server.stop(0)
+
+
+@pytest.mark.asyncio
+async def test_loading_the_newest_checkpoint_wakes_the_waiters(tmp_path):
+    """A read waiting for slices and a step is answered as soon as the load put them there."""
+    values = await _checkpointed_shard(tmp_path)
+    store = ShardStore(0, 1, checkpoint_dir=tmp_path)
+    waiting = asyncio.create_task(store.read([W], 0, 2, 5.0, wait_for_put=True))
+    await asyncio.sleep(0.05)
+    assert await store.load_newest() == 2
+    step, held = await asyncio.wait_for(waiting, 2.0)
+    assert step == 2 and store.epoch == 1 and store.saved_step == 2
+    np.testing.assert_array_equal(np.asarray(held[W]), values)
