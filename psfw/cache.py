@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from psfw.errors import PsfwError, WaitTimeout
@@ -34,6 +35,11 @@ class ParamCache:
         self.generation = 0
         self._changed = threading.Condition()
         self._error: BaseException | None = None
+        self._doing = ("starting", time.monotonic())  # what the stub is busy with, and since when
+
+    def doing(self, what: str) -> None:
+        """Note what the stub is busy with (named when a worker's wait runs out)."""
+        self._doing = (what, time.monotonic())
 
     def start(self, timeout_s: float) -> tuple[int, int]:
         """Wait for the first values; returns ``(step, generation)`` to start from."""
@@ -61,9 +67,11 @@ class ParamCache:
             # a wait beyond what the thread library takes (train.wait_s may be huge) has no limit
             limit = None if timeout_s >= threading.TIMEOUT_MAX else timeout_s
             if not self._changed.wait_for(lambda: ready() or self._error is not None, limit):
+                doing, since = self._doing
                 raise WaitTimeout(
                     f"group {self.group} process {self.process}: waited {timeout_s:.1f} s for {what}; "
-                    f"the cache holds step {self.step}"
+                    f"the cache holds step {self.step}; the stub has been {doing} for "
+                    f"{time.monotonic() - since:.1f} s"
                 )
             if self._error is not None:
                 raise PsfwError(f"process {self.process} stopped: {self._error}") from self._error

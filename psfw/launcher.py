@@ -12,7 +12,7 @@ import json
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,7 @@ async def run_job(
         executor = stack.enter_context(
             ThreadPoolExecutor(len(processes) * c.workers_per_process, thread_name_prefix="psfw-worker")
         )
-        async with asyncio.TaskGroup() as tasks:
+        async with _first_cause(), asyncio.TaskGroup() as tasks:
             for process in processes:
                 group, local = divmod(process, c.processes_per_group)
                 spec = WorkerSpec(
@@ -236,6 +236,30 @@ async def train_async(
         await asyncio.to_thread(write_net, folder, job.model.layers, job.layout)
         await asyncio.to_thread(write_curves, folder / "curves.png", read_records(folder / "metrics.jsonl"))
     return result
+
+
+@asynccontextmanager
+async def _first_cause():
+    """Raise the error that stopped the job, not the group of every task's error.
+
+    One failure (a shard's refusal, a worker's model error) stops the stubs and
+    workers of every process here, each with an error that names it as its cause;
+    the user wants that one error, in one line."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        ids = {id(e) for e in leaves}
+        # a worker told "process N stopped: ..." carries the stub's error as its cause
+        roots = [e for e in leaves if id(e.__cause__) not in ids] or leaves
+        raise roots[0] from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 def log_line(record: dict[str, Any]) -> None:

@@ -142,6 +142,7 @@ class Stub:
         return {r.epoch for r in replies} == {self.epoch} and steps <= {step, step + 1}
 
     async def _collect(self, step: int) -> list[Contribution]:
+        self.cache.doing(f"waiting for its workers' gradients of step {step}")
         batch: list[Contribution] = []
         while len(batch) < len(self.workers):
             c = await self._inbox.get()
@@ -183,7 +184,7 @@ class Stub:
                     f"shards {lost} lost their state (restarted without a checkpoint) while others hold theirs: "
                     "give the shards a shared --checkpoint-dir and set train.checkpoint_every"
                 )
-            if len(epochs) == 1 and (len(steps) == 1 or not all(held)):
+            if len(epochs) == 1 and (len(steps) == 1 or not all(held) or self._one_apart(steps)):
                 return replies
             common = set.intersection(*(set(r.checkpoint_steps) for r in replies))
             if not common:
@@ -199,7 +200,17 @@ class Stub:
             if time.monotonic() > deadline:
                 raise PsfwError(f"the shards did not settle within {self.wait_s:.0f} s")
 
+    def _one_apart(self, steps: set[int]) -> bool:
+        """Whether shards one step apart for this group can simply go on.
+
+        Group 0's checkpoints fall on its own step boundaries, so its shards always
+        agree after a restore; another group runs on its own clock, and a checkpoint
+        may catch its last update on some shards only. Sending that step again is
+        safe: the shards that applied it acknowledge it without adding it twice."""
+        return self.group != 0 and max(steps) - min(steps) <= 1
+
     async def _join(self) -> int:
+        self.cache.doing("joining the shards")
         replies = await self._settle()
         self.epoch = replies[0].epoch
         start = min(_group_step(r, self.group) for r in replies)
@@ -223,13 +234,33 @@ class Stub:
         missing = [n for n in self.layout.params if n not in values]
         if missing:
             if self.group != 0 and start == 0:  # another group starts from group 0 after its warmup steps
+                await self._await_warmup()
                 values.update(await self._get_all(0, self.warmup_steps, missing))
             else:
                 values.update(await self._get_all(self.group, start, missing))
         self.cache.publish(start, {n: jax.device_put(values[n]) for n in self.layout.params})
         return start
 
+    async def _await_warmup(self) -> None:
+        """Wait for group 0's ``warmup_steps``, however long they take, as long as
+        group 0 advances (``wait_s`` bounds the time without progress)."""
+        last, since = -1, time.monotonic()
+        while True:
+            done = min(_group_step(r, 0) for r in await self._describe_all())
+            if done >= self.warmup_steps:
+                return
+            if done > last:
+                last, since = done, time.monotonic()
+                self.cache.doing(f"waiting for group 0's {self.warmup_steps} warmup steps (at {done})")
+            elif time.monotonic() - since > self.wait_s:
+                raise WaitTimeout(
+                    f"group {self.group} process {self.process}: group 0 has completed {done} of its "
+                    f"{self.warmup_steps} warmup steps and did not advance for {self.wait_s:.0f} s"
+                )
+            await asyncio.sleep(min(0.5, self.wait_s / 4))
+
     async def _resync(self) -> int:
+        self.cache.doing("re-syncing with the shards")
         replies = await self._settle()
         self.epoch = replies[0].epoch
         start = min(_group_step(r, self.group) for r in replies)
@@ -287,7 +318,17 @@ class Stub:
             )
 
         self.rpcs["Update"] += len(self.clients)
-        replies = await asyncio.gather(*(send(i) for i in range(len(self.clients))))
+        waiting = set(range(len(self.clients)))
+
+        async def answered(shard: int):
+            answer = await send(shard)
+            waiting.discard(shard)
+            if waiting:
+                self.cache.doing(f"waiting for shards {sorted(waiting)} to answer the Update of step {step}")
+            return answer
+
+        self.cache.doing(f"waiting for shards {sorted(waiting)} to answer the Update of step {step}")
+        replies = await asyncio.gather(*(answered(i) for i in range(len(self.clients))))
         comm_s = time.perf_counter() - started
         for shard, answer in enumerate(replies):
             if answer.step != step + 1:

@@ -92,14 +92,20 @@ def train_steps(spec: WorkerSpec, worker: int, stub: Stub, cache: ParamCache, st
     the cache says (``Rewind``)."""
     # the stub's own waits (for the shards, for owners' Puts) are bounded by wait_s
     # and name what they waited for: the worker waits longer so that their error wins
-    step, generation = cache.start(3 * spec.wait_s + 10)
-    while step < steps:
+    # (and a re-sync has time to finish); its own timeout says what the stub was doing
+    patience = 3 * spec.wait_s + 10
+    step, generation = cache.start(patience)
+    while True:
         waited = time.perf_counter()
         try:
-            params = cache.fresh(step, generation, spec.wait_s)
+            params = cache.fresh(step, generation, patience)
         except Rewind as rewind:
             step, generation = rewind.step, rewind.generation
             continue
+        if step >= steps:
+            # the group has completed every step; until then a re-sync (a shard
+            # restarted during the last update) may still send the worker back
+            return
         started = time.perf_counter()
         rows = spec.order.worker_indices(step, worker, spec.workers_per_group)
         loss, metrics, grads = _compute(spec, params, rows)

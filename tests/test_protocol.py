@@ -104,7 +104,7 @@ async def test_workers_never_compute_on_a_stale_version(monkeypatch):
     monkeypatch.setattr(ParamCache, "fresh", recording)
     cfg = config(workers=2, per_process=1, steps=6)
     await run_with_shards(cfg)
-    assert len(seen) == 2 * 6
+    assert len(seen) == 2 * (6 + 1)  # each step, and the end of the job (a re-sync may still send them back)
     assert all(have == want for want, have in seen), seen
 
 
@@ -193,6 +193,10 @@ def test_the_cache_wakes_a_waiting_worker_thread_and_takes_any_wait_limit():
     assert errors == ["process 0 stopped: shard 1 is gone"]
     with pytest.raises(WaitTimeout, match="waited 0.1 s for parameters of step 5; the cache holds step 2"):
         _published(2).fresh(5, 0, 0.1)
+    cache = _published(2)
+    cache.doing("waiting for shards [1] to answer the Update of step 2")
+    with pytest.raises(WaitTimeout, match=r"the stub has been waiting for shards \[1\] to answer the Update of step 2"):
+        cache.fresh(3, 0, 0.1)
 
 
 def _published(step):
