@@ -121,7 +121,9 @@ def load_user_model(path: str | Path, **options: Any) -> Model:
 
     ``loss`` returns the mean loss, or ``(loss, metrics)`` with a dict of scalars
     (``accuracy`` is shown when present). An optional ``layers`` list describes the
-    net structure; without it, one layer per top-level parameter group is assumed.
+    net structure: layer names (each uses the parameters under its name) or dicts
+    with ``name``, ``type`` and ``params`` (see ``compute.netgraph.check_layers``);
+    without it, one layer per top-level parameter group is assumed.
     If the file defines ``make(**options)``, it is called with the config's
     ``options`` and must return an object with ``init`` and ``loss``.
     """
@@ -141,5 +143,5 @@ def load_user_model(path: str | Path, **options: Any) -> Model:
         out = user_loss(params, x, y)
         return out if isinstance(out, tuple) else (out, {})
 
-    layers = list(getattr(source, "layers", None) or [])
-    return Model(source.init, loss, layers)
+    layers = getattr(source, "layers", None)  # checked against the parameters by the job (netgraph.check_layers)
+    return Model(source.init, loss, [] if layers is None else layers)

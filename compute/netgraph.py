@@ -8,6 +8,8 @@ and parameter -> shard (slices held). This is what SINGA wrote under
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,45 @@ def default_layers(param_names: list[str]) -> list[dict[str, Any]]:
     return [{"name": g, "type": "block", "params": ps} for g, ps in groups.items()]
 
 
+def check_layers(layers: Sequence[Any], param_names: list[str]) -> list[dict[str, Any]]:
+    """A model's ``layers`` in the form ``net_graph`` takes, checked against its
+    parameter names.
+
+    Each entry is a layer name, which uses the parameters under that name
+    (``"hidden"``: ``hidden/w``, ``hidden/b``; none for ``"input"``), or a dict with
+    ``name``, optional ``type`` and ``params`` (parameter names) and any other
+    JSON attributes. Raises ValueError naming the entry that is wrong.
+    """
+    if not isinstance(layers, list | tuple):
+        raise ValueError(f"layers must be a list of layer names or dicts, got {type(layers).__name__}")
+    known = set(param_names)
+    checked: list[dict[str, Any]] = []
+    for i, layer in enumerate(layers):
+        if isinstance(layer, str):
+            uses = [n for n in param_names if n == layer or n.startswith(f"{layer}/")]
+            layer = {"name": layer, "type": "layer", "params": uses}
+        if not isinstance(layer, dict) or not isinstance(layer.get("name"), str) or not layer["name"]:
+            raise ValueError(
+                f"layers[{i}]: {layer!r} is not a layer: give its name, or a dict with 'name' (and 'type', 'params')"
+            )
+        where = f"layers[{i}] ({layer['name']})"
+        params = layer.get("params", [])
+        if not isinstance(params, list | tuple) or not all(isinstance(p, str) for p in params):
+            raise ValueError(f"{where}: params must be a list of parameter names, got {params!r}")
+        unknown = [p for p in params if p not in known]
+        if unknown:
+            listed = ", ".join(param_names[:8]) + (", ..." if len(param_names) > 8 else "")
+            raise ValueError(f"{where}: no parameter named {', '.join(unknown)} (the model has {listed})")
+        if any(layer["name"] == c["name"] for c in checked):
+            raise ValueError(f"{where}: a second layer of that name")
+        try:
+            json.dumps(layer)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: its attributes must be JSON values (str, numbers, lists, dicts)") from None
+        checked.append({**layer, "params": list(params)})
+    return checked
+
+
 def net_graph(layers: list[dict[str, Any]], partition: dict[str, Any]) -> nx.DiGraph:
     """The graph of layers, parameters and shards described above."""
     graph = nx.DiGraph(name="psfw net", shards=partition["shards"])
@@ -30,7 +71,7 @@ def net_graph(layers: list[dict[str, Any]], partition: dict[str, Any]) -> nx.DiG
     for layer in layers:
         node = f"layer:{layer['name']}"
         attrs = {k: v for k, v in layer.items() if k not in ("name", "params")}
-        graph.add_node(node, kind="layer", label=layer["name"], **attrs)
+        graph.add_node(node, **{**attrs, "kind": "layer", "label": layer["name"]})
         if previous is not None:
             graph.add_edge(previous, node, kind="data")
         previous = node

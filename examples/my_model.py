@@ -1,8 +1,9 @@
 """A user's own model for psfw: plain functions over a pytree of parameters.
 
 psfw needs ``init(key) -> params`` and ``loss(params, x, y)`` returning the mean loss
-over the rows (or ``(loss, metrics)``). ``layers`` is optional: it names the layers
-for the net-structure picture. Named from a config as
+over the rows (or ``(loss, metrics)``). ``layers`` is optional: the layers in
+data-flow order for net.json and net.png, each a dict as below or just a name (the
+layer then uses the parameters under that name). Named from a config as
 ``[model] name = "custom"  path = "my_model.py"``.
 """
 

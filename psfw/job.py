@@ -11,6 +11,7 @@ import jax
 from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset, load_dataset
 from psfw.compute.models import Model, cnn, load_user_model, mlp
+from psfw.compute.netgraph import check_layers
 from psfw.config import Config
 from psfw.errors import ConfigError
 from psfw.layout import Layout, plan_layout
@@ -70,6 +71,13 @@ def build_job(config: Config) -> Job:
     model = build_model(config, data)
     shapes_tree = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed))
     flat, treedef = flatten_params(shapes_tree)
+    try:  # here, not when net.json is written at the end of training
+        model = model._replace(layers=check_layers(model.layers, list(flat)))
+    except ValueError as err:
+        field = (
+            f"model.path: {config.model.path}" if config.model.name == "custom" else f"model.name: {config.model.name}"
+        )
+        raise ConfigError(f"{field}: {err}") from None
     shapes = {n: (tuple(s.shape), str(s.dtype)) for n, s in flat.items()}
     c = config.cluster
     layout = plan_layout(shapes, c.servers, c.workers_per_group, c.slice_bytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from psfw.compute.netgraph import default_layers, net_graph, node_link, render
 from psfw.layout import Layout
 
 PARAMS_FILE = "params.safetensors"
+
+log = logging.getLogger("psfw.outputs")
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:
@@ -63,12 +66,17 @@ def read_params(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def write_net(run_dir: Path, layers: list[dict[str, Any]], layout: Layout) -> None:
+    """``partition.json``, ``net.json`` and ``net.png``. They come at the very end of
+    a run, after its parameters and metrics: a failure here is logged, never raised,
+    so that it cannot cost the run its other outputs."""
     partition = layout.to_json()
-    layers = layers or default_layers(list(layout.params))
-    graph = net_graph(layers, partition)
-    write_atomic(run_dir / "net.json", json.dumps(node_link(graph), indent=1).encode())
     write_atomic(run_dir / "partition.json", json.dumps(partition, indent=1).encode())
-    render(graph, run_dir / "net.png")
+    try:
+        graph = net_graph(layers or default_layers(list(layout.params)), partition)
+        write_atomic(run_dir / "net.json", json.dumps(node_link(graph), indent=1).encode())
+        render(graph, run_dir / "net.png")
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.exception("the net structure (net.json, net.png) of %s could not be written", run_dir)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -80,7 +88,15 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def write_curves(path: Path, records: list[dict[str, Any]]) -> None:
-    """Loss and accuracy over the steps, one line per group."""
+    """Loss and accuracy over the steps, one line per group; a failure is logged, as
+    in ``write_net``."""
+    try:
+        _plot_curves(path, records)
+    except Exception:  # noqa: BLE001 - the run's other outputs are written already
+        log.exception("the curves %s could not be drawn", path)
+
+
+def _plot_curves(path: Path, records: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
