@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import threading
 import time
 
@@ -184,6 +185,17 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
     return figures
 
 
+TRANSFER_SHARDS = 2
+MIN_TRANSFER_BYTES = 4 * TRANSFER_SHARDS  # one float32 on each shard
+MIN_MEMORY_BYTES = 4  # an MLP 1-1-10
+
+
+def transfer_slice_bytes(size: int) -> int:
+    """The slice size that spreads a transfer of ``size`` bytes (float32) over both
+    shards: 1 MiB slices, smaller when the model is under 2 MiB."""
+    return min(1 << 20, 4 * -(-(size // 4) // TRANSFER_SHARDS))
+
+
 async def _transfer(clients, size: int, slice_bytes: int, tag: str, repeats: int) -> tuple[float, float]:
     """Best push and pull GB/s of a model of ``size`` bytes over ``clients``' shards."""
     from psfw.layout import plan_layout
@@ -212,27 +224,33 @@ async def _transfer(clients, size: int, slice_bytes: int, tag: str, repeats: int
 
 
 def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
-    """Push and pull of ``size`` bytes across 2 shards, GB/s each way: over the
-    network path (Put, Get), through shared memory with shard processes on this host
-    (an Update carries the gradients in and the values back; Get), and in-process."""
+    """Push and pull of ``size`` bytes (float32: rounded down to a multiple of 4; at
+    least MIN_TRANSFER_BYTES) across 2 shards, GB/s each way: over the network path
+    (Put, Get), through shared memory with shard processes on this host (an Update
+    carries the gradients in and the values back; Get), and in-process."""
     from psfw.client import ShardClient
     from psfw.local import LocalShardClient
+
+    if size < MIN_TRANSFER_BYTES:
+        raise ValueError(f"a transfer of {size} bytes: at least {MIN_TRANSFER_BYTES} (one float32 on each shard)")
+    size -= size % 4
+    slice_bytes = transfer_slice_bytes(size)
 
     async def network(addresses):
         clients = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
         try:
-            return await _transfer(clients, size, 1 << 20, "net", repeats)
+            return await _transfer(clients, size, slice_bytes, "net", repeats)
         finally:
             for c in clients:
                 await c.close()
 
     async def in_process():
-        servers = [ShardServer(i, 2) for i in range(2)]
+        servers = [ShardServer(i, TRANSFER_SHARDS) for i in range(TRANSFER_SHARDS)]
         for server in servers:
             await server.start("127.0.0.1:0")
         try:
             return await _transfer(
-                [LocalShardClient(s, i) for i, s in enumerate(servers)], size, 1 << 20, "mem", repeats
+                [LocalShardClient(s, i) for i, s in enumerate(servers)], size, slice_bytes, "mem", repeats
             )
         finally:
             for server in servers:
@@ -244,7 +262,7 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
 
         clients = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
         try:
-            layout = plan_layout({"w": ((size // 4,), "float32")}, 2, 1, 1 << 20)
+            layout = plan_layout({"w": ((size // 4,), "float32")}, TRANSFER_SHARDS, 1, slice_bytes)
             value = np.full(size // 4, 0.5, np.float32)
             sgd = json.dumps({"name": "sgd", "learning_rate": 0.01})  # not 0: a shard refuses it
             for i, client in enumerate(clients):
@@ -280,13 +298,13 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
             for c in clients:
                 await c.close()
 
-    with shard_processes(2) as (addresses, _):
+    with shard_processes(TRANSFER_SHARDS) as (addresses, _):
         push, pull = asyncio.run(network(addresses))
-    with shard_processes(2) as (addresses, _):
+    with shard_processes(TRANSFER_SHARDS) as (addresses, _):
         shm_update, shm_pull = asyncio.run(shared(addresses))
     local_push, local_pull = asyncio.run(in_process())
     return {
-        "transfer_bytes": size,
+        "transfer_bytes": size,  # rounded down to whole float32s
         "tcp_push_gb_s": push,
         "tcp_pull_gb_s": pull,
         "shared_memory_update_gb_s": shm_update,  # gradients in and fresh values back, per direction
@@ -321,6 +339,8 @@ def run_memory(size: int, steps: int = 3) -> dict:
 
     from psfw.localprocs import rss_bytes
 
+    if size < MIN_MEMORY_BYTES:
+        raise ValueError(f"a model of {size} bytes: at least {MIN_MEMORY_BYTES} (one float32 weight)")
     width = int(math.sqrt(size / 4))
     text = (
         f"[model]\nname = 'mlp'\nhidden = [{width}]\n"
@@ -377,12 +397,27 @@ def parse_size(text: str) -> int:
         "gb": 10**9,
         "gib": 2**30,
     }
-    number = text.strip().lower()
-    digits = "".join(ch for ch in number if ch.isdigit() or ch == ".")
-    unit = number[len(digits) :].strip()
-    if not digits or unit not in units:
+    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*", text.lower())
+    if not found or found.group(2) not in units:
         raise ValueError(f"size {text!r}: use a number with an optional unit (KiB, MiB, GiB, KB, MB, GB)")
-    return int(float(digits) * units[unit])
+    return int(float(found.group(1)) * units[found.group(2)])
+
+
+def _size_flag(flag: str, text: str | None, least: int) -> int | None:
+    """The size a flag names, checked before anything runs."""
+    if text is None:
+        return None
+    size = parse_size(text)
+    if size < least:
+        raise ValueError(f"{flag} {text}: the smallest size it measures is {least} bytes")
+    return size
+
+
+def _bytes_text(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:,.4g} {unit}"
+    return f"{size} bytes"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -391,14 +426,16 @@ def main(args: argparse.Namespace) -> int:
             f"--steps {args.steps}, --warmup {args.warmup}, --rounds {args.rounds}: each must be at least 1 "
             "(the first measured step is timed from the end of the last warmup step)"
         )
+    transfer = _size_flag("--transfer", args.transfer, MIN_TRANSFER_BYTES)
+    memory = _size_flag("--memory", args.memory, MIN_MEMORY_BYTES)
     figures: dict = {}
-    if args.transfer:
-        figures.update(run_transfer(parse_size(args.transfer)))
+    if transfer is not None:
+        figures.update(run_transfer(transfer))
     if args.scale:
         figures.update(run_scale())
-    if args.memory:
-        figures.update(run_memory(parse_size(args.memory)))
-    if not args.transfer and not args.scale and not args.memory:
+    if memory is not None:
+        figures.update(run_memory(memory))
+    if transfer is None and not args.scale and memory is None:
         figures.update(run_bench(args.steps, args.warmup, args.path, args.rounds))
     if args.json:
         print(json.dumps(figures))
@@ -420,14 +457,14 @@ def main(args: argparse.Namespace) -> int:
                 f"  {label:<22}  {figures[key]:10,.0f} samples/s  ratio {figures[key + '_ratio']:.2f}  (rounds: {rounds})"
             )
     if "transfer_bytes" in figures:
-        print(f"transfer of {figures['transfer_bytes'] / 2**20:,.0f} MiB over 2 shards (push / pull, GB/s):")
-        print(f"  network path  {figures['tcp_push_gb_s']:.2f} / {figures['tcp_pull_gb_s']:.2f}")
+        print(f"transfer of {_bytes_text(figures['transfer_bytes'])} over 2 shards (push / pull, GB/s):")
+        print(f"  network path  {figures['tcp_push_gb_s']:.3g} / {figures['tcp_pull_gb_s']:.3g}")
         if figures["shared_memory_pull_gb_s"] is not None:
             print(
-                f"  shared memory {figures['shared_memory_update_gb_s']:.2f} (update) / "
-                f"{figures['shared_memory_pull_gb_s']:.2f}"
+                f"  shared memory {figures['shared_memory_update_gb_s']:.3g} (update) / "
+                f"{figures['shared_memory_pull_gb_s']:.3g}"
             )
-        print(f"  in-process    {figures['in_process_push_gb_s']:.2f} / {figures['in_process_pull_gb_s']:.2f}")
+        print(f"  in-process    {figures['in_process_push_gb_s']:.3g} / {figures['in_process_pull_gb_s']:.3g}")
     if "memory_model_bytes" in figures:
         print(
             f"model of {figures['memory_model_bytes'] / 2**30:.2f} GiB, 2 shards ({figures['memory_path']}): "

@@ -16,8 +16,10 @@ def test_sizes_parse_with_units():
     assert parse_size("256MiB") == 256 * 2**20
     assert parse_size("1GB") == 10**9
     assert parse_size("4096") == 4096
-    with pytest.raises(ValueError, match="use a number with an optional unit"):
-        parse_size("lots")
+    assert parse_size("1.5 KiB") == 1536
+    for text in ("lots", "1.2.3", "-1", ""):
+        with pytest.raises(ValueError, match="use a number with an optional unit"):
+            parse_size(text)
 
 
 @pytest.mark.slow
@@ -52,3 +54,23 @@ def test_bench_refuses_counts_it_cannot_time():
     done = subprocess.run([*PSFW, "--transfer", "lots"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "use a number with an optional unit" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "size", "least"), [("--transfer", "0", 8), ("--transfer", "7", 8), ("--memory", "0", 4)]
+)
+def test_bench_refuses_sizes_below_what_it_measures(flag, size, least):
+    done = subprocess.run([*PSFW, flag, size], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"psfw bench: {flag} {size}: the smallest size it measures is {least} bytes" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["8", "1KiB"])
+def test_bench_transfers_models_smaller_than_a_slice(size):
+    """A model under 2 MiB is cut into smaller slices, so both shards hold some."""
+    done = subprocess.run([*PSFW, "--transfer", size], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures.pop("transfer_bytes") == parse_size(size)
+    assert all(value > 0 for value in figures.values()), figures
