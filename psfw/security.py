@@ -6,11 +6,16 @@ On a server, ``cert``/``key`` turn on TLS, ``ca`` requires client certificates s
 by it (mutual TLS), and ``token`` is checked on every RPC except the health service.
 On a client, ``ca`` verifies the server, ``cert``/``key`` are its own certificate for
 mutual TLS, and ``token`` is sent as ``authorization: Bearer ...`` on every RPC.
+A probe that runs next to a server with the server's own settings reaches it with
+``probe_credentials`` (the image's HEALTHCHECK: ``psfw health --local``).
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
+import ipaddress
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,18 +81,90 @@ class Security:
     # -- client side ---------------------------------------------------------
 
     def channel(self, address: str, options: list) -> grpc.aio.Channel:
-        if self.ca is None and not self.tls:
+        credentials = self.channel_credentials()
+        if credentials is None:
             return grpc.aio.insecure_channel(address, options=options)
-        credentials = grpc.ssl_channel_credentials(
+        return grpc.aio.secure_channel(address, credentials, options=options)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """A client's TLS credentials (when it has a CA or a certificate); None: plaintext."""
+        if self.ca is None and not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(
             root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
         )
-        return grpc.aio.secure_channel(address, credentials, options=options)
+
+    def probe_credentials(self) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]]:
+        """Credentials and channel options for a probe that runs next to the server
+        this Security configures (``cert``/``key`` are the server's): it trusts the
+        server's own certificate (or ``ca`` when given) under the name that
+        certificate carries, whatever address it dials (127.0.0.1), and presents the
+        same certificate when the server requires client certificates.
+        (None, []): the server speaks plaintext."""
+        if not self.tls:
+            return None, []
+        credentials = grpc.ssl_channel_credentials(self.ca or self.cert, self.key, self.cert)
+        names = certificate_names(self.cert)
+        return credentials, [("grpc.ssl_target_name_override", names[0])] if names else []
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
 
 NO_SECURITY = Security()
+
+_SAN = bytes.fromhex("0603551d11")  # the OID 2.5.29.17, subjectAltName, as DER
+_COMMON_NAME = bytes.fromhex("0603550403")  # 2.5.4.3
+
+
+def certificate_names(pem: bytes) -> list[str]:
+    """The names the first certificate of a PEM file is valid for: its DNS names and
+    IP addresses (subjectAltName), else its subject's common name; [] when it cannot
+    be read. A wildcard ``*.x`` is given as ``probe.x``, a name it matches."""
+    found = re.search(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", pem, re.S)
+    try:
+        der = base64.b64decode(b"".join(found.group(1).split()), validate=True)
+        _, start, stop = next(_der(der, 0, len(der)))  # Certificate
+        _, start, stop = next(_der(der, start, stop))  # tbsCertificate
+        fields = list(_der(der, start, stop))
+        subject = fields[5 if fields[0][0] == 0xA0 else 4]  # after [version], serial, algorithm, issuer, validity
+        names, common = [], []
+        for tag, start, stop in fields:
+            if tag != 0xA3:  # [3] extensions
+                continue
+            _, start, stop = next(_der(der, start, stop))
+            for _, e_start, e_stop in _der(der, start, stop):
+                parts = list(_der(der, e_start, e_stop))
+                if der[parts[0][1] - 2 : parts[0][2]] == _SAN:
+                    _, start, stop = next(_der(der, parts[-1][1], parts[-1][2]))
+                    for kind, n_start, n_stop in _der(der, start, stop):
+                        if kind == 0x82:  # dNSName
+                            names.append(der[n_start:n_stop].decode("ascii"))
+                        elif kind == 0x87:  # iPAddress
+                            names.append(str(ipaddress.ip_address(der[n_start:n_stop])))
+        for _, start, stop in _der(der, subject[1], subject[2]):  # RDN sets
+            for _, a_start, a_stop in _der(der, start, stop):
+                oid, value = list(_der(der, a_start, a_stop))
+                if der[oid[1] - 2 : oid[2]] == _COMMON_NAME:
+                    common.append(der[value[1] : value[2]].decode("utf-8"))
+    except (AttributeError, IndexError, StopIteration, ValueError):  # not a certificate we can read
+        return []
+    return [re.sub(r"^\*\.", "probe.", n) for n in (names or common)]
+
+
+def _der(data: bytes, start: int, stop: int):
+    """(tag, content start, content stop) of each DER element in data[start:stop]."""
+    while start < stop:
+        tag, length = data[start], data[start + 1]
+        start += 2
+        if length & 0x80:
+            count = length & 0x7F
+            length = int.from_bytes(data[start : start + count], "big")
+            start += count
+        if start + length > stop:
+            raise ValueError("truncated DER element")
+        yield tag, start, start + length
+        start += length
 
 
 class TokenCheck(grpc.aio.ServerInterceptor):

@@ -24,7 +24,14 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def _cert(subject, key, issuer, issuer_key, *, ca=False, server=False):
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _cert(subject, key, issuer, issuer_key, *, ca=False, names=()):
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -36,11 +43,8 @@ def _cert(subject, key, issuer, issuer_key, *, ca=False, server=False):
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -51,10 +55,13 @@ def make_ca(folder: Path, name: str) -> tuple:
     return cert, key
 
 
-def make_leaf(folder: Path, name: str, ca: tuple, server: bool = False) -> tuple[Path, Path]:
+def make_leaf(folder: Path, name: str, ca: tuple, server: bool = False, names: tuple = ()) -> tuple[Path, Path]:
+    """A certificate and key signed by ``ca``; a server's is valid for ``names``
+    (DNS names or IP addresses; default localhost and 127.0.0.1)."""
     ca_cert, ca_key = ca
     key = _key()
-    cert = _cert(_name(name), key, ca_cert.subject, ca_key, server=server)
+    names = names or (("localhost", "127.0.0.1") if server else ())
+    cert = _cert(_name(name), key, ca_cert.subject, ca_key, names=names)
     cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(_pem_key(key))

@@ -14,7 +14,7 @@ from psfw.client import ShardClient
 from psfw.config import parse_config
 from psfw.errors import ConfigError, ShardError
 from psfw.launcher import train_async
-from psfw.security import Security
+from psfw.security import Security, certificate_names
 from psfw.services.server import ShardServer, check_listen
 
 from certs import make_ca, make_leaf
@@ -177,3 +177,18 @@ def test_server_command_refuses_an_open_address_in_one_line():
     )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "--insecure" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (("psfw-shard-0.psfw-shard", "10.0.0.7"), ["psfw-shard-0.psfw-shard", "10.0.0.7"]),
+        (("fd00::5",), ["fd00::5"]),
+        (("*.psfw-shard.default.svc",), ["probe.psfw-shard.default.svc"]),
+        ((), ["plain"]),  # no subjectAltName: the common name
+    ],
+)
+def test_certificate_names_are_read_from_the_certificate(tmp_path, names, expected):
+    cert, _ = make_leaf(tmp_path, "plain", make_ca(tmp_path, "ca"), server=bool(names), names=names)
+    assert certificate_names(cert.read_bytes()) == expected
+    assert certificate_names(b"not a certificate") == []
