@@ -25,6 +25,10 @@ USER 10001:10001
 WORKDIR /home/psfw
 ENV PSFW_LISTEN=0.0.0.0:50051 PSFW_SHARD=0 PSFW_SHARDS=1
 EXPOSE 50051
+# --local: probe with the shard's own settings, so the check works for every setup
+# the shard accepts: plaintext, TLS (PSFW_TLS_CERT/PSFW_TLS_KEY: it trusts that
+# certificate under the name it carries) and mutual TLS (PSFW_TLS_CLIENT_CA: it
+# presents that certificate, which must then be signed by that CA).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["psfw", "health", "127.0.0.1:50051"]
+    CMD ["psfw", "health", "--local", "127.0.0.1:50051"]
 ENTRYPOINT ["psfw", "server"]

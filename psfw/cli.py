@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
+import math
 import os
+import re
+import signal
 import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from psfw.console import say
 from psfw.errors import ConfigError, PsfwError
@@ -29,6 +36,7 @@ def _server(args: argparse.Namespace) -> int:
     from psfw.services.server import serve
 
     try:
+        listen_address(args.listen)
         asyncio.run(
             serve(
                 args.shard,
@@ -49,10 +57,6 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"PSFW_{name}", default)
-
-
 def _client_security(args: argparse.Namespace):
     from psfw.security import Security
 
@@ -70,8 +74,11 @@ def _worker(args: argparse.Namespace) -> int:
     from psfw.config import load_config
     from psfw.launcher import train
 
-    config = load_config(args.config)
     servers = [a.strip() for a in args.servers.split(",") if a.strip()]
+    if not servers:
+        say("psfw worker: give the running shards' addresses with --servers (or PSFW_SERVERS): host:port, ...")
+        return 2
+    config = load_config(args.config)
     result = train(
         config, args.run_dir, progress=False, servers=servers, processes=[args.process], security=_client_security(args)
     )
@@ -111,11 +118,14 @@ def _health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     security = _client_security(args)
-    if security.ca is not None:
-        credentials = grpc.ssl_channel_credentials(security.ca, security.key, security.cert)
-        channel = grpc.secure_channel(args.address, credentials)
+    if args.local:
+        credentials, options = security.probe_credentials()
     else:
-        channel = grpc.insecure_channel(args.address)
+        credentials, options = security.channel_credentials(), []
+    if credentials is None:
+        channel = grpc.insecure_channel(args.address, options)
+    else:
+        channel = grpc.secure_channel(args.address, credentials, options)
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -150,8 +160,114 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
 
 
+# -- flags that also come from PSFW_* variables ---------------------------------
+
+
+class _FromEnv(NamedTuple):
+    """A flag's default: the variable ``PSFW_<name>`` when set and not empty, else
+    ``fallback``. Read when the command's arguments are parsed, so a bad value of
+    one command's variable never breaks another command (or ``--help``)."""
+
+    name: str
+    convert: Callable[[str], Any]
+    fallback: Any
+
+
+def _env(name: str, convert: Callable[[str], Any] = str, fallback: Any = None) -> _FromEnv:
+    return _FromEnv(name, convert, fallback)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that resolves _FromEnv defaults; a bad value is one line
+    that names the variable (exit 2)."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        for dest, value in list(vars(namespace).items()):
+            if isinstance(value, _FromEnv):
+                setattr(namespace, dest, self._resolve(value))
+        return namespace, extras
+
+    def _resolve(self, default: _FromEnv) -> Any:
+        raw = os.environ.get(f"PSFW_{default.name}", "")
+        if not raw.strip():
+            return default.fallback
+        try:
+            return default.convert(raw)
+        except (ValueError, argparse.ArgumentTypeError) as err:
+            self.exit(2, f"{self.prog}: PSFW_{default.name}={raw!r}: {err}\n")
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {bound}, got {text!r}")
+        return value
+
+    return integer
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number of at least 0), got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number above 0), got {text!r}")
+    return value
+
+
+def _switch(text: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    value = words.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError("expected 1 or 0 (or true/false, yes/no, on/off)")
+    return value
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def one_of(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}")
+        return text
+
+    return one_of
+
+
+def listen_address(text: str) -> str:
+    """Check an address to listen on: ``host:port`` with a port from 0 to 65535 (0:
+    any free port), an IPv6 host in brackets (``[::]:50051``). Returns it as given;
+    raises ValueError saying what is wrong."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not re.fullmatch(r"[0-9]+", port):
+        raise ValueError(f"listen address {text!r} is not host:port (e.g. 0.0.0.0:50051, [::]:50051, 127.0.0.1:0)")
+    if int(port) > 65535:
+        raise ValueError(f"listen address {text!r}: port {port} is outside 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"listen address {text!r}: {host} is not an IPv6 address") from None
+    elif not re.fullmatch(r"[A-Za-z0-9_.-]+", host):
+        hint = " (write an IPv6 host in brackets: [::1]:50051)" if ":" in host else ""
+        raise ValueError(f"listen address {text!r}: {host!r} is not a host name or IP address{hint}")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="psfw", description="asyncio parameter server for data-parallel JAX training")
+    p = _Parser(prog="psfw", description="asyncio parameter server for data-parallel JAX training")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -170,23 +286,32 @@ def parser() -> argparse.ArgumentParser:
         "PSFW_TLS_CERT, PSFW_TLS_KEY, PSFW_TLS_CLIENT_CA, PSFW_TOKEN_FILE, PSFW_INSECURE=1), "
         "so a container needs no arguments.",
     )
-    s.add_argument("--shard", type=int, default=int(_env("SHARD", "0")), help="this shard's index")
-    s.add_argument("--of", type=int, default=int(_env("SHARDS", "1")), help="how many shards the cluster has")
+    index, count, port = _integer(0), _integer(1), _integer(0, 65535)
+    s.add_argument("--shard", type=index, default=_env("SHARD", index, 0), help="this shard's index")
+    s.add_argument("--of", type=count, default=_env("SHARDS", count, 1), help="how many shards the cluster has")
     s.add_argument(
-        "--listen", default=_env("LISTEN", "127.0.0.1:50051"), help="address to listen on (port 0: any free port)"
+        "--listen",
+        default=_env("LISTEN", listen_address, "127.0.0.1:50051"),
+        help="address to listen on, host:port (port 0: any free port)",
     )
     s.add_argument(
-        "--grace", type=float, default=float(_env("GRACE", "5")), help="seconds in-flight RPCs get on shutdown"
+        "--grace", type=_seconds, default=_env("GRACE", _seconds, 5.0), help="seconds in-flight RPCs get on shutdown"
     )
-    s.add_argument("--drain", type=float, default=float(_env("DRAIN", "0")), help="seconds NOT_SERVING before stopping")
+    s.add_argument(
+        "--drain", type=_seconds, default=_env("DRAIN", _seconds, 0.0), help="seconds NOT_SERVING before stopping"
+    )
     s.add_argument(
         "--metrics-port",
-        type=int,
-        default=int(_env("METRICS_PORT")) if _env("METRICS_PORT") else None,
+        type=port,
+        default=_env("METRICS_PORT", port),
         help="serve Prometheus metrics on this HTTP port",
     )
+    nonfinite = ("reject", "skip")
     s.add_argument(
-        "--nonfinite", choices=("reject", "skip"), default=_env("NONFINITE", "reject"), help="NaN/Inf gradient policy"
+        "--nonfinite",
+        choices=nonfinite,
+        default=_env("NONFINITE", _one_of(*nonfinite), "reject"),
+        help="NaN/Inf gradient policy",
     )
     s.add_argument(
         "--checkpoint-dir",
@@ -202,16 +327,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--insecure",
         action="store_true",
-        default=_env("INSECURE", "0") == "1",
+        default=_env("INSECURE", _switch, False),
         help="allow a non-loopback address without TLS or a token",
     )
     s.set_defaults(run=_server)
 
     w = sub.add_parser("worker", help="run one worker process of a cluster against running shards")
     w.add_argument("config", help="the job's TOML config (the same for every process)")
-    w.add_argument("--process", type=int, default=int(_env("PROCESS", "0")), help="this process's index")
+    w.add_argument("--process", type=index, default=_env("PROCESS", index, 0), help="this process's index")
     w.add_argument(
-        "--servers", default=_env("SERVERS", ""), help="shard addresses host:port, comma-separated, in shard order"
+        "--servers", default=_env("SERVERS", str, ""), help="shard addresses host:port, comma-separated, in shard order"
     )
     w.add_argument("--run-dir", default=_env("RUN_DIR"), help="outputs folder (process 0 evaluates and writes)")
     _add_client_security(w)
@@ -224,14 +349,24 @@ def parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="a running cluster's shards: keys, bytes, versions, groups, update rate")
     st.add_argument("servers", help="shard addresses host:port, comma-separated")
-    st.add_argument("--interval", type=float, default=1.0, help="seconds over which to measure the update rate")
+    st.add_argument(
+        "--interval", type=_seconds, default=1.0, help="seconds over which to measure the update rate (0: no rate)"
+    )
     _add_client_security(st)
     st.set_defaults(run=_status)
 
     h = sub.add_parser("health", help="probe a shard's gRPC health service (exit 0 when SERVING)")
     h.add_argument("address", help="host:port of the shard")
     h.add_argument("--service", default="", help="service name ('' = the whole server)")
-    h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    h.add_argument("--timeout", type=_positive_seconds, default=5.0, help="seconds to wait for the answer")
+    h.add_argument(
+        "--local",
+        action="store_true",
+        help="probe the shard that runs next to this command with the shard's own settings (the image's "
+        "HEALTHCHECK): --tls-cert/--tls-key (PSFW_TLS_CERT/PSFW_TLS_KEY, as the shard reads them) are the shard's; "
+        "trust that certificate under the name it carries and present it to a shard that requires client "
+        "certificates",
+    )
     _add_client_security(h)
     h.set_defaults(run=_health)
 
@@ -264,6 +399,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("psfw").setLevel(logging.INFO)  # psfw's own notes (transport, restores) are shown
+    terminated = []
+
+    def on_sigterm(signum, frame) -> None:
+        # stop as on Ctrl-C (a container's stop, psfw launch's stop): asyncio's own
+        # Ctrl-C handler cancels the job, which closes channels and removes
+        # shared-memory regions; without one (SIGINT ignored), interrupt directly
+        terminated.append(signum)
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if not callable(on_sigint):
+            raise KeyboardInterrupt
+        on_sigint(signal.SIGINT, frame)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None  # server and launch set their own
     try:
         return args.run(args)
     except ConfigError as err:
@@ -273,8 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         say(f"psfw: {err}")
         return 1
     except KeyboardInterrupt:
+        if terminated:
+            say("psfw: terminated (SIGTERM), stopped cleanly")
+            return 128 + signal.SIGTERM
         say("psfw: interrupted")
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,89 @@ def test_processes_sharing_a_log_never_cut_each_others_lines(tmp_path):
     lines = log.read_text().splitlines()
     assert len(lines) == 4000
     assert all(re.fullmatch(r"psfw shard [01]: stopping, in-flight RPCs get 0\.0 s", line) for line in lines)
+
+
+def short_custom_config(tmp_path, layers: str):
+    """examples/my_model.toml for 3 steps, with the model file's ``layers`` replaced."""
+    model = (EXAMPLES / "my_model.py").read_text()
+    start, stop = model.index("layers = ["), model.index("]\n\n", model.index("layers = [")) + 2
+    (tmp_path / "model.py").write_text(model[:start] + f"layers = {layers}\n" + model[stop:])
+    config = tmp_path / "job.toml"
+    text = (EXAMPLES / "my_model.toml").read_text().replace("epochs = 12", "steps = 3")
+    config.write_text(text.replace('path = "my_model.py"', 'path = "model.py"'))
+    return config
+
+
+@pytest.mark.slow
+def test_a_model_may_name_its_layers_by_name_alone(tmp_path):
+    out = tmp_path / "run"
+    config = short_custom_config(tmp_path, '["input", "hidden", "out", "loss"]')
+    done = run("train", str(config), "--run-dir", str(out), "--no-progress", timeout=300)
+    assert done.returncode == 0, done.stderr
+    links = json.loads((out / "net.json").read_text())["links"]
+    uses = {(link["source"], link["target"]) for link in links if link["kind"] == "uses"}
+    assert uses == {(f"param:{layer}/{p}", f"layer:{layer}") for layer in ("hidden", "out") for p in "wb"}
+    for name in ("partition.json", "net.png", "curves.png", "params.safetensors"):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_bad_model_layers_fail_before_training_in_one_line(tmp_path):
+    config = short_custom_config(tmp_path, '[{"name": "hidden", "params": ["hiden/w"]}]')
+    done = run("train", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress", timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "model.path: model.py: layers[0] (hidden): no parameter named hiden/w" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def run_with_env(env: dict, *args):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PSFW_")}
+    return subprocess.run([*PSFW, *args], capture_output=True, text=True, timeout=60, env={**clean, **env})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "argv"),
+    [
+        ("PSFW_SHARD", "x", ["server"]),
+        ("PSFW_SHARDS", "0", ["server"]),
+        ("PSFW_GRACE", "soon", ["server"]),
+        ("PSFW_DRAIN", "-1", ["server"]),
+        ("PSFW_METRICS_PORT", "70000", ["server"]),
+        ("PSFW_NONFINITE", "ignore", ["server"]),
+        ("PSFW_INSECURE", "maybe", ["server"]),
+        ("PSFW_LISTEN", "127.0.0.1:99999", ["server"]),
+        ("PSFW_PROCESS", "first", ["worker", "job.toml"]),
+    ],
+)
+def test_a_bad_environment_value_is_one_line_naming_the_variable(variable, value, argv):
+    done = run_with_env({variable: value}, *argv)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"psfw {argv[0]}: {variable}={value!r}: ")
+
+
+def test_help_and_flags_do_not_read_a_bad_variable(monkeypatch):
+    done = run_with_env({"PSFW_SHARD": "x", "PSFW_GRACE": "soon"}, "server", "--help")
+    assert done.returncode == 0 and "usage:" in done.stdout
+    from psfw.cli import parser
+
+    monkeypatch.setenv("PSFW_SHARD", "x")
+    monkeypatch.setenv("PSFW_INSECURE", "true")
+    monkeypatch.setenv("PSFW_METRICS_PORT", "")  # empty: unset
+    args = parser().parse_args(["server", "--shard", "1", "--of", "2"])
+    assert (args.shard, args.insecure, args.metrics_port) == (1, True, None)
+    assert parser().parse_args(["train", "job.toml"]).config == "job.toml"  # another command's variable
+
+
+@pytest.mark.parametrize(
+    ("listen", "fragment"),
+    [
+        ("127.0.0.1:99999", "port 99999 is outside 0-65535"),
+        ("nonsense", "is not host:port"),
+        ("0.0.0.0:", "is not host:port"),
+        ("::1:50051", "write an IPv6 host in brackets"),
+        ("[::g]:50051", "is not an IPv6 address"),
+    ],
+)
+def test_server_refuses_an_address_it_cannot_listen_on_in_one_line(listen, fragment):
+    done = run_with_env({}, "server", "--listen", listen, "--insecure")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"psfw server: listen address {listen!r}") and fragment in done.stderr

@@ -2,7 +2,9 @@
 cluster: the manifests validate against the Kubernetes schemas, the Dockerfile
 passes hadolint, and every command the images run parses with psfw's CLI."""
 
+import os
 import re
+import select
 import shlex
 import shutil
 import subprocess
@@ -16,6 +18,7 @@ import yaml
 from psfw.cli import parser
 from psfw.config import load_config, parse_config
 
+from certs import make_ca, make_leaf
 from helpers import REPO
 
 DEPLOY = REPO / "examples" / "deploy"
@@ -47,16 +50,54 @@ def parse_with_env(argv: list[str], env: dict[str, str], monkeypatch):
     return parser().parse_args(argv)
 
 
+def healthcheck_command() -> list[str]:
+    """The argv of the Dockerfile's HEALTHCHECK."""
+    text = (REPO / "Dockerfile").read_text()
+    return yaml.safe_load(re.search(r"^\s*CMD (\[.*\])", text, re.M).group(1))
+
+
 def test_dockerfile_entrypoint_and_healthcheck_are_psfw_commands(monkeypatch):
     text = (REPO / "Dockerfile").read_text()
     entry = yaml.safe_load(re.search(r"^ENTRYPOINT (\[.*\])", text, re.M).group(1))
     env = dict(pair.split("=", 1) for pair in re.search(r"^ENV (.*)$", text, re.M).group(1).split())
-    health = re.search(r'CMD \["psfw", "health", "([^"]+)"\]', text).group(1)
-    assert entry[0] == "psfw"
+    health = healthcheck_command()
+    assert entry[0] == "psfw" and health[:2] == ["psfw", "health"]
     args = parse_with_env(entry[1:], env, monkeypatch)
     assert (args.command, args.shard, args.of, args.listen) == ("server", 0, 1, "0.0.0.0:50051")
     assert not args.insecure, "the image does not open its port to anyone by default"
-    assert parser().parse_args(["health", health]).address == args.listen.replace("0.0.0.0", "127.0.0.1")
+    probe = parser().parse_args(health[1:])
+    assert probe.address == args.listen.replace("0.0.0.0", "127.0.0.1") and probe.local
+
+
+@pytest.mark.parametrize("setup", ["plaintext", "tls", "mutual tls and token"])
+def test_image_healthcheck_passes_for_every_setup_the_shard_accepts(tmp_path, setup):
+    """The HEALTHCHECK runs in the shard's container, with the shard's PSFW_*
+    variables; the certificate names the shard's service, not 127.0.0.1."""
+    ca = make_ca(tmp_path, "ca")
+    cert, key = make_leaf(tmp_path, "shard", ca, server=True, names=("psfw-shard-0.psfw-shard",))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PSFW_")}
+    env.update(PSFW_LISTEN="127.0.0.1:0", PSFW_GRACE="0", PYTHONUNBUFFERED="1")
+    if setup != "plaintext":
+        env.update(PSFW_TLS_CERT=str(cert), PSFW_TLS_KEY=str(key))
+    if setup == "mutual tls and token":
+        (tmp_path / "token").write_text("t0ken\n")
+        env.update(PSFW_TLS_CLIENT_CA=str(tmp_path / "ca.pem"), PSFW_TOKEN_FILE=str(tmp_path / "token"))
+    argv = healthcheck_command()
+    with subprocess.Popen(
+        [sys.executable, "-m", "psfw.cli", "server"], stdout=subprocess.PIPE, text=True, env=env
+    ) as server:
+        try:
+            assert select.select([server.stdout], [], [], 60)[0], "the shard did not start within 60 s"
+            address = re.search(r"listening on (\S+)", server.stdout.readline()).group(1)
+            port = address.rsplit(":", 1)[1]
+            probe = [a.replace(":50051", f":{port}") for a in argv[1:]]
+            done = subprocess.run(
+                [sys.executable, "-m", "psfw.cli", *probe], capture_output=True, text=True, env=env, timeout=60
+            )
+            assert done.returncode == 0 and "SERVING" in done.stdout, done.stdout + done.stderr
+        finally:
+            server.kill()
+            server.wait(30)
 
 
 def test_compose_services_run_commands_the_cli_accepts(monkeypatch):

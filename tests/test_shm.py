@@ -169,3 +169,41 @@ async def test_workers_parts_are_added_into_the_region(shard_process):
     finally:
         await shared.close()
         await network.close()
+
+
+def test_a_terminated_worker_process_removes_its_regions_and_says_so(tmp_path):
+    """SIGTERM (a container's stop, psfw launch stopping the others) cleans up like Ctrl-C."""
+    import os
+    import signal
+    import time
+
+    config = tmp_path / "job.toml"
+    config.write_text(
+        "[train]\nbatch_size = 20\nsteps = 50\nwait_s = 60\n"
+        "[cluster]\nworkers_per_group = 2\nworkers_per_process = 1\nservers = 2\n"
+    )
+    with shard_processes(2) as (addresses, _):
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "psfw.cli", "worker", str(config), "--process", "0"]
+            + ["--servers", ",".join(addresses), "--run-dir", str(tmp_path / "run")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            mine = f"psfw-{worker.pid}-"
+            deadline = time.monotonic() + 60
+            # process 1 never starts: process 0 holds its regions and waits for its Puts
+            while not any(n.startswith(mine) for n in os.listdir(SHM_DIR)) and time.monotonic() < deadline:
+                assert worker.poll() is None, worker.stdout.read()
+                time.sleep(0.05)
+            assert any(n.startswith(mine) for n in os.listdir(SHM_DIR)), "the worker made no region"
+            worker.send_signal(signal.SIGTERM)
+            out, _ = worker.communicate(timeout=60)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+    assert worker.returncode == 128 + signal.SIGTERM, out
+    assert "psfw: terminated" in out and "Traceback" not in out, out
+    assert not [n for n in os.listdir(SHM_DIR) if n.startswith(mine)]
