@@ -1,7 +1,8 @@
 """The job config: a TOML file validated on load.
 
 Unknown keys, wrong types and impossible topologies are ConfigErrors whose one-line
-message names the field and the problem, before anything starts.
+message names the file, the field and the problem (``job.toml: cluster.servers:
+...``), before anything starts.
 """
 
 from __future__ import annotations
@@ -11,13 +12,22 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from psfw.errors import ConfigError
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _FieldError(ValueError):
+    """A check across fields, reported under ``field`` (a dotted path inside the
+    model that raises it), so the one-line message names the field to change."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(problem)
+        self.field = field
 
 
 class ModelConfig(_Strict):
@@ -27,12 +37,17 @@ class ModelConfig(_Strict):
     path: str | None = None  # custom: a .py file with init(key) and loss(params, x, y)
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 for size in sizes):
+            raise ValueError("layer sizes must be at least 1")
+        return sizes
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.name == "custom" and not self.path:
-            raise ValueError("a custom model needs path = 'file.py' (a file with init and loss)")
-        if any(h < 1 for h in self.hidden) or any(c < 1 for c in self.channels):
-            raise ValueError("layer sizes must be positive")
+            raise _FieldError("path", "a custom model needs path = 'file.py' (a file with init and loss)")
         return self
 
 
@@ -87,7 +102,7 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
-            raise ValueError("give steps or epochs, not both")
+            raise _FieldError("epochs", "give train.steps or train.epochs, not both")
         return self
 
 
@@ -104,13 +119,15 @@ class ClusterConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
         if self.staleness is not None and self.warmup_steps:
-            raise ValueError(
-                "warmup_steps lets group 0 run ahead alone, which a staleness bound forbids: set one of them"
+            raise _FieldError(
+                "warmup_steps",
+                "lets group 0 run ahead alone, which cluster.staleness forbids: set one of them",
             )
         if self.workers_per_group % self.workers_per_process:
-            raise ValueError(
-                f"workers_per_group ({self.workers_per_group}) must be a multiple of "
-                f"workers_per_process ({self.workers_per_process})"
+            raise _FieldError(
+                "workers_per_group",
+                f"{self.workers_per_group} must be a multiple of "
+                f"cluster.workers_per_process ({self.workers_per_process})",
             )
         return self
 
@@ -127,34 +144,57 @@ class Config(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     base_dir: str = "."  # where relative paths in the config resolve; set by load_config
+    source: str = "config"  # what errors name (the file); set by load_config
 
     @model_validator(mode="after")
     def _check(self) -> Config:
         if self.train.batch_size < self.cluster.workers_per_group:
-            raise ValueError(
-                f"train.batch_size ({self.train.batch_size}) is smaller than cluster.workers_per_group "
-                f"({self.cluster.workers_per_group}): every worker needs at least one row"
+            raise _FieldError(
+                "train.batch_size",
+                f"{self.train.batch_size} is smaller than cluster.workers_per_group "
+                f"({self.cluster.workers_per_group}): every worker needs at least one row",
             )
         return self
+
+    def error(self, field: str, problem: str) -> ConfigError:
+        """A ConfigError found after validation (data, model, layout), in the same
+        form as a validation error: ``job.toml: model.path: ...``."""
+        return ConfigError(f"{self.source}: {field}: {problem}")
+
+
+_SET_BY_LOADER = ("base_dir", "source")
+
+
+def _field(loc: list[Any]) -> str:
+    """``["model", "hidden", 0]`` -> ``model.hidden[0]``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
 
 
 def _one_line(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
+        loc = list(e["loc"])
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, _FieldError):
+            loc += cause.field.split(".")
+        where = _field(loc)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling against the config reference)"
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
-        parts.append(f"{where}: {msg}")
+        parts.append(f"{where}: {msg}" if where else msg)
     return f"{source}: " + "; ".join(parts)
 
 
 def parse_config(data: dict[str, Any], source: str = "config", base_dir: str = ".") -> Config:
-    """Validate a config given as a dict (what a TOML file parses to)."""
+    """Validate a config given as a dict (what a TOML file parses to); ``source``
+    (the file) leads every error message, also those found later (Config.error)."""
     try:
-        return Config.model_validate({**data, "base_dir": base_dir})
+        return Config.model_validate({**data, "base_dir": base_dir, "source": source})
     except ValidationError as err:
         raise ConfigError(_one_line(err, source)) from None
 
@@ -168,6 +208,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    if "base_dir" in data:
-        raise ConfigError(f"{path}: base_dir: unknown key (check its spelling against the config reference)")
+    for key in _SET_BY_LOADER:
+        if key in data:
+            raise ConfigError(f"{path}: {key}: unknown key (check its spelling against the config reference)")
     return parse_config(data, str(path), str(path.parent.resolve()))

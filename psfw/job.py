@@ -13,7 +13,6 @@ from psfw.compute.datasets import Dataset, load_dataset
 from psfw.compute.models import Model, cnn, load_user_model, mlp
 from psfw.compute.netgraph import check_layers
 from psfw.config import Config
-from psfw.errors import ConfigError
 from psfw.layout import Layout, plan_layout
 from psfw.params import flatten_params
 
@@ -41,7 +40,9 @@ def build_model(config: Config, data: Dataset) -> Model:
         return mlp([features, *m.hidden, data.classes])
     if m.name == "cnn":
         if len(data.input_shape) != 3:
-            raise ConfigError(f"model.name: cnn needs image data (H, W, C), {config.data.name} has {data.input_shape}")
+            raise config.error(
+                "model.name", f"cnn needs image data (H, W, C), data.name {config.data.name} has {data.input_shape}"
+            )
         return cnn(data.input_shape, data.classes, m.channels)
     path = Path(m.path)
     if not path.is_absolute():
@@ -49,12 +50,12 @@ def build_model(config: Config, data: Dataset) -> Model:
     try:
         return load_user_model(path, **m.options)
     except ValueError as err:
-        raise ConfigError(f"model.path: {err}") from None
+        raise config.error("model.path", str(err)) from None
 
 
 def build_job(config: Config) -> Job:
-    """Load the data, build the model and plan the layout; ConfigError when they
-    cannot work together."""
+    """Load the data, build the model and plan the layout; ConfigError (naming the
+    config file and the field) when they cannot work together."""
     d = config.data
     try:
         if d.name == "synthetic":
@@ -64,10 +65,12 @@ def build_job(config: Config) -> Job:
         else:
             data = load_dataset(d.name, image=config.model.name == "cnn")
     except ValueError as err:
-        raise ConfigError(f"data.name: {err}") from None
+        raise config.error("data.name", str(err)) from None
     batch = config.train.batch_size
     if batch > len(data.x_train):
-        raise ConfigError(f"train.batch_size: {batch} is larger than the {len(data.x_train)} training rows of {d.name}")
+        raise config.error(
+            "train.batch_size", f"{batch} is larger than the {len(data.x_train)} training rows of {d.name}"
+        )
     model = build_model(config, data)
     shapes_tree = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed))
     flat, treedef = flatten_params(shapes_tree)
@@ -77,7 +80,7 @@ def build_job(config: Config) -> Job:
         field = (
             f"model.path: {config.model.path}" if config.model.name == "custom" else f"model.name: {config.model.name}"
         )
-        raise ConfigError(f"{field}: {err}") from None
+        raise config.error(field, str(err)) from None
     shapes = {n: (tuple(s.shape), str(s.dtype)) for n, s in flat.items()}
     c = config.cluster
     layout = plan_layout(shapes, c.servers, c.workers_per_group, c.slice_bytes)
@@ -85,7 +88,8 @@ def build_job(config: Config) -> Job:
     t = config.train
     steps = t.steps if t.steps is not None else (t.epochs or 1) * order.steps_per_epoch
     if c.warmup_steps >= steps and c.worker_groups > 1:
-        raise ConfigError(
-            f"cluster.warmup_steps: {c.warmup_steps} warmup steps leave nothing of the {steps} steps to the other groups"
+        raise config.error(
+            "cluster.warmup_steps",
+            f"{c.warmup_steps} warmup steps leave nothing of the {steps} steps to the other groups",
         )
     return Job(config, model, data, layout, treedef, steps)

@@ -75,7 +75,9 @@ async def run_job(
     if wrong:
         raise ConfigError(f"process {wrong[0]} does not exist: the cluster has processes 0..{total - 1}")
     if len(addresses) != c.servers:
-        raise ConfigError(f"cluster.servers is {c.servers} but {len(addresses)} shard addresses were given")
+        raise ConfigError(
+            f"{job.config.source}: cluster.servers: {c.servers} shards, but {len(addresses)} shard addresses were given"
+        )
     step_fn = make_grad_step(job.model.loss)
     stubs: list[Stub] = []
     async with AsyncExitStack() as stack:

@@ -64,7 +64,7 @@ def test_bad_config_fails_fast_with_one_line(tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert "cluster.servers" in lines[0] and "valid integer" in lines[0]
+    assert lines[0].startswith(f"psfw: config error: {config}: cluster.servers: ") and "valid integer" in lines[0]
     assert not (tmp_path / "runs").exists()
 
 

@@ -2,6 +2,7 @@ import pytest
 
 from psfw.config import load_config, parse_config
 from psfw.errors import ConfigError
+from psfw.job import build_job
 
 
 def _write(tmp_path, text):
@@ -24,23 +25,58 @@ def test_shipped_examples_validate(examples, name):
         ("[optimizer]\nname = 'lbfgs'\n", "optimizer.name: Input should be"),
         (
             "[train]\nbatch_size = 2\n[cluster]\nworkers_per_group = 4\nworkers_per_process = 4\n",
-            "batch_size (2) is smaller than cluster.workers_per_group (4)",
+            "train.batch_size: 2 is smaller than cluster.workers_per_group (4)",
         ),
-        ("[cluster]\nworkers_per_group = 3\nworkers_per_process = 2\n", "must be a multiple of"),
-        ("[train]\nsteps = 10\nepochs = 2\n", "give steps or epochs, not both"),
-        ("[model]\nname = 'custom'\n", "a custom model needs path"),
+        (
+            "[cluster]\nworkers_per_group = 3\nworkers_per_process = 2\n",
+            "cluster.workers_per_group: 3 must be a multiple of cluster.workers_per_process (2)",
+        ),
+        ("[cluster]\nstaleness = 1\nwarmup_steps = 5\n", "cluster.warmup_steps: lets group 0 run ahead alone"),
+        ("[train]\nsteps = 10\nepochs = 2\n", "train.epochs: give train.steps or train.epochs, not both"),
+        ("[model]\nname = 'custom'\n", "model.path: a custom model needs path"),
+        ("[model]\nhidden = [8, 0]\n", "model.hidden: layer sizes must be at least 1 (got [8, 0])"),
+        ("[model]\nchannels = [-1]\n", "model.channels: layer sizes must be at least 1 (got [-1])"),
+        ("source = 'elsewhere.toml'\n", "source: unknown key"),
         ("seed = [1\n", "not valid TOML"),
         ("[optimizer]\nlearning_rate = inf\n", "optimizer.learning_rate: Input should be a finite number"),
         ("[optimizer]\nname = 'adam'\neps = inf\n", "optimizer.eps: Input should be a finite number"),
         ("[optimizer.schedule]\nname = 'linear'\nend_value = inf\n", "optimizer.schedule.end_value: Input should be"),
     ],
 )
-def test_bad_configs_fail_with_one_line_naming_the_field(tmp_path, text, fragment):
+def test_bad_configs_fail_with_one_line_naming_the_file_and_the_field(tmp_path, text, fragment):
+    path = _write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
-        load_config(_write(tmp_path, text))
+        load_config(path)
     message = str(err.value)
-    assert fragment in message
+    assert message.startswith(f"{path}: ") and fragment in message
     assert "\n" not in message
+
+
+SYNTHETIC = "[data]\nname = 'synthetic'\nfeatures = 4\ntrain = 10\ntest = 4\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "start"),
+    [
+        (
+            SYNTHETIC + "[train]\nbatch_size = 4\n[model]\nname = 'cnn'\n",
+            "model.name: cnn needs image data (H, W, C), data.name synthetic",
+        ),
+        ("[model]\nname = 'custom'\npath = 'absent.py'\n", "model.path: model file "),
+        (SYNTHETIC, "train.batch_size: 64 is larger than the 10 training rows of synthetic"),
+        (
+            "[train]\nsteps = 3\n[cluster]\nworker_groups = 2\nwarmup_steps = 3\n",
+            "cluster.warmup_steps: 3 warmup steps leave nothing of the 3 steps",
+        ),
+    ],
+)
+def test_errors_found_after_validation_name_the_file_and_the_field(tmp_path, text, start):
+    """The data, the model and the layout are checked once loaded: those errors lead
+    with the file and the field too."""
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        build_job(load_config(path))
+    assert str(err.value).startswith(f"{path}: {start}")
 
 
 def test_integer_learning_rate_is_accepted_as_a_number():

@@ -129,7 +129,7 @@ def test_kubernetes_commands_and_config_match_the_cli_and_the_job():
     args = parser().parse_args([*worker["command"][1:]])
     assert args.command == "worker"
     config = parse_config(tomllib.loads(by_kind["ConfigMap"]["data"]["cluster.toml"]), "configmap")
-    assert config == load_config(DEPLOY / "cluster.toml").model_copy(update={"base_dir": "."})
+    assert config == load_config(DEPLOY / "cluster.toml").model_copy(update={"base_dir": ".", "source": "configmap"})
     assert job["completions"] == config.cluster.worker_groups * config.cluster.processes_per_group
     servers = next(e["value"] for e in worker["env"] if e["name"] == "PSFW_SERVERS").split(",")
     assert len(servers) == config.cluster.servers
