@@ -36,6 +36,7 @@ _EXPORTS = {
     "PsfwError": "psfw.errors",
     "ConfigError": "psfw.errors",
     "ShardError": "psfw.errors",
+    "UsageError": "psfw.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from psfw.console import say
-from psfw.errors import ConfigError, PsfwError
+from psfw.errors import ConfigError, PsfwError, UsageError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -417,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except ConfigError as err:
         say(f"psfw: config error: {err}")
+        return 2
+    except UsageError as err:  # a flag or a run folder that cannot work: say which, as argparse would
+        say(f"psfw {args.command}: {err}")
         return 2
     except PsfwError as err:
         say(f"psfw: {err}")

@@ -16,7 +16,7 @@ import numpy as np
 
 from psfw.client import ShardClient
 from psfw.config import Config
-from psfw.errors import PsfwError
+from psfw.errors import PsfwError, UsageError
 from psfw.job import build_job
 from psfw.proto import ps_pb2 as pb
 from psfw.security import NO_SECURITY, Security
@@ -35,7 +35,7 @@ class Cluster:
         security: Security = NO_SECURITY,
     ):
         if not addresses:
-            raise PsfwError("no shard addresses given: pass host:port of every shard, comma-separated")
+            raise UsageError("no shard addresses given: pass host:port of every shard, comma-separated")
         self.addresses = list(addresses)
         self.config = config
         self.clients = [

@@ -16,6 +16,11 @@ class ConfigError(PsfwError, ValueError):
     """A config that cannot run; the message names the field and the problem."""
 
 
+class UsageError(PsfwError, ValueError):
+    """A command used in a way that cannot work, the config aside: a flag, a run
+    folder, a process that does not exist. The message says what to do instead."""
+
+
 class ShardError(PsfwError):
     """An RPC to a shard failed; ``code`` is the gRPC status code."""
 

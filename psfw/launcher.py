@@ -22,7 +22,7 @@ import numpy as np
 from psfw.cache import ParamCache
 from psfw.compute.step import make_eval_fn, make_grad_step
 from psfw.config import Config, load_config
-from psfw.errors import ConfigError
+from psfw.errors import ConfigError, UsageError
 from psfw.job import Job, build_job
 from psfw.local import connect
 from psfw.outputs import PARAMS_FILE, MetricsLog, new_run_dir, read_records, write_curves, write_net, write_params
@@ -73,7 +73,9 @@ async def run_job(
     processes = list(range(total)) if processes is None else processes
     wrong = [p for p in processes if not 0 <= p < total]
     if wrong:
-        raise ConfigError(f"process {wrong[0]} does not exist: the cluster has processes 0..{total - 1}")
+        raise UsageError(
+            f"process {wrong[0]} does not exist: the cluster of {job.config.source} has processes 0..{total - 1}"
+        )
     if len(addresses) != c.servers:
         raise ConfigError(
             f"{job.config.source}: cluster.servers: {c.servers} shards, but {len(addresses)} shard addresses were given"
@@ -174,21 +176,21 @@ async def train_async(
     chief = 0 in processes
     folder = None
     if resume and not run_dir:
-        raise ConfigError("--resume needs the --run-dir of the run to continue")
+        raise UsageError("--resume needs the --run-dir of the run to continue")
+    if run_dir and not servers:  # before the folder is touched: a refused command leaves nothing behind
+        found = complete_steps(Path(run_dir) / CHECKPOINTS, c.servers)
+        if resume and not found:
+            raise UsageError(f"--resume: {Path(run_dir) / CHECKPOINTS} holds no complete checkpoint to continue from")
+        if found and not resume:
+            raise UsageError(
+                f"{Path(run_dir) / CHECKPOINTS} holds checkpoints (newest: step {found[-1]}): pass --resume to "
+                "continue that run, or use a new --run-dir"
+            )
     if outputs and chief:
         folder = Path(run_dir) if run_dir else new_run_dir()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(config.model_dump_json(indent=1))
     checkpoints = (Path(run_dir) if run_dir else folder) / CHECKPOINTS if (run_dir or folder) else None
-    if checkpoints is not None and not servers:
-        found = complete_steps(checkpoints, c.servers)
-        if resume and not found:
-            raise ConfigError(f"--resume: {checkpoints} holds no complete checkpoint to continue from")
-        if found and not resume:
-            raise ConfigError(
-                f"{checkpoints} holds checkpoints (newest: step {found[-1]}): pass --resume to continue that run, "
-                "or use a new --run-dir"
-            )
     async with AsyncExitStack() as stack:
         addresses = list(servers or [])
         if not addresses:

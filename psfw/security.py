@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from psfw.errors import ConfigError
+from psfw.errors import UsageError
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
@@ -43,7 +43,7 @@ class Security:
         token_file: str | None = None,
         token: str | None = None,
     ) -> Security:
-        """Read the files; ConfigError names a file that is missing or empty."""
+        """Read the files; UsageError names a file that is missing or empty."""
 
         def read(path: str | None, what: str) -> bytes | None:
             if not path:
@@ -51,13 +51,13 @@ class Security:
             try:
                 data = Path(path).read_bytes()
             except OSError as err:
-                raise ConfigError(f"{what} {path}: {err.strerror}") from None
+                raise UsageError(f"{what} {path}: {err.strerror}") from None
             if not data.strip():
-                raise ConfigError(f"{what} {path} is empty")
+                raise UsageError(f"{what} {path} is empty")
             return data
 
         if bool(cert) != bool(key):
-            raise ConfigError("a TLS certificate needs its key and a key its certificate: give both")
+            raise UsageError("a TLS certificate needs its key and a key its certificate: give both")
         secret = read(token_file, "token file")
         token = secret.decode().strip() if secret else token
         return cls(read(cert, "certificate"), read(key, "key"), read(ca, "CA certificate"), token or None)

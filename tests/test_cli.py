@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -66,6 +67,53 @@ def test_bad_config_fails_fast_with_one_line(tmp_path):
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"psfw: config error: {config}: cluster.servers: ") and "valid integer" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+TINY = """
+[model]
+hidden = []
+[data]
+name = "synthetic"
+features = 2
+classes = 2
+train = 64
+test = 16
+[train]
+batch_size = 8
+steps = 3
+"""
+
+
+def tiny_config(tmp_path, extra: str = ""):
+    """A job that trains in a moment: a linear model on 64 synthetic rows, 3 steps."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY + extra)
+    return config
+
+
+def test_run_folder_mistakes_are_usage_errors_not_config_errors(tmp_path):
+    """A run folder or a flag that cannot work is one line under the command's name
+    (exit 2), never called a config error, and leaves no files behind."""
+    from psfw.services.checkpoint import save_shard
+
+    config = tiny_config(tmp_path)
+    used = tmp_path / "used"
+    for shard in range(2):
+        save_shard(used / "checkpoints", 4, shard, 2, {"w": np.zeros(2, np.float32)}, {})
+    cases = [
+        (["--run-dir", str(used)], f"{used / 'checkpoints'} holds checkpoints (newest: step 4): pass --resume"),
+        (["--run-dir", str(tmp_path / "new"), "--resume"], "--resume: "),
+        (["--resume"], "--resume needs the --run-dir of the run to continue"),
+    ]
+    for flags, fragment in cases:
+        done = run("train", str(config), "--no-progress", *flags, timeout=120)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert done.stderr.startswith("psfw train: ") and fragment in done.stderr, done.stderr
+    assert sorted(p.name for p in used.iterdir()) == ["checkpoints"]
+    assert not (tmp_path / "new").exists() and not (tmp_path / "runs").exists()
+    done = run("worker", str(config), "--process", "5", "--servers", "127.0.0.1:1,127.0.0.1:2", timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"psfw worker: process 5 does not exist: the cluster of {config} has processes 0..0")
 
 
 def test_server_process_serves_health_and_stops_on_sigterm():

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from psfw.client import ShardClient
 from psfw.config import parse_config
-from psfw.errors import ConfigError, ShardError
+from psfw.errors import ShardError, UsageError
 from psfw.launcher import train_async
 from psfw.security import Security, certificate_names
 from psfw.services.server import ShardServer, check_listen
@@ -159,12 +159,12 @@ def test_open_addresses_need_tls_or_a_token(pki):
 
 
 def test_security_files_are_checked(tmp_path, pki):
-    with pytest.raises(ConfigError, match="give both"):
+    with pytest.raises(UsageError, match="give both"):
         Security.from_files(cert=str(pki["server"][0]))
-    with pytest.raises(ConfigError, match="token file .*absent: No such file"):
+    with pytest.raises(UsageError, match="token file .*absent: No such file"):
         Security.from_files(token_file=str(tmp_path / "absent"))
     (tmp_path / "blank").write_text("\n")
-    with pytest.raises(ConfigError, match="is empty"):
+    with pytest.raises(UsageError, match="is empty"):
         Security.from_files(token_file=str(tmp_path / "blank"))
 
 
