@@ -205,9 +205,9 @@ async def train_async(
         if folder is not None:
             metrics = stack.enter_context(MetricsLog(folder / "metrics.jsonl"))
             sinks.append(metrics.write)
-        if progress:
+        if progress and ProgressBar.can_show():
             sinks.append(stack.enter_context(ProgressBar(job.steps)))
-        else:
+        else:  # --no-progress, or no terminal to draw a bar on
             sinks.append(log_line)
         local = Counter(p // c.processes_per_group for p in processes)
         reporter = StepReporter(dict(local), job.steps, t.log_every, sinks)
@@ -267,7 +267,8 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 
 def log_line(record: dict[str, Any]) -> None:
-    """A plain progress line, for logs (``psfw worker``, ``psfw launch``)."""
+    """A plain progress line, for logs (``psfw worker``, ``psfw launch``, ``psfw
+    train`` without a terminal)."""
     acc = f" acc {record['accuracy']:.3f}" if "accuracy" in record else ""
     lead = f" lead {record['lead']}" if "lead" in record else ""
     print(

@@ -64,6 +64,14 @@ class StepReporter:
 class ProgressBar:
     """A rich progress bar fed with step records."""
 
+    @staticmethod
+    def can_show(console: Console | None = None) -> bool:
+        """Whether a live bar can be drawn here: an interactive terminal or a
+        notebook. Anywhere else (a pipe, a log file) rich would print just the last
+        frame, cut to 80 columns; the caller writes plain lines instead."""
+        console = Console() if console is None else console
+        return console.is_interactive or console.is_jupyter
+
     def __init__(self, steps: int, console: Console | None = None):
         self._progress = Progress(
             TextColumn("[bold]psfw[/]"),

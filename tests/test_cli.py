@@ -116,6 +116,18 @@ def test_run_folder_mistakes_are_usage_errors_not_config_errors(tmp_path):
     assert done.stderr.startswith(f"psfw worker: process 5 does not exist: the cluster of {config} has processes 0..0")
 
 
+@pytest.mark.slow
+def test_without_a_terminal_train_writes_whole_log_lines_not_a_bar(tmp_path):
+    """stdout to a pipe: the progress bar gives way to the plain step lines (whole,
+    never a frame cut to 80 columns), then the result line."""
+    done = run("train", str(tiny_config(tmp_path, "log_every = 1\n")), "--run-dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [re.match(r"group 0 step (\d) loss ", line).group(1) for line in lines[:-1]] == ["1", "2", "3"], lines
+    assert lines[-1].startswith("test loss ") and "outputs in" in lines[-1]
+    assert "\u2026" not in done.stdout and "\x1b" not in done.stdout
+
+
 def test_server_process_serves_health_and_stops_on_sigterm():
     with subprocess.Popen(
         [*PSFW, "server", "--shard", "1", "--of", "2", "--listen", "127.0.0.1:0", "--grace", "0"],
