@@ -80,6 +80,8 @@ async def run_job(
         raise ConfigError(
             f"{job.config.source}: cluster.servers: {c.servers} shards, but {len(addresses)} shard addresses were given"
         )
+    if 0 in processes:  # once per job: the OS process that runs process 0
+        _warn_empty_shards(job)
     step_fn = make_grad_step(job.model.loss)
     stubs: list[Stub] = []
     async with AsyncExitStack() as stack:
@@ -122,8 +124,7 @@ async def run_job(
                             slices = job.layout.shard_slices(i)
                             specs = [((s.key, s.index), job.layout.params[s.key].dtype, (s.size,)) for s in slices]
                             await client.use_shared_memory(specs)
-                paths = ", ".join(f"shard {i} {cl.transport}" for i, cl in enumerate(clients))
-                log.info("process %d of group %d: %s", process, group, paths)
+                log.info("process %d of group %d: %s", process, group, _transports([cl.transport for cl in clients]))
                 cache = ParamCache(group, process)
                 workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
                 stub = Stub(
@@ -264,6 +265,46 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     for e in group.exceptions:
         out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
     return out
+
+
+def _warn_empty_shards(job: Job) -> None:
+    c = job.config.cluster
+    used = {s.shard for p in job.layout.params.values() for s in p.slices}
+    empty = [i for i in range(c.servers) if i not in used]
+    if empty:
+        log.warning(
+            "%s: cluster.servers is %d but the model has only %d slices: %s %s nothing and only slow every step "
+            "down (lower cluster.servers, or cluster.slice_bytes to cut the parameters finer)",
+            job.config.source,
+            c.servers,
+            sum(len(p.slices) for p in job.layout.params.values()),
+            _shards(empty),
+            "holds" if len(empty) == 1 else "hold",
+        )
+
+
+def _shards(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``shards 0-2, 5``; a scattered set is only counted, so the
+    text stays short for any number of shards."""
+    if len(indices) == 1:
+        return f"shard {indices[0]}"
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    if len(runs) > 3:
+        return f"{len(indices)} shards"
+    return "shards " + ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def _transports(paths: list[str]) -> str:
+    """How a stub reaches its shards, per path: ``shards 0-1 in-process``."""
+    by_path: dict[str, list[int]] = {}
+    for shard, path in enumerate(paths):
+        by_path.setdefault(path, []).append(shard)
+    return ", ".join(f"{_shards(shards)} {path}" for path, shards in by_path.items())
 
 
 def log_line(record: dict[str, Any]) -> None:

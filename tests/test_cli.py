@@ -128,6 +128,21 @@ def test_without_a_terminal_train_writes_whole_log_lines_not_a_bar(tmp_path):
     assert "\u2026" not in done.stdout and "\x1b" not in done.stdout
 
 
+@pytest.mark.slow
+def test_more_shards_than_slices_warn_once_and_the_transport_line_stays_short(tmp_path):
+    """500 shards for a model of 2 slices: it trains, one warning names the idle
+    shards, and how the stub reaches them is one short line."""
+    config = tiny_config(tmp_path, "[cluster]\nservers = 500\n")
+    done = run("train", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("psfw")]  # not JAX's own notes
+    assert lines == [
+        f"psfw: {config}: cluster.servers is 500 but the model has only 2 slices: shards 2-499 hold nothing and "
+        "only slow every step down (lower cluster.servers, or cluster.slice_bytes to cut the parameters finer)",
+        "psfw: process 0 of group 0: shards 0-499 in-process",
+    ]
+
+
 def test_server_process_serves_health_and_stops_on_sigterm():
     with subprocess.Popen(
         [*PSFW, "server", "--shard", "1", "--of", "2", "--listen", "127.0.0.1:0", "--grace", "0"],
