@@ -106,6 +106,7 @@ class ShardServer:
         )
         self.address = ""
         self.metrics_port: int | None = None
+        self.metrics_address = ""  # host:port of the Prometheus endpoint, once serving
         self.restored_step: int | None = None  # set when start() loaded a checkpoint
 
     async def _set_health(self, status: int) -> None:
@@ -139,6 +140,8 @@ class ShardServer:
         if metrics_port is not None:
             metrics_host = host.strip("[]") if is_loopback(address) else "0.0.0.0"
             self.metrics_port = self.servicer.metrics.serve(metrics_port, metrics_host)
+            shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
+            self.metrics_address = f"{shown}:{self.metrics_port}"
         if loading:
             try:
                 step = await self.store.load_newest()
@@ -187,7 +190,8 @@ async def serve(
     **options,
 ) -> None:
     """Run one shard until SIGTERM/SIGINT: the first signal starts a graceful stop
-    (NOT_SERVING, then in-flight RPCs get ``grace`` seconds), a second one exits at once."""
+    (NOT_SERVING for ``drain`` seconds, then in-flight RPCs get ``grace`` seconds),
+    a second one exits at once."""
     server = ShardServer(shard, shards, **options)
     await server.start(address, metrics_port=metrics_port)
     loop = asyncio.get_running_loop()
@@ -201,10 +205,11 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    extra = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
+    extra = f", metrics on http://{server.metrics_address}/metrics" if server.metrics_address else ""
     if server.restored_step is not None:
         extra += f", restored step {server.restored_step} (epoch {server.store.epoch})"
     say(f"psfw shard {shard}/{shards} listening on {server.address}{extra}", sys.stdout)
     await stopping.wait()
-    say(f"psfw shard {shard}: stopping, in-flight RPCs get {grace:.1f} s")
+    drained = f"NOT_SERVING for {drain:.1f} s (--drain), then " if drain > 0 else ""
+    say(f"psfw shard {shard}: stopping, {drained}in-flight RPCs get {grace:.1f} s")
     await server.stop(grace, drain)

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import grpc
 import numpy as np
@@ -151,6 +152,28 @@ def test_server_process_serves_health_and_stops_on_sigterm():
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     ) as proc:
         _check_health_then_stop(proc)
+
+
+def test_server_names_its_metrics_address_and_its_drain():
+    with subprocess.Popen(
+        [*PSFW, "server", "--listen", "127.0.0.1:0", "--metrics-port", "0", "--drain", "0.2", "--grace", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as proc:
+        try:
+            line = proc.stdout.readline()
+            url = re.search(r"metrics on (http://127\.0\.0\.1:[0-9]+/metrics)$", line.strip()).group(1)
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                assert b"psfw_updates_applied" in reply.read()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            stopping = "psfw shard 0: stopping, NOT_SERVING for 0.2 s (--drain), then in-flight RPCs get 0.0 s"
+            assert stopping in proc.stderr.read().splitlines()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def _check_health_then_stop(proc):
