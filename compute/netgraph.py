@@ -54,8 +54,6 @@ def check_layers(layers: Sequence[Any], param_names: list[str]) -> list[dict[str
         if unknown:
             listed = ", ".join(param_names[:8]) + (", ..." if len(param_names) > 8 else "")
             raise ValueError(f"{where}: no parameter named {', '.join(unknown)} (the model has {listed})")
-        if any(layer["name"] == c["name"] for c in checked):
-            raise ValueError(f"{where}: a second layer of that name")
         try:
             json.dumps(layer)
         except (TypeError, ValueError):
@@ -68,8 +66,11 @@ def net_graph(layers: list[dict[str, Any]], partition: dict[str, Any]) -> nx.DiG
     """The graph of layers, parameters and shards described above."""
     graph = nx.DiGraph(name="psfw net", shards=partition["shards"])
     previous = None
+    seen: dict[str, int] = {}
     for layer in layers:
-        node = f"layer:{layer['name']}"
+        # layers may share a name (two "relu"s): each is a node of its own
+        seen[layer["name"]] = seen.get(layer["name"], 0) + 1
+        node = f"layer:{layer['name']}" + (f"#{seen[layer['name']]}" if seen[layer["name"]] > 1 else "")
         attrs = {k: v for k, v in layer.items() if k not in ("name", "params")}
         graph.add_node(node, **{**attrs, "kind": "layer", "label": layer["name"]})
         if previous is not None:

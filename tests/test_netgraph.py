@@ -6,7 +6,7 @@ import json
 import pytest
 
 from psfw import outputs
-from psfw.compute.netgraph import check_layers
+from psfw.compute.netgraph import check_layers, net_graph
 from psfw.layout import plan_layout
 
 NAMES = ["hidden/w", "hidden/b", "out/w", "out/b"]
@@ -34,7 +34,6 @@ def test_layer_dicts_keep_their_attributes():
         ([{"type": "dense"}], "layers[0]: {'type': 'dense'} is not a layer"),
         ([{"name": "h", "params": "hidden/w"}], "layers[0] (h): params must be a list"),
         (["input", {"name": "h", "params": ["nope"]}], "layers[1] (h): no parameter named nope"),
-        (["hidden", "hidden"], "layers[1] (hidden): a second layer of that name"),
         ([{"name": "h", "size": object()}], "layers[0] (h): its attributes must be JSON values"),
     ],
 )
@@ -54,3 +53,11 @@ def test_a_failing_picture_costs_the_run_no_other_output(tmp_path, monkeypatch, 
     assert json.loads((tmp_path / "partition.json").read_text())["shards"] == 2
     assert {n["id"] for n in json.loads((tmp_path / "net.json").read_text())["nodes"]} >= {"layer:hidden", "layer:out"}
     assert "could not be written" in caplog.text and "no display" in caplog.text
+
+
+def test_layers_of_the_same_name_are_nodes_of_their_own():
+    layers = check_layers(["hidden", {"name": "relu"}, "out", {"name": "relu"}], NAMES)
+    layout = plan_layout({n: ((4,), "float32") for n in NAMES}, 1, 1, 1 << 20)
+    graph = net_graph(layers, layout.to_json())
+    assert [n for n in graph if n.startswith("layer:")] == ["layer:hidden", "layer:relu", "layer:out", "layer:relu#2"]
+    assert graph.has_edge("layer:out", "layer:relu#2") and graph.nodes["layer:relu#2"]["label"] == "relu"
