@@ -61,6 +61,9 @@ def _checked(
         raw = spec.get(field, default)
         name = prefix + field
         is_number = isinstance(raw, numbers.Real) and not isinstance(raw, bool)
+        if is_number and isinstance(raw, numbers.Integral) and abs(raw) > 2**53:
+            # JSON allows integers of any length; a float cannot hold them (OverflowError)
+            raise ValueError(f"{name} is out of range, got an integer of {len(str(abs(raw)))} digits")
         if whole:
             if not is_number or not float(raw).is_integer():
                 raise ValueError(f"{name} must be a whole number, got {raw!r}")

@@ -80,6 +80,19 @@ def test_a_nan_learning_rate_from_json_is_refused():
         build_optimizer(json.loads('{"name": "sgd", "learning_rate": NaN}'))
 
 
+@pytest.mark.parametrize("field", ["learning_rate", "schedule"])
+def test_an_integer_too_long_for_a_float_is_refused_not_an_overflow(field):
+    """JSON integers have no length limit; float() of one raises OverflowError."""
+    huge = "1" + "0" * 400
+    text = (
+        f'{{"name": "sgd", "learning_rate": {huge}}}'
+        if field == "learning_rate"
+        else f'{{"name": "sgd", "schedule": {{"name": "cosine", "steps": {huge}}}}}'
+    )
+    with pytest.raises(ValueError, match="out of range, got an integer of 401 digits"):
+        build_optimizer(json.loads(text))
+
+
 @pytest.mark.parametrize(
     "spec",
     [
