@@ -38,7 +38,8 @@ class ParamCache:
         self._doing = ("starting", time.monotonic())  # what the stub is busy with, and since when
 
     def doing(self, what: str) -> None:
-        """Note what the stub is busy with (named when a worker's wait runs out)."""
+        """Note what the stub is busy with (named when a worker's wait runs out); a
+        worker gives up only ``timeout_s`` after the stub's last note."""
         self._doing = (what, time.monotonic())
 
     def start(self, timeout_s: float) -> tuple[int, int]:
@@ -64,15 +65,20 @@ class ParamCache:
 
     def _wait(self, ready, timeout_s: float, what: str) -> None:
         with self._changed:  # reentrant: ``fresh`` holds it already
+            started = time.monotonic()
             # a wait beyond what the thread library takes (train.wait_s may be huge) has no limit
             limit = None if timeout_s >= threading.TIMEOUT_MAX else timeout_s
-            if not self._changed.wait_for(lambda: ready() or self._error is not None, limit):
+            # the limit counts from the stub's last note: a stub that is getting
+            # somewhere (group 0's warmup advancing) keeps its workers waiting
+            while not self._changed.wait_for(lambda: ready() or self._error is not None, limit):
                 doing, since = self._doing
-                raise WaitTimeout(
-                    f"group {self.group} process {self.process}: waited {timeout_s:.1f} s for {what}; "
-                    f"the cache holds step {self.step}; the stub has been {doing} for "
-                    f"{time.monotonic() - since:.1f} s"
-                )
+                now = time.monotonic()
+                limit = since + timeout_s - now
+                if limit <= 0:
+                    raise WaitTimeout(
+                        f"group {self.group} process {self.process}: waited {now - started:.1f} s for {what}; "
+                        f"the cache holds step {self.step}; the stub has been {doing} for {now - since:.1f} s"
+                    )
             if self._error is not None:
                 raise PsfwError(f"process {self.process} stopped: {self._error}") from self._error
 

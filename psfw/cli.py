@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         if terminated:
-            say("psfw: terminated (SIGTERM), stopped cleanly")
+            say("psfw: terminated (SIGTERM)")
             return 128 + signal.SIGTERM
         say("psfw: interrupted")
         return 130

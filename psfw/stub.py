@@ -249,7 +249,7 @@ class Stub:
             done = min(_group_step(r, 0) for r in await self._describe_all())
             if done >= self.warmup_steps:
                 return
-            if done > last:
+            if done != last:  # advancing (or rolled back to a checkpoint and going again)
                 last, since = done, time.monotonic()
                 self.cache.doing(f"waiting for group 0's {self.warmup_steps} warmup steps (at {done})")
             elif time.monotonic() - since > self.wait_s:

@@ -180,6 +180,7 @@ async def test_put_of_a_new_slice_once_training_started_is_refused_and_the_step_
         if server.store.groups.get(0) and server.store.groups[0].round:
             break
         await asyncio.sleep(0.02)
+    assert server.store.groups[0].round, "process 0's contribution never arrived"
     before = server.store.digest()
     with pytest.raises(ShardError) as err:
         await client.put([("w", 2, np.zeros(4, np.float32))], "")

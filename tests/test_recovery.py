@@ -522,19 +522,53 @@ async def test_another_group_one_step_apart_on_its_shards_goes_on_without_a_rest
 
 
 @pytest.mark.asyncio
-async def test_another_group_waits_for_a_warmup_longer_than_wait_s():
-    """wait_s bounds a wait without progress, not group 0's whole warmup."""
-    config = parse_config(
-        {
-            "model": {"hidden": [8]},
-            "train": {"batch_size": 16, "steps": 4010, "wait_s": 2.5, "log_every": 1},
-            "cluster": {
-                "worker_groups": 2, "workers_per_group": 1, "workers_per_process": 1, "servers": 1,
-                "warmup_steps": 4000,
-            },
-        }
+async def test_another_group_waits_for_group_0s_warmup_while_it_advances(shard):
+    """wait_s bounds a wait without progress, not group 0's whole warmup; a group 0
+    that stops advancing is named."""
+    from psfw.cache import ParamCache
+    from psfw.errors import WaitTimeout
+    from psfw.layout import plan_layout
+    from psfw.stub import Stub
+
+    server, client = shard
+    await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
+    stub = Stub(
+        clients=[client], layout=plan_layout({"w": ((4,), "float32")}, 1, 1, 1 << 20), cache=ParamCache(1, 1),
+        group=1, process=1, workers=[0], workers_per_group=1, optimizer=SGD, wait_s=0.5, worker_groups=2,
+        warmup_steps=8,
     )  # fmt: skip
-    result = await asyncio.wait_for(train_async(config, progress=False, outputs=False), 120)
-    warmup_s = sum(r["wall_s"] for r in result.records if r["group"] == 0 and r["step"] < 4000)
-    assert warmup_s > config.train.wait_s, "the warmup must take longer than wait_s for this test to say anything"
-    assert {r["group"] for r in result.records} == {0, 1}
+
+    async def group_0() -> None:
+        for step in range(8):  # a step every 0.2 s: 1.6 s in all, three times wait_s
+            await asyncio.sleep(0.2)
+            await send(client, {0: np.ones(4, np.float32)}, step=step, worker_groups=2)
+
+    started = time.monotonic()
+    await asyncio.gather(group_0(), asyncio.wait_for(stub._await_warmup(), 10))
+    assert time.monotonic() - started > 3 * stub.wait_s
+    stub.warmup_steps = 20
+    with pytest.raises(WaitTimeout, match="group 0 has completed 8 of its 20 warmup steps and did not advance"):
+        await asyncio.wait_for(stub._await_warmup(), 10)
+
+
+def test_a_worker_waits_as_long_as_its_stub_gets_somewhere():
+    """A worker's wait counts from the stub's last note (group 0's warmup advancing
+    keeps it waiting); once the notes stop, it gives up after its limit."""
+    from psfw.cache import ParamCache
+    from psfw.errors import WaitTimeout
+
+    cache = ParamCache(1, 1)
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(cache.start(0.3)))
+    waiter.start()
+    for done in range(10):  # 1 s of notes, 0.1 s apart: more than three times the limit
+        time.sleep(0.1)
+        cache.doing(f"waiting for group 0's warmup (at {done})")
+    cache.publish(4, {})
+    waiter.join(5)
+    assert outcome == [(4, 0)]
+    cache.doing("waiting for group 0's warmup (at 10)")
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout, match=r"the stub has been waiting for group 0's warmup \(at 10\)"):
+        cache.fresh(5, 0, 0.3)
+    assert time.monotonic() - started < 2
