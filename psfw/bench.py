@@ -181,6 +181,9 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         figures[f"{key}_round_ratios"] = [
             round(v / r, 3) for v, r in zip(runs[key], runs["single_process"], strict=True)
         ]
+    for key in ("embedded", "separate_processes", "tcp"):
+        # the share of what data parallelism allows on this machine: comparable across machines
+        figures[f"{key}_of_bound"] = best[key] / best["data_parallel_bound"]
     figures.update(path=path, rounds=rounds)
     return figures
 
@@ -453,8 +456,10 @@ def main(args: argparse.Namespace) -> int:
             ("tcp", "psfw network path"),
         ):
             rounds = ", ".join(f"{r:.2f}" for r in figures[key + "_round_ratios"])
+            of_bound = f"  {figures[key + '_of_bound']:.2f} of the bound" if key + "_of_bound" in figures else ""
             print(
-                f"  {label:<22}  {figures[key]:10,.0f} samples/s  ratio {figures[key + '_ratio']:.2f}  (rounds: {rounds})"
+                f"  {label:<22}  {figures[key]:10,.0f} samples/s  ratio {figures[key + '_ratio']:.2f}"
+                f"{of_bound}  (rounds: {rounds})"
             )
     if "transfer_bytes" in figures:
         print(f"transfer of {_bytes_text(figures['transfer_bytes'])} over 2 shards (push / pull, GB/s):")

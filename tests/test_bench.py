@@ -34,6 +34,8 @@ def test_bench_reports_every_variant_and_ratio():
         if key != "single_process":
             assert figures[f"{key}_ratio"] == pytest.approx(figures[key] / figures["single_process"])
             assert len(figures[f"{key}_round_ratios"]) == 2
+        if key not in ("single_process", "data_parallel_bound"):
+            assert figures[f"{key}_of_bound"] == pytest.approx(figures[key] / figures["data_parallel_bound"])
 
 
 @pytest.mark.slow
