@@ -17,6 +17,7 @@ from pathlib import Path
 
 from psfw.config import Config
 from psfw.errors import PsfwError
+from psfw.launcher import check_run_dir
 
 START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
@@ -47,6 +48,10 @@ async def _spawn(name: str, args: list[str]) -> Child:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # a group of its own: a Ctrl-C in the terminal reaches launch alone, which
+        # stops each child with one SIGTERM (a second signal would cut a shard's
+        # graceful stop short)
+        process_group=0,
     )
     return Child(name, proc)
 
@@ -93,18 +98,29 @@ async def _stop(children: list[Child]) -> None:
             await asyncio.gather(child.pump, return_exceptions=True)
 
 
-async def launch(config_path: Path, config: Config, run_dir: Path | None) -> int:
-    """Run the cluster of ``config``; returns the exit code for ``psfw launch``."""
+async def launch(config_path: Path, config: Config, run_dir: Path | None, resume: bool = False) -> int:
+    """Run the cluster of ``config``; returns the exit code for ``psfw launch``.
+    ``resume``: continue the run in ``run_dir`` from its newest checkpoint (without
+    it, a run folder that holds checkpoints is refused)."""
     c = config.cluster
+    if run_dir is not None:
+        check_run_dir(run_dir, c.servers, resume)
     children: list[Child] = []
     interrupted = asyncio.Event()
+    signals: list[int] = []
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: int) -> None:
+        signals.append(sig)
+        interrupted.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, interrupted.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         addresses = []
         for index in range(c.servers):
-            checkpoints = run_dir / "checkpoints" if run_dir is not None and config.train.checkpoint_every else None
+            keep = config.train.checkpoint_every or resume
+            checkpoints = run_dir / "checkpoints" if run_dir is not None and keep else None
             child, address = await _start_shard(index, c.servers, checkpoints)
             children.append(child)
             addresses.append(address)
@@ -125,7 +141,7 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None) -> int
             done, _ = await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
             if stop in done:
                 print("psfw launch: interrupted, stopping every process", file=sys.stderr, flush=True)
-                return 130
+                return 128 + signals[0]  # 130 for Ctrl-C, 143 for SIGTERM, as psfw train and worker
             for task in done:
                 child = waits.pop(task)
                 code = task.result()

@@ -179,14 +179,7 @@ async def train_async(
     if resume and not run_dir:
         raise UsageError("--resume needs the --run-dir of the run to continue")
     if run_dir and not servers:  # before the folder is touched: a refused command leaves nothing behind
-        found = complete_steps(Path(run_dir) / CHECKPOINTS, c.servers)
-        if resume and not found:
-            raise UsageError(f"--resume: {Path(run_dir) / CHECKPOINTS} holds no complete checkpoint to continue from")
-        if found and not resume:
-            raise UsageError(
-                f"{Path(run_dir) / CHECKPOINTS} holds checkpoints (newest: step {found[-1]}): pass --resume to "
-                "continue that run, or use a new --run-dir"
-            )
+        check_run_dir(Path(run_dir), c.servers, resume)
     if outputs and chief:
         folder = Path(run_dir) if run_dir else new_run_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -305,6 +298,19 @@ def _transports(paths: list[str]) -> str:
     for shard, path in enumerate(paths):
         by_path.setdefault(path, []).append(shard)
     return ", ".join(f"{_shards(shards)} {path}" for path, shards in by_path.items())
+
+
+def check_run_dir(run_dir: Path, shards: int, resume: bool) -> None:
+    """Refuse to train into a run folder that holds checkpoints unless told to resume
+    (its shards would quietly continue that run), and to resume from one without."""
+    found = complete_steps(run_dir / CHECKPOINTS, shards)
+    if resume and not found:
+        raise UsageError(f"--resume: {run_dir / CHECKPOINTS} holds no complete checkpoint to continue from")
+    if found and not resume:
+        raise UsageError(
+            f"{run_dir / CHECKPOINTS} holds checkpoints (newest: step {found[-1]}): pass --resume to "
+            "continue that run, or use a new --run-dir"
+        )
 
 
 def log_line(record: dict[str, Any]) -> None:

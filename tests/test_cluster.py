@@ -255,3 +255,43 @@ def test_a_second_signal_stops_the_server_at_once():
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 1 and time.monotonic() - started < 10
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_launch_stops_every_shard_gracefully_once(tmp_path):
+    """A terminal's Ctrl-C goes to its whole foreground group: only launch may get it,
+    or the shards take launch's SIGTERM as a second signal and skip their graceful stop."""
+    config_path = write_config(tmp_path / "job.toml", steps=100_000, batch=40)
+    with subprocess.Popen(
+        [*PSFW, "launch", str(config_path), "--run-dir", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # a group of its own, like a shell's foreground job
+    ) as launch:
+        deadline = time.monotonic() + 120
+        for line in launch.stdout:
+            if line.startswith("[worker 1] group 0 step"):
+                break
+            assert time.monotonic() < deadline, "training did not start"
+        os.killpg(launch.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        rest = launch.stdout.read()
+        assert launch.wait(60) == 130
+    assert "second signal" not in rest, rest[-3000:]
+    assert rest.count("stopping, in-flight RPCs get") == 2, rest[-3000:]
+
+
+@pytest.mark.slow
+def test_launch_into_a_run_folder_with_checkpoints_needs_resume(tmp_path):
+    config_path = write_config(tmp_path / "job.toml", steps=6, workers=2, per_process=1)
+    config_path.write_text(config_path.read_text().replace("wait_s = 60", "wait_s = 60\ncheckpoint_every = 3"))
+    run = [*PSFW, "launch", str(config_path), "--run-dir", str(tmp_path / "run")]
+    first = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    again = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "pass --resume" in again.stderr, again.stdout[-2000:] + again.stderr
+    assert "[shard" not in again.stdout, "refused before anything started"
+    resumed = subprocess.run([*run, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "restored step 6" in resumed.stdout
