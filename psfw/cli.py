@@ -97,8 +97,10 @@ def _launch(args: argparse.Namespace) -> int:
     from psfw.outputs import new_run_dir
 
     config = load_config(args.config)
+    if args.resume and not args.run_dir:
+        raise UsageError("--resume needs the --run-dir of the run to continue")
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir()
-    return asyncio.run(launch(Path(args.config), config, run_dir))
+    return asyncio.run(launch(Path(args.config), config, run_dir, resume=args.resume))
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -229,6 +231,19 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_number(what: str) -> Callable[[str], float]:
+    def positive(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"expected {what} (a number above 0), got {text!r}")
+        return value
+
+    return positive
+
+
 def _switch(text: str) -> bool:
     words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
     value = words.get(text.strip().lower())
@@ -345,6 +360,7 @@ def parser() -> argparse.ArgumentParser:
     la = sub.add_parser("launch", help="run the shards and worker processes of a config as OS processes here")
     la.add_argument("config", help="TOML config")
     la.add_argument("--run-dir", help="folder for the outputs (default: a new folder under runs/)")
+    la.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
     la.set_defaults(run=_launch)
 
     st = sub.add_parser("status", help="a running cluster's shards: keys, bytes, versions, groups, update rate")
@@ -373,9 +389,11 @@ def parser() -> argparse.ArgumentParser:
     lt = sub.add_parser(
         "loadtest", help="concurrent streams against 2 shard processes: errors, lost/doubled updates, RSS"
     )
-    lt.add_argument("--groups", type=int, default=32, help="concurrent groups; each keeps one stream open per shard")
-    lt.add_argument("--seconds", type=float, default=10.0, help="how long to send")
-    lt.add_argument("--mb", type=float, default=1.0, help="MB of values per shard")
+    lt.add_argument(
+        "--groups", type=_integer(1), default=32, help="concurrent groups; each keeps one stream open per shard"
+    )
+    lt.add_argument("--seconds", type=_positive_seconds, default=10.0, help="how long to send")
+    lt.add_argument("--mb", type=_positive_number("MB"), default=1.0, help="MB of values per shard")
     lt.add_argument("--json", action="store_true", help="one line of JSON")
     lt.set_defaults(run=_loadtest)
 
