@@ -126,10 +126,13 @@ class ShardServer:
         check_listen(address, self.security, self.insecure)
         await self._set_health(NOT_SERVING)
         credentials = self.security.server_credentials()
-        if credentials is None:
-            port = self._server.add_insecure_port(address)
-        else:
-            port = self._server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                port = self._server.add_insecure_port(address)
+            else:
+                port = self._server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpcio raises "Failed to bind" for an address in use
+            port = 0
         if port == 0:
             raise OSError(f"cannot listen on {address}: the address is taken or invalid")
         loading = self.store.checkpoint_dir is not None
@@ -139,7 +142,12 @@ class ShardServer:
         self.address = f"{host}:{port}"
         if metrics_port is not None:
             metrics_host = host.strip("[]") if is_loopback(address) else "0.0.0.0"
-            self.metrics_port = self.servicer.metrics.serve(metrics_port, metrics_host)
+            try:
+                self.metrics_port = self.servicer.metrics.serve(metrics_port, metrics_host)
+            except OSError as err:
+                await self._server.stop(0)  # not left serving without the metrics it was asked for
+                self.servicer.close()
+                raise OSError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {err.strerror or err}") from None
             shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
             self.metrics_address = f"{shown}:{self.metrics_port}"
         if loading:

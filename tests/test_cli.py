@@ -297,3 +297,23 @@ def test_server_refuses_an_address_it_cannot_listen_on_in_one_line(listen, fragm
     done = run_with_env({}, "server", "--listen", listen, "--insecure")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"psfw server: listen address {listen!r}") and fragment in done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--metrics-port"])
+def test_a_taken_port_is_one_line_not_a_traceback(flag):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["--listen", f"127.0.0.1:{port}"] if flag == "--listen" else ["--metrics-port", str(port)]
+        done = subprocess.run(
+            [*PSFW, "server", "--listen", "127.0.0.1:0", *args], capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    expected = (
+        f"cannot listen on 127.0.0.1:{port}" if flag == "--listen" else f"cannot serve metrics on 127.0.0.1:{port}"
+    )
+    assert expected in done.stderr, done.stderr
