@@ -66,11 +66,12 @@ def net_graph(layers: list[dict[str, Any]], partition: dict[str, Any]) -> nx.DiG
     """The graph of layers, parameters and shards described above."""
     graph = nx.DiGraph(name="psfw net", shards=partition["shards"])
     previous = None
-    seen: dict[str, int] = {}
     for layer in layers:
         # layers may share a name (two "relu"s): each is a node of its own
-        seen[layer["name"]] = seen.get(layer["name"], 0) + 1
-        node = f"layer:{layer['name']}" + (f"#{seen[layer['name']]}" if seen[layer["name"]] > 1 else "")
+        node, count = f"layer:{layer['name']}", 1
+        while node in graph:
+            count += 1
+            node = f"layer:{layer['name']}#{count}"
         attrs = {k: v for k, v in layer.items() if k not in ("name", "params")}
         graph.add_node(node, **{**attrs, "kind": "layer", "label": layer["name"]})
         if previous is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -61,8 +62,8 @@ def _checked(
         raw = spec.get(field, default)
         name = prefix + field
         is_number = isinstance(raw, numbers.Real) and not isinstance(raw, bool)
-        if is_number and isinstance(raw, numbers.Integral) and abs(raw) > 2**53:
-            # JSON allows integers of any length; a float cannot hold them (OverflowError)
+        if is_number and isinstance(raw, numbers.Integral) and abs(raw) > sys.float_info.max:
+            # JSON allows integers of any length; float() of one this long is an OverflowError
             raise ValueError(f"{name} is out of range, got an integer of {len(str(abs(raw)))} digits")
         if whole:
             if not is_number or not float(raw).is_integer():

@@ -61,3 +61,10 @@ def test_layers_of_the_same_name_are_nodes_of_their_own():
     graph = net_graph(layers, layout.to_json())
     assert [n for n in graph if n.startswith("layer:")] == ["layer:hidden", "layer:relu", "layer:out", "layer:relu#2"]
     assert graph.has_edge("layer:out", "layer:relu#2") and graph.nodes["layer:relu#2"]["label"] == "relu"
+
+
+def test_a_layer_named_like_a_renamed_one_is_still_a_node_of_its_own():
+    layers = check_layers([{"name": "relu"}, {"name": "relu"}, {"name": "relu#2"}], NAMES)
+    graph = net_graph(layers, plan_layout({n: ((4,), "float32") for n in NAMES}, 1, 1, 1 << 20).to_json())
+    assert len([n for n in graph if n.startswith("layer:")]) == 3
+    assert not any(graph.has_edge(n, n) for n in graph)

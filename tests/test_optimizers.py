@@ -93,6 +93,11 @@ def test_an_integer_too_long_for_a_float_is_refused_not_an_overflow(field):
         build_optimizer(json.loads(text))
 
 
+def test_a_large_but_valid_schedule_length_still_builds():
+    """The config accepts any whole number of steps: so does the shard."""
+    build_optimizer({"name": "sgd", "schedule": {"name": "cosine", "steps": 10**16}})
+
+
 @pytest.mark.parametrize(
     "spec",
     [
