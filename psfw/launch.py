@@ -57,9 +57,17 @@ async def _spawn(name: str, args: list[str]) -> Child:
 
 
 async def _pump(child: Child) -> None:
+    """Print the child's output line by line with its prefix. Read in chunks, not
+    with readline: a line longer than asyncio's 64 KiB limit would end the pump, and
+    the child would then block on a full pipe."""
     assert child.proc.stdout is not None
-    async for raw in child.proc.stdout:
-        print(f"[{child.name}] {raw.decode(errors='replace').rstrip()}", flush=True)
+    rest = b""
+    while chunk := await child.proc.stdout.read(1 << 16):
+        *lines, rest = (rest + chunk).split(b"\n")
+        for raw in lines:
+            print(f"[{child.name}] {raw.decode(errors='replace').rstrip()}", flush=True)
+    if rest:
+        print(f"[{child.name}] {rest.decode(errors='replace').rstrip()}", flush=True)
 
 
 async def _start_shard(index: int, shards: int, checkpoint_dir: Path | None) -> tuple[Child, str]:

@@ -295,3 +295,17 @@ def test_launch_into_a_run_folder_with_checkpoints_needs_resume(tmp_path):
     resumed = subprocess.run([*run, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "restored step 6" in resumed.stdout
+
+
+@pytest.mark.asyncio
+async def test_launch_passes_on_a_line_longer_than_asyncios_line_limit(capsys):
+    """A child's 200 KB line (a long error, a big status) must not end its log pump:
+    the child would then block on a full pipe."""
+    from psfw.launch import Child, _pump
+
+    code = "import sys; sys.stdout.write('x' * 200_000 + '\\nshort\\nlast')"
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)
+    await asyncio.wait_for(_pump(Child("t", proc)), 30)
+    assert await proc.wait() == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [len(line) for line in lines] == [4 + 200_000, 9, 8]
