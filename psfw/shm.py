@@ -14,6 +14,7 @@ import math
 import mmap
 import os
 import re
+import stat
 import threading
 import uuid
 from collections import OrderedDict
@@ -81,9 +82,18 @@ class Region:
         """Map a stub's region (a shard); ValueError says what is wrong with it."""
         if not NAME.match(name):
             raise ValueError(f"{name!r} is not a psfw shared-memory region name")
-        fd = os.open(SHM_DIR / name, os.O_RDWR)
+        # never through a link, and only a plain file of this process's own user: a
+        # file another user made could be shrunk under the mapping (SIGBUS) or be a
+        # link to a file the shard must not write
+        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW)
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise ValueError(
+                    f"region {name} is not a plain file of this shard's user (uid {os.geteuid()}): "
+                    "run the stub and the shard as the same user, or use the network path"
+                )
+            size = info.st_size
             if size != 2 * area:
                 raise ValueError(
                     f"region {name} holds {size} bytes, the shard's slices need {2 * area}: the layouts differ"

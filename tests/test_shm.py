@@ -207,3 +207,31 @@ def test_a_terminated_worker_process_removes_its_regions_and_says_so(tmp_path):
     assert worker.returncode == 128 + signal.SIGTERM, out
     assert "psfw: terminated" in out and "Traceback" not in out, out
     assert not [n for n in os.listdir(SHM_DIR) if n.startswith(mine)]
+
+
+def test_a_shard_maps_no_link_and_no_file_of_another_user(tmp_path):
+    """A region name is only a name: a link in /dev/shm to another file, or a file
+    another user made (and could shrink under the mapping), is refused."""
+    import os
+    import uuid
+
+    area = 4096
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"\0" * 2 * area)
+    link = SHM_DIR / f"psfw-1-{uuid.uuid4().hex}"
+    link.symlink_to(victim)
+    try:
+        with pytest.raises(OSError):
+            Region.attach(link.name, area)
+    finally:
+        link.unlink()
+    if os.geteuid() != 0:
+        return  # making a file of another user needs root
+    other = SHM_DIR / f"psfw-1-{uuid.uuid4().hex}"
+    other.write_bytes(b"\0" * 2 * area)
+    os.chown(other, 65534, 65534)
+    try:
+        with pytest.raises(ValueError, match="not a plain file of this shard's user"):
+            Region.attach(other.name, area)
+    finally:
+        other.unlink()
