@@ -8,6 +8,7 @@ and stops all of them when one fails (naming it) or when interrupted.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import re
 import signal
@@ -21,6 +22,8 @@ from psfw.launcher import check_run_dir
 
 START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
+# each stops every process gracefully once: Ctrl-C, a stop, a closed terminal
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(eq=False)
@@ -39,6 +42,23 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+def _stop_with(parent: int):
+    """For a child, in the fork before exec: get SIGTERM when launch dies, however it
+    dies (SIGKILL, a closed terminal): a child in a process group of its own would
+    otherwise run on (Linux; elsewhere launch's own signal handlers must do)."""
+
+    def prepare() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # launch died before the line above
+            os._exit(1)
+
+    return prepare
+
+
 async def _spawn(name: str, args: list[str]) -> Child:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -52,6 +72,7 @@ async def _spawn(name: str, args: list[str]) -> Child:
         # stops each child with one SIGTERM (a second signal would cut a shard's
         # graceful stop short)
         process_group=0,
+        preexec_fn=_stop_with(os.getpid()),
     )
     return Child(name, proc)
 
@@ -122,7 +143,7 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         signals.append(sig)
         interrupted.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         addresses = []
@@ -149,7 +170,7 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
             done, _ = await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
             if stop in done:
                 print("psfw launch: interrupted, stopping every process", file=sys.stderr, flush=True)
-                return 128 + signals[0]  # 130 for Ctrl-C, 143 for SIGTERM, as psfw train and worker
+                return 128 + signals[0]  # 130 for Ctrl-C, 143 for SIGTERM (as psfw train, worker), 129
             for task in done:
                 child = waits.pop(task)
                 code = task.result()
@@ -166,5 +187,5 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         return 0
     finally:
         await _stop(children)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)

@@ -309,3 +309,42 @@ async def test_launch_passes_on_a_line_longer_than_asyncios_line_limit(capsys):
     assert await proc.wait() == 0
     lines = capsys.readouterr().out.splitlines()
     assert [len(line) for line in lines] == [4 + 200_000, 9, 8]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGHUP])
+def test_no_process_outlives_launch(tmp_path, how):
+    """Killed outright, or its terminal closed: the shards and workers go with it."""
+    config_path = write_config(tmp_path / "job.toml", steps=100_000, batch=40)
+    with subprocess.Popen(
+        [*PSFW, "launch", str(config_path), "--run-dir", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    ) as launch:
+        deadline = time.monotonic() + 120
+        for line in launch.stdout:
+            if line.startswith("[worker 1] group 0 step"):
+                break
+            assert time.monotonic() < deadline, "training did not start"
+        children = [pid for pid, _ in _children(launch.pid)]
+        assert len(children) == 4
+        launch.send_signal(how)
+        launch.wait(60)
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in children if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"still running after launch ended: {left}"
