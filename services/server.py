@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import weakref
 
@@ -46,14 +47,19 @@ def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, 
 
 
 def is_loopback(address: str) -> bool:
-    """Whether ``host:port`` names a loopback host (127.0.0.0/8, ::1, localhost)."""
+    """Whether ``host:port`` names a loopback host (127.0.0.0/8, ::1): an IP address,
+    or a name (``localhost``) all of whose addresses are loopback. A name is resolved,
+    not trusted: /etc/hosts may point ``localhost`` anywhere."""
     host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        pass
+    try:
+        found = {info[4][0].split("%")[0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
         return False
+    return bool(found) and all(ipaddress.ip_address(ip).is_loopback for ip in found)
 
 
 _IN_PROCESS: weakref.WeakValueDictionary[str, ShardServer] = weakref.WeakValueDictionary()
@@ -134,7 +140,8 @@ class ShardServer:
         except RuntimeError:  # grpcio raises "Failed to bind" for an address in use
             port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {address}: the address is taken or invalid")
+            tls = ", or the TLS certificate, key or client CA do not load (gRPC logs which)" if credentials else ""
+            raise OSError(f"cannot listen on {address}: the address is taken or invalid{tls}")
         loading = self.store.checkpoint_dir is not None
         self.servicer.loading = loading
         await self._server.start()

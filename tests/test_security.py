@@ -156,6 +156,23 @@ def test_open_addresses_need_tls_or_a_token(pki):
     check_listen("0.0.0.0:7000", Security(), insecure=True)
     check_listen("127.0.0.5:7000", Security(), insecure=False)
     check_listen("[::1]:7000", Security(), insecure=False)
+    check_listen("localhost:7000", Security(), insecure=False)
+    with pytest.raises(PermissionError):  # a name that does not resolve is no loopback
+        check_listen("psfw-shard.invalid:7000", Security(), insecure=False)
+
+
+def test_a_name_is_loopback_only_when_all_its_addresses_are(monkeypatch):
+    """/etc/hosts may point localhost anywhere: the name is resolved, not trusted."""
+    import socket
+
+    from psfw.services import server
+
+    def resolve(host, port, *args, **kwargs):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.9.9.9", 0))]
+
+    monkeypatch.setattr(server.socket, "getaddrinfo", resolve)
+    with pytest.raises(PermissionError, match="refusing to listen on localhost:7000"):
+        check_listen("localhost:7000", Security(), insecure=False)
 
 
 def test_security_files_are_checked(tmp_path, pki):
@@ -166,6 +183,15 @@ def test_security_files_are_checked(tmp_path, pki):
     (tmp_path / "blank").write_text("\n")
     with pytest.raises(UsageError, match="is empty"):
         Security.from_files(token_file=str(tmp_path / "blank"))
+    for bad in ("two\nlines", "with space", "caf\u00e9"):
+        (tmp_path / "bad").write_bytes(bad.encode() + b"\n")
+        with pytest.raises(UsageError, match="printable ASCII characters without spaces"):
+            Security.from_files(token_file=str(tmp_path / "bad"))
+    (tmp_path / "latin").write_bytes(b"\xff\xfe")
+    with pytest.raises(UsageError, match="printable ASCII"):
+        Security.from_files(token_file=str(tmp_path / "latin"))
+    (tmp_path / "good").write_text("s3cr3t-Token_1\n")
+    assert Security.from_files(token_file=str(tmp_path / "good")).token == "s3cr3t-Token_1"
 
 
 def test_server_command_refuses_an_open_address_in_one_line():
