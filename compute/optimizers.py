@@ -24,8 +24,11 @@ SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine", "linear")
 Rule = tuple[Callable[[float], bool], str]
 _POSITIVE: Rule = (lambda v: v > 0, "> 0")
 _NON_NEGATIVE: Rule = (lambda v: v >= 0, ">= 0")
-_AT_LEAST_ONE: Rule = (lambda v: v >= 1, ">= 1")
 _FRACTION: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
+# optax counts steps in int32: a longer schedule overflows at its first update
+STEP_LIMIT = 2**31 - 1
+_STEPS: Rule = (lambda v: 1 <= v <= STEP_LIMIT, f"from 1 to {STEP_LIMIT}")
+_WARMUP_STEPS: Rule = (lambda v: 0 <= v <= STEP_LIMIT, f"from 0 to {STEP_LIMIT}")
 
 # field: (default, rule, whole number); the same bounds as psfw.config.OptimizerConfig
 FIELDS: dict[str, tuple[float, Rule, bool]] = {
@@ -39,11 +42,11 @@ FIELDS: dict[str, tuple[float, Rule, bool]] = {
     "weight_decay": (0.0, _NON_NEGATIVE, False),
 }
 SCHEDULE_FIELDS: dict[str, tuple[float, Rule, bool]] = {
-    "steps": (1000, _AT_LEAST_ONE, True),
-    "warmup_steps": (0, _NON_NEGATIVE, True),
+    "steps": (1000, _STEPS, True),
+    "warmup_steps": (0, _WARMUP_STEPS, True),
     "end_value": (0.0, _NON_NEGATIVE, False),
     "decay_rate": (0.5, _POSITIVE, False),
-    "transition_steps": (1000, _AT_LEAST_ONE, True),
+    "transition_steps": (1000, _STEPS, True),
 }
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from psfw.compute.optimizers import STEP_LIMIT
 from psfw.errors import ConfigError
 
 
@@ -66,11 +67,11 @@ class _Finite(_Strict):
 
 class ScheduleConfig(_Finite):
     name: Literal["constant", "cosine", "exponential", "warmup_cosine", "linear"] = "constant"
-    steps: int = Field(1000, ge=1)
-    warmup_steps: int = Field(0, ge=0)
+    steps: int = Field(1000, ge=1, le=STEP_LIMIT)  # optax counts in int32
+    warmup_steps: int = Field(0, ge=0, le=STEP_LIMIT)
     end_value: float = Field(0.0, ge=0)
     decay_rate: float = Field(0.5, gt=0)
-    transition_steps: int = Field(1000, ge=1)
+    transition_steps: int = Field(1000, ge=1, le=STEP_LIMIT)
 
 
 class OptimizerConfig(_Finite):

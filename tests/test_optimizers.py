@@ -32,7 +32,7 @@ BAD_SPECS = {
     "infinite weight decay": ({"name": "adam", "weight_decay": INF}, "weight_decay must be a finite number, got inf"),
     "zero schedule steps": (
         {"name": "sgd", "schedule": {"name": "cosine", "steps": 0}},
-        "schedule.steps must be >= 1, got 0",
+        "schedule.steps must be from 1 to 2147483647, got 0",
     ),
     "fractional schedule steps": (
         {"name": "sgd", "schedule": {"name": "linear", "steps": 2.5}},
@@ -44,7 +44,7 @@ BAD_SPECS = {
     ),
     "negative warmup": (
         {"name": "sgd", "schedule": {"name": "warmup_cosine", "warmup_steps": -1}},
-        "schedule.warmup_steps must be >= 0, got -1",
+        "schedule.warmup_steps must be from 0 to 2147483647, got -1",
     ),
     "zero decay rate": (
         {"name": "sgd", "schedule": {"name": "exponential", "decay_rate": 0}},
@@ -93,9 +93,20 @@ def test_an_integer_too_long_for_a_float_is_refused_not_an_overflow(field):
         build_optimizer(json.loads(text))
 
 
-def test_a_large_but_valid_schedule_length_still_builds():
-    """The config accepts any whole number of steps: so does the shard."""
-    build_optimizer({"name": "sgd", "schedule": {"name": "cosine", "steps": 10**16}})
+@pytest.mark.parametrize("name", ["cosine", "linear", "warmup_cosine", "exponential"])
+def test_the_longest_schedule_updates_and_a_longer_one_is_refused(name):
+    """optax counts steps in int32: the limit is where an update would overflow."""
+    import jax.numpy as jnp
+
+    from psfw.compute.optimizers import STEP_LIMIT
+
+    length = {"steps": STEP_LIMIT, "warmup_steps": 10, "transition_steps": STEP_LIMIT}
+    opt = build_optimizer({"name": "sgd", "schedule": {"name": name, **length}})
+    params = jnp.ones(3)
+    updates, _ = opt.update(jnp.ones(3), opt.init(params), params)
+    assert jnp.isfinite(updates).all()
+    with pytest.raises(ValueError, match=f"steps must be from 1 to {STEP_LIMIT}"):
+        build_optimizer({"name": "sgd", "schedule": {"name": name, "steps": STEP_LIMIT + 1}})
 
 
 @pytest.mark.parametrize(
