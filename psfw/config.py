@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from psfw.compute.optimizers import STEP_LIMIT
 from psfw.errors import ConfigError
 
 
@@ -63,6 +62,11 @@ class DataConfig(_Strict):
 class _Finite(_Strict):
     # the shards refuse an infinite hyperparameter (psfw.compute.optimizers): so does the config, first
     model_config = ConfigDict(allow_inf_nan=False)
+
+
+# optax counts a schedule's steps in int32; the shard checks the same bound
+# (psfw.compute.optimizers.STEP_LIMIT), kept apart so that loading a config needs no JAX
+STEP_LIMIT = 2**31 - 1
 
 
 class ScheduleConfig(_Finite):

@@ -143,3 +143,10 @@ def test_the_config_default_spec_builds():
 
     spec = json.loads(parse_config({}).optimizer.spec_json())
     build_optimizer(spec)
+
+
+def test_the_config_and_the_shard_bound_schedules_alike():
+    from psfw import config
+    from psfw.compute import optimizers
+
+    assert config.STEP_LIMIT == optimizers.STEP_LIMIT
