@@ -1,6 +1,7 @@
 """Clusters of real OS processes: psfw launch, worker groups, staleness, health."""
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -85,8 +86,9 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-@pytest.mark.slow
-def test_launch_stops_everything_and_names_the_worker_that_was_killed(tmp_path):
+@contextlib.contextmanager
+def _launch_training(tmp_path, own_session: bool = False):
+    """``psfw launch`` of a long job, once worker 1 trains; its output is read up to there."""
     config_path = write_config(tmp_path / "job.toml", steps=100_000, batch=40)
     with subprocess.Popen(
         [*PSFW, "launch", str(config_path), "--run-dir", str(tmp_path / "run")],
@@ -94,12 +96,19 @@ def test_launch_stops_everything_and_names_the_worker_that_was_killed(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=own_session,
     ) as launch:
         deadline = time.monotonic() + 120
         for line in launch.stdout:
             if line.startswith("[worker 1] group 0 step"):
                 break
             assert time.monotonic() < deadline, "training did not start"
+        yield launch
+
+
+@pytest.mark.slow
+def test_launch_stops_everything_and_names_the_worker_that_was_killed(tmp_path):
+    with _launch_training(tmp_path) as launch:
         children = _children(launch.pid)
         victim = next(pid for pid, cmd in children if " worker " in cmd and "--process 1" in cmd)
         os.kill(victim, signal.SIGKILL)
@@ -261,20 +270,7 @@ def test_a_second_signal_stops_the_server_at_once():
 def test_ctrl_c_on_launch_stops_every_shard_gracefully_once(tmp_path):
     """A terminal's Ctrl-C goes to its whole foreground group: only launch may get it,
     or the shards take launch's SIGTERM as a second signal and skip their graceful stop."""
-    config_path = write_config(tmp_path / "job.toml", steps=100_000, batch=40)
-    with subprocess.Popen(
-        [*PSFW, "launch", str(config_path), "--run-dir", str(tmp_path / "run")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,  # a group of its own, like a shell's foreground job
-    ) as launch:
-        deadline = time.monotonic() + 120
-        for line in launch.stdout:
-            if line.startswith("[worker 1] group 0 step"):
-                break
-            assert time.monotonic() < deadline, "training did not start"
+    with _launch_training(tmp_path, own_session=True) as launch:  # like a shell's foreground job
         os.killpg(launch.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         rest = launch.stdout.read()
         assert launch.wait(60) == 130
@@ -315,20 +311,7 @@ async def test_launch_passes_on_a_line_longer_than_asyncios_line_limit(capsys):
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGHUP])
 def test_no_process_outlives_launch(tmp_path, how):
     """Killed outright, or its terminal closed: the shards and workers go with it."""
-    config_path = write_config(tmp_path / "job.toml", steps=100_000, batch=40)
-    with subprocess.Popen(
-        [*PSFW, "launch", str(config_path), "--run-dir", str(tmp_path / "run")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,
-    ) as launch:
-        deadline = time.monotonic() + 120
-        for line in launch.stdout:
-            if line.startswith("[worker 1] group 0 step"):
-                break
-            assert time.monotonic() < deadline, "training did not start"
+    with _launch_training(tmp_path, own_session=True) as launch:
         children = [pid for pid, _ in _children(launch.pid)]
         assert len(children) == 4
         launch.send_signal(how)
