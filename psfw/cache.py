@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from psfw.errors import PsfwError, WaitTimeout
@@ -37,9 +38,11 @@ class ParamCache:
         self._error: BaseException | None = None
         self._doing = ("starting", time.monotonic())  # what the stub is busy with, and since when
 
-    def doing(self, what: str) -> None:
+    def doing(self, what: str | Callable[[], str]) -> None:
         """Note what the stub is busy with (named when a worker's wait runs out); a
-        worker gives up only ``timeout_s`` after the stub's last note."""
+        worker gives up only ``timeout_s`` after the stub's last note. ``what`` may
+        be a function that says it: called only when a wait runs out, so the stub's
+        steps pay no formatting."""
         self._doing = (what, time.monotonic())
 
     def start(self, timeout_s: float) -> tuple[int, int]:
@@ -52,7 +55,8 @@ class ParamCache:
         """The values once they reflect ``step`` completed steps of the group (blocks).
 
         Raises Rewind if the stub re-synced since ``generation``, WaitTimeout naming
-        the group, process and step after ``timeout_s``, or PsfwError with the
+        the group, process, step and what the stub was doing once ``timeout_s``
+        passed without a note from the stub (see ``doing``), or PsfwError with the
         reason the process stopped (the stub's error, or the job's end).
         """
         with self._changed:
@@ -72,6 +76,7 @@ class ParamCache:
             # somewhere (group 0's warmup advancing) keeps its workers waiting
             while not self._changed.wait_for(lambda: ready() or self._error is not None, limit):
                 doing, since = self._doing
+                doing = doing() if callable(doing) else doing
                 now = time.monotonic()
                 limit = since + timeout_s - now
                 if limit <= 0:

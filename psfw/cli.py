@@ -76,8 +76,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     servers = [a.strip() for a in args.servers.split(",") if a.strip()]
     if not servers:
-        say("psfw worker: give the running shards' addresses with --servers (or PSFW_SERVERS): host:port, ...")
-        return 2
+        raise UsageError("give the running shards' addresses with --servers (or PSFW_SERVERS): host:port, ...")
     config = load_config(args.config)
     result = train(
         config, args.run_dir, progress=False, servers=servers, processes=[args.process], security=_client_security(args)
@@ -224,13 +223,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected seconds (a number above 0), got {text!r}")
-    return value
-
-
 def _positive_number(what: str) -> Callable[[str], float]:
     def positive(text: str) -> float:
         try:
@@ -242,6 +234,9 @@ def _positive_number(what: str) -> Callable[[str], float]:
         return value
 
     return positive
+
+
+_positive_seconds = _positive_number("seconds")
 
 
 def _switch(text: str) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from psfw.config import Config
 from psfw.errors import PsfwError
-from psfw.launcher import check_run_dir
+from psfw.launcher import CHECKPOINTS, check_run_dir
 
 START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
@@ -147,9 +147,9 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         addresses = []
+        keep = config.train.checkpoint_every or resume
+        checkpoints = run_dir / CHECKPOINTS if run_dir is not None and keep else None
         for index in range(c.servers):
-            keep = config.train.checkpoint_every or resume
-            checkpoints = run_dir / "checkpoints" if run_dir is not None and keep else None
             child, address = await _start_shard(index, c.servers, checkpoints)
             children.append(child)
             addresses.append(address)

@@ -60,13 +60,14 @@ class Security:
             raise UsageError("a TLS certificate needs its key and a key its certificate: give both")
         secret = read(token_file, "token file")
         if secret:
-            token = secret.strip().decode("ascii", errors="replace")
+            secret = secret.strip()
             # sent as a gRPC header value: printable ASCII, no spaces or line breaks
-            if not all(33 <= b <= 126 for b in secret.strip()):
+            if not all(33 <= b <= 126 for b in secret):
                 raise UsageError(
                     f"token file {token_file} must hold one token of printable ASCII characters without "
                     "spaces or line breaks (for example: openssl rand -hex 32 > token)"
                 )
+            token = secret.decode("ascii")
         return cls(read(cert, "certificate"), read(key, "key"), read(ca, "CA certificate"), token or None)
 
     @property

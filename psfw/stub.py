@@ -142,7 +142,7 @@ class Stub:
         return {r.epoch for r in replies} == {self.epoch} and steps <= {step, step + 1}
 
     async def _collect(self, step: int) -> list[Contribution]:
-        self.cache.doing(f"waiting for its workers' gradients of step {step}")
+        self.cache.doing(lambda: f"waiting for its workers' gradients of step {step}")
         batch: list[Contribution] = []
         while len(batch) < len(self.workers):
             c = await self._inbox.get()
@@ -320,14 +320,16 @@ class Stub:
         self.rpcs["Update"] += len(self.clients)
         waiting = set(range(len(self.clients)))
 
+        def note() -> str:  # formatted only if a worker's wait runs out
+            return f"waiting for shards {sorted(waiting)} to answer the Update of step {step}"
+
         async def answered(shard: int):
             answer = await send(shard)
             waiting.discard(shard)
-            if waiting:
-                self.cache.doing(f"waiting for shards {sorted(waiting)} to answer the Update of step {step}")
+            self.cache.doing(note)  # an answer is progress
             return answer
 
-        self.cache.doing(f"waiting for shards {sorted(waiting)} to answer the Update of step {step}")
+        self.cache.doing(note)
         replies = await asyncio.gather(*(answered(i) for i in range(len(self.clients))))
         comm_s = time.perf_counter() - started
         for shard, answer in enumerate(replies):

@@ -71,9 +71,11 @@ def in_process(address: str) -> ShardServer | None:
     return _IN_PROCESS.get(address)
 
 
-def check_listen(address: str, security: Security, insecure: bool) -> None:
-    """A non-loopback address needs TLS or a token, unless ``insecure`` says otherwise."""
-    if not is_loopback(address) and not (security.tls or security.token or insecure):
+def check_listen(address: str, security: Security, insecure: bool, loopback: bool | None = None) -> None:
+    """A non-loopback address needs TLS or a token, unless ``insecure`` says otherwise
+    (``loopback``: ``is_loopback(address)``, when the caller knows it already)."""
+    loopback = is_loopback(address) if loopback is None else loopback
+    if not loopback and not (security.tls or security.token or insecure):
         raise PermissionError(
             f"refusing to listen on {address} without TLS or a token: give --tls-cert/--tls-key or "
             "--token-file, use a loopback address, or pass --insecure to accept anyone who can reach it"
@@ -129,7 +131,8 @@ class ShardServer:
         Raises PermissionError for a non-loopback address without TLS or a token,
         unless the server was made ``insecure``.
         """
-        check_listen(address, self.security, self.insecure)
+        loopback = await asyncio.to_thread(is_loopback, address)  # a name is resolved: off the event loop
+        check_listen(address, self.security, self.insecure, loopback)
         await self._set_health(NOT_SERVING)
         credentials = self.security.server_credentials()
         try:
@@ -148,7 +151,7 @@ class ShardServer:
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
         if metrics_port is not None:
-            metrics_host = host.strip("[]") if is_loopback(address) else "0.0.0.0"
+            metrics_host = host.strip("[]") if loopback else "0.0.0.0"
             try:
                 self.metrics_port = self.servicer.metrics.serve(metrics_port, metrics_host)
             except OSError as err:

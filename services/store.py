@@ -470,7 +470,7 @@ class ShardStore:
                 return  # a restore replaced the state while this waited: its waiters were told to re-sync
             try:
                 self._check_intact()  # another group's update may have failed halfway while this one waited
-                grads = self._gradients(group, rnd)
+                grads = {key: tuple(p for sums in rnd.parts.values() for p in sums[key]) for key in self.values}
                 if self.nbytes() <= INLINE_UPDATE_BYTES and self._in_place(list(self.values)) in self._compiled:
                     finite = self._update_in_batches(grads, np.float32(rnd.rows))  # less than a thread hop
                 else:
@@ -509,19 +509,6 @@ class ShardStore:
                 self._checkpoint_now()
         async with self._progress:
             self._progress.notify_all()
-
-    def _gradients(self, group: int, rnd: Round) -> dict[SliceKey, tuple[np.ndarray, ...]]:
-        """Each slice's parts from every contribution of the step."""
-        for process, sums in sorted(rnd.parts.items()):
-            missing = [key for key in self.values if key not in sums]
-            if missing:
-                raise _abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"shard {self.shard}: group {group} step {rnd.step} cannot be added up: process {process} "
-                    f"sent no gradient for {len(missing)} slices the shard holds ({slice_name(missing[0])}): "
-                    "the shard's slices changed while the step was open; re-sync and send the step again",
-                )
-        return {key: tuple(p for sums in rnd.parts.values() for p in sums[key]) for key in self.values}
 
     def _in_place(self, keys: list[SliceKey]) -> bool:
         """Whether these slices can be updated in place: no reader holds their values."""
