@@ -2,9 +2,11 @@
 # environment variables (see `psfw server --help`). The same image runs worker
 # processes (entrypoint `psfw worker ...`).
 #   docker build -t psfw .
-#   docker run -e PSFW_SHARD=0 -e PSFW_SHARDS=2 -e PSFW_TOKEN_FILE=/run/secrets/token ... psfw
-# A shard listening on the container's network refuses to start without TLS or a
-# token unless PSFW_INSECURE=1 says that the network is private.
+#   docker run -e PSFW_SHARD=0 -e PSFW_SHARDS=2 -e PSFW_TLS_CERT=/run/secrets/cert.pem \
+#     -e PSFW_TLS_KEY=/run/secrets/key.pem -e PSFW_TOKEN_FILE=/run/secrets/token ... psfw
+# A shard listening on the container's network refuses to start without TLS (a token
+# alone would cross the network in clear) unless PSFW_INSECURE=1 says that the
+# network is private.
 
 FROM python:3.11-slim AS build
 WORKDIR /src

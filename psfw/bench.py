@@ -337,9 +337,9 @@ def run_memory(size: int, steps: int = 3) -> dict:
     peak RSS against the bytes of values it holds."""
     import math
     import subprocess
-    import sys
     import tempfile
 
+    from psfw.children import child_env, psfw_command
     from psfw.localprocs import rss_bytes
 
     if size < MIN_MEMORY_BYTES:
@@ -358,19 +358,10 @@ def run_memory(size: int, steps: int = 3) -> dict:
             f.write(text)
         started = time.perf_counter()
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "psfw.cli",
-                "worker",
-                config,
-                "--servers",
-                ",".join(addresses),
-                "--run-dir",
-                f"{folder}/run",
-            ],
+            psfw_command("worker", config, "--servers", ",".join(addresses), "--run-dir", f"{folder}/run"),
             capture_output=True,
             text=True,
+            env=child_env(),
         )
         if done.returncode != 0:
             raise RuntimeError(f"the memory run failed: {done.stderr[-2000:]}")

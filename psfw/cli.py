@@ -48,6 +48,7 @@ def _server(args: argparse.Namespace) -> int:
                 nonfinite=args.nonfinite,
                 insecure=args.insecure,
                 checkpoint_dir=args.checkpoint_dir,
+                ready_file=args.ready_file,
                 security=Security.from_files(args.tls_cert, args.tls_key, args.tls_client_ca, args.token_file),
             )
         )
@@ -118,6 +119,8 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from psfw.security import link_problem
+
     security = _client_security(args)
     if args.local:
         credentials, options = security.probe_credentials()
@@ -133,7 +136,9 @@ def _health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as err:
-            print(f"{args.address}: {err.code().name}: {err.details()}")
+            link = link_problem(err.details() or "", security) if err.code() == grpc.StatusCode.UNAVAILABLE else None
+            said = f"cannot connect: {link.cause}" if link and link.kind else err.details()
+            print(f"{args.address}: {err.code().name}: {said}")
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.address}: {status}")
@@ -335,10 +340,14 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--token-file", default=_env("TOKEN_FILE"), help="require this bearer token on every RPC but health")
     s.add_argument(
+        "--ready-file",
+        help="once serving, write a JSON record with the bound address to this file (for a supervisor)",
+    )
+    s.add_argument(
         "--insecure",
         action="store_true",
         default=_env("INSECURE", _switch, False),
-        help="allow a non-loopback address without TLS or a token",
+        help="allow a non-loopback address without TLS (a token alone would cross the network in clear)",
     )
     s.set_defaults(run=_server)
 

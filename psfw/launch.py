@@ -10,17 +10,17 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
-import re
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from psfw.children import START_TIMEOUT_S, Tail, child_env, describe_exit, psfw_command, read_ready, shard_args
 from psfw.config import Config
-from psfw.errors import PsfwError
+from psfw.console import say
 from psfw.launcher import CHECKPOINTS, check_run_dir
 
-START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
 # each stops every process gracefully once: Ctrl-C, a stop, a closed terminal
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -30,16 +30,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class Child:
     name: str
     proc: asyncio.subprocess.Process
+    tail: Tail
     pump: asyncio.Task | None = None
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 def _stop_with(parent: int):
@@ -59,57 +51,56 @@ def _stop_with(parent: int):
     return prepare
 
 
-async def _spawn(name: str, args: list[str]) -> Child:
+async def _spawn(name: str, args: list[str], echo: bool = True) -> Child:
+    """Start a psfw child; its output is read at once, echoed to stdout behind its
+    name (``echo``) and its last lines kept."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "psfw.cli",
-        *args,
+        *psfw_command(*args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=child_env(),
         # a group of its own: a Ctrl-C in the terminal reaches launch alone, which
         # stops each child with one SIGTERM (a second signal would cut a shard's
         # graceful stop short)
         process_group=0,
         preexec_fn=_stop_with(os.getpid()),
     )
-    return Child(name, proc)
+    child = Child(name, proc, Tail(name, echo, sys.stdout))
+    child.pump = asyncio.create_task(_pump(child))
+    return child
 
 
 async def _pump(child: Child) -> None:
-    """Print the child's output line by line with its prefix. Read in chunks, not
-    with readline: a line longer than asyncio's 64 KiB limit would end the pump, and
-    the child would then block on a full pipe."""
+    """Read the child's output in chunks, not with readline: a line longer than
+    asyncio's 64 KiB limit would end the pump, and the child would then block on a
+    full pipe."""
     assert child.proc.stdout is not None
-    rest = b""
     while chunk := await child.proc.stdout.read(1 << 16):
-        *lines, rest = (rest + chunk).split(b"\n")
-        for raw in lines:
-            print(f"[{child.name}] {raw.decode(errors='replace').rstrip()}", flush=True)
-    if rest:
-        print(f"[{child.name}] {rest.decode(errors='replace').rstrip()}", flush=True)
+        child.tail.feed(chunk)
+    child.tail.close()
 
 
-async def _start_shard(index: int, shards: int, checkpoint_dir: Path | None) -> tuple[Child, str]:
-    args = ["server", "--shard", str(index), "--of", str(shards), "--listen", "127.0.0.1:0", "--grace", "1"]
-    if checkpoint_dir is not None:
-        args += ["--checkpoint-dir", str(checkpoint_dir)]
-    child = await _spawn(f"shard {index}", args)
-    assert child.proc.stdout is not None
+async def _wait_ready(child: Child, ready_file: Path, interrupted: asyncio.Event) -> str | None:
+    """Wait until the shard ``child`` is ready; returns its address (None when
+    interrupted meanwhile). Its output is echoed from then on; a shard that ends or
+    hangs before is one PsfwError with its last lines."""
+    loop = asyncio.get_running_loop()
+    exited = asyncio.create_task(child.proc.wait())
+    deadline = loop.time() + START_TIMEOUT_S
     try:
-        while True:
-            line = await asyncio.wait_for(child.proc.stdout.readline(), START_TIMEOUT_S)
-            if not line:
-                raise PsfwError(f"shard {index} {_describe_exit(await child.proc.wait())} before it listened")
-            text = line.decode(errors="replace").rstrip()
-            print(f"[{child.name}] {text}", flush=True)
-            match = re.search(r"listening on (\S+)", text)
-            if match:
-                return child, match.group(1).rstrip(",")
-    except TimeoutError:
-        child.proc.kill()
-        raise PsfwError(f"shard {index} did not start listening within {START_TIMEOUT_S:.0f} s") from None
+        while (ready := read_ready(ready_file)) is None:
+            if interrupted.is_set():
+                return None
+            if exited.done():
+                await asyncio.gather(child.pump, return_exceptions=True)  # every line it printed
+                raise child.tail.not_ready(describe_exit(exited.result()))
+            if loop.time() > deadline:
+                raise child.tail.not_ready(f"did not start within {START_TIMEOUT_S:.0f} s")
+            await asyncio.wait({exited}, timeout=0.05)
+    finally:
+        exited.cancel()
+    child.tail.start_echo()
+    return ready["address"]
 
 
 async def _stop(children: list[Child]) -> None:
@@ -122,9 +113,12 @@ async def _stop(children: list[Child]) -> None:
         except TimeoutError:
             child.proc.kill()
             await child.proc.wait()
-    for child in children:
-        if child.pump is not None:
-            await asyncio.gather(child.pump, return_exceptions=True)
+    await asyncio.gather(*(c.pump for c in children if c.pump is not None), return_exceptions=True)
+
+
+def _interrupted(signals: list[int]) -> int:
+    say("psfw launch: interrupted, stopping every process")
+    return 128 + signals[0]  # 130 for Ctrl-C, 143 for SIGTERM (as psfw train, worker), 129
 
 
 async def launch(config_path: Path, config: Config, run_dir: Path | None, resume: bool = False) -> int:
@@ -149,10 +143,16 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         addresses = []
         keep = config.train.checkpoint_every or resume
         checkpoints = run_dir / CHECKPOINTS if run_dir is not None and keep else None
-        for index in range(c.servers):
-            child, address = await _start_shard(index, c.servers, checkpoints)
-            children.append(child)
-            addresses.append(address)
+        extra = ["--grace", "1"] + (["--checkpoint-dir", str(checkpoints)] if checkpoints is not None else [])
+        with tempfile.TemporaryDirectory(prefix="psfw-launch-") as ready_dir:
+            for index in range(c.servers):
+                ready_file = Path(ready_dir) / f"shard-{index}.json"
+                child = await _spawn(f"shard {index}", shard_args(index, c.servers, ready_file, *extra), echo=False)
+                children.append(child)
+                address = await _wait_ready(child, ready_file, interrupted)
+                if address is None:
+                    return _interrupted(signals)
+                addresses.append(address)
         shards = list(children)
         workers = []
         for process in range(c.worker_groups * c.processes_per_group):
@@ -161,22 +161,19 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
                 args += ["--run-dir", str(run_dir)]
             workers.append(await _spawn(f"worker {process}", args))
         children.extend(workers)
-        for child in children:
-            child.pump = asyncio.create_task(_pump(child))
         waits = {asyncio.create_task(child.proc.wait()): child for child in children}
         stop = asyncio.create_task(interrupted.wait())
         running_workers = set(workers)
         while running_workers:
             done, _ = await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
             if stop in done:
-                print("psfw launch: interrupted, stopping every process", file=sys.stderr, flush=True)
-                return 128 + signals[0]  # 130 for Ctrl-C, 143 for SIGTERM (as psfw train, worker), 129
+                return _interrupted(signals)
             for task in done:
                 child = waits.pop(task)
                 code = task.result()
                 if code != 0 or child in shards:
                     print(
-                        f"psfw launch: {child.name} {_describe_exit(code)}; stopping the others",
+                        f"psfw launch: {child.name} {describe_exit(code)}; stopping the others",
                         file=sys.stderr,
                         flush=True,
                     )

@@ -39,7 +39,11 @@ def generate(out_dir: Path, root: Path = PROTO_ROOT) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {', '.join(map(str, sources))}")
-    return sorted(p for p in out_dir.rglob("*") if p.suffix in (".py", ".pyi"))
+    generated = [out_dir / s.relative_to(root).with_name(s.stem + suffix) for s in sources for suffix in _OUTPUTS]
+    return [p for p in generated if p.exists()]
+
+
+_OUTPUTS = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
 def main() -> int:

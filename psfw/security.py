@@ -19,12 +19,15 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
 from psfw.errors import UsageError
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+OnRefusal = Callable[[grpc.aio.ServicerContext, str, grpc.StatusCode, str], None]
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,10 @@ class Security:
             [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=self.ca is not None
         )
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [TokenCheck(self.token)] if self.token else []
+    def interceptors(self, on_refusal: OnRefusal | None = None) -> list[grpc.aio.ServerInterceptor]:
+        """The server's interceptors; ``on_refusal(context, method, code, reason)`` is
+        told of each RPC refused for its token (a shard counts and logs them)."""
+        return [TokenCheck(self.token, on_refusal)] if self.token else []
 
     # -- client side ---------------------------------------------------------
 
@@ -179,8 +184,9 @@ class TokenCheck(grpc.aio.ServerInterceptor):
     """Refuses every RPC but health checks without the right bearer token, before
     the handler runs: nothing is read and no state changes."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, on_refusal: OnRefusal | None = None):
         self._expected = f"Bearer {token}".encode()
+        self._on_refusal = on_refusal
 
     async def intercept_service(
         self,
@@ -193,12 +199,18 @@ class TokenCheck(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(sent.encode(), self._expected):  # constant time
             return await continuation(details)
         handler = await continuation(details)
-        return _refusal(handler, "missing bearer token" if not sent else "wrong bearer token")
+        reason = "missing bearer token" if not sent else "wrong bearer token"
+        return _refusal(handler, details.method.rpartition("/")[2], reason, self._on_refusal)
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None, reason: str) -> grpc.RpcMethodHandler:
+def _refusal(
+    handler: grpc.RpcMethodHandler | None, method: str, reason: str, on_refusal: OnRefusal | None
+) -> grpc.RpcMethodHandler:
     async def abort(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: send 'authorization: Bearer <token>'")
+        message = f"{reason}: send 'authorization: Bearer <token>'"
+        if on_refusal is not None:
+            on_refusal(context, method, grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def abort_stream(request, context):
         await abort(request, context)
@@ -213,3 +225,66 @@ def _refusal(handler: grpc.RpcMethodHandler | None, reason: str) -> grpc.RpcMeth
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(streaming_request, streaming_response)]
     return factory(abort_stream if streaming_response else abort)
+
+
+class Link(NamedTuple):
+    """What a client's failed RPC says about its connection to a shard.
+
+    ``kind``: ``"handshake"`` (a TLS handshake that failed: retrying cannot help),
+    ``"closed"`` (the shard closed the connection at once: a handshake it refused,
+    when it keeps happening), ``"down"`` (nobody answers: the shard may be starting
+    or restarting), or ``""`` (not about connecting: an answer of the shard).
+    ``cause``: the likely cause and the flag that fixes it, in words."""
+
+    kind: str
+    cause: str
+
+
+def link_problem(details: str, security: Security) -> Link:
+    """Read the details of an UNAVAILABLE (gRPC says ``failed to connect to all
+    addresses; last error: ...``) as seen by a client with ``security``."""
+    if "failed to connect" not in details:
+        return Link("", "")
+    if "WRONG_VERSION_NUMBER" in details:
+        return Link(
+            "handshake",
+            "the shard speaks plaintext and this client TLS: drop --tls-ca (and --tls-cert/--tls-key), "
+            "or start the shard with --tls-cert/--tls-key",
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return Link(
+            "handshake",
+            "the shard's certificate is not signed by the CA this client trusts: give --tls-ca the CA that "
+            "signed the shard's --tls-cert",
+        )
+    if "Hostname Verification" in details:
+        return Link(
+            "handshake",
+            "the shard's certificate is made out for another name: connect by a host name or IP address that "
+            "its certificate lists",
+        )
+    if "andshake failed" in details:
+        return Link(
+            "handshake", "the TLS handshake failed: check --tls-ca, --tls-cert and --tls-key against the shard's"
+        )
+    if "Socket closed" in details or "Connection reset" in details:
+        if security.ca is None and not security.tls:
+            cause = (
+                "the shard closes every plaintext connection: it probably serves TLS: give --tls-ca (and "
+                "--tls-cert/--tls-key if it requires client certificates)"
+            )
+        elif not security.tls:
+            cause = (
+                "the shard closes the connection in the TLS handshake: it probably requires a client "
+                "certificate: give --tls-cert/--tls-key, signed by the CA the shard trusts (its --tls-client-ca)"
+            )
+        else:
+            cause = (
+                "the shard refuses this client's certificate in the TLS handshake: give --tls-cert/--tls-key "
+                "signed by the CA the shard trusts (its --tls-client-ca)"
+            )
+        return Link("closed", cause)
+    if "Connection refused" in details:
+        return Link("down", "connection refused")
+    last = details.rpartition("last error: ")[2] or details
+    return Link("down", last.rpartition(": ")[2] or last)

@@ -41,6 +41,20 @@ def slice_name(key: SliceKey) -> str:
     return f"{key[0]}[{key[1]}]"
 
 
+MAX_NAME_CHARS = 512
+
+
+def check_name(name: str) -> None:
+    """A parameter name is printable text (``dense0/w``) of at most MAX_NAME_CHARS
+    characters: it reaches logs, checkpoints and pictures."""
+    if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
+        shown = name if len(name) <= 60 else name[:60] + "..."
+        raise WireError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"parameter name {shown!r} is not printable text of 1 to {MAX_NAME_CHARS} characters",
+        )
+
+
 def wire_dtype(name: str) -> np.dtype:
     """The little-endian numpy dtype for a wire dtype name."""
     if name not in DTYPES:
@@ -260,9 +274,30 @@ def frame_deserializer(cls: type[Message]) -> Callable[[bytes], Frame]:
                 else:
                     rest.append(buf[start:end])
             header = cls.FromString(b"".join(rest))
-        except (ValueError, DecodeError) as err:
+        except (ValueError, DecodeError, RecursionError) as err:
             return Frame(None, [], f"malformed {cls.__name__}: {err}")
         return Frame(header, chunks)
+
+    return deserialize
+
+
+class Malformed(NamedTuple):
+    """A request whose bytes do not parse: what ``message_deserializer`` gives
+    instead of raising, so that the handler answers INVALID_ARGUMENT itself (an
+    exception in a deserializer reaches the client as UNKNOWN, with a traceback in
+    the server's log)."""
+
+    error: str
+
+
+def message_deserializer(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    """Parse a ``cls`` message; never raises (see Malformed)."""
+
+    def deserialize(data: bytes) -> Message | Malformed:
+        try:
+            return cls.FromString(data)
+        except Exception as err:  # DecodeError, bad UTF-8, nesting too deep: all mean the same
+            return Malformed(f"malformed {cls.__name__}: {err}")
 
     return deserialize
 
@@ -306,6 +341,7 @@ class Assembler:
         self._into = into or {}
         self._max_bytes = max_bytes
         self.total = 0  # bytes received so far
+        self._declared = 0  # bytes the slices opened so far declare
         self._specs: dict[SliceKey, tuple[np.dtype, tuple[int, ...], int]] = {}
         self._parts: dict[SliceKey, bytes | np.ndarray] = {}
         self._got: dict[SliceKey, int] = {}
@@ -360,12 +396,21 @@ class Assembler:
         self._got[key] = got + len(data)
 
     def _open(self, key: SliceKey, chunk: Chunk) -> tuple[np.dtype, tuple[int, ...], int]:
+        check_name(key[0])
         dtype = wire_dtype(chunk.dtype)
         shape = tuple(int(d) for d in chunk.shape)
         if any(d < 0 for d in shape):
             raise WireError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{slice_name(key)} has a negative dimension {list(shape)}"
             )
+        declared = self._declared + math.prod(shape) * dtype.itemsize
+        if self._max_bytes is not None and declared > self._max_bytes:  # refused before anything is allocated
+            raise WireError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{slice_name(key)} is {dtype.name}{list(shape)}: the request declares {declared} bytes, more "
+                f"than the shard's limit of {self._max_bytes}",
+            )
+        self._declared = declared
         if self._expect is not None:
             want_dtype, want_shape = self._expect(key)
             if dtype != want_dtype:

@@ -52,6 +52,12 @@ class ShardMetrics:
         self.shard = str(store.shard)
         self.bytes_in = Counter("psfw_bytes_received", "tensor bytes received", labels, registry=self.registry)
         self.bytes_out = Counter("psfw_bytes_sent", "tensor bytes sent", labels, registry=self.registry)
+        self.refusals = Counter(
+            "psfw_refused_requests",
+            "requests refused (bad input, unknown slices, waits that ran out), by method and status code",
+            ["shard", "method", "code"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "psfw_rpc_seconds",
             "RPC latency by method",

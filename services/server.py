@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import os
 import signal
 import socket
 import sys
 import weakref
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from psfw.atomic import write_atomic
 from psfw.console import say
 from psfw.proto import ps_pb2 as pb
 from psfw.security import NO_SECURITY, Security
@@ -72,14 +75,32 @@ def in_process(address: str) -> ShardServer | None:
 
 
 def check_listen(address: str, security: Security, insecure: bool, loopback: bool | None = None) -> None:
-    """A non-loopback address needs TLS or a token, unless ``insecure`` says otherwise
-    (``loopback``: ``is_loopback(address)``, when the caller knows it already)."""
+    """A non-loopback address needs TLS, unless ``insecure`` says otherwise
+    (``loopback``: ``is_loopback(address)``, when the caller knows it already). A
+    bearer token alone is not enough: without TLS it crosses the network in clear,
+    with every tensor."""
     loopback = is_loopback(address) if loopback is None else loopback
-    if not loopback and not (security.tls or security.token or insecure):
+    if loopback or security.tls or insecure:
+        return
+    if security.token:
         raise PermissionError(
-            f"refusing to listen on {address} without TLS or a token: give --tls-cert/--tls-key or "
-            "--token-file, use a loopback address, or pass --insecure to accept anyone who can reach it"
+            f"refusing to listen on {address} with a bearer token but without TLS: the token and the tensors "
+            "would cross the network in clear; add --tls-cert/--tls-key, use a loopback address, or pass "
+            "--insecure if the network is private"
         )
+    raise PermissionError(
+        f"refusing to listen on {address} without TLS: give --tls-cert/--tls-key (and --token-file or "
+        "--tls-client-ca to authenticate clients), use a loopback address, or pass --insecure to accept anyone "
+        "who can reach it"
+    )
+
+
+def listens_everywhere(host: str) -> bool:
+    """Whether a listen host is the wildcard of all interfaces (``0.0.0.0``, ``[::]``)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
 
 
 class ShardServer:
@@ -105,7 +126,9 @@ class ShardServer:
         self.health = health.aio.HealthServicer()
         self.insecure = insecure
         self.security = security
-        self._server = grpc.aio.server(options=grpc_options(max_message_bytes), interceptors=security.interceptors())
+        self._server = grpc.aio.server(
+            options=grpc_options(max_message_bytes), interceptors=security.interceptors(self.servicer.refuse)
+        )
         add_servicer(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -151,7 +174,8 @@ class ShardServer:
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
         if metrics_port is not None:
-            metrics_host = host.strip("[]") if loopback else "0.0.0.0"
+            # the listen host's interface: all of them only when the shard itself listens on all
+            metrics_host = "0.0.0.0" if listens_everywhere(host) else host.strip("[]")
             try:
                 self.metrics_port = self.servicer.metrics.serve(metrics_port, metrics_host)
             except OSError as err:
@@ -205,11 +229,13 @@ async def serve(
     grace: float = 5.0,
     drain: float = 0.0,
     metrics_port: int | None = None,
+    ready_file: str | None = None,
     **options,
 ) -> None:
     """Run one shard until SIGTERM/SIGINT: the first signal starts a graceful stop
     (NOT_SERVING for ``drain`` seconds, then in-flight RPCs get ``grace`` seconds),
-    a second one exits at once."""
+    a second one exits at once. Once serving, the shard's address is written to
+    ``ready_file`` as JSON (for a supervisor: ``psfw.children``)."""
     server = ShardServer(shard, shards, **options)
     await server.start(address, metrics_port=metrics_port)
     loop = asyncio.get_running_loop()
@@ -227,6 +253,20 @@ async def serve(
     if server.restored_step is not None:
         extra += f", restored step {server.restored_step} (epoch {server.store.epoch})"
     say(f"psfw shard {shard}/{shards} listening on {server.address}{extra}", sys.stdout)
+    if ready_file:
+        record = {
+            "shard": shard,
+            "shards": shards,
+            "address": server.address,
+            "metrics": server.metrics_address or None,
+            "restored_step": server.restored_step,
+            "pid": os.getpid(),
+        }
+        try:
+            await asyncio.to_thread(write_atomic, Path(ready_file), json.dumps(record).encode())
+        except OSError as err:
+            await server.stop(0)
+            raise OSError(f"cannot write the ready file {ready_file}: {err.strerror or err}") from None
     await stopping.wait()
     drained = f"NOT_SERVING for {drain:.1f} s (--drain), then " if drain > 0 else ""
     say(f"psfw shard {shard}: stopping, {drained}in-flight RPCs get {grace:.1f} s")

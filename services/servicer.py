@@ -23,17 +23,20 @@ from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
 from psfw.services.metrics import ShardMetrics
+from psfw.services.refusals import RefusalLog
 from psfw.services.store import ShardStore, UpdateResult
 from psfw.shm import Region, RegionCache, host_id, slot_layout
 from psfw.wire import (
     Assembler,
     Frame,
+    Malformed,
     WireError,
     batched,
     encode_chunks,
     encoded_ahead,
     frame_deserializer,
     frame_serializer,
+    message_deserializer,
 )
 
 log = logging.getLogger("psfw.server")
@@ -52,11 +55,13 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.max_request_bytes = max_request_bytes
         self.rpc_counts: Counter[str] = Counter()
         self.metrics = ShardMetrics(store)
+        self.refusals = RefusalLog(store.shard)
         self._regions = RegionCache()
         self._shard = str(store.shard)
         self.loading = False  # set while the shard loads its checkpoint: every RPC is then UNAVAILABLE
 
     def close(self) -> None:
+        self.refusals.flush()
         self.metrics.close()
         self._regions.close()
 
@@ -73,20 +78,30 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 "send the tensors over the network",
             ) from None
 
+    def refuse(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, reason: str) -> None:
+        """Count and log a refused request (see RefusalLog); the caller aborts the RPC."""
+        self.metrics.refusals.labels(self._shard, method, code.name).inc()
+        if code != grpc.StatusCode.UNAVAILABLE:  # "loading, retry" is part of a restart, not a refusal
+            self.refusals.refused(context.peer() or "", method, code.name, reason)
+
     @contextlib.asynccontextmanager
-    async def _handled(self, context: grpc.aio.ServicerContext, method: str):
-        """Count and time the RPC; turn a WireError into its status; log a bug once
-        and answer INTERNAL. While the shard loads, answer UNAVAILABLE (clients retry)."""
+    async def _handled(self, context: grpc.aio.ServicerContext, method: str, request: object = None):
+        """Count and time the RPC; refuse a request that did not parse; turn a
+        WireError into its status (logged by ``refuse``); log a bug once and answer
+        INTERNAL. While the shard loads, answer UNAVAILABLE (clients retry)."""
         self.rpc_counts[method] += 1
         started = time.perf_counter()
         try:
+            if isinstance(request, Malformed):
+                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, request.error)
             if self.loading:  # an answer now (epoch 0, no slices) would say the shard lost its state
                 raise WireError(
                     grpc.StatusCode.UNAVAILABLE, f"shard {self.store.shard} is loading its checkpoint: retry"
                 )
             yield
         except WireError as err:
-            await context.abort(err.code, err.message)
+            self.refuse(context, method, err.code, err.message)
+            await context.abort(err.code, _fits(err.message))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception:
@@ -108,7 +123,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return pb.PutReply(slices=stored)
 
     async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[Frame]:
-        async with self._handled(context, "Get"):
+        async with self._handled(context, "Get", request):
             keys = [(r.key, r.slice) for r in request.slices]
             step, values = await self.store.read(
                 keys, request.group, request.step, _wait(request.wait_s), request.wait_for_put
@@ -154,16 +169,26 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.metrics.bytes_out.labels(self._shard).inc(sent)
 
     async def Describe(self, request: pb.DescribeRequest, context) -> pb.DescribeReply:
-        async with self._handled(context, "Describe"):
+        async with self._handled(context, "Describe", request):
             reply = describe_store(self.store)
             reply.rpc_counts.update(self.rpc_counts)
+            if request.digest:
+                reply.digest = await self.store.state_digest()
         return reply
 
     async def Restore(self, request: pb.RestoreRequest, context) -> pb.RestoreReply:
-        async with self._handled(context, "Restore"):
+        async with self._handled(context, "Restore", request):
             await self.store.restore(request.step, request.epoch)
             log.warning("shard %d restored to step %d, epoch %d", self.store.shard, request.step, request.epoch)
         return pb.RestoreReply(step=request.step, epoch=self.store.epoch)
+
+
+MAX_REASON_CHARS = 2000  # a status message travels in a header: gRPC drops one over 16 KiB
+
+
+def _fits(reason: str) -> str:
+    """A refusal's reason, cut to fit a status message (it may echo what was sent)."""
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS] + "..."
 
 
 def _wait(wait_s: float) -> float:
@@ -262,7 +287,7 @@ def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> 
         ),
         "Get": grpc.unary_stream_rpc_method_handler(
             servicer.Get,
-            request_deserializer=pb.GetRequest.FromString,
+            request_deserializer=message_deserializer(pb.GetRequest),
             response_serializer=frame_serializer(pb.GetReply),
         ),
         "Update": grpc.stream_stream_rpc_method_handler(
@@ -272,12 +297,12 @@ def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> 
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,
-            request_deserializer=pb.DescribeRequest.FromString,
+            request_deserializer=message_deserializer(pb.DescribeRequest),
             response_serializer=pb.DescribeReply.SerializeToString,
         ),
         "Restore": grpc.unary_unary_rpc_method_handler(
             servicer.Restore,
-            request_deserializer=pb.RestoreRequest.FromString,
+            request_deserializer=message_deserializer(pb.RestoreRequest),
             response_serializer=pb.RestoreReply.SerializeToString,
         ),
     }

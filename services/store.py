@@ -76,6 +76,9 @@ class UpdateResult:
     cache: dict = field(default_factory=dict)
 
 
+MAX_ROWS = 2**53
+
+
 def _abort(code: grpc.StatusCode, message: str) -> WireError:
     return WireError(code, message)
 
@@ -160,6 +163,11 @@ class ShardStore:
         h.update(repr(sorted((g, s.step) for g, s in self.groups.items())).encode())
         return h.hexdigest()
 
+    async def state_digest(self) -> str:
+        """``digest()`` between updates (under the update lock), off the event loop."""
+        async with self._lock:
+            return await asyncio.to_thread(self.digest)
+
     # -- put ---------------------------------------------------------------
 
     async def put(self, arrays: dict[SliceKey, np.ndarray], optimizer: str, adopt: bool = False) -> int:
@@ -178,13 +186,14 @@ class ShardStore:
             if not optimizer:
                 raise _abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Put must name the optimizer (JSON spec)")
             try:
-                opt = build_optimizer(json.loads(optimizer))
+                opt = build_optimizer(_spec(optimizer))
             except (ValueError, TypeError, AttributeError) as err:
-                raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"optimizer spec {optimizer!r}: {err}") from None
+                raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"the Put's optimizer: {err}") from None
         elif optimizer and _spec(optimizer) != json.loads(self.optimizer_spec):
             raise _abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"shard {self.shard} already trains with optimizer {self.optimizer_spec}, the Put asks for {optimizer}",
+                f"shard {self.shard} already trains with optimizer {self.optimizer_spec}, the Put asks for another: "
+                "every process of a job must use the same optimizer settings",
             )
         async with self._lock:  # not while an update replaces (or writes over) the values
             self._check_intact()
@@ -423,6 +432,8 @@ class ShardStore:
             )
         if rows < workers:
             raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {rows} rows cannot come from {workers} workers")
+        if rows > MAX_ROWS:  # the mean divides by the rows: beyond this, a float64 no longer counts them exactly
+            raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {rows} rows is more than the limit of 2^53")
         if head.worker_groups and head.group >= head.worker_groups:
             raise _abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{where}: group {head.group} of {head.worker_groups} groups"
@@ -711,8 +722,8 @@ class ShardStore:
 def _spec(optimizer: str) -> Any:
     try:
         return json.loads(optimizer)
-    except ValueError:
-        raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"optimizer spec {optimizer!r} is not JSON") from None
+    except (ValueError, RecursionError) as err:
+        raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"the Put's optimizer spec is not JSON: {err}") from None
 
 
 def _nonfinite(group: int, step: int, what: str) -> WireError:

@@ -9,6 +9,27 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+TOKEN = "s3cret-token-for-tests"
+
+
+def make_pki(folder: Path) -> dict[str, Path | tuple[Path, Path]]:
+    """A CA with a server (valid for localhost and 127.0.0.1) and a client
+    certificate, a rogue CA with a client certificate of its own, a server
+    certificate for another name, and a token file."""
+    ca = make_ca(folder, "ca")
+    other_ca = make_ca(folder, "rogue-ca")
+    files = {
+        "ca": folder / "ca.pem",
+        "rogue-ca": folder / "rogue-ca.pem",
+        "server": make_leaf(folder, "server", ca, server=True),
+        "other-name": make_leaf(folder, "other-name", ca, server=True, names=("shard-9.example",)),
+        "client": make_leaf(folder, "client", ca),
+        "rogue": make_leaf(folder, "rogue", other_ca),
+    }
+    (folder / "token").write_text(TOKEN + "\n")
+    files["token"] = folder / "token"
+    return files
+
 
 def _key():
     return ec.generate_private_key(ec.SECP256R1())

@@ -10,6 +10,7 @@ import pytest_asyncio
 from psfw.client import ShardClient
 from psfw.services.server import ShardServer
 
+from certs import make_pki
 from helpers import EXAMPLES
 
 
@@ -27,3 +28,9 @@ async def shard():
 @pytest.fixture
 def examples() -> Path:
     return EXAMPLES
+
+
+@pytest.fixture
+def pki(tmp_path) -> dict:
+    """Throwaway certificates and a token file (see certs.make_pki)."""
+    return make_pki(tmp_path)

@@ -1,8 +1,11 @@
 """TLS, mutual TLS and bearer tokens: no one without them gets in, and a refused call
 changes nothing."""
 
+import asyncio
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import grpc
 import numpy as np
@@ -15,27 +18,10 @@ from psfw.config import parse_config
 from psfw.errors import ShardError, UsageError
 from psfw.launcher import train_async
 from psfw.security import Security, certificate_names
-from psfw.services.server import ShardServer, check_listen
+from psfw.services.server import ShardServer, check_listen, listens_everywhere
 
-from certs import make_ca, make_leaf
+from certs import TOKEN, make_ca, make_leaf
 from helpers import SGD
-
-TOKEN = "s3cret-token-for-tests"
-
-
-@pytest.fixture
-def pki(tmp_path):
-    ca = make_ca(tmp_path, "ca")
-    other_ca = make_ca(tmp_path, "rogue-ca")
-    files = {
-        "ca": tmp_path / "ca.pem",
-        "server": make_leaf(tmp_path, "server", ca, server=True),
-        "client": make_leaf(tmp_path, "client", ca),
-        "rogue": make_leaf(tmp_path, "rogue", other_ca),
-    }
-    (tmp_path / "token").write_text(TOKEN + "\n")
-    files["token"] = tmp_path / "token"
-    return files
 
 
 def server_security(pki, mtls=True, token=True) -> Security:
@@ -148,17 +134,49 @@ async def test_training_over_mutual_tls_with_a_token(pki):
             await s.stop(0)
 
 
-def test_open_addresses_need_tls_or_a_token(pki):
-    with pytest.raises(PermissionError, match="refusing to listen on 0.0.0.0:7000 without TLS or a token"):
+def test_open_addresses_need_tls(pki):
+    with pytest.raises(PermissionError, match="refusing to listen on 0.0.0.0:7000 without TLS"):
         check_listen("0.0.0.0:7000", Security(), insecure=False)
-    check_listen("0.0.0.0:7000", Security(token="t"), insecure=False)
+    # a token alone would cross the network in clear, with the tensors: refused like no auth
+    with pytest.raises(PermissionError, match="with a bearer token but without TLS: .* in clear.*--insecure"):
+        check_listen("0.0.0.0:7000", Security(token="t"), insecure=False)
+    check_listen("0.0.0.0:7000", Security(token="t"), insecure=True)
+    check_listen("127.0.0.1:7000", Security(token="t"), insecure=False)
     check_listen("0.0.0.0:7000", server_security(pki, mtls=False, token=False), insecure=False)
+    check_listen("0.0.0.0:7000", server_security(pki, mtls=False, token=True), insecure=False)
     check_listen("0.0.0.0:7000", Security(), insecure=True)
     check_listen("127.0.0.5:7000", Security(), insecure=False)
     check_listen("[::1]:7000", Security(), insecure=False)
     check_listen("localhost:7000", Security(), insecure=False)
     with pytest.raises(PermissionError):  # a name that does not resolve is no loopback
         check_listen("psfw-shard.invalid:7000", Security(), insecure=False)
+
+
+def _scrape(host: str, port: int) -> str:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
+@pytest.mark.asyncio
+async def test_metrics_listen_on_the_shards_own_interface_and_count_refusals():
+    """A shard on 127.0.0.2 serves its metrics on 127.0.0.2 only: all interfaces only
+    when the shard itself listens on all of them."""
+    server = ShardServer(0, 1)
+    await server.start("127.0.0.2:0", metrics_port=0)
+    client = ShardClient(server.address, 0, timeout_s=10, retries=0)
+    try:
+        assert server.metrics_address == f"127.0.0.2:{server.metrics_port}"
+        with pytest.raises(urllib.error.URLError):
+            await asyncio.to_thread(_scrape, "127.0.0.1", server.metrics_port)
+        with pytest.raises(ShardError):
+            await client.put([("w", 0, np.zeros(4, np.float32))], '{"name": "sgd", "learning_rate": -1}')
+        text = await asyncio.to_thread(_scrape, "127.0.0.2", server.metrics_port)
+        assert 'psfw_refused_requests_total{code="INVALID_ARGUMENT",method="Put",shard="0"} 1.0' in text
+    finally:
+        await client.close()
+        await server.stop(0)
+    assert listens_everywhere("0.0.0.0") and listens_everywhere("[::]")
+    assert not any(listens_everywhere(h) for h in ("127.0.0.1", "10.1.2.3", "[::1]", "shard-0.psfw"))
 
 
 def test_a_name_is_loopback_only_when_all_its_addresses_are(monkeypatch):

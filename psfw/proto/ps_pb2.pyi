@@ -111,8 +111,10 @@ class UpdateReply(_message.Message):
     def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., slowest_step: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: bool
+    def __init__(self, digest: _Optional[bool] = ...) -> None: ...
 
 class SliceInfo(_message.Message):
     __slots__ = ("key", "slice", "dtype", "shape", "version", "nbytes")
@@ -143,7 +145,7 @@ class GroupInfo(_message.Message):
     def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., pending_workers: _Optional[int] = ..., pending_processes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("shard", "shards", "slices", "groups", "bytes", "rpc_counts", "optimizer", "updates_applied", "uptime_s", "epoch", "checkpoint_steps", "host")
+    __slots__ = ("shard", "shards", "slices", "groups", "bytes", "rpc_counts", "optimizer", "updates_applied", "uptime_s", "epoch", "checkpoint_steps", "host", "digest")
     class RpcCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +165,7 @@ class DescribeReply(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_STEPS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     shard: int
     shards: int
     slices: _containers.RepeatedCompositeFieldContainer[SliceInfo]
@@ -175,7 +178,8 @@ class DescribeReply(_message.Message):
     epoch: int
     checkpoint_steps: _containers.RepeatedScalarFieldContainer[int]
     host: str
-    def __init__(self, shard: _Optional[int] = ..., shards: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., rpc_counts: _Optional[_Mapping[str, int]] = ..., optimizer: _Optional[str] = ..., updates_applied: _Optional[int] = ..., uptime_s: _Optional[float] = ..., epoch: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ..., host: _Optional[str] = ...) -> None: ...
+    digest: str
+    def __init__(self, shard: _Optional[int] = ..., shards: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., rpc_counts: _Optional[_Mapping[str, int]] = ..., optimizer: _Optional[str] = ..., updates_applied: _Optional[int] = ..., uptime_s: _Optional[float] = ..., epoch: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ..., host: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("step", "epoch")
