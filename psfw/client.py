@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import NamedTuple, TypeVar
 
@@ -21,7 +22,7 @@ from psfw.errors import ShardError
 from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.security import NO_SECURITY, Security
+from psfw.security import NO_SECURITY, Link, Security, link_problem
 from psfw.services.server import SERVICE_NAME, grpc_options
 from psfw.shm import Region, host_id, slot_layout
 from psfw.wire import (
@@ -44,6 +45,10 @@ log = logging.getLogger("psfw.client")  # the client's deadline exceeds the shar
 
 
 UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)
+REPORT_EVERY_S = 5.0  # while a shard cannot be reached, say so this often
+# a shard that closes this many new connections in a row at once, over at least this
+# long, refuses our TLS handshake (a restarting shard refuses connections instead)
+CLOSED_IN_A_ROW, CLOSED_FOR_S = 3, 1.0
 
 
 def _transient(err: grpc.aio.AioRpcError) -> bool:
@@ -125,7 +130,11 @@ class ShardClient:
     ):
         self.address, self.shard = address, shard
         self.timeout_s, self.retries, self.chunk_bytes = timeout_s, retries, chunk_bytes
+        self.security = security
         self.channel = security.channel(address, grpc_options())
+        self._down_since: float | None = None  # since when the shard cannot be reached
+        self._said = 0.0  # when that was last said
+        self._closed = 0  # connections it closed at once, in a row
         self._md = security.metadata()
         self._shm: Region | None = None
         self._offsets: dict[SliceKey, int] = {}
@@ -208,18 +217,60 @@ class ShardClient:
         delay = 0.05
         for tries in range(self.retries + 1):
             try:
-                return await attempt()
+                result = await attempt()
             except grpc.aio.AioRpcError as err:
+                link = self._connection_failed(err)
                 if _transient(err) and tries < self.retries:
                     await asyncio.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 2.0)
                     continue
-                raise ShardError(
-                    f"shard {self.shard} ({self.address}) {rpc}: {err.code().name}: {err.details()}", err.code()
-                ) from None
+                said = f"cannot connect: {link.cause}" if link.kind else f"{err.code().name}: {err.details()}"
+                raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: {said}", err.code()) from None
             except WireError as err:
                 raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: bad reply: {err.message}") from None
+            self._reached()
+            return result
         raise AssertionError("unreachable")
+
+    def _connection_failed(self, err: grpc.aio.AioRpcError) -> Link:
+        """Read a failed RPC as news of the connection: a failed TLS handshake (or a
+        shard that keeps closing connections at once) is a ShardError now, since
+        retrying cannot fix it; a shard that cannot be reached is said every few
+        seconds, with how long it has been and the client's patience."""
+        link = link_problem(err.details() or "", self.security) if err.code() == grpc.StatusCode.UNAVAILABLE else None
+        if link is None or not link.kind:
+            self._closed = 0
+            return link or Link("", "")
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        self._closed = self._closed + 1 if link.kind == "closed" else 0
+        persists = self._closed >= CLOSED_IN_A_ROW and now - self._down_since >= CLOSED_FOR_S
+        if link.kind == "handshake" or persists:
+            raise ShardError(
+                f"shard {self.shard} at {self.address}: cannot connect: {link.cause}", grpc.StatusCode.UNAUTHENTICATED
+            )
+        waited = now - self._down_since
+        if waited >= 1.0 and now - self._said >= REPORT_EVERY_S:
+            self._said = now
+            reason = link.cause if link.kind == "down" else "it closed the connection"
+            log.warning(
+                "waiting for shard %d at %s: %s, %.0f s of %.0f",
+                self.shard,
+                self.address,
+                reason,
+                waited,
+                self.timeout_s,
+            )
+        return link
+
+    def _reached(self) -> None:
+        """The shard answered: say so if its absence was said."""
+        if self._down_since is not None and self._said:
+            log.warning(
+                "shard %d at %s answered after %.0f s", self.shard, self.address, time.monotonic() - self._down_since
+            )
+        self._down_since, self._said, self._closed = None, 0.0, 0
 
     async def put(self, items: Items, optimizer: str) -> int:
         """Store initial values; the shard's optimizer is fixed by its first Put."""
