@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections import deque
 from pathlib import Path
 from typing import TextIO
@@ -83,6 +84,7 @@ class Tail:
         self.stream = stream
         self.lines: deque[str] = deque(maxlen=TAIL_LINES)
         self._rest = b""
+        self._lock = threading.Lock()  # a reader thread feeds while another starts the echo
 
     def feed(self, data: bytes) -> None:
         """Take a piece of the child's output (lines may span pieces)."""
@@ -98,18 +100,21 @@ class Tail:
 
     def _line(self, raw: bytes) -> None:
         text = raw.decode(errors="replace").rstrip()
-        self.lines.append(text)
-        if self.echo:
-            say(f"[{self.name}] {text}", self.stream)
+        with self._lock:
+            self.lines.append(text)
+            if self.echo:
+                say(f"[{self.name}] {text}", self.stream)
 
     def start_echo(self) -> None:
         """Echo from now on, starting with the lines kept so far."""
-        for text in self.lines:
-            say(f"[{self.name}] {text}", self.stream)
-        self.echo = True
+        with self._lock:
+            for text in self.lines:
+                say(f"[{self.name}] {text}", self.stream)
+            self.echo = True
 
     def not_ready(self, how: str) -> PsfwError:
         """The error for a child that ``how`` (``exited with code 1``, ``did not
         start within 120 s``) before it was ready, with its last lines."""
-        shown = "\n".join(f"  [{self.name}] {text}" for text in self.lines) or "  (it printed nothing)"
+        with self._lock:
+            shown = "\n".join(f"  [{self.name}] {text}" for text in self.lines) or "  (it printed nothing)"
         return PsfwError(f"{self.name} {how} before it was ready; its last lines:\n{shown}")

@@ -47,8 +47,10 @@ log = logging.getLogger("psfw.client")  # the client's deadline exceeds the shar
 UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)
 REPORT_EVERY_S = 5.0  # while a shard cannot be reached, say so this often
 # a shard that closes this many new connections in a row at once, over at least this
-# long, refuses our TLS handshake (a restarting shard refuses connections instead)
-CLOSED_IN_A_ROW, CLOSED_FOR_S = 3, 1.0
+# long, refuses our TLS handshake (a restarting shard refuses connections instead; a
+# proxy in front of one may close them too, hence a few seconds: gRPC also repeats
+# one connection's error to every call until it tries again)
+CLOSED_IN_A_ROW, CLOSED_FOR_S = 3, 5.0
 
 
 def _transient(err: grpc.aio.AioRpcError) -> bool:

@@ -283,7 +283,7 @@ def link_problem(details: str, security: Security) -> Link:
                 "the shard refuses this client's certificate in the TLS handshake: give --tls-cert/--tls-key "
                 "signed by the CA the shard trusts (its --tls-client-ca)"
             )
-        return Link("closed", cause)
+        return Link("closed", cause + " (or a proxy in front of a shard that is down closes it)")
     if "Connection refused" in details:
         return Link("down", "connection refused")
     last = details.rpartition("last error: ")[2] or details

@@ -42,6 +42,7 @@ from psfw.wire import (
 log = logging.getLogger("psfw.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 30
+SERVICE_METHODS = frozenset(pb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name)
 UPDATE_REPLY = frame_serializer(pb.UpdateReply)
 SHARED_REPLY_BYTES = 64 << 20  # up to this, one encoded answer is shared by the group's processes
 ANSWER_BATCH_BYTES = 4 << 20  # an answer is encoded this much at a time
@@ -79,7 +80,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             ) from None
 
     def refuse(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, reason: str) -> None:
-        """Count and log a refused request (see RefusalLog); the caller aborts the RPC."""
+        """Count and log a refused request (see RefusalLog); the caller aborts the RPC.
+        A method name the service does not have (a token refusal comes before the
+        path is known to exist) counts as "other": a label per path a client makes
+        up would grow the metrics without bound."""
+        method = method if method in SERVICE_METHODS else "other"
         self.metrics.refusals.labels(self._shard, method, code.name).inc()
         if code != grpc.StatusCode.UNAVAILABLE:  # "loading, retry" is part of a restart, not a refusal
             self.refusals.refused(context.peer() or "", method, code.name, reason)

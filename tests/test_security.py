@@ -236,3 +236,25 @@ def test_certificate_names_are_read_from_the_certificate(tmp_path, names, expect
     cert, _ = make_leaf(tmp_path, "plain", make_ca(tmp_path, "ca"), server=bool(names), names=names)
     assert certificate_names(cert.read_bytes()) == expected
     assert certificate_names(b"not a certificate") == []
+
+
+@pytest.mark.asyncio
+async def test_refusals_of_made_up_methods_share_one_metric_label():
+    """A client without the token may call any path: each would otherwise become a
+    label of its own, growing the shard's memory without bound."""
+    server = ShardServer(0, 1, security=Security(token=TOKEN))
+    await server.start("127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            for n in range(5):
+                call = channel.unary_unary(f"/psfw.v1.ParameterServer/Made{n}")
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(b"", timeout=10)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        registry = server.servicer.metrics.registry
+        labels = {"shard": "0", "method": "other", "code": "UNAUTHENTICATED"}
+        assert registry.get_sample_value("psfw_refused_requests_total", labels) == 5
+        made_up = [s for m in registry.collect() for s in m.samples if s.labels.get("method", "").startswith("Made")]
+        assert not made_up
+    finally:
+        await server.stop(0)
