@@ -20,11 +20,20 @@ from psfw.errors import ConfigError, PsfwError, UsageError
 
 
 def _train(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
     from psfw.config import load_config
     from psfw.launcher import train
+    from psfw.outputs import CHECKPOINTS, next_run_dir, resume_hint
 
     config = load_config(args.config)
-    result = train(config, args.run_dir, progress=not args.no_progress, resume=args.resume)
+    if args.resume and not args.run_dir:
+        raise UsageError("--resume needs the --run-dir of the run to continue")
+    run_dir = Path(args.run_dir) if args.run_dir else next_run_dir()
+    command = f"psfw train {shlex.quote(args.config)} --run-dir {shlex.quote(str(run_dir))} --resume"
+    args.on_interrupt = lambda: resume_hint(command, run_dir / CHECKPOINTS, config.cluster.servers)
+    result = train(config, run_dir, progress=not args.no_progress, resume=args.resume)
     acc = result.test_accuracy
     line = f"test loss {result.test_loss:.4f}" + (f", test accuracy {acc:.4f}" if acc is not None else "")
     print(f"{line}; {result.steps} steps; outputs in {result.run_dir}")
@@ -79,8 +88,15 @@ def _worker(args: argparse.Namespace) -> int:
     if not servers:
         raise UsageError("give the running shards' addresses with --servers (or PSFW_SERVERS): host:port, ...")
     config = load_config(args.config)
+    args.on_interrupt = lambda: "to continue, run the same command with --resume"
     result = train(
-        config, args.run_dir, progress=False, servers=servers, processes=[args.process], security=_client_security(args)
+        config,
+        args.run_dir,
+        progress=False,
+        servers=servers,
+        processes=[args.process],
+        resume=args.resume,
+        security=_client_security(args),
     )
     if result.run_dir is not None:
         acc = result.test_accuracy
@@ -358,6 +374,13 @@ def parser() -> argparse.ArgumentParser:
         "--servers", default=_env("SERVERS", str, ""), help="shard addresses host:port, comma-separated, in shard order"
     )
     w.add_argument("--run-dir", default=_env("RUN_DIR"), help="outputs folder (process 0 evaluates and writes)")
+    w.add_argument(
+        "--resume",
+        action="store_true",
+        default=_env("RESUME", _switch, False),
+        help="continue the job the shards hold where they hold it (a restarted process; without it, a process "
+        "whose group has advanced on the shards is refused)",
+    )
     _add_client_security(w)
     w.set_defaults(run=_worker)
 
@@ -447,10 +470,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"psfw: {err}")
         return 1
     except KeyboardInterrupt:
+        hint = getattr(args, "on_interrupt", None)
+        extra = f"; {hint()}" if hint is not None else ""
         if terminated:
-            say("psfw: terminated (SIGTERM)")
+            say(f"psfw: terminated (SIGTERM){extra}")
             return 128 + signal.SIGTERM
-        say("psfw: interrupted")
+        say(f"psfw: interrupted{extra}")
         return 130
     finally:
         if in_main:

@@ -83,6 +83,8 @@ class Fresh(NamedTuple):
     step: int  # the group's completed steps they reflect
     values: dict[SliceKey, np.ndarray]
     slowest_step: int = 0  # Update only: the slowest group's completed steps
+    metrics: dict[str, float] = {}  # Update only: the whole group's metrics of the step, x rows
+    rows: int = 0  # Update only: the group's rows of the step
 
 
 def _assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
@@ -93,7 +95,13 @@ def _assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
     values = assembler.finish()
     if head is None:
         raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
-    return Fresh(head.step, values, getattr(head, "slowest_step", 0))
+    return _fresh(head, values)
+
+
+def _fresh(head, values: dict[SliceKey, np.ndarray]) -> Fresh:
+    if isinstance(head, pb.UpdateReply):
+        return Fresh(head.step, values, head.slowest_step, dict(head.metrics), head.rows)
+    return Fresh(head.step, values)
 
 
 PIPELINE_BYTES = 4 << 20  # the request is summed and encoded this much at a time
@@ -274,13 +282,14 @@ class ShardClient:
             )
         self._down_since, self._said, self._closed = None, 0.0, 0
 
-    async def put(self, items: Items, optimizer: str) -> int:
-        """Store initial values; the shard's optimizer is fixed by its first Put."""
+    async def put(self, items: Items, optimizer: str, job: str = "") -> int:
+        """Store initial values; the shard's optimizer and job (its identity, JSON)
+        are fixed by its first Put."""
         items = list(items)
 
         def requests():
             for i, chunks in enumerate(encode_chunks(items, self.chunk_bytes)):
-                yield Frame(pb.PutRequest(optimizer=optimizer if i == 0 else ""), chunks)
+                yield Frame(pb.PutRequest(optimizer=optimizer, job=job) if i == 0 else pb.PutRequest(), chunks)
 
         async def attempt():
             return (await self._put(requests(), timeout=self.timeout_s, metadata=self._md)).slices
@@ -339,6 +348,7 @@ class ShardClient:
         group_processes: int = 0,
         epoch: int = 0,
         checkpoint_every: int = 0,
+        metrics: dict[str, float] | None = None,
         items: Items,  # (key, slice, array), or (key, slice, tuple of arrays to add up)
         expect: Expect,
         wait_s: float,
@@ -361,6 +371,7 @@ class ShardClient:
             group_processes=group_processes,
             epoch=epoch,
             checkpoint_every=checkpoint_every,
+            metrics=metrics or {},
         )
 
         def encode_shm() -> list[bytes]:
@@ -378,7 +389,7 @@ class ShardClient:
             reply = _assemble([f async for f in call], expect, None)
             keys = [(key, index) for key, index, _ in items]
             values = await asyncio.to_thread(self._from_region, keys, expect, into)
-            return Fresh(reply.step, values, reply.slowest_step)
+            return reply._replace(values=values)
 
         async def send_network() -> Fresh:
             call = self._update(
@@ -390,7 +401,7 @@ class ShardClient:
                 reply = assembler.add_frame(frame)
             if reply is None:
                 raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
-            return Fresh(reply.step, assembler.finish(), reply.slowest_step)
+            return _fresh(reply, assembler.finish())
 
         if self._shm is not None:
             # the gradients go into the shared region, the message carries only its name

@@ -9,6 +9,7 @@ parameters by name, follow the progress.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -90,9 +91,18 @@ class Cluster:
                     "pending": {g.group: list(g.pending_processes) for g in b.groups if g.pending_workers},
                     "updates_per_s": (b.updates_applied - a.updates_applied) / elapsed if elapsed > 0 else 0.0,
                     "updates_applied": b.updates_applied,
+                    "job": _job_label(b.job),
                 }
             )
         return rows
+
+
+def _job_label(job: str) -> str:
+    """``digits_mlp#3f2a9c01d4e5b6a7`` for a job identity, ``-`` for none."""
+    if not job:
+        return "-"
+    identity = json.loads(job)
+    return f"{identity.get('name', '?')}#{identity.get('fingerprint', '?')}"
 
 
 def _group_steps(replies: list[pb.DescribeReply]) -> dict[int, int]:
@@ -105,11 +115,13 @@ def _group_steps(replies: list[pb.DescribeReply]) -> dict[int, int]:
 
 def format_status(rows: list[dict[str, Any]]) -> str:
     """A plain table of ``Cluster.status``."""
-    lines = [f"{'shard':>5}  {'address':<22} {'keys':>5} {'slices':>6} {'MB':>9} {'versions':>11}  updates/s  groups"]
+    lines = [
+        f"{'shard':>5}  {'address':<22} {'keys':>5} {'slices':>6} {'MB':>9} {'versions':>11}  updates/s  groups  job"
+    ]
     for r in rows:
         groups = " ".join(f"g{g}@{s}" for g, s in sorted(r["groups"].items())) or "-"
         lines.append(
             f"{r['shard']:>5}  {r['address']:<22} {r['keys']:>5} {r['slices']:>6} {r['bytes'] / 1e6:>9.2f} "
-            f"{r['versions'][0]:>5}-{r['versions'][1]:<5}  {r['updates_per_s']:>9.1f}  {groups}"
+            f"{r['versions'][0]:>5}-{r['versions'][1]:<5}  {r['updates_per_s']:>9.1f}  {groups}  {r['job']}"
         )
     return "\n".join(lines)

@@ -142,6 +142,7 @@ class ClusterConfig(_Strict):
 
 
 class Config(_Strict):
+    name: str | None = Field(default=None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:+-]+$")
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from psfw.children import START_TIMEOUT_S, Tail, child_env, describe_exit, psfw_
 from psfw.config import Config
 from psfw.console import say
 from psfw.launcher import CHECKPOINTS, check_run_dir
+from psfw.outputs import resume_hint
 
 STOP_GRACE_S = 10.0
 # each stops every process gracefully once: Ctrl-C, a stop, a closed terminal
@@ -116,8 +118,8 @@ async def _stop(children: list[Child]) -> None:
     await asyncio.gather(*(c.pump for c in children if c.pump is not None), return_exceptions=True)
 
 
-def _interrupted(signals: list[int]) -> int:
-    say("psfw launch: interrupted, stopping every process")
+def _interrupted(signals: list[int], hint: str) -> int:
+    say(f"psfw launch: interrupted, stopping every process; {hint}")
     return 128 + signals[0]  # 130 for Ctrl-C, 143 for SIGTERM (as psfw train, worker), 129
 
 
@@ -137,6 +139,12 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         signals.append(sig)
         interrupted.set()
 
+    def hint() -> str:
+        if run_dir is None:
+            return "the run kept no checkpoints"
+        command = f"psfw launch {shlex.quote(str(config_path))} --run-dir {shlex.quote(str(run_dir))} --resume"
+        return resume_hint(command, run_dir / CHECKPOINTS, c.servers)
+
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
@@ -151,14 +159,16 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
                 children.append(child)
                 address = await _wait_ready(child, ready_file, interrupted)
                 if address is None:
-                    return _interrupted(signals)
+                    return _interrupted(signals, hint())
                 addresses.append(address)
         shards = list(children)
         workers = []
         for process in range(c.worker_groups * c.processes_per_group):
             args = ["worker", str(config_path), "--process", str(process), "--servers", ",".join(addresses)]
-            if process == 0 and run_dir is not None:
+            if process % c.processes_per_group == 0 and run_dir is not None:  # each group's first: its records
                 args += ["--run-dir", str(run_dir)]
+            if resume:
+                args.append("--resume")
             workers.append(await _spawn(f"worker {process}", args))
         children.extend(workers)
         waits = {asyncio.create_task(child.proc.wait()): child for child in children}
@@ -167,7 +177,7 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         while running_workers:
             done, _ = await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
             if stop in done:
-                return _interrupted(signals)
+                return _interrupted(signals, hint())
             for task in done:
                 child = waits.pop(task)
                 code = task.result()

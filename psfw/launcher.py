@@ -23,9 +23,22 @@ from psfw.cache import ParamCache
 from psfw.compute.step import make_eval_fn, make_grad_step
 from psfw.config import Config, load_config
 from psfw.errors import ConfigError, UsageError
+from psfw.identity import job_identity
 from psfw.job import Job, build_job
 from psfw.local import connect
-from psfw.outputs import PARAMS_FILE, MetricsLog, new_run_dir, read_records, write_curves, write_net, write_params
+from psfw.outputs import (
+    CHECKPOINTS,
+    PARAMS_FILE,
+    MetricsLog,
+    mark_run_dir,
+    new_run_dir,
+    read_records,
+    resumed_config_changes,
+    run_dir_contents,
+    write_curves,
+    write_net,
+    write_params,
+)
 from psfw.params import unflatten_params
 from psfw.progress import ProgressBar, StepReporter
 from psfw.security import NO_SECURITY, Security
@@ -35,7 +48,6 @@ from psfw.stub import Stub, fetch_params
 from psfw.worker import WorkerSpec, run_worker
 
 log = logging.getLogger("psfw")
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -61,9 +73,12 @@ async def run_job(
     processes: list[int] | None = None,
     reporter: StepReporter | None = None,
     security: Security = NO_SECURITY,
+    resume: bool = False,
 ) -> list[Stub]:
     """Run worker processes of ``job`` (default: all) in this OS process, each with
     its own stub, cache and channels, against the shards at ``addresses``.
+    ``resume``: continue the job where the shards hold it (else a process whose
+    group has advanced there is refused, see ``Stub``).
 
     Process ``p`` is local process ``p % processes_per_group`` of group
     ``p // processes_per_group`` and runs ``workers_per_process`` workers.
@@ -83,6 +98,7 @@ async def run_job(
     if 0 in processes:  # once per job: the OS process that runs process 0
         _warn_empty_shards(job)
     step_fn = make_grad_step(job.model.loss)
+    identity = job_identity(job.config, {n: (p.dtype, p.shape) for n, p in job.layout.params.items()})
     stubs: list[Stub] = []
     async with AsyncExitStack() as stack:
         # one thread per worker, held for the whole job (its steps run there): nothing
@@ -142,6 +158,8 @@ async def run_job(
                     staleness=c.staleness,
                     warmup_steps=c.warmup_steps,
                     checkpoint_every=t.checkpoint_every,
+                    identity=identity,
+                    resume=resume,
                 )
                 stubs.append(stub)
                 tasks.create_task(stub.run(job.steps), name=f"stub-{process}")
@@ -176,17 +194,20 @@ async def train_async(
     processes = list(range(c.worker_groups * c.processes_per_group)) if processes is None else processes
     chief = 0 in processes
     folder = None
-    if resume and not run_dir:
+    if resume and not run_dir and not servers:  # against running shards, resume continues the job they hold
         raise UsageError("--resume needs the --run-dir of the run to continue")
-    if run_dir and not servers:  # before the folder is touched: a refused command leaves nothing behind
-        check_run_dir(Path(run_dir), c.servers, resume)
+    if run_dir and chief:  # before the folder is touched: a refused command leaves nothing behind
+        check_run_dir(Path(run_dir), c.servers, resume, checkpoints=not servers)
+    changes = resumed_config_changes(Path(run_dir), config) if resume and run_dir and chief else {}
     if outputs and chief:
         folder = Path(run_dir) if run_dir else new_run_dir()
         folder.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(folder)
         (folder / "config.json").write_text(config.model_dump_json(indent=1))
     checkpoints = (Path(run_dir) if run_dir else folder) / CHECKPOINTS if (run_dir or folder) else None
     async with AsyncExitStack() as stack:
         addresses = list(servers or [])
+        restored: list[int | None] = []
         if not addresses:
             for shard in range(c.servers):
                 server = ShardServer(
@@ -195,17 +216,27 @@ async def train_async(
                 await server.start("127.0.0.1:0")
                 stack.push_async_callback(server.stop, 0)
                 addresses.append(server.address)
+                restored.append(server.restored_step)
+        if changes and folder is not None:  # config.json holds the settings from now on; the history says since when
+            step = min((r for r in restored if r is not None), default=None)
+            _append_json(folder / "history.jsonl", {"resumed_at_step": step, "changed": changes})
         sinks: list = []
-        if folder is not None:
-            metrics = stack.enter_context(MetricsLog(folder / "metrics.jsonl"))
-            sinks.append(metrics.write)
+        # each group's records come from the process that leads it (its first), here
+        # or in another OS process that writes the same file (psfw launch)
+        led = {p // c.processes_per_group for p in processes if p % c.processes_per_group == 0}
+        records_dir = folder if folder is not None else Path(run_dir) if run_dir and outputs and led else None
+        metrics = None
+        if records_dir is not None:
+            records_dir.mkdir(parents=True, exist_ok=True)
+            metrics = MetricsLog(records_dir / "metrics.jsonl", resume=resume)
+            sinks.append(lambda record: metrics.write(record) if record["group"] in led else None)
         if progress and ProgressBar.can_show():
             sinks.append(stack.enter_context(ProgressBar(job.steps)))
         else:  # --no-progress, or no terminal to draw a bar on
             sinks.append(log_line)
         local = Counter(p // c.processes_per_group for p in processes)
         reporter = StepReporter(dict(local), job.steps, t.log_every, sinks)
-        stubs = await run_job(job, addresses, processes=processes, reporter=reporter, security=security)
+        stubs = await run_job(job, addresses, processes=processes, reporter=reporter, security=security, resume=resume)
         if not chief:
             return TrainResult({}, job.steps, float("nan"), {}, reporter.records, None, [dict(s.rpcs) for s in stubs])
         clients = [connect(a, i, timeout_s=t.wait_s, security=security) for i, a in enumerate(addresses)]
@@ -229,7 +260,7 @@ async def train_async(
     if folder is not None:
         final = {"final": True, "step": job.steps, "test_loss": result.test_loss}
         final.update({f"test_{k}": v for k, v in result.test_metrics.items()})
-        _append_json(folder / "metrics.jsonl", final)
+        metrics.write(final)
         write_params(folder / PARAMS_FILE, params, {"step": str(job.steps)})
         await asyncio.to_thread(write_net, folder, job.model.layers, job.layout)
         await asyncio.to_thread(write_curves, folder / "curves.png", read_records(folder / "metrics.jsonl"))
@@ -300,17 +331,24 @@ def _transports(paths: list[str]) -> str:
     return ", ".join(f"{_shards(shards)} {path}" for path, shards in by_path.items())
 
 
-def check_run_dir(run_dir: Path, shards: int, resume: bool) -> None:
-    """Refuse to train into a run folder that holds checkpoints unless told to resume
-    (its shards would quietly continue that run), and to resume from one without."""
-    found = complete_steps(run_dir / CHECKPOINTS, shards)
-    if resume and not found:
+def check_run_dir(run_dir: Path, shards: int, resume: bool, checkpoints: bool = True) -> None:
+    """Refuse a run folder that holds files psfw did not write (nothing there is ever
+    read), or another run's outputs or checkpoints unless told to resume (its shards
+    would quietly continue that run, its records would mix with this one's); and to
+    resume from one without checkpoints. ``checkpoints``: the run's shards keep
+    theirs in the folder (embedded, ``psfw launch``); a ``psfw worker``'s do not."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file: give a folder (a new one, or a run to --resume)")
+    ours, entries = run_dir_contents(run_dir)
+    if entries and not ours:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UsageError(f"{run_dir} holds files that are not a psfw run ({shown}): use a new or empty --run-dir")
+    found = complete_steps(run_dir / CHECKPOINTS, shards) if checkpoints else []
+    if checkpoints and resume and not found:
         raise UsageError(f"--resume: {run_dir / CHECKPOINTS} holds no complete checkpoint to continue from")
-    if found and not resume:
-        raise UsageError(
-            f"{run_dir / CHECKPOINTS} holds checkpoints (newest: step {found[-1]}): pass --resume to "
-            "continue that run, or use a new --run-dir"
-        )
+    if (found or ours) and not resume:
+        what = f"checkpoints (newest: step {found[-1]})" if found else "the outputs of a run"
+        raise UsageError(f"{run_dir} holds {what}: pass --resume to continue that run, or use a new --run-dir")
 
 
 def log_line(record: dict[str, Any]) -> None:

@@ -67,9 +67,9 @@ class LocalShardClient:
             arrays[(key, index)] = parts if isinstance(value, tuple) else parts[0]
         return arrays
 
-    async def put(self, items, optimizer: str) -> int:
+    async def put(self, items, optimizer: str, job: str = "") -> int:
         async def put():
-            return await self.store.put(self._checked(items, known=False), optimizer)
+            return await self.store.put(self._checked(items, known=False), optimizer, job=job)
 
         return await self._call("Put", put())
 
@@ -87,7 +87,8 @@ class LocalShardClient:
 
         async def update():
             result = await self.store.update(head, self._checked(items, known=True), wait_s)
-            return Fresh(result.step, await _deliver(result.values, into), result.slowest_step)
+            values = await _deliver(result.values, into)
+            return Fresh(result.step, values, result.slowest_step, dict(result.metrics), result.rows)
 
         return await self._call("Update", update())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 from pathlib import Path
@@ -14,6 +15,8 @@ from psfw.compute.netgraph import default_layers, net_graph, node_link, render
 from psfw.layout import Layout
 
 PARAMS_FILE = "params.safetensors"
+RUN_MARKER = "psfw-run.json"  # marks a folder as a psfw run: nothing else in a folder is read
+CHECKPOINTS = "checkpoints"
 
 log = logging.getLogger("psfw.outputs")
 
@@ -32,24 +35,139 @@ def new_run_dir(root: str | Path = "runs") -> Path:
     raise RuntimeError(f"no free run folder under {root}: clean it up")
 
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logged step, flushed as it goes."""
+def mark_run_dir(folder: Path) -> None:
+    """Mark ``folder`` as a psfw run (once)."""
+    from psfw import __version__
 
-    def __init__(self, path: Path):
+    if not (folder / RUN_MARKER).exists():
+        write_atomic(folder / RUN_MARKER, json.dumps({"psfw": __version__}).encode())
+
+
+def run_dir_contents(folder: Path) -> tuple[bool, list[str]]:
+    """Whether ``folder`` is a psfw run, and the names of what it holds (its
+    checkpoints folder aside: shards may make it before the run starts)."""
+    if not folder.exists():
+        return False, []
+    entries = sorted(p.name for p in folder.iterdir() if p.name != CHECKPOINTS)
+    return RUN_MARKER in entries, entries
+
+
+def next_run_dir(root: str | Path = "runs") -> Path:
+    """The folder ``new_run_dir`` would make next (not made yet)."""
+    for i in range(1, 100000):
+        candidate = Path(root) / f"run-{i:03d}"
+        if not candidate.exists():
+            return candidate
+    raise RuntimeError(f"no free run folder under {root}: clean it up")
+
+
+def resume_hint(command: str, checkpoints: Path, shards: int) -> str:
+    """What to tell a user whose run was interrupted: its newest checkpoint and the
+    command that continues from it."""
+    from psfw.services.checkpoint import complete_steps
+
+    steps = complete_steps(checkpoints, shards) if checkpoints.exists() else []
+    if not steps:
+        return "no checkpoint was written (set train.checkpoint_every to have them)"
+    return f"the newest checkpoint is of step {steps[-1]}; continue with: {command}"
+
+
+# what a resumed run may change: how long and how it trains on, not what it trains
+RESUMABLE = ("train.", "cluster.")
+
+
+def resumed_config_changes(folder: Path, config: Any) -> dict[str, list]:
+    """The settings ``config`` changes against the config of the run in ``folder``
+    that it resumes (``field: [before, after]``); UsageError for a change of the
+    model, the data, the optimizer, the seed or the name, which cannot continue
+    that run's parameters."""
+    from psfw.errors import UsageError
+
+    path = folder / "config.json"
+    if not path.exists():
+        return {}
+    before = _flat_settings(json.loads(path.read_text()))
+    after = _flat_settings(json.loads(config.model_dump_json()))
+    changes = {
+        k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)
+    }
+    fixed = [f"{k}: {b} -> {a}" for k, (b, a) in changes.items() if not k.startswith(RESUMABLE)]
+    if fixed:
+        shown = "; ".join(fixed[:4]) + (f"; {len(fixed) - 4} more" if len(fixed) > 4 else "")
+        raise UsageError(
+            f"--resume: the config changes what {folder} trained ({shown}): resume with that run's settings "
+            f"({path}), or start a new --run-dir"
+        )
+    return changes
+
+
+def _flat_settings(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if not prefix and key in ("base_dir", "source"):
+            continue
+        if isinstance(value, dict):
+            out.update(_flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, appended as it comes.
+
+    Several processes of one machine may write one file (``psfw launch``: the first
+    process of each group writes its group's records): each write takes an exclusive
+    lock (a lock file beside it) and appends whole lines. Resuming, the records of
+    the abandoned history go: each group's records from the step of its first new
+    record on (the steps after the checkpoint it resumed from, trained again), the
+    old final record, and lines a kill cut short, so that every step appears once."""
+
+    def __init__(self, path: Path, resume: bool = False):
         self.path = path
-        self._file = path.open("a", buffering=1)
+        self._lock = path.with_name(f".{path.name}.lock")
+        self._trimmed: set[int | str] | None = set() if resume else None  # what a resume trimmed so far
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        with self._lock.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            what = "final" if record.get("final") else record.get("group", 0)
+            if self._trimmed is not None and what not in self._trimmed and self.path.exists():
+                self._trimmed.add(what)
+                kept = [r for r in _lines(self.path) if not _abandoned(r, what, record.get("step", 0))]
+                write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
-        self._file.close()
+        pass
 
     def __enter__(self) -> MetricsLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics file; a line a kill cut short is dropped."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _abandoned(record: dict[str, Any], what: int | str, step: int) -> bool:
+    """Whether a resume that writes its first ``what`` (a group, or "final") record of
+    ``step`` drops ``record``."""
+    if what == "final" or record.get("final"):
+        return bool(record.get("final"))
+    return record.get("group", 0) == what and record.get("step", 0) >= step
 
 
 def write_params(path: Path, params: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
@@ -80,11 +198,27 @@ def write_net(run_dir: Path, layers: list[dict[str, Any]], layout: Layout) -> No
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The step records of a metrics file (a resumed run appends to it)."""
+    """The step records of a run's metrics file (a resumed run appends to it). A line
+    that is not a step record (the last line of a run killed while writing it) is
+    skipped with a warning."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if not r.get("final")]
+    records, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and not record.get("final"):
+            records.append(record)
+        elif not (isinstance(record, dict) and record.get("final")):
+            bad += 1
+    if bad:
+        log.warning("%s: skipped %d lines that are not step records", path, bad)
+    return records
 
 
 def write_curves(path: Path, records: list[dict[str, Any]]) -> None:

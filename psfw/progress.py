@@ -39,7 +39,9 @@ class StepReporter:
         group, step = key
         now = time.perf_counter()
         start, rows = self._window.get(group, (now - max(p["wall_s"] for p in parts), 0))
-        rows += sum(p["rows"] for p in parts)
+        # the group's rows when the shards said them (every process of the group, also
+        # those that report elsewhere), else the rows of the processes that report here
+        rows += parts[0].get("group_rows") or sum(p["rows"] for p in parts)
         if (step + 1) % self.log_every and step + 1 != self.steps:
             self._window[group] = (start, rows)
             return
@@ -47,7 +49,7 @@ class StepReporter:
         total = sum(p["rows"] for p in parts)
         record: dict[str, Any] = {"step": step + 1, "group": group}
         for name in parts[0]:
-            if name in ("group", "process", "step") or name in SUMMED:
+            if name in ("group", "process", "step", "group_rows") or name in SUMMED:
                 continue
             if name in MAXED:
                 record[name] = max(p[name] for p in parts)

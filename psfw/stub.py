@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import numpy as np
 from psfw.cache import ParamCache
 from psfw.client import ShardClient
 from psfw.errors import PsfwError, ShardError, WaitTimeout
+from psfw.identity import differences, summary
 from psfw.layout import Layout, SliceKey, SliceSpec
 from psfw.wire import param_buffers
 
@@ -41,6 +43,7 @@ class Contribution:
 # A shard said the cluster moved under us (restored, restarted, rolled back) or it is
 # unreachable for longer than the client's retries: re-sync instead of failing.
 RESYNC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+TIMES = ("compute_s", "wait_s")  # a worker's timings: not metrics of the model
 
 
 class Stub:
@@ -61,6 +64,8 @@ class Stub:
         staleness: int | None = None,
         warmup_steps: int = 0,
         checkpoint_every: int = 0,
+        identity: dict[str, Any] | None = None,
+        resume: bool = False,
     ):
         self.clients, self.layout, self.cache = clients, layout, cache
         self.group, self.process, self.workers = group, process, list(workers)
@@ -69,8 +74,12 @@ class Stub:
         self.worker_groups, self.warmup_steps = worker_groups, warmup_steps
         self.staleness = -1 if staleness is None else staleness
         self.checkpoint_every = checkpoint_every
+        # the job's identity (psfw.identity); shards that hold another job are refused,
+        # and joining this job where this group has advanced needs ``resume``
+        self.identity, self.resume = identity, resume
         self.group_processes = workers_per_group // max(len(self.workers), 1)
         self.slowest_step = 0  # the slowest group's completed steps, from the last answer
+        self.group_metrics: tuple[dict[str, float], int] = ({}, 0)  # the group's, x rows, of the last step
         self.epoch = 0  # the shards' restore count this stub is synced to
         self._loop = asyncio.get_running_loop()
         self._inbox: asyncio.Queue[Contribution] = asyncio.Queue()
@@ -108,7 +117,7 @@ class Stub:
         """Join the shards (fresh start or resume), then serve the local workers until
         the group has completed ``steps`` steps; re-sync when the shards moved."""
         try:
-            step = await self._join()
+            step = await self._join(steps)
             last = time.perf_counter()
             batch = None
             while step < steps:
@@ -209,11 +218,12 @@ class Stub:
         safe: the shards that applied it acknowledge it without adding it twice."""
         return self.group != 0 and max(steps) - min(steps) <= 1
 
-    async def _join(self) -> int:
+    async def _join(self, steps: int) -> int:
         self.cache.doing("joining the shards")
         replies = await self._settle()
         self.epoch = replies[0].epoch
         start = min(_group_step(r, self.group) for r in replies)
+        self._check_job(replies, start, steps)
         held = {(s.key, s.slice) for r in replies for s in r.slices}
         wanted: dict[int, list[str]] = {}
         if self.group == 0 and start == 0:
@@ -240,6 +250,37 @@ class Stub:
                 values.update(await self._get_all(self.group, start, missing))
         self.cache.publish(start, {n: jax.device_put(values[n]) for n in self.layout.params})
         return start
+
+    def _check_job(self, replies: list, start: int, steps: int) -> None:
+        """Refuse shards that hold another job's parameters, and joining this job
+        where this group has advanced already (a finished or running job) unless
+        resuming was asked for: both in one line that says what to do."""
+        if self.identity is None:
+            return
+        for shard, reply in enumerate(replies):
+            if not reply.job:
+                continue  # fresh, or put by a tool that names no job
+            held = json.loads(reply.job)
+            if held.get("fingerprint") != self.identity["fingerprint"]:
+                what = "; ".join(differences(held, self.identity))
+                raise PsfwError(
+                    f"shard {shard} holds job {summary(held, _group_step(reply, 0))}; this job differs: {what}: "
+                    "start the shards fresh, or run the config they hold"
+                )
+        if start and not self.resume:
+            state = f"finished, {steps} steps" if start >= steps else f"of {steps} steps"
+            raise PsfwError(
+                f"the shards hold this job ({self.identity['name']}) with group {self.group} at step {start} "
+                f"({state}): pass --resume to continue it, or start the shards fresh"
+            )
+        if start >= steps:
+            log.warning(
+                "process %d: the shards hold this job with group %d at step %d of %d: nothing left to train",
+                self.process,
+                self.group,
+                start,
+                steps,
+            )
 
     async def _await_warmup(self) -> None:
         """Wait for group 0's ``warmup_steps``, however long they take, as long as
@@ -278,7 +319,8 @@ class Stub:
             for s in self.layout.params[name].slices:
                 by_shard.setdefault(s.shard, []).append((name, s.index, flat[s.start : s.stop]))
         self.rpcs["Put"] += len(by_shard)
-        await asyncio.gather(*(self.clients[i].put(items, self.optimizer) for i, items in by_shard.items()))
+        job = json.dumps(self.identity) if self.identity is not None else ""
+        await asyncio.gather(*(self.clients[i].put(items, self.optimizer, job) for i, items in by_shard.items()))
 
     async def _get_all(self, group: int, step: int, names: list[str]) -> dict[str, np.ndarray]:
         self.rpcs["Get"] += len({s.shard for n in names for s in self.layout.params[n].slices})
@@ -287,6 +329,8 @@ class Stub:
     async def _step(self, step: int, batch: list[Contribution]) -> float:
         rows = sum(c.rows for c in batch)
         grads = [c.grads for c in batch]
+        # the shards add up every process's metrics x rows: the answer has the group's
+        metrics = {k: sum(float(c.metrics[k]) * c.rows for c in batch) for k in batch[0].metrics if k not in TIMES}
         # in-process shards answer with their own immutable arrays: whole parameters are
         # then put together by one jitted call (XLA copies, on its threads, while this
         # goes on); other paths write the answers straight into aligned buffers
@@ -311,6 +355,7 @@ class Stub:
                 group_processes=self.group_processes,
                 epoch=self.epoch,
                 checkpoint_every=self.checkpoint_every if self.group == 0 else 0,
+                metrics=metrics,
                 items=items,
                 expect=self.layout.slice_dtype_shape,
                 wait_s=self.wait_s,
@@ -336,6 +381,7 @@ class Stub:
             if answer.step != step + 1:
                 raise WaitTimeout(f"shard {shard} answered step {answer.step} for the update of step {step}")
         self.slowest_step = min(answer.slowest_step for answer in replies)
+        self.group_metrics = next(((a.metrics, a.rows) for a in replies if a.rows), ({}, 0))
         if in_process:
             slices = {key: value for answer in replies for key, value in answer.values.items()}
             self.cache.publish(step + 1, self._whole_params(slices))
@@ -349,9 +395,14 @@ class Stub:
             return
         rows = sum(c.rows for c in batch)
         report: dict[str, Any] = {"group": self.group, "process": self.process, "step": step, "rows": rows}
-        for key in batch[0].metrics:
-            if key not in ("compute_s", "wait_s"):
-                report[key] = sum(float(c.metrics[key]) * c.rows for c in batch) / rows
+        group_metrics, group_rows = self.group_metrics
+        if group_rows:  # the whole group's, over all its processes (the shards added them up)
+            report["group_rows"] = group_rows
+            report.update({k: v / group_rows for k, v in group_metrics.items()})
+        else:  # shards that do not add metrics up: this process's own
+            for key in batch[0].metrics:
+                if key not in TIMES:
+                    report[key] = sum(float(c.metrics[key]) * c.rows for c in batch) / rows
         compute_s = max(c.metrics["compute_s"] for c in batch)
         report.update(compute_s=compute_s, comm_s=comm_s, wait_s=max(0.0, wall_s - compute_s - comm_s), wall_s=wall_s)
         if self.worker_groups > 1:

@@ -118,12 +118,13 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def Put(self, request_iterator: AsyncIterator[Frame], context) -> pb.PutReply:
         async with self._handled(context, "Put"):
             assembler = Assembler(max_bytes=self.max_request_bytes, keep=True)
-            optimizer = None
+            first = None
             async for frame in request_iterator:
                 header = assembler.add_frame(frame)
-                if optimizer is None:
-                    optimizer = header.optimizer
-            stored = await self.store.put(assembler.finish(), optimizer or "", adopt=True)
+                if first is None:
+                    first = header
+            optimizer, job = (first.optimizer, first.job) if first is not None else ("", "")
+            stored = await self.store.put(assembler.finish(), optimizer, adopt=True, job=job)
             self.metrics.bytes_in.labels(self._shard).inc(assembler.total)
         return pb.PutReply(slices=stored)
 
@@ -165,7 +166,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 await _write_answer(region, offsets, result.values)
         if header.shm:  # the answer is in the region already
             self.metrics.bytes_out.labels(self._shard).inc(self.store.nbytes())
-            yield UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, slowest_step=result.slowest_step), []))
+            yield UPDATE_REPLY(Frame(_reply_head(result), []))
             return
         sent = 0
         async for reply in _answer(result, self.store.nbytes() <= SHARED_REPLY_BYTES):
@@ -229,6 +230,7 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
         epoch=store.epoch,
         checkpoint_steps=store.checkpoint_steps(),
         host=host_id(),
+        job=store.job,
     )
     for (key, index), (dtype, shape) in sorted(store.specs.items()):
         reply.slices.add(
@@ -250,8 +252,13 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
     return reply
 
 
+def _reply_head(result: UpdateResult) -> pb.UpdateReply:
+    """An Update's answer without its values: steps and the group's metrics."""
+    return pb.UpdateReply(step=result.step, slowest_step=result.slowest_step, metrics=result.metrics, rows=result.rows)
+
+
 def _encode_answer(result: UpdateResult, keys: list[SliceKey]) -> list[bytes]:
-    head = pb.UpdateReply(step=result.step, slowest_step=result.slowest_step)
+    head = _reply_head(result)
     values = result.values
     chunked = list(encode_chunks((k, i, values[(k, i)]) for k, i in keys)) or [[]]  # a shard with no slices
     return [UPDATE_REPLY(Frame(head, c)) for c in chunked]

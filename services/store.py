@@ -47,6 +47,7 @@ class Round:
     workers_per_group: int
     contributions: dict[int, tuple[int, int]] = field(default_factory=dict)  # process -> (workers, rows)
     parts: dict[int, dict[SliceKey, tuple[np.ndarray, ...]]] = field(default_factory=dict)  # process -> sums
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # process -> its metrics x rows
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
@@ -63,6 +64,7 @@ class GroupState:
     step: int = 0  # completed steps
     round: Round | None = None
     last: list[int] = field(default_factory=list)  # processes of the last applied step (the dedup state)
+    last_metrics: tuple[dict[str, float], int] = ({}, 0)  # the last applied step's metric sums and rows
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,15 @@ class UpdateResult:
     values: dict[SliceKey, jax.Array]  # a snapshot right after the update
     shared: bool  # True: every process of the group gets this answer (False: an acknowledged retry)
     slowest_step: int = 0  # the slowest group's completed steps when the answer left
+    metrics: dict[str, float] = field(default_factory=dict)  # the group's metrics of the step, x rows
+    rows: int = 0  # the group's rows of the step
     # the encoded answer, built once for all the group's processes; the result holds
     # no reference to its round, so that old values are freed without the cycle collector
     cache: dict = field(default_factory=dict)
 
 
 MAX_ROWS = 2**53
+MAX_METRICS = 64
 
 
 def _abort(code: grpc.StatusCode, message: str) -> WireError:
@@ -109,6 +114,7 @@ class ShardStore:
         self.specs: dict[SliceKey, tuple[np.dtype, tuple[int, ...]]] = {}
         self.groups: dict[int, GroupState] = {}
         self.optimizer_spec = ""
+        self.job = ""  # the identity (JSON) of the job whose parameters the shard holds, from its first Put
         self.skipped_nonfinite = 0
         self.updates_applied = 0
         self.started = time.monotonic()
@@ -170,14 +176,16 @@ class ShardStore:
 
     # -- put ---------------------------------------------------------------
 
-    async def put(self, arrays: dict[SliceKey, np.ndarray], optimizer: str, adopt: bool = False) -> int:
+    async def put(self, arrays: dict[SliceKey, np.ndarray], optimizer: str, adopt: bool = False, job: str = "") -> int:
         """Store the initial values of new slices (version 0).
 
         A retried Put of identical values is acknowledged; a different value for a
         held slice is ALREADY_EXISTS, a new slice once a step is open or done is
         FAILED_PRECONDITION. The first Put fixes the shard's optimizer. With
         ``adopt``, the arrays are the request's own buffers, which nobody writes again:
-        the shard keeps them instead of a copy.
+        the shard keeps them instead of a copy. ``job``: the job's identity (JSON, see
+        psfw.identity); the first Put that names one fixes it, a Put of another job is
+        FAILED_PRECONDITION.
         """
         if not arrays:
             raise _abort(grpc.StatusCode.INVALID_ARGUMENT, "Put carries no slices")
@@ -194,6 +202,13 @@ class ShardStore:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"shard {self.shard} already trains with optimizer {self.optimizer_spec}, the Put asks for another: "
                 "every process of a job must use the same optimizer settings",
+            )
+        fingerprint = _fingerprint(job)
+        if fingerprint and self.job and fingerprint != _fingerprint(self.job):
+            raise _abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"shard {self.shard} holds the parameters of job {json.loads(self.job).get('name')} "
+                f"({_fingerprint(self.job)}), the Put is of another job ({fingerprint}): start the shards fresh",
             )
         async with self._lock:  # not while an update replaces (or writes over) the values
             self._check_intact()
@@ -224,6 +239,8 @@ class ShardStore:
             if not self.optimizer_spec:
                 self.optimizer_spec, self._opt = optimizer, opt
                 self._set_update(opt)
+            if fingerprint and not self.job:
+                self.job = job
             self._store_new(new, adopt)
         async with self._progress:
             self._progress.notify_all()
@@ -343,14 +360,15 @@ class ShardStore:
             async with self._lock:
                 self._check_current(head)
                 values = dict(self.values)
-            return UpdateResult(state.step, values, False, self.slowest_step(head.worker_groups))
+            metrics, rows = state.last_metrics
+            return UpdateResult(state.step, values, False, self.slowest_step(head.worker_groups), dict(metrics), rows)
         rnd = self._validate_update(state, head, sums)
         created = group not in self.groups
         if rnd is None:
             rnd = state.round = Round(step, head.workers_per_group)
         self.groups[group] = state
         if process not in rnd.contributions:
-            self._add(rnd, process, head.workers, head.rows, sums)
+            self._add(rnd, process, head.workers, head.rows, sums, dict(head.metrics))
             if rnd.workers == rnd.workers_per_group:
                 # a task of its own: a handler cancelled meanwhile cannot leave the round full but unapplied
                 applying = asyncio.get_running_loop().create_task(
@@ -438,6 +456,11 @@ class ShardStore:
             raise _abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{where}: group {head.group} of {head.worker_groups} groups"
             )
+        if len(head.metrics) > MAX_METRICS or any(len(name) > 100 for name in head.metrics):
+            raise _abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{where}: at most {MAX_METRICS} metrics of names up to 100 characters",
+            )
         if head.staleness < -1:
             raise _abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: staleness {head.staleness} (use -1 for none)")
         missing = sorted(set(self.values) - set(sums))
@@ -467,9 +490,10 @@ class ShardStore:
             if not all(np.isfinite(p).all() for p in parts):
                 raise _nonfinite(group, step, slice_name(key))
 
-    def _add(self, rnd: Round, process: int, workers: int, rows: int, sums: dict) -> None:
+    def _add(self, rnd: Round, process: int, workers: int, rows: int, sums: dict, metrics: dict[str, float]) -> None:
         rnd.parts[process] = sums  # kept as received, no copy: the update adds them up
         rnd.contributions[process] = (workers, rows)
+        rnd.metrics[process] = metrics
 
     async def _apply(self, group: int, state: GroupState, rnd: Round, last: int, checkpoint_every: int) -> None:
         """Add up the contributions, check them, and apply the optimizer (jitted); a
@@ -504,6 +528,7 @@ class ShardStore:
                 if self.nonfinite == "reject":
                     sums = rnd.parts.pop(last)
                     del rnd.contributions[last]
+                    rnd.metrics.pop(last, None)
                     bad = [k for k, ps in sums.items() if not all(np.isfinite(p).all() for p in ps)]
                     raise _nonfinite(group, rnd.step, slice_name(bad[0]) if bad else "the summed contributions")
                 self.skipped_nonfinite += 1
@@ -514,8 +539,13 @@ class ShardStore:
             state.step = rnd.step + 1
             state.round = None
             state.last = sorted(rnd.contributions)
+            metrics: dict[str, float] = {}
+            for reported in rnd.metrics.values():
+                for name, value in reported.items():
+                    metrics[name] = metrics.get(name, 0.0) + value
+            state.last_metrics = (metrics, rnd.rows)
             self.updates_applied += 1
-            rnd.done.set_result(UpdateResult(state.step, dict(self.values), True))
+            rnd.done.set_result(UpdateResult(state.step, dict(self.values), True, 0, metrics, rnd.rows))
             if group == 0 and checkpoint_every and state.step % checkpoint_every == 0:
                 self._checkpoint_now()
         async with self._progress:
@@ -595,6 +625,7 @@ class ShardStore:
             "shards": self.shards,
             "epoch": self.epoch,
             "optimizer": self.optimizer_spec,
+            "job": self.job,
             "slices": slices,
             "groups": {str(g): {"step": st.step, "last": st.last} for g, st in self.groups.items()},
             "updates_applied": self.updates_applied,
@@ -629,6 +660,7 @@ class ShardStore:
         self.damage = ""  # a checkpoint is a state to trust again
         self.specs = {k: (np.dtype(np.asarray(v).dtype), tuple(v.shape)) for k, v in values.items()}
         self.optimizer_spec, self._opt = meta["optimizer"], opt
+        self.job = meta.get("job", "")
         self._set_update(opt)
         self.groups = {
             int(g): GroupState(step=int(st["step"]), last=list(st["last"])) for g, st in meta["groups"].items()
@@ -717,6 +749,20 @@ class ShardStore:
                 self._checkpoint_now()
         while self._saves:
             await asyncio.gather(*self._saves, return_exceptions=True)
+
+
+def _fingerprint(job: str) -> str:
+    """The fingerprint of a job identity ('' for none); INVALID_ARGUMENT for one
+    that is not an identity."""
+    if not job:
+        return ""
+    try:
+        fingerprint = json.loads(job)["fingerprint"]
+    except (ValueError, TypeError, KeyError, RecursionError):
+        raise _abort(grpc.StatusCode.INVALID_ARGUMENT, "the Put's job is not a psfw job identity (JSON)") from None
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise _abort(grpc.StatusCode.INVALID_ARGUMENT, "the Put's job identity has no fingerprint")
+    return fingerprint
 
 
 def _spec(optimizer: str) -> Any:

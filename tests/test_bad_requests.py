@@ -148,7 +148,7 @@ async def test_oversize_message_is_resource_exhausted(running):
 async def test_a_valid_update_still_works_after_refusals(running):
     server, client, update, _ = running
     await call(update, BAD_UPDATES["nan gradient"][0])
-    step, values, _ = await send(client, {i: v for _, i, v in GOOD}, rows=2)
+    step, values, *_ = await send(client, {i: v for _, i, v in GOOD}, rows=2)
     assert step == 1
     np.testing.assert_allclose(values[("w", 0)], -0.1 * 0.5)
 

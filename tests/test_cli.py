@@ -102,7 +102,7 @@ def test_run_folder_mistakes_are_usage_errors_not_config_errors(tmp_path):
     for shard in range(2):
         save_shard(used / "checkpoints", 4, shard, 2, {"w": np.zeros(2, np.float32)}, {})
     cases = [
-        (["--run-dir", str(used)], f"{used / 'checkpoints'} holds checkpoints (newest: step 4): pass --resume"),
+        (["--run-dir", str(used)], f"{used} holds checkpoints (newest: step 4): pass --resume"),
         (["--run-dir", str(tmp_path / "new"), "--resume"], "--resume: "),
         (["--resume"], "--resume needs the --run-dir of the run to continue"),
     ]

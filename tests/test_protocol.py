@@ -130,7 +130,7 @@ async def test_a_waiting_get_returns_as_soon_as_the_step_completes(shard):
     await asyncio.sleep(0.1)
     assert not waiting.done()
     await send(client, {0: np.full(4, 2.0, np.float32)}, rows=2)
-    step, values, _ = await asyncio.wait_for(waiting, 5)
+    step, values, *_ = await asyncio.wait_for(waiting, 5)
     assert step == 1
     np.testing.assert_allclose(values[("w", 0)], 1.0 - 0.1 * 2.0 / 2)
 
@@ -155,7 +155,7 @@ async def test_group_step_completes_only_when_all_workers_reported():
         assert not first.done(), "the step must wait for the whole group"
         second = await contribute(1, 5.0, 3)
         first = await first
-        for step, values, _ in (first, second):
+        for step, values, *_ in (first, second):
             assert step == 1
             np.testing.assert_allclose(values[("w", 0)], -0.1 * (3.0 + 5.0) / 4)
         assert server.store.versions[("w", 0)] == 1

@@ -121,10 +121,12 @@ def start_shard(index: int, port: int, folder) -> subprocess.Popen:
     return proc
 
 
-def start_worker(config_path, process: int, addresses: list[str], run_dir) -> subprocess.Popen:
+def start_worker(config_path, process: int, addresses: list[str], run_dir, resume=False) -> subprocess.Popen:
+    """A ``psfw worker``; ``resume``: a restarted process, which continues the job."""
     return subprocess.Popen(
         [*PSFW, "worker", str(config_path), "--process", str(process), "--servers", ",".join(addresses)]
-        + ["--run-dir", str(run_dir)],
+        + ["--run-dir", str(run_dir)]
+        + (["--resume"] if resume else []),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -187,7 +189,7 @@ def test_a_killed_worker_process_rejoins_and_the_job_ends_as_if_never_killed(tmp
         wait_for_step(other, kill_at)
         other.send_signal(signal.SIGKILL)
         other.wait(30)
-        again = start_worker(config_path, 1, addresses, tmp_path / "other")
+        again = start_worker(config_path, 1, addresses, tmp_path / "other", resume=True)
         procs.append(again)
         assert again.wait(300) == 0, again.stdout.read()[-3000:]
         out = chief.stdout.read()
@@ -513,7 +515,7 @@ async def test_another_group_one_step_apart_on_its_shards_goes_on_without_a_rest
         )  # fmt: skip
         await client.close()
         assert [s.store.group_step(1) for s in servers] == [4, 3]
-        await train_async(config(6), progress=False, outputs=False, servers=addresses, processes=[1])
+        await train_async(config(6), progress=False, outputs=False, servers=addresses, processes=[1], resume=True)
         assert [s.store.group_step(1) for s in servers] == [6, 6]
         assert [s.store.epoch for s in servers] == [0, 0], "nothing was restored"
     finally:

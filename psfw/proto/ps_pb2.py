@@ -24,45 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13psfw/proto/ps.proto\x12\x07psfw.v1\"_\n\x05\x43hunk\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"?\n\nPutRequest\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12\x1e\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0e.psfw.v1.Chunk\"\x1a\n\x08PutReply\x12\x0e\n\x06slices\x18\x01 \x01(\r\"&\n\x08SliceRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\r\"\x7f\n\nGetRequest\x12\r\n\x05group\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12!\n\x06slices\x18\x03 \x03(\x0b\x32\x11.psfw.v1.SliceRef\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\x12\x14\n\x0cwait_for_put\x18\x05 \x01(\x08\x12\x0b\n\x03shm\x18\x06 \x01(\t\"8\n\x08GetReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0e.psfw.v1.Chunk\"\xa0\x02\n\rUpdateRequest\x12\r\n\x05group\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07process\x18\x03 \x01(\r\x12\x0f\n\x07workers\x18\x04 \x01(\r\x12\x0c\n\x04rows\x18\x05 \x01(\x04\x12\x19\n\x11workers_per_group\x18\x06 \x01(\r\x12\x0e\n\x06wait_s\x18\x07 \x01(\x01\x12\x1e\n\x06\x63hunks\x18\x08 \x03(\x0b\x32\x0e.psfw.v1.Chunk\x12\x15\n\rworker_groups\x18\t \x01(\r\x12\x11\n\tstaleness\x18\n \x01(\x05\x12\x17\n\x0fgroup_processes\x18\x0b \x01(\r\x12\r\n\x05\x65poch\x18\x0c \x01(\x04\x12\x18\n\x10\x63heckpoint_every\x18\r \x01(\r\x12\x0b\n\x03shm\x18\x0e \x01(\t\"Q\n\x0bUpdateReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0e.psfw.v1.Chunk\x12\x14\n\x0cslowest_step\x18\x03 \x01(\x04\"!\n\x0f\x44\x65scribeRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x08\"f\n\tSliceInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\"\\\n\tGroupInfo\x12\r\n\x05group\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x17\n\x0fpending_workers\x18\x03 \x01(\r\x12\x19\n\x11pending_processes\x18\x04 \x03(\r\"\xf7\x02\n\rDescribeReply\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0e\n\x06shards\x18\x02 \x01(\r\x12\"\n\x06slices\x18\x03 \x03(\x0b\x32\x12.psfw.v1.SliceInfo\x12\"\n\x06groups\x18\x04 \x03(\x0b\x32\x12.psfw.v1.GroupInfo\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x39\n\nrpc_counts\x18\x06 \x03(\x0b\x32%.psfw.v1.DescribeReply.RpcCountsEntry\x12\x11\n\toptimizer\x18\x07 \x01(\t\x12\x17\n\x0fupdates_applied\x18\x08 \x01(\x04\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12\r\n\x05\x65poch\x18\n \x01(\x04\x12\x18\n\x10\x63heckpoint_steps\x18\x0b \x03(\x04\x12\x0c\n\x04host\x18\x0c \x01(\t\x12\x0e\n\x06\x64igest\x18\r \x01(\t\x1a\x30\n\x0eRpcCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"-\n\x0eRestoreRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"+\n\x0cRestoreReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x32\xa8\x02\n\x0fParameterServer\x12/\n\x03Put\x12\x13.psfw.v1.PutRequest\x1a\x11.psfw.v1.PutReply(\x01\x12/\n\x03Get\x12\x13.psfw.v1.GetRequest\x1a\x11.psfw.v1.GetReply0\x01\x12:\n\x06Update\x12\x16.psfw.v1.UpdateRequest\x1a\x14.psfw.v1.UpdateReply(\x01\x30\x01\x12<\n\x08\x44\x65scribe\x12\x18.psfw.v1.DescribeRequest\x1a\x16.psfw.v1.DescribeReply\x12\x39\n\x07Restore\x12\x17.psfw.v1.RestoreRequest\x1a\x15.psfw.v1.RestoreReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13psfw/proto/ps.proto\x12\x07psfw.v1\"_\n\x05\x43hunk\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"L\n\nPutRequest\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12\x1e\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0e.psfw.v1.Chunk\x12\x0b\n\x03job\x18\x03 \x01(\t\"\x1a\n\x08PutReply\x12\x0e\n\x06slices\x18\x01 \x01(\r\"&\n\x08SliceRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\r\"\x7f\n\nGetRequest\x12\r\n\x05group\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12!\n\x06slices\x18\x03 \x03(\x0b\x32\x11.psfw.v1.SliceRef\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\x12\x14\n\x0cwait_for_put\x18\x05 \x01(\x08\x12\x0b\n\x03shm\x18\x06 \x01(\t\"8\n\x08GetReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0e.psfw.v1.Chunk\"\x86\x03\n\rUpdateRequest\x12\r\n\x05group\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07process\x18\x03 \x01(\r\x12\x0f\n\x07workers\x18\x04 \x01(\r\x12\x0c\n\x04rows\x18\x05 \x01(\x04\x12\x19\n\x11workers_per_group\x18\x06 \x01(\r\x12\x0e\n\x06wait_s\x18\x07 \x01(\x01\x12\x1e\n\x06\x63hunks\x18\x08 \x03(\x0b\x32\x0e.psfw.v1.Chunk\x12\x15\n\rworker_groups\x18\t \x01(\r\x12\x11\n\tstaleness\x18\n \x01(\x05\x12\x17\n\x0fgroup_processes\x18\x0b \x01(\r\x12\r\n\x05\x65poch\x18\x0c \x01(\x04\x12\x18\n\x10\x63heckpoint_every\x18\r \x01(\r\x12\x0b\n\x03shm\x18\x0e \x01(\t\x12\x34\n\x07metrics\x18\x0f \x03(\x0b\x32#.psfw.v1.UpdateRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc3\x01\n\x0bUpdateReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0e.psfw.v1.Chunk\x12\x14\n\x0cslowest_step\x18\x03 \x01(\x04\x12\x32\n\x07metrics\x18\x04 \x03(\x0b\x32!.psfw.v1.UpdateReply.MetricsEntry\x12\x0c\n\x04rows\x18\x05 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"!\n\x0f\x44\x65scribeRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x08\"f\n\tSliceInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05slice\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\"\\\n\tGroupInfo\x12\r\n\x05group\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x17\n\x0fpending_workers\x18\x03 \x01(\r\x12\x19\n\x11pending_processes\x18\x04 \x03(\r\"\x84\x03\n\rDescribeReply\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0e\n\x06shards\x18\x02 \x01(\r\x12\"\n\x06slices\x18\x03 \x03(\x0b\x32\x12.psfw.v1.SliceInfo\x12\"\n\x06groups\x18\x04 \x03(\x0b\x32\x12.psfw.v1.GroupInfo\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x39\n\nrpc_counts\x18\x06 \x03(\x0b\x32%.psfw.v1.DescribeReply.RpcCountsEntry\x12\x11\n\toptimizer\x18\x07 \x01(\t\x12\x17\n\x0fupdates_applied\x18\x08 \x01(\x04\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12\r\n\x05\x65poch\x18\n \x01(\x04\x12\x18\n\x10\x63heckpoint_steps\x18\x0b \x03(\x04\x12\x0c\n\x04host\x18\x0c \x01(\t\x12\x0e\n\x06\x64igest\x18\r \x01(\t\x12\x0b\n\x03job\x18\x0e \x01(\t\x1a\x30\n\x0eRpcCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"-\n\x0eRestoreRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"+\n\x0cRestoreReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x32\xa8\x02\n\x0fParameterServer\x12/\n\x03Put\x12\x13.psfw.v1.PutRequest\x1a\x11.psfw.v1.PutReply(\x01\x12/\n\x03Get\x12\x13.psfw.v1.GetRequest\x1a\x11.psfw.v1.GetReply0\x01\x12:\n\x06Update\x12\x16.psfw.v1.UpdateRequest\x1a\x14.psfw.v1.UpdateReply(\x01\x30\x01\x12<\n\x08\x44\x65scribe\x12\x18.psfw.v1.DescribeRequest\x1a\x16.psfw.v1.DescribeReply\x12\x39\n\x07Restore\x12\x17.psfw.v1.RestoreRequest\x1a\x15.psfw.v1.RestoreReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'psfw.proto.ps_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_UPDATEREQUEST_METRICSENTRY']._loaded_options = None
+  _globals['_UPDATEREQUEST_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_UPDATEREPLY_METRICSENTRY']._loaded_options = None
+  _globals['_UPDATEREPLY_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_DESCRIBEREPLY_RPCCOUNTSENTRY']._loaded_options = None
   _globals['_DESCRIBEREPLY_RPCCOUNTSENTRY']._serialized_options = b'8\001'
   _globals['_CHUNK']._serialized_start=32
   _globals['_CHUNK']._serialized_end=127
   _globals['_PUTREQUEST']._serialized_start=129
-  _globals['_PUTREQUEST']._serialized_end=192
-  _globals['_PUTREPLY']._serialized_start=194
-  _globals['_PUTREPLY']._serialized_end=220
-  _globals['_SLICEREF']._serialized_start=222
-  _globals['_SLICEREF']._serialized_end=260
-  _globals['_GETREQUEST']._serialized_start=262
-  _globals['_GETREQUEST']._serialized_end=389
-  _globals['_GETREPLY']._serialized_start=391
-  _globals['_GETREPLY']._serialized_end=447
-  _globals['_UPDATEREQUEST']._serialized_start=450
-  _globals['_UPDATEREQUEST']._serialized_end=738
-  _globals['_UPDATEREPLY']._serialized_start=740
-  _globals['_UPDATEREPLY']._serialized_end=821
-  _globals['_DESCRIBEREQUEST']._serialized_start=823
-  _globals['_DESCRIBEREQUEST']._serialized_end=856
-  _globals['_SLICEINFO']._serialized_start=858
-  _globals['_SLICEINFO']._serialized_end=960
-  _globals['_GROUPINFO']._serialized_start=962
-  _globals['_GROUPINFO']._serialized_end=1054
-  _globals['_DESCRIBEREPLY']._serialized_start=1057
-  _globals['_DESCRIBEREPLY']._serialized_end=1432
-  _globals['_DESCRIBEREPLY_RPCCOUNTSENTRY']._serialized_start=1384
-  _globals['_DESCRIBEREPLY_RPCCOUNTSENTRY']._serialized_end=1432
-  _globals['_RESTOREREQUEST']._serialized_start=1434
-  _globals['_RESTOREREQUEST']._serialized_end=1479
-  _globals['_RESTOREREPLY']._serialized_start=1481
-  _globals['_RESTOREREPLY']._serialized_end=1524
-  _globals['_PARAMETERSERVER']._serialized_start=1527
-  _globals['_PARAMETERSERVER']._serialized_end=1823
+  _globals['_PUTREQUEST']._serialized_end=205
+  _globals['_PUTREPLY']._serialized_start=207
+  _globals['_PUTREPLY']._serialized_end=233
+  _globals['_SLICEREF']._serialized_start=235
+  _globals['_SLICEREF']._serialized_end=273
+  _globals['_GETREQUEST']._serialized_start=275
+  _globals['_GETREQUEST']._serialized_end=402
+  _globals['_GETREPLY']._serialized_start=404
+  _globals['_GETREPLY']._serialized_end=460
+  _globals['_UPDATEREQUEST']._serialized_start=463
+  _globals['_UPDATEREQUEST']._serialized_end=853
+  _globals['_UPDATEREQUEST_METRICSENTRY']._serialized_start=807
+  _globals['_UPDATEREQUEST_METRICSENTRY']._serialized_end=853
+  _globals['_UPDATEREPLY']._serialized_start=856
+  _globals['_UPDATEREPLY']._serialized_end=1051
+  _globals['_UPDATEREPLY_METRICSENTRY']._serialized_start=807
+  _globals['_UPDATEREPLY_METRICSENTRY']._serialized_end=853
+  _globals['_DESCRIBEREQUEST']._serialized_start=1053
+  _globals['_DESCRIBEREQUEST']._serialized_end=1086
+  _globals['_SLICEINFO']._serialized_start=1088
+  _globals['_SLICEINFO']._serialized_end=1190
+  _globals['_GROUPINFO']._serialized_start=1192
+  _globals['_GROUPINFO']._serialized_end=1284
+  _globals['_DESCRIBEREPLY']._serialized_start=1287
+  _globals['_DESCRIBEREPLY']._serialized_end=1675
+  _globals['_DESCRIBEREPLY_RPCCOUNTSENTRY']._serialized_start=1627
+  _globals['_DESCRIBEREPLY_RPCCOUNTSENTRY']._serialized_end=1675
+  _globals['_RESTOREREQUEST']._serialized_start=1677
+  _globals['_RESTOREREQUEST']._serialized_end=1722
+  _globals['_RESTOREREPLY']._serialized_start=1724
+  _globals['_RESTOREREPLY']._serialized_end=1767
+  _globals['_PARAMETERSERVER']._serialized_start=1770
+  _globals['_PARAMETERSERVER']._serialized_end=2066
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,77 @@
+"""metrics.jsonl says what happened in every mode: the group's loss over all its
+processes (added up by the shards), and every group's records."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from psfw.config import load_config
+from psfw.launcher import train_async
+from psfw.outputs import read_records
+
+PSFW = [sys.executable, "-m", "psfw.cli"]
+
+
+def write_config(path, groups: int):
+    path.write_text(
+        f"""
+seed = 4
+[model]
+hidden = [32]
+[train]
+batch_size = 40
+steps = 12
+log_every = 4
+wait_s = 60
+[optimizer]
+name = "sgd"
+learning_rate = 0.2
+[cluster]
+worker_groups = {groups}
+workers_per_group = 2
+workers_per_process = 1
+servers = 2
+"""
+    )
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_launch_records_the_groups_loss_as_the_embedded_run_does(tmp_path):
+    """One group of two worker processes: each process holds half the batch, the
+    record holds the whole group's loss."""
+    config_path = write_config(tmp_path / "job.toml", groups=1)
+    await train_async(load_config(config_path), tmp_path / "embedded", progress=False)
+    done = subprocess.run(
+        [*PSFW, "launch", str(config_path), "--run-dir", str(tmp_path / "launched")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    embedded = read_records(tmp_path / "embedded" / "metrics.jsonl")
+    launched = read_records(tmp_path / "launched" / "metrics.jsonl")
+    assert [r["step"] for r in launched] == [r["step"] for r in embedded] == [4, 8, 12]
+    for ours, theirs in zip(launched, embedded, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+        assert ours["accuracy"] == pytest.approx(theirs["accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_launch_records_every_group(tmp_path):
+    config_path = write_config(tmp_path / "job.toml", groups=2)
+    done = subprocess.run(
+        [*PSFW, "launch", str(config_path), "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    records = read_records(tmp_path / "run" / "metrics.jsonl")
+    for group in (0, 1):
+        assert [r["step"] for r in records if r["group"] == group] == [4, 8, 12], records
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum(1 for line in lines if json.loads(line).get("final")) == 1

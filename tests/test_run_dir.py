@@ -1,0 +1,125 @@
+"""Run folders never mix: a folder holding another run (or anything psfw did not
+write) is refused without --resume; a resume keeps each step once and refuses a
+config that changes what was trained; an interrupt says how to continue."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from psfw.config import parse_config
+from psfw.errors import UsageError
+from psfw.launcher import train_async
+from psfw.outputs import read_records
+
+PSFW = [sys.executable, "-m", "psfw.cli"]
+
+
+def config(steps=20, hidden=32, lr=0.05, checkpoint_every=5):
+    return parse_config(
+        {
+            "seed": 1,
+            "model": {"name": "mlp", "hidden": [hidden]},
+            "train": {"batch_size": 32, "steps": steps, "log_every": 5, "checkpoint_every": checkpoint_every},
+            "optimizer": {"name": "sgd", "learning_rate": lr},
+        },
+        source="job.toml",
+    )
+
+
+async def train(cfg, run_dir, **options):
+    return await train_async(cfg, run_dir, progress=False, **options)
+
+
+@pytest.mark.asyncio
+async def test_a_folder_that_holds_a_run_is_refused_without_resume(tmp_path):
+    run = tmp_path / "run"
+    await train(config(steps=10, checkpoint_every=0), run)
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(
+        UsageError, match=r"holds the outputs of a run: pass --resume to continue that run, or use a new"
+    ):
+        await train(config(steps=10, checkpoint_every=0), run)
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.asyncio
+async def test_a_folder_with_files_psfw_did_not_write_is_refused_and_left_alone(tmp_path):
+    run = tmp_path / "theirs"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("epoch,loss\n1,0.5\n")
+    with pytest.raises(UsageError, match=r"holds files that are not a psfw run \(metrics.jsonl\): use a new or empty"):
+        await train(config(steps=5), run)
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is a file: give a folder"):
+        await train(config(steps=5), tmp_path / "file")
+
+
+@pytest.mark.asyncio
+async def test_a_resume_keeps_every_step_once_and_records_what_changed(tmp_path):
+    run = tmp_path / "run"
+    await train(config(steps=20), run)
+    # as if killed after step 22 with the checkpoint of step 10 the newest
+    for step in (15, 20):
+        shutil.rmtree(run / "checkpoints" / f"step-{step:08d}")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"group": 0, "step": 25, "loss": 9.0}\n{"group": 0, "st')  # cut short by the kill
+    result = await train(config(steps=30), run, resume=True)
+    records = read_records(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    assert records[-2]["loss"] != 9.0, "the abandoned history's record of step 25 is gone"
+    finals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
+    assert len(finals) == 1 and finals[0]["step"] == 30 == result.steps
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert history == [{"resumed_at_step": 10, "changed": {"train.steps": [20, 30]}}]
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 30
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [({"hidden": 16}, "model.hidden: [32] -> [16]"), ({"lr": 0.01}, "optimizer.learning_rate: 0.05 -> 0.01")],
+)
+async def test_a_resume_that_changes_what_was_trained_is_refused_in_one_line(tmp_path, change, said):
+    run = tmp_path / "run"
+    await train(config(steps=10), run)
+    saved = (run / "config.json").read_text()
+    with pytest.raises(UsageError) as err:
+        await train(config(steps=10, **change), run, resume=True)
+    message = str(err.value)
+    assert said in message and "resume with that run's settings" in message and "\n" not in message
+    assert (run / "config.json").read_text() == saved
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_says_its_newest_checkpoint_and_how_to_continue(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(
+        "seed = 1\n[model]\nhidden = [32]\n[train]\nbatch_size = 32\nsteps = 100000\nlog_every = 5\n"
+        "checkpoint_every = 5\n"
+    )
+    run = tmp_path / "run"
+    with subprocess.Popen(
+        [*PSFW, "train", str(job), "--run-dir", str(run), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as proc:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            if "step 20 " in line:
+                break
+            assert time.monotonic() < deadline, "training did not start"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("psfw: interrupted; the newest checkpoint is of step "), err
+    assert last.endswith(f"continue with: psfw train {job} --run-dir {run} --resume")
