@@ -33,7 +33,9 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else next_run_dir()
     command = f"psfw train {shlex.quote(args.config)} --run-dir {shlex.quote(str(run_dir))} --resume"
     args.on_interrupt = lambda: resume_hint(command, run_dir / CHECKPOINTS, config.cluster.servers)
-    result = train(config, run_dir, progress=not args.no_progress, resume=args.resume)
+    result = train(
+        config, run_dir, progress=not args.no_progress, resume=args.resume, change_optimizer=args.change_optimizer
+    )
     acc = result.test_accuracy
     line = f"test loss {result.test_loss:.4f}" + (f", test accuracy {acc:.4f}" if acc is not None else "")
     print(f"{line}; {result.steps} steps; outputs in {result.run_dir}")
@@ -307,6 +309,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="folder for the outputs (default: a new folder under runs/)")
     t.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
+    t.add_argument(
+        "--change-optimizer",
+        action="store_true",
+        help="with --resume: go on with the config's new optimizer settings (a lower learning rate, say), keeping "
+        "the optimizer state; recorded in history.jsonl with the step",
+    )
     t.set_defaults(run=_train)
 
     s = sub.add_parser(

@@ -45,6 +45,7 @@ from psfw.security import NO_SECURITY, Security
 from psfw.services.checkpoint import complete_steps
 from psfw.services.server import ShardServer
 from psfw.stub import Stub, fetch_params
+from psfw.wire import WireError
 from psfw.worker import WorkerSpec, run_worker
 
 log = logging.getLogger("psfw")
@@ -177,6 +178,7 @@ async def train_async(
     servers: list[str] | None = None,
     processes: list[int] | None = None,
     resume: bool = False,
+    change_optimizer: bool = False,
     security: Security = NO_SECURITY,
 ) -> TrainResult:
     """Train ``config``; see the module docstring.
@@ -198,7 +200,9 @@ async def train_async(
         raise UsageError("--resume needs the --run-dir of the run to continue")
     if run_dir and chief:  # before the folder is touched: a refused command leaves nothing behind
         check_run_dir(Path(run_dir), c.servers, resume, checkpoints=not servers)
-    changes = resumed_config_changes(Path(run_dir), config) if resume and run_dir and chief else {}
+    if change_optimizer and (servers or not resume):
+        raise UsageError("--change-optimizer goes with --resume of an embedded run (psfw train)")
+    changes = resumed_config_changes(Path(run_dir), config, change_optimizer) if resume and run_dir and chief else {}
     if outputs and chief:
         folder = Path(run_dir) if run_dir else new_run_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -208,6 +212,7 @@ async def train_async(
     async with AsyncExitStack() as stack:
         addresses = list(servers or [])
         restored: list[int | None] = []
+        started: list[ShardServer] = []
         if not addresses:
             for shard in range(c.servers):
                 server = ShardServer(
@@ -217,6 +222,14 @@ async def train_async(
                 stack.push_async_callback(server.stop, 0)
                 addresses.append(server.address)
                 restored.append(server.restored_step)
+                started.append(server)
+        if any(k.startswith("optimizer.") for k in changes):  # the restored shards go on with the new settings
+            identity = job_identity(config, {n: (p.dtype, p.shape) for n, p in job.layout.params.items()})
+            try:
+                for server in started:
+                    await server.store.change_optimizer(config.optimizer.spec_json(), json.dumps(identity))
+            except WireError as err:
+                raise UsageError(f"--change-optimizer: {err.message}") from None
         if changes and folder is not None:  # config.json holds the settings from now on; the history says since when
             step = min((r for r in restored if r is not None), default=None)
             _append_json(folder / "history.jsonl", {"resumed_at_step": step, "changed": changes})

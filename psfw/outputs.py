@@ -76,11 +76,11 @@ def resume_hint(command: str, checkpoints: Path, shards: int) -> str:
 RESUMABLE = ("train.", "cluster.")
 
 
-def resumed_config_changes(folder: Path, config: Any) -> dict[str, list]:
+def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = False) -> dict[str, list]:
     """The settings ``config`` changes against the config of the run in ``folder``
     that it resumes (``field: [before, after]``); UsageError for a change of the
-    model, the data, the optimizer, the seed or the name, which cannot continue
-    that run's parameters."""
+    model, the data, the seed or the name, which cannot continue that run's
+    parameters, and of the optimizer unless ``change_optimizer``."""
     from psfw.errors import UsageError
 
     path = folder / "config.json"
@@ -91,12 +91,15 @@ def resumed_config_changes(folder: Path, config: Any) -> dict[str, list]:
     changes = {
         k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)
     }
-    fixed = [f"{k}: {b} -> {a}" for k, (b, a) in changes.items() if not k.startswith(RESUMABLE)]
+    resumable = RESUMABLE + (("optimizer.",) if change_optimizer else ())
+    fixed = [f"{k}: {b} -> {a}" for k, (b, a) in changes.items() if not k.startswith(resumable)]
     if fixed:
         shown = "; ".join(fixed[:4]) + (f"; {len(fixed) - 4} more" if len(fixed) > 4 else "")
+        only_optimizer = all(k.startswith("optimizer.") for k in changes if not k.startswith(RESUMABLE))
+        hint = " (or pass --change-optimizer to go on with the new optimizer settings)" if only_optimizer else ""
         raise UsageError(
             f"--resume: the config changes what {folder} trained ({shown}): resume with that run's settings "
-            f"({path}), or start a new --run-dir"
+            f"({path}){hint}, or start a new --run-dir"
         )
     return changes
 

@@ -257,6 +257,28 @@ class ShardStore:
                 return f"group {group} has completed {state.step} steps"
         return ""
 
+    async def change_optimizer(self, optimizer: str, job: str) -> None:
+        """Go on with other optimizer settings (a resume that changes the learning
+        rate, say), keeping the optimizer state: only a change that keeps the state's
+        form (the same optimizer and schedule kind, other numbers) can continue it;
+        another is FAILED_PRECONDITION. ``job``: the job's new identity."""
+        opt = build_optimizer(_spec(optimizer))
+        async with self._lock:
+            self._check_intact()
+            for key, value in self.values.items():
+                new, old = jax.eval_shape(opt.init, value), self._opt_state[key]
+                if jax.tree.structure(new) != jax.tree.structure(old) or _forms(new) != _forms(old):
+                    raise _abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"shard {self.shard}: the new optimizer keeps its state in another form than "
+                        f"{json.loads(self.optimizer_spec).get('name')}'s: it cannot continue that state",
+                    )
+            self.optimizer_spec, self._opt = optimizer, opt
+            self._set_update(opt)
+            if job:
+                _fingerprint(job)  # an identity
+                self.job = job
+
     def _set_update(self, opt: optax.GradientTransformation | None) -> None:
         self._update_fn, self._update_in_place = _jit_update(opt) if opt else (None, None)
         self._compiled = set()
@@ -645,8 +667,13 @@ class ShardStore:
         for index, entry in enumerate(meta["slices"]):
             key = (entry["key"], int(entry["slice"]))
             value = jax.numpy.array(tensors[f"value/{index}"])
-            template = jax.tree.structure(opt.init(value))
-            leaves = [jax.numpy.array(tensors[f"opt/{index}/{i}"]) for i in range(template.num_leaves)]
+            shapes = jax.eval_shape(opt.init, value)
+            template = jax.tree.structure(shapes)
+            # in the form opt.init gives (a scalar may come back from the file as shape (1,))
+            leaves = [
+                jax.numpy.array(tensors[f"opt/{index}/{i}"]).reshape(leaf.shape)
+                for i, leaf in enumerate(jax.tree.leaves(shapes))
+            ]
             values[key], versions[key] = value, int(entry["version"])
             states[key] = jax.tree.unflatten(template, leaves)
         return values, versions, states, opt
@@ -749,6 +776,10 @@ class ShardStore:
                 self._checkpoint_now()
         while self._saves:
             await asyncio.gather(*self._saves, return_exceptions=True)
+
+
+def _forms(tree: Any) -> list[tuple[tuple[int, ...], np.dtype]]:
+    return [(tuple(x.shape), np.dtype(x.dtype)) for x in jax.tree.leaves(tree)]
 
 
 def _fingerprint(job: str) -> str:

@@ -123,3 +123,65 @@ def test_an_interrupted_run_says_its_newest_checkpoint_and_how_to_continue(tmp_p
     last = err.strip().splitlines()[-1]
     assert last.startswith("psfw: interrupted; the newest checkpoint is of step "), err
     assert last.endswith(f"continue with: psfw train {job} --run-dir {run} --resume")
+
+
+def reference_with_a_change(cfg_before, cfg_after, switch: int) -> dict:
+    """Plain training: ``switch`` steps with the first optimizer, then the rest with
+    the second, its state carried over."""
+    import jax
+    import numpy as np
+    import optax
+
+    from psfw.compute.optimizers import build_optimizer
+    from psfw.job import build_job
+    from psfw.params import flatten_params
+
+    job = build_job(cfg_after)
+    params = job.model.init(jax.random.PRNGKey(cfg_after.seed))
+    before, after = (build_optimizer(c.optimizer.model_dump()) for c in (cfg_before, cfg_after))
+    state = before.init(params)
+    order = job.order(0)
+    for s in range(job.steps):
+        opt = before if s < switch else after
+        rows = order.indices(s)
+        x, y = job.data.x_train[rows], job.data.y_train[rows]
+        grads = jax.grad(lambda p, x=x, y=y: job.model.loss(p, x, y)[0])(params)
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    flat, _ = flatten_params(params)
+    return {n: np.asarray(v) for n, v in flat.items()}
+
+
+def adam(steps, lr):
+    return parse_config(
+        {
+            "seed": 1,
+            "model": {"name": "mlp", "hidden": [16]},
+            "train": {"batch_size": 32, "steps": steps, "log_every": 5, "checkpoint_every": 5},
+            "optimizer": {"name": "adam", "learning_rate": lr},
+        },
+        source="job.toml",
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_resume_may_change_the_optimizer_settings_when_told_and_records_it(tmp_path):
+    from helpers import assert_params_close
+
+    run = tmp_path / "run"
+    await train(adam(10, 0.01), run)
+    with pytest.raises(UsageError, match="or pass --change-optimizer to go on with the new optimizer settings"):
+        await train(adam(20, 0.002), run, resume=True)
+    result = await train(adam(20, 0.002), run, resume=True, change_optimizer=True)
+    assert_params_close(result.params, reference_with_a_change(adam(10, 0.01), adam(20, 0.002), 10))
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert history == [
+        {
+            "resumed_at_step": 10,
+            "changed": {"optimizer.learning_rate": [0.01, 0.002], "train.steps": [10, 20]},
+        }
+    ]
+    # a state of another form (adam's moments for sgd) cannot go on
+    sgd = adam(30, 0.01).model_copy(update={"optimizer": config().optimizer})
+    with pytest.raises(UsageError, match="--change-optimizer: shard 0: the new optimizer keeps its state in another"):
+        await train(sgd, run, resume=True, change_optimizer=True)
