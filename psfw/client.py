@@ -305,16 +305,19 @@ class ShardClient:
         wait_s: float,
         into: dict[SliceKey, np.ndarray] | None = None,
         wait_for_put: bool = False,
+        job: str = "",
     ) -> Fresh:
         """Values of ``keys`` once ``group`` has completed ``step`` steps (written
         into ``into`` where it has the slice, see ``Assembler``). With
-        ``wait_for_put`` the shard also waits for slices that are not put yet."""
+        ``wait_for_put`` the shard also waits for slices that are not put yet.
+        ``job``: this job's fingerprint (a shard of another job refuses)."""
         request = pb.GetRequest(
             group=group,
             step=step,
             slices=[pb.SliceRef(key=k, slice=i) for k, i in keys],
             wait_s=wait_s,
             wait_for_put=wait_for_put,
+            job=job,
         )
 
         async def attempt():
@@ -349,6 +352,7 @@ class ShardClient:
         epoch: int = 0,
         checkpoint_every: int = 0,
         metrics: dict[str, float] | None = None,
+        job: str = "",
         items: Items,  # (key, slice, array), or (key, slice, tuple of arrays to add up)
         expect: Expect,
         wait_s: float,
@@ -372,6 +376,7 @@ class ShardClient:
             epoch=epoch,
             checkpoint_every=checkpoint_every,
             metrics=metrics or {},
+            job=job,
         )
 
         def encode_shm() -> list[bytes]:

@@ -73,9 +73,9 @@ class LocalShardClient:
 
         return await self._call("Put", put())
 
-    async def get(self, group, step, keys, expect, wait_s, into=None, wait_for_put=False) -> Fresh:
+    async def get(self, group, step, keys, expect, wait_s, into=None, wait_for_put=False, job="") -> Fresh:
         async def get():
-            done, values = await self.store.read(list(keys), group, step, wait_s, wait_for_put)
+            done, values = await self.store.read(list(keys), group, step, wait_s, wait_for_put, job)
             return Fresh(done, await _deliver(values, into))
 
         return await self._call("Get", get())

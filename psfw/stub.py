@@ -77,6 +77,7 @@ class Stub:
         # the job's identity (psfw.identity); shards that hold another job are refused,
         # and joining this job where this group has advanced needs ``resume``
         self.identity, self.resume = identity, resume
+        self.fingerprint = identity["fingerprint"] if identity is not None else ""
         self.group_processes = workers_per_group // max(len(self.workers), 1)
         self.slowest_step = 0  # the slowest group's completed steps, from the last answer
         self.group_metrics: tuple[dict[str, float], int] = ({}, 0)  # the group's, x rows, of the last step
@@ -305,6 +306,7 @@ class Stub:
         replies = await self._settle()
         self.epoch = replies[0].epoch
         start = min(_group_step(r, self.group) for r in replies)
+        self._check_job(replies, 0, 1)  # a shard restarted with another job's checkpoint: stop, naming it
         values = await self._get_all(self.group, start, list(self.layout.params))
         while not self._inbox.empty():
             self._inbox.get_nowait()
@@ -324,7 +326,9 @@ class Stub:
 
     async def _get_all(self, group: int, step: int, names: list[str]) -> dict[str, np.ndarray]:
         self.rpcs["Get"] += len({s.shard for n in names for s in self.layout.params[n].slices})
-        return await fetch_params(self.clients, self.layout, group, step, names, self.wait_s, wait_for_put=True)
+        return await fetch_params(
+            self.clients, self.layout, group, step, names, self.wait_s, wait_for_put=True, job=self.fingerprint
+        )
 
     async def _step(self, step: int, batch: list[Contribution]) -> float:
         rows = sum(c.rows for c in batch)
@@ -356,6 +360,7 @@ class Stub:
                 epoch=self.epoch,
                 checkpoint_every=self.checkpoint_every if self.group == 0 else 0,
                 metrics=metrics,
+                job=self.fingerprint,
                 items=items,
                 expect=self.layout.slice_dtype_shape,
                 wait_s=self.wait_s,
@@ -433,10 +438,12 @@ async def fetch_params(
     names: list[str],
     wait_s: float,
     wait_for_put: bool = False,
+    job: str = "",
 ) -> dict[str, np.ndarray]:
     """Whole parameters ``names`` once ``group`` has completed ``step`` steps: one
     Get per shard, all shards at once. With ``wait_for_put``, the shards wait (up to
-    ``wait_s``) for slices whose owners in other processes have not put them yet."""
+    ``wait_s``) for slices whose owners in other processes have not put them yet.
+    ``job``: the job's fingerprint (shards of another job refuse)."""
     by_shard: dict[int, list[SliceKey]] = {}
     for name in names:
         for s in layout.params[name].slices:
@@ -444,7 +451,7 @@ async def fetch_params(
     params, into = param_buffers(layout, names)
 
     async def fetch(shard: int, keys: list[SliceKey]) -> None:
-        await clients[shard].get(group, step, keys, layout.slice_dtype_shape, wait_s, into, wait_for_put)
+        await clients[shard].get(group, step, keys, layout.slice_dtype_shape, wait_s, into, wait_for_put, job)
 
     await asyncio.gather(*(fetch(i, keys) for i, keys in by_shard.items()))
     return params

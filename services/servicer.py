@@ -132,7 +132,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         async with self._handled(context, "Get", request):
             keys = [(r.key, r.slice) for r in request.slices]
             step, values = await self.store.read(
-                keys, request.group, request.step, _wait(request.wait_s), request.wait_for_put
+                keys, request.group, request.step, _wait(request.wait_s), request.wait_for_put, request.job
             )
             if request.shm:
                 region, offsets = self._region(request.shm)

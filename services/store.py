@@ -115,6 +115,7 @@ class ShardStore:
         self.groups: dict[int, GroupState] = {}
         self.optimizer_spec = ""
         self.job = ""  # the identity (JSON) of the job whose parameters the shard holds, from its first Put
+        self.fingerprint = ""  # of that job
         self.skipped_nonfinite = 0
         self.updates_applied = 0
         self.started = time.monotonic()
@@ -204,14 +205,10 @@ class ShardStore:
                 "every process of a job must use the same optimizer settings",
             )
         fingerprint = _fingerprint(job)
-        if fingerprint and self.job and fingerprint != _fingerprint(self.job):
-            raise _abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"shard {self.shard} holds the parameters of job {json.loads(self.job).get('name')} "
-                f"({_fingerprint(self.job)}), the Put is of another job ({fingerprint}): start the shards fresh",
-            )
+        self.check_job(fingerprint)
         async with self._lock:  # not while an update replaces (or writes over) the values
             self._check_intact()
+            self.check_job(fingerprint)  # again: another job's Put may have come first meanwhile
             new = {}
             for key, value in arrays.items():
                 if key in self.values:
@@ -240,7 +237,7 @@ class ShardStore:
                 self.optimizer_spec, self._opt = optimizer, opt
                 self._set_update(opt)
             if fingerprint and not self.job:
-                self.job = job
+                self.job, self.fingerprint = job, fingerprint
             self._store_new(new, adopt)
         async with self._progress:
             self._progress.notify_all()
@@ -276,8 +273,7 @@ class ShardStore:
             self.optimizer_spec, self._opt = optimizer, opt
             self._set_update(opt)
             if job:
-                _fingerprint(job)  # an identity
-                self.job = job
+                self.job, self.fingerprint = job, _fingerprint(job)
 
     def _set_update(self, opt: optax.GradientTransformation | None) -> None:
         self._update_fn, self._update_in_place = _jit_update(opt) if opt else (None, None)
@@ -313,10 +309,18 @@ class ShardStore:
             ) from None
 
     async def read(
-        self, keys: list[SliceKey], group: int, step: int, wait_s: float, wait_for_put: bool = False
+        self,
+        keys: list[SliceKey],
+        group: int,
+        step: int,
+        wait_s: float,
+        wait_for_put: bool = False,
+        job: str = "",
     ) -> tuple[int, dict[SliceKey, jax.Array]]:
         """The values of ``keys`` (all slices when empty) once ``group`` has completed
-        ``step`` steps, waiting at most ``wait_s`` in all (see Get)."""
+        ``step`` steps, waiting at most ``wait_s`` in all (see Get); ``job``: the
+        reader's job fingerprint, refused when the shard holds another job's."""
+        self.check_job(job)
         keys = keys or sorted(self.values)
         started = time.monotonic()
         if wait_for_put:
@@ -423,10 +427,21 @@ class ShardStore:
             await self._hold_for_slowest(group, result.step, head, max(0.0, deadline - time.monotonic()))
         return dataclasses.replace(result, slowest_step=self.slowest_step(head.worker_groups))
 
+    def check_job(self, fingerprint: str) -> None:
+        """A request of another job than the one whose parameters the shard holds is
+        FAILED_PRECONDITION (not checked when either is unknown)."""
+        if fingerprint and self.fingerprint and fingerprint != self.fingerprint:
+            raise _abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"shard {self.shard} holds the parameters of job {json.loads(self.job).get('name')} "
+                f"({self.fingerprint}), the request is of another job ({fingerprint}): start the shards fresh",
+            )
+
     def _check_current(self, head: pb.UpdateRequest) -> None:
-        """The shard is intact and at the update's epoch: checked again after every
-        wait, since a Restore may have rolled the shard back during it."""
+        """The shard is intact, of the update's job and at its epoch: checked again
+        after every wait, since a Restore may have rolled the shard back during it."""
         self._check_intact()
+        self.check_job(head.job)
         if head.epoch != self.epoch:
             raise _abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -688,6 +703,7 @@ class ShardStore:
         self.specs = {k: (np.dtype(np.asarray(v).dtype), tuple(v.shape)) for k, v in values.items()}
         self.optimizer_spec, self._opt = meta["optimizer"], opt
         self.job = meta.get("job", "")
+        self.fingerprint = _fingerprint(self.job)
         self._set_update(opt)
         self.groups = {
             int(g): GroupState(step=int(st["step"]), last=list(st["last"])) for g, st in meta["groups"].items()

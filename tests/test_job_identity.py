@@ -110,9 +110,19 @@ async def test_a_put_of_another_job_is_refused_and_checkpoints_keep_the_job(tmp_
         with pytest.raises(ShardError) as err:
             await client.put([("w", 0, np.zeros(4, np.float32))], "", json.dumps({"name": "b", "fingerprint": "bb"}))
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
-        assert "holds the parameters of job a (aaaa), the Put is of another job (bb)" in str(err.value)
+        assert "holds the parameters of job a (aaaa), the request is of another job (bb)" in str(err.value)
         with pytest.raises(ShardError, match="not a psfw job identity"):
             await client.put([("w", 0, np.zeros(4, np.float32))], "", "{nope")
+        expect = lambda key: (np.dtype("float32"), (4,))  # noqa: E731
+        with pytest.raises(ShardError, match=r"holds the parameters of job a \(aaaa\), the request is of another"):
+            await client.get(0, 0, [("w", 0)], expect, wait_s=1, job="bb")
+        with pytest.raises(ShardError, match="the request is of another job") as err:
+            await client.update(
+                group=0, step=0, process=0, workers=1, rows=1, workers_per_group=1, job="bb",
+                items=[("w", 0, np.ones(4, np.float32))], expect=expect, wait_s=1,
+            )  # fmt: skip
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and server.store.group_step(0) == 0
+        assert (await client.get(0, 0, [("w", 0)], expect, wait_s=1, job="aaaa")).step == 0
     finally:
         await client.close()
         await server.stop(0)  # a final checkpoint

@@ -47,20 +47,22 @@ class SliceRef(_message.Message):
     def __init__(self, key: _Optional[str] = ..., slice: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("group", "step", "slices", "wait_s", "wait_for_put", "shm")
+    __slots__ = ("group", "step", "slices", "wait_s", "wait_for_put", "shm", "job")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     WAIT_FOR_PUT_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
     group: int
     step: int
     slices: _containers.RepeatedCompositeFieldContainer[SliceRef]
     wait_s: float
     wait_for_put: bool
     shm: str
-    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceRef, _Mapping]]] = ..., wait_s: _Optional[float] = ..., wait_for_put: _Optional[bool] = ..., shm: _Optional[str] = ...) -> None: ...
+    job: str
+    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceRef, _Mapping]]] = ..., wait_s: _Optional[float] = ..., wait_for_put: _Optional[bool] = ..., shm: _Optional[str] = ..., job: _Optional[str] = ...) -> None: ...
 
 class GetReply(_message.Message):
     __slots__ = ("step", "chunks")
@@ -71,7 +73,7 @@ class GetReply(_message.Message):
     def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("group", "step", "process", "workers", "rows", "workers_per_group", "wait_s", "chunks", "worker_groups", "staleness", "group_processes", "epoch", "checkpoint_every", "shm", "metrics")
+    __slots__ = ("group", "step", "process", "workers", "rows", "workers_per_group", "wait_s", "chunks", "worker_groups", "staleness", "group_processes", "epoch", "checkpoint_every", "shm", "metrics", "job")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +96,7 @@ class UpdateRequest(_message.Message):
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
     group: int
     step: int
     process: int
@@ -109,7 +112,8 @@ class UpdateRequest(_message.Message):
     checkpoint_every: int
     shm: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., process: _Optional[int] = ..., workers: _Optional[int] = ..., rows: _Optional[int] = ..., workers_per_group: _Optional[int] = ..., wait_s: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., worker_groups: _Optional[int] = ..., staleness: _Optional[int] = ..., group_processes: _Optional[int] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., shm: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    job: str
+    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., process: _Optional[int] = ..., workers: _Optional[int] = ..., rows: _Optional[int] = ..., workers_per_group: _Optional[int] = ..., wait_s: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., worker_groups: _Optional[int] = ..., staleness: _Optional[int] = ..., group_processes: _Optional[int] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., shm: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job: _Optional[str] = ...) -> None: ...
 
 class UpdateReply(_message.Message):
     __slots__ = ("step", "chunks", "slowest_step", "metrics", "rows")
