@@ -98,6 +98,13 @@ def build_schedule(learning_rate: float, schedule: dict[str, Any] | None) -> opt
         raise ValueError(f"unknown schedule {name!r}: use one of {', '.join(SCHEDULES)}")
     f = _checked(schedule, SCHEDULE_FIELDS, "schedule.")
     steps, end = f["steps"], f["end_value"]
+    # a schedule that cannot train (the config refuses the same: psfw.config.schedule_problem)
+    if name == "warmup_cosine" and f["warmup_steps"] >= steps:
+        raise ValueError(f"schedule.warmup_steps {f['warmup_steps']} must be below schedule.steps ({steps})")
+    if name == "exponential" and f["decay_rate"] > 1:
+        raise ValueError(f"schedule.decay_rate {f['decay_rate']} would grow the learning rate: use (0, 1]")
+    if name in ("cosine", "warmup_cosine", "linear") and end > learning_rate:
+        raise ValueError(f"schedule.end_value {end} is above the peak learning_rate ({learning_rate})")
     if name == "cosine":
         return optax.cosine_decay_schedule(learning_rate, steps, alpha=end / learning_rate)
     if name == "exponential":

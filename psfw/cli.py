@@ -86,7 +86,7 @@ def _worker(args: argparse.Namespace) -> int:
     from psfw.config import load_config
     from psfw.launcher import train
 
-    servers = [a.strip() for a in args.servers.split(",") if a.strip()]
+    servers = shard_addresses(args.servers)
     if not servers:
         raise UsageError("give the running shards' addresses with --servers (or PSFW_SERVERS): host:port, ...")
     config = load_config(args.config)
@@ -125,7 +125,7 @@ def _status(args: argparse.Namespace) -> int:
     from psfw.cluster import Cluster, format_status
 
     async def show() -> None:
-        addresses = [a.strip() for a in args.servers.split(",") if a.strip()]
+        addresses = shard_addresses(args.servers)
         async with Cluster(addresses, security=_client_security(args)) as cluster:
             print(format_status(await cluster.status(args.interval)))
 
@@ -139,6 +139,7 @@ def _health(args: argparse.Namespace) -> int:
 
     from psfw.security import link_problem
 
+    shard_addresses(args.address)  # one host:port
     security = _client_security(args)
     if args.local:
         credentials, options = security.probe_credentials()
@@ -277,6 +278,17 @@ def _one_of(*choices: str) -> Callable[[str], str]:
         return text
 
     return one_of
+
+
+def shard_addresses(text: str) -> list[str]:
+    """``host:port,host:port`` -> the addresses; UsageError for one without a port
+    (gRPC would quietly try port 443)."""
+    addresses = [a.strip() for a in text.split(",") if a.strip()]
+    for address in addresses:
+        host, colon, port = address.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise UsageError(f"shard address {address!r} is not host:port (e.g. 127.0.0.1:50051, [::1]:50051)")
+    return addresses
 
 
 def listen_address(text: str) -> str:

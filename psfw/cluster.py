@@ -89,12 +89,17 @@ class Cluster:
                     "versions": (min(versions, default=0), max(versions, default=0)),
                     "groups": {g.group: g.step for g in b.groups},
                     "pending": {g.group: list(g.pending_processes) for g in b.groups if g.pending_workers},
-                    "updates_per_s": (b.updates_applied - a.updates_applied) / elapsed if elapsed > 0 else 0.0,
+                    # None without an interval to measure over (interval 0)
+                    "updates_per_s": (b.updates_applied - a.updates_applied) / elapsed if interval_s > 0 else None,
                     "updates_applied": b.updates_applied,
                     "job": _job_label(b.job),
                 }
             )
         return rows
+
+
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.1f}"
 
 
 def _job_label(job: str) -> str:
@@ -122,6 +127,6 @@ def format_status(rows: list[dict[str, Any]]) -> str:
         groups = " ".join(f"g{g}@{s}" for g, s in sorted(r["groups"].items())) or "-"
         lines.append(
             f"{r['shard']:>5}  {r['address']:<22} {r['keys']:>5} {r['slices']:>6} {r['bytes'] / 1e6:>9.2f} "
-            f"{r['versions'][0]:>5}-{r['versions'][1]:<5}  {r['updates_per_s']:>9.1f}  {groups}  {r['job']}"
+            f"{r['versions'][0]:>5}-{r['versions'][1]:<5}  {_rate(r['updates_per_s']):>9}  {groups}  {r['job']}"
         )
     return "\n".join(lines)

@@ -69,6 +69,27 @@ class _Finite(_Strict):
 STEP_LIMIT = 2**31 - 1
 
 
+def schedule_problem(learning_rate: float, schedule: dict[str, Any]) -> tuple[str, str] | None:
+    """(field, problem) when a schedule with these values cannot train: a warmup that
+    leaves no steps to decay over, a decay that grows the rate, an end above the peak.
+    The shards make the same check (psfw.compute.optimizers)."""
+    name = schedule.get("name", "constant")
+    steps, warmup = schedule.get("steps", 1000), schedule.get("warmup_steps", 0)
+    end, rate = schedule.get("end_value", 0.0), schedule.get("decay_rate", 0.5)
+    if name == "warmup_cosine" and warmup >= steps:
+        return "schedule.warmup_steps", (
+            f"{warmup} must be below optimizer.schedule.steps ({steps}): warmup_cosine decays over the steps "
+            "after its warmup"
+        )
+    if name == "exponential" and rate > 1:
+        return "schedule.decay_rate", f"{rate} would grow the learning rate without bound: use a rate in (0, 1]"
+    if name in ("cosine", "warmup_cosine", "linear") and end > learning_rate:
+        return "schedule.end_value", (
+            f"{end} is above the peak learning_rate ({learning_rate}): a schedule ends at most at its peak"
+        )
+    return None
+
+
 class ScheduleConfig(_Finite):
     name: Literal["constant", "cosine", "exponential", "warmup_cosine", "linear"] = "constant"
     steps: int = Field(1000, ge=1, le=STEP_LIMIT)  # optax counts in int32
@@ -89,6 +110,13 @@ class OptimizerConfig(_Finite):
     initial_accumulator_value: float = Field(0.1, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimizerConfig:
+        problem = schedule_problem(self.learning_rate, self.schedule.model_dump())
+        if problem:
+            raise _FieldError(*problem)
+        return self
 
     def spec_json(self) -> str:
         """The spec the shards build their optimizer from."""
@@ -212,6 +240,12 @@ def load_config(path: str | Path) -> Config:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder: give a TOML config file (e.g. examples/digits_mlp.toml)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file: give a TOML config") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     for key in _SET_BY_LOADER:

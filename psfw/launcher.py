@@ -204,9 +204,12 @@ async def train_async(
         raise UsageError("--change-optimizer goes with --resume of an embedded run (psfw train)")
     changes = resumed_config_changes(Path(run_dir), config, change_optimizer) if resume and run_dir and chief else {}
     if outputs and chief:
-        folder = Path(run_dir) if run_dir else new_run_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        mark_run_dir(folder)
+        try:
+            folder = Path(run_dir) if run_dir else new_run_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            mark_run_dir(folder)
+        except OSError as err:
+            raise UsageError(f"cannot write the run folder {run_dir or 'runs/'}: {err.strerror or err}") from None
         (folder / "config.json").write_text(config.model_dump_json(indent=1))
     checkpoints = (Path(run_dir) if run_dir else folder) / CHECKPOINTS if (run_dir or folder) else None
     async with AsyncExitStack() as stack:

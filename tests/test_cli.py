@@ -317,3 +317,20 @@ def test_a_taken_port_is_one_line_not_a_traceback(flag):
         f"cannot listen on 127.0.0.1:{port}" if flag == "--listen" else f"cannot serve metrics on 127.0.0.1:{port}"
     )
     assert expected in done.stderr, done.stderr
+
+
+def test_command_line_mistakes_are_one_line_each(tmp_path):
+    """A folder for a config, an unwritable run folder, a shard address without a
+    port: one line under the command's name, exit 2, no traceback."""
+    config = tiny_config(tmp_path)
+    cases = [
+        (["train", str(tmp_path)], "psfw: config error: ", "is a folder: give a TOML config file"),
+        (["train", str(config), "--run-dir", "/proc/psfw-run"], "psfw train: ", "cannot write the run folder"),
+        (["status", "localhost"], "psfw status: ", "shard address 'localhost' is not host:port"),
+        (["health", "localhost"], "psfw health: ", "shard address 'localhost' is not host:port"),
+        (["worker", str(config), "--servers", "127.0.0.1:5,localhost"], "psfw worker: ", "'localhost' is not host"),
+    ]
+    for args, prefix, fragment in cases:
+        done = run(*args, timeout=120)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
+        assert done.stderr.startswith(prefix) and fragment in done.stderr, (args, done.stderr)

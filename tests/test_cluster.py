@@ -203,6 +203,8 @@ async def test_status_metrics_and_reading_a_parameter_from_a_client_script(tmp_p
         )
         out, _ = await cli.communicate()
         assert cli.returncode == 0 and out.decode().count("g0@20") == 2
+        # no interval, no rate: shown as "-", never a measured-looking 0.0
+        assert all(line.split()[6] == "-" for line in out.decode().splitlines()[1:]), out.decode()
         example = await asyncio.create_subprocess_exec(
             sys.executable,
             str(EXAMPLES / "watch_cluster.py"),

@@ -41,6 +41,22 @@ def test_shipped_examples_validate(examples, name):
         ("[optimizer]\nlearning_rate = inf\n", "optimizer.learning_rate: Input should be a finite number"),
         ("[optimizer]\nname = 'adam'\neps = inf\n", "optimizer.eps: Input should be a finite number"),
         ("[optimizer.schedule]\nname = 'linear'\nend_value = inf\n", "optimizer.schedule.end_value: Input should be"),
+        (
+            "[optimizer.schedule]\nname = 'warmup_cosine'\nsteps = 100\nwarmup_steps = 500\n",
+            "optimizer.schedule.warmup_steps: 500 must be below optimizer.schedule.steps (100)",
+        ),
+        (
+            "[optimizer.schedule]\nname = 'warmup_cosine'\nsteps = 100\nwarmup_steps = 100\n",
+            "optimizer.schedule.warmup_steps: 100 must be below",
+        ),
+        (
+            "[optimizer.schedule]\nname = 'exponential'\ndecay_rate = 5.0\n",
+            "optimizer.schedule.decay_rate: 5.0 would grow the learning rate without bound: use a rate in (0, 1]",
+        ),
+        (
+            "[optimizer]\nlearning_rate = 0.1\n[optimizer.schedule]\nname = 'linear'\nend_value = 5.0\n",
+            "optimizer.schedule.end_value: 5.0 is above the peak learning_rate (0.1)",
+        ),
     ],
 )
 def test_bad_configs_fail_with_one_line_naming_the_file_and_the_field(tmp_path, text, fragment):

@@ -150,3 +150,29 @@ def test_the_config_and_the_shard_bound_schedules_alike():
     from psfw.compute import optimizers
 
     assert config.STEP_LIMIT == optimizers.STEP_LIMIT
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"name": "warmup_cosine", "steps": 100, "warmup_steps": 500},
+        {"name": "warmup_cosine", "steps": 100, "warmup_steps": 100},
+        {"name": "exponential", "decay_rate": 5.0},
+        {"name": "linear", "end_value": 5.0},
+        {"name": "cosine", "end_value": 0.2},
+        {"name": "warmup_cosine", "steps": 100, "warmup_steps": 99, "end_value": 0.0},
+        {"name": "exponential", "decay_rate": 1.0},
+        {"name": "linear", "end_value": 0.1},
+    ],
+)
+def test_the_config_and_the_shard_refuse_the_same_schedules(schedule):
+    """A schedule that cannot train is refused by both, in the same words' field."""
+    from psfw.config import schedule_problem
+
+    problem = schedule_problem(0.1, schedule)
+    spec = {"name": "sgd", "learning_rate": 0.1, "schedule": schedule}
+    if problem is None:
+        build_optimizer(spec)
+    else:
+        with pytest.raises(ValueError, match=problem[0]):
+            build_optimizer(spec)
