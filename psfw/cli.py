@@ -25,17 +25,23 @@ def _train(args: argparse.Namespace) -> int:
 
     from psfw.config import load_config
     from psfw.launcher import train
-    from psfw.outputs import CHECKPOINTS, next_run_dir, resume_hint
+    from psfw.outputs import CHECKPOINTS, new_run_dir, resume_hint
 
     config = load_config(args.config)
     if args.resume and not args.run_dir:
         raise UsageError("--resume needs the --run-dir of the run to continue")
-    run_dir = Path(args.run_dir) if args.run_dir else next_run_dir()
+    claimed = None if args.run_dir else new_run_dir()  # made at once: two runs never take the same
+    run_dir = Path(args.run_dir) if args.run_dir else claimed
     command = f"psfw train {shlex.quote(args.config)} --run-dir {shlex.quote(str(run_dir))} --resume"
     args.on_interrupt = lambda: resume_hint(command, run_dir / CHECKPOINTS, config.cluster.servers)
-    result = train(
-        config, run_dir, progress=not args.no_progress, resume=args.resume, change_optimizer=args.change_optimizer
-    )
+    try:
+        result = train(
+            config, run_dir, progress=not args.no_progress, resume=args.resume, change_optimizer=args.change_optimizer
+        )
+    except BaseException:
+        if claimed is not None and not any(claimed.iterdir()):
+            claimed.rmdir()  # refused before anything was written: leave nothing behind
+        raise
     acc = result.test_accuracy
     line = f"test loss {result.test_loss:.4f}" + (f", test accuracy {acc:.4f}" if acc is not None else "")
     print(f"{line}; {result.steps} steps; outputs in {result.run_dir}")

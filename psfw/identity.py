@@ -44,7 +44,7 @@ def differences(held: dict[str, Any], ours: dict[str, Any], most: int = 4) -> li
         if theirs.get(name) != mine.get(name):
             found.append(f"parameter {name}: {_param(theirs.get(name))} -> {_param(mine.get(name))}")
     for section in ("optimizer", "data"):
-        flat_theirs, flat_mine = _flat(held.get(section, {}), section), _flat(ours[section], section)
+        flat_theirs, flat_mine = flat(held.get(section, {}), section), flat(ours[section], section)
         for key in sorted(set(flat_theirs) | set(flat_mine)):
             if flat_theirs.get(key) != flat_mine.get(key):
                 found.append(f"{key}: {flat_theirs.get(key, '(unset)')} -> {flat_mine.get(key, '(unset)')}")
@@ -65,10 +65,17 @@ def _param(spec: list | None) -> str:
     return "absent" if spec is None else f"{spec[0]}{spec[1]}"
 
 
-def _flat(value: Any, prefix: str) -> dict[str, Any]:
+def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"optimizer.schedule.name": ...}``."""
     if not isinstance(value, dict):
         return {prefix: value}
     out: dict[str, Any] = {}
     for key, item in value.items():
-        out.update(_flat(item, f"{prefix}.{key}"))
+        out.update(flat(item, f"{prefix}.{key}" if prefix else key))
     return out
+
+
+def changed(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> dict[str, list]:
+    """The settings that differ: ``{"optimizer.learning_rate": [0.01, 0.002]}``."""
+    old, new = flat(before, prefix), flat(after, prefix)
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}

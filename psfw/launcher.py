@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from psfw.cache import ParamCache
 from psfw.compute.step import make_eval_fn, make_grad_step
 from psfw.config import Config, load_config
 from psfw.errors import ConfigError, UsageError
-from psfw.identity import job_identity
+from psfw.identity import changed, job_identity
 from psfw.job import Job, build_job
 from psfw.local import connect
 from psfw.outputs import (
@@ -75,6 +76,7 @@ async def run_job(
     reporter: StepReporter | None = None,
     security: Security = NO_SECURITY,
     resume: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> list[Stub]:
     """Run worker processes of ``job`` (default: all) in this OS process, each with
     its own stub, cache and channels, against the shards at ``addresses``.
@@ -161,6 +163,7 @@ async def run_job(
                     checkpoint_every=t.checkpoint_every,
                     identity=identity,
                     resume=resume,
+                    on_start=on_start,
                 )
                 stubs.append(stub)
                 tasks.create_task(stub.run(job.steps), name=f"stub-{process}")
@@ -210,7 +213,6 @@ async def train_async(
             mark_run_dir(folder)
         except OSError as err:
             raise UsageError(f"cannot write the run folder {run_dir or 'runs/'}: {err.strerror or err}") from None
-        (folder / "config.json").write_text(config.model_dump_json(indent=1))
     checkpoints = (Path(run_dir) if run_dir else folder) / CHECKPOINTS if (run_dir or folder) else None
     async with AsyncExitStack() as stack:
         addresses = list(servers or [])
@@ -226,16 +228,13 @@ async def train_async(
                 addresses.append(server.address)
                 restored.append(server.restored_step)
                 started.append(server)
-        if any(k.startswith("optimizer.") for k in changes):  # the restored shards go on with the new settings
-            identity = job_identity(config, {n: (p.dtype, p.shape) for n, p in job.layout.params.items()})
-            try:
-                for server in started:
-                    await server.store.change_optimizer(config.optimizer.spec_json(), json.dumps(identity))
-            except WireError as err:
-                raise UsageError(f"--change-optimizer: {err.message}") from None
-        if changes and folder is not None:  # config.json holds the settings from now on; the history says since when
-            step = min((r for r in restored if r is not None), default=None)
-            _append_json(folder / "history.jsonl", {"resumed_at_step": step, "changed": changes})
+        step = min((r for r in restored if r is not None), default=None)
+        if resume and started:
+            changes.update(await _go_on_with_the_optimizer(config, job, started, step, change_optimizer))
+        if folder is not None:  # what this run trains with, once the shards took it (a resume may be refused)
+            (folder / "config.json").write_text(config.model_dump_json(indent=1))
+            if changes:  # config.json holds the settings from now on; the history says since when
+                _append_json(folder / "history.jsonl", {"resumed_at_step": step, "changed": changes})
         sinks: list = []
         # each group's records come from the process that leads it (its first), here
         # or in another OS process that writes the same file (psfw launch)
@@ -244,7 +243,7 @@ async def train_async(
         metrics = None
         if records_dir is not None:
             records_dir.mkdir(parents=True, exist_ok=True)
-            metrics = MetricsLog(records_dir / "metrics.jsonl", resume=resume)
+            metrics = MetricsLog(records_dir / "metrics.jsonl", resume=resume, groups=c.worker_groups)
             sinks.append(lambda record: metrics.write(record) if record["group"] in led else None)
         if progress and ProgressBar.can_show():
             sinks.append(stack.enter_context(ProgressBar(job.steps)))
@@ -252,7 +251,15 @@ async def train_async(
             sinks.append(log_line)
         local = Counter(p // c.processes_per_group for p in processes)
         reporter = StepReporter(dict(local), job.steps, t.log_every, sinks)
-        stubs = await run_job(job, addresses, processes=processes, reporter=reporter, security=security, resume=resume)
+        stubs = await run_job(
+            job,
+            addresses,
+            processes=processes,
+            reporter=reporter,
+            security=security,
+            resume=resume,
+            on_start=metrics.begin if metrics is not None else None,
+        )
         if not chief:
             return TrainResult({}, job.steps, float("nan"), {}, reporter.records, None, [dict(s.rpcs) for s in stubs])
         clients = [connect(a, i, timeout_s=t.wait_s, security=security) for i, a in enumerate(addresses)]
@@ -281,6 +288,36 @@ async def train_async(
         await asyncio.to_thread(write_net, folder, job.model.layers, job.layout)
         await asyncio.to_thread(write_curves, folder / "curves.png", read_records(folder / "metrics.jsonl"))
     return result
+
+
+async def _go_on_with_the_optimizer(
+    config: Config, job: Job, servers: list[ShardServer], step: int | None, change: bool
+) -> dict[str, list]:
+    """Restored embedded shards that train with other optimizer settings than the
+    config: switch them when ``change`` (``--change-optimizer``), else UsageError.
+    What the shards hold decides, not the run's config.json: a run stopped before
+    a checkpoint of its new settings comes back with the old ones. Returns the
+    settings changed (``optimizer.field: [before, after]``)."""
+    ours = json.loads(config.optimizer.spec_json())
+    held = {s.store.optimizer_spec for s in servers if s.store.optimizer_spec}
+    changes: dict[str, list] = {}
+    for spec in held:
+        changes.update(changed(json.loads(spec), ours, "optimizer"))
+    if not changes:
+        return {}
+    shown = "; ".join(f"{k}: {b} -> {a}" for k, (b, a) in list(changes.items())[:4])
+    if not change:
+        raise UsageError(
+            f"--resume: the checkpoint of step {step} trains with other optimizer settings than the config ({shown}): "
+            "pass --change-optimizer to go on with the config's, or resume with that run's settings"
+        )
+    identity = job_identity(config, {n: (p.dtype, p.shape) for n, p in job.layout.params.items()})
+    try:
+        for server in servers:
+            await server.store.change_optimizer(config.optimizer.spec_json(), json.dumps(identity))
+    except WireError as err:
+        raise UsageError(f"--change-optimizer: {err.message}") from None
+    return changes
 
 
 @asynccontextmanager

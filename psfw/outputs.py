@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -49,16 +50,16 @@ def run_dir_contents(folder: Path) -> tuple[bool, list[str]]:
     if not folder.exists():
         return False, []
     entries = sorted(p.name for p in folder.iterdir() if p.name != CHECKPOINTS)
-    return RUN_MARKER in entries, entries
+    return RUN_MARKER in entries or _earlier_run(folder), entries
 
 
-def next_run_dir(root: str | Path = "runs") -> Path:
-    """The folder ``new_run_dir`` would make next (not made yet)."""
-    for i in range(1, 100000):
-        candidate = Path(root) / f"run-{i:03d}"
-        if not candidate.exists():
-            return candidate
-    raise RuntimeError(f"no free run folder under {root}: clean it up")
+def _earlier_run(folder: Path) -> bool:
+    """A run folder of a psfw from before the marker: its config.json is a psfw config."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"model", "data", "train", "optimizer", "cluster"} <= set(config)
 
 
 def resume_hint(command: str, checkpoints: Path, shards: int) -> str:
@@ -82,15 +83,16 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
     model, the data, the seed or the name, which cannot continue that run's
     parameters, and of the optimizer unless ``change_optimizer``."""
     from psfw.errors import UsageError
+    from psfw.identity import changed
 
     path = folder / "config.json"
     if not path.exists():
         return {}
-    before = _flat_settings(json.loads(path.read_text()))
-    after = _flat_settings(json.loads(config.model_dump_json()))
-    changes = {
-        k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)
-    }
+    before, after = json.loads(path.read_text()), json.loads(config.model_dump_json())
+    for settings in (before, after):
+        for key in ("base_dir", "source"):
+            settings.pop(key, None)
+    changes = changed(before, after)
     resumable = RESUMABLE + (("optimizer.",) if change_optimizer else ())
     fixed = [f"{k}: {b} -> {a}" for k, (b, a) in changes.items() if not k.startswith(resumable)]
     if fixed:
@@ -104,43 +106,46 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
     return changes
 
 
-def _flat_settings(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if not prefix and key in ("base_dir", "source"):
-            continue
-        if isinstance(value, dict):
-            out.update(_flat_settings(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line, appended as it comes.
 
     Several processes of one machine may write one file (``psfw launch``: the first
     process of each group writes its group's records): each write takes an exclusive
-    lock (a lock file beside it) and appends whole lines. Resuming, the records of
-    the abandoned history go: each group's records from the step of its first new
-    record on (the steps after the checkpoint it resumed from, trained again), the
-    old final record, and lines a kill cut short, so that every step appears once."""
+    lock (a lock file beside it) and appends whole lines. Resuming, ``begin`` drops
+    the abandoned history of a group once its stub knows where the group resumes:
+    its records past that step, the old final record, the records of groups the job
+    no longer has (``groups``) and lines a kill cut short, so every step appears once."""
 
-    def __init__(self, path: Path, resume: bool = False):
+    def __init__(self, path: Path, resume: bool = False, groups: int | None = None):
         self.path = path
+        self.resume, self.groups = resume, groups
         self._lock = path.with_name(f".{path.name}.lock")
-        self._trimmed: set[int | str] | None = set() if resume else None  # what a resume trimmed so far
+
+    def begin(self, group: int, step: int) -> None:
+        """``group`` goes on after ``step`` completed steps (see the class)."""
+        if not self.resume:
+            return
+        with self._locked():
+            if not self.path.exists():
+                return
+            kept = [r for r in _lines(self.path) if not self._abandoned(r, group, step)]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def _abandoned(self, record: dict[str, Any], group: int, step: int) -> bool:
+        if record.get("final"):
+            return True
+        of = record.get("group", 0)
+        return (self.groups is not None and of >= self.groups) or (of == group and record.get("step", 0) > step)
 
     def write(self, record: dict[str, Any]) -> None:
+        with self._locked(), self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @contextlib.contextmanager
+    def _locked(self):
         with self._lock.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            what = "final" if record.get("final") else record.get("group", 0)
-            if self._trimmed is not None and what not in self._trimmed and self.path.exists():
-                self._trimmed.add(what)
-                kept = [r for r in _lines(self.path) if not _abandoned(r, what, record.get("step", 0))]
-                write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            yield
 
     def close(self) -> None:
         pass
@@ -163,14 +168,6 @@ def _lines(path: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
-
-
-def _abandoned(record: dict[str, Any], what: int | str, step: int) -> bool:
-    """Whether a resume that writes its first ``what`` (a group, or "final") record of
-    ``step`` drops ``record``."""
-    if what == "final" or record.get("final"):
-        return bool(record.get("final"))
-    return record.get("group", 0) == what and record.get("step", 0) >= step
 
 
 def write_params(path: Path, params: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

@@ -66,6 +66,7 @@ class Stub:
         checkpoint_every: int = 0,
         identity: dict[str, Any] | None = None,
         resume: bool = False,
+        on_start: Callable[[int, int], None] | None = None,
     ):
         self.clients, self.layout, self.cache = clients, layout, cache
         self.group, self.process, self.workers = group, process, list(workers)
@@ -77,6 +78,7 @@ class Stub:
         # the job's identity (psfw.identity); shards that hold another job are refused,
         # and joining this job where this group has advanced needs ``resume``
         self.identity, self.resume = identity, resume
+        self.on_start = on_start  # told (group, step) once the stub knows where its group starts
         self.fingerprint = identity["fingerprint"] if identity is not None else ""
         self.group_processes = workers_per_group // max(len(self.workers), 1)
         self.slowest_step = 0  # the slowest group's completed steps, from the last answer
@@ -225,6 +227,8 @@ class Stub:
         self.epoch = replies[0].epoch
         start = min(_group_step(r, self.group) for r in replies)
         self._check_job(replies, start, steps)
+        if self.on_start is not None:
+            self.on_start(self.group, start)
         held = {(s.key, s.slice) for r in replies for s in r.slices}
         wanted: dict[int, list[str]] = {}
         if self.group == 0 and start == 0:

@@ -65,6 +65,7 @@ async def test_a_folder_with_files_psfw_did_not_write_is_refused_and_left_alone(
 async def test_a_resume_keeps_every_step_once_and_records_what_changed(tmp_path):
     run = tmp_path / "run"
     await train(config(steps=20), run)
+    (run / "psfw-run.json").unlink()  # a run of a psfw from before the marker resumes too
     # as if killed after step 22 with the checkpoint of step 10 the newest
     for step in (15, 20):
         shutil.rmtree(run / "checkpoints" / f"step-{step:08d}")
@@ -181,7 +182,24 @@ async def test_a_resume_may_change_the_optimizer_settings_when_told_and_records_
             "changed": {"optimizer.learning_rate": [0.01, 0.002], "train.steps": [10, 20]},
         }
     ]
-    # a state of another form (adam's moments for sgd) cannot go on
+    # a state of another form (adam's moments for sgd) cannot go on; config.json stays
     sgd = adam(30, 0.01).model_copy(update={"optimizer": config().optimizer})
     with pytest.raises(UsageError, match="--change-optimizer: shard 0: the new optimizer keeps its state in another"):
         await train(sgd, run, resume=True, change_optimizer=True)
+    assert json.loads((run / "config.json").read_text())["optimizer"]["name"] == "adam"
+
+
+@pytest.mark.asyncio
+async def test_what_the_checkpoint_holds_decides_a_resumed_optimizer(tmp_path):
+    """A run stopped after switching its learning rate but before a checkpoint of it
+    comes back with the old rate: the next resume says so, and can switch again."""
+    run = tmp_path / "run"
+    await train(adam(10, 0.01), run)
+    await train(adam(12, 0.002), run, resume=True, change_optimizer=True)
+    shutil.rmtree(run / "checkpoints" / f"step-{12:08d}")  # as if killed before a checkpoint of step 12
+    with pytest.raises(UsageError) as err:
+        await train(adam(14, 0.002), run, resume=True)
+    assert "the checkpoint of step 10 trains with other optimizer settings than the config" in str(err.value)
+    assert "(optimizer.learning_rate: 0.01 -> 0.002): pass --change-optimizer" in str(err.value)
+    result = await train(adam(14, 0.002), run, resume=True, change_optimizer=True)
+    assert result.steps == 14
