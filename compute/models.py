@@ -132,10 +132,34 @@ def load_user_model(path: str | Path, **options: Any) -> Model:
         raise ValueError(f"model file {path} does not exist: give a path to a .py file")
     spec = importlib.util.spec_from_file_location(f"psfw_user_model_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    source = module.make(**options) if hasattr(module, "make") else module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's file: say what broke, in one line
+        raise ValueError(f"importing {path} failed: {type(err).__name__}: {err}") from None
+    made = hasattr(module, "make")
+    if options and not made:
+        raise ValueError(
+            f"options are given, but {path} has no make(**options) to take them: define make, or drop them"
+        )
+    if made and hasattr(module, "layers"):
+        raise ValueError(
+            f"{path} defines make() and a module-level layers, which make's model would not use: return the layers "
+            "from make, as psfw.Model(init, loss, layers)"
+        )
+    if made:
+        try:
+            source = module.make(**options)
+        except Exception as err:
+            raise ValueError(f"make(**{options}) of {path} failed: {type(err).__name__}: {err}") from None
+    else:
+        source = module
     for name in ("init", "loss"):
         if not callable(getattr(source, name, None)):
+            if made:
+                raise ValueError(
+                    f"make() of {path} returned {type(source).__name__}, not a model with {name}: return "
+                    "psfw.Model(init, loss, layers) (or any object with init and loss)"
+                )
             raise ValueError(f"model file {path} must define a function {name}()")
     user_loss = source.loss
 

@@ -48,6 +48,12 @@ class ModelConfig(_Strict):
     def _check(self) -> ModelConfig:
         if self.name == "custom" and not self.path:
             raise _FieldError("path", "a custom model needs path = 'file.py' (a file with init and loss)")
+        # a key the chosen model does not use would be ignored without a word
+        uses = {"mlp": {"hidden"}, "cnn": {"channels"}, "custom": {"path", "options"}}[self.name]
+        for key in sorted(self.model_fields_set - uses - {"name"}):
+            users = " and ".join(n for n, keys in (("mlp", {"hidden"}), ("cnn", {"channels"})) if key in keys)
+            where = f"applies to {users} only" if users else "applies to custom models only (name = 'custom')"
+            raise _FieldError(key, f"{where}, not to {self.name}: drop it")
         return self
 
 

@@ -53,6 +53,43 @@ def build_model(config: Config, data: Dataset) -> Model:
         raise config.error("model.path", str(err)) from None
 
 
+def _model_field(config: Config) -> str:
+    m = config.model
+    return f"model.path: {m.path}" if m.name == "custom" else f"model.name: {m.name}"
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _check_model(config: Config, model: Model, data: Dataset) -> Any:
+    """The shapes of the model's parameters, once its init and its loss ran on one
+    batch's shapes (``jax.eval_shape``: no numbers computed); ConfigError in one line
+    when they do not fit the data, instead of a JAX traceback at the first step."""
+    try:
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed))
+    except Exception as err:
+        raise config.error(_model_field(config), f"init(key) failed: {_first_line(err)}") from None
+    rows = min(config.train.batch_size, len(data.x_train))
+    x, y = data.x_train[:rows], data.y_train[:rows]
+    seen = f"x is {x.dtype}{list(x.shape)} and y {y.dtype}{list(y.shape)} for a batch of {rows}"
+    try:
+        value, metrics = jax.eval_shape(model.loss, shapes, x, y)
+    except Exception as err:
+        raise config.error(
+            _model_field(config), f"the model does not fit the data ({seen}): {_first_line(err)}"
+        ) from None
+    if getattr(value, "shape", None) != ():
+        raise config.error(
+            _model_field(config), f"loss must return the mean loss over the rows (a scalar), not {value} ({seen})"
+        )
+    wrong = sorted(k for k, v in metrics.items() if getattr(v, "shape", None) != ())
+    if wrong:
+        raise config.error(_model_field(config), f"the metrics {wrong} the loss returns must be scalars ({seen})")
+    return shapes
+
+
 def build_job(config: Config) -> Job:
     """Load the data, build the model and plan the layout; ConfigError (naming the
     config file and the field) when they cannot work together."""
@@ -72,15 +109,12 @@ def build_job(config: Config) -> Job:
             "train.batch_size", f"{batch} is larger than the {len(data.x_train)} training rows of {d.name}"
         )
     model = build_model(config, data)
-    shapes_tree = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed))
+    shapes_tree = _check_model(config, model, data)
     flat, treedef = flatten_params(shapes_tree)
     try:  # here, not when net.json is written at the end of training
         model = model._replace(layers=check_layers(model.layers, list(flat)))
     except ValueError as err:
-        field = (
-            f"model.path: {config.model.path}" if config.model.name == "custom" else f"model.name: {config.model.name}"
-        )
-        raise config.error(field, str(err)) from None
+        raise config.error(_model_field(config), str(err)) from None
     shapes = {n: (tuple(s.shape), str(s.dtype)) for n, s in flat.items()}
     c = config.cluster
     layout = plan_layout(shapes, c.servers, c.workers_per_group, c.slice_bytes)

@@ -1,0 +1,82 @@
+"""A user's model is checked against its contract before training: each mistake is
+one config error naming the file and what to change, never a JAX traceback."""
+
+import pytest
+
+from psfw.config import load_config
+from psfw.errors import ConfigError
+from psfw.job import build_job
+
+GOOD = """
+import jax, jax.numpy as jnp, optax
+
+def init(key):
+    return {"w": jax.random.normal(key, (IN, 10)) / 8.0, "b": jnp.zeros(10)}
+
+def loss(params, x, y):
+    logits = x @ params["w"] + params["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), {"accuracy": (logits.argmax(-1) == y).mean()}
+"""
+
+CASES = {
+    "make returns a tuple": (
+        GOOD.replace("IN", "64") + "\ndef make(**options):\n    return init, loss\n",
+        "",
+        "make() of {path} returned tuple, not a model with init: return psfw.Model(init, loss, layers)",
+    ),
+    "layers beside make": (
+        GOOD.replace("IN", "64") + "\nlayers = ['w']\ndef make(**options):\n    import psfw\n    return None\n",
+        "",
+        "defines make() and a module-level layers, which make's model would not use",
+    ),
+    "options without make": (
+        GOOD.replace("IN", "64"),
+        "options = {width = 3}\n",
+        "options are given, but {path} has no make(**options) to take them",
+    ),
+    "a model for other inputs": (
+        GOOD.replace("IN", "784"),
+        "",
+        "the model does not fit the data (x is float32[32, 64] and y int32[32] for a batch of 32): TypeError",
+    ),
+    "a loss that is not a mean": (
+        GOOD.replace("IN", "64").replace(".mean(), {", ", {"),
+        "",
+        "loss must return the mean loss over the rows (a scalar)",
+    ),
+    "a file that does not import": ("import numpyy\n", "", "importing {path} failed: ModuleNotFoundError"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_model_that_breaks_its_contract_is_one_config_error(tmp_path, case):
+    source, extra, fragment = CASES[case]
+    model = tmp_path / "model.py"
+    model.write_text(source)
+    config = tmp_path / "job.toml"
+    config.write_text(f"[model]\nname = 'custom'\npath = 'model.py'\n{extra}[train]\nbatch_size = 32\nsteps = 2\n")
+    with pytest.raises(ConfigError) as err:
+        build_job(load_config(config))
+    message = str(err.value)
+    assert message.startswith(f"{config}: model.path: ") and "\n" not in message, message
+    assert fragment.format(path=model) in message, message
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[model]\nname = 'cnn'\nhidden = [64]\n", "model.hidden: applies to mlp only, not to cnn: drop it"),
+        ("[model]\nchannels = [8]\n", "model.channels: applies to cnn only, not to mlp: drop it"),
+        ("[model]\noptions = {a = 1}\n", "model.options: applies to custom models only"),
+    ],
+)
+def test_model_keys_that_apply_to_nothing_are_refused(tmp_path, text, fragment):
+    config = tmp_path / "job.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_config(config)
+
+
+def test_the_shipped_user_model_keeps_working(examples):
+    job = build_job(load_config(examples / "my_model.toml"))
+    assert set(job.layout.params) == {"hidden/b", "hidden/w", "out/b", "out/w"}
