@@ -82,7 +82,9 @@ def _client_security(args: argparse.Namespace):
 
 
 def _add_client_security(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tls-ca", default=_env("TLS_CA"), help="CA certificate that signed the shards' certificates (turns on TLS)")
+    p.add_argument(
+        "--tls-ca", default=_env("TLS_CA"), help="CA certificate that signed the shards' certificates (turns on TLS)"
+    )
     p.add_argument("--tls-cert", default=_env("TLS_CERT"), help="this client's certificate, for mutual TLS")
     p.add_argument("--tls-key", default=_env("TLS_KEY"), help="this client's private key, for mutual TLS")
     p.add_argument("--token-file", default=_env("TOKEN_FILE"), help="file holding the bearer token")
