@@ -210,9 +210,33 @@ def _env(name: str, convert: Callable[[str], Any] = str, fallback: Any = None) -
     return _FromEnv(name, convert, fallback)
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """``--help`` gives each flag's default, and the ``PSFW_*`` variable it also
+    comes from."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or "%(default)" in text or default == argparse.SUPPRESS:
+            return text
+        if isinstance(default, _FromEnv):
+            if default.fallback is None or default.fallback is False:
+                return f"{text} (or $PSFW_{default.name})"
+            shown = f"{default.fallback}, or $PSFW_{default.name}"
+        elif default is None or default is False or isinstance(default, list):
+            return text
+        else:
+            shown = str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser that resolves _FromEnv defaults; a bad value is one line
-    that names the variable (exit 2)."""
+    that names the variable (exit 2). Its help shows the defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):  # type: ignore[override]
         namespace, extras = super().parse_known_args(args, namespace)

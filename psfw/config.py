@@ -12,7 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from psfw.errors import ConfigError
 
@@ -57,12 +65,32 @@ class ModelConfig(_Strict):
         return self
 
 
+SYNTHETIC_ONLY = ("features", "classes", "train", "test")
+
+
 class DataConfig(_Strict):
     name: Literal["digits", "synthetic"] = "digits"
-    features: int = Field(784, ge=1)  # synthetic only
+    features: int = Field(784, ge=1)  # synthetic only, as the three below
     classes: int = Field(10, ge=2)
     train: int = Field(8192, ge=1)
     test: int = Field(1024, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.name != "synthetic":
+            for key in SYNTHETIC_ONLY:
+                if key in self.model_fields_set:
+                    raise _FieldError(key, f"applies to the synthetic data set only, not to {self.name}: drop it")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        """Only the keys that describe the data set (config.json, the job identity)."""
+        data = handler(self)
+        if self.name != "synthetic":
+            for key in SYNTHETIC_ONLY:
+                data.pop(key, None)
+        return data
 
 
 class _Finite(_Strict):

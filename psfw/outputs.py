@@ -82,6 +82,7 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
     that it resumes (``field: [before, after]``); UsageError for a change of the
     model, the data, the seed or the name, which cannot continue that run's
     parameters, and of the optimizer unless ``change_optimizer``."""
+    from psfw.config import SYNTHETIC_ONLY
     from psfw.errors import UsageError
     from psfw.identity import changed
 
@@ -92,6 +93,10 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
     for settings in (before, after):
         for key in ("base_dir", "source"):
             settings.pop(key, None)
+    data = before.get("data", {})
+    if data.get("name", "digits") != "synthetic":  # an earlier psfw wrote the synthetic set's keys for every set
+        for key in SYNTHETIC_ONLY:
+            data.pop(key, None)
     changes = changed(before, after)
     resumable = RESUMABLE + (("optimizer.",) if change_optimizer else ())
     fixed = [f"{k}: {b} -> {a}" for k, (b, a) in changes.items() if not k.startswith(resumable)]

@@ -22,7 +22,7 @@ import numpy as np
 
 from psfw.cache import ParamCache
 from psfw.client import ShardClient
-from psfw.errors import PsfwError, ShardError, WaitTimeout
+from psfw.errors import ConfigError, PsfwError, ShardError, WaitTimeout
 from psfw.identity import differences, summary
 from psfw.layout import Layout, SliceKey, SliceSpec
 from psfw.wire import param_buffers
@@ -326,7 +326,12 @@ class Stub:
                 by_shard.setdefault(s.shard, []).append((name, s.index, flat[s.start : s.stop]))
         self.rpcs["Put"] += len(by_shard)
         job = json.dumps(self.identity) if self.identity is not None else ""
-        await asyncio.gather(*(self.clients[i].put(items, self.optimizer, job) for i, items in by_shard.items()))
+        try:
+            await asyncio.gather(*(self.clients[i].put(items, self.optimizer, job) for i, items in by_shard.items()))
+        except ShardError as err:
+            if err.code == grpc.StatusCode.INVALID_ARGUMENT:  # what the config asks for, not a fault of the shards
+                raise ConfigError(f"the shards refuse this job's first Put: {err}") from None
+            raise
 
     async def _get_all(self, group: int, step: int, names: list[str]) -> dict[str, np.ndarray]:
         self.rpcs["Get"] += len({s.shard for n in names for s in self.layout.params[n].slices})

@@ -334,3 +334,11 @@ def test_command_line_mistakes_are_one_line_each(tmp_path):
         done = run(*args, timeout=120)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
         assert done.stderr.startswith(prefix) and fragment in done.stderr, (args, done.stderr)
+
+
+def test_help_shows_defaults_and_their_variables():
+    server = run("server", "--help", timeout=60).stdout
+    assert "this shard's index (default: 0, or $PSFW_SHARD)" in " ".join(server.split())
+    assert "server certificate (PEM): turns on TLS (or $PSFW_TLS_CERT)" in " ".join(server.split())
+    bench = " ".join(run("bench", "--help", timeout=60).stdout.split())
+    assert "measured steps per variant (default: 60)" in bench and "(default: ==SUPPRESS==)" not in bench

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from psfw.config import load_config, parse_config
@@ -41,6 +43,7 @@ def test_shipped_examples_validate(examples, name):
         ("[optimizer]\nlearning_rate = inf\n", "optimizer.learning_rate: Input should be a finite number"),
         ("[optimizer]\nname = 'adam'\neps = inf\n", "optimizer.eps: Input should be a finite number"),
         ("[optimizer.schedule]\nname = 'linear'\nend_value = inf\n", "optimizer.schedule.end_value: Input should be"),
+        ("[data]\nfeatures = 10\n", "data.features: applies to the synthetic data set only, not to digits: drop it"),
         (
             "[optimizer.schedule]\nname = 'warmup_cosine'\nsteps = 100\nwarmup_steps = 500\n",
             "optimizer.schedule.warmup_steps: 500 must be below optimizer.schedule.steps (100)",
@@ -102,3 +105,29 @@ def test_integer_learning_rate_is_accepted_as_a_number():
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_config_json_records_only_the_keys_of_the_data_set_used():
+    """digits has no features, classes, train or test to set: config.json says none."""
+    from psfw.config import parse_config
+
+    assert json.loads(parse_config({}).model_dump_json())["data"] == {"name": "digits"}
+    synthetic = parse_config({"data": {"name": "synthetic", "features": 5}})
+    assert json.loads(synthetic.model_dump_json())["data"]["features"] == 5
+
+
+@pytest.mark.asyncio
+async def test_a_spec_the_shards_refuse_at_the_first_put_is_a_config_error_in_one_line():
+    """A spec the config did not check (built around its validation here, as a config
+    of another psfw version could be) is still one short line with exit code 2."""
+    from psfw.config import OptimizerConfig, ScheduleConfig
+    from psfw.launcher import train_async
+
+    config = parse_config({"train": {"batch_size": 32, "steps": 2}, "model": {"hidden": [8]}})
+    schedule = ScheduleConfig.model_construct(name="exponential", decay_rate=5.0)
+    bad = config.model_copy(update={"optimizer": OptimizerConfig.model_construct(schedule=schedule)})
+    with pytest.raises(ConfigError) as err:
+        await train_async(bad, progress=False, outputs=False)
+    message = str(err.value)
+    assert message.startswith("the shards refuse this job's first Put: shard ") and "\n" not in message
+    assert "schedule.decay_rate 5.0 would grow the learning rate" in message and "{" not in message

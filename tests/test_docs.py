@@ -1,0 +1,102 @@
+"""The README stays true: every flag of every command is documented, every metric name
+it gives is one a running shard serves, and its cluster commands run as shown."""
+
+import argparse
+import asyncio
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+
+from psfw.cli import parser
+from psfw.client import ShardClient
+from psfw.errors import ShardError
+from psfw.services.server import ShardServer
+
+from helpers import REPO, SGD, send
+
+README = (REPO / "README.md").read_text()
+
+
+def test_every_flag_of_every_command_is_in_the_readme():
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [
+        f"psfw {name} {flag}"
+        for name, sub in commands.items()
+        for action in sub._actions
+        for flag in action.option_strings
+        if flag.startswith("--") and flag != "--help" and flag not in README
+    ]
+    assert not missing, f"flags the README does not mention: {missing}"
+
+
+@pytest.mark.asyncio
+async def test_every_metric_the_readme_names_is_served_by_a_shard():
+    named = set(re.findall(r"`(psfw_[a-z_]+)`", README))
+    assert len(named) >= 8, named
+    server = ShardServer(0, 1)
+    await server.start("127.0.0.1:0", metrics_port=0)
+    client = ShardClient(server.address, 0, timeout_s=10, retries=0)
+    try:
+        await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
+        await send(client, {0: np.ones(4, np.float32)})
+        with pytest.raises(ShardError):  # a refusal, counted
+            await client.get(0, 0, [("nope", 0)], lambda key: (np.dtype("float32"), (4,)), wait_s=1)
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+    finally:
+        await client.close()
+        await server.stop(0)
+    served = set(re.findall(r"^(psfw_[a-z_]+?)(?:_bucket|_count|_sum|_created)?[{ ]", text, re.M))
+    assert named <= served, f"named in the README but not served: {sorted(named - served)}"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_readmes_cluster_commands_run_as_shown(tmp_path):
+    """The bash block of Clusters, with free ports and folders of the test."""
+    block = README.split("```bash\npsfw launch", 1)[1].split("```", 1)[0]
+    lines = ["psfw launch" + block.splitlines()[0]] + block.splitlines()[1:]
+    ports = {"50051": str(_free_port()), "50052": str(_free_port())}
+    background, done = [], []
+    try:
+        for line in (raw.split("#")[0].strip() for raw in lines):
+            if not line:
+                continue
+            for old, new in ports.items():
+                line = line.replace(f":{old}", f":{new}")
+            line = line.replace("ckpt", str(tmp_path / "ckpt")).replace("runs/p0", str(tmp_path / "p0"))
+            words = shlex.split(line.rstrip("&"))
+            assert words[0] == "psfw", line
+            if "launch" in words:
+                words += ["--run-dir", str(tmp_path / "launched")]  # not under the checkout's runs/
+            command = [sys.executable, "-m", "psfw.cli", *words[1:]]
+            if line.endswith("&"):
+                out = subprocess.PIPE if words[1] == "server" else subprocess.DEVNULL
+                background.append(subprocess.Popen(command, cwd=REPO, stdout=out, text=True))
+                if words[1] == "server":
+                    assert "listening on" in background[-1].stdout.readline()
+            else:
+                done.append(subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600))
+                assert done[-1].returncode == 0, (line, done[-1].stderr[-2000:])
+        worker0 = background[-1]
+        assert worker0.wait(300) == 0
+    finally:
+        for proc in background:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+            if proc.stdout is not None:
+                proc.stdout.close()
+    assert done[-1].stdout.count("g0@330") == 2, done[-1].stdout  # status: both shards at the last step
+    assert (tmp_path / "p0" / "metrics.jsonl").exists() and any((tmp_path / "ckpt").iterdir())
