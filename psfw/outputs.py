@@ -152,15 +152,6 @@ class MetricsLog:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             yield
 
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> MetricsLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _lines(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a metrics file; a line a kill cut short is dropped."""

@@ -1,6 +1,7 @@
 """Constants and small helpers shared by the tests."""
 
 import json
+import socket
 from pathlib import Path
 
 import jax
@@ -64,3 +65,10 @@ async def send(client, values: dict, *, step=0, process=0, rows=1, workers_per_g
         wait_s=wait_s,
         **options,
     )
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -5,7 +5,6 @@ import argparse
 import asyncio
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -18,7 +17,7 @@ from psfw.client import ShardClient
 from psfw.errors import ShardError
 from psfw.services.server import ShardServer
 
-from helpers import REPO, SGD, send
+from helpers import REPO, SGD, free_port, send
 
 README = (REPO / "README.md").read_text()
 
@@ -56,18 +55,12 @@ async def test_every_metric_the_readme_names_is_served_by_a_shard():
     assert named <= served, f"named in the README but not served: {sorted(named - served)}"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_the_readmes_cluster_commands_run_as_shown(tmp_path):
     """The bash block of Clusters, with free ports and folders of the test."""
     block = README.split("```bash\npsfw launch", 1)[1].split("```", 1)[0]
     lines = ["psfw launch" + block.splitlines()[0]] + block.splitlines()[1:]
-    ports = {"50051": str(_free_port()), "50052": str(_free_port())}
+    ports = {"50051": str(free_port()), "50052": str(free_port())}
     background, done = [], []
     try:
         for line in (raw.split("#")[0].strip() for raw in lines):

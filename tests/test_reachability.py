@@ -5,7 +5,6 @@ certificates made by the test."""
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from psfw.security import Security
 from psfw.services.server import ShardServer
 
 from certs import TOKEN
+from helpers import free_port
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 
@@ -87,12 +87,6 @@ async def test_a_failed_handshake_ends_the_client_at_once_naming_the_cause_and_t
         await server.stop(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 JOB = """
 seed = 2
 [model]
@@ -117,7 +111,7 @@ def test_a_worker_says_every_few_seconds_that_it_waits_and_when_it_got_through(t
     """The worker starts first (no shard listens yet), the shard 12 s later."""
     config = tmp_path / "job.toml"
     config.write_text(JOB)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     worker = subprocess.Popen(
         [*PSFW, "worker", str(config), "--servers", address, "--run-dir", str(tmp_path / "run")],
@@ -184,7 +178,7 @@ def test_a_worker_without_its_client_certificate_stops_in_seconds_with_one_line(
 
 
 def test_status_and_health_of_a_shard_that_is_down_answer_within_their_timeout():
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
     status = subprocess.run([*PSFW, "status", address], capture_output=True, text=True, timeout=60)
     health = subprocess.run([*PSFW, "health", address, "--timeout", "2"], capture_output=True, text=True, timeout=60)

@@ -38,6 +38,13 @@ servers = 2
     return path
 
 
+def launch(config_path, run_dir) -> None:
+    done = subprocess.run(
+        [*PSFW, "launch", str(config_path), "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.asyncio
 async def test_launch_records_the_groups_loss_as_the_embedded_run_does(tmp_path):
@@ -45,13 +52,7 @@ async def test_launch_records_the_groups_loss_as_the_embedded_run_does(tmp_path)
     record holds the whole group's loss."""
     config_path = write_config(tmp_path / "job.toml", groups=1)
     await train_async(load_config(config_path), tmp_path / "embedded", progress=False)
-    done = subprocess.run(
-        [*PSFW, "launch", str(config_path), "--run-dir", str(tmp_path / "launched")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    launch(config_path, tmp_path / "launched")
     embedded = read_records(tmp_path / "embedded" / "metrics.jsonl")
     launched = read_records(tmp_path / "launched" / "metrics.jsonl")
     assert [r["step"] for r in launched] == [r["step"] for r in embedded] == [4, 8, 12]
@@ -63,13 +64,7 @@ async def test_launch_records_the_groups_loss_as_the_embedded_run_does(tmp_path)
 @pytest.mark.slow
 def test_launch_records_every_group(tmp_path):
     config_path = write_config(tmp_path / "job.toml", groups=2)
-    done = subprocess.run(
-        [*PSFW, "launch", str(config_path), "--run-dir", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    launch(config_path, tmp_path / "run")
     records = read_records(tmp_path / "run" / "metrics.jsonl")
     for group in (0, 1):
         assert [r["step"] for r in records if r["group"] == group] == [4, 8, 12], records
