@@ -30,7 +30,7 @@ STEP_LIMIT = 2**31 - 1
 _STEPS: Rule = (lambda v: 1 <= v <= STEP_LIMIT, f"from 1 to {STEP_LIMIT}")
 _WARMUP_STEPS: Rule = (lambda v: 0 <= v <= STEP_LIMIT, f"from 0 to {STEP_LIMIT}")
 
-# field: (default, rule, whole number); the same bounds as psfw.config.OptimizerConfig
+# field: (default, rule, whole number); the same bounds as psfw.jobs.config.OptimizerConfig
 FIELDS: dict[str, tuple[float, Rule, bool]] = {
     "learning_rate": (0.01, _POSITIVE, False),
     "momentum": (0.9, _FRACTION, False),
@@ -98,7 +98,7 @@ def build_schedule(learning_rate: float, schedule: dict[str, Any] | None) -> opt
         raise ValueError(f"unknown schedule {name!r}: use one of {', '.join(SCHEDULES)}")
     f = _checked(schedule, SCHEDULE_FIELDS, "schedule.")
     steps, end = f["steps"], f["end_value"]
-    # a schedule that cannot train (the config refuses the same: psfw.config.schedule_problem)
+    # a schedule that cannot train (the config refuses the same: psfw.jobs.config.schedule_problem)
     if name == "warmup_cosine" and f["warmup_steps"] >= steps:
         raise ValueError(f"schedule.warmup_steps {f['warmup_steps']} must be below schedule.steps ({steps})")
     if name == "exponential" and f["decay_rate"] > 1:

@@ -13,7 +13,7 @@ import asyncio
 import numpy as np
 
 import psfw
-from psfw.cluster import format_status
+from psfw.tools.cluster import format_status
 
 
 async def watch(config_path: str, servers: str, name: str, every_s: float) -> None:

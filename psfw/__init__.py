@@ -21,22 +21,22 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Config": "psfw.config",
-    "load_config": "psfw.config",
-    "train": "psfw.launcher",
-    "train_async": "psfw.launcher",
-    "TrainResult": "psfw.launcher",
+    "Config": "psfw.jobs.config",
+    "load_config": "psfw.jobs.config",
+    "train": "psfw.jobs.embedded",
+    "train_async": "psfw.jobs.embedded",
+    "TrainResult": "psfw.jobs.embedded",
     "Model": "psfw.compute.models",
     "mlp": "psfw.compute.models",
     "cnn": "psfw.compute.models",
     "ShardServer": "psfw.services.server",
     "serve": "psfw.services.server",
-    "ShardClient": "psfw.client",
-    "Cluster": "psfw.cluster",
-    "PsfwError": "psfw.errors",
-    "ConfigError": "psfw.errors",
-    "ShardError": "psfw.errors",
-    "UsageError": "psfw.errors",
+    "ShardClient": "psfw.runtime.grpc_transport",
+    "Cluster": "psfw.tools.cluster",
+    "PsfwError": "psfw.protocol.errors",
+    "ConfigError": "psfw.protocol.errors",
+    "ShardError": "psfw.protocol.errors",
+    "UsageError": "psfw.protocol.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -26,10 +26,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from psfw.atomic import write_atomic
-from psfw.console import say
 from psfw.proto import ps_pb2 as pb
-from psfw.security import NO_SECURITY, Security
+from psfw.protocol.atomic import write_atomic
+from psfw.protocol.console import say
+from psfw.protocol.security import NO_SECURITY, Security
 from psfw.services.servicer import DEFAULT_MAX_REQUEST_BYTES, ParameterServerServicer, add_servicer
 from psfw.services.store import ShardStore
 
@@ -70,7 +70,7 @@ _IN_PROCESS: weakref.WeakValueDictionary[str, ShardServer] = weakref.WeakValueDi
 
 def in_process(address: str) -> ShardServer | None:
     """The running shard of this process that serves ``address``, if any: clients
-    in the same process then skip gRPC (``psfw.local``)."""
+    in the same process then skip gRPC (``psfw.runtime.inprocess``)."""
     return _IN_PROCESS.get(address)
 
 
@@ -235,7 +235,7 @@ async def serve(
     """Run one shard until SIGTERM/SIGINT: the first signal starts a graceful stop
     (NOT_SERVING for ``drain`` seconds, then in-flight RPCs get ``grace`` seconds),
     a second one exits at once. Once serving, the shard's address is written to
-    ``ready_file`` as JSON (for a supervisor: ``psfw.children``)."""
+    ``ready_file`` as JSON (for a supervisor: ``psfw.jobs.children``)."""
     server = ShardServer(shard, shards, **options)
     await server.start(address, metrics_port=metrics_port)
     loop = asyncio.get_running_loop()

@@ -18,15 +18,12 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
-from psfw.errors import mark_retrieved
-from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.services.metrics import ShardMetrics
-from psfw.services.refusals import RefusalLog
-from psfw.services.store import ShardStore, UpdateResult
-from psfw.shm import Region, RegionCache, host_id, slot_layout
-from psfw.wire import (
+from psfw.protocol.errors import mark_retrieved
+from psfw.protocol.layout import SliceKey
+from psfw.protocol.shm import Region, RegionCache, host_id, slot_layout
+from psfw.protocol.wire import (
     Assembler,
     Frame,
     Malformed,
@@ -38,6 +35,9 @@ from psfw.wire import (
     frame_serializer,
     message_deserializer,
 )
+from psfw.services.metrics import ShardMetrics
+from psfw.services.refusals import RefusalLog
+from psfw.services.store import ShardStore, UpdateResult
 
 log = logging.getLogger("psfw.server")
 
@@ -289,7 +289,7 @@ async def _answer(result: UpdateResult, share: bool) -> AsyncIterator[bytes]:
 
 
 def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:
-    """Register the service with the bulk-data codec of ``psfw.wire``: the bytes on the
+    """Register the service with the bulk-data codec of ``psfw.protocol.wire``: the bytes on the
     wire are the messages of ``ps.proto``; tensor data is never copied by protobuf."""
     handlers = {
         "Put": grpc.stream_unary_rpc_method_handler(

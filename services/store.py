@@ -27,11 +27,11 @@ import numpy as np
 import optax
 
 from psfw.compute.optimizers import build_optimizer
-from psfw.errors import mark_retrieved
-from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
+from psfw.protocol.errors import mark_retrieved
+from psfw.protocol.layout import SliceKey
+from psfw.protocol.wire import WireError, batched, slice_name
 from psfw.services import checkpoint
-from psfw.wire import WireError, batched, slice_name
 
 NONFINITE_POLICIES = ("reject", "skip")
 UPDATE_BATCH_BYTES = 64 << 20
@@ -185,7 +185,7 @@ class ShardStore:
         FAILED_PRECONDITION. The first Put fixes the shard's optimizer. With
         ``adopt``, the arrays are the request's own buffers, which nobody writes again:
         the shard keeps them instead of a copy. ``job``: the job's identity (JSON, see
-        psfw.identity); the first Put that names one fixes it, a Put of another job is
+        psfw.jobs.identity); the first Put that names one fixes it, a Put of another job is
         FAILED_PRECONDITION.
         """
         if not arrays:

@@ -9,8 +9,8 @@ import numpy as np
 import optax
 
 from psfw.compute.optimizers import build_optimizer
-from psfw.job import build_job
-from psfw.params import flatten_params
+from psfw.compute.params import flatten_params
+from psfw.jobs.job import build_job
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from psfw.allocator import SETTINGS
+from psfw.runtime.allocator import SETTINGS
 
-PROBE = "from psfw.allocator import tune_malloc; print(tune_malloc())"
+PROBE = "from psfw.runtime.allocator import tune_malloc; print(tune_malloc())"
 
 
 def _probe(**env: str) -> str:

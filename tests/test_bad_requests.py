@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from psfw.client import ShardClient
 from psfw.proto import ps_pb2 as pb
+from psfw.protocol.wire import Chunk, Frame, frame_deserializer, frame_serializer
+from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer
-from psfw.wire import Chunk, Frame, frame_deserializer, frame_serializer
 
 from helpers import SGD, send
 
@@ -157,7 +157,7 @@ async def test_a_valid_update_still_works_after_refusals(running):
 async def test_put_of_other_values_for_a_held_slice_is_already_exists(running):
     server, client, _, _ = running
     before = server.store.digest()
-    from psfw.errors import ShardError
+    from psfw.protocol.errors import ShardError
 
     with pytest.raises(ShardError) as err:
         await client.put([("w", 0, np.ones(4, np.float32))], SGD)
@@ -172,7 +172,7 @@ async def test_put_of_a_new_slice_once_training_started_is_refused_and_the_step_
     """A new slice in the middle of an open step would make the step impossible to add
     up: it is refused, and the step still completes with the slices it began with."""
     server, client, _, _ = running
-    from psfw.errors import ShardError
+    from psfw.protocol.errors import ShardError
 
     grads = {i: np.ones(4, np.float32) for _, i, _ in GOOD}
     first = asyncio.create_task(send(client, grads, process=0, workers_per_group=2, wait_s=5))
@@ -198,7 +198,7 @@ async def test_put_of_a_new_slice_once_training_started_is_refused_and_the_step_
 @pytest.mark.asyncio
 async def test_put_with_an_unknown_optimizer_is_refused(shard):
     server, client = shard
-    from psfw.errors import ShardError
+    from psfw.protocol.errors import ShardError
 
     with pytest.raises(ShardError) as err:
         await client.put([("w", 0, np.ones(4, np.float32))], '{"name": "lbfgs"}')
@@ -212,7 +212,7 @@ async def test_put_with_a_nan_learning_rate_is_refused(shard):
     """JSON carries NaN: a shard that took it would turn every value into NaN at the
     first update."""
     server, client = shard
-    from psfw.errors import ShardError
+    from psfw.protocol.errors import ShardError
 
     with pytest.raises(ShardError) as err:
         await client.put([("w", 0, np.ones(4, np.float32))], '{"name": "sgd", "learning_rate": NaN}')

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from psfw.bench import parse_size
+from psfw.tools.bench import parse_size
 
 PSFW = [sys.executable, "-m", "psfw.cli", "bench", "--json"]
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from psfw.cluster import Cluster, format_status
 from psfw.compute.batching import BatchOrder
-from psfw.config import load_config, parse_config
-from psfw.launcher import train_async
-from psfw.outputs import read_params
+from psfw.jobs.config import load_config, parse_config
+from psfw.jobs.embedded import train_async
+from psfw.jobs.outputs import read_params
 from psfw.services.server import SERVICE_NAME, ShardServer
+from psfw.tools.cluster import Cluster, format_status
 
 from helpers import EXAMPLES, assert_params_close, reference
 
@@ -301,8 +301,8 @@ def test_launch_into_a_run_folder_with_checkpoints_needs_resume(tmp_path):
 async def test_launch_passes_on_a_line_longer_than_asyncios_line_limit(capsys):
     """A child's 200 KB line (a long error, a big status) must not end its log pump:
     the child would then block on a full pipe."""
-    from psfw.children import Tail
-    from psfw.launch import Child, _pump
+    from psfw.jobs.children import Tail
+    from psfw.jobs.supervisor import Child, _pump
 
     code = "import sys; sys.stdout.write('x' * 200_000 + '\\nshort\\nlast')"
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from psfw.config import load_config, parse_config
-from psfw.errors import ConfigError
-from psfw.job import build_job
+from psfw.jobs.config import load_config, parse_config
+from psfw.jobs.job import build_job
+from psfw.protocol.errors import ConfigError
 
 
 def _write(tmp_path, text):
@@ -109,7 +109,7 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 def test_config_json_records_only_the_keys_of_the_data_set_used():
     """digits has no features, classes, train or test to set: config.json says none."""
-    from psfw.config import parse_config
+    from psfw.jobs.config import parse_config
 
     assert json.loads(parse_config({}).model_dump_json())["data"] == {"name": "digits"}
     synthetic = parse_config({"data": {"name": "synthetic", "features": 5}})
@@ -120,8 +120,8 @@ def test_config_json_records_only_the_keys_of_the_data_set_used():
 async def test_a_spec_the_shards_refuse_at_the_first_put_is_a_config_error_in_one_line():
     """A spec the config did not check (built around its validation here, as a config
     of another psfw version could be) is still one short line with exit code 2."""
-    from psfw.config import OptimizerConfig, ScheduleConfig
-    from psfw.launcher import train_async
+    from psfw.jobs.config import OptimizerConfig, ScheduleConfig
+    from psfw.jobs.embedded import train_async
 
     config = parse_config({"train": {"batch_size": 32, "steps": 2}, "model": {"hidden": [8]}})
     schedule = ScheduleConfig.model_construct(name="exponential", decay_rate=5.0)

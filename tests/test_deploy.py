@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from psfw.cli import parser
-from psfw.config import load_config, parse_config
+from psfw.cli.main import parser
+from psfw.jobs.config import load_config, parse_config
 
 from certs import make_ca, make_leaf
 from helpers import REPO

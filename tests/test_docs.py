@@ -12,9 +12,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from psfw.cli import parser
-from psfw.client import ShardClient
-from psfw.errors import ShardError
+from psfw.cli.main import parser
+from psfw.protocol.errors import ShardError
+from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer
 
 from helpers import REPO, SGD, free_port, send

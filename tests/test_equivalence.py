@@ -5,11 +5,11 @@ import jax
 import numpy as np
 import pytest
 
-import psfw.client
+import psfw.runtime.grpc_transport
 import psfw.services.servicer
-from psfw.config import parse_config
-from psfw.job import build_job
-from psfw.launcher import train_async
+from psfw.jobs.config import parse_config
+from psfw.jobs.embedded import train_async
+from psfw.jobs.job import build_job
 
 from helpers import reference
 
@@ -73,7 +73,7 @@ async def test_psfw_equals_single_process_training(optimizer, workers, per_proce
 async def test_the_network_path_in_pipelined_batches_equals_single_process_training(monkeypatch, per_process):
     """Requests summed and encoded, and answers encoded, a few slices at a time
     while earlier ones travel (one stub, and 2 stubs sharing their group's answer)."""
-    monkeypatch.setattr(psfw.client, "PIPELINE_BYTES", 4096)
+    monkeypatch.setattr(psfw.runtime.grpc_transport, "PIPELINE_BYTES", 4096)
     monkeypatch.setattr(psfw.services.servicer, "ANSWER_BATCH_BYTES", 4096)
     config = make_config(OPTIMIZERS["adam"], 2, per_process, 64, slice_bytes=2048, transport="grpc")
     result = await train_async(config, progress=False, outputs=False)

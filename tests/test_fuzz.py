@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from psfw.proto import ps_pb2 as pb
+from psfw.protocol.wire import Chunk, Frame, frame_deserializer, frame_serializer
 from psfw.services.server import ShardServer
-from psfw.wire import Chunk, Frame, frame_deserializer, frame_serializer
 
 HELD = {("w", 0): (4,), ("w", 1): (3,), ("b", 0): (2,)}
 PRECISE = {

@@ -18,10 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from psfw.children import read_ready
-from psfw.localprocs import rss_bytes
+from psfw.jobs.children import read_ready
+from psfw.jobs.shard_processes import rss_bytes
 from psfw.proto import ps_pb2 as pb
-from psfw.wire import Chunk, Frame, frame_serializer
+from psfw.protocol.wire import Chunk, Frame, frame_serializer
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 SERVICE = "/psfw.v1.ParameterServer/"

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from psfw.client import ShardClient
-from psfw.cluster import Cluster, format_status
-from psfw.config import parse_config
-from psfw.errors import PsfwError, ShardError
-from psfw.identity import differences, job_identity
-from psfw.launcher import train_async
+from psfw.jobs.config import parse_config
+from psfw.jobs.embedded import train_async
+from psfw.jobs.identity import differences, job_identity
+from psfw.protocol.errors import PsfwError, ShardError
+from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer
+from psfw.tools.cluster import Cluster, format_status
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from psfw.layout import plan_layout
+from psfw.protocol.layout import plan_layout
 
 
 def test_a_parameter_larger_than_the_slice_limit_is_split_over_shards():

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from psfw.loadtest import load_test
+from psfw.tools.loadtest import load_test
 
 
 @pytest.mark.slow

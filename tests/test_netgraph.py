@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from psfw import outputs
 from psfw.compute.netgraph import check_layers, net_graph
-from psfw.layout import plan_layout
+from psfw.jobs import outputs
+from psfw.protocol.layout import plan_layout
 
 NAMES = ["hidden/w", "hidden/b", "out/w", "out/b"]
 

@@ -139,15 +139,15 @@ def test_valid_specs_build_an_optimizer_that_updates_under_jit(spec):
 
 def test_the_config_default_spec_builds():
     """The spec the config sends (every field, defaults included) is accepted."""
-    from psfw.config import parse_config
+    from psfw.jobs.config import parse_config
 
     spec = json.loads(parse_config({}).optimizer.spec_json())
     build_optimizer(spec)
 
 
 def test_the_config_and_the_shard_bound_schedules_alike():
-    from psfw import config
     from psfw.compute import optimizers
+    from psfw.jobs import config
 
     assert config.STEP_LIMIT == optimizers.STEP_LIMIT
 
@@ -167,7 +167,7 @@ def test_the_config_and_the_shard_bound_schedules_alike():
 )
 def test_the_config_and_the_shard_refuse_the_same_schedules(schedule):
     """A schedule that cannot train is refused by both, in the same words' field."""
-    from psfw.config import schedule_problem
+    from psfw.jobs.config import schedule_problem
 
     problem = schedule_problem(0.1, schedule)
     spec = {"name": "sgd", "learning_rate": 0.1, "schedule": schedule}

@@ -8,13 +8,13 @@ import grpc
 import numpy as np
 import pytest
 
-import psfw.worker
-from psfw.cache import ParamCache
-from psfw.client import ShardClient
-from psfw.config import parse_config
-from psfw.errors import PsfwError, ShardError, WaitTimeout
-from psfw.job import build_job
-from psfw.launcher import train_async
+import psfw.runtime.worker
+from psfw.jobs.config import parse_config
+from psfw.jobs.embedded import train_async
+from psfw.jobs.job import build_job
+from psfw.protocol.errors import PsfwError, ShardError, WaitTimeout
+from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.param_cache import ParamCache
 from psfw.services.server import ShardServer
 
 from helpers import SGD, send
@@ -73,13 +73,13 @@ async def test_only_owners_initialize_and_put(monkeypatch):
     """3 workers, 2 parameters: worker 2 owns nothing, initializes nothing, and its
     process (one worker per process here) sends no Put, only a Get."""
     made = []
-    real = psfw.worker.init_owned
+    real = psfw.runtime.worker.init_owned
 
     def recording(init, seed, names):
         made.append(sorted(names))
         return real(init, seed, names)
 
-    monkeypatch.setattr(psfw.worker, "init_owned", recording)
+    monkeypatch.setattr(psfw.runtime.worker, "init_owned", recording)
     cfg = config(workers=3, per_process=1, batch=30, hidden=(), slice_bytes=1 << 20)
     result, counts = await run_with_shards(cfg)
     names = sorted(n for part in made for n in part)

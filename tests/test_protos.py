@@ -1,8 +1,8 @@
-"""The committed gRPC code is what ``python -m psfw.protogen`` makes of ``protos/``."""
+"""The committed gRPC code is what ``python -m psfw.tools.protogen`` makes of ``protos/``."""
 
 from pathlib import Path
 
-from psfw.protogen import generate, proto_sources
+from psfw.tools.protogen import generate, proto_sources
 
 from helpers import REPO
 
@@ -16,5 +16,5 @@ def test_generated_code_matches_proto_sources(tmp_path: Path):
     for path in fresh:
         relative = path.relative_to(tmp_path)
         committed = REPO / relative
-        assert committed.exists(), f"{relative} is not committed: run python -m psfw.protogen"
-        assert committed.read_bytes() == path.read_bytes(), f"{relative} drifted: run python -m psfw.protogen"
+        assert committed.exists(), f"{relative} is not committed: run python -m psfw.tools.protogen"
+        assert committed.read_bytes() == path.read_bytes(), f"{relative} drifted: run python -m psfw.tools.protogen"

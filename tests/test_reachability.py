@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from psfw.client import ShardClient
-from psfw.errors import ShardError
-from psfw.security import Security
+from psfw.protocol.errors import ShardError
+from psfw.protocol.security import Security
+from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer
 
 from certs import TOKEN

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from psfw.config import load_config
-from psfw.launcher import train_async
-from psfw.outputs import read_records
+from psfw.jobs.config import load_config
+from psfw.jobs.embedded import train_async
+from psfw.jobs.outputs import read_records
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 

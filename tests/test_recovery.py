@@ -18,12 +18,12 @@ import grpc
 import numpy as np
 import pytest
 
-from psfw.atomic import write_atomic
-from psfw.client import ShardClient
-from psfw.config import load_config, parse_config
-from psfw.errors import ShardError
-from psfw.launcher import train_async
-from psfw.outputs import read_params
+from psfw.jobs.config import load_config, parse_config
+from psfw.jobs.embedded import train_async
+from psfw.jobs.outputs import read_params
+from psfw.protocol.atomic import write_atomic
+from psfw.protocol.errors import ShardError
+from psfw.runtime.grpc_transport import ShardClient
 from psfw.services import checkpoint
 from psfw.services.server import ShardServer
 
@@ -451,7 +451,7 @@ async def test_a_shard_restarted_during_the_last_update_sends_the_workers_back(t
 @pytest.mark.asyncio
 async def test_a_shard_that_stops_answering_is_named_by_the_error_that_ends_the_job():
     """The stub's error (which shard, which RPC) ends the job, not a worker's wait."""
-    from psfw.localprocs import shard_processes
+    from psfw.jobs.shard_processes import shard_processes
 
     config = parse_config(
         {
@@ -489,7 +489,7 @@ async def test_another_group_one_step_apart_on_its_shards_goes_on_without_a_rest
     """A checkpoint (taken on group 0's steps) can catch another group's last update
     on some shards only; that group resends the step, and the shards that applied it
     acknowledge it without adding it twice."""
-    from psfw.job import build_job
+    from psfw.jobs.job import build_job
 
     def config(steps):
         return parse_config(
@@ -527,10 +527,10 @@ async def test_another_group_one_step_apart_on_its_shards_goes_on_without_a_rest
 async def test_another_group_waits_for_group_0s_warmup_while_it_advances(shard):
     """wait_s bounds a wait without progress, not group 0's whole warmup; a group 0
     that stops advancing is named."""
-    from psfw.cache import ParamCache
-    from psfw.errors import WaitTimeout
-    from psfw.layout import plan_layout
-    from psfw.stub import Stub
+    from psfw.protocol.errors import WaitTimeout
+    from psfw.protocol.layout import plan_layout
+    from psfw.runtime.param_cache import ParamCache
+    from psfw.runtime.stub import Stub
 
     server, client = shard
     await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
@@ -556,8 +556,8 @@ async def test_another_group_waits_for_group_0s_warmup_while_it_advances(shard):
 def test_a_worker_waits_as_long_as_its_stub_gets_somewhere():
     """A worker's wait counts from the stub's last note (group 0's warmup advancing
     keeps it waiting); once the notes stop, it gives up after its limit."""
-    from psfw.cache import ParamCache
-    from psfw.errors import WaitTimeout
+    from psfw.protocol.errors import WaitTimeout
+    from psfw.runtime.param_cache import ParamCache
 
     cache = ParamCache(1, 1)
     outcome = []

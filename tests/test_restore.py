@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from psfw.client import ShardClient
-from psfw.errors import ShardError
 from psfw.proto import ps_pb2 as pb
+from psfw.protocol.errors import ShardError
+from psfw.protocol.wire import WireError
+from psfw.runtime.grpc_transport import ShardClient
 from psfw.services import checkpoint
 from psfw.services.server import ShardServer
 from psfw.services.store import ShardStore
-from psfw.wire import WireError
 
 from helpers import expect4, send
 

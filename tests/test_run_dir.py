@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from psfw.config import parse_config
-from psfw.errors import UsageError
-from psfw.launcher import train_async
-from psfw.outputs import read_records
+from psfw.jobs.config import parse_config
+from psfw.jobs.embedded import train_async
+from psfw.jobs.outputs import read_records
+from psfw.protocol.errors import UsageError
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 
@@ -134,8 +134,8 @@ def reference_with_a_change(cfg_before, cfg_after, switch: int) -> dict:
     import optax
 
     from psfw.compute.optimizers import build_optimizer
-    from psfw.job import build_job
-    from psfw.params import flatten_params
+    from psfw.compute.params import flatten_params
+    from psfw.jobs.job import build_job
 
     job = build_job(cfg_after)
     params = job.model.init(jax.random.PRNGKey(cfg_after.seed))

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from psfw.client import ShardClient
-from psfw.localprocs import shard_processes
+from psfw.jobs.shard_processes import shard_processes
 from psfw.proto import ps_pb2 as pb
-from psfw.shm import SHM_DIR, Region, host_id, slot_layout
-from psfw.wire import Frame, frame_deserializer, frame_serializer
+from psfw.protocol.shm import SHM_DIR, Region, host_id, slot_layout
+from psfw.protocol.wire import Frame, frame_deserializer, frame_serializer
+from psfw.runtime.grpc_transport import ShardClient
 
 from helpers import SGD
 
@@ -130,7 +130,7 @@ def test_another_network_namespace_counts_as_another_host():
     if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
         pytest.skip("cannot make a network namespace here")
     other = subprocess.run(
-        ["unshare", "--net", sys.executable, "-c", "from psfw.shm import host_id; print(host_id())"],
+        ["unshare", "--net", sys.executable, "-c", "from psfw.protocol.shm import host_id; print(host_id())"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from psfw.proto import ps_pb2 as pb
+from psfw.protocol.wire import WireError
 from psfw.services.store import ShardStore
-from psfw.wire import WireError
 
 ADAM = json.dumps({"name": "adam", "learning_rate": 0.01})
 SLICES = 6

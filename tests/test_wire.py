@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from psfw.proto import ps_pb2 as pb
-from psfw.wire import Assembler, Frame, WireError, encode_chunks, frame_deserializer, frame_serializer
+from psfw.protocol.wire import Assembler, Frame, WireError, encode_chunks, frame_deserializer, frame_serializer
 
 
 def _items():

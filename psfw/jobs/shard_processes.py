@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from psfw.children import START_TIMEOUT_S, Tail, child_env, describe_exit, psfw_command, read_ready, shard_args
+from psfw.jobs.children import START_TIMEOUT_S, Tail, child_env, describe_exit, psfw_command, read_ready, shard_args
 
 
 def _pump(proc: subprocess.Popen, tail: Tail) -> None:

@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from psfw.client import ShardClient
-from psfw.localprocs import rss_bytes, shard_processes
+from psfw.jobs.shard_processes import rss_bytes, shard_processes
+from psfw.runtime.grpc_transport import ShardClient
 
 STEP = 2.0**-10  # exact in float32 for the counts a test reaches
 

@@ -16,13 +16,13 @@ from collections.abc import Iterable
 import grpc
 import numpy as np
 
-from psfw.client import Fresh
-from psfw.errors import ShardError
-from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
+from psfw.protocol.errors import ShardError
+from psfw.protocol.layout import SliceKey
+from psfw.protocol.wire import WireError, slice_name, wire_dtype
+from psfw.runtime.grpc_transport import Fresh
 from psfw.services.server import ShardServer, in_process
 from psfw.services.servicer import describe_store
-from psfw.wire import WireError, slice_name, wire_dtype
 
 INLINE_COPY_BYTES = 8 << 20
 
@@ -132,7 +132,7 @@ async def _deliver(values: dict, into: dict | None) -> dict[SliceKey, np.ndarray
 def connect(address: str, shard: int, *, timeout_s: float, prefer_local: bool = True, **grpc_options):
     """A client for the shard at ``address``: in-process when that shard runs in this
     process (and ``prefer_local``), else over gRPC."""
-    from psfw.client import ShardClient
+    from psfw.runtime.grpc_transport import ShardClient
 
     server = in_process(address) if prefer_local else None
     if server is not None:

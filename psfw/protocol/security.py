@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import grpc
 
-from psfw.errors import UsageError
+from psfw.protocol.errors import UsageError
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from psfw.errors import PsfwError, WaitTimeout
+from psfw.protocol.errors import PsfwError, WaitTimeout
 
 
 class Rewind(Exception):

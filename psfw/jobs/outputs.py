@@ -11,15 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from psfw.atomic import write_atomic
 from psfw.compute.netgraph import default_layers, net_graph, node_link, render
-from psfw.layout import Layout
+from psfw.protocol.atomic import write_atomic
+from psfw.protocol.layout import Layout
 
 PARAMS_FILE = "params.safetensors"
 RUN_MARKER = "psfw-run.json"  # marks a folder as a psfw run: nothing else in a folder is read
 CHECKPOINTS = "checkpoints"
 
-log = logging.getLogger("psfw.outputs")
+log = logging.getLogger("psfw.jobs.outputs")
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:
@@ -82,9 +82,9 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
     that it resumes (``field: [before, after]``); UsageError for a change of the
     model, the data, the seed or the name, which cannot continue that run's
     parameters, and of the optimizer unless ``change_optimizer``."""
-    from psfw.config import SYNTHETIC_ONLY
-    from psfw.errors import UsageError
-    from psfw.identity import changed
+    from psfw.jobs.config import SYNTHETIC_ONLY
+    from psfw.jobs.identity import changed
+    from psfw.protocol.errors import UsageError
 
     path = folder / "config.json"
     if not path.exists():

@@ -24,11 +24,11 @@ import optax
 
 from psfw.compute.batching import BatchOrder
 from psfw.compute.step import make_grad_step
-from psfw.config import Config, parse_config
-from psfw.job import build_job
-from psfw.launcher import run_job
-from psfw.localprocs import shard_processes
-from psfw.progress import StepReporter
+from psfw.jobs.config import Config, parse_config
+from psfw.jobs.embedded import run_job
+from psfw.jobs.job import build_job
+from psfw.jobs.progress import StepReporter
+from psfw.jobs.shard_processes import shard_processes
 from psfw.services.server import ShardServer
 
 BENCH_CONFIG = {
@@ -201,8 +201,8 @@ def transfer_slice_bytes(size: int) -> int:
 
 async def _transfer(clients, size: int, slice_bytes: int, tag: str, repeats: int) -> tuple[float, float]:
     """Best push and pull GB/s of a model of ``size`` bytes over ``clients``' shards."""
-    from psfw.layout import plan_layout
-    from psfw.stub import fetch_params
+    from psfw.protocol.layout import plan_layout
+    from psfw.runtime.stub import fetch_params
 
     n = size // 4
     best_push = best_pull = 0.0
@@ -231,8 +231,8 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
     least MIN_TRANSFER_BYTES) across 2 shards, GB/s each way: over the network path
     (Put, Get), through shared memory with shard processes on this host (an Update
     carries the gradients in and the values back; Get), and in-process."""
-    from psfw.client import ShardClient
-    from psfw.local import LocalShardClient
+    from psfw.runtime.grpc_transport import ShardClient
+    from psfw.runtime.inprocess import LocalShardClient
 
     if size < MIN_TRANSFER_BYTES:
         raise ValueError(f"a transfer of {size} bytes: at least {MIN_TRANSFER_BYTES} (one float32 on each shard)")
@@ -260,8 +260,8 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
                 await server.stop(0)
 
     async def shared(addresses):
-        from psfw.layout import plan_layout
-        from psfw.stub import fetch_params
+        from psfw.protocol.layout import plan_layout
+        from psfw.runtime.stub import fetch_params
 
         clients = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
         try:
@@ -320,7 +320,7 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
 def run_scale(stubs: int = 16, seconds: float = 3.0, model_mb: float = 1.0) -> dict[str, float]:
     """Updates/s of ``stubs`` simulated stub processes (synthetic gradients, no
     compute) against 1, 2 and 4 shard processes holding a model of ``model_mb`` MB."""
-    from psfw.loadtest import load_test
+    from psfw.tools.loadtest import load_test
 
     figures = {}
     for shards in (1, 2, 4):
@@ -339,8 +339,8 @@ def run_memory(size: int, steps: int = 3) -> dict:
     import subprocess
     import tempfile
 
-    from psfw.children import child_env, psfw_command
-    from psfw.localprocs import rss_bytes
+    from psfw.jobs.children import child_env, psfw_command
+    from psfw.jobs.shard_processes import rss_bytes
 
     if size < MIN_MEMORY_BYTES:
         raise ValueError(f"a model of {size} bytes: at least {MIN_MEMORY_BYTES} (one float32 weight)")

@@ -12,9 +12,9 @@ from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset, load_dataset
 from psfw.compute.models import Model, cnn, load_user_model, mlp
 from psfw.compute.netgraph import check_layers
-from psfw.config import Config
-from psfw.layout import Layout, plan_layout
-from psfw.params import flatten_params
+from psfw.compute.params import flatten_params
+from psfw.jobs.config import Config
+from psfw.protocol.layout import Layout, plan_layout
 
 
 @dataclass

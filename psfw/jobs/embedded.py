@@ -20,14 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from psfw.cache import ParamCache
+from psfw.compute.params import unflatten_params
 from psfw.compute.step import make_eval_fn, make_grad_step
-from psfw.config import Config, load_config
-from psfw.errors import ConfigError, UsageError
-from psfw.identity import changed, job_identity
-from psfw.job import Job, build_job
-from psfw.local import connect
-from psfw.outputs import (
+from psfw.jobs.config import Config, load_config
+from psfw.jobs.identity import changed, job_identity
+from psfw.jobs.job import Job, build_job
+from psfw.jobs.outputs import (
     CHECKPOINTS,
     PARAMS_FILE,
     MetricsLog,
@@ -40,14 +38,16 @@ from psfw.outputs import (
     write_net,
     write_params,
 )
-from psfw.params import unflatten_params
-from psfw.progress import ProgressBar, StepReporter
-from psfw.security import NO_SECURITY, Security
+from psfw.jobs.progress import ProgressBar, StepReporter
+from psfw.protocol.errors import ConfigError, UsageError
+from psfw.protocol.security import NO_SECURITY, Security
+from psfw.protocol.wire import WireError
+from psfw.runtime.inprocess import connect
+from psfw.runtime.param_cache import ParamCache
+from psfw.runtime.stub import Stub, fetch_params
+from psfw.runtime.worker import WorkerSpec, run_worker
 from psfw.services.checkpoint import complete_steps
 from psfw.services.server import ShardServer
-from psfw.stub import Stub, fetch_params
-from psfw.wire import WireError
-from psfw.worker import WorkerSpec, run_worker
 
 log = logging.getLogger("psfw")
 

@@ -18,14 +18,13 @@ from typing import NamedTuple, TypeVar
 import grpc
 import numpy as np
 
-from psfw.errors import ShardError
-from psfw.layout import SliceKey
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.security import NO_SECURITY, Link, Security, link_problem
-from psfw.services.server import SERVICE_NAME, grpc_options
-from psfw.shm import Region, host_id, slot_layout
-from psfw.wire import (
+from psfw.protocol.errors import ShardError
+from psfw.protocol.layout import SliceKey
+from psfw.protocol.security import NO_SECURITY, Link, Security, link_problem
+from psfw.protocol.shm import Region, host_id, slot_layout
+from psfw.protocol.wire import (
     CHUNK_BYTES,
     Assembler,
     Expect,
@@ -37,11 +36,14 @@ from psfw.wire import (
     frame_deserializer,
     frame_serializer,
 )
+from psfw.services.server import SERVICE_NAME, grpc_options
 
 T = TypeVar("T")
 Items = Iterable[tuple[str, int, np.ndarray]]
 RPC_MARGIN_S = 10.0
-log = logging.getLogger("psfw.client")  # the client's deadline exceeds the shard's own wait by this much
+log = logging.getLogger(
+    "psfw.runtime.grpc_transport"
+)  # the client's deadline exceeds the shard's own wait by this much
 
 
 UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)

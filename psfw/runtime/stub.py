@@ -20,14 +20,14 @@ import grpc
 import jax
 import numpy as np
 
-from psfw.cache import ParamCache
-from psfw.client import ShardClient
-from psfw.errors import ConfigError, PsfwError, ShardError, WaitTimeout
-from psfw.identity import differences, summary
-from psfw.layout import Layout, SliceKey, SliceSpec
-from psfw.wire import param_buffers
+from psfw.jobs.identity import differences, summary
+from psfw.protocol.errors import ConfigError, PsfwError, ShardError, WaitTimeout
+from psfw.protocol.layout import Layout, SliceKey, SliceSpec
+from psfw.protocol.wire import param_buffers
+from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.param_cache import ParamCache
 
-log = logging.getLogger("psfw.stub")
+log = logging.getLogger("psfw.runtime.stub")
 
 
 class Contribution:
@@ -75,7 +75,7 @@ class Stub:
         self.worker_groups, self.warmup_steps = worker_groups, warmup_steps
         self.staleness = -1 if staleness is None else staleness
         self.checkpoint_every = checkpoint_every
-        # the job's identity (psfw.identity); shards that hold another job are refused,
+        # the job's identity (psfw.jobs.identity); shards that hold another job are refused,
         # and joining this job where this group has advanced needs ``resume``
         self.identity, self.resume = identity, resume
         self.on_start = on_start  # told (group, step) once the stub knows where its group starts

@@ -19,8 +19,8 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
-from psfw.layout import Layout, SliceKey
 from psfw.proto import ps_pb2 as pb
+from psfw.protocol.layout import Layout, SliceKey
 
 T = TypeVar("T")
 

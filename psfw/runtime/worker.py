@@ -12,13 +12,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from psfw.cache import ParamCache, Rewind
 from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset
-from psfw.errors import PsfwError, mark_retrieved
-from psfw.layout import Layout
-from psfw.params import flatten_params, unflatten_params
-from psfw.stub import Stub
+from psfw.compute.params import flatten_params, unflatten_params
+from psfw.protocol.errors import PsfwError, mark_retrieved
+from psfw.protocol.layout import Layout
+from psfw.runtime.param_cache import ParamCache, Rewind
+from psfw.runtime.stub import Stub
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from psfw.errors import ConfigError
+from psfw.protocol.errors import ConfigError
 
 
 class _Strict(BaseModel):

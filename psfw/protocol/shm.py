@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from psfw.layout import SliceKey
+from psfw.protocol.layout import SliceKey
 
 SHM_DIR = Path("/dev/shm")
 NAME = re.compile(r"^psfw-(\d+)-[0-9a-f]{32}$")

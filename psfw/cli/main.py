@@ -15,17 +15,17 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from psfw.console import say
-from psfw.errors import ConfigError, PsfwError, UsageError
+from psfw.protocol.console import say
+from psfw.protocol.errors import ConfigError, PsfwError, UsageError
 
 
 def _train(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
 
-    from psfw.config import load_config
-    from psfw.launcher import train
-    from psfw.outputs import CHECKPOINTS, new_run_dir, resume_hint
+    from psfw.jobs.config import load_config
+    from psfw.jobs.embedded import train
+    from psfw.jobs.outputs import CHECKPOINTS, new_run_dir, resume_hint
 
     config = load_config(args.config)
     if args.resume and not args.run_dir:
@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from psfw.security import Security
+    from psfw.protocol.security import Security
     from psfw.services.server import serve
 
     try:
@@ -76,7 +76,7 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _client_security(args: argparse.Namespace):
-    from psfw.security import Security
+    from psfw.protocol.security import Security
 
     return Security.from_files(args.tls_cert, args.tls_key, args.tls_ca, args.token_file)
 
@@ -91,8 +91,8 @@ def _add_client_security(p: argparse.ArgumentParser) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from psfw.config import load_config
-    from psfw.launcher import train
+    from psfw.jobs.config import load_config
+    from psfw.jobs.embedded import train
 
     servers = shard_addresses(args.servers)
     if not servers:
@@ -118,9 +118,9 @@ def _worker(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from psfw.config import load_config
-    from psfw.launch import launch
-    from psfw.outputs import new_run_dir
+    from psfw.jobs.config import load_config
+    from psfw.jobs.outputs import new_run_dir
+    from psfw.jobs.supervisor import launch
 
     config = load_config(args.config)
     if args.resume and not args.run_dir:
@@ -130,7 +130,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from psfw.cluster import Cluster, format_status
+    from psfw.tools.cluster import Cluster, format_status
 
     async def show() -> None:
         addresses = shard_addresses(args.servers)
@@ -145,7 +145,7 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from psfw.security import link_problem
+    from psfw.protocol.security import link_problem
 
     shard_addresses(args.address)  # one host:port
     security = _client_security(args)
@@ -175,7 +175,7 @@ def _health(args: argparse.Namespace) -> int:
 def _loadtest(args: argparse.Namespace) -> int:
     import json
 
-    from psfw.loadtest import load_test
+    from psfw.tools.loadtest import load_test
 
     figures = load_test(args.groups, args.seconds, args.mb)
     print(json.dumps(figures, indent=None if args.json else 1))
@@ -184,7 +184,7 @@ def _loadtest(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from psfw.bench import main as bench_main
+    from psfw.tools.bench import main as bench_main
 
     try:
         return bench_main(args)
@@ -490,9 +490,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from psfw.allocator import tune_malloc
+    from psfw.runtime.allocator import tune_malloc
 
-    tune_malloc()  # before any thread starts: see psfw/allocator.py
+    tune_malloc()  # before any thread starts: see psfw/runtime/allocator.py
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("psfw").setLevel(logging.INFO)  # psfw's own notes (transport, restores) are shown

@@ -1,6 +1,6 @@
 """Regenerate the Python gRPC code in ``psfw/proto`` from ``protos/``.
 
-Run ``python -m psfw.protogen`` after editing a ``.proto`` file; the test suite fails
+Run ``python -m psfw.tools.protogen`` after editing a ``.proto`` file; the test suite fails
 when the committed code drifts from the sources.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "protos"
 
 

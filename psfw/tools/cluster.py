@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from psfw.client import ShardClient
-from psfw.config import Config
-from psfw.errors import PsfwError, UsageError
-from psfw.job import build_job
+from psfw.jobs.config import Config
+from psfw.jobs.job import build_job
 from psfw.proto import ps_pb2 as pb
-from psfw.security import NO_SECURITY, Security
-from psfw.stub import fetch_params
+from psfw.protocol.errors import PsfwError, UsageError
+from psfw.protocol.security import NO_SECURITY, Security
+from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.stub import fetch_params
 
 
 class Cluster:

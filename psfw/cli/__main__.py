@@ -1,0 +1,5 @@
+"""``python -m psfw.cli``: the psfw command."""
+
+from psfw.cli.main import main
+
+raise SystemExit(main())
