@@ -30,23 +30,14 @@ from psfw.proto import ps_pb2 as pb
 from psfw.protocol.atomic import write_atomic
 from psfw.protocol.console import say
 from psfw.protocol.security import NO_SECURITY, Security
+from psfw.protocol.service import MAX_MESSAGE_BYTES, SERVICE_NAME, grpc_options
 from psfw.services.servicer import DEFAULT_MAX_REQUEST_BYTES, ParameterServerServicer, add_servicer
 from psfw.services.store import ShardStore
 
 log = logging.getLogger("psfw.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
-MAX_MESSAGE_BYTES = 4 << 20  # chunks are about 1 MiB: 4 MiB leaves room, bounds abuse
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
 
 
 def is_loopback(address: str) -> bool:
@@ -199,6 +190,14 @@ class ShardServer:
             await self.mark_ready()
         _IN_PROCESS[self.address] = self
         return port
+
+    def count(self, rpc: str) -> None:
+        """Count an RPC that reached the store without gRPC (psfw.runtime.inprocess)."""
+        self.servicer.rpc_counts[rpc] += 1
+
+    def description(self) -> pb.DescribeReply:
+        """The Describe answer of the shard as it is now."""
+        return self.servicer.description()
 
     async def mark_ready(self) -> None:
         """Report SERVING: the shard holds what it should (fresh or restored)."""

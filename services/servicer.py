@@ -20,8 +20,9 @@ import numpy as np
 
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.protocol.errors import mark_retrieved
+from psfw.protocol.errors import Reason, mark_retrieved
 from psfw.protocol.layout import SliceKey
+from psfw.protocol.service import REASON_KEY
 from psfw.protocol.shm import Region, RegionCache, host_id, slot_layout
 from psfw.protocol.wire import (
     Assembler,
@@ -34,6 +35,7 @@ from psfw.protocol.wire import (
     frame_deserializer,
     frame_serializer,
     message_deserializer,
+    update_header,
 )
 from psfw.services.metrics import ShardMetrics
 from psfw.services.refusals import RefusalLog
@@ -77,6 +79,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"shard {self.store.shard} cannot use shared-memory region {name}: {err}; "
                 "send the tensors over the network",
+                Reason.NO_SHARED_MEMORY,
             ) from None
 
     def refuse(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, reason: str) -> None:
@@ -106,7 +109,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             yield
         except WireError as err:
             self.refuse(context, method, err.code, err.message)
-            await context.abort(err.code, _fits(err.message))
+            await context.abort(err.code, _fits(err.message), ((REASON_KEY, err.reason.value),) if err.reason else ())
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception:
@@ -114,6 +117,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the server: see the server log")
         finally:
             self.metrics.latency.labels(self._shard, method).observe(time.perf_counter() - started)
+
+    def description(self) -> pb.DescribeReply:
+        """The Describe answer of the shard as it is now, with the RPCs served."""
+        reply = describe_store(self.store)
+        reply.rpc_counts.update(self.rpc_counts)
+        return reply
 
     async def Put(self, request_iterator: AsyncIterator[Frame], context) -> pb.PutReply:
         async with self._handled(context, "Put"):
@@ -160,7 +169,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 sums = {k: region.view(False, offsets[k], d, s) for k, (d, s) in self.store.specs.items()}
             else:
                 sums = assembler.finish()
-            result = await self.store.update(header, sums, _wait(header.wait_s))
+            result = await self.store.update(update_header(header, _wait(header.wait_s)), sums)
             self.metrics.bytes_in.labels(self._shard).inc(assembler.total or self.store.nbytes())
             if header.shm:
                 await _write_answer(region, offsets, result.values)
@@ -176,8 +185,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     async def Describe(self, request: pb.DescribeRequest, context) -> pb.DescribeReply:
         async with self._handled(context, "Describe", request):
-            reply = describe_store(self.store)
-            reply.rpc_counts.update(self.rpc_counts)
+            reply = self.description()
             if request.digest:
                 reply.digest = await self.store.state_digest()
         return reply

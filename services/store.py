@@ -27,9 +27,9 @@ import numpy as np
 import optax
 
 from psfw.compute.optimizers import build_optimizer
-from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import mark_retrieved
+from psfw.protocol.errors import Reason, mark_retrieved
 from psfw.protocol.layout import SliceKey
+from psfw.protocol.messages import Gradients, UpdateHeader
 from psfw.protocol.wire import WireError, batched, slice_name
 from psfw.services import checkpoint
 
@@ -85,7 +85,8 @@ MAX_METRICS = 64
 
 
 def _abort(code: grpc.StatusCode, message: str) -> WireError:
-    return WireError(code, message)
+    # the shard's own waits that ran out are answers, not lost connections: a client does not retry them
+    return WireError(code, message, Reason.SHARD_WAIT if code == grpc.StatusCode.DEADLINE_EXCEEDED else Reason.NONE)
 
 
 class ShardStore:
@@ -185,7 +186,7 @@ class ShardStore:
         FAILED_PRECONDITION. The first Put fixes the shard's optimizer. With
         ``adopt``, the arrays are the request's own buffers, which nobody writes again:
         the shard keeps them instead of a copy. ``job``: the job's identity (JSON, see
-        psfw.jobs.identity); the first Put that names one fixes it, a Put of another job is
+        psfw.protocol.identity); the first Put that names one fixes it, a Put of another job is
         FAILED_PRECONDITION.
         """
         if not arrays:
@@ -353,17 +354,19 @@ class ShardStore:
 
     # -- update --------------------------------------------------------------
 
-    async def update(self, head: pb.UpdateRequest, sums: dict[SliceKey, np.ndarray], wait_s: float) -> UpdateResult:
+    async def update(self, head: UpdateHeader, sums: Gradients) -> UpdateResult:
         """Add one process's row-weighted gradient sum (``head`` names group, step,
         process, workers, rows) to its group's step; once the whole group has
         reported, apply the averaged gradient. Waits for the group (at most
-        ``wait_s``), then, under a staleness bound, for the slowest group, and
-        returns the fresh values.
+        ``head.wait_s``), then, under a staleness bound, for the slowest group, and
+        returns the fresh values. A slice's sum may come as the tuple of the
+        process's workers' parts (``Parts``): they are added inside the update.
 
         A contribution that was already added (a retried RPC) is acknowledged and not
         added again; a step that is already complete answers with current values.
         """
         self._check_current(head)
+        wait_s = head.wait_s
         sums = {k: v if isinstance(v, tuple) else (v,) for k, v in sums.items()}  # parts, added when applied
         group, step, process = head.group, head.step, head.process
         pending = self.groups[group].round if group in self.groups else None
@@ -437,7 +440,7 @@ class ShardStore:
                 f"({self.fingerprint}), the request is of another job ({fingerprint}): start the shards fresh",
             )
 
-    def _check_current(self, head: pb.UpdateRequest) -> None:
+    def _check_current(self, head: UpdateHeader) -> None:
         """The shard is intact, of the update's job and at its epoch: checked again
         after every wait, since a Restore may have rolled the shard back during it."""
         self._check_intact()
@@ -453,7 +456,7 @@ class ShardStore:
         """The completed steps of the slowest of groups 0..worker_groups-1."""
         return min((self.group_step(g) for g in range(max(worker_groups, 1))), default=0)
 
-    async def _hold_for_slowest(self, group: int, step: int, head: pb.UpdateRequest, wait_s: float) -> None:
+    async def _hold_for_slowest(self, group: int, step: int, head: UpdateHeader, wait_s: float) -> None:
         """Bounded staleness (SSP): a group may start ``step`` only while it is at most
         ``staleness`` steps ahead of the slowest group."""
         groups, bound = head.worker_groups, head.staleness
@@ -472,7 +475,7 @@ class ShardStore:
                 f"groups {behind} are further behind and did not advance for {wait_s:.1f} s",
             ) from None
 
-    def _validate_update(self, state: GroupState, head: pb.UpdateRequest, sums) -> Round | None:
+    def _validate_update(self, state: GroupState, head: UpdateHeader, sums) -> Round | None:
         step, process, workers, rows, wpg = head.step, head.process, head.workers, head.rows, head.workers_per_group
         where = f"group {head.group} step {step}"
         if step > state.step:

@@ -11,6 +11,7 @@ import optax
 from psfw.compute.optimizers import build_optimizer
 from psfw.compute.params import flatten_params
 from psfw.jobs.job import build_job
+from psfw.protocol.messages import UpdateHeader
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -53,18 +54,17 @@ def expect4(key) -> tuple[np.dtype, tuple[int, ...]]:
 async def send(client, values: dict, *, step=0, process=0, rows=1, workers_per_group=1, wait_s=5.0, **options):
     """One Update from one worker: ``values`` maps slice indices of parameter "w" to
     its float32[4] gradient sums."""
-    return await client.update(
+    header = UpdateHeader(
         group=0,
         step=step,
         process=process,
         workers=1,
         rows=rows,
         workers_per_group=workers_per_group,
-        items=[("w", index, value) for index, value in values.items()],
-        expect=expect4,
         wait_s=wait_s,
         **options,
     )
+    return await client.update(header, {("w", index): value for index, value in values.items()}, expect4)
 
 
 def free_port() -> int:

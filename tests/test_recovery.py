@@ -23,6 +23,7 @@ from psfw.jobs.embedded import train_async
 from psfw.jobs.outputs import read_params
 from psfw.protocol.atomic import write_atomic
 from psfw.protocol.errors import ShardError
+from psfw.protocol.messages import UpdateHeader
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services import checkpoint
 from psfw.services.server import ShardServer
@@ -427,14 +428,14 @@ async def test_a_shard_restarted_during_the_last_update_sends_the_workers_back(t
     original = ShardClient.update
     restarted = []
 
-    async def update(self, **request):
-        if request["step"] == steps - 1 and self.shard == 0 and not restarted:
+    async def update(self, header, *args, **kwargs):
+        if header.step == steps - 1 and self.shard == 0 and not restarted:
             old = servers[0]
             await old._server.stop(0)  # a crash: no final checkpoint
             servers[0] = ShardServer(0, 2, checkpoint_dir=folder)
             await servers[0].start(old.address)
             restarted.append(servers[0].restored_step)
-        return await original(self, **request)
+        return await original(self, header, *args, **kwargs)
 
     monkeypatch.setattr(ShardClient, "update", update)
     try:
@@ -508,11 +509,9 @@ async def test_another_group_one_step_apart_on_its_shards_goes_on_without_a_rest
         # group 1's update of step 3 reached shard 0 only
         layout = build_job(config(3)).layout
         client = ShardClient(addresses[0], 0)
-        items = [(s.key, s.index, np.zeros(s.size, np.float32)) for s in layout.shard_slices(0)]
-        await client.update(
-            group=1, step=3, process=1, workers=1, rows=20, workers_per_group=1, worker_groups=2,
-            items=items, expect=layout.slice_dtype_shape, wait_s=5.0,
-        )  # fmt: skip
+        grads = {(s.key, s.index): np.zeros(s.size, np.float32) for s in layout.shard_slices(0)}
+        header = UpdateHeader(group=1, step=3, process=1, workers=1, rows=20, workers_per_group=1, worker_groups=2)
+        await client.update(header, grads, layout.slice_dtype_shape)
         await client.close()
         assert [s.store.group_step(1) for s in servers] == [4, 3]
         await train_async(config(6), progress=False, outputs=False, servers=addresses, processes=[1], resume=True)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from psfw.proto import ps_pb2 as pb
 from psfw.protocol.errors import ShardError
+from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.wire import WireError
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services import checkpoint
@@ -51,7 +51,8 @@ class Gate:
 
 
 def _head(step: int, process: int = 0, epoch: int = 0, workers_per_group: int = 1, every: int = 1):
-    return pb.UpdateRequest(
+    return UpdateHeader(
+        wait_s=5.0,
         group=0,
         step=step,
         process=process,
@@ -75,10 +76,10 @@ async def test_an_update_of_the_old_epoch_cannot_slip_in_while_a_restore_runs(tm
     epoch's step adds only the new epoch's contributions."""
     store = ShardStore(0, 1, checkpoint_dir=tmp_path)
     await store.put({W: np.zeros(4, np.float32)}, SGD1)
-    await asyncio.gather(*(store.update(_head(0, p, workers_per_group=2), _grad(0.0), 5.0) for p in (0, 1)))
+    await asyncio.gather(*(store.update(_head(0, p, workers_per_group=2), _grad(0.0)) for p in (0, 1)))
     await store.flush_checkpoints()
     gate = store._check_finite = Gate(store._check_finite)
-    stale = asyncio.create_task(store.update(_head(1, 0, workers_per_group=2), _grad(100.0), 5.0))
+    stale = asyncio.create_task(store.update(_head(1, 0, workers_per_group=2), _grad(100.0)))
     await gate.entered()
     await store.restore(1, epoch=1)
     gate.release()
@@ -87,7 +88,7 @@ async def test_an_update_of_the_old_epoch_cannot_slip_in_while_a_restore_runs(tm
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "epoch 1" in err.value.message and "re-sync" in err.value.message
     assert store.groups[0].round is None, "the old epoch's contribution was not added"
-    await asyncio.gather(*(store.update(_head(1, p, epoch=1, workers_per_group=2), _grad(1.0), 5.0) for p in (0, 1)))
+    await asyncio.gather(*(store.update(_head(1, p, epoch=1, workers_per_group=2), _grad(1.0)) for p in (0, 1)))
     np.testing.assert_allclose(np.asarray(store.values[W]), -1.0)
 
 
@@ -95,7 +96,7 @@ async def _store_at_checkpoint(tmp_path, steps: int, every: int) -> ShardStore:
     store = ShardStore(0, 1, checkpoint_dir=tmp_path)
     await store.put({W: np.zeros(4, np.float32)}, SGD1)
     for step in range(steps):
-        await store.update(_head(step, every=every), _grad(1.0), 5.0)
+        await store.update(_head(step, every=every), _grad(1.0))
     await store.flush_checkpoints()
     assert checkpoint.complete_steps(tmp_path, 1)[-1] == steps
     return store
@@ -104,7 +105,7 @@ async def _store_at_checkpoint(tmp_path, steps: int, every: int) -> ShardStore:
 async def _check_new_history_checkpoints(store: ShardStore, tmp_path, start: int, stop: int, every: int) -> None:
     """The restored history reaches ``stop`` and checkpoints it: the file is the live state."""
     for step in range(start, stop):
-        await store.update(_head(step, epoch=1, every=every), _grad(5.0), 5.0)
+        await store.update(_head(step, epoch=1, every=every), _grad(5.0))
     await store.flush_checkpoints()
     assert checkpoint.complete_steps(tmp_path, 1)[-1] == stop
     tensors, meta = checkpoint.load_shard(tmp_path, stop, 0)
@@ -120,7 +121,7 @@ async def test_a_restore_waits_for_the_checkpoint_write_in_flight_and_then_drops
     gate = Gate(checkpoint.save_shard)
     monkeypatch.setattr(checkpoint, "save_shard", gate)
     for step in (2, 3):
-        await store.update(_head(step, every=2), _grad(1.0), 5.0)
+        await store.update(_head(step, every=2), _grad(1.0))
     await gate.entered()  # the write of step 4 is in flight
     restoring = asyncio.create_task(store.restore(2, epoch=1))
     await asyncio.sleep(0.1)
@@ -141,7 +142,7 @@ async def test_a_checkpoint_of_the_abandoned_history_queued_during_a_restore_is_
     monkeypatch.setattr(checkpoint, "load_shard", gate)
     restoring = asyncio.create_task(store.restore(1, epoch=1))
     await gate.entered()
-    await store.update(_head(1, every=1), _grad(1.0), 5.0)  # still epoch 0: its checkpoint of step 2 queues
+    await store.update(_head(1, every=1), _grad(1.0))  # still epoch 0: its checkpoint of step 2 queues
     gate.release()
     await asyncio.wait_for(restoring, 10.0)
     await store.flush_checkpoints()

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
 from psfw.protocol.errors import ShardError, UsageError
+from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.security import Security, certificate_names
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer, check_listen, listens_everywhere
@@ -55,17 +56,8 @@ async def secured(pki):
 async def attempt(server, security):
     client = ShardClient(server.address, 0, timeout_s=5, retries=0, security=security)
     try:
-        return await client.update(
-            group=0,
-            step=0,
-            process=0,
-            workers=1,
-            rows=1,
-            workers_per_group=1,
-            items=[("w", 0, np.ones(4, np.float32))],
-            expect=lambda key: (np.dtype("float32"), (4,)),
-            wait_s=2,
-        )
+        header = UpdateHeader(group=0, step=0, process=0, workers=1, rows=1, workers_per_group=1, wait_s=2)
+        return await client.update(header, {("w", 0): np.ones(4, np.float32)}, lambda key: (np.dtype("float32"), (4,)))
     finally:
         await client.close()
 

@@ -10,9 +10,12 @@ import pytest_asyncio
 
 from psfw.jobs.shard_processes import shard_processes
 from psfw.proto import ps_pb2 as pb
+from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.shm import SHM_DIR, Region, host_id, slot_layout
 from psfw.protocol.wire import Frame, frame_deserializer, frame_serializer
 from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.stub import add_up
+from psfw.runtime.transport import connect
 
 from helpers import SGD
 
@@ -23,6 +26,10 @@ def _expect(key):
     return np.dtype("float32"), (1000,) if key == ("w", 0) else (24,)
 
 
+def _header(step: int, rows: int = 1) -> UpdateHeader:
+    return UpdateHeader(group=0, step=step, process=0, workers=1, rows=rows, workers_per_group=1, wait_s=5)
+
+
 @pytest.fixture(scope="module")
 def shard_process():
     with shard_processes(1) as (addresses, _):
@@ -31,7 +38,7 @@ def shard_process():
 
 @pytest_asyncio.fixture
 async def clients(shard_process):
-    shared = ShardClient(shard_process, 0, timeout_s=10, retries=0)
+    shared = await connect(shard_process, 0, timeout_s=10, retries=0, shared_memory=SPECS)
     network = ShardClient(shard_process, 0, timeout_s=10, retries=0)
     yield shared, network
     await shared.close()
@@ -77,16 +84,13 @@ async def test_updates_through_shared_memory_equal_the_network_path(clients):
     shared, network = clients
     values = {("w", 0): np.linspace(0, 1, 1000, dtype=np.float32), ("w", 1): np.ones(24, np.float32)}
     await network.put([(k, i, v) for (k, i), v in values.items()], SGD)
-    assert await shared.use_shared_memory(SPECS) and shared.transport == "shared-memory"
-    assert network.transport == "grpc"
-    grads = [("w", 0, np.full(1000, 2.0, np.float32)), ("w", 1, np.full(24, -1.0, np.float32))]
-    answer = await shared.update(
-        group=0, step=0, process=0, workers=1, rows=4, workers_per_group=1, items=grads, expect=_expect, wait_s=5
-    )
+    assert shared.kind == "shared-memory" and network.kind == "grpc"
+    grads = {("w", 0): np.full(1000, 2.0, np.float32), ("w", 1): np.full(24, -1.0, np.float32)}
+    answer = await shared.update(_header(0, rows=4), grads, _expect)
     assert answer.step == 1
     fetched = await network.get(0, 1, [("w", 0), ("w", 1)], _expect, 5)
     for key, value in values.items():
-        expected = value - 0.1 * dict(((k, i), g) for k, i, g in grads)[key] / 4
+        expected = value - 0.1 * grads[key] / 4
         np.testing.assert_allclose(answer.values[key], expected, rtol=1e-6)
         np.testing.assert_array_equal(fetched.values[key], answer.values[key])
     again = await shared.get(0, 1, [("w", 1)], _expect, 5)
@@ -110,20 +114,14 @@ async def test_a_region_the_shard_cannot_map_is_refused_and_the_client_falls_bac
     assert "cannot use shared-memory region psfw-1-bad" in err.value.details()
 
     step = (await network.describe()).groups[0].step
-    assert await shared.use_shared_memory(SPECS)
-    (SHM_DIR / shared._shm.name).unlink()  # the shard can no longer open it
-    answer = await shared.update(
-        group=0,
-        step=step,
-        process=0,
-        workers=1,
-        rows=1,
-        workers_per_group=1,
-        items=[("w", 0, np.zeros(1000, np.float32)), ("w", 1, np.zeros(24, np.float32))],
-        expect=_expect,
-        wait_s=5,
-    )
-    assert answer.step == step + 1 and shared.transport == "grpc"
+    assert shared.kind == "shared-memory"
+    (SHM_DIR / shared._region.name).unlink()  # the shard can no longer open it
+    grads = shared.gradient_buffers(SPECS)  # the stub adds its sums up in the region
+    for view in grads.values():
+        view[:] = 0
+    answer = await shared.update(_header(step), grads, _expect)
+    assert answer.step == step + 1 and shared.kind == "grpc"
+    assert shared.gradient_buffers(SPECS) is None, "from now on the sums go anywhere"
 
 
 def test_another_network_namespace_counts_as_another_host():
@@ -151,19 +149,21 @@ def test_a_region_of_another_layout_is_refused():
 
 @pytest.mark.asyncio
 async def test_workers_parts_are_added_into_the_region(shard_process):
-    shared = ShardClient(shard_process, 0, timeout_s=10, retries=0)
+    """The stub adds its workers' gradients up straight into the region's slots, and
+    the Update carries only the region's name."""
+    shared = await connect(shard_process, 0, timeout_s=10, retries=0, shared_memory=SPECS)
     network = ShardClient(shard_process, 0, timeout_s=10, retries=0)
     try:
         step = (await network.describe()).groups[0].step
-        assert await shared.use_shared_memory(SPECS)
         before = await network.get(0, step, [("w", 0), ("w", 1)], _expect, 5)
-        parts = [
-            ("w", 0, (np.full(1000, 1.0, np.float32), np.full(1000, 2.0, np.float32))),
-            ("w", 1, (np.full(24, 0.5, np.float32), np.full(24, 0.5, np.float32), np.ones(24, np.float32))),
-        ]
-        answer = await shared.update(
-            group=0, step=step, process=0, workers=1, rows=2, workers_per_group=1, items=parts, expect=_expect, wait_s=5
-        )
+        parts = {
+            ("w", 0): (np.full(1000, 1.0, np.float32), np.full(1000, 2.0, np.float32)),
+            ("w", 1): (np.full(24, 0.5, np.float32), np.full(24, 0.5, np.float32), np.ones(24, np.float32)),
+        }
+        slots = shared.gradient_buffers(SPECS)
+        grads = {key: add_up(ps, slots[key]) for key, ps in parts.items()}
+        assert all(grads[key] is slots[key] for key in grads)
+        answer = await shared.update(_header(step, rows=2), grads, _expect)
         np.testing.assert_allclose(answer.values[("w", 0)], before.values[("w", 0)] - 0.1 * 3.0 / 2, atol=1e-6)
         np.testing.assert_allclose(answer.values[("w", 1)], before.values[("w", 1)] - 0.1 * 2.0 / 2, atol=1e-6)
     finally:

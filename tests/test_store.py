@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from psfw.proto import ps_pb2 as pb
+from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.wire import WireError
 from psfw.services.store import ShardStore
 
@@ -22,8 +22,8 @@ def _grads(step: int) -> dict:
     return {("w", i): rng.normal(size=256).astype(np.float32) for i in range(SLICES)}
 
 
-def _head(step: int) -> pb.UpdateRequest:
-    return pb.UpdateRequest(group=0, step=step, process=0, workers=1, rows=2, workers_per_group=1, staleness=-1)
+def _head(step: int) -> UpdateHeader:
+    return UpdateHeader(wait_s=5.0, group=0, step=step, process=0, workers=1, rows=2, workers_per_group=1, staleness=-1)
 
 
 def _buffers(store: ShardStore, keys) -> set[int]:
@@ -48,7 +48,7 @@ async def test_a_shard_updated_batch_by_batch_in_place_equals_one_jitted_update(
     before = _buffers(batched, batched.values)
     for step in range(3):
         for store in (whole, batched):
-            await store.update(_head(step), _grads(step), 5.0)
+            await store.update(_head(step), _grads(step))
     assert batched.digest() == whole.digest()  # values, optimizer state, versions, steps
     assert _buffers(batched, batched.values) == before, "with no reader, batches are updated where they are"
 
@@ -58,12 +58,12 @@ async def test_a_reader_keeps_its_values_while_the_shard_updates_in_place():
     """A Get's snapshot (an answer still being sent) is never written over: the
     batches it holds get new buffers, the others are updated in place."""
     store = await _store(256 * 4)
-    await store.update(_head(0), _grads(0), 5.0)
+    await store.update(_head(0), _grads(0))
     step, held = await store.read([("w", 0), ("w", 3)], 0, 1, 5.0)
     copies = {k: np.array(v) for k, v in held.items()}
     free = [k for k in store.values if k not in held]
     before = _buffers(store, free)
-    await store.update(_head(1), _grads(1), 5.0)
+    await store.update(_head(1), _grads(1))
     for key, value in held.items():
         assert not value.is_deleted()
         np.testing.assert_array_equal(np.asarray(value), copies[key])
@@ -78,33 +78,33 @@ async def test_a_small_shard_updates_in_place_and_a_refused_update_changes_nothi
     a NaN makes the same in-place call hand back the old values and state, so the
     refusal leaves the shard as it was, and the step can still be made."""
     store, fresh = await _store(1 << 30), await _store(1 << 30)
-    await store.update(_head(0), _grads(0), 5.0)
+    await store.update(_head(0), _grads(0))
     before, digest = _buffers(store, store.values), store.digest()
     grads = _grads(1)
     grads[("w", 2)][5] = np.nan
     with pytest.raises(WireError, match="gradient of w\\[2\\] has NaN or Inf"):
-        await store.update(_head(1), grads, 5.0)
+        await store.update(_head(1), grads)
     assert store.digest() == digest
-    await store.update(_head(1), _grads(1), 5.0)
+    await store.update(_head(1), _grads(1))
     assert _buffers(store, store.values) == before, "updated where they are"
     for step in range(2):
-        await fresh.update(_head(step), _grads(step), 5.0)
+        await fresh.update(_head(step), _grads(step))
     assert store.digest() == fresh.digest()
 
 
 @pytest.mark.asyncio
 async def test_a_nonfinite_gradient_in_the_last_batch_changes_no_batch():
     store = await _store(256 * 4)
-    await store.update(_head(0), _grads(0), 5.0)
+    await store.update(_head(0), _grads(0))
     digest = store.digest()
     grads = _grads(1)
     grads[("w", SLICES - 1)][7] = np.inf
     with pytest.raises(WireError) as refused:
-        await store.update(_head(1), grads, 5.0)
+        await store.update(_head(1), grads)
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "NaN or Inf" in refused.value.message
     assert store.digest() == digest
-    await store.update(_head(1), _grads(1), 5.0)  # the step can still be made
+    await store.update(_head(1), _grads(1))  # the step can still be made
     assert store.group_step(0) == 2
 
 
@@ -124,10 +124,10 @@ async def test_an_update_that_fails_halfway_leaves_a_shard_that_refuses_to_serve
 
     store._update_in_place = fails_on_the_third_batch
     with pytest.raises(WireError) as failed:
-        await store.update(_head(0), _grads(0), 5.0)
+        await store.update(_head(0), _grads(0))
     assert failed.value.code == grpc.StatusCode.DATA_LOSS and "MemoryError" in failed.value.message
     for attempt in (
-        store.update(_head(0), _grads(0), 5.0),
+        store.update(_head(0), _grads(0)),
         store.read([("w", 0)], 0, 0, 1.0),
         store.put({("w", 9): np.zeros(4, np.float32)}, ADAM),
     ):
@@ -143,7 +143,7 @@ async def test_an_update_that_fails_before_xla_ran_leaves_the_shard_serving():
     """A failure before anything was donated (a trace or compile error) is an
     INTERNAL error of that update, not damage: the values are intact."""
     store = await _store(1 << 30)
-    await store.update(_head(0), _grads(0), 5.0)
+    await store.update(_head(0), _grads(0))
     digest, in_place = store.digest(), store._update_in_place
 
     def cannot_compile(*args):
@@ -151,11 +151,11 @@ async def test_an_update_that_fails_before_xla_ran_leaves_the_shard_serving():
 
     store._update_in_place = cannot_compile
     with pytest.raises(WireError) as failed:
-        await store.update(_head(1), _grads(1), 5.0)
+        await store.update(_head(1), _grads(1))
     assert failed.value.code == grpc.StatusCode.INTERNAL and not store.damage
     assert store.digest() == digest
     store._update_in_place = in_place
-    await store.update(_head(1), _grads(1), 5.0)
+    await store.update(_head(1), _grads(1))
     assert store.group_step(0) == 2
 
 
@@ -166,18 +166,18 @@ async def test_a_step_that_cannot_be_added_up_fails_its_waiters_and_can_be_sent_
     at once, never leave the step full but unapplied, and the step can be sent again."""
     store = await _store(1 << 30)
     head = dict(group=0, step=0, workers=1, rows=2, workers_per_group=2, staleness=-1)
-    waiting = asyncio.create_task(store.update(pb.UpdateRequest(process=0, **head), _grads(0), 5.0))
+    waiting = asyncio.create_task(store.update(UpdateHeader(wait_s=5.0, process=0, **head), _grads(0)))
     for _ in range(100):
         if store.groups.get(0) and store.groups[0].round:
             break
         await asyncio.sleep(0.02)
     del store.groups[0].round.parts[0][("w", 3)]  # process 0's sums lack a slice the shard holds
     with pytest.raises(WireError) as failed:
-        await store.update(pb.UpdateRequest(process=1, **head), _grads(0), 5.0)
+        await store.update(UpdateHeader(wait_s=5.0, process=1, **head), _grads(0))
     assert failed.value.code == grpc.StatusCode.INTERNAL and "group 0 step 0 failed" in failed.value.message
     with pytest.raises(WireError) as also:
         await asyncio.wait_for(waiting, 2.0)
     assert also.value is failed.value or also.value.message == failed.value.message
     assert store.groups[0].round is None and store.group_step(0) == 0 and not store.damage
-    await asyncio.gather(*(store.update(pb.UpdateRequest(process=p, **head), _grads(0), 5.0) for p in (0, 1)))
+    await asyncio.gather(*(store.update(UpdateHeader(wait_s=5.0, process=p, **head), _grads(0)) for p in (0, 1)))
     assert store.group_step(0) == 1

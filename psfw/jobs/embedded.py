@@ -23,7 +23,6 @@ import numpy as np
 from psfw.compute.params import unflatten_params
 from psfw.compute.step import make_eval_fn, make_grad_step
 from psfw.jobs.config import Config, load_config
-from psfw.jobs.identity import changed, job_identity
 from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import (
     CHECKPOINTS,
@@ -40,14 +39,15 @@ from psfw.jobs.outputs import (
 )
 from psfw.jobs.progress import ProgressBar, StepReporter
 from psfw.protocol.errors import ConfigError, UsageError
+from psfw.protocol.identity import changed, job_identity
 from psfw.protocol.security import NO_SECURITY, Security
 from psfw.protocol.wire import WireError
-from psfw.runtime.inprocess import connect
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.stub import Stub, fetch_params
+from psfw.runtime.transport import connect_all, shard_ranges
 from psfw.runtime.worker import WorkerSpec, run_worker
 from psfw.services.checkpoint import complete_steps
-from psfw.services.server import ShardServer
+from psfw.services.server import ShardServer, in_process
 
 log = logging.getLogger("psfw")
 
@@ -124,26 +124,17 @@ async def run_job(
                     executor=executor,
                     wait_s=t.wait_s,
                 )
-                clients = [
-                    connect(
-                        a,
-                        i,
-                        timeout_s=t.wait_s,
-                        prefer_local=c.transport == "auto",
-                        retries=t.retries,
-                        security=security,
-                    )
-                    for i, a in enumerate(addresses)
-                ]
+                clients = await connect_all(
+                    addresses,
+                    who=f"process {process} of group {group}",
+                    local=in_process if c.transport == "auto" else lambda address: None,
+                    shard_slices=job.layout.slice_specs if c.transport == "auto" else None,
+                    timeout_s=t.wait_s,
+                    retries=t.retries,
+                    security=security,
+                )
                 for client in clients:
                     stack.push_async_callback(client.close)
-                if c.transport == "auto":
-                    for i, client in enumerate(clients):
-                        if client.transport == "grpc":  # a shard process on this host: shared memory
-                            slices = job.layout.shard_slices(i)
-                            specs = [((s.key, s.index), job.layout.params[s.key].dtype, (s.size,)) for s in slices]
-                            await client.use_shared_memory(specs)
-                log.info("process %d of group %d: %s", process, group, _transports([cl.transport for cl in clients]))
                 cache = ParamCache(group, process)
                 workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
                 stub = Stub(
@@ -262,7 +253,9 @@ async def train_async(
         )
         if not chief:
             return TrainResult({}, job.steps, float("nan"), {}, reporter.records, None, [dict(s.rpcs) for s in stubs])
-        clients = [connect(a, i, timeout_s=t.wait_s, security=security) for i, a in enumerate(addresses)]
+        clients = await connect_all(
+            addresses, who="evaluation", local=in_process, timeout_s=t.wait_s, security=security
+        )
         for client in clients:
             stack.push_async_callback(client.close)
         params = await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), t.wait_s)
@@ -355,33 +348,9 @@ def _warn_empty_shards(job: Job) -> None:
             job.config.source,
             c.servers,
             sum(len(p.slices) for p in job.layout.params.values()),
-            _shards(empty),
+            shard_ranges(empty),
             "holds" if len(empty) == 1 else "hold",
         )
-
-
-def _shards(indices: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``shards 0-2, 5``; a scattered set is only counted, so the
-    text stays short for any number of shards."""
-    if len(indices) == 1:
-        return f"shard {indices[0]}"
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    if len(runs) > 3:
-        return f"{len(indices)} shards"
-    return "shards " + ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
-
-
-def _transports(paths: list[str]) -> str:
-    """How a stub reaches its shards, per path: ``shards 0-1 in-process``."""
-    by_path: dict[str, list[int]] = {}
-    for shard, path in enumerate(paths):
-        by_path.setdefault(path, []).append(shard)
-    return ", ".join(f"{_shards(shards)} {path}" for path, shards in by_path.items())
 
 
 def check_run_dir(run_dir: Path, shards: int, resume: bool, checkpoints: bool = True) -> None:

@@ -19,7 +19,7 @@ PARAMS_FILE = "params.safetensors"
 RUN_MARKER = "psfw-run.json"  # marks a folder as a psfw run: nothing else in a folder is read
 CHECKPOINTS = "checkpoints"
 
-log = logging.getLogger("psfw.jobs.outputs")
+log = logging.getLogger(__name__)
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:
@@ -83,8 +83,8 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
     model, the data, the seed or the name, which cannot continue that run's
     parameters, and of the optimizer unless ``change_optimizer``."""
     from psfw.jobs.config import SYNTHETIC_ONLY
-    from psfw.jobs.identity import changed
     from psfw.protocol.errors import UsageError
+    from psfw.protocol.identity import changed
 
     path = folder / "config.json"
     if not path.exists():

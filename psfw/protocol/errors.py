@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
 
 import grpc
 
@@ -21,12 +22,24 @@ class UsageError(PsfwError, ValueError):
     folder, a process that does not exist. The message says what to do instead."""
 
 
-class ShardError(PsfwError):
-    """An RPC to a shard failed; ``code`` is the gRPC status code."""
+class Reason(enum.StrEnum):
+    """Why a shard refused, for a program to act on (the message is for people).
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+    Over gRPC it travels as the ``psfw-reason`` trailing metadata of the status."""
+
+    NONE = ""
+    SHARD_WAIT = "shard-wait"  # a wait of the shard's own ran out: an answer, not a lost connection
+    NO_SHARED_MEMORY = "no-shared-memory"  # the shard cannot map the client's region: use the network
+
+
+class ShardError(PsfwError):
+    """An RPC to a shard failed; ``code`` is the gRPC status code, ``reason`` says
+    why where the shard named it (a ``Reason``)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, reason: Reason = Reason.NONE):
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 class WaitTimeout(PsfwError, TimeoutError):

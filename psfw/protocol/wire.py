@@ -20,7 +20,9 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from psfw.proto import ps_pb2 as pb
+from psfw.protocol.errors import Reason
 from psfw.protocol.layout import Layout, SliceKey
+from psfw.protocol.messages import UpdateHeader
 
 T = TypeVar("T")
 
@@ -29,12 +31,15 @@ DTYPES = ("float16", "float32", "float64")
 
 
 class WireError(Exception):
-    """A request or reply that does not match what the receiver expects."""
+    """A request or reply that does not match what the receiver expects, or a
+    refusal of the shard: a gRPC status code, a message for people and, where a
+    program acts on it, a ``Reason``."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, reason: Reason = Reason.NONE):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason
 
 
 def slice_name(key: SliceKey) -> str:
@@ -448,3 +453,45 @@ class Assembler:
             else:
                 out[key] = np.frombuffer(self._parts.get(key, b""), dtype).reshape(shape)
         return out
+
+
+def update_request(header: UpdateHeader, shm: str = "") -> pb.UpdateRequest:
+    """The Update's header as the gRPC message (``shm``: the region that carries the
+    gradients, '' when they travel in the messages)."""
+    return pb.UpdateRequest(
+        group=header.group,
+        step=header.step,
+        process=header.process,
+        workers=header.workers,
+        rows=header.rows,
+        workers_per_group=header.workers_per_group,
+        worker_groups=header.worker_groups,
+        staleness=header.staleness,
+        group_processes=header.group_processes,
+        epoch=header.epoch,
+        checkpoint_every=header.checkpoint_every,
+        metrics=header.metrics,
+        job=header.job,
+        wait_s=header.wait_s,
+        shm=shm,
+    )
+
+
+def update_header(request: pb.UpdateRequest, wait_s: float) -> UpdateHeader:
+    """The header of a received Update; ``wait_s``: the wait the shard grants it."""
+    return UpdateHeader(
+        group=request.group,
+        step=request.step,
+        process=request.process,
+        workers=request.workers,
+        rows=request.rows,
+        workers_per_group=request.workers_per_group,
+        worker_groups=request.worker_groups,
+        staleness=request.staleness,
+        group_processes=request.group_processes,
+        epoch=request.epoch,
+        checkpoint_every=request.checkpoint_every,
+        metrics=dict(request.metrics),
+        job=request.job,
+        wait_s=wait_s,
+    )

@@ -1,4 +1,4 @@
-"""One gRPC channel to one shard, with the three verbs put, get and update.
+"""The gRPC transport: one channel to one shard, tensors in the messages.
 
 Every RPC has a deadline; UNAVAILABLE and deadlines gRPC ran out of are retried with
 exponential backoff and jitter up to ``retries`` times (a retried Update is safe: the
@@ -12,18 +12,19 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import NamedTuple, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 import numpy as np
 
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.protocol.errors import ShardError
+from psfw.protocol.errors import Reason, ShardError
 from psfw.protocol.layout import SliceKey
+from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
 from psfw.protocol.security import NO_SECURITY, Link, Security, link_problem
-from psfw.protocol.shm import Region, host_id, slot_layout
+from psfw.protocol.service import REASON_KEY, SERVICE_NAME, grpc_options
 from psfw.protocol.wire import (
     CHUNK_BYTES,
     Assembler,
@@ -35,15 +36,13 @@ from psfw.protocol.wire import (
     encoded_ahead,
     frame_deserializer,
     frame_serializer,
+    update_request,
 )
-from psfw.services.server import SERVICE_NAME, grpc_options
+from psfw.runtime.transport import Capabilities, Items, SliceSpecs
 
 T = TypeVar("T")
-Items = Iterable[tuple[str, int, np.ndarray]]
-RPC_MARGIN_S = 10.0
-log = logging.getLogger(
-    "psfw.runtime.grpc_transport"
-)  # the client's deadline exceeds the shard's own wait by this much
+RPC_MARGIN_S = 10.0  # the client's deadline exceeds the shard's own wait by this much
+log = logging.getLogger(__name__)
 
 
 UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)
@@ -55,38 +54,23 @@ REPORT_EVERY_S = 5.0  # while a shard cannot be reached, say so this often
 CLOSED_IN_A_ROW, CLOSED_FOR_S = 3, 5.0
 
 
+def reason_of(err: grpc.aio.AioRpcError) -> Reason:
+    """The shard's reason code of a refusal (its ``psfw-reason`` trailing metadata)."""
+    for key, value in err.trailing_metadata() or ():
+        if key == REASON_KEY:
+            try:
+                return Reason(value)
+            except ValueError:
+                return Reason.NONE  # a newer shard's reason: none this client acts on
+    return Reason.NONE
+
+
 def _transient(err: grpc.aio.AioRpcError) -> bool:
     """UNAVAILABLE, or a deadline that gRPC itself ran out of (a shard's own waits
-    end in DEADLINE_EXCEEDED too, but name the shard: those are answers, not losses)."""
+    end in DEADLINE_EXCEEDED too: those are answers, not losses)."""
     if err.code() == grpc.StatusCode.UNAVAILABLE:
         return True
-    return err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not (err.details() or "").startswith("shard ")
-
-
-def _sum_into(out: np.ndarray | None, parts: tuple[np.ndarray, ...]) -> np.ndarray:
-    """Add ``parts`` up into ``out`` (a new array when None)."""
-    if out is None:
-        out = np.add(parts[0], parts[1]) if len(parts) > 1 else parts[0]
-        rest = parts[2:]
-    elif len(parts) == 1:
-        np.copyto(out, parts[0])
-        return out
-    else:
-        np.add(parts[0], parts[1], out=out)
-        rest = parts[2:]
-    for part in rest:
-        np.add(out, part, out=out)
-    return out
-
-
-class Fresh(NamedTuple):
-    """Values a shard answered with."""
-
-    step: int  # the group's completed steps they reflect
-    values: dict[SliceKey, np.ndarray]
-    slowest_step: int = 0  # Update only: the slowest group's completed steps
-    metrics: dict[str, float] = {}  # Update only: the whole group's metrics of the step, x rows
-    rows: int = 0  # Update only: the group's rows of the step
+    return err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and reason_of(err) != Reason.SHARD_WAIT
 
 
 def _assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
@@ -106,30 +90,43 @@ def _fresh(head, values: dict[SliceKey, np.ndarray]) -> Fresh:
     return Fresh(head.step, values)
 
 
-PIPELINE_BYTES = 4 << 20  # the request is summed and encoded this much at a time
+PIPELINE_BYTES = 4 << 20  # the request is encoded this much at a time
 
 
 async def _pipelined(items: list, head: pb.UpdateRequest, chunk_bytes: int) -> AsyncIterator[bytes]:
-    """The Update's messages, summed and encoded in a thread a batch of slices at a
-    time, the next batch while gRPC sends this one: the early slices travel while
-    later ones are still being added up."""
-
-    def nbytes(item) -> int:
-        value = item[2]
-        return (value[0] if isinstance(value, tuple) else value).nbytes
+    """The Update's messages, encoded in a thread a batch of slices at a time, the
+    next batch while gRPC sends this one."""
 
     def encode(batch: list, index: int) -> list[bytes]:
-        summed = [(k, i, _sum_into(None, v) if isinstance(v, tuple) else v) for k, i, v in batch]
-        chunked = list(encode_chunks(summed, chunk_bytes)) or ([[]] if index == 0 else [])  # the header, always
+        chunked = list(encode_chunks(batch, chunk_bytes)) or ([[]] if index == 0 else [])  # the header, always
         return [
             UPDATE_REQUEST(Frame(head if index == n == 0 else pb.UpdateRequest(), c)) for n, c in enumerate(chunked)
         ]
 
-    async for message in encoded_ahead(batched(items, nbytes, PIPELINE_BYTES), encode):
+    async for message in encoded_ahead(batched(items, lambda item: item[2].nbytes, PIPELINE_BYTES), encode):
         yield message
 
 
+def get_request(
+    group: int, step: int, keys: list[SliceKey], wait_s: float, wait_for_put: bool, job: str
+) -> pb.GetRequest:
+    return pb.GetRequest(
+        group=group,
+        step=step,
+        slices=[pb.SliceRef(key=k, slice=i) for k, i in keys],
+        wait_s=wait_s,
+        wait_for_put=wait_for_put,
+        job=job,
+    )
+
+
 class ShardClient:
+    """A shard over gRPC: a ``Transport`` (psfw.runtime.transport) that works
+    wherever the shard runs."""
+
+    kind = "grpc"
+    capabilities = Capabilities()
+
     def __init__(
         self,
         address: str,
@@ -148,8 +145,6 @@ class ShardClient:
         self._said = 0.0  # when that was last said
         self._closed = 0  # connections it closed at once, in a row
         self._md = security.metadata()
-        self._shm: Region | None = None
-        self._offsets: dict[SliceKey, int] = {}
         self._stub = pb_grpc.ParameterServerStub(self.channel)
         method = f"/{SERVICE_NAME}/"
         self._put = self.channel.stream_unary(
@@ -176,53 +171,10 @@ class ShardClient:
             response_deserializer=frame_deserializer(pb.UpdateReply),
         )
 
-    @property
-    def transport(self) -> str:
-        return "shared-memory" if self._shm is not None else "grpc"
-
-    async def use_shared_memory(self, specs: list[tuple[SliceKey, np.dtype, tuple[int, ...]]]) -> bool:
-        """Move tensors through shared memory from now on if the shard runs on this
-        host (``specs``: the slices it holds); returns whether it does."""
-        try:
-            reply = await self.describe()
-        except ShardError:
-            return False  # not up yet: the network path works once it is
-        if not reply.host or reply.host != host_id():
-            return False
-        self._offsets, area = slot_layout(specs)
-        try:
-            self._shm = Region.create(area)
-        except OSError as err:
-            log.warning("shard %d: no shared memory (%s); tensors go over the network", self.shard, err)
-            return False
-        return True
-
-    def _drop_shared_memory(self, err: ShardError) -> bool:
-        """The shard cannot map our region: go back to the network path."""
-        if self._shm is None or err.code != grpc.StatusCode.FAILED_PRECONDITION or "shared-memory" not in str(err):
-            return False
-        log.warning("shard %d: %s; tensors go over the network from now on", self.shard, err)
-        self._shm.close()
-        self._shm = None
-        return True
-
-    def _from_region(self, keys, expect: Expect, into) -> dict[SliceKey, np.ndarray]:
-        out = {}
-        for key in keys:
-            dtype, shape = expect(key)
-            view = self._shm.view(True, self._offsets[key], dtype, shape)
-            target = (into or {}).get(key)
-            if target is None:
-                out[key] = view.copy()
-            else:
-                np.copyto(target, view.reshape(target.shape))
-                out[key] = target
-        return out
+    def gradient_buffers(self, slices: SliceSpecs) -> None:
+        return None  # the gradients are encoded from wherever they are
 
     async def close(self) -> None:
-        if self._shm is not None:
-            self._shm.close()
-            self._shm = None
         await self.channel.close()
 
     async def _call(self, rpc: str, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -237,7 +189,9 @@ class ShardClient:
                     delay = min(delay * 2, 2.0)
                     continue
                 said = f"cannot connect: {link.cause}" if link.kind else f"{err.code().name}: {err.details()}"
-                raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: {said}", err.code()) from None
+                raise ShardError(
+                    f"shard {self.shard} ({self.address}) {rpc}: {said}", err.code(), reason_of(err)
+                ) from None
             except WireError as err:
                 raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: bad reply: {err.message}") from None
             self._reached()
@@ -313,119 +267,66 @@ class ShardClient:
         into ``into`` where it has the slice, see ``Assembler``). With
         ``wait_for_put`` the shard also waits for slices that are not put yet.
         ``job``: this job's fingerprint (a shard of another job refuses)."""
-        request = pb.GetRequest(
-            group=group,
-            step=step,
-            slices=[pb.SliceRef(key=k, slice=i) for k, i in keys],
-            wait_s=wait_s,
-            wait_for_put=wait_for_put,
-            job=job,
-        )
+        request = get_request(group, step, keys, wait_s, wait_for_put, job)
 
         async def attempt():
             frames = [f async for f in self._get(request, timeout=wait_s + RPC_MARGIN_S, metadata=self._md)]
-            if not request.shm:
-                return await asyncio.to_thread(_assemble, frames, expect, into)
-            step = _assemble(frames, expect, None).step
-            return Fresh(step, await asyncio.to_thread(self._from_region, keys, expect, into))
+            return await asyncio.to_thread(_assemble, frames, expect, into)
 
-        if self._shm is not None:
-            request.shm = self._shm.name
-            try:
-                return await self._call("Get", attempt)
-            except ShardError as err:
-                if not self._drop_shared_memory(err):
-                    raise
-                request.shm = ""
         return await self._call("Get", attempt)
 
     async def update(
         self,
-        *,
-        group: int,
-        step: int,
-        process: int,
-        workers: int,
-        rows: int,
-        workers_per_group: int,
-        worker_groups: int = 1,
-        staleness: int = -1,
-        group_processes: int = 0,
-        epoch: int = 0,
-        checkpoint_every: int = 0,
-        metrics: dict[str, float] | None = None,
-        job: str = "",
-        items: Items,  # (key, slice, array), or (key, slice, tuple of arrays to add up)
+        header: UpdateHeader,
+        grads: Gradients,
         expect: Expect,
-        wait_s: float,
         into: dict[SliceKey, np.ndarray] | None = None,
     ) -> Fresh:
-        """Send one process's gradient sums for a step; returns the fresh values
-        (written into ``into`` where it has the slice). ``staleness`` >= 0 bounds how
-        far this group may run ahead of the slowest of ``worker_groups``."""
-        items = list(items)
-        head = pb.UpdateRequest(
-            group=group,
-            step=step,
-            process=process,
-            workers=workers,
-            rows=rows,
-            workers_per_group=workers_per_group,
-            wait_s=wait_s,
-            worker_groups=worker_groups,
-            staleness=staleness,
-            group_processes=group_processes,
-            epoch=epoch,
-            checkpoint_every=checkpoint_every,
-            metrics=metrics or {},
-            job=job,
-        )
+        """Send one process's gradient sums of a step (``grads``: by slice, every
+        slice the shard holds); returns the fresh values, each taken in as it arrives
+        while the next one travels (written into ``into`` where it has the slice)."""
+        items = [(key, index, value) for (key, index), value in grads.items()]
+        head = update_request(header)
 
-        def encode_shm() -> list[bytes]:
-            for key, index, value in items:
-                parts = value if isinstance(value, tuple) else (value,)
-                view = self._shm.view(False, self._offsets[(key, index)], parts[0].dtype, parts[0].shape)
-                _sum_into(view, parts)  # the workers' parts are added straight into the region
-            shared = pb.UpdateRequest()
-            shared.CopyFrom(head)
-            shared.shm = self._shm.name
-            return [UPDATE_REQUEST(Frame(shared, []))]
-
-        async def send_shared(messages: list[bytes]) -> Fresh:
-            call = self._update_one(messages[0], timeout=wait_s + RPC_MARGIN_S, metadata=self._md)
-            reply = _assemble([f async for f in call], expect, None)
-            keys = [(key, index) for key, index, _ in items]
-            values = await asyncio.to_thread(self._from_region, keys, expect, into)
-            return reply._replace(values=values)
-
-        async def send_network() -> Fresh:
+        async def attempt() -> Fresh:
             call = self._update(
-                _pipelined(items, head, self.chunk_bytes), timeout=wait_s + RPC_MARGIN_S, metadata=self._md
+                _pipelined(items, head, self.chunk_bytes), timeout=header.wait_s + RPC_MARGIN_S, metadata=self._md
             )
             assembler = Assembler(expect, into=into)
             reply = None
-            async for frame in call:  # each message is taken in as it arrives, while the next one travels
+            async for frame in call:
                 reply = assembler.add_frame(frame)
             if reply is None:
                 raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
             return _fresh(reply, assembler.finish())
 
-        if self._shm is not None:
-            # the gradients go into the shared region, the message carries only its name
-            messages = await asyncio.to_thread(encode_shm)
-            try:
-                return await self._call("Update", lambda: send_shared(messages))
-            except ShardError as err:
-                if not self._drop_shared_memory(err):
-                    raise
-        return await self._call("Update", send_network)
+        return await self._call("Update", attempt)
 
-    async def restore(self, step: int, epoch: int) -> pb.RestoreReply:
+    async def update_shared(self, head: pb.UpdateRequest, expect: Expect) -> Fresh:
+        """An Update whose gradients are in a shared region (named by ``head.shm``):
+        one message, and an answer without values (they are in the region too)."""
+        message = UPDATE_REQUEST(Frame(head, []))
+
+        async def attempt() -> Fresh:
+            call = self._update_one(message, timeout=head.wait_s + RPC_MARGIN_S, metadata=self._md)
+            return _assemble([f async for f in call], expect, None)
+
+        return await self._call("Update", attempt)
+
+    async def get_shared(self, request: pb.GetRequest, expect: Expect) -> int:
+        """A Get whose values the shard writes into a shared region (named by
+        ``request.shm``); returns the step they reflect."""
+
+        async def attempt() -> int:
+            frames = [f async for f in self._get(request, timeout=request.wait_s + RPC_MARGIN_S, metadata=self._md)]
+            return _assemble(frames, expect, None).step
+
+        return await self._call("Get", attempt)
+
+    async def restore(self, step: int, epoch: int) -> None:
         """Roll the shard back to its complete checkpoint of ``step``, at ``epoch``."""
         request = pb.RestoreRequest(step=step, epoch=epoch)
-        return await self._call(
-            "Restore", lambda: self._stub.Restore(request, timeout=self.timeout_s, metadata=self._md)
-        )
+        await self._call("Restore", lambda: self._stub.Restore(request, timeout=self.timeout_s, metadata=self._md))
 
     async def describe(self) -> pb.DescribeReply:
         return await self._call(

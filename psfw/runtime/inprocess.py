@@ -1,4 +1,4 @@
-"""The put/get/update verbs for a shard that runs in this very process.
+"""The in-process transport: the shard runs in this very process.
 
 The embedded default has its shards, stubs and workers in one process; there the
 stub calls the shard's store directly: no serialization, no sockets; an Update is
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -19,33 +20,52 @@ import numpy as np
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.errors import ShardError
 from psfw.protocol.layout import SliceKey
-from psfw.protocol.wire import WireError, slice_name, wire_dtype
-from psfw.runtime.grpc_transport import Fresh
-from psfw.services.server import ShardServer, in_process
-from psfw.services.servicer import describe_store
+from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
+from psfw.protocol.wire import Expect, WireError, slice_name, wire_dtype
+from psfw.runtime.transport import Capabilities, SliceSpecs
 
 INLINE_COPY_BYTES = 8 << 20
 
 
-class LocalShardClient:
-    """A ShardClient twin that calls an in-process ShardServer's store."""
+class LocalShard(Protocol):
+    """What the in-process transport needs of a shard that runs in this process
+    (``psfw.services.server.ShardServer``, handed in by the trainer)."""
 
-    transport = "in-process"
+    address: str
+    store: Any  # the shard's ShardStore: put, read, update, restore, expect
 
-    def __init__(self, server: ShardServer, shard: int, timeout_s: float = 60.0):
-        self.server, self.store, self.shard = server, server.store, shard
-        self.address, self.timeout_s = server.address, timeout_s
+    def count(self, rpc: str) -> None:
+        """Count an RPC as the gRPC service counts its own."""
+
+    def description(self) -> pb.DescribeReply:
+        """The Describe answer of the shard as it is now."""
+
+
+class InProcessClient:
+    """A ``Transport`` that calls a shard's store directly."""
+
+    kind = "in-process"
+    # the workers' parts are added inside the shard's jitted update, and the answer
+    # is the shard's own immutable arrays
+    capabilities = Capabilities(fuses_sum=True, shares_arrays=True)
+
+    def __init__(self, local: LocalShard, shard: int, timeout_s: float = 60.0):
+        self.local, self.store, self.shard = local, local.store, shard
+        self.address, self.timeout_s = local.address, timeout_s
 
     async def close(self) -> None:
         return None
 
+    def gradient_buffers(self, slices: SliceSpecs) -> None:
+        return None
+
     async def _call(self, rpc: str, coroutine):
-        self.server.servicer.rpc_counts[rpc] += 1
+        self.local.count(rpc)
         try:
             return await coroutine
         except WireError as err:
             raise ShardError(
-                f"shard {self.shard} (in-process) {rpc}: {err.code.name}: {err.message}", err.code
+                f"shard {self.shard} (in-process) {rpc}: {err.code.name}: {err.message}", err.code, err.reason
             ) from None
 
     def _checked(self, items: Iterable[tuple[str, int, np.ndarray | tuple]], known: bool) -> dict[SliceKey, object]:
@@ -80,27 +100,24 @@ class LocalShardClient:
 
         return await self._call("Get", get())
 
-    async def update(self, *, items, expect, wait_s, into=None, **header) -> Fresh:
-        """ShardClient.update's verb; ``header`` are its keyword arguments (group,
-        step, process, workers, rows, workers_per_group, ...): the Update's fields."""
-        head = pb.UpdateRequest(wait_s=wait_s, **header)
+    async def update(
+        self, header: UpdateHeader, grads: Gradients, expect: Expect, into: dict[SliceKey, np.ndarray] | None = None
+    ) -> Fresh:
+        items = [(key, index, value) for (key, index), value in grads.items()]
 
         async def update():
-            result = await self.store.update(head, self._checked(items, known=True), wait_s)
+            result = await self.store.update(header, self._checked(items, known=True))
             values = await _deliver(result.values, into)
             return Fresh(result.step, values, result.slowest_step, dict(result.metrics), result.rows)
 
         return await self._call("Update", update())
 
     async def describe(self) -> pb.DescribeReply:
-        self.server.servicer.rpc_counts["Describe"] += 1
-        reply = describe_store(self.store)
-        reply.rpc_counts.update(self.server.servicer.rpc_counts)
-        return reply
+        self.local.count("Describe")
+        return self.local.description()
 
-    async def restore(self, step: int, epoch: int) -> pb.RestoreReply:
+    async def restore(self, step: int, epoch: int) -> None:
         await self._call("Restore", self.store.restore(step, epoch))
-        return pb.RestoreReply(step=step, epoch=self.store.epoch)
 
 
 async def _deliver(values: dict, into: dict | None) -> dict[SliceKey, np.ndarray]:
@@ -127,14 +144,3 @@ async def _deliver(values: dict, into: dict | None) -> dict[SliceKey, np.ndarray
     if sum(np.asarray(v).nbytes for v in values.values()) <= INLINE_COPY_BYTES:
         return copy()  # a millisecond or less: cheaper than a hop to a thread and back
     return await asyncio.to_thread(copy)
-
-
-def connect(address: str, shard: int, *, timeout_s: float, prefer_local: bool = True, **grpc_options):
-    """A client for the shard at ``address``: in-process when that shard runs in this
-    process (and ``prefer_local``), else over gRPC."""
-    from psfw.runtime.grpc_transport import ShardClient
-
-    server = in_process(address) if prefer_local else None
-    if server is not None:
-        return LocalShardClient(server, shard, timeout_s)
-    return ShardClient(address, shard, timeout_s=timeout_s, **grpc_options)

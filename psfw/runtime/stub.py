@@ -9,6 +9,7 @@ owners initialized (one Put per shard) and Gets the rest (one Get per shard).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -20,14 +21,15 @@ import grpc
 import jax
 import numpy as np
 
-from psfw.jobs.identity import differences, summary
 from psfw.protocol.errors import ConfigError, PsfwError, ShardError, WaitTimeout
-from psfw.protocol.layout import Layout, SliceKey, SliceSpec
+from psfw.protocol.identity import differences, summary
+from psfw.protocol.layout import Layout, SliceKey
+from psfw.protocol.messages import Gradients, Parts, UpdateHeader
 from psfw.protocol.wire import param_buffers
-from psfw.runtime.grpc_transport import ShardClient
 from psfw.runtime.param_cache import ParamCache
+from psfw.runtime.transport import Transport
 
-log = logging.getLogger("psfw.runtime.stub")
+log = logging.getLogger(__name__)
 
 
 class Contribution:
@@ -44,13 +46,14 @@ class Contribution:
 # unreachable for longer than the client's retries: re-sync instead of failing.
 RESYNC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
 TIMES = ("compute_s", "wait_s")  # a worker's timings: not metrics of the model
+INLINE_SUM_BYTES = 1 << 20  # gradients this small are added up on the event loop
 
 
 class Stub:
     def __init__(
         self,
         *,
-        clients: list[ShardClient],
+        clients: list[Transport],
         layout: Layout,
         cache: ParamCache,
         group: int,
@@ -75,7 +78,7 @@ class Stub:
         self.worker_groups, self.warmup_steps = worker_groups, warmup_steps
         self.staleness = -1 if staleness is None else staleness
         self.checkpoint_every = checkpoint_every
-        # the job's identity (psfw.jobs.identity); shards that hold another job are refused,
+        # the job's identity (psfw.protocol.identity); shards that hold another job are refused,
         # and joining this job where this group has advanced needs ``resume``
         self.identity, self.resume = identity, resume
         self.on_start = on_start  # told (group, step) once the stub knows where its group starts
@@ -90,6 +93,21 @@ class Stub:
         self._wanted: asyncio.Future[dict[int, list[str]]] = self._loop.create_future()
         self.rpcs = {"Put": 0, "Get": 0, "Update": 0}
         self._whole_params = jax.jit(functools.partial(_whole_params, layout))
+        self._header = UpdateHeader(  # the fields every Update of this process shares
+            group=group,
+            step=0,
+            process=process,
+            workers=len(self.workers),
+            rows=0,
+            workers_per_group=workers_per_group,
+            worker_groups=worker_groups,
+            staleness=self.staleness,
+            group_processes=self.group_processes,
+            checkpoint_every=checkpoint_every if group == 0 else 0,
+            job=self.fingerprint,
+            wait_s=wait_s,
+        )
+        self.layout_slices = [layout.shard_slices(i) for i in range(len(clients))]  # what each shard holds
 
     # -- what workers call ---------------------------------------------------
 
@@ -341,68 +359,76 @@ class Stub:
 
     async def _step(self, step: int, batch: list[Contribution]) -> float:
         rows = sum(c.rows for c in batch)
-        grads = [c.grads for c in batch]
         # the shards add up every process's metrics x rows: the answer has the group's
         metrics = {k: sum(float(c.metrics[k]) * c.rows for c in batch) for k in batch[0].metrics if k not in TIMES}
-        # in-process shards answer with their own immutable arrays: whole parameters are
-        # then put together by one jitted call (XLA copies, on its threads, while this
-        # goes on); other paths write the answers straight into aligned buffers
-        in_process = all(c.transport == "in-process" for c in self.clients)
-        fresh, into = ({}, None) if in_process else param_buffers(self.layout, self.layout.params)
+        header = dataclasses.replace(self._header, step=step, rows=rows, metrics=metrics, epoch=self.epoch)
+        # shards that answer with their own immutable arrays: whole parameters are put
+        # together by one jitted call (XLA copies, on its threads, while this goes on);
+        # the others write their answers straight into aligned buffers
+        shares = all(c.capabilities.shares_arrays for c in self.clients)
+        fresh, into = ({}, None) if shares else param_buffers(self.layout, self.layout.params)
         started = time.perf_counter()
-
-        async def send(shard: int) -> tuple[int, dict[SliceKey, np.ndarray]]:
-            # every client adds up the workers' parts itself: in-process inside the
-            # shard's jitted update, through shared memory straight into the region,
-            # over the network a batch at a time while earlier batches travel
-            items = _slice_parts(self.layout.shard_slices(shard), grads)
-            return await self.clients[shard].update(
-                group=self.group,
-                step=step,
-                process=self.process,
-                workers=len(batch),
-                rows=rows,
-                workers_per_group=self.workers_per_group,
-                worker_groups=self.worker_groups,
-                staleness=self.staleness,
-                group_processes=self.group_processes,
-                epoch=self.epoch,
-                checkpoint_every=self.checkpoint_every if self.group == 0 else 0,
-                metrics=metrics,
-                job=self.fingerprint,
-                items=items,
-                expect=self.layout.slice_dtype_shape,
-                wait_s=self.wait_s,
-                into=into,
-            )
-
+        grads = [c.grads for c in batch]
+        sums = await self._sums(grads)
         self.rpcs["Update"] += len(self.clients)
         waiting = set(range(len(self.clients)))
 
         def note() -> str:  # formatted only if a worker's wait runs out
             return f"waiting for shards {sorted(waiting)} to answer the Update of step {step}"
 
-        async def answered(shard: int):
-            answer = await send(shard)
+        async def send(shard: int):
+            answer = await self.clients[shard].update(header, sums[shard], self.layout.slice_dtype_shape, into)
             waiting.discard(shard)
             self.cache.doing(note)  # an answer is progress
             return answer
 
         self.cache.doing(note)
-        replies = await asyncio.gather(*(answered(i) for i in range(len(self.clients))))
+        replies = await asyncio.gather(*(send(i) for i in range(len(self.clients))))
         comm_s = time.perf_counter() - started
         for shard, answer in enumerate(replies):
             if answer.step != step + 1:
                 raise WaitTimeout(f"shard {shard} answered step {answer.step} for the update of step {step}")
         self.slowest_step = min(answer.slowest_step for answer in replies)
         self.group_metrics = next(((a.metrics, a.rows) for a in replies if a.rows), ({}, 0))
-        if in_process:
+        if shares:
             slices = {key: value for answer in replies for key, value in answer.values.items()}
             self.cache.publish(step + 1, self._whole_params(slices))
             return comm_s
         # the buffers are 64-byte aligned and new every step: JAX adopts them, no copy
         self.cache.publish(step + 1, jax.device_put(fresh))
         return comm_s
+
+    async def _sums(self, grads: list[dict[str, np.ndarray]]) -> list[Gradients]:
+        """This process's gradient sum of every slice, per shard: the one place where
+        the workers' gradients are added up. A transport that fuses the sum into the
+        shard's update gets the workers' parts as they are; the others get the sums,
+        written where the transport wants them (a shared region, say)."""
+        sums: list[Gradients] = []
+        todo: list[tuple[dict, SliceKey, Parts, np.ndarray | None]] = []
+        for client, slices in zip(self.clients, self.layout_slices, strict=True):
+            parts = {(s.key, s.index): tuple(g[s.key].reshape(-1)[s.start : s.stop] for g in grads) for s in slices}
+            if client.capabilities.fuses_sum:
+                sums.append(parts)
+                continue
+            specs = [(key, p[0].dtype, p[0].shape) for key, p in parts.items()]
+            targets = client.gradient_buffers(specs) or {}
+            out: dict[SliceKey, np.ndarray | None] = dict.fromkeys(parts)
+            for key, ps in parts.items():
+                if len(ps) == 1 and key not in targets:
+                    out[key] = ps[0]  # nothing to add: the worker's own view
+                else:
+                    todo.append((out, key, ps, targets.get(key)))
+            sums.append(out)
+
+        def add() -> None:
+            for out, key, ps, target in todo:
+                out[key] = add_up(ps, target)
+
+        if sum(ps[0].nbytes for _, _, ps, _ in todo) <= INLINE_SUM_BYTES:
+            add()  # less than a hop to a thread and back
+        elif todo:
+            await asyncio.to_thread(add)
+        return sums
 
     def _report(self, step: int, batch: list[Contribution], comm_s: float, wall_s: float) -> None:
         if self.on_metrics is None:
@@ -440,7 +466,7 @@ def _group_step(reply, group: int) -> int:
 
 
 async def fetch_params(
-    clients: list[ShardClient],
+    clients: list[Transport],
     layout: Layout,
     group: int,
     step: int,
@@ -466,6 +492,17 @@ async def fetch_params(
     return params
 
 
-def _slice_parts(slices: list[SliceSpec], grads: list[dict[str, np.ndarray]]) -> list[tuple[str, int, tuple]]:
-    """Each slice as the tuple of the workers' gradients (views, nothing added yet)."""
-    return [(s.key, s.index, tuple(g[s.key].reshape(-1)[s.start : s.stop] for g in grads)) for s in slices]
+def add_up(parts: Parts, out: np.ndarray | None = None) -> np.ndarray:
+    """The sum of ``parts``, written into ``out`` (a new array when None)."""
+    if out is None:
+        if len(parts) == 1:
+            return parts[0].copy()
+        out = np.add(parts[0], parts[1])
+    elif len(parts) == 1:
+        np.copyto(out, parts[0])
+        return out
+    else:
+        np.add(parts[0], parts[1], out=out)
+    for part in parts[2:]:
+        np.add(out, part, out=out)
+    return out

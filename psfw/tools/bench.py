@@ -231,8 +231,10 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
     least MIN_TRANSFER_BYTES) across 2 shards, GB/s each way: over the network path
     (Put, Get), through shared memory with shard processes on this host (an Update
     carries the gradients in and the values back; Get), and in-process."""
+    from psfw.protocol.messages import UpdateHeader
     from psfw.runtime.grpc_transport import ShardClient
-    from psfw.runtime.inprocess import LocalShardClient
+    from psfw.runtime.inprocess import InProcessClient
+    from psfw.runtime.shm_transport import SharedMemoryClient
 
     if size < MIN_TRANSFER_BYTES:
         raise ValueError(f"a transfer of {size} bytes: at least {MIN_TRANSFER_BYTES} (one float32 on each shard)")
@@ -253,7 +255,7 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
             await server.start("127.0.0.1:0")
         try:
             return await _transfer(
-                [LocalShardClient(s, i) for i, s in enumerate(servers)], size, slice_bytes, "mem", repeats
+                [InProcessClient(s, i) for i, s in enumerate(servers)], size, slice_bytes, "mem", repeats
             )
         finally:
             for server in servers:
@@ -263,31 +265,26 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
         from psfw.protocol.layout import plan_layout
         from psfw.runtime.stub import fetch_params
 
-        clients = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
+        layout = plan_layout({"w": ((size // 4,), "float32")}, TRANSFER_SHARDS, 1, slice_bytes)
+        nets = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
+        clients = [await SharedMemoryClient.attach(net, layout.slice_specs(i)) for i, net in enumerate(nets)]
         try:
-            layout = plan_layout({"w": ((size // 4,), "float32")}, TRANSFER_SHARDS, 1, slice_bytes)
+            if None in clients:  # not on this host after all
+                return None, None
             value = np.full(size // 4, 0.5, np.float32)
             sgd = json.dumps({"name": "sgd", "learning_rate": 0.01})  # not 0: a shard refuses it
             for i, client in enumerate(clients):
-                slices = layout.shard_slices(i)
-                await client.put([("w", s.index, value[s.start : s.stop]) for s in slices], sgd)
-                if not await client.use_shared_memory([(("w", s.index), np.float32, (s.size,)) for s in slices]):
-                    return None, None
+                await client.put([("w", s.index, value[s.start : s.stop]) for s in layout.shard_slices(i)], sgd)
             best_update = best_pull = 0.0
             for step in range(repeats):
+                header = UpdateHeader(group=0, step=step, process=0, workers=1, rows=1, workers_per_group=1, wait_s=120)
                 started = time.perf_counter()
                 await asyncio.gather(
                     *(
                         c.update(
-                            group=0,
-                            step=step,
-                            process=0,
-                            workers=1,
-                            rows=1,
-                            workers_per_group=1,
-                            items=[("w", s.index, value[s.start : s.stop]) for s in layout.shard_slices(i)],
-                            expect=layout.slice_dtype_shape,
-                            wait_s=120,
+                            header,
+                            {("w", s.index): value[s.start : s.stop] for s in layout.shard_slices(i)},
+                            layout.slice_dtype_shape,
                         )
                         for i, c in enumerate(clients)
                     )
@@ -298,7 +295,7 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
                 best_pull = max(best_pull, size / (time.perf_counter() - started) / 1e9)
             return best_update, best_pull
         finally:
-            for c in clients:
+            for c in [*(c for c in clients if c is not None), *nets]:
                 await c.close()
 
     with shard_processes(TRANSFER_SHARDS) as (addresses, _):

@@ -17,30 +17,33 @@ import time
 import numpy as np
 
 from psfw.jobs.shard_processes import rss_bytes, shard_processes
+from psfw.protocol.messages import UpdateHeader
 from psfw.runtime.grpc_transport import ShardClient
 
 STEP = 2.0**-10  # exact in float32 for the counts a test reaches
 
 
 async def _stream(clients, group, streams, n, until, max_updates, gets_every, counts):
-    grad = [("w", i, np.full(n, STEP, np.float32)) for i in range(len(clients))]
+    grad = [{("w", i): np.full(n, STEP, np.float32)} for i in range(len(clients))]
     expect = lambda key: (np.dtype("float32"), (n,))  # noqa: E731
     step = 0
     while time.monotonic() < until and step < max_updates:
         answers = await asyncio.gather(
             *(
                 c.update(
-                    group=group,
-                    step=step,
-                    process=group,
-                    workers=1,
-                    rows=1,
-                    workers_per_group=1,
-                    worker_groups=streams,
-                    group_processes=1,
-                    items=[grad[i]],
-                    expect=expect,
-                    wait_s=30,
+                    UpdateHeader(
+                        group=group,
+                        step=step,
+                        process=group,
+                        workers=1,
+                        rows=1,
+                        workers_per_group=1,
+                        worker_groups=streams,
+                        group_processes=1,
+                        wait_s=30,
+                    ),
+                    grad[i],
+                    expect,
                 )
                 for i, c in enumerate(clients)
             )

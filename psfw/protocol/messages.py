@@ -1,0 +1,57 @@
+"""What a stub and a shard say to each other, whatever carries it.
+
+Value types built once by the stub and read by the shard; protobuf appears only at
+the gRPC edge (``psfw.protocol.wire.update_request`` and ``update_header``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from psfw.protocol.layout import SliceKey
+
+Parts = tuple[np.ndarray, ...]  # one process's workers' gradients of a slice, not added up yet
+Gradients = Mapping[SliceKey, np.ndarray | Parts]  # a process's contribution to one shard, by slice
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateHeader:
+    """One process's Update of one group step, its gradients aside.
+
+    ``rows``: the rows its workers' gradients were summed over (the shard divides the
+    group's sum by the group's rows); ``workers``: how many of the group's
+    ``workers_per_group`` they are. ``staleness`` >= 0 bounds how far the group may
+    run ahead of the slowest of ``worker_groups`` (-1: unbounded). ``epoch``: the
+    shards' restore count the stub is synced to. ``job``: the job's fingerprint
+    ('' names none). ``metrics``: the process's metrics, each x rows. ``wait_s``: how
+    long the shard may wait for the rest of the group.
+    """
+
+    group: int
+    step: int
+    process: int
+    workers: int
+    rows: int
+    workers_per_group: int
+    worker_groups: int = 1
+    staleness: int = -1
+    group_processes: int = 0
+    epoch: int = 0
+    checkpoint_every: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    job: str = ""
+    wait_s: float = 60.0
+
+
+class Fresh(NamedTuple):
+    """Values a shard answered with."""
+
+    step: int  # the group's completed steps they reflect
+    values: dict[SliceKey, np.ndarray]
+    slowest_step: int = 0  # Update only: the slowest group's completed steps
+    metrics: dict[str, float] = {}  # Update only: the whole group's metrics of the step, x rows
+    rows: int = 0  # Update only: the group's rows of the step

@@ -1,0 +1,152 @@
+"""The shared-memory transport: a shard on this host, tensors through a region.
+
+The client makes one shared-memory region with a slot per slice the shard holds;
+an Update's gradients are added up straight into it (``gradient_buffers``) and the
+shard writes its answer back into the same slots, so the gRPC messages carry only
+headers and the region's name. A shard that cannot map the region (another host
+after all, a full /dev/shm) refuses with ``Reason.NO_SHARED_MEMORY``: from then on
+the tensors go over the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+
+from psfw.protocol.errors import Reason, ShardError
+from psfw.protocol.layout import SliceKey
+from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
+from psfw.protocol.shm import Region, host_id, slot_layout
+from psfw.protocol.wire import Expect, update_request
+from psfw.runtime.grpc_transport import ShardClient, get_request
+from psfw.runtime.transport import Capabilities, Items, SliceSpecs
+
+log = logging.getLogger(__name__)
+
+
+class SharedMemoryClient:
+    """A ``Transport`` to a shard of this host; the verbs' headers travel over
+    ``net`` (its gRPC client), which also carries everything once the shard refuses
+    the region."""
+
+    capabilities = Capabilities()
+
+    def __init__(self, net: ShardClient, region: Region, offsets: dict[SliceKey, int]):
+        self.net, self.shard, self.address = net, net.shard, net.address
+        self._region: Region | None = region
+        self._offsets = offsets
+        self._retired: list[Region] = []  # refused regions: their views may still be read until close
+
+    @property
+    def kind(self) -> str:
+        return "shared-memory" if self._region is not None else "grpc"
+
+    @classmethod
+    async def attach(cls, net: ShardClient, slices: SliceSpecs) -> SharedMemoryClient | None:
+        """A client through shared memory if the shard runs on this host (None if not,
+        or if the shard is not up yet: the network path works once it is)."""
+        try:
+            reply = await net.describe()
+        except ShardError:
+            return None
+        if not reply.host or reply.host != host_id():
+            return None
+        offsets, area = slot_layout(slices)
+        try:
+            region = Region.create(area)
+        except OSError as err:
+            log.warning("shard %d: no shared memory (%s); tensors go over the network", net.shard, err)
+            return None
+        return cls(net, region, offsets)
+
+    def gradient_buffers(self, slices: SliceSpecs) -> dict[SliceKey, np.ndarray] | None:
+        if self._region is None:
+            return None
+        return {key: self._region.view(False, self._offsets[key], dtype, shape) for key, dtype, shape in slices}
+
+    def _refused(self, err: ShardError) -> bool:
+        """The shard cannot map the region: go on over the network."""
+        if self._region is None or err.reason != Reason.NO_SHARED_MEMORY:
+            return False
+        log.warning("shard %d: %s; tensors go over the network from now on", self.shard, err)
+        self._retired.append(self._region)  # the caller's gradients may be views of it
+        self._region = None
+        return True
+
+    def _read(self, region: Region, keys: list[SliceKey], expect: Expect, into) -> dict[SliceKey, np.ndarray]:
+        out = {}
+        for key in keys:
+            dtype, shape = expect(key)
+            view = region.view(True, self._offsets[key], dtype, shape)
+            target = (into or {}).get(key)
+            if target is None:
+                out[key] = view.copy()
+            else:
+                np.copyto(target, view.reshape(target.shape))
+                out[key] = target
+        return out
+
+    async def put(self, items: Items, optimizer: str, job: str = "") -> int:
+        return await self.net.put(items, optimizer, job)
+
+    async def get(
+        self,
+        group: int,
+        step: int,
+        keys: list[SliceKey],
+        expect: Expect,
+        wait_s: float,
+        into: dict[SliceKey, np.ndarray] | None = None,
+        wait_for_put: bool = False,
+        job: str = "",
+    ) -> Fresh:
+        region = self._region
+        if region is not None:
+            request = get_request(group, step, keys, wait_s, wait_for_put, job)
+            request.shm = region.name
+            try:
+                done = await self.net.get_shared(request, expect)
+                return Fresh(done, await asyncio.to_thread(self._read, region, keys, expect, into))
+            except ShardError as err:
+                if not self._refused(err):
+                    raise
+        return await self.net.get(group, step, keys, expect, wait_s, into, wait_for_put, job)
+
+    async def update(
+        self,
+        header: UpdateHeader,
+        grads: Gradients,
+        expect: Expect,
+        into: dict[SliceKey, np.ndarray] | None = None,
+    ) -> Fresh:
+        """``grads`` should be the views ``gradient_buffers`` gave (else they are
+        copied into the region first)."""
+        region = self._region
+        if region is not None:
+            for key, value in grads.items():
+                slot = region.view(False, self._offsets[key], value.dtype, value.shape)
+                if slot.ctypes.data != value.ctypes.data:  # not the view gradient_buffers gave
+                    np.copyto(slot, value)
+            try:
+                reply = await self.net.update_shared(update_request(header, shm=region.name), expect)
+                values = await asyncio.to_thread(self._read, region, list(grads), expect, into)
+                return reply._replace(values=values)
+            except ShardError as err:
+                if not self._refused(err):
+                    raise
+        return await self.net.update(header, grads, expect, into)
+
+    async def describe(self):
+        return await self.net.describe()
+
+    async def restore(self, step: int, epoch: int) -> None:
+        await self.net.restore(step, epoch)
+
+    async def close(self) -> None:
+        for region in [self._region, *self._retired]:
+            if region is not None:
+                region.close()
+        self._region, self._retired = None, []
+        await self.net.close()
