@@ -105,3 +105,27 @@ def drop_after(root: Path, step: int) -> None:
             continue
         if later:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+class CheckpointFolder:
+    """A job's checkpoint folder as a shard uses it: the functions above, bound to
+    ``root``. A shard is handed one (``ShardStore(checkpoints=...)``), so a test can
+    hand it a folder that, say, waits inside a write."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def save(self, step: int, shard: int, shards: int, tensors: dict[str, np.ndarray], meta: dict) -> bool:
+        return save_shard(self.root, step, shard, shards, tensors, meta)
+
+    def load(self, step: int, shard: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return load_shard(self.root, step, shard)
+
+    def steps(self, shards: int) -> list[int]:
+        return complete_steps(self.root, shards)
+
+    def prune(self, keep: int, shards: int) -> None:
+        prune(self.root, keep, shards)
+
+    def drop_after(self, step: int) -> None:
+        drop_after(self.root, step)

@@ -31,6 +31,7 @@ from psfw.protocol.atomic import write_atomic
 from psfw.protocol.console import say
 from psfw.protocol.security import NO_SECURITY, Security
 from psfw.protocol.service import MAX_MESSAGE_BYTES, SERVICE_NAME, grpc_options
+from psfw.services.checkpoint import CheckpointFolder
 from psfw.services.servicer import DEFAULT_MAX_REQUEST_BYTES, ParameterServerServicer, add_servicer
 from psfw.services.store import ShardStore
 
@@ -106,13 +107,13 @@ class ShardServer:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         insecure: bool = False,
-        checkpoint_dir: str | None = None,
+        checkpoint_dir: str | Path | CheckpointFolder | None = None,
         keep: int = 3,
         security: Security = NO_SECURITY,
     ):
         if not 0 <= shard < shards:
             raise ValueError(f"shard index {shard} is outside 0..{shards - 1}")
-        self.store = ShardStore(shard, shards, nonfinite=nonfinite, checkpoint_dir=checkpoint_dir, keep=keep)
+        self.store = ShardStore(shard, shards, nonfinite=nonfinite, checkpoints=checkpoint_dir, keep=keep)
         self.servicer = ParameterServerServicer(self.store, max_request_bytes)
         self.health = health.aio.HealthServicer()
         self.insecure = insecure
@@ -159,7 +160,7 @@ class ShardServer:
         if port == 0:
             tls = ", or the TLS certificate, key or client CA do not load (gRPC logs which)" if credentials else ""
             raise OSError(f"cannot listen on {address}: the address is taken or invalid{tls}")
-        loading = self.store.checkpoint_dir is not None
+        loading = self.store.checkpoints.folder is not None
         self.servicer.loading = loading
         await self._server.start()
         host = address.rsplit(":", 1)[0]

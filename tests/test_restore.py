@@ -28,6 +28,10 @@ SGD1 = json.dumps({"name": "sgd", "learning_rate": 1.0})
 W = ("w", 0)
 
 
+class GatedFolder(checkpoint.CheckpointFolder):
+    """A checkpoint folder whose save or load a test replaces with a Gate."""
+
+
 class Gate:
     """Wraps a function that runs in a thread: each call says it has started, then
     waits (at most 10 s) until ``release`` before it runs the real function."""
@@ -74,11 +78,11 @@ async def test_an_update_of_the_old_epoch_cannot_slip_in_while_a_restore_runs(tm
     """An Update checked against the epoch before its finite check's thread hop is
     checked again after it: a Restore during the hop makes it a re-sync, and the new
     epoch's step adds only the new epoch's contributions."""
-    store = ShardStore(0, 1, checkpoint_dir=tmp_path)
+    store = ShardStore(0, 1, checkpoints=tmp_path)
     await store.put({W: np.zeros(4, np.float32)}, SGD1)
     await asyncio.gather(*(store.update(_head(0, p, workers_per_group=2), _grad(0.0)) for p in (0, 1)))
     await store.flush_checkpoints()
-    gate = store._check_finite = Gate(store._check_finite)
+    gate = store.kernel.first_nonfinite = Gate(store.kernel.first_nonfinite)  # the finite check's thread hop
     stale = asyncio.create_task(store.update(_head(1, 0, workers_per_group=2), _grad(100.0)))
     await gate.entered()
     await store.restore(1, epoch=1)
@@ -92,8 +96,8 @@ async def test_an_update_of_the_old_epoch_cannot_slip_in_while_a_restore_runs(tm
     np.testing.assert_allclose(np.asarray(store.values[W]), -1.0)
 
 
-async def _store_at_checkpoint(tmp_path, steps: int, every: int) -> ShardStore:
-    store = ShardStore(0, 1, checkpoint_dir=tmp_path)
+async def _store_at_checkpoint(tmp_path, steps: int, every: int, folder=None) -> ShardStore:
+    store = ShardStore(0, 1, checkpoints=folder or tmp_path)
     await store.put({W: np.zeros(4, np.float32)}, SGD1)
     for step in range(steps):
         await store.update(_head(step, every=every), _grad(1.0))
@@ -114,12 +118,12 @@ async def _check_new_history_checkpoints(store: ShardStore, tmp_path, start: int
 
 
 @pytest.mark.asyncio
-async def test_a_restore_waits_for_the_checkpoint_write_in_flight_and_then_drops_it(tmp_path, monkeypatch):
+async def test_a_restore_waits_for_the_checkpoint_write_in_flight_and_then_drops_it(tmp_path):
     """A write of the abandoned history that lands after the Restore would stand as
     checkpoint 4 and make the restored history skip its own write of step 4."""
-    store = await _store_at_checkpoint(tmp_path, 2, every=2)
-    gate = Gate(checkpoint.save_shard)
-    monkeypatch.setattr(checkpoint, "save_shard", gate)
+    folder = GatedFolder(tmp_path)
+    store = await _store_at_checkpoint(tmp_path, 2, every=2, folder=folder)
+    gate = folder.save = Gate(folder.save)
     for step in (2, 3):
         await store.update(_head(step, every=2), _grad(1.0))
     await gate.entered()  # the write of step 4 is in flight
@@ -134,12 +138,12 @@ async def test_a_restore_waits_for_the_checkpoint_write_in_flight_and_then_drops
 
 
 @pytest.mark.asyncio
-async def test_a_checkpoint_of_the_abandoned_history_queued_during_a_restore_is_never_written(tmp_path, monkeypatch):
+async def test_a_checkpoint_of_the_abandoned_history_queued_during_a_restore_is_never_written(tmp_path):
     """A step of the old epoch that completes while the Restore reads its checkpoint
     queues a write behind the Restore: that write is of the abandoned history."""
-    store = await _store_at_checkpoint(tmp_path, 1, every=1)
-    gate = Gate(checkpoint.load_shard)
-    monkeypatch.setattr(checkpoint, "load_shard", gate)
+    folder = GatedFolder(tmp_path)
+    store = await _store_at_checkpoint(tmp_path, 1, every=1, folder=folder)
+    gate = folder.load = Gate(folder.load)
     restoring = asyncio.create_task(store.restore(1, epoch=1))
     await gate.entered()
     await store.update(_head(1, every=1), _grad(1.0))  # still epoch 0: its checkpoint of step 2 queues
@@ -167,14 +171,14 @@ async def _checkpointed_shard(tmp_path) -> np.ndarray:
 
 
 @pytest.mark.asyncio
-async def test_a_shard_loading_its_checkpoint_answers_unavailable_until_it_is_loaded(tmp_path, monkeypatch):
+async def test_a_shard_loading_its_checkpoint_answers_unavailable_until_it_is_loaded(tmp_path):
     """While a restarted shard loads, an answer from it (epoch 0, no slices) would
     tell a stub that the shard lost its state: every RPC is UNAVAILABLE instead, which
     clients retry, and health says NOT_SERVING."""
     values = await _checkpointed_shard(tmp_path)
-    gate = Gate(checkpoint.load_shard)
-    monkeypatch.setattr(checkpoint, "load_shard", gate)
-    server = ShardServer(0, 1, checkpoint_dir=tmp_path)
+    folder = GatedFolder(tmp_path)
+    gate = folder.load = Gate(folder.load)
+    server = ShardServer(0, 1, checkpoint_dir=folder)
     starting = asyncio.create_task(server.start("127.0.0.1:0"))
     await gate.entered()
     impatient = ShardClient(server.address, 0, timeout_s=10, retries=0)
@@ -211,7 +215,7 @@ async def test_a_shard_loading_its_checkpoint_answers_unavailable_until_it_is_lo
 async def test_loading_the_newest_checkpoint_wakes_the_waiters(tmp_path):
     """A read waiting for slices and a step is answered as soon as the load put them there."""
     values = await _checkpointed_shard(tmp_path)
-    store = ShardStore(0, 1, checkpoint_dir=tmp_path)
+    store = ShardStore(0, 1, checkpoints=tmp_path)
     waiting = asyncio.create_task(store.read([W], 0, 2, 5.0, wait_for_put=True))
     await asyncio.sleep(0.05)
     assert await store.load_newest() == 2

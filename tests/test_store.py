@@ -11,6 +11,7 @@ import pytest
 
 from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.wire import WireError
+from psfw.services.kernel import UpdateKernel
 from psfw.services.store import ShardStore
 
 ADAM = json.dumps({"name": "adam", "learning_rate": 0.01})
@@ -29,12 +30,12 @@ def _head(step: int) -> UpdateHeader:
 def _buffers(store: ShardStore, keys) -> set[int]:
     """Where the slices' values and optimizer state live (XLA may swap buffers
     between a slice's value and its state when it writes in place)."""
-    arrays = [store.values[k] for k in keys] + jax.tree.leaves([store._opt_state[k] for k in keys])
+    arrays = [store.values[k] for k in keys] + jax.tree.leaves([store.opt_state[k] for k in keys])
     return {a.unsafe_buffer_pointer() for a in arrays}
 
 
-async def _store(batch_bytes: int) -> ShardStore:
-    store = ShardStore(update_batch_bytes=batch_bytes)
+async def _store(batch_bytes: int, **options) -> ShardStore:
+    store = ShardStore(update_batch_bytes=batch_bytes, **options)
     initial = {("w", i): np.linspace(-1, 1, 256, dtype=np.float32) * (i + 1) for i in range(SLICES)}
     await store.put(initial, ADAM)
     return store
@@ -44,7 +45,7 @@ async def _store(batch_bytes: int) -> ShardStore:
 async def test_a_shard_updated_batch_by_batch_in_place_equals_one_jitted_update():
     """Six slices in batches of two (donated, in place) end where one batch ends."""
     whole, batched = await _store(1 << 30), await _store(2 * 256 * 4)
-    assert len(batched._batches()) == 3 and len(whole._batches()) == 1
+    assert len(batched.kernel.batches(batched.specs)) == 3 and len(whole.kernel.batches(whole.specs)) == 1
     before = _buffers(batched, batched.values)
     for step in range(3):
         for store in (whole, batched):
@@ -112,17 +113,17 @@ async def test_a_nonfinite_gradient_in_the_last_batch_changes_no_batch():
 async def test_an_update_that_fails_halfway_leaves_a_shard_that_refuses_to_serve(tmp_path):
     """Batches written in place cannot be taken back: the shard says so (DATA_LOSS)
     to every request and never checkpoints that state, until a checkpoint is loaded."""
-    store = await _store(256 * 4)
-    store.checkpoint_dir = tmp_path
-    in_place, calls = store._update_in_place, []
 
-    def fails_on_the_third_batch(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise MemoryError("out of memory in XLA")
-        return in_place(*args)
+    class FailsOnTheThirdBatch(UpdateKernel):
+        calls = 0
 
-    store._update_in_place = fails_on_the_third_batch
+        def run(self, in_place, *args):
+            self.calls += 1
+            if self.calls == 3:
+                raise MemoryError("out of memory in XLA")
+            return super().run(in_place, *args)
+
+    store = await _store(256 * 4, checkpoints=tmp_path, make_kernel=FailsOnTheThirdBatch)
     with pytest.raises(WireError) as failed:
         await store.update(_head(0), _grads(0))
     assert failed.value.code == grpc.StatusCode.DATA_LOSS and "MemoryError" in failed.value.message
@@ -142,19 +143,24 @@ async def test_an_update_that_fails_halfway_leaves_a_shard_that_refuses_to_serve
 async def test_an_update_that_fails_before_xla_ran_leaves_the_shard_serving():
     """A failure before anything was donated (a trace or compile error) is an
     INTERNAL error of that update, not damage: the values are intact."""
-    store = await _store(1 << 30)
+
+    class CompilesOnce(UpdateKernel):
+        broken = False
+
+        def run(self, in_place, *args):
+            if self.broken:
+                raise RuntimeError("XLA could not compile the update")
+            return super().run(in_place, *args)
+
+    store = await _store(1 << 30, make_kernel=CompilesOnce)
     await store.update(_head(0), _grads(0))
-    digest, in_place = store.digest(), store._update_in_place
-
-    def cannot_compile(*args):
-        raise RuntimeError("XLA could not compile the update")
-
-    store._update_in_place = cannot_compile
+    digest = store.digest()
+    store.kernel.broken = True
     with pytest.raises(WireError) as failed:
         await store.update(_head(1), _grads(1))
     assert failed.value.code == grpc.StatusCode.INTERNAL and not store.damage
     assert store.digest() == digest
-    store._update_in_place = in_place
+    store.kernel.broken = False
     await store.update(_head(1), _grads(1))
     assert store.group_step(0) == 2
 
@@ -171,7 +177,7 @@ async def test_a_step_that_cannot_be_added_up_fails_its_waiters_and_can_be_sent_
         if store.groups.get(0) and store.groups[0].round:
             break
         await asyncio.sleep(0.02)
-    del store.groups[0].round.parts[0][("w", 3)]  # process 0's sums lack a slice the shard holds
+    del store.groups[0].round.contributions[0].sums[("w", 3)]  # process 0's sums lack a slice the shard holds
     with pytest.raises(WireError) as failed:
         await store.update(UpdateHeader(wait_s=5.0, process=1, **head), _grads(0))
     assert failed.value.code == grpc.StatusCode.INTERNAL and "group 0 step 0 failed" in failed.value.message
