@@ -98,7 +98,7 @@ def test_the_longest_schedule_updates_and_a_longer_one_is_refused(name):
     """optax counts steps in int32: the limit is where an update would overflow."""
     import jax.numpy as jnp
 
-    from psfw.compute.optimizers import STEP_LIMIT
+    from psfw.compute.optimizer_schema import STEP_LIMIT
 
     length = {"steps": STEP_LIMIT, "warmup_steps": 10, "transition_steps": STEP_LIMIT}
     opt = build_optimizer({"name": "sgd", "schedule": {"name": name, **length}})
@@ -145,11 +145,19 @@ def test_the_config_default_spec_builds():
     build_optimizer(spec)
 
 
-def test_the_config_and_the_shard_bound_schedules_alike():
-    from psfw.compute import optimizers
-    from psfw.jobs import config
+def test_the_config_checks_specs_with_the_shards_schema_and_no_jax():
+    """One schema: loading a config (and checking its optimizer) needs no JAX."""
+    import subprocess
+    import sys
 
-    assert config.STEP_LIMIT == optimizers.STEP_LIMIT
+    code = (
+        "import sys; from psfw.jobs.config import parse_config; "
+        "parse_config({'optimizer': {'name': 'adam', 'schedule': {'name': 'cosine'}}}); "
+        "print(sorted(m for m in ('jax', 'optax') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(
@@ -167,12 +175,15 @@ def test_the_config_and_the_shard_bound_schedules_alike():
 )
 def test_the_config_and_the_shard_refuse_the_same_schedules(schedule):
     """A schedule that cannot train is refused by both, in the same words' field."""
-    from psfw.jobs.config import schedule_problem
+    from psfw.jobs.config import parse_config
+    from psfw.protocol.errors import ConfigError
 
-    problem = schedule_problem(0.1, schedule)
     spec = {"name": "sgd", "learning_rate": 0.1, "schedule": schedule}
-    if problem is None:
-        build_optimizer(spec)
-    else:
-        with pytest.raises(ValueError, match=problem[0]):
+    try:
+        parse_config({"optimizer": spec})
+    except ConfigError as err:
+        field = str(err).split(": ")[1].removeprefix("optimizer.")
+        with pytest.raises(ValueError, match=field):
             build_optimizer(spec)
+    else:
+        build_optimizer(spec)

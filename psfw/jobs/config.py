@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from psfw.compute.optimizer_schema import FIELDS, OPTIMIZERS, SCHEDULE_FIELDS, SCHEDULES, SpecError, check_spec
 from psfw.protocol.errors import ConfigError
 
 
@@ -98,58 +99,35 @@ class _Finite(_Strict):
     model_config = ConfigDict(allow_inf_nan=False)
 
 
-# optax counts a schedule's steps in int32; the shard checks the same bound
-# (psfw.compute.optimizers.STEP_LIMIT), kept apart so that loading a config needs no JAX
-STEP_LIMIT = 2**31 - 1
-
-
-def schedule_problem(learning_rate: float, schedule: dict[str, Any]) -> tuple[str, str] | None:
-    """(field, problem) when a schedule with these values cannot train: a warmup that
-    leaves no steps to decay over, a decay that grows the rate, an end above the peak.
-    The shards make the same check (psfw.compute.optimizers)."""
-    name = schedule.get("name", "constant")
-    steps, warmup = schedule.get("steps", 1000), schedule.get("warmup_steps", 0)
-    end, rate = schedule.get("end_value", 0.0), schedule.get("decay_rate", 0.5)
-    if name == "warmup_cosine" and warmup >= steps:
-        return "schedule.warmup_steps", (
-            f"{warmup} must be below optimizer.schedule.steps ({steps}): warmup_cosine decays over the steps "
-            "after its warmup"
-        )
-    if name == "exponential" and rate > 1:
-        return "schedule.decay_rate", f"{rate} would grow the learning rate without bound: use a rate in (0, 1]"
-    if name in ("cosine", "warmup_cosine", "linear") and end > learning_rate:
-        return "schedule.end_value", (
-            f"{end} is above the peak learning_rate ({learning_rate}): a schedule ends at most at its peak"
-        )
-    return None
-
-
 class ScheduleConfig(_Finite):
-    name: Literal["constant", "cosine", "exponential", "warmup_cosine", "linear"] = "constant"
-    steps: int = Field(1000, ge=1, le=STEP_LIMIT)  # optax counts in int32
-    warmup_steps: int = Field(0, ge=0, le=STEP_LIMIT)
-    end_value: float = Field(0.0, ge=0)
-    decay_rate: float = Field(0.5, gt=0)
-    transition_steps: int = Field(1000, ge=1, le=STEP_LIMIT)
+    # defaults and bounds: psfw.compute.optimizer_schema, checked by OptimizerConfig
+    name: Literal[SCHEDULES] = "constant"
+    steps: int = SCHEDULE_FIELDS["steps"].default
+    warmup_steps: int = SCHEDULE_FIELDS["warmup_steps"].default
+    end_value: float = SCHEDULE_FIELDS["end_value"].default
+    decay_rate: float = SCHEDULE_FIELDS["decay_rate"].default
+    transition_steps: int = SCHEDULE_FIELDS["transition_steps"].default
 
 
 class OptimizerConfig(_Finite):
-    name: Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"] = "sgd"
-    learning_rate: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    b1: float = Field(0.9, ge=0, lt=1)
-    b2: float = Field(0.999, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    decay: float = Field(0.9, ge=0, lt=1)
-    initial_accumulator_value: float = Field(0.1, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    # defaults and bounds: psfw.compute.optimizer_schema, the one the shards check too
+    name: Literal[OPTIMIZERS] = "sgd"
+    learning_rate: float = FIELDS["learning_rate"].default
+    momentum: float = FIELDS["momentum"].default
+    b1: float = FIELDS["b1"].default
+    b2: float = FIELDS["b2"].default
+    eps: float = FIELDS["eps"].default
+    decay: float = FIELDS["decay"].default
+    initial_accumulator_value: float = FIELDS["initial_accumulator_value"].default
+    weight_decay: float = FIELDS["weight_decay"].default
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @model_validator(mode="after")
     def _check(self) -> OptimizerConfig:
-        problem = schedule_problem(self.learning_rate, self.schedule.model_dump())
-        if problem:
-            raise _FieldError(*problem)
+        try:
+            check_spec(self.model_dump())
+        except SpecError as err:
+            raise _FieldError(err.field, err.problem) from None
         return self
 
     def spec_json(self) -> str:
