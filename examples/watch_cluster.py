@@ -13,7 +13,6 @@ import asyncio
 import numpy as np
 
 import psfw
-from psfw.tools.cluster import format_status
 
 
 async def watch(config_path: str, servers: str, name: str, every_s: float) -> None:
@@ -22,7 +21,7 @@ async def watch(config_path: str, servers: str, name: str, every_s: float) -> No
     async with psfw.Cluster(addresses, config) as cluster:
         while True:
             rows = await cluster.status(interval_s=every_s)
-            print(format_status(rows), flush=True)
+            print(psfw.format_status(rows), flush=True)
             steps = [step for row in rows for step in row["groups"].values()]
             if steps and min(steps) > 0 and all(r["updates_per_s"] == 0 for r in rows):
                 break  # nothing moved during the last interval: the job is done or stalled

@@ -7,8 +7,9 @@ The public API is small:
   process; ``train_async`` is the same inside a running event loop;
 - ``Model``, ``mlp``, ``cnn``: models as pure ``init``/``loss`` functions;
 - ``ShardServer`` / ``serve``: one parameter-server shard over gRPC;
-- ``ShardClient``: the put/get/update verbs against a running shard;
-- ``Cluster``: a client script's view of running shards (status, read a parameter).
+- ``connect``: a ``Transport`` to one shard (in-process, shared memory or gRPC),
+  with the verbs put, get, update, describe, restore; ``ShardClient`` is the gRPC one;
+- ``Cluster`` / ``format_status``: a client script's view of running shards.
 
 Names load lazily, so ``import psfw`` stays cheap for the command line.
 """
@@ -16,9 +17,20 @@ Names load lazily, so ``import psfw`` stays cheap for the command line.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load on first use
+    from psfw.compute.models import Model, cnn, mlp
+    from psfw.jobs.config import Config, load_config
+    from psfw.jobs.embedded import TrainResult, train, train_async
+    from psfw.protocol.errors import ConfigError, PsfwError, ShardError, UsageError
+    from psfw.protocol.messages import UpdateHeader
+    from psfw.runtime.grpc_transport import ShardClient
+    from psfw.runtime.transport import Transport, connect
+    from psfw.services.server import ShardServer, serve
+    from psfw.tools.cluster import Cluster, format_status
 
 _EXPORTS = {
     "Config": "psfw.jobs.config",
@@ -31,8 +43,12 @@ _EXPORTS = {
     "cnn": "psfw.compute.models",
     "ShardServer": "psfw.services.server",
     "serve": "psfw.services.server",
+    "connect": "psfw.runtime.transport",
+    "Transport": "psfw.runtime.transport",
     "ShardClient": "psfw.runtime.grpc_transport",
+    "UpdateHeader": "psfw.protocol.messages",
     "Cluster": "psfw.tools.cluster",
+    "format_status": "psfw.tools.cluster",
     "PsfwError": "psfw.protocol.errors",
     "ConfigError": "psfw.protocol.errors",
     "ShardError": "psfw.protocol.errors",
