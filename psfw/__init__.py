@@ -55,7 +55,28 @@ _EXPORTS = {
     "UsageError": "psfw.protocol.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Cluster",
+    "Config",
+    "ConfigError",
+    "Model",
+    "PsfwError",
+    "ShardClient",
+    "ShardError",
+    "ShardServer",
+    "TrainResult",
+    "Transport",
+    "UpdateHeader",
+    "UsageError",
+    "cnn",
+    "connect",
+    "format_status",
+    "load_config",
+    "mlp",
+    "serve",
+    "train",
+    "train_async",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,8 +17,8 @@ import grpc
 import jax
 import numpy as np
 
+from psfw.protocol.errors import WireError
 from psfw.protocol.layout import SliceKey
-from psfw.protocol.wire import WireError
 from psfw.services.checkpoint import CheckpointFolder
 from psfw.services.kernel import UpdateKernel
 from psfw.services.rounds import GroupState, fingerprint_of, refusal

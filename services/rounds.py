@@ -20,10 +20,10 @@ import grpc
 import jax
 import numpy as np
 
-from psfw.protocol.errors import Reason
+from psfw.protocol.errors import Reason, WireError
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Parts, UpdateHeader
-from psfw.protocol.wire import WireError, slice_name
+from psfw.protocol.wire import slice_name
 
 MAX_ROWS = 2**53  # the mean divides by the rows: beyond this, a float64 no longer counts them exactly
 MAX_METRICS = 64

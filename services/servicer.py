@@ -20,23 +20,19 @@ import numpy as np
 
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.protocol.errors import Reason, mark_retrieved
-from psfw.protocol.layout import SliceKey
-from psfw.protocol.service import REASON_KEY
-from psfw.protocol.shm import Region, RegionCache, host_id, slot_layout
-from psfw.protocol.wire import (
-    Assembler,
+from psfw.protocol.errors import Reason, WireError, mark_retrieved
+from psfw.protocol.frames import (
     Frame,
     Malformed,
-    WireError,
-    batched,
     encode_chunks,
-    encoded_ahead,
     frame_deserializer,
     frame_serializer,
     message_deserializer,
-    update_header,
 )
+from psfw.protocol.layout import SliceKey
+from psfw.protocol.service import REASON_KEY
+from psfw.protocol.shm import Region, RegionCache, host_id, slot_layout
+from psfw.protocol.wire import Assembler, batched, encoded_ahead, update_header
 from psfw.services.metrics import ShardMetrics
 from psfw.services.refusals import RefusalLog
 from psfw.services.store import ShardStore, UpdateResult

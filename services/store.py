@@ -26,10 +26,10 @@ import grpc
 import jax
 import numpy as np
 
-from psfw.protocol.errors import mark_retrieved
+from psfw.protocol.errors import WireError, mark_retrieved
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Gradients, UpdateHeader
-from psfw.protocol.wire import WireError, slice_name
+from psfw.protocol.wire import slice_name
 from psfw.services.checkpoint import CheckpointFolder
 from psfw.services.kernel import UPDATE_BATCH_BYTES, PartlyApplied, UpdateKernel, unshared
 from psfw.services.persistence import ShardCheckpoints

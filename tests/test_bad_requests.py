@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.wire import Chunk, Frame, frame_deserializer, frame_serializer
+from psfw.protocol.frames import Chunk, Frame, frame_deserializer, frame_serializer
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.wire import Chunk, Frame, frame_deserializer, frame_serializer
+from psfw.protocol.frames import Chunk, Frame, frame_deserializer, frame_serializer
 from psfw.services.server import ShardServer
 
 HELD = {("w", 0): (4,), ("w", 1): (3,), ("b", 0): (2,)}

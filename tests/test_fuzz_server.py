@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from psfw.jobs.children import read_ready
 from psfw.jobs.shard_processes import rss_bytes
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.wire import Chunk, Frame, frame_serializer
+from psfw.protocol.frames import Chunk, Frame, frame_serializer
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 SERVICE = "/psfw.v1.ParameterServer/"

@@ -529,14 +529,13 @@ async def test_another_group_waits_for_group_0s_warmup_while_it_advances(shard):
     from psfw.protocol.errors import WaitTimeout
     from psfw.protocol.layout import plan_layout
     from psfw.runtime.param_cache import ParamCache
-    from psfw.runtime.stub import Stub
+    from psfw.runtime.sync import ShardSync
 
     server, client = shard
     await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
-    stub = Stub(
-        clients=[client], layout=plan_layout({"w": ((4,), "float32")}, 1, 1, 1 << 20), cache=ParamCache(1, 1),
-        group=1, process=1, workers=[0], workers_per_group=1, optimizer=SGD, wait_s=0.5, worker_groups=2,
-        warmup_steps=8,
+    sync = ShardSync(
+        [client], plan_layout({"w": ((4,), "float32")}, 1, 1, 1 << 20), ParamCache(1, 1),
+        group=1, process=1, wait_s=0.5, identity=None, resume=False, warmup_steps=8,
     )  # fmt: skip
 
     async def group_0() -> None:
@@ -545,11 +544,11 @@ async def test_another_group_waits_for_group_0s_warmup_while_it_advances(shard):
             await send(client, {0: np.ones(4, np.float32)}, step=step, worker_groups=2)
 
     started = time.monotonic()
-    await asyncio.gather(group_0(), asyncio.wait_for(stub._await_warmup(), 10))
-    assert time.monotonic() - started > 3 * stub.wait_s
-    stub.warmup_steps = 20
+    await asyncio.gather(group_0(), asyncio.wait_for(sync.await_warmup(), 10))
+    assert time.monotonic() - started > 3 * sync.wait_s
+    sync.warmup_steps = 20
     with pytest.raises(WaitTimeout, match="group 0 has completed 8 of its 20 warmup steps and did not advance"):
-        await asyncio.wait_for(stub._await_warmup(), 10)
+        await asyncio.wait_for(sync.await_warmup(), 10)
 
 
 def test_a_worker_waits_as_long_as_its_stub_gets_somewhere():

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from psfw.protocol.errors import ShardError
+from psfw.protocol.errors import ShardError, WireError
 from psfw.protocol.messages import UpdateHeader
-from psfw.protocol.wire import WireError
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services import checkpoint
 from psfw.services.server import ShardServer

@@ -10,9 +10,9 @@ import pytest_asyncio
 
 from psfw.jobs.shard_processes import shard_processes
 from psfw.proto import ps_pb2 as pb
+from psfw.protocol.frames import Frame, frame_deserializer, frame_serializer
 from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.shm import SHM_DIR, Region, host_id, slot_layout
-from psfw.protocol.wire import Frame, frame_deserializer, frame_serializer
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.runtime.stub import add_up
 from psfw.runtime.transport import connect

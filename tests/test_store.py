@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from psfw.protocol.errors import WireError
 from psfw.protocol.messages import UpdateHeader
-from psfw.protocol.wire import WireError
 from psfw.services.kernel import UpdateKernel
 from psfw.services.store import ShardStore
 

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.wire import Assembler, Frame, WireError, encode_chunks, frame_deserializer, frame_serializer
+from psfw.protocol.errors import WireError
+from psfw.protocol.frames import Frame, encode_chunks, frame_deserializer, frame_serializer
+from psfw.protocol.wire import Assembler
 
 
 def _items():

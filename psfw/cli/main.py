@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
-import math
-import os
-import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
 
+from psfw.cli.arguments import (
+    Parser,
+    env,
+    integer,
+    listen_address,
+    one_of,
+    positive_number,
+    positive_seconds,
+    seconds,
+    shard_addresses,
+    switch,
+)
 from psfw.protocol.console import say
 from psfw.protocol.errors import ConfigError, PsfwError, UsageError
 
@@ -83,11 +89,11 @@ def _client_security(args: argparse.Namespace):
 
 def _add_client_security(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--tls-ca", default=_env("TLS_CA"), help="CA certificate that signed the shards' certificates (turns on TLS)"
+        "--tls-ca", default=env("TLS_CA"), help="CA certificate that signed the shards' certificates (turns on TLS)"
     )
-    p.add_argument("--tls-cert", default=_env("TLS_CERT"), help="this client's certificate, for mutual TLS")
-    p.add_argument("--tls-key", default=_env("TLS_KEY"), help="this client's private key, for mutual TLS")
-    p.add_argument("--token-file", default=_env("TOKEN_FILE"), help="file holding the bearer token")
+    p.add_argument("--tls-cert", default=env("TLS_CERT"), help="this client's certificate, for mutual TLS")
+    p.add_argument("--tls-key", default=env("TLS_KEY"), help="this client's private key, for mutual TLS")
+    p.add_argument("--token-file", default=env("TOKEN_FILE"), help="file holding the bearer token")
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -193,158 +199,8 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
 
 
-# -- flags that also come from PSFW_* variables ---------------------------------
-
-
-class _FromEnv(NamedTuple):
-    """A flag's default: the variable ``PSFW_<name>`` when set and not empty, else
-    ``fallback``. Read when the command's arguments are parsed, so a bad value of
-    one command's variable never breaks another command (or ``--help``)."""
-
-    name: str
-    convert: Callable[[str], Any]
-    fallback: Any
-
-
-def _env(name: str, convert: Callable[[str], Any] = str, fallback: Any = None) -> _FromEnv:
-    return _FromEnv(name, convert, fallback)
-
-
-class _HelpWithDefaults(argparse.HelpFormatter):
-    """``--help`` gives each flag's default, and the ``PSFW_*`` variable it also
-    comes from."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if not action.option_strings or "%(default)" in text or default == argparse.SUPPRESS:
-            return text
-        if isinstance(default, _FromEnv):
-            if default.fallback is None or default.fallback is False:
-                return f"{text} (or $PSFW_{default.name})"
-            shown = f"{default.fallback}, or $PSFW_{default.name}"
-        elif default is None or default is False or isinstance(default, list):
-            return text
-        else:
-            shown = str(default)
-        return f"{text} (default: {shown.replace('%', '%%')})"
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that resolves _FromEnv defaults; a bad value is one line
-    that names the variable (exit 2). Its help shows the defaults."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("formatter_class", _HelpWithDefaults)
-        super().__init__(*args, **kwargs)
-
-    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):  # type: ignore[override]
-        namespace, extras = super().parse_known_args(args, namespace)
-        for dest, value in list(vars(namespace).items()):
-            if isinstance(value, _FromEnv):
-                setattr(namespace, dest, self._resolve(value))
-        return namespace, extras
-
-    def _resolve(self, default: _FromEnv) -> Any:
-        raw = os.environ.get(f"PSFW_{default.name}", "")
-        if not raw.strip():
-            return default.fallback
-        try:
-            return default.convert(raw)
-        except (ValueError, argparse.ArgumentTypeError) as err:
-            self.exit(2, f"{self.prog}: PSFW_{default.name}={raw!r}: {err}\n")
-
-
-def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
-    def integer(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
-            raise argparse.ArgumentTypeError(f"expected a whole number {bound}, got {text!r}")
-        return value
-
-    return integer
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected seconds (a number of at least 0), got {text!r}")
-    return value
-
-
-def _positive_number(what: str) -> Callable[[str], float]:
-    def positive(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"expected {what} (a number above 0), got {text!r}")
-        return value
-
-    return positive
-
-
-_positive_seconds = _positive_number("seconds")
-
-
-def _switch(text: str) -> bool:
-    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-    value = words.get(text.strip().lower())
-    if value is None:
-        raise argparse.ArgumentTypeError("expected 1 or 0 (or true/false, yes/no, on/off)")
-    return value
-
-
-def _one_of(*choices: str) -> Callable[[str], str]:
-    def one_of(text: str) -> str:
-        if text not in choices:
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}")
-        return text
-
-    return one_of
-
-
-def shard_addresses(text: str) -> list[str]:
-    """``host:port,host:port`` -> the addresses; UsageError for one without a port
-    (gRPC would quietly try port 443)."""
-    addresses = [a.strip() for a in text.split(",") if a.strip()]
-    for address in addresses:
-        host, colon, port = address.rpartition(":")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-            raise UsageError(f"shard address {address!r} is not host:port (e.g. 127.0.0.1:50051, [::1]:50051)")
-    return addresses
-
-
-def listen_address(text: str) -> str:
-    """Check an address to listen on: ``host:port`` with a port from 0 to 65535 (0:
-    any free port), an IPv6 host in brackets (``[::]:50051``). Returns it as given;
-    raises ValueError saying what is wrong."""
-    host, colon, port = text.rpartition(":")
-    if not colon or not host or not re.fullmatch(r"[0-9]+", port):
-        raise ValueError(f"listen address {text!r} is not host:port (e.g. 0.0.0.0:50051, [::]:50051, 127.0.0.1:0)")
-    if int(port) > 65535:
-        raise ValueError(f"listen address {text!r}: port {port} is outside 0-65535")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise ValueError(f"listen address {text!r}: {host} is not an IPv6 address") from None
-    elif not re.fullmatch(r"[A-Za-z0-9_.-]+", host):
-        hint = " (write an IPv6 host in brackets: [::1]:50051)" if ":" in host else ""
-        raise ValueError(f"listen address {text!r}: {host!r} is not a host name or IP address{hint}")
-    return text
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="psfw", description="asyncio parameter server for data-parallel JAX training")
+    p = Parser(prog="psfw", description="asyncio parameter server for data-parallel JAX training")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -369,44 +225,44 @@ def parser() -> argparse.ArgumentParser:
         "PSFW_TLS_CERT, PSFW_TLS_KEY, PSFW_TLS_CLIENT_CA, PSFW_TOKEN_FILE, PSFW_INSECURE=1), "
         "so a container needs no arguments.",
     )
-    index, count, port = _integer(0), _integer(1), _integer(0, 65535)
-    s.add_argument("--shard", type=index, default=_env("SHARD", index, 0), help="this shard's index")
-    s.add_argument("--of", type=count, default=_env("SHARDS", count, 1), help="how many shards the cluster has")
+    index, count, port = integer(0), integer(1), integer(0, 65535)
+    s.add_argument("--shard", type=index, default=env("SHARD", index, 0), help="this shard's index")
+    s.add_argument("--of", type=count, default=env("SHARDS", count, 1), help="how many shards the cluster has")
     s.add_argument(
         "--listen",
-        default=_env("LISTEN", listen_address, "127.0.0.1:50051"),
+        default=env("LISTEN", listen_address, "127.0.0.1:50051"),
         help="address to listen on, host:port (port 0: any free port)",
     )
     s.add_argument(
-        "--grace", type=_seconds, default=_env("GRACE", _seconds, 5.0), help="seconds in-flight RPCs get on shutdown"
+        "--grace", type=seconds, default=env("GRACE", seconds, 5.0), help="seconds in-flight RPCs get on shutdown"
     )
     s.add_argument(
-        "--drain", type=_seconds, default=_env("DRAIN", _seconds, 0.0), help="seconds NOT_SERVING before stopping"
+        "--drain", type=seconds, default=env("DRAIN", seconds, 0.0), help="seconds NOT_SERVING before stopping"
     )
     s.add_argument(
         "--metrics-port",
         type=port,
-        default=_env("METRICS_PORT", port),
+        default=env("METRICS_PORT", port),
         help="serve Prometheus metrics on this HTTP port",
     )
     nonfinite = ("reject", "skip")
     s.add_argument(
         "--nonfinite",
         choices=nonfinite,
-        default=_env("NONFINITE", _one_of(*nonfinite), "reject"),
+        default=env("NONFINITE", one_of(*nonfinite), "reject"),
         help="NaN/Inf gradient policy",
     )
     s.add_argument(
         "--checkpoint-dir",
-        default=_env("CHECKPOINT_DIR"),
+        default=env("CHECKPOINT_DIR"),
         help="folder shared by the job's shards for checkpoints; the newest complete one is loaded at start",
     )
-    s.add_argument("--tls-cert", default=_env("TLS_CERT"), help="server certificate (PEM): turns on TLS")
-    s.add_argument("--tls-key", default=_env("TLS_KEY"), help="server private key (PEM)")
+    s.add_argument("--tls-cert", default=env("TLS_CERT"), help="server certificate (PEM): turns on TLS")
+    s.add_argument("--tls-key", default=env("TLS_KEY"), help="server private key (PEM)")
     s.add_argument(
-        "--tls-client-ca", default=_env("TLS_CLIENT_CA"), help="require client certificates signed by this CA (mTLS)"
+        "--tls-client-ca", default=env("TLS_CLIENT_CA"), help="require client certificates signed by this CA (mTLS)"
     )
-    s.add_argument("--token-file", default=_env("TOKEN_FILE"), help="require this bearer token on every RPC but health")
+    s.add_argument("--token-file", default=env("TOKEN_FILE"), help="require this bearer token on every RPC but health")
     s.add_argument(
         "--ready-file",
         help="once serving, write a JSON record with the bound address to this file (for a supervisor)",
@@ -414,22 +270,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--insecure",
         action="store_true",
-        default=_env("INSECURE", _switch, False),
+        default=env("INSECURE", switch, False),
         help="allow a non-loopback address without TLS (a token alone would cross the network in clear)",
     )
     s.set_defaults(run=_server)
 
     w = sub.add_parser("worker", help="run one worker process of a cluster against running shards")
     w.add_argument("config", help="the job's TOML config (the same for every process)")
-    w.add_argument("--process", type=index, default=_env("PROCESS", index, 0), help="this process's index")
+    w.add_argument("--process", type=index, default=env("PROCESS", index, 0), help="this process's index")
     w.add_argument(
-        "--servers", default=_env("SERVERS", str, ""), help="shard addresses host:port, comma-separated, in shard order"
+        "--servers", default=env("SERVERS", str, ""), help="shard addresses host:port, comma-separated, in shard order"
     )
-    w.add_argument("--run-dir", default=_env("RUN_DIR"), help="outputs folder (process 0 evaluates and writes)")
+    w.add_argument("--run-dir", default=env("RUN_DIR"), help="outputs folder (process 0 evaluates and writes)")
     w.add_argument(
         "--resume",
         action="store_true",
-        default=_env("RESUME", _switch, False),
+        default=env("RESUME", switch, False),
         help="continue the job the shards hold where they hold it (a restarted process; without it, a process "
         "whose group has advanced on the shards is refused)",
     )
@@ -445,7 +301,7 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="a running cluster's shards: keys, bytes, versions, groups, update rate")
     st.add_argument("servers", help="shard addresses host:port, comma-separated")
     st.add_argument(
-        "--interval", type=_seconds, default=1.0, help="seconds over which to measure the update rate (0: no rate)"
+        "--interval", type=seconds, default=1.0, help="seconds over which to measure the update rate (0: no rate)"
     )
     _add_client_security(st)
     st.set_defaults(run=_status)
@@ -453,7 +309,7 @@ def parser() -> argparse.ArgumentParser:
     h = sub.add_parser("health", help="probe a shard's gRPC health service (exit 0 when SERVING)")
     h.add_argument("address", help="host:port of the shard")
     h.add_argument("--service", default="", help="service name ('' = the whole server)")
-    h.add_argument("--timeout", type=_positive_seconds, default=5.0, help="seconds to wait for the answer")
+    h.add_argument("--timeout", type=positive_seconds, default=5.0, help="seconds to wait for the answer")
     h.add_argument(
         "--local",
         action="store_true",
@@ -469,10 +325,10 @@ def parser() -> argparse.ArgumentParser:
         "loadtest", help="concurrent streams against 2 shard processes: errors, lost/doubled updates, RSS"
     )
     lt.add_argument(
-        "--groups", type=_integer(1), default=32, help="concurrent groups; each keeps one stream open per shard"
+        "--groups", type=integer(1), default=32, help="concurrent groups; each keeps one stream open per shard"
     )
-    lt.add_argument("--seconds", type=_positive_seconds, default=10.0, help="how long to send")
-    lt.add_argument("--mb", type=_positive_number("MB"), default=1.0, help="MB of values per shard")
+    lt.add_argument("--seconds", type=positive_seconds, default=10.0, help="how long to send")
+    lt.add_argument("--mb", type=positive_number("MB"), default=1.0, help="MB of values per shard")
     lt.add_argument("--json", action="store_true", help="one line of JSON")
     lt.set_defaults(run=_loadtest)
 

@@ -51,3 +51,15 @@ def mark_retrieved(future: asyncio.Future | concurrent.futures.Future) -> None:
     it), so asyncio does not log it again when nobody is left to await it."""
     if not future.cancelled():
         future.exception()
+
+
+class WireError(Exception):
+    """A request or reply that does not match what the receiver expects, or a
+    refusal of the shard: a gRPC status code, a message for people and, where a
+    program acts on it, a ``Reason``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: Reason = Reason.NONE):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason

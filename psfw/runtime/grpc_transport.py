@@ -20,24 +20,13 @@ import numpy as np
 
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.protocol.errors import Reason, ShardError
+from psfw.protocol.errors import Reason, ShardError, WireError
+from psfw.protocol.frames import CHUNK_BYTES, Frame, encode_chunks, frame_deserializer, frame_serializer
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
 from psfw.protocol.security import NO_SECURITY, Link, Security, link_problem
 from psfw.protocol.service import REASON_KEY, SERVICE_NAME, grpc_options
-from psfw.protocol.wire import (
-    CHUNK_BYTES,
-    Assembler,
-    Expect,
-    Frame,
-    WireError,
-    batched,
-    encode_chunks,
-    encoded_ahead,
-    frame_deserializer,
-    frame_serializer,
-    update_request,
-)
+from psfw.protocol.wire import Assembler, Expect, batched, encoded_ahead, update_request
 from psfw.runtime.transport import Capabilities, Items, SliceSpecs
 
 T = TypeVar("T")

@@ -18,10 +18,10 @@ import grpc
 import numpy as np
 
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import ShardError
+from psfw.protocol.errors import ShardError, WireError
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
-from psfw.protocol.wire import Expect, WireError, slice_name, wire_dtype
+from psfw.protocol.wire import Expect, slice_name, wire_dtype
 from psfw.runtime.transport import Capabilities, SliceSpecs
 
 INLINE_COPY_BYTES = 8 << 20

@@ -22,11 +22,12 @@ import jax
 import numpy as np
 
 from psfw.protocol.errors import ConfigError, PsfwError, ShardError, WaitTimeout
-from psfw.protocol.identity import differences, summary
 from psfw.protocol.layout import Layout, SliceKey
 from psfw.protocol.messages import Gradients, Parts, UpdateHeader
 from psfw.protocol.wire import param_buffers
+from psfw.runtime.fetch import fetch_params
 from psfw.runtime.param_cache import ParamCache
+from psfw.runtime.sync import ShardSync, group_step
 from psfw.runtime.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,17 @@ class Stub:
         self._wanted: asyncio.Future[dict[int, list[str]]] = self._loop.create_future()
         self.rpcs = {"Put": 0, "Get": 0, "Update": 0}
         self._whole_params = jax.jit(functools.partial(_whole_params, layout))
+        self.sync = ShardSync(
+            clients,
+            layout,
+            cache,
+            group=group,
+            process=process,
+            wait_s=wait_s,
+            identity=identity,
+            resume=resume,
+            warmup_steps=warmup_steps,
+        )
         self._header = UpdateHeader(  # the fields every Update of this process shares
             group=group,
             step=0,
@@ -149,7 +161,7 @@ class Stub:
                     if err.code not in RESYNC_CODES:
                         raise
                     log.warning("process %d step %d: %s", self.process, step, err)
-                    if not await self._can_retry(step):
+                    if not await self.sync.can_retry(step, self.epoch):
                         step, batch = await self._resync(), None
                         last = time.perf_counter()
                     continue  # the same contributions again: a shard adds them once
@@ -164,13 +176,6 @@ class Stub:
             self.cache.fail(err)
             raise
 
-    async def _can_retry(self, step: int) -> bool:
-        """Whether the shards are still where this process left them (same epoch, the
-        group at ``step`` or just past it), so the step can simply be sent again."""
-        replies = await self._describe_all()
-        steps = {_group_step(r, self.group) for r in replies}
-        return {r.epoch for r in replies} == {self.epoch} and steps <= {step, step + 1}
-
     async def _collect(self, step: int) -> list[Contribution]:
         self.cache.doing(lambda: f"waiting for its workers' gradients of step {step}")
         batch: list[Contribution] = []
@@ -183,68 +188,12 @@ class Stub:
             batch.append(c)
         return batch
 
-    async def _describe_all(self) -> list:
-        """Every shard's description; waits (bounded) for shards that are down."""
-        deadline = time.monotonic() + self.wait_s
-        delay = 0.05
-        while True:
-            try:
-                return list(await asyncio.gather(*(c.describe() for c in self.clients)))
-            except ShardError as err:
-                if err.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
-    async def _settle(self) -> list:
-        """Describe the shards until they agree on an epoch and, for this group, on a
-        step; restore them to their newest common checkpoint when they cannot agree
-        (a shard restarted from a checkpoint, or this process died mid-step)."""
-        deadline = time.monotonic() + self.wait_s
-        while True:
-            replies = await self._describe_all()
-            epochs = {r.epoch for r in replies}
-            steps = {_group_step(r, self.group) for r in replies}
-            sizes = [len(self.layout.shard_slices(i)) for i in range(len(replies))]
-            # a shard with no slices in the layout (more shards than slices) holds nothing to lose
-            held = [len(r.slices) == n for r, n in zip(replies, sizes, strict=True)]
-            lost = [i for i, (r, n) in enumerate(zip(replies, sizes, strict=True)) if n and not r.slices]
-            if lost and any(h and n for h, n in zip(held, sizes, strict=True)) and len(epochs) == 1:
-                raise PsfwError(
-                    f"shards {lost} lost their state (restarted without a checkpoint) while others hold theirs: "
-                    "give the shards a shared --checkpoint-dir and set train.checkpoint_every"
-                )
-            if len(epochs) == 1 and (len(steps) == 1 or not all(held) or self._one_apart(steps)):
-                return replies
-            common = set.intersection(*(set(r.checkpoint_steps) for r in replies))
-            if not common:
-                raise PsfwError(
-                    f"the shards disagree (epochs {sorted(epochs)}, steps {sorted(steps)} of group {self.group}) "
-                    "and share no complete checkpoint to restore"
-                )
-            target, epoch = max(common), max(epochs) + (1 if len(epochs) == 1 else 0)
-            for i, r in enumerate(replies):
-                if r.epoch != epoch or _group_step(r, 0) != target:
-                    await self.clients[i].restore(target, epoch)
-            log.warning("process %d: shards restored to step %d (epoch %d)", self.process, target, epoch)
-            if time.monotonic() > deadline:
-                raise PsfwError(f"the shards did not settle within {self.wait_s:.0f} s")
-
-    def _one_apart(self, steps: set[int]) -> bool:
-        """Whether shards one step apart for this group can simply go on.
-
-        Group 0's checkpoints fall on its own step boundaries, so its shards always
-        agree after a restore; another group runs on its own clock, and a checkpoint
-        may catch its last update on some shards only. Sending that step again is
-        safe: the shards that applied it acknowledge it without adding it twice."""
-        return self.group != 0 and max(steps) - min(steps) <= 1
-
     async def _join(self, steps: int) -> int:
         self.cache.doing("joining the shards")
-        replies = await self._settle()
+        replies = await self.sync.settle()
         self.epoch = replies[0].epoch
-        start = min(_group_step(r, self.group) for r in replies)
-        self._check_job(replies, start, steps)
+        start = min(group_step(r, self.group) for r in replies)
+        self.sync.check_job(replies, start, steps)
         if self.on_start is not None:
             self.on_start(self.group, start)
         held = {(s.key, s.slice) for r in replies for s in r.slices}
@@ -267,68 +216,19 @@ class Stub:
         missing = [n for n in self.layout.params if n not in values]
         if missing:
             if self.group != 0 and start == 0:  # another group starts from group 0 after its warmup steps
-                await self._await_warmup()
+                await self.sync.await_warmup()
                 values.update(await self._get_all(0, self.warmup_steps, missing))
             else:
                 values.update(await self._get_all(self.group, start, missing))
         self.cache.publish(start, {n: jax.device_put(values[n]) for n in self.layout.params})
         return start
 
-    def _check_job(self, replies: list, start: int, steps: int) -> None:
-        """Refuse shards that hold another job's parameters, and joining this job
-        where this group has advanced already (a finished or running job) unless
-        resuming was asked for: both in one line that says what to do."""
-        if self.identity is None:
-            return
-        for shard, reply in enumerate(replies):
-            if not reply.job:
-                continue  # fresh, or put by a tool that names no job
-            held = json.loads(reply.job)
-            if held.get("fingerprint") != self.identity["fingerprint"]:
-                what = "; ".join(differences(held, self.identity))
-                raise PsfwError(
-                    f"shard {shard} holds job {summary(held, _group_step(reply, 0))}; this job differs: {what}: "
-                    "start the shards fresh, or run the config they hold"
-                )
-        if start and not self.resume:
-            state = f"finished, {steps} steps" if start >= steps else f"of {steps} steps"
-            raise PsfwError(
-                f"the shards hold this job ({self.identity['name']}) with group {self.group} at step {start} "
-                f"({state}): pass --resume to continue it, or start the shards fresh"
-            )
-        if start >= steps:
-            log.warning(
-                "process %d: the shards hold this job with group %d at step %d of %d: nothing left to train",
-                self.process,
-                self.group,
-                start,
-                steps,
-            )
-
-    async def _await_warmup(self) -> None:
-        """Wait for group 0's ``warmup_steps``, however long they take, as long as
-        group 0 advances (``wait_s`` bounds the time without progress)."""
-        last, since = -1, time.monotonic()
-        while True:
-            done = min(_group_step(r, 0) for r in await self._describe_all())
-            if done >= self.warmup_steps:
-                return
-            if done != last:  # advancing (or rolled back to a checkpoint and going again)
-                last, since = done, time.monotonic()
-                self.cache.doing(f"waiting for group 0's {self.warmup_steps} warmup steps (at {done})")
-            elif time.monotonic() - since > self.wait_s:
-                raise WaitTimeout(
-                    f"group {self.group} process {self.process}: group 0 has completed {done} of its "
-                    f"{self.warmup_steps} warmup steps and did not advance for {self.wait_s:.0f} s"
-                )
-            await asyncio.sleep(min(0.5, self.wait_s / 4))
-
     async def _resync(self) -> int:
         self.cache.doing("re-syncing with the shards")
-        replies = await self._settle()
+        replies = await self.sync.settle()
         self.epoch = replies[0].epoch
-        start = min(_group_step(r, self.group) for r in replies)
-        self._check_job(replies, 0, 1)  # a shard restarted with another job's checkpoint: stop, naming it
+        start = min(group_step(r, self.group) for r in replies)
+        self.sync.check_job(replies, 0, 1)  # a shard restarted with another job's checkpoint: stop, naming it
         values = await self._get_all(self.group, start, list(self.layout.params))
         while not self._inbox.empty():
             self._inbox.get_nowait()
@@ -458,37 +358,6 @@ def _whole_params(layout: Layout, slices: dict[SliceKey, jax.Array]) -> dict[str
         parts = [slices[(name, s.index)] for s in spec.slices]
         flat = parts[0] if len(parts) == 1 else jax.numpy.concatenate(parts)
         params[name] = flat.reshape(spec.shape)
-    return params
-
-
-def _group_step(reply, group: int) -> int:
-    return next((g.step for g in reply.groups if g.group == group), 0)
-
-
-async def fetch_params(
-    clients: list[Transport],
-    layout: Layout,
-    group: int,
-    step: int,
-    names: list[str],
-    wait_s: float,
-    wait_for_put: bool = False,
-    job: str = "",
-) -> dict[str, np.ndarray]:
-    """Whole parameters ``names`` once ``group`` has completed ``step`` steps: one
-    Get per shard, all shards at once. With ``wait_for_put``, the shards wait (up to
-    ``wait_s``) for slices whose owners in other processes have not put them yet.
-    ``job``: the job's fingerprint (shards of another job refuse)."""
-    by_shard: dict[int, list[SliceKey]] = {}
-    for name in names:
-        for s in layout.params[name].slices:
-            by_shard.setdefault(s.shard, []).append((name, s.index))
-    params, into = param_buffers(layout, names)
-
-    async def fetch(shard: int, keys: list[SliceKey]) -> None:
-        await clients[shard].get(group, step, keys, layout.slice_dtype_shape, wait_s, into, wait_for_put, job)
-
-    await asyncio.gather(*(fetch(i, keys) for i, keys in by_shard.items()))
     return params
 
 

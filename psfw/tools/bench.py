@@ -202,7 +202,7 @@ def transfer_slice_bytes(size: int) -> int:
 async def _transfer(clients, size: int, slice_bytes: int, tag: str, repeats: int) -> tuple[float, float]:
     """Best push and pull GB/s of a model of ``size`` bytes over ``clients``' shards."""
     from psfw.protocol.layout import plan_layout
-    from psfw.runtime.stub import fetch_params
+    from psfw.runtime.fetch import fetch_params
 
     n = size // 4
     best_push = best_pull = 0.0
@@ -263,7 +263,7 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
 
     async def shared(addresses):
         from psfw.protocol.layout import plan_layout
-        from psfw.runtime.stub import fetch_params
+        from psfw.runtime.fetch import fetch_params
 
         layout = plan_layout({"w": ((size // 4,), "float32")}, TRANSFER_SHARDS, 1, slice_bytes)
         nets = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]

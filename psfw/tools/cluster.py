@@ -20,8 +20,8 @@ from psfw.jobs.job import build_job
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.errors import PsfwError, UsageError
 from psfw.protocol.security import NO_SECURITY, Security
+from psfw.runtime.fetch import fetch_params
 from psfw.runtime.grpc_transport import ShardClient
-from psfw.runtime.stub import fetch_params
 
 
 class Cluster:

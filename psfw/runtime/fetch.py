@@ -1,0 +1,38 @@
+"""Whole parameters from the shards that hold their slices."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from psfw.protocol.layout import Layout, SliceKey
+from psfw.protocol.wire import param_buffers
+from psfw.runtime.transport import Transport
+
+
+async def fetch_params(
+    clients: list[Transport],
+    layout: Layout,
+    group: int,
+    step: int,
+    names: list[str],
+    wait_s: float,
+    wait_for_put: bool = False,
+    job: str = "",
+) -> dict[str, np.ndarray]:
+    """Whole parameters ``names`` once ``group`` has completed ``step`` steps: one
+    Get per shard, all shards at once. With ``wait_for_put``, the shards wait (up to
+    ``wait_s``) for slices whose owners in other processes have not put them yet.
+    ``job``: the job's fingerprint (shards of another job refuse)."""
+    by_shard: dict[int, list[SliceKey]] = {}
+    for name in names:
+        for s in layout.params[name].slices:
+            by_shard.setdefault(s.shard, []).append((name, s.index))
+    params, into = param_buffers(layout, names)
+
+    async def fetch(shard: int, keys: list[SliceKey]) -> None:
+        await clients[shard].get(group, step, keys, layout.slice_dtype_shape, wait_s, into, wait_for_put, job)
+
+    await asyncio.gather(*(fetch(i, keys) for i, keys in by_shard.items()))
+    return params

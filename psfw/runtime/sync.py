@@ -1,0 +1,160 @@
+"""Where the shards are, as a stub finds them: agreeing on an epoch and a step,
+holding this job, restored to a common checkpoint when they disagree."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import grpc
+
+from psfw.protocol.errors import PsfwError, ShardError, WaitTimeout
+from psfw.protocol.identity import differences, summary
+from psfw.protocol.layout import Layout
+from psfw.runtime.param_cache import ParamCache
+from psfw.runtime.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+class ShardSync:
+    """A stub's view of its shards' state; ``identity``: the job's (see
+    psfw.protocol.identity), None for a tool that names no job; ``resume``: joining
+    the job where this group has advanced is allowed."""
+
+    def __init__(
+        self,
+        clients: list[Transport],
+        layout: Layout,
+        cache: ParamCache,
+        *,
+        group: int,
+        process: int,
+        wait_s: float,
+        identity: dict[str, Any] | None,
+        resume: bool,
+        warmup_steps: int,
+    ):
+        self.clients, self.layout, self.cache = clients, layout, cache
+        self.group, self.process, self.wait_s = group, process, wait_s
+        self.identity, self.resume, self.warmup_steps = identity, resume, warmup_steps
+
+    async def can_retry(self, step: int, epoch: int) -> bool:
+        """Whether the shards are still where this process left them (same epoch, the
+        group at ``step`` or just past it), so the step can simply be sent again."""
+        replies = await self.describe_all()
+        steps = {group_step(r, self.group) for r in replies}
+        return {r.epoch for r in replies} == {epoch} and steps <= {step, step + 1}
+
+    async def describe_all(self) -> list:
+        """Every shard's description; waits (bounded) for shards that are down."""
+        deadline = time.monotonic() + self.wait_s
+        delay = 0.05
+        while True:
+            try:
+                return list(await asyncio.gather(*(c.describe() for c in self.clients)))
+            except ShardError as err:
+                if err.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def settle(self) -> list:
+        """Describe the shards until they agree on an epoch and, for this group, on a
+        step; restore them to their newest common checkpoint when they cannot agree
+        (a shard restarted from a checkpoint, or this process died mid-step)."""
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            replies = await self.describe_all()
+            epochs = {r.epoch for r in replies}
+            steps = {group_step(r, self.group) for r in replies}
+            sizes = [len(self.layout.shard_slices(i)) for i in range(len(replies))]
+            # a shard with no slices in the layout (more shards than slices) holds nothing to lose
+            held = [len(r.slices) == n for r, n in zip(replies, sizes, strict=True)]
+            lost = [i for i, (r, n) in enumerate(zip(replies, sizes, strict=True)) if n and not r.slices]
+            if lost and any(h and n for h, n in zip(held, sizes, strict=True)) and len(epochs) == 1:
+                raise PsfwError(
+                    f"shards {lost} lost their state (restarted without a checkpoint) while others hold theirs: "
+                    "give the shards a shared --checkpoint-dir and set train.checkpoint_every"
+                )
+            if len(epochs) == 1 and (len(steps) == 1 or not all(held) or self.one_apart(steps)):
+                return replies
+            common = set.intersection(*(set(r.checkpoint_steps) for r in replies))
+            if not common:
+                raise PsfwError(
+                    f"the shards disagree (epochs {sorted(epochs)}, steps {sorted(steps)} of group {self.group}) "
+                    "and share no complete checkpoint to restore"
+                )
+            target, epoch = max(common), max(epochs) + (1 if len(epochs) == 1 else 0)
+            for i, r in enumerate(replies):
+                if r.epoch != epoch or group_step(r, 0) != target:
+                    await self.clients[i].restore(target, epoch)
+            log.warning("process %d: shards restored to step %d (epoch %d)", self.process, target, epoch)
+            if time.monotonic() > deadline:
+                raise PsfwError(f"the shards did not settle within {self.wait_s:.0f} s")
+
+    def one_apart(self, steps: set[int]) -> bool:
+        """Whether shards one step apart for this group can simply go on.
+
+        Group 0's checkpoints fall on its own step boundaries, so its shards always
+        agree after a restore; another group runs on its own clock, and a checkpoint
+        may catch its last update on some shards only. Sending that step again is
+        safe: the shards that applied it acknowledge it without adding it twice."""
+        return self.group != 0 and max(steps) - min(steps) <= 1
+
+    def check_job(self, replies: list, start: int, steps: int) -> None:
+        """Refuse shards that hold another job's parameters, and joining this job
+        where this group has advanced already (a finished or running job) unless
+        resuming was asked for: both in one line that says what to do."""
+        if self.identity is None:
+            return
+        for shard, reply in enumerate(replies):
+            if not reply.job:
+                continue  # fresh, or put by a tool that names no job
+            held = json.loads(reply.job)
+            if held.get("fingerprint") != self.identity["fingerprint"]:
+                what = "; ".join(differences(held, self.identity))
+                raise PsfwError(
+                    f"shard {shard} holds job {summary(held, group_step(reply, 0))}; this job differs: {what}: "
+                    "start the shards fresh, or run the config they hold"
+                )
+        if start and not self.resume:
+            state = f"finished, {steps} steps" if start >= steps else f"of {steps} steps"
+            raise PsfwError(
+                f"the shards hold this job ({self.identity['name']}) with group {self.group} at step {start} "
+                f"({state}): pass --resume to continue it, or start the shards fresh"
+            )
+        if start >= steps:
+            log.warning(
+                "process %d: the shards hold this job with group %d at step %d of %d: nothing left to train",
+                self.process,
+                self.group,
+                start,
+                steps,
+            )
+
+    async def await_warmup(self) -> None:
+        """Wait for group 0's ``warmup_steps``, however long they take, as long as
+        group 0 advances (``wait_s`` bounds the time without progress)."""
+        last, since = -1, time.monotonic()
+        while True:
+            done = min(group_step(r, 0) for r in await self.describe_all())
+            if done >= self.warmup_steps:
+                return
+            if done != last:  # advancing (or rolled back to a checkpoint and going again)
+                last, since = done, time.monotonic()
+                self.cache.doing(f"waiting for group 0's {self.warmup_steps} warmup steps (at {done})")
+            elif time.monotonic() - since > self.wait_s:
+                raise WaitTimeout(
+                    f"group {self.group} process {self.process}: group 0 has completed {done} of its "
+                    f"{self.warmup_steps} warmup steps and did not advance for {self.wait_s:.0f} s"
+                )
+            await asyncio.sleep(min(0.5, self.wait_s / 4))
+
+
+def group_step(reply, group: int) -> int:
+    """A group's completed steps in a shard's Describe answer."""
+    return next((g.step for g in reply.groups if g.group == group), 0)
