@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from psfw.version import __version__ as __version__
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load on first use
     from psfw.compute.models import Model, cnn, mlp

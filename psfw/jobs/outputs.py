@@ -38,7 +38,7 @@ def new_run_dir(root: str | Path = "runs") -> Path:
 
 def mark_run_dir(folder: Path) -> None:
     """Mark ``folder`` as a psfw run (once)."""
-    from psfw import __version__
+    from psfw.version import __version__
 
     if not (folder / RUN_MARKER).exists():
         write_atomic(folder / RUN_MARKER, json.dumps({"psfw": __version__}).encode())
