@@ -1,5 +1,6 @@
-"""The README stays true: every flag of every command is documented, every metric name
-it gives is one a running shard serves, and its cluster commands run as shown."""
+"""The README and docs/ stay true: every flag of every command is documented, every
+metric name they give is one a running shard serves, the README's cluster commands
+run as shown, and every link between the pages leads somewhere."""
 
 import argparse
 import asyncio
@@ -20,23 +21,25 @@ from psfw.services.server import ShardServer
 from helpers import REPO, SGD, free_port, send
 
 README = (REPO / "README.md").read_text()
+PAGES = {path: path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]}
+DOCS = "\n".join(PAGES.values())
 
 
-def test_every_flag_of_every_command_is_in_the_readme():
+def test_every_flag_of_every_command_is_documented():
     commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     missing = [
         f"psfw {name} {flag}"
         for name, sub in commands.items()
         for action in sub._actions
         for flag in action.option_strings
-        if flag.startswith("--") and flag != "--help" and flag not in README
+        if flag.startswith("--") and flag != "--help" and flag not in PAGES[REPO / "docs" / "commands.md"]
     ]
-    assert not missing, f"flags the README does not mention: {missing}"
+    assert not missing, f"flags docs/commands.md does not mention: {missing}"
 
 
 @pytest.mark.asyncio
-async def test_every_metric_the_readme_names_is_served_by_a_shard():
-    named = set(re.findall(r"`(psfw_[a-z_]+)`", README))
+async def test_every_metric_the_docs_name_is_served_by_a_shard():
+    named = set(re.findall(r"`(psfw_[a-z_]+)`", DOCS))
     assert len(named) >= 8, named
     server = ShardServer(0, 1)
     await server.start("127.0.0.1:0", metrics_port=0)
@@ -52,12 +55,12 @@ async def test_every_metric_the_readme_names_is_served_by_a_shard():
         await client.close()
         await server.stop(0)
     served = set(re.findall(r"^(psfw_[a-z_]+?)(?:_bucket|_count|_sum|_created)?[{ ]", text, re.M))
-    assert named <= served, f"named in the README but not served: {sorted(named - served)}"
+    assert named <= served, f"named in the docs but not served: {sorted(named - served)}"
 
 
 @pytest.mark.slow
 def test_the_readmes_cluster_commands_run_as_shown(tmp_path):
-    """The bash block of Clusters, with free ports and folders of the test."""
+    """The README's cluster example, with free ports and folders of the test."""
     block = README.split("```bash\npsfw launch", 1)[1].split("```", 1)[0]
     lines = ["psfw launch" + block.splitlines()[0]] + block.splitlines()[1:]
     ports = {"50051": str(free_port()), "50052": str(free_port())}
@@ -93,3 +96,19 @@ def test_the_readmes_cluster_commands_run_as_shown(tmp_path):
                 proc.stdout.close()
     assert done[-1].stdout.count("g0@330") == 2, done[-1].stdout  # status: both shards at the last step
     assert (tmp_path / "p0" / "metrics.jsonl").exists() and any((tmp_path / "ckpt").iterdir())
+
+
+def test_the_readme_is_a_first_page_and_every_link_between_the_pages_leads_somewhere():
+    assert len(README.splitlines()) <= 100, "the README is the first page: the reference lives in docs/"
+    for path, text in PAGES.items():
+        for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", text):
+            assert (path.parent / target).exists(), f"{path.name} links to {target}, which does not exist"
+        for anchor_page, anchor in re.findall(r"\]\(([^)#:]+\.md)#([^)]+)\)", text):
+            headings = (path.parent / anchor_page).read_text().splitlines()
+            slugs = {_slug(h.lstrip("#").strip()) for h in headings if h.startswith("#")}
+            assert anchor in slugs, f"{path.name} links to {anchor_page}#{anchor}, which has no such heading"
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.lower()).replace(" ", "-")

@@ -15,7 +15,7 @@ outputs), so a large shard kept a second copy of its state that no thread used.
 
 It changes nothing when any ``MALLOC_*`` variable is set (the user's settings win)
 or the C library is not glibc. ``psfw bench --transfer`` and ``--memory`` show the
-effect (see the README's performance section).
+effect (see docs/performance.md).
 """
 
 from __future__ import annotations
