@@ -29,7 +29,7 @@ def test_bench_reports_every_variant_and_ratio():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    for key in ("single_process", "data_parallel_bound", "embedded", "separate_processes", "tcp"):
+    for key in ("single_process", "data_parallel_bound", "embedded", "separate_processes", "grpc"):
         assert figures[key] > 0
         if key != "single_process":
             assert figures[f"{key}_ratio"] == pytest.approx(figures[key] / figures["single_process"])
@@ -45,7 +45,7 @@ def test_bench_transfer_reports_both_directions():
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["transfer_bytes"] == 4 * 2**20
     assert all(
-        figures[k] > 0 for k in ("tcp_push_gb_s", "tcp_pull_gb_s", "in_process_push_gb_s", "in_process_pull_gb_s")
+        figures[k] > 0 for k in ("grpc_push_gb_s", "grpc_pull_gb_s", "in_process_push_gb_s", "in_process_pull_gb_s")
     )
 
 

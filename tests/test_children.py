@@ -143,7 +143,7 @@ def test_an_installed_psfw_launches_and_benchmarks_from_the_source_folder(tmp_pa
 
     done = run("bench", "--json", "--transfer", "1MiB")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["tcp_push_gb_s"] > 0
+    assert json.loads(done.stdout.strip().splitlines()[-1])["grpc_push_gb_s"] > 0
 
     done = run("launch", "job.toml", "--run-dir", str(tmp_path / "run2"), PSFW_METRICS_PORT=str(taken_port))
     assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr

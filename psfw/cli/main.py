@@ -337,7 +337,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=60, help="measured steps per variant")
     b.add_argument("--warmup", type=int, default=10, help="unmeasured steps first")
     b.add_argument("--rounds", type=int, default=3, help="side-by-side rounds; each figure is its best round")
-    b.add_argument("--path", choices=("auto", "tcp"), default="auto", help="tcp: force the network path everywhere")
+    b.add_argument("--path", choices=("auto", "grpc"), default="auto", help="grpc: force the network path everywhere")
     b.add_argument("--transfer", metavar="SIZE", help="push + pull of a model of SIZE (e.g. 256MiB): GB/s each way")
     b.add_argument("--scale", action="store_true", help="updates/s of simulated stubs against 1, 2 and 4 shards")
     b.add_argument("--memory", metavar="SIZE", help="train a model of SIZE (e.g. 1GiB): shard peak RSS vs values")

@@ -151,21 +151,21 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None) -> flo
 
 def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int = 3) -> dict:
     """Samples/s of the reference, psfw embedded, psfw with shard processes, and psfw
-    with shard processes over the network path (``tcp``), measured side by side in
+    with shard processes over the network path (``grpc``), measured side by side in
     ``rounds`` rounds; each figure is its best round (this machine is shared: a slow
     round says more about the neighbours than about the code), and every round's
-    ratios are reported too. ``path="tcp"`` forces the network path for every psfw
+    ratios are reported too. ``path="grpc"`` forces the network path for every psfw
     variant."""
     config = bench_config(warmup + steps)
-    tcp_config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"transport": "grpc"})})
-    if path == "tcp":
-        config = tcp_config
+    grpc_config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"transport": "grpc"})})
+    if path == "grpc":
+        config = grpc_config
     runs: dict[str, list[float]] = {
         "single_process": [],
         "data_parallel_bound": [],
         "embedded": [],
         "separate_processes": [],
-        "tcp": [],
+        "grpc": [],
     }
     for _ in range(rounds):
         runs["single_process"].append(single_process(config, warmup, steps))
@@ -174,15 +174,15 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         with shard_processes(config.cluster.servers) as (addresses, _):
             runs["separate_processes"].append(asyncio.run(_psfw(config, warmup, addresses)))
         with shard_processes(config.cluster.servers) as (addresses, _):  # fresh shards: a run leaves its state
-            runs["tcp"].append(asyncio.run(_psfw(tcp_config, warmup, addresses)))
+            runs["grpc"].append(asyncio.run(_psfw(grpc_config, warmup, addresses)))
     best = {key: max(values) for key, values in runs.items()}
     figures: dict = dict(best)
-    for key in ("data_parallel_bound", "embedded", "separate_processes", "tcp"):
+    for key in ("data_parallel_bound", "embedded", "separate_processes", "grpc"):
         figures[f"{key}_ratio"] = best[key] / best["single_process"]
         figures[f"{key}_round_ratios"] = [
             round(v / r, 3) for v, r in zip(runs[key], runs["single_process"], strict=True)
         ]
-    for key in ("embedded", "separate_processes", "tcp"):
+    for key in ("embedded", "separate_processes", "grpc"):
         # the share of what data parallelism allows on this machine: comparable across machines
         figures[f"{key}_of_bound"] = best[key] / best["data_parallel_bound"]
     figures.update(path=path, rounds=rounds)
@@ -256,7 +256,7 @@ def main(args: argparse.Namespace) -> int:
             ("data_parallel_bound", "2 threads, no server"),
             ("embedded", "psfw embedded"),
             ("separate_processes", "psfw shard processes"),
-            ("tcp", "psfw network path"),
+            ("grpc", "psfw network path"),
         ):
             rounds = ", ".join(f"{r:.2f}" for r in figures[key + "_round_ratios"])
             of_bound = f"  {figures[key + '_of_bound']:.2f} of the bound" if key + "_of_bound" in figures else ""
@@ -266,7 +266,7 @@ def main(args: argparse.Namespace) -> int:
             )
     if "transfer_bytes" in figures:
         print(f"transfer of {_bytes_text(figures['transfer_bytes'])} over 2 shards (push / pull, GB/s):")
-        print(f"  network path  {figures['tcp_push_gb_s']:.3g} / {figures['tcp_pull_gb_s']:.3g}")
+        print(f"  network path  {figures['grpc_push_gb_s']:.3g} / {figures['grpc_pull_gb_s']:.3g}")
         if figures["shared_memory_pull_gb_s"] is not None:
             print(
                 f"  shared memory {figures['shared_memory_update_gb_s']:.3g} (update) / "

@@ -132,8 +132,8 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
     local_push, local_pull = asyncio.run(in_process())
     return {
         "transfer_bytes": size,  # rounded down to whole float32s
-        "tcp_push_gb_s": push,
-        "tcp_pull_gb_s": pull,
+        "grpc_push_gb_s": push,
+        "grpc_pull_gb_s": pull,
         "shared_memory_update_gb_s": shm_update,  # gradients in and fresh values back, per direction
         "shared_memory_pull_gb_s": shm_pull,
         "in_process_push_gb_s": local_push,
