@@ -112,3 +112,47 @@ def test_the_readme_is_a_first_page_and_every_link_between_the_pages_leads_somew
 def _slug(heading: str) -> str:
     """A heading's anchor as GitHub makes it."""
     return re.sub(r"[^a-z0-9 _-]", "", heading.lower()).replace(" ", "-")
+
+
+PLACEHOLDERS = {
+    "CONFIG": "examples/digits_mlp.toml",
+    "DIR": "runs/docs",
+    "ADDR": "127.0.0.1:50051",
+    "A,B": "127.0.0.1:50051,127.0.0.1:50052",
+    "I": "0",
+    "S": "2",
+    "COMMAND": "train examples/digits_mlp.toml",
+}
+
+
+def _shown_commands() -> list[str]:
+    """Every psfw command the README and docs/ show: in code blocks, and inline."""
+    shown = set()
+    for text in PAGES.values():
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            shown.update(line.split("#")[0].strip().rstrip("&").strip() for line in block.splitlines())
+        shown.update(re.findall(r"`(psfw [^`]+)`", text))
+    return sorted(c for c in shown if c.startswith("psfw "))
+
+
+def test_every_command_the_docs_show_parses_with_psfws_own_parser(capsys):
+    """Flags, values and choices as shown; placeholders (CONFIG, DIR, I, ...) stand for
+    real values, [optional parts] are all given, and a bare mention of a command
+    (``psfw status``) or of a flag (``psfw health --timeout``) may lack its values."""
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    checked = 0
+    for shown in _shown_commands():
+        words = shown.replace("[", " ").replace("]", " ").replace("\\|", "|").split()
+        if len(words) < 2 or (words[1] not in commands and words[1] != "-v"):
+            continue  # a message psfw prints (``psfw server: PSFW_SHARD=...``), not a command
+        words = [PLACEHOLDERS.get(w, w.split("|")[0]) for w in words[1:]]
+        try:
+            parser().parse_args(shlex.split(" ".join(words)))
+        except SystemExit as exit:
+            said = capsys.readouterr().err
+            mention = "the following arguments are required" in said or (
+                f"argument {words[-1]}: expected one argument" in said  # a flag named, not used
+            )
+            assert exit.code == 2 and mention, (shown, said)
+        checked += 1
+    assert checked >= 20, checked
