@@ -572,3 +572,38 @@ def test_a_worker_waits_as_long_as_its_stub_gets_somewhere():
     with pytest.raises(WaitTimeout, match=r"the stub has been waiting for group 0's warmup \(at 10\)"):
         cache.fresh(5, 0, 0.3)
     assert time.monotonic() - started < 2
+
+
+@pytest.mark.asyncio
+async def test_a_shard_whose_puts_are_on_their_way_is_not_taken_for_one_that_lost_its_state():
+    """A process that joins while the owner's Puts have reached one shard but not yet
+    the other waits for them; once a step was made, an empty shard did lose its state."""
+    from psfw.protocol.errors import PsfwError
+    from psfw.protocol.layout import plan_layout
+    from psfw.runtime.inprocess import InProcessClient
+    from psfw.runtime.param_cache import ParamCache
+    from psfw.runtime.sync import ShardSync
+
+    servers = [ShardServer(i, 2) for i in range(2)]
+    for server in servers:
+        await server.start("127.0.0.1:0")
+    try:
+        clients = [InProcessClient(s, i) for i, s in enumerate(servers)]
+        layout = plan_layout({"a": ((4,), "float32"), "b": ((4,), "float32")}, 2, 1, 1 << 20)
+        sync = ShardSync(
+            clients, layout, ParamCache(0, 1), group=0, process=1, wait_s=5, identity=None, resume=False, warmup_steps=0
+        )
+        first = next(i for i in range(2) if layout.shard_slices(i))
+        slices = layout.shard_slices(first)
+        await clients[first].put([(s.key, s.index, np.zeros(s.size, np.float32)) for s in slices], SGD)
+        replies = await sync.settle()  # fresh: the other shard's Put is on its way
+        assert [len(r.slices) for r in replies][first] == len(slices)
+        grads = {(s.key, s.index): np.ones(s.size, np.float32) for s in slices}
+        header = UpdateHeader(group=0, step=0, process=0, workers=1, rows=1, workers_per_group=1, wait_s=5)
+        for i in range(2):  # a step: only now does an empty shard mean a lost state
+            await clients[i].update(header, grads if i == first else {}, layout.slice_dtype_shape)
+        with pytest.raises(PsfwError, match=r"lost their state \(restarted without a checkpoint\)"):
+            await sync.settle()
+    finally:
+        for server in servers:
+            await server.stop(0)

@@ -254,7 +254,7 @@ async def train_async(
         if not chief:
             return TrainResult({}, job.steps, float("nan"), {}, reporter.records, None, [dict(s.rpcs) for s in stubs])
         clients = await connect_all(
-            addresses, who="evaluation", local=in_process, timeout_s=t.wait_s, security=security
+            addresses, who="", local=in_process, timeout_s=t.wait_s, security=security
         )
         for client in clients:
             stack.push_async_callback(client.close)

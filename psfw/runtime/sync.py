@@ -75,7 +75,9 @@ class ShardSync:
             # a shard with no slices in the layout (more shards than slices) holds nothing to lose
             held = [len(r.slices) == n for r, n in zip(replies, sizes, strict=True)]
             lost = [i for i, (r, n) in enumerate(zip(replies, sizes, strict=True)) if n and not r.slices]
-            if lost and any(h and n for h, n in zip(held, sizes, strict=True)) and len(epochs) == 1:
+            # before any step, an empty shard is one whose owners' Puts are still on their way
+            trained = any(g.step for r in replies for g in r.groups)
+            if lost and trained and any(h and n for h, n in zip(held, sizes, strict=True)) and len(epochs) == 1:
                 raise PsfwError(
                     f"shards {lost} lost their state (restarted without a checkpoint) while others hold theirs: "
                     "give the shards a shared --checkpoint-dir and set train.checkpoint_every"

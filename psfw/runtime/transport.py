@@ -147,12 +147,13 @@ async def connect_all(
     """A transport per shard (see ``connect``); ``local``: the shard of an address
     that runs in this process, if any; ``shard_slices``: the slices a shard holds,
     to move them through shared memory where it can (None: never). Logs which
-    transports ``who`` uses, once."""
+    transports ``who`` uses, once ('' : not at all)."""
     transports = []
     for i, address in enumerate(addresses):
         slices = shard_slices(i) if shard_slices is not None else None
         transports.append(await connect(address, i, local=local(address), shared_memory=slices, **options))
-    log.info("%s: %s", who, describe_transports(transports))
+    if who:
+        log.info("%s: %s", who, describe_transports(transports))
     return transports
 
 
