@@ -253,9 +253,7 @@ async def train_async(
         )
         if not chief:
             return TrainResult({}, job.steps, float("nan"), {}, reporter.records, None, [dict(s.rpcs) for s in stubs])
-        clients = await connect_all(
-            addresses, who="", local=in_process, timeout_s=t.wait_s, security=security
-        )
+        clients = await connect_all(addresses, who="", local=in_process, timeout_s=t.wait_s, security=security)
         for client in clients:
             stack.push_async_callback(client.close)
         params = await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), t.wait_s)
