@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -82,17 +83,26 @@ def _fresh(head, values: dict[SliceKey, np.ndarray]) -> Fresh:
 PIPELINE_BYTES = 4 << 20  # the request is encoded this much at a time
 
 
-async def _pipelined(items: list, head: pb.UpdateRequest, chunk_bytes: int) -> AsyncIterator[bytes]:
+async def _pipelined(
+    grads: Gradients, expect: Expect, head: pb.UpdateRequest, chunk_bytes: int
+) -> AsyncIterator[bytes]:
     """The Update's messages, encoded in a thread a batch of slices at a time, the
-    next batch while gRPC sends this one."""
+    next batch while gRPC sends this one. The gradients are read in that thread: a
+    sum still to be added up (``psfw.runtime.stub.Sums``) is added up there, so the
+    early slices travel while later ones are still being added up."""
 
-    def encode(batch: list, index: int) -> list[bytes]:
-        chunked = list(encode_chunks(batch, chunk_bytes)) or ([[]] if index == 0 else [])  # the header, always
+    def nbytes(key: SliceKey) -> int:
+        dtype, shape = expect(key)
+        return dtype.itemsize * math.prod(shape)
+
+    def encode(keys: list[SliceKey], index: int) -> list[bytes]:
+        items = [(key, i, grads[(key, i)]) for key, i in keys]
+        chunked = list(encode_chunks(items, chunk_bytes)) or ([[]] if index == 0 else [])  # the header, always
         return [
             UPDATE_REQUEST(Frame(head if index == n == 0 else pb.UpdateRequest(), c)) for n, c in enumerate(chunked)
         ]
 
-    async for message in encoded_ahead(batched(items, lambda item: item[2].nbytes, PIPELINE_BYTES), encode):
+    async for message in encoded_ahead(batched(grads, nbytes, PIPELINE_BYTES), encode):
         yield message
 
 
@@ -274,12 +284,13 @@ class ShardClient:
         """Send one process's gradient sums of a step (``grads``: by slice, every
         slice the shard holds); returns the fresh values, each taken in as it arrives
         while the next one travels (written into ``into`` where it has the slice)."""
-        items = [(key, index, value) for (key, index), value in grads.items()]
         head = update_request(header)
 
         async def attempt() -> Fresh:
             call = self._update(
-                _pipelined(items, head, self.chunk_bytes), timeout=header.wait_s + RPC_MARGIN_S, metadata=self._md
+                _pipelined(grads, expect, head, self.chunk_bytes),
+                timeout=header.wait_s + RPC_MARGIN_S,
+                metadata=self._md,
             )
             assembler = Assembler(expect, into=into)
             reply = None

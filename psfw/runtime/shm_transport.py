@@ -75,6 +75,14 @@ class SharedMemoryClient:
         self._region = None
         return True
 
+    def _fill(self, region: Region, grads: Gradients) -> None:
+        """The gradients into the region's slots (sums that ``gradient_buffers``
+        placed there are added up in place when read, here, off the event loop)."""
+        for key, value in grads.items():
+            slot = region.view(False, self._offsets[key], value.dtype, value.shape)
+            if slot.ctypes.data != value.ctypes.data:  # not the slot gradient_buffers gave
+                np.copyto(slot, value)
+
     def _read(self, region: Region, keys: list[SliceKey], expect: Expect, into) -> dict[SliceKey, np.ndarray]:
         out = {}
         for key in keys:
@@ -125,10 +133,7 @@ class SharedMemoryClient:
         copied into the region first)."""
         region = self._region
         if region is not None:
-            for key, value in grads.items():
-                slot = region.view(False, self._offsets[key], value.dtype, value.shape)
-                if slot.ctypes.data != value.ctypes.data:  # not the view gradient_buffers gave
-                    np.copyto(slot, value)
+            await asyncio.to_thread(self._fill, region, grads)
             try:
                 reply = await self.net.update_shared(update_request(header, shm=region.name), expect)
                 values = await asyncio.to_thread(self._read, region, list(grads), expect, into)

@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -47,7 +47,6 @@ class Contribution:
 # unreachable for longer than the client's retries: re-sync instead of failing.
 RESYNC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
 TIMES = ("compute_s", "wait_s")  # a worker's timings: not metrics of the model
-INLINE_SUM_BYTES = 1 << 20  # gradients this small are added up on the event loop
 
 
 class Stub:
@@ -269,7 +268,7 @@ class Stub:
         fresh, into = ({}, None) if shares else param_buffers(self.layout, self.layout.params)
         started = time.perf_counter()
         grads = [c.grads for c in batch]
-        sums = await self._sums(grads)
+        sums = self._sums(grads)
         self.rpcs["Update"] += len(self.clients)
         waiting = set(range(len(self.clients)))
 
@@ -298,36 +297,20 @@ class Stub:
         self.cache.publish(step + 1, jax.device_put(fresh))
         return comm_s
 
-    async def _sums(self, grads: list[dict[str, np.ndarray]]) -> list[Gradients]:
-        """This process's gradient sum of every slice, per shard: the one place where
-        the workers' gradients are added up. A transport that fuses the sum into the
-        shard's update gets the workers' parts as they are; the others get the sums,
-        written where the transport wants them (a shared region, say)."""
+    def _sums(self, grads: list[dict[str, np.ndarray]]) -> list[Gradients]:
+        """This process's gradient sum of every slice, per shard. A transport that
+        fuses the sum into the shard's update gets the workers' parts as they are;
+        the others get ``Sums``, added up where the transport wants them (a shared
+        region, say) when it first reads them (the gRPC one: in its encoding thread,
+        a batch at a time while the earlier ones travel)."""
         sums: list[Gradients] = []
-        todo: list[tuple[dict, SliceKey, Parts, np.ndarray | None]] = []
         for client, slices in zip(self.clients, self.layout_slices, strict=True):
             parts = {(s.key, s.index): tuple(g[s.key].reshape(-1)[s.start : s.stop] for g in grads) for s in slices}
             if client.capabilities.fuses_sum:
                 sums.append(parts)
-                continue
-            specs = [(key, p[0].dtype, p[0].shape) for key, p in parts.items()]
-            targets = client.gradient_buffers(specs) or {}
-            out: dict[SliceKey, np.ndarray | None] = dict.fromkeys(parts)
-            for key, ps in parts.items():
-                if len(ps) == 1 and key not in targets:
-                    out[key] = ps[0]  # nothing to add: the worker's own view
-                else:
-                    todo.append((out, key, ps, targets.get(key)))
-            sums.append(out)
-
-        def add() -> None:
-            for out, key, ps, target in todo:
-                out[key] = add_up(ps, target)
-
-        if sum(ps[0].nbytes for _, _, ps, _ in todo) <= INLINE_SUM_BYTES:
-            add()  # less than a hop to a thread and back
-        elif todo:
-            await asyncio.to_thread(add)
+            else:
+                specs = [(key, p[0].dtype, p[0].shape) for key, p in parts.items()]
+                sums.append(Sums(parts, client.gradient_buffers(specs) or {}))
         return sums
 
     def _report(self, step: int, batch: list[Contribution], comm_s: float, wall_s: float) -> None:
@@ -359,6 +342,30 @@ def _whole_params(layout: Layout, slices: dict[SliceKey, jax.Array]) -> dict[str
         flat = parts[0] if len(parts) == 1 else jax.numpy.concatenate(parts)
         params[name] = flat.reshape(spec.shape)
     return params
+
+
+class Sums(Mapping[SliceKey, np.ndarray]):
+    """A process's gradient sums by slice, each added up (``add_up``, the one place
+    where a process's workers' gradients are summed) when first read, into
+    ``targets`` where it has the slice. With one worker and no target, a sum is the
+    worker's own view. Reading one slice from one thread at a time is safe."""
+
+    def __init__(self, parts: dict[SliceKey, Parts], targets: dict[SliceKey, np.ndarray]):
+        self._parts, self._targets = parts, targets
+        self._sums: dict[SliceKey, np.ndarray] = {}
+
+    def __getitem__(self, key: SliceKey) -> np.ndarray:
+        done = self._sums.get(key)
+        if done is None:
+            parts, target = self._parts[key], self._targets.get(key)
+            done = self._sums[key] = parts[0] if len(parts) == 1 and target is None else add_up(parts, target)
+        return done
+
+    def __iter__(self) -> Iterator[SliceKey]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
 
 
 def add_up(parts: Parts, out: np.ndarray | None = None) -> np.ndarray:
