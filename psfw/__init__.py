@@ -27,8 +27,9 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names l
     from psfw.jobs.embedded import TrainResult, train, train_async
     from psfw.protocol.errors import ConfigError, PsfwError, ShardError, UsageError
     from psfw.protocol.messages import UpdateHeader
+    from psfw.runtime.connect import connect
     from psfw.runtime.grpc_transport import ShardClient
-    from psfw.runtime.transport import Transport, connect
+    from psfw.runtime.transport import Transport
     from psfw.services.server import ShardServer, serve
     from psfw.tools.cluster import Cluster, format_status
 
@@ -43,7 +44,7 @@ _EXPORTS = {
     "cnn": "psfw.compute.models",
     "ShardServer": "psfw.services.server",
     "serve": "psfw.services.server",
-    "connect": "psfw.runtime.transport",
+    "connect": "psfw.runtime.connect",
     "Transport": "psfw.runtime.transport",
     "ShardClient": "psfw.runtime.grpc_transport",
     "UpdateHeader": "psfw.protocol.messages",

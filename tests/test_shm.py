@@ -13,9 +13,9 @@ from psfw.proto import ps_pb2 as pb
 from psfw.protocol.frames import Frame, frame_deserializer, frame_serializer
 from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.shm import SHM_DIR, Region, host_id, slot_layout
+from psfw.runtime.connect import connect
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.runtime.stub import add_up
-from psfw.runtime.transport import connect
 
 from helpers import SGD
 

@@ -41,10 +41,10 @@ from psfw.jobs.progress import ProgressBar, StepReporter
 from psfw.protocol.errors import ConfigError, UsageError, WireError
 from psfw.protocol.identity import changed, job_identity
 from psfw.protocol.security import NO_SECURITY, Security
+from psfw.runtime.connect import connect_all, shard_ranges
 from psfw.runtime.fetch import fetch_params
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.stub import Stub
-from psfw.runtime.transport import connect_all, shard_ranges
 from psfw.runtime.worker import WorkerSpec, run_worker
 from psfw.services.checkpoint import complete_steps
 from psfw.services.server import ShardServer, in_process

@@ -10,29 +10,24 @@ close):
 - ``ShardClient`` (``psfw.runtime.grpc_transport``): anywhere, over gRPC.
 
 What differs between them that a caller must know is declared in ``Capabilities``;
-nothing outside a transport tests which one it is. ``connect`` picks one per shard,
-once, and says which.
+nothing outside a transport tests which one it is. ``psfw.runtime.connect`` picks one
+per shard, once, and says which.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
-from psfw.protocol.security import NO_SECURITY, Security
 
 if TYPE_CHECKING:
     from psfw.proto import ps_pb2 as pb
     from psfw.protocol.wire import Expect
-    from psfw.runtime.inprocess import LocalShard
-
-log = logging.getLogger("psfw")
 
 Items = Iterable[tuple[str, int, np.ndarray]]  # (parameter, slice index, values)
 SliceSpecs = list[tuple[SliceKey, np.dtype, tuple[int, ...]]]
@@ -104,78 +99,3 @@ class Transport(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-async def connect(
-    address: str,
-    shard: int,
-    *,
-    timeout_s: float = 60.0,
-    retries: int = 5,
-    security: Security = NO_SECURITY,
-    local: LocalShard | None = None,
-    shared_memory: SliceSpecs | None = None,
-) -> Transport:
-    """A transport to the shard at ``address``: in-process when ``local`` (that
-    shard, running in this process) is given; through shared memory when
-    ``shared_memory`` (the slices the shard holds) is given and the shard runs on
-    this host; else over gRPC."""
-    if local is not None:
-        from psfw.runtime.inprocess import InProcessClient
-
-        return InProcessClient(local, shard, timeout_s)
-    from psfw.runtime.grpc_transport import ShardClient
-
-    client = ShardClient(address, shard, timeout_s=timeout_s, retries=retries, security=security)
-    if shared_memory is not None:
-        from psfw.runtime.shm_transport import SharedMemoryClient
-
-        shared = await SharedMemoryClient.attach(client, shared_memory)
-        if shared is not None:
-            return shared
-    return client
-
-
-async def connect_all(
-    addresses: list[str],
-    *,
-    who: str,
-    local: Callable[[str], LocalShard | None] = lambda address: None,
-    shard_slices: Callable[[int], SliceSpecs] | None = None,
-    **options: Any,
-) -> list[Transport]:
-    """A transport per shard (see ``connect``); ``local``: the shard of an address
-    that runs in this process, if any; ``shard_slices``: the slices a shard holds,
-    to move them through shared memory where it can (None: never). Logs which
-    transports ``who`` uses, once ('' : not at all)."""
-    transports = []
-    for i, address in enumerate(addresses):
-        slices = shard_slices(i) if shard_slices is not None else None
-        transports.append(await connect(address, i, local=local(address), shared_memory=slices, **options))
-    if who:
-        log.info("%s: %s", who, describe_transports(transports))
-    return transports
-
-
-def describe_transports(transports: list[Transport]) -> str:
-    """How a stub reaches its shards, per kind: ``shards 0-1 in-process``."""
-    by_kind: dict[str, list[int]] = {}
-    for t in transports:
-        by_kind.setdefault(t.kind, []).append(t.shard)
-    return ", ".join(f"{shard_ranges(shards)} {kind}" for kind, shards in by_kind.items())
-
-
-def shard_ranges(indices: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``shards 0-2, 5``; a scattered set is only counted, so the
-    text stays short for any number of shards."""
-    if len(indices) == 1:
-        return f"shard {indices[0]}"
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    if len(runs) > 3:
-        return f"{len(indices)} shards"
-    return "shards " + ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
