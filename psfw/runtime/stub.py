@@ -33,7 +33,7 @@ from psfw.runtime.transport import Transport
 log = logging.getLogger(__name__)
 
 
-class Contribution:
+class WorkerReport:
     """One worker's report for one step."""
 
     __slots__ = ("worker", "step", "generation", "grads", "rows", "metrics")
@@ -88,7 +88,7 @@ class Stub:
         self.group_metrics: tuple[dict[str, float], int] = ({}, 0)  # the group's, x rows, of the last step
         self.epoch = 0  # the shards' restore count this stub is synced to
         self._loop = asyncio.get_running_loop()
-        self._inbox: asyncio.Queue[Contribution] = asyncio.Queue()
+        self._inbox: asyncio.Queue[WorkerReport] = asyncio.Queue()
         self._puts: asyncio.Queue[dict[str, np.ndarray]] = asyncio.Queue()
         self._wanted: asyncio.Future[dict[int, list[str]]] = self._loop.create_future()
         self.rpcs = {"Put": 0, "Get": 0, "Update": 0}
@@ -140,7 +140,7 @@ class Stub:
         """Report a worker's summed gradients (gradient of the summed loss) for a
         step. Called from the worker's thread (safe from any thread)."""
         self._loop.call_soon_threadsafe(
-            self._inbox.put_nowait, Contribution(worker, step, generation, grads, rows, metrics)
+            self._inbox.put_nowait, WorkerReport(worker, step, generation, grads, rows, metrics)
         )
 
     # -- the coroutine -------------------------------------------------------
@@ -175,9 +175,9 @@ class Stub:
             self.cache.fail(err)
             raise
 
-    async def _collect(self, step: int) -> list[Contribution]:
+    async def _collect(self, step: int) -> list[WorkerReport]:
         self.cache.doing(lambda: f"waiting for its workers' gradients of step {step}")
-        batch: list[Contribution] = []
+        batch: list[WorkerReport] = []
         while len(batch) < len(self.workers):
             c = await self._inbox.get()
             if c.generation != self.cache.generation:
@@ -256,7 +256,7 @@ class Stub:
             self.clients, self.layout, group, step, names, self.wait_s, wait_for_put=True, job=self.fingerprint
         )
 
-    async def _step(self, step: int, batch: list[Contribution]) -> float:
+    async def _step(self, step: int, batch: list[WorkerReport]) -> float:
         rows = sum(c.rows for c in batch)
         # the shards add up every process's metrics x rows: the answer has the group's
         metrics = {k: sum(float(c.metrics[k]) * c.rows for c in batch) for k in batch[0].metrics if k not in TIMES}
@@ -313,7 +313,7 @@ class Stub:
                 sums.append(Sums(parts, client.gradient_buffers(specs) or {}))
         return sums
 
-    def _report(self, step: int, batch: list[Contribution], comm_s: float, wall_s: float) -> None:
+    def _report(self, step: int, batch: list[WorkerReport], comm_s: float, wall_s: float) -> None:
         if self.on_metrics is None:
             return
         rows = sum(c.rows for c in batch)
