@@ -23,6 +23,7 @@ _EXPORTS = {
     "build_optimizer": "psfw.compute.optimizers",
     "check_spec": "psfw.compute.optimizer_schema",
     "make_eval_fn": "psfw.compute.step",
+    "evaluate_in_batches": "psfw.compute.step",
     "make_grad_step": "psfw.compute.step",
 }
 

@@ -26,11 +26,32 @@ class Model(NamedTuple):
     layers: list[Layer]
 
 
+Loss = Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
 def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
-    """Mean softmax cross-entropy and accuracy of integer labels."""
+    """Mean softmax cross-entropy and accuracy of integer labels (of any shape: a
+    sequence's labels are averaged over its positions too)."""
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     accuracy = (jnp.argmax(logits, axis=-1) == labels).mean()
     return loss, {"accuracy": accuracy}
+
+
+def regression_loss(outputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, dict]:
+    """Mean squared error over the rows and target values; no accuracy."""
+    error = outputs.reshape(targets.shape) - targets.astype(outputs.dtype)
+    return jnp.mean(error**2), {}
+
+
+def head_for(classes: int | None, label_shape: tuple[int, ...]) -> tuple[int, Loss, str]:
+    """A classifier's or a regressor's last layer: its width, its loss and the loss's
+    name (net.json): ``classes`` logits, or one output per target value."""
+    if classes is not None:
+        return classes, classification_loss, "softmax_cross_entropy"
+    width = 1
+    for d in label_shape:
+        width *= d
+    return width, regression_loss, "mean_squared_error"
 
 
 def _dense_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Array]:
@@ -41,8 +62,9 @@ def _dense_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Arra
     }
 
 
-def mlp(sizes: Sequence[int]) -> Model:
-    """A ReLU multi-layer perceptron; ``sizes`` = [inputs, hidden..., classes]."""
+def mlp(sizes: Sequence[int], head: Loss = classification_loss, head_name: str = "softmax_cross_entropy") -> Model:
+    """A ReLU multi-layer perceptron; ``sizes`` = [inputs, hidden..., outputs], the
+    outputs scored by ``head`` (see ``head_for``)."""
     sizes = [int(s) for s in sizes]
     if len(sizes) < 2 or min(sizes) < 1:
         raise ValueError(f"mlp sizes must be at least [inputs, classes], got {sizes}")
@@ -53,7 +75,7 @@ def mlp(sizes: Sequence[int]) -> Model:
         return {n: _dense_init(k, a, b) for n, k, a, b in zip(names, keys, sizes, sizes[1:])}
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
-        h = x.reshape(x.shape[0], -1)
+        h = x.reshape(x.shape[0], -1).astype(jnp.float32)
         for i, n in enumerate(names):
             h = h @ params[n]["w"] + params[n]["b"]
             if i < len(names) - 1:
@@ -61,20 +83,26 @@ def mlp(sizes: Sequence[int]) -> Model:
         return h
 
     def loss(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict]:
-        return classification_loss(apply(params, x), y)
+        return head(apply(params, x), y)
 
     layers: list[Layer] = [{"name": "input", "type": "input", "shape": [sizes[0]], "params": []}]
     for i, n in enumerate(names):
         layers.append({"name": n, "type": "dense", "units": sizes[i + 1], "params": [f"{n}/w", f"{n}/b"]})
         if i < len(names) - 1:
             layers.append({"name": f"relu{i}", "type": "relu", "params": []})
-    layers.append({"name": "loss", "type": "softmax_cross_entropy", "params": []})
+    layers.append({"name": "loss", "type": head_name, "params": []})
     return Model(init, loss, layers)
 
 
-def cnn(input_shape: Sequence[int], classes: int, channels: Sequence[int] = (16, 32)) -> Model:
+def cnn(
+    input_shape: Sequence[int],
+    classes: int,
+    channels: Sequence[int] = (16, 32),
+    head: Loss = classification_loss,
+    head_name: str = "softmax_cross_entropy",
+) -> Model:
     """A small convnet for NHWC images: 3x3 conv + ReLU (+ 2x2 average pool between
-    convs), then a dense classifier."""
+    convs), then a dense layer of ``classes`` outputs scored by ``head``."""
     height, width, in_ch = (int(d) for d in input_shape)
     chans = [in_ch, *map(int, channels)]
     conv_names = [f"conv{i}" for i in range(len(chans) - 1)]
@@ -91,7 +119,7 @@ def cnn(input_shape: Sequence[int], classes: int, channels: Sequence[int] = (16,
         return params
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
-        h = x
+        h = x.astype(jnp.float32)
         for i, n in enumerate(conv_names):
             h = jax.lax.conv_general_dilated(
                 h, params[n]["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -103,7 +131,7 @@ def cnn(input_shape: Sequence[int], classes: int, channels: Sequence[int] = (16,
         return h @ params["head"]["w"] + params["head"]["b"]
 
     def loss(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict]:
-        return classification_loss(apply(params, x), y)
+        return head(apply(params, x), y)
 
     layers: list[Layer] = [{"name": "input", "type": "input", "shape": [height, width, in_ch], "params": []}]
     for i, n in enumerate(conv_names):
@@ -111,7 +139,7 @@ def cnn(input_shape: Sequence[int], classes: int, channels: Sequence[int] = (16,
         if i < pools:
             layers.append({"name": f"pool{i}", "type": "avg_pool2x2", "params": []})
     layers.append({"name": "head", "type": "dense", "units": classes, "params": ["head/w", "head/b"]})
-    layers.append({"name": "loss", "type": "softmax_cross_entropy", "params": []})
+    layers.append({"name": "loss", "type": head_name, "params": []})
     return Model(init, loss, layers)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from psfw.compute.models import Params
 
@@ -30,3 +31,20 @@ def make_grad_step(loss: Callable) -> Callable:
 def make_eval_fn(loss: Callable) -> Callable:
     """``evaluate(params, x, y) -> (loss, metrics)``, jitted."""
     return jax.jit(loss)
+
+
+def evaluate_in_batches(evaluate: Callable, params: Params, x, y, batch_size: int) -> tuple[float, dict[str, float]]:
+    """The loss and metrics of ``params`` over all rows of ``x`` and ``y``, computed
+    ``batch_size`` rows at a time (a memory-mapped split is read a batch at a time)
+    and averaged by rows, so the result is the mean over the rows whatever the batch
+    size. ``evaluate`` is ``make_eval_fn``'s function."""
+    rows = len(x)
+    total_loss, totals = 0.0, {}
+    for start in range(0, rows, batch_size):
+        xb, yb = np.asarray(x[start : start + batch_size]), np.asarray(y[start : start + batch_size])
+        loss, metrics = evaluate(params, xb, yb)
+        n = len(xb)
+        total_loss += float(loss) * n
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + float(value) * n
+    return total_loss / rows, {name: value / rows for name, value in totals.items()}

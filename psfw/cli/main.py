@@ -48,9 +48,7 @@ def _train(args: argparse.Namespace) -> int:
         if claimed is not None and not any(claimed.iterdir()):
             claimed.rmdir()  # refused before anything was written: leave nothing behind
         raise
-    acc = result.test_accuracy
-    line = f"test loss {result.test_loss:.4f}" + (f", test accuracy {acc:.4f}" if acc is not None else "")
-    print(f"{line}; {result.steps} steps; outputs in {result.run_dir}")
+    print(f"{result.summary()}; {result.steps} steps; outputs in {result.run_dir}")
     return 0
 
 
@@ -115,8 +113,7 @@ def _worker(args: argparse.Namespace) -> int:
         security=_client_security(args),
     )
     if result.run_dir is not None:
-        acc = result.test_accuracy
-        print(f"test loss {result.test_loss:.4f}" + (f", test accuracy {acc:.4f}" if acc is not None else ""))
+        print(result.summary())
         print(f"outputs in {result.run_dir}")
     return 0
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -39,10 +39,29 @@ class _FieldError(ValueError):
         self.field = field
 
 
+# the keys each model uses, beside name
+MODEL_KEYS = {
+    "mlp": ("hidden",),
+    "cnn": ("channels",),
+    "transformer": ("width", "heads", "depth", "ff"),
+    "custom": ("path", "options"),
+}
+
+
+def _applies(key: str, users: dict[str, tuple[str, ...]], what: str) -> str:
+    """``applies to mlp only``: the problem of a key the chosen entry does not use."""
+    names = [name for name, keys in users.items() if key in keys]
+    return f"applies to {' and '.join(names)} {what} only" if names else "applies to no other choice"
+
+
 class ModelConfig(_Strict):
-    name: Literal["mlp", "cnn", "custom"] = "mlp"
+    name: Literal[tuple(MODEL_KEYS)] = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [128])
     channels: list[int] = Field(default_factory=lambda: [16, 32])
+    width: int = Field(128, ge=1)  # transformer: model width (embedding size)
+    heads: int = Field(4, ge=1)  # transformer: attention heads; width must be a multiple
+    depth: int = Field(2, ge=1)  # transformer: blocks
+    ff: int = Field(4, ge=1)  # transformer: hidden width of the feed-forward part, in widths
     path: str | None = None  # custom: a .py file with init(key) and loss(params, x, y)
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -57,41 +76,77 @@ class ModelConfig(_Strict):
     def _check(self) -> ModelConfig:
         if self.name == "custom" and not self.path:
             raise _FieldError("path", "a custom model needs path = 'file.py' (a file with init and loss)")
+        if self.name == "transformer" and self.width % self.heads:
+            raise _FieldError("width", f"{self.width} must be a multiple of model.heads ({self.heads})")
         # a key the chosen model does not use would be ignored without a word
-        uses = {"mlp": {"hidden"}, "cnn": {"channels"}, "custom": {"path", "options"}}[self.name]
-        for key in sorted(self.model_fields_set - uses - {"name"}):
-            users = " and ".join(n for n, keys in (("mlp", {"hidden"}), ("cnn", {"channels"})) if key in keys)
-            where = f"applies to {users} only" if users else "applies to custom models only (name = 'custom')"
-            raise _FieldError(key, f"{where}, not to {self.name}: drop it")
+        for key in sorted(self.model_fields_set - set(MODEL_KEYS[self.name]) - {"name"}):
+            raise _FieldError(key, f"{_applies(key, MODEL_KEYS, 'models')}, not to {self.name}: drop it")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        """Only the keys of the chosen model (config.json)."""
+        data = handler(self)
+        if self.name != "transformer":  # the other models' keys stay, as earlier runs' config.json holds them
+            for key in MODEL_KEYS["transformer"]:
+                data.pop(key)
+        return data
 
 
 SYNTHETIC_ONLY = ("features", "classes", "train", "test")
+# the keys each source of data uses, beside name (path and module: a user's data)
+DATA_KEYS = {
+    "digits": (),
+    "diabetes": (),
+    "stdlib_text": ("seq_len",),
+    "synthetic": SYNTHETIC_ONLY,
+    "path": ("path", "classes", "test_fraction"),
+    "module": ("module", "options", "classes", "test_fraction"),
+}
 
 
 class DataConfig(_Strict):
-    name: Literal["digits", "synthetic"] = "digits"
-    features: int = Field(784, ge=1)  # synthetic only, as the three below
-    classes: int = Field(10, ge=2)
+    name: Literal["digits", "diabetes", "stdlib_text", "synthetic"] = "digits"
+    path: str | None = None  # an .npz file or a folder of .npy files (relative to the config)
+    module: str | None = None  # a .py file whose load(**options) returns the arrays
+    options: dict[str, Any] = Field(default_factory=dict)  # module: load's keyword arguments
+    classes: int | None = Field(None, ge=2)  # classification labels 0..classes-1; unset: targets
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # path, module: held out when no x_test is given
+    seq_len: int = Field(128, ge=1)  # stdlib_text: bytes per row
+    features: int = Field(784, ge=1)  # synthetic only, as the two below and classes
     train: int = Field(8192, ge=1)
     test: int = Field(1024, ge=1)
 
+    @property
+    def source(self) -> str:
+        """Where the data comes from: ``path``, ``module`` or a shipped set's name."""
+        return "path" if self.path else "module" if self.module else self.name
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.name != "synthetic":
-            for key in SYNTHETIC_ONLY:
-                if key in self.model_fields_set:
-                    raise _FieldError(key, f"applies to the synthetic data set only, not to {self.name}: drop it")
+        if self.path and self.module:
+            raise _FieldError("module", "give data.path or data.module, not both")
+        if self.source in ("path", "module") and "name" in self.model_fields_set:
+            raise _FieldError(self.source, f"give data.name (a shipped set) or data.{self.source}, not both")
+        for key in sorted(self.model_fields_set - set(DATA_KEYS[self.source]) - {"name"}):
+            raise _FieldError(key, f"{_applies(key, DATA_KEYS, 'data')}, not to {self.source}: drop it")
         return self
+
+    @property
+    def classification_classes(self) -> int | None:
+        """The classes the config gives (synthetic: 10 unless set)."""
+        return (self.classes or 10) if self.source == "synthetic" else self.classes
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
         """Only the keys that describe the data set (config.json, the job identity)."""
         data = handler(self)
-        if self.name != "synthetic":
-            for key in SYNTHETIC_ONLY:
-                data.pop(key, None)
-        return data
+        keys = DATA_KEYS[self.source]
+        out = {"name": data["name"]} if self.source == self.name else {}
+        out.update({k: data[k] for k in keys})
+        if self.source == "synthetic":
+            out["classes"] = self.classification_classes
+        return out
 
 
 class _Finite(_Strict):
@@ -140,6 +195,8 @@ class TrainConfig(_Strict):
     steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)  # evaluate on the test split every N steps of group 0 (0: at the end only)
+    eval_batch_size: int = Field(256, ge=1)  # test rows per evaluation call
     wait_s: float = Field(120.0, gt=0)  # longest wait for a group, a Get or a Put
     checkpoint_every: int = Field(0, ge=0)  # consistent shard checkpoints every N steps of group 0 (0: never)
     retries: int = Field(5, ge=0)  # retries of an RPC that found its shard UNAVAILABLE
@@ -160,9 +217,14 @@ class ClusterConfig(_Strict):
     staleness: int | None = Field(None, ge=0)  # None: groups fully asynchronous; k: SSP bound
     warmup_steps: int = Field(0, ge=0)  # group 0 trains alone this long before other groups start
     transport: Literal["auto", "grpc"] = "auto"  # auto: shards in this process are called directly
+    # which local device each worker of a process computes on: "auto" (one each, in
+    # turn, when the process sees several), or indices into jax.local_devices()
+    devices: Literal["auto"] | list[Annotated[int, Field(ge=0)]] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
+        if self.devices == []:
+            raise _FieldError("devices", 'an empty list leaves the workers no device: give indices, or "auto"')
         if self.staleness is not None and self.warmup_steps:
             raise _FieldError(
                 "warmup_steps",

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from psfw.compute.params import unflatten_params
-from psfw.compute.step import make_eval_fn, make_grad_step
+from psfw.compute.step import make_grad_step
 from psfw.jobs.config import Config, load_config
+from psfw.jobs.evaluation import Evaluator, eval_line
 from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import (
     CHECKPOINTS,
@@ -42,6 +42,7 @@ from psfw.protocol.errors import ConfigError, UsageError, WireError
 from psfw.protocol.identity import changed, job_identity
 from psfw.protocol.security import NO_SECURITY, Security
 from psfw.runtime.connect import connect_all, shard_ranges
+from psfw.runtime.devices import describe_devices, worker_devices
 from psfw.runtime.fetch import fetch_params
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.stub import Stub
@@ -62,10 +63,19 @@ class TrainResult:
     run_dir: Path | None = None
     rpcs: list[dict[str, int]] = field(default_factory=list)  # per process: RPCs its stub sent
     shard_addresses: list[str] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # the evaluations during training (eval_every)
+    devices: dict[int, str] = field(default_factory=dict)  # worker -> the device it computed on (run here)
 
     @property
     def test_accuracy(self) -> float | None:
         return self.test_metrics.get("accuracy")
+
+    def summary(self) -> str:
+        """``test loss 0.1165, test accuracy 0.9694``: the final evaluation, every
+        metric the model reports."""
+        shown = [f"test loss {self.test_loss:.4f}"]
+        shown += [f"test {name.replace('_', ' ')} {value:.4f}" for name, value in self.test_metrics.items()]
+        return ", ".join(shown)
 
 
 async def run_job(
@@ -77,6 +87,8 @@ async def run_job(
     security: Security = NO_SECURITY,
     resume: bool = False,
     on_start: Callable[[int, int], None] | None = None,
+    watch: Callable[[int, dict[str, Any]], None] | None = None,
+    devices: dict[int, str] | None = None,
 ) -> list[Stub]:
     """Run worker processes of ``job`` (default: all) in this OS process, each with
     its own stub, cache and channels, against the shards at ``addresses``.
@@ -84,7 +96,10 @@ async def run_job(
     group has advanced there is refused, see ``Stub``).
 
     Process ``p`` is local process ``p % processes_per_group`` of group
-    ``p // processes_per_group`` and runs ``workers_per_process`` workers.
+    ``p // processes_per_group`` and runs ``workers_per_process`` workers, each on
+    its device (``cluster.devices``). ``watch`` sees process 0's every new step
+    (the evaluation); ``devices`` (worker -> device) is filled with where each
+    worker's gradients were computed, as seen on the arrays.
     """
     c, t = job.config.cluster, job.config.train
     total = c.worker_groups * c.processes_per_group
@@ -101,6 +116,10 @@ async def run_job(
     if 0 in processes:  # once per job: the OS process that runs process 0
         _warn_empty_shards(job)
     step_fn = make_grad_step(job.model.loss)
+    try:
+        chosen = worker_devices(c.devices, c.workers_per_process)
+    except ValueError as err:
+        raise job.config.error("cluster.devices", str(err)) from None
     identity = job_identity(job.config, {n: (p.dtype, p.shape) for n, p in job.layout.params.items()})
     stubs: list[Stub] = []
     async with AsyncExitStack() as stack:
@@ -112,6 +131,7 @@ async def run_job(
         async with _first_cause(), asyncio.TaskGroup() as tasks:
             for process in processes:
                 group, local = divmod(process, c.processes_per_group)
+                workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
                 spec = WorkerSpec(
                     layout=job.layout,
                     treedef=job.treedef,
@@ -123,10 +143,13 @@ async def run_job(
                     workers_per_group=c.workers_per_group,
                     executor=executor,
                     wait_s=t.wait_s,
+                    devices={w: d for w, d in zip(workers, chosen) if d is not None},
+                    seen={} if devices is None else devices,
                 )
+                on = describe_devices(workers, chosen)
                 clients = await connect_all(
                     addresses,
-                    who=f"process {process} of group {group}",
+                    who=f"process {process} of group {group}" + (f" ({on})" if on else ""),
                     local=in_process if c.transport == "auto" else lambda address: None,
                     shard_slices=job.layout.slice_specs if c.transport == "auto" else None,
                     timeout_s=t.wait_s,
@@ -136,7 +159,8 @@ async def run_job(
                 for client in clients:
                     stack.push_async_callback(client.close)
                 cache = ParamCache(group, process)
-                workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
+                if process == 0 and watch is not None:
+                    cache.watchers.append(watch)
                 stub = Stub(
                     clients=clients,
                     layout=job.layout,
@@ -242,6 +266,11 @@ async def train_async(
             sinks.append(log_line)
         local = Counter(p // c.processes_per_group for p in processes)
         reporter = StepReporter(dict(local), job.steps, t.log_every, sinks)
+        evaluator = None
+        if chief:  # the evaluation on the test split is process 0's
+            evaluator = Evaluator(job, [eval_line] + ([metrics.write] if metrics is not None else []))
+            stack.callback(evaluator.close)
+        devices: dict[int, str] = {}
         stubs = await run_job(
             job,
             addresses,
@@ -250,26 +279,28 @@ async def train_async(
             security=security,
             resume=resume,
             on_start=metrics.begin if metrics is not None else None,
+            watch=evaluator.watch if evaluator is not None else None,
+            devices=devices,
         )
+        rpcs = [dict(s.rpcs) for s in stubs]
         if not chief:
-            return TrainResult({}, job.steps, float("nan"), {}, reporter.records, None, [dict(s.rpcs) for s in stubs])
+            return TrainResult({}, job.steps, float("nan"), {}, reporter.records, None, rpcs, devices=devices)
         clients = await connect_all(addresses, who="", local=in_process, timeout_s=t.wait_s, security=security)
         for client in clients:
             stack.push_async_callback(client.close)
         params = await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), t.wait_s)
-
-    evaluate = make_eval_fn(job.model.loss)
-    tree = unflatten_params(job.treedef, list(job.layout.params), params)
-    test_loss, test_metrics = await asyncio.to_thread(evaluate, tree, job.data.x_test, job.data.y_test)
+        test_loss, test_metrics = await asyncio.to_thread(evaluator.evaluate, params)
     result = TrainResult(
         params=params,
         steps=job.steps,
-        test_loss=float(test_loss),
-        test_metrics={k: float(v) for k, v in test_metrics.items()},
+        test_loss=test_loss,
+        test_metrics=test_metrics,
         records=reporter.records,
         run_dir=folder,
-        rpcs=[dict(s.rpcs) for s in stubs],
+        rpcs=rpcs,
         shard_addresses=addresses,
+        evals=evaluator.records,
+        devices=devices,
     )
     if folder is not None:
         final = {"final": True, "step": job.steps, "test_loss": result.test_loss}

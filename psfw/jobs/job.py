@@ -10,9 +10,10 @@ import jax
 
 from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset, load_dataset
-from psfw.compute.models import Model, cnn, load_user_model, mlp
+from psfw.compute.models import Model, cnn, head_for, load_user_model, mlp
 from psfw.compute.netgraph import check_layers
 from psfw.compute.params import flatten_params
+from psfw.compute.user_data import check_dataset, load_module, load_path
 from psfw.jobs.config import Config
 from psfw.protocol.layout import Layout, plan_layout
 
@@ -31,22 +32,71 @@ class Job:
         return BatchOrder(len(self.data.x_train), self.config.train.batch_size, self.config.seed, group)
 
 
+def _resolve(config: Config, path: str) -> Path:
+    """A path of the config, relative to the config file's folder."""
+    found = Path(path).expanduser()
+    return found if found.is_absolute() else Path(config.base_dir) / found
+
+
+def load_data(config: Config) -> Dataset:
+    """The config's data set, checked (``check_dataset``); ConfigError naming the
+    config, the field and the file when it cannot train."""
+    d = config.data
+    field = {"path": "data.path", "module": "data.module"}.get(d.source, "data.name")
+    try:
+        if d.source == "path":
+            return load_path(_resolve(config, d.path), d.classes, d.test_fraction, config.seed)
+        if d.source == "module":
+            return load_module(_resolve(config, d.module), d.options, d.classes, d.test_fraction, config.seed)
+        options = {"synthetic": {"features": d.features, "classes": d.classification_classes, "train": d.train,
+                                 "test": d.test, "seed": config.seed},
+                   "stdlib_text": {"seq_len": d.seq_len}}.get(d.name, {})  # fmt: skip
+        data = load_dataset(d.name, image=config.model.name == "cnn", **options)
+        check_dataset(data, d.name)
+        return data
+    except ValueError as err:
+        raise config.error(field, str(err)) from None
+
+
 def build_model(config: Config, data: Dataset) -> Model:
     m = config.model
+    if m.name in ("mlp", "cnn"):
+        if data.classes is None and data.y_train.dtype.kind in "iu":
+            raise config.error(
+                "data.classes",
+                f"the labels are integers ({data.y_train.dtype}) but no classes are given: set data.classes for "
+                "classification, or store float labels to train a regression",
+            )
+        if data.classes is not None and data.label_shape:
+            raise config.error(
+                "model.name",
+                f"{m.name} gives one class per row, but the labels have the shape {list(data.label_shape)} per row: "
+                "use a model for sequences (transformer) or your own",
+            )
+        outputs, head, head_name = head_for(data.classes, data.label_shape)
     if m.name == "mlp":
         features = 1
         for d in data.input_shape:
             features *= d
-        return mlp([features, *m.hidden, data.classes])
+        return mlp([features, *m.hidden, outputs], head, head_name)
     if m.name == "cnn":
         if len(data.input_shape) != 3:
             raise config.error(
-                "model.name", f"cnn needs image data (H, W, C), data.name {config.data.name} has {data.input_shape}"
+                "model.name", f"cnn needs image data (H, W, C), data {config.data.source} has {data.input_shape}"
             )
-        return cnn(data.input_shape, data.classes, m.channels)
-    path = Path(m.path)
-    if not path.is_absolute():
-        path = Path(config.base_dir) / path
+        return cnn(data.input_shape, outputs, m.channels, head, head_name)
+    if m.name == "transformer":
+        if data.classes is None or len(data.input_shape) != 1 or data.label_shape != data.input_shape:
+            raise config.error(
+                "model.name",
+                f"transformer needs token sequences (rows of ids, labelled by the next ids) and data.classes "
+                f"(the vocabulary), but the inputs are {list(data.input_shape)} and the labels "
+                f"{list(data.label_shape)} per row with classes {data.classes}",
+            )
+        from psfw.compute.transformer import transformer_lm
+
+        return transformer_lm(data.classes, data.input_shape[0], m.width, m.heads, m.depth, m.ff)
+    path = _resolve(config, m.path)
     try:
         return load_user_model(path, **m.options)
     except ValueError as err:
@@ -93,20 +143,13 @@ def _check_model(config: Config, model: Model, data: Dataset) -> Any:
 def build_job(config: Config) -> Job:
     """Load the data, build the model and plan the layout; ConfigError (naming the
     config file and the field) when they cannot work together."""
-    d = config.data
-    try:
-        if d.name == "synthetic":
-            data = load_dataset(
-                "synthetic", features=d.features, classes=d.classes, train=d.train, test=d.test, seed=config.seed
-            )
-        else:
-            data = load_dataset(d.name, image=config.model.name == "cnn")
-    except ValueError as err:
-        raise config.error("data.name", str(err)) from None
+    data = load_data(config)
     batch = config.train.batch_size
     if batch > len(data.x_train):
         raise config.error(
-            "train.batch_size", f"{batch} is larger than the {len(data.x_train)} training rows of {d.name}"
+            "train.batch_size",
+            f"{batch} is larger than the {len(data.x_train)} training rows of the data ({config.data.source}): "
+            "lower it, or give more rows",
         )
     model = build_model(config, data)
     shapes_tree = _check_model(config, model, data)

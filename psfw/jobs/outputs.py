@@ -139,8 +139,11 @@ class MetricsLog:
     def _abandoned(self, record: dict[str, Any], group: int, step: int) -> bool:
         if record.get("final"):
             return True
-        of = record.get("group", 0)
-        return (self.groups is not None and of >= self.groups) or (of == group and record.get("step", 0) > step)
+        of, at = record.get("group", 0), record.get("step", 0)
+        # the evaluation of the step it resumes from is made again
+        return (self.groups is not None and of >= self.groups) or (
+            of == group and (at > step or (at == step and record.get("eval")))
+        )
 
     def write(self, record: dict[str, Any]) -> None:
         with self._locked(), self.path.open("a") as f:
@@ -194,9 +197,9 @@ def write_net(run_dir: Path, layers: list[dict[str, Any]], layout: Layout) -> No
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The step records of a run's metrics file (a resumed run appends to it). A line
-    that is not a step record (the last line of a run killed while writing it) is
-    skipped with a warning."""
+    """The step and evaluation records (``"eval": true``) of a run's metrics file (a
+    resumed run appends to it). A line that is not one of those (the last line of a
+    run killed while writing it) is skipped with a warning."""
     if not path.exists():
         return []
     records, bad = [], 0
@@ -218,8 +221,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def write_curves(path: Path, records: list[dict[str, Any]]) -> None:
-    """Loss and accuracy over the steps, one line per group; a failure is logged, as
-    in ``write_net``."""
+    """Training loss over the steps, one line per group, and the test loss of the
+    evaluations beside it; the same for accuracy when the model reports it. A failure
+    is logged, as in ``write_net``."""
     try:
         _plot_curves(path, records)
     except Exception:  # noqa: BLE001 - the run's other outputs are written already
@@ -232,17 +236,27 @@ def _plot_curves(path: Path, records: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    groups = sorted({r.get("group", 0) for r in records})
+    steps = [r for r in records if not r.get("eval")]
+    evals = [r for r in records if r.get("eval")]
+    # accuracy only when the model reports it: a regression's curves are its loss alone
+    accuracy = any("accuracy" in r for r in steps) or any("test_accuracy" in r for r in evals)
+    fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(10 if accuracy else 5.5, 3.6), squeeze=False)
+    ax_loss, ax_acc = axes[0][0], axes[0][1] if accuracy else None
+    groups = sorted({r.get("group", 0) for r in steps})
     for g in groups:
-        rs = [r for r in records if r.get("group", 0) == g]
-        label = f"group {g}" if len(groups) > 1 else "train"
+        rs = [r for r in steps if r.get("group", 0) == g]
+        label = f"train, group {g}" if len(groups) > 1 else "train"
         ax_loss.plot([r["step"] for r in rs], [r["loss"] for r in rs], label=label)
-        if all("accuracy" in r for r in rs):
+        if ax_acc is not None and all("accuracy" in r for r in rs):
             ax_acc.plot([r["step"] for r in rs], [r["accuracy"] for r in rs], label=label)
-    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
-    ax_acc.set(xlabel="step", ylabel="accuracy", title="training accuracy", ylim=(0, 1.02))
-    for ax in (ax_loss, ax_acc):
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["test_loss"] for r in evals], "o-", label="test")
+        if ax_acc is not None and all("test_accuracy" in r for r in evals):
+            ax_acc.plot([r["step"] for r in evals], [r["test_accuracy"] for r in evals], "o-", label="test")
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    if ax_acc is not None:
+        ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -37,6 +37,8 @@ class ParamCache:
         self._changed = threading.Condition()
         self._error: BaseException | None = None
         self._doing = ("starting", time.monotonic())  # what the stub is busy with, and since when
+        # called with (step, values) after each publish and rewind (the evaluation of process 0)
+        self.watchers: list[Callable[[int, dict[str, Any]], None]] = []
 
     def doing(self, what: str | Callable[[], str]) -> None:
         """Note what the stub is busy with (named when a worker's wait runs out); a
@@ -92,6 +94,8 @@ class ParamCache:
         with self._changed:
             self.values, self.step = values, step
             self._changed.notify_all()
+        for watch in self.watchers:
+            watch(step, values)
 
     def rewind(self, step: int, values: dict[str, Any]) -> int:
         """Start a new generation at ``step`` (after a re-sync); returns it."""
@@ -99,7 +103,9 @@ class ParamCache:
             self.values, self.step = values, step
             self.generation += 1
             self._changed.notify_all()
-            return self.generation
+        for watch in self.watchers:
+            watch(step, values)
+        return self.generation
 
     def fail(self, error: BaseException) -> None:
         """Wake every waiting worker with ``error`` (the stub's, or the job's end)."""

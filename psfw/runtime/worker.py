@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -17,6 +17,7 @@ from psfw.compute.datasets import Dataset
 from psfw.compute.params import flatten_params, unflatten_params
 from psfw.protocol.errors import PsfwError, mark_retrieved
 from psfw.protocol.layout import Layout
+from psfw.runtime.devices import device_name
 from psfw.runtime.param_cache import ParamCache, Rewind
 from psfw.runtime.stub import Stub
 
@@ -35,6 +36,8 @@ class WorkerSpec:
     workers_per_group: int
     executor: Executor
     wait_s: float = 120.0
+    devices: dict[int, Any] = field(default_factory=dict)  # worker -> its device (absent: JAX's default)
+    seen: dict[int, str] = field(default_factory=dict)  # worker -> the device its gradients came from
 
 
 def init_owned(init: Callable, seed: int, names: list[str]) -> dict[str, np.ndarray]:
@@ -48,11 +51,17 @@ def init_owned(init: Callable, seed: int, names: list[str]) -> dict[str, np.ndar
     return {n: np.asarray(v) for n, v in jax.jit(owned)(jax.random.PRNGKey(seed)).items()}
 
 
-def _compute(spec: WorkerSpec, values: dict[str, Any], rows: np.ndarray):
-    x, y = spec.data.x_train[rows], spec.data.y_train[rows]  # gathered here, off the event loop
+def _compute(spec: WorkerSpec, worker: int, values: dict[str, Any], rows: np.ndarray):
+    # only these rows are read (a memory-mapped set), here, off the event loop
+    x, y = spec.data.x_train[rows], spec.data.y_train[rows]
     params = unflatten_params(spec.treedef, list(spec.layout.params), values)
+    device = spec.devices.get(worker)
+    if device is not None:  # the step's parameters and rows go to the worker's device, once
+        params, x, y = jax.device_put((params, x, y), device)
     loss, metrics, grads = spec.step_fn(params, x, y)
     flat, _ = flatten_params(grads)
+    if worker not in spec.seen:
+        spec.seen[worker] = ", ".join(sorted(device_name(d) for d in next(iter(flat.values())).devices()))
     out = {n: np.asarray(g) for n, g in flat.items()}  # waits for XLA, off the event loop
     return float(loss), {k: float(v) for k, v in metrics.items()}, out
 
@@ -108,7 +117,7 @@ def train_steps(spec: WorkerSpec, worker: int, stub: Stub, cache: ParamCache, st
             return
         started = time.perf_counter()
         rows = spec.order.worker_indices(step, worker, spec.workers_per_group)
-        loss, metrics, grads = _compute(spec, params, rows)
+        loss, metrics, grads = _compute(spec, worker, params, rows)
         done = time.perf_counter()
         metrics.update(loss=loss, compute_s=done - started, wait_s=started - waited)
         stub.report(step, worker, grads, len(rows), metrics, generation)

@@ -1,0 +1,82 @@
+"""Evaluation on the test split: every ``train.eval_every`` steps of group 0 while
+training goes on, and once at the end.
+
+The process that runs process 0 evaluates. Its parameter cache tells it of every new
+step (``ParamCache.watchers``); at a multiple of ``eval_every`` it hands that step's
+values (immutable arrays, no copy) to a thread of its own, which computes the loss and
+the metrics over the whole test split in batches (``evaluate_in_batches``) while the
+workers train on. Each result is a record ``{"eval": true, "group": 0, "step", "test_loss",
+"test_<metric>"...}`` for the metrics file and the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from psfw.compute.params import unflatten_params
+from psfw.compute.step import evaluate_in_batches, make_eval_fn
+from psfw.jobs.job import Job
+
+log = logging.getLogger("psfw")
+
+
+class Evaluator:
+    """Evaluations of ``job`` on its test split; ``sinks`` take each periodic record."""
+
+    def __init__(self, job: Job, sinks: list[Callable[[dict[str, Any]], None]]):
+        self.job, self.sinks = job, sinks
+        self.every = job.config.train.eval_every
+        self._evaluate = make_eval_fn(job.model.loss)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="psfw-eval")
+        self._lock = threading.Lock()
+        self._steps: set[int] = set()  # steps evaluated or on the way
+        self._pending: list[Future] = []
+        self.records: list[dict[str, Any]] = []
+
+    def evaluate(self, values: dict[str, Any]) -> tuple[float, dict[str, float]]:
+        """Test loss and metrics of the parameter values ``values`` (by name)."""
+        job = self.job
+        tree = unflatten_params(job.treedef, list(job.layout.params), values)
+        batch = job.config.train.eval_batch_size
+        return evaluate_in_batches(self._evaluate, tree, job.data.x_test, job.data.y_test, batch)
+
+    def watch(self, step: int, values: dict[str, Any]) -> None:
+        """A parameter cache's watcher: evaluate ``step`` when it is due (the final
+        step is the end's evaluation)."""
+        if not self.every or step % self.every or step >= self.job.steps:
+            return
+        with self._lock:
+            if step in self._steps:  # a re-sync went back over it
+                return
+            self._steps.add(step)
+            self._pending.append(self._pool.submit(self._record, step, values))
+
+    def _record(self, step: int, values: dict[str, Any]) -> None:
+        try:
+            loss, metrics = self.evaluate(values)
+        except Exception:  # noqa: BLE001 - a failed evaluation must not stop the training
+            log.exception("the evaluation of step %d failed", step)
+            return
+        record: dict[str, Any] = {"eval": True, "group": 0, "step": step, "test_loss": loss}
+        record.update({f"test_{name}": value for name, value in metrics.items()})
+        self.records.append(record)
+        for sink in self.sinks:
+            sink(record)
+
+    def close(self) -> None:
+        """Finish the evaluations on the way, in order."""
+        for future in self._pending:
+            future.result()
+        self._pool.shutdown()
+
+
+def eval_line(record: dict[str, Any]) -> None:
+    """An evaluation's line in the log: ``eval step 100: test loss 0.2311, test accuracy 0.9443``."""
+    shown = ", ".join(
+        f"{name.replace('_', ' ')} {value:.4f}" for name, value in record.items() if name.startswith("test_")
+    )
+    print(f"eval step {record['step']}: {shown}", flush=True)
