@@ -2,9 +2,10 @@
 :class:`Dataset` every source gives.
 
 A data set is four arrays: inputs and labels of the training and the test split.
-They may be numpy arrays, memory-mapped ``.npy`` files or row views of those
-(:class:`Rows`): a worker reads only the rows of its sub-batches (``x_train[rows]``),
-so a set larger than memory trains without a copy of it anywhere.
+They may be numpy arrays, ``.npy`` files read a row at a time
+(``psfw.compute.user_data.NpyFile``) or row views of those (:class:`Rows`): a worker
+reads only the rows of its sub-batches (``x_train[rows]``), so a set larger than
+memory trains without a copy of it anywhere.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 class Rows:
     """The rows ``index`` of ``base``, read only when asked for: ``Rows(x, i)[r]`` is
-    ``x[i[r]]``. The test split of a memory-mapped set is one, so that splitting it
+    ``x[i[r]]``. The splits of a set read from files are views, so that splitting it
     copies nothing."""
 
     def __init__(self, base: Any, index: np.ndarray):
@@ -49,7 +50,7 @@ class Rows:
 
 
 class Dataset(NamedTuple):
-    x_train: Any  # np.ndarray, np.memmap or Rows: anything indexed by row arrays
+    x_train: Any  # np.ndarray, NpyFile or Rows: anything indexed by row arrays
     y_train: Any
     x_test: Any
     y_test: Any
@@ -66,12 +67,12 @@ class Dataset(NamedTuple):
 
 def split(x: Any, y: Any, test_fraction: float, seed: int) -> tuple[Any, Any, Any, Any]:
     """A fixed train/test split of the rows (by ``seed``): ``test_fraction`` of them,
-    at least one, for the test. In-memory arrays are indexed; a memory-mapped one is
-    viewed (:class:`Rows`), never copied."""
+    at least one, for the test. In-memory arrays are indexed; rows read from a file
+    are viewed (:class:`Rows`), never copied."""
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = max(1, int(round(len(x) * test_fraction)))
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
-    if isinstance(x, np.memmap) or isinstance(y, np.memmap):
+    if not (type(x) is np.ndarray and type(y) is np.ndarray):  # files: view them
         return Rows(x, train), Rows(y, train), Rows(x, test), Rows(y, test)
     return x[train], y[train], x[test], y[test]
 
@@ -155,11 +156,10 @@ SHIPPED = ("digits", "diabetes", "stdlib_text", "synthetic")
 
 
 def load_dataset(name: str, image: bool = False, **options: int) -> Dataset:
-    """Load a shipped data set by its config name (one of ``SHIPPED``)."""
+    """Load a shipped data set by its config name (one of ``SHIPPED``); ``image``:
+    the digits as (N, 8, 8, 1) images."""
     if name == "digits":
         return digits(image=image)
-    if image:
-        raise ValueError(f"the {name} data set is not made of images: use the mlp model with it")
     if name == "synthetic":
         return synthetic(**options)
     if name == "diabetes":

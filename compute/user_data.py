@@ -1,5 +1,6 @@
-"""A user's own data set: an ``.npz`` file, a folder of ``.npy`` files (opened
-memory-mapped) or a Python file whose ``load(**options)`` returns the arrays.
+"""A user's own data set: an ``.npz`` file, a folder of ``.npy`` files (read a row
+at a time, never held whole) or a Python file whose ``load(**options)`` returns the
+arrays.
 
 Each gives the arrays ``x_train`` and ``y_train`` and optionally ``x_test`` and
 ``y_test`` (else a fixed ``test_fraction`` of the training rows is held out). Every
@@ -10,6 +11,7 @@ is found before anything trains (``check_dataset``).
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,82 @@ NAMES = ("x_train", "y_train", "x_test", "y_test")
 _CHECK_CHUNK = 1 << 22  # label values read at a time when checking a memory-mapped set
 
 
+class NpyFile:
+    """The rows of an ``.npy`` file, read when asked for: ``f[rows]`` reads just
+    those rows from the file (``os.preadv`` into the result; contiguous rows in one
+    read). Nothing is mapped into the process: a memory-mapped file would count in
+    its resident memory every page it touched, and the kernel maps whole large
+    folios (up to 2 MB) of a file's page cache for each row read at random."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                header = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"{path} is an .npy file of format {version}: save it with numpy.save")
+            self.shape, fortran, self.dtype = header
+            self.offset = f.tell()
+        if fortran and len(self.shape) > 1:
+            raise ValueError(f"{path} is stored in Fortran order: save it in C order (np.ascontiguousarray)")
+        if self.dtype.hasobject:
+            raise ValueError(f"{path} holds objects, which psfw never unpickles: store numeric arrays")
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        size = path.stat().st_size
+        if size < self.offset + self.row_bytes * len(self):
+            raise ValueError(f"{path} is shorter than its header says ({list(self.shape)} {self.dtype}): save it again")
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 0
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(len(self))
+            if step == 1:
+                return self._read(start, max(0, stop - start))
+            rows = np.arange(start, stop, step)
+        index = np.asarray(rows)
+        if index.ndim == 0:
+            return self._read(int(index) % len(self), 1)[0]
+        index = np.where(index < 0, index + len(self), index).astype(np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"rows out of range for {self.path} ({len(self)} rows)")
+        out = np.empty((len(index), *self.shape[1:]), self.dtype)
+        raw = out.reshape(len(index), -1).view(np.uint8)
+        for i, row in enumerate(index.tolist()):
+            self._fill(raw[i], row)
+        return out
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        out = np.empty((count, *self.shape[1:]), self.dtype)
+        if count:
+            self._fill(out.reshape(-1).view(np.uint8), start)
+        return out
+
+    def _fill(self, buffer: np.ndarray, row: int) -> None:
+        if os.preadv(self._fd, [buffer], self.offset + row * self.row_bytes) != buffer.nbytes:
+            raise OSError(f"{self.path} ended before row {row}: was it cut short while training?")
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+
 def load_path(path: Path, classes: int | None, test_fraction: float, seed: int) -> Dataset:
     """The data set in ``path``: an ``.npz`` file (read into memory) or a folder of
-    ``NAME.npy`` files (memory-mapped: only the rows a worker asks for are read)."""
+    ``NAME.npy`` files (``NpyFile``: only the rows a worker asks for are read)."""
     if not path.exists():
         raise ValueError(f"{path} does not exist: give an .npz file or a folder of .npy files")
     if path.is_dir():
@@ -52,10 +127,8 @@ def _npy_folder(path: Path) -> dict[str, Any]:
         if not file.exists():
             continue
         try:
-            arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
-        except ValueError as err:
-            raise ValueError(f"{file} cannot be memory-mapped: {err}") from None
-        except OSError as err:
+            arrays[name] = NpyFile(file)
+        except (OSError, ValueError) as err:
             raise ValueError(f"{file} is not an .npy file numpy can read: {err}") from None
     if not arrays:
         found = sorted(p.name for p in path.iterdir())[:5]
@@ -107,7 +180,7 @@ def from_arrays(arrays: dict[str, Any], where: str, classes: int | None, test_fr
         given, absent = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
         raise ValueError(f"{where} has {given} but no {absent}: give both, or neither to hold out test_fraction")
     for name, array in arrays.items():
-        if not isinstance(array, np.ndarray):
+        if not isinstance(array, np.ndarray | NpyFile):
             raise ValueError(f"{where}: {name} is a {type(array).__name__}, not a numpy array: return numpy arrays")
         if array.dtype.kind not in "biuf" or array.ndim == 0:
             raise ValueError(
@@ -161,11 +234,11 @@ def check_dataset(data: Dataset, where: str) -> None:
 
 
 def _label_range(labels: Any) -> tuple[int, int]:
-    """The smallest and largest label, read a chunk at a time (a memory-mapped set's
-    labels are never all in memory at once)."""
+    """The smallest and largest label, read a chunk at a time (the labels of a folder
+    of ``.npy`` files are never all in memory at once)."""
     low, high = None, None
     flat = labels.reshape(-1) if isinstance(labels, np.ndarray) else None
-    if flat is None:  # a view of rows: read them a chunk of rows at a time
+    if flat is None:  # rows read from a file: a chunk of rows at a time
         step = max(1, _CHECK_CHUNK // max(1, int(np.prod(labels.shape[1:]))))
         chunks = (np.asarray(labels[i : i + step]) for i in range(0, len(labels), step))
     else:

@@ -43,7 +43,7 @@ def test_shipped_examples_validate(examples, name):
         ("[optimizer]\nlearning_rate = inf\n", "optimizer.learning_rate: Input should be a finite number"),
         ("[optimizer]\nname = 'adam'\neps = inf\n", "optimizer.eps: Input should be a finite number"),
         ("[optimizer.schedule]\nname = 'linear'\nend_value = inf\n", "optimizer.schedule.end_value: Input should be"),
-        ("[data]\nfeatures = 10\n", "data.features: applies to the synthetic data set only, not to digits: drop it"),
+        ("[data]\nfeatures = 10\n", "data.features: applies to synthetic data only, not to digits: drop it"),
         (
             "[optimizer.schedule]\nname = 'warmup_cosine'\nsteps = 100\nwarmup_steps = 500\n",
             "optimizer.schedule.warmup_steps: 500 must be below optimizer.schedule.steps (100)",
@@ -82,7 +82,7 @@ SYNTHETIC = "[data]\nname = 'synthetic'\nfeatures = 4\ntrain = 10\ntest = 4\n"
             "model.name: cnn needs image data (H, W, C), data.name synthetic",
         ),
         ("[model]\nname = 'custom'\npath = 'absent.py'\n", "model.path: model file "),
-        (SYNTHETIC, "train.batch_size: 64 is larger than the 10 training rows of synthetic"),
+        (SYNTHETIC, "train.batch_size: 64 is larger than the 10 training rows of data.name synthetic"),
         (
             "[train]\nsteps = 3\n[cluster]\nworker_groups = 2\nwarmup_steps = 3\n",
             "cluster.warmup_steps: 3 warmup steps leave nothing of the 3 steps",

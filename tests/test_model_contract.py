@@ -65,8 +65,8 @@ def test_a_model_that_breaks_its_contract_is_one_config_error(tmp_path, case):
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("[model]\nname = 'cnn'\nhidden = [64]\n", "model.hidden: applies to mlp only, not to cnn: drop it"),
-        ("[model]\nchannels = [8]\n", "model.channels: applies to cnn only, not to mlp: drop it"),
+        ("[model]\nname = 'cnn'\nhidden = [64]\n", "model.hidden: applies to mlp models only, not to cnn: drop it"),
+        ("[model]\nchannels = [8]\n", "model.channels: applies to cnn models only, not to mlp: drop it"),
         ("[model]\noptions = {a = 1}\n", "model.options: applies to custom models only"),
     ],
 )

@@ -51,7 +51,10 @@ MODEL_KEYS = {
 def _applies(key: str, users: dict[str, tuple[str, ...]], what: str) -> str:
     """``applies to mlp only``: the problem of a key the chosen entry does not use."""
     names = [name for name, keys in users.items() if key in keys]
-    return f"applies to {' and '.join(names)} {what} only" if names else "applies to no other choice"
+    if not names:
+        return "applies to no other choice"
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"applies to {listed} {what} only"
 
 
 class ModelConfig(_Strict):

@@ -38,6 +38,12 @@ def _resolve(config: Config, path: str) -> Path:
     return found if found.is_absolute() else Path(config.base_dir) / found
 
 
+def _data_named(config: Config) -> str:
+    """``data.name digits``, ``data.path big``: the data, as the config names it."""
+    d = config.data
+    return f"data.{d.source} {getattr(d, d.source)}" if d.source in ("path", "module") else f"data.name {d.name}"
+
+
 def load_data(config: Config) -> Dataset:
     """The config's data set, checked (``check_dataset``); ConfigError naming the
     config, the field and the file when it cannot train."""
@@ -51,7 +57,8 @@ def load_data(config: Config) -> Dataset:
         options = {"synthetic": {"features": d.features, "classes": d.classification_classes, "train": d.train,
                                  "test": d.test, "seed": config.seed},
                    "stdlib_text": {"seq_len": d.seq_len}}.get(d.name, {})  # fmt: skip
-        data = load_dataset(d.name, image=config.model.name == "cnn", **options)
+        image = d.name == "digits" and config.model.name == "cnn"  # digits come as 8x8 images too
+        data = load_dataset(d.name, image=image, **options)
         check_dataset(data, d.name)
         return data
     except ValueError as err:
@@ -82,7 +89,7 @@ def build_model(config: Config, data: Dataset) -> Model:
     if m.name == "cnn":
         if len(data.input_shape) != 3:
             raise config.error(
-                "model.name", f"cnn needs image data (H, W, C), data {config.data.source} has {data.input_shape}"
+                "model.name", f"cnn needs image data (H, W, C), {_data_named(config)} has {data.input_shape}"
             )
         return cnn(data.input_shape, outputs, m.channels, head, head_name)
     if m.name == "transformer":
@@ -148,7 +155,7 @@ def build_job(config: Config) -> Job:
     if batch > len(data.x_train):
         raise config.error(
             "train.batch_size",
-            f"{batch} is larger than the {len(data.x_train)} training rows of the data ({config.data.source}): "
+            f"{batch} is larger than the {len(data.x_train)} training rows of {_data_named(config)}: "
             "lower it, or give more rows",
         )
     model = build_model(config, data)
