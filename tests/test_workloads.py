@@ -12,7 +12,7 @@ import pytest
 from psfw.compute.datasets import Rows
 from psfw.compute.step import evaluate_in_batches, make_eval_fn
 from psfw.compute.user_data import NpyFile
-from psfw.jobs.config import parse_config
+from psfw.jobs.config import load_config, parse_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.job import build_job
 from psfw.jobs.outputs import read_records
@@ -127,9 +127,8 @@ BAD_DATA = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_DATA))
-def test_bad_data_is_one_line_naming_the_file_and_the_field_before_anything_runs(case, tmp_path):
-    data, arrays, expected = BAD_DATA[case]
+def write_bad_case(case: str, tmp_path) -> None:
+    data, arrays, _ = BAD_DATA[case]
     rng = np.random.default_rng(0)
     values = {
         "x": rng.normal(size=(100, 4)).astype(np.float32),
@@ -142,6 +141,20 @@ def test_bad_data_is_one_line_naming_the_file_and_the_field_before_anything_runs
     elif arrays:
         np.savez(tmp_path / "d.npz", **{k: eval(v, {}, values) for k, v in arrays.items()})  # noqa: S307
     (tmp_path / "job.toml").write_text(_toml(config_of(data, tmp_path)))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_is_one_line_naming_the_file_and_the_field(case, tmp_path):
+    write_bad_case(case, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        build_job(load_config(tmp_path / "job.toml"))
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'job.toml'}: ") and "\n" not in message
+    assert BAD_DATA[case][2].replace("{tmp}", str(tmp_path)) in message
+
+
+def test_psfw_train_refuses_bad_data_in_one_line_before_anything_is_written(tmp_path):
+    write_bad_case("label out of range", tmp_path)
     run = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "psfw.cli", "train", str(tmp_path / "job.toml"), "--run-dir", str(run)],
@@ -152,8 +165,7 @@ def test_bad_data_is_one_line_naming_the_file_and_the_field_before_anything_runs
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert lines[0].startswith(f"psfw: config error: {tmp_path / 'job.toml'}: ")
-    assert expected.replace("{tmp}", str(tmp_path)) in lines[0]
+    assert lines[0].startswith(f"psfw: config error: {tmp_path / 'job.toml'}: data.path: {tmp_path / 'd.npz'}: ")
     assert not run.exists(), "a refused job writes nothing"
 
 
@@ -279,7 +291,7 @@ async def test_a_resumed_run_evaluates_each_step_once(tmp_path):
 FORCED_DEVICES = """
 import asyncio, json, logging, sys
 import jax
-from psfw.jobs.config import parse_config
+from psfw.jobs.config import load_config, parse_config
 from psfw.jobs.embedded import train_async
 sys.path.insert(0, {tests!r})
 from helpers import reference

@@ -29,6 +29,7 @@ from psfw.jobs.embedded import run_job
 from psfw.jobs.job import build_job
 from psfw.jobs.progress import StepReporter
 from psfw.jobs.shard_processes import shard_processes
+from psfw.runtime.devices import device_name
 from psfw.services.server import ShardServer
 from psfw.tools.transfer_bench import MIN_MEMORY_BYTES, MIN_TRANSFER_BYTES, run_memory, run_scale, run_transfer
 
@@ -185,7 +186,7 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
     for key in ("embedded", "separate_processes", "grpc"):
         # the share of what data parallelism allows on this machine: comparable across machines
         figures[f"{key}_of_bound"] = best[key] / best["data_parallel_bound"]
-    figures.update(path=path, rounds=rounds)
+    figures.update(path=path, rounds=rounds, devices=[device_name(d) for d in jax.local_devices()])
     return figures
 
 
@@ -249,7 +250,7 @@ def main(args: argparse.Namespace) -> int:
     if "single_process" in figures:
         print(
             f"benchmark MLP 784-1024-1024-10, float32, batch 256, SGD; 1 group x 2 workers, 2 shards "
-            f"(path: {figures['path']}; best of {figures['rounds']} rounds)"
+            f"(path: {figures['path']}; best of {figures['rounds']} rounds; devices {', '.join(figures['devices'])})"
         )
         print(f"  single-process JAX      {figures['single_process']:10,.0f} samples/s  (reference)")
         for key, label in (
