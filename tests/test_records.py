@@ -14,7 +14,7 @@ from psfw.jobs.outputs import read_records
 PSFW = [sys.executable, "-m", "psfw.cli"]
 
 
-def write_config(path, groups: int):
+def write_config(path, groups: int, eval_every: int = 0):
     path.write_text(
         f"""
 seed = 4
@@ -24,6 +24,7 @@ hidden = [32]
 batch_size = 40
 steps = 12
 log_every = 4
+eval_every = {eval_every}
 wait_s = 60
 [optimizer]
 name = "sgd"
@@ -49,16 +50,32 @@ def launch(config_path, run_dir) -> None:
 @pytest.mark.asyncio
 async def test_launch_records_the_groups_loss_as_the_embedded_run_does(tmp_path):
     """One group of two worker processes: each process holds half the batch, the
-    record holds the whole group's loss."""
-    config_path = write_config(tmp_path / "job.toml", groups=1)
+    record holds the whole group's loss; process 0 evaluates the test split while
+    it trains, on the parameters the embedded run evaluated."""
+    config_path = write_config(tmp_path / "job.toml", groups=1, eval_every=5)
     await train_async(load_config(config_path), tmp_path / "embedded", progress=False)
     launch(config_path, tmp_path / "launched")
     embedded = read_records(tmp_path / "embedded" / "metrics.jsonl")
     launched = read_records(tmp_path / "launched" / "metrics.jsonl")
-    assert [r["step"] for r in launched] == [r["step"] for r in embedded] == [4, 8, 12]
-    for ours, theirs in zip(launched, embedded, strict=True):
-        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
-        assert ours["accuracy"] == pytest.approx(theirs["accuracy"], abs=1e-6)
+    steps = [(r["step"], r.get("eval", False)) for r in embedded]
+    assert sorted(steps) == [(0, True), (4, False), (5, True), (8, False), (10, True), (12, False)]
+    by_step = {(r["step"], r.get("eval", False)): r for r in embedded}
+    assert sorted(by_step) == sorted((r["step"], r.get("eval", False)) for r in launched)
+    for ours in launched:
+        theirs = by_step[ours["step"], ours.get("eval", False)]
+        assert set(ours) - {"samples_per_s", "compute_s", "comm_s", "wait_s", "wall_s"} == set(theirs) - {
+            "samples_per_s",
+            "compute_s",
+            "comm_s",
+            "wait_s",
+            "wall_s",
+        }
+        for key in ("loss", "test_loss"):
+            if key in ours:
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-5)
+        for key in ("accuracy", "test_accuracy"):
+            if key in ours:
+                assert ours[key] == pytest.approx(theirs[key], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -79,8 +79,8 @@ class ProgressBar:
             TextColumn("[bold]psfw[/]"),
             BarColumn(bar_width=16),
             TextColumn(
-                "step {task.completed}/{task.total}{task.fields[spread]}  loss {task.fields[loss]:.4f}  "
-                "acc {task.fields[accuracy]:.3f}  {task.fields[rate]:,.0f}/s  [dim]compute {task.fields[compute]:.1f}"
+                "step {task.completed}/{task.total}{task.fields[spread]}  loss {task.fields[loss]:.4f}"
+                "{task.fields[accuracy]}  {task.fields[rate]:,.0f}/s  [dim]compute {task.fields[compute]:.1f}"
                 " / comm {task.fields[comm]:.1f} / wait {task.fields[wait]:.1f} ms[/]"
             ),
             TimeRemainingColumn(),
@@ -90,7 +90,7 @@ class ProgressBar:
             "train",
             total=steps,
             loss=float("nan"),
-            accuracy=float("nan"),
+            accuracy="",
             rate=0.0,
             compute=0.0,
             comm=0.0,
@@ -114,7 +114,8 @@ class ProgressBar:
             completed=slowest,
             spread=f" ({len(self._steps)} groups, spread {fastest - slowest})" if len(self._steps) > 1 else "",
             loss=record["loss"],
-            accuracy=record.get("accuracy", float("nan")),
+            # accuracy only when the model reports it (a regression has none)
+            accuracy=f"  acc {record['accuracy']:.3f}" if "accuracy" in record else "",
             rate=record["samples_per_s"],
             compute=record["compute_s"] * 1e3,
             comm=record["comm_s"] * 1e3,
