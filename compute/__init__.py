@@ -20,6 +20,8 @@ _EXPORTS = {
     "cnn": "psfw.compute.models",
     "load_user_model": "psfw.compute.models",
     "mlp": "psfw.compute.models",
+    "transformer_lm": "psfw.compute.transformer",
+    "NpyFile": "psfw.compute.user_data",
     "build_optimizer": "psfw.compute.optimizers",
     "check_spec": "psfw.compute.optimizer_schema",
     "make_eval_fn": "psfw.compute.step",

@@ -341,3 +341,33 @@ def test_a_device_the_process_does_not_see_is_refused():
 
     with pytest.raises(ConfigError, match=r"^job.toml: cluster.devices: device 7 does not exist: this process sees 1"):
         asyncio.run(train_async(config, progress=False, outputs=False))
+
+
+@pytest.mark.asyncio
+async def test_a_users_model_may_return_any_metrics_and_each_is_recorded_and_evaluated(tmp_path):
+    (tmp_path / "reg.py").write_text(
+        "import jax, jax.numpy as jnp\n"
+        "def init(key):\n"
+        "    return {'w': jax.random.normal(key, (10,)) * 0.1, 'b': jnp.zeros(())}\n"
+        "def loss(params, x, y):\n"
+        "    error = x @ params['w'] + params['b'] - y\n"
+        "    return jnp.mean(error ** 2), {'mae': jnp.mean(jnp.abs(error)), 'worst': jnp.max(jnp.abs(error))}\n"
+    )
+    config = parse_config(
+        {
+            "model": {"name": "custom", "path": "reg.py"},
+            "data": {"name": "diabetes"},
+            "train": {"batch_size": 32, "steps": 20, "log_every": 5, "eval_every": 10},
+            "optimizer": {"name": "sgd", "learning_rate": 0.05},
+            "cluster": {"workers_per_group": 2, "workers_per_process": 2, "servers": 1},
+        },
+        "job.toml",
+        str(tmp_path),
+    )
+    result = await train_async(config, tmp_path / "run", progress=False)
+    assert set(result.test_metrics) == {"mae", "worst"}
+    assert all({"mae", "worst"} <= set(r) and "accuracy" not in r for r in result.records)
+    assert [sorted(r) for r in result.evals] == [["eval", "group", "step", "test_loss", "test_mae", "test_worst"]] * 2
+    final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["test_mae"] == pytest.approx(result.test_metrics["mae"]) and "test_accuracy" not in final
+    assert result.test_loss < result.evals[0]["test_loss"]

@@ -54,9 +54,12 @@ def load_data(config: Config) -> Dataset:
             return load_path(_resolve(config, d.path), d.classes, d.test_fraction, config.seed)
         if d.source == "module":
             return load_module(_resolve(config, d.module), d.options, d.classes, d.test_fraction, config.seed)
-        options = {"synthetic": {"features": d.features, "classes": d.classification_classes, "train": d.train,
-                                 "test": d.test, "seed": config.seed},
-                   "stdlib_text": {"seq_len": d.seq_len}}.get(d.name, {})  # fmt: skip
+        options: dict[str, Any] = {}
+        if d.name == "synthetic":
+            options = dict(features=d.features, classes=d.classification_classes, train=d.train, test=d.test)
+            options["seed"] = config.seed
+        elif d.name == "stdlib_text":
+            options["seq_len"] = d.seq_len
         image = d.name == "digits" and config.model.name == "cnn"  # digits come as 8x8 images too
         data = load_dataset(d.name, image=image, **options)
         check_dataset(data, d.name)
