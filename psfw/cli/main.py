@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import signal
 import sys
 import threading
 
+from psfw.cli import commands
 from psfw.cli.arguments import (
     Parser,
     env,
@@ -18,71 +18,10 @@ from psfw.cli.arguments import (
     positive_number,
     positive_seconds,
     seconds,
-    shard_addresses,
     switch,
 )
 from psfw.protocol.console import say
 from psfw.protocol.errors import ConfigError, PsfwError, UsageError
-
-
-def _train(args: argparse.Namespace) -> int:
-    import shlex
-    from pathlib import Path
-
-    from psfw.jobs.config import load_config
-    from psfw.jobs.embedded import train
-    from psfw.jobs.outputs import CHECKPOINTS, new_run_dir, resume_hint
-
-    config = load_config(args.config)
-    if args.resume and not args.run_dir:
-        raise UsageError("--resume needs the --run-dir of the run to continue")
-    claimed = None if args.run_dir else new_run_dir()  # made at once: two runs never take the same
-    run_dir = Path(args.run_dir) if args.run_dir else claimed
-    command = f"psfw train {shlex.quote(args.config)} --run-dir {shlex.quote(str(run_dir))} --resume"
-    args.on_interrupt = lambda: resume_hint(command, run_dir / CHECKPOINTS, config.cluster.servers)
-    try:
-        result = train(
-            config, run_dir, progress=not args.no_progress, resume=args.resume, change_optimizer=args.change_optimizer
-        )
-    except BaseException:
-        if claimed is not None and not any(claimed.iterdir()):
-            claimed.rmdir()  # refused before anything was written: leave nothing behind
-        raise
-    print(f"{result.summary()}; {result.steps} steps; outputs in {result.run_dir}")
-    return 0
-
-
-def _server(args: argparse.Namespace) -> int:
-    from psfw.protocol.security import Security
-    from psfw.services.server import serve
-
-    try:
-        listen_address(args.listen)
-        asyncio.run(
-            serve(
-                args.shard,
-                args.of,
-                args.listen,
-                grace=args.grace,
-                drain=args.drain,
-                metrics_port=args.metrics_port,
-                nonfinite=args.nonfinite,
-                insecure=args.insecure,
-                checkpoint_dir=args.checkpoint_dir,
-                ready_file=args.ready_file,
-                security=Security.from_files(args.tls_cert, args.tls_key, args.tls_client_ca, args.token_file),
-            )
-        )
-    except (PermissionError, OSError, ValueError) as err:
-        say(f"psfw server: {err}")
-        return 2
-    return 0
-
-
-def _client_security(args: argparse.Namespace):
-    from psfw.protocol.security import Security
-
-    return Security.from_files(args.tls_cert, args.tls_key, args.tls_ca, args.token_file)
 
 
 def _add_client_security(p: argparse.ArgumentParser) -> None:
@@ -92,108 +31,6 @@ def _add_client_security(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", default=env("TLS_CERT"), help="this client's certificate, for mutual TLS")
     p.add_argument("--tls-key", default=env("TLS_KEY"), help="this client's private key, for mutual TLS")
     p.add_argument("--token-file", default=env("TOKEN_FILE"), help="file holding the bearer token")
-
-
-def _worker(args: argparse.Namespace) -> int:
-    from psfw.jobs.config import load_config
-    from psfw.jobs.embedded import train
-
-    servers = shard_addresses(args.servers)
-    if not servers:
-        raise UsageError("give the running shards' addresses with --servers (or PSFW_SERVERS): host:port, ...")
-    config = load_config(args.config)
-    args.on_interrupt = lambda: "to continue, run the same command with --resume"
-    result = train(
-        config,
-        args.run_dir,
-        progress=False,
-        servers=servers,
-        processes=[args.process],
-        resume=args.resume,
-        security=_client_security(args),
-    )
-    if result.run_dir is not None:
-        print(result.summary())
-        print(f"outputs in {result.run_dir}")
-    return 0
-
-
-def _launch(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from psfw.jobs.config import load_config
-    from psfw.jobs.outputs import new_run_dir
-    from psfw.jobs.supervisor import launch
-
-    config = load_config(args.config)
-    if args.resume and not args.run_dir:
-        raise UsageError("--resume needs the --run-dir of the run to continue")
-    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir()
-    return asyncio.run(launch(Path(args.config), config, run_dir, resume=args.resume))
-
-
-def _status(args: argparse.Namespace) -> int:
-    from psfw.tools.cluster import Cluster, format_status
-
-    async def show() -> None:
-        addresses = shard_addresses(args.servers)
-        async with Cluster(addresses, security=_client_security(args)) as cluster:
-            print(format_status(await cluster.status(args.interval)))
-
-    asyncio.run(show())
-    return 0
-
-
-def _health(args: argparse.Namespace) -> int:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from psfw.protocol.security import link_problem
-
-    shard_addresses(args.address)  # one host:port
-    security = _client_security(args)
-    if args.local:
-        credentials, options = security.probe_credentials()
-    else:
-        credentials, options = security.channel_credentials(), []
-    if credentials is None:
-        channel = grpc.insecure_channel(args.address, options)
-    else:
-        channel = grpc.secure_channel(args.address, credentials, options)
-    with channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
-        except grpc.RpcError as err:
-            link = link_problem(err.details() or "", security) if err.code() == grpc.StatusCode.UNAVAILABLE else None
-            said = f"cannot connect: {link.cause}" if link and link.kind else err.details()
-            print(f"{args.address}: {err.code().name}: {said}")
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{args.address}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
-
-
-def _loadtest(args: argparse.Namespace) -> int:
-    import json
-
-    from psfw.tools.loadtest import load_test
-
-    figures = load_test(args.groups, args.seconds, args.mb)
-    print(json.dumps(figures, indent=None if args.json else 1))
-    ok = not figures["errors"] and not figures["lost"] and not figures["doubled"] and figures["values_consistent"]
-    return 0 if ok else 1
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from psfw.tools.bench import main as bench_main
-
-    try:
-        return bench_main(args)
-    except ValueError as err:  # a flag it cannot use (a size, a count): say which
-        say(f"psfw bench: {err}")
-        return 2
 
 
 def parser() -> argparse.ArgumentParser:
@@ -212,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
         help="with --resume: go on with the config's new optimizer settings (a lower learning rate, say), keeping "
         "the optimizer state; recorded in history.jsonl with the step",
     )
-    t.set_defaults(run=_train)
+    t.set_defaults(run=commands.run_train)
 
     s = sub.add_parser(
         "server",
@@ -270,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
         default=env("INSECURE", switch, False),
         help="allow a non-loopback address without TLS (a token alone would cross the network in clear)",
     )
-    s.set_defaults(run=_server)
+    s.set_defaults(run=commands.run_server)
 
     w = sub.add_parser("worker", help="run one worker process of a cluster against running shards")
     w.add_argument("config", help="the job's TOML config (the same for every process)")
@@ -287,13 +124,13 @@ def parser() -> argparse.ArgumentParser:
         "whose group has advanced on the shards is refused)",
     )
     _add_client_security(w)
-    w.set_defaults(run=_worker)
+    w.set_defaults(run=commands.run_worker)
 
     la = sub.add_parser("launch", help="run the shards and worker processes of a config as OS processes here")
     la.add_argument("config", help="TOML config")
     la.add_argument("--run-dir", help="folder for the outputs (default: a new folder under runs/)")
     la.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
-    la.set_defaults(run=_launch)
+    la.set_defaults(run=commands.run_launch)
 
     st = sub.add_parser("status", help="a running cluster's shards: keys, bytes, versions, groups, update rate")
     st.add_argument("servers", help="shard addresses host:port, comma-separated")
@@ -301,7 +138,7 @@ def parser() -> argparse.ArgumentParser:
         "--interval", type=seconds, default=1.0, help="seconds over which to measure the update rate (0: no rate)"
     )
     _add_client_security(st)
-    st.set_defaults(run=_status)
+    st.set_defaults(run=commands.run_status)
 
     h = sub.add_parser("health", help="probe a shard's gRPC health service (exit 0 when SERVING)")
     h.add_argument("address", help="host:port of the shard")
@@ -316,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
         "certificates",
     )
     _add_client_security(h)
-    h.set_defaults(run=_health)
+    h.set_defaults(run=commands.run_health)
 
     lt = sub.add_parser(
         "loadtest", help="concurrent streams against 2 shard processes: errors, lost/doubled updates, RSS"
@@ -327,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
     lt.add_argument("--seconds", type=positive_seconds, default=10.0, help="how long to send")
     lt.add_argument("--mb", type=positive_number("MB"), default=1.0, help="MB of values per shard")
     lt.add_argument("--json", action="store_true", help="one line of JSON")
-    lt.set_defaults(run=_loadtest)
+    lt.set_defaults(run=commands.run_loadtest)
 
     b = sub.add_parser("bench", help="samples/s of psfw against single-process JAX")
     b.add_argument("--json", action="store_true", help="print one JSON object")
@@ -338,7 +175,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--transfer", metavar="SIZE", help="push + pull of a model of SIZE (e.g. 256MiB): GB/s each way")
     b.add_argument("--scale", action="store_true", help="updates/s of simulated stubs against 1, 2 and 4 shards")
     b.add_argument("--memory", metavar="SIZE", help="train a model of SIZE (e.g. 1GiB): shard peak RSS vs values")
-    b.set_defaults(run=_bench)
+    b.set_defaults(run=commands.run_bench)
     return p
 
 

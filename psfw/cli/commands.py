@@ -1,0 +1,172 @@
+"""What each ``psfw`` command does, once its flags are parsed (``psfw.cli.main``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from psfw.cli.arguments import listen_address, shard_addresses
+from psfw.protocol.console import say
+from psfw.protocol.errors import UsageError
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from psfw.jobs.config import load_config
+    from psfw.jobs.embedded import train
+    from psfw.jobs.outputs import CHECKPOINTS, new_run_dir, resume_hint
+
+    config = load_config(args.config)
+    if args.resume and not args.run_dir:
+        raise UsageError("--resume needs the --run-dir of the run to continue")
+    claimed = None if args.run_dir else new_run_dir()  # made at once: two runs never take the same
+    run_dir = Path(args.run_dir) if args.run_dir else claimed
+    command = f"psfw train {shlex.quote(args.config)} --run-dir {shlex.quote(str(run_dir))} --resume"
+    args.on_interrupt = lambda: resume_hint(command, run_dir / CHECKPOINTS, config.cluster.servers)
+    try:
+        result = train(
+            config, run_dir, progress=not args.no_progress, resume=args.resume, change_optimizer=args.change_optimizer
+        )
+    except BaseException:
+        if claimed is not None and not any(claimed.iterdir()):
+            claimed.rmdir()  # refused before anything was written: leave nothing behind
+        raise
+    print(f"{result.summary()}; {result.steps} steps; outputs in {result.run_dir}")
+    return 0
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from psfw.protocol.security import Security
+    from psfw.services.server import serve
+
+    try:
+        listen_address(args.listen)
+        asyncio.run(
+            serve(
+                args.shard,
+                args.of,
+                args.listen,
+                grace=args.grace,
+                drain=args.drain,
+                metrics_port=args.metrics_port,
+                nonfinite=args.nonfinite,
+                insecure=args.insecure,
+                checkpoint_dir=args.checkpoint_dir,
+                ready_file=args.ready_file,
+                security=Security.from_files(args.tls_cert, args.tls_key, args.tls_client_ca, args.token_file),
+            )
+        )
+    except (PermissionError, OSError, ValueError) as err:
+        say(f"psfw server: {err}")
+        return 2
+    return 0
+
+
+def _client_security(args: argparse.Namespace):
+    from psfw.protocol.security import Security
+
+    return Security.from_files(args.tls_cert, args.tls_key, args.tls_ca, args.token_file)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from psfw.jobs.config import load_config
+    from psfw.jobs.embedded import train
+
+    servers = shard_addresses(args.servers)
+    if not servers:
+        raise UsageError("give the running shards' addresses with --servers (or PSFW_SERVERS): host:port, ...")
+    config = load_config(args.config)
+    args.on_interrupt = lambda: "to continue, run the same command with --resume"
+    result = train(
+        config,
+        args.run_dir,
+        progress=False,
+        servers=servers,
+        processes=[args.process],
+        resume=args.resume,
+        security=_client_security(args),
+    )
+    if result.run_dir is not None:
+        print(result.summary())
+        print(f"outputs in {result.run_dir}")
+    return 0
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from psfw.jobs.config import load_config
+    from psfw.jobs.outputs import new_run_dir
+    from psfw.jobs.supervisor import launch
+
+    config = load_config(args.config)
+    if args.resume and not args.run_dir:
+        raise UsageError("--resume needs the --run-dir of the run to continue")
+    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir()
+    return asyncio.run(launch(Path(args.config), config, run_dir, resume=args.resume))
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from psfw.tools.cluster import Cluster, format_status
+
+    async def show() -> None:
+        addresses = shard_addresses(args.servers)
+        async with Cluster(addresses, security=_client_security(args)) as cluster:
+            print(format_status(await cluster.status(args.interval)))
+
+    asyncio.run(show())
+    return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from psfw.protocol.security import link_problem
+
+    shard_addresses(args.address)  # one host:port
+    security = _client_security(args)
+    if args.local:
+        credentials, options = security.probe_credentials()
+    else:
+        credentials, options = security.channel_credentials(), []
+    if credentials is None:
+        channel = grpc.insecure_channel(args.address, options)
+    else:
+        channel = grpc.secure_channel(args.address, credentials, options)
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as err:
+            link = link_problem(err.details() or "", security) if err.code() == grpc.StatusCode.UNAVAILABLE else None
+            said = f"cannot connect: {link.cause}" if link and link.kind else err.details()
+            print(f"{args.address}: {err.code().name}: {said}")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def run_loadtest(args: argparse.Namespace) -> int:
+    import json
+
+    from psfw.tools.loadtest import load_test
+
+    figures = load_test(args.groups, args.seconds, args.mb)
+    print(json.dumps(figures, indent=None if args.json else 1))
+    ok = not figures["errors"] and not figures["lost"] and not figures["doubled"] and figures["values_consistent"]
+    return 0 if ok else 1
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from psfw.tools.bench import main as bench_main
+
+    try:
+        return bench_main(args)
+    except ValueError as err:  # a flag it cannot use (a size, a count): say which
+        say(f"psfw bench: {err}")
+        return 2
