@@ -5,6 +5,7 @@ The public API is small:
 - ``load_config(path)`` / ``Config``: a validated job description (TOML);
 - ``train(config, run_dir)``: the embedded default, shards + stub + workers in one
   process; ``train_async`` is the same inside a running event loop;
+- ``load_params(run_dir)``: what a run trained, as its model's parameter pytree;
 - ``Model``, ``mlp``, ``cnn``: models as pure ``init``/``loss`` functions;
 - ``ShardServer`` / ``serve``: one parameter-server shard over gRPC;
 - ``connect``: a ``Transport`` to one shard (in-process, shared memory or gRPC),
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names l
     from psfw.compute.models import Model, cnn, mlp
     from psfw.jobs.config import Config, load_config
     from psfw.jobs.embedded import TrainResult, train, train_async
+    from psfw.jobs.trained import load_params
     from psfw.protocol.errors import ConfigError, PsfwError, ShardError, UsageError
     from psfw.protocol.messages import UpdateHeader
     from psfw.runtime.connect import connect
@@ -39,6 +41,7 @@ _EXPORTS = {
     "train": "psfw.jobs.embedded",
     "train_async": "psfw.jobs.embedded",
     "TrainResult": "psfw.jobs.embedded",
+    "load_params": "psfw.jobs.trained",
     "Model": "psfw.compute.models",
     "mlp": "psfw.compute.models",
     "cnn": "psfw.compute.models",
@@ -73,6 +76,7 @@ __all__ = [
     "connect",
     "format_status",
     "load_config",
+    "load_params",
     "mlp",
     "serve",
     "train",

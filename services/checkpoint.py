@@ -129,3 +129,13 @@ class CheckpointFolder:
 
     def drop_after(self, step: int) -> None:
         drop_after(self.root, step)
+
+
+def load_values(root: Path, step: int, shard: int) -> dict[tuple[str, int], np.ndarray]:
+    """Only the parameter values one shard saved for ``step``, by (parameter, slice)
+    (the optimizer state is not read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(shard_file(root, step, shard)), framework="numpy") as f:
+        meta = json.loads(f.metadata()["psfw"])
+        return {(e["key"], int(e["slice"])): f.get_tensor(f"value/{i}") for i, e in enumerate(meta["slices"])}

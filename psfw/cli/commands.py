@@ -10,6 +10,11 @@ from psfw.protocol.console import say
 from psfw.protocol.errors import UsageError
 
 
+def set_flags(overrides: list[str]) -> list[str]:
+    """``["--set", "train.epochs=5", ...]``: the overrides, as flags again."""
+    return [flag for item in overrides for flag in ("--set", item)]
+
+
 def run_train(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
@@ -18,12 +23,14 @@ def run_train(args: argparse.Namespace) -> int:
     from psfw.jobs.embedded import train
     from psfw.jobs.outputs import CHECKPOINTS, new_run_dir, resume_hint
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     if args.resume and not args.run_dir:
         raise UsageError("--resume needs the --run-dir of the run to continue")
     claimed = None if args.run_dir else new_run_dir()  # made at once: two runs never take the same
     run_dir = Path(args.run_dir) if args.run_dir else claimed
-    command = f"psfw train {shlex.quote(args.config)} --run-dir {shlex.quote(str(run_dir))} --resume"
+    command = shlex.join(
+        ["psfw", "train", args.config, *set_flags(config.overrides), "--run-dir", str(run_dir), "--resume"]
+    )
     args.on_interrupt = lambda: resume_hint(command, run_dir / CHECKPOINTS, config.cluster.servers)
     try:
         result = train(
@@ -77,7 +84,7 @@ def run_worker(args: argparse.Namespace) -> int:
     servers = shard_addresses(args.servers)
     if not servers:
         raise UsageError("give the running shards' addresses with --servers (or PSFW_SERVERS): host:port, ...")
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     args.on_interrupt = lambda: "to continue, run the same command with --resume"
     result = train(
         config,
@@ -101,7 +108,7 @@ def run_launch(args: argparse.Namespace) -> int:
     from psfw.jobs.outputs import new_run_dir
     from psfw.jobs.supervisor import launch
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     if args.resume and not args.run_dir:
         raise UsageError("--resume needs the --run-dir of the run to continue")
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir()
@@ -170,3 +177,19 @@ def run_bench(args: argparse.Namespace) -> int:
     except ValueError as err:  # a flag it cannot use (a size, a count): say which
         say(f"psfw bench: {err}")
         return 2
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from psfw.jobs.config import load_config
+    from psfw.jobs.trained import evaluate_run
+
+    config = load_config(args.config, args.set)
+    record = evaluate_run(args.run_dir, config, args.step)
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items() if k.startswith("test_"))
+    print(f"step {record['step']}: {shown}")
+    return 0

@@ -20,8 +20,20 @@ from psfw.cli.arguments import (
     seconds,
     switch,
 )
-from psfw.protocol.console import say
+from psfw.protocol.console import StderrHandler, say
 from psfw.protocol.errors import ConfigError, PsfwError, UsageError
+from psfw.version import __version__
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable): --set train.epochs=5 --set optimizer.learning_rate=3e-4; "
+        "the value is a TOML value, else text",
+    )
 
 
 def _add_client_security(p: argparse.ArgumentParser) -> None:
@@ -36,10 +48,12 @@ def _add_client_security(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="psfw", description="asyncio parameter server for data-parallel JAX training")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument("--version", action="version", version=f"psfw {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a config end to end on this machine (embedded shards)")
     t.add_argument("config", help="TOML config, e.g. examples/digits_mlp.toml")
+    _add_overrides(t)
     t.add_argument("--run-dir", help="folder for the outputs (default: a new folder under runs/)")
     t.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
@@ -50,6 +64,16 @@ def parser() -> argparse.ArgumentParser:
         "the optimizer state; recorded in history.jsonl with the step",
     )
     t.set_defaults(run=commands.run_train)
+
+    ev = sub.add_parser("eval", help="evaluate what a run trained on the test split of a config")
+    ev.add_argument("config", help="TOML config whose model and test split to use (e.g. the run's own)")
+    _add_overrides(ev)
+    ev.add_argument("--run-dir", required=True, help="the run folder whose parameters to evaluate")
+    ev.add_argument(
+        "--step", type=integer(0), help="evaluate the run's checkpoint of this step (default: its final parameters)"
+    )
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(run=commands.run_eval)
 
     s = sub.add_parser(
         "server",
@@ -111,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run one worker process of a cluster against running shards")
     w.add_argument("config", help="the job's TOML config (the same for every process)")
+    _add_overrides(w)
     w.add_argument("--process", type=index, default=env("PROCESS", index, 0), help="this process's index")
     w.add_argument(
         "--servers", default=env("SERVERS", str, ""), help="shard addresses host:port, comma-separated, in shard order"
@@ -128,6 +153,7 @@ def parser() -> argparse.ArgumentParser:
 
     la = sub.add_parser("launch", help="run the shards and worker processes of a config as OS processes here")
     la.add_argument("config", help="TOML config")
+    _add_overrides(la)
     la.add_argument("--run-dir", help="folder for the outputs (default: a new folder under runs/)")
     la.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
     la.set_defaults(run=commands.run_launch)
@@ -184,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_malloc()  # before any thread starts: see psfw/runtime/allocator.py
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    handler = StderrHandler()  # lines go above a progress bar, never into it
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     logging.getLogger("psfw").setLevel(logging.INFO)  # psfw's own notes (transport, restores) are shown
     terminated = []
 

@@ -256,6 +256,7 @@ class Config(_Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     base_dir: str = "."  # where relative paths in the config resolve; set by load_config
     source: str = "config"  # what errors name (the file); set by load_config
+    overrides: list[str] = Field(default_factory=list)  # the --set KEY=VALUE applied; set by load_config
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -273,7 +274,7 @@ class Config(_Strict):
         return ConfigError(f"{self.source}: {field}: {problem}")
 
 
-_SET_BY_LOADER = ("base_dir", "source")
+_SET_BY_LOADER = ("base_dir", "source", "overrides")
 
 
 def _field(loc: list[Any]) -> str:
@@ -310,8 +311,37 @@ def parse_config(data: dict[str, Any], source: str = "config", base_dir: str = "
         raise ConfigError(_one_line(err, source)) from None
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a TOML config; raises ConfigError with a one-line message."""
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` with each ``KEY=VALUE`` of ``overrides`` set (``--set train.epochs=5``):
+    a dotted key into the tables, a value parsed as a TOML value (``5``, ``3e-4``,
+    ``true``, ``[64, 64]``, ``"adam"``), else taken as text (``adam``). The result is
+    validated as the file is; ConfigError naming the override when it cannot apply."""
+    data = json.loads(json.dumps(data))  # a copy, tables and all
+    for item in overrides:
+        key, equals, text = item.partition("=")
+        key = key.strip()
+        if not equals or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item}: give KEY=VALUE with a dotted key, e.g. --set train.epochs=5")
+        try:
+            value = tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text  # bare text: a name such as adam or diabetes
+        *tables, last = key.split(".")
+        where = data
+        for depth, part in enumerate(tables):
+            where = where.setdefault(part, {})
+            if not isinstance(where, dict):
+                above = ".".join(tables[: depth + 1])
+                raise ConfigError(f"--set {item}: {above} is a value, not a table: set {above} itself")
+        if key in _SET_BY_LOADER:
+            raise ConfigError(f"--set {item}: {key}: unknown key (check its spelling against the config reference)")
+        where[last] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read and validate a TOML config, with ``overrides`` (``KEY=VALUE``, see
+    ``apply_overrides``) applied first; raises ConfigError with a one-line message."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -328,4 +358,7 @@ def load_config(path: str | Path) -> Config:
     for key in _SET_BY_LOADER:
         if key in data:
             raise ConfigError(f"{path}: {key}: unknown key (check its spelling against the config reference)")
-    return parse_config(data, str(path), str(path.parent.resolve()))
+    if overrides:
+        data = apply_overrides(data, overrides)
+    config = parse_config(data, str(path), str(path.parent.resolve()))
+    return config.model_copy(update={"overrides": list(overrides or [])})

@@ -24,6 +24,16 @@ from psfw.jobs.job import Job
 log = logging.getLogger("psfw")
 
 
+def test_metrics(job: Job, values: dict[str, Any], evaluate: Callable | None = None) -> tuple[float, dict[str, float]]:
+    """The loss and metrics of the parameter ``values`` (by name) over ``job``'s test
+    split, ``train.eval_batch_size`` rows at a time; ``evaluate``: the jitted loss
+    (``make_eval_fn``), made here when not given."""
+    evaluate = make_eval_fn(job.model.loss) if evaluate is None else evaluate
+    tree = unflatten_params(job.treedef, list(job.layout.params), values)
+    batch = job.config.train.eval_batch_size
+    return evaluate_in_batches(evaluate, tree, job.data.x_test, job.data.y_test, batch)
+
+
 class Evaluator:
     """Evaluations of ``job`` on its test split; ``sinks`` take each periodic record."""
 
@@ -39,10 +49,7 @@ class Evaluator:
 
     def evaluate(self, values: dict[str, Any]) -> tuple[float, dict[str, float]]:
         """Test loss and metrics of the parameter values ``values`` (by name)."""
-        job = self.job
-        tree = unflatten_params(job.treedef, list(job.layout.params), values)
-        batch = job.config.train.eval_batch_size
-        return evaluate_in_batches(self._evaluate, tree, job.data.x_test, job.data.y_test, batch)
+        return test_metrics(self.job, values, self._evaluate)
 
     def watch(self, step: int, values: dict[str, Any]) -> None:
         """A parameter cache's watcher: evaluate ``step`` when it is due (the final

@@ -6,6 +6,9 @@ import contextlib
 import fcntl
 import json
 import logging
+import shlex
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +40,31 @@ def new_run_dir(root: str | Path = "runs") -> Path:
 
 
 def mark_run_dir(folder: Path) -> None:
-    """Mark ``folder`` as a psfw run (once)."""
+    """Mark ``folder`` as a psfw run, and record the command that writes it now with
+    its psfw version and start time: ``{"psfw": first version, "commands": [...]}``
+    (a resume adds its own)."""
     from psfw.version import __version__
 
-    if not (folder / RUN_MARKER).exists():
-        write_atomic(folder / RUN_MARKER, json.dumps({"psfw": __version__}).encode())
+    marker = folder / RUN_MARKER
+    try:
+        record = json.loads(marker.read_text()) if marker.exists() else {}
+    except ValueError:  # cut short by a kill: start it again
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    record.setdefault("psfw", __version__)
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    record.setdefault("commands", []).append({"command": command_line(), "psfw": __version__, "started": started})
+    write_atomic(marker, json.dumps(record, indent=1).encode())
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command this process runs, as a shell would take it: ``psfw train
+    job.toml --set train.epochs=5`` (a Python program that calls psfw: its own argv)."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and (Path(argv[0]).name == "psfw" or argv[0].endswith(("psfw/cli/__main__.py", "psfw/cli/main.py"))):
+        argv[0] = "psfw"
+    return shlex.join(argv)
 
 
 def run_dir_contents(folder: Path) -> tuple[bool, list[str]]:
@@ -91,7 +114,7 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
         return {}
     before, after = json.loads(path.read_text()), json.loads(config.model_dump_json())
     for settings in (before, after):
-        for key in ("base_dir", "source"):
+        for key in ("base_dir", "source", "overrides"):  # where the settings came from, not what they are
             settings.pop(key, None)
     data = before.get("data", {})
     if data.get("name", "digits") != "synthetic":  # an earlier psfw wrote the synthetic set's keys for every set

@@ -78,25 +78,12 @@ class ProgressBar:
         self._progress = Progress(
             TextColumn("[bold]psfw[/]"),
             BarColumn(bar_width=16),
-            TextColumn(
-                "step {task.completed}/{task.total}{task.fields[spread]}  loss {task.fields[loss]:.4f}"
-                "{task.fields[accuracy]}  {task.fields[rate]:,.0f}/s  [dim]compute {task.fields[compute]:.1f}"
-                " / comm {task.fields[comm]:.1f} / wait {task.fields[wait]:.1f} ms[/]"
-            ),
+            # what is not known yet is blank: the first frame shows the step alone
+            TextColumn("step {task.completed}/{task.total}{task.fields[spread]}{task.fields[stats]}"),
             TimeRemainingColumn(),
             console=console,
         )
-        self._task = self._progress.add_task(
-            "train",
-            total=steps,
-            loss=float("nan"),
-            accuracy="",
-            rate=0.0,
-            compute=0.0,
-            comm=0.0,
-            wait=0.0,
-            spread="",
-        )
+        self._task = self._progress.add_task("train", total=steps, spread="", stats="")
         self._steps: dict[int, int] = {}  # group -> last logged step
 
     def __enter__(self) -> ProgressBar:
@@ -109,15 +96,15 @@ class ProgressBar:
     def __call__(self, record: dict[str, Any]) -> None:
         self._steps[record.get("group", 0)] = record["step"]
         slowest, fastest = min(self._steps.values()), max(self._steps.values())
+        # accuracy only when the model reports it (a regression has none)
+        accuracy = f"  acc {record['accuracy']:.3f}" if "accuracy" in record else ""
+        stats = (
+            f"  loss {record['loss']:.4f}{accuracy}  {record['samples_per_s']:,.0f}/s  [dim]compute "
+            f"{record['compute_s'] * 1e3:.1f} / comm {record['comm_s'] * 1e3:.1f} / wait {record['wait_s'] * 1e3:.1f} ms[/]"
+        )
         self._progress.update(
             self._task,
             completed=slowest,
             spread=f" ({len(self._steps)} groups, spread {fastest - slowest})" if len(self._steps) > 1 else "",
-            loss=record["loss"],
-            # accuracy only when the model reports it (a regression has none)
-            accuracy=f"  acc {record['accuracy']:.3f}" if "accuracy" in record else "",
-            rate=record["samples_per_s"],
-            compute=record["compute_s"] * 1e3,
-            comm=record["comm_s"] * 1e3,
-            wait=record["wait_s"] * 1e3,
+            stats=stats,
         )

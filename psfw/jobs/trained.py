@@ -1,0 +1,126 @@
+"""What a run trained: its parameters, read back from its folder, and their
+evaluation (``psfw.load_params``, ``psfw eval``).
+
+A run folder holds the final parameters (``params.safetensors``) and, when it kept
+them, consistent checkpoints of every shard (``checkpoints/step-N``); either gives
+the parameters by name, and the job's model gives them its pytree form.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from psfw.compute.params import unflatten_params
+from psfw.jobs.config import MODEL_KEYS, Config, parse_config
+from psfw.jobs.evaluation import test_metrics
+from psfw.jobs.job import Job, build_job
+from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE, read_params
+from psfw.protocol.errors import UsageError
+from psfw.services.checkpoint import complete_steps, load_values
+
+
+def run_config(run_dir: Path) -> Config:
+    """The config a run trained with (its ``config.json``), its relative paths
+    resolving where the run's config file was."""
+    path = run_dir / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{run_dir} has no config.json: give the folder of a psfw run") from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} cannot be read: {err}") from None
+    base_dir, source = data.pop("base_dir", "."), data.pop("source", str(path))
+    data.pop("overrides", None)
+    model = data.get("model", {})  # config.json holds every model key: keep the chosen model's
+    uses = MODEL_KEYS.get(model.get("name", "mlp"), ())
+    data["model"] = {k: v for k, v in model.items() if k == "name" or k in uses}
+    return parse_config(data, source, base_dir)
+
+
+def trained_values(run_dir: Path, job: Job, step: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
+    """``(step, values by name)`` of the run in ``run_dir``: its final parameters, or
+    those of its checkpoint of ``step``; UsageError, saying what there is, when the
+    folder has neither, and when they are not the parameters of ``job``'s model."""
+    shards = job.config.cluster.servers
+    if step is None:
+        path = run_dir / PARAMS_FILE
+        if not path.exists():
+            steps = complete_steps(run_dir / CHECKPOINTS, shards)
+            there = f"; its checkpoints are of steps {_listed(steps)}: give one" if steps else ""
+            raise UsageError(f"{run_dir} has no {PARAMS_FILE} (the run did not finish){there}")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            at = int((f.metadata() or {}).get("step", -1))
+        values = read_params(path)
+    else:
+        steps = complete_steps(run_dir / CHECKPOINTS, shards)
+        if step not in steps:
+            there = f"steps {_listed(steps)}" if steps else "none"
+            raise UsageError(
+                f"{run_dir} has no complete checkpoint of step {step} for {shards} shards (it has {there})"
+            )
+        at, values = step, _from_checkpoint(run_dir / CHECKPOINTS, step, job)
+    _check_fit(values, job, run_dir)
+    return at, values
+
+
+def _from_checkpoint(root: Path, step: int, job: Job) -> dict[str, np.ndarray]:
+    slices: dict[tuple[str, int], np.ndarray] = {}
+    for shard in range(job.config.cluster.servers):
+        slices.update(load_values(root, step, shard))
+    values = {}
+    for name, param in job.layout.params.items():
+        flat = np.empty(int(np.prod(param.shape, dtype=np.int64)), param.dtype)
+        for s in param.slices:
+            part = slices.get((name, s.index))
+            if part is None:
+                raise UsageError(f"the checkpoint of step {step} in {root} lacks slice {s.index} of {name}")
+            flat[s.start : s.stop] = part.reshape(-1)
+        values[name] = flat.reshape(param.shape)
+    return values
+
+
+def _check_fit(values: dict[str, np.ndarray], job: Job, run_dir: Path) -> None:
+    want = {n: (tuple(p.shape), str(np.dtype(p.dtype))) for n, p in job.layout.params.items()}
+    have = {n: (tuple(v.shape), str(v.dtype)) for n, v in values.items()}
+    if want != have:
+        wrong = sorted(n for n in set(want) | set(have) if want.get(n) != have.get(n))
+        shown = ", ".join(f"{n}: {_form(have.get(n))} in the run, {_form(want.get(n))} in the model" for n in wrong[:3])
+        raise UsageError(f"{run_dir} holds parameters of another model ({shown}): give the config it trained")
+
+
+def _form(form: tuple | None) -> str:
+    return "absent" if form is None else f"{form[1]}{list(form[0])}"
+
+
+def _listed(steps: list[int]) -> str:
+    return ", ".join(map(str, steps[-8:])) + (" (the newest)" if len(steps) > 8 else "")
+
+
+def load_params(run_dir: str | Path, step: int | None = None, config: Config | None = None) -> Any:
+    """The parameters a run trained, as the model's pytree: the final ones, or those
+    of the checkpoint of ``step``; ``config`` (default: the run's own ``config.json``)
+    gives the model. Ready for the model's own functions::
+
+        params = psfw.load_params("runs/run-001")
+        loss, metrics = model.loss(params, x, y)
+    """
+    run_dir = Path(run_dir)
+    job = build_job(config if config is not None else run_config(run_dir))
+    _, values = trained_values(run_dir, job, step)
+    return unflatten_params(job.treedef, list(job.layout.params), values)
+
+
+def evaluate_run(run_dir: str | Path, config: Config, step: int | None = None) -> dict[str, Any]:
+    """The test loss and metrics of what the run in ``run_dir`` trained (its final
+    parameters, or its checkpoint of ``step``) under ``config``'s model and test
+    split: ``{"step", "test_loss", "test_<metric>"...}`` (``psfw eval``)."""
+    job = build_job(config)
+    at, values = trained_values(Path(run_dir), job, step)
+    loss, metrics = test_metrics(job, values)
+    return {"step": at, "test_loss": loss, **{f"test_{name}": value for name, value in metrics.items()}}
