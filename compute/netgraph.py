@@ -99,52 +99,68 @@ def node_link(graph: nx.DiGraph) -> dict[str, Any]:
     return nx.node_link_data(graph, edges="links")
 
 
-def render(graph: nx.DiGraph, path: str | Path) -> None:
-    """Draw layers in a column, parameters beside them coloured by owner worker, and
-    shards on the right; save as PNG."""
+ROW_INCHES = 0.42  # the height of a row of nodes: a two-line label at 7 pt and its box
+
+
+def draw(graph: nx.DiGraph) -> Any:
+    """The picture of ``graph`` as a matplotlib figure: layers in a column on the left,
+    parameters in the middle coloured by owner worker, shards on the right. Every node
+    is a box around its label (the parameter's name and shape, the shard's bytes), so
+    a label always fits its node; the arrows end at the boxes' edges."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = [n for n, d in graph.nodes(data=True) if d["kind"] == "layer"]
-    params = [n for n, d in graph.nodes(data=True) if d["kind"] == "param"]
-    shards = [n for n, d in graph.nodes(data=True) if d["kind"] == "shard"]
-    span = max(len(layers), len(params), len(shards), 1)
-
-    def column(nodes: list[str], x: float) -> dict[str, tuple[float, float]]:
-        gap = span / max(len(nodes), 1)
-        return {n: (x, -(i + 0.5) * gap) for i, n in enumerate(nodes)}
-
-    pos = {**column(layers, 0.0), **column(params, 1.6), **column(shards, 3.2)}
-    height = max(4.0, 0.6 * span + 1.5)
-    fig, ax = plt.subplots(figsize=(9, height))
-    owners = sorted({graph.nodes[n]["owner_worker"] for n in params})
-    cmap = plt.get_cmap("tab10")
-    colors = {"layer": "#d9e7f5", "shard": "#f5e0c3"}
-    node_colors = [
-        cmap(owners.index(graph.nodes[n]["owner_worker"]) % 10) if n in params else colors[graph.nodes[n]["kind"]]
-        for n in graph.nodes
-    ]
-    styles = {"data": "-", "uses": ":", "held_by": "--"}
-    for kind, style in styles.items():
-        edges = [(u, v) for u, v, d in graph.edges(data=True) if d["kind"] == kind]
-        nx.draw_networkx_edges(graph, pos, edgelist=edges, style=style, ax=ax, arrows=True, alpha=0.6, node_size=900)
-    nx.draw_networkx_nodes(graph, pos, node_color=node_colors, node_size=900, ax=ax, edgecolors="#555555")
-    labels = {}
+    kinds: dict[str, list[str]] = {"layer": [], "param": [], "shard": []}
     for n, d in graph.nodes(data=True):
-        if d["kind"] == "param":
-            labels[n] = f"{d['label']}\n{'x'.join(map(str, d['shape']))}"
-        elif d["kind"] == "shard":
-            labels[n] = f"{d['label']}\n{d['bytes'] / 1e6:.2f} MB"
-        else:
-            labels[n] = d["label"]
-    nx.draw_networkx_labels(graph, pos, labels=labels, font_size=7, ax=ax)
+        kinds[d["kind"]].append(n)
+    span = max(len(nodes) for nodes in kinds.values()) or 1
+    fig, ax = plt.subplots(figsize=(11, max(4.0, ROW_INCHES * span + 1.5)))
+    ax.set(xlim=(-0.6, 2.6), ylim=(-span - 0.2, 0.2))
+    ax.axis("off")
+    owners = sorted({graph.nodes[n]["owner_worker"] for n in kinds["param"]})
+    cmap = plt.get_cmap("tab10")
+    boxes = {}
+    for x, kind in enumerate(kinds):
+        nodes = kinds[kind]
+        gap = span / max(len(nodes), 1)
+        for i, n in enumerate(nodes):
+            d = graph.nodes[n]
+            if kind == "param":
+                label = f"{d['label']}\n{'x'.join(map(str, d['shape'])) or 'scalar'}"
+                color = (*cmap(owners.index(d["owner_worker"]) % 10)[:3], 0.35)
+            elif kind == "shard":
+                label, color = f"{d['label']}\n{d['bytes'] / 1e6:.2f} MB", "#f5e0c3"
+            else:
+                label, color = d["label"], "#d9e7f5"
+            boxes[n] = ax.text(
+                x, -(i + 0.5) * gap, label, ha="center", va="center", fontsize=7, zorder=3,
+                bbox={"boxstyle": "round,pad=0.35", "facecolor": color, "edgecolor": "#555555"},
+            )  # fmt: skip
+    styles = {"data": ("-", 0.8), "uses": (":", 0.6), "held_by": ("--", 0.45)}
+    for u, v, d in graph.edges(data=True):
+        style, alpha = styles[d["kind"]]
+        ax.annotate(
+            "", xy=boxes[v].get_position(), xytext=boxes[u].get_position(), zorder=1,
+            arrowprops={"arrowstyle": "-|>", "linestyle": style, "alpha": alpha, "color": "#333333",
+                        "patchA": boxes[u].get_bbox_patch(), "patchB": boxes[v].get_bbox_patch(),
+                        "shrinkA": 2, "shrinkB": 2, "linewidth": 0.8},
+        )  # fmt: skip
     for i, owner in enumerate(owners):
-        ax.scatter([], [], color=cmap(i % 10), label=f"owned by worker {owner}")
+        ax.scatter([], [], color=cmap(i % 10), alpha=0.5, marker="s", label=f"owned by worker {owner}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=max(len(owners), 1), fontsize=8, frameon=False)
     ax.set_title("net structure (left), parameters by owner (middle), shards (right)", fontsize=9)
-    ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def render(graph: nx.DiGraph, path: str | Path) -> None:
+    """Draw ``graph`` (see ``draw``) and save it as PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = draw(graph)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)

@@ -68,3 +68,43 @@ def test_a_layer_named_like_a_renamed_one_is_still_a_node_of_its_own():
     graph = net_graph(layers, plan_layout({n: ((4,), "float32") for n in NAMES}, 1, 1, 1 << 20).to_json())
     assert len([n for n in graph if n.startswith("layer:")]) == 3
     assert not any(graph.has_edge(n, n) for n in graph)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"name": "mlp", "hidden": [32] * 20},  # 43 layers, 42 parameters
+        {"name": "transformer", "width": 64, "heads": 4, "depth": 2},
+    ],
+)
+def test_every_label_fits_its_node_and_no_two_nodes_overlap(model):
+    """Each node is a box around its label; the boxes of a deep net or a
+    transformer neither overlap nor leave the picture."""
+    import matplotlib.pyplot as plt
+
+    from psfw.compute.netgraph import draw, net_graph
+    from psfw.jobs.config import parse_config
+    from psfw.jobs.job import build_job
+
+    data = {"name": "stdlib_text", "seq_len": 16} if model["name"] == "transformer" else {"name": "digits"}
+    job = build_job(parse_config({"model": model, "data": data, "train": {"steps": 1}}))
+    graph = net_graph(job.model.layers, job.layout.to_json())
+    fig = draw(graph)
+    try:
+        renderer = fig.canvas.get_renderer()
+        fig.canvas.draw()
+        texts = [t for t in fig.axes[0].texts if t.get_bbox_patch() is not None]
+        assert len(texts) == graph.number_of_nodes()
+        boxes = [t.get_bbox_patch().get_window_extent(renderer) for t in texts]
+        labels = [t.get_window_extent(renderer) for t in texts]
+        page = fig.bbox
+        for text, box, label in zip(texts, boxes, labels):
+            assert box.x0 <= label.x0 and label.x1 <= box.x1 and box.y0 <= label.y0 and label.y1 <= box.y1, (
+                text.get_text()
+            )
+            assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, text.get_text()
+        for i, a in enumerate(boxes):
+            for j in range(i + 1, len(boxes)):
+                assert not a.overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
+    finally:
+        plt.close(fig)
