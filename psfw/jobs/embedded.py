@@ -28,16 +28,16 @@ from psfw.jobs.outputs import (
     CHECKPOINTS,
     PARAMS_FILE,
     MetricsLog,
+    check_run_dir,
     mark_run_dir,
     new_run_dir,
     read_records,
     resumed_config_changes,
-    run_dir_contents,
     write_curves,
     write_net,
     write_params,
 )
-from psfw.jobs.progress import ProgressBar, StepReporter
+from psfw.jobs.progress import ProgressBar, StepReporter, log_line
 from psfw.protocol.errors import ConfigError, UsageError, WireError
 from psfw.protocol.identity import changed, job_identity
 from psfw.protocol.security import NO_SECURITY, Security
@@ -47,7 +47,6 @@ from psfw.runtime.fetch import fetch_params
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.stub import Stub
 from psfw.runtime.worker import WorkerSpec, run_worker
-from psfw.services.checkpoint import complete_steps
 from psfw.services.server import ShardServer, in_process
 
 log = logging.getLogger("psfw")
@@ -382,39 +381,6 @@ def _warn_empty_shards(job: Job) -> None:
             shard_ranges(empty),
             "holds" if len(empty) == 1 else "hold",
         )
-
-
-def check_run_dir(run_dir: Path, shards: int, resume: bool, checkpoints: bool = True) -> None:
-    """Refuse a run folder that holds files psfw did not write (nothing there is ever
-    read), or another run's outputs or checkpoints unless told to resume (its shards
-    would quietly continue that run, its records would mix with this one's); and to
-    resume from one without checkpoints. ``checkpoints``: the run's shards keep
-    theirs in the folder (embedded, ``psfw launch``); a ``psfw worker``'s do not."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir} is a file: give a folder (a new one, or a run to --resume)")
-    ours, entries = run_dir_contents(run_dir)
-    if entries and not ours:
-        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise UsageError(f"{run_dir} holds files that are not a psfw run ({shown}): use a new or empty --run-dir")
-    found = complete_steps(run_dir / CHECKPOINTS, shards) if checkpoints else []
-    if checkpoints and resume and not found:
-        raise UsageError(f"--resume: {run_dir / CHECKPOINTS} holds no complete checkpoint to continue from")
-    if (found or ours) and not resume:
-        what = f"checkpoints (newest: step {found[-1]})" if found else "the outputs of a run"
-        raise UsageError(f"{run_dir} holds {what}: pass --resume to continue that run, or use a new --run-dir")
-
-
-def log_line(record: dict[str, Any]) -> None:
-    """A plain progress line, for logs (``psfw worker``, ``psfw launch``, ``psfw
-    train`` without a terminal)."""
-    acc = f" acc {record['accuracy']:.3f}" if "accuracy" in record else ""
-    lead = f" lead {record['lead']}" if "lead" in record else ""
-    print(
-        f"group {record['group']} step {record['step']} loss {record['loss']:.4f}{acc}{lead} "
-        f"{record['samples_per_s']:,.0f} samples/s (compute {record['compute_s'] * 1e3:.1f} / "
-        f"comm {record['comm_s'] * 1e3:.1f} / wait {record['wait_s'] * 1e3:.1f} ms)",
-        flush=True,
-    )
 
 
 def _append_json(path: Path, record: dict[str, Any]) -> None:

@@ -16,7 +16,9 @@ import numpy as np
 
 from psfw.compute.netgraph import default_layers, net_graph, node_link, render
 from psfw.protocol.atomic import write_atomic
+from psfw.protocol.errors import UsageError
 from psfw.protocol.layout import Layout
+from psfw.services.checkpoint import complete_steps
 
 PARAMS_FILE = "params.safetensors"
 RUN_MARKER = "psfw-run.json"  # marks a folder as a psfw run: nothing else in a folder is read
@@ -88,8 +90,6 @@ def _earlier_run(folder: Path) -> bool:
 def resume_hint(command: str, checkpoints: Path, shards: int) -> str:
     """What to tell a user whose run was interrupted: its newest checkpoint and the
     command that continues from it."""
-    from psfw.services.checkpoint import complete_steps
-
     steps = complete_steps(checkpoints, shards) if checkpoints.exists() else []
     if not steps:
         return "no checkpoint was written (set train.checkpoint_every to have them)"
@@ -106,7 +106,6 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
     model, the data, the seed or the name, which cannot continue that run's
     parameters, and of the optimizer unless ``change_optimizer``."""
     from psfw.jobs.config import SYNTHETIC_ONLY
-    from psfw.protocol.errors import UsageError
     from psfw.protocol.identity import changed
 
     path = folder / "config.json"
@@ -286,3 +285,23 @@ def _plot_curves(path: Path, records: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def check_run_dir(run_dir: Path, shards: int, resume: bool, checkpoints: bool = True) -> None:
+    """Refuse a run folder that holds files psfw did not write (nothing there is ever
+    read), or another run's outputs or checkpoints unless told to resume (its shards
+    would quietly continue that run, its records would mix with this one's); and to
+    resume from one without checkpoints. ``checkpoints``: the run's shards keep
+    theirs in the folder (embedded, ``psfw launch``); a ``psfw worker``'s do not."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file: give a folder (a new one, or a run to --resume)")
+    ours, entries = run_dir_contents(run_dir)
+    if entries and not ours:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UsageError(f"{run_dir} holds files that are not a psfw run ({shown}): use a new or empty --run-dir")
+    found = complete_steps(run_dir / CHECKPOINTS, shards) if checkpoints else []
+    if checkpoints and resume and not found:
+        raise UsageError(f"--resume: {run_dir / CHECKPOINTS} holds no complete checkpoint to continue from")
+    if (found or ours) and not resume:
+        what = f"checkpoints (newest: step {found[-1]})" if found else "the outputs of a run"
+        raise UsageError(f"{run_dir} holds {what}: pass --resume to continue that run, or use a new --run-dir")

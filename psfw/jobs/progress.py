@@ -108,3 +108,16 @@ class ProgressBar:
             spread=f" ({len(self._steps)} groups, spread {fastest - slowest})" if len(self._steps) > 1 else "",
             stats=stats,
         )
+
+
+def log_line(record: dict[str, Any]) -> None:
+    """A plain progress line, for logs (``psfw worker``, ``psfw launch``, ``psfw
+    train`` without a terminal)."""
+    acc = f" acc {record['accuracy']:.3f}" if "accuracy" in record else ""
+    lead = f" lead {record['lead']}" if "lead" in record else ""
+    print(
+        f"group {record['group']} step {record['step']} loss {record['loss']:.4f}{acc}{lead} "
+        f"{record['samples_per_s']:,.0f} samples/s (compute {record['compute_s'] * 1e3:.1f} / "
+        f"comm {record['comm_s'] * 1e3:.1f} / wait {record['wait_s'] * 1e3:.1f} ms)",
+        flush=True,
+    )

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from psfw.jobs.children import START_TIMEOUT_S, Tail, child_env, describe_exit, psfw_command, read_ready, shard_args
 from psfw.jobs.config import Config
-from psfw.jobs.embedded import CHECKPOINTS, check_run_dir
-from psfw.jobs.outputs import resume_hint
+from psfw.jobs.outputs import CHECKPOINTS, check_run_dir, resume_hint
 from psfw.protocol.console import say
 
 STOP_GRACE_S = 10.0
