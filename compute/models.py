@@ -7,7 +7,7 @@ structure for export: each layer names the parameters it uses, in data-flow orde
 
 from __future__ import annotations
 
-import importlib.util
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from psfw.compute.user_files import import_user_file
 
 Params = Any  # arbitrary nests of arrays
 Layer = dict[str, Any]  # {"name", "type", "params": [names], ...}
@@ -48,10 +50,7 @@ def head_for(classes: int | None, label_shape: tuple[int, ...]) -> tuple[int, Lo
     name (net.json): ``classes`` logits, or one output per target value."""
     if classes is not None:
         return classes, classification_loss, "softmax_cross_entropy"
-    width = 1
-    for d in label_shape:
-        width *= d
-    return width, regression_loss, "mean_squared_error"
+    return math.prod(label_shape), regression_loss, "mean_squared_error"
 
 
 def _dense_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Array]:
@@ -158,12 +157,7 @@ def load_user_model(path: str | Path, **options: Any) -> Model:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model file {path} does not exist: give a path to a .py file")
-    spec = importlib.util.spec_from_file_location(f"psfw_user_model_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as err:  # the user's file: say what broke, in one line
-        raise ValueError(f"importing {path} failed: {type(err).__name__}: {err}") from None
+    module = import_user_file(path, "model")
     made = hasattr(module, "make")
     if options and not made:
         raise ValueError(

@@ -10,90 +10,17 @@ is found before anything trains (``check_dataset``).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from psfw.compute.datasets import Dataset, split
+from psfw.compute.datasets import Dataset, Rows, split
+from psfw.compute.npy_file import NpyFile
+from psfw.compute.user_files import import_user_file
 
 NAMES = ("x_train", "y_train", "x_test", "y_test")
-_CHECK_CHUNK = 1 << 22  # label values read at a time when checking a memory-mapped set
-
-
-class NpyFile:
-    """The rows of an ``.npy`` file, read when asked for: ``f[rows]`` reads just
-    those rows from the file (``os.preadv`` into the result; contiguous rows in one
-    read). Nothing is mapped into the process: a memory-mapped file would count in
-    its resident memory every page it touched, and the kernel maps whole large
-    folios (up to 2 MB) of a file's page cache for each row read at random."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with path.open("rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                header = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                header = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ValueError(f"{path} is an .npy file of format {version}: save it with numpy.save")
-            self.shape, fortran, self.dtype = header
-            self.offset = f.tell()
-        if fortran and len(self.shape) > 1:
-            raise ValueError(f"{path} is stored in Fortran order: save it in C order (np.ascontiguousarray)")
-        if self.dtype.hasobject:
-            raise ValueError(f"{path} holds objects, which psfw never unpickles: store numeric arrays")
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        size = path.stat().st_size
-        if size < self.offset + self.row_bytes * len(self):
-            raise ValueError(f"{path} is shorter than its header says ({list(self.shape)} {self.dtype}): save it again")
-        self._fd = os.open(path, os.O_RDONLY)
-
-    def __del__(self) -> None:
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            os.close(fd)
-
-    def __len__(self) -> int:
-        return self.shape[0] if self.shape else 0
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def __getitem__(self, rows: Any) -> np.ndarray:
-        if isinstance(rows, slice):
-            start, stop, step = rows.indices(len(self))
-            if step == 1:
-                return self._read(start, max(0, stop - start))
-            rows = np.arange(start, stop, step)
-        index = np.asarray(rows)
-        if index.ndim == 0:
-            return self._read(int(index) % len(self), 1)[0]
-        index = np.where(index < 0, index + len(self), index).astype(np.int64)
-        if index.size and (index.min() < 0 or index.max() >= len(self)):
-            raise IndexError(f"rows out of range for {self.path} ({len(self)} rows)")
-        out = np.empty((len(index), *self.shape[1:]), self.dtype)
-        raw = out.reshape(len(index), -1).view(np.uint8)
-        for i, row in enumerate(index.tolist()):
-            self._fill(raw[i], row)
-        return out
-
-    def _read(self, start: int, count: int) -> np.ndarray:
-        out = np.empty((count, *self.shape[1:]), self.dtype)
-        if count:
-            self._fill(out.reshape(-1).view(np.uint8), start)
-        return out
-
-    def _fill(self, buffer: np.ndarray, row: int) -> None:
-        if os.preadv(self._fd, [buffer], self.offset + row * self.row_bytes) != buffer.nbytes:
-            raise OSError(f"{self.path} ended before row {row}: was it cut short while training?")
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return np.asarray(self[:], dtype=dtype)
+_CHECK_CHUNK = 1 << 22  # label values read at a time when checking a set read from files
 
 
 def load_path(path: Path, classes: int | None, test_fraction: float, seed: int) -> Dataset:
@@ -110,14 +37,23 @@ def load_path(path: Path, classes: int | None, test_fraction: float, seed: int) 
 
 def _npz(path: Path) -> dict[str, Any]:
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not an .npz file numpy can read ({err}): give an .npz file or a folder") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{path} is a single .npy file: give an .npz file of the arrays, or a folder of x_train.npy, "
+            "y_train.npy and optionally x_test.npy, y_test.npy"
+        )
+    with archive:
+        try:
             return {name: archive[name] for name in archive.files}
-    except ValueError as err:
-        if "pickle" in str(err):
-            raise ValueError(f"{path} holds object arrays, which psfw never unpickles: store numeric arrays") from None
-        raise ValueError(f"{path} is not an .npz file numpy can read: {err}") from None
-    except (OSError, EOFError) as err:
-        raise ValueError(f"{path} is not an .npz file numpy can read: {err}") from None
+        except ValueError as err:
+            if "allow_pickle" in str(err):
+                raise ValueError(
+                    f"{path} holds object arrays, which psfw never unpickles: store numeric arrays"
+                ) from None
+            raise ValueError(f"{path} holds an array numpy cannot read: {err}") from None
 
 
 def _npy_folder(path: Path) -> dict[str, Any]:
@@ -144,12 +80,7 @@ def load_module(path: Path, options: dict[str, Any], classes: int | None, test_f
     dict (or any mapping) of the arrays named as in an ``.npz`` file."""
     if not path.is_file():
         raise ValueError(f"{path} does not exist: give a Python file that defines load()")
-    spec = importlib.util.spec_from_file_location(f"psfw_user_data_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as err:  # the user's file: say what broke, in one line
-        raise ValueError(f"importing {path} failed: {type(err).__name__}: {err}") from None
+    module = import_user_file(path, "data")
     if not callable(getattr(module, "load", None)):
         raise ValueError(f"{path} defines no load() function: define load(**options) that returns the arrays")
     try:
@@ -187,6 +118,8 @@ def from_arrays(arrays: dict[str, Any], where: str, classes: int | None, test_fr
                 f"{where}: {name} is a {array.dtype} array of shape {list(array.shape)}: "
                 "give numbers (bool, int, uint or float), one row per example"
             )
+        if isinstance(array, np.ndarray) and not array.dtype.isnative:  # JAX takes this machine's byte order
+            arrays[name] = array.astype(array.dtype.newbyteorder("="))
     if "x_test" in arrays:
         data = Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], classes)
     else:
@@ -224,26 +157,29 @@ def check_dataset(data: Dataset, where: str) -> None:
             f"{where}: classes = {data.classes} needs integer class labels, but y_train is {data.y_train.dtype}: "
             "store the labels as integers, or drop data.classes to train on them as targets"
         )
+    ranges: dict[int, str] = {}  # each array read once: two splits may view one file
     for name in ("y_train", "y_test"):
-        low, high = _label_range(getattr(data, name))
+        labels = getattr(data, name)
+        whole = labels.base if isinstance(labels, Rows) else labels
+        if id(whole) in ranges:
+            continue
+        ranges[id(whole)] = name
+        low, high = value_range(whole)
         if low < 0 or high >= data.classes:
+            which = "the labels of both splits hold" if whole is not labels else f"{name} holds"
             raise ValueError(
-                f"{where}: {name} holds labels from {low} to {high}, out of range for classes = {data.classes} "
+                f"{where}: {which} values from {low} to {high}, out of range for classes = {data.classes} "
                 f"(labels are 0..{data.classes - 1}): raise data.classes or fix the labels"
             )
 
 
-def _label_range(labels: Any) -> tuple[int, int]:
-    """The smallest and largest label, read a chunk at a time (the labels of a folder
-    of ``.npy`` files are never all in memory at once)."""
+def value_range(values: Any) -> tuple[int, int]:
+    """The smallest and largest of ``values`` (an array, an ``NpyFile``, ``Rows``),
+    read a chunk of rows at a time: a file's values are never all in memory at once."""
     low, high = None, None
-    flat = labels.reshape(-1) if isinstance(labels, np.ndarray) else None
-    if flat is None:  # rows read from a file: a chunk of rows at a time
-        step = max(1, _CHECK_CHUNK // max(1, int(np.prod(labels.shape[1:]))))
-        chunks = (np.asarray(labels[i : i + step]) for i in range(0, len(labels), step))
-    else:
-        chunks = (np.asarray(flat[i : i + _CHECK_CHUNK]) for i in range(0, flat.size, _CHECK_CHUNK))
-    for chunk in chunks:
+    step = max(1, _CHECK_CHUNK // max(1, int(np.prod(values.shape[1:]))))
+    for start in range(0, len(values), step):
+        chunk = np.asarray(values[start : start + step])
         if chunk.size:
             lo, hi = int(chunk.min()), int(chunk.max())
             low = lo if low is None else min(low, lo)

@@ -94,7 +94,7 @@ BAD_DATA = {
     "label out of range": (
         {"path": "d.npz", "classes": 3},
         {"x_train": "x", "y_train": "c"},
-        "y_train holds labels from 0 to 4, out of range for classes = 3",
+        "y_train holds values from 0 to 4, out of range for classes = 3",
     ),
     "float labels with classes": (
         {"path": "d.npz", "classes": 3},
@@ -371,3 +371,71 @@ async def test_a_users_model_may_return_any_metrics_and_each_is_recorded_and_eva
     final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["test_mae"] == pytest.approx(result.test_metrics["mae"]) and "test_accuracy" not in final
     assert result.test_loss < result.evals[0]["test_loss"]
+
+
+def test_an_npy_file_reads_the_rows_numpy_would(tmp_path):
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(50, 3, 2)).astype(">f4")  # the other byte order: read in this machine's
+    np.save(tmp_path / "a.npy", values)
+    f = NpyFile(tmp_path / "a.npy")
+    assert f.dtype == np.dtype("float32") and f.shape == (50, 3, 2) and len(f) == 50
+    for rows in ([4, 5, 6, 1, 1, 49, 0], np.array([7, -1, 8], np.int32), slice(3, 20, 4), slice(-5, None), -50, 49):
+        np.testing.assert_array_equal(f[rows], values[rows].astype("float32"), err_msg=str(rows))
+    assert f[np.array([], np.int64)].shape == (0, 3, 2) and f[5:5].shape == (0, 3, 2)
+    for wrong in (50, -51, [0, 50], np.array([True, False]), np.array([1.0]), np.zeros((2, 2), int)):
+        with pytest.raises(IndexError):
+            f[wrong]
+    with pytest.raises(TypeError, match="holds an open file"):
+        import copy
+
+        copy.copy(f)
+    f.close()
+
+
+@pytest.mark.asyncio
+async def test_a_run_on_a_users_files_resumes(tmp_path):
+    """Its config.json has no data.name, and the classes it set are its own."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(120, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=(x[:, 0] > 0).astype(np.int32))
+    settings = config_of({"path": "d.npz", "classes": 2}, tmp_path, steps=4, checkpoint_every=2)
+    await train_async(parse_config(settings, "job.toml", str(tmp_path)), tmp_path / "run", progress=False)
+    settings["train"]["steps"] = 6
+    result = await train_async(
+        parse_config(settings, "job.toml", str(tmp_path)), tmp_path / "run", progress=False, resume=True
+    )
+    assert result.steps == 6 and not (tmp_path / "run" / "history.jsonl").read_text().count("data.")
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda d: np.save(d / "one.npy", np.zeros((10, 2))), "one.npy is a single .npy file: give an .npz file"),
+        (lambda d: (d / "one.npy").write_text("a,b\n1,2\n"), "one.npy is not an .npz file numpy can read"),
+    ],
+)
+def test_a_path_that_is_not_an_npz_file_says_so(tmp_path, make, expected):
+    make(tmp_path)
+    with pytest.raises(ConfigError, match="data.path: ") as err:
+        build_job(parse_config({"data": {"path": "one.npy"}}, "job.toml", str(tmp_path)))
+    assert expected in str(err.value)
+
+
+def test_token_ids_out_of_the_vocabulary_are_refused(tmp_path):
+    tokens = np.arange(40).reshape(10, 4) % 7
+    np.savez(tmp_path / "t.npz", x_train=tokens, y_train=tokens % 5)
+    config = {"data": {"path": "t.npz", "classes": 5}, "model": {"name": "transformer", "width": 8, "heads": 2}}
+    with pytest.raises(
+        ConfigError, match=r"data.classes: x_train holds token ids from 0 to 6, out of range for a vocabulary of 5"
+    ):
+        build_job(parse_config({**config, "train": {"batch_size": 4}}, "job.toml", str(tmp_path)))
+
+
+def test_a_device_the_process_does_not_see_leaves_no_run_folder(tmp_path):
+    (tmp_path / "job.toml").write_text("[train]\nsteps = 1\n[cluster]\ndevices = [3]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "psfw.cli", "train", str(tmp_path / "job.toml"), "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "cluster.devices: device 3 does not exist" in done.stderr
+    assert not (tmp_path / "run").exists()

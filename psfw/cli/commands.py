@@ -10,11 +10,6 @@ from psfw.protocol.console import say
 from psfw.protocol.errors import UsageError
 
 
-def set_flags(overrides: list[str]) -> list[str]:
-    """``["--set", "train.epochs=5", ...]``: the overrides, as flags again."""
-    return [flag for item in overrides for flag in ("--set", item)]
-
-
 def run_train(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
@@ -28,9 +23,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError("--resume needs the --run-dir of the run to continue")
     claimed = None if args.run_dir else new_run_dir()  # made at once: two runs never take the same
     run_dir = Path(args.run_dir) if args.run_dir else claimed
-    command = shlex.join(
-        ["psfw", "train", args.config, *set_flags(config.overrides), "--run-dir", str(run_dir), "--resume"]
-    )
+    command = shlex.join(["psfw", "train", args.config, *config.set_flags(), "--run-dir", str(run_dir), "--resume"])
     args.on_interrupt = lambda: resume_hint(command, run_dir / CHECKPOINTS, config.cluster.servers)
     try:
         result = train(

@@ -7,6 +7,7 @@ message names the file, the field and the problem (``job.toml: cluster.servers:
 
 from __future__ import annotations
 
+import copy
 import json
 import tomllib
 from pathlib import Path
@@ -88,7 +89,8 @@ class ModelConfig(_Strict):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        """Only the keys of the chosen model (config.json)."""
+        """The model's keys for config.json: the transformer's only for the
+        transformer, the others always (earlier runs' config.json holds them)."""
         data = handler(self)
         if self.name != "transformer":  # the other models' keys stay, as earlier runs' config.json holds them
             for key in MODEL_KEYS["transformer"]:
@@ -268,6 +270,11 @@ class Config(_Strict):
             )
         return self
 
+    def set_flags(self) -> list[str]:
+        """The overrides this config was loaded with, as command-line flags again
+        (``["--set", "train.epochs=5", ...]``): the same job in another process."""
+        return [flag for item in self.overrides for flag in ("--set", item)]
+
     def error(self, field: str, problem: str) -> ConfigError:
         """A ConfigError found after validation (data, model, layout), in the same
         form as a validation error: ``job.toml: model.path: ...``."""
@@ -311,12 +318,40 @@ def parse_config(data: dict[str, Any], source: str = "config", base_dir: str = "
         raise ConfigError(_one_line(err, source)) from None
 
 
+def stored_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``config.json`` as the settings it describes, in the form the config
+    takes today: where the settings came from dropped (``base_dir``, ``source``,
+    ``overrides``), and the keys an earlier psfw wrote for every data set and model
+    kept only where they apply (``parse_config`` would refuse them)."""
+    data = copy.deepcopy(data)
+    for key in _SET_BY_LOADER:
+        data.pop(key, None)
+    d = data.get("data")
+    if isinstance(d, dict) and "path" not in d and "module" not in d and d.get("name", "digits") != "synthetic":
+        for key in SYNTHETIC_ONLY:
+            d.pop(key, None)
+    m = data.get("model")
+    if isinstance(m, dict):
+        uses = MODEL_KEYS.get(m.get("name", "mlp"), ())
+        data["model"] = {k: v for k, v in m.items() if k == "name" or k in uses}
+    return data
+
+
+def settings_of(config: Config) -> dict[str, Any]:
+    """What ``config`` trains with, as plain JSON values (where it came from aside):
+    two configs train alike when these are equal."""
+    data = json.loads(config.model_dump_json())
+    for key in _SET_BY_LOADER:
+        data.pop(key, None)
+    return data
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``data`` with each ``KEY=VALUE`` of ``overrides`` set (``--set train.epochs=5``):
     a dotted key into the tables, a value parsed as a TOML value (``5``, ``3e-4``,
     ``true``, ``[64, 64]``, ``"adam"``), else taken as text (``adam``). The result is
     validated as the file is; ConfigError naming the override when it cannot apply."""
-    data = json.loads(json.dumps(data))  # a copy, tables and all
+    data = copy.deepcopy(data)  # tables and all (a TOML date is no JSON value)
     for item in overrides:
         key, equals, text = item.partition("=")
         key = key.strip()
@@ -333,7 +368,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(where, dict):
                 above = ".".join(tables[: depth + 1])
                 raise ConfigError(f"--set {item}: {above} is a value, not a table: set {above} itself")
-        if key in _SET_BY_LOADER:
+        if key.split(".")[0] in _SET_BY_LOADER:
             raise ConfigError(f"--set {item}: {key}: unknown key (check its spelling against the config reference)")
         where[last] = value
     return data

@@ -63,7 +63,8 @@ class TrainResult:
     rpcs: list[dict[str, int]] = field(default_factory=list)  # per process: RPCs its stub sent
     shard_addresses: list[str] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)  # the evaluations during training (eval_every)
-    devices: dict[int, str] = field(default_factory=dict)  # worker -> the device it computed on (run here)
+    # worker of the job (group x workers_per_group + worker) -> the device it computed on, for those run here
+    devices: dict[int, str] = field(default_factory=dict)
 
     @property
     def test_accuracy(self) -> float | None:
@@ -115,10 +116,7 @@ async def run_job(
     if 0 in processes:  # once per job: the OS process that runs process 0
         _warn_empty_shards(job)
     step_fn = make_grad_step(job.model.loss)
-    try:
-        chosen = worker_devices(c.devices, c.workers_per_process)
-    except ValueError as err:
-        raise job.config.error("cluster.devices", str(err)) from None
+    chosen = _devices(job)
     identity = job_identity(job.config, {n: (p.dtype, p.shape) for n, p in job.layout.params.items()})
     stubs: list[Stub] = []
     async with AsyncExitStack() as stack:
@@ -209,6 +207,7 @@ async def train_async(
     TLS and token for the channels to ``servers``.
     """
     job = build_job(config)
+    _devices(job)  # a device this process does not see: refused before the run folder is touched
     t, c = config.train, config.cluster
     processes = list(range(c.worker_groups * c.processes_per_group)) if processes is None else processes
     chief = 0 in processes
@@ -268,7 +267,7 @@ async def train_async(
         evaluator = None
         if chief:  # the evaluation on the test split is process 0's
             evaluator = Evaluator(job, [eval_line] + ([metrics.write] if metrics is not None else []))
-            stack.callback(evaluator.close)
+            stack.push_async_exit(_closing(evaluator))
         devices: dict[int, str] = {}
         stubs = await run_job(
             job,
@@ -341,6 +340,25 @@ async def _go_on_with_the_optimizer(
     except WireError as err:
         raise UsageError(f"--change-optimizer: {err.message}") from None
     return changes
+
+
+def _closing(evaluator: Evaluator) -> Callable:
+    """An exit callback for an AsyncExitStack: the evaluation on the way finishes
+    (in a thread: the event loop goes on) when the job ends well, else it is dropped."""
+
+    async def close(kind, error, trace) -> bool:
+        await asyncio.to_thread(evaluator.close, kind is None)
+        return False
+
+    return close
+
+
+def _devices(job: Job) -> list[Any]:
+    """The device of each local worker of a process (``cluster.devices``)."""
+    try:
+        return worker_devices(job.config.cluster.devices, job.config.cluster.workers_per_process)
+    except ValueError as err:
+        raise job.config.error("cluster.devices", str(err)) from None
 
 
 @asynccontextmanager

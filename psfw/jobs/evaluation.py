@@ -35,7 +35,12 @@ def test_metrics(job: Job, values: dict[str, Any], evaluate: Callable | None = N
 
 
 class Evaluator:
-    """Evaluations of ``job`` on its test split; ``sinks`` take each periodic record."""
+    """Evaluations of ``job`` on its test split; ``sinks`` take each periodic record.
+    They run one at a time, in step order; at most ``BACKLOG`` wait (each holds its
+    step's parameters), and a step that comes due beyond that is skipped (said once
+    in the log): evaluations slower than the training never pile up without bound."""
+
+    BACKLOG = 4
 
     def __init__(self, job: Job, sinks: list[Callable[[dict[str, Any]], None]]):
         self.job, self.sinks = job, sinks
@@ -44,7 +49,8 @@ class Evaluator:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="psfw-eval")
         self._lock = threading.Lock()
         self._steps: set[int] = set()  # steps evaluated or on the way
-        self._pending: list[Future] = []
+        self._pending: list[tuple[int, Future]] = []
+        self._said_skipped = False
         self.records: list[dict[str, Any]] = []
 
     def evaluate(self, values: dict[str, Any]) -> tuple[float, dict[str, float]]:
@@ -59,26 +65,34 @@ class Evaluator:
         with self._lock:
             if step in self._steps:  # a re-sync went back over it
                 return
+            self._pending = [(at, future) for at, future in self._pending if not future.done()]
+            if len(self._pending) >= self.BACKLOG:
+                if not self._said_skipped:
+                    self._said_skipped = True
+                    log.warning(
+                        "the evaluation of step %d is skipped: those of steps %s still wait (evaluations slower "
+                        "than train.eval_every steps of training are skipped; raise it to have each)",
+                        step,
+                        ", ".join(str(at) for at, _ in self._pending),
+                    )
+                return
             self._steps.add(step)
-            self._pending.append(self._pool.submit(self._record, step, values))
+            self._pending.append((step, self._pool.submit(self._record, step, values)))
 
     def _record(self, step: int, values: dict[str, Any]) -> None:
-        try:
+        try:  # a failed evaluation, or a sink that cannot write, must not stop the training
             loss, metrics = self.evaluate(values)
-        except Exception:  # noqa: BLE001 - a failed evaluation must not stop the training
+            record: dict[str, Any] = {"eval": True, "group": 0, "step": step, "test_loss": loss}
+            record.update({f"test_{name}": value for name, value in metrics.items()})
+            self.records.append(record)
+            for sink in self.sinks:
+                sink(record)
+        except Exception:  # noqa: BLE001 - see above; the log says what failed
             log.exception("the evaluation of step %d failed", step)
-            return
-        record: dict[str, Any] = {"eval": True, "group": 0, "step": step, "test_loss": loss}
-        record.update({f"test_{name}": value for name, value in metrics.items()})
-        self.records.append(record)
-        for sink in self.sinks:
-            sink(record)
 
-    def close(self) -> None:
-        """Finish the evaluations on the way, in order."""
-        for future in self._pending:
-            future.result()
-        self._pool.shutdown()
+    def close(self, finish: bool = True) -> None:
+        """Finish the evaluation on the way (``finish``), or drop it (the job failed)."""
+        self._pool.shutdown(wait=finish, cancel_futures=not finish)
 
 
 def eval_line(record: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from psfw.compute.datasets import Dataset, load_dataset
 from psfw.compute.models import Model, cnn, head_for, load_user_model, mlp
 from psfw.compute.netgraph import check_layers
 from psfw.compute.params import flatten_params
-from psfw.compute.user_data import check_dataset, load_module, load_path
+from psfw.compute.user_data import check_dataset, load_module, load_path, value_range
 from psfw.jobs.config import Config
 from psfw.protocol.layout import Layout, plan_layout
 
@@ -85,10 +86,7 @@ def build_model(config: Config, data: Dataset) -> Model:
             )
         outputs, head, head_name = head_for(data.classes, data.label_shape)
     if m.name == "mlp":
-        features = 1
-        for d in data.input_shape:
-            features *= d
-        return mlp([features, *m.hidden, outputs], head, head_name)
+        return mlp([math.prod(data.input_shape), *m.hidden, outputs], head, head_name)
     if m.name == "cnn":
         if len(data.input_shape) != 3:
             raise config.error(
@@ -103,6 +101,17 @@ def build_model(config: Config, data: Dataset) -> Model:
                 f"(the vocabulary), but the inputs are {list(data.input_shape)} and the labels "
                 f"{list(data.label_shape)} per row with classes {data.classes}",
             )
+        if data.x_train.dtype.kind not in "iu":
+            raise config.error(
+                "model.name", f"transformer needs integer token ids, but x_train is {data.x_train.dtype}"
+            )
+        for name in ("x_train", "x_test"):  # JAX would clamp an id out of range without a word
+            low, high = value_range(getattr(data, name))
+            if low < 0 or high >= data.classes:
+                raise config.error(
+                    "data.classes",
+                    f"{name} holds token ids from {low} to {high}, out of range for a vocabulary of {data.classes}",
+                )
         from psfw.compute.transformer import transformer_lm
 
         return transformer_lm(data.classes, data.input_shape[0], m.width, m.heads, m.depth, m.ff)

@@ -105,20 +105,19 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
     that it resumes (``field: [before, after]``); UsageError for a change of the
     model, the data, the seed or the name, which cannot continue that run's
     parameters, and of the optimizer unless ``change_optimizer``."""
-    from psfw.jobs.config import SYNTHETIC_ONLY
+    from psfw.jobs.config import parse_config, settings_of, stored_settings
+    from psfw.protocol.errors import ConfigError
     from psfw.protocol.identity import changed
 
     path = folder / "config.json"
     if not path.exists():
         return {}
-    before, after = json.loads(path.read_text()), json.loads(config.model_dump_json())
-    for settings in (before, after):
-        for key in ("base_dir", "source", "overrides"):  # where the settings came from, not what they are
-            settings.pop(key, None)
-    data = before.get("data", {})
-    if data.get("name", "digits") != "synthetic":  # an earlier psfw wrote the synthetic set's keys for every set
-        for key in SYNTHETIC_ONLY:
-            data.pop(key, None)
+    before = stored_settings(json.loads(path.read_text()))
+    try:  # with the keys added since filled in with their defaults, as the new config has them
+        before = settings_of(parse_config(before, str(path)))
+    except ConfigError:  # settings psfw no longer takes: compared as written
+        pass
+    after = settings_of(config)
     changes = changed(before, after)
     resumable = RESUMABLE + (("optimizer.",) if change_optimizer else ())
     fixed = [f"{k}: {b} -> {a}" for k, (b, a) in changes.items() if not k.startswith(resumable)]

@@ -141,8 +141,9 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
     def hint() -> str:
         if run_dir is None:
             return "the run kept no checkpoints"
-        overrides = [flag for item in config.overrides for flag in ("--set", item)]
-        command = shlex.join(["psfw", "launch", str(config_path), *overrides, "--run-dir", str(run_dir), "--resume"])
+        command = shlex.join(
+            ["psfw", "launch", str(config_path), *config.set_flags(), "--run-dir", str(run_dir), "--resume"]
+        )
         return resume_hint(command, run_dir / CHECKPOINTS, c.servers)
 
     for sig in STOP_SIGNALS:
@@ -165,7 +166,7 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         workers = []
         for process in range(c.worker_groups * c.processes_per_group):
             args = ["worker", str(config_path), "--process", str(process), "--servers", ",".join(addresses)]
-            args += [flag for item in config.overrides for flag in ("--set", item)]  # the same job in every process
+            args += config.set_flags()  # the same job in every process
             if process % c.processes_per_group == 0 and run_dir is not None:  # each group's first: its records
                 args += ["--run-dir", str(run_dir)]
             if resume:

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from psfw.compute.params import unflatten_params
-from psfw.jobs.config import MODEL_KEYS, Config, parse_config
+from psfw.jobs.config import Config, parse_config, stored_settings
 from psfw.jobs.evaluation import test_metrics
 from psfw.jobs.job import Job, build_job
-from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE, read_params
+from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE
 from psfw.protocol.errors import UsageError
 from psfw.services.checkpoint import complete_steps, load_values
 
@@ -33,11 +33,8 @@ def run_config(run_dir: Path) -> Config:
         raise UsageError(f"{run_dir} has no config.json: give the folder of a psfw run") from None
     except (OSError, ValueError) as err:
         raise UsageError(f"{path} cannot be read: {err}") from None
-    base_dir, source = data.pop("base_dir", "."), data.pop("source", str(path))
-    data.pop("overrides", None)
-    model = data.get("model", {})  # config.json holds every model key: keep the chosen model's
-    uses = MODEL_KEYS.get(model.get("name", "mlp"), ())
-    data["model"] = {k: v for k, v in model.items() if k == "name" or k in uses}
+    base_dir, source = data.get("base_dir", "."), data.get("source", str(path))
+    data = stored_settings(data)
     return parse_config(data, source, base_dir)
 
 
@@ -56,7 +53,7 @@ def trained_values(run_dir: Path, job: Job, step: int | None = None) -> tuple[in
 
         with safe_open(str(path), framework="numpy") as f:
             at = int((f.metadata() or {}).get("step", -1))
-        values = read_params(path)
+            values = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no items())
     else:
         steps = complete_steps(run_dir / CHECKPOINTS, shards)
         if step not in steps:

@@ -26,7 +26,7 @@ def job_identity(config: Any, params: dict[str, tuple[str, tuple[int, ...]]]) ->
         "named": config.name or "",
         "params": {n: [dtype, list(shape)] for n, (dtype, shape) in sorted(params.items())},
         "optimizer": json.loads(config.optimizer.spec_json()),
-        "data": config.data.model_dump(),
+        "data": config.data.model_dump(mode="json"),
         "seed": config.seed,
     }
     compared = json.dumps({k: identity[k] for k in COMPARED}, sort_keys=True)

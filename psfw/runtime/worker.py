@@ -37,7 +37,8 @@ class WorkerSpec:
     executor: Executor
     wait_s: float = 120.0
     devices: dict[int, Any] = field(default_factory=dict)  # worker -> its device (absent: JAX's default)
-    seen: dict[int, str] = field(default_factory=dict)  # worker -> the device its gradients came from
+    # the job's worker (group x workers_per_group + worker) -> the device its gradients came from
+    seen: dict[int, str] = field(default_factory=dict)
 
 
 def init_owned(init: Callable, seed: int, names: list[str]) -> dict[str, np.ndarray]:
@@ -60,8 +61,9 @@ def _compute(spec: WorkerSpec, worker: int, values: dict[str, Any], rows: np.nda
         params, x, y = jax.device_put((params, x, y), device)
     loss, metrics, grads = spec.step_fn(params, x, y)
     flat, _ = flatten_params(grads)
-    if worker not in spec.seen:
-        spec.seen[worker] = ", ".join(sorted(device_name(d) for d in next(iter(flat.values())).devices()))
+    key = spec.order.group * spec.workers_per_group + worker
+    if key not in spec.seen:
+        spec.seen[key] = ", ".join(sorted(device_name(d) for d in next(iter(flat.values())).devices()))
     out = {n: np.asarray(g) for n, g in flat.items()}  # waits for XLA, off the event loop
     return float(loss), {k: float(v) for k, v in metrics.items()}, out
 
