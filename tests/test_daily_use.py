@@ -13,6 +13,7 @@ import psfw
 from psfw.compute.params import flatten_params
 from psfw.jobs.config import load_config
 from psfw.jobs.embedded import train_async
+from psfw.jobs.trained import evaluate_run
 from psfw.protocol.errors import ConfigError, UsageError
 
 from helpers import EXAMPLES
@@ -104,21 +105,24 @@ async def test_load_params_gives_the_final_or_a_checkpoints_parameters_as_the_mo
         psfw.load_params(tmp_path / "run", step=15)
 
 
-def test_psfw_eval_prints_what_the_run_trained_and_refuses_another_model(tmp_path):
+@pytest.mark.asyncio
+async def test_psfw_eval_prints_what_the_run_trained_and_refuses_another_model(tmp_path):
     run = tmp_path / "run"
-    final = psfw_run(
-        "train", EXAMPLES / "digits_mlp.toml", "--set", "train.epochs=2", "--run-dir", run, "--no-progress"
+    config = load_config(EXAMPLES / "digits_mlp.toml", ["train.epochs=2", "train.checkpoint_every=20"])
+    result = await train_async(config, run, progress=False)
+    shown = psfw_run("eval", EXAMPLES / "digits_mlp.toml", "--run-dir", run).stdout.strip()
+    assert shown == f"step 44: {result.summary()}"
+    figures = json.loads(
+        psfw_run("eval", EXAMPLES / "digits_mlp.toml", "--run-dir", run, "--json", "--step", 40).stdout
     )
-    shown = psfw_run("eval", EXAMPLES / "digits_mlp.toml", "--run-dir", run)
-    assert final.stdout.splitlines()[-1].startswith(shown.stdout.strip().removeprefix("step 44: "))
-    figures = json.loads(psfw_run("eval", EXAMPLES / "digits_mlp.toml", "--run-dir", run, "--json").stdout)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert figures["step"] == 44 and figures["test_loss"] == pytest.approx(records[-1]["test_loss"], rel=1e-6)
-    wrong = psfw_run("eval", EXAMPLES / "digits_cnn.toml", "--run-dir", run, check=False)
-    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
-    assert "holds parameters of another model (conv0/b: absent in the run, float32[16] in the model" in wrong.stderr
-    missing = psfw_run("eval", EXAMPLES / "digits_mlp.toml", "--run-dir", run, "--step", "5", check=False)
-    assert missing.returncode == 2 and "has no complete checkpoint of step 5" in missing.stderr
+    assert figures["step"] == 40 and set(figures) == {"step", "test_loss", "test_accuracy"}
+    assert figures["test_loss"] != pytest.approx(result.test_loss, rel=1e-6), "step 40's parameters, not the final"
+    with pytest.raises(
+        UsageError, match=r"holds parameters of another model \(conv0/b: absent in the run, float32\[16\]"
+    ):
+        evaluate_run(run, load_config(EXAMPLES / "digits_cnn.toml"))
+    with pytest.raises(UsageError, match="has no complete checkpoint of step 5 for 2 shards"):
+        evaluate_run(run, load_config(EXAMPLES / "digits_mlp.toml"), step=5)
 
 
 def test_version():

@@ -299,17 +299,17 @@ from helpers import reference
 assert len(jax.local_devices()) == 2, jax.local_devices()
 logging.basicConfig(level=logging.INFO)
 out = {{}}
-for devices in ("auto", [1, 1]):
+for devices, per_process in (("auto", 2), ([1, 1], 2), ("auto", 1)):
     config = parse_config({{
         "seed": 1, "model": {{"hidden": [16]}}, "data": {{"name": "digits"}},
         "train": {{"batch_size": 40, "steps": 4, "log_every": 1}},
         "optimizer": {{"name": "adam", "learning_rate": 0.01}},
-        "cluster": {{"workers_per_group": 2, "workers_per_process": 2, "servers": 2, "devices": devices}},
+        "cluster": {{"workers_per_group": 2, "workers_per_process": per_process, "servers": 2, "devices": devices}},
     }})
     result = asyncio.run(train_async(config, progress=False, outputs=False))
     expected = reference(config, 4)
     error = max(float(abs(result.params[n] - expected[n]).max()) for n in expected)
-    out[json.dumps(devices)] = {{"devices": result.devices, "error": error}}
+    out[f"{{json.dumps(devices)}} {{per_process}}"] = {{"devices": result.devices, "error": error}}
 print(json.dumps(out))
 """
 
@@ -328,8 +328,9 @@ def test_the_workers_of_a_process_compute_on_their_own_devices():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out['"auto"']["devices"] == {"0": "cpu:0", "1": "cpu:1"}
-    assert out["[1, 1]"]["devices"] == {"0": "cpu:1", "1": "cpu:1"}
+    assert out['"auto" 2']["devices"] == {"0": "cpu:0", "1": "cpu:1"}
+    assert out["[1, 1] 2"]["devices"] == {"0": "cpu:1", "1": "cpu:1"}
+    assert out['"auto" 1']["devices"] == {"0": "cpu:0", "1": "cpu:1"}, "two processes here spread too"
     for case in out.values():
         assert case["error"] < 1e-5
     assert "worker 0 on cpu:0, worker 1 on cpu:1" in done.stderr

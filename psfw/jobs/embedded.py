@@ -116,7 +116,8 @@ async def run_job(
     if 0 in processes:  # once per job: the OS process that runs process 0
         _warn_empty_shards(job)
     step_fn = make_grad_step(job.model.loss)
-    chosen = _devices(job)
+    # the devices of every worker run in this OS process, in turn: processes here spread over them too
+    chosen = _devices(job, len(processes))
     identity = job_identity(job.config, {n: (p.dtype, p.shape) for n, p in job.layout.params.items()})
     stubs: list[Stub] = []
     async with AsyncExitStack() as stack:
@@ -126,8 +127,9 @@ async def run_job(
             ThreadPoolExecutor(len(processes) * c.workers_per_process, thread_name_prefix="psfw-worker")
         )
         async with _first_cause(), asyncio.TaskGroup() as tasks:
-            for process in processes:
+            for here, process in enumerate(processes):
                 group, local = divmod(process, c.processes_per_group)
+                mine = chosen[here * c.workers_per_process : (here + 1) * c.workers_per_process]
                 workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
                 spec = WorkerSpec(
                     layout=job.layout,
@@ -140,10 +142,10 @@ async def run_job(
                     workers_per_group=c.workers_per_group,
                     executor=executor,
                     wait_s=t.wait_s,
-                    devices={w: d for w, d in zip(workers, chosen) if d is not None},
+                    devices={w: d for w, d in zip(workers, mine) if d is not None},
                     seen={} if devices is None else devices,
                 )
-                on = describe_devices(workers, chosen)
+                on = describe_devices(workers, mine)
                 clients = await connect_all(
                     addresses,
                     who=f"process {process} of group {group}" + (f" ({on})" if on else ""),
@@ -353,10 +355,11 @@ def _closing(evaluator: Evaluator) -> Callable:
     return close
 
 
-def _devices(job: Job) -> list[Any]:
-    """The device of each local worker of a process (``cluster.devices``)."""
+def _devices(job: Job, processes: int = 1) -> list[Any]:
+    """The device of each worker of ``processes`` worker processes run in this OS
+    process, in order (``cluster.devices``)."""
     try:
-        return worker_devices(job.config.cluster.devices, job.config.cluster.workers_per_process)
+        return worker_devices(job.config.cluster.devices, processes * job.config.cluster.workers_per_process)
     except ValueError as err:
         raise job.config.error("cluster.devices", str(err)) from None
 
