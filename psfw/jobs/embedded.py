@@ -23,7 +23,7 @@ import numpy as np
 from psfw.compute.step import make_grad_step
 from psfw.jobs.config import Config, load_config
 from psfw.jobs.evaluation import Evaluator, eval_line
-from psfw.jobs.job import Job, build_job
+from psfw.jobs.job import Job, build_job, warn_empty_shards
 from psfw.jobs.outputs import (
     CHECKPOINTS,
     PARAMS_FILE,
@@ -41,7 +41,7 @@ from psfw.jobs.progress import ProgressBar, StepReporter, log_line
 from psfw.protocol.errors import ConfigError, UsageError, WireError
 from psfw.protocol.identity import changed, job_identity
 from psfw.protocol.security import NO_SECURITY, Security
-from psfw.runtime.connect import connect_all, shard_ranges
+from psfw.runtime.connect import connect_all
 from psfw.runtime.devices import describe_devices, worker_devices
 from psfw.runtime.fetch import fetch_params
 from psfw.runtime.param_cache import ParamCache
@@ -114,7 +114,7 @@ async def run_job(
             f"{job.config.source}: cluster.servers: {c.servers} shards, but {len(addresses)} shard addresses were given"
         )
     if 0 in processes:  # once per job: the OS process that runs process 0
-        _warn_empty_shards(job)
+        warn_empty_shards(job)
     step_fn = make_grad_step(job.model.loss)
     # the devices of every worker run in this OS process, in turn: processes here spread over them too
     chosen = _devices(job, len(processes))
@@ -269,7 +269,7 @@ async def train_async(
         evaluator = None
         if chief:  # the evaluation on the test split is process 0's
             evaluator = Evaluator(job, [eval_line] + ([metrics.write] if metrics is not None else []))
-            stack.push_async_exit(_closing(evaluator))
+            stack.push_async_exit(evaluator.exit_callback())
         devices: dict[int, str] = {}
         stubs = await run_job(
             job,
@@ -344,17 +344,6 @@ async def _go_on_with_the_optimizer(
     return changes
 
 
-def _closing(evaluator: Evaluator) -> Callable:
-    """An exit callback for an AsyncExitStack: the evaluation on the way finishes
-    (in a thread: the event loop goes on) when the job ends well, else it is dropped."""
-
-    async def close(kind, error, trace) -> bool:
-        await asyncio.to_thread(evaluator.close, kind is None)
-        return False
-
-    return close
-
-
 def _devices(job: Job, processes: int = 1) -> list[Any]:
     """The device of each worker of ``processes`` worker processes run in this OS
     process, in order (``cluster.devices``)."""
@@ -386,22 +375,6 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     for e in group.exceptions:
         out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
     return out
-
-
-def _warn_empty_shards(job: Job) -> None:
-    c = job.config.cluster
-    used = {s.shard for p in job.layout.params.values() for s in p.slices}
-    empty = [i for i in range(c.servers) if i not in used]
-    if empty:
-        log.warning(
-            "%s: cluster.servers is %d but the model has only %d slices: %s %s nothing and only slow every step "
-            "down (lower cluster.servers, or cluster.slice_bytes to cut the parameters finer)",
-            job.config.source,
-            c.servers,
-            sum(len(p.slices) for p in job.layout.params.values()),
-            shard_ranges(empty),
-            "holds" if len(empty) == 1 else "hold",
-        )
 
 
 def _append_json(path: Path, record: dict[str, Any]) -> None:

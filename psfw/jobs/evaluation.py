@@ -11,6 +11,7 @@ workers train on. Each result is a record ``{"eval": true, "group": 0, "step", "
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -89,6 +90,16 @@ class Evaluator:
                 sink(record)
         except Exception:  # noqa: BLE001 - see above; the log says what failed
             log.exception("the evaluation of step %d failed", step)
+
+    def exit_callback(self) -> Callable:
+        """For an ``AsyncExitStack``: the evaluations on the way finish (in a thread:
+        the event loop goes on) when the job ends well, else they are dropped."""
+
+        async def close(kind: Any, error: Any, trace: Any) -> bool:
+            await asyncio.to_thread(self.close, kind is None)
+            return False
+
+        return close
 
     def close(self, finish: bool = True) -> None:
         """Finish the evaluation on the way (``finish``), or drop it (the job failed)."""

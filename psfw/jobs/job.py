@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,9 @@ from psfw.compute.params import flatten_params
 from psfw.compute.user_data import check_dataset, load_module, load_path, value_range
 from psfw.jobs.config import Config
 from psfw.protocol.layout import Layout, plan_layout
+from psfw.runtime.connect import shard_ranges
+
+log = logging.getLogger("psfw")
 
 
 @dataclass
@@ -189,3 +193,19 @@ def build_job(config: Config) -> Job:
             f"{c.warmup_steps} warmup steps leave nothing of the {steps} steps to the other groups",
         )
     return Job(config, model, data, layout, treedef, steps)
+
+
+def warn_empty_shards(job: Job) -> None:
+    c = job.config.cluster
+    used = {s.shard for p in job.layout.params.values() for s in p.slices}
+    empty = [i for i in range(c.servers) if i not in used]
+    if empty:
+        log.warning(
+            "%s: cluster.servers is %d but the model has only %d slices: %s %s nothing and only slow every step "
+            "down (lower cluster.servers, or cluster.slice_bytes to cut the parameters finer)",
+            job.config.source,
+            c.servers,
+            sum(len(p.slices) for p in job.layout.params.values()),
+            shard_ranges(empty),
+            "holds" if len(empty) == 1 else "hold",
+        )
