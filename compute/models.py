@@ -33,7 +33,9 @@ Loss = Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
     """Mean softmax cross-entropy and accuracy of integer labels (of any shape: a
-    sequence's labels are averaged over its positions too)."""
+    sequence's labels are averaged over its positions too; a column of labels,
+    ``(B, 1)``, is one label per row)."""
+    labels = labels.reshape(logits.shape[:-1])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     accuracy = (jnp.argmax(logits, axis=-1) == labels).mean()
     return loss, {"accuracy": accuracy}

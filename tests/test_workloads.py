@@ -63,6 +63,7 @@ async def test_an_npz_file_with_its_own_test_split_and_integer_classes(tmp_path)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(200, 5)).astype(np.float64)
     y = (x[:, 0] > 0).astype(np.uint8) + 2 * (x[:, 1] > 0)
+    y = y.reshape(-1, 1)  # a column of labels: one per row
     np.savez(tmp_path / "d.npz", x_train=x[:160], y_train=y[:160], x_test=x[160:], y_test=y[160:])
     config = parse_config(config_of({"path": "d.npz", "classes": 4}, tmp_path, steps=40), "job.toml", str(tmp_path))
     result = await train_async(config, progress=False, outputs=False)

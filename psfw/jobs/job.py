@@ -82,7 +82,7 @@ def build_model(config: Config, data: Dataset) -> Model:
                 f"the labels are integers ({data.y_train.dtype}) but no classes are given: set data.classes for "
                 "classification, or store float labels to train a regression",
             )
-        if data.classes is not None and data.label_shape:
+        if data.classes is not None and data.label_shape not in ((), (1,)):
             raise config.error(
                 "model.name",
                 f"{m.name} gives one class per row, but the labels have the shape {list(data.label_shape)} per row: "
