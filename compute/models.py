@@ -8,7 +8,7 @@ structure for export: each layer names the parameters it uses, in data-flow orde
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from psfw.compute.tables import TableSpec
 from psfw.compute.user_files import import_user_file
 
 Params = Any  # arbitrary nests of arrays
@@ -23,9 +24,22 @@ Layer = dict[str, Any]  # {"name", "type", "params": [names], ...}
 
 
 class Model(NamedTuple):
+    """``init(key) -> params`` and ``loss(params, x, y) -> (loss, metrics)``.
+
+    A model with embedding tables also declares them (``tables``: name ->
+    ``TableSpec``) and ``ids(x) -> {table: int ids}``, which names the rows each
+    row of ``x`` uses (on the host, numpy: any shape per table). Its loss is then
+    ``loss(params, x, y, embedded)``, where ``embedded[table]`` holds the looked-up
+    rows, of shape ``ids.shape + (dim,)``; the tables are not in ``params``. An
+    optional ``score(params, x, embedded)`` gives one score per row (the test set's
+    AUC is reported for a binary label)."""
+
     init: Callable[[jax.Array], Params]
-    loss: Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+    loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
     layers: list[Layer]
+    tables: Mapping[str, TableSpec] = {}
+    ids: Callable[[Any], dict[str, Any]] | None = None
+    score: Callable[..., jax.Array] | None = None
 
 
 Loss = Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -154,7 +168,9 @@ def load_user_model(path: str | Path, **options: Any) -> Model:
     with ``name``, ``type`` and ``params`` (see ``compute.netgraph.check_layers``);
     without it, one layer per top-level parameter group is assumed.
     If the file defines ``make(**options)``, it is called with the config's
-    ``options`` and must return an object with ``init`` and ``loss``.
+    ``options`` and must return an object with ``init`` and ``loss``. A model with
+    embedding tables also gives ``tables`` (name -> ``TableSpec``) and ``ids(x)``,
+    and its loss takes the looked-up rows (see ``Model``).
     """
     path = Path(path)
     if not path.is_file():
@@ -187,9 +203,17 @@ def load_user_model(path: str | Path, **options: Any) -> Model:
             raise ValueError(f"model file {path} must define a function {name}()")
     user_loss = source.loss
 
-    def loss(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict]:
-        out = user_loss(params, x, y)
+    def loss(params: Params, x: jax.Array, y: jax.Array, *embedded: Any) -> tuple[jax.Array, dict]:
+        out = user_loss(params, x, y, *embedded)
         return out if isinstance(out, tuple) else (out, {})
 
     layers = getattr(source, "layers", None)  # checked against the parameters by the job (netgraph.check_layers)
-    return Model(source.init, loss, [] if layers is None else layers)
+    tables = dict(getattr(source, "tables", None) or {})
+    return Model(
+        source.init,
+        loss,
+        [] if layers is None else layers,
+        tables,
+        getattr(source, "ids", None),
+        getattr(source, "score", None),
+    )

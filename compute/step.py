@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -28,9 +29,47 @@ def make_grad_step(loss: Callable) -> Callable:
     return jax.jit(step)
 
 
+def make_sparse_step(loss: Callable) -> Callable:
+    """``step(params, rows, inverse, x, y) -> (loss, metrics, summed_grads,
+    summed_row_grads)``, jitted, for a model with embedding tables.
+
+    ``rows[table]`` is a ``[U, dim]`` block of the table's rows (padded to a
+    bucket size, see ``psfw.compute.tables.bucket``); ``inverse[table]`` gives, for
+    each id of the batch, its row in the block. The lookup is a gather inside the
+    jitted region, so the gradient of a block row is the sum over every occurrence
+    of its id (duplicates add up, padding rows get zero). Both gradients are of the
+    summed loss, as ``make_grad_step``'s.
+    """
+
+    def total(params: Params, rows: dict, inverse: dict, x: jax.Array, y: jax.Array):
+        embedded = {name: jnp.take(block, inverse[name], axis=0) for name, block in rows.items()}
+        return loss(params, x, y, embedded)
+
+    def step(params: Params, rows: dict, inverse: dict, x: jax.Array, y: jax.Array):
+        (value, metrics), (grads, row_grads) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
+            params, rows, inverse, x, y
+        )
+        count = jnp.asarray(x.shape[0], jnp.float32)
+        scale = functools.partial(jax.tree.map, lambda g: g * count.astype(g.dtype))
+        return value, metrics, scale(grads), scale(row_grads)
+
+    return jax.jit(step)
+
+
 def make_eval_fn(loss: Callable) -> Callable:
     """``evaluate(params, x, y) -> (loss, metrics)``, jitted."""
     return jax.jit(loss)
+
+
+def make_sparse_eval_fn(loss: Callable) -> Callable:
+    """``evaluate(params, rows, inverse, x, y) -> (loss, metrics)``, jitted, for a
+    model with embedding tables (``rows`` and ``inverse`` as ``make_sparse_step``'s)."""
+
+    def evaluate(params: Params, rows: dict, inverse: dict, x: jax.Array, y: jax.Array):
+        embedded = {name: jnp.take(block, inverse[name], axis=0) for name, block in rows.items()}
+        return loss(params, x, y, embedded)
+
+    return jax.jit(evaluate)
 
 
 def evaluate_in_batches(evaluate: Callable, params: Params, x, y, batch_size: int) -> tuple[float, dict[str, float]]:

@@ -6,7 +6,9 @@ The public API is small:
 - ``train(config, run_dir)``: the embedded default, shards + stub + workers in one
   process; ``train_async`` is the same inside a running event loop;
 - ``load_params(run_dir)``: what a run trained, as its model's parameter pytree;
+  ``load_table(run_dir, name)``: the rows of one of its embedding tables;
 - ``Model``, ``mlp``, ``cnn``: models as pure ``init``/``loss`` functions;
+  ``TableSpec``: an embedding table a model declares;
 - ``ShardServer`` / ``serve``: one parameter-server shard over gRPC;
 - ``connect``: a ``Transport`` to one shard (in-process, shared memory or gRPC),
   with the verbs put, get, update, describe, restore; ``ShardClient`` is the gRPC one;
@@ -24,9 +26,10 @@ from psfw.version import __version__ as __version__
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load on first use
     from psfw.compute.models import Model, cnn, mlp
+    from psfw.compute.tables import TableSpec
     from psfw.jobs.config import Config, load_config
     from psfw.jobs.embedded import TrainResult, train, train_async
-    from psfw.jobs.trained import load_params
+    from psfw.jobs.trained import load_params, load_table
     from psfw.protocol.errors import ConfigError, PsfwError, ShardError, UsageError
     from psfw.protocol.messages import UpdateHeader
     from psfw.runtime.connect import connect
@@ -42,6 +45,8 @@ _EXPORTS = {
     "train_async": "psfw.jobs.embedded",
     "TrainResult": "psfw.jobs.embedded",
     "load_params": "psfw.jobs.trained",
+    "load_table": "psfw.jobs.trained",
+    "TableSpec": "psfw.compute.tables",
     "Model": "psfw.compute.models",
     "mlp": "psfw.compute.models",
     "cnn": "psfw.compute.models",
@@ -68,6 +73,7 @@ __all__ = [
     "ShardClient",
     "ShardError",
     "ShardServer",
+    "TableSpec",
     "TrainResult",
     "Transport",
     "UpdateHeader",
@@ -77,6 +83,7 @@ __all__ = [
     "format_status",
     "load_config",
     "load_params",
+    "load_table",
     "mlp",
     "serve",
     "train",

@@ -139,3 +139,15 @@ def load_values(root: Path, step: int, shard: int) -> dict[tuple[str, int], np.n
     with safe_open(str(shard_file(root, step, shard)), framework="numpy") as f:
         meta = json.loads(f.metadata()["psfw"])
         return {(e["key"], int(e["slice"])): f.get_tensor(f"value/{i}") for i, e in enumerate(meta["slices"])}
+
+
+def load_table_rows(root: Path, step: int, shard: int, table: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ids and values of the rows of ``table`` one shard saved for ``step``
+    (None when its checkpoint holds no such table)."""
+    from safetensors import safe_open
+
+    with safe_open(str(shard_file(root, step, shard)), framework="numpy") as f:
+        names = set(f.keys())
+        if f"table/{table}/ids" not in names:
+            return None
+        return f.get_tensor(f"table/{table}/ids"), f.get_tensor(f"table/{table}/values")

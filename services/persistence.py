@@ -22,6 +22,7 @@ from psfw.protocol.layout import SliceKey
 from psfw.services.checkpoint import CheckpointFolder
 from psfw.services.kernel import UpdateKernel
 from psfw.services.rounds import GroupState, fingerprint_of, refusal
+from psfw.services.tables import ShardTables
 
 if TYPE_CHECKING:
     from psfw.services.store import ShardStore
@@ -37,6 +38,7 @@ class Loaded(NamedTuple):
     states: dict[SliceKey, Any]
     kernel: UpdateKernel | None
     meta: dict[str, Any]
+    tables: ShardTables
 
 
 def snapshot(store: ShardStore) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -59,6 +61,9 @@ def snapshot(store: ShardStore) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         "groups": {str(g): {"step": st.step, "last": st.last} for g, st in store.groups.items()},
         "updates_applied": store.updates_applied,
     }
+    if store.tables.declaration:
+        table_tensors, meta["tables"] = store.tables.snapshot()
+        tensors.update(table_tensors)
     return tensors, meta
 
 
@@ -84,7 +89,8 @@ def load_snapshot(
         ]
         values[key], versions[key] = value, int(entry["version"])
         states[key] = jax.tree.unflatten(jax.tree.structure(shapes), leaves)
-    return Loaded(values, versions, states, kernel, meta)
+    tables = ShardTables.load(shard, shards, tensors, meta.get("tables", {}))
+    return Loaded(values, versions, states, kernel, meta, tables)
 
 
 class ShardCheckpoints:
@@ -128,7 +134,8 @@ class ShardCheckpoints:
         """Wait for pending writes; with ``final``, also save the current state (a
         graceful shutdown) unless that step is saved already."""
         store = self.store
-        if final and self.folder is not None and store.values and store.group_step(0) > self.saved_step:
+        held = store.values or store.tables.tables
+        if final and self.folder is not None and held and store.group_step(0) > self.saved_step:
             async with store.lock:
                 self.save_now()
         while self._saves:
@@ -192,6 +199,7 @@ def install(store: ShardStore, loaded: Loaded, epoch: int) -> None:
     store.damage = ""  # a checkpoint is a state to trust again
     store.specs = {k: (np.dtype(np.asarray(v).dtype), tuple(v.shape)) for k, v in loaded.values.items()}
     store.kernel = loaded.kernel
+    store.tables = loaded.tables
     store.job = loaded.meta.get("job", "")
     store.fingerprint = fingerprint_of(store.job)
     store.groups = {

@@ -22,7 +22,7 @@ import numpy as np
 
 from psfw.protocol.errors import Reason, WireError
 from psfw.protocol.layout import SliceKey
-from psfw.protocol.messages import Parts, UpdateHeader
+from psfw.protocol.messages import Parts, RowBlock, UpdateHeader
 from psfw.protocol.wire import slice_name
 
 MAX_ROWS = 2**53  # the mean divides by the rows: beyond this, a float64 no longer counts them exactly
@@ -50,6 +50,7 @@ class Contribution:
     rows: int
     sums: dict[SliceKey, Parts]  # kept as received, no copy: the update adds them up
     metrics: dict[str, float]  # x rows
+    push: Mapping[str, RowBlock] = field(default_factory=dict)  # table rows' gradient sums, x rows
 
 
 @dataclass
@@ -103,6 +104,7 @@ class UpdateResult:
     slowest_step: int = 0  # the slowest group's completed steps when the answer left
     metrics: dict[str, float] = field(default_factory=dict)  # the group's metrics of the step, x rows
     rows: int = 0  # the group's rows of the step
+    table_rows: dict[str, RowBlock] = field(default_factory=dict)  # the rows the Update pulled (its own)
     # the encoded answer, built once for all the group's processes; the result holds
     # no reference to its round, so that old values are freed without the cycle collector
     cache: dict = field(default_factory=dict)

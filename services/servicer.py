@@ -30,6 +30,7 @@ from psfw.protocol.frames import (
     message_deserializer,
 )
 from psfw.protocol.layout import SliceKey
+from psfw.protocol.row_wire import RowCollector, row_pieces
 from psfw.protocol.service import REASON_KEY
 from psfw.protocol.shm import Region, RegionCache, host_id, slot_layout
 from psfw.protocol.wire import Assembler, batched, encoded_ahead, update_header
@@ -128,20 +129,30 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 header = assembler.add_frame(frame)
                 if first is None:
                     first = header
-            optimizer, job = (first.optimizer, first.job) if first is not None else ("", "")
-            stored = await self.store.put(assembler.finish(), optimizer, adopt=True, job=job)
+            optimizer, job, tables = (first.optimizer, first.job, first.tables) if first is not None else ("", "", "")
+            stored = await self.store.put(assembler.finish(), optimizer, adopt=True, job=job, tables=tables)
             self.metrics.bytes_in.labels(self._shard).inc(assembler.total)
         return pb.PutReply(slices=stored)
 
     async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[Frame]:
         async with self._handled(context, "Get", request):
             keys = [(r.key, r.slice) for r in request.slices]
-            step, values = await self.store.read(
-                keys, request.group, request.step, _wait(request.wait_s), request.wait_for_put, request.job
+            pulled = RowCollector()
+            pulled.add(request.pull, ids_only=True)
+            step, values, rows = await self.store.read(
+                keys,
+                request.group,
+                request.step,
+                _wait(request.wait_s),
+                request.wait_for_put,
+                request.job,
+                pulled.ids(),
             )
             if request.shm:
                 region, offsets = self._region(request.shm)
                 await _write_answer(region, offsets, values)
+        for pieces in row_pieces(rows):
+            yield Frame(pb.GetReply(step=step, rows=pieces), [])
         if request.shm:
             yield Frame(pb.GetReply(step=step), [])
             return
@@ -152,8 +163,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         header = None
         async with self._handled(context, "Update"):
             assembler = Assembler(self.store.expect, max_bytes=self.max_request_bytes)
+            pushed = RowCollector()
             async for frame in request_iterator:
                 first = assembler.add_frame(frame)
+                pushed.add(first.push)
                 if header is None:
                     header = first
             if header is None:
@@ -165,10 +178,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 sums = {k: region.view(False, offsets[k], d, s) for k, (d, s) in self.store.specs.items()}
             else:
                 sums = assembler.finish()
-            result = await self.store.update(update_header(header, _wait(header.wait_s)), sums)
+            result = await self.store.update(update_header(header, _wait(header.wait_s), pushed.rows()), sums)
             self.metrics.bytes_in.labels(self._shard).inc(assembler.total or self.store.nbytes())
             if header.shm:
                 await _write_answer(region, offsets, result.values)
+        for pieces in row_pieces(result.table_rows):  # this process's own rows, ahead of the shared answer
+            yield UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, table_rows=pieces), []))
         if header.shm:  # the answer is in the region already
             self.metrics.bytes_out.labels(self._shard).inc(self.store.nbytes())
             yield UPDATE_REPLY(Frame(_reply_head(result), []))

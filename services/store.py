@@ -28,7 +28,7 @@ import numpy as np
 
 from psfw.protocol.errors import WireError, mark_retrieved
 from psfw.protocol.layout import SliceKey
-from psfw.protocol.messages import Gradients, UpdateHeader
+from psfw.protocol.messages import Gradients, RowBlock, TableIds, UpdateHeader
 from psfw.protocol.wire import slice_name
 from psfw.services.checkpoint import CheckpointFolder
 from psfw.services.kernel import UPDATE_BATCH_BYTES, PartlyApplied, UpdateKernel, unshared
@@ -47,6 +47,7 @@ from psfw.services.rounds import (
     refusal,
     same_form,
 )
+from psfw.services.tables import ShardTables
 
 NONFINITE_POLICIES = ("reject", "skip")
 INLINE_UPDATE_BYTES = 8 << 20  # a shard this small updates on the event loop
@@ -85,6 +86,7 @@ class ShardStore:
         self.versions: dict[SliceKey, int] = {}
         self.specs: dict[SliceKey, tuple[np.dtype, tuple[int, ...]]] = {}
         self.opt_state: dict[SliceKey, Any] = {}
+        self.tables = ShardTables(shard, shards)  # the rows of the job's embedding tables routed here
         self.groups: dict[int, GroupState] = {}
         self.kernel: UpdateKernel | None = None  # fixed by the first Put
         self.job = ""  # the identity (JSON) of the job whose parameters the shard holds, from its first Put
@@ -129,6 +131,7 @@ class ShardStore:
         return min((self.group_step(g) for g in range(max(worker_groups, 1))), default=0)
 
     def nbytes(self) -> int:
+        """Bytes of the slices (an Update's values, each way)."""
         return sum(math.prod(s) * d.itemsize for d, s in self.specs.values())
 
     def digest(self) -> str:
@@ -141,6 +144,7 @@ class ShardStore:
             for leaf in jax.tree.leaves(self.opt_state.get(key)):
                 h.update(np.asarray(leaf).tobytes())
         h.update(repr(sorted((g, s.step) for g, s in self.groups.items())).encode())
+        self.tables.digest_into(h)
         return h.hexdigest()
 
     async def state_digest(self) -> str:
@@ -166,7 +170,9 @@ class ShardStore:
 
     # -- put -----------------------------------------------------------------
 
-    async def put(self, arrays: dict[SliceKey, np.ndarray], optimizer: str, adopt: bool = False, job: str = "") -> int:
+    async def put(
+        self, arrays: dict[SliceKey, np.ndarray], optimizer: str, adopt: bool = False, job: str = "", tables: str = ""
+    ) -> int:
         """Store the initial values of new slices (version 0).
 
         A retried Put of identical values is acknowledged; a different value for a
@@ -175,10 +181,11 @@ class ShardStore:
         ``adopt``, the arrays are the request's own buffers, which nobody writes again:
         the shard keeps them instead of a copy. ``job``: the job's identity (JSON, see
         psfw.protocol.identity); the first Put that names one fixes it, a Put of
-        another job is FAILED_PRECONDITION.
+        another job is FAILED_PRECONDITION. ``tables``: the job's embedding tables
+        (JSON, see psfw.services.tables); the first declaration fixes them.
         """
-        if not arrays:
-            raise refusal(grpc.StatusCode.INVALID_ARGUMENT, "Put carries no slices")
+        if not arrays and not tables:
+            raise refusal(grpc.StatusCode.INVALID_ARGUMENT, "Put carries no slices and declares no tables")
         kernel = self.kernel
         if kernel is None:
             if not optimizer:
@@ -196,6 +203,8 @@ class ShardStore:
             self._check_intact()
             self.check_job(fingerprint)  # again: another job's Put may have come first meanwhile
             new = check_put(self.shard, self.values, self.specs, arrays, self.groups)
+            if tables:
+                self.tables.declare(tables)
             self.kernel = kernel
             if fingerprint and not self.job:
                 self.job, self.fingerprint = job, fingerprint
@@ -206,7 +215,7 @@ class ShardStore:
                 self.specs[key] = (value.dtype, value.shape)
                 self.opt_state[key] = kernel.init(array)
         await self.notify()
-        return len(arrays)
+        return len(arrays) + (len(self.tables.tables) if tables else 0)
 
     def _kernel(self, optimizer: str) -> UpdateKernel:
         parse_spec(optimizer)  # JSON, or INVALID_ARGUMENT
@@ -257,22 +266,28 @@ class ShardStore:
         wait_s: float,
         wait_for_put: bool = False,
         job: str = "",
-    ) -> tuple[int, dict[SliceKey, jax.Array]]:
-        """The values of ``keys`` (all slices when empty) once ``group`` has completed
+        pull: TableIds | None = None,
+    ) -> tuple[int, dict[SliceKey, jax.Array], dict[str, RowBlock]]:
+        """The values of ``keys`` (all slices when empty and no rows are pulled) and
+        the table rows of ``pull`` (made where missing) once ``group`` has completed
         ``step`` steps, waiting at most ``wait_s`` in all (see Get); ``job``: the
         reader's job fingerprint, refused when the shard holds another job's."""
         self.check_job(job)
-        keys = keys or sorted(self.values)
+        pull = pull or {}
+        keys = keys or ([] if pull else sorted(self.values))
         started = time.monotonic()
         if wait_for_put:
             await self.wait_for_put(keys, wait_s)
+            if pull and not await self._wait_until(lambda: bool(self.tables.declaration), wait_s):
+                self.tables.check_pull(pull)  # names what is missing
         for key in keys:
             self.expect(key)
+        self.tables.check_pull(pull)
         await self.wait_for_step(group, step, max(0.0, wait_s - (time.monotonic() - started)))
         async with self.lock:  # not in the middle of an update, which replaces values batch by batch
             self._check_intact()
             values = self.values
-            return self.group_step(group), {k: values[k] for k in keys}
+            return self.group_step(group), {k: values[k] for k in keys}, self.tables.read(pull)
 
     async def wait_for_step(self, group: int, step: int, wait_s: float) -> int:
         """Wait until ``group`` has completed ``step`` steps; returns its step.
@@ -301,10 +316,14 @@ class ShardStore:
         added again; a step that is already complete answers with current values.
         """
         self._check_current(head)
+        self.tables.check_pull(head.pull)
+        bad_rows = self.tables.check_push(head.push)
         sums = {k: v if isinstance(v, tuple) else (v,) for k, v in sums.items()}  # parts, added when applied
         group, step, process = head.group, head.step, head.process
         pending = self.groups[group].round if group in self.groups else None
         completes = (pending.workers if pending else 0) + head.workers >= head.workers_per_group
+        if self.nonfinite == "reject" and bad_rows is not None:
+            raise nonfinite(group, step, f"table {bad_rows}")
         if self.nonfinite == "reject" and not completes and self.kernel is not None:
             # the contribution that completes a step is checked inside the jitted update
             bad = await asyncio.to_thread(self.kernel.first_nonfinite, sums)
@@ -320,7 +339,7 @@ class ShardStore:
             rnd = state.round = Round(step, head.workers_per_group)
         self.groups[group] = state
         if process not in rnd.contributions:
-            rnd.contributions[process] = Contribution(head.workers, head.rows, sums, dict(head.metrics))
+            rnd.contributions[process] = Contribution(head.workers, head.rows, sums, dict(head.metrics), head.push)
             if rnd.workers == rnd.workers_per_group:
                 # a task of its own: a handler cancelled meanwhile cannot leave the round full but unapplied
                 applying = asyncio.get_running_loop().create_task(
@@ -344,7 +363,16 @@ class ShardStore:
         result = rnd.done.result()
         if head.staleness >= 0 and head.worker_groups > 1:
             await self._hold_for_slowest(group, result.step, head, max(0.0, deadline - time.monotonic()))
-        return dataclasses.replace(result, slowest_step=self.slowest_step(head.worker_groups))
+        rows = await self._pulled(head)
+        return dataclasses.replace(result, slowest_step=self.slowest_step(head.worker_groups), table_rows=rows)
+
+    async def _pulled(self, head: UpdateHeader) -> dict[str, RowBlock]:
+        """The table rows an Update pulls, as they are now (after its step)."""
+        if not head.pull:
+            return {}
+        async with self.lock:
+            self._check_current(head)
+            return self.tables.read(head.pull)
 
     async def _acknowledge(self, state: GroupState, head: UpdateHeader) -> UpdateResult:
         """A retry of the last applied step: acknowledged with the current values,
@@ -360,8 +388,10 @@ class ShardStore:
         async with self.lock:
             self._check_current(head)
             values = dict(self.values)
+            table_rows = self.tables.read(head.pull)
         metrics, rows = state.last_metrics
-        return UpdateResult(state.step, values, False, self.slowest_step(head.worker_groups), dict(metrics), rows)
+        slowest = self.slowest_step(head.worker_groups)
+        return UpdateResult(state.step, values, False, slowest, dict(metrics), rows, table_rows=table_rows)
 
     def check_job(self, fingerprint: str) -> None:
         """A request of another job than the one whose parameters the shard holds is
@@ -408,7 +438,10 @@ class ShardStore:
             try:
                 self._check_intact()  # another group's update may have failed halfway while this one waited
                 grads = rnd.gradients(self.values)
-                if not self.values:
+                row_plans = self.tables.plan([c.push for c in rnd.contributions.values()], float(rnd.rows))
+                if row_plans is None:
+                    finite = False  # a table's update is not finite: the dense parameters stay as they are too
+                elif not self.values:
                     finite = True  # a shard that holds nothing still counts the group's steps
                 elif self.nbytes() <= INLINE_UPDATE_BYTES and unshared(self.values, list(self.values)) in (
                     self.kernel.compiled
@@ -436,6 +469,7 @@ class ShardStore:
                     raise nonfinite(group, rnd.step, slice_name(bad) if bad else "the summed contributions")
                 self.skipped_nonfinite += 1
             else:
+                self.tables.commit(row_plans)
                 for key in self.versions:
                     self.versions[key] += 1
             state.step, state.round = rnd.step + 1, None
@@ -445,7 +479,7 @@ class ShardStore:
             self.updates_applied += 1
             rnd.done.set_result(UpdateResult(state.step, dict(self.values), True, 0, metrics, rnd.rows))
             for contribution in rnd.contributions.values():
-                contribution.sums = {}  # the old gradients are freed now, not with the round
+                contribution.sums, contribution.push = {}, {}  # the old gradients are freed now, not with the round
             if group == 0 and checkpoint_every and state.step % checkpoint_every == 0:
                 self.checkpoints.save_now()
         await self.notify()

@@ -218,6 +218,6 @@ async def test_loading_the_newest_checkpoint_wakes_the_waiters(tmp_path):
     waiting = asyncio.create_task(store.read([W], 0, 2, 5.0, wait_for_put=True))
     await asyncio.sleep(0.05)
     assert await store.load_newest() == 2
-    step, held = await asyncio.wait_for(waiting, 2.0)
+    step, held, _ = await asyncio.wait_for(waiting, 2.0)
     assert step == 2 and store.epoch == 1 and store.saved_step == 2
     np.testing.assert_array_equal(np.asarray(held[W]), values)

@@ -60,7 +60,7 @@ async def test_a_reader_keeps_its_values_while_the_shard_updates_in_place():
     batches it holds get new buffers, the others are updated in place."""
     store = await _store(256 * 4)
     await store.update(_head(0), _grads(0))
-    step, held = await store.read([("w", 0), ("w", 3)], 0, 1, 5.0)
+    step, held, _ = await store.read([("w", 0), ("w", 3)], 0, 1, 5.0)
     copies = {k: np.array(v) for k, v in held.items()}
     free = [k for k in store.values if k not in held]
     before = _buffers(store, free)

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from psfw.compute.optimizer_schema import FIELDS, OPTIMIZERS, SCHEDULE_FIELDS, SCHEDULES, SpecError, check_spec
+from psfw.compute.tables import BIAS_CORRECTIONS, TABLE_OPTIMIZERS, check_table_optimizer
 from psfw.protocol.errors import ConfigError
 
 
@@ -195,6 +196,40 @@ class OptimizerConfig(_Finite):
         return json.dumps(self.model_dump(), sort_keys=True)
 
 
+class TableOptimizerConfig(_Finite):
+    """The row-wise optimizer of a model's embedding tables (psfw.compute.tables:
+    sgd, adagrad or lazy adam; a table may name its own)."""
+
+    name: Literal[TABLE_OPTIMIZERS] = "adagrad"
+    learning_rate: float = 0.05
+    initial_accumulator_value: float = FIELDS["initial_accumulator_value"].default  # adagrad
+    b1: float = FIELDS["b1"].default  # adam
+    b2: float = FIELDS["b2"].default
+    eps: float | None = None  # adagrad 1e-7, adam 1e-8
+    bias_correction: Literal[BIAS_CORRECTIONS] = "per_row"  # adam: each row's own updates, or the table's
+
+    @model_validator(mode="after")
+    def _check(self) -> TableOptimizerConfig:
+        try:
+            check_table_optimizer(self.spec())
+        except SpecError as err:
+            raise _FieldError(err.field, err.problem) from None
+        return self
+
+    def spec(self) -> dict[str, Any]:
+        """The checked spec the shards build the optimizer from (only its own fields)."""
+        keys = {"sgd": (), "adagrad": ("initial_accumulator_value", "eps"), "adam": ("b1", "b2", "eps")}[self.name]
+        spec = {"name": self.name, "learning_rate": self.learning_rate}
+        spec.update({k: getattr(self, k) for k in keys if getattr(self, k) is not None})
+        if self.name == "adam":
+            spec["bias_correction"] = self.bias_correction
+        return check_table_optimizer(spec)
+
+
+class TablesConfig(_Strict):
+    optimizer: TableOptimizerConfig = Field(default_factory=TableOptimizerConfig)
+
+
 class TrainConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     steps: int | None = Field(None, ge=1)
@@ -255,6 +290,7 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    tables: TablesConfig | None = None  # a model with embedding tables: their optimizer (unset: adagrad, lr 0.05)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     base_dir: str = "."  # where relative paths in the config resolve; set by load_config
     source: str = "config"  # what errors name (the file); set by load_config

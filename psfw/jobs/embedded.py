@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from psfw.compute.step import make_grad_step
+from psfw.compute.step import make_grad_step, make_sparse_step
 from psfw.jobs.config import Config, load_config
 from psfw.jobs.evaluation import Evaluator, eval_line
 from psfw.jobs.job import Job, build_job, warn_empty_shards
@@ -39,13 +39,14 @@ from psfw.jobs.outputs import (
 )
 from psfw.jobs.progress import ProgressBar, StepReporter, log_line
 from psfw.protocol.errors import ConfigError, UsageError, WireError
-from psfw.protocol.identity import changed, job_identity
+from psfw.protocol.identity import changed
 from psfw.protocol.security import NO_SECURITY, Security
 from psfw.runtime.connect import connect_all
 from psfw.runtime.devices import describe_devices, worker_devices
-from psfw.runtime.fetch import fetch_params
+from psfw.runtime.fetch import fetch_params, fetch_rows
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.stub import Stub
+from psfw.runtime.table_feed import TABLE_ROWS, TableFeed
 from psfw.runtime.worker import WorkerSpec, run_worker
 from psfw.services.server import ShardServer, in_process
 
@@ -115,10 +116,11 @@ async def run_job(
         )
     if 0 in processes:  # once per job: the OS process that runs process 0
         warn_empty_shards(job)
-    step_fn = make_grad_step(job.model.loss)
+    tables = bool(job.model.tables)
+    step_fn = make_sparse_step(job.model.loss) if tables else make_grad_step(job.model.loss)
     # the devices of every worker run in this OS process, in turn: processes here spread over them too
     chosen = _devices(job, len(processes))
-    identity = job_identity(job.config, {n: (p.dtype, p.shape) for n, p in job.layout.params.items()})
+    identity = job.identity()
     stubs: list[Stub] = []
     async with AsyncExitStack() as stack:
         # one thread per worker, held for the whole job (its steps run there): nothing
@@ -144,6 +146,7 @@ async def run_job(
                     wait_s=t.wait_s,
                     devices={w: d for w, d in zip(workers, mine) if d is not None},
                     seen={} if devices is None else devices,
+                    ids=job.model.ids if tables else None,
                 )
                 on = describe_devices(workers, mine)
                 clients = await connect_all(
@@ -178,12 +181,28 @@ async def run_job(
                     identity=identity,
                     resume=resume,
                     on_start=on_start,
+                    tables=_table_feed(job, group, workers, watch if process == 0 else None) if tables else None,
                 )
                 stubs.append(stub)
                 tasks.create_task(stub.run(job.steps), name=f"stub-{process}")
                 for w in workers:
                     tasks.create_task(run_worker(spec, w, group, stub, cache, job.steps), name=f"worker-{process}.{w}")
     return stubs
+
+
+def _table_feed(job: Job, group: int, workers: list[int], watch: Callable | None) -> TableFeed:
+    """The table rows a process needs each step; process 0's also holds the test
+    split's rows at the steps its evaluator evaluates (``watch``)."""
+    every = job.config.train.eval_every
+    return TableFeed(
+        job.model.tables,
+        job.batch_ids(group, workers),
+        job.config.cluster.servers,
+        job.steps,
+        job.table_declaration(),
+        extra=job.test_ids() if watch is not None and every else None,
+        extra_due=lambda step: step % every == 0 and step < job.steps,
+    )
 
 
 async def train_async(
@@ -236,7 +255,10 @@ async def train_async(
         if not addresses:
             for shard in range(c.servers):
                 server = ShardServer(
-                    shard, c.servers, checkpoint_dir=checkpoints if t.checkpoint_every or resume else None
+                    # a model's tables live on the shards only: their final checkpoint keeps them
+                    shard,
+                    c.servers,
+                    checkpoint_dir=checkpoints if t.checkpoint_every or resume or job.model.tables else None,
                 )
                 await server.start("127.0.0.1:0")
                 stack.push_async_callback(server.stop, 0)
@@ -289,7 +311,11 @@ async def train_async(
         for client in clients:
             stack.push_async_callback(client.close)
         params = await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), t.wait_s)
-        test_loss, test_metrics = await asyncio.to_thread(evaluator.evaluate, params)
+        values: dict[str, Any] = dict(params)
+        if job.model.tables:  # the test split's rows, for the final evaluation (the tables stay on the shards)
+            feed = _table_feed(job, 0, [], None)
+            values[TABLE_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, job.steps, t.wait_s)
+        test_loss, test_metrics = await asyncio.to_thread(evaluator.evaluate, values)
     result = TrainResult(
         params=params,
         steps=job.steps,
@@ -335,7 +361,7 @@ async def _go_on_with_the_optimizer(
             f"--resume: the checkpoint of step {step} trains with other optimizer settings than the config ({shown}): "
             "pass --change-optimizer to go on with the config's, or resume with that run's settings"
         )
-    identity = job_identity(config, {n: (p.dtype, p.shape) for n, p in job.layout.params.items()})
+    identity = job.identity()
     try:
         for server in servers:
             await server.store.change_optimizer(config.optimizer.spec_json(), json.dumps(identity))

@@ -19,8 +19,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from psfw.compute.params import unflatten_params
-from psfw.compute.step import evaluate_in_batches, make_eval_fn
+from psfw.compute.step import evaluate_in_batches, make_eval_fn, make_sparse_eval_fn
 from psfw.jobs.job import Job
+from psfw.runtime.table_feed import TABLE_ROWS, padded_rows, positions
 
 log = logging.getLogger("psfw")
 
@@ -29,9 +30,18 @@ def test_metrics(job: Job, values: dict[str, Any], evaluate: Callable | None = N
     """The loss and metrics of the parameter ``values`` (by name) over ``job``'s test
     split, ``train.eval_batch_size`` rows at a time; ``evaluate``: the jitted loss
     (``make_eval_fn``), made here when not given."""
-    evaluate = make_eval_fn(job.model.loss) if evaluate is None else evaluate
     tree = unflatten_params(job.treedef, list(job.layout.params), values)
     batch = job.config.train.eval_batch_size
+    if job.model.tables:  # the rows of the test split's ids came with the values
+        sparse = make_sparse_eval_fn(job.model.loss) if evaluate is None else evaluate
+        blocks = values[TABLE_ROWS]
+        rows, ids_of = padded_rows(blocks), job.model.ids
+
+        def evaluate(params, x, y):
+            return sparse(params, rows, positions(blocks, ids_of(x)), x, y)
+
+    elif evaluate is None:
+        evaluate = make_eval_fn(job.model.loss)
     return evaluate_in_batches(evaluate, tree, job.data.x_test, job.data.y_test, batch)
 
 
@@ -46,7 +56,7 @@ class Evaluator:
     def __init__(self, job: Job, sinks: list[Callable[[dict[str, Any]], None]]):
         self.job, self.sinks = job, sinks
         self.every = job.config.train.eval_every
-        self._evaluate = make_eval_fn(job.model.loss)
+        self._evaluate = (make_sparse_eval_fn if job.model.tables else make_eval_fn)(job.model.loss)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="psfw-eval")
         self._lock = threading.Lock()
         self._steps: set[int] = set()  # steps evaluated or on the way

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset, load_dataset
 from psfw.compute.models import Model, cnn, head_for, load_user_model, mlp
 from psfw.compute.netgraph import check_layers
 from psfw.compute.params import flatten_params
+from psfw.compute.tables import check_ids, check_table, check_table_optimizer, unique_ids
 from psfw.compute.user_data import check_dataset, load_module, load_path, value_range
-from psfw.jobs.config import Config
+from psfw.jobs.config import Config, TablesConfig
+from psfw.protocol.identity import job_identity
 from psfw.protocol.layout import Layout, plan_layout
 from psfw.runtime.connect import shard_ranges
 
@@ -35,6 +39,42 @@ class Job:
     def order(self, group: int) -> BatchOrder:
         """The data order of ``group``: each group shuffles every epoch its own way."""
         return BatchOrder(len(self.data.x_train), self.config.train.batch_size, self.config.seed, group)
+
+    def table_declaration(self) -> dict[str, Any]:
+        """The model's embedding tables as the shards take them (JSON): each one's
+        rows, width, initial values, row-wise optimizer and the seed of its rows."""
+        default = (self.config.tables or TablesConfig()).optimizer.spec()
+        return {
+            name: {
+                **spec.describe(),
+                "optimizer": check_table_optimizer(spec.optimizer) if spec.optimizer else default,
+                "seed": self.config.seed,
+            }
+            for name, spec in self.model.tables.items()
+        }
+
+    def identity(self) -> dict[str, Any]:
+        """The job's identity (psfw.protocol.identity), tables included."""
+        params = {n: (p.dtype, p.shape) for n, p in self.layout.params.items()}
+        return job_identity(self.config, params, self.table_declaration() or None)
+
+    def batch_ids(self, group: int, workers: list[int]) -> Callable[[int], dict[str, np.ndarray]]:
+        """``ids(step)``: the table ids the sub-batches of ``workers`` of ``group`` use
+        at a step, by table (the rows' ids, concatenated)."""
+        order, ids_of, wpg = self.order(group), self.model.ids, self.config.cluster.workers_per_group
+
+        def ids(step: int) -> dict[str, np.ndarray]:
+            used = [ids_of(np.asarray(self.data.x_train[order.worker_indices(step, w, wpg)])) for w in workers]
+            return {name: np.concatenate([np.asarray(u[name]).reshape(-1) for u in used]) for name in used[0]}
+
+        return ids
+
+    def test_ids(self) -> dict[str, np.ndarray]:
+        """Every table id the test split uses (its rows are pulled for an evaluation)."""
+        x = self.data.x_test
+        batch = max(self.config.train.eval_batch_size, 4096)
+        parts = [self.model.ids(np.asarray(x[i : i + batch])) for i in range(0, len(x), batch)]
+        return {name: unique_ids([p[name] for p in parts]) for name in self.model.tables}
 
 
 def _resolve(config: Config, path: str) -> Path:
@@ -147,8 +187,9 @@ def _check_model(config: Config, model: Model, data: Dataset) -> Any:
     rows = min(config.train.batch_size, len(data.x_train))
     x, y = data.x_train[:rows], data.y_train[:rows]
     seen = f"x is {x.dtype}{list(x.shape)} and y {y.dtype}{list(y.shape)} for a batch of {rows}"
+    inputs = (shapes, x, y, *_embedded(config, model, np.asarray(x)))
     try:
-        value, metrics = jax.eval_shape(model.loss, shapes, x, y)
+        value, metrics = jax.eval_shape(model.loss, *inputs)
     except Exception as err:
         raise config.error(
             _model_field(config), f"the model does not fit the data ({seen}): {_first_line(err)}"
@@ -161,6 +202,29 @@ def _check_model(config: Config, model: Model, data: Dataset) -> Any:
     if wrong:
         raise config.error(_model_field(config), f"the metrics {wrong} the loss returns must be scalars ({seen})")
     return shapes
+
+
+def _embedded(config: Config, model: Model, x: np.ndarray) -> tuple[dict[str, Any], ...]:
+    """A table model's looked-up rows for ``x``, as shapes (the loss's last
+    argument); ConfigError when its tables or ids are wrong. No tables: ()."""
+    if not model.tables:
+        return ()
+    field = _model_field(config)
+    if model.ids is None:
+        raise config.error(field, "the model declares embedding tables but no ids(x) naming the rows each row uses")
+    try:
+        for name, spec in model.tables.items():
+            check_table(name, spec)
+            if spec.optimizer is not None:
+                check_table_optimizer(spec.optimizer)
+        used = model.ids(x)
+        missing = sorted(set(model.tables) - set(used))
+        if missing:
+            raise ValueError(f"ids(x) gives no ids of the tables {missing}")
+        ids = {name: check_ids(name, used[name], spec) for name, spec in model.tables.items()}
+    except ValueError as err:
+        raise config.error(field, f"{err} (in the first training batch)") from None
+    return ({n: jax.ShapeDtypeStruct((*ids[n].shape, s.dim), np.float32) for n, s in model.tables.items()},)
 
 
 def build_job(config: Config) -> Job:

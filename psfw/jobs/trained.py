@@ -15,12 +15,15 @@ from typing import Any
 import numpy as np
 
 from psfw.compute.params import unflatten_params
+from psfw.compute.tables import initial_rows
 from psfw.jobs.config import Config, parse_config, stored_settings
 from psfw.jobs.evaluation import test_metrics
 from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE
 from psfw.protocol.errors import UsageError
-from psfw.services.checkpoint import complete_steps, load_values
+from psfw.protocol.messages import RowBlock
+from psfw.runtime.table_feed import TABLE_ROWS
+from psfw.services.checkpoint import complete_steps, load_table_rows, load_values
 
 
 def run_config(run_dir: Path) -> Config:
@@ -113,11 +116,51 @@ def load_params(run_dir: str | Path, step: int | None = None, config: Config | N
     return unflatten_params(job.treedef, list(job.layout.params), values)
 
 
+def load_table(run_dir: str | Path, name: str, step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of embedding table ``name`` that a run's shards saved in their
+    checkpoint of ``step`` (default: the newest complete one), gathered from every
+    shard: ``(ids, values)``, sorted by id. A row that training never touched is not
+    saved: its value is still its initial one::
+
+        ids, rows = psfw.load_table("runs/run-001", "user")
+    """
+    run_dir = Path(run_dir)
+    shards = run_config(run_dir).cluster.servers
+    steps = complete_steps(run_dir / CHECKPOINTS, shards)
+    if step is None and not steps:
+        raise UsageError(f"{run_dir} has no complete checkpoint: its tables were never saved")
+    if step is not None and step not in steps:
+        raise UsageError(f"{run_dir} has no complete checkpoint of step {step} (it has {_listed(steps) or 'none'})")
+    at = steps[-1] if step is None else step
+    parts = [load_table_rows(run_dir / CHECKPOINTS, at, shard, name) for shard in range(shards)]
+    if any(p is None for p in parts):
+        raise UsageError(f"the checkpoint of step {at} in {run_dir} holds no embedding table {name!r}")
+    ids = np.concatenate([p[0] for p in parts])
+    order = np.argsort(ids, kind="stable")
+    return ids[order], np.concatenate([p[1] for p in parts])[order]
+
+
+def _test_rows(run_dir: Path, job: Job, step: int) -> dict[str, RowBlock]:
+    """The rows of the test split's ids as the run saved them at ``step`` (their
+    initial values where training never touched them)."""
+    out = {}
+    for name, ids in job.test_ids().items():
+        saved_ids, saved = load_table(run_dir, name, step)
+        values = initial_rows(job.config.seed, name, ids, job.model.tables[name])
+        where = np.searchsorted(saved_ids, ids).clip(0, max(len(saved_ids) - 1, 0))
+        found = saved_ids[where] == ids if len(saved_ids) else np.zeros(len(ids), bool)
+        values[found] = saved[where[found]]
+        out[name] = RowBlock(ids, values)
+    return out
+
+
 def evaluate_run(run_dir: str | Path, config: Config, step: int | None = None) -> dict[str, Any]:
     """The test loss and metrics of what the run in ``run_dir`` trained (its final
     parameters, or its checkpoint of ``step``) under ``config``'s model and test
     split: ``{"step", "test_loss", "test_<metric>"...}`` (``psfw eval``)."""
     job = build_job(config)
     at, values = trained_values(Path(run_dir), job, step)
+    if job.model.tables:
+        values = {**values, TABLE_ROWS: _test_rows(Path(run_dir), job, at)}
     loss, metrics = test_metrics(job, values)
     return {"step": at, "test_loss": loss, **{f"test_{name}": value for name, value in metrics.items()}}

@@ -23,14 +23,28 @@ class Chunk(_message.Message):
     def __init__(self, key: _Optional[str] = ..., slice: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("optimizer", "chunks", "job")
+    __slots__ = ("optimizer", "chunks", "job", "tables")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     job: str
-    def __init__(self, optimizer: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., job: _Optional[str] = ...) -> None: ...
+    tables: str
+    def __init__(self, optimizer: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., job: _Optional[str] = ..., tables: _Optional[str] = ...) -> None: ...
+
+class RowBlock(_message.Message):
+    __slots__ = ("table", "ids", "values", "dim")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    values: bytes
+    dim: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dim: _Optional[int] = ...) -> None: ...
 
 class PutReply(_message.Message):
     __slots__ = ("slices",)
@@ -47,7 +61,7 @@ class SliceRef(_message.Message):
     def __init__(self, key: _Optional[str] = ..., slice: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("group", "step", "slices", "wait_s", "wait_for_put", "shm", "job")
+    __slots__ = ("group", "step", "slices", "wait_s", "wait_for_put", "shm", "job", "pull")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +69,7 @@ class GetRequest(_message.Message):
     WAIT_FOR_PUT_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
     group: int
     step: int
     slices: _containers.RepeatedCompositeFieldContainer[SliceRef]
@@ -62,18 +77,21 @@ class GetRequest(_message.Message):
     wait_for_put: bool
     shm: str
     job: str
-    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceRef, _Mapping]]] = ..., wait_s: _Optional[float] = ..., wait_for_put: _Optional[bool] = ..., shm: _Optional[str] = ..., job: _Optional[str] = ...) -> None: ...
+    pull: _containers.RepeatedCompositeFieldContainer[RowBlock]
+    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceRef, _Mapping]]] = ..., wait_s: _Optional[float] = ..., wait_for_put: _Optional[bool] = ..., shm: _Optional[str] = ..., job: _Optional[str] = ..., pull: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ...) -> None: ...
 
 class GetReply(_message.Message):
-    __slots__ = ("step", "chunks")
+    __slots__ = ("step", "chunks", "rows")
     STEP_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     step: int
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
-    def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[RowBlock]
+    def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("group", "step", "process", "workers", "rows", "workers_per_group", "wait_s", "chunks", "worker_groups", "staleness", "group_processes", "epoch", "checkpoint_every", "shm", "metrics", "job")
+    __slots__ = ("group", "step", "process", "workers", "rows", "workers_per_group", "wait_s", "chunks", "worker_groups", "staleness", "group_processes", "epoch", "checkpoint_every", "shm", "metrics", "job", "push", "pull")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +115,8 @@ class UpdateRequest(_message.Message):
     SHM_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
     group: int
     step: int
     process: int
@@ -113,10 +133,12 @@ class UpdateRequest(_message.Message):
     shm: str
     metrics: _containers.ScalarMap[str, float]
     job: str
-    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., process: _Optional[int] = ..., workers: _Optional[int] = ..., rows: _Optional[int] = ..., workers_per_group: _Optional[int] = ..., wait_s: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., worker_groups: _Optional[int] = ..., staleness: _Optional[int] = ..., group_processes: _Optional[int] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., shm: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job: _Optional[str] = ...) -> None: ...
+    push: _containers.RepeatedCompositeFieldContainer[RowBlock]
+    pull: _containers.RepeatedCompositeFieldContainer[RowBlock]
+    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., process: _Optional[int] = ..., workers: _Optional[int] = ..., rows: _Optional[int] = ..., workers_per_group: _Optional[int] = ..., wait_s: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., worker_groups: _Optional[int] = ..., staleness: _Optional[int] = ..., group_processes: _Optional[int] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., shm: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job: _Optional[str] = ..., push: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., pull: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ...) -> None: ...
 
 class UpdateReply(_message.Message):
-    __slots__ = ("step", "chunks", "slowest_step", "metrics", "rows")
+    __slots__ = ("step", "chunks", "slowest_step", "metrics", "rows", "table_rows")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -129,12 +151,14 @@ class UpdateReply(_message.Message):
     SLOWEST_STEP_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    TABLE_ROWS_FIELD_NUMBER: _ClassVar[int]
     step: int
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     slowest_step: int
     metrics: _containers.ScalarMap[str, float]
     rows: int
-    def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., slowest_step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., rows: _Optional[int] = ...) -> None: ...
+    table_rows: _containers.RepeatedCompositeFieldContainer[RowBlock]
+    def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., slowest_step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., rows: _Optional[int] = ..., table_rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("digest",)
@@ -158,6 +182,26 @@ class SliceInfo(_message.Message):
     nbytes: int
     def __init__(self, key: _Optional[str] = ..., slice: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
+class TableInfo(_message.Message):
+    __slots__ = ("name", "rows", "dim", "rows_held", "bytes", "optimizer", "updates", "rows_touched")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    ROWS_HELD_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_TOUCHED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rows: int
+    dim: int
+    rows_held: int
+    bytes: int
+    optimizer: str
+    updates: int
+    rows_touched: int
+    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., rows_held: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer: _Optional[str] = ..., updates: _Optional[int] = ..., rows_touched: _Optional[int] = ...) -> None: ...
+
 class GroupInfo(_message.Message):
     __slots__ = ("group", "step", "pending_workers", "pending_processes")
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -171,7 +215,7 @@ class GroupInfo(_message.Message):
     def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., pending_workers: _Optional[int] = ..., pending_processes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("shard", "shards", "slices", "groups", "bytes", "rpc_counts", "optimizer", "updates_applied", "uptime_s", "epoch", "checkpoint_steps", "host", "digest", "job")
+    __slots__ = ("shard", "shards", "slices", "groups", "bytes", "rpc_counts", "optimizer", "updates_applied", "uptime_s", "epoch", "checkpoint_steps", "host", "digest", "job", "tables")
     class RpcCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +237,7 @@ class DescribeReply(_message.Message):
     HOST_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     shard: int
     shards: int
     slices: _containers.RepeatedCompositeFieldContainer[SliceInfo]
@@ -207,7 +252,8 @@ class DescribeReply(_message.Message):
     host: str
     digest: str
     job: str
-    def __init__(self, shard: _Optional[int] = ..., shards: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., rpc_counts: _Optional[_Mapping[str, int]] = ..., optimizer: _Optional[str] = ..., updates_applied: _Optional[int] = ..., uptime_s: _Optional[float] = ..., epoch: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ..., host: _Optional[str] = ..., digest: _Optional[str] = ..., job: _Optional[str] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
+    def __init__(self, shard: _Optional[int] = ..., shards: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., rpc_counts: _Optional[_Mapping[str, int]] = ..., optimizer: _Optional[str] = ..., updates_applied: _Optional[int] = ..., uptime_s: _Optional[float] = ..., epoch: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ..., host: _Optional[str] = ..., digest: _Optional[str] = ..., job: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("step", "epoch")

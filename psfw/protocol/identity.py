@@ -15,12 +15,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-COMPARED = ("params", "optimizer", "data", "seed", "named")
+COMPARED = ("params", "optimizer", "data", "seed", "named", "tables")
 
 
-def job_identity(config: Any, params: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
+def job_identity(
+    config: Any, params: dict[str, tuple[str, tuple[int, ...]]], tables: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The identity of the job of ``config`` (a psfw Config) whose parameters have
-    ``params``: name -> (dtype, shape)."""
+    ``params``: name -> (dtype, shape); ``tables``: its embedding tables'
+    declaration (rows, width, initial values, optimizer), if it has any."""
     identity: dict[str, Any] = {
         "name": config.name or Path(config.source).stem,
         "named": config.name or "",
@@ -29,7 +32,9 @@ def job_identity(config: Any, params: dict[str, tuple[str, tuple[int, ...]]]) ->
         "data": config.data.model_dump(mode="json"),
         "seed": config.seed,
     }
-    compared = json.dumps({k: identity[k] for k in COMPARED}, sort_keys=True)
+    if tables:
+        identity["tables"] = tables
+    compared = json.dumps({k: identity[k] for k in COMPARED if k in identity}, sort_keys=True)
     identity["fingerprint"] = hashlib.sha256(compared.encode()).hexdigest()[:16]
     return identity
 
@@ -43,8 +48,8 @@ def differences(held: dict[str, Any], ours: dict[str, Any], most: int = 4) -> li
     for name in sorted(set(theirs) | set(mine)):
         if theirs.get(name) != mine.get(name):
             found.append(f"parameter {name}: {_param(theirs.get(name))} -> {_param(mine.get(name))}")
-    for section in ("optimizer", "data"):
-        flat_theirs, flat_mine = flat(held.get(section, {}), section), flat(ours[section], section)
+    for section in ("optimizer", "data", "tables"):
+        flat_theirs, flat_mine = flat(held.get(section, {}), section), flat(ours.get(section, {}), section)
         for key in sorted(set(flat_theirs) | set(flat_mine)):
             if flat_theirs.get(key) != flat_mine.get(key):
                 found.append(f"{key}: {flat_theirs.get(key, '(unset)')} -> {flat_mine.get(key, '(unset)')}")

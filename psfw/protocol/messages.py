@@ -14,6 +14,17 @@ import numpy as np
 
 from psfw.protocol.layout import SliceKey
 
+
+class RowBlock(NamedTuple):
+    """Rows of one embedding table: sorted unique int64 ``ids`` and float32
+    ``values`` ``[len(ids), dim]`` (their values, or their gradient sums)."""
+
+    ids: np.ndarray
+    values: np.ndarray
+
+
+TableRows = Mapping[str, RowBlock]  # by table
+TableIds = Mapping[str, np.ndarray]  # rows wanted, by table: sorted unique int64 ids
 Parts = tuple[np.ndarray, ...]  # one process's workers' gradients of a slice, not added up yet
 Gradients = Mapping[SliceKey, np.ndarray | Parts]  # a process's contribution to one shard, by slice
 
@@ -28,7 +39,9 @@ class UpdateHeader:
     run ahead of the slowest of ``worker_groups`` (-1: unbounded). ``epoch``: the
     shards' restore count the stub is synced to. ``job``: the job's fingerprint
     ('' names none). ``metrics``: the process's metrics, each x rows. ``wait_s``: how
-    long the shard may wait for the rest of the group.
+    long the shard may wait for the rest of the group. ``push``: the process's
+    gradient sums of table rows (x rows, as the slices'); ``pull``: the table rows
+    the process wants after this step (the next step's), answered with the update.
     """
 
     group: int
@@ -45,6 +58,8 @@ class UpdateHeader:
     metrics: Mapping[str, float] = field(default_factory=dict)
     job: str = ""
     wait_s: float = 60.0
+    push: TableRows = field(default_factory=dict)
+    pull: TableIds = field(default_factory=dict)
 
 
 class Fresh(NamedTuple):
@@ -55,3 +70,4 @@ class Fresh(NamedTuple):
     slowest_step: int = 0  # Update only: the slowest group's completed steps
     metrics: dict[str, float] = {}  # Update only: the whole group's metrics of the step, x rows
     rows: int = 0  # Update only: the group's rows of the step
+    table_rows: dict[str, RowBlock] = {}  # the table rows pulled, by table

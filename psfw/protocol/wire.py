@@ -21,7 +21,8 @@ from psfw.proto import ps_pb2 as pb
 from psfw.protocol.errors import WireError
 from psfw.protocol.frames import Chunk, Frame
 from psfw.protocol.layout import Layout, SliceKey
-from psfw.protocol.messages import UpdateHeader
+from psfw.protocol.messages import TableRows, UpdateHeader
+from psfw.protocol.row_wire import RowCollector, pull_blocks
 
 T = TypeVar("T")
 
@@ -250,9 +251,10 @@ class Assembler:
         return out
 
 
-def update_request(header: UpdateHeader, shm: str = "") -> pb.UpdateRequest:
+def update_request(header: UpdateHeader, shm: str = "", push: list | None = None) -> pb.UpdateRequest:
     """The Update's header as the gRPC message (``shm``: the region that carries the
-    gradients, '' when they travel in the messages)."""
+    gradients, '' when they travel in the messages), with the rows it pulls and
+    ``push``, the first message's pieces of its table rows (see ``row_pieces``)."""
     return pb.UpdateRequest(
         group=header.group,
         step=header.step,
@@ -269,11 +271,16 @@ def update_request(header: UpdateHeader, shm: str = "") -> pb.UpdateRequest:
         job=header.job,
         wait_s=header.wait_s,
         shm=shm,
+        pull=pull_blocks(header.pull),
+        push=push or [],
     )
 
 
-def update_header(request: pb.UpdateRequest, wait_s: float) -> UpdateHeader:
-    """The header of a received Update; ``wait_s``: the wait the shard grants it."""
+def update_header(request: pb.UpdateRequest, wait_s: float, push: TableRows) -> UpdateHeader:
+    """The header of a received Update; ``wait_s``: the wait the shard grants it;
+    ``push``: the table rows of all its messages (a ``RowCollector``'s)."""
+    pulled = RowCollector()
+    pulled.add(request.pull, ids_only=True)
     return UpdateHeader(
         group=request.group,
         step=request.step,
@@ -289,4 +296,6 @@ def update_header(request: pb.UpdateRequest, wait_s: float) -> UpdateHeader:
         metrics=dict(request.metrics),
         job=request.job,
         wait_s=wait_s,
+        push=push,
+        pull=pulled.ids(),
     )

@@ -1,4 +1,5 @@
-"""Whole parameters from the shards that hold their slices."""
+"""Whole parameters from the shards that hold their slices, and table rows from
+the shards that hold them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import asyncio
 import numpy as np
 
 from psfw.protocol.layout import Layout, SliceKey
+from psfw.protocol.messages import RowBlock, TableIds
 from psfw.protocol.wire import param_buffers
+from psfw.runtime.table_feed import TableFeed
 from psfw.runtime.transport import Transport
 
 
@@ -36,3 +39,30 @@ async def fetch_params(
 
     await asyncio.gather(*(fetch(i, keys) for i, keys in by_shard.items()))
     return params
+
+
+async def fetch_rows(
+    clients: list[Transport],
+    tables: TableFeed,
+    ids: TableIds,
+    group: int,
+    step: int,
+    wait_s: float,
+    job: str = "",
+) -> dict[str, RowBlock]:
+    """Table rows ``ids`` (sorted unique, by table) once ``group`` has completed
+    ``step`` steps: one Get per shard that holds any of them, all at once; the
+    shards wait (up to ``wait_s``) for the tables to be declared. Returns one
+    block per table, in id order."""
+    wanted = tables.by_shard(ids)
+    busy = [i for i, part in enumerate(wanted) if part]
+
+    async def fetch(shard: int) -> dict[str, RowBlock]:
+        reply = await clients[shard].get(group, step, [], _no_slices, wait_s, None, True, job, wanted[shard])
+        return reply.table_rows
+
+    return tables.assemble(await asyncio.gather(*(fetch(i) for i in busy)))
+
+
+def _no_slices(key: SliceKey):
+    raise KeyError(key)  # a Get of rows alone asks for no slice

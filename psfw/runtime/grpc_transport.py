@@ -24,7 +24,8 @@ from psfw.proto import ps_pb2_grpc as pb_grpc
 from psfw.protocol.errors import Reason, ShardError, WireError
 from psfw.protocol.frames import CHUNK_BYTES, Frame, encode_chunks, frame_deserializer, frame_serializer
 from psfw.protocol.layout import SliceKey
-from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
+from psfw.protocol.messages import Fresh, Gradients, RowBlock, TableIds, UpdateHeader
+from psfw.protocol.row_wire import RowCollector, pull_blocks, row_pieces
 from psfw.protocol.security import NO_SECURITY, Link, Security, link_problem
 from psfw.protocol.service import REASON_KEY, SERVICE_NAME, grpc_options
 from psfw.protocol.wire import Assembler, Expect, batched, encoded_ahead, update_request
@@ -65,26 +66,28 @@ def _transient(err: grpc.aio.AioRpcError) -> bool:
 
 def _assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
     assembler = Assembler(expect, into=into)
+    rows = RowCollector()
     head = None
     for frame in frames:
         head = assembler.add_frame(frame)
+        rows.add(head.table_rows if isinstance(head, pb.UpdateReply) else head.rows)
     values = assembler.finish()
     if head is None:
         raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
-    return _fresh(head, values)
+    return _fresh(head, values, rows.rows())
 
 
-def _fresh(head, values: dict[SliceKey, np.ndarray]) -> Fresh:
+def _fresh(head, values: dict[SliceKey, np.ndarray], rows: dict[str, RowBlock]) -> Fresh:
     if isinstance(head, pb.UpdateReply):
-        return Fresh(head.step, values, head.slowest_step, dict(head.metrics), head.rows)
-    return Fresh(head.step, values)
+        return Fresh(head.step, values, head.slowest_step, dict(head.metrics), head.rows, rows)
+    return Fresh(head.step, values, table_rows=rows)
 
 
 PIPELINE_BYTES = 4 << 20  # the request is encoded this much at a time
 
 
 async def _pipelined(
-    grads: Gradients, expect: Expect, head: pb.UpdateRequest, chunk_bytes: int
+    grads: Gradients, expect: Expect, head: pb.UpdateRequest, chunk_bytes: int, more_rows: list
 ) -> AsyncIterator[bytes]:
     """The Update's messages, encoded in a thread a batch of slices at a time, the
     next batch while gRPC sends this one. The gradients are read in that thread: a
@@ -104,12 +107,15 @@ async def _pipelined(
 
     async for message in encoded_ahead(batched(grads, nbytes, PIPELINE_BYTES), encode):
         yield message
+    for pieces in more_rows:  # table rows beyond what the first message carries
+        yield UPDATE_REQUEST(Frame(pb.UpdateRequest(push=pieces), []))
 
 
 def get_request(
-    group: int, step: int, keys: list[SliceKey], wait_s: float, wait_for_put: bool, job: str
+    group: int, step: int, keys: list[SliceKey], wait_s: float, wait_for_put: bool, job: str, pull: TableIds | None
 ) -> pb.GetRequest:
     return pb.GetRequest(
+        pull=pull_blocks(pull or {}),
         group=group,
         step=step,
         slices=[pb.SliceRef(key=k, slice=i) for k, i in keys],
@@ -237,14 +243,15 @@ class ShardClient:
             )
         self._down_since, self._said, self._closed = None, 0.0, 0
 
-    async def put(self, items: Items, optimizer: str, job: str = "") -> int:
+    async def put(self, items: Items, optimizer: str, job: str = "", tables: str = "") -> int:
         """Store initial values; the shard's optimizer and job (its identity, JSON)
-        are fixed by its first Put."""
+        are fixed by its first Put, its embedding tables by the first that declares them."""
         items = list(items)
 
         def requests():
-            for i, chunks in enumerate(encode_chunks(items, self.chunk_bytes)):
-                yield Frame(pb.PutRequest(optimizer=optimizer, job=job) if i == 0 else pb.PutRequest(), chunks)
+            for i, chunks in enumerate(list(encode_chunks(items, self.chunk_bytes)) or [[]]):
+                first = pb.PutRequest(optimizer=optimizer, job=job, tables=tables)
+                yield Frame(first if i == 0 else pb.PutRequest(), chunks)
 
         async def attempt():
             return (await self._put(requests(), timeout=self.timeout_s, metadata=self._md)).slices
@@ -261,12 +268,14 @@ class ShardClient:
         into: dict[SliceKey, np.ndarray] | None = None,
         wait_for_put: bool = False,
         job: str = "",
+        pull: TableIds | None = None,
     ) -> Fresh:
         """Values of ``keys`` once ``group`` has completed ``step`` steps (written
         into ``into`` where it has the slice, see ``Assembler``). With
         ``wait_for_put`` the shard also waits for slices that are not put yet.
-        ``job``: this job's fingerprint (a shard of another job refuses)."""
-        request = get_request(group, step, keys, wait_s, wait_for_put, job)
+        ``job``: this job's fingerprint (a shard of another job refuses); ``pull``:
+        table rows wanted too."""
+        request = get_request(group, step, keys, wait_s, wait_for_put, job, pull)
 
         async def attempt():
             frames = [f async for f in self._get(request, timeout=wait_s + RPC_MARGIN_S, metadata=self._md)]
@@ -284,21 +293,23 @@ class ShardClient:
         """Send one process's gradient sums of a step (``grads``: by slice, every
         slice the shard holds); returns the fresh values, each taken in as it arrives
         while the next one travels (written into ``into`` where it has the slice)."""
-        head = update_request(header)
+        rows = row_pieces(header.push)
+        head = update_request(header, push=rows[0] if rows else None)
 
         async def attempt() -> Fresh:
             call = self._update(
-                _pipelined(grads, expect, head, self.chunk_bytes),
+                _pipelined(grads, expect, head, self.chunk_bytes, rows[1:]),
                 timeout=header.wait_s + RPC_MARGIN_S,
                 metadata=self._md,
             )
-            assembler = Assembler(expect, into=into)
+            assembler, pulled = Assembler(expect, into=into), RowCollector()
             reply = None
             async for frame in call:
                 reply = assembler.add_frame(frame)
+                pulled.add(reply.table_rows)
             if reply is None:
                 raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
-            return _fresh(reply, assembler.finish())
+            return _fresh(reply, assembler.finish(), pulled.rows())
 
         return await self._call("Update", attempt)
 
@@ -313,13 +324,14 @@ class ShardClient:
 
         return await self._call("Update", attempt)
 
-    async def get_shared(self, request: pb.GetRequest, expect: Expect) -> int:
+    async def get_shared(self, request: pb.GetRequest, expect: Expect) -> Fresh:
         """A Get whose values the shard writes into a shared region (named by
-        ``request.shm``); returns the step they reflect."""
+        ``request.shm``); returns the step they reflect and the table rows pulled
+        (no values: they are in the region)."""
 
-        async def attempt() -> int:
+        async def attempt() -> Fresh:
             frames = [f async for f in self._get(request, timeout=request.wait_s + RPC_MARGIN_S, metadata=self._md)]
-            return _assemble(frames, expect, None).step
+            return _assemble(frames, expect, None)
 
         return await self._call("Get", attempt)
 

@@ -87,16 +87,16 @@ class InProcessClient:
             arrays[(key, index)] = parts if isinstance(value, tuple) else parts[0]
         return arrays
 
-    async def put(self, items, optimizer: str, job: str = "") -> int:
+    async def put(self, items, optimizer: str, job: str = "", tables: str = "") -> int:
         async def put():
-            return await self.store.put(self._checked(items, known=False), optimizer, job=job)
+            return await self.store.put(self._checked(items, known=False), optimizer, job=job, tables=tables)
 
         return await self._call("Put", put())
 
-    async def get(self, group, step, keys, expect, wait_s, into=None, wait_for_put=False, job="") -> Fresh:
+    async def get(self, group, step, keys, expect, wait_s, into=None, wait_for_put=False, job="", pull=None) -> Fresh:
         async def get():
-            done, values = await self.store.read(list(keys), group, step, wait_s, wait_for_put, job)
-            return Fresh(done, await _deliver(values, into))
+            done, values, rows = await self.store.read(list(keys), group, step, wait_s, wait_for_put, job, pull)
+            return Fresh(done, await _deliver(values, into), table_rows=rows)
 
         return await self._call("Get", get())
 
@@ -108,7 +108,7 @@ class InProcessClient:
         async def update():
             result = await self.store.update(header, self._checked(items, known=True))
             values = await _deliver(result.values, into)
-            return Fresh(result.step, values, result.slowest_step, dict(result.metrics), result.rows)
+            return Fresh(result.step, values, result.slowest_step, dict(result.metrics), result.rows, result.table_rows)
 
         return await self._call("Update", update())
 

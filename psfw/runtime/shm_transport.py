@@ -17,7 +17,8 @@ import numpy as np
 
 from psfw.protocol.errors import Reason, ShardError
 from psfw.protocol.layout import SliceKey
-from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
+from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
+from psfw.protocol.row_wire import row_pieces
 from psfw.protocol.shm import Region, host_id, slot_layout
 from psfw.protocol.wire import Expect, update_request
 from psfw.runtime.grpc_transport import ShardClient, get_request
@@ -96,8 +97,8 @@ class SharedMemoryClient:
                 out[key] = target
         return out
 
-    async def put(self, items: Items, optimizer: str, job: str = "") -> int:
-        return await self.net.put(items, optimizer, job)
+    async def put(self, items: Items, optimizer: str, job: str = "", tables: str = "") -> int:
+        return await self.net.put(items, optimizer, job, tables)
 
     async def get(
         self,
@@ -109,18 +110,19 @@ class SharedMemoryClient:
         into: dict[SliceKey, np.ndarray] | None = None,
         wait_for_put: bool = False,
         job: str = "",
+        pull: TableIds | None = None,
     ) -> Fresh:
         region = self._region
         if region is not None:
-            request = get_request(group, step, keys, wait_s, wait_for_put, job)
+            request = get_request(group, step, keys, wait_s, wait_for_put, job, pull)
             request.shm = region.name
             try:
-                done = await self.net.get_shared(request, expect)
-                return Fresh(done, await asyncio.to_thread(self._read, region, keys, expect, into))
+                head = await self.net.get_shared(request, expect)  # table rows travel in the messages
+                return head._replace(values=await asyncio.to_thread(self._read, region, keys, expect, into))
             except ShardError as err:
                 if not self._refused(err):
                     raise
-        return await self.net.get(group, step, keys, expect, wait_s, into, wait_for_put, job)
+        return await self.net.get(group, step, keys, expect, wait_s, into, wait_for_put, job, pull)
 
     async def update(
         self,
@@ -132,10 +134,12 @@ class SharedMemoryClient:
         """``grads`` should be the views ``gradient_buffers`` gave (else they are
         copied into the region first)."""
         region = self._region
-        if region is not None:
+        rows = row_pieces(header.push)
+        if region is not None and len(rows) <= 1:  # table rows travel in the one message (more: the messages' path)
             await asyncio.to_thread(self._fill, region, grads)
             try:
-                reply = await self.net.update_shared(update_request(header, shm=region.name), expect)
+                head = update_request(header, shm=region.name, push=rows[0] if rows else None)
+                reply = await self.net.update_shared(head, expect)
                 values = await asyncio.to_thread(self._read, region, list(grads), expect, into)
                 return reply._replace(values=values)
             except ShardError as err:

@@ -23,11 +23,12 @@ import numpy as np
 
 from psfw.protocol.errors import ConfigError, PsfwError, ShardError, WaitTimeout
 from psfw.protocol.layout import Layout, SliceKey
-from psfw.protocol.messages import Gradients, Parts, UpdateHeader
+from psfw.protocol.messages import Gradients, Parts, TableRows, UpdateHeader
 from psfw.protocol.wire import param_buffers
-from psfw.runtime.fetch import fetch_params
+from psfw.runtime.fetch import fetch_params, fetch_rows
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.sync import ShardSync, group_step
+from psfw.runtime.table_feed import TABLE_ROWS, TableFeed
 from psfw.runtime.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Stub:
         identity: dict[str, Any] | None = None,
         resume: bool = False,
         on_start: Callable[[int, int], None] | None = None,
+        tables: TableFeed | None = None,
     ):
         self.clients, self.layout, self.cache = clients, layout, cache
         self.group, self.process, self.workers = group, process, list(workers)
@@ -82,6 +84,8 @@ class Stub:
         # and joining this job where this group has advanced needs ``resume``
         self.identity, self.resume = identity, resume
         self.on_start = on_start  # told (group, step) once the stub knows where its group starts
+        self.tables = tables  # the embedding-table rows this process needs (None: the model has no tables)
+        self.traffic = {"rows_pulled": 0, "rows_pushed": 0, "row_bytes": 0}  # table rows moved, both ways
         self.fingerprint = identity["fingerprint"] if identity is not None else ""
         self.group_processes = workers_per_group // max(len(self.workers), 1)
         self.slowest_step = 0  # the slowest group's completed steps, from the last answer
@@ -207,20 +211,46 @@ class Stub:
                 if names:
                     wanted[w] = names
         self._wanted.set_result(wanted)
+        if self.tables is not None and self.group == 0 and start == 0 and 0 in self.workers:
+            await self._declare_tables()  # worker 0 of group 0 owns the tables: its process declares them
         values: dict[str, np.ndarray] = {}
         for _ in wanted:
             values.update(await self._puts.get())
         if values:
             await self._put_all(values)
         missing = [n for n in self.layout.params if n not in values]
+        # another group starts from group 0 after its warmup steps
+        source = (0, self.warmup_steps) if self.group != 0 and start == 0 else (self.group, start)
+        if source[0] != self.group:
+            await self.sync.await_warmup()
         if missing:
-            if self.group != 0 and start == 0:  # another group starts from group 0 after its warmup steps
-                await self.sync.await_warmup()
-                values.update(await self._get_all(0, self.warmup_steps, missing))
-            else:
-                values.update(await self._get_all(self.group, start, missing))
-        self.cache.publish(start, {n: jax.device_put(values[n]) for n in self.layout.params})
+            values.update(await self._get_all(*source, missing))
+        published = {n: jax.device_put(values[n]) for n in self.layout.params}
+        self.cache.publish(start, await self._with_rows(published, *source, start))
         return start
+
+    async def _declare_tables(self) -> None:
+        """Declare the job's embedding tables to every shard (each holds rows of each)."""
+        self.rpcs["Put"] += len(self.clients)
+        job = json.dumps(self.identity) if self.identity is not None else ""
+        declaration = self.tables.declaration
+        await asyncio.gather(*(c.put([], self.optimizer, job, declaration) for c in self.clients))
+
+    async def _with_rows(self, values: dict[str, Any], group: int, step: int, at: int) -> dict[str, Any]:
+        """``values`` and the table rows of step ``at``, as ``group`` has them after
+        ``step`` steps (one Get per shard that holds any of them)."""
+        if self.tables is None:
+            return values
+        ids = self.tables.block_ids(at)
+        self.rpcs["Get"] += sum(1 for part in self.tables.by_shard(ids) if part)
+        rows = await fetch_rows(self.clients, self.tables, ids, group, step, self.wait_s, self.fingerprint)
+        self._count(rows, pulled=True)
+        return {**values, TABLE_ROWS: rows}
+
+    def _count(self, rows: TableRows, pulled: bool) -> None:
+        n = sum(len(b.ids) for b in rows.values())
+        self.traffic["rows_pulled" if pulled else "rows_pushed"] += n
+        self.traffic["row_bytes"] += sum(b.ids.nbytes + b.values.nbytes for b in rows.values())
 
     async def _resync(self) -> int:
         self.cache.doing("re-syncing with the shards")
@@ -229,9 +259,10 @@ class Stub:
         start = min(group_step(r, self.group) for r in replies)
         self.sync.check_job(replies, 0, 1)  # a shard restarted with another job's checkpoint: stop, naming it
         values = await self._get_all(self.group, start, list(self.layout.params))
+        values = await self._with_rows({n: jax.device_put(v) for n, v in values.items()}, self.group, start, start)
         while not self._inbox.empty():
             self._inbox.get_nowait()
-        self.cache.rewind(start, {n: jax.device_put(v) for n, v in values.items()})
+        self.cache.rewind(start, values)
         log.warning("process %d re-synced at step %d (epoch %d)", self.process, start, self.epoch)
         return start
 
@@ -275,8 +306,10 @@ class Stub:
         def note() -> str:  # formatted only if a worker's wait runs out
             return f"waiting for shards {sorted(waiting)} to answer the Update of step {step}"
 
+        heads = self._row_headers(header, step, grads)
+
         async def send(shard: int):
-            answer = await self.clients[shard].update(header, sums[shard], self.layout.slice_dtype_shape, into)
+            answer = await self.clients[shard].update(heads[shard], sums[shard], self.layout.slice_dtype_shape, into)
             waiting.discard(shard)
             self.cache.doing(note)  # an answer is progress
             return answer
@@ -291,11 +324,30 @@ class Stub:
         self.group_metrics = next(((a.metrics, a.rows) for a in replies if a.rows), ({}, 0))
         if shares:
             slices = {key: value for answer in replies for key, value in answer.values.items()}
-            self.cache.publish(step + 1, self._whole_params(slices))
-            return comm_s
-        # the buffers are 64-byte aligned and new every step: JAX adopts them, no copy
-        self.cache.publish(step + 1, jax.device_put(fresh))
+            published = self._whole_params(slices)
+        else:
+            published = jax.device_put(fresh)  # the buffers are 64-byte aligned and new every step: JAX adopts them
+        if self.tables is not None:
+            rows = self.tables.assemble([answer.table_rows for answer in replies])
+            self._count(rows, pulled=True)
+            published = {**published, TABLE_ROWS: rows}
+        self.cache.publish(step + 1, published)
         return comm_s
+
+    def _row_headers(self, header: UpdateHeader, step: int, grads: list[dict]) -> list[UpdateHeader]:
+        """Each shard's Update header: with the table rows of that shard, the step's
+        gradient sums (added up over the workers) and the next step's rows wanted."""
+        if self.tables is None:
+            return [header] * len(self.clients)
+        sums = {}
+        for name in self.tables.tables:
+            parts = [g[TABLE_ROWS][name] for g in grads]
+            sums[name] = add_up(tuple(parts)) if len(parts) > 1 else parts[0]
+        pushes = self.tables.pushes(step, sums)
+        pulls = self.tables.by_shard(self.tables.block_ids(step + 1))
+        for push in pushes:
+            self._count(push, pulled=False)
+        return [dataclasses.replace(header, push=pushes[i], pull=pulls[i]) for i in range(len(self.clients))]
 
     def _sums(self, grads: list[dict[str, np.ndarray]]) -> list[Gradients]:
         """This process's gradient sum of every slice, per shard. A transport that

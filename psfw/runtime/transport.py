@@ -1,7 +1,7 @@
 """The seam between a stub and one shard: a ``Transport`` and ``connect``.
 
 Three implementations speak the same verbs (put, get, update, describe, restore,
-close):
+close); an embedding table's rows ride on get and update (``pull``, ``push``):
 
 - ``InProcessClient`` (``psfw.runtime.inprocess``): the shard runs in this very
   process; its store is called directly, no bytes are made;
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from psfw.protocol.layout import SliceKey
-from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
+from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
 
 if TYPE_CHECKING:
     from psfw.proto import ps_pb2 as pb
@@ -55,9 +55,10 @@ class Transport(Protocol):
     kind: str  # for people: "in-process", "shared-memory", "grpc"
     capabilities: Capabilities
 
-    async def put(self, items: Items, optimizer: str, job: str = "") -> int:
+    async def put(self, items: Items, optimizer: str, job: str = "", tables: str = "") -> int:
         """Store initial values; the first Put fixes the shard's optimizer (JSON spec)
-        and job (its identity, JSON). Returns the slices stored."""
+        and job (its identity, JSON), the first that declares them the job's
+        embedding tables (JSON). Returns the slices (and tables) stored."""
         ...
 
     async def get(
@@ -70,10 +71,13 @@ class Transport(Protocol):
         into: dict[SliceKey, np.ndarray] | None = None,
         wait_for_put: bool = False,
         job: str = "",
+        pull: TableIds | None = None,
     ) -> Fresh:
         """Values of ``keys`` once ``group`` has completed ``step`` steps, written into
         ``into`` where it has the slice; ``wait_for_put``: also wait for slices not put
-        yet; ``job``: the job's fingerprint (a shard of another job refuses)."""
+        yet; ``job``: the job's fingerprint (a shard of another job refuses);
+        ``pull``: table rows wanted too (``Fresh.table_rows``; ``keys`` empty then
+        means no slices)."""
         ...
 
     def gradient_buffers(self, slices: SliceSpecs) -> dict[SliceKey, np.ndarray] | None:
@@ -88,8 +92,9 @@ class Transport(Protocol):
         expect: Expect,
         into: dict[SliceKey, np.ndarray] | None = None,
     ) -> Fresh:
-        """One process's gradient sums of a step for every slice the shard holds;
-        returns the fresh values (written into ``into`` where it has the slice)."""
+        """One process's gradient sums of a step for every slice the shard holds
+        (and its table rows, ``header.push``); returns the fresh values (written into
+        ``into`` where it has the slice) and the rows of ``header.pull``."""
         ...
 
     async def describe(self) -> pb.DescribeReply: ...

@@ -17,9 +17,11 @@ from psfw.compute.datasets import Dataset
 from psfw.compute.params import flatten_params, unflatten_params
 from psfw.protocol.errors import PsfwError, mark_retrieved
 from psfw.protocol.layout import Layout
+from psfw.protocol.messages import RowBlock
 from psfw.runtime.devices import device_name
 from psfw.runtime.param_cache import ParamCache, Rewind
 from psfw.runtime.stub import Stub
+from psfw.runtime.table_feed import TABLE_ROWS, padded_rows, positions
 
 
 @dataclass
@@ -28,7 +30,7 @@ class WorkerSpec:
 
     layout: Layout
     treedef: Any
-    step_fn: Callable  # jitted (params, x, y) -> (loss, metrics, summed_grads)
+    step_fn: Callable  # jitted (params, x, y) -> (loss, metrics, summed_grads); with tables see make_sparse_step
     init: Callable  # model init(key)
     seed: int
     data: Dataset
@@ -39,6 +41,7 @@ class WorkerSpec:
     devices: dict[int, Any] = field(default_factory=dict)  # worker -> its device (absent: JAX's default)
     # the job's worker (group x workers_per_group + worker) -> the device its gradients came from
     seen: dict[int, str] = field(default_factory=dict)
+    ids: Callable | None = None  # a model with embedding tables: x -> {table: ids} (Model.ids)
 
 
 def init_owned(init: Callable, seed: int, names: list[str]) -> dict[str, np.ndarray]:
@@ -57,14 +60,24 @@ def _compute(spec: WorkerSpec, worker: int, values: dict[str, Any], rows: np.nda
     x, y = spec.data.x_train[rows], spec.data.y_train[rows]
     params = unflatten_params(spec.treedef, list(spec.layout.params), values)
     device = spec.devices.get(worker)
-    if device is not None:  # the step's parameters and rows go to the worker's device, once
-        params, x, y = jax.device_put((params, x, y), device)
-    loss, metrics, grads = spec.step_fn(params, x, y)
+    if spec.ids is None:
+        if device is not None:  # the step's parameters and rows go to the worker's device, once
+            params, x, y = jax.device_put((params, x, y), device)
+        loss, metrics, grads = spec.step_fn(params, x, y)
+        row_grads = None
+    else:
+        blocks: dict[str, RowBlock] = values[TABLE_ROWS]
+        rows_in, inverse = padded_rows(blocks), positions(blocks, spec.ids(x))
+        if device is not None:
+            params, rows_in, inverse, x, y = jax.device_put((params, rows_in, inverse, x, y), device)
+        loss, metrics, grads, row_grads = spec.step_fn(params, rows_in, inverse, x, y)
     flat, _ = flatten_params(grads)
     key = spec.order.group * spec.workers_per_group + worker
     if key not in spec.seen:
         spec.seen[key] = ", ".join(sorted(device_name(d) for d in next(iter(flat.values())).devices()))
     out = {n: np.asarray(g) for n, g in flat.items()}  # waits for XLA, off the event loop
+    if row_grads is not None:  # a gradient for every row of the process's block (the padding cut off)
+        out[TABLE_ROWS] = {name: np.asarray(g)[: len(blocks[name].ids)] for name, g in row_grads.items()}
     return float(loss), {k: float(v) for k, v in metrics.items()}, out
 
 

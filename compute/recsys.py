@@ -1,0 +1,57 @@
+"""Recommendation models over embedding tables.
+
+The input of each row is ``(user id, item id)`` (``psfw.compute.clicks``' click
+log); the label a click, 0 or 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from psfw.compute.models import Layer, Model, Params
+from psfw.compute.tables import TableSpec
+
+
+def factorization_machine(users: int | None, items: int | None, dim: int = 16, scale: float = 0.01) -> Model:
+    """A two-way factorization machine of a user and an item (matrix factorization
+    with biases): the click logit is ``u . v + b_u + b_i + b``.
+
+    Tables "user" (``users`` rows) and "item" (``items`` rows; None: any id, rows
+    made on first use), each row ``dim + 1`` wide: ``dim`` latent values, then the
+    id's bias. Rows start normal with deviation ``scale``. The dense parameters are
+    the global bias only (``bias/b``). ``score`` is the logit of each row; the loss
+    is the mean sigmoid cross-entropy, with the accuracy of ``logit > 0``."""
+    tables = {
+        "user": TableSpec(rows=users, dim=dim + 1, scale=scale),
+        "item": TableSpec(rows=items, dim=dim + 1, scale=scale),
+    }
+
+    def init(key: jax.Array) -> Params:
+        return {"bias": {"b": jnp.zeros((1,), jnp.float32)}}
+
+    def ids(x) -> dict[str, np.ndarray]:
+        x = np.asarray(x)
+        return {"user": x[:, 0], "item": x[:, 1]}
+
+    def score(params: Params, x: jax.Array, embedded: dict[str, jax.Array]) -> jax.Array:
+        user, item = embedded["user"], embedded["item"]
+        dot = jnp.sum(user[:, :dim] * item[:, :dim], axis=-1)
+        return dot + user[:, dim] + item[:, dim] + params["bias"]["b"][0]
+
+    def loss(params: Params, x: jax.Array, y: jax.Array, embedded: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+        logits = score(params, x, embedded)
+        labels = y.reshape(logits.shape).astype(logits.dtype)
+        value = optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+        return value, {"accuracy": ((logits > 0) == (labels > 0.5)).mean()}
+
+    layers: list[Layer] = [
+        {"name": "input", "type": "input", "shape": [2], "params": []},
+        {"name": "user", "type": "embedding", "table": "user", "dim": dim + 1, "params": []},
+        {"name": "item", "type": "embedding", "table": "item", "dim": dim + 1, "params": []},
+        {"name": "interaction", "type": "factorization_machine", "units": 1, "params": ["bias/b"]},
+        {"name": "loss", "type": "sigmoid_cross_entropy", "params": []},
+    ]
+    return Model(init, loss, layers, tables=tables, ids=ids, score=score)
