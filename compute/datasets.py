@@ -152,7 +152,7 @@ def synthetic(features: int = 784, classes: int = 10, train: int = 8192, test: i
     return Dataset(x[:train], y[:train], x[train:], y[train:], classes=classes)
 
 
-SHIPPED = ("digits", "diabetes", "stdlib_text", "synthetic")
+SHIPPED = ("digits", "diabetes", "stdlib_text", "synthetic", "clicks")
 
 
 def load_dataset(name: str, image: bool = False, **options: int) -> Dataset:
@@ -166,4 +166,8 @@ def load_dataset(name: str, image: bool = False, **options: int) -> Dataset:
         return diabetes(**options)
     if name == "stdlib_text":
         return stdlib_text(**options)
+    if name == "clicks":
+        from psfw.compute.clicks import click_log
+
+        return click_log(**options)
     raise ValueError(f"unknown data set {name!r}: use one of {', '.join(SHIPPED)}")

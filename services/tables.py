@@ -172,7 +172,8 @@ class ShardTable:
 
     def read(self, ids: np.ndarray) -> np.ndarray:
         """The values of ``ids`` (checked), making missing rows."""
-        return self.values[self.slots(ids)]
+        slots = self.slots(ids)  # first: making rows may grow (replace) the arrays
+        return self.values[slots]
 
     def plan(self, ids: np.ndarray, grads: np.ndarray) -> RowUpdate | None:
         """The update of rows ``ids`` (sorted, unique) by the mean gradient ``grads``,

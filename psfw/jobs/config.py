@@ -46,6 +46,7 @@ MODEL_KEYS = {
     "mlp": ("hidden",),
     "cnn": ("channels",),
     "transformer": ("width", "heads", "depth", "ff"),
+    "fm": ("dim", "scale"),
     "custom": ("path", "options"),
 }
 
@@ -67,6 +68,8 @@ class ModelConfig(_Strict):
     heads: int = Field(4, ge=1)  # transformer: attention heads; width must be a multiple
     depth: int = Field(2, ge=1)  # transformer: blocks
     ff: int = Field(4, ge=1)  # transformer: hidden width of the feed-forward part, in widths
+    dim: int = Field(16, ge=1)  # fm: latent values per id (a table row holds them and the id's bias)
+    scale: float = Field(0.01, ge=0, allow_inf_nan=False)  # fm: deviation of the rows' initial values
     path: str | None = None  # custom: a .py file with init(key) and loss(params, x, y)
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -93,9 +96,10 @@ class ModelConfig(_Strict):
         """The model's keys for config.json: the transformer's only for the
         transformer, the others always (earlier runs' config.json holds them)."""
         data = handler(self)
-        if self.name != "transformer":  # the other models' keys stay, as earlier runs' config.json holds them
-            for key in MODEL_KEYS["transformer"]:
-                data.pop(key)
+        for model in ("transformer", "fm"):  # the other models' keys stay, as earlier runs' config.json holds them
+            if self.name != model:
+                for key in MODEL_KEYS[model]:
+                    data.pop(key)
         return data
 
 
@@ -106,13 +110,14 @@ DATA_KEYS = {
     "diabetes": (),
     "stdlib_text": ("seq_len",),
     "synthetic": SYNTHETIC_ONLY,
+    "clicks": ("users", "items", "train", "test", "alpha"),
     "path": ("path", "classes", "test_fraction"),
     "module": ("module", "options", "classes", "test_fraction"),
 }
 
 
 class DataConfig(_Strict):
-    name: Literal["digits", "diabetes", "stdlib_text", "synthetic"] = "digits"
+    name: Literal["digits", "diabetes", "stdlib_text", "synthetic", "clicks"] = "digits"
     path: str | None = None  # an .npz file or a folder of .npy files (relative to the config)
     module: str | None = None  # a .py file whose load(**options) returns the arrays
     options: dict[str, Any] = Field(default_factory=dict)  # module: load's keyword arguments
@@ -120,8 +125,11 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)  # path, module: held out when no x_test is given
     seq_len: int = Field(128, ge=1)  # stdlib_text: bytes per row
     features: int = Field(784, ge=1)  # synthetic only, as the two below and classes
-    train: int = Field(8192, ge=1)
-    test: int = Field(1024, ge=1)
+    train: int | None = Field(None, ge=1)  # synthetic and clicks: training rows (8192; clicks 3,000,000)
+    test: int | None = Field(None, ge=1)  # test rows (1024; clicks 50,000)
+    users: int = Field(10_000, ge=1)  # clicks: user ids
+    items: int = Field(1_000, ge=1)  # clicks: item ids
+    alpha: float = Field(1.2, gt=1, le=10, allow_inf_nan=False)  # clicks: the ids' Zipf exponent
 
     @property
     def source(self) -> str:
@@ -139,6 +147,12 @@ class DataConfig(_Strict):
         return self
 
     @property
+    def rows(self) -> tuple[int, int]:
+        """Training and test rows of a generated set (synthetic, clicks)."""
+        train, test = (3_000_000, 50_000) if self.name == "clicks" else (8192, 1024)
+        return (self.train or train, self.test or test)
+
+    @property
     def classification_classes(self) -> int | None:
         """The classes the config gives (synthetic: 10 unless set)."""
         return (self.classes or 10) if self.source == "synthetic" else self.classes
@@ -150,6 +164,8 @@ class DataConfig(_Strict):
         keys = DATA_KEYS[self.source]
         out = {"name": data["name"]} if self.source == self.name else {}
         out.update({k: data[k] for k in keys})
+        if self.source in ("synthetic", "clicks"):
+            out["train"], out["test"] = self.rows
         if self.source == "synthetic":
             out["classes"] = self.classification_classes
         return out

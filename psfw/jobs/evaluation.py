@@ -12,12 +12,16 @@ workers train on. Each result is a record ``{"eval": true, "group": 0, "step", "
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
+from psfw.compute.clicks import auc
 from psfw.compute.params import unflatten_params
 from psfw.compute.step import evaluate_in_batches, make_eval_fn, make_sparse_eval_fn
 from psfw.jobs.job import Job
@@ -32,17 +36,45 @@ def test_metrics(job: Job, values: dict[str, Any], evaluate: Callable | None = N
     (``make_eval_fn``), made here when not given."""
     tree = unflatten_params(job.treedef, list(job.layout.params), values)
     batch = job.config.train.eval_batch_size
-    if job.model.tables:  # the rows of the test split's ids came with the values
-        sparse = make_sparse_eval_fn(job.model.loss) if evaluate is None else evaluate
-        blocks = values[TABLE_ROWS]
-        rows, ids_of = padded_rows(blocks), job.model.ids
+    x, y = job.data.x_test, job.data.y_test
+    if evaluate is None:
+        evaluate = (make_sparse_eval_fn if job.model.tables else make_eval_fn)(job.model.loss)
+    loss, metrics = evaluate_in_batches(_looked_up(job, values, evaluate), tree, x, y, batch)
+    if job.model.score is not None and _binary(y):
+        scored = _scorer(job.model.score, bool(job.model.tables))
+        scores = _scores(_looked_up(job, values, scored), tree, x, y, batch)
+        metrics["auc"] = auc(np.asarray(y).reshape(-1), scores)
+    return loss, metrics
 
-        def evaluate(params, x, y):
-            return sparse(params, rows, positions(blocks, ids_of(x)), x, y)
 
-    elif evaluate is None:
-        evaluate = make_eval_fn(job.model.loss)
-    return evaluate_in_batches(evaluate, tree, job.data.x_test, job.data.y_test, batch)
+def _looked_up(job: Job, values: dict[str, Any], evaluate: Callable) -> Callable:
+    """``evaluate(params, x, y)``; for a table model, with the rows of each batch's
+    ids looked up in the blocks of rows that came with ``values``."""
+    if not job.model.tables:
+        return evaluate
+    blocks = values[TABLE_ROWS]
+    rows, ids_of = padded_rows(blocks), job.model.ids
+    return lambda params, x, y: evaluate(params, rows, positions(blocks, ids_of(x)), x, y)
+
+
+@functools.lru_cache(maxsize=8)
+def _scorer(score: Callable, tables: bool) -> Callable:
+    """A model's ``score``, jitted in the form of a loss (``(scores, {})``), once."""
+    return (make_sparse_eval_fn if tables else make_eval_fn)(lambda params, x, y, *rows: (score(params, x, *rows), {}))
+
+
+def _binary(labels: Any) -> bool:
+    """Whether every test label is 0 or 1 (a click), read a chunk at a time."""
+    return all(np.isin(np.asarray(labels[i : i + 65536]), (0, 1)).all() for i in range(0, len(labels), 65536))
+
+
+def _scores(score: Callable, params: Any, x: Any, y: Any, batch: int) -> np.ndarray:
+    """The model's score of every test row, ``batch`` rows at a time."""
+    parts = [
+        np.asarray(score(params, np.asarray(x[i : i + batch]), np.asarray(y[i : i + batch]))[0])
+        for i in range(0, len(x), batch)
+    ]
+    return np.concatenate([p.reshape(-1) for p in parts])
 
 
 class Evaluator:

@@ -101,8 +101,12 @@ def load_data(config: Config) -> Dataset:
             return load_module(_resolve(config, d.module), d.options, d.classes, d.test_fraction, config.seed)
         options: dict[str, Any] = {}
         if d.name == "synthetic":
-            options = dict(features=d.features, classes=d.classification_classes, train=d.train, test=d.test)
+            train, test = d.rows
+            options = dict(features=d.features, classes=d.classification_classes, train=train, test=test)
             options["seed"] = config.seed
+        elif d.name == "clicks":
+            train, test = d.rows
+            options = dict(users=d.users, items=d.items, train=train, test=test, alpha=d.alpha, seed=config.seed)
         elif d.name == "stdlib_text":
             options["seq_len"] = d.seq_len
         image = d.name == "digits" and config.model.name == "cnn"  # digits come as 8x8 images too
@@ -159,11 +163,33 @@ def build_model(config: Config, data: Dataset) -> Model:
         from psfw.compute.transformer import transformer_lm
 
         return transformer_lm(data.classes, data.input_shape[0], m.width, m.heads, m.depth, m.ff)
+    if m.name == "fm":
+        return _factorization_machine(config, data)
     path = _resolve(config, m.path)
     try:
         return load_user_model(path, **m.options)
     except ValueError as err:
         raise config.error("model.path", str(err)) from None
+
+
+def _factorization_machine(config: Config, data: Dataset) -> Model:
+    """A factorization machine over the (user id, item id) rows of ``data``, with a
+    table row per id up to the largest id either split holds."""
+    if data.x_train.dtype.kind not in "iu" or data.input_shape != (2,):
+        raise config.error(
+            "model.name",
+            f"fm needs rows of two integer ids (user, item), {_data_named(config)} has {data.x_train.dtype}"
+            f"{list(data.input_shape)}",
+        )
+    d = config.data
+    if d.source == "clicks":
+        users, items = d.users, d.items
+    else:
+        highs = [value_range(x)[1] for x in (data.x_train, data.x_test)]
+        users = items = max(highs) + 1  # the columns' own ranges would need a pass each
+    from psfw.compute.recsys import factorization_machine
+
+    return factorization_machine(users, items, config.model.dim, config.model.scale)
 
 
 def _model_field(config: Config) -> str:
