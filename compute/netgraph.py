@@ -79,6 +79,8 @@ def net_graph(layers: list[dict[str, Any]], partition: dict[str, Any]) -> nx.DiG
         previous = node
         for param in layer.get("params", []):
             graph.add_edge(f"param:{param}", node, kind="uses")
+        if "table" in layer:
+            graph.add_edge(f"table:{layer['table']}", node, kind="uses")
     for shard in range(partition["shards"]):
         graph.add_node(f"shard:{shard}", kind="shard", label=f"shard {shard}", bytes=partition["shard_bytes"][shard])
     for p in partition["params"]:
@@ -92,6 +94,11 @@ def net_graph(layers: list[dict[str, Any]], partition: dict[str, Any]) -> nx.DiG
                 graph.edges[node, shard]["slices"].append(s["index"])
             else:
                 graph.add_edge(node, shard, kind="held_by", slices=[s["index"]])
+    for t in partition.get("tables", []):  # an embedding table: rows on every shard, by id
+        node = f"table:{t['name']}"
+        graph.add_node(node, kind="table", label=t["name"], rows=t["rows"], dim=t["dim"])
+        for shard in range(partition["shards"]):
+            graph.add_edge(node, f"shard:{shard}", kind="held_by", rows="by id")
     return graph
 
 
@@ -114,12 +121,12 @@ def draw(graph: nx.DiGraph) -> Any:
 
     kinds: dict[str, list[str]] = {"layer": [], "param": [], "shard": []}
     for n, d in graph.nodes(data=True):
-        kinds[d["kind"]].append(n)
+        kinds["param" if d["kind"] == "table" else d["kind"]].append(n)  # a table sits among the parameters
     span = max(len(nodes) for nodes in kinds.values()) or 1
     fig, ax = plt.subplots(figsize=(11, max(4.0, ROW_INCHES * span + 1.5)))
     ax.set(xlim=(-0.6, 2.6), ylim=(-span - 0.2, 0.2))
     ax.axis("off")
-    owners = sorted({graph.nodes[n]["owner_worker"] for n in kinds["param"]})
+    owners = sorted({graph.nodes[n]["owner_worker"] for n in kinds["param"] if graph.nodes[n]["kind"] == "param"})
     cmap = plt.get_cmap("tab10")
     boxes = {}
     for x, kind in enumerate(kinds):
@@ -127,7 +134,10 @@ def draw(graph: nx.DiGraph) -> Any:
         gap = span / max(len(nodes), 1)
         for i, n in enumerate(nodes):
             d = graph.nodes[n]
-            if kind == "param":
+            if d["kind"] == "table":
+                rows = "any" if d["rows"] is None else f"{d['rows']:,}"
+                label, color = f"{d['label']} (table)\n{rows} x {d['dim']}, all shards", "#e3e3e3"
+            elif kind == "param":
                 label = f"{d['label']}\n{'x'.join(map(str, d['shape'])) or 'scalar'}"
                 color = (*cmap(owners.index(d["owner_worker"]) % 10)[:3], 0.35)
             elif kind == "shard":

@@ -55,3 +55,34 @@ def factorization_machine(users: int | None, items: int | None, dim: int = 16, s
         {"name": "loss", "type": "sigmoid_cross_entropy", "params": []},
     ]
     return Model(init, loss, layers, tables=tables, ids=ids, score=score)
+
+
+def embedding_bag(rows: int | None, dim: int, dense: bool = False, scale: float = 0.01) -> Model:
+    """A regression over a bag of ids per row (``x``: int ``[B, k]``): the sum of their
+    rows of table "ids", scored by a dense weight vector. With ``dense``, the same
+    model keeps the table as a dense parameter ``ids/table`` (looked up by
+    ``jnp.take``): what a parameter server without tables must move every step."""
+    spec = TableSpec(rows=rows, dim=dim, scale=scale)
+
+    def init(key: jax.Array) -> Params:
+        params = {"out": {"w": jnp.full((dim,), 1.0 / dim, jnp.float32), "b": jnp.zeros((1,), jnp.float32)}}
+        if dense:
+            params["ids"] = {"table": jax.random.normal(key, (rows, dim), jnp.float32) * scale}
+        return params
+
+    def predict(params: Params, bags: jax.Array) -> jax.Array:
+        return bags.sum(axis=1) @ params["out"]["w"] + params["out"]["b"][0]
+
+    def error(params: Params, bags: jax.Array, y: jax.Array) -> tuple[jax.Array, dict]:
+        return jnp.mean((predict(params, bags) - y.astype(jnp.float32)) ** 2), {}
+
+    out_layer = {"name": "out", "type": "dense", "units": 1, "params": ["out/w", "out/b"]}
+    if dense:
+        layers = [{"name": "ids", "type": "embedding", "params": ["ids/table"]}, out_layer]
+        return Model(init, lambda params, x, y: error(params, jnp.take(params["ids"]["table"], x, axis=0), y), layers)
+
+    def ids(x) -> dict[str, np.ndarray]:
+        return {"ids": np.asarray(x)}
+
+    layers = [{"name": "ids", "type": "embedding", "table": "ids", "dim": dim, "params": []}, out_layer]
+    return Model(init, lambda params, x, y, embedded: error(params, embedded["ids"], y), layers, {"ids": spec}, ids)

@@ -119,19 +119,27 @@ def initial_rows(seed: int, name: str, ids: np.ndarray, spec: TableSpec) -> np.n
     """The first value of each row of ``ids``: float32 ``[len(ids), dim]``, a pure
     function of (seed, table, id) and the table's init and scale."""
     ids = np.asarray(ids, np.int64).reshape(-1)
-    if spec.init == "zeros" or spec.scale == 0 or ids.size == 0:
-        return np.zeros((ids.size, spec.dim), np.float32)
+    out = np.zeros((ids.size, spec.dim), np.float32)
+    if spec.init == "zeros" or spec.scale == 0:
+        return out
+    key = name_key(name, "init") ^ _mix(np.asarray([seed], np.uint64))[0]
+    step = max(1, (1 << 22) // spec.dim)  # rows at a time: the temporaries stay near 100 MB
+    for start in range(0, ids.size, step):
+        out[start : start + step] = _draws(ids[start : start + step], key, spec)
+    return out
+
+
+def _draws(ids: np.ndarray, key: np.uint64, spec: TableSpec) -> np.ndarray:
+    """``dim`` draws per id: one 64-bit mix per value, its two halves the two
+    uniforms of Box-Muller (or the high half alone for "uniform")."""
     with np.errstate(over="ignore"):
-        base = _mix(ids.astype(np.uint64) ^ name_key(name, "init") ^ _mix(np.asarray([seed], np.uint64)))
-        counters = base[:, None] + _GOLDEN * np.arange(1, 2 * spec.dim + 1, dtype=np.uint64)[None, :]
-        bits = _mix(counters)
-    # 53 random bits as a float in [0, 1), then in (0, 1] for the logarithm
-    uniform = (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+        base = _mix(ids.astype(np.uint64) ^ key)
+        bits = _mix(base[:, None] + _GOLDEN * np.arange(1, spec.dim + 1, dtype=np.uint64)[None, :])
+    high = (bits >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / 2**24)  # in [0, 1)
     if spec.init == "uniform":
-        return ((uniform[:, : spec.dim] * 2 - 1) * spec.scale).astype(np.float32)
-    u1, u2 = 1.0 - uniform[:, : spec.dim], uniform[:, spec.dim :]
-    normal = np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2)  # Box-Muller
-    return (normal * spec.scale).astype(np.float32)
+        return (high * 2 - 1) * np.float32(spec.scale)
+    low = ((bits & np.uint64(0xFFFFFF)) + np.uint64(1)).astype(np.float32) * np.float32(1.0 / 2**24)  # in (0, 1]
+    return np.sqrt(-2 * np.log(low)) * np.cos(np.float32(2 * np.pi) * high) * np.float32(spec.scale)  # Box-Muller
 
 
 def bucket(count: int) -> int:

@@ -40,6 +40,20 @@ class _StoreCollector(Collector):
         applied = CounterMetricFamily("psfw_updates_applied", "group steps applied", labels=["shard"])
         applied.add_metric([shard], store.updates_applied)
         yield from (held, slices, version, step, pending, applied)
+        yield from _table_metrics(store)
+
+
+def _table_metrics(store: ShardStore) -> Iterator[GaugeMetricFamily]:
+    """Rows held, rows the last update touched and bytes, per embedding table."""
+    shard, labels = str(store.shard), ["shard", "table"]
+    rows = GaugeMetricFamily("psfw_table_rows", "embedding-table rows the shard holds", labels=labels)
+    touched = GaugeMetricFamily("psfw_table_rows_touched", "rows the last update of the table changed", labels=labels)
+    size = GaugeMetricFamily("psfw_table_bytes", "bytes of the rows held and their optimizer state", labels=labels)
+    for name, table in sorted(store.tables.tables.items()):
+        rows.add_metric([shard, name], table.count)
+        touched.add_metric([shard, name], table.rows_touched)
+        size.add_metric([shard, name], table.nbytes())
+    yield from (rows, touched, size)
 
 
 class ShardMetrics:

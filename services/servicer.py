@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
@@ -259,6 +260,17 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
             shape=shape,
             version=store.versions[(key, index)],
             nbytes=dtype.itemsize * math.prod(shape),
+        )
+    for name, table in sorted(store.tables.tables.items()):
+        reply.tables.add(
+            name=name,
+            rows=table.spec.rows or 0,
+            dim=table.spec.dim,
+            rows_held=table.count,
+            bytes=table.nbytes(),
+            optimizer=json.dumps(table.optimizer.spec),
+            updates=table.updates,
+            rows_touched=table.rows_touched,
         )
     for group, state in sorted(store.groups.items()):
         rnd = state.round

@@ -203,8 +203,8 @@ class ShardStore:
             self._check_intact()
             self.check_job(fingerprint)  # again: another job's Put may have come first meanwhile
             new = check_put(self.shard, self.values, self.specs, arrays, self.groups)
-            if tables:
-                self.tables.declare(tables)
+            if tables:  # in a thread: making a materialized table's rows takes a while
+                await asyncio.to_thread(self.tables.declare, tables)
             self.kernel = kernel
             if fingerprint and not self.job:
                 self.job, self.fingerprint = job, fingerprint

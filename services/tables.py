@@ -58,6 +58,7 @@ def parse_tables(declaration: str) -> dict[str, Any]:
                 **spec.describe(),
                 "optimizer": check_table_optimizer(entry["optimizer"]),
                 "seed": int(entry["seed"]),
+                "materialize": bool(entry.get("materialize", False)) and spec.rows is not None,
             }
         return out
     except (ValueError, TypeError, KeyError, RecursionError) as err:
@@ -84,6 +85,21 @@ class ShardTable:
         self._direct = rows is not None and rows <= DIRECT_INDEX_ROWS
         self._slot_array = np.full(rows, -1, np.int32 if rows < 2**31 else np.int64) if self._direct else None
         self._slot_dict: dict[int, int] = {}
+        if declared.get("materialize"):
+            self.materialize()
+
+    def materialize(self, chunk: int = 1 << 20) -> None:
+        """Make every row of this shard's share of a bounded table now (memory taken
+        up front, as a dense table's), a chunk of ids at a time."""
+        rows = self.spec.rows
+        count = sum(
+            int((route(self.name, np.arange(i, min(i + chunk, rows)), self.shards) == self.shard).sum())
+            for i in range(0, rows, chunk)
+        )
+        self._grow(count)
+        for start in range(0, rows, chunk):
+            ids = np.arange(start, min(start + chunk, rows), dtype=np.int64)
+            self.create(ids[route(self.name, ids, self.shards) == self.shard])
 
     # -- the index -------------------------------------------------------------
 
@@ -100,6 +116,8 @@ class ShardTable:
             return
         while capacity < needed:
             capacity *= 2
+        if self.spec.rows is not None:  # never beyond the rows that can be routed here
+            capacity = max(needed, min(capacity, self.spec.rows))
 
         def grown(array: np.ndarray) -> np.ndarray:
             out = np.zeros((capacity, *array.shape[1:]), array.dtype)

@@ -4,6 +4,7 @@ run as shown, and every link between the pages leads somewhere."""
 
 import argparse
 import asyncio
+import json
 import re
 import shlex
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from psfw.cli.main import parser
 from psfw.protocol.errors import ShardError
+from psfw.protocol.messages import RowBlock
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer
 
@@ -45,8 +47,10 @@ async def test_every_metric_the_docs_name_is_served_by_a_shard():
     await server.start("127.0.0.1:0", metrics_port=0)
     client = ShardClient(server.address, 0, timeout_s=10, retries=0)
     try:
-        await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
-        await send(client, {0: np.ones(4, np.float32)})
+        table = {"rows": 8, "dim": 2, "init": "zeros", "scale": 0, "seed": 0, "optimizer": {"name": "sgd"}}
+        await client.put([("w", 0, np.zeros(4, np.float32))], SGD, "", json.dumps({"t": table}))
+        rows = RowBlock(np.array([0], np.int64), np.ones((1, 2), np.float32))  # id 0 is shard 0's of 1
+        await send(client, {0: np.ones(4, np.float32)}, push={"t": rows})
         with pytest.raises(ShardError):  # a refusal, counted
             await client.get(0, 0, [("nope", 0)], lambda key: (np.dtype("float32"), (4,)), wait_s=1)
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"

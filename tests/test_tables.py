@@ -108,3 +108,87 @@ async def test_sparse_training_equals_dense_training(tmp_path, optimizer, worker
         untouched = np.setdiff1d(np.arange(spec.rows), ids)
         np.testing.assert_array_equal(table[untouched], start[untouched])  # the reference did not move them either
         assert np.abs(rows - start[ids]).max() > 1e-3, "training must move the rows it touched"
+
+
+@pytest.mark.asyncio
+async def test_a_table_run_writes_its_tables_into_partition_net_and_checkpoints(tmp_path):
+    import json
+
+    config = make_config(tmp_path, OPTIMIZERS["sgd"], train={"eval_every": 2})
+    run_dir = tmp_path / "run"
+    result = await train_async(config, run_dir, progress=False)
+    partition = json.loads((run_dir / "partition.json").read_text())
+    tables = {t["name"]: t for t in partition["tables"]}
+    assert tables["user"]["rows"] == 40 and tables["item"]["dim"] == 4
+    assert tables["user"]["optimizer"]["name"] == "sgd" and tables["user"]["seed"] == 5
+    net = json.loads((run_dir / "net.json").read_text())
+    nodes = {n["id"]: n for n in net["nodes"]}
+    assert nodes["table:user"]["kind"] == "table"
+    held = {(link["source"], link["target"]) for link in net["links"] if link["kind"] == "held_by"}
+    assert {("table:user", "shard:0"), ("table:user", "shard:1"), ("table:user", "shard:2")} <= held
+    assert (run_dir / "net.png").stat().st_size > 0
+    evals = [r for r in result.evals]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all(np.isfinite(r["test_loss"]) for r in evals)
+    # psfw eval reads the rows back from the final checkpoint: the run's own final figures
+    from psfw.jobs.trained import evaluate_run
+
+    again = evaluate_run(run_dir, config)
+    assert again["step"] == STEPS
+    assert abs(again["test_loss"] - result.test_loss) < 1e-6
+
+
+@pytest.mark.asyncio
+async def test_async_groups_with_staleness_train_the_tables(tmp_path):
+    """Two groups, each at most one step ahead of the other, on the same rows."""
+    config = make_config(tmp_path, OPTIMIZERS["adagrad"], workers=1, per_process=1, train={"steps": 12})
+    config = config.model_copy(
+        update={"cluster": config.cluster.model_copy(update={"worker_groups": 2, "staleness": 1})}
+    )
+    run_dir = tmp_path / "run"
+    result = await train_async(config, run_dir, progress=False)
+    leads = [r["lead"] for r in result.records if "lead" in r]
+    assert leads and max(leads) <= 2
+    groups = {r["group"] for r in result.records}
+    assert groups == {0, 1}
+    ids, rows = psfw.load_table(run_dir, "user")
+    assert len(ids) > 5
+
+
+@pytest.mark.asyncio
+async def test_the_shards_report_their_tables_in_status_and_metrics(tmp_path):
+    from psfw.services.metrics import ShardMetrics
+    from psfw.services.server import ShardServer
+    from psfw.tools.cluster import Cluster, format_status
+
+    config = make_config(tmp_path, OPTIMIZERS["sgd"], servers=2)
+    servers = [ShardServer(i, 2) for i in range(2)]
+    for server in servers:
+        await server.start("127.0.0.1:0")
+    try:
+        await train_async(config, servers=[s.address for s in servers], progress=False, outputs=False)
+        async with Cluster([s.address for s in servers]) as cluster:
+            rows = await cluster.status(interval_s=0)
+        held = sum(r["tables"]["user"]["rows"] for r in rows)
+        x = np.load(tmp_path / "clicks.npz")["x_train"]
+        assert 0 < held <= len(np.unique(x[:, 0]))
+        assert all(r["tables"]["item"]["updates"] == STEPS for r in rows)
+        assert "rows held" in format_status(rows)
+        from prometheus_client import generate_latest
+
+        text = generate_latest(ShardMetrics(servers[0].store).registry).decode()
+        assert 'psfw_table_rows{shard="0",table="user"}' in text
+        assert "psfw_table_rows_touched" in text and "psfw_table_bytes" in text
+    finally:
+        for server in servers:
+            await server.stop(0)
+
+
+def test_a_table_model_that_cannot_train_is_refused_before_anything_runs(tmp_path):
+    from psfw.protocol.errors import ConfigError
+
+    config = make_config(tmp_path, OPTIMIZERS["sgd"], options={"users": 3})  # ids go up to 39
+    with pytest.raises(ConfigError, match=r"table user: id \d+ is outside 0..2"):
+        build_job(config)
+    with pytest.raises(ConfigError, match="tables.optimizer.name"):
+        make_config(tmp_path, {"name": "momentum", "learning_rate": 0.1})

@@ -201,6 +201,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--transfer", metavar="SIZE", help="push + pull of a model of SIZE (e.g. 256MiB): GB/s each way")
     b.add_argument("--scale", action="store_true", help="updates/s of simulated stubs against 1, 2 and 4 shards")
     b.add_argument("--memory", metavar="SIZE", help="train a model of SIZE (e.g. 1GiB): shard peak RSS vs values")
+    b.add_argument(
+        "--sparse",
+        action="store_true",
+        help="embedding tables: samples/s and bytes per step by table size (with --scale: rows/s by shards; "
+        "with --memory SIZE: a table of SIZE over 2 shard processes)",
+    )
     b.set_defaults(run=commands.run_bench)
     return p
 

@@ -244,6 +244,9 @@ class TableOptimizerConfig(_Finite):
 
 class TablesConfig(_Strict):
     optimizer: TableOptimizerConfig = Field(default_factory=TableOptimizerConfig)
+    # make every row of a bounded table when the job starts (memory up front, as a dense
+    # table's) instead of at its first use
+    materialize: bool = False
 
 
 class TrainConfig(_Strict):

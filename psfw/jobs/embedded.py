@@ -333,7 +333,7 @@ async def train_async(
         final.update({f"test_{k}": v for k, v in result.test_metrics.items()})
         metrics.write(final)
         write_params(folder / PARAMS_FILE, params, {"step": str(job.steps)})
-        await asyncio.to_thread(write_net, folder, job.model.layers, job.layout)
+        await asyncio.to_thread(write_net, folder, job.model.layers, job.layout, job.table_declaration())
         # the final evaluation ends the test curve
         end = {"eval": True, "group": 0, **{k: v for k, v in final.items() if k != "final"}}
         await asyncio.to_thread(write_curves, folder / "curves.png", [*read_records(folder / "metrics.jsonl"), end])

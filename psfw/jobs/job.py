@@ -43,12 +43,14 @@ class Job:
     def table_declaration(self) -> dict[str, Any]:
         """The model's embedding tables as the shards take them (JSON): each one's
         rows, width, initial values, row-wise optimizer and the seed of its rows."""
-        default = (self.config.tables or TablesConfig()).optimizer.spec()
+        settings = self.config.tables or TablesConfig()
+        default = settings.optimizer.spec()
         return {
             name: {
                 **spec.describe(),
                 "optimizer": check_table_optimizer(spec.optimizer) if spec.optimizer else default,
                 "seed": self.config.seed,
+                "materialize": settings.materialize and spec.rows is not None,
             }
             for name, spec in self.model.tables.items()
         }
@@ -56,7 +58,9 @@ class Job:
     def identity(self) -> dict[str, Any]:
         """The job's identity (psfw.protocol.identity), tables included."""
         params = {n: (p.dtype, p.shape) for n, p in self.layout.params.items()}
-        return job_identity(self.config, params, self.table_declaration() or None)
+        # when the rows are made is not part of what is trained
+        tables = {n: {k: v for k, v in t.items() if k != "materialize"} for n, t in self.table_declaration().items()}
+        return job_identity(self.config, params, tables or None)
 
     def batch_ids(self, group: int, workers: list[int]) -> Callable[[int], dict[str, np.ndarray]]:
         """``ids(step)``: the table ids the sub-batches of ``workers`` of ``group`` use
@@ -168,6 +172,21 @@ def build_model(config: Config, data: Dataset) -> Model:
     path = _resolve(config, m.path)
     try:
         return load_user_model(path, **m.options)
+    except ValueError as err:
+        raise config.error("model.path", str(err)) from None
+
+
+def declares_tables(config: Config) -> bool:
+    """Whether the config's model keeps embedding tables (known without its data:
+    ``psfw launch`` gives the shards a checkpoint folder then, as the tables live
+    nowhere else)."""
+    m = config.model
+    if m.name == "fm":
+        return True
+    if m.name != "custom":
+        return False
+    try:
+        return bool(load_user_model(_resolve(config, m.path), **m.options).tables)
     except ValueError as err:
         raise config.error("model.path", str(err)) from None
 

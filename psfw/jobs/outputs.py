@@ -203,11 +203,19 @@ def read_params(path: str | Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
-def write_net(run_dir: Path, layers: list[dict[str, Any]], layout: Layout) -> None:
+def write_net(
+    run_dir: Path, layers: list[dict[str, Any]], layout: Layout, tables: dict[str, Any] | None = None
+) -> None:
     """``partition.json``, ``net.json`` and ``net.png``. They come at the very end of
     a run, after its parameters and metrics: a failure here is logged, never raised,
-    so that it cannot cost the run its other outputs."""
+    so that it cannot cost the run its other outputs. ``tables``: the model's
+    embedding tables as the shards took them (each spread over every shard by id)."""
     partition = layout.to_json()
+    if tables:
+        partition["tables"] = [
+            {"name": name, **entry, "owner_worker": 0, "shards": "all, by id (route in psfw.compute.tables)"}
+            for name, entry in tables.items()
+        ]
     write_atomic(run_dir / "partition.json", json.dumps(partition, indent=1).encode())
     try:
         graph = net_graph(layers or default_layers(list(layout.params)), partition)

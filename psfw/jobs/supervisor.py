@@ -150,7 +150,10 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         addresses = []
-        keep = config.train.checkpoint_every or resume
+        from psfw.jobs.job import declares_tables  # here: it imports JAX, which launch itself never needs
+
+        # a model's tables live on the shards only: their final checkpoint keeps them
+        keep = config.train.checkpoint_every or resume or declares_tables(config)
         checkpoints = run_dir / CHECKPOINTS if run_dir is not None and keep else None
         extra = ["--grace", "1"] + (["--checkpoint-dir", str(checkpoints)] if checkpoints is not None else [])
         with tempfile.TemporaryDirectory(prefix="psfw-launch-") as ready_dir:

@@ -236,6 +236,8 @@ def main(args: argparse.Namespace) -> int:
     transfer = _size_flag("--transfer", args.transfer, MIN_TRANSFER_BYTES)
     memory = _size_flag("--memory", args.memory, MIN_MEMORY_BYTES)
     figures: dict = {}
+    if args.sparse:
+        return _sparse(args, memory)
     if transfer is not None:
         figures.update(run_transfer(transfer))
     if args.scale:
@@ -284,6 +286,48 @@ def main(args: argparse.Namespace) -> int:
         key = f"scale_{shards}_shards_updates_per_s"
         if key in figures:
             print(f"  {shards} shard(s): {figures[key]:,.1f} updates/s")
+    return 0
+
+
+def _sparse(args: argparse.Namespace, memory: int | None) -> int:
+    """``--sparse``: the embedding-table figures (psfw.tools.sparse_bench)."""
+    from psfw.tools import sparse_bench
+
+    if args.transfer is not None:
+        raise ValueError("--transfer measures dense parameters: run it without --sparse")
+    figures: dict = {}
+    if args.scale:
+        figures.update(sparse_bench.run_scale())
+    if memory is not None:
+        figures.update(sparse_bench.run_memory(memory))
+    if not args.scale and memory is None:
+        figures.update(sparse_bench.run_sparse(steps=args.steps, warmup=args.warmup))
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    if "sparse_dim" in figures:
+        print(
+            f"embedding bag, {figures['sparse_dim']}-wide rows, {figures['sparse_ids_per_row']} Zipf ids per row, "
+            f"batch {figures['sparse_batch']}; 1 group x 2 workers, 2 shards in-process"
+        )
+        for rows in sparse_bench.SIZES:
+            dense = figures[f"dense_{rows}_samples_per_s"]
+            shown = f"{dense:10,.0f} samples/s" if dense is not None else "   not run (the whole table every step)"
+            print(
+                f"  {rows:>12,} rows  tables {figures[f'sparse_{rows}_samples_per_s']:10,.0f} samples/s, "
+                f"{figures[f'sparse_{rows}_bytes_per_step'] / 1e6:8.2f} MB/step | dense {shown}, "
+                f"{figures[f'dense_{rows}_bytes_per_step'] / 1e6:9.1f} MB/step"
+            )
+    for shards in (1, 2, 4):
+        key = f"sparse_scale_{shards}_shards_rows_per_s"
+        if key in figures:
+            print(f"  {shards} shard process(es): {figures[key]:,.0f} rows/s pulled + pushed")
+    if "sparse_memory_table_bytes" in figures:
+        print(
+            f"table of {figures['sparse_memory_table_bytes'] / 2**30:.2f} GiB over 2 shard processes: peak RSS "
+            f"{figures['sparse_memory_shard_peak_rss_mb']} MB for {figures['sparse_memory_shard_held_mb']} MB of rows "
+            f"and state held ({figures['sparse_memory_shard_peak_over_held']} x)"
+        )
     return 0
 
 

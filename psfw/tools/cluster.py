@@ -93,6 +93,8 @@ class Cluster:
                     "updates_per_s": (b.updates_applied - a.updates_applied) / elapsed if interval_s > 0 else None,
                     "updates_applied": b.updates_applied,
                     "job": _job_label(b.job),
+                    # embedding tables: the rows this shard holds of each, and their bytes
+                    "tables": {t.name: {"rows": t.rows_held, "bytes": t.bytes, "updates": t.updates} for t in b.tables},
                 }
             )
         return rows
@@ -129,4 +131,8 @@ def format_status(rows: list[dict[str, Any]]) -> str:
             f"{r['shard']:>5}  {r['address']:<22} {r['keys']:>5} {r['slices']:>6} {r['bytes'] / 1e6:>9.2f} "
             f"{r['versions'][0]:>5}-{r['versions'][1]:<5}  {_rate(r['updates_per_s']):>9}  {groups}  {r['job']}"
         )
+    tables = [(r["shard"], name, t) for r in rows for name, t in sorted(r.get("tables", {}).items())]
+    if tables:
+        lines.append(f"{'shard':>5}  {'table':<22} {'rows held':>12} {'MB':>9} {'updates':>9}")
+        lines += [f"{s:>5}  {n:<22} {t['rows']:>12,} {t['bytes'] / 1e6:>9.2f} {t['updates']:>9}" for s, n, t in tables]
     return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Embedding tables survive what dense parameters survive: a run killed at a random
+step and resumed, and a shard process killed and restarted from its checkpoint
+(the shard processes share memory with the worker: the shared-memory transport),
+end with the rows and parameters of plain dense training."""
+
+import random
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+from test_recovery import ENV, PSFW, free_ports, start_worker, stop_all, wait_for_step
+from test_tables import MODEL, click_data, dense_reference
+
+import psfw
+from psfw.jobs.config import load_config
+from psfw.services import checkpoint
+
+
+def job_file(folder, steps: int, every: int = 7):
+    data = click_data(folder)
+    path = folder / "tables.toml"
+    path.write_text(
+        f"""
+seed = 4
+[model]
+name = "custom"
+path = "{MODEL}"
+[data]
+path = "{data}"
+[train]
+batch_size = 48
+steps = {steps}
+log_every = 1
+checkpoint_every = {every}
+wait_s = 60
+retries = 3
+[optimizer]
+name = "adagrad"
+learning_rate = 0.1
+[tables.optimizer]
+name = "adagrad"
+learning_rate = 0.1
+[cluster]
+workers_per_group = 2
+workers_per_process = 1
+servers = 2
+"""
+    )
+    return path
+
+
+def assert_same_training(config_path, run_dir, steps: int) -> None:
+    params, tables = dense_reference(load_config(config_path), steps)
+    got = psfw.load_params(run_dir)
+    np.testing.assert_allclose(got["out"]["w"], params["out"]["w"], rtol=5e-5, atol=5e-6)
+    for name, table in tables.items():
+        ids, rows = psfw.load_table(run_dir, name)
+        np.testing.assert_allclose(rows, table[ids], rtol=5e-5, atol=5e-6, err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_table_run_killed_at_a_random_step_resumes_to_the_same_rows(tmp_path):
+    steps = 120
+    config_path = job_file(tmp_path, steps)
+    run_dir = tmp_path / "run"
+    kill_at = random.Random().randint(15, 80)
+    with subprocess.Popen(
+        [*PSFW, "train", str(config_path), "--run-dir", str(run_dir), "--no-progress"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    ) as proc:
+        wait_for_step(proc, kill_at)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert not (run_dir / "params.safetensors").exists(), f"the run finished before the kill at step {kill_at}"
+    assert checkpoint.complete_steps(run_dir / "checkpoints", 2)
+    done = subprocess.run(
+        [*PSFW, "train", str(config_path), "--run-dir", str(run_dir), "--no-progress", "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_training(config_path, run_dir, steps)
+
+
+def start_shard(index: int, port: int, folder) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [*PSFW, "server", "--shard", str(index), "--of", "2", "--listen", f"127.0.0.1:{port}", "--grace", "5"]
+        + ["--checkpoint-dir", str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    assert "listening on" in proc.stdout.readline()
+    return proc
+
+
+@pytest.mark.slow
+def test_a_killed_table_shard_restarts_from_its_checkpoint_and_the_job_ends_the_same(tmp_path):
+    steps = 120
+    config_path = job_file(tmp_path, steps, every=5)
+    ports = free_ports(2)
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    run_dir = tmp_path / "run"
+    folder = run_dir / "checkpoints"  # where psfw.load_table reads the run's tables
+    shards = [start_shard(i, ports[i], folder) for i in range(2)]
+    procs = list(shards)
+    try:
+        workers = [start_worker(config_path, p, addresses, run_dir if p == 0 else tmp_path / "w1") for p in (0, 1)]
+        procs += workers
+        kill_at = random.Random().randint(15, 80)
+        wait_for_step(workers[0], kill_at)
+        shards[1].send_signal(signal.SIGKILL)
+        shards[1].wait(30)
+        procs.append(start_shard(1, ports[1], folder))
+        outs = [w.stdout.read() for w in workers]
+        for worker, out in zip(workers, outs, strict=True):
+            assert worker.wait(300) == 0, out[-3000:]
+        assert "shared-memory" in outs[0], outs[0][:2000]
+        assert "re-synced" in outs[0] or "restored" in outs[0], outs[0][-3000:]
+    finally:
+        stop_all(procs)  # a graceful stop: the shards save their final rows
+    assert_same_training(config_path, run_dir, steps)
