@@ -112,11 +112,16 @@ def test_a_killed_table_shard_restarts_from_its_checkpoint_and_the_job_ends_the_
         workers = [start_worker(config_path, p, addresses, run_dir if p == 0 else tmp_path / "w1") for p in (0, 1)]
         procs += workers
         kill_at = random.Random().randint(15, 80)
-        wait_for_step(workers[0], kill_at)
+        seen = []
+        for line in workers[0].stdout:  # as wait_for_step, keeping the lines
+            seen.append(line)
+            if line.startswith(f"group 0 step {kill_at} "):
+                break
         shards[1].send_signal(signal.SIGKILL)
         shards[1].wait(30)
         procs.append(start_shard(1, ports[1], folder))
         outs = [w.stdout.read() for w in workers]
+        outs[0] = "".join(seen) + outs[0]
         for worker, out in zip(workers, outs, strict=True):
             assert worker.wait(300) == 0, out[-3000:]
         assert "shared-memory" in outs[0], outs[0][:2000]
