@@ -37,10 +37,13 @@ class RowOptimizer:
             return {"m": dim, "v": dim, "count": 1}
         return {}
 
+    def state_fill(self, name: str) -> float:
+        """The first value of a piece of a row's state."""
+        return self.spec.get("initial_accumulator_value", 0.0) if name == "accumulator" else 0.0
+
     def initial_state(self, count: int, dim: int) -> State:
-        fill = {"accumulator": self.spec.get("initial_accumulator_value", 0.0)}
         return {
-            name: np.full((count, width), fill.get(name, 0.0), np.float32)
+            name: np.full((count, width), self.state_fill(name), np.float32)
             for name, width in self.state_widths(dim).items()
         }
 

@@ -80,7 +80,9 @@ class ShardTable:
         capacity = 1024
         self.ids = np.zeros(capacity, np.int64)  # slot -> id
         self.values = np.zeros((capacity, dim), np.float32)
-        self.state = self.optimizer.initial_state(capacity, dim)
+        self.state = {
+            key: np.zeros((capacity, width), np.float32) for key, width in self.optimizer.state_widths(dim).items()
+        }
         rows = self.spec.rows
         self._direct = rows is not None and rows <= DIRECT_INDEX_ROWS
         self._slot_array = np.full(rows, -1, np.int32 if rows < 2**31 else np.int64) if self._direct else None
@@ -96,7 +98,7 @@ class ShardTable:
             int((route(self.name, np.arange(i, min(i + chunk, rows)), self.shards) == self.shard).sum())
             for i in range(0, rows, chunk)
         )
-        self._grow(count)
+        self._grow(count, exact=True)
         for start in range(0, rows, chunk):
             ids = np.arange(start, min(start + chunk, rows), dtype=np.int64)
             self.create(ids[route(self.name, ids, self.shards) == self.shard])
@@ -110,14 +112,17 @@ class ShardTable:
         get = self._slot_dict.get
         return np.fromiter((get(i, -1) for i in ids.tolist()), np.int64, len(ids))
 
-    def _grow(self, needed: int) -> None:
+    def _grow(self, needed: int, exact: bool = False) -> None:
+        """Room for ``needed`` rows: the capacity doubles (or becomes ``needed``
+        exactly), never beyond the rows that can be routed here. The new arrays are
+        zeros the kernel maps lazily: capacity not used yet takes no memory."""
         capacity = len(self.ids)
         if needed <= capacity:
             return
-        while capacity < needed:
+        while capacity < needed and not exact:
             capacity *= 2
-        if self.spec.rows is not None:  # never beyond the rows that can be routed here
-            capacity = max(needed, min(capacity, self.spec.rows))
+        if exact or self.spec.rows is not None:
+            capacity = max(needed, min(capacity, self.spec.rows or capacity))
 
         def grown(array: np.ndarray) -> np.ndarray:
             out = np.zeros((capacity, *array.shape[1:]), array.dtype)
@@ -125,11 +130,7 @@ class ShardTable:
             return out
 
         self.ids, self.values = grown(self.ids), grown(self.values)
-        fresh = self.optimizer.initial_state(capacity - self.count, self.spec.dim)
-        for key, array in self.state.items():
-            out = grown(array)
-            out[self.count :] = fresh[key]
-            self.state[key] = out
+        self.state = {key: grown(array) for key, array in self.state.items()}
 
     def create(self, ids: np.ndarray) -> np.ndarray:
         """Make rows for ``ids`` (sorted, unique, none held yet) from their initial
@@ -139,6 +140,10 @@ class ShardTable:
         slots = np.arange(self.count, self.count + n, dtype=np.int64)
         self.ids[slots] = ids
         self.values[slots] = initial_rows(self.seed, self.name, ids, self.spec)
+        for key, array in self.state.items():  # a row's state starts when the row does
+            fill = self.optimizer.state_fill(key)
+            if fill:
+                array[slots] = fill
         if self._direct:
             self._slot_array[ids] = slots
         else:
