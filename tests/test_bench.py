@@ -77,3 +77,28 @@ def test_bench_transfers_models_smaller_than_a_slice(size):
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures.pop("transfer_bytes") == parse_size(size)
     assert all(value > 0 for value in figures.values()), figures
+
+
+def test_the_sparse_bench_moves_the_same_bytes_whatever_the_table_size():
+    """Only the rows a batch uses travel: a table 10x larger moves about the same
+    bytes per step, while the dense path would move the whole table both ways."""
+    from psfw.tools.sparse_bench import run_sparse
+
+    figures = run_sparse(sizes=(10**5, 10**6), steps=3, warmup=2, dense_limit=64 << 20)
+    small, large = figures["sparse_100000_bytes_per_step"], figures["sparse_1000000_bytes_per_step"]
+    assert 0 < small <= large < 1.3 * small
+    assert figures["dense_100000_bytes_per_step"] >= 2 * 10**5 * 64 * 4 > 5 * small
+    assert figures["dense_100000_samples_per_s"] > 0 and figures["dense_1000000_samples_per_s"] is None
+    assert figures["sparse_1000000_samples_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_the_sparse_bench_measures_scale_and_a_shards_memory():
+    from psfw.tools.sparse_bench import run_memory, run_scale
+
+    scale = run_scale(rows=1024, seconds=0.5)
+    assert all(scale[f"sparse_scale_{n}_shards_rows_per_s"] > 0 for n in (1, 2, 4))
+    memory = run_memory(256 << 20, steps=2)
+    held = memory["sparse_memory_shard_held_mb"]
+    assert min(held) > 100  # each shard holds its half of the table and its Adagrad state
+    assert max(memory["sparse_memory_shard_peak_over_held"]) < 2.5

@@ -90,16 +90,18 @@ async def _train(job: Job, warmup: int) -> dict[str, float]:
     }
 
 
-def run_sparse(sizes: tuple[int, ...] = SIZES, steps: int = 30, warmup: int = 5) -> dict[str, Any]:
-    """Samples/s and bytes per step of the table path (and of the dense path where it
-    fits) for each table size, at the same batch."""
+def run_sparse(
+    sizes: tuple[int, ...] = SIZES, steps: int = 30, warmup: int = 5, dense_limit: int = DENSE_LIMIT
+) -> dict[str, Any]:
+    """Samples/s and bytes per step of the table path (and of the dense path where the
+    table has at most ``dense_limit`` bytes) for each table size, at the same batch."""
     figures: dict[str, Any] = {"sparse_dim": DIM, "sparse_batch": BATCH, "sparse_ids_per_row": BAG}
     for rows in sizes:
         sparse = asyncio.run(_train(_job(rows, False, warmup + steps), warmup))
         figures[f"sparse_{rows}_samples_per_s"] = round(sparse["samples_per_s"], 1)
         figures[f"sparse_{rows}_bytes_per_step"] = int(sparse["bytes_per_step"])
         figures[f"sparse_{rows}_rows_per_step"] = int(sparse["rows_per_step"])
-        if rows * DIM * 4 <= DENSE_LIMIT:
+        if rows * DIM * 4 <= dense_limit:
             dense = asyncio.run(_train(_job(rows, True, warmup + min(steps, 10)), warmup))
             figures[f"dense_{rows}_samples_per_s"] = round(dense["samples_per_s"], 1)
             figures[f"dense_{rows}_bytes_per_step"] = int(dense["bytes_per_step"])
