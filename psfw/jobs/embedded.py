@@ -46,7 +46,7 @@ from psfw.runtime.devices import describe_devices, worker_devices
 from psfw.runtime.fetch import fetch_params, fetch_rows
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.stub import Stub
-from psfw.runtime.table_feed import TABLE_ROWS, TableFeed
+from psfw.runtime.table_feed import TABLE_ROWS
 from psfw.runtime.worker import WorkerSpec, run_worker
 from psfw.services.server import ShardServer, in_process
 
@@ -181,28 +181,15 @@ async def run_job(
                     identity=identity,
                     resume=resume,
                     on_start=on_start,
-                    tables=_table_feed(job, group, workers, watch if process == 0 else None) if tables else None,
+                    tables=job.table_feed(group, workers, evaluates=process == 0 and watch is not None)
+                    if tables
+                    else None,
                 )
                 stubs.append(stub)
                 tasks.create_task(stub.run(job.steps), name=f"stub-{process}")
                 for w in workers:
                     tasks.create_task(run_worker(spec, w, group, stub, cache, job.steps), name=f"worker-{process}.{w}")
     return stubs
-
-
-def _table_feed(job: Job, group: int, workers: list[int], watch: Callable | None) -> TableFeed:
-    """The table rows a process needs each step; process 0's also holds the test
-    split's rows at the steps its evaluator evaluates (``watch``)."""
-    every = job.config.train.eval_every
-    return TableFeed(
-        job.model.tables,
-        job.batch_ids(group, workers),
-        job.config.cluster.servers,
-        job.steps,
-        job.table_declaration(),
-        extra=job.test_ids() if watch is not None and every else None,
-        extra_due=lambda step: step % every == 0 and step < job.steps,
-    )
 
 
 async def train_async(
@@ -313,7 +300,7 @@ async def train_async(
         params = await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), t.wait_s)
         values: dict[str, Any] = dict(params)
         if job.model.tables:  # the test split's rows, for the final evaluation (the tables stay on the shards)
-            feed = _table_feed(job, 0, [], None)
+            feed = job.table_feed(0, [], evaluates=False)
             values[TABLE_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, job.steps, t.wait_s)
         test_loss, test_metrics = await asyncio.to_thread(evaluator.evaluate, values)
     result = TrainResult(

@@ -23,6 +23,7 @@ from psfw.jobs.config import Config, TablesConfig
 from psfw.protocol.identity import job_identity
 from psfw.protocol.layout import Layout, plan_layout
 from psfw.runtime.connect import shard_ranges
+from psfw.runtime.table_feed import TableFeed
 
 log = logging.getLogger("psfw")
 
@@ -72,6 +73,21 @@ class Job:
             return {name: np.concatenate([np.asarray(u[name]).reshape(-1) for u in used]) for name in used[0]}
 
         return ids
+
+    def table_feed(self, group: int, workers: list[int], evaluates: bool) -> TableFeed:
+        """The table rows a process of ``group`` with ``workers`` needs each step;
+        the process that ``evaluates`` also gets the test split's rows at the steps
+        its evaluation comes due (every ``train.eval_every``)."""
+        every = self.config.train.eval_every
+        return TableFeed(
+            self.model.tables,
+            self.batch_ids(group, workers),
+            self.config.cluster.servers,
+            self.steps,
+            self.table_declaration(),
+            extra=self.test_ids() if evaluates and every else None,
+            extra_due=lambda step: step % every == 0 and step < self.steps,
+        )
 
     def test_ids(self) -> dict[str, np.ndarray]:
         """Every table id the test split uses (its rows are pulled for an evaluation)."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from psfw.protocol.errors import ConfigError, PsfwError, ShardError, WaitTimeout
 from psfw.protocol.layout import Layout, SliceKey
-from psfw.protocol.messages import Gradients, Parts, TableRows, UpdateHeader
+from psfw.protocol.messages import Gradients, Parts, UpdateHeader
 from psfw.protocol.wire import param_buffers
 from psfw.runtime.fetch import fetch_params, fetch_rows
 from psfw.runtime.param_cache import ParamCache
@@ -85,7 +85,6 @@ class Stub:
         self.identity, self.resume = identity, resume
         self.on_start = on_start  # told (group, step) once the stub knows where its group starts
         self.tables = tables  # the embedding-table rows this process needs (None: the model has no tables)
-        self.traffic = {"rows_pulled": 0, "rows_pushed": 0, "row_bytes": 0}  # table rows moved, both ways
         self.fingerprint = identity["fingerprint"] if identity is not None else ""
         self.group_processes = workers_per_group // max(len(self.workers), 1)
         self.slowest_step = 0  # the slowest group's completed steps, from the last answer
@@ -244,13 +243,8 @@ class Stub:
         ids = self.tables.block_ids(at)
         self.rpcs["Get"] += sum(1 for part in self.tables.by_shard(ids) if part)
         rows = await fetch_rows(self.clients, self.tables, ids, group, step, self.wait_s, self.fingerprint)
-        self._count(rows, pulled=True)
+        self.tables.count(rows, pulled=True)
         return {**values, TABLE_ROWS: rows}
-
-    def _count(self, rows: TableRows, pulled: bool) -> None:
-        n = sum(len(b.ids) for b in rows.values())
-        self.traffic["rows_pulled" if pulled else "rows_pushed"] += n
-        self.traffic["row_bytes"] += sum(b.ids.nbytes + b.values.nbytes for b in rows.values())
 
     async def _resync(self) -> int:
         self.cache.doing("re-syncing with the shards")
@@ -306,7 +300,7 @@ class Stub:
         def note() -> str:  # formatted only if a worker's wait runs out
             return f"waiting for shards {sorted(waiting)} to answer the Update of step {step}"
 
-        heads = self._row_headers(header, step, grads)
+        heads = self.tables.headers(header, step, grads) if self.tables else [header] * len(self.clients)
 
         async def send(shard: int):
             answer = await self.clients[shard].update(heads[shard], sums[shard], self.layout.slice_dtype_shape, into)
@@ -329,25 +323,10 @@ class Stub:
             published = jax.device_put(fresh)  # the buffers are 64-byte aligned and new every step: JAX adopts them
         if self.tables is not None:
             rows = self.tables.assemble([answer.table_rows for answer in replies])
-            self._count(rows, pulled=True)
+            self.tables.count(rows, pulled=True)
             published = {**published, TABLE_ROWS: rows}
         self.cache.publish(step + 1, published)
         return comm_s
-
-    def _row_headers(self, header: UpdateHeader, step: int, grads: list[dict]) -> list[UpdateHeader]:
-        """Each shard's Update header: with the table rows of that shard, the step's
-        gradient sums (added up over the workers) and the next step's rows wanted."""
-        if self.tables is None:
-            return [header] * len(self.clients)
-        sums = {}
-        for name in self.tables.tables:
-            parts = [g[TABLE_ROWS][name] for g in grads]
-            sums[name] = add_up(tuple(parts)) if len(parts) > 1 else parts[0]
-        pushes = self.tables.pushes(step, sums)
-        pulls = self.tables.by_shard(self.tables.block_ids(step + 1))
-        for push in pushes:
-            self._count(push, pulled=False)
-        return [dataclasses.replace(header, push=pushes[i], pull=pulls[i]) for i in range(len(self.clients))]
 
     def _sums(self, grads: list[dict[str, np.ndarray]]) -> list[Gradients]:
         """This process's gradient sum of every slice, per shard. A transport that

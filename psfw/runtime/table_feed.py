@@ -11,6 +11,7 @@ to each shard, the rows of that shard the step used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ import numpy as np
 
 from psfw.compute.tables import TableSpec, bucket, route, unique_ids
 from psfw.protocol.errors import PsfwError
-from psfw.protocol.messages import RowBlock, TableIds, TableRows
+from psfw.protocol.messages import RowBlock, TableIds, TableRows, UpdateHeader
 
 TABLE_ROWS = "@table_rows"  # the parameter cache's entry of this step's table rows: {table: RowBlock}
 EMPTY = np.zeros(0, np.int64)
@@ -49,6 +50,7 @@ class TableFeed:
         self.declaration = json.dumps(declaration, sort_keys=True)
         self.extra, self.extra_due = dict(extra or {}), extra_due
         self._train: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self.traffic = {"rows_pulled": 0, "rows_pushed": 0, "row_bytes": 0}  # table rows moved, both ways
 
     def train_ids(self, step: int) -> dict[str, np.ndarray]:
         """The sorted unique ids the process's workers use at ``step``, by table."""
@@ -99,6 +101,25 @@ class TableFeed:
                 if mine.any():
                     parts[shard][name] = RowBlock(ids[mine], np.ascontiguousarray(grads[mine]))
         return parts
+
+    def headers(self, header: UpdateHeader, step: int, grads: list[dict[str, Any]]) -> list[UpdateHeader]:
+        """Each shard's Update header of ``step``: with the step's gradient sums of
+        that shard's rows (``grads``: the workers' reports, each with a gradient of
+        every row of the block under ``TABLE_ROWS``), and the next step's rows wanted."""
+        sums = {}
+        for name in self.tables:
+            parts = [g[TABLE_ROWS][name] for g in grads]
+            sums[name] = parts[0] if len(parts) == 1 else np.sum(parts, axis=0, dtype=np.float32)
+        pushes = self.pushes(step, sums)
+        pulls = self.by_shard(self.block_ids(step + 1))
+        for push in pushes:
+            self.count(push, pulled=False)
+        return [dataclasses.replace(header, push=push, pull=pull) for push, pull in zip(pushes, pulls, strict=True)]
+
+    def count(self, rows: TableRows, pulled: bool) -> None:
+        """Add rows moved to ``traffic``."""
+        self.traffic["rows_pulled" if pulled else "rows_pushed"] += sum(len(b.ids) for b in rows.values())
+        self.traffic["row_bytes"] += sum(b.ids.nbytes + b.values.nbytes for b in rows.values())
 
     def assemble(self, answers: list[TableRows]) -> dict[str, RowBlock]:
         """One block per table from every shard's rows, in id order."""

@@ -81,12 +81,13 @@ async def _train(job: Job, warmup: int) -> dict[str, float]:
         for server in servers:
             await server.stop(0)
     dense_bytes = 2 * sum(p.nbytes for p in job.layout.params.values())  # each way, every step
-    row_bytes = sum(s.traffic["row_bytes"] for s in stubs)
+    row_bytes = sum(s.tables.traffic["row_bytes"] for s in stubs)
     measured = len(stamps) - warmup
     return {
         "samples_per_s": measured * BATCH / (stamps[-1] - stamps[warmup - 1]),
         "bytes_per_step": dense_bytes + row_bytes / job.steps,
-        "rows_per_step": sum(s.traffic["rows_pulled"] + s.traffic["rows_pushed"] for s in stubs) / job.steps,
+        "rows_per_step": sum(s.tables.traffic["rows_pulled"] + s.tables.traffic["rows_pushed"] for s in stubs)
+        / job.steps,
     }
 
 
