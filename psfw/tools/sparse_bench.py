@@ -81,13 +81,13 @@ async def _train(job: Job, warmup: int) -> dict[str, float]:
         for server in servers:
             await server.stop(0)
     dense_bytes = 2 * sum(p.nbytes for p in job.layout.params.values())  # each way, every step
-    row_bytes = sum(s.tables.traffic["row_bytes"] for s in stubs)
+    feeds = [s.tables for s in stubs if s.tables is not None]  # the dense variant has none
+    row_bytes = sum(f.traffic["row_bytes"] for f in feeds)
     measured = len(stamps) - warmup
     return {
         "samples_per_s": measured * BATCH / (stamps[-1] - stamps[warmup - 1]),
         "bytes_per_step": dense_bytes + row_bytes / job.steps,
-        "rows_per_step": sum(s.tables.traffic["rows_pulled"] + s.tables.traffic["rows_pushed"] for s in stubs)
-        / job.steps,
+        "rows_per_step": sum(f.traffic["rows_pulled"] + f.traffic["rows_pushed"] for f in feeds) / job.steps,
     }
 
 
@@ -187,12 +187,9 @@ def run_memory(size: int, steps: int = 5) -> dict[str, Any]:
     """A table of about ``size`` bytes (64-wide float32 rows, adagrad) over 2 shard
     processes, every row made at the start, trained ``steps`` steps by a worker
     process: each shard's peak RSS against the rows and state it holds."""
-    import subprocess
-    import tempfile
-
-    from psfw.jobs.children import child_env, psfw_command
     from psfw.jobs.shard_processes import rss_bytes
     from psfw.runtime.grpc_transport import ShardClient
+    from psfw.tools.transfer_bench import worker_run
 
     users = max(size // (DIM * 4), 1)
     text = (
@@ -203,22 +200,7 @@ def run_memory(size: int, steps: int = 5) -> dict[str, Any]:
         "[tables]\nmaterialize = true\n[tables.optimizer]\nname = 'adagrad'\nlearning_rate = 0.05\n"
         "[cluster]\nworkers_per_group = 2\nworkers_per_process = 2\nservers = 2\n"
     )
-    from psfw.jobs.shard_processes import shard_processes
-
-    with tempfile.TemporaryDirectory() as folder, shard_processes(2) as (addresses, procs):
-        config = f"{folder}/memory.toml"
-        with open(config, "w") as f:
-            f.write(text)
-        started = time.perf_counter()
-        done = subprocess.run(
-            psfw_command("worker", config, "--servers", ",".join(addresses), "--run-dir", f"{folder}/run"),
-            capture_output=True,
-            text=True,
-            env=child_env(),
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"the sparse memory run failed: {done.stderr[-2000:]}")
-        seconds = time.perf_counter() - started
+    with worker_run(text) as (addresses, procs, _, seconds):
 
         async def held() -> list[int]:
             clients = [ShardClient(a, i, timeout_s=60) for i, a in enumerate(addresses)]

@@ -4,6 +4,7 @@ updates per second with many stubs, and a shard's memory against what it holds."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -160,10 +161,7 @@ def run_memory(size: int, steps: int = 3) -> dict:
     with 2 shard processes and one worker process of 2 workers; report each shard's
     peak RSS against the bytes of values it holds."""
     import math
-    import subprocess
-    import tempfile
 
-    from psfw.jobs.children import child_env, psfw_command
     from psfw.jobs.shard_processes import rss_bytes
 
     if size < MIN_MEMORY_BYTES:
@@ -176,8 +174,32 @@ def run_memory(size: int, steps: int = 3) -> dict:
         "[optimizer]\nname = 'sgd'\nlearning_rate = 0.01\n"
         "[cluster]\nworkers_per_group = 2\nworkers_per_process = 2\nservers = 2\n"
     )
-    with tempfile.TemporaryDirectory() as folder, shard_processes(2) as (addresses, procs):
-        config = f"{folder}/memory.toml"
+    with worker_run(text) as (addresses, procs, done, seconds):
+        peaks = [rss_bytes(p.pid) for p in procs]
+    values = width * width * 4 + width * 4 + width * 40 + 40  # the MLP's parameters
+    return {
+        "memory_model_bytes": values,
+        "memory_seconds": round(seconds, 1),
+        "memory_shard_values_mb": round(values / 2 / 2**20, 1),
+        "memory_shard_peak_rss_mb": [round(p / 2**20, 1) for p in peaks],
+        "memory_shard_peak_over_values": [round(p / (values / 2), 2) for p in peaks],
+        "memory_path": "shared-memory" if "shared-memory" in done.stderr else "grpc",
+    }
+
+
+@contextlib.contextmanager
+def worker_run(text: str, shards: int = 2):
+    """Run the job of config ``text`` as one ``psfw worker`` process against
+    ``shards`` shard processes; yields ``(addresses, shard processes, the worker's
+    CompletedProcess, its seconds)`` while the shards still run (to read their
+    memory, to ask them what they hold). RuntimeError when the worker fails."""
+    import subprocess
+    import tempfile
+
+    from psfw.jobs.children import child_env, psfw_command
+
+    with tempfile.TemporaryDirectory() as folder, shard_processes(shards) as (addresses, procs):
+        config = f"{folder}/job.toml"
         with open(config, "w") as f:
             f.write(text)
         started = time.perf_counter()
@@ -188,14 +210,5 @@ def run_memory(size: int, steps: int = 3) -> dict:
             env=child_env(),
         )
         if done.returncode != 0:
-            raise RuntimeError(f"the memory run failed: {done.stderr[-2000:]}")
-        peaks = [rss_bytes(p.pid) for p in procs]
-    values = width * width * 4 + width * 4 + width * 40 + 40  # the MLP's parameters
-    return {
-        "memory_model_bytes": values,
-        "memory_seconds": round(time.perf_counter() - started, 1),
-        "memory_shard_values_mb": round(values / 2 / 2**20, 1),
-        "memory_shard_peak_rss_mb": [round(p / 2**20, 1) for p in peaks],
-        "memory_shard_peak_over_values": [round(p / (values / 2), 2) for p in peaks],
-        "memory_path": "shared-memory" if "shared-memory" in done.stderr else "grpc",
-    }
+            raise RuntimeError(f"the run failed: {done.stderr[-2000:]}")
+        yield addresses, procs, done, time.perf_counter() - started
