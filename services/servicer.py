@@ -164,10 +164,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         header = None
         async with self._handled(context, "Update"):
             assembler = Assembler(self.store.expect, max_bytes=self.max_request_bytes)
-            pushed = RowCollector()
+            pushed, pulled = RowCollector(), RowCollector()
             async for frame in request_iterator:
                 first = assembler.add_frame(frame)
                 pushed.add(first.push)
+                pulled.add(first.pull, ids_only=True)
                 if header is None:
                     header = first
             if header is None:
@@ -179,21 +180,25 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 sums = {k: region.view(False, offsets[k], d, s) for k, (d, s) in self.store.specs.items()}
             else:
                 sums = assembler.finish()
-            result = await self.store.update(update_header(header, _wait(header.wait_s), pushed.rows()), sums)
-            self.metrics.bytes_in.labels(self._shard).inc(assembler.total or self.store.nbytes())
+            head = update_header(header, _wait(header.wait_s), pushed.rows(), pulled.ids())
+            result = await self.store.update(head, sums)
+            self.metrics.bytes_in.labels(self._shard).inc((assembler.total or self.store.nbytes()) + pushed.total)
             if header.shm:
                 await _write_answer(region, offsets, result.values)
+        rows_out = 0
         for pieces in row_pieces(result.table_rows):  # this process's own rows, ahead of the shared answer
-            yield UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, table_rows=pieces), []))
+            reply = UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, table_rows=pieces), []))
+            rows_out += len(reply)
+            yield reply
         if header.shm:  # the answer is in the region already
-            self.metrics.bytes_out.labels(self._shard).inc(self.store.nbytes())
+            self.metrics.bytes_out.labels(self._shard).inc(self.store.nbytes() + rows_out)
             yield UPDATE_REPLY(Frame(_reply_head(result), []))
             return
         sent = 0
         async for reply in _answer(result, self.store.nbytes() <= SHARED_REPLY_BYTES):
             sent += len(reply)
             yield reply
-        self.metrics.bytes_out.labels(self._shard).inc(sent)
+        self.metrics.bytes_out.labels(self._shard).inc(sent + rows_out)
 
     async def Describe(self, request: pb.DescribeRequest, context) -> pb.DescribeReply:
         async with self._handled(context, "Describe", request):

@@ -279,7 +279,11 @@ class ShardStore:
         if wait_for_put:
             await self.wait_for_put(keys, wait_s)
             if pull and not await self._wait_until(lambda: bool(self.tables.declaration), wait_s):
-                self.tables.check_pull(pull)  # names what is missing
+                raise refusal(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"shard {self.shard}: waited {wait_s:.1f} s for the job's embedding tables to be declared: "
+                    "has the process of worker 0 of group 0 started?",
+                )
         for key in keys:
             self.expect(key)
         self.tables.check_pull(pull)

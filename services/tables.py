@@ -60,6 +60,8 @@ def parse_tables(declaration: str) -> dict[str, Any]:
                 "seed": int(entry["seed"]),
                 "materialize": bool(entry.get("materialize", False)) and spec.rows is not None,
             }
+            if out[name]["materialize"] and spec.rows > DIRECT_INDEX_ROWS:
+                raise ValueError(f"table {name}: materialize takes tables of up to 2^28 rows, it has {spec.rows}")
         return out
     except (ValueError, TypeError, KeyError, RecursionError) as err:
         raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"the Put's table declaration: {err}") from None
@@ -68,7 +70,7 @@ def parse_tables(declaration: str) -> dict[str, Any]:
 class ShardTable:
     """The rows of one table that one shard holds."""
 
-    def __init__(self, name: str, declared: dict[str, Any], shard: int, shards: int):
+    def __init__(self, name: str, declared: dict[str, Any], shard: int, shards: int, make_rows: bool = True):
         self.name, self.declared, self.shard, self.shards = name, declared, shard, shards
         self.spec = TableSpec(declared["rows"], declared["dim"], declared["init"], declared["scale"])
         self.seed = declared["seed"]
@@ -85,9 +87,10 @@ class ShardTable:
         }
         rows = self.spec.rows
         self._direct = rows is not None and rows <= DIRECT_INDEX_ROWS
-        self._slot_array = np.full(rows, -1, np.int32 if rows < 2**31 else np.int64) if self._direct else None
+        # slot + 1 by id (0: none yet), zeros the kernel maps lazily: only the pages of ids used take memory
+        self._slot_array = np.zeros(rows, np.int32) if self._direct else None
         self._slot_dict: dict[int, int] = {}
-        if declared.get("materialize"):
+        if declared.get("materialize") and make_rows:
             self.materialize()
 
     def materialize(self, chunk: int = 1 << 20) -> None:
@@ -108,7 +111,7 @@ class ShardTable:
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """The slot of each id, -1 where the shard has no row yet."""
         if self._direct:
-            return self._slot_array[ids].astype(np.int64)
+            return self._slot_array[ids].astype(np.int64) - 1
         get = self._slot_dict.get
         return np.fromiter((get(i, -1) for i in ids.tolist()), np.int64, len(ids))
 
@@ -132,20 +135,20 @@ class ShardTable:
         self.ids, self.values = grown(self.ids), grown(self.values)
         self.state = {key: grown(array) for key, array in self.state.items()}
 
-    def create(self, ids: np.ndarray) -> np.ndarray:
-        """Make rows for ``ids`` (sorted, unique, none held yet) from their initial
-        values; returns their slots."""
+    def create(self, ids: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+        """Make rows for ``ids`` (unique, none held yet) from their initial values
+        (or ``values``); returns their slots."""
         n = len(ids)
         self._grow(self.count + n)
         slots = np.arange(self.count, self.count + n, dtype=np.int64)
         self.ids[slots] = ids
-        self.values[slots] = initial_rows(self.seed, self.name, ids, self.spec)
+        self.values[slots] = initial_rows(self.seed, self.name, ids, self.spec) if values is None else values
         for key, array in self.state.items():  # a row's state starts when the row does
             fill = self.optimizer.state_fill(key)
             if fill:
                 array[slots] = fill
         if self._direct:
-            self._slot_array[ids] = slots
+            self._slot_array[ids] = slots + 1
         else:
             self._slot_dict.update(zip(ids.tolist(), slots.tolist(), strict=True))
         self.count += n
@@ -189,8 +192,8 @@ class ShardTable:
         if block.values.dtype != np.float32 or block.values.shape != (len(block.ids), self.spec.dim):
             raise _refuse(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"the push of table {self.name}: rows of shape {list(block.values.shape)}, the table's are "
-                f"[{len(block.ids)}, {self.spec.dim}]",
+                f"the push of table {self.name}: rows of {block.values.dtype}{list(block.values.shape)}, the "
+                f"table's are float32[{len(block.ids)}, {self.spec.dim}]",
             )
 
     def read(self, ids: np.ndarray) -> np.ndarray:
@@ -211,9 +214,10 @@ class ShardTable:
             fresh = self.optimizer.initial_state(int(missing.sum()), self.spec.dim)
             for key in state:
                 state[key][missing] = fresh[key]
-        new_rows, new_state = self.optimizer.apply(rows, state, grads, self.updates)
-        if not np.isfinite(new_rows).all():
-            return None
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
+            new_rows, new_state = self.optimizer.apply(rows, state, grads, self.updates)
+        if not (np.isfinite(new_rows).all() and all(np.isfinite(v).all() for v in new_state.values())):
+            return None  # an overflowed state (an Adagrad sum of squares, say) would freeze its rows
         return RowUpdate(ids, slots, new_rows, new_state)
 
     def commit(self, update: RowUpdate) -> None:
@@ -243,9 +247,10 @@ class ShardTables:
         self.declaration = ""  # JSON, from the first Put that declared tables
         self.tables: dict[str, ShardTable] = {}
 
-    def declare(self, declaration: str) -> None:
+    def declare(self, declaration: str, make_rows: bool = True) -> None:
         """Take on the job's tables (the first declaration fixes them; the same again
-        is acknowledged, another one refused)."""
+        is acknowledged, another one refused). ``make_rows``: make the rows of a
+        materialized table now (not when a checkpoint's rows are about to come)."""
         declared = parse_tables(declaration)
         if self.declaration:
             if json.loads(self.declaration) != declared:
@@ -255,7 +260,7 @@ class ShardTables:
                     "once, by the job that made them",
                 )
             return
-        self.tables = {n: ShardTable(n, d, self.shard, self.shards) for n, d in declared.items()}
+        self.tables = {n: ShardTable(n, d, self.shard, self.shards, make_rows) for n, d in declared.items()}
         self.declaration = json.dumps(declared, sort_keys=True)
 
     def table(self, name: str) -> ShardTable:
@@ -297,10 +302,14 @@ class ShardTables:
         return plans
 
     def commit(self, plans: Mapping[str, RowUpdate]) -> None:
+        """Write the plans of a group step; every table counts the step, touched or
+        not, so that each shard counts the same updates (global bias correction)."""
         for name, plan in plans.items():
             self.tables[name].commit(plan)
         for name in self.tables.keys() - plans.keys():
-            self.tables[name].rows_touched = 0
+            table = self.tables[name]
+            table.rows_touched = 0
+            table.updates += 1
 
     def nbytes(self) -> int:
         return sum(t.nbytes() for t in self.tables.values())
@@ -335,12 +344,12 @@ class ShardTables:
         tables = cls(shard, shards)
         if not meta or not meta.get("declaration"):
             return tables
-        tables.declare(meta["declaration"])
+        tables.declare(meta["declaration"], make_rows=False)  # the rows come from the checkpoint
         for name, table in tables.tables.items():
             ids = np.asarray(tensors[f"table/{name}/ids"], np.int64)
             if len(ids):
-                slots = table.create(ids)
-                table.values[slots] = tensors[f"table/{name}/values"]
+                table._grow(len(ids), exact=True)
+                slots = table.create(ids, tensors[f"table/{name}/values"])
                 for key in table.state:
                     table.state[key][slots] = tensors[f"table/{name}/state/{key}"].reshape(len(ids), -1)
             table.updates = int(meta["updates"][name])

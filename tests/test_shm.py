@@ -235,3 +235,39 @@ def test_a_shard_maps_no_link_and_no_file_of_another_user(tmp_path):
             Region.attach(other.name, area)
     finally:
         other.unlink()
+
+
+@pytest.mark.asyncio
+async def test_table_rows_beyond_one_message_ride_beside_the_shared_region():
+    """A push and a pull of more rows than one message carries: the Update stays on
+    the shared region (several messages), and the rows come back in pieces."""
+    with shard_processes(1) as (addresses, _):  # a fresh shard: the module's holds other values of w
+        shared = await connect(addresses[0], 0, timeout_s=20, retries=0, shared_memory=SPECS)
+        network = ShardClient(addresses[0], 0, timeout_s=20, retries=0)
+        try:
+            await _push_and_pull_many_rows(shared, network)
+        finally:
+            await shared.close()
+            await network.close()
+
+
+async def _push_and_pull_many_rows(shared, network):
+    import json
+
+    from psfw.compute.tables import check_table_optimizer
+    from psfw.protocol.messages import RowBlock
+
+    table = {"rows": 10**6, "dim": 8, "init": "zeros", "scale": 0.0, "seed": 0}
+    table["optimizer"] = check_table_optimizer({"name": "sgd", "learning_rate": 1.0})
+    await network.put([("w", 0, np.zeros(1000, np.float32)), ("w", 1, np.zeros(24, np.float32))], SGD)
+    await network.put([], SGD, "", json.dumps({"big": table}))
+    ids = np.arange(0, 2 * 10**5, 1, dtype=np.int64)  # 1.6 MB of ids, 6.4 MB of rows: several pieces
+    grads = {("w", 0): np.zeros(1000, np.float32), ("w", 1): np.zeros(24, np.float32)}
+    head = UpdateHeader(
+        group=0, step=0, process=0, workers=1, rows=1, workers_per_group=1, wait_s=20,
+        push={"big": RowBlock(ids, np.ones((len(ids), 8), np.float32))}, pull={"big": ids},
+    )  # fmt: skip
+    answer = await shared.update(head, grads, _expect)
+    assert shared.kind == "shared-memory"
+    np.testing.assert_array_equal(answer.table_rows["big"].ids, ids)
+    np.testing.assert_array_equal(answer.table_rows["big"].values, -np.ones((len(ids), 8), np.float32))

@@ -138,7 +138,7 @@ def _bad_pushes(ids):
         "unsorted": ({"emb": RowBlock(ids[::-1].copy(), three)}, "not sorted and unique"),
         "repeated": ({"emb": RowBlock(np.repeat(ids[:1], 2), np.ones((2, 3), np.float32))}, "not sorted and unique"),
         "another shard's": ({"emb": RowBlock(other_shard, np.ones((2, 3), np.float32))}, "belongs to another shard"),
-        "wrong width": ({"emb": RowBlock(ids, np.ones((len(ids), 4), np.float32))}, "rows of shape"),
+        "wrong width": ({"emb": RowBlock(ids, np.ones((len(ids), 4), np.float32))}, "the table's are float32[3, 3]"),
         "nan row": ({"emb": RowBlock(ids, np.where(np.eye(len(ids), 3) > 0, np.nan, 1).astype(np.float32))}, "NaN"),
         "unknown table": ({"nope": RowBlock(ids, three)}, "no embedding table 'nope'"),
     }
@@ -262,3 +262,64 @@ def test_global_bias_correction_counts_the_tables_updates():
     first, _ = per_row.apply(rows, per_row.initial_state(1, 1), g, updates=10_000)
     assert abs(first[0, 0] + 0.1) < 1e-4
     assert abs(moved[0, 0] + 0.316) < 0.01
+
+
+@pytest.mark.asyncio
+async def test_an_update_that_would_overflow_a_rows_state_is_refused(table_shard):
+    """A finite gradient of 1e20 squares to Inf in Adagrad's accumulator: refused,
+    nothing written (that row would never move again)."""
+    server, client = table_shard
+    await server.stop(0)
+    server = ShardServer(1, 2)
+    await server.start("127.0.0.1:0")
+    client = ShardClient(server.address, 1, timeout_s=10, retries=0)
+    try:
+        await client.put([], SGD, "", declaration({"name": "adagrad", "learning_rate": 0.1}))
+        ids = mine("emb", 2)
+        await client.get(0, 0, [], none, 5, pull={"emb": ids})
+        before = server.store.digest()
+        huge = np.full((2, 3), 1e20, np.float32)
+        with pytest.raises(ShardError, match="NaN or Inf"):
+            await client.update(head(rows=1, push={"emb": RowBlock(ids, huge)}), {}, none)
+        assert server.store.digest() == before
+    finally:
+        await client.close()
+        await server.stop(0)
+
+
+@pytest.mark.asyncio
+async def test_a_materialized_table_comes_back_from_its_checkpoint_as_it_was(tmp_path):
+    from psfw.services.store import ShardStore
+
+    opt = check_table_optimizer({"name": "adagrad", "learning_rate": 0.5})
+    spec = {**SPEC.describe(), "optimizer": opt, "seed": 7, "materialize": True}
+    store = ShardStore(0, 1, checkpoints=tmp_path)  # a checkpoint is complete with every shard's file
+    await store.put({}, SGD, tables=json.dumps({"emb": spec}))
+    table = store.tables.tables["emb"]
+    held = table.count
+    assert held == 1000  # every row, made at once
+    ids = np.arange(4, dtype=np.int64)
+    await store.update(head(rows=1, push={"emb": RowBlock(ids, np.ones((4, 3), np.float32))}, checkpoint_every=1), {})
+    await store.flush_checkpoints()
+    digest = store.digest()
+    again = ShardStore(0, 1, checkpoints=tmp_path)
+    assert await again.load_newest() == 1
+    assert again.tables.tables["emb"].count == held
+    assert again.digest() == digest
+
+
+@pytest.mark.asyncio
+async def test_in_process_rows_of_other_dtypes_are_taken_as_the_wire_takes_them():
+    """int32 ids and float64 rows work as over gRPC; strings do not, in one line."""
+    from psfw.runtime.inprocess import InProcessClient
+
+    server = ShardServer(1, 2)  # not started: its store is called directly
+    client = InProcessClient(server, 1)
+    await client.put([], SGD, "", declaration())
+    ids = mine("emb", 3)
+    answer = await client.update(
+        head(rows=1, push={"emb": RowBlock(ids.astype(np.int32), np.ones((3, 3)))}, pull={"emb": list(ids)}), {}, none
+    )
+    np.testing.assert_allclose(answer.table_rows["emb"].values, initial_rows(7, "emb", ids, SPEC) - 0.5)
+    with pytest.raises(ShardError, match="ids must be integers"):
+        await client.get(0, 1, [], none, 5, pull={"emb": np.array(["a"])})

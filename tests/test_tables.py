@@ -209,3 +209,11 @@ async def test_the_recommendation_example_comes_within_002_of_the_teachers_auc(t
     assert result.test_metrics["auc"] > best - 0.02, (result.test_metrics, best)
     aucs = [r["test_auc"] for r in result.evals]
     assert aucs[0] < 0.6 < aucs[-1], aucs  # it learned, step by step
+
+
+def test_a_tables_section_for_a_model_without_tables_is_refused(tmp_path):
+    from psfw.protocol.errors import ConfigError
+
+    config = parse_config({"model": {"name": "mlp"}, "tables": {"materialize": True}})
+    with pytest.raises(ConfigError, match="declares no embedding tables: drop"):
+        build_job(config)

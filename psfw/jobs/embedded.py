@@ -301,7 +301,8 @@ async def train_async(
         values: dict[str, Any] = dict(params)
         if job.model.tables:  # the test split's rows, for the final evaluation (the tables stay on the shards)
             feed = job.table_feed(0, [], evaluates=False)
-            values[TABLE_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, job.steps, t.wait_s)
+            fingerprint = job.identity()["fingerprint"]
+            values[TABLE_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, job.steps, t.wait_s, fingerprint)
         test_loss, test_metrics = await asyncio.to_thread(evaluator.evaluate, values)
     result = TrainResult(
         params=params,

@@ -300,6 +300,8 @@ def build_job(config: Config) -> Job:
             "lower it, or give more rows",
         )
     model = build_model(config, data)
+    if config.tables is not None and not model.tables:
+        raise config.error("tables", f"{_model_field(config)} declares no embedding tables: drop [tables]")
     shapes_tree = _check_model(config, model, data)
     flat, treedef = flatten_params(shapes_tree)
     try:  # here, not when net.json is written at the end of training

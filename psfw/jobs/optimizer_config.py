@@ -85,6 +85,8 @@ class TableOptimizerConfig(_Finite):
 
     @model_validator(mode="after")
     def _check(self) -> TableOptimizerConfig:
+        if self.bias_correction != "per_row" and self.name != "adam":  # a stored config.json holds the default
+            raise _FieldError("bias_correction", f"applies to adam only, not to {self.name}: drop it")
         try:
             check_table_optimizer(self.spec())
         except SpecError as err:

@@ -150,10 +150,8 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         addresses = []
-        from psfw.jobs.job import declares_tables  # here: it imports JAX, which launch itself never needs
-
         # a model's tables live on the shards only: their final checkpoint keeps them
-        keep = config.train.checkpoint_every or resume or declares_tables(config)
+        keep = config.train.checkpoint_every or resume or _declares_tables(config)
         checkpoints = run_dir / CHECKPOINTS if run_dir is not None and keep else None
         extra = ["--grace", "1"] + (["--checkpoint-dir", str(checkpoints)] if checkpoints is not None else [])
         with tempfile.TemporaryDirectory(prefix="psfw-launch-") as ready_dir:
@@ -201,3 +199,13 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         await _stop(children)
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
+
+
+def _declares_tables(config: Config) -> bool:
+    """Whether the job's model keeps embedding tables (JAX is imported only to look
+    at a model that may: the shipped ones say it by name)."""
+    if config.model.name not in ("fm", "custom"):
+        return False
+    from psfw.jobs.job import declares_tables
+
+    return declares_tables(config)

@@ -16,7 +16,7 @@ import numpy as np
 
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.errors import WireError
-from psfw.protocol.messages import RowBlock
+from psfw.protocol.messages import RowBlock, TableIds, TableRows
 
 PIECE_BYTES = 1 << 20
 MAX_ROW_BYTES = 1 << 30  # of one request's rows: far beyond a step's, and bounds a bad one
@@ -53,8 +53,45 @@ def row_pieces(rows: Mapping[str, RowBlock], limit: int = PIECE_BYTES) -> list[l
 
 
 def pull_blocks(pull: Mapping[str, np.ndarray]) -> list[pb.RowBlock]:
-    """The rows wanted, by table, as id-only RowBlock messages."""
+    """The rows wanted, by table, as id-only RowBlock messages (one message: a Get
+    of rows asks for at most ``PULL_IDS`` ids per table, see ``fetch_rows``)."""
     return [pb.RowBlock(table=t, ids=np.asarray(ids, _ID).tobytes()) for t, ids in pull.items()]
+
+
+PULL_IDS = PIECE_BYTES // _ID.itemsize  # ids per piece of a pull
+
+
+def row_messages(push: TableRows, pull: TableIds) -> list[tuple[list[pb.RowBlock], list[pb.RowBlock]]]:
+    """An Update's table rows, message by message: the push and pull pieces of each
+    (the first go in the header's message); at least one (empty) entry."""
+    pushes = row_pieces(push)
+    empty = {t: np.zeros((0, 0), np.float32) for t in pull}
+    pulls = row_pieces({t: RowBlock(np.asarray(ids, _ID), empty[t]) for t, ids in pull.items()})
+    count = max(len(pushes), len(pulls), 1)
+    return [(pushes[i] if i < len(pushes) else [], pulls[i] if i < len(pulls) else []) for i in range(count)]
+
+
+def as_rows(rows: TableRows) -> dict[str, RowBlock]:
+    """Rows as the wire delivers them (int64 ids, float32 values), whatever a caller
+    in this process handed in: every transport takes the same input alike."""
+    out = {}
+    for table, block in rows.items():
+        ids, values = np.asarray(block.ids), np.asarray(block.values)
+        if ids.dtype.kind not in "iu" or values.dtype.kind != "f":
+            raise _bad(f"table {table}: ids must be integers and rows floats, got {ids.dtype} and {values.dtype}")
+        out[table] = RowBlock(ids.astype(_ID, copy=False), values.astype(_VALUE, copy=False))
+    return out
+
+
+def as_ids(pull: TableIds) -> dict[str, np.ndarray]:
+    """Ids wanted as the wire delivers them (int64)."""
+    out = {}
+    for table, ids in pull.items():
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise _bad(f"table {table}: ids must be integers, got {ids.dtype}")
+        out[table] = ids.astype(_ID, copy=False)
+    return out
 
 
 class RowCollector:

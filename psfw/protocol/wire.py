@@ -21,8 +21,7 @@ from psfw.proto import ps_pb2 as pb
 from psfw.protocol.errors import WireError
 from psfw.protocol.frames import Chunk, Frame
 from psfw.protocol.layout import Layout, SliceKey
-from psfw.protocol.messages import TableRows, UpdateHeader
-from psfw.protocol.row_wire import RowCollector, pull_blocks
+from psfw.protocol.messages import TableIds, TableRows, UpdateHeader
 
 T = TypeVar("T")
 
@@ -251,10 +250,10 @@ class Assembler:
         return out
 
 
-def update_request(header: UpdateHeader, shm: str = "", push: list | None = None) -> pb.UpdateRequest:
+def update_request(header: UpdateHeader, shm: str = "", rows: tuple[list, list] = ([], [])) -> pb.UpdateRequest:
     """The Update's header as the gRPC message (``shm``: the region that carries the
-    gradients, '' when they travel in the messages), with the rows it pulls and
-    ``push``, the first message's pieces of its table rows (see ``row_pieces``)."""
+    gradients, '' when they travel in the messages), with ``rows``, the first
+    message's pieces of its table rows pushed and pulled (see ``row_messages``)."""
     return pb.UpdateRequest(
         group=header.group,
         step=header.step,
@@ -271,16 +270,14 @@ def update_request(header: UpdateHeader, shm: str = "", push: list | None = None
         job=header.job,
         wait_s=header.wait_s,
         shm=shm,
-        pull=pull_blocks(header.pull),
-        push=push or [],
+        push=rows[0],
+        pull=rows[1],
     )
 
 
-def update_header(request: pb.UpdateRequest, wait_s: float, push: TableRows) -> UpdateHeader:
+def update_header(request: pb.UpdateRequest, wait_s: float, push: TableRows, pull: TableIds) -> UpdateHeader:
     """The header of a received Update; ``wait_s``: the wait the shard grants it;
-    ``push``: the table rows of all its messages (a ``RowCollector``'s)."""
-    pulled = RowCollector()
-    pulled.add(request.pull, ids_only=True)
+    ``push`` and ``pull``: the table rows of all its messages (``RowCollector``s')."""
     return UpdateHeader(
         group=request.group,
         step=request.step,
@@ -297,5 +294,5 @@ def update_header(request: pb.UpdateRequest, wait_s: float, push: TableRows) -> 
         job=request.job,
         wait_s=wait_s,
         push=push,
-        pull=pulled.ids(),
+        pull=pull,
     )

@@ -9,6 +9,7 @@ import numpy as np
 
 from psfw.protocol.layout import Layout, SliceKey
 from psfw.protocol.messages import RowBlock, TableIds
+from psfw.protocol.row_wire import PULL_IDS
 from psfw.protocol.wire import param_buffers
 from psfw.runtime.table_feed import TableFeed
 from psfw.runtime.transport import Transport
@@ -54,14 +55,35 @@ async def fetch_rows(
     ``step`` steps: one Get per shard that holds any of them, all at once; the
     shards wait (up to ``wait_s``) for the tables to be declared. Returns one
     block per table, in id order."""
-    wanted = tables.by_shard(ids)
-    busy = [i for i, part in enumerate(wanted) if part]
 
-    async def fetch(shard: int) -> dict[str, RowBlock]:
-        reply = await clients[shard].get(group, step, [], _no_slices, wait_s, None, True, job, wanted[shard])
+    async def fetch(shard: int, part: dict[str, np.ndarray]) -> dict[str, RowBlock]:
+        reply = await clients[shard].get(group, step, [], _no_slices, wait_s, None, True, job, part)
         return reply.table_rows
 
-    return tables.assemble(await asyncio.gather(*(fetch(i) for i in busy)))
+    gets = row_gets(tables, ids)
+    return tables.assemble(await asyncio.gather(*(fetch(shard, part) for shard, part in gets)))
+
+
+def row_gets(tables: TableFeed, ids: TableIds) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """The Gets that pull ``ids``: one per shard that holds any, more where a shard's
+    ids exceed ``PULL_IDS`` (a request stays far below gRPC's message limit)."""
+    gets: list[tuple[int, dict[str, np.ndarray]]] = []
+    for shard, part in enumerate(tables.by_shard(ids)):
+        request: dict[str, np.ndarray] = {}
+        room = PULL_IDS
+        for name, table_ids in part.items():
+            start = 0
+            while start < len(table_ids):
+                if not room:
+                    gets.append((shard, request))
+                    request, room = {}, PULL_IDS
+                piece = table_ids[start : start + room]
+                request[name] = piece
+                room -= len(piece)
+                start += len(piece)
+        if request:
+            gets.append((shard, request))
+    return gets
 
 
 def _no_slices(key: SliceKey):

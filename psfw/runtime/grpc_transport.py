@@ -25,7 +25,7 @@ from psfw.protocol.errors import Reason, ShardError, WireError
 from psfw.protocol.frames import CHUNK_BYTES, Frame, encode_chunks, frame_deserializer, frame_serializer
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Fresh, Gradients, RowBlock, TableIds, UpdateHeader
-from psfw.protocol.row_wire import RowCollector, pull_blocks, row_pieces
+from psfw.protocol.row_wire import RowCollector, pull_blocks, row_messages
 from psfw.protocol.security import NO_SECURITY, Link, Security, link_problem
 from psfw.protocol.service import REASON_KEY, SERVICE_NAME, grpc_options
 from psfw.protocol.wire import Assembler, Expect, batched, encoded_ahead, update_request
@@ -107,8 +107,8 @@ async def _pipelined(
 
     async for message in encoded_ahead(batched(grads, nbytes, PIPELINE_BYTES), encode):
         yield message
-    for pieces in more_rows:  # table rows beyond what the first message carries
-        yield UPDATE_REQUEST(Frame(pb.UpdateRequest(push=pieces), []))
+    for push, pull in more_rows:  # table rows beyond what the first message carries
+        yield UPDATE_REQUEST(Frame(pb.UpdateRequest(push=push, pull=pull), []))
 
 
 def get_request(
@@ -293,8 +293,8 @@ class ShardClient:
         """Send one process's gradient sums of a step (``grads``: by slice, every
         slice the shard holds); returns the fresh values, each taken in as it arrives
         while the next one travels (written into ``into`` where it has the slice)."""
-        rows = row_pieces(header.push)
-        head = update_request(header, push=rows[0] if rows else None)
+        rows = row_messages(header.push, header.pull)
+        head = update_request(header, rows=rows[0])
 
         async def attempt() -> Fresh:
             call = self._update(
@@ -313,13 +313,20 @@ class ShardClient:
 
         return await self._call("Update", attempt)
 
-    async def update_shared(self, head: pb.UpdateRequest, expect: Expect) -> Fresh:
+    async def update_shared(self, head: pb.UpdateRequest, expect: Expect, more_rows: list = ()) -> Fresh:
         """An Update whose gradients are in a shared region (named by ``head.shm``):
-        one message, and an answer without values (they are in the region too)."""
-        message = UPDATE_REQUEST(Frame(head, []))
+        one message (more when table rows do not fit in it: ``more_rows``, pieces as
+        ``row_messages`` gives them), and an answer without values (they are in the
+        region too)."""
+        messages = [UPDATE_REQUEST(Frame(head, []))]
+        messages += [UPDATE_REQUEST(Frame(pb.UpdateRequest(push=push, pull=pull), [])) for push, pull in more_rows]
 
         async def attempt() -> Fresh:
-            call = self._update_one(message, timeout=head.wait_s + RPC_MARGIN_S, metadata=self._md)
+            timeout = head.wait_s + RPC_MARGIN_S
+            if len(messages) == 1:
+                call = self._update_one(messages[0], timeout=timeout, metadata=self._md)
+            else:
+                call = self._update(iter(messages), timeout=timeout, metadata=self._md)
             return _assemble([f async for f in call], expect, None)
 
         return await self._call("Update", attempt)

@@ -11,6 +11,7 @@ ShardErrors, and RPCs are counted alike.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from psfw.proto import ps_pb2 as pb
 from psfw.protocol.errors import ShardError, WireError
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
+from psfw.protocol.row_wire import as_ids, as_rows
 from psfw.protocol.wire import Expect, slice_name, wire_dtype
 from psfw.runtime.transport import Capabilities, SliceSpecs
 
@@ -95,7 +97,8 @@ class InProcessClient:
 
     async def get(self, group, step, keys, expect, wait_s, into=None, wait_for_put=False, job="", pull=None) -> Fresh:
         async def get():
-            done, values, rows = await self.store.read(list(keys), group, step, wait_s, wait_for_put, job, pull)
+            wanted = as_ids(pull or {})
+            done, values, rows = await self.store.read(list(keys), group, step, wait_s, wait_for_put, job, wanted)
             return Fresh(done, await _deliver(values, into), table_rows=rows)
 
         return await self._call("Get", get())
@@ -106,7 +109,9 @@ class InProcessClient:
         items = [(key, index, value) for (key, index), value in grads.items()]
 
         async def update():
-            result = await self.store.update(header, self._checked(items, known=True))
+            # table rows as the wire would deliver them (int64 ids, float32 rows)
+            head = dataclasses.replace(header, push=as_rows(header.push), pull=as_ids(header.pull))
+            result = await self.store.update(head, self._checked(items, known=True))
             values = await _deliver(result.values, into)
             return Fresh(result.step, values, result.slowest_step, dict(result.metrics), result.rows, result.table_rows)
 

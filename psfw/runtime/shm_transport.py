@@ -18,7 +18,7 @@ import numpy as np
 from psfw.protocol.errors import Reason, ShardError
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
-from psfw.protocol.row_wire import row_pieces
+from psfw.protocol.row_wire import row_messages
 from psfw.protocol.shm import Region, host_id, slot_layout
 from psfw.protocol.wire import Expect, update_request
 from psfw.runtime.grpc_transport import ShardClient, get_request
@@ -134,12 +134,12 @@ class SharedMemoryClient:
         """``grads`` should be the views ``gradient_buffers`` gave (else they are
         copied into the region first)."""
         region = self._region
-        rows = row_pieces(header.push)
-        if region is not None and len(rows) <= 1:  # table rows travel in the one message (more: the messages' path)
+        if region is not None:
             await asyncio.to_thread(self._fill, region, grads)
             try:
-                head = update_request(header, shm=region.name, push=rows[0] if rows else None)
-                reply = await self.net.update_shared(head, expect)
+                rows = row_messages(header.push, header.pull)  # table rows travel in the messages
+                head = update_request(header, shm=region.name, rows=rows[0])
+                reply = await self.net.update_shared(head, expect, rows[1:])
                 values = await asyncio.to_thread(self._read, region, list(grads), expect, into)
                 return reply._replace(values=values)
             except ShardError as err:

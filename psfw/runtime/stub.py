@@ -25,7 +25,7 @@ from psfw.protocol.errors import ConfigError, PsfwError, ShardError, WaitTimeout
 from psfw.protocol.layout import Layout, SliceKey
 from psfw.protocol.messages import Gradients, Parts, UpdateHeader
 from psfw.protocol.wire import param_buffers
-from psfw.runtime.fetch import fetch_params, fetch_rows
+from psfw.runtime.fetch import fetch_params, fetch_rows, row_gets
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.sync import ShardSync, group_step
 from psfw.runtime.table_feed import TABLE_ROWS, TableFeed
@@ -241,7 +241,7 @@ class Stub:
         if self.tables is None:
             return values
         ids = self.tables.block_ids(at)
-        self.rpcs["Get"] += sum(1 for part in self.tables.by_shard(ids) if part)
+        self.rpcs["Get"] += len(row_gets(self.tables, ids))
         rows = await fetch_rows(self.clients, self.tables, ids, group, step, self.wait_s, self.fingerprint)
         self.tables.count(rows, pulled=True)
         return {**values, TABLE_ROWS: rows}
@@ -300,7 +300,10 @@ class Stub:
         def note() -> str:  # formatted only if a worker's wait runs out
             return f"waiting for shards {sorted(waiting)} to answer the Update of step {step}"
 
-        heads = self.tables.headers(header, step, grads) if self.tables else [header] * len(self.clients)
+        if self.tables is None:
+            heads = [header] * len(self.clients)
+        else:  # in a thread: it reads the next step's rows of data and runs the model's ids() on them
+            heads = await asyncio.to_thread(self.tables.headers, header, step, grads)
 
         async def send(shard: int):
             answer = await self.clients[shard].update(heads[shard], sums[shard], self.layout.slice_dtype_shape, into)

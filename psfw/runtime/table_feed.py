@@ -114,6 +114,7 @@ class TableFeed:
         pulls = self.by_shard(self.block_ids(step + 1))
         for push in pushes:
             self.count(push, pulled=False)
+        self.traffic["row_bytes"] += sum(ids.nbytes for pull in pulls for ids in pull.values())  # the ids asked for
         return [dataclasses.replace(header, push=push, pull=pull) for push, pull in zip(pushes, pulls, strict=True)]
 
     def count(self, rows: TableRows, pulled: bool) -> None:
