@@ -98,7 +98,7 @@ def test_the_sparse_bench_measures_scale_and_a_shards_memory():
 
     scale = run_scale(rows=1024, seconds=0.5)
     assert all(scale[f"sparse_scale_{n}_shards_rows_per_s"] > 0 for n in (1, 2, 4))
-    memory = run_memory(256 << 20, steps=2)
+    memory = run_memory(1 << 30, steps=2)  # large enough that the process itself (~200 MB) weighs little
     held = memory["sparse_memory_shard_held_mb"]
-    assert min(held) > 100  # each shard holds its half of the table and its Adagrad state
+    assert min(held) > 1000  # each shard holds its half of the table and its Adagrad state
     assert max(memory["sparse_memory_shard_peak_over_held"]) < 2.5

@@ -53,9 +53,14 @@ async def connect_all(
     to move them through shared memory where it can (None: never). Logs which
     transports ``who`` uses, once ('' : not at all)."""
     transports = []
-    for i, address in enumerate(addresses):
-        slices = shard_slices(i) if shard_slices is not None else None
-        transports.append(await connect(address, i, local=local(address), shared_memory=slices, **options))
+    try:
+        for i, address in enumerate(addresses):
+            slices = shard_slices(i) if shard_slices is not None else None
+            transports.append(await connect(address, i, local=local(address), shared_memory=slices, **options))
+    except BaseException:  # stopped halfway (a signal, a shard that is not there): no region outlives it
+        for transport in transports:
+            await transport.close()
+        raise
     if who:
         log.info("%s: %s", who, describe_transports(transports))
     return transports
