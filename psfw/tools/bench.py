@@ -31,6 +31,7 @@ from psfw.jobs.progress import StepReporter
 from psfw.jobs.shard_processes import shard_processes
 from psfw.runtime.devices import device_name
 from psfw.services.server import ShardServer
+from psfw.tools.peer_bench import run_ddp, torch_installed
 from psfw.tools.transfer_bench import MIN_MEMORY_BYTES, MIN_TRANSFER_BYTES, run_memory, run_scale, run_transfer
 
 BENCH_CONFIG = {
@@ -126,11 +127,12 @@ def data_parallel_bound(config: Config, warmup: int, steps: int) -> float:
 
 
 async def _psfw(config: Config, warmup: int, addresses: list[str] | None) -> float:
+    """Samples/s of psfw on ``config`` after ``warmup`` steps (of each group)."""
     job = build_job(config)
     stamps: list[float] = []
-    reporter = StepReporter(
-        {0: config.cluster.processes_per_group}, job.steps, 1, [lambda r: stamps.append(time.perf_counter())]
-    )
+    groups = config.cluster.worker_groups
+    processes = {g: config.cluster.processes_per_group for g in range(groups)}
+    reporter = StepReporter(processes, job.steps, 1, [lambda r: stamps.append(time.perf_counter())])
     servers = []
     if addresses is None:
         addresses = []
@@ -144,10 +146,11 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None) -> flo
     finally:
         for server in servers:
             await server.stop(0)
-    measured = len(stamps) - warmup
+    # every group's steps, as they come: a group step is one record of batch_size rows
+    measured = len(stamps) - warmup * groups
     if measured < 1:
         raise RuntimeError(f"only {len(stamps)} steps were timed: the shards were not fresh")
-    return measured * config.train.batch_size / (stamps[-1] - stamps[warmup - 1])
+    return measured * config.train.batch_size / (stamps[-1] - stamps[warmup * groups - 1])
 
 
 def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int = 3) -> dict:
@@ -156,18 +159,32 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
     ``rounds`` rounds; each figure is its best round (this machine is shared: a slow
     round says more about the neighbours than about the code), and every round's
     ratios are reported too. ``path="grpc"`` forces the network path for every psfw
-    variant."""
+    variant. Also, in each round: 2 asynchronous groups of 1 worker (batch 128 each,
+    the same rows per worker as the 2-worker group), embedded (``two_groups``), and
+    PyTorch DDP over gloo on the same job where torch is installed (``ddp``)."""
     config = bench_config(warmup + steps)
     grpc_config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"transport": "grpc"})})
     if path == "grpc":
         config = grpc_config
+    groups = config.model_copy(
+        update={
+            "cluster": config.cluster.model_copy(
+                update={"worker_groups": 2, "workers_per_group": 1, "workers_per_process": 1}
+            ),
+            "train": config.train.model_copy(update={"batch_size": config.train.batch_size // 2}),
+        }
+    )
     runs: dict[str, list[float]] = {
         "single_process": [],
         "data_parallel_bound": [],
         "embedded": [],
         "separate_processes": [],
         "grpc": [],
+        "two_groups": [],
     }
+    ddp = torch_installed()
+    if ddp:
+        runs["ddp"] = []
     for _ in range(rounds):
         runs["single_process"].append(single_process(config, warmup, steps))
         runs["data_parallel_bound"].append(data_parallel_bound(config, warmup, steps))
@@ -176,16 +193,23 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
             runs["separate_processes"].append(asyncio.run(_psfw(config, warmup, addresses)))
         with shard_processes(config.cluster.servers) as (addresses, _):  # fresh shards: a run leaves its state
             runs["grpc"].append(asyncio.run(_psfw(grpc_config, warmup, addresses)))
+        runs["two_groups"].append(asyncio.run(_psfw(groups, warmup, None)))
+        if ddp:
+            runs["ddp"].append(run_ddp(steps, warmup, config.train.batch_size, config.optimizer.learning_rate))
     best = {key: max(values) for key, values in runs.items()}
     figures: dict = dict(best)
-    for key in ("data_parallel_bound", "embedded", "separate_processes", "grpc"):
+    variants = ("data_parallel_bound", "embedded", "separate_processes", "grpc", "two_groups", *(("ddp",) * ddp))
+    for key in variants:
         figures[f"{key}_ratio"] = best[key] / best["single_process"]
         figures[f"{key}_round_ratios"] = [
             round(v / r, 3) for v, r in zip(runs[key], runs["single_process"], strict=True)
         ]
-    for key in ("embedded", "separate_processes", "grpc"):
+    for key in variants[1:]:
         # the share of what data parallelism allows on this machine: comparable across machines
         figures[f"{key}_of_bound"] = best[key] / best["data_parallel_bound"]
+    figures["ddp"] = best.get("ddp")  # None: torch is not installed
+    if ddp:
+        figures["separate_processes_over_ddp"] = best["separate_processes"] / best["ddp"]
     figures.update(path=path, rounds=rounds, devices=[device_name(d) for d in jax.local_devices()])
     return figures
 
@@ -260,13 +284,20 @@ def main(args: argparse.Namespace) -> int:
             ("embedded", "psfw embedded"),
             ("separate_processes", "psfw shard processes"),
             ("grpc", "psfw network path"),
+            ("two_groups", "psfw 2 groups x 1"),
+            ("ddp", "PyTorch DDP (gloo)"),
         ):
+            if figures.get(key) is None:  # DDP without torch
+                print(f"  {label:<22}  not run (pip install torch to compare)")
+                continue
             rounds = ", ".join(f"{r:.2f}" for r in figures[key + "_round_ratios"])
             of_bound = f"  {figures[key + '_of_bound']:.2f} of the bound" if key + "_of_bound" in figures else ""
             print(
                 f"  {label:<22}  {figures[key]:10,.0f} samples/s  ratio {figures[key + '_ratio']:.2f}"
                 f"{of_bound}  (rounds: {rounds})"
             )
+        if figures.get("separate_processes_over_ddp") is not None:
+            print(f"  psfw shard processes / DDP: {figures['separate_processes_over_ddp']:.2f}")
     if "transfer_bytes" in figures:
         print(f"transfer of {_bytes_text(figures['transfer_bytes'])} over 2 shards (push / pull, GB/s):")
         print(f"  network path  {figures['grpc_push_gb_s']:.3g} / {figures['grpc_pull_gb_s']:.3g}")
