@@ -76,7 +76,13 @@ def test_embedded_run_killed_at_a_random_step_resumes_to_the_same_parameters(tmp
     steps = 300
     config_path = job_file(tmp_path / "job.toml", steps=steps)
     run_dir = tmp_path / "run"
-    kill_at = random.Random().randint(20, 150)
+    kill_and_resume(config_path, run_dir, random.Random().randint(20, 150))
+    expected = reference(load_config(config_path), steps)
+    assert_params_close(read_params(run_dir / "params.safetensors"), expected)
+
+
+def kill_and_resume(config_path, run_dir, kill_at: int) -> None:
+    """``psfw train`` killed (SIGKILL) once it reports ``kill_at``, then resumed to the end."""
     with subprocess.Popen(
         [*PSFW, "train", str(config_path), "--run-dir", str(run_dir), "--no-progress"],
         stdout=subprocess.PIPE,
@@ -96,8 +102,6 @@ def test_embedded_run_killed_at_a_random_step_resumes_to_the_same_parameters(tmp
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    expected = reference(load_config(config_path), steps)
-    assert_params_close(read_params(run_dir / "params.safetensors"), expected)
 
 
 def free_ports(count: int) -> list[int]:

@@ -9,12 +9,11 @@ import subprocess
 
 import numpy as np
 import pytest
-from test_recovery import ENV, PSFW, free_ports, start_worker, stop_all, wait_for_step
+from test_recovery import ENV, PSFW, free_ports, kill_and_resume, start_worker, stop_all
 from test_tables import MODEL, click_data, dense_reference
 
 import psfw
 from psfw.jobs.config import load_config
-from psfw.services import checkpoint
 
 
 def job_file(folder, steps: int, every: int = 7):
@@ -64,25 +63,7 @@ def test_a_table_run_killed_at_a_random_step_resumes_to_the_same_rows(tmp_path):
     steps = 120
     config_path = job_file(tmp_path, steps)
     run_dir = tmp_path / "run"
-    kill_at = random.Random().randint(15, 80)
-    with subprocess.Popen(
-        [*PSFW, "train", str(config_path), "--run-dir", str(run_dir), "--no-progress"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    ) as proc:
-        wait_for_step(proc, kill_at)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    assert not (run_dir / "params.safetensors").exists(), f"the run finished before the kill at step {kill_at}"
-    assert checkpoint.complete_steps(run_dir / "checkpoints", 2)
-    done = subprocess.run(
-        [*PSFW, "train", str(config_path), "--run-dir", str(run_dir), "--no-progress", "--resume"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    kill_and_resume(config_path, run_dir, random.Random().randint(15, 80))
     assert_same_training(config_path, run_dir, steps)
 
 

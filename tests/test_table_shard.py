@@ -2,6 +2,7 @@
 row-sparse updates applied once, every bad request refused with the state
 unchanged, lazy Adam as a plain reference computes it."""
 
+import contextlib
 import json
 
 import grpc
@@ -40,16 +41,25 @@ def mine(table: str, count: int, shard: int = 1, shards: int = 2, start: int = 0
     return ids[route(table, ids, shards) == shard][:count]
 
 
-@pytest_asyncio.fixture
-async def table_shard():
-    """Shard 1 of 2 holding the tables "emb" (1000 x 3) and "open" (unbounded ids, 2 wide)."""
+@contextlib.asynccontextmanager
+async def shard_of_tables(optimizer=None):
+    """Shard 1 of 2 holding the tables "emb" (1000 x 3) and "open" (unbounded ids, 2
+    wide), trained by ``optimizer`` (default: sgd, lr 0.5)."""
     server = ShardServer(1, 2)
     await server.start("127.0.0.1:0")
     client = ShardClient(server.address, 1, timeout_s=10, retries=0)
-    await client.put([], SGD, "", declaration())
-    yield server, client
-    await client.close()
-    await server.stop(0)
+    try:
+        await client.put([], SGD, "", declaration(optimizer))
+        yield server, client
+    finally:
+        await client.close()
+        await server.stop(0)
+
+
+@pytest_asyncio.fixture
+async def table_shard():
+    async with shard_of_tables() as running:
+        yield running
 
 
 def head(step=0, process=0, workers=1, rows=4, wpg=1, **fields) -> UpdateHeader:
@@ -222,14 +232,8 @@ def lazy_adam_reference(rows, grads_by_step, lr=0.01, b1=0.9, b2=0.999, eps=1e-8
 
 
 @pytest.mark.asyncio
-async def test_lazy_adam_moves_only_touched_rows_as_the_reference_does(table_shard):
-    server, client = table_shard
-    await server.stop(0)
-    server = ShardServer(1, 2)
-    await server.start("127.0.0.1:0")
-    client = ShardClient(server.address, 1, timeout_s=10, retries=0)
-    try:
-        await client.put([], SGD, "", declaration({"name": "adam", "learning_rate": 0.01}))
+async def test_lazy_adam_moves_only_touched_rows_as_the_reference_does():
+    async with shard_of_tables({"name": "adam", "learning_rate": 0.01}) as (_, client):
         ids = mine("emb", 6)
         rng = np.random.default_rng(0)
         start = dict(zip(ids.tolist(), initial_rows(7, "emb", ids, SPEC), strict=True))
@@ -245,9 +249,6 @@ async def test_lazy_adam_moves_only_touched_rows_as_the_reference_does(table_sha
         never = [int(i) for i in ids if all(int(i) not in h for h in history)]
         for i in never:
             np.testing.assert_array_equal(got[list(ids).index(i)], start[i])
-    finally:
-        await client.close()
-        await server.stop(0)
 
 
 def test_global_bias_correction_counts_the_tables_updates():
@@ -265,16 +266,10 @@ def test_global_bias_correction_counts_the_tables_updates():
 
 
 @pytest.mark.asyncio
-async def test_an_update_that_would_overflow_a_rows_state_is_refused(table_shard):
+async def test_an_update_that_would_overflow_a_rows_state_is_refused():
     """A finite gradient of 1e20 squares to Inf in Adagrad's accumulator: refused,
     nothing written (that row would never move again)."""
-    server, client = table_shard
-    await server.stop(0)
-    server = ShardServer(1, 2)
-    await server.start("127.0.0.1:0")
-    client = ShardClient(server.address, 1, timeout_s=10, retries=0)
-    try:
-        await client.put([], SGD, "", declaration({"name": "adagrad", "learning_rate": 0.1}))
+    async with shard_of_tables({"name": "adagrad", "learning_rate": 0.1}) as (server, client):
         ids = mine("emb", 2)
         await client.get(0, 0, [], none, 5, pull={"emb": ids})
         before = server.store.digest()
@@ -282,9 +277,6 @@ async def test_an_update_that_would_overflow_a_rows_state_is_refused(table_shard
         with pytest.raises(ShardError, match="NaN or Inf"):
             await client.update(head(rows=1, push={"emb": RowBlock(ids, huge)}), {}, none)
         assert server.store.digest() == before
-    finally:
-        await client.close()
-        await server.stop(0)
 
 
 @pytest.mark.asyncio
