@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,13 @@ from psfw.services.rounds import (
 from psfw.services.tables import ShardTables
 
 NONFINITE_POLICIES = ("reject", "skip")
-# a shard this small updates on the event loop; a larger one in a thread, where the
-# updates of the shards of one process (the embedded default) run side by side
-# (measured: 8 MiB inline made the two 3.7 MB shards of the benchmark update one
-# after the other, and embedded samples/s were 5 % lower)
+# a shard this small updates on the event loop (less than a thread hop); a larger one
+# in a thread when its process holds other shards too (the embedded default), so that
+# their updates run side by side: 8 MiB inline made the two 3.7 MB shards of the
+# benchmark update one after the other, and embedded samples/s were 5 % lower
 INLINE_UPDATE_BYTES = 256 << 10
+ALONE_INLINE_UPDATE_BYTES = 8 << 20  # a shard alone in its process (psfw server): no one to update beside
+_STORES: weakref.WeakSet = weakref.WeakSet()  # the shards of this process
 log = logging.getLogger("psfw.server")
 
 __all__ = ["ShardStore", "UpdateResult"]
@@ -100,6 +103,7 @@ class ShardStore:
         self.started = time.monotonic()
         self.damage = ""  # why the state cannot be trusted any more (an update failed halfway)
         self.lock = asyncio.Lock()  # held while the values change (an update, a Put, a restore)
+        _STORES.add(self)
         self._progress = asyncio.Condition()
 
     # -- reading -------------------------------------------------------------
@@ -451,7 +455,7 @@ class ShardStore:
                     finite = False  # a table's update is not finite: the dense parameters stay as they are too
                 elif not self.values:
                     finite = True  # a shard that holds nothing still counts the group's steps
-                elif self.nbytes() <= INLINE_UPDATE_BYTES and unshared(self.values, list(self.values)) in (
+                elif self.nbytes() <= self._inline_bytes() and unshared(self.values, list(self.values)) in (
                     self.kernel.compiled
                 ):
                     finite = self._run_kernel(grads, np.float32(rnd.rows))  # less than a thread hop
@@ -491,6 +495,10 @@ class ShardStore:
             if group == 0 and checkpoint_every and state.step % checkpoint_every == 0:
                 self.checkpoints.save_now()
         await self.notify()
+
+    @staticmethod
+    def _inline_bytes() -> int:
+        return INLINE_UPDATE_BYTES if len(_STORES) > 1 else ALONE_INLINE_UPDATE_BYTES
 
     def _run_kernel(self, grads: dict, rows: np.float32) -> bool:
         """The kernel's update of every slice (see UpdateKernel.apply); a failure that
