@@ -46,7 +46,7 @@ from psfw.runtime.devices import describe_devices, worker_devices
 from psfw.runtime.fetch import fetch_params, fetch_rows
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.stub import Stub
-from psfw.runtime.table_feed import TABLE_ROWS
+from psfw.runtime.table_feed import EVAL_ROWS
 from psfw.runtime.worker import WorkerSpec, run_worker
 from psfw.services.server import ShardServer, in_process
 
@@ -302,7 +302,7 @@ async def train_async(
         if job.model.tables:  # the test split's rows, for the final evaluation (the tables stay on the shards)
             feed = job.table_feed(0, [], evaluates=False)
             fingerprint = job.identity()["fingerprint"]
-            values[TABLE_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, job.steps, t.wait_s, fingerprint)
+            values[EVAL_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, job.steps, t.wait_s, fingerprint)
         test_loss, test_metrics = await asyncio.to_thread(evaluator.evaluate, values)
     result = TrainResult(
         params=params,

@@ -25,7 +25,7 @@ from psfw.compute.clicks import auc
 from psfw.compute.params import unflatten_params
 from psfw.compute.step import evaluate_in_batches, make_eval_fn, make_sparse_eval_fn
 from psfw.jobs.job import Job
-from psfw.runtime.table_feed import TABLE_ROWS, padded_rows, positions
+from psfw.runtime.table_feed import EVAL_ROWS, padded_rows, positions
 
 log = logging.getLogger("psfw")
 
@@ -52,7 +52,7 @@ def _looked_up(job: Job, values: dict[str, Any], evaluate: Callable) -> Callable
     ids looked up in the blocks of rows that came with ``values``."""
     if not job.model.tables:
         return evaluate
-    blocks = values[TABLE_ROWS]
+    blocks = values[EVAL_ROWS]
     rows, ids_of = padded_rows(blocks), job.model.ids
     return lambda params, x, y: evaluate(params, rows, positions(blocks, ids_of(x)), x, y)
 

@@ -22,7 +22,7 @@ from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE
 from psfw.protocol.errors import UsageError
 from psfw.protocol.messages import RowBlock
-from psfw.runtime.table_feed import TABLE_ROWS
+from psfw.runtime.table_feed import EVAL_ROWS
 from psfw.services.checkpoint import complete_steps, load_table_rows, load_values
 
 
@@ -161,6 +161,6 @@ def evaluate_run(run_dir: str | Path, config: Config, step: int | None = None) -
     job = build_job(config)
     at, values = trained_values(Path(run_dir), job, step)
     if job.model.tables:
-        values = {**values, TABLE_ROWS: _test_rows(Path(run_dir), job, at)}
+        values = {**values, EVAL_ROWS: _test_rows(Path(run_dir), job, at)}
     loss, metrics = test_metrics(job, values)
     return {"step": at, "test_loss": loss, **{f"test_{name}": value for name, value in metrics.items()}}

@@ -28,7 +28,7 @@ from psfw.protocol.wire import param_buffers
 from psfw.runtime.fetch import fetch_params, fetch_rows, row_gets
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.sync import ShardSync, group_step
-from psfw.runtime.table_feed import TABLE_ROWS, TableFeed
+from psfw.runtime.table_feed import TableFeed
 from psfw.runtime.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ class Stub:
         self.rpcs["Get"] += len(row_gets(self.tables, ids))
         rows = await fetch_rows(self.clients, self.tables, ids, group, step, self.wait_s, self.fingerprint)
         self.tables.count(rows, pulled=True)
-        return {**values, TABLE_ROWS: rows}
+        return {**values, **self.tables.published(at, rows)}
 
     async def _resync(self) -> int:
         self.cache.doing("re-syncing with the shards")
@@ -327,7 +327,7 @@ class Stub:
         if self.tables is not None:
             rows = self.tables.assemble([answer.table_rows for answer in replies])
             self.tables.count(rows, pulled=True)
-            published = {**published, TABLE_ROWS: rows}
+            published = {**published, **self.tables.published(step + 1, rows)}
         self.cache.publish(step + 1, published)
         return comm_s
 

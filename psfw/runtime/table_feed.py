@@ -24,6 +24,7 @@ from psfw.protocol.errors import PsfwError
 from psfw.protocol.messages import RowBlock, TableIds, TableRows, UpdateHeader
 
 TABLE_ROWS = "@table_rows"  # the parameter cache's entry of this step's table rows: {table: RowBlock}
+EVAL_ROWS = "@eval_rows"  # and of the test split's rows, at a step that is evaluated
 EMPTY = np.zeros(0, np.int64)
 
 
@@ -66,13 +67,25 @@ class TableFeed:
                 self._train.popitem(last=False)
         return known
 
+    def _extra_due(self, step: int) -> bool:
+        return bool(self.extra) and self.extra_due is not None and self.extra_due(step)
+
     def block_ids(self, step: int) -> dict[str, np.ndarray]:
-        """The ids of the rows published for ``step``: its training ids, and the
-        extra ids when they are due then."""
+        """The ids of the rows pulled for ``step``: its training ids, and the extra
+        ids when they are due then (one pull serves both)."""
         ids = self.train_ids(step)
-        if self.extra and self.extra_due is not None and self.extra_due(step):
+        if self._extra_due(step):
             ids = {name: unique_ids([ids[name], self.extra.get(name, EMPTY)]) for name in self.tables}
         return ids
+
+    def published(self, step: int, rows: Mapping[str, RowBlock]) -> dict[str, Any]:
+        """The cache's entries of the rows pulled for ``step``: the workers' block
+        (``TABLE_ROWS``: the training ids only, so its size never jumps at an
+        evaluation) and, when due, the evaluation's (``EVAL_ROWS``)."""
+        entries: dict[str, Any] = {TABLE_ROWS: _subset(rows, self.train_ids(step))}
+        if self._extra_due(step):
+            entries[EVAL_ROWS] = _subset(rows, self.extra)
+        return entries
 
     def by_shard(self, ids: TableIds) -> list[dict[str, np.ndarray]]:
         """``ids`` split by the shard that holds them (each part sorted)."""
@@ -86,15 +99,12 @@ class TableFeed:
         return parts
 
     def pushes(self, step: int, sums: Mapping[str, np.ndarray]) -> list[dict[str, RowBlock]]:
-        """The gradient sums of the block of ``step`` (``sums[table]``: a row per id of
-        ``block_ids(step)``), cut down to the rows the step trained, by shard."""
-        block, train = self.block_ids(step), self.train_ids(step)
+        """The gradient sums of the workers' block of ``step`` (``sums[table]``: a row
+        per id of ``train_ids(step)``), by shard."""
+        train = self.train_ids(step)
         parts: list[dict[str, RowBlock]] = [{} for _ in range(self.shards)]
         for name in self.tables:
-            ids, grads = block[name], sums[name]
-            if len(ids) != len(train[name]):
-                keep = np.isin(ids, train[name], assume_unique=True)
-                ids, grads = ids[keep], grads[keep]
+            ids, grads = train[name], sums[name]
             owners = route(name, ids, self.shards)
             for shard in range(self.shards):
                 mine = owners == shard
@@ -135,6 +145,18 @@ class TableFeed:
             order = np.argsort(ids, kind="stable")
             out[name] = RowBlock(ids[order], values[order])
         return out
+
+
+def _subset(rows: Mapping[str, RowBlock], ids: TableIds) -> dict[str, RowBlock]:
+    """The rows of ``ids`` (sorted, all present in ``rows``), by table."""
+    out = {}
+    for name, block in rows.items():
+        wanted = ids.get(name, EMPTY)
+        if len(wanted) == len(block.ids):
+            out[name] = block
+        else:
+            out[name] = RowBlock(wanted, block.values[np.searchsorted(block.ids, wanted)])
+    return out
 
 
 def padded_rows(blocks: Mapping[str, RowBlock]) -> dict[str, np.ndarray]:
