@@ -117,8 +117,8 @@ class ShardTable:
 
     def _grow(self, needed: int, exact: bool = False) -> None:
         """Room for ``needed`` rows: the capacity doubles (or becomes ``needed``
-        exactly), never beyond the rows that can be routed here. The new arrays are
-        zeros the kernel maps lazily: capacity not used yet takes no memory."""
+        exactly), never beyond the table's declared rows. The new arrays are zeros
+        the kernel maps lazily: capacity not used yet takes no memory."""
         capacity = len(self.ids)
         if needed <= capacity:
             return
