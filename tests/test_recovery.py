@@ -114,9 +114,10 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def start_shard(index: int, port: int, folder) -> subprocess.Popen:
+def start_shard(index: int, port: int, folder, grace: float = 0) -> subprocess.Popen:
+    """``psfw server`` shard ``index`` of 2; ``grace``: seconds its stop gives in-flight RPCs."""
     proc = subprocess.Popen(
-        [*PSFW, "server", "--shard", str(index), "--of", "2", "--listen", f"127.0.0.1:{port}", "--grace", "0"]
+        [*PSFW, "server", "--shard", str(index), "--of", "2", "--listen", f"127.0.0.1:{port}", "--grace", str(grace)]
         + ["--checkpoint-dir", str(folder)],
         stdout=subprocess.PIPE,
         text=True,

@@ -5,11 +5,10 @@ end with the rows and parameters of plain dense training."""
 
 import random
 import signal
-import subprocess
 
 import numpy as np
 import pytest
-from test_recovery import ENV, PSFW, free_ports, kill_and_resume, start_worker, stop_all
+from test_recovery import free_ports, kill_and_resume, start_shard, start_worker, stop_all
 from test_tables import MODEL, click_data, dense_reference
 
 import psfw
@@ -67,18 +66,6 @@ def test_a_table_run_killed_at_a_random_step_resumes_to_the_same_rows(tmp_path):
     assert_same_training(config_path, run_dir, steps)
 
 
-def start_shard(index: int, port: int, folder) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [*PSFW, "server", "--shard", str(index), "--of", "2", "--listen", f"127.0.0.1:{port}", "--grace", "5"]
-        + ["--checkpoint-dir", str(folder)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    assert "listening on" in proc.stdout.readline()
-    return proc
-
-
 @pytest.mark.slow
 def test_a_killed_table_shard_restarts_from_its_checkpoint_and_the_job_ends_the_same(tmp_path):
     steps = 120
@@ -87,7 +74,7 @@ def test_a_killed_table_shard_restarts_from_its_checkpoint_and_the_job_ends_the_
     addresses = [f"127.0.0.1:{p}" for p in ports]
     run_dir = tmp_path / "run"
     folder = run_dir / "checkpoints"  # where psfw.load_table reads the run's tables
-    shards = [start_shard(i, ports[i], folder) for i in range(2)]
+    shards = [start_shard(i, ports[i], folder, grace=5) for i in range(2)]
     procs = list(shards)
     try:
         workers = [start_worker(config_path, p, addresses, run_dir if p == 0 else tmp_path / "w1") for p in (0, 1)]
@@ -100,7 +87,7 @@ def test_a_killed_table_shard_restarts_from_its_checkpoint_and_the_job_ends_the_
                 break
         shards[1].send_signal(signal.SIGKILL)
         shards[1].wait(30)
-        procs.append(start_shard(1, ports[1], folder))
+        procs.append(start_shard(1, ports[1], folder, grace=5))
         outs = [w.stdout.read() for w in workers]
         outs[0] = "".join(seen) + outs[0]
         for worker, out in zip(workers, outs, strict=True):
