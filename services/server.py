@@ -32,6 +32,7 @@ from psfw.protocol.console import say
 from psfw.protocol.security import NO_SECURITY, Security
 from psfw.protocol.service import MAX_MESSAGE_BYTES, SERVICE_NAME, grpc_options
 from psfw.services.checkpoint import CheckpointFolder
+from psfw.services.local_server import LocalListener
 from psfw.services.servicer import DEFAULT_MAX_REQUEST_BYTES, ParameterServerServicer, add_servicer
 from psfw.services.store import ShardStore
 
@@ -131,6 +132,7 @@ class ShardServer:
         self.metrics_port: int | None = None
         self.metrics_address = ""  # host:port of the Prometheus endpoint, once serving
         self.restored_step: int | None = None  # set when start() loaded a checkpoint
+        self.local = LocalListener(self.servicer, security.token)  # Updates from stubs of this host
 
     async def _set_health(self, status: int) -> None:
         await self.health.set("", status)
@@ -187,6 +189,10 @@ class ShardServer:
             if step is not None:
                 log.warning("shard %d restored from its checkpoint of step %d", self.store.shard, step)
                 self.restored_step = step
+        try:
+            self.servicer.local_socket = await self.local.start()
+        except OSError as err:  # no abstract sockets here: same-host stubs use gRPC
+            log.info("shard %d: no same-host link (%s)", self.store.shard, err)
         if ready:
             await self.mark_ready()
         _IN_PROCESS[self.address] = self
@@ -213,7 +219,7 @@ class ShardServer:
         await self.health.enter_graceful_shutdown()
         if drain > 0:
             await asyncio.sleep(drain)
-        await self._server.stop(grace)
+        await asyncio.gather(self._server.stop(grace), self.local.stop(grace))
         await self.store.flush_checkpoints(final=True)
         self.servicer.close()
 

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -60,6 +60,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._regions = RegionCache()
         self._shard = str(store.shard)
         self.loading = False  # set while the shard loads its checkpoint: every RPC is then UNAVAILABLE
+        self.local_socket = ""  # the same-host link's name, once it listens (services.local_server)
 
     def close(self) -> None:
         self.refusals.flush()
@@ -81,20 +82,25 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             ) from None
 
     def refuse(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, reason: str) -> None:
-        """Count and log a refused request (see RefusalLog); the caller aborts the RPC.
-        A method name the service does not have (a token refusal comes before the
-        path is known to exist) counts as "other": a label per path a client makes
-        up would grow the metrics without bound."""
+        """Count and log a refused request (see ``refused``); the caller aborts the RPC."""
+        self.refused(context.peer() or "", method, code, reason)
+
+    def refused(self, peer: str, method: str, code: grpc.StatusCode, reason: str) -> None:
+        """Count and log a refused request (see RefusalLog). A method name the service
+        does not have (a token refusal comes before the path is known to exist)
+        counts as "other": a label per path a client makes up would grow the metrics
+        without bound."""
         method = method if method in SERVICE_METHODS else "other"
         self.metrics.refusals.labels(self._shard, method, code.name).inc()
         if code != grpc.StatusCode.UNAVAILABLE:  # "loading, retry" is part of a restart, not a refusal
-            self.refusals.refused(context.peer() or "", method, code.name, reason)
+            self.refusals.refused(peer, method, code.name, reason)
 
     @contextlib.asynccontextmanager
-    async def _handled(self, context: grpc.aio.ServicerContext, method: str, request: object = None):
-        """Count and time the RPC; refuse a request that did not parse; turn a
-        WireError into its status (logged by ``refuse``); log a bug once and answer
-        INTERNAL. While the shard loads, answer UNAVAILABLE (clients retry)."""
+    async def served(self, method: str, peer: Callable[[], str], request: object = None):
+        """Count and time a call, whatever carries it; refuse a request that did not
+        parse; log a refusal (a WireError, raised on for the carrier to answer) in
+        one line and a bug once (raised on as INTERNAL). While the shard loads,
+        refuse with UNAVAILABLE (clients retry)."""
         self.rpc_counts[method] += 1
         started = time.perf_counter()
         try:
@@ -106,20 +112,32 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 )
             yield
         except WireError as err:
-            self.refuse(context, method, err.code, err.message)
-            await context.abort(err.code, _fits(err.message), ((REASON_KEY, err.reason.value),) if err.reason else ())
+            self.refused(peer() or "", method, err.code, err.message)
+            raise
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception:
             log.exception("%s failed", method)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the server: see the server log")
+            raise WireError(
+                grpc.StatusCode.INTERNAL, f"{method} failed inside the server: see the server log"
+            ) from None
         finally:
             self.metrics.latency.labels(self._shard, method).observe(time.perf_counter() - started)
+
+    @contextlib.asynccontextmanager
+    async def _handled(self, context: grpc.aio.ServicerContext, method: str, request: object = None):
+        """``served``, over gRPC: a refusal becomes the RPC's status (and reason)."""
+        try:
+            async with self.served(method, context.peer, request):
+                yield
+        except WireError as err:
+            await context.abort(err.code, _fits(err.message), ((REASON_KEY, err.reason.value),) if err.reason else ())
 
     def description(self) -> pb.DescribeReply:
         """The Describe answer of the shard as it is now, with the RPCs served."""
         reply = describe_store(self.store)
         reply.rpc_counts.update(self.rpc_counts)
+        reply.local_socket = self.local_socket
         return reply
 
     async def Put(self, request_iterator: AsyncIterator[Frame], context) -> pb.PutReply:
@@ -161,36 +179,50 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             yield Frame(pb.GetReply(step=step), chunks)
 
     async def Update(self, request_iterator: AsyncIterator[Frame], context) -> AsyncIterator[bytes]:
-        header = None
         async with self._handled(context, "Update"):
-            assembler = Assembler(self.store.expect, max_bytes=self.max_request_bytes)
-            pushed, pulled = RowCollector(), RowCollector()
-            async for frame in request_iterator:
-                first = assembler.add_frame(frame)
-                pushed.add(first.push)
-                pulled.add(first.pull, ids_only=True)
-                if header is None:
-                    header = first
+            result, shared = await self.apply_update(request_iterator)
+        async for reply in self.update_replies(result, shared):
+            yield reply
+
+    async def apply_update(self, frames: AsyncIterable[Frame]) -> tuple[UpdateResult, bool]:
+        """Read an Update's messages and hand it to the store; an Update through
+        shared memory gets its answer's values written into its region. Returns the
+        store's result and whether the values are in the region."""
+        assembler = Assembler(self.store.expect, max_bytes=self.max_request_bytes)
+        pushed, pulled = RowCollector(), RowCollector()
+        header = None
+        async for frame in frames:
+            first = assembler.add_frame(frame)
+            pushed.add(first.push)
+            pulled.add(first.pull, ids_only=True)
             if header is None:
-                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "Update carries no message")
-            if header.shm:
-                if assembler.total:
-                    raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "an Update through shared memory carries no data")
-                region, offsets = self._region(header.shm)
-                sums = {k: region.view(False, offsets[k], d, s) for k, (d, s) in self.store.specs.items()}
-            else:
-                sums = assembler.finish()
-            head = update_header(header, _wait(header.wait_s), pushed.rows(), pulled.ids())
-            result = await self.store.update(head, sums)
-            self.metrics.bytes_in.labels(self._shard).inc((assembler.total or self.store.nbytes()) + pushed.total)
-            if header.shm:
-                await _write_answer(region, offsets, result.values)
+                header = first
+        if header is None:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "Update carries no message")
+        if header.shm:
+            if assembler.total:
+                raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "an Update through shared memory carries no data")
+            region, offsets = self._region(header.shm)
+            sums = {k: region.view(False, offsets[k], d, s) for k, (d, s) in self.store.specs.items()}
+        else:
+            sums = assembler.finish()
+        head = update_header(header, _wait(header.wait_s), pushed.rows(), pulled.ids())
+        result = await self.store.update(head, sums)
+        self.metrics.bytes_in.labels(self._shard).inc((assembler.total or self.store.nbytes()) + pushed.total)
+        if header.shm:
+            await _write_answer(region, offsets, result.values)
+        return result, bool(header.shm)
+
+    async def update_replies(self, result: UpdateResult, shared: bool) -> AsyncIterator[bytes]:
+        """An Update's answer, encoded: the table rows its process pulled, then the
+        values (only the steps and metrics when ``shared``: the values are in the
+        region already)."""
         rows_out = 0
         for pieces in row_pieces(result.table_rows):  # this process's own rows, ahead of the shared answer
             reply = UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, table_rows=pieces), []))
             rows_out += len(reply)
             yield reply
-        if header.shm:  # the answer is in the region already
+        if shared:
             self.metrics.bytes_out.labels(self._shard).inc(self.store.nbytes() + rows_out)
             yield UPDATE_REPLY(Frame(_reply_head(result), []))
             return

@@ -215,7 +215,7 @@ class GroupInfo(_message.Message):
     def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., pending_workers: _Optional[int] = ..., pending_processes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("shard", "shards", "slices", "groups", "bytes", "rpc_counts", "optimizer", "updates_applied", "uptime_s", "epoch", "checkpoint_steps", "host", "digest", "job", "tables")
+    __slots__ = ("shard", "shards", "slices", "groups", "bytes", "rpc_counts", "optimizer", "updates_applied", "uptime_s", "epoch", "checkpoint_steps", "host", "digest", "job", "tables", "local_socket")
     class RpcCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,7 @@ class DescribeReply(_message.Message):
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
     shard: int
     shards: int
     slices: _containers.RepeatedCompositeFieldContainer[SliceInfo]
@@ -253,7 +254,8 @@ class DescribeReply(_message.Message):
     digest: str
     job: str
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
-    def __init__(self, shard: _Optional[int] = ..., shards: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., rpc_counts: _Optional[_Mapping[str, int]] = ..., optimizer: _Optional[str] = ..., updates_applied: _Optional[int] = ..., uptime_s: _Optional[float] = ..., epoch: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ..., host: _Optional[str] = ..., digest: _Optional[str] = ..., job: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
+    local_socket: str
+    def __init__(self, shard: _Optional[int] = ..., shards: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., rpc_counts: _Optional[_Mapping[str, int]] = ..., optimizer: _Optional[str] = ..., updates_applied: _Optional[int] = ..., uptime_s: _Optional[float] = ..., epoch: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ..., host: _Optional[str] = ..., digest: _Optional[str] = ..., job: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., local_socket: _Optional[str] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("step", "epoch")

@@ -64,7 +64,7 @@ def _transient(err: grpc.aio.AioRpcError) -> bool:
     return err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and reason_of(err) != Reason.SHARD_WAIT
 
 
-def _assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
+def assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
     assembler = Assembler(expect, into=into)
     rows = RowCollector()
     head = None
@@ -279,7 +279,7 @@ class ShardClient:
 
         async def attempt():
             frames = [f async for f in self._get(request, timeout=wait_s + RPC_MARGIN_S, metadata=self._md)]
-            return await asyncio.to_thread(_assemble, frames, expect, into)
+            return await asyncio.to_thread(assemble, frames, expect, into)
 
         return await self._call("Get", attempt)
 
@@ -327,7 +327,7 @@ class ShardClient:
                 call = self._update_one(messages[0], timeout=timeout, metadata=self._md)
             else:
                 call = self._update(iter(messages), timeout=timeout, metadata=self._md)
-            return _assemble([f async for f in call], expect, None)
+            return assemble([f async for f in call], expect, None)
 
         return await self._call("Update", attempt)
 
@@ -338,7 +338,7 @@ class ShardClient:
 
         async def attempt() -> Fresh:
             frames = [f async for f in self._get(request, timeout=request.wait_s + RPC_MARGIN_S, metadata=self._md)]
-            return _assemble(frames, expect, None)
+            return assemble(frames, expect, None)
 
         return await self._call("Get", attempt)
 

@@ -2,10 +2,15 @@
 
 The client makes one shared-memory region with a slot per slice the shard holds;
 an Update's gradients are added up straight into it (``gradient_buffers``) and the
-shard writes its answer back into the same slots, so the gRPC messages carry only
-headers and the region's name. A shard that cannot map the region (another host
-after all, a full /dev/shm) refuses with ``Reason.NO_SHARED_MEMORY``: from then on
-the tensors go over the network.
+shard writes its answer back into the same slots, so the messages carry only headers
+and the region's name. A shard that cannot map the region (another host after all, a
+full /dev/shm) refuses with ``Reason.NO_SHARED_MEMORY``: from then on the tensors go
+over the network.
+
+Updates travel over the shard's same-host link (``psfw.protocol.local_link``) where
+it has one, else over gRPC, as every other verb does. A link that fails is dropped
+(that Update goes over gRPC) and opened again when a Describe names a socket anew
+(a shard that restarted: the stub's re-sync describes it).
 """
 
 from __future__ import annotations
@@ -13,15 +18,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
 import numpy as np
 
-from psfw.protocol.errors import Reason, ShardError
+from psfw.proto import ps_pb2 as pb
+from psfw.protocol.errors import Reason, ShardError, WireError
+from psfw.protocol.frames import Frame
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
 from psfw.protocol.row_wire import row_messages
 from psfw.protocol.shm import Region, host_id, slot_layout
 from psfw.protocol.wire import Expect, update_request
-from psfw.runtime.grpc_transport import ShardClient, get_request
+from psfw.runtime.grpc_transport import RPC_MARGIN_S, UPDATE_REQUEST, ShardClient, assemble, get_request
+from psfw.runtime.local_client import LocalLink
 from psfw.runtime.transport import Capabilities, Items, SliceSpecs
 
 log = logging.getLogger(__name__)
@@ -39,10 +48,17 @@ class SharedMemoryClient:
         self._region: Region | None = region
         self._offsets = offsets
         self._retired: list[Region] = []  # refused regions: their views may still be read until close
+        self._link: LocalLink | None = None  # the shard's same-host link, while it works
+        self._link_name = ""  # the socket the link was (or failed to be) opened to
 
     @property
     def kind(self) -> str:
         return "shared-memory" if self._region is not None else "grpc"
+
+    @property
+    def linked(self) -> bool:
+        """Whether Updates go over the shard's same-host link (else over gRPC)."""
+        return self._link is not None
 
     @classmethod
     async def attach(cls, net: ShardClient, slices: SliceSpecs) -> SharedMemoryClient | None:
@@ -60,7 +76,26 @@ class SharedMemoryClient:
         except OSError as err:
             log.warning("shard %d: no shared memory (%s); tensors go over the network", net.shard, err)
             return None
-        return cls(net, region, offsets)
+        client = cls(net, region, offsets)
+        await client._relink(reply.local_socket)
+        return client
+
+    async def _relink(self, name: str) -> None:
+        """Open the link to the socket ``name`` (a Describe answer's), unless this
+        one was tried already; a failure leaves Updates on gRPC."""
+        if not name or name == self._link_name or self._region is None:
+            return
+        await self._unlink()
+        self._link_name = name
+        try:
+            self._link = await LocalLink.open(name, self.net.security.token)
+        except (OSError, ValueError, TimeoutError, WireError) as err:
+            log.warning("shard %d: no same-host link (%s); Updates go over gRPC", self.shard, _said(err))
+
+    async def _unlink(self) -> None:
+        if self._link is not None:
+            link, self._link = self._link, None
+            await link.close()
 
     def gradient_buffers(self, slices: SliceSpecs) -> dict[SliceKey, np.ndarray] | None:
         if self._region is None:
@@ -139,7 +174,7 @@ class SharedMemoryClient:
             try:
                 rows = row_messages(header.push, header.pull)  # table rows travel in the messages
                 head = update_request(header, shm=region.name, rows=rows[0])
-                reply = await self.net.update_shared(head, expect, rows[1:])
+                reply = await self._update_shared(head, expect, rows[1:])
                 values = await asyncio.to_thread(self._read, region, list(grads), expect, into)
                 return reply._replace(values=values)
             except ShardError as err:
@@ -147,15 +182,48 @@ class SharedMemoryClient:
                     raise
         return await self.net.update(header, grads, expect, into)
 
+    async def _update_shared(self, head, expect: Expect, more_rows: list) -> Fresh:
+        """The Update over the link where there is one (gRPC while the shard loads:
+        it retries), else over gRPC."""
+        link = self._link
+        if link is not None:
+            messages = [UPDATE_REQUEST(Frame(head, []))]
+            messages += [UPDATE_REQUEST(Frame(pb.UpdateRequest(push=p, pull=q), [])) for p, q in more_rows]
+            try:
+                frames = await link.call(messages, head.wait_s + RPC_MARGIN_S)
+            except WireError as err:
+                if err.code != grpc.StatusCode.UNAVAILABLE:
+                    raise ShardError(
+                        f"shard {self.shard} ({self.address}) Update: {err.code.name}: {err.message}",
+                        err.code,
+                        err.reason,
+                    ) from None
+            except (OSError, ValueError) as err:  # LinkBroken is a ConnectionError
+                log.warning("shard %d: the same-host link failed (%s); Updates go over gRPC", self.shard, _said(err))
+                await self._unlink()
+            else:
+                try:
+                    return assemble(frames, expect, None)
+                except WireError as err:
+                    raise ShardError(f"shard {self.shard} ({self.address}) Update: bad reply: {err.message}") from None
+        return await self.net.update_shared(head, expect, more_rows)
+
     async def describe(self):
-        return await self.net.describe()
+        reply = await self.net.describe()
+        await self._relink(reply.local_socket)
+        return reply
 
     async def restore(self, step: int, epoch: int) -> None:
         await self.net.restore(step, epoch)
 
     async def close(self) -> None:
+        await self._unlink()
         for region in [self._region, *self._retired]:
             if region is not None:
                 region.close()
         self._region, self._retired = None, []
         await self.net.close()
+
+
+def _said(err: BaseException) -> str:
+    return str(err) or type(err).__name__
