@@ -188,7 +188,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         """Read an Update's messages and hand it to the store; an Update through
         shared memory gets its answer's values written into its region. Returns the
         store's result and whether the values are in the region."""
-        assembler = Assembler(self.store.expect, max_bytes=self.max_request_bytes)
+        # gradients may come compressed (psfw.protocol.compression): widened here
+        assembler = Assembler(self.store.expect, max_bytes=self.max_request_bytes, widen=True)
         pushed, pulled = RowCollector(), RowCollector()
         header = None
         async for frame in frames:

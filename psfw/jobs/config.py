@@ -184,6 +184,9 @@ class ClusterConfig(_Strict):
     staleness: int | None = Field(None, ge=0)  # None: groups fully asynchronous; k: SSP bound
     warmup_steps: int = Field(0, ge=0)  # group 0 trains alone this long before other groups start
     transport: Literal["auto", "grpc"] = "auto"  # auto: shards in this process are called directly
+    # the network path's Update gradients: "bf16" halves their bytes (error feedback;
+    # psfw.protocol.compression); "none" keeps training equal to single-process training
+    compression: Literal["none", "bf16"] = "none"
     # which local device each worker of a process computes on: "auto" (one each, in
     # turn, when the process sees several), or indices into jax.local_devices()
     devices: Literal["auto"] | list[Annotated[int, Field(ge=0)]] = "auto"

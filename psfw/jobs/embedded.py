@@ -157,6 +157,7 @@ async def run_job(
                     timeout_s=t.wait_s,
                     retries=t.retries,
                     security=security,
+                    compression=c.compression,
                 )
                 for client in clients:
                     stack.push_async_callback(client.close)

@@ -51,7 +51,7 @@ def encode_chunks(
         array = np.ascontiguousarray(array)
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
-        raw = memoryview(array.reshape(-1)).cast("B")
+        raw = memoryview(array.reshape(-1).view(np.uint8))  # any dtype (bfloat16 has no buffer format)
         dtype, shape = array.dtype.name, tuple(array.shape)
         offset, total = 0, len(raw)
         if batch and total <= chunk_bytes and total > room:

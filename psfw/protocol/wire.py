@@ -18,6 +18,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from psfw.proto import ps_pb2 as pb
+from psfw.protocol.compression import WIDENED
 from psfw.protocol.errors import WireError
 from psfw.protocol.frames import Chunk, Frame
 from psfw.protocol.layout import Layout, SliceKey
@@ -127,6 +128,8 @@ class Assembler:
     views of a parameter's aligned buffer); other slices stay views of the messages,
     or, with ``keep``, are copied into aligned buffers of their own, which a receiver
     that keeps them (a Put) hands to JAX as they are, and which free the messages.
+    ``widen``: a slice may arrive in a narrower wire dtype (bfloat16 for float32, see
+    ``psfw.protocol.compression``); ``finish`` widens it to the expected dtype.
     """
 
     def __init__(
@@ -135,8 +138,11 @@ class Assembler:
         max_bytes: int | None = None,
         into: dict[SliceKey, np.ndarray] | None = None,
         keep: bool = False,
+        widen: bool = False,
     ):
         self._expect = expect
+        self._widen = widen
+        self._widened: set[SliceKey] = set()
         self._keep = keep
         self._into = into or {}
         self._max_bytes = max_bytes
@@ -197,7 +203,8 @@ class Assembler:
 
     def _open(self, key: SliceKey, chunk: Chunk) -> tuple[np.dtype, tuple[int, ...], int]:
         check_name(key[0])
-        dtype = wire_dtype(chunk.dtype)
+        narrow = WIDENED.get(chunk.dtype) if self._widen and self._expect is not None else None
+        dtype = narrow[0] if narrow else wire_dtype(chunk.dtype)
         shape = tuple(int(d) for d in chunk.shape)
         if any(d < 0 for d in shape):
             raise WireError(
@@ -213,7 +220,7 @@ class Assembler:
         self._declared = declared
         if self._expect is not None:
             want_dtype, want_shape = self._expect(key)
-            if dtype != want_dtype:
+            if (narrow[1] if narrow else dtype) != want_dtype:
                 raise WireError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"{slice_name(key)} is {want_dtype.name}, the request sent {dtype.name}",
@@ -232,6 +239,8 @@ class Assembler:
             )
         self._specs[key] = spec
         self._got[key] = 0
+        if narrow:
+            self._widened.add(key)
         return spec
 
     def finish(self) -> dict[SliceKey, np.ndarray]:
@@ -247,6 +256,8 @@ class Assembler:
                 out[key] = self._into[key]
             else:
                 out[key] = np.frombuffer(self._parts.get(key, b""), dtype).reshape(shape)
+            if key in self._widened:
+                out[key] = out[key].astype(WIDENED[dtype.name][1])
         return out
 
 

@@ -25,14 +25,17 @@ async def connect(
     security: Security = NO_SECURITY,
     local: LocalShard | None = None,
     shared_memory: SliceSpecs | None = None,
+    compression: str = "none",
 ) -> Transport:
     """A transport to the shard at ``address``: in-process when ``local`` (that
     shard, running in this process) is given; through shared memory when
     ``shared_memory`` (the slices the shard holds) is given and the shard runs on
-    this host; else over gRPC."""
+    this host; else over gRPC, its Updates compressed as ``compression`` says."""
     if local is not None:
         return InProcessClient(local, shard, timeout_s)
-    client = ShardClient(address, shard, timeout_s=timeout_s, retries=retries, security=security)
+    client = ShardClient(
+        address, shard, timeout_s=timeout_s, retries=retries, security=security, compression=compression
+    )
     if shared_memory is not None:
         shared = await SharedMemoryClient.attach(client, shared_memory)
         if shared is not None:

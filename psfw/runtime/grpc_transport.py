@@ -21,6 +21,7 @@ import numpy as np
 
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
+from psfw.protocol.compression import COMPRESSIONS, ErrorFeedback
 from psfw.protocol.errors import Reason, ShardError, WireError
 from psfw.protocol.frames import CHUNK_BYTES, Frame, encode_chunks, frame_deserializer, frame_serializer
 from psfw.protocol.layout import SliceKey
@@ -127,9 +128,9 @@ def get_request(
 
 class ShardClient:
     """A shard over gRPC: a ``Transport`` (psfw.runtime.transport) that works
-    wherever the shard runs."""
+    wherever the shard runs. ``compression="bf16"``: an Update's float32 gradients
+    travel as bfloat16 with error feedback (``psfw.protocol.compression``)."""
 
-    kind = "grpc"
     capabilities = Capabilities()
 
     def __init__(
@@ -141,8 +142,14 @@ class ShardClient:
         retries: int = 5,
         chunk_bytes: int = CHUNK_BYTES,
         security: Security = NO_SECURITY,
+        compression: str = "none",
     ):
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
         self.address, self.shard = address, shard
+        self.compression = compression
+        self.kind = "grpc" if compression == "none" else f"grpc+{compression}"
+        self._feedback = ErrorFeedback() if compression == "bf16" else None
         self.timeout_s, self.retries, self.chunk_bytes = timeout_s, retries, chunk_bytes
         self.security = security
         self.channel = security.channel(address, grpc_options())
@@ -295,6 +302,8 @@ class ShardClient:
         while the next one travels (written into ``into`` where it has the slice)."""
         rows = row_messages(header.push, header.pull)
         head = update_request(header, rows=rows[0])
+        if self._feedback is not None:
+            grads = self._feedback.compressed(grads)  # once: a retry sends the same bytes
 
         async def attempt() -> Fresh:
             call = self._update(

@@ -53,7 +53,7 @@ class SharedMemoryClient:
 
     @property
     def kind(self) -> str:
-        return "shared-memory" if self._region is not None else "grpc"
+        return "shared-memory" if self._region is not None else self.net.kind
 
     @property
     def linked(self) -> bool:

@@ -6,7 +6,7 @@ batch 256, SGD. In one run, side by side: single-process jitted JAX on the full 
 worker and one fused update: the bound of data parallelism on this machine), psfw
 embedded (1 group x 2 workers, 2 shards in-process), psfw with the 2 shards as
 separate OS processes on this host (shared memory), and the same over the network
-path.
+path, with full-precision gradients and with bfloat16 ones (``tcp_compressed``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from psfw.compute.batching import BatchOrder
+from psfw.compute.params import flatten_params
 from psfw.compute.step import make_grad_step
 from psfw.jobs.config import Config, parse_config
 from psfw.jobs.embedded import run_job
@@ -30,6 +31,8 @@ from psfw.jobs.job import build_job
 from psfw.jobs.progress import StepReporter
 from psfw.jobs.shard_processes import shard_processes
 from psfw.runtime.devices import device_name
+from psfw.runtime.fetch import fetch_params
+from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer
 from psfw.tools.peer_bench import run_ddp, torch_installed
 from psfw.tools.transfer_bench import MIN_MEMORY_BYTES, MIN_TRANSFER_BYTES, run_memory, run_scale, run_transfer
@@ -126,8 +129,9 @@ def data_parallel_bound(config: Config, warmup: int, steps: int) -> float:
     return steps * config.train.batch_size / (stamps[-1] - stamps[warmup - 1])
 
 
-async def _psfw(config: Config, warmup: int, addresses: list[str] | None) -> float:
-    """Samples/s of psfw on ``config`` after ``warmup`` steps (of each group)."""
+async def _psfw(config: Config, warmup: int, addresses: list[str] | None, final: bool = False):
+    """Samples/s of psfw on ``config`` after ``warmup`` steps (of each group); with
+    ``final``, also the trained parameters (fetched from the shards at ``addresses``)."""
     job = build_job(config)
     stamps: list[float] = []
     groups = config.cluster.worker_groups
@@ -143,6 +147,7 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None) -> flo
             addresses.append(server.address)
     try:
         await run_job(job, addresses, reporter=reporter)
+        params = await _trained(job, addresses) if final else None
     finally:
         for server in servers:
             await server.stop(0)
@@ -150,7 +155,30 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None) -> flo
     measured = len(stamps) - warmup * groups
     if measured < 1:
         raise RuntimeError(f"only {len(stamps)} steps were timed: the shards were not fresh")
-    return measured * config.train.batch_size / (stamps[-1] - stamps[warmup * groups - 1])
+    speed = measured * config.train.batch_size / (stamps[-1] - stamps[warmup * groups - 1])
+    return (speed, params) if final else speed
+
+
+async def _trained(job, addresses: list[str]) -> dict[str, np.ndarray]:
+    clients = [ShardClient(a, i, timeout_s=60) for i, a in enumerate(addresses)]
+    try:
+        return await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), 60)
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def _gap(params: dict[str, np.ndarray], exact: dict[str, np.ndarray], initial: dict[str, np.ndarray]) -> float:
+    """How far ``params`` are from ``exact``, as a share of how far training moved
+    ``exact`` from ``initial`` (the largest over the parameters)."""
+    return max(
+        float(np.abs(params[n] - exact[n]).max() / max(np.abs(exact[n] - initial[n]).max(), 1e-30)) for n in exact
+    )
+
+
+def _initial(config: Config) -> dict[str, np.ndarray]:
+    flat, _ = flatten_params(build_job(config).model.init(jax.random.PRNGKey(config.seed)))
+    return {name: np.asarray(value) for name, value in flat.items()}
 
 
 def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int = 3) -> dict:
@@ -159,11 +187,16 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
     ``rounds`` rounds; each figure is its best round (this machine is shared: a slow
     round says more about the neighbours than about the code), and every round's
     ratios are reported too. ``path="grpc"`` forces the network path for every psfw
-    variant. Also, in each round: 2 asynchronous groups of 1 worker (batch 128 each,
+    variant. Also, in each round: the network path with bfloat16 gradients
+    (``tcp_compressed``; ``tcp_compressed_param_gap``: its trained parameters against
+    the uncompressed run's, see ``_gap``), 2 asynchronous groups of 1 worker (batch 128 each,
     the same rows per worker as the 2-worker group), embedded (``two_groups``), and
     PyTorch DDP over gloo on the same job where torch is installed (``ddp``)."""
     config = bench_config(warmup + steps)
     grpc_config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"transport": "grpc"})})
+    compressed = grpc_config.model_copy(
+        update={"cluster": grpc_config.cluster.model_copy(update={"compression": "bf16"})}
+    )
     if path == "grpc":
         config = grpc_config
     groups = config.model_copy(
@@ -180,8 +213,10 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         "embedded": [],
         "separate_processes": [],
         "grpc": [],
+        "tcp_compressed": [],
         "two_groups": [],
     }
+    gaps: list[float] = []
     ddp = torch_installed()
     if ddp:
         runs["ddp"] = []
@@ -192,13 +227,26 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         with shard_processes(config.cluster.servers) as (addresses, _):
             runs["separate_processes"].append(asyncio.run(_psfw(config, warmup, addresses)))
         with shard_processes(config.cluster.servers) as (addresses, _):  # fresh shards: a run leaves its state
-            runs["grpc"].append(asyncio.run(_psfw(grpc_config, warmup, addresses)))
+            speed, exact = asyncio.run(_psfw(grpc_config, warmup, addresses, final=True))
+            runs["grpc"].append(speed)
+        with shard_processes(config.cluster.servers) as (addresses, _):
+            speed, params = asyncio.run(_psfw(compressed, warmup, addresses, final=True))
+            runs["tcp_compressed"].append(speed)
+        gaps.append(_gap(params, exact, _initial(config)))
         runs["two_groups"].append(asyncio.run(_psfw(groups, warmup, None)))
         if ddp:
             runs["ddp"].append(run_ddp(steps, warmup, config.train.batch_size, config.optimizer.learning_rate))
     best = {key: max(values) for key, values in runs.items()}
     figures: dict = dict(best)
-    variants = ("data_parallel_bound", "embedded", "separate_processes", "grpc", "two_groups", *(("ddp",) * ddp))
+    variants = (
+        "data_parallel_bound",
+        "embedded",
+        "separate_processes",
+        "grpc",
+        "tcp_compressed",
+        "two_groups",
+        *(("ddp",) * ddp),
+    )
     for key in variants:
         figures[f"{key}_ratio"] = best[key] / best["single_process"]
         figures[f"{key}_round_ratios"] = [
@@ -208,6 +256,8 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         # the share of what data parallelism allows on this machine: comparable across machines
         figures[f"{key}_of_bound"] = best[key] / best["data_parallel_bound"]
     figures["ddp"] = best.get("ddp")  # None: torch is not installed
+    # the compressed run's parameters after all its steps against the uncompressed run's
+    figures["tcp_compressed_param_gap"] = max(gaps)
     if ddp:
         figures["separate_processes_over_ddp"] = best["separate_processes"] / best["ddp"]
     figures.update(path=path, rounds=rounds, devices=[device_name(d) for d in jax.local_devices()])
@@ -284,6 +334,7 @@ def main(args: argparse.Namespace) -> int:
             ("embedded", "psfw embedded"),
             ("separate_processes", "psfw shard processes"),
             ("grpc", "psfw network path"),
+            ("tcp_compressed", "  the same, bf16 grads"),
             ("two_groups", "psfw 2 groups x 1"),
             ("ddp", "PyTorch DDP (gloo)"),
         ):
@@ -296,6 +347,10 @@ def main(args: argparse.Namespace) -> int:
                 f"  {label:<22}  {figures[key]:10,.0f} samples/s  ratio {figures[key + '_ratio']:.2f}"
                 f"{of_bound}  (rounds: {rounds})"
             )
+        print(
+            "  bf16 gradients (error feedback): parameters after training off the uncompressed run's by "
+            f"{figures['tcp_compressed_param_gap']:.2g} of how far training moved them"
+        )
         if figures.get("separate_processes_over_ddp") is not None:
             print(f"  psfw shard processes / DDP: {figures['separate_processes_over_ddp']:.2f}")
     if "transfer_bytes" in figures:
