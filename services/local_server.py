@@ -85,6 +85,8 @@ class LocalListener:
             log.info("shard %d: a same-host link ended: %s", self.servicer.store.shard, err)
         except asyncio.CancelledError:
             pass  # the shard stops: the connection's task ends here, and the connection with it
+        except Exception:  # a bug: logged once; the stub goes on over gRPC
+            log.exception("shard %d: the same-host link failed", self.servicer.store.shard)
         finally:
             self._connections.discard(task)
             writer.close()  # not awaited: the peer may be gone, and the stop must not wait for it

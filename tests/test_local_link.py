@@ -164,3 +164,31 @@ async def test_a_stopping_shard_ends_a_call_in_flight_within_its_grace(shard):
             await asyncio.wait_for(waiting, 10)
     finally:
         await client.close()
+
+
+@pytest.mark.asyncio
+async def test_random_bytes_on_the_link_never_change_the_shard_or_stop_it(shard, caplog):
+    """Fifty connections of random frames and bytes (after a good HELLO or none):
+    each ends or is refused, the shard's state is untouched, its log holds no
+    traceback, and a well-formed Update still goes through."""
+    server, network = shard
+    rng = np.random.default_rng(7)
+    hello = HEAD.pack(1, len(TOKEN)) + TOKEN.encode()
+    for case in range(50):
+        junk = rng.bytes(int(rng.integers(0, 200)))
+        kinds = [int(k) for k in rng.integers(0, 7, size=3)]
+        frames = b"".join(HEAD.pack(k, len(junk)) + junk for k in kinds)
+        sent = (hello if case % 2 else b"") + (frames if case % 3 else junk)
+        reader, writer = await asyncio.open_unix_connection(socket_address(server.local.name))
+        writer.write(sent)
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), 5)  # an answer or none, then the shard closes
+        writer.close()
+    assert (await network.describe()).slices[0].version == 0
+    assert not any(r.exc_info for r in caplog.records), "a refusal is one line, never a traceback"
+    client = await SharedMemoryClient.attach(network, SPECS)
+    try:
+        answer = await client.update(_header(0), {("w", 0): np.ones(1000, np.float32)}, _expect)
+        assert answer.step == 1 and client.linked
+    finally:
+        await client.close()
