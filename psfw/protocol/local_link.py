@@ -38,6 +38,10 @@ class LinkBroken(ConnectionError):
     """The other end sent what no psfw peer sends, or went away mid-call."""
 
 
+class LinkTimeout(LinkBroken):
+    """A call got no answer within its deadline (the link is closed: its state is unknown)."""
+
+
 def socket_name() -> str:
     """A fresh name for a shard's socket, as the Describe answer carries it (``@``
     stands for the leading NUL of an abstract socket)."""

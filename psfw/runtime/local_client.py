@@ -16,6 +16,7 @@ from psfw.protocol.local_link import (
     MESSAGE,
     OK,
     LinkBroken,
+    LinkTimeout,
     frame,
     read_error,
     read_frame,
@@ -70,7 +71,7 @@ class LocalLink:
             except BaseException as err:
                 await self.close()
                 if isinstance(err, TimeoutError):
-                    raise LinkBroken(f"no answer in {timeout:.0f} s") from None
+                    raise LinkTimeout(f"no answer in {timeout:.0f} s") from None
                 raise
 
     async def _exchange(self, messages: list[bytes]) -> list[Frame]:

@@ -9,8 +9,9 @@ over the network.
 
 Updates travel over the shard's same-host link (``psfw.protocol.local_link``) where
 it has one, else over gRPC, as every other verb does. A link that fails is dropped
-(that Update goes over gRPC) and opened again when a Describe names a socket anew
-(a shard that restarted: the stub's re-sync describes it).
+(that Update goes over gRPC; one that got no answer in time ends as gRPC's deadline
+would, when the client retries nothing) and opened again when a Describe names a
+socket anew (a shard that restarted: the stub's re-sync describes it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from psfw.proto import ps_pb2 as pb
 from psfw.protocol.errors import Reason, ShardError, WireError
 from psfw.protocol.frames import Frame
 from psfw.protocol.layout import SliceKey
+from psfw.protocol.local_link import LinkTimeout
 from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
 from psfw.protocol.row_wire import row_messages
 from psfw.protocol.shm import Region, host_id, slot_layout
@@ -199,8 +201,13 @@ class SharedMemoryClient:
                         err.reason,
                     ) from None
             except (OSError, ValueError) as err:  # LinkBroken is a ConnectionError
-                log.warning("shard %d: the same-host link failed (%s); Updates go over gRPC", self.shard, _said(err))
                 await self._unlink()
+                if isinstance(err, LinkTimeout) and not self.net.retries:  # as gRPC's deadline would end it
+                    raise ShardError(
+                        f"shard {self.shard} ({self.address}) Update: DEADLINE_EXCEEDED: {err}",
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ) from None
+                log.warning("shard %d: the same-host link failed (%s); Updates go over gRPC", self.shard, _said(err))
             else:
                 try:
                     return assemble(frames, expect, None)
