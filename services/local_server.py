@@ -64,6 +64,7 @@ class LocalListener:
             return
         self._server.close()
         self._closing = True
+        await asyncio.sleep(0)  # a connection accepted just now starts, sees _closing and ends
         for task in self._connections - self._busy:
             task.cancel()  # idle: waiting for a next call
         if self._busy:
@@ -71,10 +72,14 @@ class LocalListener:
         for task in self._connections:
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
+        await asyncio.sleep(0)  # the transports close their sockets on the loop's next round
         await self._server.wait_closed()
         self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing:
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         self._connections.add(task)
         try:
@@ -89,7 +94,10 @@ class LocalListener:
             log.exception("shard %d: the same-host link failed", self.servicer.store.shard)
         finally:
             self._connections.discard(task)
-            writer.close()  # not awaited: the peer may be gone, and the stop must not wait for it
+            if self._closing:  # a stopping shard drops what is unsent
+                writer.transport.abort()
+            else:
+                writer.close()  # not awaited: the peer may be gone
 
     async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         kind, token = await read_frame(reader)
