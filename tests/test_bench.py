@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from psfw.tools.bench import parse_size
+from psfw.tools.bench_command import parse_size
 
 PSFW = [sys.executable, "-m", "psfw.cli", "bench", "--json"]
 

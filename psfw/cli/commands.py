@@ -163,7 +163,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from psfw.tools.bench import main as bench_main
+    from psfw.tools.bench_command import main as bench_main
 
     try:
         return bench_main(args)

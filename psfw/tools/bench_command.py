@@ -1,0 +1,168 @@
+"""``psfw bench``, the command: its sizes and flags checked before anything runs,
+the figures measured (``psfw.tools.bench``, ``transfer_bench``, ``sparse_bench``) and
+printed, as a table or as one JSON line (``--json``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+from psfw.tools.bench import run_bench
+from psfw.tools.transfer_bench import MIN_MEMORY_BYTES, MIN_TRANSFER_BYTES, run_memory, run_scale, run_transfer
+
+
+def parse_size(text: str) -> int:
+    """``256MiB``, ``1GB``, ``8388608`` -> bytes."""
+    units = {
+        "": 1,
+        "k": 10**3,
+        "kb": 10**3,
+        "kib": 2**10,
+        "m": 10**6,
+        "mb": 10**6,
+        "mib": 2**20,
+        "g": 10**9,
+        "gb": 10**9,
+        "gib": 2**30,
+    }
+    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*", text.lower())
+    if not found or found.group(2) not in units:
+        raise ValueError(f"size {text!r}: use a number with an optional unit (KiB, MiB, GiB, KB, MB, GB)")
+    return int(float(found.group(1)) * units[found.group(2)])
+
+
+def _size_flag(flag: str, text: str | None, least: int) -> int | None:
+    """The size a flag names, checked before anything runs."""
+    if text is None:
+        return None
+    size = parse_size(text)
+    if size < least:
+        raise ValueError(f"{flag} {text}: the smallest size it measures is {least} bytes")
+    return size
+
+
+def _bytes_text(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:,.4g} {unit}"
+    return f"{size} bytes"
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+        raise ValueError(
+            f"--steps {args.steps}, --warmup {args.warmup}, --rounds {args.rounds}: each must be at least 1 "
+            "(the first measured step is timed from the end of the last warmup step)"
+        )
+    transfer = _size_flag("--transfer", args.transfer, MIN_TRANSFER_BYTES)
+    memory = _size_flag("--memory", args.memory, MIN_MEMORY_BYTES)
+    figures: dict = {}
+    if args.sparse:
+        return _sparse(args, memory)
+    if transfer is not None:
+        figures.update(run_transfer(transfer))
+    if args.scale:
+        figures.update(run_scale())
+    if memory is not None:
+        figures.update(run_memory(memory))
+    if transfer is None and not args.scale and memory is None:
+        figures.update(run_bench(args.steps, args.warmup, args.path, args.rounds))
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    if "single_process" in figures:
+        print(
+            f"benchmark MLP 784-1024-1024-10, float32, batch 256, SGD; 1 group x 2 workers, 2 shards "
+            f"(path: {figures['path']}; best of {figures['rounds']} rounds; devices {', '.join(figures['devices'])})"
+        )
+        print(f"  single-process JAX      {figures['single_process']:10,.0f} samples/s  (reference)")
+        for key, label in (
+            ("data_parallel_bound", "2 threads, no server"),
+            ("embedded", "psfw embedded"),
+            ("separate_processes", "psfw shard processes"),
+            ("grpc", "psfw network path"),
+            ("tcp_compressed", "  the same, bf16 grads"),
+            ("two_groups", "psfw 2 groups x 1"),
+            ("ddp", "PyTorch DDP (gloo)"),
+        ):
+            if figures.get(key) is None:  # DDP without torch
+                print(f"  {label:<22}  not run (pip install torch to compare)")
+                continue
+            rounds = ", ".join(f"{r:.2f}" for r in figures[key + "_round_ratios"])
+            of_bound = f"  {figures[key + '_of_bound']:.2f} of the bound" if key + "_of_bound" in figures else ""
+            print(
+                f"  {label:<22}  {figures[key]:10,.0f} samples/s  ratio {figures[key + '_ratio']:.2f}"
+                f"{of_bound}  (rounds: {rounds})"
+            )
+        print(
+            "  bf16 gradients (error feedback): parameters after training off the uncompressed run's by "
+            f"{figures['tcp_compressed_param_gap']:.2g} of how far training moved them"
+        )
+        if figures.get("separate_processes_over_ddp") is not None:
+            print(f"  psfw shard processes / DDP: {figures['separate_processes_over_ddp']:.2f}")
+    if "transfer_bytes" in figures:
+        print(f"transfer of {_bytes_text(figures['transfer_bytes'])} over 2 shards (push / pull, GB/s):")
+        print(f"  network path  {figures['grpc_push_gb_s']:.3g} / {figures['grpc_pull_gb_s']:.3g}")
+        if figures["shared_memory_pull_gb_s"] is not None:
+            print(
+                f"  shared memory {figures['shared_memory_update_gb_s']:.3g} (update) / "
+                f"{figures['shared_memory_pull_gb_s']:.3g}"
+            )
+        print(f"  in-process    {figures['in_process_push_gb_s']:.3g} / {figures['in_process_pull_gb_s']:.3g}")
+    if "memory_model_bytes" in figures:
+        print(
+            f"model of {figures['memory_model_bytes'] / 2**30:.2f} GiB, 2 shards ({figures['memory_path']}): "
+            f"shard peak RSS {figures['memory_shard_peak_rss_mb']} MB for {figures['memory_shard_values_mb']} MB "
+            f"of values each ({figures['memory_shard_peak_over_values']} x)"
+        )
+    for shards in (1, 2, 4):
+        key = f"scale_{shards}_shards_updates_per_s"
+        if key in figures:
+            print(f"  {shards} shard(s): {figures[key]:,.1f} updates/s")
+    return 0
+
+
+def _sparse(args: argparse.Namespace, memory: int | None) -> int:
+    """``--sparse``: the embedding-table figures (psfw.tools.sparse_bench)."""
+    from psfw.tools import sparse_bench
+
+    if args.transfer is not None:
+        raise ValueError("--transfer measures dense parameters: run it without --sparse")
+    figures: dict = {}
+    if args.scale:
+        figures.update(sparse_bench.run_scale())
+    if memory is not None:
+        figures.update(sparse_bench.run_memory(memory))
+    if not args.scale and memory is None:
+        figures.update(sparse_bench.run_sparse(steps=args.steps, warmup=args.warmup))
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    if "sparse_dim" in figures:
+        print(
+            f"embedding bag, {figures['sparse_dim']}-wide rows, {figures['sparse_ids_per_row']} Zipf ids per row, "
+            f"batch {figures['sparse_batch']}; 1 group x 2 workers, 2 shards in-process"
+        )
+        for rows in sparse_bench.SIZES:
+            dense = figures[f"dense_{rows}_samples_per_s"]
+            shown = f"{dense:10,.0f} samples/s" if dense is not None else "   not run (the whole table every step)"
+            print(
+                f"  {rows:>12,} rows  tables {figures[f'sparse_{rows}_samples_per_s']:10,.0f} samples/s, "
+                f"{figures[f'sparse_{rows}_bytes_per_step'] / 1e6:8.2f} MB/step | dense {shown}, "
+                f"{figures[f'dense_{rows}_bytes_per_step'] / 1e6:9.1f} MB/step"
+            )
+    for shards in (1, 2, 4):
+        key = f"sparse_scale_{shards}_shards_rows_per_s"
+        if key in figures:
+            print(f"  {shards} shard process(es): {figures[key]:,.0f} rows/s pulled + pushed")
+    if "sparse_memory_table_bytes" in figures:
+        print(
+            f"table of {figures['sparse_memory_table_bytes'] / 2**30:.2f} GiB over 2 shard processes: peak RSS "
+            f"{figures['sparse_memory_shard_peak_rss_mb']} MB for {figures['sparse_memory_shard_held_mb']} MB of rows "
+            f"and state held ({figures['sparse_memory_shard_peak_over_held']} x)"
+        )
+    return 0
+
+
+__all__ = ["main", "parse_size"]
