@@ -112,6 +112,14 @@ async def _pipelined(
         yield UPDATE_REQUEST(Frame(pb.UpdateRequest(push=push, pull=pull), []))
 
 
+def shared_update_messages(head: pb.UpdateRequest, more_rows: list) -> list[bytes]:
+    """An Update through shared memory, encoded: its header, then a message per
+    piece of table rows that did not fit in it (``row_messages``)."""
+    messages = [UPDATE_REQUEST(Frame(head, []))]
+    messages += [UPDATE_REQUEST(Frame(pb.UpdateRequest(push=push, pull=pull), [])) for push, pull in more_rows]
+    return messages
+
+
 def get_request(
     group: int, step: int, keys: list[SliceKey], wait_s: float, wait_for_put: bool, job: str, pull: TableIds | None
 ) -> pb.GetRequest:
@@ -327,8 +335,7 @@ class ShardClient:
         one message (more when table rows do not fit in it: ``more_rows``, pieces as
         ``row_messages`` gives them), and an answer without values (they are in the
         region too)."""
-        messages = [UPDATE_REQUEST(Frame(head, []))]
-        messages += [UPDATE_REQUEST(Frame(pb.UpdateRequest(push=push, pull=pull), [])) for push, pull in more_rows]
+        messages = shared_update_messages(head, more_rows)
 
         async def attempt() -> Fresh:
             timeout = head.wait_s + RPC_MARGIN_S

@@ -22,16 +22,14 @@ import logging
 import grpc
 import numpy as np
 
-from psfw.proto import ps_pb2 as pb
 from psfw.protocol.errors import Reason, ShardError, WireError
-from psfw.protocol.frames import Frame
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.local_link import LinkTimeout
 from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
 from psfw.protocol.row_wire import row_messages
 from psfw.protocol.shm import Region, host_id, slot_layout
 from psfw.protocol.wire import Expect, update_request
-from psfw.runtime.grpc_transport import RPC_MARGIN_S, UPDATE_REQUEST, ShardClient, assemble, get_request
+from psfw.runtime.grpc_transport import RPC_MARGIN_S, ShardClient, assemble, get_request, shared_update_messages
 from psfw.runtime.local_client import LocalLink
 from psfw.runtime.transport import Capabilities, Items, SliceSpecs
 
@@ -189,10 +187,8 @@ class SharedMemoryClient:
         it retries), else over gRPC."""
         link = self._link
         if link is not None:
-            messages = [UPDATE_REQUEST(Frame(head, []))]
-            messages += [UPDATE_REQUEST(Frame(pb.UpdateRequest(push=p, pull=q), [])) for p, q in more_rows]
             try:
-                frames = await link.call(messages, head.wait_s + RPC_MARGIN_S)
+                frames = await link.call(shared_update_messages(head, more_rows), head.wait_s + RPC_MARGIN_S)
             except WireError as err:
                 if err.code != grpc.StatusCode.UNAVAILABLE:
                     raise ShardError(
