@@ -32,6 +32,7 @@ from psfw.protocol.console import say
 from psfw.protocol.security import NO_SECURITY, Security
 from psfw.protocol.service import MAX_MESSAGE_BYTES, SERVICE_NAME, grpc_options
 from psfw.services.checkpoint import CheckpointFolder
+from psfw.services.data_server import DataListener
 from psfw.services.local_server import LocalListener
 from psfw.services.servicer import DEFAULT_MAX_REQUEST_BYTES, ParameterServerServicer, add_servicer
 from psfw.services.store import ShardStore
@@ -111,6 +112,7 @@ class ShardServer:
         checkpoint_dir: str | Path | CheckpointFolder | None = None,
         keep: int = 3,
         security: Security = NO_SECURITY,
+        data_port: int | None = 0,
     ):
         if not 0 <= shard < shards:
             raise ValueError(f"shard index {shard} is outside 0..{shards - 1}")
@@ -133,6 +135,9 @@ class ShardServer:
         self.metrics_address = ""  # host:port of the Prometheus endpoint, once serving
         self.restored_step: int | None = None  # set when start() loaded a checkpoint
         self.local = LocalListener(self.servicer, security.token)  # Updates from stubs of this host
+        # Put, Get and Update over TCP (0: a free port; None: none); plaintext only, so never beside TLS
+        self.data = DataListener(self.servicer, security.token)
+        self._data_port = None if security.tls else data_port
 
     async def _set_health(self, status: int) -> None:
         await self.health.set("", status)
@@ -193,10 +198,26 @@ class ShardServer:
             self.servicer.local_socket = await self.local.start()
         except OSError as err:  # no abstract sockets here: same-host stubs use gRPC
             log.info("shard %d: no same-host link (%s)", self.store.shard, err)
+        if self._data_port is not None:
+            await self._start_data(host.strip("[]"), self._data_port)
         if ready:
             await self.mark_ready()
         _IN_PROCESS[self.address] = self
         return port
+
+    async def _start_data(self, host: str, port: int) -> None:
+        """Start the data link; a port asked for that cannot be had stops the server
+        (as the metrics port does), a free one that cannot leaves the tensors on gRPC."""
+        try:
+            self.servicer.data_port = await self.data.start(host, port)
+            self.servicer.data_id = self.data.id
+        except OSError as err:
+            if not port:
+                log.warning("shard %d: no data link (%s); tensors go over gRPC", self.store.shard, err)
+                return
+            await asyncio.gather(self._server.stop(0), self.local.stop(0))
+            self.servicer.close()
+            raise OSError(f"cannot serve the data link on {host}:{port}: {err.strerror or err}") from None
 
     def count(self, rpc: str) -> None:
         """Count an RPC that reached the store without gRPC (psfw.runtime.inprocess)."""
@@ -219,7 +240,7 @@ class ShardServer:
         await self.health.enter_graceful_shutdown()
         if drain > 0:
             await asyncio.sleep(drain)
-        await asyncio.gather(self._server.stop(grace), self.local.stop(grace))
+        await asyncio.gather(self._server.stop(grace), self.local.stop(grace), self.data.stop(grace))
         await self.store.flush_checkpoints(final=True)
         self.servicer.close()
 
@@ -255,7 +276,8 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    extra = f", metrics on http://{server.metrics_address}/metrics" if server.metrics_address else ""
+    extra = f" (data link: port {server.data.port})" if server.data.port else ""
+    extra += f", metrics on http://{server.metrics_address}/metrics" if server.metrics_address else ""
     if server.restored_step is not None:
         extra += f", restored step {server.restored_step} (epoch {server.store.epoch})"
     say(f"psfw shard {shard}/{shards} listening on {server.address}{extra}", sys.stdout)
@@ -265,6 +287,7 @@ async def serve(
             "shards": shards,
             "address": server.address,
             "metrics": server.metrics_address or None,
+            "data_port": server.data.port or None,
             "restored_step": server.restored_step,
             "pid": os.getpid(),
         }

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -27,6 +27,7 @@ from psfw.protocol.frames import (
     Malformed,
     encode_chunks,
     frame_deserializer,
+    frame_encoder,
     frame_serializer,
     message_deserializer,
 )
@@ -44,6 +45,7 @@ log = logging.getLogger("psfw.server")
 DEFAULT_MAX_REQUEST_BYTES = 16 << 30
 SERVICE_METHODS = frozenset(pb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name)
 UPDATE_REPLY = frame_serializer(pb.UpdateReply)
+UPDATE_PIECES = frame_encoder(pb.UpdateReply)
 SHARED_REPLY_BYTES = 64 << 20  # up to this, one encoded answer is shared by the group's processes
 ANSWER_BATCH_BYTES = 4 << 20  # an answer is encoded this much at a time
 WRITE_THROUGH_FILE_BYTES = 64 << 20  # from this, answers through shared memory bypass the mapping
@@ -61,6 +63,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._shard = str(store.shard)
         self.loading = False  # set while the shard loads its checkpoint: every RPC is then UNAVAILABLE
         self.local_socket = ""  # the same-host link's name, once it listens (services.local_server)
+        self.data_port = 0  # the data link's TCP port, once it listens (services.data_server)
+        self.data_id = ""  # and what it answers a HELLO with
 
     def close(self) -> None:
         self.refusals.flush()
@@ -138,45 +142,54 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         reply = describe_store(self.store)
         reply.rpc_counts.update(self.rpc_counts)
         reply.local_socket = self.local_socket
+        reply.data_port = self.data_port
+        reply.data_id = self.data_id
         return reply
 
     async def Put(self, request_iterator: AsyncIterator[Frame], context) -> pb.PutReply:
         async with self._handled(context, "Put"):
-            assembler = Assembler(max_bytes=self.max_request_bytes, keep=True)
-            first = None
-            async for frame in request_iterator:
-                header = assembler.add_frame(frame)
-                if first is None:
-                    first = header
-            optimizer, job, tables = (first.optimizer, first.job, first.tables) if first is not None else ("", "", "")
-            stored = await self.store.put(assembler.finish(), optimizer, adopt=True, job=job, tables=tables)
-            self.metrics.bytes_in.labels(self._shard).inc(assembler.total)
+            reply = await self.apply_put(request_iterator)
+        return reply
+
+    async def apply_put(self, frames: AsyncIterable[Frame]) -> pb.PutReply:
+        """Read a Put's messages and store their slices (the store adopts the chunks'
+        buffers where a slice came whole)."""
+        assembler = Assembler(max_bytes=self.max_request_bytes, keep=True)
+        first = None
+        async for frame in frames:
+            header = assembler.add_frame(frame)
+            if first is None:
+                first = header
+        optimizer, job, tables = (first.optimizer, first.job, first.tables) if first is not None else ("", "", "")
+        stored = await self.store.put(assembler.finish(), optimizer, adopt=True, job=job, tables=tables)
+        self.metrics.bytes_in.labels(self._shard).inc(assembler.total)
         return pb.PutReply(slices=stored)
 
     async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[Frame]:
         async with self._handled(context, "Get", request):
-            keys = [(r.key, r.slice) for r in request.slices]
-            pulled = RowCollector()
-            pulled.add(request.pull, ids_only=True)
-            step, values, rows = await self.store.read(
-                keys,
-                request.group,
-                request.step,
-                _wait(request.wait_s),
-                request.wait_for_put,
-                request.job,
-                pulled.ids(),
-            )
-            if request.shm:
-                region, offsets = self._region(request.shm)
-                await _write_answer(region, offsets, values)
-        for pieces in row_pieces(rows):
-            yield Frame(pb.GetReply(step=step, rows=pieces), [])
+            answer = await self.read_values(request)
+        for frame in get_replies(request, *answer):
+            yield frame
+
+    async def read_values(self, request: pb.GetRequest) -> tuple[int, dict, dict]:
+        """A Get's step, values and table rows, once its group has got there (the
+        values written into the stub's region when the Get names one)."""
+        keys = [(r.key, r.slice) for r in request.slices]
+        pulled = RowCollector()
+        pulled.add(request.pull, ids_only=True)
+        step, values, rows = await self.store.read(
+            keys,
+            request.group,
+            request.step,
+            _wait(request.wait_s),
+            request.wait_for_put,
+            request.job,
+            pulled.ids(),
+        )
         if request.shm:
-            yield Frame(pb.GetReply(step=step), [])
-            return
-        for chunks in encode_chunks((k, i, v) for (k, i), v in values.items()):
-            yield Frame(pb.GetReply(step=step), chunks)
+            region, offsets = self._region(request.shm)
+            await _write_answer(region, offsets, values)
+        return step, values, rows
 
     async def Update(self, request_iterator: AsyncIterator[Frame], context) -> AsyncIterator[bytes]:
         async with self._handled(context, "Update"):
@@ -233,6 +246,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             yield reply
         self.metrics.bytes_out.labels(self._shard).inc(sent + rows_out)
 
+    def answer_pieces(self, result: UpdateResult) -> list[list[bytes | memoryview]]:
+        """An Update's answer (its table rows, then its values) as pieces whose
+        tensor data are views of the shard's values, for a carrier that sends them as
+        they are: nothing is copied, so nothing is shared between a group's processes
+        either. The carrier holds ``result`` until they are sent (no update writes
+        over values a reader holds)."""
+        pieces = [
+            [UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, table_rows=rows), []))]
+            for rows in row_pieces(result.table_rows)
+        ]
+        pieces += _answer_pieces(result, sorted(result.values))
+        self.metrics.bytes_out.labels(self._shard).inc(sum(len(p) for message in pieces for p in message))
+        return pieces
+
     async def Describe(self, request: pb.DescribeRequest, context) -> pb.DescribeReply:
         async with self._handled(context, "Describe", request):
             reply = self.description()
@@ -258,6 +285,18 @@ def _fits(reason: str) -> str:
 def _wait(wait_s: float) -> float:
     """The wait a request asked for, bounded; 0 means the default of 60 s."""
     return min(wait_s, 3600.0) if wait_s > 0 else 60.0
+
+
+def get_replies(request: pb.GetRequest, step: int, values: dict, rows: dict) -> Iterator[Frame]:
+    """A Get's answer: the table rows, then the values (only the step when they went
+    into the stub's region)."""
+    for pieces in row_pieces(rows):
+        yield Frame(pb.GetReply(step=step, rows=pieces), [])
+    if request.shm:
+        yield Frame(pb.GetReply(step=step), [])
+        return
+    for chunks in encode_chunks((k, i, v) for (k, i), v in values.items()):
+        yield Frame(pb.GetReply(step=step), chunks)
 
 
 async def _write_answer(region: Region, offsets: dict[SliceKey, int], values: dict) -> None:
@@ -326,11 +365,17 @@ def _reply_head(result: UpdateResult) -> pb.UpdateReply:
     return pb.UpdateReply(step=result.step, slowest_step=result.slowest_step, metrics=result.metrics, rows=result.rows)
 
 
-def _encode_answer(result: UpdateResult, keys: list[SliceKey]) -> list[bytes]:
+def _answer_pieces(result: UpdateResult, keys: list[SliceKey]) -> list[list[bytes | memoryview]]:
+    """The answer's messages for ``keys``, each as pieces whose tensor data are
+    views of the shard's values (``frame_encoder``)."""
     head = _reply_head(result)
     values = result.values
     chunked = list(encode_chunks((k, i, values[(k, i)]) for k, i in keys)) or [[]]  # a shard with no slices
-    return [UPDATE_REPLY(Frame(head, c)) for c in chunked]
+    return [UPDATE_PIECES(Frame(head, c)) for c in chunked]
+
+
+def _encode_answer(result: UpdateResult, keys: list[SliceKey]) -> list[bytes]:
+    return [b"".join(pieces) for pieces in _answer_pieces(result, keys)]
 
 
 async def _answer(result: UpdateResult, share: bool) -> AsyncIterator[bytes]:

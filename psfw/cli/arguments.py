@@ -89,6 +89,14 @@ def integer(low: int, high: int | None = None) -> Callable[[str], int]:
     return integer
 
 
+def data_port(text: str) -> int | None:
+    """A shard's data-link port: a whole number from 0 to 65535 (0: any free
+    port), or ``off`` (None: no data link)."""
+    if text.strip().lower() == "off":
+        return None
+    return integer(0, 65535)(text)
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)

@@ -51,6 +51,7 @@ def run_server(args: argparse.Namespace) -> int:
                 grace=args.grace,
                 drain=args.drain,
                 metrics_port=args.metrics_port,
+                data_port=args.data_port,
                 nonfinite=args.nonfinite,
                 insecure=args.insecure,
                 checkpoint_dir=args.checkpoint_dir,

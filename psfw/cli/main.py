@@ -11,6 +11,7 @@ import threading
 from psfw.cli import commands
 from psfw.cli.arguments import (
     Parser,
+    data_port,
     env,
     integer,
     listen_address,
@@ -79,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
         "server",
         help="serve one parameter-server shard",
         description="Serve one shard. Every flag can also come from the environment (PSFW_SHARD, PSFW_SHARDS, "
-        "PSFW_LISTEN, PSFW_GRACE, PSFW_DRAIN, PSFW_METRICS_PORT, PSFW_NONFINITE, PSFW_CHECKPOINT_DIR, "
+        "PSFW_LISTEN, PSFW_GRACE, PSFW_DRAIN, PSFW_METRICS_PORT, PSFW_DATA_PORT, PSFW_NONFINITE, PSFW_CHECKPOINT_DIR, "
         "PSFW_TLS_CERT, PSFW_TLS_KEY, PSFW_TLS_CLIENT_CA, PSFW_TOKEN_FILE, PSFW_INSECURE=1), "
         "so a container needs no arguments.",
     )
@@ -102,6 +103,13 @@ def parser() -> argparse.ArgumentParser:
         type=port,
         default=env("METRICS_PORT", port),
         help="serve Prometheus metrics on this HTTP port",
+    )
+    s.add_argument(
+        "--data-port",
+        type=data_port,
+        default=env("DATA_PORT", data_port, 0),
+        help="TCP port of the data link, where clients on the network path send tensors beside gRPC "
+        "(0: any free port; off: none, everything over gRPC; never with TLS)",
     )
     nonfinite = ("reject", "skip")
     s.add_argument(

@@ -187,6 +187,9 @@ class ClusterConfig(_Strict):
     # the network path's Update gradients: "bf16" halves their bytes (error feedback;
     # psfw.protocol.compression); "none" keeps training equal to single-process training
     compression: Literal["none", "bf16"] = "none"
+    # the network path's Put, Get and Update go over a shard's TCP data link where it
+    # offers one (psfw.protocol.data_link; never with TLS); false: everything over gRPC
+    data_link: bool = True
     # which local device each worker of a process computes on: "auto" (one each, in
     # turn, when the process sees several), or indices into jax.local_devices()
     devices: Literal["auto"] | list[Annotated[int, Field(ge=0)]] = "auto"

@@ -158,6 +158,7 @@ async def run_job(
                     retries=t.retries,
                     security=security,
                     compression=c.compression,
+                    data_link=c.data_link,
                 )
                 for client in clients:
                     stack.push_async_callback(client.close)
@@ -247,6 +248,7 @@ async def train_async(
                     shard,
                     c.servers,
                     checkpoint_dir=checkpoints if t.checkpoint_every or resume or job.model.tables else None,
+                    data_port=0 if c.transport == "grpc" else None,  # in-process clients need no data link
                 )
                 await server.start("127.0.0.1:0")
                 stack.push_async_callback(server.stop, 0)

@@ -134,20 +134,61 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
         pos += size
 
 
-def frame_serializer(cls: type[Message]) -> Callable[[Frame], bytes]:
-    """Serialize a Frame as a ``cls`` message."""
+ALIGN = 64  # a chunk's data starts this many bytes into its message times n (see ``frame_encoder``)
+_PAD_TAG = _varint((pb.Chunk.DESCRIPTOR.fields_by_name["pad"].number << 3) | 2)
+
+
+def frame_encoder(cls: type[Message]) -> Callable[[Frame], list[bytes | memoryview]]:
+    """The pieces of a Frame's ``cls`` message, in order: joined, they are its bytes;
+    sent as they are (``socket.sendmsg``), the tensor data is never copied. Each
+    chunk's data starts at a multiple of ``ALIGN`` bytes into the message (its
+    ``pad`` field fills the gap): a receiver that reads a message into an aligned
+    buffer holds aligned tensors, which JAX adopts without a copy."""
     chunk_tag = _varint((cls.DESCRIPTOR.fields_by_name["chunks"].number << 3) | 2)
     data_tag = _varint((_DATA_FIELD << 3) | 2)
+
+    def encode(frame: Frame) -> list[bytes | memoryview]:
+        parts: list[bytes | memoryview] = [frame.header.SerializeToString()]
+        position = len(parts[0])
+        for c in frame.chunks:
+            meta = pb.Chunk(key=c.key, slice=c.slice, dtype=c.dtype, shape=c.shape, offset=c.offset)
+            size = len(c.data)
+            tail = data_tag + _varint(size)
+            head = meta.SerializeToString()
+            head += _pad(position + len(chunk_tag), len(head) + len(tail), size) + tail
+            length = _varint(len(head) + size)
+            parts += [chunk_tag, length, head, c.data]
+            position += len(chunk_tag) + len(length) + len(head) + size
+        return parts
+
+    return encode
+
+
+def _pad(start: int, fields: int, size: int) -> bytes:
+    """The pad field that makes a chunk's data start at a multiple of ALIGN: the
+    chunk's length prefix starts at ``start``; its fields before the data take
+    ``fields`` bytes, its data ``size``."""
+    pad = b""
+    for _ in range(3):  # the length prefix may grow by the pad: settled by the second round
+        prefix = len(_varint(fields + len(pad) + size))
+        need = -(start + prefix + fields) % ALIGN
+        if need == 1:  # a field takes at least two bytes
+            need += ALIGN
+        want = _PAD_TAG + _varint(need - 2) + bytes(need - 2) if need else b""
+        if len(_varint(fields + len(want) + size)) == prefix:
+            return want
+        pad = want
+    return pad
+
+
+def frame_serializer(cls: type[Message]) -> Callable[[Frame], bytes]:
+    """Serialize a Frame as a ``cls`` message."""
+    encode = frame_encoder(cls)
 
     def serialize(frame: Frame | bytes) -> bytes:
         if isinstance(frame, bytes):
             return frame  # serialized before, e.g. one reply sent to several stubs
-        parts: list[bytes | memoryview] = [frame.header.SerializeToString()]
-        for c in frame.chunks:
-            meta = pb.Chunk(key=c.key, slice=c.slice, dtype=c.dtype, shape=c.shape, offset=c.offset)
-            head = meta.SerializeToString() + data_tag + _varint(len(c.data))
-            parts += [chunk_tag, _varint(len(head) + len(c.data)), head, c.data]
-        return b"".join(parts)
+        return b"".join(encode(frame))
 
     return serialize
 

@@ -28,8 +28,8 @@ import grpc
 
 from psfw.protocol.errors import Reason, WireError
 
-HELLO, MESSAGE, END, ERROR, OK = 1, 2, 3, 4, 5
-KINDS = frozenset((HELLO, MESSAGE, END, ERROR, OK))
+HELLO, MESSAGE, END, ERROR, OK, CALL = 1, 2, 3, 4, 5, 6  # CALL: the data link's (psfw.protocol.data_link)
+KINDS = frozenset((HELLO, MESSAGE, END, ERROR, OK, CALL))
 HEAD = struct.Struct("<BI")
 MAX_FRAME_BYTES = 64 << 20  # headers and table rows (cut to fit a gRPC message), never tensors
 

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.compression import WIDENED
 from psfw.protocol.errors import WireError
-from psfw.protocol.frames import Chunk, Frame
+from psfw.protocol.frames import ALIGN, Chunk, Frame
 from psfw.protocol.layout import Layout, SliceKey
 from psfw.protocol.messages import TableIds, TableRows, UpdateHeader
 
@@ -56,7 +56,7 @@ def wire_dtype(name: str) -> np.dtype:
     return np.dtype(name).newbyteorder("<")
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str, align: int = 64) -> np.ndarray:
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str, align: int = ALIGN) -> np.ndarray:
     """An uninitialized array whose data starts on an ``align``-byte boundary.
 
     JAX on CPU adopts such a buffer without copying it (``jax.device_put``), so a
@@ -193,7 +193,7 @@ class Assembler:
         if key in self._into:
             self._parts.setdefault(key, self._into[key].reshape(-1).view(np.uint8))
             self._parts[key][got : got + len(data)] = np.frombuffer(data, np.uint8)
-        elif got == 0 and len(data) == nbytes and not self._keep:
+        elif got == 0 and len(data) == nbytes and (not self._keep or _adoptable(data)):
             self._parts[key] = data  # whole slice in one chunk: a view, no copy
         else:
             if key not in self._parts:
@@ -259,6 +259,13 @@ class Assembler:
             if key in self._widened:
                 out[key] = out[key].astype(WIDENED[dtype.name][1])
         return out
+
+
+def _adoptable(data: memoryview | bytes) -> bool:
+    """Whether a chunk's data may be kept as it lies: aligned and writable (a
+    message the data link read into an aligned buffer of its own), so JAX adopts it."""
+    view = np.frombuffer(data, np.uint8)
+    return view.flags.writeable and view.ctypes.data % ALIGN == 0
 
 
 def update_request(header: UpdateHeader, shm: str = "", rows: tuple[list, list] = ([], [])) -> pb.UpdateRequest:

@@ -26,20 +26,29 @@ async def connect(
     local: LocalShard | None = None,
     shared_memory: SliceSpecs | None = None,
     compression: str = "none",
+    data_link: bool = True,
 ) -> Transport:
     """A transport to the shard at ``address``: in-process when ``local`` (that
     shard, running in this process) is given; through shared memory when
     ``shared_memory`` (the slices the shard holds) is given and the shard runs on
-    this host; else over gRPC, its Updates compressed as ``compression`` says."""
+    this host; else over the network (the shard's data link where it offers one and
+    ``data_link`` allows, else gRPC), its Updates compressed as ``compression`` says."""
     if local is not None:
         return InProcessClient(local, shard, timeout_s)
     client = ShardClient(
-        address, shard, timeout_s=timeout_s, retries=retries, security=security, compression=compression
+        address,
+        shard,
+        timeout_s=timeout_s,
+        retries=retries,
+        security=security,
+        compression=compression,
+        data_link=data_link,
     )
     if shared_memory is not None:
         shared = await SharedMemoryClient.attach(client, shared_memory)
         if shared is not None:
             return shared
+    await client.open_data_link()
     return client
 
 

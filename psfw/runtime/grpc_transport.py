@@ -9,11 +9,12 @@ Failures surface as ShardError naming the shard, the RPC and the server's messag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import TypeVar
 
 import grpc
@@ -22,14 +23,17 @@ import numpy as np
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
 from psfw.protocol.compression import COMPRESSIONS, ErrorFeedback
+from psfw.protocol.data_link import data_host
 from psfw.protocol.errors import Reason, ShardError, WireError
-from psfw.protocol.frames import CHUNK_BYTES, Frame, encode_chunks, frame_deserializer, frame_serializer
+from psfw.protocol.frames import CHUNK_BYTES, Frame, encode_chunks, frame_deserializer, frame_encoder, frame_serializer
 from psfw.protocol.layout import SliceKey
+from psfw.protocol.local_link import LinkTimeout
 from psfw.protocol.messages import Fresh, Gradients, RowBlock, TableIds, UpdateHeader
 from psfw.protocol.row_wire import RowCollector, pull_blocks, row_messages
 from psfw.protocol.security import NO_SECURITY, Link, Security, link_problem
 from psfw.protocol.service import REASON_KEY, SERVICE_NAME, grpc_options
 from psfw.protocol.wire import Assembler, Expect, batched, encoded_ahead, update_request
+from psfw.runtime.data_client import DataLink
 from psfw.runtime.transport import Capabilities, Items, SliceSpecs
 
 T = TypeVar("T")
@@ -38,6 +42,10 @@ log = logging.getLogger(__name__)
 
 
 UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)
+UPDATE_PIECES = frame_encoder(pb.UpdateRequest)
+PUT_PIECES = frame_encoder(pb.PutRequest)
+DECODE = {"Put": pb.PutReply.FromString, "Get": frame_deserializer(pb.GetReply)}
+DECODE["Update"] = frame_deserializer(pb.UpdateReply)
 REPORT_EVERY_S = 5.0  # while a shard cannot be reached, say so this often
 # a shard that closes this many new connections in a row at once, over at least this
 # long, refuses our TLS handshake (a restarting shard refuses connections instead; a
@@ -100,16 +108,32 @@ async def _pipelined(
         return dtype.itemsize * math.prod(shape)
 
     def encode(keys: list[SliceKey], index: int) -> list[bytes]:
-        items = [(key, i, grads[(key, i)]) for key, i in keys]
-        chunked = list(encode_chunks(items, chunk_bytes)) or ([[]] if index == 0 else [])  # the header, always
-        return [
-            UPDATE_REQUEST(Frame(head if index == n == 0 else pb.UpdateRequest(), c)) for n, c in enumerate(chunked)
-        ]
+        return [b"".join(pieces) for pieces in update_messages(grads, keys, head if index == 0 else None, chunk_bytes)]
 
     async for message in encoded_ahead(batched(grads, nbytes, PIPELINE_BYTES), encode):
         yield message
-    for push, pull in more_rows:  # table rows beyond what the first message carries
-        yield UPDATE_REQUEST(Frame(pb.UpdateRequest(push=push, pull=pull), []))
+    for pieces in row_pieces_messages(more_rows):
+        yield b"".join(pieces)
+
+
+def update_messages(
+    grads: Gradients, keys: Iterable[SliceKey], head: pb.UpdateRequest | None, chunk_bytes: int
+) -> Iterator[list]:
+    """The messages of an Update's slices ``keys`` as pieces (``frame_encoder``),
+    made as they are taken: a gradient is read (a sum added up) only then. ``head``:
+    the Update's header, in the first message (which goes even without slices)."""
+    items = ((key, i, grads[(key, i)]) for key, i in keys)
+    for chunks in encode_chunks(items, chunk_bytes):
+        yield UPDATE_PIECES(Frame(head if head is not None else pb.UpdateRequest(), chunks))
+        head = None
+    if head is not None:
+        yield UPDATE_PIECES(Frame(head, []))
+
+
+def row_pieces_messages(more_rows: list) -> Iterator[list]:
+    """An Update's table rows beyond what its first message carries, as pieces."""
+    for push, pull in more_rows:
+        yield UPDATE_PIECES(Frame(pb.UpdateRequest(push=push, pull=pull), []))
 
 
 def shared_update_messages(head: pb.UpdateRequest, more_rows: list) -> list[bytes]:
@@ -135,9 +159,11 @@ def get_request(
 
 
 class ShardClient:
-    """A shard over gRPC: a ``Transport`` (psfw.runtime.transport) that works
-    wherever the shard runs. ``compression="bf16"``: an Update's float32 gradients
-    travel as bfloat16 with error feedback (``psfw.protocol.compression``)."""
+    """A shard over the network: a ``Transport`` (psfw.runtime.transport) that works
+    wherever the shard runs. Put, Get and Update go over the shard's data link
+    (``psfw.protocol.data_link``) where it offers one and ``data_link`` allows, else
+    over gRPC, as everything else does. ``compression="bf16"``: an Update's float32
+    gradients travel as bfloat16 with error feedback (``psfw.protocol.compression``)."""
 
     capabilities = Capabilities()
 
@@ -151,12 +177,17 @@ class ShardClient:
         chunk_bytes: int = CHUNK_BYTES,
         security: Security = NO_SECURITY,
         compression: str = "none",
+        data_link: bool = True,
     ):
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
         self.address, self.shard = address, shard
         self.compression = compression
-        self.kind = "grpc" if compression == "none" else f"grpc+{compression}"
+        # never beside TLS: the link has no encryption, and a client that has credentials would not downgrade
+        self.data_link = data_link and security.channel_credentials() is None and data_host(address) is not None
+        self._linking = False  # set by open_data_link: a client for status or health opens none
+        self._link: DataLink | None = None  # the shard's data link, while it works
+        self._link_id = ""  # the link (its Describe's data_id) that was, or failed to be, opened
         self._feedback = ErrorFeedback() if compression == "bf16" else None
         self.timeout_s, self.retries, self.chunk_bytes = timeout_s, retries, chunk_bytes
         self.security = security
@@ -191,11 +222,76 @@ class ShardClient:
             response_deserializer=frame_deserializer(pb.UpdateReply),
         )
 
+    @property
+    def kind(self) -> str:
+        """``tcp`` while tensors go over the data link, else ``grpc`` (``+bf16``: compressed)."""
+        kind = "tcp" if self._link is not None else "grpc"
+        return kind if self.compression == "none" else f"{kind}+{self.compression}"
+
     def gradient_buffers(self, slices: SliceSpecs) -> None:
         return None  # the gradients are encoded from wherever they are
 
     async def close(self) -> None:
+        await self._unlink()
         await self.channel.close()
+
+    async def open_data_link(self) -> None:
+        """Move tensors over the shard's data link from now on: ask the shard for it
+        and open it (a shard that is not up yet: the next Describe opens it)."""
+        self._linking = self.data_link
+        if self._linking:
+            with contextlib.suppress(ShardError):
+                await self.describe()
+
+    async def _relink(self, reply: pb.DescribeReply) -> None:
+        """Open the data link a Describe answer names, unless that one was tried
+        already (a restarted shard names a new one); a failure leaves the tensors on gRPC."""
+        port = reply.data_port
+        if not self._linking or not port or reply.data_id == self._link_id:
+            return
+        await self._unlink()
+        self._link_id = reply.data_id
+        try:
+            self._link = await DataLink.open(data_host(self.address), port, self.security.token, reply.data_id)
+        except (OSError, ValueError, WireError) as err:
+            log.warning("shard %d: no data link on port %d (%s); tensors go over gRPC", self.shard, port, said(err))
+
+    async def _unlink(self) -> None:
+        if self._link is not None:
+            link, self._link = self._link, None
+            await link.close()
+
+    async def _linked(self, rpc: str, messages: Callable[[], Iterable[list]], answer: Callable, timeout: float):
+        """The call over the data link: ``answer``'s result, or None when there is no
+        link or it failed (then the caller goes over gRPC: a shard adds an Update's
+        contribution once). The shard's refusal is a ShardError, as over gRPC."""
+        link = self._link
+        if link is None or link.busy:  # busy: this call goes beside it, as gRPC's calls do
+            return None
+        try:
+            result = await link.call(rpc, messages, answer, timeout)
+        except WireError as err:  # the answer did not parse
+            await self._unlink()
+            raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: bad reply: {err.message}") from None
+        except (OSError, ValueError) as err:  # LinkBroken and LinkTimeout are ConnectionErrors
+            await self._unlink()
+            if isinstance(err, LinkTimeout) and not self.retries:  # as gRPC's deadline would end it
+                raise ShardError(
+                    f"shard {self.shard} ({self.address}) {rpc}: DEADLINE_EXCEEDED: {err}",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ) from None
+            log.warning("shard %d: the data link failed (%s); tensors go over gRPC", self.shard, said(err))
+            return None
+        if isinstance(result, WireError):
+            if result.code == grpc.StatusCode.UNAVAILABLE:
+                return None  # a shard that loads its checkpoint: gRPC retries
+            raise ShardError(
+                f"shard {self.shard} ({self.address}) {rpc}: {result.code.name}: {result.message}",
+                result.code,
+                result.reason,
+            )
+        self._reached()
+        return result
 
     async def _call(self, rpc: str, attempt: Callable[[], Awaitable[T]]) -> T:
         delay = 0.05
@@ -268,6 +364,16 @@ class ShardClient:
                 first = pb.PutRequest(optimizer=optimizer, job=job, tables=tables)
                 yield Frame(first if i == 0 else pb.PutRequest(), chunks)
 
+        def answer(replies: list[memoryview]) -> int:
+            return DECODE["Put"](bytes(replies[0])).slices if len(replies) == 1 else _no_answer("Put")
+
+        def pieces() -> Iterator[list]:
+            return (PUT_PIECES(frame) for frame in requests())
+
+        stored = await self._linked("Put", pieces, answer, self.timeout_s)
+        if stored is not None:
+            return stored
+
         async def attempt():
             return (await self._put(requests(), timeout=self.timeout_s, metadata=self._md)).slices
 
@@ -292,6 +398,13 @@ class ShardClient:
         table rows wanted too."""
         request = get_request(group, step, keys, wait_s, wait_for_put, job, pull)
 
+        def answer(replies: list[memoryview]) -> Fresh:
+            return assemble([DECODE["Get"](reply) for reply in replies], expect, into)
+
+        fresh = await self._linked("Get", lambda: [[request.SerializeToString()]], answer, wait_s + RPC_MARGIN_S)
+        if fresh is not None:
+            return fresh
+
         async def attempt():
             frames = [f async for f in self._get(request, timeout=wait_s + RPC_MARGIN_S, metadata=self._md)]
             return await asyncio.to_thread(assemble, frames, expect, into)
@@ -312,6 +425,17 @@ class ShardClient:
         head = update_request(header, rows=rows[0])
         if self._feedback is not None:
             grads = self._feedback.compressed(grads)  # once: a retry sends the same bytes
+
+        def messages() -> Iterator[list]:
+            yield from update_messages(grads, grads, head, self.chunk_bytes)
+            yield from row_pieces_messages(rows[1:])
+
+        def answer(replies: list[memoryview]) -> Fresh:
+            return assemble([DECODE["Update"](reply) for reply in replies], expect, into)
+
+        fresh = await self._linked("Update", messages, answer, header.wait_s + RPC_MARGIN_S)
+        if fresh is not None:
+            return fresh
 
         async def attempt() -> Fresh:
             call = self._update(
@@ -364,6 +488,17 @@ class ShardClient:
         await self._call("Restore", lambda: self._stub.Restore(request, timeout=self.timeout_s, metadata=self._md))
 
     async def describe(self) -> pb.DescribeReply:
-        return await self._call(
+        reply = await self._call(
             "Describe", lambda: self._stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s, metadata=self._md)
         )
+        await self._relink(reply)
+        return reply
+
+
+def _no_answer(rpc: str):
+    raise WireError(grpc.StatusCode.INTERNAL, f"the shard answered the {rpc} with no message")
+
+
+def said(err: BaseException) -> str:
+    """An error in a log line: its message, or its kind when it has none."""
+    return str(err) or type(err).__name__

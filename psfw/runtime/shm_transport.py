@@ -29,7 +29,14 @@ from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
 from psfw.protocol.row_wire import row_messages
 from psfw.protocol.shm import Region, host_id, slot_layout
 from psfw.protocol.wire import Expect, update_request
-from psfw.runtime.grpc_transport import RPC_MARGIN_S, ShardClient, assemble, get_request, shared_update_messages
+from psfw.runtime.grpc_transport import (
+    RPC_MARGIN_S,
+    ShardClient,
+    assemble,
+    get_request,
+    said,
+    shared_update_messages,
+)
 from psfw.runtime.local_client import LocalLink
 from psfw.runtime.transport import Capabilities, Items, SliceSpecs
 
@@ -77,7 +84,12 @@ class SharedMemoryClient:
             log.warning("shard %d: no shared memory (%s); tensors go over the network", net.shard, err)
             return None
         client = cls(net, region, offsets)
-        await client._relink(reply.local_socket)
+        try:
+            await client._relink(reply.local_socket)
+        except BaseException:  # stopped meanwhile (a signal): no region outlives it
+            await client._unlink()
+            region.close()
+            raise
         return client
 
     async def _relink(self, name: str) -> None:
@@ -90,7 +102,7 @@ class SharedMemoryClient:
         try:
             self._link = await LocalLink.open(name, self.net.security.token)
         except (OSError, ValueError, TimeoutError, WireError) as err:
-            log.warning("shard %d: no same-host link (%s); Updates go over gRPC", self.shard, _said(err))
+            log.warning("shard %d: no same-host link (%s); Updates go over gRPC", self.shard, said(err))
 
     async def _unlink(self) -> None:
         if self._link is not None:
@@ -203,7 +215,7 @@ class SharedMemoryClient:
                         f"shard {self.shard} ({self.address}) Update: DEADLINE_EXCEEDED: {err}",
                         grpc.StatusCode.DEADLINE_EXCEEDED,
                     ) from None
-                log.warning("shard %d: the same-host link failed (%s); Updates go over gRPC", self.shard, _said(err))
+                log.warning("shard %d: the same-host link failed (%s); Updates go over gRPC", self.shard, said(err))
             else:
                 try:
                     return assemble(frames, expect, None)
@@ -226,7 +238,3 @@ class SharedMemoryClient:
                 region.close()
         self._region, self._retired = None, []
         await self.net.close()
-
-
-def _said(err: BaseException) -> str:
-    return str(err) or type(err).__name__

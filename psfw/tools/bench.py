@@ -6,7 +6,8 @@ batch 256, SGD. In one run, side by side: single-process jitted JAX on the full 
 worker and one fused update: the bound of data parallelism on this machine), psfw
 embedded (1 group x 2 workers, 2 shards in-process), psfw with the 2 shards as
 separate OS processes on this host (shared memory), and the same over the network
-path, with full-precision gradients and with bfloat16 ones (``tcp_compressed``).
+path: gRPC alone (``grpc``), the shards' data links (``tcp``, the default) and the
+data links with bfloat16 gradients (``tcp_compressed``).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None, final:
     if addresses is None:
         addresses = []
         for i in range(config.cluster.servers):
-            server = ShardServer(i, config.cluster.servers)
+            server = ShardServer(i, config.cluster.servers, data_port=None)  # called in-process
             await server.start("127.0.0.1:0")
             servers.append(server)
             addresses.append(server.address)
@@ -183,18 +184,20 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
     ``rounds`` rounds; each figure is its best round (this machine is shared: a slow
     round says more about the neighbours than about the code), and every round's
     ratios are reported too. ``path="grpc"`` forces the network path for every psfw
-    variant. Also, in each round: the network path with bfloat16 gradients
-    (``tcp_compressed``; ``tcp_compressed_param_gap``: its trained parameters against
-    the uncompressed run's, see ``_gap``), 2 asynchronous groups of 1 worker (batch 128 each,
+    variant. Also, in each round: the network path over the shards' data links (``tcp``;
+    ``tcp_param_gap``: its trained parameters against gRPC's, 0 when the bytes are the
+    same) and with bfloat16 gradients (``tcp_compressed``; ``tcp_compressed_param_gap``:
+    its trained parameters against the uncompressed run's, see ``_gap``), 2 asynchronous groups of 1 worker (batch 128 each,
     the same rows per worker as the 2-worker group), embedded (``two_groups``), and
     PyTorch DDP over gloo on the same job where torch is installed (``ddp``)."""
     config = bench_config(warmup + steps)
-    grpc_config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"transport": "grpc"})})
-    compressed = grpc_config.model_copy(
-        update={"cluster": grpc_config.cluster.model_copy(update={"compression": "bf16"})}
-    )
+
+    def network(**cluster) -> Config:
+        return config.model_copy(update={"cluster": config.cluster.model_copy(update={"transport": "grpc", **cluster})})
+
+    grpc_config, tcp_config, compressed = network(data_link=False), network(), network(compression="bf16")
     if path == "grpc":
-        config = grpc_config
+        config = tcp_config
     groups = config.model_copy(
         update={
             "cluster": config.cluster.model_copy(
@@ -209,10 +212,12 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         "embedded": [],
         "separate_processes": [],
         "grpc": [],
+        "tcp": [],
         "tcp_compressed": [],
         "two_groups": [],
     }
     gaps: list[float] = []
+    tcp_gaps: list[float] = []
     ddp = torch_installed()
     if ddp:
         runs["ddp"] = []
@@ -225,6 +230,10 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         with shard_processes(config.cluster.servers) as (addresses, _):  # fresh shards: a run leaves its state
             speed, exact = asyncio.run(_psfw(grpc_config, warmup, addresses, final=True))
             runs["grpc"].append(speed)
+        with shard_processes(config.cluster.servers) as (addresses, _):
+            speed, params = asyncio.run(_psfw(tcp_config, warmup, addresses, final=True))
+            runs["tcp"].append(speed)
+        tcp_gaps.append(_gap(params, exact, _initial(config)))
         with shard_processes(config.cluster.servers) as (addresses, _):
             speed, params = asyncio.run(_psfw(compressed, warmup, addresses, final=True))
             runs["tcp_compressed"].append(speed)
@@ -239,6 +248,7 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         "embedded",
         "separate_processes",
         "grpc",
+        "tcp",
         "tcp_compressed",
         "two_groups",
         *(("ddp",) * ddp),
@@ -254,6 +264,7 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
     figures["ddp"] = best.get("ddp")  # None: torch is not installed
     # the compressed run's parameters after all its steps against the uncompressed run's
     figures["tcp_compressed_param_gap"] = max(gaps)
+    figures["tcp_param_gap"] = max(tcp_gaps)  # the data link against gRPC alone: 0, the same bytes
     if ddp:
         figures["separate_processes_over_ddp"] = best["separate_processes"] / best["ddp"]
     figures.update(path=path, rounds=rounds, devices=[device_name(d) for d in jax.local_devices()])

@@ -81,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
             ("data_parallel_bound", "2 threads, no server"),
             ("embedded", "psfw embedded"),
             ("separate_processes", "psfw shard processes"),
-            ("grpc", "psfw network path"),
+            ("grpc", "psfw network, gRPC"),
+            ("tcp", "psfw network, data link"),
             ("tcp_compressed", "  the same, bf16 grads"),
             ("two_groups", "psfw 2 groups x 1"),
             ("ddp", "PyTorch DDP (gloo)"),
@@ -103,7 +104,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"  psfw shard processes / DDP: {figures['separate_processes_over_ddp']:.2f}")
     if "transfer_bytes" in figures:
         print(f"transfer of {_bytes_text(figures['transfer_bytes'])} over 2 shards (push / pull, GB/s):")
-        print(f"  network path  {figures['grpc_push_gb_s']:.3g} / {figures['grpc_pull_gb_s']:.3g}")
+        print(f"  gRPC          {figures['grpc_push_gb_s']:.3g} / {figures['grpc_pull_gb_s']:.3g}")
+        if figures["tcp_push_gb_s"] is not None:
+            print(f"  data link     {figures['tcp_push_gb_s']:.3g} / {figures['tcp_pull_gb_s']:.3g}")
         if figures["shared_memory_pull_gb_s"] is not None:
             print(
                 f"  shared memory {figures['shared_memory_update_gb_s']:.3g} (update) / "

@@ -57,7 +57,7 @@ async def _transfer(clients, size: int, slice_bytes: int, tag: str, repeats: int
 def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
     """Push and pull of ``size`` bytes (float32: rounded down to a multiple of 4; at
     least MIN_TRANSFER_BYTES) across 2 shards, GB/s each way: over the network path
-    (Put, Get), through shared memory with shard processes on this host (an Update
+    (Put, Get), over gRPC alone and over the shards' data links, through shared memory with shard processes on this host (an Update
     carries the gradients in and the values back; Get), and in-process."""
     from psfw.protocol.messages import UpdateHeader
     from psfw.runtime.grpc_transport import ShardClient
@@ -69,9 +69,13 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
     size -= size % 4
     slice_bytes = transfer_slice_bytes(size)
 
-    async def network(addresses):
-        clients = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
+    async def network(addresses, data_link: bool):
+        clients = [ShardClient(a, i, timeout_s=300, data_link=data_link) for i, a in enumerate(addresses)]
         try:
+            for client in clients:
+                await client.open_data_link()
+            if data_link and any(c.kind != "tcp" for c in clients):
+                return None, None  # no data link after all
             return await _transfer(clients, size, slice_bytes, "net", repeats)
         finally:
             for c in clients:
@@ -127,7 +131,9 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
                 await c.close()
 
     with shard_processes(TRANSFER_SHARDS) as (addresses, _):
-        push, pull = asyncio.run(network(addresses))
+        push, pull = asyncio.run(network(addresses, data_link=False))
+    with shard_processes(TRANSFER_SHARDS) as (addresses, _):
+        tcp_push, tcp_pull = asyncio.run(network(addresses, data_link=True))
     with shard_processes(TRANSFER_SHARDS) as (addresses, _):
         shm_update, shm_pull = asyncio.run(shared(addresses))
     local_push, local_pull = asyncio.run(in_process())
@@ -135,6 +141,8 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
         "transfer_bytes": size,  # rounded down to whole float32s
         "grpc_push_gb_s": push,
         "grpc_pull_gb_s": pull,
+        "tcp_push_gb_s": tcp_push,  # the network path over the shards' data links (None: none)
+        "tcp_pull_gb_s": tcp_pull,
         "shared_memory_update_gb_s": shm_update,  # gradients in and fresh values back, per direction
         "shared_memory_pull_gb_s": shm_pull,
         "in_process_push_gb_s": local_push,
