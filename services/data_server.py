@@ -12,29 +12,29 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hmac
 import logging
 import secrets
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import NamedTuple
-
-import grpc
 
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.data_link import METHODS, LinkClosed, framed, recv_frame, send_pieces
 from psfw.protocol.errors import WireError
 from psfw.protocol.frames import Frame, Malformed, frame_deserializer, frame_encoder, message_deserializer
-from psfw.protocol.local_link import CALL, END, HELLO, MESSAGE, OK, LinkBroken, error_frame
-from psfw.services.servicer import ParameterServerServicer, get_replies
+from psfw.protocol.local_link import CALL, END, HELLO, MESSAGE, OK, LinkBroken, error_frame, token_refusal
+from psfw.services.answers import get_replies
+from psfw.services.servicer import ParameterServerServicer
 
 log = logging.getLogger("psfw.server")
 
-HELLO_S = 10.0  # a client says its HELLO at once after connecting
+HELLO_S = 10.0  # a client says its whole HELLO at once after connecting
 HELLO_BYTES = 4096  # a token is shorter
-CALL_READ_S = 120.0  # the most a client may pause inside a call's request
+FRAME_S = 120.0  # the most one frame of a call's request may take
 MAX_CONNECTIONS = 256  # more are closed at once (their clients go on over gRPC)
+MAX_GREETING = 32  # connections that have not said a HELLO yet: more are closed at once
 ACCEPT_POLL_S = 1.0  # how soon the accepting thread notices a stop where shutdown does not wake it
 DECODERS = {
     "Put": frame_deserializer(pb.PutRequest),
@@ -58,6 +58,8 @@ class DataListener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._connections: dict[socket.socket, threading.Thread] = {}
+        self._greeting = 0  # connections that have not passed their HELLO yet
+        self._held = 0  # bytes of requests read and not yet served, over all connections
         self._busy: dict[socket.socket, concurrent.futures.Future | None] = {}  # connections in a call
         self._idle = threading.Condition(self._lock)  # told when a call ends
         self._accepting: threading.Thread | None = None
@@ -91,9 +93,9 @@ class DataListener:
             for conn in self._connections:
                 _shut(conn)
             self._cut = True
-            for serving in self._busy.values():
-                if serving is not None:
-                    serving.cancel()  # past the grace: as gRPC cancels its calls
+            running = [serving for serving in self._busy.values() if serving is not None]
+        for serving in running:  # outside the lock: a cancelled call's callbacks take it
+            serving.cancel()  # past the grace: as gRPC cancels its calls
         for thread in [*threads, self._accepting]:
             if thread is not None:
                 await asyncio.to_thread(thread.join, 30)
@@ -114,9 +116,10 @@ class DataListener:
             except OSError:
                 return
             with self._lock:
-                if self._closing or len(self._connections) >= MAX_CONNECTIONS:
+                if self._closing or len(self._connections) >= MAX_CONNECTIONS or self._greeting >= MAX_GREETING:
                     conn.close()
                     continue
+                self._greeting += 1
                 thread = threading.Thread(target=self._serve, args=(conn, peer), name="psfw-data-link", daemon=True)
                 self._connections[conn] = thread
             thread.start()
@@ -126,7 +129,12 @@ class DataListener:
         try:
             conn.setblocking(True)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._hello(conn, name):
+            try:
+                welcome = self._hello(conn, name)
+            finally:
+                with self._lock:
+                    self._greeting -= 1
+            if welcome:
                 while self._call(conn, name):
                     pass
         except (LinkBroken, OSError) as err:
@@ -144,13 +152,11 @@ class DataListener:
             conn.close()
 
     def _hello(self, conn: socket.socket, name: str) -> bool:
-        conn.settimeout(HELLO_S)
-        kind, token = recv_frame(conn, HELLO_BYTES)
+        kind, token = recv_frame(conn, HELLO_BYTES, time.monotonic() + HELLO_S)
         if kind != HELLO:
             raise LinkBroken(f"a connection began with frame kind {kind}, not HELLO")
-        if not hmac.compare_digest(bytes(token), self._expected):  # constant time
-            reason = "missing bearer token" if not token else "wrong bearer token"
-            refusal = WireError(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: send the shard's token")
+        refusal = token_refusal(bytes(token), self._expected)
+        if refusal is not None:
             self.servicer.refused(name, "", refusal.code, refusal.message)
             send_pieces(conn, [error_frame(refusal)])
             return False
@@ -172,14 +178,17 @@ class DataListener:
             method = bytes(method).decode("ascii", "replace")
             if kind != CALL or method not in METHODS:
                 raise LinkBroken(f"a call began with frame kind {kind} ({method!r}), not a CALL of {METHODS}")
-            conn.settimeout(CALL_READ_S)
             payloads = self._request(conn)
+            held = sum(len(p) for p in payloads)
             serving = asyncio.run_coroutine_threadsafe(self._served(method, payloads, name), self._loop)
+            serving.add_done_callback(lambda _: self._release(held))
             with self._lock:
                 self._busy[conn] = serving
-                if self._cut:
-                    serving.cancel()  # the stop's grace is over already
+                cut = self._cut
+            if cut:
+                serving.cancel()  # the stop's grace is over already
             outcome = serving.result()
+            conn.settimeout(FRAME_S)  # a client that stops reading the answer lets go of the thread
             if isinstance(outcome, WireError):
                 send_pieces(conn, [error_frame(outcome)])
             else:
@@ -195,18 +204,31 @@ class DataListener:
         return True
 
     def _request(self, conn: socket.socket) -> list[memoryview]:
-        """A call's messages, up to its END, within the shard's request limit."""
+        """A call's messages, up to its END, each frame within FRAME_S: what all
+        connections hold at once stays within the shard's request limit."""
         payloads, total = [], 0
-        while True:
-            kind, payload = recv_frame(conn)
-            if kind == END:
-                return payloads
-            if kind != MESSAGE:
-                raise LinkBroken(f"frame kind {kind} inside a call")
-            total += len(payload)
-            if total > self.servicer.max_request_bytes + (1 << 20):
-                raise LinkBroken(f"a call of more than {total} bytes: over the shard's request limit")
-            payloads.append(payload)
+        try:
+            while True:
+                kind, payload = recv_frame(conn, deadline=time.monotonic() + FRAME_S)
+                if kind == END:
+                    return payloads
+                if kind != MESSAGE:
+                    raise LinkBroken(f"frame kind {kind} inside a call")
+                with self._lock:
+                    if self._held + len(payload) > self.servicer.max_request_bytes:
+                        raise LinkBroken(
+                            f"calls of {self._held + len(payload)} bytes at once: over the shard's request limit"
+                        )
+                    self._held += len(payload)
+                total += len(payload)
+                payloads.append(payload)
+        except BaseException:
+            self._release(total)
+            raise
+
+    def _release(self, nbytes: int) -> None:
+        with self._lock:
+            self._held -= nbytes
 
     async def _served(self, method: str, payloads: list[memoryview], name: str) -> Answer | WireError:
         """Serve a call on the shard's loop, as the gRPC handler would."""
@@ -216,7 +238,7 @@ class DataListener:
                 request = GET_REQUEST(bytes(payloads[0])) if len(payloads) == 1 else Malformed("a Get is one message")
                 async with servicer.served("Get", lambda: name, request):
                     step, values, rows = await servicer.read_values(request)
-                return Answer([GET_PIECES(frame) for frame in get_replies(request, step, values, rows)], values)
+                    return Answer([GET_PIECES(frame) for frame in get_replies(request, step, values, rows)], values)
             frames = [DECODERS[method](payload) for payload in payloads]
             async with servicer.served(method, lambda: name):
                 if method == "Put":

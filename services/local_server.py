@@ -9,11 +9,8 @@ log and answers. It checks the bearer token once, in the connection's HELLO.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator
-
-import grpc
 
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.errors import WireError
@@ -29,6 +26,7 @@ from psfw.protocol.local_link import (
     read_frame,
     socket_address,
     socket_name,
+    token_refusal,
 )
 from psfw.services.servicer import ParameterServerServicer
 
@@ -103,9 +101,8 @@ class LocalListener:
         kind, token = await read_frame(reader)
         if kind != HELLO:
             raise LinkBroken(f"a connection began with frame kind {kind}, not HELLO")
-        if not hmac.compare_digest(token, self._expected):  # constant time
-            reason = "missing bearer token" if not token else "wrong bearer token"
-            refusal = WireError(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: send the shard's token")
+        refusal = token_refusal(token, self._expected)
+        if refusal is not None:
             self.servicer.refused(PEER, "Update", refusal.code, refusal.message)
             writer.write(error_frame(refusal))
             await writer.drain()

@@ -14,20 +14,17 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import grpc
-import numpy as np
 
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.protocol.errors import Reason, WireError, mark_retrieved
+from psfw.protocol.errors import Reason, WireError
 from psfw.protocol.frames import (
     Frame,
     Malformed,
-    encode_chunks,
     frame_deserializer,
-    frame_encoder,
     frame_serializer,
     message_deserializer,
 )
@@ -35,7 +32,16 @@ from psfw.protocol.layout import SliceKey
 from psfw.protocol.row_wire import RowCollector, row_pieces
 from psfw.protocol.service import REASON_KEY
 from psfw.protocol.shm import Region, RegionCache, host_id, slot_layout
-from psfw.protocol.wire import Assembler, batched, encoded_ahead, update_header
+from psfw.protocol.wire import Assembler, update_header
+from psfw.services.answers import (
+    SHARED_REPLY_BYTES,
+    UPDATE_REPLY,
+    answer_pieces,
+    encoded_answer,
+    get_replies,
+    reply_head,
+    write_answer,
+)
 from psfw.services.metrics import ShardMetrics
 from psfw.services.refusals import RefusalLog
 from psfw.services.store import ShardStore, UpdateResult
@@ -44,12 +50,6 @@ log = logging.getLogger("psfw.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 30
 SERVICE_METHODS = frozenset(pb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name)
-UPDATE_REPLY = frame_serializer(pb.UpdateReply)
-UPDATE_PIECES = frame_encoder(pb.UpdateReply)
-SHARED_REPLY_BYTES = 64 << 20  # up to this, one encoded answer is shared by the group's processes
-ANSWER_BATCH_BYTES = 4 << 20  # an answer is encoded this much at a time
-WRITE_THROUGH_FILE_BYTES = 64 << 20  # from this, answers through shared memory bypass the mapping
-INLINE_WRITE_BYTES = 8 << 20  # an answer this small is written on the event loop: less than a thread hop
 
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
@@ -188,7 +188,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         )
         if request.shm:
             region, offsets = self._region(request.shm)
-            await _write_answer(region, offsets, values)
+            await write_answer(region, offsets, values)
         return step, values, rows
 
     async def Update(self, request_iterator: AsyncIterator[Frame], context) -> AsyncIterator[bytes]:
@@ -224,7 +224,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         result = await self.store.update(head, sums)
         self.metrics.bytes_in.labels(self._shard).inc((assembler.total or self.store.nbytes()) + pushed.total)
         if header.shm:
-            await _write_answer(region, offsets, result.values)
+            await write_answer(region, offsets, result.values)
         return result, bool(header.shm)
 
     async def update_replies(self, result: UpdateResult, shared: bool) -> AsyncIterator[bytes]:
@@ -238,10 +238,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             yield reply
         if shared:
             self.metrics.bytes_out.labels(self._shard).inc(self.store.nbytes() + rows_out)
-            yield UPDATE_REPLY(Frame(_reply_head(result), []))
+            yield UPDATE_REPLY(Frame(reply_head(result), []))
             return
         sent = 0
-        async for reply in _answer(result, self.store.nbytes() <= SHARED_REPLY_BYTES):
+        async for reply in encoded_answer(result, self.store.nbytes() <= SHARED_REPLY_BYTES):
             sent += len(reply)
             yield reply
         self.metrics.bytes_out.labels(self._shard).inc(sent + rows_out)
@@ -256,7 +256,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             [UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, table_rows=rows), []))]
             for rows in row_pieces(result.table_rows)
         ]
-        pieces += _answer_pieces(result, sorted(result.values))
+        pieces += answer_pieces(result, sorted(result.values))
         self.metrics.bytes_out.labels(self._shard).inc(sum(len(p) for message in pieces for p in message))
         return pieces
 
@@ -285,34 +285,6 @@ def _fits(reason: str) -> str:
 def _wait(wait_s: float) -> float:
     """The wait a request asked for, bounded; 0 means the default of 60 s."""
     return min(wait_s, 3600.0) if wait_s > 0 else 60.0
-
-
-def get_replies(request: pb.GetRequest, step: int, values: dict, rows: dict) -> Iterator[Frame]:
-    """A Get's answer: the table rows, then the values (only the step when they went
-    into the stub's region)."""
-    for pieces in row_pieces(rows):
-        yield Frame(pb.GetReply(step=step, rows=pieces), [])
-    if request.shm:
-        yield Frame(pb.GetReply(step=step), [])
-        return
-    for chunks in encode_chunks((k, i, v) for (k, i), v in values.items()):
-        yield Frame(pb.GetReply(step=step), chunks)
-
-
-async def _write_answer(region: Region, offsets: dict[SliceKey, int], values: dict) -> None:
-    """Write an answer into the stub's region: in a thread unless it is small."""
-    if sum(v.nbytes for v in values.values()) <= INLINE_WRITE_BYTES:
-        _write_values(region, offsets, values)
-    else:
-        await asyncio.to_thread(_write_values, region, offsets, values)
-
-
-def _write_values(region: Region, offsets: dict[SliceKey, int], values: dict) -> None:
-    """The answer into the stub's region: a large one through the file, so that it
-    never counts in the shard's resident memory (see Region.write_values)."""
-    through_file = sum(v.nbytes for v in values.values()) >= WRITE_THROUGH_FILE_BYTES
-    for key, value in values.items():
-        region.write_values(offsets[key], np.asarray(value), through_file)
 
 
 def describe_store(store: ShardStore) -> pb.DescribeReply:
@@ -358,48 +330,6 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
             pending_processes=sorted(rnd.contributions) if rnd else [],
         )
     return reply
-
-
-def _reply_head(result: UpdateResult) -> pb.UpdateReply:
-    """An Update's answer without its values: steps and the group's metrics."""
-    return pb.UpdateReply(step=result.step, slowest_step=result.slowest_step, metrics=result.metrics, rows=result.rows)
-
-
-def _answer_pieces(result: UpdateResult, keys: list[SliceKey]) -> list[list[bytes | memoryview]]:
-    """The answer's messages for ``keys``, each as pieces whose tensor data are
-    views of the shard's values (``frame_encoder``)."""
-    head = _reply_head(result)
-    values = result.values
-    chunked = list(encode_chunks((k, i, values[(k, i)]) for k, i in keys)) or [[]]  # a shard with no slices
-    return [UPDATE_PIECES(Frame(head, c)) for c in chunked]
-
-
-def _encode_answer(result: UpdateResult, keys: list[SliceKey]) -> list[bytes]:
-    return [b"".join(pieces) for pieces in _answer_pieces(result, keys)]
-
-
-async def _answer(result: UpdateResult, share: bool) -> AsyncIterator[bytes]:
-    """The encoded answer, a batch at a time, the next batch encoded (in a thread)
-    while this one is sent. A small answer to a whole group is encoded once, all
-    batches at once, and every process of the group gets the same bytes; a large
-    one is encoded a batch ahead, so that only two batches are ever held as bytes."""
-    batches = batched(sorted(result.values), lambda key: result.values[key].nbytes, ANSWER_BATCH_BYTES)
-
-    def encode(keys: list[SliceKey], index: int) -> list[bytes]:
-        return _encode_answer(result, keys)
-
-    if share and result.shared:
-        if "reply" not in result.cache:  # the first waiter encodes
-            loop = asyncio.get_running_loop()
-            result.cache["reply"] = [loop.run_in_executor(None, encode, keys, 0) for keys in batches]
-            for encoded in result.cache["reply"]:
-                encoded.add_done_callback(mark_retrieved)
-        for encoded in result.cache["reply"]:
-            for reply in await asyncio.shield(encoded):  # a waiter that leaves does not cancel it for the others
-                yield reply
-        return
-    async for reply in encoded_ahead(batches, encode):
-        yield reply
 
 
 def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:

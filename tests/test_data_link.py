@@ -17,6 +17,7 @@ from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.security import Security
 from psfw.runtime.data_client import DataLink
 from psfw.runtime.grpc_transport import ShardClient
+from psfw.services import data_server
 from psfw.services.server import ShardServer
 
 from certs import make_pki
@@ -277,3 +278,63 @@ def test_the_link_host_is_the_host_of_the_grpc_address():
     assert data_host("shard-0.psfw:50051") == "shard-0.psfw"
     assert data_host("unix:/tmp/shard.sock") is None
     assert data_host("dns:///shard:50051") is None
+
+
+@pytest.mark.asyncio
+async def test_a_link_that_broke_is_opened_again_after_a_back_off(shard):
+    """A connection that breaks (a network hiccup): that call goes over gRPC, and a
+    call after the back-off opens the link again."""
+    server, client = shard
+    grads = {("w", 0): np.ones(N, np.float32)}
+    client._data._link._abort()  # the connection breaks under the client
+    assert (await client.update(_header(0), grads, _expect)).step == 1
+    assert client.kind == "grpc"
+    await asyncio.sleep(1.2)  # the first back-off is 1 s
+    assert (await client.update(_header(1), grads, _expect)).step == 2
+    assert client.kind == "tcp"
+    assert (await client.describe()).slices[0].version == 2, "each Update was applied once"
+
+
+@pytest.mark.asyncio
+async def test_connections_that_say_no_hello_are_few_and_brief(shard, monkeypatch):
+    """Connections that send nothing (or a byte now and then) hold no thread for long,
+    and only a few at once: more are closed on arrival."""
+    server, client = shard
+    monkeypatch.setattr(data_server, "HELLO_S", 0.5)
+    monkeypatch.setattr(data_server, "MAX_GREETING", 2)
+    idle = [socket.create_connection(("127.0.0.1", server.data.port), 5) for _ in range(2)]
+    try:
+        idle[0].sendall(HEAD.pack(HELLO, len(TOKEN))[:3])  # a HELLO begun, never finished
+        await asyncio.sleep(0.1)
+        with pytest.raises(OSError):  # the third waits for no HELLO: closed at once
+            await DataLink.open("127.0.0.1", server.data.port, TOKEN, server.data.id)
+        await asyncio.sleep(1.0)  # past HELLO_S: both were closed
+        for sock in idle:
+            sock.settimeout(5)
+            assert await asyncio.to_thread(sock.recv, 16) == b""
+        link = await DataLink.open("127.0.0.1", server.data.port, TOKEN, server.data.id)
+        await link.close()
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+@pytest.mark.asyncio
+async def test_a_call_over_the_shards_request_limit_is_refused_and_changes_nothing():
+    server = ShardServer(0, 1, security=Security(token=TOKEN), max_request_bytes=N * 4 + 4096)
+    await server.start("127.0.0.1:0")
+    client = await _client(server)
+    try:
+        assert await client.put([("w", 0, START)], SGD) == 1
+        assert client.kind == "tcp"
+        too_many = {("w", 0): np.ones(N, np.float32), ("x", 0): np.ones(N, np.float32)}
+        with pytest.raises(ShardError) as err:
+            await client.update(_header(0), too_many, lambda key: (np.dtype("float32"), (N,)))
+        assert err.value.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND)
+        assert (await client.describe()).slices[0].version == 0
+        await asyncio.sleep(1.2)
+        answer = await client.update(_header(0), {("w", 0): np.ones(N, np.float32)}, _expect)
+        assert answer.step == 1 and client.kind == "tcp"
+    finally:
+        await client.close()
+        await server.stop(0)

@@ -70,3 +70,27 @@ def test_garbage_bytes_give_a_frame_error_not_an_exception():
     with pytest.raises(WireError) as err:
         Assembler().add_frame(frame)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_every_chunk_of_a_message_read_into_an_aligned_buffer_is_aligned():
+    """The pad field puts each chunk's data 64 bytes times n into its message, also
+    where the pad itself lengthens the chunk's length prefix (a slice of about 16 KB:
+    the prefix grows from two bytes to three), for keys and headers of any length."""
+    serialize, parse = frame_serializer(pb.UpdateRequest), frame_deserializer(pb.UpdateRequest)
+    rng = np.random.default_rng(5)
+    cases = [("k" * 42, n) for n in range(4060, 4090)] + [("k" * 42, n) for n in range(0, 40)]
+    cases += [("p" * int(rng.integers(1, 80)), int(rng.integers(1, 300_000))) for _ in range(60)]
+    for key, size in cases:
+        items = [(key, 0, np.arange(size, dtype=np.float32)), ("b", 1, np.ones(3, np.float32))]
+        head = pb.UpdateRequest(step=int(rng.integers(0, 1 << 40)), job="j" * int(rng.integers(0, 100)))
+        for index, chunks in enumerate(encode_chunks(items, 1 << 16)):
+            message = serialize(Frame(head if index == 0 else pb.UpdateRequest(), chunks))
+            raw = np.empty(len(message) + 64, np.uint8)
+            buffer = raw[-raw.ctypes.data % 64 :][: len(message)]
+            buffer[:] = np.frombuffer(message, np.uint8)
+            frame = parse(memoryview(buffer))
+            assert not frame.error and len(frame.chunks) == len(chunks)
+            for got, sent in zip(frame.chunks, chunks, strict=True):
+                assert bytes(got.data) == bytes(sent.data)
+                if len(got.data):
+                    assert np.frombuffer(got.data, np.uint8).ctypes.data % 64 == 0, (key, size)

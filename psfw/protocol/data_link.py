@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import numpy as np
 
@@ -48,12 +49,18 @@ class LinkClosed(LinkBroken):
     """The other end closed the connection between frames (a client that is done)."""
 
 
-def recv_exactly(sock: socket.socket, size: int) -> memoryview:
+def recv_exactly(sock: socket.socket, size: int, deadline: float | None = None) -> memoryview:
     """``size`` bytes into one new buffer (not zeroed first: the bytes come in over
-    it), aligned as ``frame_encoder`` aligns tensors; LinkBroken if the peer closes first."""
+    it), aligned as ``frame_encoder`` aligns tensors; LinkBroken if the peer closes
+    first, TimeoutError once ``deadline`` (``time.monotonic()``) has passed."""
     view = memoryview(aligned_empty((size,), np.uint8))  # aligned: JAX adopts the tensors in it
     got = 0
     while got < size:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{size - got} bytes of a frame still missing at its deadline")
+            sock.settimeout(left)
         n = sock.recv_into(view[got:])
         if n == 0:
             raise LinkBroken("the connection closed mid-frame")
@@ -61,16 +68,19 @@ def recv_exactly(sock: socket.socket, size: int) -> memoryview:
     return view
 
 
-def recv_frame(sock: socket.socket, max_bytes: int = MAX_FRAME_BYTES) -> tuple[int, memoryview]:
-    """The next frame's kind and payload; LinkBroken if the bytes are not one
-    (LinkClosed: the connection closed before it began)."""
+def recv_frame(
+    sock: socket.socket, max_bytes: int = MAX_FRAME_BYTES, deadline: float | None = None
+) -> tuple[int, memoryview]:
+    """The next frame's kind and payload, whole by ``deadline`` (``time.monotonic()``;
+    None: the socket's own timeout for each read); LinkBroken if the bytes are not
+    one (LinkClosed: the connection closed before it began)."""
     try:
-        kind, size = _HEAD.unpack(recv_exactly(sock, _HEAD.size))
+        kind, size = _HEAD.unpack(recv_exactly(sock, _HEAD.size, deadline))
     except LinkBroken:
         raise LinkClosed("the connection closed") from None
     if kind not in KINDS or size > max_bytes:
         raise LinkBroken(f"not a psfw frame (kind {kind}, {size} bytes)")
-    return kind, recv_exactly(sock, size) if size else memoryview(b"")
+    return kind, recv_exactly(sock, size, deadline) if size else memoryview(b"")
 
 
 def framed(kind: int, pieces: list[bytes | memoryview]) -> list[bytes | memoryview]:

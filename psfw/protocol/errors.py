@@ -46,6 +46,11 @@ class WaitTimeout(PsfwError, TimeoutError):
     """A wait ran past its limit; the message says what it waited for."""
 
 
+def said(err: BaseException) -> str:
+    """An error in a log line: its message, or its kind when it has none."""
+    return str(err) or type(err).__name__
+
+
 def mark_retrieved(future: asyncio.Future | concurrent.futures.Future) -> None:
     """A done callback: the future's exception counts as seen (whoever awaits it gets
     it), so asyncio does not log it again when nobody is left to await it."""

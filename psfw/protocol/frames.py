@@ -167,18 +167,15 @@ def frame_encoder(cls: type[Message]) -> Callable[[Frame], list[bytes | memoryvi
 def _pad(start: int, fields: int, size: int) -> bytes:
     """The pad field that makes a chunk's data start at a multiple of ALIGN: the
     chunk's length prefix starts at ``start``; its fields before the data take
-    ``fields`` bytes, its data ``size``."""
-    pad = b""
-    for _ in range(3):  # the length prefix may grow by the pad: settled by the second round
-        prefix = len(_varint(fields + len(pad) + size))
-        need = -(start + prefix + fields) % ALIGN
-        if need == 1:  # a field takes at least two bytes
-            need += ALIGN
-        want = _PAD_TAG + _varint(need - 2) + bytes(need - 2) if need else b""
-        if len(_varint(fields + len(want) + size)) == prefix:
-            return want
-        pad = want
-    return pad
+    ``fields`` bytes, its data ``size``. The prefix's own length depends on the pad:
+    the first length that agrees with itself wins (b"" when none would: the data
+    then lies where it falls, which only costs a copy on the other side)."""
+    for prefix in range(1, 11):
+        base = -(start + prefix + fields) % ALIGN
+        for need in (base, base + ALIGN):  # a pad field takes 0 or at least 2 bytes
+            if need != 1 and len(_varint(fields + need + size)) == prefix:
+                return _PAD_TAG + _varint(need - 2) + bytes(need - 2) if need else b""
+    return b""
 
 
 def frame_serializer(cls: type[Message]) -> Callable[[Frame], bytes]:

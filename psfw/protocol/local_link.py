@@ -19,6 +19,7 @@ else ends the connection; the stub then goes on over gRPC.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import struct
@@ -68,6 +69,15 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         return kind, await reader.readexactly(size)
     except asyncio.IncompleteReadError:
         raise LinkBroken("the connection closed mid-frame") from None
+
+
+def token_refusal(token: bytes, expected: bytes) -> WireError | None:
+    """The refusal of a HELLO's bearer token (compared in constant time); None when
+    it is the shard's."""
+    if hmac.compare_digest(token, expected):
+        return None
+    reason = "missing bearer token" if not token else "wrong bearer token"
+    return WireError(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: send the shard's token")
 
 
 def error_frame(err: WireError) -> bytes:

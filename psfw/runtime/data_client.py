@@ -1,21 +1,27 @@
 """A client's end of a shard's data link (``psfw.protocol.data_link``): one TCP
-connection, one call at a time, in a thread of its own."""
+connection, one call at a time, in a thread of its own (``DataLink``), and when a
+network client opens, uses and drops it (``ShardLink``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from psfw.protocol.data_link import framed, recv_frame, send_pieces
-from psfw.protocol.errors import WireError
+import grpc
+
+from psfw.protocol.data_link import data_host, framed, recv_frame, send_pieces
+from psfw.protocol.errors import ShardError, WireError, said
 from psfw.protocol.local_link import CALL, END, ERROR, HELLO, MESSAGE, OK, LinkBroken, LinkTimeout, read_error
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+REOPEN_S, MAX_REOPEN_S = 1.0, 60.0  # a link that failed is opened again after this back-off
 CONNECT_S = 3.0  # a shard that offers the link answers at once; one that is not reachable there costs this once
 
 Pieces = list  # one message, as pieces (psfw.protocol.frames.frame_encoder)
@@ -26,8 +32,8 @@ class DataLink:
     WireError (the link stays open) and raises for a link that failed (an OSError:
     LinkBroken, LinkTimeout): then it is closed, and the caller goes on over gRPC."""
 
-    def __init__(self, sock: socket.socket, thread: ThreadPoolExecutor):
-        self._sock, self._thread = sock, thread
+    def __init__(self, sock: socket.socket, thread: ThreadPoolExecutor, link_id: str | None = None):
+        self._sock, self._thread, self.id = sock, thread, link_id
         self._lock = asyncio.Lock()
         self.closed = False
 
@@ -56,7 +62,7 @@ class DataLink:
             return sock
 
         try:
-            return cls(await asyncio.get_running_loop().run_in_executor(thread, connect), thread)
+            return cls(await asyncio.get_running_loop().run_in_executor(thread, connect), thread, link_id)
         except BaseException:
             thread.shutdown(wait=False)
             raise
@@ -75,13 +81,16 @@ class DataLink:
             if self.closed:
                 raise LinkBroken("the link is closed")
             deadline = time.monotonic() + timeout
-            exchange = asyncio.get_running_loop().run_in_executor(
-                self._thread, self._exchange, method, messages, answer, deadline
-            )
+            running = self._thread.submit(self._exchange, method, messages, answer, deadline)
             try:
-                return await exchange
+                return await asyncio.wrap_future(running)
             except BaseException as err:
                 self._abort()
+                if isinstance(err, asyncio.CancelledError):
+                    # the thread may still be writing the answer into the caller's buffers:
+                    # with the socket shut it ends at once; only then is the caller let go
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(asyncio.wrap_future(running))
                 if isinstance(err, TimeoutError):
                     raise LinkTimeout(f"no answer in {timeout:.0f} s") from None
                 raise
@@ -131,3 +140,93 @@ class DataLink:
 
     async def close(self) -> None:
         self._abort()
+
+
+class ShardLink:
+    """A network client's data link to its shard: opened when a Describe answer names
+    one (once ``wanted``: a client for status or health opens none), used while it
+    works. One that fails is dropped (its calls go over gRPC) and opened again after
+    a back-off (1 s, doubling to a minute); a Describe that names another link (a
+    restarted shard) opens that one at once."""
+
+    def __init__(self, shard: int, address: str, token: str | None, allowed: bool):
+        self.shard, self.address, self.token = shard, address, token
+        self.allowed = allowed and data_host(address) is not None
+        self.wanted = False
+        self._link: DataLink | None = None
+        self._named = (0, "")  # the port and id of the link the last Describe named
+        self._retry_at, self._backoff = 0.0, REOPEN_S
+        self._opening = asyncio.Lock()
+
+    @property
+    def up(self) -> bool:
+        return self._link is not None
+
+    async def relink(self, reply) -> None:
+        """Open the link a Describe answer names, unless it is the one open already."""
+        named = (reply.data_port, reply.data_id)
+        if not self.wanted or not named[0] or (named == self._named and self._link is not None):
+            return
+        if named != self._named:
+            self._named, self._retry_at, self._backoff = named, 0.0, REOPEN_S
+        await self._open()
+
+    async def _open(self) -> None:
+        async with self._opening:  # one at a time: two Describes never leave two links
+            if self._link is not None and not self._link.closed and self._link.id == self._named[1]:
+                return
+            await self.drop()
+            port, link_id = self._named
+            if time.monotonic() < self._retry_at:
+                return
+            try:
+                self._link = await DataLink.open(data_host(self.address), port, self.token, link_id)
+            except (OSError, ValueError, WireError) as err:
+                self._failed()
+                log.warning("shard %d: no data link on port %d (%s); tensors go over gRPC", self.shard, port, said(err))
+
+    def _failed(self) -> None:
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(2 * self._backoff, MAX_REOPEN_S)
+
+    async def drop(self) -> None:
+        if self._link is not None:
+            link, self._link = self._link, None
+            await link.close()
+
+    async def call(self, rpc: str, messages, answer: Callable, timeout: float, retries: int):
+        """The call over the link: ``answer``'s result, or None when there is no link,
+        it is busy (the call goes beside it, as gRPC's calls do) or it failed (then the
+        caller goes over gRPC: a shard adds an Update's contribution once). The shard's
+        refusal is a ShardError, as over gRPC."""
+        if self._link is None and self.wanted and self._named[0] and time.monotonic() >= self._retry_at:
+            await self._open()  # after a failure's back-off
+        link = self._link
+        if link is None or link.busy:
+            return None
+        try:
+            result = await link.call(rpc, messages, answer, timeout)
+        except WireError as err:  # the answer did not parse
+            await self.drop()
+            self._failed()
+            raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: bad reply: {err.message}") from None
+        except (OSError, ValueError) as err:  # LinkBroken and LinkTimeout are ConnectionErrors
+            await self.drop()
+            self._failed()
+            if isinstance(err, LinkTimeout) and not retries:  # as gRPC's deadline would end it
+                raise ShardError(
+                    f"shard {self.shard} ({self.address}) {rpc}: DEADLINE_EXCEEDED: {err}",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ) from None
+            log.warning("shard %d: the data link failed (%s); tensors go over gRPC", self.shard, said(err))
+            return None
+        self._backoff = REOPEN_S
+        if isinstance(result, WireError):
+            if result.code == grpc.StatusCode.UNAVAILABLE:
+                return None  # a shard that loads its checkpoint: gRPC retries
+            raise ShardError(
+                f"shard {self.shard} ({self.address}) {rpc}: {result.code.name}: {result.message}",
+                result.code,
+                result.reason,
+            )
+        return result

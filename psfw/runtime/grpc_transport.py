@@ -1,4 +1,5 @@
-"""The gRPC transport: one channel to one shard, tensors in the messages.
+"""The network transport: one gRPC channel to one shard, tensors in the messages,
+and the shard's data link for Put, Get and Update where it offers one.
 
 Every RPC has a deadline; UNAVAILABLE and deadlines gRPC ran out of are retried with
 exponential backoff and jitter up to ``retries`` times (a retried Update is safe: the
@@ -11,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TypeVar
 
 import grpc
@@ -22,18 +22,29 @@ import numpy as np
 
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
+from psfw.protocol.calls import (
+    DECODE,
+    PUT_PIECES,
+    assemble,
+    fresh_answer,
+    get_request,
+    pipelined_update,
+    put_answer,
+    put_frames,
+    row_pieces_messages,
+    shared_update_messages,
+    update_messages,
+)
 from psfw.protocol.compression import COMPRESSIONS, ErrorFeedback
-from psfw.protocol.data_link import data_host
 from psfw.protocol.errors import Reason, ShardError, WireError
-from psfw.protocol.frames import CHUNK_BYTES, Frame, encode_chunks, frame_deserializer, frame_encoder, frame_serializer
+from psfw.protocol.frames import CHUNK_BYTES, Frame, frame_deserializer, frame_serializer
 from psfw.protocol.layout import SliceKey
-from psfw.protocol.local_link import LinkTimeout
-from psfw.protocol.messages import Fresh, Gradients, RowBlock, TableIds, UpdateHeader
-from psfw.protocol.row_wire import RowCollector, pull_blocks, row_messages
+from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
+from psfw.protocol.row_wire import RowCollector, row_messages
 from psfw.protocol.security import NO_SECURITY, Link, Security, link_problem
 from psfw.protocol.service import REASON_KEY, SERVICE_NAME, grpc_options
-from psfw.protocol.wire import Assembler, Expect, batched, encoded_ahead, update_request
-from psfw.runtime.data_client import DataLink
+from psfw.protocol.wire import Assembler, Expect, update_request
+from psfw.runtime.data_client import ShardLink
 from psfw.runtime.transport import Capabilities, Items, SliceSpecs
 
 T = TypeVar("T")
@@ -41,11 +52,6 @@ RPC_MARGIN_S = 10.0  # the client's deadline exceeds the shard's own wait by thi
 log = logging.getLogger(__name__)
 
 
-UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)
-UPDATE_PIECES = frame_encoder(pb.UpdateRequest)
-PUT_PIECES = frame_encoder(pb.PutRequest)
-DECODE = {"Put": pb.PutReply.FromString, "Get": frame_deserializer(pb.GetReply)}
-DECODE["Update"] = frame_deserializer(pb.UpdateReply)
 REPORT_EVERY_S = 5.0  # while a shard cannot be reached, say so this often
 # a shard that closes this many new connections in a row at once, over at least this
 # long, refuses our TLS handshake (a restarting shard refuses connections instead; a
@@ -71,91 +77,6 @@ def _transient(err: grpc.aio.AioRpcError) -> bool:
     if err.code() == grpc.StatusCode.UNAVAILABLE:
         return True
     return err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and reason_of(err) != Reason.SHARD_WAIT
-
-
-def assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
-    assembler = Assembler(expect, into=into)
-    rows = RowCollector()
-    head = None
-    for frame in frames:
-        head = assembler.add_frame(frame)
-        rows.add(head.table_rows if isinstance(head, pb.UpdateReply) else head.rows)
-    values = assembler.finish()
-    if head is None:
-        raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
-    return _fresh(head, values, rows.rows())
-
-
-def _fresh(head, values: dict[SliceKey, np.ndarray], rows: dict[str, RowBlock]) -> Fresh:
-    if isinstance(head, pb.UpdateReply):
-        return Fresh(head.step, values, head.slowest_step, dict(head.metrics), head.rows, rows)
-    return Fresh(head.step, values, table_rows=rows)
-
-
-PIPELINE_BYTES = 4 << 20  # the request is encoded this much at a time
-
-
-async def _pipelined(
-    grads: Gradients, expect: Expect, head: pb.UpdateRequest, chunk_bytes: int, more_rows: list
-) -> AsyncIterator[bytes]:
-    """The Update's messages, encoded in a thread a batch of slices at a time, the
-    next batch while gRPC sends this one. The gradients are read in that thread: a
-    sum still to be added up (``psfw.runtime.stub.Sums``) is added up there, so the
-    early slices travel while later ones are still being added up."""
-
-    def nbytes(key: SliceKey) -> int:
-        dtype, shape = expect(key)
-        return dtype.itemsize * math.prod(shape)
-
-    def encode(keys: list[SliceKey], index: int) -> list[bytes]:
-        return [b"".join(pieces) for pieces in update_messages(grads, keys, head if index == 0 else None, chunk_bytes)]
-
-    async for message in encoded_ahead(batched(grads, nbytes, PIPELINE_BYTES), encode):
-        yield message
-    for pieces in row_pieces_messages(more_rows):
-        yield b"".join(pieces)
-
-
-def update_messages(
-    grads: Gradients, keys: Iterable[SliceKey], head: pb.UpdateRequest | None, chunk_bytes: int
-) -> Iterator[list]:
-    """The messages of an Update's slices ``keys`` as pieces (``frame_encoder``),
-    made as they are taken: a gradient is read (a sum added up) only then. ``head``:
-    the Update's header, in the first message (which goes even without slices)."""
-    items = ((key, i, grads[(key, i)]) for key, i in keys)
-    for chunks in encode_chunks(items, chunk_bytes):
-        yield UPDATE_PIECES(Frame(head if head is not None else pb.UpdateRequest(), chunks))
-        head = None
-    if head is not None:
-        yield UPDATE_PIECES(Frame(head, []))
-
-
-def row_pieces_messages(more_rows: list) -> Iterator[list]:
-    """An Update's table rows beyond what its first message carries, as pieces."""
-    for push, pull in more_rows:
-        yield UPDATE_PIECES(Frame(pb.UpdateRequest(push=push, pull=pull), []))
-
-
-def shared_update_messages(head: pb.UpdateRequest, more_rows: list) -> list[bytes]:
-    """An Update through shared memory, encoded: its header, then a message per
-    piece of table rows that did not fit in it (``row_messages``)."""
-    messages = [UPDATE_REQUEST(Frame(head, []))]
-    messages += [UPDATE_REQUEST(Frame(pb.UpdateRequest(push=push, pull=pull), [])) for push, pull in more_rows]
-    return messages
-
-
-def get_request(
-    group: int, step: int, keys: list[SliceKey], wait_s: float, wait_for_put: bool, job: str, pull: TableIds | None
-) -> pb.GetRequest:
-    return pb.GetRequest(
-        pull=pull_blocks(pull or {}),
-        group=group,
-        step=step,
-        slices=[pb.SliceRef(key=k, slice=i) for k, i in keys],
-        wait_s=wait_s,
-        wait_for_put=wait_for_put,
-        job=job,
-    )
 
 
 class ShardClient:
@@ -184,10 +105,7 @@ class ShardClient:
         self.address, self.shard = address, shard
         self.compression = compression
         # never beside TLS: the link has no encryption, and a client that has credentials would not downgrade
-        self.data_link = data_link and security.channel_credentials() is None and data_host(address) is not None
-        self._linking = False  # set by open_data_link: a client for status or health opens none
-        self._link: DataLink | None = None  # the shard's data link, while it works
-        self._link_id = ""  # the link (its Describe's data_id) that was, or failed to be, opened
+        self._data = ShardLink(shard, address, security.token, data_link and security.channel_credentials() is None)
         self._feedback = ErrorFeedback() if compression == "bf16" else None
         self.timeout_s, self.retries, self.chunk_bytes = timeout_s, retries, chunk_bytes
         self.security = security
@@ -223,74 +141,36 @@ class ShardClient:
         )
 
     @property
+    def data_link(self) -> bool:
+        """Whether this client may use the shard's data link (not with TLS credentials)."""
+        return self._data.allowed
+
+    @property
     def kind(self) -> str:
         """``tcp`` while tensors go over the data link, else ``grpc`` (``+bf16``: compressed)."""
-        kind = "tcp" if self._link is not None else "grpc"
+        kind = "tcp" if self._data.up else "grpc"
         return kind if self.compression == "none" else f"{kind}+{self.compression}"
 
     def gradient_buffers(self, slices: SliceSpecs) -> None:
         return None  # the gradients are encoded from wherever they are
 
     async def close(self) -> None:
-        await self._unlink()
+        await self._data.drop()
         await self.channel.close()
 
     async def open_data_link(self) -> None:
         """Move tensors over the shard's data link from now on: ask the shard for it
         and open it (a shard that is not up yet: the next Describe opens it)."""
-        self._linking = self.data_link
-        if self._linking:
+        self._data.wanted = self._data.allowed
+        if self._data.wanted:
             with contextlib.suppress(ShardError):
                 await self.describe()
 
-    async def _relink(self, reply: pb.DescribeReply) -> None:
-        """Open the data link a Describe answer names, unless that one was tried
-        already (a restarted shard names a new one); a failure leaves the tensors on gRPC."""
-        port = reply.data_port
-        if not self._linking or not port or reply.data_id == self._link_id:
-            return
-        await self._unlink()
-        self._link_id = reply.data_id
-        try:
-            self._link = await DataLink.open(data_host(self.address), port, self.security.token, reply.data_id)
-        except (OSError, ValueError, WireError) as err:
-            log.warning("shard %d: no data link on port %d (%s); tensors go over gRPC", self.shard, port, said(err))
-
-    async def _unlink(self) -> None:
-        if self._link is not None:
-            link, self._link = self._link, None
-            await link.close()
-
     async def _linked(self, rpc: str, messages: Callable[[], Iterable[list]], answer: Callable, timeout: float):
-        """The call over the data link: ``answer``'s result, or None when there is no
-        link or it failed (then the caller goes over gRPC: a shard adds an Update's
-        contribution once). The shard's refusal is a ShardError, as over gRPC."""
-        link = self._link
-        if link is None or link.busy:  # busy: this call goes beside it, as gRPC's calls do
-            return None
-        try:
-            result = await link.call(rpc, messages, answer, timeout)
-        except WireError as err:  # the answer did not parse
-            await self._unlink()
-            raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: bad reply: {err.message}") from None
-        except (OSError, ValueError) as err:  # LinkBroken and LinkTimeout are ConnectionErrors
-            await self._unlink()
-            if isinstance(err, LinkTimeout) and not self.retries:  # as gRPC's deadline would end it
-                raise ShardError(
-                    f"shard {self.shard} ({self.address}) {rpc}: DEADLINE_EXCEEDED: {err}",
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                ) from None
-            log.warning("shard %d: the data link failed (%s); tensors go over gRPC", self.shard, said(err))
-            return None
-        if isinstance(result, WireError):
-            if result.code == grpc.StatusCode.UNAVAILABLE:
-                return None  # a shard that loads its checkpoint: gRPC retries
-            raise ShardError(
-                f"shard {self.shard} ({self.address}) {rpc}: {result.code.name}: {result.message}",
-                result.code,
-                result.reason,
-            )
-        self._reached()
+        """The call over the data link (see ShardLink.call): its result, or None to go over gRPC."""
+        result = await self._data.call(rpc, messages, answer, timeout, self.retries)
+        if result is not None:
+            self._reached()
         return result
 
     async def _call(self, rpc: str, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -359,18 +239,13 @@ class ShardClient:
         are fixed by its first Put, its embedding tables by the first that declares them."""
         items = list(items)
 
-        def requests():
-            for i, chunks in enumerate(list(encode_chunks(items, self.chunk_bytes)) or [[]]):
-                first = pb.PutRequest(optimizer=optimizer, job=job, tables=tables)
-                yield Frame(first if i == 0 else pb.PutRequest(), chunks)
-
-        def answer(replies: list[memoryview]) -> int:
-            return DECODE["Put"](bytes(replies[0])).slices if len(replies) == 1 else _no_answer("Put")
+        def requests() -> Iterator[Frame]:
+            return put_frames(items, optimizer, job, tables, self.chunk_bytes)
 
         def pieces() -> Iterator[list]:
             return (PUT_PIECES(frame) for frame in requests())
 
-        stored = await self._linked("Put", pieces, answer, self.timeout_s)
+        stored = await self._linked("Put", pieces, put_answer, self.timeout_s)
         if stored is not None:
             return stored
 
@@ -439,7 +314,7 @@ class ShardClient:
 
         async def attempt() -> Fresh:
             call = self._update(
-                _pipelined(grads, expect, head, self.chunk_bytes, rows[1:]),
+                pipelined_update(grads, expect, head, self.chunk_bytes, rows[1:]),
                 timeout=header.wait_s + RPC_MARGIN_S,
                 metadata=self._md,
             )
@@ -450,7 +325,7 @@ class ShardClient:
                 pulled.add(reply.table_rows)
             if reply is None:
                 raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
-            return _fresh(reply, assembler.finish(), pulled.rows())
+            return fresh_answer(reply, assembler.finish(), pulled.rows())
 
         return await self._call("Update", attempt)
 
@@ -491,14 +366,5 @@ class ShardClient:
         reply = await self._call(
             "Describe", lambda: self._stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s, metadata=self._md)
         )
-        await self._relink(reply)
+        await self._data.relink(reply)
         return reply
-
-
-def _no_answer(rpc: str):
-    raise WireError(grpc.StatusCode.INTERNAL, f"the shard answered the {rpc} with no message")
-
-
-def said(err: BaseException) -> str:
-    """An error in a log line: its message, or its kind when it has none."""
-    return str(err) or type(err).__name__

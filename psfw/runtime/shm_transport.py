@@ -22,21 +22,15 @@ import logging
 import grpc
 import numpy as np
 
-from psfw.protocol.errors import Reason, ShardError, WireError
+from psfw.protocol.calls import assemble, get_request, shared_update_messages
+from psfw.protocol.errors import Reason, ShardError, WireError, said
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.local_link import LinkTimeout
 from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
 from psfw.protocol.row_wire import row_messages
 from psfw.protocol.shm import Region, host_id, slot_layout
 from psfw.protocol.wire import Expect, update_request
-from psfw.runtime.grpc_transport import (
-    RPC_MARGIN_S,
-    ShardClient,
-    assemble,
-    get_request,
-    said,
-    shared_update_messages,
-)
+from psfw.runtime.grpc_transport import RPC_MARGIN_S, ShardClient
 from psfw.runtime.local_client import LocalLink
 from psfw.runtime.transport import Capabilities, Items, SliceSpecs
 
