@@ -22,6 +22,7 @@ from psfw.protocol.local_link import CALL, END, ERROR, HELLO, MESSAGE, OK, LinkB
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 REOPEN_S, MAX_REOPEN_S = 1.0, 60.0  # a link that failed is opened again after this back-off
+HELLO_ANSWER_BYTES = 1 << 16  # an OK (the link's id) or a refusal
 CONNECT_S = 3.0  # a shard that offers the link answers at once; one that is not reachable there costs this once
 
 Pieces = list  # one message, as pieces (psfw.protocol.frames.frame_encoder)
@@ -49,7 +50,7 @@ class DataLink:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 send_pieces(sock, framed(HELLO, [(token or "").encode()]))
-                kind, payload = recv_frame(sock)
+                kind, payload = recv_frame(sock, HELLO_ANSWER_BYTES)
                 if kind == ERROR:
                     raise read_error(bytes(payload))
                 if kind != OK:
@@ -116,7 +117,7 @@ class DataLink:
         send_pieces(bounded(), framed(END, []))
         replies = []
         while True:
-            kind, payload = recv_frame(bounded())
+            kind, payload = recv_frame(sock, deadline=deadline)  # TimeoutError once it passes
             if kind == END:
                 return answer(replies)
             if kind == ERROR:
