@@ -338,3 +338,28 @@ async def test_a_call_over_the_shards_request_limit_is_refused_and_changes_nothi
     finally:
         await client.close()
         await server.stop(0)
+
+
+@pytest.mark.asyncio
+async def test_a_data_port_that_cannot_be_reached_is_not_tried_on_every_call(shard, monkeypatch):
+    """A link whose port shuts (a firewall that drops it would cost each try the whole
+    connect timeout): tried once after the back-off, then not again until a Describe
+    names another link; the calls go over gRPC meanwhile."""
+    server, client = shard
+    tries = []
+    opened = DataLink.open
+
+    async def counted(*args):
+        tries.append(args)
+        return await opened(*args)
+
+    monkeypatch.setattr(DataLink, "open", counted)
+    await server.data.stop(0)  # the Describe answer still names the port
+    grads = {("w", 0): np.ones(N, np.float32)}
+    assert (await client.update(_header(0), grads, _expect)).step == 1
+    await asyncio.sleep(1.2)  # past the first back-off: one try
+    for step in range(1, 4):  # past every back-off a link that broke would wait out
+        assert (await client.update(_header(step), grads, _expect)).step == step + 1
+        await client.describe()
+        await asyncio.sleep(1.1)
+    assert len(tries) == 1 and client.kind == "grpc"

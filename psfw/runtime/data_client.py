@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -147,7 +148,8 @@ class ShardLink:
     """A network client's data link to its shard: opened when a Describe answer names
     one (once ``wanted``: a client for status or health opens none), used while it
     works. One that fails is dropped (its calls go over gRPC) and opened again after
-    a back-off (1 s, doubling to a minute); a Describe that names another link (a
+    a back-off (1 s, doubling to a minute); one that cannot be opened is tried again
+    only when a Describe names it anew; a Describe that names another link (a
     restarted shard) opens that one at once."""
 
     def __init__(self, shard: int, address: str, token: str | None, allowed: bool):
@@ -183,10 +185,13 @@ class ShardLink:
             try:
                 self._link = await DataLink.open(data_host(self.address), port, self.token, link_id)
             except (OSError, ValueError, WireError) as err:
-                self._failed()
+                # not again until a Describe names a link: a port that a firewall drops
+                # would cost every attempt the whole connect timeout
+                self._retry_at = math.inf
                 log.warning("shard %d: no data link on port %d (%s); tensors go over gRPC", self.shard, port, said(err))
 
     def _failed(self) -> None:
+        """An open link failed: open it again after the back-off."""
         self._retry_at = time.monotonic() + self._backoff
         self._backoff = min(2 * self._backoff, MAX_REOPEN_S)
 
