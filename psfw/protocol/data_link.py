@@ -23,7 +23,6 @@ gRPC (the shard adds an Update's contribution once, whichever way it came).
 from __future__ import annotations
 
 import socket
-import struct
 import time
 
 import numpy as np
@@ -33,7 +32,6 @@ from psfw.protocol.wire import aligned_empty
 
 METHODS = ("Put", "Get", "Update")  # what a CALL may name
 IOV_MAX = 1024  # pieces per sendmsg (Linux's limit)
-_HEAD = struct.Struct(HEAD.format)
 
 
 def data_host(address: str) -> str | None:
@@ -75,7 +73,7 @@ def recv_frame(
     None: the socket's own timeout for each read); LinkBroken if the bytes are not
     one (LinkClosed: the connection closed before it began)."""
     try:
-        kind, size = _HEAD.unpack(recv_exactly(sock, _HEAD.size, deadline))
+        kind, size = HEAD.unpack(recv_exactly(sock, HEAD.size, deadline))
     except LinkBroken:
         raise LinkClosed("the connection closed") from None
     if kind not in KINDS or size > max_bytes:
@@ -85,7 +83,7 @@ def recv_frame(
 
 def framed(kind: int, pieces: list[bytes | memoryview]) -> list[bytes | memoryview]:
     """A frame as pieces: its head, then ``pieces`` (the message, not joined)."""
-    return [_HEAD.pack(kind, sum(len(p) for p in pieces)), *pieces]
+    return [HEAD.pack(kind, sum(len(p) for p in pieces)), *pieces]
 
 
 def send_pieces(sock: socket.socket, pieces: list[bytes | memoryview]) -> None:

@@ -37,7 +37,7 @@ from psfw.protocol.calls import (
 )
 from psfw.protocol.compression import COMPRESSIONS, ErrorFeedback
 from psfw.protocol.errors import Reason, ShardError, WireError
-from psfw.protocol.frames import CHUNK_BYTES, Frame, frame_deserializer, frame_serializer
+from psfw.protocol.frames import CHUNK_BYTES, Frame, frame_serializer
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
 from psfw.protocol.row_wire import RowCollector, row_messages
@@ -124,12 +124,12 @@ class ShardClient:
         self._get = self.channel.unary_stream(
             method + "Get",
             request_serializer=pb.GetRequest.SerializeToString,
-            response_deserializer=frame_deserializer(pb.GetReply),
+            response_deserializer=DECODE["Get"],
         )
         self._update = self.channel.stream_stream(
             method + "Update",
             request_serializer=frame_serializer(pb.UpdateRequest),
-            response_deserializer=frame_deserializer(pb.UpdateReply),
+            response_deserializer=DECODE["Update"],
         )
         # the same method for an Update of one message (through shared memory): called
         # with a unary request, the message and the end of the stream leave together
@@ -137,7 +137,7 @@ class ShardClient:
         self._update_one = self.channel.unary_stream(
             method + "Update",
             request_serializer=frame_serializer(pb.UpdateRequest),
-            response_deserializer=frame_deserializer(pb.UpdateReply),
+            response_deserializer=DECODE["Update"],
         )
 
     @property
