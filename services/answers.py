@@ -26,14 +26,10 @@ WRITE_THROUGH_FILE_BYTES = 64 << 20  # from this, answers through shared memory 
 INLINE_WRITE_BYTES = 8 << 20  # an answer this small is written on the event loop: less than a thread hop
 
 
-def get_replies(request: pb.GetRequest, step: int, values: dict, rows: dict) -> Iterator[Frame]:
-    """A Get's answer: the table rows, then the values (only the step when they went
-    into the stub's region)."""
+def get_replies(step: int, values: dict, rows: dict) -> Iterator[Frame]:
+    """A Get's answer: the table rows, then the values."""
     for pieces in row_pieces(rows):
         yield Frame(pb.GetReply(step=step, rows=pieces), [])
-    if request.shm:
-        yield Frame(pb.GetReply(step=step), [])
-        return
     for chunks in encode_chunks((k, i, v) for (k, i), v in values.items()):
         yield Frame(pb.GetReply(step=step), chunks)
 
@@ -48,10 +44,10 @@ async def write_answer(region: Region, offsets: dict[SliceKey, int], values: dic
 
 def _write_values(region: Region, offsets: dict[SliceKey, int], values: dict) -> None:
     """The answer into the stub's region: a large one through the file, so that it
-    never counts in the shard's resident memory (see Region.write_values)."""
+    never counts in the shard's resident memory (see Region.write)."""
     through_file = sum(v.nbytes for v in values.values()) >= WRITE_THROUGH_FILE_BYTES
     for key, value in values.items():
-        region.write_values(offsets[key], np.asarray(value), through_file)
+        region.write(offsets[key], np.asarray(value), through_file)
 
 
 def reply_head(result: UpdateResult) -> pb.UpdateReply:

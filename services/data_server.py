@@ -238,7 +238,7 @@ class DataListener:
                 request = GET_REQUEST(bytes(payloads[0])) if len(payloads) == 1 else Malformed("a Get is one message")
                 async with servicer.served("Get", lambda: name, request):
                     step, values, rows = await servicer.read_values(request)
-                    return Answer([GET_PIECES(frame) for frame in get_replies(request, step, values, rows)], values)
+                    return Answer([GET_PIECES(frame) for frame in get_replies(step, values, rows)], values)
             frames = [DECODERS[method](payload) for payload in payloads]
             async with servicer.served(method, lambda: name):
                 if method == "Put":

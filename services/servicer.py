@@ -20,7 +20,7 @@ import grpc
 
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.protocol.errors import Reason, WireError
+from psfw.protocol.errors import WireError
 from psfw.protocol.frames import (
     Frame,
     Malformed,
@@ -28,10 +28,9 @@ from psfw.protocol.frames import (
     frame_serializer,
     message_deserializer,
 )
-from psfw.protocol.layout import SliceKey
 from psfw.protocol.row_wire import RowCollector, row_pieces
 from psfw.protocol.service import REASON_KEY
-from psfw.protocol.shm import Region, RegionCache, host_id, slot_layout
+from psfw.protocol.shm import RegionCache, host_id
 from psfw.protocol.wire import Assembler, update_header
 from psfw.services.answers import (
     SHARED_REPLY_BYTES,
@@ -44,6 +43,7 @@ from psfw.services.answers import (
 )
 from psfw.services.metrics import ShardMetrics
 from psfw.services.refusals import RefusalLog
+from psfw.services.region_slots import map_region, no_shared_memory, region_slots
 from psfw.services.store import ShardStore, UpdateResult
 
 log = logging.getLogger("psfw.server")
@@ -70,20 +70,6 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.refusals.flush()
         self.metrics.close()
         self._regions.close()
-
-    def _region(self, name: str) -> tuple[Region, dict[SliceKey, int]]:
-        """A stub's shared-memory region and the slices' offsets in it."""
-        specs = [(key, dtype, shape) for key, (dtype, shape) in self.store.specs.items()]
-        offsets, area = slot_layout(specs)
-        try:
-            return self._regions.get(name, area), offsets
-        except (OSError, ValueError) as err:
-            raise WireError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"shard {self.store.shard} cannot use shared-memory region {name}: {err}; "
-                "send the tensors over the network",
-                Reason.NO_SHARED_MEMORY,
-            ) from None
 
     def refuse(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, reason: str) -> None:
         """Count and log a refused request (see ``refused``); the caller aborts the RPC."""
@@ -168,12 +154,13 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[Frame]:
         async with self._handled(context, "Get", request):
             answer = await self.read_values(request)
-        for frame in get_replies(request, *answer):
+        for frame in get_replies(*answer):
             yield frame
 
     async def read_values(self, request: pb.GetRequest) -> tuple[int, dict, dict]:
-        """A Get's step, values and table rows, once its group has got there (the
-        values written into the stub's region when the Get names one)."""
+        """A Get's step, values and table rows, once its group has got there."""
+        if request.shm:  # a stub of an older psfw: it goes on over the network
+            raise no_shared_memory(self.store.shard, "answers no Get through shared memory")
         keys = [(r.key, r.slice) for r in request.slices]
         pulled = RowCollector()
         pulled.add(request.pull, ids_only=True)
@@ -186,9 +173,6 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             request.job,
             pulled.ids(),
         )
-        if request.shm:
-            region, offsets = self._region(request.shm)
-            await write_answer(region, offsets, values)
         return step, values, rows
 
     async def Update(self, request_iterator: AsyncIterator[Frame], context) -> AsyncIterator[bytes]:
@@ -216,15 +200,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if header.shm:
             if assembler.total:
                 raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "an Update through shared memory carries no data")
-            region, offsets = self._region(header.shm)
-            sums = {k: region.view(False, offsets[k], d, s) for k, (d, s) in self.store.specs.items()}
+            region = map_region(self._regions, self.store.shard, header.shm)
+            sums, places = region_slots(region, self.store.shard, header.shm_slots, self.store.specs)
         else:
             sums = assembler.finish()
         head = update_header(header, _wait(header.wait_s), pushed.rows(), pulled.ids())
         result = await self.store.update(head, sums)
         self.metrics.bytes_in.labels(self._shard).inc((assembler.total or self.store.nbytes()) + pushed.total)
         if header.shm:
-            await write_answer(region, offsets, result.values)
+            await write_answer(region, places, result.values)
         return result, bool(header.shm)
 
     async def update_replies(self, result: UpdateResult, shared: bool) -> AsyncIterator[bytes]:

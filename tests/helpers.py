@@ -72,3 +72,15 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def shm_region(*sizes: int):
+    """A process's shared-memory region for one float32 parameter ``w`` cut into
+    slices of ``sizes`` elements, all on shard 0 (the caller releases it)."""
+    from psfw.protocol.layout import Layout, ParamSpec, SliceSpec
+    from psfw.runtime.step_region import StepRegion
+
+    bounds = np.cumsum((0, *sizes)).tolist()
+    slices = tuple(SliceSpec("w", i, a, b, 0) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])))
+    layout = Layout({"w": ParamSpec("w", (bounds[-1],), "float32", 0, slices)}, 1)
+    return StepRegion(layout).acquire()

@@ -20,9 +20,8 @@ from psfw.runtime.local_client import LocalLink
 from psfw.runtime.shm_transport import SharedMemoryClient
 from psfw.services.server import ShardServer
 
-from helpers import SGD
+from helpers import SGD, shm_region
 
-SPECS = [(("w", 0), np.dtype("float32"), (1000,))]
 UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)
 TOKEN = "link-token-0123"
 
@@ -37,6 +36,13 @@ def _header(step: int, workers_per_group: int = 1, wait_s: float = 5) -> UpdateH
     )
 
 
+@pytest.fixture
+def region():
+    region = shm_region(1000)
+    yield region
+    region.release()
+
+
 @pytest_asyncio.fixture
 async def shard():
     server = ShardServer(0, 1, security=Security(token=TOKEN))
@@ -49,11 +55,11 @@ async def shard():
 
 
 @pytest.mark.asyncio
-async def test_a_shard_names_its_socket_and_applies_updates_sent_there(shard):
+async def test_a_shard_names_its_socket_and_applies_updates_sent_there(shard, region):
     server, network = shard
     name = (await network.describe()).local_socket
     assert name.startswith("@psfw-shard-") and name == server.local.name
-    client = await SharedMemoryClient.attach(network, SPECS)
+    client = await SharedMemoryClient.attach(network, region)
     try:
         assert client.linked and client.kind == "shared-memory"
         before = (await network.get(0, 0, [("w", 0)], _expect, 5)).values[("w", 0)]
@@ -86,11 +92,11 @@ async def test_a_wrong_token_is_refused_at_hello_in_one_line(shard, caplog):
 
 
 @pytest.mark.asyncio
-async def test_a_refusal_on_the_link_is_the_same_shard_error_as_over_grpc(shard):
+async def test_a_refusal_on_the_link_is_the_same_shard_error_as_over_grpc(shard, region):
     """An Update of a step the shard does not expect: refused with the code and
     message gRPC would carry, and the link stays open for the next call."""
     server, network = shard
-    client = await SharedMemoryClient.attach(network, SPECS)
+    client = await SharedMemoryClient.attach(network, region)
     try:
         grads = {("w", 0): np.zeros(1000, np.float32)}
         with pytest.raises(ShardError) as err:
@@ -126,11 +132,11 @@ async def test_bytes_that_are_no_frame_end_that_connection_only(shard):
 
 
 @pytest.mark.asyncio
-async def test_a_lost_link_falls_back_to_grpc_and_a_describe_opens_the_new_one(shard):
+async def test_a_lost_link_falls_back_to_grpc_and_a_describe_opens_the_new_one(shard, region):
     """A shard whose link went away (a restart names a new socket): the Update goes
     over gRPC, once, and the re-sync's Describe links again."""
     server, network = shard
-    client = await SharedMemoryClient.attach(network, SPECS)
+    client = await SharedMemoryClient.attach(network, region)
     try:
         grads = {("w", 0): np.ones(1000, np.float32)}
         await server.local.stop(0)
@@ -147,11 +153,11 @@ async def test_a_lost_link_falls_back_to_grpc_and_a_describe_opens_the_new_one(s
 
 
 @pytest.mark.asyncio
-async def test_a_stopping_shard_ends_a_call_in_flight_within_its_grace(shard):
+async def test_a_stopping_shard_ends_a_call_in_flight_within_its_grace(shard, region):
     """An Update that waits for the rest of its group when the shard stops: the
     stop returns within its grace and the stub gets an error, never a hang."""
     server, network = shard
-    client = await SharedMemoryClient.attach(network, SPECS)
+    client = await SharedMemoryClient.attach(network, region)
     try:
         grads = {("w", 0): np.ones(1000, np.float32)}
         waiting = asyncio.create_task(client.update(_header(0, workers_per_group=2, wait_s=30), grads, _expect))
@@ -167,7 +173,7 @@ async def test_a_stopping_shard_ends_a_call_in_flight_within_its_grace(shard):
 
 
 @pytest.mark.asyncio
-async def test_random_bytes_on_the_link_never_change_the_shard_or_stop_it(shard, caplog):
+async def test_random_bytes_on_the_link_never_change_the_shard_or_stop_it(shard, region, caplog):
     """Fifty connections of random frames and bytes (after a good HELLO or none):
     each ends or is refused, the shard's state is untouched, its log holds no
     traceback, and a well-formed Update still goes through."""
@@ -186,7 +192,7 @@ async def test_random_bytes_on_the_link_never_change_the_shard_or_stop_it(shard,
         writer.close()
     assert (await network.describe()).slices[0].version == 0
     assert not any(r.exc_info for r in caplog.records), "a refusal is one line, never a traceback"
-    client = await SharedMemoryClient.attach(network, SPECS)
+    client = await SharedMemoryClient.attach(network, region)
     try:
         answer = await client.update(_header(0), {("w", 0): np.ones(1000, np.float32)}, _expect)
         assert answer.step == 1 and client.linked

@@ -11,15 +11,17 @@ import pytest_asyncio
 from psfw.jobs.shard_processes import shard_processes
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.frames import Frame, frame_deserializer, frame_serializer
+from psfw.protocol.layout import plan_layout
 from psfw.protocol.messages import UpdateHeader
-from psfw.protocol.shm import SHM_DIR, Region, host_id, slot_layout
+from psfw.protocol.shm import SHM_DIR, Region, host_id
 from psfw.runtime.connect import connect
+from psfw.runtime.gradient_sums import GradientStage
 from psfw.runtime.grpc_transport import ShardClient
-from psfw.runtime.stub import add_up
+from psfw.runtime.step_region import StepRegion
 
-from helpers import SGD
+from helpers import SGD, shm_region
 
-SPECS = [(("w", 0), np.dtype("float32"), (1000,)), (("w", 1), np.dtype("float32"), (24,))]
+KEYS = [("w", 0), ("w", 1)]
 
 
 def _expect(key):
@@ -38,17 +40,33 @@ def shard_process():
 
 @pytest_asyncio.fixture
 async def clients(shard_process):
-    shared = await connect(shard_process, 0, timeout_s=10, retries=0, shared_memory=SPECS)
+    region = shm_region(1000, 24)
+    shared = await connect(shard_process, 0, timeout_s=10, retries=0, shared_memory=region)
+    region.release()  # the client holds it now
     network = ShardClient(shard_process, 0, timeout_s=10, retries=0)
     yield shared, network
     await shared.close()
     await network.close()
 
 
-def test_offsets_are_aligned_and_ordered():
-    offsets, area = slot_layout(list(reversed(SPECS)))
-    assert offsets == {("w", 0): 0, ("w", 1): 4032} and area == 4160
-    assert all(o % 64 == 0 for o in offsets.values())
+def test_whole_parameters_lie_aligned_in_three_areas_and_answers_take_turns():
+    layout = plan_layout({"b": ((10,), "float32"), "a": ((3, 100), "float32")}, shards=2, workers=1, slice_bytes=400)
+    region = StepRegion(layout).acquire()
+    try:
+        grads = region.gradients()
+        assert {n: v.shape for n, v in grads.items()} == {"a": (3, 100), "b": (10,)}
+        assert region.region.size == 3 * (1216 + 64)  # "a" (1200 bytes) then "b", each from a 64-byte boundary
+        even, even_slices = region.values(0)
+        odd, _ = region.values(1)
+        places = [region.offset_of(v) for v in (*grads.values(), *even.values(), *odd.values())]
+        assert all(p is not None and p % 64 == 0 for p in places) and len(set(places)) == 6
+        assert region.values(2)[0]["a"] is even["a"], "the Update after next writes where this one did"
+        for s in layout.params["a"].slices:  # a slice is a view of its parameter
+            assert np.shares_memory(even_slices[("a", s.index)], even["a"])
+        assert region.offset_of(np.zeros(4, np.float32)) is None
+    finally:
+        region.release()
+    assert not (SHM_DIR / region.name).exists()
 
 
 def test_regions_are_private_files_removed_on_close():
@@ -58,22 +76,25 @@ def test_regions_are_private_files_removed_on_close():
     region.close()
     assert not path.exists()
     with pytest.raises(ValueError, match="not a psfw shared-memory region"):
-        Region.attach("../etc/passwd", 64)
+        Region.attach("../etc/passwd")
 
 
 def test_a_shard_writes_answers_through_the_mapping_or_the_file_alike():
     """Through the file (a large answer) the pages stay out of the shard's memory;
-    the stub reads the same bytes either way."""
+    the stub reads the same bytes either way; nothing lands outside the region."""
     stub = Region.create(4096)
-    shard = Region.attach(stub.name, 4096)
+    shard = Region.attach(stub.name)
     try:
         first, second = np.arange(256, dtype=np.float32), -np.arange(512, dtype=np.float32)
-        shard.write_values(0, first)
-        shard.write_values(1024, second, through_file=True)
-        np.testing.assert_array_equal(stub.view(True, 0, np.float32, (256,)), first)
-        np.testing.assert_array_equal(stub.view(True, 1024, np.float32, (512,)), second)
-        with pytest.raises(ValueError, match="overrun the values area"):
-            shard.write_values(4000, first, through_file=True)
+        shard.write(0, first)
+        shard.write(1024, second, through_file=True)
+        np.testing.assert_array_equal(stub.view(0, np.float32, (256,)), first)
+        np.testing.assert_array_equal(stub.view(1024, np.float32, (512,)), second)
+        for offset in (4000, -4, 2):
+            with pytest.raises(ValueError, match="do not lie inside region"):
+                shard.write(offset, first, through_file=True)
+        with pytest.raises(ValueError, match="do not lie inside region"):
+            shard.view(4096 - 60, np.float32, (16,))
     finally:
         shard.close()
         stub.close()
@@ -81,6 +102,8 @@ def test_a_shard_writes_answers_through_the_mapping_or_the_file_alike():
 
 @pytest.mark.asyncio
 async def test_updates_through_shared_memory_equal_the_network_path(clients):
+    """Gradients and answers the caller keeps elsewhere are copied into the region
+    and out of it."""
     shared, network = clients
     values = {("w", 0): np.linspace(0, 1, 1000, dtype=np.float32), ("w", 1): np.ones(24, np.float32)}
     await network.put([(k, i, v) for (k, i), v in values.items()], SGD)
@@ -88,40 +111,126 @@ async def test_updates_through_shared_memory_equal_the_network_path(clients):
     grads = {("w", 0): np.full(1000, 2.0, np.float32), ("w", 1): np.full(24, -1.0, np.float32)}
     answer = await shared.update(_header(0, rows=4), grads, _expect)
     assert answer.step == 1
-    fetched = await network.get(0, 1, [("w", 0), ("w", 1)], _expect, 5)
+    fetched = await network.get(0, 1, KEYS, _expect, 5)
     for key, value in values.items():
         expected = value - 0.1 * grads[key] / 4
         np.testing.assert_allclose(answer.values[key], expected, rtol=1e-6)
         np.testing.assert_array_equal(fetched.values[key], answer.values[key])
-    again = await shared.get(0, 1, [("w", 1)], _expect, 5)
+        assert shared.step_buffers.offset_of(answer.values[key]) is None, "a copy: the region's are the stub's"
+    again = await shared.get(0, 1, [("w", 1)], _expect, 5)  # over the network
     np.testing.assert_array_equal(again.values[("w", 1)], answer.values[("w", 1)])
+
+
+@pytest.mark.asyncio
+async def test_a_stub_s_own_buffers_in_the_region_are_used_in_place(clients):
+    """The gradient sums are read where the stub added them up, and the answer is
+    written into the parameters the stub publishes: the values returned are those
+    very buffers."""
+    shared, network = clients
+    region = shared.step_buffers
+    step = (await network.describe()).groups[0].step
+    before = (await network.get(0, step, KEYS, _expect, 5)).values
+    region.gradients()["w"][:] = 3.0
+    whole, into = region.values(step)
+    answer = await shared.update(_header(step, rows=2), {k: region.gradient_slot(k) for k in KEYS}, _expect, into)
+    for key in KEYS:
+        assert answer.values[key] is into[key]
+        np.testing.assert_allclose(answer.values[key], before[key] - 0.1 * 3.0 / 2, atol=1e-6)
+    np.testing.assert_array_equal(whole["w"], np.concatenate([answer.values[k] for k in KEYS]))
+    assert not np.shares_memory(region.values(step + 1)[0]["w"], whole["w"])
 
 
 @pytest.mark.asyncio
 async def test_a_region_the_shard_cannot_map_is_refused_and_the_client_falls_back(shard_process, clients):
     shared, network = clients
     request = pb.UpdateRequest(group=0, step=5, process=0, workers=1, rows=1, workers_per_group=1, shm="psfw-1-bad")
-    async with grpc.aio.insecure_channel(shard_process) as channel:
-        call = channel.stream_stream(
+    err = await _raw_update(shard_process, request)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cannot use shared-memory region psfw-1-bad" in err.details()
+
+    step = (await network.describe()).groups[0].step
+    assert shared.kind == "shared-memory"
+    region = shared.step_buffers
+    (SHM_DIR / region.name).unlink()  # the shard can no longer open it
+    region.gradients()["w"][:] = 0
+    into = region.values(step)[1]
+    answer = await shared.update(_header(step), {k: region.gradient_slot(k) for k in KEYS}, _expect, into)
+    assert answer.step == step + 1 and shared.kind == "grpc"
+    assert all(answer.values[k] is into[k] for k in KEYS), "the answer over the network lands in the same buffers"
+    assert shared.step_buffers is region, "the others (and the stub's buffers) still use the region"
+
+
+async def _raw_update(address: str, request: pb.UpdateRequest) -> grpc.aio.AioRpcError:
+    """An Update of one message, as any client could send it; its refusal."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        update = channel.stream_stream(
             "/psfw.v1.ParameterServer/Update",
             request_serializer=frame_serializer(pb.UpdateRequest),
             response_deserializer=frame_deserializer(pb.UpdateReply),
         )
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in call(iter([Frame(request, [])]), timeout=10):
+            async for _ in update(iter([Frame(request, [])]), timeout=10):
                 pass
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "cannot use shared-memory region psfw-1-bad" in err.value.details()
+    return err.value
 
+
+@pytest.mark.asyncio
+async def test_slots_outside_the_region_or_of_other_slices_are_refused_and_change_nothing(shard_process, clients):
+    shared, network = clients
+    region = shared.step_buffers
     step = (await network.describe()).groups[0].step
-    assert shared.kind == "shared-memory"
-    (SHM_DIR / shared._region.name).unlink()  # the shard can no longer open it
-    grads = shared.gradient_buffers(SPECS)  # the stub adds its sums up in the region
-    for view in grads.values():
-        view[:] = 0
-    answer = await shared.update(_header(step), grads, _expect)
-    assert answer.step == step + 1 and shared.kind == "grpc"
-    assert shared.gradient_buffers(SPECS) is None, "from now on the sums go anywhere"
+    before = (await network.get(0, step, KEYS, _expect, 5)).values
+    size = region.region.size
+    good = {("w", 0): (0, size // 3), ("w", 1): (4000, size // 3 + 4000)}
+
+    def update(slots: dict) -> pb.UpdateRequest:
+        return pb.UpdateRequest(
+            group=0, step=step, process=0, workers=1, rows=1, workers_per_group=1, wait_s=5, shm=region.name,
+            shm_slots=[pb.ShmSlot(key=k, slice=i, grads=g, values=v) for (k, i), (g, v) in slots.items()],
+        )  # fmt: skip
+
+    bad = [
+        ({**good, ("w", 1): (size - 64, 0)}, "do not lie inside region"),
+        ({**good, ("w", 1): (4000, size)}, "do not lie inside region"),
+        ({**good, ("w", 0): (2, 0)}, "on a 4-byte boundary"),
+        ({**good, ("v", 0): (0, 0)}, "which shard 0 does not hold"),
+    ]
+    for slots, message in bad:
+        err = await _raw_update(shard_process, update(slots))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.details(), err.details()
+    # a stub of an older psfw names its region without the places: it is sent to the network
+    err = await _raw_update(shard_process, update({}))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "older psfw" in err.details()
+    async with grpc.aio.insecure_channel(shard_process) as channel:
+        get = channel.unary_stream("/psfw.v1.ParameterServer/Get", request_serializer=pb.GetRequest.SerializeToString)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in get(pb.GetRequest(group=0, step=step, shm=region.name), timeout=10):
+                pass
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "answers no Get through shared memory" in refused.value.details()
+    after = await network.get(0, step, KEYS, _expect, 5)
+    assert (await network.describe()).groups[0].step == step
+    for key, value in before.items():
+        np.testing.assert_array_equal(after.values[key], value)
+
+
+def test_workers_gradients_are_added_up_as_they_report_and_a_stale_report_adds_nothing():
+    generation = [0]
+    targets = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
+    stage = GradientStage(targets, lambda: generation[0])
+
+    def grads(value):  # a worker's report: every parameter, and more (a table's rows) that is not staged
+        return {"a": np.full((2, 3), value, np.float32), "b": np.full(4, value, np.float32), "rows": object()}
+
+    assert stage.add(0, 0, grads(1.0)) and stage.add(0, 0, grads(2.0))
+    assert (targets["a"] == 3.0).all() and (targets["b"] == 3.0).all()
+    assert stage.add(1, 0, grads(5.0)), "a new step starts anew"
+    assert (targets["a"] == 5.0).all()
+    generation[0] = 1  # a re-sync
+    assert not stage.add(1, 0, grads(7.0)), "computed before the re-sync"
+    assert (targets["a"] == 5.0).all()
+    assert stage.add(1, 1, grads(0.5)), "the same step of the new generation starts anew"
+    assert (targets["b"] == 0.5).all()
 
 
 def test_another_network_namespace_counts_as_another_host():
@@ -135,40 +244,6 @@ def test_another_network_namespace_counts_as_another_host():
     )
     assert other.returncode == 0, other.stderr
     assert other.stdout.strip() and other.stdout.strip() != host_id()
-
-
-def test_a_region_of_another_layout_is_refused():
-    region = Region.create(4096)
-    try:
-        with pytest.raises(ValueError, match="the layouts differ"):
-            Region.attach(region.name, 2048)
-        Region.attach(region.name, 4096).close()
-    finally:
-        region.close()
-
-
-@pytest.mark.asyncio
-async def test_workers_parts_are_added_into_the_region(shard_process):
-    """The stub adds its workers' gradients up straight into the region's slots, and
-    the Update carries only the region's name."""
-    shared = await connect(shard_process, 0, timeout_s=10, retries=0, shared_memory=SPECS)
-    network = ShardClient(shard_process, 0, timeout_s=10, retries=0)
-    try:
-        step = (await network.describe()).groups[0].step
-        before = await network.get(0, step, [("w", 0), ("w", 1)], _expect, 5)
-        parts = {
-            ("w", 0): (np.full(1000, 1.0, np.float32), np.full(1000, 2.0, np.float32)),
-            ("w", 1): (np.full(24, 0.5, np.float32), np.full(24, 0.5, np.float32), np.ones(24, np.float32)),
-        }
-        slots = shared.gradient_buffers(SPECS)
-        grads = {key: add_up(ps, slots[key]) for key, ps in parts.items()}
-        assert all(grads[key] is slots[key] for key in grads)
-        answer = await shared.update(_header(step, rows=2), grads, _expect)
-        np.testing.assert_allclose(answer.values[("w", 0)], before.values[("w", 0)] - 0.1 * 3.0 / 2, atol=1e-6)
-        np.testing.assert_allclose(answer.values[("w", 1)], before.values[("w", 1)] - 0.1 * 2.0 / 2, atol=1e-6)
-    finally:
-        await shared.close()
-        await network.close()
 
 
 def test_a_terminated_worker_process_removes_its_regions_and_says_so(tmp_path):
@@ -222,7 +297,7 @@ def test_a_shard_maps_no_link_and_no_file_of_another_user(tmp_path):
     link.symlink_to(victim)
     try:
         with pytest.raises(OSError):
-            Region.attach(link.name, area)
+            Region.attach(link.name)
     finally:
         link.unlink()
     if os.geteuid() != 0:
@@ -232,7 +307,7 @@ def test_a_shard_maps_no_link_and_no_file_of_another_user(tmp_path):
     os.chown(other, 65534, 65534)
     try:
         with pytest.raises(ValueError, match="not a plain file of this shard's user"):
-            Region.attach(other.name, area)
+            Region.attach(other.name)
     finally:
         other.unlink()
 
@@ -242,7 +317,9 @@ async def test_table_rows_beyond_one_message_ride_beside_the_shared_region():
     """A push and a pull of more rows than one message carries: the Update stays on
     the shared region (several messages), and the rows come back in pieces."""
     with shard_processes(1) as (addresses, _):  # a fresh shard: the module's holds other values of w
-        shared = await connect(addresses[0], 0, timeout_s=20, retries=0, shared_memory=SPECS)
+        region = shm_region(1000, 24)
+        shared = await connect(addresses[0], 0, timeout_s=20, retries=0, shared_memory=region)
+        region.release()
         network = ShardClient(addresses[0], 0, timeout_s=20, retries=0)
         try:
             await _push_and_pull_many_rows(shared, network)

@@ -223,6 +223,35 @@ def test_evaluation_in_batches_is_the_mean_over_all_rows():
     assert metrics["accuracy"] == pytest.approx(float(whole["accuracy"]), rel=1e-5)
 
 
+def test_an_evaluation_reads_the_values_of_its_step_when_their_buffers_are_written_over_meanwhile():
+    """A transport may publish views of buffers that a later step writes over
+    (psfw.runtime.step_region): the evaluation keeps a copy of its step's values."""
+    import threading
+
+    import jax
+
+    from psfw.compute.params import flatten_params
+    from psfw.jobs.evaluation import Evaluator
+
+    config = parse_config(
+        {"data": {"name": "digits"}, "model": {"hidden": [8]}, "train": {"steps": 9, "eval_every": 3}}
+    )
+    job = build_job(config)
+    flat, _ = flatten_params(job.model.init(jax.random.PRNGKey(0)))
+    buffers = {name: np.array(value) for name, value in flat.items()}
+    expected = Evaluator(job, []).evaluate(dict(buffers))
+    evaluator = Evaluator(job, [])
+    busy = threading.Event()
+    evaluator._pool.submit(busy.wait, 30)  # the evaluation thread is busy: step 3 waits its turn
+    evaluator.watch(3, buffers)
+    for value in buffers.values():
+        value[...] = 0.0  # the transport writes the step after next into the same buffers
+    busy.set()
+    evaluator.close()
+    record = evaluator.records[0]
+    assert record["step"] == 3 and record["test_loss"] == pytest.approx(expected[0], rel=1e-6)
+
+
 def test_shipped_sets_diabetes_and_the_standard_library_text():
     diabetes = build_job(parse_config({"data": {"name": "diabetes"}, "train": {"steps": 1}})).data
     assert diabetes.classes is None and diabetes.x_train.shape == (354, 10) and diabetes.y_test.shape == (88,)

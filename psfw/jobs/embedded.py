@@ -153,7 +153,7 @@ async def run_job(
                     addresses,
                     who=f"process {process} of group {group}" + (f" ({on})" if on else ""),
                     local=in_process if c.transport == "auto" else lambda address: None,
-                    shard_slices=job.layout.slice_specs if c.transport == "auto" else None,
+                    layout=job.layout if c.transport == "auto" else None,
                     timeout_s=t.wait_s,
                     retries=t.retries,
                     security=security,

@@ -2,10 +2,10 @@
 training goes on, and once at the end.
 
 The process that runs process 0 evaluates. Its parameter cache tells it of every new
-step (``ParamCache.watchers``); at a multiple of ``eval_every`` it hands that step's
-values (immutable arrays, no copy) to a thread of its own, which computes the loss and
-the metrics over the whole test split in batches (``evaluate_in_batches``) while the
-workers train on. Each result is a record ``{"eval": true, "group": 0, "step", "test_loss",
+step (``ParamCache.watchers``); at a multiple of ``eval_every`` it hands a copy of
+that step's values (they may be buffers that later steps write over) to a thread of
+its own, which computes the loss and the metrics over the whole test split in
+batches (``evaluate_in_batches``) while the workers train on. Each result is a record ``{"eval": true, "group": 0, "step", "test_loss",
 "test_<metric>"...}`` for the metrics file and the log.
 """
 
@@ -120,7 +120,9 @@ class Evaluator:
                     )
                 return
             self._steps.add(step)
-            self._pending.append((step, self._pool.submit(self._record, step, values)))
+            # a copy: the values may be a transport's buffers, written over two steps on
+            kept = {name: value if isinstance(value, dict) else np.array(value) for name, value in values.items()}
+            self._pending.append((step, self._pool.submit(self._record, step, kept)))
 
     def _record(self, step: int, values: dict[str, Any]) -> None:
         try:  # a failed evaluation, or a sink that cannot write, must not stop the training

@@ -1,11 +1,12 @@
 """Shared memory between a stub and a shard process on the same host.
 
-A stub creates one region per shard (a file in /dev/shm) holding two areas of the
-shard's size: the gradients it sends and the fresh values it gets back. An Update
-(or Get) then carries only the region's name; the shard reads the gradients in
-place and writes the values back before it answers. Slices are laid out in sorted
-(key, slice) order, each at a 64-byte boundary, so both sides compute the same
-offsets and JAX can adopt the memory without copying it.
+A stub's process makes one region (a file in /dev/shm) for all its shards on this
+host (``psfw.runtime.step_region`` lays it out). An Update then carries only the
+region's name and, per slice, where in it the gradients lie and where the fresh
+values go (``ShmSlot``): the shard reads the gradients in place and writes the
+values there before it answers. The offsets are the stub's to choose and the
+shard's to check (``Region.view`` refuses one outside the region or off the
+element size); at 64-byte boundaries JAX adopts the memory without copying it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-
-from psfw.protocol.layout import SliceKey
 
 SHM_DIR = Path("/dev/shm")
 NAME = re.compile(r"^psfw-(\d+)-[0-9a-f]{32}$")
@@ -40,45 +39,43 @@ def host_id() -> str:
     return f"{boot}:{shm.st_dev}:{shm.st_ino}:{net.st_ino}"
 
 
-def slot_layout(specs: list[tuple[SliceKey, np.dtype, tuple[int, ...]]]) -> tuple[dict[SliceKey, int], int]:
-    """Byte offset of every slice in an area, and the area's size."""
-    offsets, position = {}, 0
-    for key, dtype, shape in sorted(specs, key=lambda s: s[0]):
-        offsets[key] = position
-        position += -(-math.prod(shape) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
-    return offsets, max(position, ALIGN)
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to the next 64-byte boundary."""
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 class Region:
-    """A mapped shared-memory file: the gradients area, then the values area."""
+    """A mapped shared-memory file of ``size`` bytes."""
 
-    def __init__(self, name: str, area: int, mapping: mmap.mmap, owner: bool, fd: int | None = None):
-        self.name, self.area, self._map, self.owner = name, area, mapping, owner
+    def __init__(self, name: str, size: int, mapping: mmap.mmap, owner: bool, fd: int | None = None):
+        self.name, self.size, self._map, self.owner = name, size, mapping, owner
         self.buffer = np.frombuffer(mapping, np.uint8)
-        self._fd = fd  # a shard's: it may write the values area through the file
+        self.base = self.buffer.ctypes.data  # the address of byte 0 in this process
+        self._fd = fd  # a shard's: it may write answers through the file
         self._closing = threading.Lock()  # a write (possibly in a thread) against close()
 
     @classmethod
-    def create(cls, area: int) -> Region:
+    def create(cls, size: int) -> Region:
         """A new region for a stub (it unlinks it on close)."""
         _sweep_stale()
         name = f"psfw-{os.getpid()}-{uuid.uuid4().hex}"
+        size = max(aligned(size), ALIGN)
         fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             # reserve the pages now: a full /dev/shm fails here (OSError: use the network)
             # instead of killing a process with SIGBUS on its first write
-            os.posix_fallocate(fd, 0, 2 * area)
-            mapping = mmap.mmap(fd, 2 * area)
+            os.posix_fallocate(fd, 0, size)
+            mapping = mmap.mmap(fd, size)
         except OSError:
             os.close(fd)
             (SHM_DIR / name).unlink(missing_ok=True)
             raise
         else:
             os.close(fd)
-        return cls(name, area, mapping, owner=True)
+        return cls(name, size, mapping, owner=True)
 
     @classmethod
-    def attach(cls, name: str, area: int) -> Region:
+    def attach(cls, name: str) -> Region:
         """Map a stub's region (a shard); ValueError says what is wrong with it."""
         if not NAME.match(name):
             raise ValueError(f"{name!r} is not a psfw shared-memory region name")
@@ -93,45 +90,59 @@ class Region:
                     f"region {name} is not a plain file of this shard's user (uid {os.geteuid()}): "
                     "run the stub and the shard as the same user, or use the network path"
                 )
-            size = info.st_size
-            if size != 2 * area:
-                raise ValueError(
-                    f"region {name} holds {size} bytes, the shard's slices need {2 * area}: the layouts differ"
-                )
-            mapping = mmap.mmap(fd, 2 * area)
+            if info.st_size < ALIGN or info.st_size % ALIGN:
+                raise ValueError(f"region {name} holds {info.st_size} bytes, not a multiple of {ALIGN}")
+            mapping = mmap.mmap(fd, info.st_size)
         except BaseException:
             os.close(fd)
             raise
-        return cls(name, area, mapping, owner=False, fd=fd)
+        return cls(name, info.st_size, mapping, owner=False, fd=fd)
 
-    def view(self, values: bool, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        start = (self.area if values else 0) + offset
-        count = math.prod(shape)
-        return self.buffer[start : start + count * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+    def _span(self, offset: int, dtype: np.dtype, count: int) -> int:
+        """The byte length of ``count`` elements at ``offset``; ValueError when they
+        do not lie inside the region on a boundary of their element size."""
+        itemsize = np.dtype(dtype).itemsize
+        nbytes = count * itemsize
+        if offset < 0 or offset % itemsize or offset + nbytes > self.size:
+            raise ValueError(
+                f"{nbytes} bytes of {np.dtype(dtype).name} at offset {offset} do not lie inside region "
+                f"{self.name} ({self.size} bytes) on a {itemsize}-byte boundary"
+            )
+        return nbytes
 
-    def write_values(self, offset: int, array: np.ndarray, through_file: bool = False) -> None:
-        """Write ``array`` into the values area at ``offset`` (a shard's answer).
+    def view(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """The array of ``dtype`` and ``shape`` that lies at ``offset`` (no copy)."""
+        nbytes = self._span(offset, dtype, math.prod(shape))
+        return self.buffer[offset : offset + nbytes].view(dtype).reshape(shape)
+
+    def offset_of(self, array: np.ndarray) -> int | None:
+        """Where ``array`` (contiguous) lies in this region, or None: elsewhere."""
+        offset = array.ctypes.data - self.base
+        if not array.flags.c_contiguous or offset < 0 or offset + array.nbytes > self.size:
+            return None
+        return offset
+
+    def write(self, offset: int, array: np.ndarray, through_file: bool = False) -> None:
+        """Write ``array`` at ``offset`` (a shard's answer).
 
         ``through_file`` writes with pwrite instead of through the mapping: slower
         (a system call per slice), but the pages never enter this process's
         resident memory, so a large shard does not hold a second copy of its values
         (the region is the stub's buffer, counted there)."""
-        start = self.area + offset
         data = memoryview(np.ascontiguousarray(array)).cast("B")
-        if start + len(data) > 2 * self.area:
-            raise ValueError(f"{len(data)} bytes at {offset} overrun the values area of region {self.name}")
+        self._span(offset, array.dtype, array.size)
         with self._closing:  # a view or a duplicate of the fd: close() cannot pull either away mid-write
             buffer = self.buffer
             fd = os.dup(self._fd) if through_file and self._fd is not None else None
         if buffer is None:
             raise ValueError(f"region {self.name} is closed")
         if fd is None:
-            buffer[start : start + len(data)] = np.frombuffer(data, np.uint8)
+            buffer[offset : offset + len(data)] = np.frombuffer(data, np.uint8)
             return
         try:
             while data:
-                written = os.pwrite(fd, data, start)
-                data, start = data[written:], start + written
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written
         finally:
             os.close(fd)
 
@@ -157,11 +168,11 @@ class RegionCache:
         self.capacity = capacity
         self._regions: OrderedDict[str, Region] = OrderedDict()
 
-    def get(self, name: str, area: int) -> Region:
+    def get(self, name: str) -> Region:
         region = self._regions.get(name)
-        if region is None or region.area != area:
+        if region is None:
             self._forget_removed()
-            region = Region.attach(name, area)
+            region = Region.attach(name)
             self._regions[name] = region
             while len(self._regions) > self.capacity:
                 self._regions.popitem(last=False)[1].close()

@@ -105,14 +105,18 @@ async def encoded_ahead(batches: list[T], encode: Callable[[T, int], list[bytes]
 def param_buffers(layout: Layout, names: Iterable[str]) -> tuple[dict[str, np.ndarray], dict[SliceKey, np.ndarray]]:
     """Fresh aligned arrays for whole parameters, and the flat view of each slice
     inside them (an ``into`` for the Assembler)."""
-    params, into = {}, {}
-    for name in names:
-        spec = layout.params[name]
-        params[name] = aligned_empty(spec.shape, spec.dtype)
-        flat = params[name].reshape(-1)
-        for s in spec.slices:
+    params = {name: aligned_empty(layout.params[name].shape, layout.params[name].dtype) for name in names}
+    return params, slice_views(layout, params)
+
+
+def slice_views(layout: Layout, params: dict[str, np.ndarray]) -> dict[SliceKey, np.ndarray]:
+    """The flat view of each slice of the whole parameters ``params``."""
+    into = {}
+    for name, value in params.items():
+        flat = value.reshape(-1)
+        for s in layout.params[name].slices:
             into[(name, s.index)] = flat[s.start : s.stop]
-    return params, into
+    return into
 
 
 Expect = Callable[[SliceKey], "tuple[np.dtype, tuple[int, ...]]"]

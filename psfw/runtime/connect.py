@@ -7,11 +7,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from psfw.protocol.layout import Layout
 from psfw.protocol.security import NO_SECURITY, Security
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.runtime.inprocess import InProcessClient, LocalShard
 from psfw.runtime.shm_transport import SharedMemoryClient
-from psfw.runtime.transport import SliceSpecs, Transport
+from psfw.runtime.step_region import StepRegion
+from psfw.runtime.transport import Transport
 
 log = logging.getLogger("psfw")
 
@@ -24,14 +26,14 @@ async def connect(
     retries: int = 5,
     security: Security = NO_SECURITY,
     local: LocalShard | None = None,
-    shared_memory: SliceSpecs | None = None,
+    shared_memory: StepRegion | None = None,
     compression: str = "none",
     data_link: bool = True,
 ) -> Transport:
     """A transport to the shard at ``address``: in-process when ``local`` (that
     shard, running in this process) is given; through shared memory when
-    ``shared_memory`` (the slices the shard holds) is given and the shard runs on
-    this host; else over the network (the shard's data link where it offers one and
+    ``shared_memory`` (the process's region) is given and the shard runs on this
+    host; else over the network (the shard's data link where it offers one and
     ``data_link`` allows, else gRPC), its Updates compressed as ``compression`` says."""
     if local is not None:
         return InProcessClient(local, shard, timeout_s)
@@ -57,18 +59,18 @@ async def connect_all(
     *,
     who: str,
     local: Callable[[str], LocalShard | None] = lambda address: None,
-    shard_slices: Callable[[int], SliceSpecs] | None = None,
+    layout: Layout | None = None,
     **options: Any,
 ) -> list[Transport]:
     """A transport per shard (see ``connect``); ``local``: the shard of an address
-    that runs in this process, if any; ``shard_slices``: the slices a shard holds,
-    to move them through shared memory where it can (None: never). Logs which
-    transports ``who`` uses, once ('' : not at all)."""
+    that runs in this process, if any; ``layout``: the job's, to move the tensors
+    of the shards on this host through one shared-memory region (None: never).
+    Logs which transports ``who`` uses, once ('' : not at all)."""
     transports = []
+    region = StepRegion(layout) if layout is not None else None  # made once a shard on this host takes it
     try:
         for i, address in enumerate(addresses):
-            slices = shard_slices(i) if shard_slices is not None else None
-            transports.append(await connect(address, i, local=local(address), shared_memory=slices, **options))
+            transports.append(await connect(address, i, local=local(address), shared_memory=region, **options))
     except BaseException:  # stopped halfway (a signal, a shard that is not there): no region outlives it
         for transport in transports:
             await transport.close()

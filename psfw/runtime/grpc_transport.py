@@ -45,7 +45,7 @@ from psfw.protocol.security import NO_SECURITY, Link, Security, link_problem
 from psfw.protocol.service import REASON_KEY, SERVICE_NAME, grpc_options
 from psfw.protocol.wire import Assembler, Expect, update_request
 from psfw.runtime.data_client import ShardLink
-from psfw.runtime.transport import Capabilities, Items, SliceSpecs
+from psfw.runtime.transport import Capabilities, Items
 
 T = TypeVar("T")
 RPC_MARGIN_S = 10.0  # the client's deadline exceeds the shard's own wait by this much
@@ -87,6 +87,7 @@ class ShardClient:
     gradients travel as bfloat16 with error feedback (``psfw.protocol.compression``)."""
 
     capabilities = Capabilities()
+    step_buffers = None  # the gradients are encoded from wherever they are
 
     def __init__(
         self,
@@ -150,9 +151,6 @@ class ShardClient:
         """``tcp`` while tensors go over the data link, else ``grpc`` (``+bf16``: compressed)."""
         kind = "tcp" if self._data.up else "grpc"
         return kind if self.compression == "none" else f"{kind}+{self.compression}"
-
-    def gradient_buffers(self, slices: SliceSpecs) -> None:
-        return None  # the gradients are encoded from wherever they are
 
     async def close(self) -> None:
         await self._data.drop()
@@ -345,17 +343,6 @@ class ShardClient:
             return assemble([f async for f in call], expect, None)
 
         return await self._call("Update", attempt)
-
-    async def get_shared(self, request: pb.GetRequest, expect: Expect) -> Fresh:
-        """A Get whose values the shard writes into a shared region (named by
-        ``request.shm``); returns the step they reflect and the table rows pulled
-        (no values: they are in the region)."""
-
-        async def attempt() -> Fresh:
-            frames = [f async for f in self._get(request, timeout=request.wait_s + RPC_MARGIN_S, metadata=self._md)]
-            return assemble(frames, expect, None)
-
-        return await self._call("Get", attempt)
 
     async def restore(self, step: int, epoch: int) -> None:
         """Roll the shard back to its complete checkpoint of ``step``, at ``epoch``."""

@@ -24,7 +24,7 @@ from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
 from psfw.protocol.row_wire import as_ids, as_rows
 from psfw.protocol.wire import Expect, slice_name, wire_dtype
-from psfw.runtime.transport import Capabilities, SliceSpecs
+from psfw.runtime.transport import Capabilities
 
 INLINE_COPY_BYTES = 8 << 20
 
@@ -50,15 +50,13 @@ class InProcessClient:
     # the workers' parts are added inside the shard's jitted update, and the answer
     # is the shard's own immutable arrays
     capabilities = Capabilities(fuses_sum=True, shares_arrays=True)
+    step_buffers = None
 
     def __init__(self, local: LocalShard, shard: int, timeout_s: float = 60.0):
         self.local, self.store, self.shard = local, local.store, shard
         self.address, self.timeout_s = local.address, timeout_s
 
     async def close(self) -> None:
-        return None
-
-    def gradient_buffers(self, slices: SliceSpecs) -> None:
         return None
 
     async def _call(self, rpc: str, coroutine):

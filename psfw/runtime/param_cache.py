@@ -24,8 +24,10 @@ class ParamCache:
     The stub (on the event loop) writes values and step together (``publish``),
     which wakes the workers waiting in ``fresh``: they run in threads of their own
     and wait on a thread condition, so waking them costs no trip through the event
-    loop. Values are immutable arrays: a publish replaces them, it never writes into
-    an array a worker may still be reading. A re-sync (``rewind``) starts a new
+    loop. A publish replaces the values, it never writes into an array a worker may
+    still be reading; but they may be views of a transport's buffers that the
+    publish after next writes over (``psfw.runtime.step_region``), so a watcher that
+    keeps values longer than its call copies them. A re-sync (``rewind``) starts a new
     generation: workers of the old one get ``Rewind``.
     """
 
@@ -37,7 +39,8 @@ class ParamCache:
         self._changed = threading.Condition()
         self._error: BaseException | None = None
         self._doing = ("starting", time.monotonic())  # what the stub is busy with, and since when
-        # called with (step, values) after each publish and rewind (the evaluation of process 0)
+        # called with (step, values) after each publish and rewind (the evaluation of
+        # process 0); the values are theirs only during the call (see above)
         self.watchers: list[Callable[[int, dict[str, Any]], None]] = []
 
     def doing(self, what: str | Callable[[], str]) -> None:

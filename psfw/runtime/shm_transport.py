@@ -1,11 +1,13 @@
 """The shared-memory transport: a shard on this host, tensors through a region.
 
-The client makes one shared-memory region with a slot per slice the shard holds;
-an Update's gradients are added up straight into it (``gradient_buffers``) and the
-shard writes its answer back into the same slots, so the messages carry only headers
-and the region's name. A shard that cannot map the region (another host after all, a
-full /dev/shm) refuses with ``Reason.NO_SHARED_MEMORY``: from then on the tensors go
-over the network.
+The process's shards on this host share one region (``StepRegion``): the stub adds
+its workers' gradients up in it, and the shard reads its slices' sums there and
+writes its answer into the whole parameters the stub publishes; the Update carries
+only the headers, the region's name and where each slice lies in it. A shard that
+cannot map the region (another host after all, a full /dev/shm) refuses with
+``Reason.NO_SHARED_MEMORY``: from then on the tensors go over the network. Gets
+(the start, a re-sync) go over the network: they are rare, and a Get's values
+must never land in an area whose values a worker may still read.
 
 Updates travel over the shard's same-host link (``psfw.protocol.local_link``) where
 it has one, else over gRPC, as every other verb does. A link that fails is dropped
@@ -16,23 +18,24 @@ socket anew (a shard that restarted: the stub's re-sync describes it).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
 import numpy as np
 
-from psfw.protocol.calls import assemble, get_request, shared_update_messages
+from psfw.proto import ps_pb2 as pb
+from psfw.protocol.calls import assemble, shared_update_messages
 from psfw.protocol.errors import Reason, ShardError, WireError, said
-from psfw.protocol.layout import SliceKey
+from psfw.protocol.layout import SliceKey, SliceSpec
 from psfw.protocol.local_link import LinkTimeout
 from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
 from psfw.protocol.row_wire import row_messages
-from psfw.protocol.shm import Region, host_id, slot_layout
+from psfw.protocol.shm import host_id
 from psfw.protocol.wire import Expect, update_request
 from psfw.runtime.grpc_transport import RPC_MARGIN_S, ShardClient
 from psfw.runtime.local_client import LocalLink
-from psfw.runtime.transport import Capabilities, Items, SliceSpecs
+from psfw.runtime.step_region import StepRegion
+from psfw.runtime.transport import Capabilities, Items
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,11 @@ class SharedMemoryClient:
 
     capabilities = Capabilities()
 
-    def __init__(self, net: ShardClient, region: Region, offsets: dict[SliceKey, int]):
+    def __init__(self, net: ShardClient, region: StepRegion, slices: list[SliceSpec]):
         self.net, self.shard, self.address = net, net.shard, net.address
-        self._region: Region | None = region
-        self._offsets = offsets
-        self._retired: list[Region] = []  # refused regions: their views may still be read until close
+        self._region: StepRegion | None = region.acquire()
+        self._held = region  # released on close: the stub's published values may be views of it
+        self._slices = [(s.key, s.index) for s in slices]
         self._link: LocalLink | None = None  # the shard's same-host link, while it works
         self._link_name = ""  # the socket the link was (or failed to be) opened to
 
@@ -61,28 +64,31 @@ class SharedMemoryClient:
         """Whether Updates go over the shard's same-host link (else over gRPC)."""
         return self._link is not None
 
+    @property
+    def step_buffers(self) -> StepRegion:
+        """The region stays the stub's buffers after a refusal: the others use it."""
+        return self._held
+
     @classmethod
-    async def attach(cls, net: ShardClient, slices: SliceSpecs) -> SharedMemoryClient | None:
-        """A client through shared memory if the shard runs on this host (None if not,
-        or if the shard is not up yet: the network path works once it is)."""
+    async def attach(cls, net: ShardClient, region: StepRegion) -> SharedMemoryClient | None:
+        """A client through ``region`` if the shard runs on this host (None if not, or
+        if the shard is not up yet: the network path works once it is)."""
         try:
             reply = await net.describe()
         except ShardError:
             return None
         if not reply.host or reply.host != host_id():
             return None
-        offsets, area = slot_layout(slices)
         try:
-            region = Region.create(area)
+            client = cls(net, region, region.layout.shard_slices(net.shard))
         except OSError as err:
             log.warning("shard %d: no shared memory (%s); tensors go over the network", net.shard, err)
             return None
-        client = cls(net, region, offsets)
         try:
             await client._relink(reply.local_socket)
         except BaseException:  # stopped meanwhile (a signal): no region outlives it
             await client._unlink()
-            region.close()
+            region.release()
             raise
         return client
 
@@ -103,40 +109,36 @@ class SharedMemoryClient:
             link, self._link = self._link, None
             await link.close()
 
-    def gradient_buffers(self, slices: SliceSpecs) -> dict[SliceKey, np.ndarray] | None:
-        if self._region is None:
-            return None
-        return {key: self._region.view(False, self._offsets[key], dtype, shape) for key, dtype, shape in slices}
-
     def _refused(self, err: ShardError) -> bool:
         """The shard cannot map the region: go on over the network."""
         if self._region is None or err.reason != Reason.NO_SHARED_MEMORY:
             return False
         log.warning("shard %d: %s; tensors go over the network from now on", self.shard, err)
-        self._retired.append(self._region)  # the caller's gradients may be views of it
-        self._region = None
+        self._region = None  # held until close: the others, and the caller's buffers, still use it
         return True
 
-    def _fill(self, region: Region, grads: Gradients) -> None:
-        """The gradients into the region's slots (sums that ``gradient_buffers``
-        placed there are added up in place when read, here, off the event loop)."""
-        for key, value in grads.items():
-            slot = region.view(False, self._offsets[key], value.dtype, value.shape)
-            if slot.ctypes.data != value.ctypes.data:  # not the slot gradient_buffers gave
-                np.copyto(slot, value)
-
-    def _read(self, region: Region, keys: list[SliceKey], expect: Expect, into) -> dict[SliceKey, np.ndarray]:
-        out = {}
-        for key in keys:
-            dtype, shape = expect(key)
-            view = region.view(True, self._offsets[key], dtype, shape)
+    def _slots(self, region: StepRegion, step: int, grads: Gradients, into) -> tuple[list, dict, dict]:
+        """Where each slice's gradient sum lies and where its answer goes: the stub's
+        own buffers where they are in the region (nothing is copied), else places of
+        the region, filled here (the gradients) and read back by the caller (the
+        values: the places to copy them from)."""
+        slots, values, to_read = [], {}, {}
+        for key in self._slices:
+            grad = grads[key]
+            at = region.offset_of(grad)
+            if at is None:  # not added up in the region: placed there now
+                place = region.gradient_slot(key)
+                np.copyto(place, np.asarray(grad).reshape(place.shape))
+                at = region.offset_of(place)
             target = (into or {}).get(key)
-            if target is None:
-                out[key] = view.copy()
+            answer_at = None if target is None else region.offset_of(target)
+            if answer_at is None:
+                place = region.values_slot(step, key)
+                answer_at, to_read[key] = region.offset_of(place), place
             else:
-                np.copyto(target, view.reshape(target.shape))
-                out[key] = target
-        return out
+                values[key] = target
+            slots.append(pb.ShmSlot(key=key[0], slice=key[1], grads=at, values=answer_at))
+        return slots, values, to_read
 
     async def put(self, items: Items, optimizer: str, job: str = "", tables: str = "") -> int:
         return await self.net.put(items, optimizer, job, tables)
@@ -153,16 +155,6 @@ class SharedMemoryClient:
         job: str = "",
         pull: TableIds | None = None,
     ) -> Fresh:
-        region = self._region
-        if region is not None:
-            request = get_request(group, step, keys, wait_s, wait_for_put, job, pull)
-            request.shm = region.name
-            try:
-                head = await self.net.get_shared(request, expect)  # table rows travel in the messages
-                return head._replace(values=await asyncio.to_thread(self._read, region, keys, expect, into))
-            except ShardError as err:
-                if not self._refused(err):
-                    raise
         return await self.net.get(group, step, keys, expect, wait_s, into, wait_for_put, job, pull)
 
     async def update(
@@ -172,20 +164,24 @@ class SharedMemoryClient:
         expect: Expect,
         into: dict[SliceKey, np.ndarray] | None = None,
     ) -> Fresh:
-        """``grads`` should be the views ``gradient_buffers`` gave (else they are
-        copied into the region first)."""
+        """``grads`` and ``into`` should lie in the region (``step_buffers``): else
+        the gradients are copied into it first, and the answer out of it."""
         region = self._region
         if region is not None:
-            await asyncio.to_thread(self._fill, region, grads)
+            slots, values, to_read = self._slots(region, header.step, grads, into)
             try:
                 rows = row_messages(header.push, header.pull)  # table rows travel in the messages
                 head = update_request(header, shm=region.name, rows=rows[0])
+                head.shm_slots.extend(slots)
                 reply = await self._update_shared(head, expect, rows[1:])
-                values = await asyncio.to_thread(self._read, region, list(grads), expect, into)
-                return reply._replace(values=values)
             except ShardError as err:
                 if not self._refused(err):
                     raise
+            else:
+                for key, place in to_read.items():
+                    target = (into or {}).get(key)
+                    values[key] = place.copy() if target is None else _copied(target, place)
+                return reply._replace(values=values)
         return await self.net.update(header, grads, expect, into)
 
     async def _update_shared(self, head, expect: Expect, more_rows: list) -> Fresh:
@@ -227,8 +223,12 @@ class SharedMemoryClient:
 
     async def close(self) -> None:
         await self._unlink()
-        for region in [self._region, *self._retired]:
-            if region is not None:
-                region.close()
-        self._region, self._retired = None, []
+        if self._held is not None:
+            self._held.release()
+        self._region = self._held = None
         await self.net.close()
+
+
+def _copied(target: np.ndarray, place: np.ndarray) -> np.ndarray:
+    np.copyto(target, place.reshape(target.shape))
+    return target

@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -23,9 +23,10 @@ import numpy as np
 
 from psfw.protocol.errors import ConfigError, PsfwError, ShardError, WaitTimeout
 from psfw.protocol.layout import Layout, SliceKey
-from psfw.protocol.messages import Gradients, Parts, UpdateHeader
-from psfw.protocol.wire import param_buffers
+from psfw.protocol.messages import Gradients, UpdateHeader
+from psfw.protocol.wire import param_buffers, slice_views
 from psfw.runtime.fetch import fetch_params, fetch_rows, row_gets
+from psfw.runtime.gradient_sums import GradientStage, Sums
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.sync import ShardSync, group_step
 from psfw.runtime.table_feed import TableFeed
@@ -122,6 +123,12 @@ class Stub:
             wait_s=wait_s,
         )
         self.layout_slices = [layout.shard_slices(i) for i in range(len(clients))]  # what each shard holds
+        # where the transports want a step's tensors (a shared region), if they say
+        self.buffers = next((c.step_buffers for c in clients if c.step_buffers is not None), None)
+        self._stage, self._staged = None, {}
+        if self.buffers is not None:
+            self._stage = GradientStage(self.buffers.gradients(), lambda: cache.generation)
+            self._staged = slice_views(layout, self.buffers.gradients())
 
     # -- what workers call ---------------------------------------------------
 
@@ -141,7 +148,10 @@ class Stub:
         self, step: int, worker: int, grads: dict[str, np.ndarray], rows: int, metrics: dict, generation: int = 0
     ) -> None:
         """Report a worker's summed gradients (gradient of the summed loss) for a
-        step. Called from the worker's thread (safe from any thread)."""
+        step. Called from the worker's thread (safe from any thread), where the
+        gradients are added into the step's buffers when the stub has some."""
+        if self._stage is not None and not self._stage.add(step, generation, grads):
+            return  # computed before a re-sync: dropped
         self._loop.call_soon_threadsafe(
             self._inbox.put_nowait, WorkerReport(worker, step, generation, grads, rows, metrics)
         )
@@ -288,9 +298,15 @@ class Stub:
         header = dataclasses.replace(self._header, step=step, rows=rows, metrics=metrics, epoch=self.epoch)
         # shards that answer with their own immutable arrays: whole parameters are put
         # together by one jitted call (XLA copies, on its threads, while this goes on);
-        # the others write their answers straight into aligned buffers
+        # the others write their answers straight into the step's buffers (a shared
+        # region), else into new aligned ones
         shares = all(c.capabilities.shares_arrays for c in self.clients)
-        fresh, into = ({}, None) if shares else param_buffers(self.layout, self.layout.params)
+        if shares:
+            fresh, into = {}, None
+        elif self.buffers is not None:
+            fresh, into = self.buffers.values(step)
+        else:
+            fresh, into = param_buffers(self.layout, self.layout.params)
         started = time.perf_counter()
         grads = [c.grads for c in batch]
         sums = self._sums(grads)
@@ -323,7 +339,9 @@ class Stub:
             slices = {key: value for answer in replies for key, value in answer.values.items()}
             published = self._whole_params(slices)
         else:
-            published = jax.device_put(fresh)  # the buffers are 64-byte aligned and new every step: JAX adopts them
+            # 64-byte aligned: JAX adopts them; new every step, or not written over
+            # while a worker reads them (psfw.runtime.step_region)
+            published = jax.device_put(fresh)
         if self.tables is not None:
             rows = self.tables.assemble([answer.table_rows for answer in replies])
             self.tables.count(rows, pulled=True)
@@ -332,19 +350,18 @@ class Stub:
         return comm_s
 
     def _sums(self, grads: list[dict[str, np.ndarray]]) -> list[Gradients]:
-        """This process's gradient sum of every slice, per shard. A transport that
-        fuses the sum into the shard's update gets the workers' parts as they are;
-        the others get ``Sums``, added up where the transport wants them (a shared
-        region, say) when it first reads them (the gRPC one: in its encoding thread,
-        a batch at a time while the earlier ones travel)."""
+        """This process's gradient sum of every slice, per shard: added up already
+        where the stub has step buffers (``GradientStage``); else the workers' parts
+        as they are for a transport that fuses the sum into the shard's update, and
+        ``Sums`` for the others (see ``psfw.runtime.gradient_sums``)."""
         sums: list[Gradients] = []
         for client, slices in zip(self.clients, self.layout_slices, strict=True):
-            parts = {(s.key, s.index): tuple(g[s.key].reshape(-1)[s.start : s.stop] for g in grads) for s in slices}
-            if client.capabilities.fuses_sum:
-                sums.append(parts)
-            else:
-                specs = [(key, p[0].dtype, p[0].shape) for key, p in parts.items()]
-                sums.append(Sums(parts, client.gradient_buffers(specs) or {}))
+            keys = [(s.key, s.index) for s in slices]
+            if self._stage is not None:
+                sums.append({key: self._staged[key] for key in keys})
+                continue
+            parts = {key: tuple(g[s.key].reshape(-1)[s.start : s.stop] for g in grads) for key, s in zip(keys, slices)}
+            sums.append(parts if client.capabilities.fuses_sum else Sums(parts, {}))
         return sums
 
     def _report(self, step: int, batch: list[WorkerReport], comm_s: float, wall_s: float) -> None:
@@ -376,43 +393,3 @@ def _whole_params(layout: Layout, slices: dict[SliceKey, jax.Array]) -> dict[str
         flat = parts[0] if len(parts) == 1 else jax.numpy.concatenate(parts)
         params[name] = flat.reshape(spec.shape)
     return params
-
-
-class Sums(Mapping[SliceKey, np.ndarray]):
-    """A process's gradient sums by slice, each added up (``add_up``, the one place
-    where a process's workers' gradients are summed) when first read, into
-    ``targets`` where it has the slice. With one worker and no target, a sum is the
-    worker's own view. Reading one slice from one thread at a time is safe."""
-
-    def __init__(self, parts: dict[SliceKey, Parts], targets: dict[SliceKey, np.ndarray]):
-        self._parts, self._targets = parts, targets
-        self._sums: dict[SliceKey, np.ndarray] = {}
-
-    def __getitem__(self, key: SliceKey) -> np.ndarray:
-        done = self._sums.get(key)
-        if done is None:
-            parts, target = self._parts[key], self._targets.get(key)
-            done = self._sums[key] = parts[0] if len(parts) == 1 and target is None else add_up(parts, target)
-        return done
-
-    def __iter__(self) -> Iterator[SliceKey]:
-        return iter(self._parts)
-
-    def __len__(self) -> int:
-        return len(self._parts)
-
-
-def add_up(parts: Parts, out: np.ndarray | None = None) -> np.ndarray:
-    """The sum of ``parts``, written into ``out`` (a new array when None)."""
-    if out is None:
-        if len(parts) == 1:
-            return parts[0].copy()
-        out = np.add(parts[0], parts[1])
-    elif len(parts) == 1:
-        np.copyto(out, parts[0])
-        return out
-    else:
-        np.add(parts[0], parts[1], out=out)
-    for part in parts[2:]:
-        np.add(out, part, out=out)
-    return out

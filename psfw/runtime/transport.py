@@ -46,6 +46,20 @@ class Capabilities:
     shares_arrays: bool = False
 
 
+class StepBuffers(Protocol):
+    """Where a stub's steps should put their tensors for a transport (a shared
+    region, say): whole parameters, by name."""
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Where a step's gradient sums go."""
+        ...
+
+    def values(self, step: int) -> tuple[dict[str, np.ndarray], dict[SliceKey, np.ndarray]]:
+        """Where the answer to the Update of ``step`` goes (and each slice's flat
+        view in it): written over by the answer to the Update of ``step + 2``."""
+        ...
+
+
 class Transport(Protocol):
     """One shard, as a stub sees it. Every method raises ShardError naming the
     shard and the verb; UNAVAILABLE is retried inside a transport, as it can be."""
@@ -54,6 +68,7 @@ class Transport(Protocol):
     address: str
     kind: str  # for people: "in-process", "shared-memory", "grpc"
     capabilities: Capabilities
+    step_buffers: StepBuffers | None  # None: the stub's tensors may be anywhere
 
     async def put(self, items: Items, optimizer: str, job: str = "", tables: str = "") -> int:
         """Store initial values; the first Put fixes the shard's optimizer (JSON spec)
@@ -78,11 +93,6 @@ class Transport(Protocol):
         yet; ``job``: the job's fingerprint (a shard of another job refuses);
         ``pull``: table rows wanted too (``Fresh.table_rows``; ``keys`` empty then
         means no slices)."""
-        ...
-
-    def gradient_buffers(self, slices: SliceSpecs) -> dict[SliceKey, np.ndarray] | None:
-        """Where the caller should add up an Update's gradients of ``slices`` (a
-        shared region, say), or None: anywhere."""
         ...
 
     async def update(

@@ -107,11 +107,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"  gRPC          {figures['grpc_push_gb_s']:.3g} / {figures['grpc_pull_gb_s']:.3g}")
         if figures["tcp_push_gb_s"] is not None:
             print(f"  data link     {figures['tcp_push_gb_s']:.3g} / {figures['tcp_pull_gb_s']:.3g}")
-        if figures["shared_memory_pull_gb_s"] is not None:
-            print(
-                f"  shared memory {figures['shared_memory_update_gb_s']:.3g} (update) / "
-                f"{figures['shared_memory_pull_gb_s']:.3g}"
-            )
+        if figures["shared_memory_update_gb_s"] is not None:
+            print(f"  shared memory {figures['shared_memory_update_gb_s']:.3g} (an Update: in and back)")
         print(f"  in-process    {figures['in_process_push_gb_s']:.3g} / {figures['in_process_pull_gb_s']:.3g}")
     if "memory_model_bytes" in figures:
         print(

@@ -57,8 +57,9 @@ async def _transfer(clients, size: int, slice_bytes: int, tag: str, repeats: int
 def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
     """Push and pull of ``size`` bytes (float32: rounded down to a multiple of 4; at
     least MIN_TRANSFER_BYTES) across 2 shards, GB/s each way: over the network path
-    (Put, Get), over gRPC alone and over the shards' data links, through shared memory with shard processes on this host (an Update
-    carries the gradients in and the values back; Get), and in-process."""
+    (Put, Get), over gRPC alone and over the shards' data links, through shared memory with
+    shard processes on this host (an Update carries the gradients in and the values
+    back; a Get goes over the network), and in-process."""
     from psfw.protocol.messages import UpdateHeader
     from psfw.runtime.grpc_transport import ShardClient
     from psfw.runtime.inprocess import InProcessClient
@@ -95,37 +96,40 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
 
     async def shared(addresses):
         from psfw.protocol.layout import plan_layout
-        from psfw.runtime.fetch import fetch_params
+        from psfw.runtime.step_region import StepRegion
 
         layout = plan_layout({"w": ((size // 4,), "float32")}, TRANSFER_SHARDS, 1, slice_bytes)
+        region = StepRegion(layout).acquire()
         nets = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
-        clients = [await SharedMemoryClient.attach(net, layout.slice_specs(i)) for i, net in enumerate(nets)]
+        clients = [await SharedMemoryClient.attach(net, region) for net in nets]
+        region.release()  # the clients hold it now
         try:
             if None in clients:  # not on this host after all
-                return None, None
+                return None
             value = np.full(size // 4, 0.5, np.float32)
             sgd = json.dumps({"name": "sgd", "learning_rate": 0.01})  # not 0: a shard refuses it
             for i, client in enumerate(clients):
                 await client.put([("w", s.index, value[s.start : s.stop]) for s in layout.shard_slices(i)], sgd)
-            best_update = best_pull = 0.0
+            staged = region.gradients()["w"]
+            best = 0.0
             for step in range(repeats):
                 header = UpdateHeader(group=0, step=step, process=0, workers=1, rows=1, workers_per_group=1, wait_s=120)
                 started = time.perf_counter()
+                np.copyto(staged, value)  # what a stub's workers do as they report
+                into = region.values(step)[1]
                 await asyncio.gather(
                     *(
                         c.update(
                             header,
-                            {("w", s.index): value[s.start : s.stop] for s in layout.shard_slices(i)},
+                            {("w", s.index): region.gradient_slot(("w", s.index)) for s in layout.shard_slices(i)},
                             layout.slice_dtype_shape,
+                            into,
                         )
                         for i, c in enumerate(clients)
                     )
                 )
-                best_update = max(best_update, size / (time.perf_counter() - started) / 1e9)
-                started = time.perf_counter()
-                await fetch_params(clients, layout, 0, step + 1, ["w"], wait_s=120)
-                best_pull = max(best_pull, size / (time.perf_counter() - started) / 1e9)
-            return best_update, best_pull
+                best = max(best, size / (time.perf_counter() - started) / 1e9)
+            return best
         finally:
             for c in [*(c for c in clients if c is not None), *nets]:
                 await c.close()
@@ -135,7 +139,7 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
     with shard_processes(TRANSFER_SHARDS) as (addresses, _):
         tcp_push, tcp_pull = asyncio.run(network(addresses, data_link=True))
     with shard_processes(TRANSFER_SHARDS) as (addresses, _):
-        shm_update, shm_pull = asyncio.run(shared(addresses))
+        shm_update = asyncio.run(shared(addresses))
     local_push, local_pull = asyncio.run(in_process())
     return {
         "transfer_bytes": size,  # rounded down to whole float32s
@@ -143,8 +147,8 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
         "grpc_pull_gb_s": pull,
         "tcp_push_gb_s": tcp_push,  # the network path over the shards' data links (None: none)
         "tcp_pull_gb_s": tcp_pull,
-        "shared_memory_update_gb_s": shm_update,  # gradients in and fresh values back, per direction
-        "shared_memory_pull_gb_s": shm_pull,
+        # an Update as a stub sends one: the gradients into the region, the values back in it
+        "shared_memory_update_gb_s": shm_update,
         "in_process_push_gb_s": local_push,
         "in_process_pull_gb_s": local_pull,
     }
