@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.data_link import METHODS, LinkClosed, framed, recv_frame, send_pieces
+from psfw.protocol.data_link import METHODS, KeptPages, LinkClosed, framed, fresh_buffer, recv_frame, send_pieces
 from psfw.protocol.errors import WireError
 from psfw.protocol.frames import Frame, Malformed, frame_deserializer, frame_encoder, message_deserializer
 from psfw.protocol.local_link import CALL, END, HELLO, MESSAGE, OK, LinkBroken, error_frame, token_refusal
@@ -178,7 +178,7 @@ class DataListener:
             method = bytes(method).decode("ascii", "replace")
             if kind != CALL or method not in METHODS:
                 raise LinkBroken(f"a call began with frame kind {kind} ({method!r}), not a CALL of {METHODS}")
-            payloads = self._request(conn)
+            payloads = self._request(conn, KeptPages().take if method == "Put" else fresh_buffer)
             held = sum(len(p) for p in payloads)
             serving = asyncio.run_coroutine_threadsafe(self._served(method, payloads, name), self._loop)
             serving.add_done_callback(lambda _: self._release(held))
@@ -203,13 +203,14 @@ class DataListener:
                 self._idle.notify_all()
         return True
 
-    def _request(self, conn: socket.socket) -> list[memoryview]:
-        """A call's messages, up to its END, each frame within FRAME_S: what all
-        connections hold at once stays within the shard's request limit."""
+    def _request(self, conn: socket.socket, buffer) -> list[memoryview]:
+        """A call's messages, up to its END, each frame within FRAME_S and in a
+        buffer of ``buffer`` (a Put's are kept: ``KeptPages``): what all connections
+        hold at once stays within the shard's request limit."""
         payloads, total = [], 0
         try:
             while True:
-                kind, payload = recv_frame(conn, deadline=time.monotonic() + FRAME_S)
+                kind, payload = recv_frame(conn, deadline=time.monotonic() + FRAME_S, buffer=buffer)
                 if kind == END:
                     return payloads
                 if kind != MESSAGE:

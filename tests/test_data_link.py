@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from psfw.protocol.data_link import data_host, framed, recv_frame
+from psfw.protocol.data_link import KeptPages, data_host, framed, recv_frame
 from psfw.protocol.errors import ShardError, WireError
 from psfw.protocol.local_link import CALL, END, ERROR, HEAD, HELLO, MESSAGE, OK, LinkBroken
 from psfw.protocol.messages import UpdateHeader
@@ -363,3 +363,26 @@ async def test_a_data_port_that_cannot_be_reached_is_not_tried_on_every_call(sha
         await client.describe()
         await asyncio.sleep(1.1)
     assert len(tries) == 1 and client.kind == "grpc"
+
+
+def test_a_put_s_bytes_land_aligned_in_mappings_sized_to_the_call():
+    """What a Put keeps comes in mappings whose pages are in place already: each
+    buffer aligned and on its own, a small call's mapping small, a large call's
+    mappings at most the chunk (what it leaves unused is bounded by both)."""
+
+    def mapping(view: memoryview):
+        return view.obj.base  # the array the view was cut from, then its mmap
+
+    pages = KeptPages(chunk=1 << 20)
+    assert len(mapping(pages.take(100))) == 128, "a small call maps what it needs"
+    views = [pages.take(n) for n in (300_000, 300_000, 700_000, 3 << 20, 10)]
+    addresses = [np.frombuffer(v, np.uint8).ctypes.data for v in views]
+    assert all(a % 64 == 0 for a in addresses)
+    spans = sorted((a, a + len(v)) for a, v in zip(addresses, views, strict=True))
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), "no two buffers overlap"
+    for value, view in enumerate(views):  # writable, each its own
+        np.frombuffer(view, np.uint8)[:] = value
+    assert [int(np.frombuffer(v, np.uint8)[-1]) for v in views] == list(range(len(views)))
+    # each mapping as large as what the call took so far (at least its frame, at
+    # most the chunk unless the frame is larger)
+    assert [len(mapping(v)) for v in views] == [300_032, 300_160, 700_032, 3 << 20, 1 << 20]
