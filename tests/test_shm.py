@@ -348,3 +348,45 @@ async def _push_and_pull_many_rows(shared, network):
     assert shared.kind == "shared-memory"
     np.testing.assert_array_equal(answer.table_rows["big"].ids, ids)
     np.testing.assert_array_equal(answer.table_rows["big"].values, -np.ones((len(ids), 8), np.float32))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("optimizer", [{"name": "sgd", "learning_rate": 0.3}, {"name": "adam", "learning_rate": 0.01}])
+async def test_training_through_the_region_with_parameters_cut_over_both_shards_equals_single_process_training(
+    optimizer, caplog
+):
+    """Two workers add their gradients up in the region; both shards write their
+    slices of one parameter into it (slices that start off a 64-byte boundary too),
+    by turns: the result is full-batch training."""
+    import logging
+
+    from psfw.jobs.config import parse_config
+    from psfw.jobs.embedded import run_job
+    from psfw.jobs.job import build_job
+    from psfw.runtime.fetch import fetch_params
+
+    from helpers import assert_params_close, reference
+
+    config = parse_config(
+        {
+            "data": {"name": "digits"},
+            "model": {"hidden": [10]},
+            "optimizer": optimizer,
+            "train": {"batch_size": 50, "steps": 7},
+            "cluster": {"workers_per_group": 2, "workers_per_process": 2, "servers": 2, "slice_bytes": 1000},
+        }
+    )
+    job = build_job(config)
+    starts = [s.start * 4 for p in job.layout.params.values() for s in p.slices]
+    assert any(start % 64 for start in starts) and {s.shard for s in job.layout.params["dense0/w"].slices} == {0, 1}
+    with shard_processes(2) as (addresses, _):
+        with caplog.at_level(logging.INFO, logger="psfw"):
+            await run_job(job, addresses)
+        assert "shards 0-1 shared-memory" in caplog.text
+        clients = [ShardClient(a, i, timeout_s=30) for i, a in enumerate(addresses)]
+        try:
+            params = await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), 30)
+        finally:
+            for client in clients:
+                await client.close()
+    assert_params_close(params, reference(config, job.steps))
