@@ -6,8 +6,11 @@ close); an embedding table's rows ride on get and update (``pull``, ``push``):
 - ``InProcessClient`` (``psfw.runtime.inprocess``): the shard runs in this very
   process; its store is called directly, no bytes are made;
 - ``SharedMemoryClient`` (``psfw.runtime.shm_transport``): the shard runs on this
-  host; tensors go through a shared-memory region, the headers over gRPC;
-- ``ShardClient`` (``psfw.runtime.grpc_transport``): anywhere, over gRPC.
+  host; an Update's tensors go through the process's shared-memory region
+  (``psfw.runtime.step_region``), its header over the shard's same-host link, every
+  other verb over the network;
+- ``ShardClient`` (``psfw.runtime.grpc_transport``): anywhere, over the shard's data
+  link where it offers one, else gRPC.
 
 What differs between them that a caller must know is declared in ``Capabilities``;
 nothing outside a transport tests which one it is. ``psfw.runtime.connect`` picks one
