@@ -361,8 +361,8 @@ async def test_training_through_the_region_with_parameters_cut_over_both_shards_
     import logging
 
     from psfw.jobs.config import parse_config
-    from psfw.jobs.embedded import run_job
     from psfw.jobs.job import build_job
+    from psfw.jobs.worker_processes import run_worker_processes
     from psfw.runtime.fetch import fetch_params
 
     from helpers import assert_params_close, reference
@@ -381,7 +381,7 @@ async def test_training_through_the_region_with_parameters_cut_over_both_shards_
     assert any(start % 64 for start in starts) and {s.shard for s in job.layout.params["dense0/w"].slices} == {0, 1}
     with shard_processes(2) as (addresses, _):
         with caplog.at_level(logging.INFO, logger="psfw"):
-            await run_job(job, addresses)
+            await run_worker_processes(job, addresses)
         assert "shards 0-1 shared-memory" in caplog.text
         clients = [ShardClient(a, i, timeout_s=30) for i, a in enumerate(addresses)]
         try:

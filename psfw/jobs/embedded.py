@@ -11,19 +11,16 @@ import asyncio
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from psfw.compute.step import make_grad_step, make_sparse_step
 from psfw.jobs.config import Config, load_config
 from psfw.jobs.evaluation import Evaluator, eval_line
-from psfw.jobs.job import Job, build_job, warn_empty_shards
+from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import (
     CHECKPOINTS,
     PARAMS_FILE,
@@ -38,16 +35,13 @@ from psfw.jobs.outputs import (
     write_params,
 )
 from psfw.jobs.progress import ProgressBar, StepReporter, log_line
-from psfw.protocol.errors import ConfigError, UsageError, WireError
+from psfw.jobs.worker_processes import job_devices, run_worker_processes
+from psfw.protocol.errors import UsageError, WireError
 from psfw.protocol.identity import changed
 from psfw.protocol.security import NO_SECURITY, Security
 from psfw.runtime.connect import connect_all
-from psfw.runtime.devices import describe_devices, worker_devices
 from psfw.runtime.fetch import fetch_params, fetch_rows
-from psfw.runtime.param_cache import ParamCache
-from psfw.runtime.stub import Stub
 from psfw.runtime.table_feed import EVAL_ROWS
-from psfw.runtime.worker import WorkerSpec, run_worker
 from psfw.services.server import ShardServer, in_process
 
 log = logging.getLogger("psfw")
@@ -79,121 +73,6 @@ class TrainResult:
         return ", ".join(shown)
 
 
-async def run_job(
-    job: Job,
-    addresses: list[str],
-    *,
-    processes: list[int] | None = None,
-    reporter: StepReporter | None = None,
-    security: Security = NO_SECURITY,
-    resume: bool = False,
-    on_start: Callable[[int, int], None] | None = None,
-    watch: Callable[[int, dict[str, Any]], None] | None = None,
-    devices: dict[int, str] | None = None,
-) -> list[Stub]:
-    """Run worker processes of ``job`` (default: all) in this OS process, each with
-    its own stub, cache and channels, against the shards at ``addresses``.
-    ``resume``: continue the job where the shards hold it (else a process whose
-    group has advanced there is refused, see ``Stub``).
-
-    Process ``p`` is local process ``p % processes_per_group`` of group
-    ``p // processes_per_group`` and runs ``workers_per_process`` workers, each on
-    its device (``cluster.devices``). ``watch`` sees process 0's every new step
-    (the evaluation); ``devices`` (worker -> device) is filled with where each
-    worker's gradients were computed, as seen on the arrays.
-    """
-    c, t = job.config.cluster, job.config.train
-    total = c.worker_groups * c.processes_per_group
-    processes = list(range(total)) if processes is None else processes
-    wrong = [p for p in processes if not 0 <= p < total]
-    if wrong:
-        raise UsageError(
-            f"process {wrong[0]} does not exist: the cluster of {job.config.source} has processes 0..{total - 1}"
-        )
-    if len(addresses) != c.servers:
-        raise ConfigError(
-            f"{job.config.source}: cluster.servers: {c.servers} shards, but {len(addresses)} shard addresses were given"
-        )
-    if 0 in processes:  # once per job: the OS process that runs process 0
-        warn_empty_shards(job)
-    tables = bool(job.model.tables)
-    step_fn = make_sparse_step(job.model.loss) if tables else make_grad_step(job.model.loss)
-    # the devices of every worker run in this OS process, in turn: processes here spread over them too
-    chosen = _devices(job, len(processes))
-    identity = job.identity()
-    stubs: list[Stub] = []
-    async with AsyncExitStack() as stack:
-        # one thread per worker, held for the whole job (its steps run there): nothing
-        # else may be submitted to this pool, it would wait for the job's end
-        executor = stack.enter_context(
-            ThreadPoolExecutor(len(processes) * c.workers_per_process, thread_name_prefix="psfw-worker")
-        )
-        async with _first_cause(), asyncio.TaskGroup() as tasks:
-            for here, process in enumerate(processes):
-                group, local = divmod(process, c.processes_per_group)
-                mine = chosen[here * c.workers_per_process : (here + 1) * c.workers_per_process]
-                workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
-                spec = WorkerSpec(
-                    layout=job.layout,
-                    treedef=job.treedef,
-                    step_fn=step_fn,
-                    init=job.model.init,
-                    seed=job.config.seed,
-                    data=job.data,
-                    order=job.order(group),
-                    workers_per_group=c.workers_per_group,
-                    executor=executor,
-                    wait_s=t.wait_s,
-                    devices={w: d for w, d in zip(workers, mine) if d is not None},
-                    seen={} if devices is None else devices,
-                    ids=job.model.ids if tables else None,
-                )
-                on = describe_devices(workers, mine)
-                clients = await connect_all(
-                    addresses,
-                    who=f"process {process} of group {group}" + (f" ({on})" if on else ""),
-                    local=in_process if c.transport == "auto" else lambda address: None,
-                    layout=job.layout if c.transport == "auto" else None,
-                    timeout_s=t.wait_s,
-                    retries=t.retries,
-                    security=security,
-                    compression=c.compression,
-                    data_link=c.data_link,
-                )
-                for client in clients:
-                    stack.push_async_callback(client.close)
-                cache = ParamCache(group, process)
-                if process == 0 and watch is not None:
-                    cache.watchers.append(watch)
-                stub = Stub(
-                    clients=clients,
-                    layout=job.layout,
-                    cache=cache,
-                    group=group,
-                    process=process,
-                    workers=workers,
-                    workers_per_group=c.workers_per_group,
-                    optimizer=job.config.optimizer.spec_json(),
-                    wait_s=t.wait_s,
-                    on_metrics=reporter,
-                    worker_groups=c.worker_groups,
-                    staleness=c.staleness,
-                    warmup_steps=c.warmup_steps,
-                    checkpoint_every=t.checkpoint_every,
-                    identity=identity,
-                    resume=resume,
-                    on_start=on_start,
-                    tables=job.table_feed(group, workers, evaluates=process == 0 and watch is not None)
-                    if tables
-                    else None,
-                )
-                stubs.append(stub)
-                tasks.create_task(stub.run(job.steps), name=f"stub-{process}")
-                for w in workers:
-                    tasks.create_task(run_worker(spec, w, group, stub, cache, job.steps), name=f"worker-{process}.{w}")
-    return stubs
-
-
 async def train_async(
     config: Config,
     run_dir: str | Path | None = None,
@@ -217,7 +96,7 @@ async def train_async(
     TLS and token for the channels to ``servers``.
     """
     job = build_job(config)
-    _devices(job)  # a device this process does not see: refused before the run folder is touched
+    job_devices(job)  # a device this process does not see: refused before the run folder is touched
     t, c = config.train, config.cluster
     processes = list(range(c.worker_groups * c.processes_per_group)) if processes is None else processes
     chief = 0 in processes
@@ -283,7 +162,7 @@ async def train_async(
             evaluator = Evaluator(job, [eval_line] + ([metrics.write] if metrics is not None else []))
             stack.push_async_exit(evaluator.exit_callback())
         devices: dict[int, str] = {}
-        stubs = await run_job(
+        stubs = await run_worker_processes(
             job,
             addresses,
             processes=processes,
@@ -359,39 +238,6 @@ async def _go_on_with_the_optimizer(
     except WireError as err:
         raise UsageError(f"--change-optimizer: {err.message}") from None
     return changes
-
-
-def _devices(job: Job, processes: int = 1) -> list[Any]:
-    """The device of each worker of ``processes`` worker processes run in this OS
-    process, in order (``cluster.devices``)."""
-    try:
-        return worker_devices(job.config.cluster.devices, processes * job.config.cluster.workers_per_process)
-    except ValueError as err:
-        raise job.config.error("cluster.devices", str(err)) from None
-
-
-@asynccontextmanager
-async def _first_cause():
-    """Raise the error that stopped the job, not the group of every task's error.
-
-    One failure (a shard's refusal, a worker's model error) stops the stubs and
-    workers of every process here, each with an error that names it as its cause;
-    the user wants that one error, in one line."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        ids = {id(e) for e in leaves}
-        # a worker told "process N stopped: ..." carries the stub's error as its cause
-        roots = [e for e in leaves if id(e.__cause__) not in ids] or leaves
-        raise roots[0] from None
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
 
 
 def _append_json(path: Path, record: dict[str, Any]) -> None:

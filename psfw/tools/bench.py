@@ -24,10 +24,10 @@ from psfw.compute.batching import BatchOrder
 from psfw.compute.params import flatten_params
 from psfw.compute.step import make_grad_step
 from psfw.jobs.config import Config, parse_config
-from psfw.jobs.embedded import run_job
 from psfw.jobs.job import build_job
 from psfw.jobs.progress import StepReporter
 from psfw.jobs.shard_processes import shard_processes
+from psfw.jobs.worker_processes import run_worker_processes
 from psfw.runtime.devices import device_name
 from psfw.runtime.fetch import fetch_params
 from psfw.runtime.grpc_transport import ShardClient
@@ -143,7 +143,7 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None, final:
             servers.append(server)
             addresses.append(server.address)
     try:
-        await run_job(job, addresses, reporter=reporter)
+        await run_worker_processes(job, addresses, reporter=reporter)
         params = await _trained(job, addresses) if final else None
     finally:
         for server in servers:

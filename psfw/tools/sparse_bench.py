@@ -27,9 +27,9 @@ from psfw.compute.datasets import Dataset
 from psfw.compute.params import flatten_params
 from psfw.compute.recsys import embedding_bag
 from psfw.jobs.config import parse_config
-from psfw.jobs.embedded import run_job
 from psfw.jobs.job import Job
 from psfw.jobs.progress import StepReporter
+from psfw.jobs.worker_processes import run_worker_processes
 from psfw.protocol.layout import plan_layout
 from psfw.services.server import ShardServer
 
@@ -76,7 +76,7 @@ async def _train(job: Job, warmup: int) -> dict[str, float]:
     for server in servers:
         await server.start("127.0.0.1:0")
     try:
-        stubs = await run_job(job, [s.address for s in servers], reporter=reporter)
+        stubs = await run_worker_processes(job, [s.address for s in servers], reporter=reporter)
     finally:
         for server in servers:
             await server.stop(0)

@@ -1,0 +1,177 @@
+"""Worker processes of a job run inside this OS process.
+
+Each worker process of the cluster (a group's share of workers) gets its own stub,
+parameter cache and transports to the shards; its workers run in threads of one
+pool. ``psfw train`` runs every process of the job here, ``psfw worker`` the ones
+it is told to, the benchmark its own selection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from psfw.compute.step import make_grad_step, make_sparse_step
+from psfw.jobs.job import Job, warn_empty_shards
+from psfw.jobs.progress import StepReporter
+from psfw.protocol.errors import ConfigError, UsageError
+from psfw.protocol.security import NO_SECURITY, Security
+from psfw.runtime.connect import connect_all
+from psfw.runtime.devices import describe_devices, worker_devices
+from psfw.runtime.param_cache import ParamCache
+from psfw.runtime.stub import Stub
+from psfw.runtime.worker import WorkerSpec, run_worker
+from psfw.services.server import in_process
+
+__all__ = ["job_devices", "run_worker_processes"]
+
+
+async def run_worker_processes(
+    job: Job,
+    addresses: list[str],
+    *,
+    processes: list[int] | None = None,
+    reporter: StepReporter | None = None,
+    security: Security = NO_SECURITY,
+    resume: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
+    watch: Callable[[int, dict[str, Any]], None] | None = None,
+    devices: dict[int, str] | None = None,
+) -> list[Stub]:
+    """Run worker processes of ``job`` (default: all) in this OS process, each with
+    its own stub, cache and channels, against the shards at ``addresses``.
+    ``resume``: continue the job where the shards hold it (else a process whose
+    group has advanced there is refused, see ``Stub``).
+
+    Process ``p`` is local process ``p % processes_per_group`` of group
+    ``p // processes_per_group`` and runs ``workers_per_process`` workers, each on
+    its device (``cluster.devices``). ``watch`` sees process 0's every new step
+    (the evaluation); ``devices`` (worker -> device) is filled with where each
+    worker's gradients were computed, as seen on the arrays.
+    """
+    c, t = job.config.cluster, job.config.train
+    total = c.worker_groups * c.processes_per_group
+    processes = list(range(total)) if processes is None else processes
+    wrong = [p for p in processes if not 0 <= p < total]
+    if wrong:
+        raise UsageError(
+            f"process {wrong[0]} does not exist: the cluster of {job.config.source} has processes 0..{total - 1}"
+        )
+    if len(addresses) != c.servers:
+        raise ConfigError(
+            f"{job.config.source}: cluster.servers: {c.servers} shards, but {len(addresses)} shard addresses were given"
+        )
+    if 0 in processes:  # once per job: the OS process that runs process 0
+        warn_empty_shards(job)
+    tables = bool(job.model.tables)
+    step_fn = make_sparse_step(job.model.loss) if tables else make_grad_step(job.model.loss)
+    # the devices of every worker run in this OS process, in turn: processes here spread over them too
+    chosen = job_devices(job, len(processes))
+    identity = job.identity()
+    stubs: list[Stub] = []
+    async with AsyncExitStack() as stack:
+        # one thread per worker, held for the whole job (its steps run there): nothing
+        # else may be submitted to this pool, it would wait for the job's end
+        executor = stack.enter_context(
+            ThreadPoolExecutor(len(processes) * c.workers_per_process, thread_name_prefix="psfw-worker")
+        )
+        async with _first_cause(), asyncio.TaskGroup() as tasks:
+            for here, process in enumerate(processes):
+                group, local = divmod(process, c.processes_per_group)
+                mine = chosen[here * c.workers_per_process : (here + 1) * c.workers_per_process]
+                workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
+                spec = WorkerSpec(
+                    layout=job.layout,
+                    treedef=job.treedef,
+                    step_fn=step_fn,
+                    init=job.model.init,
+                    seed=job.config.seed,
+                    data=job.data,
+                    order=job.order(group),
+                    workers_per_group=c.workers_per_group,
+                    executor=executor,
+                    wait_s=t.wait_s,
+                    devices={w: d for w, d in zip(workers, mine) if d is not None},
+                    seen={} if devices is None else devices,
+                    ids=job.model.ids if tables else None,
+                )
+                on = describe_devices(workers, mine)
+                clients = await connect_all(
+                    addresses,
+                    who=f"process {process} of group {group}" + (f" ({on})" if on else ""),
+                    local=in_process if c.transport == "auto" else lambda address: None,
+                    layout=job.layout if c.transport == "auto" else None,
+                    timeout_s=t.wait_s,
+                    retries=t.retries,
+                    security=security,
+                    compression=c.compression,
+                    data_link=c.data_link,
+                )
+                for client in clients:
+                    stack.push_async_callback(client.close)
+                cache = ParamCache(group, process)
+                if process == 0 and watch is not None:
+                    cache.watchers.append(watch)
+                stub = Stub(
+                    clients=clients,
+                    layout=job.layout,
+                    cache=cache,
+                    group=group,
+                    process=process,
+                    workers=workers,
+                    workers_per_group=c.workers_per_group,
+                    optimizer=job.config.optimizer.spec_json(),
+                    wait_s=t.wait_s,
+                    on_metrics=reporter,
+                    worker_groups=c.worker_groups,
+                    staleness=c.staleness,
+                    warmup_steps=c.warmup_steps,
+                    checkpoint_every=t.checkpoint_every,
+                    identity=identity,
+                    resume=resume,
+                    on_start=on_start,
+                    tables=job.table_feed(group, workers, evaluates=process == 0 and watch is not None)
+                    if tables
+                    else None,
+                )
+                stubs.append(stub)
+                tasks.create_task(stub.run(job.steps), name=f"stub-{process}")
+                for w in workers:
+                    tasks.create_task(run_worker(spec, w, group, stub, cache, job.steps), name=f"worker-{process}.{w}")
+    return stubs
+
+
+def job_devices(job: Job, processes: int = 1) -> list[Any]:
+    """The device of each worker of ``processes`` worker processes run in this OS
+    process, in order (``cluster.devices``)."""
+    try:
+        return worker_devices(job.config.cluster.devices, processes * job.config.cluster.workers_per_process)
+    except ValueError as err:
+        raise job.config.error("cluster.devices", str(err)) from None
+
+
+@asynccontextmanager
+async def _first_cause():
+    """Raise the error that stopped the job, not the group of every task's error.
+
+    One failure (a shard's refusal, a worker's model error) stops the stubs and
+    workers of every process here, each with an error that names it as its cause;
+    the user wants that one error, in one line."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        ids = {id(e) for e in leaves}
+        # a worker told "process N stopped: ..." carries the stub's error as its cause
+        roots = [e for e in leaves if id(e.__cause__) not in ids] or leaves
+        raise roots[0] from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
