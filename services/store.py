@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,13 +50,12 @@ from psfw.services.rounds import (
 from psfw.services.tables import ShardTables
 
 NONFINITE_POLICIES = ("reject", "skip")
-# a shard this small updates on the event loop (less than a thread hop); a larger one
-# in a thread when its process holds other shards too (the embedded default), so that
-# their updates run side by side: 8 MiB inline made the two 3.7 MB shards of the
-# benchmark update one after the other, and embedded samples/s were 5 % lower
-INLINE_UPDATE_BYTES = 256 << 10
-ALONE_INLINE_UPDATE_BYTES = 8 << 20  # a shard alone in its process (psfw server): no one to update beside
-_STORES: weakref.WeakSet = weakref.WeakSet()  # the shards of this process
+# a shard this small updates on the event loop (less than a thread hop), a larger one
+# in a thread. Also where a process holds several shards (the embedded default): their
+# updates are memory-bound and XLA spreads each over every core, so side by side in
+# threads they took 0.16-0.19 ms a step longer than one after the other (the two
+# 3.7 MB shards of the benchmark, alternating blocks of steps in one run)
+INLINE_UPDATE_BYTES = 8 << 20
 log = logging.getLogger("psfw.server")
 
 __all__ = ["ShardStore", "UpdateResult"]
@@ -103,7 +101,6 @@ class ShardStore:
         self.started = time.monotonic()
         self.damage = ""  # why the state cannot be trusted any more (an update failed halfway)
         self.lock = asyncio.Lock()  # held while the values change (an update, a Put, a restore)
-        _STORES.add(self)
         self._progress = asyncio.Condition()
 
     # -- reading -------------------------------------------------------------
@@ -455,7 +452,7 @@ class ShardStore:
                     finite = False  # a table's update is not finite: the dense parameters stay as they are too
                 elif not self.values:
                     finite = True  # a shard that holds nothing still counts the group's steps
-                elif self.nbytes() <= self._inline_bytes() and unshared(self.values, list(self.values)) in (
+                elif self.nbytes() <= INLINE_UPDATE_BYTES and unshared(self.values, list(self.values)) in (
                     self.kernel.compiled
                 ):
                     finite = self._run_kernel(grads, np.float32(rnd.rows))  # less than a thread hop
@@ -495,10 +492,6 @@ class ShardStore:
             if group == 0 and checkpoint_every and state.step % checkpoint_every == 0:
                 self.checkpoints.save_now()
         await self.notify()
-
-    @staticmethod
-    def _inline_bytes() -> int:
-        return INLINE_UPDATE_BYTES if len(_STORES) > 1 else ALONE_INLINE_UPDATE_BYTES
 
     def _run_kernel(self, grads: dict, rows: np.float32) -> bool:
         """The kernel's update of every slice (see UpdateKernel.apply); a failure that
