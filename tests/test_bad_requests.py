@@ -235,3 +235,53 @@ async def test_nonfinite_policy_skip_skips_the_step_and_keeps_the_values():
     finally:
         await client.close()
         await server.stop(0)
+
+
+IN_PROCESS_BAD_PARTS = {
+    "wrong dtype": (
+        "w",
+        0,
+        np.ones(4, np.float64),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "w[0] is float32[4], the request sent float64[4]",
+    ),
+    "wrong shape": (
+        "w",
+        0,
+        np.ones((2, 2), np.float32),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the request sent float32[2, 2]",
+    ),
+    "unsupported dtype": (
+        "w",
+        0,
+        np.ones(4, np.int8),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "dtype 'int8' is not supported",
+    ),
+    "unknown slice": ("w", 7, np.ones(4, np.float32), grpc.StatusCode.NOT_FOUND, "holds no slice w[7]"),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", IN_PROCESS_BAD_PARTS)
+async def test_an_in_process_update_is_checked_as_the_servicer_checks_one(running, case):
+    """The in-process transport (the embedded default) calls the shard's store
+    directly: a worker's part of the wrong dtype or shape, or of a slice the shard
+    does not hold, is refused as over gRPC, and the shard is left as it was (the
+    good part of the same slice is not added either)."""
+    from psfw.protocol.errors import ShardError
+    from psfw.protocol.messages import UpdateHeader
+    from psfw.runtime.inprocess import InProcessClient
+
+    server = running[0]
+    client = InProcessClient(server, 0)
+    before = server.store.digest()
+    key, index, bad, code, message = IN_PROCESS_BAD_PARTS[case]
+    head = UpdateHeader(group=0, step=0, process=0, workers=2, rows=2, workers_per_group=2, wait_s=2)
+    parts = {("w", 0): (np.ones(4, np.float32), np.ones(4, np.float32)), ("w", 1): (np.ones(4, np.float32),) * 2}
+    parts[(key, index)] = (np.ones(4, np.float32), bad)
+    with pytest.raises(ShardError) as err:
+        await client.update(head, parts, server.store.expect)
+    assert err.value.code == code and message in str(err.value)
+    assert server.store.digest() == before and server.store.groups == {}
