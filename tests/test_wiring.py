@@ -1,0 +1,162 @@
+"""Cluster wiring: each shard is where --servers says, and a worker says what it waits for."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import tomllib
+
+import pytest
+import pytest_asyncio
+
+from psfw.cli.main import main
+from psfw.jobs.config import parse_config
+from psfw.jobs.embedded import train_async
+from psfw.protocol.errors import UsageError
+from psfw.runtime.connect import connect_all
+from psfw.services.server import ShardServer
+from psfw.tools.cluster import Cluster
+
+from helpers import shm_region
+
+CONFIG = """
+seed = 3
+[model]
+name = "mlp"
+hidden = [8]
+[train]
+batch_size = 16
+steps = 2
+wait_s = 20
+[cluster]
+servers = 2
+transport = "{transport}"
+"""
+
+
+@pytest_asyncio.fixture
+async def two_shards():
+    """Shards 0 and 1 of 2, on ports of their own."""
+    servers = [ShardServer(i, 2) for i in range(2)]
+    for server in servers:
+        await server.start("127.0.0.1:0")
+    yield [s.address for s in servers]
+    for server in servers:
+        await server.stop(0)
+
+
+async def _refusal(addresses: list[str]) -> str:
+    with pytest.raises(UsageError) as refused:
+        await connect_all(addresses, who="", timeout_s=10, retries=0)
+    return str(refused.value)
+
+
+@pytest.mark.asyncio
+async def test_swapped_addresses_are_refused_at_connect_naming_the_shard_and_its_place(two_shards):
+    first, second = two_shards
+    assert await _refusal([second, first]) == (
+        f"{second} is shard 1 of 2, but --servers lists it first: "
+        "list the shards in the order of their --shard (shard 0 first)"
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_shard_started_for_another_count_is_refused_at_connect(two_shards):
+    lone = ShardServer(0, 1)
+    await lone.start("127.0.0.1:0")
+    try:
+        assert await _refusal([two_shards[0], lone.address]) == (
+            f"{lone.address} was started --of 1, but --servers lists 2 shards: "
+            "start every shard with --of 2, or list the shards of one cluster"
+        )
+    finally:
+        await lone.stop(0)
+
+
+@pytest.mark.asyncio
+async def test_an_address_listed_twice_is_refused_before_connecting():
+    # nothing listens there: the refusal comes before any connection is tried
+    assert await _refusal(["127.0.0.1:1", "127.0.0.1:1"]) == (
+        "--servers lists 127.0.0.1:1 twice: give each shard's address once, in the order of their --shard"
+    )
+
+
+@pytest.mark.asyncio
+async def test_shards_of_this_process_are_checked_too(two_shards):
+    """The in-process path (shards that run in this very process) checks the same."""
+    config = parse_config(tomllib.loads(CONFIG.format(transport="auto")), "job.toml")
+    with pytest.raises(UsageError, match=r"is shard 1 of 2, but --servers lists it first"):
+        await train_async(config, progress=False, outputs=False, servers=two_shards[::-1])
+
+
+@pytest.mark.asyncio
+async def test_psfw_worker_with_swapped_servers_says_so_in_one_line(two_shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.toml").write_text(CONFIG.format(transport="grpc"))
+    first, second = two_shards
+    argv = ["worker", "job.toml", "--servers", f"{second},{first}", "--run-dir", str(tmp_path / "run")]
+    code = await asyncio.to_thread(main, argv)  # its own event loop, beside the shards'
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip() == (
+        f"psfw worker: {second} is shard 1 of 2, but --servers lists it first: "
+        "list the shards in the order of their --shard (shard 0 first)"
+    )
+
+
+def test_psfw_worker_refuses_an_address_given_twice(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.toml").write_text(CONFIG.format(transport="grpc"))
+    code = main(["worker", "job.toml", "--servers", "127.0.0.1:1,127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == (
+        "psfw worker: --servers lists 127.0.0.1:1 twice: give each shard's address once, in the order of their --shard"
+    )
+
+
+@pytest.mark.asyncio
+async def test_status_shows_each_shards_own_index_and_says_what_is_wrong(two_shards, capsys):
+    first, second = two_shards
+    async with Cluster([second, first]) as cluster:
+        rows = await cluster.status(interval_s=0)
+    assert [r["shard"] for r in rows] == [1, 0]
+    assert rows[0]["problem"].startswith(f"{second} is shard 1 of 2, but the address list has it first")
+    code = await asyncio.to_thread(main, ["status", f"{second},{first}", "--interval", "0"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert f"psfw status: {second} is shard 1 of 2, but the address list has it first" in err
+    assert f"psfw status: {first} is shard 0 of 2, but the address list has it second" in err
+    assert len(out.splitlines()) == 3, out  # the table is still shown
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.asyncio
+async def test_a_worker_started_before_its_same_host_shard_takes_the_same_host_path(caplog):
+    """The path is chosen when the shard first answers, not at the first try."""
+    address = f"127.0.0.1:{_free_port()}"
+    region = shm_region(1000, 24)
+    server = ShardServer(0, 1)
+    caplog.set_level(logging.INFO, logger="psfw")
+    try:
+        connecting = asyncio.create_task(
+            connect_all([address], who="process 0", layout=region.layout, timeout_s=30, retries=0)
+        )
+        await asyncio.sleep(0.5)
+        assert not connecting.done(), "connect waits for a shard that is not up yet"
+        await server.start(address)
+        [transport] = await asyncio.wait_for(connecting, 40)
+        try:
+            assert transport.step_buffers is not None, "the same-host path declares the region as its buffers"
+            assert "process 0: shard 0 shared-memory" in caplog.text
+        finally:
+            await transport.close()
+    finally:
+        region.release()
+        await server.stop(0)
