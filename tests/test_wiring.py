@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import socket
 import tomllib
 
@@ -14,6 +16,7 @@ from psfw.cli.main import main
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
 from psfw.protocol.errors import UsageError
+from psfw.runtime import waiting
 from psfw.runtime.connect import connect_all
 from psfw.services.server import ShardServer
 from psfw.tools.cluster import Cluster
@@ -159,4 +162,57 @@ async def test_a_worker_started_before_its_same_host_shard_takes_the_same_host_p
             await transport.close()
     finally:
         region.release()
+        await server.stop(0)
+
+
+ONE_PARAMETER_MODEL = """
+import jax.numpy as jnp
+
+
+def init(key):
+    return {"w": jnp.zeros((10, 1), jnp.float32)}
+
+
+def loss(params, x, y):
+    return jnp.mean((x @ params["w"] - y.reshape(-1, 1)) ** 2), {}
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_step_that_waits_for_a_process_names_it_every_few_seconds(tmp_path, monkeypatch, caplog):
+    """Process 1 of the group never starts: process 0 says so while it waits, long
+    before its wait runs out."""
+    monkeypatch.setattr(waiting, "REPORT_EVERY_S", 0.2)
+    (tmp_path / "model.py").write_text(ONE_PARAMETER_MODEL)  # one parameter: process 0 owns it
+    config = parse_config(
+        {
+            "model": {"name": "custom", "path": "model.py"},
+            "data": {"name": "diabetes"},
+            "train": {"batch_size": 8, "steps": 3, "wait_s": 120},
+            "cluster": {"workers_per_group": 2, "workers_per_process": 1, "servers": 1},
+        },
+        "job.toml",
+        str(tmp_path),
+    )
+    server = ShardServer(0, 1)
+    await server.start("127.0.0.1:0")
+    job = asyncio.create_task(
+        train_async(config, progress=False, outputs=False, servers=[server.address], processes=[0])
+    )
+    try:
+        said = []
+        for _ in range(600):  # at most 60 s, for the start (JAX compiles) and a few intervals
+            said = [r.getMessage() for r in caplog.records if "waiting for process" in r.getMessage()]
+            if len(said) >= 2 or job.done():
+                break
+            await asyncio.sleep(0.1)
+        assert not job.done(), "the job waits (wait_s = 120)"
+        assert len(said) >= 2, "said again every interval"
+        first = re.fullmatch(r"group 0 step 0: waiting for process 1 since \d\d:\d\d:\d\d \((\d+) s\)", said[0])
+        assert first is not None, said[0]
+        assert int(first.group(1)) <= 5
+    finally:
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
         await server.stop(0)
