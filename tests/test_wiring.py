@@ -15,13 +15,13 @@ import pytest_asyncio
 from psfw.cli.main import main
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
-from psfw.protocol.errors import UsageError
+from psfw.protocol.errors import PsfwError, UsageError
 from psfw.runtime import waiting
 from psfw.runtime.connect import connect_all
 from psfw.services.server import ShardServer
 from psfw.tools.cluster import Cluster
 
-from helpers import shm_region
+from helpers import assert_params_close, reference, shm_region
 
 CONFIG = """
 seed = 3
@@ -216,3 +216,40 @@ async def test_a_step_that_waits_for_a_process_names_it_every_few_seconds(tmp_pa
         with contextlib.suppress(asyncio.CancelledError):
             await job
         await server.stop(0)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_a_process_started_twice_is_refused_and_the_running_job_ends_as_if_alone(two_shards):
+    steps = 3000  # long enough to run on while the second start looks (about a second)
+    config = parse_config(
+        {
+            "seed": 4,
+            "model": {"name": "mlp", "hidden": [8]},
+            "train": {"batch_size": 16, "steps": steps, "wait_s": 60},
+            "optimizer": {"name": "sgd", "learning_rate": 0.1},
+            "cluster": {"workers_per_group": 2, "workers_per_process": 1, "servers": 2},
+        },
+        "job.toml",
+    )
+    run = dict(progress=False, outputs=False, servers=two_shards)
+    job = asyncio.create_task(train_async(config, processes=[0, 1], **run))
+    async with Cluster(two_shards) as cluster:
+        for _ in range(600):  # at most 60 s: until the job is well under way
+            step = min(r.groups[0].step if r.groups else 0 for r in await cluster.describe())
+            if step >= 20 or job.done():
+                break
+            await asyncio.sleep(0.1)
+    assert not job.done() and step >= 20
+    for resume in (False, True):  # --resume would not make it a restart either
+        with pytest.raises(PsfwError) as refused:
+            await train_async(config, processes=[1], resume=resume, **run)
+        assert re.fullmatch(
+            r"process 1 of group 0 is already running against these shards \(last report \d+ s ago\): "
+            r"stop it first, or start this one as another --process",
+            str(refused.value),
+        ), str(refused.value)
+    assert not job.done(), "the refusal came while the job ran"
+    result = await asyncio.wait_for(job, 300)
+    assert result.steps == steps
+    assert_params_close(result.params, reference(config, steps))

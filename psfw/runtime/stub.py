@@ -205,6 +205,7 @@ class Stub:
 
     async def _join(self, steps: int) -> int:
         self.cache.doing("joining the shards")
+        await self.sync.refuse_second_start()
         replies = await self.sync.settle()
         self.epoch = replies[0].epoch
         start = min(group_step(r, self.group) for r in replies)
