@@ -178,6 +178,7 @@ def loss(params, x, y):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_a_step_that_waits_for_a_process_names_it_every_few_seconds(tmp_path, monkeypatch, caplog):
     """Process 1 of the group never starts: process 0 says so while it waits, long
@@ -221,7 +222,7 @@ async def test_a_step_that_waits_for_a_process_names_it_every_few_seconds(tmp_pa
 @pytest.mark.slow
 @pytest.mark.asyncio
 async def test_a_process_started_twice_is_refused_and_the_running_job_ends_as_if_alone(two_shards):
-    steps = 3000  # long enough to run on while the second start looks (about a second)
+    steps = 5000  # long enough to run on while the second start looks (a second or two, twice)
     config = parse_config(
         {
             "seed": 4,
