@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,24 @@ class GroupState:
     round: Round | None = None
     last: list[int] = field(default_factory=list)  # processes of the last applied step (the dedup state)
     last_metrics: tuple[dict[str, float], int] = ({}, 0)  # the last applied step's metric sums and rows
+
+
+class Reports:
+    """When each process of each group last sent an Update, and how many it sent:
+    a process started a second time sees the first one report again (not
+    checkpointed: it is about processes alive now)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, int], tuple[int, float]] = {}  # (group, process) -> (updates, monotonic)
+
+    def seen(self, group: int, process: int) -> None:
+        count = self._seen.get((group, process), (0, 0.0))[0]
+        self._seen[(group, process)] = (count + 1, time.monotonic())
+
+    def of(self, group: int) -> list[tuple[int, int, float]]:
+        """``(process, updates, seconds since the last)`` for the processes of ``group``."""
+        now = time.monotonic()
+        return [(p, n, now - at) for (g, p), (n, at) in sorted(self._seen.items()) if g == group]
 
 
 @dataclass(frozen=True)

@@ -307,12 +307,14 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
         )
     for group, state in sorted(store.groups.items()):
         rnd = state.round
-        reply.groups.add(
+        info = reply.groups.add(
             group=group,
             step=state.step,
             pending_workers=rnd.workers if rnd else 0,
             pending_processes=sorted(rnd.contributions) if rnd else [],
         )
+        for process, updates, age_s in store.reports.of(group):
+            info.reports.add(process=process, updates=updates, age_s=age_s)
     return reply
 
 

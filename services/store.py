@@ -36,6 +36,7 @@ from psfw.services.persistence import ShardCheckpoints
 from psfw.services.rounds import (
     Contribution,
     GroupState,
+    Reports,
     Round,
     UpdateResult,
     check_put,
@@ -93,6 +94,7 @@ class ShardStore:
         self.opt_state: dict[SliceKey, Any] = {}
         self.tables = ShardTables(shard, shards)  # the rows of the job's embedding tables routed here
         self.groups: dict[int, GroupState] = {}
+        self.reports = Reports()  # who sent Updates lately (Describe says it)
         self.kernel: UpdateKernel | None = None  # fixed by the first Put
         self.job = ""  # the identity (JSON) of the job whose parameters the shard holds, from its first Put
         self.fingerprint = ""  # of that job
@@ -325,6 +327,7 @@ class ShardStore:
         added again; a step that is already complete answers with current values.
         """
         self._check_current(head)
+        self.reports.seen(head.group, head.process)
         self.tables.check_pull(head.pull)
         bad_rows = self.tables.check_push(head.push)
         sums = {k: v if isinstance(v, tuple) else (v,) for k, v in sums.items()}  # parts, added when applied

@@ -140,14 +140,17 @@ def one_of(*choices: str) -> Callable[[str], str]:
     return one_of
 
 
-def shard_addresses(text: str) -> list[str]:
+def shard_addresses(text: str, listed: str = "--servers lists") -> list[str]:
     """``host:port,host:port`` -> the addresses; UsageError for one without a port
-    (gRPC would quietly try port 443)."""
+    (gRPC would quietly try port 443) or one given twice (two places, one shard);
+    ``listed``: what the user gave them as, for the message."""
     addresses = [a.strip() for a in text.split(",") if a.strip()]
-    for address in addresses:
+    for i, address in enumerate(addresses):
         host, colon, port = address.rpartition(":")
         if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
             raise UsageError(f"shard address {address!r} is not host:port (e.g. 127.0.0.1:50051, [::1]:50051)")
+        if address in addresses[:i]:
+            raise UsageError(f"{listed} {address} twice: give each shard's address once, in the order of their --shard")
     return addresses
 
 

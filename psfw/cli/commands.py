@@ -112,13 +112,17 @@ def run_launch(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     from psfw.tools.cluster import Cluster, format_status
 
-    async def show() -> None:
-        addresses = shard_addresses(args.servers)
+    async def show() -> list[str]:
+        addresses = shard_addresses(args.servers, "the address list has")
         async with Cluster(addresses, security=_client_security(args)) as cluster:
-            print(format_status(await cluster.status(args.interval)))
+            rows = await cluster.status(args.interval)
+        print(format_status(rows))
+        return [r["problem"] for r in rows if r["problem"]]
 
-    asyncio.run(show())
-    return 0
+    problems = asyncio.run(show())
+    for problem in problems:  # the table shows each shard's own index; this says what to fix
+        say(f"psfw status: {problem}")
+    return 1 if problems else 0
 
 
 def run_health(args: argparse.Namespace) -> int:

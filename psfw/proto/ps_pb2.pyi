@@ -219,16 +219,28 @@ class TableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., rows_held: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer: _Optional[str] = ..., updates: _Optional[int] = ..., rows_touched: _Optional[int] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
-    __slots__ = ("group", "step", "pending_workers", "pending_processes")
+    __slots__ = ("group", "step", "pending_workers", "pending_processes", "reports")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PENDING_WORKERS_FIELD_NUMBER: _ClassVar[int]
     PENDING_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
     group: int
     step: int
     pending_workers: int
     pending_processes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., pending_workers: _Optional[int] = ..., pending_processes: _Optional[_Iterable[int]] = ...) -> None: ...
+    reports: _containers.RepeatedCompositeFieldContainer[ProcessReport]
+    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., pending_workers: _Optional[int] = ..., pending_processes: _Optional[_Iterable[int]] = ..., reports: _Optional[_Iterable[_Union[ProcessReport, _Mapping]]] = ...) -> None: ...
+
+class ProcessReport(_message.Message):
+    __slots__ = ("process", "updates", "age_s")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    process: int
+    updates: int
+    age_s: float
+    def __init__(self, process: _Optional[int] = ..., updates: _Optional[int] = ..., age_s: _Optional[float] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
     __slots__ = ("shard", "shards", "slices", "groups", "bytes", "rpc_counts", "optimizer", "updates_applied", "uptime_s", "epoch", "checkpoint_steps", "host", "digest", "job", "tables", "local_socket", "data_port", "data_id")

@@ -1,12 +1,20 @@
-"""Choosing a transport: ``connect`` picks one per shard, once, and ``connect_all``
-says which, in one line (``psfw: process 0 of group 0: shards 0-1 in-process``)."""
+"""Choosing a transport: ``connect`` picks one per shard, once, when the shard first
+answers, and ``connect_all`` says which, in one line (``psfw: process 0 of group 0:
+shards 0-1 in-process``). Both check that the shard is the one its place in the list
+says (its ``--shard I --of S``)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
+
+from psfw.proto import ps_pb2 as pb
+from psfw.protocol.errors import ShardError, UsageError
 from psfw.protocol.layout import Layout
 from psfw.protocol.security import NO_SECURITY, Security
 from psfw.runtime.grpc_transport import ShardClient
@@ -16,6 +24,7 @@ from psfw.runtime.step_region import StepRegion
 from psfw.runtime.transport import Transport
 
 log = logging.getLogger("psfw")
+DUPLICATE_HINT = "give each shard's address once, in the order of their --shard"
 
 
 async def connect(
@@ -29,14 +38,22 @@ async def connect(
     shared_memory: StepRegion | None = None,
     compression: str = "none",
     data_link: bool = True,
+    shards: int | None = None,
+    deadline: float | None = None,
 ) -> Transport:
     """A transport to the shard at ``address``: in-process when ``local`` (that
     shard, running in this process) is given; through shared memory when
     ``shared_memory`` (the process's region) is given and the shard runs on this
     host; else over the network (the shard's data link where it offers one and
-    ``data_link`` allows, else gRPC), its Updates compressed as ``compression`` says."""
+    ``data_link`` allows, else gRPC), its Updates compressed as ``compression`` says.
+
+    A shard that is not up yet is waited for until ``deadline`` (monotonic; default
+    ``timeout_s`` from now): the path is chosen by its first answer. Raises
+    UsageError when the shard is not shard ``shard`` (of ``shards``, when given)."""
     if local is not None:
-        return InProcessClient(local, shard, timeout_s)
+        client = InProcessClient(local, shard, timeout_s)
+        check_wiring(await client.describe(), address, shard, shards)
+        return client
     client = ShardClient(
         address,
         shard,
@@ -46,12 +63,71 @@ async def connect(
         compression=compression,
         data_link=data_link,
     )
-    if shared_memory is not None:
-        shared = await SharedMemoryClient.attach(client, shared_memory)
-        if shared is not None:
-            return shared
-    await client.open_data_link()
+    try:
+        reply = await first_answer(client, time.monotonic() + timeout_s if deadline is None else deadline)
+        check_wiring(reply, address, shard, shards)
+        if shared_memory is not None:
+            shared = await SharedMemoryClient.attach(client, shared_memory, reply)
+            if shared is not None:
+                return shared
+        await client.open_data_link(reply)
+    except BaseException:
+        await client.close()
+        raise
     return client
+
+
+async def first_answer(client: ShardClient, deadline: float) -> pb.DescribeReply:
+    """The shard's first Describe answer; a shard that cannot be reached yet (or
+    loads its checkpoint) is asked again until ``deadline`` (the client says every
+    few seconds that it waits)."""
+    delay = 0.05
+    while True:
+        try:
+            return await client.describe()
+        except ShardError as err:
+            if err.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def check_wiring(
+    reply: pb.DescribeReply, address: str, shard: int, shards: int | None, listed: str = "--servers lists"
+) -> None:
+    """Refuse a shard whose own ``--shard I --of S`` disagrees with its place in the
+    list of addresses (``listed``: what the user gave it as): its slices, table rows
+    and checkpoint files are another shard's."""
+    problem = wiring_problem(reply, address, shard, shards, listed)
+    if problem:
+        raise UsageError(problem)
+
+
+def wiring_problem(
+    reply: pb.DescribeReply, address: str, shard: int, shards: int | None, listed: str = "--servers lists"
+) -> str:
+    """What is wrong with the shard at ``address`` at place ``shard`` of the list, in
+    one line ('' if nothing)."""
+    if shards is not None and reply.shards != shards:
+        return (
+            f"{address} was started --of {reply.shards}, but {listed} {shards} shards: "
+            f"start every shard with --of {shards}, or list the shards of one cluster"
+        )
+    if reply.shard != shard:
+        return (
+            f"{address} is shard {reply.shard} of {reply.shards}, but {listed} it {_ordinal(shard)}: "
+            "list the shards in the order of their --shard (shard 0 first)"
+        )
+    return ""
+
+
+def _ordinal(index: int) -> str:
+    """0 -> ``first``, 3 -> ``4th``."""
+    if index < 3:
+        return ("first", "second", "third")[index]
+    n = index + 1
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 async def connect_all(
@@ -65,12 +141,27 @@ async def connect_all(
     """A transport per shard (see ``connect``); ``local``: the shard of an address
     that runs in this process, if any; ``layout``: the job's, to move the tensors
     of the shards on this host through one shared-memory region (None: never).
-    Logs which transports ``who`` uses, once ('' : not at all)."""
+    Logs which transports ``who`` uses, once ('' : not at all). Shards that are
+    not up yet are waited for (``timeout_s`` in all); UsageError for an address
+    listed twice or a shard that is not the one its place says."""
+    twice = next((a for i, a in enumerate(addresses) if a in addresses[:i]), None)
+    if twice is not None:
+        raise UsageError(f"--servers lists {twice} twice: {DUPLICATE_HINT}")
     transports = []
     region = StepRegion(layout) if layout is not None else None  # made once a shard on this host takes it
+    deadline = time.monotonic() + options.get("timeout_s", 60.0)
     try:
         for i, address in enumerate(addresses):
-            transports.append(await connect(address, i, local=local(address), shared_memory=region, **options))
+            transport = await connect(
+                address,
+                i,
+                local=local(address),
+                shared_memory=region,
+                shards=len(addresses),
+                deadline=deadline,
+                **options,
+            )
+            transports.append(transport)
     except BaseException:  # stopped halfway (a signal, a shard that is not there): no region outlives it
         for transport in transports:
             await transport.close()

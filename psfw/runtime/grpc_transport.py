@@ -156,13 +156,18 @@ class ShardClient:
         await self._data.drop()
         await self.channel.close()
 
-    async def open_data_link(self) -> None:
-        """Move tensors over the shard's data link from now on: ask the shard for it
-        and open it (a shard that is not up yet: the next Describe opens it)."""
+    async def open_data_link(self, reply: pb.DescribeReply | None = None) -> None:
+        """Move tensors over the shard's data link from now on: open the one its
+        Describe answer ``reply`` names (None: ask the shard; one that is not up yet:
+        the next Describe opens it)."""
         self._data.wanted = self._data.allowed
-        if self._data.wanted:
-            with contextlib.suppress(ShardError):
-                await self.describe()
+        if not self._data.wanted:
+            return
+        if reply is not None:
+            await self._data.relink(reply)
+            return
+        with contextlib.suppress(ShardError):
+            await self.describe()
 
     async def _linked(self, rpc: str, messages: Callable[[], Iterable[list]], answer: Callable, timeout: float):
         """The call over the data link (see ShardLink.call): its result, or None to go over gRPC."""

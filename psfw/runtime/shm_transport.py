@@ -70,13 +70,15 @@ class SharedMemoryClient:
         return self._held
 
     @classmethod
-    async def attach(cls, net: ShardClient, region: StepRegion) -> SharedMemoryClient | None:
+    async def attach(cls, net: ShardClient, region: StepRegion, reply=None) -> SharedMemoryClient | None:
         """A client through ``region`` if the shard runs on this host (None if not, or
-        if the shard is not up yet: the network path works once it is)."""
-        try:
-            reply = await net.describe()
-        except ShardError:
-            return None
+        if the shard is not up yet: the network path works once it is). ``reply``:
+        the shard's Describe answer, if the caller has it (``connect`` waits for it)."""
+        if reply is None:
+            try:
+                reply = await net.describe()
+            except ShardError:
+                return None
         if not reply.host or reply.host != host_id():
             return None
         try:

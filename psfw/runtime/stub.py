@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from psfw.protocol.errors import ConfigError, PsfwError, ShardError, WaitTimeout
-from psfw.protocol.layout import Layout, SliceKey
+from psfw.protocol.layout import Layout
 from psfw.protocol.messages import Gradients, UpdateHeader
 from psfw.protocol.wire import param_buffers, slice_views
 from psfw.runtime.fetch import fetch_params, fetch_rows, row_gets
@@ -31,6 +31,8 @@ from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.sync import ShardSync, group_step
 from psfw.runtime.table_feed import TableFeed
 from psfw.runtime.transport import Transport
+from psfw.runtime.waiting import GroupWait
+from psfw.runtime.whole_params import whole_params
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ class Stub:
         self._puts: asyncio.Queue[dict[str, np.ndarray]] = asyncio.Queue()
         self._wanted: asyncio.Future[dict[int, list[str]]] = self._loop.create_future()
         self.rpcs = {"Put": 0, "Get": 0, "Update": 0}
-        self._whole_params = jax.jit(functools.partial(_whole_params, layout))
+        self._whole_params = jax.jit(functools.partial(whole_params, layout))
         self.sync = ShardSync(
             clients,
             layout,
@@ -122,6 +124,7 @@ class Stub:
             job=self.fingerprint,
             wait_s=wait_s,
         )
+        self.group_wait = GroupWait(clients, group, process, self.group_processes)  # says whom a step waits for
         self.layout_slices = [layout.shard_slices(i) for i in range(len(clients))]  # what each shard holds
         # where the transports want a step's tensors (a shared region), if they say
         self.buffers = next((c.step_buffers for c in clients if c.step_buffers is not None), None)
@@ -202,6 +205,7 @@ class Stub:
 
     async def _join(self, steps: int) -> int:
         self.cache.doing("joining the shards")
+        await self.sync.refuse_second_start()
         replies = await self.sync.settle()
         self.epoch = replies[0].epoch
         start = min(group_step(r, self.group) for r in replies)
@@ -329,7 +333,12 @@ class Stub:
             return answer
 
         self.cache.doing(note)
-        replies = await asyncio.gather(*(send(i) for i in range(len(self.clients))))
+        watch = self.group_wait.watch(step, waiting)
+        try:
+            replies = await asyncio.gather(*(send(i) for i in range(len(self.clients))))
+        finally:
+            if watch is not None:
+                watch.cancel()
         comm_s = time.perf_counter() - started
         for shard, answer in enumerate(replies):
             if answer.step != step + 1:
@@ -387,13 +396,3 @@ class Stub:
             # how far this group runs ahead of the slowest group (SSP bounds it by staleness)
             report.update(slowest_step=self.slowest_step, lead=step + 1 - self.slowest_step)
         self.on_metrics(report)
-
-
-def _whole_params(layout: Layout, slices: dict[SliceKey, jax.Array]) -> dict[str, jax.Array]:
-    """Whole parameters from their slices (traced under jit: one XLA call)."""
-    params = {}
-    for name, spec in layout.params.items():
-        parts = [slices[(name, s.index)] for s in spec.slices]
-        flat = parts[0] if len(parts) == 1 else jax.numpy.concatenate(parts)
-        params[name] = flat.reshape(spec.shape)
-    return params

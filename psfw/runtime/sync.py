@@ -18,6 +18,9 @@ from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.transport import Transport
 
 log = logging.getLogger(__name__)
+# a process that sent an Update this recently may still run (started twice): watch it
+# this long, every WATCH_EVERY_S; a running one reports again (a restarted one never does)
+RECENT_S, WATCH_S, WATCH_EVERY_S = 30.0, 5.0, 0.25
 
 
 class ShardSync:
@@ -61,6 +64,23 @@ class ShardSync:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    async def refuse_second_start(self) -> None:
+        """Refuse to join as this process while another start of it still runs (it
+        sends Updates): before anything is sent that could disturb it. A process that
+        reported lately is watched for ``WATCH_S``; one that was stopped stays quiet."""
+        last = reports_of(await self.describe_all(), self.group, self.process)
+        if last is None or last[1] > RECENT_S:
+            return
+        deadline = time.monotonic() + WATCH_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(WATCH_EVERY_S)
+            now = reports_of(await self.describe_all(), self.group, self.process)
+            if now is not None and now[0] > last[0]:
+                raise PsfwError(
+                    f"process {self.process} of group {self.group} is already running against these shards "
+                    f"(last report {now[1]:.0f} s ago): stop it first, or start this one as another --process"
+                )
 
     async def settle(self) -> list:
         """Describe the shards until they agree on an epoch and, for this group, on a
@@ -160,3 +180,12 @@ class ShardSync:
 def group_step(reply, group: int) -> int:
     """A group's completed steps in a shard's Describe answer."""
     return next((g.step for g in reply.groups if g.group == group), 0)
+
+
+def reports_of(replies: list, group: int, process: int) -> tuple[int, float] | None:
+    """A process's Updates summed over the shards and the age of its latest (None:
+    it sent none since the shards started)."""
+    seen = [r for reply in replies for g in reply.groups if g.group == group for r in g.reports if r.process == process]
+    if not seen:
+        return None
+    return sum(r.updates for r in seen), min(r.age_s for r in seen)

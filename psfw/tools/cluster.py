@@ -20,6 +20,7 @@ from psfw.jobs.job import build_job
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.errors import PsfwError, UsageError
 from psfw.protocol.security import NO_SECURITY, Security
+from psfw.runtime.connect import wiring_problem
 from psfw.runtime.fetch import fetch_params
 from psfw.runtime.grpc_transport import ShardClient
 
@@ -77,12 +78,13 @@ class Cluster:
             await asyncio.sleep(interval_s)
         second, elapsed = await self.describe(), time.monotonic() - started
         rows = []
-        for address, a, b in zip(self.addresses, first, second, strict=True):
+        for i, (address, a, b) in enumerate(zip(self.addresses, first, second, strict=True)):
             versions = [s.version for s in b.slices]
             rows.append(
                 {
-                    "shard": b.shard,
+                    "shard": b.shard,  # its own index: where it is listed in the wrong place, "problem" says so
                     "address": address,
+                    "problem": wiring_problem(b, address, i, len(self.addresses), "the address list has"),
                     "keys": len({s.key for s in b.slices}),
                     "slices": len(b.slices),
                     "bytes": b.bytes,
