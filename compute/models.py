@@ -1,7 +1,8 @@
 """Models as pure functions over pytrees of parameters.
 
 A :class:`Model` is ``init(key) -> params`` and ``loss(params, x, y) -> (loss,
-metrics)``; ``loss`` is the mean over the rows of ``x``. ``layers`` describes the net
+metrics)``; ``loss`` is the mean over the rows of ``x``. An optional ``predict(params,
+x)`` gives what the trained model answers for each row. ``layers`` describes the net
 structure for export: each layer names the parameters it uses, in data-flow order.
 """
 
@@ -32,7 +33,12 @@ class Model(NamedTuple):
     ``loss(params, x, y, embedded)``, where ``embedded[table]`` holds the looked-up
     rows, of shape ``ids.shape + (dim,)``; the tables are not in ``params``. An
     optional ``score(params, x, embedded)`` gives one score per row (the test set's
-    AUC is reported for a binary label)."""
+    AUC is reported for a binary label).
+
+    An optional ``predict(params, x)`` (``predict(params, x, embedded)`` with
+    tables) answers for each row of ``x``: class probabilities for a classifier,
+    values for a regression, next-token distributions for a language model
+    (``psfw predict``, ``psfw.load_model``)."""
 
     init: Callable[[jax.Array], Params]
     loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -40,9 +46,11 @@ class Model(NamedTuple):
     tables: Mapping[str, TableSpec] = {}
     ids: Callable[[Any], dict[str, Any]] | None = None
     score: Callable[..., jax.Array] | None = None
+    predict: Callable[..., jax.Array] | None = None
 
 
 Loss = Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+Output = Callable[[jax.Array], jax.Array]  # a head's outputs -> what the model predicts
 
 
 def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
@@ -61,12 +69,19 @@ def regression_loss(outputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, 
     return jnp.mean(error**2), {}
 
 
-def head_for(classes: int | None, label_shape: tuple[int, ...]) -> tuple[int, Loss, str]:
-    """A classifier's or a regressor's last layer: its width, its loss and the loss's
-    name (net.json): ``classes`` logits, or one output per target value."""
+def class_probabilities(logits: jax.Array) -> jax.Array:
+    """A classifier's prediction: the probability of each class (the last axis)."""
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def head_for(classes: int | None, label_shape: tuple[int, ...]) -> tuple[int, Loss, str, Output]:
+    """A classifier's or a regressor's last layer: its width, its loss, the loss's
+    name (net.json) and its prediction: ``classes`` logits whose probabilities are
+    predicted, or one output per target value, predicted in the labels' shape."""
     if classes is not None:
-        return classes, classification_loss, "softmax_cross_entropy"
-    return math.prod(label_shape), regression_loss, "mean_squared_error"
+        return classes, classification_loss, "softmax_cross_entropy", class_probabilities
+    shape = tuple(label_shape)
+    return math.prod(label_shape), regression_loss, "mean_squared_error", lambda h: h.reshape(h.shape[0], *shape)
 
 
 def _dense_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Array]:
@@ -77,9 +92,14 @@ def _dense_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Arra
     }
 
 
-def mlp(sizes: Sequence[int], head: Loss = classification_loss, head_name: str = "softmax_cross_entropy") -> Model:
+def mlp(
+    sizes: Sequence[int],
+    head: Loss = classification_loss,
+    head_name: str = "softmax_cross_entropy",
+    output: Output = class_probabilities,
+) -> Model:
     """A ReLU multi-layer perceptron; ``sizes`` = [inputs, hidden..., outputs], the
-    outputs scored by ``head`` (see ``head_for``)."""
+    outputs scored by ``head`` and predicted through ``output`` (see ``head_for``)."""
     sizes = [int(s) for s in sizes]
     if len(sizes) < 2 or min(sizes) < 1:
         raise ValueError(f"mlp sizes must be at least [inputs, classes], got {sizes}")
@@ -100,13 +120,16 @@ def mlp(sizes: Sequence[int], head: Loss = classification_loss, head_name: str =
     def loss(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict]:
         return head(apply(params, x), y)
 
+    def predict(params: Params, x: jax.Array) -> jax.Array:
+        return output(apply(params, x))
+
     layers: list[Layer] = [{"name": "input", "type": "input", "shape": [sizes[0]], "params": []}]
     for i, n in enumerate(names):
         layers.append({"name": n, "type": "dense", "units": sizes[i + 1], "params": [f"{n}/w", f"{n}/b"]})
         if i < len(names) - 1:
             layers.append({"name": f"relu{i}", "type": "relu", "params": []})
     layers.append({"name": "loss", "type": head_name, "params": []})
-    return Model(init, loss, layers)
+    return Model(init, loss, layers, predict=predict)
 
 
 def cnn(
@@ -115,9 +138,11 @@ def cnn(
     channels: Sequence[int] = (16, 32),
     head: Loss = classification_loss,
     head_name: str = "softmax_cross_entropy",
+    output: Output = class_probabilities,
 ) -> Model:
     """A small convnet for NHWC images: 3x3 conv + ReLU (+ 2x2 average pool between
-    convs), then a dense layer of ``classes`` outputs scored by ``head``."""
+    convs), then a dense layer of ``classes`` outputs scored by ``head`` and
+    predicted through ``output``."""
     height, width, in_ch = (int(d) for d in input_shape)
     chans = [in_ch, *map(int, channels)]
     conv_names = [f"conv{i}" for i in range(len(chans) - 1)]
@@ -148,6 +173,9 @@ def cnn(
     def loss(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict]:
         return head(apply(params, x), y)
 
+    def predict(params: Params, x: jax.Array) -> jax.Array:
+        return output(apply(params, x))
+
     layers: list[Layer] = [{"name": "input", "type": "input", "shape": [height, width, in_ch], "params": []}]
     for i, n in enumerate(conv_names):
         layers.append({"name": n, "type": "conv3x3_relu", "channels": chans[i + 1], "params": [f"{n}/w", f"{n}/b"]})
@@ -155,7 +183,7 @@ def cnn(
             layers.append({"name": f"pool{i}", "type": "avg_pool2x2", "params": []})
     layers.append({"name": "head", "type": "dense", "units": classes, "params": ["head/w", "head/b"]})
     layers.append({"name": "loss", "type": head_name, "params": []})
-    return Model(init, loss, layers)
+    return Model(init, loss, layers, predict=predict)
 
 
 def load_user_model(path: str | Path, **options: Any) -> Model:
@@ -170,7 +198,8 @@ def load_user_model(path: str | Path, **options: Any) -> Model:
     If the file defines ``make(**options)``, it is called with the config's
     ``options`` and must return an object with ``init`` and ``loss``. A model with
     embedding tables also gives ``tables`` (name -> ``TableSpec``) and ``ids(x)``,
-    and its loss takes the looked-up rows (see ``Model``).
+    and its loss takes the looked-up rows (see ``Model``). An optional
+    ``predict(params, x[, embedded])`` is what ``psfw predict`` answers with.
     """
     path = Path(path)
     if not path.is_file():
@@ -216,4 +245,5 @@ def load_user_model(path: str | Path, **options: Any) -> Model:
         tables,
         getattr(source, "ids", None),
         getattr(source, "score", None),
+        getattr(source, "predict", None),
     )

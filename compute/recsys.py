@@ -47,6 +47,9 @@ def factorization_machine(users: int | None, items: int | None, dim: int = 16, s
         value = optax.sigmoid_binary_cross_entropy(logits, labels).mean()
         return value, {"accuracy": ((logits > 0) == (labels > 0.5)).mean()}
 
+    def predict(params: Params, x: jax.Array, embedded: dict[str, jax.Array]) -> jax.Array:
+        return jax.nn.sigmoid(score(params, x, embedded))
+
     layers: list[Layer] = [
         {"name": "input", "type": "input", "shape": [2], "params": []},
         {"name": "user", "type": "embedding", "table": "user", "dim": dim + 1, "params": []},
@@ -54,7 +57,7 @@ def factorization_machine(users: int | None, items: int | None, dim: int = 16, s
         {"name": "interaction", "type": "factorization_machine", "units": 1, "params": ["bias/b"]},
         {"name": "loss", "type": "sigmoid_cross_entropy", "params": []},
     ]
-    return Model(init, loss, layers, tables=tables, ids=ids, score=score)
+    return Model(init, loss, layers, tables=tables, ids=ids, score=score, predict=predict)
 
 
 def embedding_bag(rows: int | None, dim: int, dense: bool = False, scale: float = 0.01) -> Model:

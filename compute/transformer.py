@@ -5,7 +5,8 @@ multi-head self-attention and a ReLU feed-forward part, each behind a layer norm
 added back to the residual stream, a final layer norm, and the output logits from the
 token embedding itself (tied weights). The loss is the next-token cross-entropy
 averaged over the positions; the metrics are the token accuracy and the loss in
-bits per token (on byte-level text: bits per byte).
+bits per token (on byte-level text: bits per byte). The prediction is the
+distribution of the next token at every position.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def transformer_lm(vocab: int, seq_len: int, width: int = 128, heads: int = 4, d
         accuracy = (jnp.argmax(logits, axis=-1) == y).mean()
         return value, {"accuracy": accuracy, "bits_per_token": value / math.log(2)}
 
+    def predict(params: Params, x: jax.Array) -> jax.Array:
+        # at each position, the distribution of the token that follows it
+        return jax.nn.softmax(apply(params, x), axis=-1)
+
     layers: list[Layer] = [
         {"name": "tokens", "type": "input", "shape": [seq_len], "params": []},
         {"name": "embed", "type": "token_embedding", "units": width, "params": ["embed", "position"]},
@@ -99,4 +104,4 @@ def transformer_lm(vocab: int, seq_len: int, width: int = 128, heads: int = 4, d
         {"name": "logits", "type": "tied_output", "params": ["final_norm/scale", "final_norm/bias"]},
     )
     layers.append({"name": "loss", "type": "softmax_cross_entropy", "params": []})
-    return Model(init, loss, layers)
+    return Model(init, loss, layers, predict=predict)

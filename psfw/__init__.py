@@ -7,6 +7,7 @@ The public API is small:
   process; ``train_async`` is the same inside a running event loop;
 - ``load_params(run_dir)``: what a run trained, as its model's parameter pytree;
   ``load_table(run_dir, name)``: the rows of one of its embedding tables;
+  ``load_model(run_dir)``: its model with those parameters, ready to ``predict(x)``;
 - ``Model``, ``mlp``, ``cnn``: models as pure ``init``/``loss`` functions;
   ``TableSpec``: an embedding table a model declares;
 - ``ShardServer`` / ``serve``: one parameter-server shard over gRPC;
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names l
     from psfw.compute.tables import TableSpec
     from psfw.jobs.config import Config, load_config
     from psfw.jobs.embedded import TrainResult, train, train_async
+    from psfw.jobs.predictions import TrainedModel, load_model
     from psfw.jobs.trained import load_params, load_table
     from psfw.protocol.errors import ConfigError, PsfwError, ShardError, UsageError
     from psfw.protocol.messages import UpdateHeader
@@ -46,6 +48,8 @@ _EXPORTS = {
     "TrainResult": "psfw.jobs.embedded",
     "load_params": "psfw.jobs.trained",
     "load_table": "psfw.jobs.trained",
+    "load_model": "psfw.jobs.predictions",
+    "TrainedModel": "psfw.jobs.predictions",
     "TableSpec": "psfw.compute.tables",
     "Model": "psfw.compute.models",
     "mlp": "psfw.compute.models",
@@ -75,6 +79,7 @@ __all__ = [
     "ShardServer",
     "TableSpec",
     "TrainResult",
+    "TrainedModel",
     "Transport",
     "UpdateHeader",
     "UsageError",
@@ -82,6 +87,7 @@ __all__ = [
     "connect",
     "format_status",
     "load_config",
+    "load_model",
     "load_params",
     "load_table",
     "mlp",

@@ -131,3 +131,14 @@ async def test_a_spec_the_shards_refuse_at_the_first_put_is_a_config_error_in_on
     message = str(err.value)
     assert message.startswith("the shards refuse this job's first Put: shard ") and "\n" not in message
     assert "schedule.decay_rate 5.0 would grow the learning rate" in message and "{" not in message
+
+
+def test_a_runs_config_json_reads_back_the_settings_it_trained_with(examples):
+    """What a run folder records is read back as the same job (psfw eval, predict and
+    load_model rebuild the data from it): a click log's rows included."""
+    from psfw.jobs.config import stored_settings
+
+    for name, sets in [("recsys.toml", ["data.train=20000", "data.test=4000"]), ("digits_mlp.toml", [])]:
+        config = load_config(examples / name, sets)
+        again = parse_config(stored_settings(json.loads(config.model_dump_json())))
+        assert again.data == config.data and again.model == config.model, name

@@ -184,10 +184,42 @@ def run_eval(args: argparse.Namespace) -> int:
     from psfw.jobs.trained import evaluate_run
 
     config = load_config(args.config, args.set)
-    record = evaluate_run(args.run_dir, config, args.step)
+    record = evaluate_run(args.run_dir, config, args.step, args.checkpoint_dir)
     if args.json:
         print(json.dumps(record))
         return 0
     shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items() if k.startswith("test_"))
     print(f"step {record['step']}: {shown}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from psfw.jobs.config import load_config
+    from psfw.jobs.predictions import load_model, read_rows, write_predictions
+
+    config = load_config(args.config, args.set)
+    rows = read_rows(args.input) if args.input else None  # a wrong file is refused before the model is built
+    model = load_model(args.run_dir, args.step, config, args.checkpoint_dir)
+    x = model.job.data.x_test if rows is None else rows
+    predictions = model.predict(x)
+    output = Path(args.output) if args.output else Path(args.run_dir) / "predictions.npy"
+    written = write_predictions(output, predictions, model.predicted_class(predictions))
+    source = args.input or "the test split"
+    print(f"step {model.step}: {len(predictions)} rows of {source} -> {', '.join(map(str, written))}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import sys
+
+    from psfw.jobs.config import load_config
+    from psfw.jobs.predictions import generate, load_model
+
+    config = load_config(args.config, args.set)
+    model = load_model(args.run_dir, args.step, config, args.checkpoint_dir)
+    prompt = args.prompt.encode()
+    text = generate(model, prompt, args.bytes, args.temperature, args.seed)
+    sys.stdout.write((prompt + text).decode("utf-8", errors="replace") + "\n")
     return 0

@@ -1,4 +1,4 @@
-"""The ``psfw`` command: train, server, worker, launch, status, health, bench."""
+"""The ``psfw`` command: train, eval, predict, generate, server, worker, launch, status, health, bench."""
 
 from __future__ import annotations
 
@@ -34,6 +34,14 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key (repeatable): --set train.epochs=5 --set optimizer.learning_rate=3e-4; "
         "the value is a TOML value, else text",
+    )
+
+
+def _add_checkpoint_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint-dir",
+        help="the shards' --checkpoint-dir of a cluster run, where its checkpoints (and tables) are "
+        "(default: RUN_DIR/checkpoints)",
     )
 
 
@@ -74,7 +82,42 @@ def parser() -> argparse.ArgumentParser:
         "--step", type=integer(0), help="evaluate the run's checkpoint of this step (default: its final parameters)"
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_checkpoint_dir(ev)
     ev.set_defaults(run=commands.run_eval)
+
+    pr = sub.add_parser("predict", help="what a run's model answers for new rows (class probabilities, values)")
+    pr.add_argument("config", help="TOML config whose model to use (e.g. the run's own)")
+    _add_overrides(pr)
+    pr.add_argument("--run-dir", required=True, help="the run folder whose parameters to use")
+    pr.add_argument(
+        "--input", help="rows to predict: a .npy file, or an .npz file with x (default: the config's test split)"
+    )
+    pr.add_argument(
+        "--output",
+        help="where to write the predictions: FILE.npy (a classifier's classes beside it, FILE-class.npy), or "
+        "FILE.npz with predictions and class (default: RUN_DIR/predictions.npy)",
+    )
+    pr.add_argument(
+        "--step", type=integer(0), help="use the run's checkpoint of this step (default: its final parameters)"
+    )
+    _add_checkpoint_dir(pr)
+    pr.set_defaults(run=commands.run_predict)
+
+    ge = sub.add_parser("generate", help="text from a run's byte-level language model (examples/lm.toml)")
+    ge.add_argument("config", help="the language model's TOML config (e.g. the run's own)")
+    _add_overrides(ge)
+    ge.add_argument("--run-dir", required=True, help="the run folder whose parameters to use")
+    ge.add_argument("--prompt", required=True, help="the text to go on from")
+    ge.add_argument("--bytes", type=integer(1), default=200, help="how many bytes to write after the prompt")
+    ge.add_argument(
+        "--temperature", type=float, default=0.8, help="below 1: likelier bytes; 0: always the most probable"
+    )
+    ge.add_argument("--seed", type=integer(0), default=0, help="the seed of the draws")
+    ge.add_argument(
+        "--step", type=integer(0), help="use the run's checkpoint of this step (default: its final parameters)"
+    )
+    _add_checkpoint_dir(ge)
+    ge.set_defaults(run=commands.run_generate)
 
     s = sub.add_parser(
         "server",

@@ -296,9 +296,11 @@ def stored_settings(data: dict[str, Any]) -> dict[str, Any]:
     for key in _SET_BY_LOADER:
         data.pop(key, None)
     d = data.get("data")
-    if isinstance(d, dict) and "path" not in d and "module" not in d and d.get("name", "digits") != "synthetic":
+    if isinstance(d, dict) and "path" not in d and "module" not in d:
+        uses = DATA_KEYS.get(d.get("name", "digits"), ())
         for key in SYNTHETIC_ONLY:
-            d.pop(key, None)
+            if key not in uses:  # the clicks log keeps its train and test rows
+                d.pop(key, None)
     m = data.get("model")
     if isinstance(m, dict):
         uses = MODEL_KEYS.get(m.get("name", "mlp"), ())

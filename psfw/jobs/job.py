@@ -152,15 +152,15 @@ def build_model(config: Config, data: Dataset) -> Model:
                 f"{m.name} gives one class per row, but the labels have the shape {list(data.label_shape)} per row: "
                 "use a model for sequences (transformer) or your own",
             )
-        outputs, head, head_name = head_for(data.classes, data.label_shape)
+        outputs, head, head_name, output = head_for(data.classes, data.label_shape)
     if m.name == "mlp":
-        return mlp([math.prod(data.input_shape), *m.hidden, outputs], head, head_name)
+        return mlp([math.prod(data.input_shape), *m.hidden, outputs], head, head_name, output)
     if m.name == "cnn":
         if len(data.input_shape) != 3:
             raise config.error(
                 "model.name", f"cnn needs image data (H, W, C), {_data_named(config)} has {data.input_shape}"
             )
-        return cnn(data.input_shape, outputs, m.channels, head, head_name)
+        return cnn(data.input_shape, outputs, m.channels, head, head_name, output)
     if m.name == "transformer":
         if data.classes is None or len(data.input_shape) != 1 or data.label_shape != data.input_shape:
             raise config.error(
@@ -288,6 +288,27 @@ def _embedded(config: Config, model: Model, x: np.ndarray) -> tuple[dict[str, An
     return ({n: jax.ShapeDtypeStruct((*ids[n].shape, s.dim), np.float32) for n, s in model.tables.items()},)
 
 
+def _check_predict(config: Config, model: Model, data: Dataset, shapes: Any) -> None:
+    """A model's ``predict``, run on one batch's shapes as the loss is: ConfigError
+    in one line when it does not take them or gives no array."""
+    if model.predict is None:
+        return
+    rows = min(config.train.batch_size, len(data.x_train))
+    x = data.x_train[:rows]
+    try:
+        out = jax.eval_shape(model.predict, shapes, x, *_embedded(config, model, np.asarray(x)))
+    except Exception as err:
+        raise config.error(
+            _model_field(config), f"predict(params, x) fails on a batch of {x.dtype}{list(x.shape)}: {_first_line(err)}"
+        ) from None
+    if getattr(out, "shape", ())[:1] != (rows,):
+        raise config.error(
+            _model_field(config),
+            f"predict(params, x) must give one answer per row (an array of {rows} rows for a batch of {rows}), "
+            f"not {out}",
+        )
+
+
 def build_job(config: Config) -> Job:
     """Load the data, build the model and plan the layout; ConfigError (naming the
     config file and the field) when they cannot work together."""
@@ -303,6 +324,7 @@ def build_job(config: Config) -> Job:
     if config.tables is not None and not model.tables:
         raise config.error("tables", f"{_model_field(config)} declares no embedding tables: drop [tables]")
     shapes_tree = _check_model(config, model, data)
+    _check_predict(config, model, data, shapes_tree)
     flat, treedef = flatten_params(shapes_tree)
     try:  # here, not when net.json is written at the end of training
         model = model._replace(layers=check_layers(model.layers, list(flat)))

@@ -41,15 +41,27 @@ def run_config(run_dir: Path) -> Config:
     return parse_config(data, source, base_dir)
 
 
-def trained_values(run_dir: Path, job: Job, step: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
+def checkpoint_folder(run_dir: Path, checkpoint_dir: str | Path | None = None) -> Path:
+    """Where a run's checkpoints are: the run folder's own (``psfw train``, ``psfw
+    launch``), or the shards' ``--checkpoint-dir`` of a cluster run."""
+    return Path(checkpoint_dir) if checkpoint_dir is not None else run_dir / CHECKPOINTS
+
+
+def trained_values(
+    run_dir: Path, job: Job, step: int | None = None, checkpoints: Path | None = None
+) -> tuple[int, dict[str, np.ndarray]]:
     """``(step, values by name)`` of the run in ``run_dir``: its final parameters, or
-    those of its checkpoint of ``step``; UsageError, saying what there is, when the
-    folder has neither, and when they are not the parameters of ``job``'s model."""
+    those of its checkpoint of ``step`` (in ``checkpoints``, default the run's own);
+    UsageError, saying what there is, when the folder has neither, and when they are
+    not the parameters of ``job``'s model."""
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: no such run folder (give the --run-dir a psfw run wrote)")
     shards = job.config.cluster.servers
+    checkpoints = checkpoints or checkpoint_folder(run_dir)
     if step is None:
         path = run_dir / PARAMS_FILE
         if not path.exists():
-            steps = complete_steps(run_dir / CHECKPOINTS, shards)
+            steps = complete_steps(checkpoints, shards)
             there = f"; its checkpoints are of steps {_listed(steps)}: give one" if steps else ""
             raise UsageError(f"{run_dir} has no {PARAMS_FILE} (the run did not finish){there}")
         from safetensors import safe_open
@@ -58,13 +70,13 @@ def trained_values(run_dir: Path, job: Job, step: int | None = None) -> tuple[in
             at = int((f.metadata() or {}).get("step", -1))
             values = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no items())
     else:
-        steps = complete_steps(run_dir / CHECKPOINTS, shards)
+        steps = complete_steps(checkpoints, shards)
         if step not in steps:
             there = f"steps {_listed(steps)}" if steps else "none"
             raise UsageError(
-                f"{run_dir} has no complete checkpoint of step {step} for {shards} shards (it has {there})"
+                f"{checkpoints} has no complete checkpoint of step {step} for {shards} shards (it has {there})"
             )
-        at, values = step, _from_checkpoint(run_dir / CHECKPOINTS, step, job)
+        at, values = step, _from_checkpoint(checkpoints, step, job)
     _check_fit(values, job, run_dir)
     return at, values
 
@@ -116,51 +128,63 @@ def load_params(run_dir: str | Path, step: int | None = None, config: Config | N
     return unflatten_params(job.treedef, list(job.layout.params), values)
 
 
-def load_table(run_dir: str | Path, name: str, step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_table(
+    run_dir: str | Path, name: str, step: int | None = None, checkpoint_dir: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The rows of embedding table ``name`` that a run's shards saved in their
     checkpoint of ``step`` (default: the newest complete one), gathered from every
     shard: ``(ids, values)``, sorted by id. A row that training never touched is not
-    saved: its value is still its initial one::
+    saved: its value is still its initial one. ``checkpoint_dir``: the shards'
+    folder of a cluster run (default: the run folder's ``checkpoints``)::
 
         ids, rows = psfw.load_table("runs/run-001", "user")
     """
     run_dir = Path(run_dir)
+    root = checkpoint_folder(run_dir, checkpoint_dir)
     shards = run_config(run_dir).cluster.servers
-    steps = complete_steps(run_dir / CHECKPOINTS, shards)
+    steps = complete_steps(root, shards)
     if step is None and not steps:
-        raise UsageError(f"{run_dir} has no complete checkpoint: its tables were never saved")
+        raise UsageError(f"{root} has no complete checkpoint: the run's tables were never saved there")
     if step is not None and step not in steps:
-        raise UsageError(f"{run_dir} has no complete checkpoint of step {step} (it has {_listed(steps) or 'none'})")
+        raise UsageError(f"{root} has no complete checkpoint of step {step} (it has {_listed(steps) or 'none'})")
     at = steps[-1] if step is None else step
-    parts = [load_table_rows(run_dir / CHECKPOINTS, at, shard, name) for shard in range(shards)]
+    parts = [load_table_rows(root, at, shard, name) for shard in range(shards)]
     if any(p is None for p in parts):
-        raise UsageError(f"the checkpoint of step {at} in {run_dir} holds no embedding table {name!r}")
+        raise UsageError(f"the checkpoint of step {at} in {root} holds no embedding table {name!r}")
     ids = np.concatenate([p[0] for p in parts])
     order = np.argsort(ids, kind="stable")
     return ids[order], np.concatenate([p[1] for p in parts])[order]
 
 
-def _test_rows(run_dir: Path, job: Job, step: int) -> dict[str, RowBlock]:
-    """The rows of the test split's ids as the run saved them at ``step`` (their
-    initial values where training never touched them)."""
+def rows_of(
+    job: Job, saved: dict[str, tuple[np.ndarray, np.ndarray]], ids: dict[str, np.ndarray]
+) -> dict[str, RowBlock]:
+    """The rows of the sorted unique ``ids`` of each table as ``saved`` holds them
+    (``load_table``'s ``(ids, values)``), their initial values where training never
+    touched them."""
     out = {}
-    for name, ids in job.test_ids().items():
-        saved_ids, saved = load_table(run_dir, name, step)
-        values = initial_rows(job.config.seed, name, ids, job.model.tables[name])
-        where = np.searchsorted(saved_ids, ids).clip(0, max(len(saved_ids) - 1, 0))
-        found = saved_ids[where] == ids if len(saved_ids) else np.zeros(len(ids), bool)
-        values[found] = saved[where[found]]
-        out[name] = RowBlock(ids, values)
+    for name, wanted in ids.items():
+        saved_ids, saved_values = saved[name]
+        values = initial_rows(job.config.seed, name, wanted, job.model.tables[name])
+        where = np.searchsorted(saved_ids, wanted).clip(0, max(len(saved_ids) - 1, 0))
+        found = saved_ids[where] == wanted if len(saved_ids) else np.zeros(len(wanted), bool)
+        values[found] = saved_values[where[found]]
+        out[name] = RowBlock(wanted, values)
     return out
 
 
-def evaluate_run(run_dir: str | Path, config: Config, step: int | None = None) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path, config: Config, step: int | None = None, checkpoint_dir: str | Path | None = None
+) -> dict[str, Any]:
     """The test loss and metrics of what the run in ``run_dir`` trained (its final
     parameters, or its checkpoint of ``step``) under ``config``'s model and test
-    split: ``{"step", "test_loss", "test_<metric>"...}`` (``psfw eval``)."""
+    split: ``{"step", "test_loss", "test_<metric>"...}`` (``psfw eval``).
+    ``checkpoint_dir``: the shards' folder of a cluster run."""
     job = build_job(config)
-    at, values = trained_values(Path(run_dir), job, step)
+    run_dir = Path(run_dir)
+    at, values = trained_values(run_dir, job, step, checkpoint_folder(run_dir, checkpoint_dir))
     if job.model.tables:
-        values = {**values, EVAL_ROWS: _test_rows(Path(run_dir), job, at)}
+        saved = {name: load_table(run_dir, name, at, checkpoint_dir) for name in job.model.tables}
+        values = {**values, EVAL_ROWS: rows_of(job, saved, job.test_ids())}
     loss, metrics = test_metrics(job, values)
     return {"step": at, "test_loss": loss, **{f"test_{name}": value for name, value in metrics.items()}}
