@@ -33,7 +33,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config key (repeatable): --set train.epochs=5 --set optimizer.learning_rate=3e-4; "
-        "the value is a TOML value, else text",
+        "the value is a TOML value, else text; an empty value removes the key (--set train.epochs=)",
     )
 
 

@@ -320,8 +320,10 @@ def settings_of(config: Config) -> dict[str, Any]:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``data`` with each ``KEY=VALUE`` of ``overrides`` set (``--set train.epochs=5``):
     a dotted key into the tables, a value parsed as a TOML value (``5``, ``3e-4``,
-    ``true``, ``[64, 64]``, ``"adam"``), else taken as text (``adam``). The result is
-    validated as the file is; ConfigError naming the override when it cannot apply."""
+    ``true``, ``[64, 64]``, ``"adam"``), else taken as text (``adam``); an empty
+    value removes the key (``--set train.epochs=``, so that ``train.steps`` can take
+    its place). The result is validated as the file is; ConfigError naming the
+    override when it cannot apply."""
     data = copy.deepcopy(data)  # tables and all (a TOML date is no JSON value)
     for item in overrides:
         key, equals, text = item.partition("=")
@@ -341,6 +343,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"--set {item}: {above} is a value, not a table: set {above} itself")
         if key.split(".")[0] in _SET_BY_LOADER:
             raise ConfigError(f"--set {item}: {key}: unknown key (check its spelling against the config reference)")
+        if not text.strip():
+            if last not in where:
+                raise ConfigError(f"--set {item}: the config sets no {key}, so there is nothing to remove")
+            del where[last]
+            continue
         where[last] = value
     return data
 
