@@ -82,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
         "--step", type=integer(0), help="evaluate the run's checkpoint of this step (default: its final parameters)"
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument(
+        "--input", help="evaluate on this .npz file's x_test and y_test (or x and y) instead of the config's test split"
+    )
     _add_checkpoint_dir(ev)
     ev.set_defaults(run=commands.run_eval)
 

@@ -25,7 +25,7 @@ from psfw.jobs.trained import checkpoint_folder, load_table, rows_of, run_config
 from psfw.protocol.errors import UsageError
 from psfw.runtime.table_feed import padded_rows, positions
 
-__all__ = ["TrainedModel", "generate", "load_model", "read_rows", "write_predictions"]
+__all__ = ["TrainedModel", "generate", "load_model", "write_predictions"]
 
 
 class TrainedModel:
@@ -108,26 +108,6 @@ def load_model(
     at, values = trained_values(run_dir, job, step, checkpoint_folder(run_dir, checkpoint_dir))
     tables = {name: load_table(run_dir, name, at, checkpoint_dir) for name in job.model.tables}
     return TrainedModel(job, at, values, tables)
-
-
-def read_rows(path: str | Path) -> np.ndarray:
-    """The rows to predict from a file: a ``.npy`` array, or the ``x`` (else
-    ``x_test``) array of an ``.npz`` file; UsageError in one line otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--input {path}: no such file (give a .npy file, or an .npz file with an array x)")
-    try:
-        if path.suffix == ".npy":
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as arrays:
-                for key in ("x", "x_test"):
-                    if key in arrays.files:
-                        return arrays[key]
-                raise UsageError(f"--input {path} holds {sorted(arrays.files)}, but no array x (or x_test) to predict")
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--input {path} cannot be read as a numpy file: {err}") from None
-    raise UsageError(f"--input {path}: give a .npy file, or an .npz file with an array x")
 
 
 def _checked_rows(job: Job, x: Any, what: str) -> Any:

@@ -20,6 +20,7 @@ from psfw.jobs.config import Config, parse_config, stored_settings
 from psfw.jobs.evaluation import test_metrics
 from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE
+from psfw.jobs.user_rows import with_test_split
 from psfw.protocol.errors import UsageError
 from psfw.protocol.messages import RowBlock
 from psfw.runtime.table_feed import EVAL_ROWS
@@ -174,13 +175,20 @@ def rows_of(
 
 
 def evaluate_run(
-    run_dir: str | Path, config: Config, step: int | None = None, checkpoint_dir: str | Path | None = None
+    run_dir: str | Path,
+    config: Config,
+    step: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    test_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """The test loss and metrics of what the run in ``run_dir`` trained (its final
     parameters, or its checkpoint of ``step``) under ``config``'s model and test
     split: ``{"step", "test_loss", "test_<metric>"...}`` (``psfw eval``).
-    ``checkpoint_dir``: the shards' folder of a cluster run."""
+    ``checkpoint_dir``: the shards' folder of a cluster run; ``test_file``: an
+    ``.npz`` file whose test split is used instead of the config's."""
     job = build_job(config)
+    if test_file is not None:
+        job = with_test_split(job, test_file)
     run_dir = Path(run_dir)
     at, values = trained_values(run_dir, job, step, checkpoint_folder(run_dir, checkpoint_dir))
     if job.model.tables:
