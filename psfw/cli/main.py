@@ -11,6 +11,7 @@ import threading
 from psfw.cli import commands
 from psfw.cli.arguments import (
     Parser,
+    checkpoint_step,
     data_port,
     env,
     integer,
@@ -79,7 +80,9 @@ def parser() -> argparse.ArgumentParser:
     _add_overrides(ev)
     ev.add_argument("--run-dir", required=True, help="the run folder whose parameters to evaluate")
     ev.add_argument(
-        "--step", type=integer(0), help="evaluate the run's checkpoint of this step (default: its final parameters)"
+        "--step",
+        type=checkpoint_step,
+        help="evaluate the run's checkpoint of this step, or best (train.keep_best's; default: its final parameters)",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument(
@@ -101,7 +104,9 @@ def parser() -> argparse.ArgumentParser:
         "FILE.npz with predictions and class (default: RUN_DIR/predictions.npy)",
     )
     pr.add_argument(
-        "--step", type=integer(0), help="use the run's checkpoint of this step (default: its final parameters)"
+        "--step",
+        type=checkpoint_step,
+        help="use the run's checkpoint of this step, or best (train.keep_best's; default: its final parameters)",
     )
     _add_checkpoint_dir(pr)
     pr.set_defaults(run=commands.run_predict)
@@ -117,7 +122,9 @@ def parser() -> argparse.ArgumentParser:
     )
     ge.add_argument("--seed", type=integer(0), default=0, help="the seed of the draws")
     ge.add_argument(
-        "--step", type=integer(0), help="use the run's checkpoint of this step (default: its final parameters)"
+        "--step",
+        type=checkpoint_step,
+        help="use the run's checkpoint of this step, or best (train.keep_best's; default: its final parameters)",
     )
     _add_checkpoint_dir(ge)
     ge.set_defaults(run=commands.run_generate)

@@ -167,11 +167,27 @@ class TrainConfig(_Strict):
     wait_s: float = Field(120.0, gt=0)  # longest wait for a group, a Get or a Put
     checkpoint_every: int = Field(0, ge=0)  # consistent shard checkpoints every N steps of group 0 (0: never)
     retries: int = Field(5, ge=0)  # retries of an RPC that found its shard UNAVAILABLE
+    # keep the checkpoint of the best evaluation apart from the rotation, by this
+    # recorded metric ("test_accuracy", "test_loss", ...); best_mode: max or min
+    # (default: min for a loss, else max)
+    keep_best: str | None = None
+    best_mode: Literal["max", "min"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
             raise _FieldError("epochs", "give train.steps or train.epochs, not both")
+        if self.best_mode is not None and self.keep_best is None:
+            raise _FieldError("best_mode", "says which way train.keep_best's metric is better: set keep_best too")
+        if self.keep_best is not None and (
+            not self.eval_every or not self.checkpoint_every or self.eval_every % self.checkpoint_every
+        ):
+            raise _FieldError(
+                "keep_best",
+                "keeps the checkpoint of the best evaluation, so the evaluations must fall on checkpoints: set "
+                f"train.eval_every to a multiple of train.checkpoint_every (now {self.eval_every} and "
+                f"{self.checkpoint_every})",
+            )
         return self
 
 

@@ -88,7 +88,7 @@ def _jitted(predict: Any, tables: bool) -> Any:
 
 def load_model(
     run_dir: str | Path,
-    step: int | None = None,
+    step: int | str | None = None,
     config: Config | None = None,
     checkpoint_dir: str | Path | None = None,
 ) -> TrainedModel:
@@ -97,7 +97,8 @@ def load_model(
         model = psfw.load_model("runs/run-001")
         probabilities = model.predict(x)
 
-    ``step``: a checkpoint's parameters instead of the final ones; ``config``: the
+    ``step``: a checkpoint's parameters instead of the final ones (``"best"``: the
+    best evaluation's, kept by ``train.keep_best``); ``config``: the
     model and data to use (default: the run's own ``config.json``);
     ``checkpoint_dir``: where the shards of a cluster run kept their checkpoints
     (default: the run folder's). A table model's rows come from the checkpoint of
@@ -106,7 +107,7 @@ def load_model(
     run_dir = Path(run_dir)
     job = build_job(config if config is not None else run_config(run_dir))
     at, values = trained_values(run_dir, job, step, checkpoint_folder(run_dir, checkpoint_dir))
-    tables = {name: load_table(run_dir, name, at, checkpoint_dir) for name in job.model.tables}
+    tables = {name: load_table(run_dir, name, step or at, checkpoint_dir) for name in job.model.tables}
     return TrainedModel(job, at, values, tables)
 
 
