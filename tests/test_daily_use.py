@@ -59,12 +59,22 @@ def test_set_overrides_are_validated_like_the_file_and_recorded(tmp_path):
         ("seed.value=3", "--set seed.value=3: seed is a value, not a table: set seed itself"),
         ("train.epochs", "--set train.epochs: give KEY=VALUE with a dotted key, e.g. --set train.epochs=5"),
         ("source=x.toml", "--set source=x.toml: source: unknown key"),
+        ("train.epoch=", "--set train.epoch=: the config sets no train.epoch, so there is nothing to remove"),
     ],
 )
 def test_a_bad_override_is_one_line_naming_it(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(EXAMPLES / "diabetes.toml", [override])
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_empty_value_removes_the_key_so_another_can_take_its_place():
+    """diabetes.toml trains 60 epochs: its steps come from the command line instead."""
+    config = load_config(EXAMPLES / "diabetes.toml", ["train.epochs=", "train.steps=30"])
+    assert config.train.epochs is None and config.train.steps == 30
+    assert config.set_flags() == ["--set", "train.epochs=", "--set", "train.steps=30"]
+    with pytest.raises(ConfigError, match="give train.steps or train.epochs, not both"):
+        load_config(EXAMPLES / "diabetes.toml", ["train.steps=30"])
 
 
 def test_a_bad_override_stops_the_command_before_anything_is_written(tmp_path):

@@ -1,6 +1,7 @@
 """Using what a run trained: psfw predict, psfw.load_model and psfw generate give the
 model's answers with the run's parameters (and its tables' saved rows)."""
 
+import json
 import shutil
 
 import numpy as np
@@ -191,3 +192,40 @@ def test_a_language_model_writes_bytes_after_its_prompt(tmp_path, capsys):
     flags = ["--run-dir", str(run), *_sets("lm.toml"), "--prompt", "def ", "--bytes", "12", "--temperature", "0"]
     assert main(["generate", str(EXAMPLES / "lm.toml"), *flags]) == 0
     assert capsys.readouterr().out == "def " + greedy.decode("utf-8", errors="replace") + "\n"
+
+
+@pytest.mark.slow
+def test_psfw_eval_takes_a_test_only_file(tmp_path, capsys):
+    config, run = _trained(tmp_path, "digits_mlp.toml")
+    data = build_job(config).data
+    x, y = np.asarray(data.x_test[:100]), np.asarray(data.y_test[:100])
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    assert (
+        main(
+            [
+                "eval",
+                str(EXAMPLES / "digits_mlp.toml"),
+                "--run-dir",
+                str(run),
+                "--input",
+                str(tmp_path / "test.npz"),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["test_accuracy"] == pytest.approx((psfw.load_model(run).predict(x).argmax(1) == y).mean())
+    assert record["test_accuracy"] != evaluate_run(run, config)["test_accuracy"]  # not the config's split
+    np.savez(tmp_path / "bad.npz", x_test=x, y_test=y + 10)
+    np.savez(tmp_path / "train.npz", x_train=x, y_train=y)
+    for name, said in [
+        ("bad.npz", "y_test holds values from 10 to 19, out of range for classes = 10"),
+        ("train.npz", "holds ['x_train', 'y_train']: give x_test and y_test (or x and y) to evaluate on"),
+    ]:
+        assert (
+            main(["eval", str(EXAMPLES / "digits_mlp.toml"), "--run-dir", str(run), "--input", str(tmp_path / name)])
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err

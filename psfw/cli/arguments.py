@@ -97,6 +97,19 @@ def data_port(text: str) -> int | None:
     return integer(0, 65535)(text)
 
 
+def checkpoint_step(text: str) -> int | str:
+    """A checkpoint's step (a whole number of at least 0), or ``best``: the one kept
+    by ``train.keep_best``."""
+    if text.strip().lower() == "best":
+        return "best"
+    try:
+        return integer(0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a step (a whole number of at least 0) or best, got {text!r}"
+        ) from None
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)

@@ -184,7 +184,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from psfw.jobs.trained import evaluate_run
 
     config = load_config(args.config, args.set)
-    record = evaluate_run(args.run_dir, config, args.step, args.checkpoint_dir)
+    record = evaluate_run(args.run_dir, config, args.step, args.checkpoint_dir, args.input)
     if args.json:
         print(json.dumps(record))
         return 0
@@ -197,7 +197,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from psfw.jobs.config import load_config
-    from psfw.jobs.predictions import load_model, read_rows, write_predictions
+    from psfw.jobs.predictions import load_model, write_predictions
+    from psfw.jobs.user_rows import read_rows
 
     config = load_config(args.config, args.set)
     rows = read_rows(args.input) if args.input else None  # a wrong file is refused before the model is built

@@ -11,6 +11,7 @@ import threading
 from psfw.cli import commands
 from psfw.cli.arguments import (
     Parser,
+    checkpoint_step,
     data_port,
     env,
     integer,
@@ -33,7 +34,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config key (repeatable): --set train.epochs=5 --set optimizer.learning_rate=3e-4; "
-        "the value is a TOML value, else text",
+        "the value is a TOML value, else text; an empty value removes the key (--set train.epochs=)",
     )
 
 
@@ -79,9 +80,14 @@ def parser() -> argparse.ArgumentParser:
     _add_overrides(ev)
     ev.add_argument("--run-dir", required=True, help="the run folder whose parameters to evaluate")
     ev.add_argument(
-        "--step", type=integer(0), help="evaluate the run's checkpoint of this step (default: its final parameters)"
+        "--step",
+        type=checkpoint_step,
+        help="evaluate the run's checkpoint of this step, or best (train.keep_best's; default: its final parameters)",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument(
+        "--input", help="evaluate on this .npz file's x_test and y_test (or x and y) instead of the config's test split"
+    )
     _add_checkpoint_dir(ev)
     ev.set_defaults(run=commands.run_eval)
 
@@ -98,7 +104,9 @@ def parser() -> argparse.ArgumentParser:
         "FILE.npz with predictions and class (default: RUN_DIR/predictions.npy)",
     )
     pr.add_argument(
-        "--step", type=integer(0), help="use the run's checkpoint of this step (default: its final parameters)"
+        "--step",
+        type=checkpoint_step,
+        help="use the run's checkpoint of this step, or best (train.keep_best's; default: its final parameters)",
     )
     _add_checkpoint_dir(pr)
     pr.set_defaults(run=commands.run_predict)
@@ -114,7 +122,9 @@ def parser() -> argparse.ArgumentParser:
     )
     ge.add_argument("--seed", type=integer(0), default=0, help="the seed of the draws")
     ge.add_argument(
-        "--step", type=integer(0), help="use the run's checkpoint of this step (default: its final parameters)"
+        "--step",
+        type=checkpoint_step,
+        help="use the run's checkpoint of this step, or best (train.keep_best's; default: its final parameters)",
     )
     _add_checkpoint_dir(ge)
     ge.set_defaults(run=commands.run_generate)

@@ -167,11 +167,27 @@ class TrainConfig(_Strict):
     wait_s: float = Field(120.0, gt=0)  # longest wait for a group, a Get or a Put
     checkpoint_every: int = Field(0, ge=0)  # consistent shard checkpoints every N steps of group 0 (0: never)
     retries: int = Field(5, ge=0)  # retries of an RPC that found its shard UNAVAILABLE
+    # keep the checkpoint of the best evaluation apart from the rotation, by this
+    # recorded metric ("test_accuracy", "test_loss", ...); best_mode: max or min
+    # (default: min for a loss, else max)
+    keep_best: str | None = None
+    best_mode: Literal["max", "min"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
             raise _FieldError("epochs", "give train.steps or train.epochs, not both")
+        if self.best_mode is not None and self.keep_best is None:
+            raise _FieldError("best_mode", "says which way train.keep_best's metric is better: set keep_best too")
+        if self.keep_best is not None and (
+            not self.eval_every or not self.checkpoint_every or self.eval_every % self.checkpoint_every
+        ):
+            raise _FieldError(
+                "keep_best",
+                "keeps the checkpoint of the best evaluation, so the evaluations must fall on checkpoints: set "
+                f"train.eval_every to a multiple of train.checkpoint_every (now {self.eval_every} and "
+                f"{self.checkpoint_every})",
+            )
         return self
 
 
@@ -320,8 +336,10 @@ def settings_of(config: Config) -> dict[str, Any]:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``data`` with each ``KEY=VALUE`` of ``overrides`` set (``--set train.epochs=5``):
     a dotted key into the tables, a value parsed as a TOML value (``5``, ``3e-4``,
-    ``true``, ``[64, 64]``, ``"adam"``), else taken as text (``adam``). The result is
-    validated as the file is; ConfigError naming the override when it cannot apply."""
+    ``true``, ``[64, 64]``, ``"adam"``), else taken as text (``adam``); an empty
+    value removes the key (``--set train.epochs=``, so that ``train.steps`` can take
+    its place). The result is validated as the file is; ConfigError naming the
+    override when it cannot apply."""
     data = copy.deepcopy(data)  # tables and all (a TOML date is no JSON value)
     for item in overrides:
         key, equals, text = item.partition("=")
@@ -341,6 +359,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"--set {item}: {above} is a value, not a table: set {above} itself")
         if key.split(".")[0] in _SET_BY_LOADER:
             raise ConfigError(f"--set {item}: {key}: unknown key (check its spelling against the config reference)")
+        if not text.strip():
+            if last not in where:
+                raise ConfigError(f"--set {item}: the config sets no {key}, so there is nothing to remove")
+            del where[last]
+            continue
         where[last] = value
     return data
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from psfw.jobs.best_step import BestKeeper, best_mode
 from psfw.jobs.config import Config, load_config
 from psfw.jobs.evaluation import Evaluator, eval_line
 from psfw.jobs.job import Job, build_job
@@ -60,6 +61,7 @@ class TrainResult:
     evals: list[dict[str, Any]] = field(default_factory=list)  # the evaluations during training (eval_every)
     # worker of the job (group x workers_per_group + worker) -> the device it computed on, for those run here
     devices: dict[int, str] = field(default_factory=dict)
+    best: dict[str, Any] | None = None  # train.keep_best: the best step kept, {"step", "metric", "value", "mode"}
 
     @property
     def test_accuracy(self) -> float | None:
@@ -70,6 +72,10 @@ class TrainResult:
         metric the model reports."""
         shown = [f"test loss {self.test_loss:.4f}"]
         shown += [f"test {name.replace('_', ' ')} {value:.4f}" for name, value in self.test_metrics.items()]
+        if self.best is not None:
+            shown.append(
+                f"best step {self.best['step']} ({self.best['metric'].replace('_', ' ')} {self.best['value']:.4f})"
+            )
         return ", ".join(shown)
 
 
@@ -159,7 +165,10 @@ async def train_async(
         reporter = StepReporter(dict(local), job.steps, t.log_every, sinks)
         evaluator = None
         if chief:  # the evaluation on the test split is process 0's
-            evaluator = Evaluator(job, [eval_line] + ([metrics.write] if metrics is not None else []))
+            keeper = None
+            if t.keep_best and checkpoints is not None:
+                keeper = BestKeeper(checkpoints, c.servers, t.keep_best, best_mode(t.keep_best, t.best_mode))
+            evaluator = Evaluator(job, [eval_line] + ([metrics.write] if metrics is not None else []), keeper)
             stack.push_async_exit(evaluator.exit_callback())
         devices: dict[int, str] = {}
         stubs = await run_worker_processes(
@@ -186,6 +195,10 @@ async def train_async(
             fingerprint = job.identity()["fingerprint"]
             values[EVAL_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, job.steps, t.wait_s, fingerprint)
         test_loss, test_metrics = await asyncio.to_thread(evaluator.evaluate, values)
+        if evaluator.keeper is not None and job.steps % t.checkpoint_every == 0:  # the last step is a checkpoint's
+            evaluator.keeper.hold(job.steps)
+            last = {"step": job.steps, "test_loss": test_loss, **{f"test_{k}": v for k, v in test_metrics.items()}}
+            await asyncio.to_thread(evaluator.keeper.offer, last)
     result = TrainResult(
         params=params,
         steps=job.steps,
@@ -197,10 +210,13 @@ async def train_async(
         shard_addresses=addresses,
         evals=evaluator.records,
         devices=devices,
+        best=evaluator.keeper.best if evaluator.keeper is not None else None,
     )
     if folder is not None:
         final = {"final": True, "step": job.steps, "test_loss": result.test_loss}
         final.update({f"test_{k}": v for k, v in result.test_metrics.items()})
+        if result.best is not None:
+            final.update(best_step=result.best["step"], **{f"best_{result.best['metric']}": result.best["value"]})
         metrics.write(final)
         write_params(folder / PARAMS_FILE, params, {"step": str(job.steps)})
         await asyncio.to_thread(write_net, folder, job.model.layers, job.layout, job.table_declaration())

@@ -6,7 +6,8 @@ step (``ParamCache.watchers``); at a multiple of ``eval_every`` it hands a copy 
 that step's values (they may be buffers that later steps write over) to a thread of
 its own, which computes the loss and the metrics over the whole test split in
 batches (``evaluate_in_batches``) while the workers train on. Each result is a record ``{"eval": true, "group": 0, "step", "test_loss",
-"test_<metric>"...}`` for the metrics file and the log.
+"test_<metric>"...}`` for the metrics file and the log; with ``train.keep_best``,
+a ``BestKeeper`` keeps the checkpoint of the best (``psfw.jobs.best_step``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from psfw.compute.clicks import auc
 from psfw.compute.params import unflatten_params
 from psfw.compute.step import evaluate_in_batches, make_eval_fn, make_sparse_eval_fn
+from psfw.jobs.best_step import BestKeeper
 from psfw.jobs.job import Job
 from psfw.runtime.table_feed import EVAL_ROWS, padded_rows, positions
 
@@ -85,8 +87,8 @@ class Evaluator:
 
     BACKLOG = 4
 
-    def __init__(self, job: Job, sinks: list[Callable[[dict[str, Any]], None]]):
-        self.job, self.sinks = job, sinks
+    def __init__(self, job: Job, sinks: list[Callable[[dict[str, Any]], None]], keeper: BestKeeper | None = None):
+        self.job, self.sinks, self.keeper = job, [*sinks, *([keeper.offer] if keeper else [])], keeper
         self.every = job.config.train.eval_every
         self._evaluate = (make_sparse_eval_fn if job.model.tables else make_eval_fn)(job.model.loss)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="psfw-eval")
@@ -120,6 +122,8 @@ class Evaluator:
                     )
                 return
             self._steps.add(step)
+            if self.keeper is not None:  # its checkpoint, aside before the rotation can drop it
+                self.keeper.hold(step)
             # a copy: the values may be a transport's buffers, written over two steps on
             kept = {name: value if isinstance(value, dict) else np.array(value) for name, value in values.items()}
             self._pending.append((step, self._pool.submit(self._record, step, kept)))
@@ -148,6 +152,8 @@ class Evaluator:
     def close(self, finish: bool = True) -> None:
         """Finish the evaluation on the way (``finish``), or drop it (the job failed)."""
         self._pool.shutdown(wait=finish, cancel_futures=not finish)
+        if self.keeper is not None:
+            self.keeper.close()
 
 
 def eval_line(record: dict[str, Any]) -> None:

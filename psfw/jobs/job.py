@@ -309,6 +309,20 @@ def _check_predict(config: Config, model: Model, data: Dataset, shapes: Any) -> 
         )
 
 
+def _check_keep_best(config: Config, model: Model, data: Dataset, shapes: Any) -> None:
+    """``train.keep_best`` names a metric the evaluations record: ``test_loss``, or
+    ``test_<name>`` of a metric the loss returns (``test_auc`` with a score)."""
+    name = config.train.keep_best
+    if name is None:
+        return
+    rows = min(config.train.batch_size, len(data.x_train))
+    x, y = data.x_train[:rows], data.y_train[:rows]
+    _, metrics = jax.eval_shape(model.loss, shapes, x, y, *_embedded(config, model, np.asarray(x)))
+    recorded = ["test_loss", *(f"test_{m}" for m in metrics), *(["test_auc"] if model.score is not None else [])]
+    if name not in recorded:
+        raise config.error("train.keep_best", f"{name!r} is no metric the evaluations record: use one of {recorded}")
+
+
 def build_job(config: Config) -> Job:
     """Load the data, build the model and plan the layout; ConfigError (naming the
     config file and the field) when they cannot work together."""
@@ -325,6 +339,7 @@ def build_job(config: Config) -> Job:
         raise config.error("tables", f"{_model_field(config)} declares no embedding tables: drop [tables]")
     shapes_tree = _check_model(config, model, data)
     _check_predict(config, model, data, shapes_tree)
+    _check_keep_best(config, model, data, shapes_tree)
     flat, treedef = flatten_params(shapes_tree)
     try:  # here, not when net.json is written at the end of training
         model = model._replace(layers=check_layers(model.layers, list(flat)))

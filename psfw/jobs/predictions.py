@@ -25,7 +25,7 @@ from psfw.jobs.trained import checkpoint_folder, load_table, rows_of, run_config
 from psfw.protocol.errors import UsageError
 from psfw.runtime.table_feed import padded_rows, positions
 
-__all__ = ["TrainedModel", "generate", "load_model", "read_rows", "write_predictions"]
+__all__ = ["TrainedModel", "generate", "load_model", "write_predictions"]
 
 
 class TrainedModel:
@@ -88,7 +88,7 @@ def _jitted(predict: Any, tables: bool) -> Any:
 
 def load_model(
     run_dir: str | Path,
-    step: int | None = None,
+    step: int | str | None = None,
     config: Config | None = None,
     checkpoint_dir: str | Path | None = None,
 ) -> TrainedModel:
@@ -97,7 +97,8 @@ def load_model(
         model = psfw.load_model("runs/run-001")
         probabilities = model.predict(x)
 
-    ``step``: a checkpoint's parameters instead of the final ones; ``config``: the
+    ``step``: a checkpoint's parameters instead of the final ones (``"best"``: the
+    best evaluation's, kept by ``train.keep_best``); ``config``: the
     model and data to use (default: the run's own ``config.json``);
     ``checkpoint_dir``: where the shards of a cluster run kept their checkpoints
     (default: the run folder's). A table model's rows come from the checkpoint of
@@ -106,28 +107,8 @@ def load_model(
     run_dir = Path(run_dir)
     job = build_job(config if config is not None else run_config(run_dir))
     at, values = trained_values(run_dir, job, step, checkpoint_folder(run_dir, checkpoint_dir))
-    tables = {name: load_table(run_dir, name, at, checkpoint_dir) for name in job.model.tables}
+    tables = {name: load_table(run_dir, name, step or at, checkpoint_dir) for name in job.model.tables}
     return TrainedModel(job, at, values, tables)
-
-
-def read_rows(path: str | Path) -> np.ndarray:
-    """The rows to predict from a file: a ``.npy`` array, or the ``x`` (else
-    ``x_test``) array of an ``.npz`` file; UsageError in one line otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--input {path}: no such file (give a .npy file, or an .npz file with an array x)")
-    try:
-        if path.suffix == ".npy":
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as arrays:
-                for key in ("x", "x_test"):
-                    if key in arrays.files:
-                        return arrays[key]
-                raise UsageError(f"--input {path} holds {sorted(arrays.files)}, but no array x (or x_test) to predict")
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--input {path} cannot be read as a numpy file: {err}") from None
-    raise UsageError(f"--input {path}: give a .npy file, or an .npz file with an array x")
 
 
 def _checked_rows(job: Job, x: Any, what: str) -> Any:

@@ -16,10 +16,12 @@ import numpy as np
 
 from psfw.compute.params import unflatten_params
 from psfw.compute.tables import initial_rows
+from psfw.jobs.best_step import BEST, read_best
 from psfw.jobs.config import Config, parse_config, stored_settings
 from psfw.jobs.evaluation import test_metrics
 from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE
+from psfw.jobs.user_rows import with_test_split
 from psfw.protocol.errors import UsageError
 from psfw.protocol.messages import RowBlock
 from psfw.runtime.table_feed import EVAL_ROWS
@@ -47,13 +49,29 @@ def checkpoint_folder(run_dir: Path, checkpoint_dir: str | Path | None = None) -
     return Path(checkpoint_dir) if checkpoint_dir is not None else run_dir / CHECKPOINTS
 
 
+Step = int | str | None  # a checkpoint's step, "best" (train.keep_best's), or None: the final parameters
+
+
+def checkpoint_of(checkpoints: Path, step: int | str) -> tuple[Path, int]:
+    """The folder that holds the checkpoint ``step`` names and its step number: a
+    numbered one, or the best kept apart (``"best"``); UsageError when none is kept."""
+    if step != BEST:
+        return checkpoints, int(step)
+    record = read_best(checkpoints)
+    if record is None:
+        raise UsageError(
+            f"{checkpoints} keeps no best step: train with train.keep_best to keep the checkpoint of the best evaluation"
+        )
+    return checkpoints / BEST, int(record["step"])
+
+
 def trained_values(
-    run_dir: Path, job: Job, step: int | None = None, checkpoints: Path | None = None
+    run_dir: Path, job: Job, step: Step = None, checkpoints: Path | None = None
 ) -> tuple[int, dict[str, np.ndarray]]:
     """``(step, values by name)`` of the run in ``run_dir``: its final parameters, or
-    those of its checkpoint of ``step`` (in ``checkpoints``, default the run's own);
-    UsageError, saying what there is, when the folder has neither, and when they are
-    not the parameters of ``job``'s model."""
+    those of its checkpoint of ``step`` (a step, or ``"best"``; in ``checkpoints``,
+    default the run's own); UsageError, saying what there is, when the folder has
+    neither, and when they are not the parameters of ``job``'s model."""
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such run folder (give the --run-dir a psfw run wrote)")
     shards = job.config.cluster.servers
@@ -70,13 +88,12 @@ def trained_values(
             at = int((f.metadata() or {}).get("step", -1))
             values = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no items())
     else:
-        steps = complete_steps(checkpoints, shards)
-        if step not in steps:
+        root, at = checkpoint_of(checkpoints, step)
+        steps = complete_steps(root, shards)
+        if at not in steps:
             there = f"steps {_listed(steps)}" if steps else "none"
-            raise UsageError(
-                f"{checkpoints} has no complete checkpoint of step {step} for {shards} shards (it has {there})"
-            )
-        at, values = step, _from_checkpoint(checkpoints, step, job)
+            raise UsageError(f"{root} has no complete checkpoint of step {at} for {shards} shards (it has {there})")
+        values = _from_checkpoint(root, at, job)
     _check_fit(values, job, run_dir)
     return at, values
 
@@ -114,9 +131,10 @@ def _listed(steps: list[int]) -> str:
     return ", ".join(map(str, steps[-8:])) + (" (the newest)" if len(steps) > 8 else "")
 
 
-def load_params(run_dir: str | Path, step: int | None = None, config: Config | None = None) -> Any:
+def load_params(run_dir: str | Path, step: Step = None, config: Config | None = None) -> Any:
     """The parameters a run trained, as the model's pytree: the final ones, or those
-    of the checkpoint of ``step``; ``config`` (default: the run's own ``config.json``)
+    of the checkpoint of ``step`` (``"best"``: the best kept by ``train.keep_best``);
+    ``config`` (default: the run's own ``config.json``)
     gives the model. Ready for the model's own functions::
 
         params = psfw.load_params("runs/run-001")
@@ -129,7 +147,7 @@ def load_params(run_dir: str | Path, step: int | None = None, config: Config | N
 
 
 def load_table(
-    run_dir: str | Path, name: str, step: int | None = None, checkpoint_dir: str | Path | None = None
+    run_dir: str | Path, name: str, step: Step = None, checkpoint_dir: str | Path | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The rows of embedding table ``name`` that a run's shards saved in their
     checkpoint of ``step`` (default: the newest complete one), gathered from every
@@ -141,6 +159,8 @@ def load_table(
     """
     run_dir = Path(run_dir)
     root = checkpoint_folder(run_dir, checkpoint_dir)
+    if step is not None:
+        root, step = checkpoint_of(root, step)
     shards = run_config(run_dir).cluster.servers
     steps = complete_steps(root, shards)
     if step is None and not steps:
@@ -174,17 +194,24 @@ def rows_of(
 
 
 def evaluate_run(
-    run_dir: str | Path, config: Config, step: int | None = None, checkpoint_dir: str | Path | None = None
+    run_dir: str | Path,
+    config: Config,
+    step: Step = None,
+    checkpoint_dir: str | Path | None = None,
+    test_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """The test loss and metrics of what the run in ``run_dir`` trained (its final
     parameters, or its checkpoint of ``step``) under ``config``'s model and test
     split: ``{"step", "test_loss", "test_<metric>"...}`` (``psfw eval``).
-    ``checkpoint_dir``: the shards' folder of a cluster run."""
+    ``checkpoint_dir``: the shards' folder of a cluster run; ``test_file``: an
+    ``.npz`` file whose test split is used instead of the config's."""
     job = build_job(config)
+    if test_file is not None:
+        job = with_test_split(job, test_file)
     run_dir = Path(run_dir)
     at, values = trained_values(run_dir, job, step, checkpoint_folder(run_dir, checkpoint_dir))
     if job.model.tables:
-        saved = {name: load_table(run_dir, name, at, checkpoint_dir) for name in job.model.tables}
+        saved = {name: load_table(run_dir, name, step or at, checkpoint_dir) for name in job.model.tables}
         values = {**values, EVAL_ROWS: rows_of(job, saved, job.test_ids())}
     loss, metrics = test_metrics(job, values)
     return {"step": at, "test_loss": loss, **{f"test_{name}": value for name, value in metrics.items()}}
