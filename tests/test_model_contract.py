@@ -44,6 +44,41 @@ CASES = {
         "",
         "loss must return the mean loss over the rows (a scalar)",
     ),
+    "a loss with an array for metrics": (
+        GOOD.replace("IN", "64").replace('{"accuracy": (logits.argmax(-1) == y).mean()}', "logits"),
+        "",
+        "loss returns (loss, float32[32, 10]): the second value must be a dict of scalar metrics",
+    ),
+    "an integer loss": (
+        GOOD.replace("IN", "64").replace(".mean(), {", ".mean().astype(jnp.int32), {"),
+        "",
+        "loss returns the mean loss as int32: it must be a float, as only a float has a gradient",
+    ),
+    "a loss with no gradient": (
+        GOOD.replace("IN", "64").replace(
+            "return optax",
+            "value = jax.lax.while_loop(lambda c: c < 0, lambda c: c * 2, params['b'].sum())\n    return value + optax",
+        ),
+        "",
+        "the loss has no gradient: ValueError: Reverse-mode differentiation does not work for lax.while_loop",
+    ),
+    "names that collide once flattened": (
+        GOOD.replace("IN", "64").replace(
+            '"b": jnp.zeros(10)}', '"b": jnp.zeros(10), "a/b": jnp.zeros(1), "a": {"b": jnp.zeros(1)}}'
+        ),
+        "",
+        "init(key): two parameters are both named 'a/b': rename one of them",
+    ),
+    "an integer parameter": (
+        GOOD.replace("IN", "64").replace("jnp.zeros(10)}", "jnp.zeros(10, jnp.int32)}"),
+        "",
+        "parameter b is int32: the shards hold float16, float32 or float64 parameters: an integer takes no gradient",
+    ),
+    "a bfloat16 parameter": (
+        GOOD.replace("IN", "64").replace("jnp.zeros(10)}", "jnp.zeros(10, jnp.bfloat16)}"),
+        "",
+        "parameter b is bfloat16: the shards hold float16, float32 or float64 parameters: keep it float32 and cast",
+    ),
     "a file that does not import": ("import numpyy\n", "", "importing {path} failed: ModuleNotFoundError"),
 }
 

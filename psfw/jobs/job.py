@@ -16,9 +16,9 @@ from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset, load_dataset
 from psfw.compute.models import Model, cnn, head_for, load_user_model, mlp
 from psfw.compute.netgraph import check_layers
-from psfw.compute.params import flatten_params
 from psfw.compute.tables import check_ids, check_table, check_table_optimizer, unique_ids
 from psfw.compute.user_data import check_dataset, load_module, load_path, value_range
+from psfw.jobs.checks import check_gradient, check_loss_output, check_parameters
 from psfw.jobs.config import Config, TablesConfig
 from psfw.protocol.identity import job_identity
 from psfw.protocol.layout import Layout, plan_layout
@@ -250,18 +250,14 @@ def _check_model(config: Config, model: Model, data: Dataset) -> Any:
     seen = f"x is {x.dtype}{list(x.shape)} and y {y.dtype}{list(y.shape)} for a batch of {rows}"
     inputs = (shapes, x, y, *_embedded(config, model, np.asarray(x)))
     try:
-        value, metrics = jax.eval_shape(model.loss, *inputs)
+        out = jax.eval_shape(model.loss, *inputs)
     except Exception as err:
         raise config.error(
             _model_field(config), f"the model does not fit the data ({seen}): {_first_line(err)}"
         ) from None
-    if getattr(value, "shape", None) != ():
-        raise config.error(
-            _model_field(config), f"loss must return the mean loss over the rows (a scalar), not {value} ({seen})"
-        )
-    wrong = sorted(k for k, v in metrics.items() if getattr(v, "shape", None) != ())
-    if wrong:
-        raise config.error(_model_field(config), f"the metrics {wrong} the loss returns must be scalars ({seen})")
+    check_loss_output(config, _model_field(config), out, seen)
+    check_parameters(config, _model_field(config), shapes)  # before grad: an int leaf has none
+    check_gradient(config, _model_field(config), model.loss, inputs, bool(model.tables))
     return shapes
 
 
@@ -303,7 +299,7 @@ def build_job(config: Config) -> Job:
     if config.tables is not None and not model.tables:
         raise config.error("tables", f"{_model_field(config)} declares no embedding tables: drop [tables]")
     shapes_tree = _check_model(config, model, data)
-    flat, treedef = flatten_params(shapes_tree)
+    flat, treedef = check_parameters(config, _model_field(config), shapes_tree)
     try:  # here, not when net.json is written at the end of training
         model = model._replace(layers=check_layers(model.layers, list(flat)))
     except ValueError as err:
