@@ -1,5 +1,6 @@
 import json
 
+import jax
 import pytest
 
 from psfw.jobs.config import load_config, parse_config
@@ -40,6 +41,12 @@ def test_shipped_examples_validate(examples, name):
         ("[model]\nchannels = [-1]\n", "model.channels: layer sizes must be at least 1 (got [-1])"),
         ("source = 'elsewhere.toml'\n", "source: unknown key"),
         ("seed = [1\n", "not valid TOML"),
+        (
+            "seed = -1\n",
+            "seed: must be from 0 to 4294967295: a seed is 32 bits (a larger one makes a smaller one's key) (got -1)",
+        ),
+        ("seed = 4294967296\n", "seed: must be from 0 to 4294967295"),
+        ("seed = 9223372036854775808\n", "seed: must be from 0 to 4294967295"),
         ("[optimizer]\nlearning_rate = inf\n", "optimizer.learning_rate: Input should be a finite number"),
         ("[optimizer]\nname = 'adam'\neps = inf\n", "optimizer.eps: Input should be a finite number"),
         ("[optimizer.schedule]\nname = 'linear'\nend_value = inf\n", "optimizer.schedule.end_value: Input should be"),
@@ -96,6 +103,16 @@ def test_errors_found_after_validation_name_the_file_and_the_field(tmp_path, tex
     with pytest.raises(ConfigError) as err:
         build_job(load_config(path))
     assert str(err.value).startswith(f"{path}: {start}")
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_a_seed_of_32_bits_builds_a_job_and_keys_of_its_own(tmp_path, seed):
+    """Both ends of the seed's range build; one past the top would repeat seed 0's key,
+    which is why the range ends there."""
+    job = build_job(load_config(_write(tmp_path, f"seed = {seed}\n")))
+    assert job.config.seed == seed
+    assert (jax.random.PRNGKey(2**32 - 1) != jax.random.PRNGKey(0)).any()
+    assert (jax.random.PRNGKey(2**32) == jax.random.PRNGKey(0)).all()
 
 
 def test_integer_learning_rate_is_accepted_as_a_number():

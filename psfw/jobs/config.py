@@ -216,9 +216,12 @@ class ClusterConfig(_Strict):
         return self.workers_per_group // self.workers_per_process
 
 
+SEED_MAX = 2**32 - 1  # jax.random.PRNGKey(2**32) is PRNGKey(0)
+
+
 class Config(_Strict):
     name: str | None = Field(default=None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:+-]+$")
-    seed: int = 0
+    seed: int = 0  # 0 .. SEED_MAX
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -228,6 +231,16 @@ class Config(_Strict):
     base_dir: str = "."  # where relative paths in the config resolve; set by load_config
     source: str = "config"  # what errors name (the file); set by load_config
     overrides: list[str] = Field(default_factory=list)  # the --set KEY=VALUE applied; set by load_config
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, seed: int) -> int:
+        if not 0 <= seed <= SEED_MAX:
+            # numpy's generators refuse a negative seed; JAX's key keeps only its low 32 bits
+            raise ValueError(
+                f"must be from 0 to {SEED_MAX}: a seed is 32 bits (a larger one makes a smaller one's key)"
+            )
+        return seed
 
     @model_validator(mode="after")
     def _check(self) -> Config:
