@@ -45,6 +45,10 @@ def test_shipped_examples_validate(examples, name):
             "seed = -1\n",
             "seed: must be from 0 to 4294967295: a seed is 32 bits (a larger one makes a smaller one's key) (got -1)",
         ),
+        (
+            "[cluster]\nservers = 100000\n",
+            "cluster.servers: at most 1024: every worker process keeps a connection to each shard",
+        ),
         ("seed = 4294967296\n", "seed: must be from 0 to 4294967295"),
         ("seed = 9223372036854775808\n", "seed: must be from 0 to 4294967295"),
         ("[optimizer]\nlearning_rate = inf\n", "optimizer.learning_rate: Input should be a finite number"),
@@ -113,6 +117,10 @@ def test_a_seed_of_32_bits_builds_a_job_and_keys_of_its_own(tmp_path, seed):
     assert job.config.seed == seed
     assert (jax.random.PRNGKey(2**32 - 1) != jax.random.PRNGKey(0)).any()
     assert (jax.random.PRNGKey(2**32) == jax.random.PRNGKey(0)).all()
+
+
+def test_the_most_servers_a_config_takes_is_1024(tmp_path):
+    assert load_config(_write(tmp_path, "[cluster]\nservers = 1024\n")).cluster.servers == 1024
 
 
 def test_integer_learning_rate_is_accepted_as_a_number():

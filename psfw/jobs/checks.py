@@ -4,7 +4,11 @@ the config, the field and what to change, never a traceback after the shards sta
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,6 +19,12 @@ from psfw.jobs.config import Config
 from psfw.protocol.wire import DTYPES
 
 GB = 1e9
+
+
+def model_field(config: Config) -> str:
+    """``model.path: my_model.py`` or ``model.name: mlp``: the field a model's errors name."""
+    m = config.model
+    return f"model.path: {m.path}" if m.name == "custom" else f"model.name: {m.name}"
 
 
 def _kind(value: Any) -> str:
@@ -83,3 +93,71 @@ def check_gradient(config: Config, field: str, loss: Callable[..., Any], inputs:
         raise config.error(
             field, f"the loss has no gradient: {type(err).__name__}: {text[0] if text else ''}"
         ) from None
+
+
+def available_memory() -> int:
+    """Bytes this process may still take: the kernel's MemAvailable, or the free room
+    under the cgroup's limit where that is lower (a container), or the physical memory."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _bytes(tree: Any) -> int:
+    return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+
+
+def check_memory(config: Config, field: str, params: Mapping[str, Any], shards_here: bool) -> None:
+    """ConfigError when this machine cannot hold the parameters (``params``: shapes):
+    every worker process keeps all of them; with ``shards_here`` (``psfw train``) the
+    shards keep them again, with their optimizer's state. Known before anything is
+    allocated, which is better than XLA aborting the process."""
+    size = _bytes(params)
+    need, held = size, f"the parameters need {size / GB:.1f} GB"
+    if shards_here:
+        from psfw.compute.optimizers import build_optimizer
+
+        optimizer = build_optimizer(json.loads(config.optimizer.spec_json()))
+        state = _bytes(jax.eval_shape(optimizer.init, dict(params)))
+        need = 2 * size + state
+        held += f" twice (the workers' copy and the shards'), and the shards' optimizer state {state / GB:.1f} GB more"
+    room = available_memory()
+    if need > room:
+        raise config.error(field, f"{held}, this machine has {room / GB:.1f} GB available: make the model smaller")
+
+
+# open files an embedded shard takes, by cluster.transport: 2 for its gRPC listener
+# and poller, 2 more for its data link; the network path adds a connection (both
+# ends) of each kind. Measured: 190 shards start under ulimit -n 1024 with auto, not grpc
+FILES_PER_SHARD = {"auto": 4, "grpc": 8}
+FILES_BESIDE = 256  # the process's own: libraries, the data's files, the run folder
+
+
+def check_shards_here(config: Config, params: Mapping[str, Any]) -> None:
+    """What ``psfw train`` starts in this process, checked before it starts: memory
+    for the parameters, the shards' copy and their optimizer state, and an open file
+    for each socket the shards need (``cannot listen`` is what running out looks like)."""
+    import resource
+
+    check_memory(config, model_field(config), params, shards_here=True)
+    servers = config.cluster.servers
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    need = servers * FILES_PER_SHARD[config.cluster.transport] + FILES_BESIDE
+    if limit != resource.RLIM_INFINITY and need > limit:
+        raise config.error(
+            "cluster.servers",
+            f"{servers} shards in this process need about {need} open files, and it may open {limit} "
+            f"(ulimit -n): lower cluster.servers, or raise the limit",
+        )

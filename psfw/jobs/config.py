@@ -175,6 +175,9 @@ class TrainConfig(_Strict):
         return self
 
 
+MAX_SERVERS = 1024
+
+
 class ClusterConfig(_Strict):
     worker_groups: int = Field(1, ge=1)
     workers_per_group: int = Field(2, ge=1)
@@ -193,6 +196,16 @@ class ClusterConfig(_Strict):
     # which local device each worker of a process computes on: "auto" (one each, in
     # turn, when the process sees several), or indices into jax.local_devices()
     devices: Literal["auto"] | list[Annotated[int, Field(ge=0)]] = "auto"
+
+    @field_validator("servers")
+    @classmethod
+    def _servers(cls, servers: int) -> int:
+        if servers > MAX_SERVERS:
+            raise ValueError(
+                f"at most {MAX_SERVERS}: every worker process keeps a connection to each shard and sends each "
+                "one Update a step (more shards than that cost more than they spread)"
+            )
+        return servers
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:

@@ -18,7 +18,8 @@ from psfw.compute.models import Model, cnn, head_for, load_user_model, mlp
 from psfw.compute.netgraph import check_layers
 from psfw.compute.tables import check_ids, check_table, check_table_optimizer, unique_ids
 from psfw.compute.user_data import check_dataset, load_module, load_path, value_range
-from psfw.jobs.checks import check_gradient, check_loss_output, check_parameters
+from psfw.jobs.checks import check_gradient, check_loss_output, check_memory, check_parameters
+from psfw.jobs.checks import model_field as _model_field
 from psfw.jobs.config import Config, TablesConfig
 from psfw.protocol.identity import job_identity
 from psfw.protocol.layout import Layout, plan_layout
@@ -227,11 +228,6 @@ def _factorization_machine(config: Config, data: Dataset) -> Model:
     return factorization_machine(users, items, config.model.dim, config.model.scale)
 
 
-def _model_field(config: Config) -> str:
-    m = config.model
-    return f"model.path: {m.path}" if m.name == "custom" else f"model.name: {m.name}"
-
-
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
@@ -300,6 +296,7 @@ def build_job(config: Config) -> Job:
         raise config.error("tables", f"{_model_field(config)} declares no embedding tables: drop [tables]")
     shapes_tree = _check_model(config, model, data)
     flat, treedef = check_parameters(config, _model_field(config), shapes_tree)
+    check_memory(config, _model_field(config), flat, shards_here=False)  # a worker process holds them all
     try:  # here, not when net.json is written at the end of training
         model = model._replace(layers=check_layers(model.layers, list(flat)))
     except ValueError as err:
