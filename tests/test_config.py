@@ -119,6 +119,29 @@ def test_a_seed_of_32_bits_builds_a_job_and_keys_of_its_own(tmp_path, seed):
     assert (jax.random.PRNGKey(2**32) == jax.random.PRNGKey(0)).all()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train=5", "train.steps=3"], "--set train=5: train is a table: set a key in it, e.g. --set train.KEY=VALUE"),
+        (["optimizer.schedule=3"], "--set optimizer.schedule=3: optimizer.schedule is a table: set a key in it"),
+        (["model.hidden.x=5"], "--set model.hidden.x=5: model.hidden is a value, not a table: set model.hidden itself"),
+    ],
+)
+def test_an_override_that_breaks_the_tables_is_reported_against_itself(tmp_path, overrides, message):
+    """Not against the file (the key is not in it) nor against the next --set."""
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "seed = 1\n"), overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_overrides_into_tables_and_free_options_still_apply(tmp_path):
+    config = load_config(
+        _write(tmp_path, "[model]\nname = 'custom'\npath = 'm.py'\n"),
+        ["optimizer.schedule.name=cosine", "model.options.width=3", "train.steps=3"],
+    )
+    assert (config.optimizer.schedule.name, config.model.options, config.train.steps) == ("cosine", {"width": 3}, 3)
+
+
 def test_the_most_servers_a_config_takes_is_1024(tmp_path):
     assert load_config(_write(tmp_path, "[cluster]\nservers = 1024\n")).cluster.servers == 1024
 

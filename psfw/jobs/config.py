@@ -11,7 +11,7 @@ import copy
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     Field,
@@ -341,6 +341,39 @@ def settings_of(config: Config) -> dict[str, Any]:
     return data
 
 
+def _schema_table(key: str) -> type[_Strict] | None:
+    """The config table ``key`` names in the schema (``train``: TrainConfig), or None
+    for a value, an unknown key, or a free table such as ``model.options``."""
+    table: type[_Strict] | None = Config
+    for part in key.split("."):
+        field = table.model_fields.get(part) if table else None
+        if field is None:
+            return None
+        found = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type)]
+        table = next((t for t in found if issubclass(t, _Strict)), None)
+    return table
+
+
+def _check_against_schema(item: str, key: str, value: Any) -> None:
+    """ConfigError naming the override that sets a table to a value, or a key inside
+    a value (either would be reported later against the file or another override)."""
+    if _schema_table(key) is not None and not isinstance(value, dict):
+        raise ConfigError(f"--set {item}: {key} is a table: set a key in it, e.g. --set {key}.KEY=VALUE")
+    parts = key.split(".")
+    for depth in range(1, len(parts)):
+        above = ".".join(parts[:depth])
+        parent = _schema_table(".".join(parts[: depth - 1])) if depth > 1 else Config
+        if parent is not None and parts[depth - 1] in parent.model_fields and _schema_table(above) is None:
+            if not _free_table(parent, parts[depth - 1]):
+                raise ConfigError(f"--set {item}: {above} is a value, not a table: set {above} itself")
+
+
+def _free_table(table: type[_Strict], name: str) -> bool:
+    """Whether ``table.name`` is a dict of the user's keys (``model.options``)."""
+    annotation = table.model_fields[name].annotation
+    return annotation is dict or getattr(annotation, "__origin__", None) is dict
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``data`` with each ``KEY=VALUE`` of ``overrides`` set (``--set train.epochs=5``):
     a dotted key into the tables, a value parsed as a TOML value (``5``, ``3e-4``,
@@ -357,6 +390,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except tomllib.TOMLDecodeError:
             value = text  # bare text: a name such as adam or diabetes
         *tables, last = key.split(".")
+        _check_against_schema(item, key, value)
         where = data
         for depth, part in enumerate(tables):
             where = where.setdefault(part, {})
