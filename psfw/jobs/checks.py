@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from psfw.compute.params import flatten_params
+from psfw.compute.tables import MAX_ID, check_ids
 from psfw.jobs.config import Config
 from psfw.protocol.wire import DTYPES
 
@@ -164,3 +165,35 @@ def check_shards_here(config: Config, params: Mapping[str, Any]) -> None:
             f"{servers} shards in this process need about {need} open files, and it may open {limit} "
             f"(ulimit -n): lower cluster.servers, or raise the limit",
         )
+
+
+ID_ROWS = 65536  # rows whose ids are checked at a time
+
+
+def check_table_ids(config: Config, model: Any, data: Any) -> None:
+    """ConfigError naming the split, the first row and the table where ``ids(x)``
+    of any training or test row falls outside a table's rows, a chunk of rows at a
+    time (the shards would refuse it when a batch reached it, mid-run)."""
+    if not model.tables:
+        return
+    for split in ("x_train", "x_test"):
+        x = getattr(data, split)
+        for start in range(0, len(x), ID_ROWS):
+            chunk = np.asarray(x[start : start + ID_ROWS])
+            used = model.ids(chunk)
+            for name, spec in model.tables.items():
+                try:
+                    check_ids(name, used[name], spec)
+                except ValueError as err:
+                    row = start + _first_bad_row(np.asarray(used[name]), spec, len(chunk))
+                    raise config.error(model_field(config), f"{err} ({split} row {row})") from None
+
+
+def _first_bad_row(ids: np.ndarray, spec: Any, rows: int) -> int:
+    """The first row (of ``rows``) whose ids are out of the table's range, where ids
+    come one block per row; else 0 (the chunk's first)."""
+    limit = MAX_ID if spec.rows is None else spec.rows - 1
+    if ids.ndim == 0 or len(ids) != rows:
+        return 0
+    bad = ((ids < 0) | (ids > limit)).reshape(rows, -1).any(axis=1)
+    return int(np.argmax(bad))

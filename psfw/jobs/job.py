@@ -18,7 +18,7 @@ from psfw.compute.models import Model, cnn, head_for, load_user_model, mlp
 from psfw.compute.netgraph import check_layers
 from psfw.compute.tables import check_ids, check_table, check_table_optimizer, unique_ids
 from psfw.compute.user_data import check_dataset, load_module, load_path, value_range
-from psfw.jobs.checks import check_gradient, check_loss_output, check_memory, check_parameters
+from psfw.jobs.checks import check_gradient, check_loss_output, check_memory, check_parameters, check_table_ids
 from psfw.jobs.checks import model_field as _model_field
 from psfw.jobs.config import Config, TablesConfig
 from psfw.protocol.identity import job_identity
@@ -265,11 +265,14 @@ def _embedded(config: Config, model: Model, x: np.ndarray) -> tuple[dict[str, An
     field = _model_field(config)
     if model.ids is None:
         raise config.error(field, "the model declares embedding tables but no ids(x) naming the rows each row uses")
-    try:
+    try:  # the declaration alone: no batch involved
         for name, spec in model.tables.items():
             check_table(name, spec)
             if spec.optimizer is not None:
                 check_table_optimizer(spec.optimizer)
+    except ValueError as err:
+        raise config.error(field, str(err)) from None
+    try:
         used = model.ids(x)
         missing = sorted(set(model.tables) - set(used))
         if missing:
@@ -295,6 +298,7 @@ def build_job(config: Config) -> Job:
     if config.tables is not None and not model.tables:
         raise config.error("tables", f"{_model_field(config)} declares no embedding tables: drop [tables]")
     shapes_tree = _check_model(config, model, data)
+    check_table_ids(config, model, data)  # every row's ids, before a batch reaches a bad one
     flat, treedef = check_parameters(config, _model_field(config), shapes_tree)
     check_memory(config, _model_field(config), flat, shards_here=False)  # a worker process holds them all
     try:  # here, not when net.json is written at the end of training
