@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ def check_loss_output(config: Config, field: str, out: Any, seen: str) -> tuple[
     """The loss's ``(value, metrics)`` (as ``jax.eval_shape`` gives them); ConfigError
     unless value is a float scalar and metrics a dict of scalars."""
     if not (isinstance(out, tuple) and len(out) == 2):
-        raise config.error(field, f"loss must return the mean loss or (loss, metrics), not {len(out)} values ({seen})")
+        got = f"{len(out)} values" if isinstance(out, tuple) else _kind(out)
+        raise config.error(field, f"loss must return the mean loss or (loss, metrics), not {got} ({seen})")
     value, metrics = out
     if getattr(value, "shape", None) != ():
         raise config.error(field, f"loss must return the mean loss over the rows (a scalar), not {value} ({seen})")
@@ -153,8 +155,6 @@ def check_shards_here(config: Config, params: Mapping[str, Any]) -> None:
     """What ``psfw train`` starts in this process, checked before it starts: memory
     for the parameters, the shards' copy and their optimizer state, and an open file
     for each socket the shards need (``cannot listen`` is what running out looks like)."""
-    import resource
-
     check_memory(config, model_field(config), params, shards_here=True)
     servers = config.cluster.servers
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -180,12 +180,18 @@ def check_table_ids(config: Config, model: Any, data: Any) -> None:
         x = getattr(data, split)
         for start in range(0, len(x), ID_ROWS):
             chunk = np.asarray(x[start : start + ID_ROWS])
-            used = model.ids(chunk)
+            try:
+                used = model.ids(chunk)
+                found = {name: used[name] for name in model.tables}
+            except Exception as err:  # the first batch passed: a later row breaks ids(x)
+                text = str(err).strip().splitlines()
+                problem = f"ids(x) failed on {split} rows from {start}: {type(err).__name__}: {text[0] if text else ''}"
+                raise config.error(model_field(config), problem) from None
             for name, spec in model.tables.items():
                 try:
-                    check_ids(name, used[name], spec)
+                    check_ids(name, found[name], spec)
                 except ValueError as err:
-                    row = start + _first_bad_row(np.asarray(used[name]), spec, len(chunk))
+                    row = start + _first_bad_row(np.asarray(found[name]), spec, len(chunk))
                     raise config.error(model_field(config), f"{err} ({split} row {row})") from None
 
 
