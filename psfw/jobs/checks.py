@@ -73,11 +73,7 @@ def check_parameters(config: Config, field: str, shapes: Any) -> tuple[dict[str,
         if dtype in DTYPES:
             continue
         accepted = f"{', '.join(DTYPES[:-1])} or {DTYPES[-1]}"
-        if dtype == "bfloat16":
-            why = (
-                "keep it float32 and cast it in the loss (a bfloat16 weight drops every update under 1/256 of its size)"
-            )
-        elif np.dtype(dtype).kind in "iub":
+        if np.dtype(dtype).kind in "iub":
             why = "an integer takes no gradient: keep it out of init's parameters (a constant in the loss, or a table's ids)"
         else:
             why = "store it as one of these"

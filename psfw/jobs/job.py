@@ -241,6 +241,7 @@ def _check_model(config: Config, model: Model, data: Dataset) -> Any:
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed))
     except Exception as err:
         raise config.error(_model_field(config), f"init(key) failed: {_first_line(err)}") from None
+    check_parameters(config, _model_field(config), shapes)  # by name, before the loss meets a leaf it cannot take
     rows = min(config.train.batch_size, len(data.x_train))
     x, y = data.x_train[:rows], data.y_train[:rows]
     seen = f"x is {x.dtype}{list(x.shape)} and y {y.dtype}{list(y.shape)} for a batch of {rows}"
@@ -252,7 +253,6 @@ def _check_model(config: Config, model: Model, data: Dataset) -> Any:
             _model_field(config), f"the model does not fit the data ({seen}): {_first_line(err)}"
         ) from None
     check_loss_output(config, _model_field(config), out, seen)
-    check_parameters(config, _model_field(config), shapes)  # before grad: an int leaf has none
     check_gradient(config, _model_field(config), model.loss, inputs, bool(model.tables))
     return shapes
 
