@@ -11,9 +11,10 @@ import copy
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     Field,
     ValidationError,
     field_validator,
@@ -21,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from psfw.jobs.config_checks import check_override, check_seed, check_servers
 from psfw.jobs.optimizer_config import OptimizerConfig, ScheduleConfig, TablesConfig, _FieldError, _Strict
 from psfw.protocol.errors import ConfigError
 
@@ -175,14 +177,11 @@ class TrainConfig(_Strict):
         return self
 
 
-MAX_SERVERS = 1024
-
-
 class ClusterConfig(_Strict):
     worker_groups: int = Field(1, ge=1)
     workers_per_group: int = Field(2, ge=1)
     workers_per_process: int = Field(2, ge=1)
-    servers: int = Field(2, ge=1)
+    servers: Annotated[int, AfterValidator(check_servers)] = Field(2, ge=1)
     slice_bytes: int = Field(1 << 20, ge=64)
     staleness: int | None = Field(None, ge=0)  # None: groups fully asynchronous; k: SSP bound
     warmup_steps: int = Field(0, ge=0)  # group 0 trains alone this long before other groups start
@@ -196,16 +195,6 @@ class ClusterConfig(_Strict):
     # which local device each worker of a process computes on: "auto" (one each, in
     # turn, when the process sees several), or indices into jax.local_devices()
     devices: Literal["auto"] | list[Annotated[int, Field(ge=0)]] = "auto"
-
-    @field_validator("servers")
-    @classmethod
-    def _servers(cls, servers: int) -> int:
-        if servers > MAX_SERVERS:
-            raise ValueError(
-                f"at most {MAX_SERVERS}: every worker process keeps a connection to each shard and sends each "
-                "one Update a step (more shards than that cost more than they spread)"
-            )
-        return servers
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
@@ -229,12 +218,9 @@ class ClusterConfig(_Strict):
         return self.workers_per_group // self.workers_per_process
 
 
-SEED_MAX = 2**32 - 1  # jax.random.PRNGKey(2**32) is PRNGKey(0)
-
-
 class Config(_Strict):
     name: str | None = Field(default=None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:+-]+$")
-    seed: int = 0  # 0 .. SEED_MAX
+    seed: Annotated[int, AfterValidator(check_seed)] = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -244,16 +230,6 @@ class Config(_Strict):
     base_dir: str = "."  # where relative paths in the config resolve; set by load_config
     source: str = "config"  # what errors name (the file); set by load_config
     overrides: list[str] = Field(default_factory=list)  # the --set KEY=VALUE applied; set by load_config
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, seed: int) -> int:
-        if not 0 <= seed <= SEED_MAX:
-            # numpy's generators refuse a negative seed; JAX's key keeps only its low 32 bits
-            raise ValueError(
-                f"must be from 0 to {SEED_MAX}: a seed is 32 bits (a larger one makes a smaller one's key)"
-            )
-        return seed
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -341,39 +317,6 @@ def settings_of(config: Config) -> dict[str, Any]:
     return data
 
 
-def _schema_table(key: str) -> type[_Strict] | None:
-    """The config table ``key`` names in the schema (``train``: TrainConfig), or None
-    for a value, an unknown key, or a free table such as ``model.options``."""
-    table: type[_Strict] | None = Config
-    for part in key.split("."):
-        field = table.model_fields.get(part) if table else None
-        if field is None:
-            return None
-        found = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type)]
-        table = next((t for t in found if issubclass(t, _Strict)), None)
-    return table
-
-
-def _check_against_schema(item: str, key: str, value: Any) -> None:
-    """ConfigError naming the override that sets a table to a value, or a key inside
-    a value (either would be reported later against the file or another override)."""
-    if _schema_table(key) is not None and not isinstance(value, dict):
-        raise ConfigError(f"--set {item}: {key} is a table: set a key in it, e.g. --set {key}.KEY=VALUE")
-    parts = key.split(".")
-    for depth in range(1, len(parts)):
-        above = ".".join(parts[:depth])
-        parent = _schema_table(".".join(parts[: depth - 1])) if depth > 1 else Config
-        if parent is not None and parts[depth - 1] in parent.model_fields and _schema_table(above) is None:
-            if not _free_table(parent, parts[depth - 1]):
-                raise ConfigError(f"--set {item}: {above} is a value, not a table: set {above} itself")
-
-
-def _free_table(table: type[_Strict], name: str) -> bool:
-    """Whether ``table.name`` is a dict of the user's keys (``model.options``)."""
-    annotation = table.model_fields[name].annotation
-    return annotation is dict or getattr(annotation, "__origin__", None) is dict
-
-
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``data`` with each ``KEY=VALUE`` of ``overrides`` set (``--set train.epochs=5``):
     a dotted key into the tables, a value parsed as a TOML value (``5``, ``3e-4``,
@@ -390,7 +333,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except tomllib.TOMLDecodeError:
             value = text  # bare text: a name such as adam or diabetes
         *tables, last = key.split(".")
-        _check_against_schema(item, key, value)
+        check_override(Config, item, key, value)
         where = data
         for depth, part in enumerate(tables):
             where = where.setdefault(part, {})
