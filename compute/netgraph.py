@@ -25,12 +25,16 @@ def default_layers(param_names: list[str]) -> list[dict[str, Any]]:
     return [{"name": g, "type": "block", "params": ps} for g, ps in groups.items()]
 
 
+ENDS = ("input", "loss")  # layer names that may stand alone with no parameters
+
+
 def check_layers(layers: Sequence[Any], param_names: list[str]) -> list[dict[str, Any]]:
     """A model's ``layers`` in the form ``net_graph`` takes, checked against its
     parameter names.
 
     Each entry is a layer name, which uses the parameters under that name
-    (``"hidden"``: ``hidden/w``, ``hidden/b``; none for ``"input"``), or a dict with
+    (``"hidden"``: ``hidden/w``, ``hidden/b``; none for ``"input"`` and ``"loss"``, and
+    a name with no parameters under it is refused), or a dict with
     ``name``, optional ``type`` and ``params`` (parameter names) and any other
     JSON attributes. Raises ValueError naming the entry that is wrong.
     """
@@ -41,6 +45,13 @@ def check_layers(layers: Sequence[Any], param_names: list[str]) -> list[dict[str
     for i, layer in enumerate(layers):
         if isinstance(layer, str):
             uses = [n for n in param_names if n == layer or n.startswith(f"{layer}/")]
+            if not uses and layer not in ENDS:  # a misspelt group would draw a layer with no parameters
+                groups = sorted({n.split("/")[0] for n in param_names})
+                raise ValueError(
+                    f"layers[{i}] ({layer}): names no parameter group (the model has {', '.join(groups[:8]) or 'none'}"
+                    f"{', ...' if len(groups) > 8 else ''}): give a dict {{'name': {layer!r}, 'params': []}} "
+                    "for a layer without parameters"
+                )
             layer = {"name": layer, "type": "layer", "params": uses}
         if not isinstance(layer, dict) or not isinstance(layer.get("name"), str) or not layer["name"]:
             raise ValueError(

@@ -20,7 +20,7 @@ from psfw.compute.npy_file import NpyFile
 from psfw.compute.user_files import import_user_file
 
 NAMES = ("x_train", "y_train", "x_test", "y_test")
-_CHECK_CHUNK = 1 << 22  # label values read at a time when checking a set read from files
+_CHECK_CHUNK = 1 << 22  # values read at a time when checking a set read from files
 
 
 def load_path(path: Path, classes: int | None, test_fraction: float, seed: int) -> Dataset:
@@ -120,6 +120,7 @@ def from_arrays(arrays: dict[str, Any], where: str, classes: int | None, test_fr
             )
         if isinstance(array, np.ndarray) and not array.dtype.isnative:  # JAX takes this machine's byte order
             arrays[name] = array.astype(array.dtype.newbyteorder("="))
+    _check_finite(arrays, where)
     if "x_test" in arrays:
         data = Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], classes)
     else:
@@ -171,6 +172,42 @@ def check_dataset(data: Dataset, where: str) -> None:
                 f"{where}: {which} values from {low} to {high}, out of range for classes = {data.classes} "
                 f"(labels are 0..{data.classes - 1}): raise data.classes or fix the labels"
             )
+
+
+def _check_finite(arrays: dict[str, Any], where: str) -> None:
+    """ValueError naming the array, its first row and the column where float inputs
+    or labels hold a NaN or an infinity (found before step 0, not when a batch reaches
+    it). The arrays as the user gave them, before a test split is cut: their rows."""
+    for name in NAMES:
+        values = arrays.get(name)
+        if values is None or values.dtype.kind != "f":
+            continue
+        found = first_nonfinite(values)
+        if found is not None:
+            row, column, value = found
+            at = f", column {column}" if column else ""
+            raise ValueError(
+                f"{where}: {name} holds {value} in row {row}{at}: fix or drop the rows that do "
+                "(one would make every gradient NaN)"
+            )
+
+
+def first_nonfinite(values: Any) -> tuple[int, str, str] | None:
+    """The first row, its column (``3``, ``[2, 5]``, ``""`` for rows of one value) and the value
+    (``nan``, ``inf``) where ``values`` is not finite, read a chunk of rows at a time."""
+    shape = values.shape[1:]
+    step = max(1, _CHECK_CHUNK // max(1, int(np.prod(shape))))
+    for start in range(0, len(values), step):
+        chunk = np.asarray(values[start : start + step])
+        bad = ~np.isfinite(chunk)
+        if bad.any():
+            flat = int(np.argmax(bad.reshape(len(chunk), -1).any(axis=1)))
+            inside = int(np.argmax(bad[flat].reshape(-1))) if shape else 0
+            index = np.unravel_index(inside, shape) if shape else ()
+            value = chunk[flat][index] if shape else chunk[flat]
+            column = "" if not shape else str(int(index[0])) if len(shape) == 1 else str(list(map(int, index)))
+            return start + flat, column, str(value)
+    return None
 
 
 def value_range(values: Any) -> tuple[int, int]:

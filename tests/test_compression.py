@@ -63,9 +63,11 @@ def test_a_shard_widens_bfloat16_gradients_only_where_it_expects_float32():
     half = Assembler(lambda key: (np.dtype("float16"), (100,)), widen=True)
     with pytest.raises(WireError, match="is float16, the request sent bfloat16"):
         half.add_frame(_chunks(("w", 0), grad)[0])
-    put = Assembler()  # a Put stores what it gets: no bfloat16 there
-    with pytest.raises(WireError, match="dtype 'bfloat16' is not supported") as err:
-        put.add_frame(_chunks(("w", 0), grad)[0])
+    put = Assembler()  # a Put stores what it gets: a bfloat16 parameter stays bfloat16
+    put.add_frame(_chunks(("w", 0), grad)[0])
+    assert put.finish()[("w", 0)].dtype == BFLOAT16
+    with pytest.raises(WireError, match="dtype 'int32' is not supported") as err:
+        Assembler().add_frame(_chunks(("w", 0), np.zeros(4, np.int32))[0])
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 

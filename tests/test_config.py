@@ -1,5 +1,6 @@
 import json
 
+import jax
 import pytest
 
 from psfw.jobs.config import load_config, parse_config
@@ -40,6 +41,16 @@ def test_shipped_examples_validate(examples, name):
         ("[model]\nchannels = [-1]\n", "model.channels: layer sizes must be at least 1 (got [-1])"),
         ("source = 'elsewhere.toml'\n", "source: unknown key"),
         ("seed = [1\n", "not valid TOML"),
+        (
+            "seed = -1\n",
+            "seed: must be from 0 to 4294967295: a seed is 32 bits (a larger one makes a smaller one's key) (got -1)",
+        ),
+        (
+            "[cluster]\nservers = 100000\n",
+            "cluster.servers: at most 1024: every worker process keeps a connection to each shard",
+        ),
+        ("seed = 4294967296\n", "seed: must be from 0 to 4294967295"),
+        ("seed = 9223372036854775808\n", "seed: must be from 0 to 4294967295"),
         ("[optimizer]\nlearning_rate = inf\n", "optimizer.learning_rate: Input should be a finite number"),
         ("[optimizer]\nname = 'adam'\neps = inf\n", "optimizer.eps: Input should be a finite number"),
         ("[optimizer.schedule]\nname = 'linear'\nend_value = inf\n", "optimizer.schedule.end_value: Input should be"),
@@ -96,6 +107,43 @@ def test_errors_found_after_validation_name_the_file_and_the_field(tmp_path, tex
     with pytest.raises(ConfigError) as err:
         build_job(load_config(path))
     assert str(err.value).startswith(f"{path}: {start}")
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_a_seed_of_32_bits_builds_a_job_and_keys_of_its_own(tmp_path, seed):
+    """Both ends of the seed's range build; one past the top would repeat seed 0's key,
+    which is why the range ends there."""
+    job = build_job(load_config(_write(tmp_path, f"seed = {seed}\n")))
+    assert job.config.seed == seed
+    assert (jax.random.PRNGKey(2**32 - 1) != jax.random.PRNGKey(0)).any()
+    assert (jax.random.PRNGKey(2**32) == jax.random.PRNGKey(0)).all()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train=5", "train.steps=3"], "--set train=5: train is a table: set a key in it, e.g. --set train.KEY=VALUE"),
+        (["optimizer.schedule=3"], "--set optimizer.schedule=3: optimizer.schedule is a table: set a key in it"),
+        (["model.hidden.x=5"], "--set model.hidden.x=5: model.hidden is a value, not a table: set model.hidden itself"),
+    ],
+)
+def test_an_override_that_breaks_the_tables_is_reported_against_itself(tmp_path, overrides, message):
+    """Not against the file (the key is not in it) nor against the next --set."""
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "seed = 1\n"), overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_overrides_into_tables_and_free_options_still_apply(tmp_path):
+    config = load_config(
+        _write(tmp_path, "[model]\nname = 'custom'\npath = 'm.py'\n"),
+        ["optimizer.schedule.name=cosine", "model.options.width=3", "train.steps=3"],
+    )
+    assert (config.optimizer.schedule.name, config.model.options, config.train.steps) == ("cosine", {"width": 3}, 3)
+
+
+def test_the_most_servers_a_config_takes_is_1024(tmp_path):
+    assert load_config(_write(tmp_path, "[cluster]\nservers = 1024\n")).cluster.servers == 1024
 
 
 def test_integer_learning_rate_is_accepted_as_a_number():

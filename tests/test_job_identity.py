@@ -81,6 +81,18 @@ async def test_shards_that_finished_a_job_refuse_a_rerun_without_resume(shards):
 
 
 @pytest.mark.asyncio
+async def test_a_rerun_from_another_file_is_refused_naming_the_job_the_shards_hold(shards):
+    """The same settings in another file are the same job: the line names the job as
+    the shards hold it, and the file it came from now."""
+    await run(job(), shards)
+    with pytest.raises(PsfwError) as err:
+        await run(job().model_copy(update={"source": "elsewhere/copy.toml"}), shards)
+    assert str(err.value).startswith(
+        "the shards hold this job (job, the settings of copy) with group 0 at step 6 (finished, 6 steps): "
+    )
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("change", "said"),
     [

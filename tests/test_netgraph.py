@@ -13,11 +13,12 @@ NAMES = ["hidden/w", "hidden/b", "out/w", "out/b"]
 
 
 def test_layer_names_use_the_parameters_under_their_name():
-    layers = check_layers(["input", "hidden", "out"], NAMES)
+    layers = check_layers(["input", "hidden", "out", "loss"], NAMES)
     assert [(layer["name"], layer["params"]) for layer in layers] == [
         ("input", []),
         ("hidden", ["hidden/w", "hidden/b"]),
         ("out", ["out/w", "out/b"]),
+        ("loss", []),
     ]
 
 
@@ -35,6 +36,11 @@ def test_layer_dicts_keep_their_attributes():
         ([{"name": "h", "params": "hidden/w"}], "layers[0] (h): params must be a list"),
         (["input", {"name": "h", "params": ["nope"]}], "layers[1] (h): no parameter named nope"),
         ([{"name": "h", "size": object()}], "layers[0] (h): its attributes must be JSON values"),
+        (
+            ["input", "hiden", "out", "loss"],
+            "layers[1] (hiden): names no parameter group (the model has hidden, out): give a dict "
+            "{'name': 'hiden', 'params': []} for a layer without parameters",
+        ),
     ],
 )
 def test_bad_layers_are_refused_naming_the_entry(layers, fragment):

@@ -69,6 +69,23 @@ def test_whole_parameters_lie_aligned_in_three_areas_and_answers_take_turns():
     assert not (SHM_DIR / region.name).exists()
 
 
+def test_a_bfloat16_answer_is_written_as_its_bytes():
+    """bfloat16 has no buffer format of its own: a shard writes its bytes."""
+    from psfw.protocol.compression import BFLOAT16
+
+    stub = Region.create(4096)
+    shard = Region.attach(stub.name)
+    try:
+        values = np.linspace(-2, 2, 100).astype(BFLOAT16)
+        shard.write(0, values)
+        shard.write(1024, values, through_file=True)
+        for offset in (0, 1024):
+            np.testing.assert_array_equal(stub.view(offset, BFLOAT16, (100,)), values)
+    finally:
+        shard.close()
+        stub.close()
+
+
 def test_regions_are_private_files_removed_on_close():
     region = Region.create(128)
     path = SHM_DIR / region.name

@@ -94,3 +94,19 @@ def test_every_chunk_of_a_message_read_into_an_aligned_buffer_is_aligned():
                 assert bytes(got.data) == bytes(sent.data)
                 if len(got.data):
                     assert np.frombuffer(got.data, np.uint8).ctypes.data % 64 == 0, (key, size)
+
+
+def test_a_bfloat16_parameter_travels_as_itself_beside_compressed_float32_gradients():
+    """bfloat16 on the wire is a parameter's own dtype, or a float32 gradient
+    compressed (widened back on receipt): the receiver's slice says which."""
+    from psfw.protocol.compression import BFLOAT16
+
+    weight = np.linspace(-1, 1, 64).astype(BFLOAT16)
+    compressed = np.arange(8, dtype=np.float32).astype(BFLOAT16)
+    held = {("w", 0): (BFLOAT16, (64,)), ("b", 0): (np.dtype(np.float32), (8,))}
+    assembler = Assembler(expect=held.__getitem__, widen=True)
+    for chunks in encode_chunks([("w", 0, weight), ("b", 0, compressed)], chunk_bytes=1 << 20):
+        assembler.add_frame(Frame(pb.UpdateRequest(), chunks))
+    out = assembler.finish()
+    assert out[("w", 0)].dtype == BFLOAT16 and np.array_equal(out[("w", 0)], weight)
+    assert out[("b", 0)].dtype == np.float32 and np.array_equal(out[("b", 0)], np.arange(8, dtype=np.float32))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     Field,
     ValidationError,
     field_validator,
@@ -21,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from psfw.jobs.config_checks import check_override, check_seed, check_servers
 from psfw.jobs.optimizer_config import OptimizerConfig, ScheduleConfig, TablesConfig, _FieldError, _Strict
 from psfw.protocol.errors import ConfigError
 
@@ -195,7 +197,7 @@ class ClusterConfig(_Strict):
     worker_groups: int = Field(1, ge=1)
     workers_per_group: int = Field(2, ge=1)
     workers_per_process: int = Field(2, ge=1)
-    servers: int = Field(2, ge=1)
+    servers: Annotated[int, AfterValidator(check_servers)] = Field(2, ge=1)
     slice_bytes: int = Field(1 << 20, ge=64)
     staleness: int | None = Field(None, ge=0)  # None: groups fully asynchronous; k: SSP bound
     warmup_steps: int = Field(0, ge=0)  # group 0 trains alone this long before other groups start
@@ -234,7 +236,7 @@ class ClusterConfig(_Strict):
 
 class Config(_Strict):
     name: str | None = Field(default=None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:+-]+$")
-    seed: int = 0
+    seed: Annotated[int, AfterValidator(check_seed)] = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -351,6 +353,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except tomllib.TOMLDecodeError:
             value = text  # bare text: a name such as adam or diabetes
         *tables, last = key.split(".")
+        check_override(Config, item, key, value)
         where = data
         for depth, part in enumerate(tables):
             where = where.setdefault(part, {})

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from psfw.jobs.best_step import BestKeeper, best_mode
+from psfw.jobs.checks import check_shards_here
 from psfw.jobs.config import Config, load_config
 from psfw.jobs.evaluation import Evaluator, eval_line
 from psfw.jobs.job import Job, build_job
@@ -102,6 +104,8 @@ async def train_async(
     TLS and token for the channels to ``servers``.
     """
     job = build_job(config)
+    if not servers:  # the shards start here: this machine holds them too
+        check_shards_here(config, {n: jax.ShapeDtypeStruct(p.shape, p.dtype) for n, p in job.layout.params.items()})
     job_devices(job)  # a device this process does not see: refused before the run folder is touched
     t, c = config.train, config.cluster
     processes = list(range(c.worker_groups * c.processes_per_group)) if processes is None else processes

@@ -16,9 +16,10 @@ from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset, load_dataset
 from psfw.compute.models import Model, cnn, head_for, load_user_model, mlp
 from psfw.compute.netgraph import check_layers
-from psfw.compute.params import flatten_params
 from psfw.compute.tables import check_ids, check_table, check_table_optimizer, unique_ids
 from psfw.compute.user_data import check_dataset, load_module, load_path, value_range
+from psfw.jobs.checks import check_gradient, check_loss_output, check_memory, check_parameters, check_table_ids
+from psfw.jobs.checks import model_field as _model_field
 from psfw.jobs.config import Config, TablesConfig
 from psfw.protocol.identity import job_identity
 from psfw.protocol.layout import Layout, plan_layout
@@ -227,11 +228,6 @@ def _factorization_machine(config: Config, data: Dataset) -> Model:
     return factorization_machine(users, items, config.model.dim, config.model.scale)
 
 
-def _model_field(config: Config) -> str:
-    m = config.model
-    return f"model.path: {m.path}" if m.name == "custom" else f"model.name: {m.name}"
-
-
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
@@ -245,23 +241,19 @@ def _check_model(config: Config, model: Model, data: Dataset) -> Any:
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed))
     except Exception as err:
         raise config.error(_model_field(config), f"init(key) failed: {_first_line(err)}") from None
+    check_parameters(config, _model_field(config), shapes)  # by name, before the loss meets a leaf it cannot take
     rows = min(config.train.batch_size, len(data.x_train))
     x, y = data.x_train[:rows], data.y_train[:rows]
     seen = f"x is {x.dtype}{list(x.shape)} and y {y.dtype}{list(y.shape)} for a batch of {rows}"
     inputs = (shapes, x, y, *_embedded(config, model, np.asarray(x)))
     try:
-        value, metrics = jax.eval_shape(model.loss, *inputs)
+        out = jax.eval_shape(model.loss, *inputs)
     except Exception as err:
         raise config.error(
             _model_field(config), f"the model does not fit the data ({seen}): {_first_line(err)}"
         ) from None
-    if getattr(value, "shape", None) != ():
-        raise config.error(
-            _model_field(config), f"loss must return the mean loss over the rows (a scalar), not {value} ({seen})"
-        )
-    wrong = sorted(k for k, v in metrics.items() if getattr(v, "shape", None) != ())
-    if wrong:
-        raise config.error(_model_field(config), f"the metrics {wrong} the loss returns must be scalars ({seen})")
+    check_loss_output(config, _model_field(config), out, seen)
+    check_gradient(config, _model_field(config), model.loss, inputs, bool(model.tables))
     return shapes
 
 
@@ -273,11 +265,14 @@ def _embedded(config: Config, model: Model, x: np.ndarray) -> tuple[dict[str, An
     field = _model_field(config)
     if model.ids is None:
         raise config.error(field, "the model declares embedding tables but no ids(x) naming the rows each row uses")
-    try:
+    try:  # the declaration alone: no batch involved
         for name, spec in model.tables.items():
             check_table(name, spec)
             if spec.optimizer is not None:
                 check_table_optimizer(spec.optimizer)
+    except ValueError as err:
+        raise config.error(field, str(err)) from None
+    try:
         used = model.ids(x)
         missing = sorted(set(model.tables) - set(used))
         if missing:
@@ -340,7 +335,9 @@ def build_job(config: Config) -> Job:
     shapes_tree = _check_model(config, model, data)
     _check_predict(config, model, data, shapes_tree)
     _check_keep_best(config, model, data, shapes_tree)
-    flat, treedef = flatten_params(shapes_tree)
+    check_table_ids(config, model, data)  # every row's ids, before a batch reaches a bad one
+    flat, treedef = check_parameters(config, _model_field(config), shapes_tree)
+    check_memory(config, _model_field(config), flat, shards_here=False)  # a worker process holds them all
     try:  # here, not when net.json is written at the end of training
         model = model._replace(layers=check_layers(model.layers, list(flat)))
     except ValueError as err:

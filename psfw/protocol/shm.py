@@ -129,7 +129,7 @@ class Region:
         (a system call per slice), but the pages never enter this process's
         resident memory, so a large shard does not hold a second copy of its values
         (the region is the stub's buffer, counted there)."""
-        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # bfloat16 has no buffer format
         self._span(offset, array.dtype, array.size)
         with self._closing:  # a view or a duplicate of the fd: close() cannot pull either away mid-write
             buffer = self.buffer

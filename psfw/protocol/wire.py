@@ -26,7 +26,7 @@ from psfw.protocol.messages import TableIds, TableRows, UpdateHeader
 
 T = TypeVar("T")
 
-DTYPES = ("float16", "float32", "float64")
+DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def slice_name(key: SliceKey) -> str:
@@ -224,6 +224,8 @@ class Assembler:
         self._declared = declared
         if self._expect is not None:
             want_dtype, want_shape = self._expect(key)
+            if narrow and want_dtype == narrow[0]:  # a bfloat16 parameter's own gradient: nothing to widen
+                narrow = None
             if (narrow[1] if narrow else dtype) != want_dtype:
                 raise WireError(
                     grpc.StatusCode.INVALID_ARGUMENT,

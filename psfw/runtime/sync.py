@@ -133,10 +133,12 @@ class ShardSync:
         resuming was asked for: both in one line that says what to do."""
         if self.identity is None:
             return
+        name = ours = self.identity["name"]
         for shard, reply in enumerate(replies):
             if not reply.job:
                 continue  # fresh, or put by a tool that names no job
             held = json.loads(reply.job)
+            name = held.get("name", ours)  # the same settings may come from another file
             if held.get("fingerprint") != self.identity["fingerprint"]:
                 what = "; ".join(differences(held, self.identity))
                 raise PsfwError(
@@ -146,7 +148,8 @@ class ShardSync:
         if start and not self.resume:
             state = f"finished, {steps} steps" if start >= steps else f"of {steps} steps"
             raise PsfwError(
-                f"the shards hold this job ({self.identity['name']}) with group {self.group} at step {start} "
+                f"the shards hold this job ({name if name == ours else f'{name}, the settings of {ours}'}) with "
+                f"group {self.group} at step {start} "
                 f"({state}): pass --resume to continue it, or start the shards fresh"
             )
         if start >= steps:
