@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from psfw.compute.netgraph import default_layers, net_graph, node_link, render
+from psfw.compute.tables import rows_by_shard
 from psfw.protocol.atomic import write_atomic
 from psfw.protocol.errors import UsageError
 from psfw.protocol.layout import Layout
@@ -212,8 +213,16 @@ def write_net(
     embedding tables as the shards took them (each spread over every shard by id)."""
     partition = layout.to_json()
     if tables:
+        shards = layout.shards
         partition["tables"] = [
-            {"name": name, **entry, "owner_worker": 0, "shards": "all, by id (route in psfw.compute.tables)"}
+            {
+                "name": name,
+                **entry,
+                "owner_worker": 0,
+                "shards": "all, by id (route in psfw.compute.tables)",
+                # the rows each shard holds (null: an unbounded table, or too large to count here)
+                "shard_rows": rows_by_shard(name, entry["rows"], shards) if entry["rows"] is not None else None,
+            }
             for name, entry in tables.items()
         ]
     write_atomic(run_dir / "partition.json", json.dumps(partition, indent=1).encode())
