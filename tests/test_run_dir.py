@@ -2,6 +2,7 @@
 write) is refused without --resume; a resume keeps each step once and refuses a
 config that changes what was trained; an interrupt says how to continue."""
 
+import asyncio
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import pytest
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.outputs import read_records
-from psfw.protocol.errors import UsageError
+from psfw.protocol.errors import PsfwError, UsageError
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 
@@ -42,9 +43,13 @@ async def test_a_folder_that_holds_a_run_is_refused_without_resume(tmp_path):
     await train(config(steps=10, checkpoint_every=0), run)
     before = (run / "metrics.jsonl").read_text()
     with pytest.raises(
-        UsageError, match=r"holds the outputs of a run: pass --resume to continue that run, or use a new"
+        UsageError,
+        match=r"holds the outputs of a finished run and no checkpoint to continue it from: pass --overwrite to "
+        r"start it again, or use a new --run-dir",
     ):
         await train(config(steps=10, checkpoint_every=0), run)
+    with pytest.raises(UsageError, match=r"no complete checkpoint to continue from: start it again with --overwrite"):
+        await train(config(steps=10, checkpoint_every=0), run, resume=True)
     assert (run / "metrics.jsonl").read_text() == before
 
 
@@ -203,3 +208,139 @@ async def test_what_the_checkpoint_holds_decides_a_resumed_optimizer(tmp_path):
     assert "(optimizer.learning_rate: 0.01 -> 0.002): pass --change-optimizer" in str(err.value)
     result = await train(adam(14, 0.002), run, resume=True, change_optimizer=True)
     assert result.steps == 14
+
+
+def psfw_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "psfw"]
+
+
+async def stopped_early(cfg, run, after: int = 6) -> int:
+    """Run ``cfg`` into ``run`` and cancel it (what Ctrl-C does) after ``after``
+    steps; returns the steps it completed."""
+    done: dict[int, int] = {}
+    task = asyncio.create_task(train(cfg, run, done=done))
+    for _ in range(1200):  # up to 120 s for the first steps
+        if done.get(0, 0) >= after or task.done():
+            break
+        await asyncio.sleep(0.1)
+    assert not task.done() and done.get(0, 0) >= after, "the run did not start training"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return done[0]
+
+
+@pytest.mark.asyncio
+async def test_a_run_stopped_before_its_first_checkpoint_leaves_a_folder_that_can_be_run_again(tmp_path, caplog):
+    """Nothing in it could be continued: --resume says to run it again, and running
+    it again says it reuses the folder, whose records are then this run's alone."""
+    run = tmp_path / "run"
+    await stopped_early(config(steps=100000, checkpoint_every=0), run)
+    assert (run / "config.json").exists() and not (run / "params.safetensors").exists()
+    with pytest.raises(UsageError, match=r"holds no complete checkpoint to continue from: run without --resume to"):
+        await train(config(steps=10, checkpoint_every=0), run, resume=True)
+    (run / "notes.txt").write_text("mine")  # a file psfw did not write stays
+    result = await train(config(steps=10, checkpoint_every=0), run)
+    assert result.steps == 10
+    reused = [line for line in psfw_lines(caplog) if line.startswith("reusing")]
+    assert reused == [
+        f"reusing {run}: it holds no checkpoint and no finished run (an earlier run stopped before its first "
+        "checkpoint): removing the earlier run's .metrics.jsonl.lock, config.json, metrics.jsonl and psfw-run.json"
+    ], psfw_lines(caplog)
+    assert [r["step"] for r in read_records(run / "metrics.jsonl")] == [5, 10]
+    assert len(json.loads((run / "psfw-run.json").read_text())["commands"]) == 1
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.asyncio
+async def test_overwrite_starts_a_finished_run_again_removing_only_what_psfw_wrote(tmp_path, caplog):
+    run = tmp_path / "run"
+    await train(config(steps=20, checkpoint_every=5), run)
+    (run / "notes.txt").write_text("mine")
+    (run / "checkpoints" / "step-00000020" / "notes.txt").write_text("mine too")
+    with pytest.raises(UsageError) as err:
+        await train(config(steps=10), run)
+    assert str(err.value) == (
+        f"{run} holds checkpoints (newest: step 20): pass --resume to continue that run, --overwrite to start it "
+        "again, or use a new --run-dir"
+    )
+    with pytest.raises(UsageError, match="--overwrite starts .* again and --resume continues it: give one of them"):
+        await train(config(steps=30), run, resume=True, overwrite=True)
+    result = await train(config(steps=10, checkpoint_every=5), run, overwrite=True)
+    assert result.steps == 10
+    removed = [line for line in psfw_lines(caplog) if line.startswith("--overwrite")]
+    assert removed == [
+        f"--overwrite {run}: removing the earlier run's .metrics.jsonl.lock, config.json, curves.png, metrics.jsonl, "
+        "net.json, net.png, params.safetensors, partition.json, psfw-run.json and the checkpoints of steps 10, 15, 20"
+    ], psfw_lines(caplog)
+    assert [r["step"] for r in read_records(run / "metrics.jsonl")] == [5, 10]
+    finals = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
+    assert len(finals) == 1 and json.loads(finals[0])["step"] == 10
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-00000005",
+        "step-00000010",
+        "step-00000020",
+    ]
+    assert sorted(p.name for p in (run / "checkpoints" / "step-00000020").iterdir()) == ["notes.txt"]
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mistake", ["another job", "servers"])
+async def test_a_refused_worker_writes_nothing_to_its_run_folder(tmp_path, mistake):
+    """``psfw worker`` refused by the shards (another job there, a wrong number of
+    --servers) leaves its --run-dir as it was: a new one is not made."""
+    from psfw.services.server import ShardServer
+
+    shards = [ShardServer(i, 2) for i in range(2)]
+    for shard in shards:
+        await shard.start("127.0.0.1:0")
+    try:
+        addresses = [s.address for s in shards]
+        await train(config(steps=5, checkpoint_every=0), None, servers=addresses, outputs=False)
+        run = tmp_path / "run"
+        cfg, given = (config(steps=5, hidden=16), addresses) if mistake == "another job" else (config(), addresses[:1])
+        with pytest.raises(PsfwError, match="holds job|2 shards, but 1 shard addresses"):
+            await train(cfg, run, servers=given, processes=[0])
+        assert not run.exists()
+    finally:
+        for shard in shards:
+            await shard.stop(0)
+
+
+@pytest.mark.asyncio
+async def test_a_resume_whose_target_is_behind_the_run_is_refused_and_changes_nothing(tmp_path):
+    """The shards are at step 20: a resume that asks for 10 steps would train nothing
+    and record step 10 beside step 20's parameters."""
+    run = tmp_path / "run"
+    await train(config(steps=20), run)
+    before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "config.json", "psfw-run.json")}
+    with pytest.raises(UsageError) as err:
+        await train(config(steps=10), run, resume=True)
+    assert str(err.value) == (
+        f"--resume: {run} is at step 20 already, and the config asks for 10 steps: raise train.epochs/train.steps "
+        "to train on"
+    )
+    assert {name: (run / name).read_bytes() for name in before} == before
+    again = await train(config(steps=20), run, resume=True)  # at its target: evaluated again, recorded at 20
+    finals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
+    assert again.steps == 20 and [f["step"] for f in finals] == [20]
+
+
+@pytest.mark.asyncio
+async def test_a_worker_resuming_shards_past_its_target_is_refused(tmp_path):
+    from psfw.services.server import ShardServer
+
+    shard = ShardServer(0, 1)
+    await shard.start("127.0.0.1:0")
+    try:
+        cfg = config(steps=20, checkpoint_every=0).model_copy()
+        one = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"servers": 1})})
+        await train(one, None, servers=[shard.address], outputs=False)
+        short = one.model_copy(update={"train": one.train.model_copy(update={"steps": 10})})
+        with pytest.raises(PsfwError) as err:
+            await train(short, tmp_path / "run", servers=[shard.address], processes=[0], resume=True)
+        assert "at step 20 already, and the config asks for 10 steps: raise train.epochs/train.steps" in str(err.value)
+        assert not (tmp_path / "run").exists()
+    finally:
+        await shard.stop(0)
