@@ -5,18 +5,23 @@ config that changes what was trained; an interrupt says how to continue."""
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import numpy as np
 import pytest
 
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.outputs import read_records
+from psfw.jobs.run_dir import resume_hint
 from psfw.protocol.errors import PsfwError, UsageError
+from psfw.services.checkpoint import complete_steps
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 
@@ -344,3 +349,128 @@ async def test_a_worker_resuming_shards_past_its_target_is_refused(tmp_path):
         assert not (tmp_path / "run").exists()
     finally:
         await shard.stop(0)
+
+
+def interrupt_when(path, step: int, limit_s: float = 120.0) -> threading.Thread:
+    """SIGINT to this process (a Ctrl-C) once the records in ``path`` reach ``step``,
+    or after ``limit_s`` whatever they say."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if path.exists() and any(r["step"] >= step for r in read_records(path)):
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_an_interrupt_names_the_checkpoint_its_graceful_stop_wrote_and_resumes_it(tmp_path, capsys, caplog):
+    """Ctrl-C long before train.checkpoint_every: the shards' graceful stop saves the
+    step they are at, and the line names that step, which the resume restores."""
+    from psfw.cli.main import main
+
+    job = tmp_path / "job.toml"
+    job.write_text(
+        "seed = 1\n[model]\nhidden = [32]\n[train]\nbatch_size = 32\nsteps = 100000\nlog_every = 5\n"
+        "checkpoint_every = 100000\n"
+    )
+    run = tmp_path / "run"
+    watcher = interrupt_when(run / "metrics.jsonl", 20)
+    code = main(["train", str(job), "--run-dir", str(run), "--no-progress"])
+    watcher.join(5)
+    assert code == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    said = re.fullmatch(r"psfw: interrupted; the newest checkpoint is of step (\d+); continue with: (.*)", last)
+    assert said, last
+    step = int(said.group(1))
+    assert step >= 20 and complete_steps(run / "checkpoints", 2)[-1] == step
+    assert said.group(2) == f"psfw train {job} --run-dir {run} --resume"
+    assert main(["train", str(job), "--set", f"train.steps={step + 2}", "--run-dir", str(run), "--resume"]) == 0
+    assert f"restored from its checkpoint of step {step}" in caplog.text
+    assert main(["train", str(job), "--run-dir", str(run), "--overwrite", "--resume"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "psfw train: --overwrite starts the run in --run-dir again and --resume continues it: give one of them"
+    )
+
+
+def test_a_checkpoint_every_not_reached_yet_is_not_called_unset(tmp_path):
+    """The hint of a run stopped before its first checkpoint (one its stop did not
+    write either: a second Ctrl-C, a kill) says so, and where it stopped."""
+    checkpoints = tmp_path / "checkpoints"
+    assert resume_hint("psfw train job.toml --resume", checkpoints, 2, 50, "step 20") == (
+        "no checkpoint was reached yet (train.checkpoint_every = 50, stopped at step 20)"
+    )
+    assert resume_hint("psfw train job.toml --resume", checkpoints, 2, 0, "step 20") == (
+        "no checkpoint was written (set train.checkpoint_every to have them)"
+    )
+    from psfw.services.checkpoint import save_shard
+
+    for shard in range(2):
+        save_shard(checkpoints, 40, shard, 2, {"w": np.zeros(2, np.float32)}, {})
+    assert resume_hint("psfw train job.toml --resume", checkpoints, 2, 50, "step 42") == (
+        "the newest checkpoint is of step 40; continue with: psfw train job.toml --resume"
+    )
+
+
+LAUNCHED = """seed = 5
+[model]
+hidden = [32]
+[train]
+batch_size = 40
+steps = 100000
+log_every = 1
+wait_s = 60
+checkpoint_every = 100000
+[cluster]
+workers_per_group = 2
+workers_per_process = 1
+servers = 2
+"""
+
+
+@pytest.mark.slow
+def test_an_interrupted_launch_names_the_checkpoint_its_stop_wrote_in_one_hint(tmp_path):
+    """The line comes after every process stopped, so it names the step the shards'
+    graceful stop saved, which the resume restores; the workers print no hints."""
+    job = tmp_path / "job.toml"
+    job.write_text(LAUNCHED)
+    run = tmp_path / "run"
+    with subprocess.Popen(
+        [*PSFW, "launch", str(job), "--run-dir", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # like a shell's foreground job: Ctrl-C goes to the whole group
+    ) as launch:
+        deadline = time.monotonic() + 120
+        for line in launch.stdout:
+            if line.startswith("[worker 0] group 0 step 20 "):
+                break
+            assert time.monotonic() < deadline, "training did not start"
+        os.killpg(launch.pid, signal.SIGINT)
+        rest = launch.stdout.read()
+        assert launch.wait(60) == 130
+    assert "run the same command with --resume" not in rest, rest[-3000:]
+    assert rest.count("continue with:") == 1, rest[-3000:]
+    lines = rest.strip().splitlines()
+    assert "psfw launch: interrupted, stopping every process" in lines, rest[-3000:]
+    said = re.fullmatch(
+        r"psfw launch: every process stopped; the newest checkpoint is of step (\d+); continue with: (.*)", lines[-1]
+    )
+    assert said, rest[-3000:]
+    step = int(said.group(1))
+    assert step >= 20 and complete_steps(run / "checkpoints", 2)[-1] == step
+    assert said.group(2) == f"psfw launch {job} --run-dir {run} --resume"
+    resumed = subprocess.run(
+        [*PSFW, "launch", str(job), "--set", f"train.steps={step + 2}", "--run-dir", str(run), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"restored step {step}" in resumed.stdout, resumed.stdout[-3000:]
