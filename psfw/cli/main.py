@@ -46,12 +46,14 @@ def _add_client_security(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", default=env("TOKEN_FILE"), help="file holding the bearer token")
 
 
-def _add_overwrite(p: argparse.ArgumentParser) -> None:
+def _add_overwrite(
+    p: argparse.ArgumentParser, what: str = "records, config, parameters, pictures, checkpoints"
+) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="start the run in --run-dir again: first remove the files psfw wrote there for the earlier run (its "
-        "records, config, parameters, pictures and checkpoints; nothing else)",
+        help=f"start the run in --run-dir again: first remove the files psfw wrote there for the earlier run (its "
+        f"{what}; nothing else)",
     )
 
 
@@ -166,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
         help="continue the job the shards hold where they hold it (a restarted process; without it, a process "
         "whose group has advanced on the shards is refused)",
     )
-    _add_overwrite(w)
+    _add_overwrite(w, "records, config, parameters, pictures; not the shards' checkpoints")
     w.add_argument("--launched", action="store_true", help=argparse.SUPPRESS)  # psfw launch's child
     _add_client_security(w)
     w.set_defaults(run=commands.run_worker)
