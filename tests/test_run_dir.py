@@ -245,13 +245,18 @@ async def test_a_run_stopped_before_its_first_checkpoint_leaves_a_folder_that_ca
     with pytest.raises(UsageError, match=r"holds no complete checkpoint to continue from: run without --resume to"):
         await train(config(steps=10, checkpoint_every=0), run, resume=True)
     (run / "notes.txt").write_text("mine")  # a file psfw did not write stays
+    from psfw.services.checkpoint import save_shard
+
+    save_shard(run / "checkpoints", 3, 0, 2, {"w": np.zeros(2, np.float32)}, {})  # one shard's of two: incomplete
     result = await train(config(steps=10, checkpoint_every=0), run)
     assert result.steps == 10
     reused = [line for line in psfw_lines(caplog) if line.startswith("reusing")]
     assert reused == [
         f"reusing {run}: it holds no checkpoint and no finished run (an earlier run stopped before its first "
-        "checkpoint): removing the earlier run's .metrics.jsonl.lock, config.json, metrics.jsonl and psfw-run.json"
+        "checkpoint): removing the earlier run's .metrics.jsonl.lock, config.json, metrics.jsonl, psfw-run.json and "
+        "the incomplete checkpoint of step 3"
     ], psfw_lines(caplog)
+    assert not (run / "checkpoints").exists()
     assert [r["step"] for r in read_records(run / "metrics.jsonl")] == [5, 10]
     assert len(json.loads((run / "psfw-run.json").read_text())["commands"]) == 1
     assert (run / "notes.txt").read_text() == "mine"

@@ -49,15 +49,23 @@ class EarlierRun:
     why: str  # "--overwrite", or why the folder may be reused
     files: list[str] = field(default_factory=list)
     steps: list[str] = field(default_factory=list)
+    complete: list[int] = field(default_factory=list)  # the steps of ``steps`` that are whole checkpoints
 
     def describe(self) -> str:
         """``config.json, metrics.jsonl and the checkpoints of steps 40, 45``."""
         parts = list(self.files)
-        if self.steps:
-            numbers = ", ".join(str(int(s.split("-")[1])) for s in self.steps)
-            parts.append(
-                f"the checkpoints of steps {numbers}" if len(self.steps) > 1 else f"the checkpoint of step {numbers}"
-            )
+        numbers = [int(s.split("-")[1]) for s in self.steps]
+        for kind, group in (
+            ("", [n for n in numbers if n in self.complete]),
+            ("incomplete ", [n for n in numbers if n not in self.complete]),
+        ):
+            if group:
+                listed = ", ".join(map(str, group))
+                parts.append(
+                    f"the {kind}checkpoints of steps {listed}"
+                    if len(group) > 1
+                    else f"the {kind}checkpoint of step {listed}"
+                )
         return ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else "".join(parts) or "nothing"
 
     def clear(self) -> None:
@@ -124,7 +132,7 @@ def check_run_dir(
     )
     files = [name for name in entries if name in RUN_FILES or _temporary(name, RUN_FILE)]
     steps = sorted(p.name for p in (run_dir / CHECKPOINTS).glob("step-*") if STEP_FOLDER.fullmatch(p.name))
-    return EarlierRun(run_dir, why, files, steps if checkpoints else [])
+    return EarlierRun(run_dir, why, files, steps if checkpoints else [], found)
 
 
 def resume_hint(command: str, checkpoints: Path, shards: int, every: int = 0, stopped: str = "") -> str:
