@@ -4,6 +4,7 @@ config that changes what was trained; an interrupt says how to continue."""
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -216,7 +217,8 @@ async def test_what_the_checkpoint_holds_decides_a_resumed_optimizer(tmp_path):
 
 
 def psfw_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "psfw"]
+    """The warnings psfw's own logger wrote (what the command line shows as ``psfw: ...``)."""
+    return [r.getMessage() for r in caplog.records if r.name == "psfw" and r.levelno >= logging.WARNING]
 
 
 async def stopped_early(cfg, run, after: int = 6) -> int:
@@ -479,3 +481,36 @@ def test_an_interrupted_launch_names_the_checkpoint_its_stop_wrote_in_one_hint(t
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"restored step {step}" in resumed.stdout, resumed.stdout[-3000:]
+
+
+@pytest.mark.asyncio
+async def test_a_worker_overwrites_its_run_folder_only_once_the_shards_took_the_job(tmp_path, caplog):
+    """``psfw worker --overwrite``: the earlier run's files go when the shards accept
+    this job, not before (a refusal leaves them), and its checkpoints are the shards'."""
+    from psfw.services.server import ShardServer
+
+    run = tmp_path / "run"
+    await train(config(steps=10, checkpoint_every=5), run)
+    shard = ShardServer(0, 1)
+    await shard.start("127.0.0.1:0")
+    try:
+        cfg = config(steps=5, checkpoint_every=0)
+        one = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"servers": 1})})
+        with pytest.raises(UsageError, match="holds the outputs of a finished run: pass --resume to continue that run"):
+            await train(one, run, servers=[shard.address], processes=[0])
+        await train(one, None, servers=[shard.address], outputs=False)  # the shards now hold a finished job
+        before = sorted(p.name for p in run.iterdir())
+        with pytest.raises(PsfwError, match="pass --resume to continue it, or start the shards fresh"):
+            await train(one, run, servers=[shard.address], processes=[0], overwrite=True)
+        assert sorted(p.name for p in run.iterdir()) == before and not psfw_lines(caplog)
+    finally:
+        await shard.stop(0)
+    shard = ShardServer(0, 1)
+    await shard.start("127.0.0.1:0")
+    try:
+        result = await train(one, run, servers=[shard.address], processes=[0], overwrite=True)
+    finally:
+        await shard.stop(0)
+    assert result.steps == 5 and [r["step"] for r in read_records(run / "metrics.jsonl")] == [5]
+    assert [line.split(": removing")[0] for line in psfw_lines(caplog)] == [f"--overwrite {run}"]
+    assert complete_steps(run / "checkpoints", 2) == [5, 10], "the checkpoints stay"
