@@ -182,18 +182,23 @@ def draw(graph: nx.DiGraph) -> Any:
 
 
 def shard_label(shard: dict[str, Any]) -> str:
-    """``0.00 MB dense\n+ 5,512 table rows (0.37 MB)``: what a shard holds."""
-    label = f"{shard['bytes'] / 1e6:.2f} MB"
+    """``4 B dense\n+ 5,438 table rows (0.37 MB)``: what a shard holds."""
+    label = _size(shard["bytes"])
     if "table_rows" not in shard:
         return label
     counted = [n for n in shard["table_rows"].values() if isinstance(n, int)]
     label += " dense"
     if counted:
-        label += f"\n+ {sum(counted):,} table rows ({shard.get('table_bytes', 0) / 1e6:.2f} MB)"
+        label += f"\n+ {sum(counted):,} table rows ({_size(shard.get('table_bytes', 0))})"
     others = [n for n in shard["table_rows"].values() if not isinstance(n, int)]
     if others:
         label += "\n+ " + ", ".join(f"rows {n}" if n == "by id" else f"{n} rows" for n in sorted(set(others)))
     return label
+
+
+def _size(count: int) -> str:
+    """``0.37 MB``; a size under 10 kB in bytes (``4 B``), which 0.00 MB would hide."""
+    return f"{count / 1e6:.2f} MB" if count >= 10_000 else f"{count:,} B"
 
 
 def render(graph: nx.DiGraph, path: str | Path) -> None:

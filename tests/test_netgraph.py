@@ -158,4 +158,4 @@ def test_an_unbounded_table_is_held_by_id_on_every_shard():
     partition = {**layout.to_json(), "tables": [{"name": "ids", "rows": None, "dim": 8, "shard_rows": None}]}
     graph = net_graph(default_layers(["bias"]), partition)
     assert [graph.edges["table:ids", f"shard:{i}"]["rows"] for i in range(2)] == ["by id", "by id"]
-    assert shard_label(graph.nodes["shard:1"]) == "0.00 MB dense\n+ rows by id"
+    assert shard_label(graph.nodes["shard:1"]) == "0 B dense\n+ rows by id"
