@@ -221,11 +221,11 @@ def psfw_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "psfw" and r.levelno >= logging.WARNING]
 
 
-async def stopped_early(cfg, run, after: int = 6) -> int:
+async def stopped_early(cfg, run, after: int = 6, **options) -> int:
     """Run ``cfg`` into ``run`` and cancel it (what Ctrl-C does) after ``after``
     steps; returns the steps it completed."""
     done: dict[int, int] = {}
-    task = asyncio.create_task(train(cfg, run, done=done))
+    task = asyncio.create_task(train(cfg, run, done=done, **options))
     for _ in range(1200):  # up to 120 s for the first steps
         if done.get(0, 0) >= after or task.done():
             break
@@ -514,3 +514,27 @@ async def test_a_worker_overwrites_its_run_folder_only_once_the_shards_took_the_
     assert result.steps == 5 and [r["step"] for r in read_records(run / "metrics.jsonl")] == [5]
     assert [line.split(": removing")[0] for line in psfw_lines(caplog)] == [f"--overwrite {run}"]
     assert complete_steps(run / "checkpoints", 2) == [5, 10], "the checkpoints stay"
+
+
+@pytest.mark.asyncio
+async def test_a_worker_reuses_the_folder_of_a_run_that_never_finished_once_fresh_shards_take_the_job(tmp_path, caplog):
+    from psfw.services.server import ShardServer
+
+    run = tmp_path / "run"
+    cfg = config(steps=100000, checkpoint_every=0)
+    one = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"servers": 1})})
+    for attempt in range(2):
+        shard = ShardServer(0, 1)
+        await shard.start("127.0.0.1:0")
+        try:
+            if attempt == 0:
+                await stopped_early(one, run, servers=[shard.address], processes=[0])
+            else:
+                short = one.model_copy(update={"train": one.train.model_copy(update={"steps": 5})})
+                result = await train(short, run, servers=[shard.address], processes=[0])
+        finally:
+            await shard.stop(0)
+    assert result.steps == 5 and [r["step"] for r in read_records(run / "metrics.jsonl")] == [5]
+    assert [line.split(": removing")[0] for line in psfw_lines(caplog)] == [
+        f"reusing {run}: it holds no finished run, and the shards start this job afresh"
+    ]

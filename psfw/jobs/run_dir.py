@@ -124,12 +124,15 @@ def check_run_dir(
             what += " and no checkpoint to continue it from"
             flags = "pass --overwrite to start it again"
         raise UsageError(f"{run_dir} holds {what}: {flags}, or use a new --run-dir")
-    why = (
-        f"--overwrite {run_dir}"
-        if found or finished
-        else f"reusing {run_dir}: it holds no checkpoint and no finished run (an earlier run stopped before its "
-        "first checkpoint)"
-    )
+    if found or finished:
+        why = f"--overwrite {run_dir}"
+    elif checkpoints:
+        why = (
+            f"reusing {run_dir}: it holds no checkpoint and no finished run (an earlier run stopped before its "
+            "first checkpoint)"
+        )
+    else:  # a worker's: cleared once the shards start this job afresh, so nothing of it goes on
+        why = f"reusing {run_dir}: it holds no finished run, and the shards start this job afresh"
     files = [name for name in entries if name in RUN_FILES or _temporary(name, RUN_FILE)]
     steps = sorted(p.name for p in (run_dir / CHECKPOINTS).glob("step-*") if STEP_FOLDER.fullmatch(p.name))
     return EarlierRun(run_dir, why, files, steps if checkpoints else [], found)
