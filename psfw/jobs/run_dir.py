@@ -72,16 +72,19 @@ class EarlierRun:
         """Remove what the earlier run left (never a file psfw did not write), and
         say so in one line."""
         log.warning("%s: removing the earlier run's %s", self.why, self.describe())
-        for name in self.files:
-            _remove(self.folder / name)
-        root = self.folder / CHECKPOINTS
-        for step in self.steps:
-            for path in (root / step).iterdir() if (root / step).is_dir() else []:
-                if CHECKPOINT_FILE.fullmatch(path.name) or _temporary(path.name, CHECKPOINT_FILE):
-                    _remove(path)
-            _rmdir(root / step)  # unless something psfw did not write is left in it
-        if self.steps:
-            _rmdir(root)
+        try:
+            for name in self.files:
+                _remove(self.folder / name)
+            root = self.folder / CHECKPOINTS
+            for step in self.steps:
+                for path in (root / step).iterdir() if (root / step).is_dir() else []:
+                    if CHECKPOINT_FILE.fullmatch(path.name) or _temporary(path.name, CHECKPOINT_FILE):
+                        _remove(path)
+                _rmdir(root / step)  # unless something psfw did not write is left in it
+            if self.steps:
+                _rmdir(root)
+        except OSError as err:
+            raise UsageError(f"cannot remove {err.filename}: {err.strerror or err}") from None
 
 
 def check_run_dir(
