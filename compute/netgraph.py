@@ -109,8 +109,24 @@ def net_graph(layers: list[dict[str, Any]], partition: dict[str, Any]) -> nx.DiG
         node = f"table:{t['name']}"
         graph.add_node(node, kind="table", label=t["name"], rows=t["rows"], dim=t["dim"])
         for shard in range(partition["shards"]):
-            graph.add_edge(node, f"shard:{shard}", kind="held_by", rows="by id")
+            rows = _shard_rows(t, shard, partition["shards"])
+            held = graph.nodes[f"shard:{shard}"]
+            held.setdefault("table_rows", {})[t["name"]] = rows
+            if isinstance(rows, int):  # float32 rows; an optimizer's state comes on top
+                held["table_bytes"] = held.get("table_bytes", 0) + rows * t["dim"] * 4
+            if rows != 0:
+                graph.add_edge(node, f"shard:{shard}", kind="held_by", rows=rows)
     return graph
+
+
+def _shard_rows(table: dict[str, Any], shard: int, shards: int) -> int | str:
+    """The rows of ``table`` that ``shard`` holds: counted (``shard_rows``), about an
+    even share of a table too large to count, or "by id" for an unbounded table."""
+    if table.get("shard_rows") is not None:
+        return table["shard_rows"][shard]
+    if table["rows"] is None:
+        return "by id"
+    return f"about {table['rows'] // shards}"
 
 
 def node_link(graph: nx.DiGraph) -> dict[str, Any]:
@@ -152,7 +168,7 @@ def draw(graph: nx.DiGraph) -> Any:
                 label = f"{d['label']}\n{'x'.join(map(str, d['shape'])) or 'scalar'}"
                 color = (*cmap(owners.index(d["owner_worker"]) % 10)[:3], 0.35)
             elif kind == "shard":
-                label, color = f"{d['label']}\n{d['bytes'] / 1e6:.2f} MB", "#f5e0c3"
+                label, color = f"{d['label']}\n{shard_label(d)}", "#f5e0c3"
             else:
                 label, color = d["label"], "#d9e7f5"
             boxes[n] = ax.text(
@@ -174,6 +190,26 @@ def draw(graph: nx.DiGraph) -> Any:
     ax.set_title("net structure (left), parameters by owner (middle), shards (right)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def shard_label(shard: dict[str, Any]) -> str:
+    """``4 B dense\n+ 5,438 table rows (0.37 MB)``: what a shard holds."""
+    label = _size(shard["bytes"])
+    if "table_rows" not in shard:
+        return label
+    counted = [n for n in shard["table_rows"].values() if isinstance(n, int)]
+    label += " dense"
+    if counted:
+        label += f"\n+ {sum(counted):,} table rows ({_size(shard.get('table_bytes', 0))})"
+    others = [n for n in shard["table_rows"].values() if not isinstance(n, int)]
+    if others:
+        label += "\n+ " + ", ".join(f"rows {n}" if n == "by id" else f"{n} rows" for n in sorted(set(others)))
+    return label
+
+
+def _size(count: int) -> str:
+    """``0.37 MB``; a size under 10 kB in bytes (``4 B``), which 0.00 MB would hide."""
+    return f"{count / 1e6:.2f} MB" if count >= 10_000 else f"{count:,} B"
 
 
 def render(graph: nx.DiGraph, path: str | Path) -> None:

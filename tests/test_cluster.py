@@ -279,7 +279,8 @@ def test_ctrl_c_on_launch_stops_every_shard_gracefully_once(tmp_path):
     assert "second signal" not in rest, rest[-3000:]
     assert rest.count("stopping, in-flight RPCs get") == 2, rest[-3000:]
     # the job kept no checkpoints: launch says so instead of a command that could not resume
-    assert "psfw launch: interrupted, stopping every process; no checkpoint was written" in rest, rest[-3000:]
+    assert "psfw launch: interrupted, stopping every process\n" in rest, rest[-3000:]
+    assert "psfw launch: every process stopped; no checkpoint was written (set train" in rest, rest[-3000:]
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from psfw.compute.netgraph import check_layers, net_graph
+from psfw.compute.netgraph import check_layers, default_layers, net_graph
 from psfw.jobs import outputs
 from psfw.protocol.layout import plan_layout
 
@@ -114,3 +114,54 @@ def test_every_label_fits_its_node_and_no_two_nodes_overlap(model):
                 assert not a.overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
     finally:
         plt.close(fig)
+
+
+def test_a_shard_that_holds_table_rows_is_not_called_empty(caplog):
+    """examples/recsys.toml keeps one dense slice (the bias) on shard 0 and half of
+    its table rows on shard 1: no shard there is empty; a dense model with more
+    shards than slices still is warned of."""
+    from psfw.jobs.config import load_config, parse_config
+    from psfw.jobs.job import build_job, warn_empty_shards
+
+    from helpers import EXAMPLES
+
+    warn_empty_shards(build_job(load_config(EXAMPLES / "recsys.toml")))
+    assert "holds nothing" not in caplog.text and "hold nothing" not in caplog.text, caplog.text
+    dense = parse_config({"model": {"name": "mlp", "hidden": [4]}, "cluster": {"servers": 8}}, source="dense.toml")
+    warn_empty_shards(build_job(dense))
+    assert "dense.toml: cluster.servers is 8 but the model has only 4 slices: shards 4-7 hold nothing" in caplog.text
+
+
+def test_net_json_and_the_picture_carry_each_shards_table_rows(tmp_path):
+    """Each shard of the recommendation example shows its dense bytes and the table
+    rows the routing gives it; the rows of all shards add up to the tables'."""
+    from psfw.compute.netgraph import shard_label
+    from psfw.jobs.config import load_config
+    from psfw.jobs.job import build_job
+
+    from helpers import EXAMPLES
+
+    job = build_job(load_config(EXAMPLES / "recsys.toml"))
+    outputs.write_net(tmp_path, job.model.layers, job.layout, job.table_declaration())
+    tables = json.loads((tmp_path / "partition.json").read_text())["tables"]
+    assert {t["name"]: sum(t["shard_rows"]) for t in tables} == {n: s.rows for n, s in job.model.tables.items()}
+    nodes = {n["id"]: n for n in json.loads((tmp_path / "net.json").read_text())["nodes"]}
+    shards = [nodes[f"shard:{i}"] for i in range(2)]
+    for name, spec in job.model.tables.items():
+        held = [s["table_rows"][name] for s in shards]
+        assert sum(held) == spec.rows and all(n > spec.rows // 3 for n in held), held
+    for shard in shards:
+        rows = sum(shard["table_rows"].values())
+        assert shard["table_bytes"] == rows * 17 * 4  # float32 rows 17 wide (dim 16 and a linear term)
+        assert f"+ {rows:,} table rows ({rows * 17 * 4 / 1e6:.2f} MB)" in shard_label(shard)
+    assert (tmp_path / "net.png").stat().st_size > 0
+
+
+def test_an_unbounded_table_is_held_by_id_on_every_shard():
+    from psfw.compute.netgraph import shard_label
+
+    layout = plan_layout({"bias": ((1,), "float32")}, 2, 1, 1 << 20)
+    partition = {**layout.to_json(), "tables": [{"name": "ids", "rows": None, "dim": 8, "shard_rows": None}]}
+    graph = net_graph(default_layers(["bias"]), partition)
+    assert [graph.edges["table:ids", f"shard:{i}"]["rows"] for i in range(2)] == ["by id", "by id"]
+    assert shard_label(graph.nodes["shard:1"]) == "0 B dense\n+ rows by id"

@@ -2,20 +2,27 @@
 write) is refused without --resume; a resume keeps each step once and refuses a
 config that changes what was trained; an interrupt says how to continue."""
 
+import asyncio
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import numpy as np
 import pytest
 
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.outputs import read_records
-from psfw.protocol.errors import UsageError
+from psfw.jobs.run_dir import resume_hint
+from psfw.protocol.errors import PsfwError, UsageError
+from psfw.services.checkpoint import complete_steps
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 
@@ -42,9 +49,13 @@ async def test_a_folder_that_holds_a_run_is_refused_without_resume(tmp_path):
     await train(config(steps=10, checkpoint_every=0), run)
     before = (run / "metrics.jsonl").read_text()
     with pytest.raises(
-        UsageError, match=r"holds the outputs of a run: pass --resume to continue that run, or use a new"
+        UsageError,
+        match=r"holds the outputs of a finished run and no checkpoint to continue it from: pass --overwrite to "
+        r"start it again, or use a new --run-dir",
     ):
         await train(config(steps=10, checkpoint_every=0), run)
+    with pytest.raises(UsageError, match=r"no complete checkpoint to continue from: start it again with --overwrite"):
+        await train(config(steps=10, checkpoint_every=0), run, resume=True)
     assert (run / "metrics.jsonl").read_text() == before
 
 
@@ -203,3 +214,327 @@ async def test_what_the_checkpoint_holds_decides_a_resumed_optimizer(tmp_path):
     assert "(optimizer.learning_rate: 0.01 -> 0.002): pass --change-optimizer" in str(err.value)
     result = await train(adam(14, 0.002), run, resume=True, change_optimizer=True)
     assert result.steps == 14
+
+
+def psfw_lines(caplog) -> list[str]:
+    """The warnings psfw's own logger wrote (what the command line shows as ``psfw: ...``)."""
+    return [r.getMessage() for r in caplog.records if r.name == "psfw" and r.levelno >= logging.WARNING]
+
+
+async def stopped_early(cfg, run, after: int = 6, **options) -> int:
+    """Run ``cfg`` into ``run`` and cancel it (what Ctrl-C does) after ``after``
+    steps; returns the steps it completed."""
+    done: dict[int, int] = {}
+    task = asyncio.create_task(train(cfg, run, done=done, **options))
+    for _ in range(1200):  # up to 120 s for the first steps
+        if done.get(0, 0) >= after or task.done():
+            break
+        await asyncio.sleep(0.1)
+    assert not task.done() and done.get(0, 0) >= after, "the run did not start training"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return done[0]
+
+
+@pytest.mark.asyncio
+async def test_a_run_stopped_before_its_first_checkpoint_leaves_a_folder_that_can_be_run_again(tmp_path, caplog):
+    """Nothing in it could be continued: --resume says to run it again, and running
+    it again says it reuses the folder, whose records are then this run's alone."""
+    run = tmp_path / "run"
+    await stopped_early(config(steps=100000, checkpoint_every=0), run)
+    assert (run / "config.json").exists() and not (run / "params.safetensors").exists()
+    with pytest.raises(UsageError, match=r"holds no complete checkpoint to continue from: run without --resume to"):
+        await train(config(steps=10, checkpoint_every=0), run, resume=True)
+    (run / "notes.txt").write_text("mine")  # a file psfw did not write stays
+    from psfw.services.checkpoint import save_shard
+
+    save_shard(run / "checkpoints", 3, 0, 2, {"w": np.zeros(2, np.float32)}, {})  # one shard's of two: incomplete
+    result = await train(config(steps=10, checkpoint_every=0), run)
+    assert result.steps == 10
+    reused = [line for line in psfw_lines(caplog) if line.startswith("reusing")]
+    assert reused == [
+        f"reusing {run}: it holds no checkpoint and no finished run (an earlier run stopped before its first "
+        "checkpoint): removing the earlier run's .metrics.jsonl.lock, config.json, metrics.jsonl, psfw-run.json and "
+        "the incomplete checkpoint of step 3"
+    ], psfw_lines(caplog)
+    assert not (run / "checkpoints").exists()
+    assert [r["step"] for r in read_records(run / "metrics.jsonl")] == [5, 10]
+    assert len(json.loads((run / "psfw-run.json").read_text())["commands"]) == 1
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.asyncio
+async def test_overwrite_starts_a_finished_run_again_removing_only_what_psfw_wrote(tmp_path, caplog):
+    run = tmp_path / "run"
+    await train(config(steps=20, checkpoint_every=5), run)
+    (run / "notes.txt").write_text("mine")
+    (run / "checkpoints" / "step-00000020" / "notes.txt").write_text("mine too")
+    with pytest.raises(UsageError) as err:
+        await train(config(steps=10), run)
+    assert str(err.value) == (
+        f"{run} holds checkpoints (newest: step 20): pass --resume to continue that run, --overwrite to start it "
+        "again, or use a new --run-dir"
+    )
+    with pytest.raises(UsageError, match="--overwrite starts .* again and --resume continues it: give one of them"):
+        await train(config(steps=30), run, resume=True, overwrite=True)
+    result = await train(config(steps=10, checkpoint_every=5), run, overwrite=True)
+    assert result.steps == 10
+    removed = [line for line in psfw_lines(caplog) if line.startswith("--overwrite")]
+    assert removed == [
+        f"--overwrite {run}: removing the earlier run's .metrics.jsonl.lock, config.json, curves.png, metrics.jsonl, "
+        "net.json, net.png, params.safetensors, partition.json, psfw-run.json and the checkpoints of steps 10, 15, 20"
+    ], psfw_lines(caplog)
+    assert [r["step"] for r in read_records(run / "metrics.jsonl")] == [5, 10]
+    finals = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
+    assert len(finals) == 1 and json.loads(finals[0])["step"] == 10
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-00000005",
+        "step-00000010",
+        "step-00000020",
+    ]
+    assert sorted(p.name for p in (run / "checkpoints" / "step-00000020").iterdir()) == ["notes.txt"]
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mistake", ["another job", "servers"])
+async def test_a_refused_worker_writes_nothing_to_its_run_folder(tmp_path, mistake):
+    """``psfw worker`` refused by the shards (another job there, a wrong number of
+    --servers) leaves its --run-dir as it was: a new one is not made."""
+    from psfw.services.server import ShardServer
+
+    shards = [ShardServer(i, 2) for i in range(2)]
+    for shard in shards:
+        await shard.start("127.0.0.1:0")
+    try:
+        addresses = [s.address for s in shards]
+        await train(config(steps=5, checkpoint_every=0), None, servers=addresses, outputs=False)
+        run = tmp_path / "run"
+        cfg, given = (config(steps=5, hidden=16), addresses) if mistake == "another job" else (config(), addresses[:1])
+        with pytest.raises(PsfwError, match="holds job|2 shards, but 1 shard addresses"):
+            await train(cfg, run, servers=given, processes=[0])
+        assert not run.exists()
+    finally:
+        for shard in shards:
+            await shard.stop(0)
+
+
+@pytest.mark.asyncio
+async def test_a_resume_whose_target_is_behind_the_run_is_refused_and_changes_nothing(tmp_path):
+    """The shards are at step 20: a resume that asks for 10 steps would train nothing
+    and record step 10 beside step 20's parameters."""
+    run = tmp_path / "run"
+    await train(config(steps=20), run)
+    before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "config.json", "psfw-run.json")}
+    with pytest.raises(UsageError) as err:
+        await train(config(steps=10), run, resume=True)
+    assert str(err.value) == (
+        f"--resume: {run} is at step 20 already, and the config asks for 10 steps: raise train.epochs/train.steps "
+        "to train on"
+    )
+    assert {name: (run / name).read_bytes() for name in before} == before
+    again = await train(config(steps=20), run, resume=True)  # at its target: evaluated again, recorded at 20
+    finals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
+    assert again.steps == 20 and [f["step"] for f in finals] == [20]
+
+
+@pytest.mark.asyncio
+async def test_a_worker_resuming_shards_past_its_target_is_refused(tmp_path):
+    from psfw.services.server import ShardServer
+
+    shard = ShardServer(0, 1)
+    await shard.start("127.0.0.1:0")
+    try:
+        cfg = config(steps=20, checkpoint_every=0).model_copy()
+        one = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"servers": 1})})
+        await train(one, None, servers=[shard.address], outputs=False)
+        short = one.model_copy(update={"train": one.train.model_copy(update={"steps": 10})})
+        with pytest.raises(PsfwError) as err:
+            await train(short, tmp_path / "run", servers=[shard.address], processes=[0], resume=True)
+        assert "at step 20 already, and the config asks for 10 steps: raise train.epochs/train.steps" in str(err.value)
+        assert not (tmp_path / "run").exists()
+    finally:
+        await shard.stop(0)
+
+
+def interrupt_when(path, step: int, limit_s: float = 120.0) -> threading.Thread:
+    """SIGINT to this process (a Ctrl-C) once the records in ``path`` reach ``step``,
+    or after ``limit_s`` whatever they say."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if path.exists() and any(r["step"] >= step for r in read_records(path)):
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_an_interrupt_names_the_checkpoint_its_graceful_stop_wrote_and_resumes_it(tmp_path, capsys, caplog):
+    """Ctrl-C long before train.checkpoint_every: the shards' graceful stop saves the
+    step they are at, and the line names that step, which the resume restores."""
+    from psfw.cli.main import main
+
+    job = tmp_path / "job.toml"
+    job.write_text(
+        "seed = 1\n[model]\nhidden = [32]\n[train]\nbatch_size = 32\nsteps = 100000\nlog_every = 5\n"
+        "checkpoint_every = 100000\n"
+    )
+    run = tmp_path / "run"
+    watcher = interrupt_when(run / "metrics.jsonl", 20)
+    code = main(["train", str(job), "--run-dir", str(run), "--no-progress"])
+    watcher.join(5)
+    assert code == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    said = re.fullmatch(r"psfw: interrupted; the newest checkpoint is of step (\d+); continue with: (.*)", last)
+    assert said, last
+    step = int(said.group(1))
+    assert step >= 20 and complete_steps(run / "checkpoints", 2)[-1] == step
+    assert said.group(2) == f"psfw train {job} --run-dir {run} --resume"
+    assert main(["train", str(job), "--set", f"train.steps={step + 2}", "--run-dir", str(run), "--resume"]) == 0
+    assert f"restored from its checkpoint of step {step}" in caplog.text
+    assert main(["train", str(job), "--run-dir", str(run), "--overwrite", "--resume"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "psfw train: --overwrite starts the run in --run-dir again and --resume continues it: give one of them"
+    )
+
+
+def test_a_checkpoint_every_not_reached_yet_is_not_called_unset(tmp_path):
+    """The hint of a run stopped before its first checkpoint (one its stop did not
+    write either: a second Ctrl-C, a kill) says so, and where it stopped."""
+    checkpoints = tmp_path / "checkpoints"
+    assert resume_hint("psfw train job.toml --resume", checkpoints, 2, 50, "step 20") == (
+        "no checkpoint was reached yet (train.checkpoint_every = 50, stopped at step 20)"
+    )
+    assert resume_hint("psfw train job.toml --resume", checkpoints, 2, 0, "step 20") == (
+        "no checkpoint was written (set train.checkpoint_every to have them)"
+    )
+    from psfw.services.checkpoint import save_shard
+
+    for shard in range(2):
+        save_shard(checkpoints, 40, shard, 2, {"w": np.zeros(2, np.float32)}, {})
+    assert resume_hint("psfw train job.toml --resume", checkpoints, 2, 50, "step 42") == (
+        "the newest checkpoint is of step 40; continue with: psfw train job.toml --resume"
+    )
+
+
+LAUNCHED = """seed = 5
+[model]
+hidden = [32]
+[train]
+batch_size = 40
+steps = 100000
+log_every = 1
+wait_s = 60
+checkpoint_every = 100000
+[cluster]
+workers_per_group = 2
+workers_per_process = 1
+servers = 2
+"""
+
+
+@pytest.mark.slow
+def test_an_interrupted_launch_names_the_checkpoint_its_stop_wrote_in_one_hint(tmp_path):
+    """The line comes after every process stopped, so it names the step the shards'
+    graceful stop saved, which the resume restores; the workers print no hints."""
+    job = tmp_path / "job.toml"
+    job.write_text(LAUNCHED)
+    run = tmp_path / "run"
+    with subprocess.Popen(
+        [*PSFW, "launch", str(job), "--run-dir", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # like a shell's foreground job: Ctrl-C goes to the whole group
+    ) as launch:
+        deadline = time.monotonic() + 120
+        for line in launch.stdout:
+            if line.startswith("[worker 0] group 0 step 20 "):
+                break
+            assert time.monotonic() < deadline, "training did not start"
+        os.killpg(launch.pid, signal.SIGINT)
+        rest = launch.stdout.read()
+        assert launch.wait(60) == 130
+    assert "run the same command with --resume" not in rest, rest[-3000:]
+    assert rest.count("continue with:") == 1, rest[-3000:]
+    lines = rest.strip().splitlines()
+    assert "psfw launch: interrupted, stopping every process" in lines, rest[-3000:]
+    said = re.fullmatch(
+        r"psfw launch: every process stopped; the newest checkpoint is of step (\d+); continue with: (.*)", lines[-1]
+    )
+    assert said, rest[-3000:]
+    step = int(said.group(1))
+    assert step >= 20 and complete_steps(run / "checkpoints", 2)[-1] == step
+    assert said.group(2) == f"psfw launch {job} --run-dir {run} --resume"
+    resumed = subprocess.run(
+        [*PSFW, "launch", str(job), "--set", f"train.steps={step + 2}", "--run-dir", str(run), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"restored step {step}" in resumed.stdout, resumed.stdout[-3000:]
+
+
+@pytest.mark.asyncio
+async def test_a_worker_overwrites_its_run_folder_only_once_the_shards_took_the_job(tmp_path, caplog):
+    """``psfw worker --overwrite``: the earlier run's files go when the shards accept
+    this job, not before (a refusal leaves them), and its checkpoints are the shards'."""
+    from psfw.services.server import ShardServer
+
+    run = tmp_path / "run"
+    await train(config(steps=10, checkpoint_every=5), run)
+    shard = ShardServer(0, 1)
+    await shard.start("127.0.0.1:0")
+    try:
+        cfg = config(steps=5, checkpoint_every=0)
+        one = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"servers": 1})})
+        with pytest.raises(UsageError, match="holds the outputs of a finished run: pass --resume to continue that run"):
+            await train(one, run, servers=[shard.address], processes=[0])
+        await train(one, None, servers=[shard.address], outputs=False)  # the shards now hold a finished job
+        before = sorted(p.name for p in run.iterdir())
+        with pytest.raises(PsfwError, match="pass --resume to continue it, or start the shards fresh"):
+            await train(one, run, servers=[shard.address], processes=[0], overwrite=True)
+        assert sorted(p.name for p in run.iterdir()) == before and not psfw_lines(caplog)
+    finally:
+        await shard.stop(0)
+    shard = ShardServer(0, 1)
+    await shard.start("127.0.0.1:0")
+    try:
+        result = await train(one, run, servers=[shard.address], processes=[0], overwrite=True)
+    finally:
+        await shard.stop(0)
+    assert result.steps == 5 and [r["step"] for r in read_records(run / "metrics.jsonl")] == [5]
+    assert [line.split(": removing")[0] for line in psfw_lines(caplog)] == [f"--overwrite {run}"]
+    assert complete_steps(run / "checkpoints", 2) == [5, 10], "the checkpoints stay"
+
+
+@pytest.mark.asyncio
+async def test_a_worker_reuses_the_folder_of_a_run_that_never_finished_once_fresh_shards_take_the_job(tmp_path, caplog):
+    from psfw.services.server import ShardServer
+
+    run = tmp_path / "run"
+    cfg = config(steps=100000, checkpoint_every=0)
+    one = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"servers": 1})})
+    for attempt in range(2):
+        shard = ShardServer(0, 1)
+        await shard.start("127.0.0.1:0")
+        try:
+            if attempt == 0:
+                await stopped_early(one, run, servers=[shard.address], processes=[0])
+            else:
+                short = one.model_copy(update={"train": one.train.model_copy(update={"steps": 5})})
+                result = await train(short, run, servers=[shard.address], processes=[0])
+        finally:
+            await shard.stop(0)
+    assert result.steps == 5 and [r["step"] for r in read_records(run / "metrics.jsonl")] == [5]
+    assert [line.split(": removing")[0] for line in psfw_lines(caplog)] == [
+        f"reusing {run}: it holds no finished run, and the shards start this job afresh"
+    ]

@@ -16,18 +16,27 @@ def run_train(args: argparse.Namespace) -> int:
 
     from psfw.jobs.config import load_config
     from psfw.jobs.embedded import train
-    from psfw.jobs.outputs import CHECKPOINTS, new_run_dir, resume_hint
+    from psfw.jobs.outputs import CHECKPOINTS, new_run_dir
+    from psfw.jobs.run_dir import resume_hint
 
     config = load_config(args.config, args.set)
-    if args.resume and not args.run_dir:
-        raise UsageError("--resume needs the --run-dir of the run to continue")
+    _run_dir_flags(args)
     claimed = None if args.run_dir else new_run_dir()  # made at once: two runs never take the same
     run_dir = Path(args.run_dir) if args.run_dir else claimed
     command = shlex.join(["psfw", "train", args.config, *config.set_flags(), "--run-dir", str(run_dir), "--resume"])
-    args.on_interrupt = lambda: resume_hint(command, run_dir / CHECKPOINTS, config.cluster.servers)
+    done: dict[int, int] = {}  # each group's completed steps, for the interrupt's line
+    args.on_interrupt = lambda: resume_hint(
+        command, run_dir / CHECKPOINTS, config.cluster.servers, config.train.checkpoint_every, _stopped_at(done)
+    )
     try:
         result = train(
-            config, run_dir, progress=not args.no_progress, resume=args.resume, change_optimizer=args.change_optimizer
+            config,
+            run_dir,
+            progress=not args.no_progress,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            change_optimizer=args.change_optimizer,
+            done=done,
         )
     except BaseException:
         if claimed is not None and not any(claimed.iterdir()):
@@ -35,6 +44,25 @@ def run_train(args: argparse.Namespace) -> int:
         raise
     print(f"{result.summary()}; {result.steps} steps; outputs in {result.run_dir}")
     return 0
+
+
+def _run_dir_flags(args: argparse.Namespace) -> None:
+    """--resume and --overwrite: each needs a --run-dir, and they exclude each other."""
+    if args.resume and args.overwrite:
+        raise UsageError("--overwrite starts the run in --run-dir again and --resume continues it: give one of them")
+    for flag in ("resume", "overwrite"):
+        if getattr(args, flag) and not args.run_dir:
+            raise UsageError(
+                f"--{flag} needs the --run-dir of the run to {'continue' if flag == 'resume' else 'start again'}"
+            )
+
+
+def _stopped_at(done: dict[int, int]) -> str:
+    """``step 20``, ``steps 18 to 23`` (groups): where an interrupted run stopped."""
+    if not done:
+        return ""
+    low, high = min(done.values()), max(done.values())
+    return f"step {low}" if low == high else f"steps {low} to {high}"
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -79,7 +107,10 @@ def run_worker(args: argparse.Namespace) -> int:
     if not servers:
         raise UsageError("give the running shards' addresses with --servers (or PSFW_SERVERS): host:port, ...")
     config = load_config(args.config, args.set)
-    args.on_interrupt = lambda: "to continue, run the same command with --resume"
+    if args.resume and args.overwrite:
+        raise UsageError("--overwrite starts the run in --run-dir again and --resume continues it: give one of them")
+    if not args.launched:  # under psfw launch, launch says how to continue
+        args.on_interrupt = lambda: "to continue, run the same command with --resume"
     result = train(
         config,
         args.run_dir,
@@ -87,6 +118,7 @@ def run_worker(args: argparse.Namespace) -> int:
         servers=servers,
         processes=[args.process],
         resume=args.resume,
+        overwrite=args.overwrite,
         security=_client_security(args),
     )
     if result.run_dir is not None:
@@ -103,10 +135,9 @@ def run_launch(args: argparse.Namespace) -> int:
     from psfw.jobs.supervisor import launch
 
     config = load_config(args.config, args.set)
-    if args.resume and not args.run_dir:
-        raise UsageError("--resume needs the --run-dir of the run to continue")
+    _run_dir_flags(args)
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir()
-    return asyncio.run(launch(Path(args.config), config, run_dir, resume=args.resume))
+    return asyncio.run(launch(Path(args.config), config, run_dir, resume=args.resume, overwrite=args.overwrite))
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -55,6 +55,17 @@ def _add_client_security(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", default=env("TOKEN_FILE"), help="file holding the bearer token")
 
 
+def _add_overwrite(
+    p: argparse.ArgumentParser, what: str = "records, config, parameters, pictures, checkpoints"
+) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"start the run in --run-dir again: first remove the files psfw wrote there for the earlier run (its "
+        f"{what}; nothing else)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="psfw", description="asyncio parameter server for data-parallel JAX training")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -67,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="folder for the outputs (default: a new folder under runs/)")
     t.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
+    _add_overwrite(t)
     t.add_argument(
         "--change-optimizer",
         action="store_true",
@@ -209,6 +221,8 @@ def parser() -> argparse.ArgumentParser:
         help="continue the job the shards hold where they hold it (a restarted process; without it, a process "
         "whose group has advanced on the shards is refused)",
     )
+    _add_overwrite(w, "records, config, parameters, pictures; not the shards' checkpoints")
+    w.add_argument("--launched", action="store_true", help=argparse.SUPPRESS)  # psfw launch's child
     _add_client_security(w)
     w.set_defaults(run=commands.run_worker)
 
@@ -217,6 +231,7 @@ def parser() -> argparse.ArgumentParser:
     _add_overrides(la)
     la.add_argument("--run-dir", help="folder for the outputs (default: a new folder under runs/)")
     la.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
+    _add_overwrite(la)
     la.set_defaults(run=commands.run_launch)
 
     st = sub.add_parser("status", help="a running cluster's shards: keys, bytes, versions, groups, update rate")

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,6 @@ from psfw.jobs.outputs import (
     CHECKPOINTS,
     PARAMS_FILE,
     MetricsLog,
-    check_run_dir,
     mark_run_dir,
     new_run_dir,
     read_records,
@@ -38,6 +38,7 @@ from psfw.jobs.outputs import (
     write_params,
 )
 from psfw.jobs.progress import ProgressBar, StepReporter, log_line
+from psfw.jobs.run_dir import EarlierRun, check_run_dir
 from psfw.jobs.worker_processes import job_devices, run_worker_processes
 from psfw.protocol.errors import UsageError, WireError
 from psfw.protocol.identity import changed
@@ -90,8 +91,10 @@ async def train_async(
     servers: list[str] | None = None,
     processes: list[int] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     change_optimizer: bool = False,
     security: Security = NO_SECURITY,
+    done: dict[int, int] | None = None,
 ) -> TrainResult:
     """Train ``config``; see the module docstring.
 
@@ -100,8 +103,13 @@ async def train_async(
     default: all). Evaluation and the run folder are the job of the OS process that
     runs process 0; elsewhere the result holds no parameters. The embedded shards
     checkpoint into ``RUN_DIR/checkpoints`` every ``train.checkpoint_every`` steps;
-    ``resume`` continues from the newest complete checkpoint there. ``security``:
-    TLS and token for the channels to ``servers``.
+    ``resume`` continues from the newest complete checkpoint there; ``overwrite``
+    clears the run there first (see ``psfw.jobs.run_dir``). ``security``: TLS and
+    token for the channels to ``servers``. ``done``: filled with each group's
+    completed steps here, as they complete (what an interrupted run says).
+
+    Nothing is written to the run folder before the shards took the job: a refused
+    command leaves it as it was.
     """
     job = build_job(config)
     if not servers:  # the shards start here: this machine holds them too
@@ -113,19 +121,18 @@ async def train_async(
     folder = None
     if resume and not run_dir and not servers:  # against running shards, resume continues the job they hold
         raise UsageError("--resume needs the --run-dir of the run to continue")
+    earlier = None
     if run_dir and chief:  # before the folder is touched: a refused command leaves nothing behind
-        check_run_dir(Path(run_dir), c.servers, resume, checkpoints=not servers)
+        earlier = check_run_dir(Path(run_dir), c.servers, resume, checkpoints=not servers, overwrite=overwrite)
     if change_optimizer and (servers or not resume):
         raise UsageError("--change-optimizer goes with --resume of an embedded run (psfw train)")
     changes = resumed_config_changes(Path(run_dir), config, change_optimizer) if resume and run_dir and chief else {}
     if outputs and chief:
-        try:
-            folder = Path(run_dir) if run_dir else new_run_dir()
-            folder.mkdir(parents=True, exist_ok=True)
-            mark_run_dir(folder)
-        except OSError as err:
-            raise UsageError(f"cannot write the run folder {run_dir or 'runs/'}: {err.strerror or err}") from None
+        folder = Path(run_dir) if run_dir else new_run_dir()
     checkpoints = (Path(run_dir) if run_dir else folder) / CHECKPOINTS if (run_dir or folder) else None
+    if earlier is not None and not servers:  # its checkpoints go before the shards here would load them
+        earlier.clear()
+        earlier = None
     async with AsyncExitStack() as stack:
         addresses = list(servers or [])
         restored: list[int | None] = []
@@ -145,20 +152,23 @@ async def train_async(
                 restored.append(server.restored_step)
                 started.append(server)
         step = min((r for r in restored if r is not None), default=None)
+        if resume and step is not None and step > job.steps:  # nothing to train, and no step to record
+            raise UsageError(
+                f"--resume: {run_dir} is at step {step} already, and the config asks for {job.steps} steps: "
+                "raise train.epochs/train.steps to train on"
+            )
         if resume and started:
             changes.update(await _go_on_with_the_optimizer(config, job, started, step, change_optimizer))
-        if folder is not None:  # what this run trains with, once the shards took it (a resume may be refused)
-            (folder / "config.json").write_text(config.model_dump_json(indent=1))
-            if changes:  # config.json holds the settings from now on; the history says since when
-                _append_json(folder / "history.jsonl", {"resumed_at_step": step, "changed": changes})
-        sinks: list = []
         # each group's records come from the process that leads it (its first), here
         # or in another OS process that writes the same file (psfw launch)
         led = {p // c.processes_per_group for p in processes if p % c.processes_per_group == 0}
         records_dir = folder if folder is not None else Path(run_dir) if run_dir and outputs and led else None
+        begin = _RunBegins(records_dir, folder is not None, config, changes, step, earlier)
+        if not servers:  # the shards are this process's own: they took the job
+            begin()
+        sinks: list = []
         metrics = None
         if records_dir is not None:
-            records_dir.mkdir(parents=True, exist_ok=True)
             metrics = MetricsLog(records_dir / "metrics.jsonl", resume=resume, groups=c.worker_groups)
             sinks.append(lambda record: metrics.write(record) if record["group"] in led else None)
         if progress and ProgressBar.can_show():
@@ -166,7 +176,7 @@ async def train_async(
         else:  # --no-progress, or no terminal to draw a bar on
             sinks.append(log_line)
         local = Counter(p // c.processes_per_group for p in processes)
-        reporter = StepReporter(dict(local), job.steps, t.log_every, sinks)
+        reporter = StepReporter(dict(local), job.steps, t.log_every, sinks, done)
         evaluator = None
         if chief:  # the evaluation on the test split is process 0's
             keeper = None
@@ -182,7 +192,7 @@ async def train_async(
             reporter=reporter,
             security=security,
             resume=resume,
-            on_start=metrics.begin if metrics is not None else None,
+            on_start=begin.then(metrics.begin if metrics is not None else None),
             watch=evaluator.watch if evaluator is not None else None,
             devices=devices,
         )
@@ -258,6 +268,55 @@ async def _go_on_with_the_optimizer(
     except WireError as err:
         raise UsageError(f"--change-optimizer: {err.message}") from None
     return changes
+
+
+class _RunBegins:
+    """Writes to the run folder once the shards took the job (at once for shards of
+    this process, at the first stub's start against running ones), so that a refused
+    command leaves the folder as it was: makes ``folder`` for the records; with
+    ``chief`` (the process that writes the run's outputs), clears what ``earlier``
+    left, marks the folder, writes ``config.json`` (what this run trains with) and a
+    resume's changes in ``history.jsonl``."""
+
+    def __init__(
+        self,
+        folder: Path | None,
+        chief: bool,
+        config: Config,
+        changes: dict,
+        step: int | None,
+        earlier: EarlierRun | None,
+    ):
+        self.folder, self.chief, self.config, self.changes, self.step = folder, chief, config, changes, step
+        self.earlier = earlier
+        self.done = folder is None
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            if self.earlier is not None:
+                self.earlier.clear()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if not self.chief:
+                return
+            mark_run_dir(self.folder)
+            (self.folder / "config.json").write_text(self.config.model_dump_json(indent=1))
+            if self.changes:  # config.json holds the settings from now on; the history says since when
+                _append_json(self.folder / "history.jsonl", {"resumed_at_step": self.step, "changed": self.changes})
+        except OSError as err:
+            raise UsageError(f"cannot write the run folder {self.folder}: {err.strerror or err}") from None
+
+    def then(self, on_start: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+        """A stub's ``on_start``: this first, then ``on_start``."""
+
+        def started(group: int, step: int) -> None:
+            self()
+            if on_start is not None:
+                on_start(group, step)
+
+        return started
 
 
 def _append_json(path: Path, record: dict[str, Any]) -> None:

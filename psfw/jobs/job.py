@@ -16,7 +16,7 @@ from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset, load_dataset
 from psfw.compute.models import Model, cnn, head_for, load_user_model, mlp
 from psfw.compute.netgraph import check_layers
-from psfw.compute.tables import check_ids, check_table, check_table_optimizer, unique_ids
+from psfw.compute.tables import check_ids, check_table, check_table_optimizer, rows_by_shard, unique_ids
 from psfw.compute.user_data import check_dataset, load_module, load_path, value_range
 from psfw.jobs.checks import check_gradient, check_loss_output, check_memory, check_parameters, check_table_ids
 from psfw.jobs.checks import model_field as _model_field
@@ -357,16 +357,24 @@ def build_job(config: Config) -> Job:
 
 
 def warn_empty_shards(job: Job) -> None:
+    """Warn of shards that hold neither a dense slice nor a table row: they only slow
+    every step down. A table's rows are spread over the shards by id (an unbounded
+    table's: over every shard)."""
     c = job.config.cluster
     used = {s.shard for p in job.layout.params.values() for s in p.slices}
+    for name, spec in job.model.tables.items():
+        counts = rows_by_shard(name, spec.rows, c.servers) if spec.rows is not None else None
+        used.update(range(c.servers) if counts is None else [i for i, n in enumerate(counts) if n])
     empty = [i for i in range(c.servers) if i not in used]
     if empty:
+        rows = sum(spec.rows for spec in job.model.tables.values())
         log.warning(
-            "%s: cluster.servers is %d but the model has only %d slices: %s %s nothing and only slow every step "
+            "%s: cluster.servers is %d but the model has only %d slices%s: %s %s nothing and only slow every step "
             "down (lower cluster.servers, or cluster.slice_bytes to cut the parameters finer)",
             job.config.source,
             c.servers,
             sum(len(p.slices) for p in job.layout.params.values()),
+            f" and {rows} table rows" if rows else "",
             shard_ranges(empty),
             "holds" if len(empty) == 1 else "hold",
         )

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from psfw.compute.netgraph import default_layers, net_graph, node_link, render
+from psfw.compute.tables import rows_by_shard
 from psfw.protocol.atomic import write_atomic
 from psfw.protocol.errors import UsageError
 from psfw.protocol.layout import Layout
-from psfw.services.checkpoint import complete_steps
 
 PARAMS_FILE = "params.safetensors"
 RUN_MARKER = "psfw-run.json"  # marks a folder as a psfw run: nothing else in a folder is read
@@ -85,15 +85,6 @@ def _earlier_run(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and {"model", "data", "train", "optimizer", "cluster"} <= set(config)
-
-
-def resume_hint(command: str, checkpoints: Path, shards: int) -> str:
-    """What to tell a user whose run was interrupted: its newest checkpoint and the
-    command that continues from it."""
-    steps = complete_steps(checkpoints, shards) if checkpoints.exists() else []
-    if not steps:
-        return "no checkpoint was written (set train.checkpoint_every to have them)"
-    return f"the newest checkpoint is of step {steps[-1]}; continue with: {command}"
 
 
 # what a resumed run may change: how long and how it trains on, not what it trains
@@ -212,8 +203,16 @@ def write_net(
     embedding tables as the shards took them (each spread over every shard by id)."""
     partition = layout.to_json()
     if tables:
+        shards = layout.shards
         partition["tables"] = [
-            {"name": name, **entry, "owner_worker": 0, "shards": "all, by id (route in psfw.compute.tables)"}
+            {
+                "name": name,
+                **entry,
+                "owner_worker": 0,
+                "shards": "all, by id (route in psfw.compute.tables)",
+                # the rows each shard holds (null: an unbounded table, or too large to count here)
+                "shard_rows": rows_by_shard(name, entry["rows"], shards) if entry["rows"] is not None else None,
+            }
             for name, entry in tables.items()
         ]
     write_atomic(run_dir / "partition.json", json.dumps(partition, indent=1).encode())
@@ -292,23 +291,3 @@ def _plot_curves(path: Path, records: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def check_run_dir(run_dir: Path, shards: int, resume: bool, checkpoints: bool = True) -> None:
-    """Refuse a run folder that holds files psfw did not write (nothing there is ever
-    read), or another run's outputs or checkpoints unless told to resume (its shards
-    would quietly continue that run, its records would mix with this one's); and to
-    resume from one without checkpoints. ``checkpoints``: the run's shards keep
-    theirs in the folder (embedded, ``psfw launch``); a ``psfw worker``'s do not."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir} is a file: give a folder (a new one, or a run to --resume)")
-    ours, entries = run_dir_contents(run_dir)
-    if entries and not ours:
-        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise UsageError(f"{run_dir} holds files that are not a psfw run ({shown}): use a new or empty --run-dir")
-    found = complete_steps(run_dir / CHECKPOINTS, shards) if checkpoints else []
-    if checkpoints and resume and not found:
-        raise UsageError(f"--resume: {run_dir / CHECKPOINTS} holds no complete checkpoint to continue from")
-    if (found or ours) and not resume:
-        what = f"checkpoints (newest: step {found[-1]})" if found else "the outputs of a run"
-        raise UsageError(f"{run_dir} holds {what}: pass --resume to continue that run, or use a new --run-dir")

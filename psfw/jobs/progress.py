@@ -23,8 +23,16 @@ class StepReporter:
     ``samples_per_s`` over the logged window and the time split of the step.
     """
 
-    def __init__(self, processes: dict[int, int], steps: int, log_every: int, sinks: list[Callable[[dict], None]]):
+    def __init__(
+        self,
+        processes: dict[int, int],
+        steps: int,
+        log_every: int,
+        sinks: list[Callable[[dict], None]],
+        done: dict[int, int] | None = None,
+    ):
         self.processes, self.steps, self.log_every, self.sinks = processes, steps, log_every, sinks
+        self.done = {} if done is None else done  # group -> its completed steps, every step
         self.records: list[dict[str, Any]] = []
         self._pending: dict[tuple[int, int], list[dict[str, Any]]] = {}
         self._window: dict[int, tuple[float, int]] = {}  # group -> (window start, rows)
@@ -37,6 +45,7 @@ class StepReporter:
             return
         del self._pending[key]
         group, step = key
+        self.done[group] = step + 1
         now = time.perf_counter()
         start, rows = self._window.get(group, (now - max(p["wall_s"] for p in parts), 0))
         # the group's rows when the shards said them (every process of the group, also

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from psfw.jobs.children import START_TIMEOUT_S, Tail, child_env, describe_exit, psfw_command, read_ready, shard_args
 from psfw.jobs.config import Config
-from psfw.jobs.outputs import CHECKPOINTS, check_run_dir, resume_hint
+from psfw.jobs.outputs import CHECKPOINTS
+from psfw.jobs.run_dir import check_run_dir, resume_hint
 from psfw.protocol.console import say
 
 STOP_GRACE_S = 10.0
@@ -117,18 +118,20 @@ async def _stop(children: list[Child]) -> None:
     await asyncio.gather(*(c.pump for c in children if c.pump is not None), return_exceptions=True)
 
 
-def _interrupted(signals: list[int], hint: str) -> int:
-    say(f"psfw launch: interrupted, stopping every process; {hint}")
+def _interrupted(signals: list[int]) -> int:
+    say("psfw launch: interrupted, stopping every process")
     return 128 + signals[0]  # 130 for Ctrl-C, 143 for SIGTERM (as psfw train, worker), 129
 
 
-async def launch(config_path: Path, config: Config, run_dir: Path | None, resume: bool = False) -> int:
+async def launch(
+    config_path: Path, config: Config, run_dir: Path | None, resume: bool = False, overwrite: bool = False
+) -> int:
     """Run the cluster of ``config``; returns the exit code for ``psfw launch``.
     ``resume``: continue the run in ``run_dir`` from its newest checkpoint (without
-    it, a run folder that holds checkpoints is refused)."""
+    it, a run folder that holds checkpoints is refused); ``overwrite``: clear the
+    run there first (see ``psfw.jobs.run_dir``)."""
     c = config.cluster
-    if run_dir is not None:
-        check_run_dir(run_dir, c.servers, resume)
+    earlier = check_run_dir(run_dir, c.servers, resume, overwrite=overwrite) if run_dir is not None else None
     children: list[Child] = []
     interrupted = asyncio.Event()
     signals: list[int] = []
@@ -144,11 +147,13 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         command = shlex.join(
             ["psfw", "launch", str(config_path), *config.set_flags(), "--run-dir", str(run_dir), "--resume"]
         )
-        return resume_hint(command, run_dir / CHECKPOINTS, c.servers)
+        return resume_hint(command, run_dir / CHECKPOINTS, c.servers, config.train.checkpoint_every)
 
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
+        if earlier is not None:  # before the shards would load its checkpoints
+            earlier.clear()
         addresses = []
         # a model's tables live on the shards only: their final checkpoint keeps them
         keep = config.train.checkpoint_every or resume or _declares_tables(config)
@@ -161,12 +166,13 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
                 children.append(child)
                 address = await _wait_ready(child, ready_file, interrupted)
                 if address is None:
-                    return _interrupted(signals, hint())
+                    return _interrupted(signals)
                 addresses.append(address)
         shards = list(children)
         workers = []
         for process in range(c.worker_groups * c.processes_per_group):
             args = ["worker", str(config_path), "--process", str(process), "--servers", ",".join(addresses)]
+            args.append("--launched")  # launch, not each worker, says how to continue an interrupted run
             args += config.set_flags()  # the same job in every process
             if process % c.processes_per_group == 0 and run_dir is not None:  # each group's first: its records
                 args += ["--run-dir", str(run_dir)]
@@ -180,7 +186,7 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         while running_workers:
             done, _ = await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
             if stop in done:
-                return _interrupted(signals, hint())
+                return _interrupted(signals)
             for task in done:
                 child = waits.pop(task)
                 code = task.result()
@@ -199,6 +205,8 @@ async def launch(config_path: Path, config: Config, run_dir: Path | None, resume
         await _stop(children)
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
+        if signals:  # after the stop: the shards' graceful stop may have written a newer checkpoint
+            say(f"psfw launch: every process stopped; {hint()}")
 
 
 def _declares_tables(config: Config) -> bool:

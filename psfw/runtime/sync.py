@@ -152,7 +152,12 @@ class ShardSync:
                 f"group {self.group} at step {start} "
                 f"({state}): pass --resume to continue it, or start the shards fresh"
             )
-        if start >= steps:
+        if start > steps:  # nothing to train, and no step the record could truthfully name
+            raise PsfwError(
+                f"--resume: the shards hold this job ({self.identity['name']}) with group {self.group} at step "
+                f"{start} already, and the config asks for {steps} steps: raise train.epochs/train.steps to train on"
+            )
+        if start == steps:
             log.warning(
                 "process %d: the shards hold this job with group %d at step %d of %d: nothing left to train",
                 self.process,
