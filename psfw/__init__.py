@@ -25,6 +25,21 @@ from typing import TYPE_CHECKING, Any
 
 from psfw.version import __version__ as __version__
 
+
+def _in_a_checkout() -> None:
+    """In a source checkout, compute/ and services/ lie beside psfw/ (pyproject.toml maps
+    them to psfw.compute and psfw.services when it installs). A Python started in the
+    checkout imports this folder before any installed copy, so look for them there too."""
+    import os.path
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    installed = os.path.isdir(os.path.join(root, "psfw", "compute"))
+    if not installed and os.path.isfile(os.path.join(root, "compute", "__init__.py")):
+        __path__.append(root)
+
+
+_in_a_checkout()
+
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load on first use
     from psfw.compute.models import Model, cnn, mlp
     from psfw.compute.tables import TableSpec

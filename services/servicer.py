@@ -29,7 +29,7 @@ from psfw.protocol.frames import (
     message_deserializer,
 )
 from psfw.protocol.row_wire import RowCollector, row_pieces
-from psfw.protocol.service import REASON_KEY
+from psfw.protocol.service import REASON_KEY, finish_reading
 from psfw.protocol.shm import RegionCache, host_id
 from psfw.protocol.wire import Assembler, update_header
 from psfw.services.answers import (
@@ -115,12 +115,21 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             self.metrics.latency.labels(self._shard, method).observe(time.perf_counter() - started)
 
     @contextlib.asynccontextmanager
-    async def _handled(self, context: grpc.aio.ServicerContext, method: str, request: object = None):
-        """``served``, over gRPC: a refusal becomes the RPC's status (and reason)."""
+    async def _handled(
+        self,
+        context: grpc.aio.ServicerContext,
+        method: str,
+        request: object = None,
+        requests: AsyncIterable | None = None,
+    ):
+        """``served``, over gRPC: a refusal becomes the RPC's status (and reason),
+        sent once the client has sent all of ``requests`` (its stream, if any)."""
         try:
             async with self.served(method, context.peer, request):
                 yield
         except WireError as err:
+            if requests is not None:
+                await finish_reading(requests, context)
             await context.abort(err.code, _fits(err.message), ((REASON_KEY, err.reason.value),) if err.reason else ())
 
     def description(self) -> pb.DescribeReply:
@@ -133,7 +142,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return reply
 
     async def Put(self, request_iterator: AsyncIterator[Frame], context) -> pb.PutReply:
-        async with self._handled(context, "Put"):
+        async with self._handled(context, "Put", requests=request_iterator):
             reply = await self.apply_put(request_iterator)
         return reply
 
@@ -176,7 +185,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return step, values, rows
 
     async def Update(self, request_iterator: AsyncIterator[Frame], context) -> AsyncIterator[bytes]:
-        async with self._handled(context, "Update"):
+        async with self._handled(context, "Update", requests=request_iterator):
             result, shared = await self.apply_update(request_iterator)
         async for reply in self.update_replies(result, shared):
             yield reply

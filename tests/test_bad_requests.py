@@ -124,6 +124,20 @@ async def test_bad_update_is_refused_and_changes_nothing(running, case):
 
 
 @pytest.mark.asyncio
+async def test_a_refusal_reaches_a_client_that_is_still_sending(running):
+    """The first message names a slice the shard does not hold; 255 more (4 MiB in
+    all) are still on their way when the shard refuses: the client gets NOT_FOUND
+    every time, never gRPC's "INTERNAL: Internal error from Core" of a send that failed."""
+    server, _, update, _ = running
+    before = server.store.digest()
+    big = chunk(key="nope", shape=(4096,))
+    messages = [Frame(header(), [big])] + [Frame(pb.UpdateRequest(), [big])] * 255
+    errors = [await call(update, messages) for _ in range(10)]
+    assert [e.code() for e in errors] == [grpc.StatusCode.NOT_FOUND] * 10, [e.details() for e in errors]
+    assert server.store.digest() == before
+
+
+@pytest.mark.asyncio
 async def test_garbage_bytes_are_invalid_argument(running):
     server, _, _, raw = running
     before = server.store.digest()

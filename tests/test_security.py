@@ -93,6 +93,40 @@ async def test_refused_callers_change_nothing(secured, pki, case, code):
 
 
 @pytest.mark.asyncio
+async def test_a_token_refusal_reaches_a_client_that_is_still_sending(secured, pki):
+    """The shard refuses a wrong token at once, while the client still streams its
+    request (4 MiB in 16 KiB messages): the client gets UNAUTHENTICATED every time,
+    never gRPC's "INTERNAL: Internal error from Core" of a send that failed."""
+    server, _ = secured
+    before = server.store.digest()
+    size = 1 << 20
+    values = np.ones(size, np.float32)
+    header = UpdateHeader(group=0, step=0, process=0, workers=1, rows=1, workers_per_group=1, wait_s=2)
+    codes = []
+    for _ in range(10):
+        client = ShardClient(
+            server.address,
+            0,
+            timeout_s=10,
+            retries=0,
+            chunk_bytes=16 << 10,
+            security=client_security(pki, token="guess"),
+        )
+        try:
+            for rpc in ("Update", "Put"):
+                with pytest.raises(ShardError) as err:
+                    if rpc == "Update":
+                        await client.update(header, {("w", 0): values}, lambda key: (np.dtype("float32"), (size,)))
+                    else:
+                        await client.put([("v", 0, values)], SGD)
+                codes.append(f"{err.value.code.name}: {err.value}")
+        finally:
+            await client.close()
+    assert all(code.startswith("UNAUTHENTICATED") and "wrong bearer token" in code for code in codes), codes
+    assert server.store.digest() == before
+
+
+@pytest.mark.asyncio
 async def test_the_right_certificate_and_token_get_in(secured, pki):
     server, _ = secured
     answer = await attempt(server, client_security(pki))

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import grpc
 
 from psfw.protocol.errors import UsageError
+from psfw.protocol.service import finish_reading
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
@@ -182,7 +183,8 @@ def _der(data: bytes, start: int, stop: int):
 
 class TokenCheck(grpc.aio.ServerInterceptor):
     """Refuses every RPC but health checks without the right bearer token, before
-    the handler runs: nothing is read and no state changes."""
+    the handler runs: no state changes (what a client streams is read and dropped,
+    see ``finish_reading``)."""
 
     def __init__(self, token: str, on_refusal: OnRefusal | None = None):
         self._expected = f"Bearer {token}".encode()
@@ -210,6 +212,8 @@ def _refusal(
         message = f"{reason}: send 'authorization: Bearer <token>'"
         if on_refusal is not None:
             on_refusal(context, method, grpc.StatusCode.UNAUTHENTICATED, message)
+        if streaming_request:
+            await finish_reading(request, context)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def abort_stream(request, context):

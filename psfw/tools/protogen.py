@@ -1,7 +1,10 @@
 """Regenerate the Python gRPC code in ``psfw/proto`` from ``protos/``.
 
 Run ``python -m psfw.tools.protogen`` after editing a ``.proto`` file; the test suite fails
-when the committed code drifts from the sources.
+when the committed code drifts from the sources. The generator is the grpcio-tools
+release that pyproject.toml's test extra pins: to move it, change the pin (and
+.ci/constraints.txt), reinstall, regenerate, and raise grpcio's lower bound to the new
+``GRPC_GENERATED_VERSION`` (tests/test_protos.py checks all four agree).
 """
 
 from __future__ import annotations
