@@ -32,6 +32,7 @@ from psfw.jobs.outputs import (
     read_records,
     resumed_config_changes,
     write_curves,
+    write_labels,
     write_net,
     write_params,
 )
@@ -145,6 +146,7 @@ async def train_async(
             changes.update(await _go_on_with_the_optimizer(config, job, started, step, change_optimizer))
         if folder is not None:  # what this run trains with, once the shards took it (a resume may be refused)
             (folder / "config.json").write_text(config.model_dump_json(indent=1))
+            write_labels(folder, job.data)
             if changes:  # config.json holds the settings from now on; the history says since when
                 _append_json(folder / "history.jsonl", {"resumed_at_step": step, "changed": changes})
         sinks: list = []

@@ -312,3 +312,16 @@ def check_run_dir(run_dir: Path, shards: int, resume: bool, checkpoints: bool = 
     if (found or ours) and not resume:
         what = f"checkpoints (newest: step {found[-1]})" if found else "the outputs of a run"
         raise UsageError(f"{run_dir} holds {what}: pass --resume to continue that run, or use a new --run-dir")
+
+
+def write_labels(folder: Path, data: Any) -> None:
+    """``labels.json``: what a class index or a standardized target means in the
+    user's data (``{"labels": [...]}``, ``{"target_mean": ..., "target_std": ...}``),
+    for whoever serves the model without psfw; nothing when they mean themselves."""
+    record: dict[str, Any] = {}
+    if data.labels is not None:
+        record["labels"] = list(data.labels)
+    if data.target_scale is not None:
+        record["target_mean"], record["target_std"] = data.target_scale
+    if record:
+        (folder / "labels.json").write_text(json.dumps(record, indent=1))
