@@ -184,11 +184,14 @@ class TrainConfig(_Strict):
     # (default: min for a loss, else max)
     keep_best: str | None = None
     best_mode: Literal["max", "min"] | None = None
+    stop_after: int | None = Field(None, ge=1)  # stop when keep_best's metric has not improved for N evaluations
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
             raise _FieldError("epochs", "give train.steps or train.epochs, not both")
+        if self.stop_after is not None and self.keep_best is None:
+            raise _FieldError("stop_after", "counts evaluations without a better train.keep_best: set keep_best too")
         if self.best_mode is not None and self.keep_best is None:
             raise _FieldError("best_mode", "says which way train.keep_best's metric is better: set keep_best too")
         if self.keep_best is not None and (

@@ -44,6 +44,7 @@ from psfw.protocol.security import NO_SECURITY, Security
 from psfw.runtime.connect import connect_all
 from psfw.runtime.fetch import fetch_params, fetch_rows
 from psfw.runtime.table_feed import EVAL_ROWS
+from psfw.runtime.worker_report import StopRequest
 from psfw.services.server import ShardServer, in_process
 
 log = logging.getLogger("psfw")
@@ -63,6 +64,7 @@ class TrainResult:
     # worker of the job (group x workers_per_group + worker) -> the device it computed on, for those run here
     devices: dict[int, str] = field(default_factory=dict)
     best: dict[str, Any] | None = None  # train.keep_best: the best step kept, {"step", "metric", "value", "mode"}
+    stopped: str | None = None  # train.stop_after: why the run ended before its steps
 
     @property
     def test_accuracy(self) -> float | None:
@@ -77,6 +79,8 @@ class TrainResult:
             shown.append(
                 f"best step {self.best['step']} ({self.best['metric'].replace('_', ' ')} {self.best['value']:.4f})"
             )
+        if self.stopped is not None:
+            shown.append(f"stopped early at step {self.steps}: {self.stopped}")
         return ", ".join(shown)
 
 
@@ -170,7 +174,8 @@ async def train_async(
             keeper = None
             if t.keep_best and checkpoints is not None:
                 keeper = BestKeeper(checkpoints, c.servers, t.keep_best, best_mode(t.keep_best, t.best_mode))
-            evaluator = Evaluator(job, [eval_line] + ([metrics.write] if metrics is not None else []), keeper)
+            stop = StopRequest() if t.stop_after else None
+            evaluator = Evaluator(job, [eval_line] + ([metrics.write] if metrics is not None else []), keeper, stop)
             stack.push_async_exit(evaluator.exit_callback())
         devices: dict[int, str] = {}
         stubs = await run_worker_processes(
@@ -183,27 +188,29 @@ async def train_async(
             on_start=metrics.begin if metrics is not None else None,
             watch=evaluator.watch if evaluator is not None else None,
             devices=devices,
+            stop=evaluator.stop if evaluator is not None else None,
         )
         rpcs = [dict(s.rpcs) for s in stubs]
+        steps = min([s.stop_at for s in stubs if s.stop_at] + [job.steps])  # what was trained: an early end too
         if not chief:
-            return TrainResult({}, job.steps, float("nan"), {}, reporter.records, None, rpcs, devices=devices)
+            return TrainResult({}, steps, float("nan"), {}, reporter.records, None, rpcs, devices=devices)
         clients = await connect_all(addresses, who="", local=in_process, timeout_s=t.wait_s, security=security)
         for client in clients:
             stack.push_async_callback(client.close)
-        params = await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), t.wait_s)
+        params = await fetch_params(clients, job.layout, 0, steps, list(job.layout.params), t.wait_s)
         values: dict[str, Any] = dict(params)
         if job.model.tables:  # the test split's rows, for the final evaluation (the tables stay on the shards)
             feed = job.table_feed(0, [], evaluates=False)
             fingerprint = job.identity()["fingerprint"]
-            values[EVAL_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, job.steps, t.wait_s, fingerprint)
+            values[EVAL_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, steps, t.wait_s, fingerprint)
         test_loss, test_metrics = await asyncio.to_thread(evaluator.evaluate, values)
-        if evaluator.keeper is not None and job.steps % t.checkpoint_every == 0:  # the last step is a checkpoint's
-            evaluator.keeper.hold(job.steps)
-            last = {"step": job.steps, "test_loss": test_loss, **{f"test_{k}": v for k, v in test_metrics.items()}}
+        if evaluator.keeper is not None and steps % t.checkpoint_every == 0:  # the last step is a checkpoint's
+            evaluator.keeper.hold(steps)
+            last = {"step": steps, "test_loss": test_loss, **{f"test_{k}": v for k, v in test_metrics.items()}}
             await asyncio.to_thread(evaluator.keeper.offer, last)
     result = TrainResult(
         params=params,
-        steps=job.steps,
+        steps=steps,
         test_loss=test_loss,
         test_metrics=test_metrics,
         records=reporter.records,
@@ -213,14 +220,17 @@ async def train_async(
         evals=evaluator.records,
         devices=devices,
         best=evaluator.keeper.best if evaluator.keeper is not None else None,
+        stopped=evaluator.stop.reason if evaluator.stop is not None and steps < job.steps else None,
     )
     if folder is not None:
-        final = {"final": True, "step": job.steps, "test_loss": result.test_loss}
+        final = {"final": True, "step": steps, "test_loss": result.test_loss}
         final.update({f"test_{k}": v for k, v in result.test_metrics.items()})
         if result.best is not None:
             final.update(best_step=result.best["step"], **{f"best_{result.best['metric']}": result.best["value"]})
+        if result.stopped is not None:  # why the run ended before its train.steps
+            final["stopped_early"] = result.stopped
         metrics.write(final)
-        write_params(folder / PARAMS_FILE, params, {"step": str(job.steps)})
+        write_params(folder / PARAMS_FILE, params, {"step": str(steps)})
         await asyncio.to_thread(write_net, folder, job.model.layers, job.layout, job.table_declaration())
         # the final evaluation ends the test curve
         end = {"eval": True, "group": 0, **{k: v for k, v in final.items() if k != "final"}}
