@@ -55,6 +55,8 @@ class Dataset(NamedTuple):
     x_test: Any
     y_test: Any
     classes: int | None  # classification: labels are 0..classes-1; None: labels are targets
+    labels: tuple | None = None  # the user's label value of each class, when they are not 0..classes-1
+    target_scale: tuple[float, float] | None = None  # standardized targets: the (mean, deviation) taken out
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -107,7 +109,8 @@ def diabetes(test_fraction: float = 0.2) -> Dataset:
     y = data.target.astype(np.float32)
     x_train, y_train, x_test, y_test = split(x, y, test_fraction, seed=0)
     mean, std = y_train.mean(), y_train.std()
-    return Dataset(x_train, (y_train - mean) / std, x_test, (y_test - mean) / std, classes=None)
+    scale = (float(mean), float(std))
+    return Dataset(x_train, (y_train - mean) / std, x_test, (y_test - mean) / std, classes=None, target_scale=scale)
 
 
 def stdlib_files() -> tuple[list[Path], list[Path]]:

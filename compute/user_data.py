@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from psfw.compute.datasets import Dataset, Rows, split
+from psfw.compute.labels import MAP, encode, label_values, standardize
 from psfw.compute.npy_file import NpyFile
 from psfw.compute.user_files import import_user_file
 
@@ -23,16 +24,20 @@ NAMES = ("x_train", "y_train", "x_test", "y_test")
 _CHECK_CHUNK = 1 << 22  # values read at a time when checking a set read from files
 
 
-def load_path(path: Path, classes: int | None, test_fraction: float, seed: int) -> Dataset:
+Classes = int | list | None  # a classifier's number of classes, or its label values in class order
+
+
+def load_path(path: Path, classes: Classes, test_fraction: float, seed: int, **labels: Any) -> Dataset:
     """The data set in ``path``: an ``.npz`` file (read into memory) or a folder of
-    ``NAME.npy`` files (``NpyFile``: only the rows a worker asks for are read)."""
+    ``NAME.npy`` files (``NpyFile``: only the rows a worker asks for are read);
+    ``labels``: ``from_arrays``' label settings."""
     if not path.exists():
         raise ValueError(f"{path} does not exist: give an .npz file or a folder of .npy files")
     if path.is_dir():
         arrays = _npy_folder(path)
     else:
         arrays = _npz(path)
-    return from_arrays(arrays, str(path), classes, test_fraction, seed)
+    return from_arrays(arrays, str(path), classes, test_fraction, seed, **labels)
 
 
 def _npz(path: Path) -> dict[str, Any]:
@@ -75,7 +80,9 @@ def _npy_folder(path: Path) -> dict[str, Any]:
     return arrays
 
 
-def load_module(path: Path, options: dict[str, Any], classes: int | None, test_fraction: float, seed: int) -> Dataset:
+def load_module(
+    path: Path, options: dict[str, Any], classes: Classes, test_fraction: float, seed: int, **labels: Any
+) -> Dataset:
     """The data set that ``load(**options)`` of the Python file ``path`` returns: a
     dict (or any mapping) of the arrays named as in an ``.npz`` file."""
     if not path.is_file():
@@ -92,11 +99,23 @@ def load_module(path: Path, options: dict[str, Any], classes: int | None, test_f
             f"load() of {path} returned {type(arrays).__name__}: return a dict with the arrays x_train, y_train "
             "and optionally x_test, y_test"
         )
-    return from_arrays(dict(arrays), f"load() of {path}", classes, test_fraction, seed)
+    return from_arrays(dict(arrays), f"load() of {path}", classes, test_fraction, seed, **labels)
 
 
-def from_arrays(arrays: dict[str, Any], where: str, classes: int | None, test_fraction: float, seed: int) -> Dataset:
-    """A data set from named arrays (``where`` says whose, in errors)."""
+def from_arrays(
+    arrays: dict[str, Any],
+    where: str,
+    classes: Classes,
+    test_fraction: float,
+    seed: int,
+    labels: str | None = None,
+    standardize_y: bool = False,
+) -> Dataset:
+    """A data set from named arrays (``where`` says whose, in errors). Labels that
+    are not 0..classes-1 become class indices when ``classes`` lists their values
+    or ``labels`` is ``"map"`` (``psfw.compute.labels``); ``standardize_y`` takes
+    the training split's mean and deviation out of a regression's targets."""
+    mapped = isinstance(classes, list) or labels == MAP
     unknown = sorted(set(arrays) - set(NAMES))
     missing = [n for n in ("x_train", "y_train") if n not in arrays]
     if missing:
@@ -113,19 +132,32 @@ def from_arrays(arrays: dict[str, Any], where: str, classes: int | None, test_fr
     for name, array in arrays.items():
         if not isinstance(array, np.ndarray | NpyFile):
             raise ValueError(f"{where}: {name} is a {type(array).__name__}, not a numpy array: return numpy arrays")
+        if mapped and name.startswith("y") and array.dtype.kind == "U" and array.ndim:
+            continue  # label names, mapped to classes below
         if array.dtype.kind not in "biuf" or array.ndim == 0:
+            hint = ' (text labels: list them in data.classes, or set data.labels = "map")' if name[0] == "y" else ""
             raise ValueError(
                 f"{where}: {name} is a {array.dtype} array of shape {list(array.shape)}: "
-                "give numbers (bool, int, uint or float), one row per example"
+                f"give numbers (bool, int, uint or float), one row per example{hint}"
             )
         if isinstance(array, np.ndarray) and not array.dtype.isnative:  # JAX takes this machine's byte order
             arrays[name] = array.astype(array.dtype.newbyteorder("="))
     _check_finite(arrays, where)
+    count = None if isinstance(classes, list) else classes
     if "x_test" in arrays:
-        data = Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], classes)
+        data = Dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], count)
     else:
         _same_rows(arrays["x_train"], arrays["y_train"], "x_train", "y_train", where)
-        data = Dataset(*split(arrays["x_train"], arrays["y_train"], test_fraction, seed), classes)
+        data = Dataset(*split(arrays["x_train"], arrays["y_train"], test_fraction, seed), count)
+    if mapped:
+        values = label_values(data.y_train, classes if isinstance(classes, list) else None, labels, where)
+        y_train, y_test = (encode(getattr(data, n), values, n, where) for n in ("y_train", "y_test"))
+        data = data._replace(y_train=y_train, y_test=y_test, classes=len(values), labels=tuple(values.tolist()))
+    if standardize_y:
+        if data.y_train.dtype.kind not in "biuf":
+            raise ValueError(f"{where}: data.standardize_y needs numeric targets, but y_train is {data.y_train.dtype}")
+        y_train, y_test, scale = standardize(data.y_train, data.y_test, where)
+        data = data._replace(y_train=y_train, y_test=y_test, target_scale=scale)
     check_dataset(data, where)
     return data
 

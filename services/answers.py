@@ -52,7 +52,13 @@ def _write_values(region: Region, offsets: dict[SliceKey, int], values: dict) ->
 
 def reply_head(result: UpdateResult) -> pb.UpdateReply:
     """An Update's answer without its values: steps and the group's metrics."""
-    return pb.UpdateReply(step=result.step, slowest_step=result.slowest_step, metrics=result.metrics, rows=result.rows)
+    return pb.UpdateReply(
+        step=result.step,
+        slowest_step=result.slowest_step,
+        metrics=result.metrics,
+        rows=result.rows,
+        stop_at=result.stop_at,
+    )
 
 
 def answer_pieces(result: UpdateResult, keys: list[SliceKey]) -> list[list[bytes | memoryview]]:

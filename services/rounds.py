@@ -124,6 +124,7 @@ class UpdateResult:
     metrics: dict[str, float] = field(default_factory=dict)  # the group's metrics of the step, x rows
     rows: int = 0  # the group's rows of the step
     table_rows: dict[str, RowBlock] = field(default_factory=dict)  # the rows the Update pulled (its own)
+    stop_at: int = 0  # the early end of the job some process asked for (0: none)
     # the encoded answer, built once for all the group's processes; the result holds
     # no reference to its round, so that old values are freed without the cycle collector
     cache: dict = field(default_factory=dict)

@@ -95,6 +95,7 @@ class ShardStore:
         self.tables = ShardTables(shard, shards)  # the rows of the job's embedding tables routed here
         self.groups: dict[int, GroupState] = {}
         self.reports = Reports()  # who sent Updates lately (Describe says it)
+        self.stop_at = 0  # an early end of the job that an Update asked for (0: none)
         self.kernel: UpdateKernel | None = None  # fixed by the first Put
         self.job = ""  # the identity (JSON) of the job whose parameters the shard holds, from its first Put
         self.fingerprint = ""  # of that job
@@ -328,6 +329,8 @@ class ShardStore:
         """
         self._check_current(head)
         self.reports.seen(head.group, head.process)
+        if head.stop_at:  # an early end of the job (train.stop_after): every group's answers carry it
+            self.stop_at = min(self.stop_at or head.stop_at, head.stop_at)
         self.tables.check_pull(head.pull)
         bad_rows = self.tables.check_push(head.push)
         sums = {k: v if isinstance(v, tuple) else (v,) for k, v in sums.items()}  # parts, added when applied
@@ -376,7 +379,8 @@ class ShardStore:
         if head.staleness >= 0 and head.worker_groups > 1:
             await self._hold_for_slowest(group, result.step, head, max(0.0, deadline - time.monotonic()))
         rows = await self._pulled(head)
-        return dataclasses.replace(result, slowest_step=self.slowest_step(head.worker_groups), table_rows=rows)
+        slowest = self.slowest_step(head.worker_groups)
+        return dataclasses.replace(result, slowest_step=slowest, table_rows=rows, stop_at=self.stop_at)
 
     async def _pulled(self, head: UpdateHeader) -> dict[str, RowBlock]:
         """The table rows an Update pulls, as they are now (after its step)."""
@@ -403,7 +407,9 @@ class ShardStore:
             table_rows = self.tables.read(head.pull)
         metrics, rows = state.last_metrics
         slowest = self.slowest_step(head.worker_groups)
-        return UpdateResult(state.step, values, False, slowest, dict(metrics), rows, table_rows=table_rows)
+        return UpdateResult(
+            state.step, values, False, slowest, dict(metrics), rows, table_rows=table_rows, stop_at=self.stop_at
+        )
 
     def check_job(self, fingerprint: str) -> None:
         """A request of another job than the one whose parameters the shard holds is

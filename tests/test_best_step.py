@@ -15,6 +15,7 @@ from psfw.cli.main import main
 from psfw.jobs.config import load_config
 from psfw.jobs.embedded import train
 from psfw.jobs.job import build_job
+from psfw.jobs.trained import evaluate_run
 from psfw.protocol.errors import ConfigError
 
 # 64 training rows and a wide layer: the test loss is lowest after about 10 steps,
@@ -119,6 +120,7 @@ def test_the_best_step_survives_a_kill_and_a_resume_goes_on_from_it(tmp_path):
         ),
         ('keep_best = "test_loss"\neval_every = 15\ncheckpoint_every = 10', "(now 15 and 10)"),
         ('best_mode = "max"', "train.best_mode: says which way train.keep_best's metric is better: set keep_best too"),
+        ("stop_after = 3", "train.stop_after: counts evaluations without a better train.keep_best: set keep_best too"),
         (
             'keep_best = "accuracy"\neval_every = 10\ncheckpoint_every = 10',
             "train.keep_best: 'accuracy' is no metric the evaluations record: use one of ['test_loss', "
@@ -142,3 +144,38 @@ def test_step_best_of_a_run_that_kept_none_is_one_line(tmp_path, capsys):
     assert main(["eval", str(path), "--run-dir", str(run), "--step", "best"]) == 2
     err = capsys.readouterr().err
     assert "keeps no best step: train with train.keep_best" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_stop_after_ends_the_run_when_the_kept_metric_stops_improving(tmp_path):
+    path = _config(tmp_path, steps=3000)
+    run = tmp_path / "run"
+    result = train(load_config(path, ["train.stop_after=3"]), run, progress=False)
+    assert 40 <= result.steps < 200, result.steps  # three evaluations after the best (step 10 or so), and a little
+    assert result.stopped == f"test loss did not improve for 3 evaluations (the best: step {result.best['step']})"
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["step"] == result.steps and final["stopped_early"] == result.stopped
+    assert final["best_step"] == result.best["step"]
+    assert f"stopped early at step {result.steps}: test loss did not improve" in result.summary()
+    # what the run folder says was trained is what its parameters are
+    assert psfw.load_model(run).step == result.steps
+    assert evaluate_run(run, load_config(path))["test_loss"] == pytest.approx(final["test_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_stop_after_stops_every_process_of_a_launched_job_at_the_same_step(tmp_path):
+    path = _config(tmp_path, steps=3000)
+    path.write_text(path.read_text().replace("workers_per_process = 2", "workers_per_process = 1"))
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "psfw.cli", "launch", str(path), "--set", "train.stop_after=3", "--run-dir", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["step"] < 3000 and final["stopped_early"].startswith("test loss did not improve for 3 evaluations")
+    steps = {json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert max(steps) == final["step"]  # no record of a step past the end
+    assert psfw.load_model(run).step == final["step"]

@@ -52,8 +52,9 @@ def _score(model, predictions: np.ndarray) -> tuple[float, dict[str, float]]:
         labels = y.reshape(-1)
         loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
         return loss, {"accuracy": float(((p > 0.5) == (labels > 0.5)).mean()), "auc": auc(labels, predictions)}
-    if data.classes is None:  # a regression: the mean squared error
-        return float(np.mean((predictions - y.reshape(predictions.shape)) ** 2)), {}
+    if data.classes is None:  # a regression, predicted in the targets' units: the mean squared error
+        mean, std = data.target_scale or (0.0, 1.0)
+        return float(np.mean(((predictions - mean) / std - y.reshape(predictions.shape)) ** 2)), {}
     labels = y.reshape(predictions.shape[:-1])
     loss = float(optax.softmax_cross_entropy_with_integer_labels(np.log(np.maximum(predictions, 1e-30)), labels).mean())
     return loss, {"accuracy": float((predictions.argmax(-1) == labels).mean())}

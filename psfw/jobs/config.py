@@ -99,8 +99,8 @@ DATA_KEYS = {
     "stdlib_text": ("seq_len",),
     "synthetic": SYNTHETIC_ONLY,
     "clicks": ("users", "items", "train", "test", "alpha"),
-    "path": ("path", "classes", "test_fraction"),
-    "module": ("module", "options", "classes", "test_fraction"),
+    "path": ("path", "classes", "labels", "standardize_y", "test_fraction"),
+    "module": ("module", "options", "classes", "labels", "standardize_y", "test_fraction"),
 }
 
 
@@ -109,7 +109,11 @@ class DataConfig(_Strict):
     path: str | None = None  # an .npz file or a folder of .npy files (relative to the config)
     module: str | None = None  # a .py file whose load(**options) returns the arrays
     options: dict[str, Any] = Field(default_factory=dict)  # module: load's keyword arguments
-    classes: int | None = Field(None, ge=2)  # classification labels 0..classes-1; unset: targets
+    # classification: the number of classes (labels 0..classes-1), or the label values in
+    # class order (["setosa", "versicolor", "virginica"]); unset: the labels are targets
+    classes: Annotated[int, Field(ge=2)] | Annotated[list[str | int], Field(min_length=2)] | None = None
+    labels: Literal["map"] | None = None  # path, module: the classes are the training labels' values
+    standardize_y: bool = False  # path, module: a regression's targets less the training mean, over its deviation
     test_fraction: float = Field(0.2, gt=0, lt=1)  # path, module: held out when no x_test is given
     seq_len: int = Field(128, ge=1)  # stdlib_text: bytes per row
     features: int = Field(784, ge=1)  # synthetic only, as the two below and classes
@@ -132,6 +136,14 @@ class DataConfig(_Strict):
             raise _FieldError(self.source, f"give data.name (a shipped set) or data.{self.source}, not both")
         for key in sorted(self.model_fields_set - set(DATA_KEYS[self.source]) - {"name"}):
             raise _FieldError(key, f"{_applies(key, DATA_KEYS, 'data')}, not to {self.source}: drop it")
+        if isinstance(self.classes, list) and self.source == "synthetic":
+            raise _FieldError("classes", "synthetic data has classes 0..N-1: give their number")
+        if self.labels is not None and self.classes is not None:
+            raise _FieldError(
+                "labels", 'give data.classes (a number, or the label values) or data.labels = "map", not both'
+            )
+        if self.standardize_y and (self.classes is not None or self.labels is not None):
+            raise _FieldError("standardize_y", "is for a regression's targets, not for class labels: drop it")
         return self
 
     @property
@@ -174,11 +186,14 @@ class TrainConfig(_Strict):
     # (default: min for a loss, else max)
     keep_best: str | None = None
     best_mode: Literal["max", "min"] | None = None
+    stop_after: int | None = Field(None, ge=1)  # stop when keep_best's metric has not improved for N evaluations
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
             raise _FieldError("epochs", "give train.steps or train.epochs, not both")
+        if self.stop_after is not None and self.keep_best is None:
+            raise _FieldError("stop_after", "counts evaluations without a better train.keep_best: set keep_best too")
         if self.best_mode is not None and self.keep_best is None:
             raise _FieldError("best_mode", "says which way train.keep_best's metric is better: set keep_best too")
         if self.keep_best is not None and (

@@ -34,6 +34,7 @@ from psfw.jobs.outputs import (
     read_records,
     resumed_config_changes,
     write_curves,
+    write_labels,
     write_net,
     write_params,
 )
@@ -46,6 +47,7 @@ from psfw.protocol.security import NO_SECURITY, Security
 from psfw.runtime.connect import connect_all
 from psfw.runtime.fetch import fetch_params, fetch_rows
 from psfw.runtime.table_feed import EVAL_ROWS
+from psfw.runtime.worker_report import StopRequest
 from psfw.services.server import ShardServer, in_process
 
 log = logging.getLogger("psfw")
@@ -65,6 +67,7 @@ class TrainResult:
     # worker of the job (group x workers_per_group + worker) -> the device it computed on, for those run here
     devices: dict[int, str] = field(default_factory=dict)
     best: dict[str, Any] | None = None  # train.keep_best: the best step kept, {"step", "metric", "value", "mode"}
+    stopped: str | None = None  # train.stop_after: why the run ended before its steps
 
     @property
     def test_accuracy(self) -> float | None:
@@ -79,6 +82,8 @@ class TrainResult:
             shown.append(
                 f"best step {self.best['step']} ({self.best['metric'].replace('_', ' ')} {self.best['value']:.4f})"
             )
+        if self.stopped is not None:
+            shown.append(f"stopped early at step {self.steps}: {self.stopped}")
         return ", ".join(shown)
 
 
@@ -163,7 +168,7 @@ async def train_async(
         # or in another OS process that writes the same file (psfw launch)
         led = {p // c.processes_per_group for p in processes if p % c.processes_per_group == 0}
         records_dir = folder if folder is not None else Path(run_dir) if run_dir and outputs and led else None
-        begin = _RunBegins(records_dir, folder is not None, config, changes, step, earlier)
+        begin = _RunBegins(records_dir, folder is not None, config, changes, step, earlier, job.data)
         if not servers:  # the shards are this process's own: they took the job
             begin()
         sinks: list = []
@@ -182,7 +187,8 @@ async def train_async(
             keeper = None
             if t.keep_best and checkpoints is not None:
                 keeper = BestKeeper(checkpoints, c.servers, t.keep_best, best_mode(t.keep_best, t.best_mode))
-            evaluator = Evaluator(job, [eval_line] + ([metrics.write] if metrics is not None else []), keeper)
+            stop = StopRequest() if t.stop_after else None
+            evaluator = Evaluator(job, [eval_line] + ([metrics.write] if metrics is not None else []), keeper, stop)
             stack.push_async_exit(evaluator.exit_callback())
         devices: dict[int, str] = {}
         stubs = await run_worker_processes(
@@ -195,27 +201,29 @@ async def train_async(
             on_start=begin.then(metrics.begin if metrics is not None else None),
             watch=evaluator.watch if evaluator is not None else None,
             devices=devices,
+            stop=evaluator.stop if evaluator is not None else None,
         )
         rpcs = [dict(s.rpcs) for s in stubs]
+        steps = min([s.stop_at for s in stubs if s.stop_at] + [job.steps])  # what was trained: an early end too
         if not chief:
-            return TrainResult({}, job.steps, float("nan"), {}, reporter.records, None, rpcs, devices=devices)
+            return TrainResult({}, steps, float("nan"), {}, reporter.records, None, rpcs, devices=devices)
         clients = await connect_all(addresses, who="", local=in_process, timeout_s=t.wait_s, security=security)
         for client in clients:
             stack.push_async_callback(client.close)
-        params = await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), t.wait_s)
+        params = await fetch_params(clients, job.layout, 0, steps, list(job.layout.params), t.wait_s)
         values: dict[str, Any] = dict(params)
         if job.model.tables:  # the test split's rows, for the final evaluation (the tables stay on the shards)
             feed = job.table_feed(0, [], evaluates=False)
             fingerprint = job.identity()["fingerprint"]
-            values[EVAL_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, job.steps, t.wait_s, fingerprint)
+            values[EVAL_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, steps, t.wait_s, fingerprint)
         test_loss, test_metrics = await asyncio.to_thread(evaluator.evaluate, values)
-        if evaluator.keeper is not None and job.steps % t.checkpoint_every == 0:  # the last step is a checkpoint's
-            evaluator.keeper.hold(job.steps)
-            last = {"step": job.steps, "test_loss": test_loss, **{f"test_{k}": v for k, v in test_metrics.items()}}
+        if evaluator.keeper is not None and steps % t.checkpoint_every == 0:  # the last step is a checkpoint's
+            evaluator.keeper.hold(steps)
+            last = {"step": steps, "test_loss": test_loss, **{f"test_{k}": v for k, v in test_metrics.items()}}
             await asyncio.to_thread(evaluator.keeper.offer, last)
     result = TrainResult(
         params=params,
-        steps=job.steps,
+        steps=steps,
         test_loss=test_loss,
         test_metrics=test_metrics,
         records=reporter.records,
@@ -225,14 +233,17 @@ async def train_async(
         evals=evaluator.records,
         devices=devices,
         best=evaluator.keeper.best if evaluator.keeper is not None else None,
+        stopped=evaluator.stop.reason if evaluator.stop is not None and steps < job.steps else None,
     )
     if folder is not None:
-        final = {"final": True, "step": job.steps, "test_loss": result.test_loss}
+        final = {"final": True, "step": steps, "test_loss": result.test_loss}
         final.update({f"test_{k}": v for k, v in result.test_metrics.items()})
         if result.best is not None:
             final.update(best_step=result.best["step"], **{f"best_{result.best['metric']}": result.best["value"]})
+        if result.stopped is not None:  # why the run ended before its train.steps
+            final["stopped_early"] = result.stopped
         metrics.write(final)
-        write_params(folder / PARAMS_FILE, params, {"step": str(job.steps)})
+        write_params(folder / PARAMS_FILE, params, {"step": str(steps)})
         await asyncio.to_thread(write_net, folder, job.model.layers, job.layout, job.table_declaration())
         # the final evaluation ends the test curve
         end = {"eval": True, "group": 0, **{k: v for k, v in final.items() if k != "final"}}
@@ -275,8 +286,9 @@ class _RunBegins:
     this process, at the first stub's start against running ones), so that a refused
     command leaves the folder as it was: makes ``folder`` for the records; with
     ``chief`` (the process that writes the run's outputs), clears what ``earlier``
-    left, marks the folder, writes ``config.json`` (what this run trains with) and a
-    resume's changes in ``history.jsonl``."""
+    left, marks the folder, writes ``config.json`` (what this run trains with),
+    ``labels.json`` (what the user's labels are, ``data``'s) and a resume's changes
+    in ``history.jsonl``."""
 
     def __init__(
         self,
@@ -286,9 +298,10 @@ class _RunBegins:
         changes: dict,
         step: int | None,
         earlier: EarlierRun | None,
+        data: Any = None,
     ):
         self.folder, self.chief, self.config, self.changes, self.step = folder, chief, config, changes, step
-        self.earlier = earlier
+        self.earlier, self.data = earlier, data
         self.done = folder is None
 
     def __call__(self) -> None:
@@ -303,6 +316,8 @@ class _RunBegins:
                 return
             mark_run_dir(self.folder)
             (self.folder / "config.json").write_text(self.config.model_dump_json(indent=1))
+            if self.data is not None:  # what the user's labels are (labels.json)
+                write_labels(self.folder, self.data)
             if self.changes:  # config.json holds the settings from now on; the history says since when
                 _append_json(self.folder / "history.jsonl", {"resumed_at_step": self.step, "changed": self.changes})
         except OSError as err:

@@ -28,6 +28,7 @@ from psfw.compute.step import evaluate_in_batches, make_eval_fn, make_sparse_eva
 from psfw.jobs.best_step import BestKeeper
 from psfw.jobs.job import Job
 from psfw.runtime.table_feed import EVAL_ROWS, padded_rows, positions
+from psfw.runtime.worker_report import StopRequest
 
 log = logging.getLogger("psfw")
 
@@ -87,8 +88,14 @@ class Evaluator:
 
     BACKLOG = 4
 
-    def __init__(self, job: Job, sinks: list[Callable[[dict[str, Any]], None]], keeper: BestKeeper | None = None):
-        self.job, self.sinks, self.keeper = job, [*sinks, *([keeper.offer] if keeper else [])], keeper
+    def __init__(
+        self,
+        job: Job,
+        sinks: list[Callable[[dict[str, Any]], None]],
+        keeper: BestKeeper | None = None,
+        stop: StopRequest | None = None,
+    ):
+        self.job, self.sinks, self.keeper, self.stop = job, [*sinks, *([keeper.offer] if keeper else [])], keeper, stop
         self.every = job.config.train.eval_every
         self._evaluate = (make_sparse_eval_fn if job.model.tables else make_eval_fn)(job.model.loss)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="psfw-eval")
@@ -136,6 +143,13 @@ class Evaluator:
             self.records.append(record)
             for sink in self.sinks:
                 sink(record)
+            patience = self.job.config.train.stop_after
+            if self.stop is not None and self.keeper is not None and self.keeper.since_best >= (patience or 0) > 0:
+                best = self.keeper.best or {}
+                name = self.keeper.metric.replace("_", " ")
+                self.stop.request(
+                    f"{name} did not improve for {patience} evaluations (the best: step {best.get('step', '-')})"
+                )
         except Exception:  # noqa: BLE001 - see above; the log says what failed
             log.exception("the evaluation of step %d failed", step)
 

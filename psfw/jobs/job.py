@@ -115,11 +115,12 @@ def load_data(config: Config) -> Dataset:
     config, the field and the file when it cannot train."""
     d = config.data
     field = {"path": "data.path", "module": "data.module"}.get(d.source, "data.name")
+    labels = {"labels": d.labels, "standardize_y": d.standardize_y}
     try:
         if d.source == "path":
-            return load_path(_resolve(config, d.path), d.classes, d.test_fraction, config.seed)
+            return load_path(_resolve(config, d.path), d.classes, d.test_fraction, config.seed, **labels)
         if d.source == "module":
-            return load_module(_resolve(config, d.module), d.options, d.classes, d.test_fraction, config.seed)
+            return load_module(_resolve(config, d.module), d.options, d.classes, d.test_fraction, config.seed, **labels)
         options: dict[str, Any] = {}
         if d.name == "synthetic":
             train, test = d.rows

@@ -291,3 +291,16 @@ def _plot_curves(path: Path, records: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_labels(folder: Path, data: Any) -> None:
+    """``labels.json``: what a class index or a standardized target means in the
+    user's data (``{"labels": [...]}``, ``{"target_mean": ..., "target_std": ...}``),
+    for whoever serves the model without psfw; nothing when they mean themselves."""
+    record: dict[str, Any] = {}
+    if data.labels is not None:
+        record["labels"] = list(data.labels)
+    if data.target_scale is not None:
+        record["target_mean"], record["target_std"] = data.target_scale
+    if record:
+        (folder / "labels.json").write_text(json.dumps(record, indent=1))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from psfw.compute.labels import decode, unstandardize
 from psfw.compute.params import unflatten_params
 from psfw.compute.tables import unique_ids
 from psfw.jobs.config import Config
@@ -53,19 +54,22 @@ class TrainedModel:
     def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
         """What the model answers for each row of ``x`` (any array-like of rows of
         the training inputs' shape), ``batch_size`` rows at a time (default:
-        ``train.eval_batch_size``)."""
+        ``train.eval_batch_size``); a regression's values in the targets' own units
+        (``data.standardize_y``)."""
         x = _checked_rows(self.job, x, "x")
         batch = batch_size or self.config.train.eval_batch_size
         parts = [self._batch(np.asarray(x[i : i + batch])) for i in range(0, len(x), batch)]
         if not parts:
             raise UsageError("no rows to predict: x holds 0 rows")
-        return np.concatenate(parts)
+        return unstandardize(np.concatenate(parts), self.job.data.target_scale)
 
     def predicted_class(self, predictions: np.ndarray) -> np.ndarray | None:
-        """The class of each row (the most probable), for a classifier; else None."""
+        """The class of each row (the most probable), for a classifier, as the user's
+        labels are written (``data.classes`` as a list, ``data.labels = "map"``);
+        else None."""
         if self.classes is None or predictions.shape[-1:] != (self.classes,):
             return None
-        return predictions.argmax(axis=-1).astype(np.int32)
+        return decode(predictions.argmax(axis=-1).astype(np.int32), self.job.data.labels)
 
     def _batch(self, x: np.ndarray) -> np.ndarray:
         if not self.job.model.tables:

@@ -33,11 +33,16 @@ RUN_FILES = (
     "net.json",
     "net.png",
     "curves.png",
+    "labels.json",
+    "predictions.npy",  # psfw predict's default output, and a classifier's classes
+    "predictions-class.npy",
 )
 RUN_FILE = re.compile("|".join(re.escape(name) for name in RUN_FILES))
 STEP_FOLDER = re.compile(r"step-\d{8}")
 CHECKPOINT_FILE = re.compile(rf"{re.escape(MANIFEST)}|shard-\d+\.safetensors")
 TEMPORARY = re.compile(r"\.(.+)\.tmp-\d+-\d+")
+BEST_ENTRY = re.compile(r"best(-\d{8})?")  # train.keep_best's link and the folders it points to
+BEST_RECORD = re.compile(r"BEST\.json")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class EarlierRun:
     files: list[str] = field(default_factory=list)
     steps: list[str] = field(default_factory=list)
     complete: list[int] = field(default_factory=list)  # the steps of ``steps`` that are whole checkpoints
+    best: list[str] = field(default_factory=list)  # train.keep_best's: the link and the folders under checkpoints/
 
     def describe(self) -> str:
         """``config.json, metrics.jsonl and the checkpoints of steps 40, 45``."""
@@ -66,6 +72,8 @@ class EarlierRun:
                     if len(group) > 1
                     else f"the {kind}checkpoint of step {listed}"
                 )
+        if self.best:
+            parts.append("the best step kept")
         return ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else "".join(parts) or "nothing"
 
     def clear(self) -> None:
@@ -81,7 +89,9 @@ class EarlierRun:
                     if CHECKPOINT_FILE.fullmatch(path.name) or _temporary(path.name, CHECKPOINT_FILE):
                         _remove(path)
                 _rmdir(root / step)  # unless something psfw did not write is left in it
-            if self.steps:
+            for name in self.best:  # the link first: a best is never left pointing at nothing
+                _remove_best(root / name)
+            if self.steps or self.best:
                 _rmdir(root)
         except OSError as err:
             raise UsageError(f"cannot remove {err.filename}: {err.strerror or err}") from None
@@ -138,7 +148,8 @@ def check_run_dir(
         why = f"reusing {run_dir}: it holds no finished run, and the shards start this job afresh"
     files = [name for name in entries if name in RUN_FILES or _temporary(name, RUN_FILE)]
     steps = sorted(p.name for p in (run_dir / CHECKPOINTS).glob("step-*") if STEP_FOLDER.fullmatch(p.name))
-    return EarlierRun(run_dir, why, files, steps if checkpoints else [], found)
+    best = sorted((p.name for p in (run_dir / CHECKPOINTS).glob("best*") if BEST_ENTRY.fullmatch(p.name)), key=len)
+    return EarlierRun(run_dir, why, files, steps if checkpoints else [], found, best if checkpoints else [])
 
 
 def resume_hint(command: str, checkpoints: Path, shards: int, every: int = 0, stopped: str = "") -> str:
@@ -182,6 +193,23 @@ def _temporary(name: str, of: re.Pattern) -> bool:
 def _remove(path: Path) -> None:
     if path.is_file() or path.is_symlink():
         path.unlink(missing_ok=True)
+
+
+def _remove_best(path: Path) -> None:
+    """The ``best`` link, or a ``best-NNNNNNNN`` folder of train.keep_best: its
+    checkpoint's files and its record (psfw.jobs.best_step)."""
+    if path.is_symlink() or not path.is_dir():
+        _remove(path)
+        return
+    for step in path.glob("step-*"):
+        for file in step.iterdir() if STEP_FOLDER.fullmatch(step.name) else []:
+            if CHECKPOINT_FILE.fullmatch(file.name) or _temporary(file.name, CHECKPOINT_FILE):
+                _remove(file)
+        _rmdir(step)
+    for file in path.iterdir():
+        if file.name == "BEST.json" or _temporary(file.name, BEST_RECORD):
+            _remove(file)
+    _rmdir(path)
 
 
 def _rmdir(path: Path) -> None:

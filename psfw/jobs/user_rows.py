@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from psfw.compute.labels import encode
 from psfw.compute.user_data import check_dataset
 from psfw.jobs.job import Job
 from psfw.protocol.errors import UsageError
@@ -40,13 +41,25 @@ def with_test_split(job: Job, path: str | Path) -> Job:
     arrays = _npz(path)
     for x_name, y_name in (("x_test", "y_test"), ("x", "y")):
         if x_name in arrays and y_name in arrays:
-            data = job.data._replace(x_test=arrays[x_name], y_test=arrays[y_name])
             try:
+                y = _as_trained(job, arrays[y_name], y_name, f"--input {path}")
+                data = job.data._replace(x_test=arrays[x_name], y_test=y)
                 check_dataset(data, f"--input {path}")
             except ValueError as err:
                 raise UsageError(str(err).replace("x_test", x_name).replace("y_test", y_name)) from None
             return dataclasses.replace(job, data=data)
     raise UsageError(f"--input {path} holds {sorted(arrays)}: give x_test and y_test (or x and y) to evaluate on")
+
+
+def _as_trained(job: Job, y: np.ndarray, name: str, where: str) -> np.ndarray:
+    """Labels as the user writes them, in the form the job trained on: class
+    indices, or targets standardized by the training split."""
+    if job.data.labels is not None:
+        return encode(y, np.asarray(job.data.labels), name, where)
+    if job.data.target_scale is not None and y.dtype.kind in "biuf":
+        mean, std = job.data.target_scale
+        return ((y - mean) / std).astype(job.data.y_train.dtype)
+    return y
 
 
 def _file(path: str | Path, what: str) -> Path:

@@ -24,6 +24,7 @@ from psfw.runtime.devices import describe_devices, worker_devices
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.stub import Stub
 from psfw.runtime.worker import WorkerSpec, run_worker
+from psfw.runtime.worker_report import StopRequest
 from psfw.services.server import in_process
 
 __all__ = ["job_devices", "run_worker_processes"]
@@ -40,6 +41,7 @@ async def run_worker_processes(
     on_start: Callable[[int, int], None] | None = None,
     watch: Callable[[int, dict[str, Any]], None] | None = None,
     devices: dict[int, str] | None = None,
+    stop: StopRequest | None = None,
 ) -> list[Stub]:
     """Run worker processes of ``job`` (default: all) in this OS process, each with
     its own stub, cache and channels, against the shards at ``addresses``.
@@ -49,7 +51,8 @@ async def run_worker_processes(
     Process ``p`` is local process ``p % processes_per_group`` of group
     ``p // processes_per_group`` and runs ``workers_per_process`` workers, each on
     its device (``cluster.devices``). ``watch`` sees process 0's every new step
-    (the evaluation); ``devices`` (worker -> device) is filled with where each
+    (the evaluation), and ``stop`` is process 0's early end of the job
+    (``train.stop_after``); ``devices`` (worker -> device) is filled with where each
     worker's gradients were computed, as seen on the arrays.
     """
     c, t = job.config.cluster, job.config.train
@@ -136,6 +139,7 @@ async def run_worker_processes(
                     tables=job.table_feed(group, workers, evaluates=process == 0 and watch is not None)
                     if tables
                     else None,
+                    stop=stop if process == 0 else None,
                 )
                 stubs.append(stub)
                 tasks.create_task(stub.run(job.steps), name=f"stub-{process}")

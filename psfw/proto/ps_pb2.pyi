@@ -93,7 +93,7 @@ class GetReply(_message.Message):
     def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("group", "step", "process", "workers", "rows", "workers_per_group", "wait_s", "chunks", "worker_groups", "staleness", "group_processes", "epoch", "checkpoint_every", "shm", "metrics", "job", "push", "pull", "shm_slots")
+    __slots__ = ("group", "step", "process", "workers", "rows", "workers_per_group", "wait_s", "chunks", "worker_groups", "staleness", "group_processes", "epoch", "checkpoint_every", "shm", "metrics", "job", "push", "pull", "shm_slots", "stop_at")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class UpdateRequest(_message.Message):
     PUSH_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
     SHM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    STOP_AT_FIELD_NUMBER: _ClassVar[int]
     group: int
     step: int
     process: int
@@ -139,7 +140,8 @@ class UpdateRequest(_message.Message):
     push: _containers.RepeatedCompositeFieldContainer[RowBlock]
     pull: _containers.RepeatedCompositeFieldContainer[RowBlock]
     shm_slots: _containers.RepeatedCompositeFieldContainer[ShmSlot]
-    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., process: _Optional[int] = ..., workers: _Optional[int] = ..., rows: _Optional[int] = ..., workers_per_group: _Optional[int] = ..., wait_s: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., worker_groups: _Optional[int] = ..., staleness: _Optional[int] = ..., group_processes: _Optional[int] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., shm: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job: _Optional[str] = ..., push: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., pull: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., shm_slots: _Optional[_Iterable[_Union[ShmSlot, _Mapping]]] = ...) -> None: ...
+    stop_at: int
+    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., process: _Optional[int] = ..., workers: _Optional[int] = ..., rows: _Optional[int] = ..., workers_per_group: _Optional[int] = ..., wait_s: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., worker_groups: _Optional[int] = ..., staleness: _Optional[int] = ..., group_processes: _Optional[int] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., shm: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job: _Optional[str] = ..., push: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., pull: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., shm_slots: _Optional[_Iterable[_Union[ShmSlot, _Mapping]]] = ..., stop_at: _Optional[int] = ...) -> None: ...
 
 class ShmSlot(_message.Message):
     __slots__ = ("key", "slice", "grads", "values")
@@ -154,7 +156,7 @@ class ShmSlot(_message.Message):
     def __init__(self, key: _Optional[str] = ..., slice: _Optional[int] = ..., grads: _Optional[int] = ..., values: _Optional[int] = ...) -> None: ...
 
 class UpdateReply(_message.Message):
-    __slots__ = ("step", "chunks", "slowest_step", "metrics", "rows", "table_rows")
+    __slots__ = ("step", "chunks", "slowest_step", "metrics", "rows", "table_rows", "stop_at")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -168,13 +170,15 @@ class UpdateReply(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     TABLE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    STOP_AT_FIELD_NUMBER: _ClassVar[int]
     step: int
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     slowest_step: int
     metrics: _containers.ScalarMap[str, float]
     rows: int
     table_rows: _containers.RepeatedCompositeFieldContainer[RowBlock]
-    def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., slowest_step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., rows: _Optional[int] = ..., table_rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ...) -> None: ...
+    stop_at: int
+    def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., slowest_step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., rows: _Optional[int] = ..., table_rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., stop_at: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("digest",)

@@ -64,7 +64,7 @@ def assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
 def fresh_answer(head, values: dict[SliceKey, np.ndarray], rows: dict[str, RowBlock]) -> Fresh:
     """The Fresh of an answer whose header is ``head`` (an UpdateReply or a GetReply)."""
     if isinstance(head, pb.UpdateReply):
-        return Fresh(head.step, values, head.slowest_step, dict(head.metrics), head.rows, rows)
+        return Fresh(head.step, values, head.slowest_step, dict(head.metrics), head.rows, rows, head.stop_at)
     return Fresh(head.step, values, table_rows=rows)
 
 

@@ -60,6 +60,7 @@ class UpdateHeader:
     wait_s: float = 60.0
     push: TableRows = field(default_factory=dict)
     pull: TableIds = field(default_factory=dict)
+    stop_at: int = 0  # an early end of the job: groups stop once they completed this many steps (0: none)
 
 
 class Fresh(NamedTuple):
@@ -71,3 +72,4 @@ class Fresh(NamedTuple):
     metrics: dict[str, float] = {}  # Update only: the whole group's metrics of the step, x rows
     rows: int = 0  # Update only: the group's rows of the step
     table_rows: dict[str, RowBlock] = {}  # the table rows pulled, by table
+    stop_at: int = 0  # Update only: the early end of the job the shard knows of (0: none)

@@ -296,6 +296,7 @@ def update_request(header: UpdateHeader, shm: str = "", rows: tuple[list, list] 
         shm=shm,
         push=rows[0],
         pull=rows[1],
+        stop_at=header.stop_at,
     )
 
 
@@ -319,4 +320,5 @@ def update_header(request: pb.UpdateRequest, wait_s: float, push: TableRows, pul
         wait_s=wait_s,
         push=push,
         pull=pull,
+        stop_at=request.stop_at,
     )

@@ -112,7 +112,15 @@ class InProcessClient:
             head = dataclasses.replace(header, push=as_rows(header.push), pull=as_ids(header.pull))
             result = await self.store.update(head, self._checked(items, known=True))
             values = await _deliver(result.values, into)
-            return Fresh(result.step, values, result.slowest_step, dict(result.metrics), result.rows, result.table_rows)
+            return Fresh(
+                result.step,
+                values,
+                result.slowest_step,
+                dict(result.metrics),
+                result.rows,
+                result.table_rows,
+                result.stop_at,
+            )
 
         return await self._call("Update", update())
 

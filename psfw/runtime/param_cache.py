@@ -36,6 +36,7 @@ class ParamCache:
         self.values: dict[str, Any] = {}
         self.step = -1
         self.generation = 0
+        self.stop_at = 0  # an early end of the job: workers stop at this step (0: at the job's steps)
         self._changed = threading.Condition()
         self._error: BaseException | None = None
         self._doing = ("starting", time.monotonic())  # what the stub is busy with, and since when

@@ -33,24 +33,14 @@ from psfw.runtime.table_feed import TableFeed
 from psfw.runtime.transport import Transport
 from psfw.runtime.waiting import GroupWait
 from psfw.runtime.whole_params import whole_params
+from psfw.runtime.worker_report import TIMES, StopRequest, WorkerReport
 
 log = logging.getLogger(__name__)
-
-
-class WorkerReport:
-    """One worker's report for one step."""
-
-    __slots__ = ("worker", "step", "generation", "grads", "rows", "metrics")
-
-    def __init__(self, worker, step, generation, grads, rows, metrics):
-        self.worker, self.step, self.generation = worker, step, generation
-        self.grads, self.rows, self.metrics = grads, rows, metrics
 
 
 # A shard said the cluster moved under us (restored, restarted, rolled back) or it is
 # unreachable for longer than the client's retries: re-sync instead of failing.
 RESYNC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
-TIMES = ("compute_s", "wait_s")  # a worker's timings: not metrics of the model
 
 
 class Stub:
@@ -75,6 +65,7 @@ class Stub:
         resume: bool = False,
         on_start: Callable[[int, int], None] | None = None,
         tables: TableFeed | None = None,
+        stop: StopRequest | None = None,
     ):
         self.clients, self.layout, self.cache = clients, layout, cache
         self.group, self.process, self.workers = group, process, list(workers)
@@ -93,6 +84,8 @@ class Stub:
         self.slowest_step = 0  # the slowest group's completed steps, from the last answer
         self.group_metrics: tuple[dict[str, float], int] = ({}, 0)  # the group's, x rows, of the last step
         self.epoch = 0  # the shards' restore count this stub is synced to
+        self.stop = stop  # the evaluating process's early end of the job (train.stop_after)
+        self.stop_at = 0  # the step count the job ends at early, as the shards answered (0: none)
         self._loop = asyncio.get_running_loop()
         self._inbox: asyncio.Queue[WorkerReport] = asyncio.Queue()
         self._puts: asyncio.Queue[dict[str, np.ndarray]] = asyncio.Queue()
@@ -168,7 +161,7 @@ class Stub:
             step = await self._join(steps)
             last = time.perf_counter()
             batch = None
-            while step < steps:
+            while step < (min(steps, self.stop_at) if self.stop_at else steps):
                 try:
                     batch = batch or await self._collect(step)
                     comm_s = await self._step(step, batch)
@@ -300,6 +293,8 @@ class Stub:
         # the shards add up every process's metrics x rows: the answer has the group's
         metrics = {k: sum(float(c.metrics[k]) * c.rows for c in batch) for k in batch[0].metrics if k not in TIMES}
         header = dataclasses.replace(self._header, step=step, rows=rows, metrics=metrics, epoch=self.epoch)
+        if self.stop is not None and self.stop.at(step):
+            header = dataclasses.replace(header, stop_at=self.stop.at(step))
         # shards that answer with their own immutable arrays: whole parameters are
         # put together by one jitted call (the only copy; XLA runs it before the call
         # returns: 0.8-1.0 ms for the benchmark's 7.45 MB); the others write their
@@ -344,6 +339,7 @@ class Stub:
             if answer.step != step + 1:
                 raise WaitTimeout(f"shard {shard} answered step {answer.step} for the update of step {step}")
         self.slowest_step = min(answer.slowest_step for answer in replies)
+        self.stop_at = self.cache.stop_at = max(answer.stop_at for answer in replies) or self.stop_at
         self.group_metrics = next(((a.metrics, a.rows) for a in replies if a.rows), ({}, 0))
         if shares:
             slices = {key: value for answer in replies for key, value in answer.values.items()}

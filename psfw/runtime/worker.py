@@ -126,7 +126,7 @@ def train_steps(spec: WorkerSpec, worker: int, stub: Stub, cache: ParamCache, st
         except Rewind as rewind:
             step, generation = rewind.step, rewind.generation
             continue
-        if step >= steps:
+        if step >= steps or 0 < cache.stop_at <= step:
             # the group has completed every step; until then a re-sync (a shard
             # restarted during the last update) may still send the worker back
             return

@@ -1,0 +1,44 @@
+"""What a worker hands its stub each step, and the early end of a job that the
+stubs learn from the shards."""
+
+from __future__ import annotations
+
+import threading
+
+
+class WorkerReport:
+    """One worker's report for one step."""
+
+    __slots__ = ("worker", "step", "generation", "grads", "rows", "metrics")
+
+    def __init__(self, worker, step, generation, grads, rows, metrics):
+        self.worker, self.step, self.generation = worker, step, generation
+        self.grads, self.rows, self.metrics = grads, rows, metrics
+
+
+TIMES = ("compute_s", "wait_s")  # a worker's timings: not metrics of the model
+
+
+class StopRequest:
+    """An early end of a job asked for by the process that evaluates
+    (``train.stop_after``): its stub names, in its next Update, the step the job ends
+    at; the shards answer every process with it, so that all of them stop at that
+    same step."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reason: str | None = None
+        self._at = 0
+
+    def request(self, reason: str) -> None:
+        """Ask for the end (from any thread); the first reason stands."""
+        with self._lock:
+            self.reason = self.reason or reason
+
+    def at(self, step: int) -> int:
+        """The step count the job ends at, fixed by the first Update (of ``step``)
+        sent after the request: ``step + 1``; 0 while none was asked for."""
+        with self._lock:
+            if self.reason is not None and not self._at:
+                self._at = step + 1
+            return self._at
