@@ -179,3 +179,22 @@ def test_stop_after_stops_every_process_of_a_launched_job_at_the_same_step(tmp_p
     steps = {json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()}
     assert max(steps) == final["step"]  # no record of a step past the end
     assert psfw.load_model(run).step == final["step"]
+
+
+@pytest.mark.slow
+def test_overwrite_removes_the_best_step_of_the_earlier_run(tmp_path, caplog):
+    path = _config(tmp_path, steps=30)
+    run = tmp_path / "run"
+    train(load_config(path), run, progress=False)
+    first = json.loads((run / "checkpoints" / "best" / "BEST.json").read_text())
+    # a much slower learning rate: its best is another step with another value
+    sets = ["optimizer.learning_rate=0.0003"]
+    assert main(["train", str(path), "--run-dir", str(run), "--overwrite", "--no-progress", *_flags(sets)]) == 0
+    assert "and the best step kept" in caplog.text
+    again = json.loads((run / "checkpoints" / "best" / "BEST.json").read_text())
+    assert again != first and again["value"] == _evals(run)[again["step"]]
+    assert [p.name for p in (run / "checkpoints").glob("best-*")] == [f"best-{again['step']:08d}"]
+
+
+def _flags(sets: list[str]) -> list[str]:
+    return [flag for item in sets for flag in ("--set", item)]
