@@ -74,7 +74,9 @@ def _compute(spec: WorkerSpec, worker: int, values: dict[str, Any], rows: np.nda
     flat, _ = flatten_params(grads)
     key = spec.order.group * spec.workers_per_group + worker
     if key not in spec.seen:
-        spec.seen[key] = ", ".join(sorted(device_name(d) for d in next(iter(flat.values())).devices()))
+        # a model may have no dense parameters (all in tables): the loss shows the device as well
+        computed = next(iter(flat.values()), loss)
+        spec.seen[key] = ", ".join(sorted(device_name(d) for d in computed.devices()))
     out = {n: np.asarray(g) for n, g in flat.items()}  # waits for XLA, off the event loop
     if row_grads is not None:  # a gradient for every row of the process's block (the padding cut off)
         out[TABLE_ROWS] = {name: np.asarray(g)[: len(blocks[name].ids)] for name, g in row_grads.items()}
