@@ -22,6 +22,10 @@ from psfw.runtime.devices import device_name
 from psfw.runtime.param_cache import ParamCache, Rewind
 from psfw.runtime.stub import Stub
 from psfw.runtime.table_feed import TABLE_ROWS, padded_rows, positions
+from psfw.runtime.threads import cause_of
+
+# how long a stopped worker's thread may take to finish its step before it is left behind
+STOP_WAIT_S = 3.0
 
 
 @dataclass
@@ -89,12 +93,17 @@ async def run_worker(spec: WorkerSpec, worker: int, group: int, stub: Stub, cach
     An owner initializes its parameters when the stub asks (a fresh start) and hands
     them over for the Put; then the worker follows the cache in a thread of its own
     (``train_steps``). Cancelling this coroutine stops that thread at its next wait
-    for parameters and waits for it: no worker outlives its task.
+    for parameters and waits for it up to ``STOP_WAIT_S`` seconds.
     """
     loop = asyncio.get_running_loop()
     owned = await stub.initial_values(worker)
     if owned:
-        values = await loop.run_in_executor(spec.executor, init_owned, spec.init, spec.seed, owned)
+        try:
+            values = await loop.run_in_executor(spec.executor, init_owned, spec.init, spec.seed, owned)
+        except PsfwError:
+            raise
+        except Exception as err:
+            raise PsfwError(f"worker {worker} of group {group}: init(key) failed: {cause_of(err)}") from err
         await stub.put(worker, values)
     training = loop.run_in_executor(spec.executor, train_steps, spec, worker, stub, cache, steps)
     try:
@@ -103,10 +112,13 @@ async def run_worker(spec: WorkerSpec, worker: int, group: int, stub: Stub, cach
         # the thread's way out (the stop below) is not an error of its own: the cancellation wins
         training.add_done_callback(mark_retrieved)
         cache.fail(PsfwError(f"worker {worker} of group {group} was stopped"))
-        while not training.done():  # a second cancel (a second Ctrl-C) still waits for the thread
+        # the thread stops at its next wait for parameters; one in a long computation
+        # is left behind (it ends with that step) rather than hold the stop up
+        deadline = loop.time() + STOP_WAIT_S
+        while not training.done() and loop.time() < deadline:
             try:
-                await asyncio.wait([training])
-            except asyncio.CancelledError:
+                await asyncio.wait([training], timeout=deadline - loop.time())
+            except asyncio.CancelledError:  # a second cancel waits as long as the first
                 continue
         raise
 
@@ -134,7 +146,14 @@ def train_steps(spec: WorkerSpec, worker: int, stub: Stub, cache: ParamCache, st
             return
         started = time.perf_counter()
         rows = spec.order.worker_indices(step, worker, spec.workers_per_group)
-        loss, metrics, grads = _compute(spec, worker, params, rows)
+        try:
+            loss, metrics, grads = _compute(spec, worker, params, rows)
+        except PsfwError:
+            raise
+        except Exception as err:  # the model's or the data's: one line that says whose and where
+            raise PsfwError(
+                f"worker {worker} of group {spec.order.group} failed at step {step}: {cause_of(err)}"
+            ) from err
         done = time.perf_counter()
         metrics.update(loss=loss, compute_s=done - started, wait_s=started - waited)
         stub.report(step, worker, grads, len(rows), metrics, generation)
