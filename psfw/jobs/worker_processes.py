@@ -80,7 +80,7 @@ async def run_worker_processes(
         # else may be submitted to this pool, it would wait for the job's end; a stop
         # does not wait for a thread left in a long step (see run_worker)
         executor = Threads(len(processes) * c.workers_per_process, thread_name_prefix="psfw-worker")
-        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+        stack.callback(executor.close)
         async with _first_cause(), asyncio.TaskGroup() as tasks:
             for here, process in enumerate(processes):
                 group, local = divmod(process, c.processes_per_group)

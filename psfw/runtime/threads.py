@@ -9,6 +9,7 @@ the task. ``Threads`` hands each of them back as a ``ThreadError``.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -20,8 +21,27 @@ class Threads(ThreadPoolExecutor):
     """A thread pool (the default executor of a job's event loop, and its workers')
     whose calls end only with a value or an ``Exception`` (see the module docstring)."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._busy = 0  # calls running now
+        self._count = threading.Lock()
+
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
-        return super().submit(_plain_ending, fn, *args, **kwargs)
+        return super().submit(self._call, fn, *args, **kwargs)
+
+    def _call(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        with self._count:
+            self._busy += 1
+        try:
+            return _plain_ending(fn, *args, **kwargs)
+        finally:
+            with self._count:
+                self._busy -= 1
+
+    def close(self) -> None:
+        """Shut the pool down; wait for its threads to end unless one is still in a
+        call (left behind by a stop): that one ends alone when its call returns."""
+        self.shutdown(wait=not self._busy, cancel_futures=True)
 
 
 class ThreadError(Exception):

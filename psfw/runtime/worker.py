@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -25,7 +26,7 @@ from psfw.runtime.table_feed import TABLE_ROWS, padded_rows, positions
 from psfw.runtime.threads import cause_of
 
 # how long a stopped worker's thread may take to finish its step before it is left behind
-STOP_WAIT_S = 3.0
+STOP_WAIT_S = 10.0
 
 
 @dataclass
@@ -93,31 +94,38 @@ async def run_worker(spec: WorkerSpec, worker: int, group: int, stub: Stub, cach
     An owner initializes its parameters when the stub asks (a fresh start) and hands
     them over for the Put; then the worker follows the cache in a thread of its own
     (``train_steps``). Cancelling this coroutine stops that thread at its next wait
-    for parameters and waits for it up to ``STOP_WAIT_S`` seconds.
+    for parameters and waits for it up to ``STOP_WAIT_S`` seconds (``_in_thread``).
     """
-    loop = asyncio.get_running_loop()
+    stopped = functools.partial(cache.fail, PsfwError(f"worker {worker} of group {group} was stopped"))
     owned = await stub.initial_values(worker)
     if owned:
         try:
-            values = await loop.run_in_executor(spec.executor, init_owned, spec.init, spec.seed, owned)
+            values = await _in_thread(spec.executor, stopped, init_owned, spec.init, spec.seed, owned)
         except PsfwError:
             raise
         except Exception as err:
             raise PsfwError(f"worker {worker} of group {group}: init(key) failed: {cause_of(err)}") from err
         await stub.put(worker, values)
-    training = loop.run_in_executor(spec.executor, train_steps, spec, worker, stub, cache, steps)
+    await _in_thread(spec.executor, stopped, train_steps, spec, worker, stub, cache, steps)
+
+
+async def _in_thread(executor: Executor, stop: Callable[[], None], fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` in a thread of ``executor``. Cancelled, it calls ``stop`` (the
+    worker's thread then ends at its next wait for parameters) and waits for the
+    thread up to ``STOP_WAIT_S`` seconds: one still in a long computation is left
+    behind (it ends with that step) rather than hold the stop up."""
+    loop = asyncio.get_running_loop()
+    call = loop.run_in_executor(executor, fn, *args)
     try:
-        await asyncio.shield(training)
+        return await asyncio.shield(call)
     except asyncio.CancelledError:
-        # the thread's way out (the stop below) is not an error of its own: the cancellation wins
-        training.add_done_callback(mark_retrieved)
-        cache.fail(PsfwError(f"worker {worker} of group {group} was stopped"))
-        # the thread stops at its next wait for parameters; one in a long computation
-        # is left behind (it ends with that step) rather than hold the stop up
+        # the thread's way out (the stop) is not an error of its own: the cancellation wins
+        call.add_done_callback(mark_retrieved)
+        stop()
         deadline = loop.time() + STOP_WAIT_S
-        while not training.done() and loop.time() < deadline:
+        while not call.done() and loop.time() < deadline:
             try:
-                await asyncio.wait([training], timeout=deadline - loop.time())
+                await asyncio.wait([call], timeout=deadline - loop.time())
             except asyncio.CancelledError:  # a second cancel waits as long as the first
                 continue
         raise
