@@ -26,6 +26,7 @@ from psfw.cli.arguments import (
 from psfw.jobs.stopping import last_words
 from psfw.protocol.console import StderrHandler, say
 from psfw.protocol.errors import ConfigError, PsfwError, UsageError
+from psfw.runtime.threads import cause_of
 from psfw.version import __version__
 
 
@@ -326,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PsfwError as err:
         say(f"psfw: {err}")
+        return 1
+    except Exception as err:  # one that psfw did not name (a model failing in the final evaluation)
+        if args.verbose:
+            raise
+        say(f"psfw {args.command} failed: {cause_of(err)} (-v shows where)")
         return 1
     except KeyboardInterrupt:
         if terminated:
