@@ -186,7 +186,8 @@ def draw(graph: nx.DiGraph) -> Any:
         )  # fmt: skip
     for i, owner in enumerate(owners):
         ax.scatter([], [], color=cmap(i % 10), alpha=0.5, marker="s", label=f"owned by worker {owner}")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=max(len(owners), 1), fontsize=8, frameon=False)
+    if owners:  # a model with all its parameters in tables has no owners to show
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(owners), fontsize=8, frameon=False)
     ax.set_title("net structure (left), parameters by owner (middle), shards (right)", fontsize=9)
     fig.tight_layout()
     return fig

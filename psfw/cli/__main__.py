@@ -1,5 +1,5 @@
 """``python -m psfw.cli``: the psfw command."""
 
-from psfw.cli.main import main
+from psfw.cli.main import entry
 
-raise SystemExit(main())
+entry()

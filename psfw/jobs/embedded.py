@@ -40,6 +40,7 @@ from psfw.jobs.outputs import (
 )
 from psfw.jobs.progress import ProgressBar, StepReporter, log_line
 from psfw.jobs.run_dir import EarlierRun, check_run_dir
+from psfw.jobs.stopping import run_job
 from psfw.jobs.worker_processes import job_devices, run_worker_processes
 from psfw.protocol.errors import UsageError, WireError
 from psfw.protocol.identity import changed
@@ -343,4 +344,4 @@ def train(config: Config | str | Path, run_dir: str | Path | None = None, **opti
     """Synchronous entry point: ``train("examples/digits_mlp.toml")``."""
     if not isinstance(config, Config):
         config = load_config(config)
-    return asyncio.run(train_async(config, run_dir, **options))
+    return run_job(train_async(config, run_dir, **options))  # Ctrl-C: a graceful stop, a second one at once

@@ -319,6 +319,17 @@ def _check_keep_best(config: Config, model: Model, data: Dataset, shapes: Any) -
         raise config.error("train.keep_best", f"{name!r} is no metric the evaluations record: use one of {recorded}")
 
 
+def _check_has_parameters(config: Config, model: Model, flat: dict[str, Any]) -> None:
+    """ConfigError when the model has nothing to train: no parameter from ``init``
+    and no embedding table (the shards would hold nothing, the workers wait forever)."""
+    if not flat and not model.tables:
+        raise config.error(
+            _model_field(config),
+            "the model has no parameters: init(key) returned no arrays and it declares no tables; "
+            "return the parameters to train from init, or declare embedding tables",
+        )
+
+
 def build_job(config: Config) -> Job:
     """Load the data, build the model and plan the layout; ConfigError (naming the
     config file and the field) when they cannot work together."""
@@ -339,6 +350,7 @@ def build_job(config: Config) -> Job:
     check_table_ids(config, model, data)  # every row's ids, before a batch reaches a bad one
     flat, treedef = check_parameters(config, _model_field(config), shapes_tree)
     check_memory(config, _model_field(config), flat, shards_here=False)  # a worker process holds them all
+    _check_has_parameters(config, model, flat)
     try:  # here, not when net.json is written at the end of training
         model = model._replace(layers=check_layers(model.layers, list(flat)))
     except ValueError as err:

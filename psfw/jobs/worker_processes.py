@@ -9,20 +9,20 @@ it is told to, the benchmark its own selection.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from psfw.compute.step import make_grad_step, make_sparse_step
 from psfw.jobs.job import Job, warn_empty_shards
 from psfw.jobs.progress import StepReporter
-from psfw.protocol.errors import ConfigError, UsageError
+from psfw.protocol.errors import ConfigError, PsfwError, UsageError
 from psfw.protocol.security import NO_SECURITY, Security
 from psfw.runtime.connect import connect_all
 from psfw.runtime.devices import describe_devices, worker_devices
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.stub import Stub
+from psfw.runtime.threads import Threads, cause_of
 from psfw.runtime.worker import WorkerSpec, run_worker
 from psfw.runtime.worker_report import StopRequest
 from psfw.services.server import in_process
@@ -77,10 +77,10 @@ async def run_worker_processes(
     stubs: list[Stub] = []
     async with AsyncExitStack() as stack:
         # one thread per worker, held for the whole job (its steps run there): nothing
-        # else may be submitted to this pool, it would wait for the job's end
-        executor = stack.enter_context(
-            ThreadPoolExecutor(len(processes) * c.workers_per_process, thread_name_prefix="psfw-worker")
-        )
+        # else may be submitted to this pool, it would wait for the job's end; a stop
+        # does not wait for a thread left in a long step (see run_worker)
+        executor = Threads(len(processes) * c.workers_per_process, thread_name_prefix="psfw-worker")
+        stack.callback(executor.close)
         async with _first_cause(), asyncio.TaskGroup() as tasks:
             for here, process in enumerate(processes):
                 group, local = divmod(process, c.processes_per_group)
@@ -142,9 +142,10 @@ async def run_worker_processes(
                     stop=stop if process == 0 else None,
                 )
                 stubs.append(stub)
-                tasks.create_task(stub.run(job.steps), name=f"stub-{process}")
+                tasks.create_task(_named(f"the stub of process {process}", stub.run(job.steps)), name=f"stub-{process}")
                 for w in workers:
-                    tasks.create_task(run_worker(spec, w, group, stub, cache, job.steps), name=f"worker-{process}.{w}")
+                    worker = _named(f"worker {w} of group {group}", run_worker(spec, w, group, stub, cache, job.steps))
+                    tasks.create_task(worker, name=f"worker-{process}.{w}")
     return stubs
 
 
@@ -155,6 +156,21 @@ def job_devices(job: Job, processes: int = 1) -> list[Any]:
         return worker_devices(job.config.cluster.devices, processes * job.config.cluster.workers_per_process)
     except ValueError as err:
         raise job.config.error("cluster.devices", str(err)) from None
+
+
+async def _named(what: str, task: Coroutine[Any, Any, None]) -> None:
+    """Run ``task``; an error that is not psfw's own (a bug, a library's) comes out
+    as a PsfwError naming the task and the cause in one line."""
+    try:
+        await task
+    except PsfwError:
+        raise
+    except Exception as err:
+        raise _TaskFailed(f"{what} failed: {cause_of(err)}") from err
+
+
+class _TaskFailed(PsfwError):
+    """A task's error that was not psfw's own, named (``_named``)."""
 
 
 @asynccontextmanager
@@ -168,9 +184,10 @@ async def _first_cause():
         yield
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
-        ids = {id(e) for e in leaves}
-        # a worker told "process N stopped: ..." carries the stub's error as its cause
-        roots = [e for e in leaves if id(e.__cause__) not in ids] or leaves
+        # a worker told "process N stopped: ..." carries the stub's error as its cause,
+        # or the cause of that error once named (``_named``)
+        ids = {id(e) for e in leaves} | {id(e.__cause__) for e in leaves if isinstance(e, _TaskFailed)}
+        roots = [e for e in leaves if isinstance(e, _TaskFailed) or id(e.__cause__) not in ids] or leaves
         raise roots[0] from None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -22,6 +23,10 @@ from psfw.runtime.devices import device_name
 from psfw.runtime.param_cache import ParamCache, Rewind
 from psfw.runtime.stub import Stub
 from psfw.runtime.table_feed import TABLE_ROWS, padded_rows, positions
+from psfw.runtime.threads import cause_of
+
+# how long a stopped worker's thread may take to finish its step before it is left behind
+STOP_WAIT_S = 10.0
 
 
 @dataclass
@@ -74,7 +79,9 @@ def _compute(spec: WorkerSpec, worker: int, values: dict[str, Any], rows: np.nda
     flat, _ = flatten_params(grads)
     key = spec.order.group * spec.workers_per_group + worker
     if key not in spec.seen:
-        spec.seen[key] = ", ".join(sorted(device_name(d) for d in next(iter(flat.values())).devices()))
+        # a model may have no dense parameters (all in tables): the loss shows the device as well
+        computed = next(iter(flat.values()), loss)
+        spec.seen[key] = ", ".join(sorted(device_name(d) for d in computed.devices()))
     out = {n: np.asarray(g) for n, g in flat.items()}  # waits for XLA, off the event loop
     if row_grads is not None:  # a gradient for every row of the process's block (the padding cut off)
         out[TABLE_ROWS] = {name: np.asarray(g)[: len(blocks[name].ids)] for name, g in row_grads.items()}
@@ -87,24 +94,39 @@ async def run_worker(spec: WorkerSpec, worker: int, group: int, stub: Stub, cach
     An owner initializes its parameters when the stub asks (a fresh start) and hands
     them over for the Put; then the worker follows the cache in a thread of its own
     (``train_steps``). Cancelling this coroutine stops that thread at its next wait
-    for parameters and waits for it: no worker outlives its task.
+    for parameters and waits for it up to ``STOP_WAIT_S`` seconds (``_in_thread``).
     """
-    loop = asyncio.get_running_loop()
+    stopped = functools.partial(cache.fail, PsfwError(f"worker {worker} of group {group} was stopped"))
     owned = await stub.initial_values(worker)
     if owned:
-        values = await loop.run_in_executor(spec.executor, init_owned, spec.init, spec.seed, owned)
+        try:
+            values = await _in_thread(spec.executor, stopped, init_owned, spec.init, spec.seed, owned)
+        except PsfwError:
+            raise
+        except Exception as err:
+            raise PsfwError(f"worker {worker} of group {group}: init(key) failed: {cause_of(err)}") from err
         await stub.put(worker, values)
-    training = loop.run_in_executor(spec.executor, train_steps, spec, worker, stub, cache, steps)
+    await _in_thread(spec.executor, stopped, train_steps, spec, worker, stub, cache, steps)
+
+
+async def _in_thread(executor: Executor, stop: Callable[[], None], fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` in a thread of ``executor``. Cancelled, it calls ``stop`` (the
+    worker's thread then ends at its next wait for parameters) and waits for the
+    thread up to ``STOP_WAIT_S`` seconds: one still in a long computation is left
+    behind (it ends with that step) rather than hold the stop up."""
+    loop = asyncio.get_running_loop()
+    call = loop.run_in_executor(executor, fn, *args)
     try:
-        await asyncio.shield(training)
+        return await asyncio.shield(call)
     except asyncio.CancelledError:
-        # the thread's way out (the stop below) is not an error of its own: the cancellation wins
-        training.add_done_callback(mark_retrieved)
-        cache.fail(PsfwError(f"worker {worker} of group {group} was stopped"))
-        while not training.done():  # a second cancel (a second Ctrl-C) still waits for the thread
+        # the thread's way out (the stop) is not an error of its own: the cancellation wins
+        call.add_done_callback(mark_retrieved)
+        stop()
+        deadline = loop.time() + STOP_WAIT_S
+        while not call.done() and loop.time() < deadline:
             try:
-                await asyncio.wait([training])
-            except asyncio.CancelledError:
+                await asyncio.wait([call], timeout=deadline - loop.time())
+            except asyncio.CancelledError:  # a second cancel waits as long as the first
                 continue
         raise
 
@@ -132,7 +154,14 @@ def train_steps(spec: WorkerSpec, worker: int, stub: Stub, cache: ParamCache, st
             return
         started = time.perf_counter()
         rows = spec.order.worker_indices(step, worker, spec.workers_per_group)
-        loss, metrics, grads = _compute(spec, worker, params, rows)
+        try:
+            loss, metrics, grads = _compute(spec, worker, params, rows)
+        except PsfwError:
+            raise
+        except Exception as err:  # the model's or the data's: one line that says whose and where
+            raise PsfwError(
+                f"worker {worker} of group {spec.order.group} failed at step {step}: {cause_of(err)}"
+            ) from err
         done = time.perf_counter()
         metrics.update(loss=loss, compute_s=done - started, wait_s=started - waited)
         stub.report(step, worker, grads, len(rows), metrics, generation)
