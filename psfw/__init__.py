@@ -29,13 +29,29 @@ from psfw.version import __version__ as __version__
 def _in_a_checkout() -> None:
     """In a source checkout, compute/ and services/ lie beside psfw/ (pyproject.toml maps
     them to psfw.compute and psfw.services when it installs). A Python started in the
-    checkout imports this folder before any installed copy, so look for them there too."""
+    checkout imports this folder before any installed copy, so find those two there
+    too (and nothing else of the checkout's folders)."""
+    import importlib.abc
+    import importlib.util
     import os.path
+    import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    installed = os.path.isdir(os.path.join(root, "psfw", "compute"))
-    if not installed and os.path.isfile(os.path.join(root, "compute", "__init__.py")):
-        __path__.append(root)
+    if os.path.isdir(os.path.join(root, "psfw", "compute")) or not os.path.isfile(
+        os.path.join(root, "compute", "__init__.py")
+    ):
+        return  # an installed copy, whole
+
+    class CheckoutFolders(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+            folder = {"psfw.compute": "compute", "psfw.services": "services"}.get(name)
+            if folder is None:
+                return None
+            where = os.path.join(root, folder)
+            init = os.path.join(where, "__init__.py")
+            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[where])
+
+    sys.meta_path.append(CheckoutFolders())
 
 
 _in_a_checkout()

@@ -41,7 +41,14 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_checkpoint_dir(p: argparse.ArgumentParser) -> None:
+def _add_trained_run(p: argparse.ArgumentParser) -> None:
+    """The flags that name what a run trained: its folder, a step, where its checkpoints are."""
+    p.add_argument("--run-dir", required=True, help="the run folder whose parameters to use")
+    p.add_argument(
+        "--step",
+        type=checkpoint_step,
+        help="use the run's checkpoint of this step, or best (train.keep_best's; default: its final parameters)",
+    )
     p.add_argument(
         "--checkpoint-dir",
         help="the shards' --checkpoint-dir of a cluster run, where its checkpoints (and tables) are "
@@ -93,23 +100,17 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate what a run trained on the test split of a config")
     ev.add_argument("config", help="TOML config whose model and test split to use (e.g. the run's own)")
     _add_overrides(ev)
-    ev.add_argument("--run-dir", required=True, help="the run folder whose parameters to evaluate")
-    ev.add_argument(
-        "--step",
-        type=checkpoint_step,
-        help="evaluate the run's checkpoint of this step, or best (train.keep_best's; default: its final parameters)",
-    )
+    _add_trained_run(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument(
         "--input", help="evaluate on this .npz file's x_test and y_test (or x and y) instead of the config's test split"
     )
-    _add_checkpoint_dir(ev)
     ev.set_defaults(run=commands.run_eval)
 
     pr = sub.add_parser("predict", help="what a run's model answers for new rows (class probabilities, values)")
     pr.add_argument("config", help="TOML config whose model to use (e.g. the run's own)")
     _add_overrides(pr)
-    pr.add_argument("--run-dir", required=True, help="the run folder whose parameters to use")
+    _add_trained_run(pr)
     pr.add_argument(
         "--input", help="rows to predict: a .npy file, or an .npz file with x (default: the config's test split)"
     )
@@ -118,30 +119,18 @@ def parser() -> argparse.ArgumentParser:
         help="where to write the predictions: FILE.npy (a classifier's classes beside it, FILE-class.npy), or "
         "FILE.npz with predictions and class (default: RUN_DIR/predictions.npy)",
     )
-    pr.add_argument(
-        "--step",
-        type=checkpoint_step,
-        help="use the run's checkpoint of this step, or best (train.keep_best's; default: its final parameters)",
-    )
-    _add_checkpoint_dir(pr)
     pr.set_defaults(run=commands.run_predict)
 
     ge = sub.add_parser("generate", help="text from a run's byte-level language model (examples/lm.toml)")
     ge.add_argument("config", help="the language model's TOML config (e.g. the run's own)")
     _add_overrides(ge)
-    ge.add_argument("--run-dir", required=True, help="the run folder whose parameters to use")
+    _add_trained_run(ge)
     ge.add_argument("--prompt", required=True, help="the text to go on from")
     ge.add_argument("--bytes", type=integer(1), default=200, help="how many bytes to write after the prompt")
     ge.add_argument(
         "--temperature", type=float, default=0.8, help="below 1: likelier bytes; 0: always the most probable"
     )
     ge.add_argument("--seed", type=integer(0), default=0, help="the seed of the draws")
-    ge.add_argument(
-        "--step",
-        type=checkpoint_step,
-        help="use the run's checkpoint of this step, or best (train.keep_best's; default: its final parameters)",
-    )
-    _add_checkpoint_dir(ge)
     ge.set_defaults(run=commands.run_generate)
 
     s = sub.add_parser(

@@ -22,8 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from psfw.jobs.config_checks import check_override, check_seed, check_servers
+from psfw.jobs.config_checks import check_seed, check_servers
 from psfw.jobs.optimizer_config import OptimizerConfig, ScheduleConfig, TablesConfig, _FieldError, _Strict
+from psfw.jobs.overrides import apply_overrides
 from psfw.protocol.errors import ConfigError
 
 __all__ = ["Config", "OptimizerConfig", "ScheduleConfig", "TablesConfig", "load_config", "parse_config"]
@@ -350,45 +351,9 @@ def settings_of(config: Config) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``data`` with each ``KEY=VALUE`` of ``overrides`` set (``--set train.epochs=5``):
-    a dotted key into the tables, a value parsed as a TOML value (``5``, ``3e-4``,
-    ``true``, ``[64, 64]``, ``"adam"``), else taken as text (``adam``); an empty
-    value removes the key (``--set train.epochs=``, so that ``train.steps`` can take
-    its place). The result is validated as the file is; ConfigError naming the
-    override when it cannot apply."""
-    data = copy.deepcopy(data)  # tables and all (a TOML date is no JSON value)
-    for item in overrides:
-        key, equals, text = item.partition("=")
-        key = key.strip()
-        if not equals or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set {item}: give KEY=VALUE with a dotted key, e.g. --set train.epochs=5")
-        try:
-            value = tomllib.loads(f"value = {text}")["value"]
-        except tomllib.TOMLDecodeError:
-            value = text  # bare text: a name such as adam or diabetes
-        *tables, last = key.split(".")
-        check_override(Config, item, key, value)
-        where = data
-        for depth, part in enumerate(tables):
-            where = where.setdefault(part, {})
-            if not isinstance(where, dict):
-                above = ".".join(tables[: depth + 1])
-                raise ConfigError(f"--set {item}: {above} is a value, not a table: set {above} itself")
-        if key.split(".")[0] in _SET_BY_LOADER:
-            raise ConfigError(f"--set {item}: {key}: unknown key (check its spelling against the config reference)")
-        if not text.strip():
-            if last not in where:
-                raise ConfigError(f"--set {item}: the config sets no {key}, so there is nothing to remove")
-            del where[last]
-            continue
-        where[last] = value
-    return data
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read and validate a TOML config, with ``overrides`` (``KEY=VALUE``, see
-    ``apply_overrides``) applied first; raises ConfigError with a one-line message."""
+    ``psfw.jobs.overrides``) applied first; raises ConfigError with a one-line message."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -406,6 +371,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         if key in data:
             raise ConfigError(f"{path}: {key}: unknown key (check its spelling against the config reference)")
     if overrides:
-        data = apply_overrides(data, overrides)
+        data = apply_overrides(data, overrides, Config, _SET_BY_LOADER)
     config = parse_config(data, str(path), str(path.parent.resolve()))
     return config.model_copy(update={"overrides": list(overrides or [])})
