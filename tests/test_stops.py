@@ -97,7 +97,7 @@ FAILURES = {
     "final evaluation": (
         dict(options="options = {fail_rows = 50}", steps=5, extra="eval_batch_size = 50"),
         [],
-        r"psfw train failed: RuntimeError: the loss failed on purpose on a batch of 50 rows \(-v shows where\)",
+        r"psfw train: failed: RuntimeError: the loss failed on purpose on a batch of 50 rows \(-v shows where\)",
     ),
     "worker's thread": (dict(), ["worker"], r"psfw: worker 1 of group 0 failed at step 0: StopIteration"),
     "stub": (

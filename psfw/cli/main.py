@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one that psfw did not name (a model failing in the final evaluation)
         if args.verbose:
             raise
-        say(f"psfw {args.command} failed: {cause_of(err)} (-v shows where)")
+        say(f"psfw {args.command}: failed: {cause_of(err)} (-v shows where)")
         return 1
     except KeyboardInterrupt:
         if terminated:
