@@ -121,3 +121,23 @@ def test_standardized_targets_are_predicted_in_their_units(tmp_path):
     raw = np.asarray(job.data.y_test) * std + mean
     assert np.mean((predictions.reshape(-1) - raw) ** 2) == pytest.approx(result.test_loss * std**2, rel=1e-3)
     assert 0.3 < result.test_loss < 0.8  # standardized: 1.0 is what predicting the mean gives
+
+
+@pytest.mark.slow
+def test_a_run_whose_labels_now_mean_other_classes_is_refused(tmp_path, capsys):
+    """labels = "map" takes the classes from the data: when its labels change, every
+    index may name another class. psfw predict and eval refuse in one line."""
+    path = _iris(tmp_path, 'labels = "map"', lambda t: t + 1)
+    run = tmp_path / "run"
+    train(load_config(path, ["train.epochs=2"]), run, progress=False)
+    data = load_iris()
+    y = data.target + 1
+    y[y == 3] = 0  # as many classes, named otherwise: 0, 1, 2 now, and every index means another
+    np.savez(tmp_path / "iris.npz", x_train=data.data.astype(np.float32), y_train=y)
+    capsys.readouterr()
+    for command in ("predict", "eval"):
+        assert main([command, str(path), "--run-dir", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert "labels.json says the run trained with the classes [1, 2, 3], but the data of" in err, err
+        assert "gives the classes [0, 1, 2] now: predict with the data the run trained on" in err
+        assert len(err.strip().splitlines()) == 1

@@ -538,3 +538,25 @@ async def test_a_worker_reuses_the_folder_of_a_run_that_never_finished_once_fres
     assert [line.split(": removing")[0] for line in psfw_lines(caplog)] == [
         f"reusing {run}: it holds no finished run, and the shards start this job afresh"
     ]
+
+
+def test_overwrite_never_follows_a_link_out_of_the_run_folder(tmp_path):
+    """A step folder or a best that is a link psfw did not make is left as it is, and
+    nothing it points to is removed."""
+    from psfw.jobs.outputs import mark_run_dir
+    from psfw.jobs.run_dir import check_run_dir
+    from psfw.services.checkpoint import save_shard
+
+    other = tmp_path / "other"
+    save_shard(other, 10, 0, 1, {"value/0": np.zeros(2, np.float32)}, {})
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    mark_run_dir(run)
+    (run / "params.safetensors").write_bytes(b"x")  # a finished run
+    (run / "checkpoints" / "step-00000010").symlink_to(other / "step-00000010")
+    (run / "checkpoints" / "best").symlink_to(other)
+    earlier = check_run_dir(run, 1, resume=False, overwrite=True)
+    earlier.clear()
+    assert complete_steps(other, 1) == [10]  # the other run's checkpoint is whole
+    assert (run / "checkpoints" / "step-00000010").is_symlink() and (run / "checkpoints" / "best").is_symlink()
+    assert not (run / "params.safetensors").exists()

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 from psfw.protocol.atomic import write_atomic
 from psfw.services.checkpoint import complete_steps, step_dir
 
-__all__ = ["BEST", "BestKeeper", "best_mode", "read_best"]
+__all__ = ["BEST", "BestKeeper", "best_mode", "evaluations_since_best", "read_best"]
 
 BEST = "best"  # the folder beside the numbered checkpoints, and the --step that names it
 RECORD = "BEST.json"
@@ -49,6 +50,28 @@ def read_best(checkpoints: Path) -> dict[str, Any] | None:
         return None
 
 
+def evaluations_since_best(run_dir: Path, checkpoints: Path, restored: int | None) -> int:
+    """How many evaluations a resumed run made after its best, before the step it
+    resumes from (``train.stop_after`` counts on from there; the resumed step itself
+    is evaluated again)."""
+    best = read_best(checkpoints)
+    if best is None or restored is None:
+        return 0
+    steps = set()
+    try:
+        with (run_dir / "metrics.jsonl").open() as lines:
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("eval") and best["step"] < record.get("step", -1) < restored:
+                    steps.add(record["step"])
+    except OSError:
+        return 0
+    return len(steps)
+
+
 class BestKeeper:
     """Keeps the checkpoint of the best evaluation of ``metric`` (``mode``: max or
     min) under ``checkpoints`` (see the module docstring); ``shards``: the job's.
@@ -58,7 +81,9 @@ class BestKeeper:
     the rotation can drop it while the evaluation runs; ``offer(record)`` then keeps
     it as the best, or lets it go."""
 
-    def __init__(self, checkpoints: Path, shards: int, metric: str, mode: str, wait_s: float = 60.0):
+    def __init__(
+        self, checkpoints: Path, shards: int, metric: str, mode: str, wait_s: float = 60.0, since_best: int = 0
+    ):
         self.root, self.shards, self.metric, self.mode, self.wait_s = checkpoints, shards, metric, mode, wait_s
         self.best = read_best(checkpoints)
         if self.best is not None and self.best.get("metric") != metric:
@@ -69,8 +94,11 @@ class BestKeeper:
                 metric,
             )
             self.best = None
-        self.since_best = 0  # evaluations since the best one
+        # evaluations since the best one (a resumed run's: those it already made)
+        self.since_best = since_best if self.best is not None else 0
         self._held: dict[int, Future] = {}
+        self._lock = threading.Lock()  # one offer at a time: the evaluations' and the final one
+        self._closing = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="psfw-best")
         self.off = False  # a best's checkpoint could not be kept: no best is kept from then on
         current = self._current()
@@ -86,14 +114,20 @@ class BestKeeper:
     def offer(self, record: dict[str, Any]) -> None:
         """An evaluation's record (``{"step", "test_loss", ...}``): keep its step's
         checkpoint when its metric is the best yet."""
+        with self._lock:
+            self._offer(record)
+
+    def _offer(self, record: dict[str, Any]) -> None:
         step, value = int(record["step"]), record.get(self.metric)
         if step == 0 or self.off:  # step 0's are the initial values: nothing trained, no checkpoint
             return
         held = self._held.pop(step, None)
+        if self.best is not None and step == self.best["step"]:  # the best evaluated again (a resume): as it was
+            return
         folder = held.result() if held is not None else self._link_aside(step)
         if value is None or not math.isfinite(value) or (self.best and not self._better(value, self.best["value"])):
             self.since_best += 1
-            if folder is not None:
+            if folder is not None and folder.name != self._current():
                 shutil.rmtree(folder, ignore_errors=True)
             return
         if folder is None:  # a best that cannot be kept: a later, worse one must not pass for it
@@ -110,15 +144,17 @@ class BestKeeper:
         self.since_best = 0
         write_atomic(folder / RECORD, json.dumps(self.best, indent=1).encode())
         before = self._current()
-        link = self.root / f"{BEST}.link"
+        link = self.root / f"{BEST}.link-{os.getpid()}"
         link.unlink(missing_ok=True)
         os.symlink(folder.name, link)
         os.replace(link, self.root / BEST)  # the switch: one rename
         if before and before != folder.name:
             shutil.rmtree(self.root / before, ignore_errors=True)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def close(self, finish: bool = True) -> None:
+        """Finish the links on the way (``finish``), or drop them (a stop)."""
+        self._closing = not finish
+        self._pool.shutdown(wait=finish, cancel_futures=not finish)
 
     def _better(self, value: float, than: float) -> bool:
         return value > than if self.mode == "max" else value < than
@@ -135,10 +171,12 @@ class BestKeeper:
         removal leaves the links whole); None when it is not complete in time."""
         deadline = time.monotonic() + (0 if self.off else self.wait_s)
         while step not in complete_steps(self.root, self.shards):
-            if time.monotonic() > deadline:
+            if self._closing or time.monotonic() > deadline:
                 return None
             time.sleep(0.05)
         folder = self.root / f"{BEST}-{step:08d}"
+        if folder.name == self._current():  # the kept best itself (evaluated again): never rebuilt
+            return folder
         shutil.rmtree(folder, ignore_errors=True)
         source, target = step_dir(self.root, step), step_dir(folder, step)
         target.mkdir(parents=True)

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from psfw.jobs.best_step import BestKeeper, best_mode
+from psfw.jobs.best_step import BestKeeper, best_mode, evaluations_since_best
 from psfw.jobs.checks import check_shards_here
 from psfw.jobs.config import Config, load_config
 from psfw.jobs.evaluation import Evaluator, eval_line
@@ -187,7 +187,9 @@ async def train_async(
         if chief:  # the evaluation on the test split is process 0's
             keeper = None
             if t.keep_best and checkpoints is not None:
-                keeper = BestKeeper(checkpoints, c.servers, t.keep_best, best_mode(t.keep_best, t.best_mode))
+                mode = best_mode(t.keep_best, t.best_mode)
+                since = evaluations_since_best(records_dir, checkpoints, step) if resume and records_dir else 0
+                keeper = BestKeeper(checkpoints, c.servers, t.keep_best, mode, since_best=since)
             stop = StopRequest() if t.stop_after else None
             evaluator = Evaluator(job, [eval_line] + ([metrics.write] if metrics is not None else []), keeper, stop)
             stack.push_async_exit(evaluator.exit_callback())
@@ -219,9 +221,8 @@ async def train_async(
             values[EVAL_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, steps, t.wait_s, fingerprint)
         test_loss, test_metrics = await asyncio.to_thread(evaluator.evaluate, values)
         if evaluator.keeper is not None and steps % t.checkpoint_every == 0:  # the last step is a checkpoint's
-            evaluator.keeper.hold(steps)
             last = {"step": steps, "test_loss": test_loss, **{f"test_{k}": v for k, v in test_metrics.items()}}
-            await asyncio.to_thread(evaluator.keeper.offer, last)
+            await asyncio.to_thread(evaluator.offer_last, last)
     result = TrainResult(
         params=params,
         steps=steps,

@@ -163,11 +163,24 @@ class Evaluator:
 
         return close
 
+    def offer_last(self, record: dict[str, Any]) -> None:
+        """The final evaluation's record for the best step kept, after the evaluations
+        on the way (in their thread, in step order): unless that step was evaluated
+        already (an early end on an evaluation's step)."""
+        step = int(record["step"])
+
+        def offer() -> None:
+            if self.keeper is not None and step not in self._steps:
+                self.keeper.hold(step)
+                self.keeper.offer(record)
+
+        self._pool.submit(offer).result()
+
     def close(self, finish: bool = True) -> None:
         """Finish the evaluation on the way (``finish``), or drop it (the job failed)."""
         self._pool.shutdown(wait=finish, cancel_futures=not finish)
         if self.keeper is not None:
-            self.keeper.close()
+            self.keeper.close(finish)
 
 
 def eval_line(record: dict[str, Any]) -> None:

@@ -293,14 +293,21 @@ def _plot_curves(path: Path, records: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-def write_labels(folder: Path, data: Any) -> None:
-    """``labels.json``: what a class index or a standardized target means in the
-    user's data (``{"labels": [...]}``, ``{"target_mean": ..., "target_std": ...}``),
-    for whoever serves the model without psfw; nothing when they mean themselves."""
+def labels_record(data: Any) -> dict[str, Any]:
+    """What a class index or a standardized target means in the user's data
+    (``{"labels": [...]}``, ``{"target_mean": ..., "target_std": ...}``; empty when
+    they mean themselves)."""
     record: dict[str, Any] = {}
     if data.labels is not None:
         record["labels"] = list(data.labels)
     if data.target_scale is not None:
         record["target_mean"], record["target_std"] = data.target_scale
+    return record
+
+
+def write_labels(folder: Path, data: Any) -> None:
+    """``labels.json`` (``labels_record``), for whoever uses the model without psfw,
+    and for psfw to check that it predicts with the same meaning."""
+    record = labels_record(data)
     if record:
         (folder / "labels.json").write_text(json.dumps(record, indent=1))

@@ -22,7 +22,7 @@ from psfw.compute.params import unflatten_params
 from psfw.compute.tables import unique_ids
 from psfw.jobs.config import Config
 from psfw.jobs.job import Job, build_job
-from psfw.jobs.trained import checkpoint_folder, load_table, rows_of, run_config, trained_values
+from psfw.jobs.trained import check_labels, checkpoint_folder, load_table, rows_of, run_config, trained_values
 from psfw.protocol.errors import UsageError
 from psfw.runtime.table_feed import padded_rows, positions
 
@@ -110,6 +110,7 @@ def load_model(
     is asked for."""
     run_dir = Path(run_dir)
     job = build_job(config if config is not None else run_config(run_dir))
+    check_labels(run_dir, job)
     at, values = trained_values(run_dir, job, step, checkpoint_folder(run_dir, checkpoint_dir))
     tables = {name: load_table(run_dir, name, step or at, checkpoint_dir) for name in job.model.tables}
     return TrainedModel(job, at, values, tables)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,8 +148,13 @@ def check_run_dir(
     else:  # a worker's: cleared once the shards start this job afresh, so nothing of it goes on
         why = f"reusing {run_dir}: it holds no finished run, and the shards start this job afresh"
     files = [name for name in entries if name in RUN_FILES or _temporary(name, RUN_FILE)]
-    steps = sorted(p.name for p in (run_dir / CHECKPOINTS).glob("step-*") if STEP_FOLDER.fullmatch(p.name))
-    best = sorted((p.name for p in (run_dir / CHECKPOINTS).glob("best*") if BEST_ENTRY.fullmatch(p.name)), key=len)
+    # a link psfw did not make is left alone, and nothing it points to is removed
+    steps = sorted(
+        p.name for p in (run_dir / CHECKPOINTS).glob("step-*") if STEP_FOLDER.fullmatch(p.name) and not p.is_symlink()
+    )
+    best = sorted(
+        (p.name for p in (run_dir / CHECKPOINTS).glob("best*") if BEST_ENTRY.fullmatch(p.name) and _ours(p)), key=len
+    )
     return EarlierRun(run_dir, why, files, steps if checkpoints else [], found, best if checkpoints else [])
 
 
@@ -193,6 +199,14 @@ def _temporary(name: str, of: re.Pattern) -> bool:
 def _remove(path: Path) -> None:
     if path.is_file() or path.is_symlink():
         path.unlink(missing_ok=True)
+
+
+def _ours(path: Path) -> bool:
+    """train.keep_best's: the ``best`` link to a ``best-NNNNNNNN`` folder beside it, or
+    such a folder itself (never a link into another place)."""
+    if path.name == "best":
+        return path.is_symlink() and BEST_ENTRY.fullmatch(os.readlink(path) or "") is not None
+    return path.is_dir() and not path.is_symlink()
 
 
 def _remove_best(path: Path) -> None:

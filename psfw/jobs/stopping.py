@@ -74,8 +74,8 @@ def run_job(main: Coroutine[Any, Any, T]) -> T:
 
 
 def _stop_at_once(signum: int) -> None:
-    line = _last_words[0](signum) if _last_words else "psfw: stopped at once"
-    try:
+    try:  # whatever saying the line costs, the process ends
+        line = _last_words[0](signum) if _last_words else "psfw: stopped at once"
         sys.stdout.flush()
         sys.stderr.write(line + "\n")
         sys.stderr.flush()

@@ -9,6 +9,7 @@ the parameters by name, and the job's model gives them its pytree form.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from psfw.jobs.best_step import BEST, read_best
 from psfw.jobs.config import Config, parse_config, stored_settings
 from psfw.jobs.evaluation import test_metrics
 from psfw.jobs.job import Job, build_job
-from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE
+from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE, labels_record
 from psfw.jobs.user_rows import with_test_split
 from psfw.protocol.errors import UsageError
 from psfw.protocol.messages import RowBlock
@@ -206,6 +207,7 @@ def evaluate_run(
     ``checkpoint_dir``: the shards' folder of a cluster run; ``test_file``: an
     ``.npz`` file whose test split is used instead of the config's."""
     job = build_job(config)
+    check_labels(Path(run_dir), job)
     if test_file is not None:
         job = with_test_split(job, test_file)
     run_dir = Path(run_dir)
@@ -215,3 +217,31 @@ def evaluate_run(
         values = {**values, EVAL_ROWS: rows_of(job, saved, job.test_ids())}
     loss, metrics = test_metrics(job, values)
     return {"step": at, "test_loss": loss, **{f"test_{name}": value for name, value in metrics.items()}}
+
+
+def check_labels(run_dir: Path, job: Job) -> None:
+    """UsageError when the labels (or the targets' scale) of the data now are not
+    those the run trained with (its ``labels.json``): every answer would be named
+    or scaled wrong."""
+    try:
+        saved = json.loads((run_dir / "labels.json").read_text())
+    except (OSError, ValueError):
+        return  # a run of labels that mean themselves, or of an earlier psfw
+    now = labels_record(job.data)
+    same = saved.keys() == now.keys() and all(
+        math.isclose(v, now[k], rel_tol=1e-9) if isinstance(v, float) else v == now[k] for k, v in saved.items()
+    )
+    if not same:
+        raise UsageError(
+            f"{run_dir / 'labels.json'} says the run trained with {_shown(saved)}, but the data of "
+            f"{job.config.source} gives {_shown(now)} now: predict with the data the run trained on"
+        )
+
+
+def _shown(record: dict[str, Any]) -> str:
+    if "labels" in record:
+        values = record["labels"]
+        return f"the classes {values[:6]}{' ...' if len(values) > 6 else ''}"
+    if "target_mean" in record:
+        return f"targets of mean {record['target_mean']:.6g} and deviation {record['target_std']:.6g}"
+    return "labels that are the classes themselves"

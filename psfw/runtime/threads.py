@@ -43,6 +43,12 @@ class Threads(ThreadPoolExecutor):
         call (left behind by a stop): that one ends alone when its call returns."""
         self.shutdown(wait=not self._busy, cancel_futures=True)
 
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        # asyncio.Runner's close waits for its default executor without a bound: a
+        # call still running (a final evaluation cut short by Ctrl-C) is left to end
+        # alone rather than hold the stop
+        super().shutdown(wait=wait and not self._busy, cancel_futures=cancel_futures)
+
 
 class ThreadError(Exception):
     """What a thread raised that a future cannot hold, as an error that it can."""
