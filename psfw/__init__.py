@@ -57,13 +57,13 @@ def _in_a_checkout() -> None:
 _in_a_checkout()
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load on first use
+    from psfw.base.errors import ConfigError, PsfwError, ShardError, UsageError
     from psfw.compute.models import Model, cnn, mlp
     from psfw.compute.tables import TableSpec
     from psfw.jobs.config import Config, load_config
     from psfw.jobs.embedded import TrainResult, train, train_async
     from psfw.jobs.predictions import TrainedModel, load_model
     from psfw.jobs.trained import load_params, load_table
-    from psfw.protocol.errors import ConfigError, PsfwError, ShardError, UsageError
     from psfw.protocol.messages import UpdateHeader
     from psfw.runtime.connect import connect
     from psfw.runtime.grpc_transport import ShardClient
@@ -93,10 +93,10 @@ _EXPORTS = {
     "UpdateHeader": "psfw.protocol.messages",
     "Cluster": "psfw.tools.cluster",
     "format_status": "psfw.tools.cluster",
-    "PsfwError": "psfw.protocol.errors",
-    "ConfigError": "psfw.protocol.errors",
-    "ShardError": "psfw.protocol.errors",
-    "UsageError": "psfw.protocol.errors",
+    "PsfwError": "psfw.base.errors",
+    "ConfigError": "psfw.base.errors",
+    "ShardError": "psfw.base.errors",
+    "UsageError": "psfw.base.errors",
 }
 
 __all__ = [

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 
+from psfw.base.errors import mark_retrieved
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import mark_retrieved
 from psfw.protocol.frames import Frame, encode_chunks, frame_encoder, frame_serializer
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.row_wire import row_pieces

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from psfw.protocol.atomic import write_atomic
+from psfw.base.atomic import write_atomic
 
 MANIFEST = "MANIFEST.json"
 

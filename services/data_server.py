@@ -20,9 +20,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
+from psfw.base.errors import WireError
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.data_link import METHODS, KeptPages, LinkClosed, framed, fresh_buffer, recv_frame, send_pieces
-from psfw.protocol.errors import WireError
 from psfw.protocol.frames import Frame, Malformed, frame_deserializer, frame_encoder, message_deserializer
 from psfw.protocol.local_link import CALL, END, HELLO, MESSAGE, OK, LinkBroken, error_frame, token_refusal
 from psfw.services.answers import get_replies

@@ -12,8 +12,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+from psfw.base.errors import WireError
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import WireError
 from psfw.protocol.frames import Frame, frame_deserializer
 from psfw.protocol.local_link import (
     END,

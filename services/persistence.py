@@ -17,7 +17,7 @@ import grpc
 import jax
 import numpy as np
 
-from psfw.protocol.errors import WireError
+from psfw.base.errors import WireError
 from psfw.protocol.layout import SliceKey
 from psfw.services.checkpoint import CheckpointFolder
 from psfw.services.kernel import UpdateKernel

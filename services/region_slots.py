@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 import grpc
 import numpy as np
 
+from psfw.base.errors import Reason, WireError
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import Reason, WireError
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.shm import Region, RegionCache
 

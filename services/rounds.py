@@ -21,7 +21,7 @@ import grpc
 import jax
 import numpy as np
 
-from psfw.protocol.errors import Reason, WireError
+from psfw.base.errors import Reason, WireError
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Parts, RowBlock, UpdateHeader
 from psfw.protocol.wire import slice_name

@@ -26,11 +26,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from psfw.base.atomic import write_atomic
+from psfw.base.console import say
+from psfw.base.security import NO_SECURITY, Security
+from psfw.base.service import MAX_MESSAGE_BYTES, SERVICE_NAME, grpc_options
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.atomic import write_atomic
-from psfw.protocol.console import say
-from psfw.protocol.security import NO_SECURITY, Security
-from psfw.protocol.service import MAX_MESSAGE_BYTES, SERVICE_NAME, grpc_options
 from psfw.services.checkpoint import CheckpointFolder
 from psfw.services.data_server import DataListener
 from psfw.services.local_server import LocalListener

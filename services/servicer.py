@@ -18,9 +18,10 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import grpc
 
+from psfw.base.errors import WireError
+from psfw.base.service import REASON_KEY, finish_reading
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.protocol.errors import WireError
 from psfw.protocol.frames import (
     Frame,
     Malformed,
@@ -29,7 +30,6 @@ from psfw.protocol.frames import (
     message_deserializer,
 )
 from psfw.protocol.row_wire import RowCollector, row_pieces
-from psfw.protocol.service import REASON_KEY, finish_reading
 from psfw.protocol.shm import RegionCache, host_id
 from psfw.protocol.wire import Assembler, update_header
 from psfw.services.answers import (

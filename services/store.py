@@ -26,7 +26,7 @@ import grpc
 import jax
 import numpy as np
 
-from psfw.protocol.errors import WireError, mark_retrieved
+from psfw.base.errors import WireError, mark_retrieved
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Gradients, RowBlock, TableIds, UpdateHeader
 from psfw.protocol.wire import slice_name
@@ -188,7 +188,7 @@ class ShardStore:
         FAILED_PRECONDITION. The first Put fixes the shard's optimizer. With
         ``adopt``, the arrays are the request's own buffers, which nobody writes again:
         the shard keeps them instead of a copy. ``job``: the job's identity (JSON, see
-        psfw.protocol.identity); the first Put that names one fixes it, a Put of
+        psfw.base.identity); the first Put that names one fixes it, a Put of
         another job is FAILED_PRECONDITION. ``tables``: the job's embedding tables
         (JSON, see psfw.services.tables); the first declaration fixes them.
         """

@@ -22,9 +22,9 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 
+from psfw.base.errors import WireError
 from psfw.compute.row_optimizers import RowOptimizer
 from psfw.compute.tables import TableSpec, check_table, check_table_optimizer, initial_rows, route
-from psfw.protocol.errors import WireError
 from psfw.protocol.messages import RowBlock
 
 DIRECT_INDEX_ROWS = 1 << 28  # a bounded table up to this many rows indexes ids with an array (4 bytes per row)

@@ -171,7 +171,7 @@ async def test_a_valid_update_still_works_after_refusals(running):
 async def test_put_of_other_values_for_a_held_slice_is_already_exists(running):
     server, client, _, _ = running
     before = server.store.digest()
-    from psfw.protocol.errors import ShardError
+    from psfw.base.errors import ShardError
 
     with pytest.raises(ShardError) as err:
         await client.put([("w", 0, np.ones(4, np.float32))], SGD)
@@ -186,7 +186,7 @@ async def test_put_of_a_new_slice_once_training_started_is_refused_and_the_step_
     """A new slice in the middle of an open step would make the step impossible to add
     up: it is refused, and the step still completes with the slices it began with."""
     server, client, _, _ = running
-    from psfw.protocol.errors import ShardError
+    from psfw.base.errors import ShardError
 
     grads = {i: np.ones(4, np.float32) for _, i, _ in GOOD}
     first = asyncio.create_task(send(client, grads, process=0, workers_per_group=2, wait_s=5))
@@ -212,7 +212,7 @@ async def test_put_of_a_new_slice_once_training_started_is_refused_and_the_step_
 @pytest.mark.asyncio
 async def test_put_with_an_unknown_optimizer_is_refused(shard):
     server, client = shard
-    from psfw.protocol.errors import ShardError
+    from psfw.base.errors import ShardError
 
     with pytest.raises(ShardError) as err:
         await client.put([("w", 0, np.ones(4, np.float32))], '{"name": "lbfgs"}')
@@ -226,7 +226,7 @@ async def test_put_with_a_nan_learning_rate_is_refused(shard):
     """JSON carries NaN: a shard that took it would turn every value into NaN at the
     first update."""
     server, client = shard
-    from psfw.protocol.errors import ShardError
+    from psfw.base.errors import ShardError
 
     with pytest.raises(ShardError) as err:
         await client.put([("w", 0, np.ones(4, np.float32))], '{"name": "sgd", "learning_rate": NaN}')
@@ -284,7 +284,7 @@ async def test_an_in_process_update_is_checked_as_the_servicer_checks_one(runnin
     directly: a worker's part of the wrong dtype or shape, or of a slice the shard
     does not hold, is refused as over gRPC, and the shard is left as it was (the
     good part of the same slice is not added either)."""
-    from psfw.protocol.errors import ShardError
+    from psfw.base.errors import ShardError
     from psfw.protocol.messages import UpdateHeader
     from psfw.runtime.inprocess import InProcessClient
 

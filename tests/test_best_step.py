@@ -11,12 +11,12 @@ import time
 import pytest
 
 import psfw
+from psfw.base.errors import ConfigError
 from psfw.cli.main import main
 from psfw.jobs.config import load_config
 from psfw.jobs.embedded import train
 from psfw.jobs.job import build_job
 from psfw.jobs.trained import evaluate_run
-from psfw.protocol.errors import ConfigError
 
 # 64 training rows and a wide layer: the test loss is lowest after about 10 steps,
 # then rises as the model learns the training rows by heart

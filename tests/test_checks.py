@@ -7,12 +7,12 @@ import resource
 import numpy as np
 import pytest
 
+from psfw.base.errors import ConfigError
 from psfw.cli.main import main
 from psfw.compute import user_data
 from psfw.jobs.checks import available_memory
 from psfw.jobs.config import load_config
 from psfw.jobs.job import build_job
-from psfw.protocol.errors import ConfigError
 
 MLP_BYTES_PER_HIDDEN = (64 + 1 + 10) * 4  # digits: w0, b0 and w1 of a hidden unit, float32
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from psfw.base.errors import PsfwError
 from psfw.jobs.shard_processes import shard_processes
-from psfw.protocol.errors import PsfwError
 
 from helpers import REPO
 

@@ -199,7 +199,7 @@ def test_processes_sharing_a_log_never_cut_each_others_lines(tmp_path):
     """Shards of one host write to one terminal or log: every line arrives whole."""
     code = (
         "import sys\n"
-        "from psfw.protocol.console import say\n"
+        "from psfw.base.console import say\n"
         "for _ in range(2000):\n"
         "    say(f'psfw shard {sys.argv[1]}: stopping, in-flight RPCs get 0.0 s')\n"
     )

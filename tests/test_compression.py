@@ -5,10 +5,10 @@ import grpc
 import numpy as np
 import pytest
 
+from psfw.base.errors import WireError
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
 from psfw.protocol.compression import BFLOAT16, ErrorFeedback
-from psfw.protocol.errors import WireError
 from psfw.protocol.frames import Frame, encode_chunks
 from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.wire import Assembler

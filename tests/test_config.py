@@ -3,9 +3,9 @@ import json
 import jax
 import pytest
 
+from psfw.base.errors import ConfigError
 from psfw.jobs.config import load_config, parse_config
 from psfw.jobs.job import build_job
-from psfw.protocol.errors import ConfigError
 
 
 def _write(tmp_path, text):

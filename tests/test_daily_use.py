@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import psfw
+from psfw.base.errors import ConfigError, UsageError
 from psfw.compute.params import flatten_params
 from psfw.jobs.config import load_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.trained import evaluate_run
-from psfw.protocol.errors import ConfigError, UsageError
 
 from helpers import EXAMPLES
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from psfw.base.errors import ShardError, WireError
+from psfw.base.security import Security
 from psfw.protocol.data_link import KeptPages, data_host, framed, recv_frame
-from psfw.protocol.errors import ShardError, WireError
 from psfw.protocol.local_link import CALL, END, ERROR, HEAD, HELLO, MESSAGE, OK, LinkBroken
 from psfw.protocol.messages import UpdateHeader
-from psfw.protocol.security import Security
 from psfw.runtime.data_client import DataLink
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services import data_server

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from psfw.base.errors import PsfwError, ShardError
+from psfw.base.identity import differences, job_identity
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
-from psfw.protocol.errors import PsfwError, ShardError
-from psfw.protocol.identity import differences, job_identity
 from psfw.protocol.messages import UpdateHeader
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer

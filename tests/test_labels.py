@@ -9,12 +9,12 @@ import pytest
 from sklearn.datasets import load_diabetes, load_iris
 
 import psfw
+from psfw.base.errors import ConfigError
 from psfw.cli.main import main
 from psfw.jobs.config import load_config
 from psfw.jobs.embedded import train
 from psfw.jobs.job import build_job
 from psfw.jobs.trained import evaluate_run
-from psfw.protocol.errors import ConfigError
 
 IRIS = """
 seed = 0

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from psfw.base.errors import ShardError, WireError
+from psfw.base.security import Security
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import ShardError, WireError
 from psfw.protocol.frames import Frame, frame_serializer
 from psfw.protocol.local_link import HEAD, LinkBroken, socket_address
 from psfw.protocol.messages import UpdateHeader
-from psfw.protocol.security import Security
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.runtime.local_client import LocalLink
 from psfw.runtime.shm_transport import SharedMemoryClient

@@ -3,9 +3,9 @@ one config error naming the file and what to change, never a JAX traceback."""
 
 import pytest
 
+from psfw.base.errors import ConfigError
 from psfw.jobs.config import load_config
 from psfw.jobs.job import build_job
-from psfw.protocol.errors import ConfigError
 
 GOOD = """
 import jax, jax.numpy as jnp, optax

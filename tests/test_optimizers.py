@@ -175,8 +175,8 @@ def test_the_config_checks_specs_with_the_shards_schema_and_no_jax():
 )
 def test_the_config_and_the_shard_refuse_the_same_schedules(schedule):
     """A schedule that cannot train is refused by both, in the same words' field."""
+    from psfw.base.errors import ConfigError
     from psfw.jobs.config import parse_config
-    from psfw.protocol.errors import ConfigError
 
     spec = {"name": "sgd", "learning_rate": 0.1, "schedule": schedule}
     try:

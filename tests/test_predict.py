@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import psfw
+from psfw.base.errors import ConfigError, UsageError
 from psfw.cli.main import main
 from psfw.compute.clicks import auc
 from psfw.jobs.config import load_config
@@ -16,7 +17,6 @@ from psfw.jobs.embedded import train
 from psfw.jobs.job import build_job
 from psfw.jobs.predictions import generate
 from psfw.jobs.trained import evaluate_run
-from psfw.protocol.errors import ConfigError, UsageError
 
 from helpers import EXAMPLES
 

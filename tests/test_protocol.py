@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import psfw.runtime.worker
+from psfw.base.errors import PsfwError, ShardError, WaitTimeout
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.job import build_job
-from psfw.protocol.errors import PsfwError, ShardError, WaitTimeout
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.runtime.param_cache import ParamCache
 from psfw.services.server import ShardServer

@@ -55,3 +55,11 @@ def test_the_pins_agree_with_what_the_generated_code_demands():
     lowest, below = re.fullmatch(r">=([0-9.]+),<([0-9]+)", requires["protobuf"]).groups()
     made = _release(protobuf.group(1))  # protobuf checks: the same major release, no older minor
     assert made <= _release(lowest) and made[0] == _release(lowest)[0] == int(below) - 1
+
+
+def test_the_service_name_of_the_base_floor_is_the_one_ps_proto_declares():
+    """``psfw.base.service`` names the service without importing the generated code."""
+    from psfw.base.service import SERVICE_NAME
+    from psfw.proto import ps_pb2 as pb
+
+    assert SERVICE_NAME == pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name

@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from psfw.protocol.errors import ShardError
-from psfw.protocol.security import Security
+from psfw.base.errors import ShardError
+from psfw.base.security import Security
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer
 

@@ -18,11 +18,11 @@ import grpc
 import numpy as np
 import pytest
 
+from psfw.base.atomic import write_atomic
+from psfw.base.errors import ShardError
 from psfw.jobs.config import load_config, parse_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.outputs import read_params
-from psfw.protocol.atomic import write_atomic
-from psfw.protocol.errors import ShardError
 from psfw.protocol.messages import UpdateHeader
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services import checkpoint
@@ -533,7 +533,7 @@ async def test_another_group_one_step_apart_on_its_shards_goes_on_without_a_rest
 async def test_another_group_waits_for_group_0s_warmup_while_it_advances(shard):
     """wait_s bounds a wait without progress, not group 0's whole warmup; a group 0
     that stops advancing is named."""
-    from psfw.protocol.errors import WaitTimeout
+    from psfw.base.errors import WaitTimeout
     from psfw.protocol.layout import plan_layout
     from psfw.runtime.param_cache import ParamCache
     from psfw.runtime.sync import ShardSync
@@ -561,7 +561,7 @@ async def test_another_group_waits_for_group_0s_warmup_while_it_advances(shard):
 def test_a_worker_waits_as_long_as_its_stub_gets_somewhere():
     """A worker's wait counts from the stub's last note (group 0's warmup advancing
     keeps it waiting); once the notes stop, it gives up after its limit."""
-    from psfw.protocol.errors import WaitTimeout
+    from psfw.base.errors import WaitTimeout
     from psfw.runtime.param_cache import ParamCache
 
     cache = ParamCache(1, 1)
@@ -585,7 +585,7 @@ def test_a_worker_waits_as_long_as_its_stub_gets_somewhere():
 async def test_a_shard_whose_puts_are_on_their_way_is_not_taken_for_one_that_lost_its_state():
     """A process that joins while the owner's Puts have reached one shard but not yet
     the other waits for them; once a step was made, an empty shard did lose its state."""
-    from psfw.protocol.errors import PsfwError
+    from psfw.base.errors import PsfwError
     from psfw.protocol.layout import plan_layout
     from psfw.runtime.inprocess import InProcessClient
     from psfw.runtime.param_cache import ParamCache

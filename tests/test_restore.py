@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from psfw.protocol.errors import ShardError, WireError
+from psfw.base.errors import ShardError, WireError
 from psfw.protocol.messages import UpdateHeader
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services import checkpoint

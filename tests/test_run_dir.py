@@ -17,11 +17,11 @@ import time
 import numpy as np
 import pytest
 
+from psfw.base.errors import PsfwError, UsageError
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.outputs import read_records
 from psfw.jobs.run_dir import resume_hint
-from psfw.protocol.errors import PsfwError, UsageError
 from psfw.services.checkpoint import complete_steps
 
 PSFW = [sys.executable, "-m", "psfw.cli"]

@@ -13,11 +13,11 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from psfw.base.errors import ShardError, UsageError
+from psfw.base.security import Security, certificate_names
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
-from psfw.protocol.errors import ShardError, UsageError
 from psfw.protocol.messages import UpdateHeader
-from psfw.protocol.security import Security, certificate_names
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer, check_listen, listens_everywhere
 

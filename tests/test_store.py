@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from psfw.protocol.errors import WireError
+from psfw.base.errors import WireError
 from psfw.protocol.messages import UpdateHeader
 from psfw.services.kernel import UpdateKernel
 from psfw.services.store import ShardStore

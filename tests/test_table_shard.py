@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from psfw.base.errors import ShardError
 from psfw.compute.row_optimizers import RowOptimizer
 from psfw.compute.tables import TableSpec, check_table_optimizer, initial_rows, route
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import ShardError
 from psfw.protocol.frames import Frame, frame_deserializer, frame_serializer
 from psfw.protocol.messages import RowBlock, UpdateHeader
 from psfw.runtime.grpc_transport import ShardClient

@@ -185,7 +185,7 @@ async def test_the_shards_report_their_tables_in_status_and_metrics(tmp_path):
 
 
 def test_a_table_model_that_cannot_train_is_refused_before_anything_runs(tmp_path):
-    from psfw.protocol.errors import ConfigError
+    from psfw.base.errors import ConfigError
 
     config = make_config(tmp_path, OPTIMIZERS["sgd"], options={"users": 3})  # ids go up to 39
     with pytest.raises(ConfigError, match=r"table user: id \d+ is outside 0..2"):
@@ -212,7 +212,7 @@ async def test_the_recommendation_example_comes_within_002_of_the_teachers_auc(t
 
 
 def test_a_tables_section_for_a_model_without_tables_is_refused(tmp_path):
-    from psfw.protocol.errors import ConfigError
+    from psfw.base.errors import ConfigError
 
     config = parse_config({"model": {"name": "mlp"}, "tables": {"materialize": True}})
     with pytest.raises(ConfigError, match="declares no embedding tables: drop"):

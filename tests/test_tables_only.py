@@ -9,9 +9,9 @@ import sys
 import pytest
 
 import psfw
+from psfw.base.errors import ConfigError
 from psfw.jobs.config import load_config
 from psfw.jobs.job import build_job
-from psfw.protocol.errors import ConfigError
 
 from helpers import REPO
 

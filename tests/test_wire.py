@@ -4,8 +4,8 @@ import grpc
 import numpy as np
 import pytest
 
+from psfw.base.errors import WireError
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import WireError
 from psfw.protocol.frames import Frame, encode_chunks, frame_deserializer, frame_serializer
 from psfw.protocol.wire import Assembler
 

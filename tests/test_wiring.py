@@ -12,10 +12,10 @@ import tomllib
 import pytest
 import pytest_asyncio
 
+from psfw.base.errors import PsfwError, UsageError
 from psfw.cli.main import main
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
-from psfw.protocol.errors import PsfwError, UsageError
 from psfw.runtime import waiting
 from psfw.runtime.connect import connect_all
 from psfw.services.server import ShardServer

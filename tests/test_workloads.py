@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from psfw.base.errors import ConfigError
 from psfw.compute.datasets import Rows
 from psfw.compute.step import evaluate_in_batches, make_eval_fn
 from psfw.compute.user_data import NpyFile
@@ -16,7 +17,6 @@ from psfw.jobs.config import load_config, parse_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.job import build_job
 from psfw.jobs.outputs import read_records
-from psfw.protocol.errors import ConfigError
 
 from helpers import REPO, assert_params_close, reference
 

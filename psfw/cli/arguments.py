@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from psfw.protocol.errors import UsageError
+from psfw.base.errors import UsageError
 
 # -- flags that also come from PSFW_* variables ---------------------------------
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from psfw.base.console import say
+from psfw.base.errors import UsageError
 from psfw.cli.arguments import listen_address, shard_addresses
-from psfw.protocol.console import say
-from psfw.protocol.errors import UsageError
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -66,7 +66,7 @@ def _stopped_at(done: dict[int, int]) -> str:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    from psfw.protocol.security import Security
+    from psfw.base.security import Security
     from psfw.services.server import serve
 
     try:
@@ -94,7 +94,7 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def _client_security(args: argparse.Namespace):
-    from psfw.protocol.security import Security
+    from psfw.base.security import Security
 
     return Security.from_files(args.tls_cert, args.tls_key, args.tls_ca, args.token_file)
 
@@ -160,7 +160,7 @@ def run_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from psfw.protocol.security import link_problem
+    from psfw.base.security import link_problem
 
     shard_addresses(args.address)  # one host:port
     security = _client_security(args)

@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 
+from psfw.base.console import StderrHandler, say
+from psfw.base.errors import ConfigError, PsfwError, UsageError
 from psfw.cli import commands
 from psfw.cli.arguments import (
     Parser,
@@ -24,8 +26,6 @@ from psfw.cli.arguments import (
     switch,
 )
 from psfw.jobs.stopping import last_words
-from psfw.protocol.console import StderrHandler, say
-from psfw.protocol.errors import ConfigError, PsfwError, UsageError
 from psfw.runtime.threads import cause_of
 from psfw.version import __version__
 

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from psfw.protocol.atomic import write_atomic
+from psfw.base.atomic import write_atomic
 from psfw.services.checkpoint import complete_steps, step_dir
 
 __all__ = ["BEST", "BestKeeper", "best_mode", "evaluations_since_best", "read_best"]

@@ -21,8 +21,8 @@ from collections import deque
 from pathlib import Path
 from typing import TextIO
 
-from psfw.protocol.console import say
-from psfw.protocol.errors import PsfwError
+from psfw.base.console import say
+from psfw.base.errors import PsfwError
 
 START_TIMEOUT_S = 120.0  # a shard loads a checkpoint before it is ready
 TAIL_LINES = 12

@@ -22,10 +22,10 @@ from pydantic import (
     model_validator,
 )
 
+from psfw.base.errors import ConfigError
 from psfw.jobs.config_checks import check_seed, check_servers
 from psfw.jobs.optimizer_config import OptimizerConfig, ScheduleConfig, TablesConfig, _FieldError, _Strict
 from psfw.jobs.overrides import apply_overrides
-from psfw.protocol.errors import ConfigError
 
 __all__ = ["Config", "OptimizerConfig", "ScheduleConfig", "TablesConfig", "load_config", "parse_config"]
 

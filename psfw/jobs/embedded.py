@@ -20,6 +20,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from psfw.base.errors import UsageError, WireError
+from psfw.base.identity import changed
+from psfw.base.security import NO_SECURITY, Security
 from psfw.jobs.best_step import BestKeeper, best_mode, evaluations_since_best
 from psfw.jobs.checks import check_shards_here
 from psfw.jobs.config import Config, load_config
@@ -42,9 +45,6 @@ from psfw.jobs.progress import ProgressBar, StepReporter, log_line
 from psfw.jobs.run_dir import EarlierRun, check_run_dir
 from psfw.jobs.stopping import run_job
 from psfw.jobs.worker_processes import job_devices, run_worker_processes
-from psfw.protocol.errors import UsageError, WireError
-from psfw.protocol.identity import changed
-from psfw.protocol.security import NO_SECURITY, Security
 from psfw.runtime.connect import connect_all
 from psfw.runtime.fetch import fetch_params, fetch_rows
 from psfw.runtime.table_feed import EVAL_ROWS

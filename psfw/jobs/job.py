@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from psfw.base.identity import job_identity
 from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset, load_dataset
 from psfw.compute.models import Model, cnn, head_for, load_user_model, mlp
@@ -21,7 +22,6 @@ from psfw.compute.user_data import check_dataset, load_module, load_path, value_
 from psfw.jobs.checks import check_gradient, check_loss_output, check_memory, check_parameters, check_table_ids
 from psfw.jobs.checks import model_field as _model_field
 from psfw.jobs.config import Config, TablesConfig
-from psfw.protocol.identity import job_identity
 from psfw.protocol.layout import Layout, plan_layout
 from psfw.runtime.connect import shard_ranges
 from psfw.runtime.table_feed import TableFeed
@@ -58,7 +58,7 @@ class Job:
         }
 
     def identity(self) -> dict[str, Any]:
-        """The job's identity (psfw.protocol.identity), tables included."""
+        """The job's identity (psfw.base.identity), tables included."""
         params = {n: (p.dtype, p.shape) for n, p in self.layout.params.items()}
         # when the rows are made is not part of what is trained
         tables = {n: {k: v for k, v in t.items() if k != "materialize"} for n, t in self.table_declaration().items()}

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from psfw.base.atomic import write_atomic
+from psfw.base.errors import UsageError
 from psfw.compute.netgraph import default_layers, net_graph, node_link, render
 from psfw.compute.tables import rows_by_shard
-from psfw.protocol.atomic import write_atomic
-from psfw.protocol.errors import UsageError
 from psfw.protocol.layout import Layout
 
 PARAMS_FILE = "params.safetensors"
@@ -96,9 +96,9 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
     that it resumes (``field: [before, after]``); UsageError for a change of the
     model, the data, the seed or the name, which cannot continue that run's
     parameters, and of the optimizer unless ``change_optimizer``."""
+    from psfw.base.errors import ConfigError
+    from psfw.base.identity import changed
     from psfw.jobs.config import parse_config, settings_of, stored_settings
-    from psfw.protocol.errors import ConfigError
-    from psfw.protocol.identity import changed
 
     path = folder / "config.json"
     if not path.exists():

@@ -10,7 +10,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
-from psfw.protocol.errors import ConfigError
+from psfw.base.errors import ConfigError
 
 
 def apply_overrides(

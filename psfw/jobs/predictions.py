@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from psfw.base.errors import UsageError
 from psfw.compute.labels import decode, unstandardize
 from psfw.compute.params import unflatten_params
 from psfw.compute.tables import unique_ids
 from psfw.jobs.config import Config
 from psfw.jobs.job import Job, build_job
 from psfw.jobs.trained import check_labels, checkpoint_folder, load_table, rows_of, run_config, trained_values
-from psfw.protocol.errors import UsageError
 from psfw.runtime.table_feed import padded_rows, positions
 
 __all__ = ["TrainedModel", "generate", "load_model", "write_predictions"]

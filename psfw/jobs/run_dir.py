@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from psfw.base.errors import UsageError
 from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE, RUN_MARKER, run_dir_contents
-from psfw.protocol.errors import UsageError
 from psfw.services.checkpoint import MANIFEST, complete_steps
 
 log = logging.getLogger("psfw")

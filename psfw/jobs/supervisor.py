@@ -17,11 +17,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from psfw.base.console import say
 from psfw.jobs.children import START_TIMEOUT_S, Tail, child_env, describe_exit, psfw_command, read_ready, shard_args
 from psfw.jobs.config import Config
 from psfw.jobs.outputs import CHECKPOINTS
 from psfw.jobs.run_dir import check_run_dir, resume_hint
-from psfw.protocol.console import say
 
 STOP_GRACE_S = 10.0
 # each stops every process gracefully once: Ctrl-C, a stop, a closed terminal

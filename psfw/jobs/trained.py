@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from psfw.base.errors import UsageError
 from psfw.compute.params import unflatten_params
 from psfw.compute.tables import initial_rows
 from psfw.jobs.best_step import BEST, read_best
@@ -23,7 +24,6 @@ from psfw.jobs.evaluation import test_metrics
 from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE, labels_record
 from psfw.jobs.user_rows import with_test_split
-from psfw.protocol.errors import UsageError
 from psfw.protocol.messages import RowBlock
 from psfw.runtime.table_feed import EVAL_ROWS
 from psfw.services.checkpoint import complete_steps, load_table_rows, load_values

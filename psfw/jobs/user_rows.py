@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from psfw.base.errors import UsageError
 from psfw.compute.labels import encode
 from psfw.compute.user_data import check_dataset
 from psfw.jobs.job import Job
-from psfw.protocol.errors import UsageError
 
 __all__ = ["read_rows", "with_test_split"]
 

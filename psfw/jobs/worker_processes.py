@@ -13,11 +13,11 @@ from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+from psfw.base.errors import ConfigError, PsfwError, UsageError
+from psfw.base.security import NO_SECURITY, Security
 from psfw.compute.step import make_grad_step, make_sparse_step
 from psfw.jobs.job import Job, warn_empty_shards
 from psfw.jobs.progress import StepReporter
-from psfw.protocol.errors import ConfigError, PsfwError, UsageError
-from psfw.protocol.security import NO_SECURITY, Security
 from psfw.runtime.connect import connect_all
 from psfw.runtime.devices import describe_devices, worker_devices
 from psfw.runtime.param_cache import ParamCache

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 import grpc
 import numpy as np
 
+from psfw.base.errors import WireError
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import WireError
 from psfw.protocol.frames import (
     Frame,
     encode_chunks,

@@ -27,7 +27,7 @@ import uuid
 
 import grpc
 
-from psfw.protocol.errors import Reason, WireError
+from psfw.base.errors import Reason, WireError
 
 HELLO, MESSAGE, END, ERROR, OK, CALL = 1, 2, 3, 4, 5, 6  # CALL: the data link's (psfw.protocol.data_link)
 KINDS = frozenset((HELLO, MESSAGE, END, ERROR, OK, CALL))

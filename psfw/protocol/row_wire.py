@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 import grpc
 import numpy as np
 
+from psfw.base.errors import WireError
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import WireError
 from psfw.protocol.messages import RowBlock, TableIds, TableRows
 
 PIECE_BYTES = 1 << 20

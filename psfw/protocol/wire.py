@@ -17,9 +17,9 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
+from psfw.base.errors import WireError
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.compression import WIDENED
-from psfw.protocol.errors import WireError
 from psfw.protocol.frames import ALIGN, Chunk, Frame
 from psfw.protocol.layout import Layout, SliceKey
 from psfw.protocol.messages import TableIds, TableRows, UpdateHeader

@@ -13,10 +13,10 @@ from typing import Any
 
 import grpc
 
+from psfw.base.errors import ShardError, UsageError
+from psfw.base.security import NO_SECURITY, Security
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import ShardError, UsageError
 from psfw.protocol.layout import Layout
-from psfw.protocol.security import NO_SECURITY, Security
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.runtime.inprocess import InProcessClient, LocalShard
 from psfw.runtime.shm_transport import SharedMemoryClient

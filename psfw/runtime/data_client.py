@@ -16,8 +16,8 @@ from typing import TypeVar
 
 import grpc
 
+from psfw.base.errors import ShardError, WireError, said
 from psfw.protocol.data_link import data_host, framed, recv_frame, send_pieces
-from psfw.protocol.errors import ShardError, WireError, said
 from psfw.protocol.local_link import CALL, END, ERROR, HELLO, MESSAGE, OK, LinkBroken, LinkTimeout, read_error
 
 T = TypeVar("T")

@@ -20,6 +20,9 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from psfw.base.errors import Reason, ShardError, WireError
+from psfw.base.security import NO_SECURITY, Link, Security, link_problem
+from psfw.base.service import REASON_KEY, SERVICE_NAME, grpc_options
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
 from psfw.protocol.calls import (
@@ -36,13 +39,10 @@ from psfw.protocol.calls import (
     update_messages,
 )
 from psfw.protocol.compression import COMPRESSIONS, ErrorFeedback
-from psfw.protocol.errors import Reason, ShardError, WireError
 from psfw.protocol.frames import CHUNK_BYTES, Frame, frame_serializer
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
 from psfw.protocol.row_wire import RowCollector, row_messages
-from psfw.protocol.security import NO_SECURITY, Link, Security, link_problem
-from psfw.protocol.service import REASON_KEY, SERVICE_NAME, grpc_options
 from psfw.protocol.wire import Assembler, Expect, update_request
 from psfw.runtime.data_client import ShardLink
 from psfw.runtime.transport import Capabilities, Items

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import grpc
 import numpy as np
 
+from psfw.base.errors import ShardError, WireError
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import ShardError, WireError
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
 from psfw.protocol.row_wire import as_ids, as_rows

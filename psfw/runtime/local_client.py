@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from psfw.base.errors import WireError
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import WireError
 from psfw.protocol.frames import Frame, frame_deserializer
 from psfw.protocol.local_link import (
     END,

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from psfw.protocol.errors import PsfwError, WaitTimeout
+from psfw.base.errors import PsfwError, WaitTimeout
 
 
 class Rewind(Exception):

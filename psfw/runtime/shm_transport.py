@@ -23,9 +23,9 @@ import logging
 import grpc
 import numpy as np
 
+from psfw.base.errors import Reason, ShardError, WireError, said
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.calls import assemble, shared_update_messages
-from psfw.protocol.errors import Reason, ShardError, WireError, said
 from psfw.protocol.layout import SliceKey, SliceSpec
 from psfw.protocol.local_link import LinkTimeout
 from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader

@@ -21,7 +21,7 @@ import grpc
 import jax
 import numpy as np
 
-from psfw.protocol.errors import ConfigError, PsfwError, ShardError, WaitTimeout
+from psfw.base.errors import ConfigError, PsfwError, ShardError, WaitTimeout
 from psfw.protocol.layout import Layout
 from psfw.protocol.messages import Gradients, UpdateHeader
 from psfw.protocol.wire import param_buffers, slice_views
@@ -74,7 +74,7 @@ class Stub:
         self.worker_groups, self.warmup_steps = worker_groups, warmup_steps
         self.staleness = -1 if staleness is None else staleness
         self.checkpoint_every = checkpoint_every
-        # the job's identity (psfw.protocol.identity); shards that hold another job are refused,
+        # the job's identity (psfw.base.identity); shards that hold another job are refused,
         # and joining this job where this group has advanced needs ``resume``
         self.identity, self.resume = identity, resume
         self.on_start = on_start  # told (group, step) once the stub knows where its group starts

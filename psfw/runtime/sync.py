@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 
-from psfw.protocol.errors import PsfwError, ShardError, WaitTimeout
-from psfw.protocol.identity import differences, summary
+from psfw.base.errors import PsfwError, ShardError, WaitTimeout
+from psfw.base.identity import differences, summary
 from psfw.protocol.layout import Layout
 from psfw.runtime.param_cache import ParamCache
 from psfw.runtime.transport import Transport
@@ -25,7 +25,7 @@ RECENT_S, WATCH_S, WATCH_EVERY_S = 30.0, 5.0, 0.25
 
 class ShardSync:
     """A stub's view of its shards' state; ``identity``: the job's (see
-    psfw.protocol.identity), None for a tool that names no job; ``resume``: joining
+    psfw.base.identity), None for a tool that names no job; ``resume``: joining
     the job where this group has advanced is allowed."""
 
     def __init__(

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from psfw.base.errors import PsfwError
 from psfw.compute.tables import TableSpec, bucket, route, unique_ids
-from psfw.protocol.errors import PsfwError
 from psfw.protocol.messages import RowBlock, TableIds, TableRows, UpdateHeader
 
 TABLE_ROWS = "@table_rows"  # the parameter cache's entry of this step's table rows: {table: RowBlock}

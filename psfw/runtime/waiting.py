@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 
-from psfw.protocol.errors import ShardError
+from psfw.base.errors import ShardError
 from psfw.runtime.transport import Transport
 
 log = logging.getLogger("psfw")

@@ -13,10 +13,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from psfw.base.errors import PsfwError, mark_retrieved
 from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset
 from psfw.compute.params import flatten_params, unflatten_params
-from psfw.protocol.errors import PsfwError, mark_retrieved
 from psfw.protocol.layout import Layout
 from psfw.protocol.messages import RowBlock
 from psfw.runtime.devices import device_name

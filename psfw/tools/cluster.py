@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from psfw.base.errors import PsfwError, UsageError
+from psfw.base.security import NO_SECURITY, Security
 from psfw.jobs.config import Config
 from psfw.jobs.job import build_job
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.errors import PsfwError, UsageError
-from psfw.protocol.security import NO_SECURITY, Security
 from psfw.runtime.connect import wiring_problem
 from psfw.runtime.fetch import fetch_params
 from psfw.runtime.grpc_transport import ShardClient

@@ -9,11 +9,9 @@ from collections.abc import AsyncIterable
 
 import grpc
 
-from psfw.proto import ps_pb2 as pb
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+SERVICE_NAME = "psfw.v1.ParameterServer"  # ps.proto's package and service (tests/test_protos.py checks it)
 MAX_MESSAGE_BYTES = 4 << 20  # chunks are about 1 MiB: 4 MiB leaves room, bounds abuse
-REASON_KEY = "psfw-reason"  # trailing metadata: the reason code of a refusal (psfw.protocol.errors.Reason)
+REASON_KEY = "psfw-reason"  # trailing metadata: the reason code of a refusal (psfw.base.errors.Reason)
 
 
 def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:

@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 import grpc
 
-from psfw.protocol.errors import UsageError
-from psfw.protocol.service import finish_reading
+from psfw.base.errors import UsageError
+from psfw.base.service import finish_reading
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
