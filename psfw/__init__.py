@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names l
     from psfw.jobs.trained import load_params, load_table
     from psfw.protocol.messages import UpdateHeader
     from psfw.runtime.connect import connect
-    from psfw.runtime.grpc_transport import ShardClient
+    from psfw.runtime.shard_client import ShardClient
     from psfw.runtime.transport import Transport
     from psfw.services.server import ShardServer, serve
     from psfw.tools.cluster import Cluster, format_status
@@ -89,7 +89,7 @@ _EXPORTS = {
     "serve": "psfw.services.server",
     "connect": "psfw.runtime.connect",
     "Transport": "psfw.runtime.transport",
-    "ShardClient": "psfw.runtime.grpc_transport",
+    "ShardClient": "psfw.runtime.shard_client",
     "UpdateHeader": "psfw.protocol.messages",
     "Cluster": "psfw.tools.cluster",
     "format_status": "psfw.tools.cluster",

@@ -32,9 +32,9 @@ from psfw.base.security import NO_SECURITY, Security
 from psfw.base.service import MAX_MESSAGE_BYTES, SERVICE_NAME, grpc_options
 from psfw.proto import ps_pb2 as pb
 from psfw.services.checkpoint import CheckpointFolder
-from psfw.services.data_server import DataListener
-from psfw.services.local_server import LocalListener
-from psfw.services.servicer import DEFAULT_MAX_REQUEST_BYTES, ParameterServerServicer, add_servicer
+from psfw.services.grpc_service import ParameterServerServicer, add_servicer
+from psfw.services.link_server import LinkListener
+from psfw.services.requests import DEFAULT_MAX_REQUEST_BYTES, ShardRequests
 from psfw.services.store import ShardStore
 
 log = logging.getLogger("psfw.server")
@@ -64,7 +64,7 @@ _IN_PROCESS: weakref.WeakValueDictionary[str, ShardServer] = weakref.WeakValueDi
 
 def in_process(address: str) -> ShardServer | None:
     """The running shard of this process that serves ``address``, if any: clients
-    in the same process then skip gRPC (``psfw.runtime.inprocess``)."""
+    in the same process then call it directly (``psfw.runtime.inprocess``)."""
     return _IN_PROCESS.get(address)
 
 
@@ -112,12 +112,13 @@ class ShardServer:
         checkpoint_dir: str | Path | CheckpointFolder | None = None,
         keep: int = 3,
         security: Security = NO_SECURITY,
-        data_port: int | None = 0,
+        link_port: int | None = 0,
     ):
         if not 0 <= shard < shards:
             raise ValueError(f"shard index {shard} is outside 0..{shards - 1}")
         self.store = ShardStore(shard, shards, nonfinite=nonfinite, checkpoints=checkpoint_dir, keep=keep)
-        self.servicer = ParameterServerServicer(self.store, max_request_bytes)
+        self.requests = ShardRequests(self.store, max_request_bytes)
+        self.servicer = ParameterServerServicer(self.requests)
         self.health = health.aio.HealthServicer()
         self.insecure = insecure
         self.security = security
@@ -134,10 +135,9 @@ class ShardServer:
         self.metrics_port: int | None = None
         self.metrics_address = ""  # host:port of the Prometheus endpoint, once serving
         self.restored_step: int | None = None  # set when start() loaded a checkpoint
-        self.local = LocalListener(self.servicer, security.token)  # Updates from stubs of this host
-        # Put, Get and Update over TCP (0: a free port; None: none); plaintext only, so never beside TLS
-        self.data = DataListener(self.servicer, security.token)
-        self._data_port = None if security.tls else data_port
+        # Put, Get and Update over a Unix socket and a TCP port (0: a free one; None: no TCP)
+        self.link = LinkListener(self.requests, security.token, security.link_server_context())
+        self._link_port = link_port
 
     async def _set_health(self, status: int) -> None:
         await self.health.set("", status)
@@ -168,7 +168,7 @@ class ShardServer:
             tls = ", or the TLS certificate, key or client CA do not load (gRPC logs which)" if credentials else ""
             raise OSError(f"cannot listen on {address}: the address is taken or invalid{tls}")
         loading = self.store.checkpoints.folder is not None
-        self.servicer.loading = loading
+        self.requests.loading = loading
         await self._server.start()
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
@@ -176,10 +176,10 @@ class ShardServer:
             # the listen host's interface: all of them only when the shard itself listens on all
             metrics_host = "0.0.0.0" if listens_everywhere(host) else host.strip("[]")
             try:
-                self.metrics_port = self.servicer.metrics.serve(metrics_port, metrics_host)
+                self.metrics_port = self.requests.metrics.serve(metrics_port, metrics_host)
             except OSError as err:
                 await self._server.stop(0)  # not left serving without the metrics it was asked for
-                self.servicer.close()
+                self.requests.close()
                 raise OSError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {err.strerror or err}") from None
             shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
             self.metrics_address = f"{shown}:{self.metrics_port}"
@@ -188,44 +188,41 @@ class ShardServer:
                 step = await self.store.load_newest()
             except Exception:
                 await self._server.stop(0)  # not left answering "loading" forever
-                self.servicer.close()
+                self.requests.close()
                 raise
-            self.servicer.loading = False
+            self.requests.loading = False
             if step is not None:
                 log.warning("shard %d restored from its checkpoint of step %d", self.store.shard, step)
                 self.restored_step = step
-        try:
-            self.servicer.local_socket = await self.local.start()
-        except OSError as err:  # no abstract sockets here: same-host stubs use gRPC
-            log.info("shard %d: no same-host link (%s)", self.store.shard, err)
-        if self._data_port is not None:
-            await self._start_data(host.strip("[]"), self._data_port)
+        await self._start_link(host.strip("[]"), self._link_port)
         if ready:
             await self.mark_ready()
         _IN_PROCESS[self.address] = self
         return port
 
-    async def _start_data(self, host: str, port: int) -> None:
-        """Start the data link; a port asked for that cannot be had stops the server
-        (as the metrics port does), a free one that cannot leaves the tensors on gRPC."""
+    async def _start_link(self, host: str, port: int | None) -> None:
+        """Start the link; a TCP port asked for that cannot be had stops the server
+        (as the metrics port does), a free one that cannot leaves the tensors of
+        other hosts on gRPC."""
         try:
-            self.servicer.data_port = await self.data.start(host, port)
-            self.servicer.data_id = self.data.id
+            await self.link.start(host if port is not None else None, port or 0)
         except OSError as err:
             if not port:
-                log.warning("shard %d: no data link (%s); tensors go over gRPC", self.store.shard, err)
-                return
-            await asyncio.gather(self._server.stop(0), self.local.stop(0))
-            self.servicer.close()
-            raise OSError(f"cannot serve the data link on {host}:{port}: {err.strerror or err}") from None
-
-    def count(self, rpc: str) -> None:
-        """Count an RPC that reached the store without gRPC (psfw.runtime.inprocess)."""
-        self.servicer.rpc_counts[rpc] += 1
+                log.warning("shard %d: no link port (%s); tensors of other hosts go over gRPC", self.store.shard, err)
+                await self.link.start(None)
+            else:
+                await self._server.stop(0)
+                self.requests.close()
+                raise OSError(f"cannot serve the link on {host}:{port}: {err.strerror or err}") from None
+        self.requests.link_socket, self.requests.link_port, self.requests.link_id = (
+            self.link.socket,
+            self.link.port,
+            self.link.id,
+        )
 
     def description(self) -> pb.DescribeReply:
         """The Describe answer of the shard as it is now."""
-        return self.servicer.description()
+        return self.requests.description()
 
     async def mark_ready(self) -> None:
         """Report SERVING: the shard holds what it should (fresh or restored)."""
@@ -240,9 +237,9 @@ class ShardServer:
         await self.health.enter_graceful_shutdown()
         if drain > 0:
             await asyncio.sleep(drain)
-        await asyncio.gather(self._server.stop(grace), self.local.stop(grace), self.data.stop(grace))
+        await asyncio.gather(self._server.stop(grace), self.link.stop(grace))
         await self.store.flush_checkpoints(final=True)
-        self.servicer.close()
+        self.requests.close()
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
@@ -276,7 +273,7 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    extra = f" (data link: port {server.data.port})" if server.data.port else ""
+    extra = f" (link: port {server.link.port})" if server.link.port else ""
     extra += f", metrics on http://{server.metrics_address}/metrics" if server.metrics_address else ""
     if server.restored_step is not None:
         extra += f", restored step {server.restored_step} (epoch {server.store.epoch})"
@@ -287,7 +284,7 @@ async def serve(
             "shards": shards,
             "address": server.address,
             "metrics": server.metrics_address or None,
-            "data_port": server.data.port or None,
+            "link_port": server.link.port or None,
             "restored_step": server.restored_step,
             "pid": os.getpid(),
         }

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
 
 from certs import make_pki

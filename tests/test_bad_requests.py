@@ -10,7 +10,7 @@ import pytest_asyncio
 
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.frames import Chunk, Frame, frame_deserializer, frame_serializer
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
 
 from helpers import SGD, send
@@ -257,14 +257,14 @@ IN_PROCESS_BAD_PARTS = {
         0,
         np.ones(4, np.float64),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "w[0] is float32[4], the request sent float64[4]",
+        "w[0] is float32, the request sent float64",
     ),
     "wrong shape": (
         "w",
         0,
         np.ones((2, 2), np.float32),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "the request sent float32[2, 2]",
+        "w[0] has shape [4], the request sent [2, 2]",
     ),
     "unsupported dtype": (
         "w",

@@ -12,7 +12,7 @@ from psfw.protocol.compression import BFLOAT16, ErrorFeedback
 from psfw.protocol.frames import Frame, encode_chunks
 from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.wire import Assembler
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
 
 from helpers import SGD, reference
@@ -81,7 +81,7 @@ async def test_a_compressed_update_carries_half_the_bytes_and_applies_the_rounde
         assert narrow.kind == "grpc+bf16" and plain.kind == "grpc"
         start = np.linspace(0, 1, 4096, dtype=np.float32)
         await plain.put([("w", 0, start)], SGD)
-        received = server.servicer.metrics.bytes_in.labels("0")
+        received = server.requests.metrics.bytes_in.labels("0")
         before = received._value.get()
         grad = np.full(4096, 1 / 3, np.float32)
         header = UpdateHeader(group=0, step=0, process=0, workers=1, rows=2, workers_per_group=1, wait_s=5)

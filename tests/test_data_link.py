@@ -16,7 +16,7 @@ from psfw.protocol.data_link import KeptPages, data_host, framed, recv_frame
 from psfw.protocol.local_link import CALL, END, ERROR, HEAD, HELLO, MESSAGE, OK, LinkBroken
 from psfw.protocol.messages import UpdateHeader
 from psfw.runtime.data_client import DataLink
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.shard_client import ShardClient
 from psfw.services import data_server
 from psfw.services.server import ShardServer
 

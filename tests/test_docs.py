@@ -16,8 +16,8 @@ import pytest
 
 from psfw.base.errors import ShardError
 from psfw.cli.main import parser
-from psfw.protocol.messages import RowBlock
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.protocol.messages import GetHeader, RowBlock
+from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
 
 from helpers import REPO, SGD, free_port, send
@@ -52,7 +52,7 @@ async def test_every_metric_the_docs_name_is_served_by_a_shard():
         rows = RowBlock(np.array([0], np.int64), np.ones((1, 2), np.float32))  # id 0 is shard 0's of 1
         await send(client, {0: np.ones(4, np.float32)}, push={"t": rows})
         with pytest.raises(ShardError):  # a refusal, counted
-            await client.get(0, 0, [("nope", 0)], lambda key: (np.dtype("float32"), (4,)), wait_s=1)
+            await client.get(GetHeader(0, 0, [("nope", 0)], wait_s=1), lambda key: (np.dtype("float32"), (4,)))
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
     finally:

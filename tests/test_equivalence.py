@@ -69,17 +69,15 @@ async def test_psfw_equals_single_process_training(optimizer, workers, per_proce
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("per_process", "data_link"), [(2, False), (1, False), (2, True), (1, True)])
-async def test_the_network_path_in_pipelined_batches_equals_single_process_training(
-    monkeypatch, per_process, data_link
-):
+@pytest.mark.parametrize(("per_process", "link"), [(2, False), (1, False), (2, True), (1, True)])
+async def test_the_network_path_in_pipelined_batches_equals_single_process_training(monkeypatch, per_process, link):
     """Requests summed and encoded, and answers encoded, a few slices at a time
     while earlier ones travel (one stub, and 2 stubs sharing their group's answer),
     over gRPC and over the shards' data links."""
     monkeypatch.setattr(psfw.protocol.calls, "PIPELINE_BYTES", 4096)
     monkeypatch.setattr(psfw.services.answers, "ANSWER_BATCH_BYTES", 4096)
     config = make_config(OPTIMIZERS["adam"], 2, per_process, 64, slice_bytes=2048, transport="grpc")
-    config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"data_link": data_link})})
+    config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"link": link})})
     result = await train_async(config, progress=False, outputs=False)
     expected = reference(config, STEPS)
     for name, value in expected.items():

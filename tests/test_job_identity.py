@@ -16,8 +16,8 @@ from psfw.base.errors import PsfwError, ShardError
 from psfw.base.identity import differences, job_identity
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
-from psfw.protocol.messages import UpdateHeader
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.protocol.messages import GetHeader, UpdateHeader
+from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
 from psfw.tools.cluster import Cluster, format_status
 
@@ -128,14 +128,14 @@ async def test_a_put_of_another_job_is_refused_and_checkpoints_keep_the_job(tmp_
             await client.put([("w", 0, np.zeros(4, np.float32))], "", "{nope")
         expect = lambda key: (np.dtype("float32"), (4,))  # noqa: E731
         with pytest.raises(ShardError, match=r"holds the parameters of job a \(aaaa\), the request is of another"):
-            await client.get(0, 0, [("w", 0)], expect, wait_s=1, job="bb")
+            await client.get(GetHeader(0, 0, [("w", 0)], wait_s=1, job="bb"), expect)
         with pytest.raises(ShardError, match="the request is of another job") as err:
             header = UpdateHeader(
                 group=0, step=0, process=0, workers=1, rows=1, workers_per_group=1, job="bb", wait_s=1
             )
             await client.update(header, {("w", 0): np.ones(4, np.float32)}, expect)
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and server.store.group_step(0) == 0
-        assert (await client.get(0, 0, [("w", 0)], expect, wait_s=1, job="aaaa")).step == 0
+        assert (await client.get(GetHeader(0, 0, [("w", 0)], wait_s=1, job="aaaa"), expect)).step == 0
     finally:
         await client.close()
         await server.stop(0)  # a final checkpoint

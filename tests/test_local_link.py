@@ -15,8 +15,8 @@ from psfw.proto import ps_pb2 as pb
 from psfw.protocol.frames import Frame, frame_serializer
 from psfw.protocol.local_link import HEAD, LinkBroken, socket_address
 from psfw.protocol.messages import UpdateHeader
-from psfw.runtime.grpc_transport import ShardClient
 from psfw.runtime.local_client import LocalLink
+from psfw.runtime.shard_client import ShardClient
 from psfw.runtime.shm_transport import SharedMemoryClient
 from psfw.services.server import ShardServer
 

@@ -13,8 +13,9 @@ from psfw.base.errors import PsfwError, ShardError, WaitTimeout
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.job import build_job
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.protocol.messages import GetHeader
 from psfw.runtime.param_cache import ParamCache
+from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
 
 from helpers import SGD, send
@@ -42,7 +43,7 @@ async def run_with_shards(cfg):
         await server.start("127.0.0.1:0")
     try:
         result = await train_async(cfg, progress=False, outputs=False, servers=[s.address for s in servers])
-        counts = [dict(s.servicer.rpc_counts) for s in servers]
+        counts = [dict(s.requests.rpc_counts) for s in servers]
     finally:
         for server in servers:
             await server.stop(0)
@@ -117,7 +118,7 @@ async def test_a_get_for_a_future_step_waits_then_times_out_naming_it(shard):
     server, client = shard
     await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
     with pytest.raises(ShardError) as err:
-        await client.get(0, 3, [("w", 0)], _expect, wait_s=0.3)
+        await client.get(GetHeader(0, 3, [("w", 0)], wait_s=0.3), _expect)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "group 0 to complete step 3, it has completed 0" in str(err.value)
 
@@ -126,7 +127,7 @@ async def test_a_get_for_a_future_step_waits_then_times_out_naming_it(shard):
 async def test_a_waiting_get_returns_as_soon_as_the_step_completes(shard):
     server, client = shard
     await client.put([("w", 0, np.ones(4, np.float32))], SGD)
-    waiting = asyncio.create_task(client.get(0, 1, [("w", 0)], _expect, wait_s=10))
+    waiting = asyncio.create_task(client.get(GetHeader(0, 1, [("w", 0)], wait_s=10), _expect))
     await asyncio.sleep(0.1)
     assert not waiting.done()
     await send(client, {0: np.full(4, 2.0, np.float32)}, rows=2)

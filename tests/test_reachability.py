@@ -15,7 +15,7 @@ import pytest
 
 from psfw.base.errors import ShardError
 from psfw.base.security import Security
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
 
 from certs import TOKEN

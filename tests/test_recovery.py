@@ -24,7 +24,7 @@ from psfw.jobs.config import load_config, parse_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.outputs import read_params
 from psfw.protocol.messages import UpdateHeader
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.shard_client import ShardClient
 from psfw.services import checkpoint
 from psfw.services.server import ShardServer
 

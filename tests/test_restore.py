@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from psfw.base.errors import ShardError, WireError
-from psfw.protocol.messages import UpdateHeader
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.protocol.messages import GetHeader, UpdateHeader
+from psfw.runtime.shard_client import ShardClient
 from psfw.services import checkpoint
 from psfw.services.server import ShardServer
 from psfw.services.store import ShardStore
@@ -184,14 +184,14 @@ async def test_a_shard_loading_its_checkpoint_answers_unavailable_until_it_is_lo
     patient = ShardClient(server.address, 0, timeout_s=10, retries=8)
     channel = grpc.aio.insecure_channel(server.address)
     try:
-        for rpc in (impatient.describe, lambda: impatient.get(0, 0, [W], expect4, 1.0)):
+        for rpc in (impatient.describe, lambda: impatient.get(GetHeader(0, 0, [W], 1.0), expect4)):
             with pytest.raises(ShardError) as err:
                 await rpc()
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
             assert "shard 0 is loading its checkpoint: retry" in str(err.value)
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        getting = asyncio.create_task(patient.get(0, 2, [W], expect4, 5.0, wait_for_put=True))
+        getting = asyncio.create_task(patient.get(GetHeader(0, 2, [W], 5.0, wait_for_put=True), expect4))
         await asyncio.sleep(0.2)
         gate.release()
         await asyncio.wait_for(starting, 10.0)

@@ -18,7 +18,7 @@ from psfw.base.security import Security, certificate_names
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
 from psfw.protocol.messages import UpdateHeader
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer, check_listen, listens_everywhere
 
 from certs import TOKEN, make_ca, make_leaf
@@ -277,7 +277,7 @@ async def test_refusals_of_made_up_methods_share_one_metric_label():
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await call(b"", timeout=10)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        registry = server.servicer.metrics.registry
+        registry = server.requests.metrics.registry
         labels = {"shard": "0", "method": "other", "code": "UNAUTHENTICATED"}
         assert registry.get_sample_value("psfw_refused_requests_total", labels) == 5
         made_up = [s for m in registry.collect() for s in m.samples if s.labels.get("method", "").startswith("Made")]

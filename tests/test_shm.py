@@ -16,7 +16,7 @@ from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.shm import SHM_DIR, Region, host_id
 from psfw.runtime.connect import connect
 from psfw.runtime.gradient_sums import GradientStage
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.shard_client import ShardClient
 from psfw.runtime.step_region import StepRegion
 
 from helpers import SGD, shm_region

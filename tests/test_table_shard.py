@@ -15,8 +15,8 @@ from psfw.compute.row_optimizers import RowOptimizer
 from psfw.compute.tables import TableSpec, check_table_optimizer, initial_rows, route
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.frames import Frame, frame_deserializer, frame_serializer
-from psfw.protocol.messages import RowBlock, UpdateHeader
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.protocol.messages import GetHeader, RowBlock, UpdateHeader
+from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
 
 from helpers import SGD
@@ -77,7 +77,7 @@ async def test_pulled_rows_start_from_a_pure_function_of_seed_table_and_id(table
     """A row's first value does not depend on the shard, the shard count or the order."""
     server, client = table_shard
     ids = mine("emb", 6)
-    got = await client.get(0, 0, [], none, 5, pull={"emb": ids[::-1][::-1]})
+    got = await client.get(GetHeader(0, 0, [], 5, pull={"emb": ids[::-1][::-1]}), none)
     np.testing.assert_array_equal(got.table_rows["emb"].values, initial_rows(7, "emb", ids, SPEC))
     one_by_one = np.concatenate([initial_rows(7, "emb", ids[i : i + 1], SPEC) for i in range(len(ids))])
     np.testing.assert_array_equal(one_by_one, initial_rows(7, "emb", ids, SPEC))
@@ -85,7 +85,7 @@ async def test_pulled_rows_start_from_a_pure_function_of_seed_table_and_id(table
     assert not np.array_equal(initial_rows(7, "emb", ids, SPEC), initial_rows(8, "emb", ids, SPEC))
     big = np.array([0, 2**62 + 5, 2**63 - 1], np.int64)
     opened = mine("open", 3, start=2**40)
-    got = await client.get(0, 0, [], none, 5, pull={"open": opened})
+    got = await client.get(GetHeader(0, 0, [], 5, pull={"open": opened}), none)
     np.testing.assert_array_equal(got.table_rows["open"].values, initial_rows(7, "open", opened, UNBOUNDED))
     assert np.abs(initial_rows(7, "open", big, UNBOUNDED)).max() <= 1.0
     held = server.store.tables.tables
@@ -129,7 +129,7 @@ async def test_two_processes_pushes_add_up_before_the_update(table_shard):
         client.update(head(process=0, rows=2, wpg=2, push={"emb": RowBlock(a, ga)}), {}, none),
         client.update(head(process=1, rows=2, wpg=2, push={"emb": RowBlock(b, gb)}), {}, none),
     )
-    rows = (await client.get(0, 1, [], none, 5, pull={"emb": ids})).table_rows["emb"].values
+    rows = (await client.get(GetHeader(0, 1, [], 5, pull={"emb": ids}), none)).table_rows["emb"].values
     total = {int(i): 0.0 for i in ids}
     for i in a:
         total[int(i)] += 1.0
@@ -159,7 +159,7 @@ def _bad_pushes(ids):
 async def test_a_bad_push_is_refused_and_changes_nothing(table_shard, case):
     server, client = table_shard
     ids = mine("emb", 3)
-    await client.get(0, 0, [], none, 5, pull={"emb": ids})
+    await client.get(GetHeader(0, 0, [], 5, pull={"emb": ids}), none)
     before = server.store.digest()
     push, fragment = _bad_pushes(ids)[case]
     with pytest.raises(ShardError) as err:
@@ -243,7 +243,7 @@ async def test_lazy_adam_moves_only_touched_rows_as_the_reference_does():
             grads = rng.normal(size=(3, 3)).astype(np.float32)
             await client.update(head(step=step, rows=1, push={"emb": RowBlock(touched, grads)}), {}, none)
             history.append({int(k): g for k, g in zip(touched, grads, strict=True)})
-        got = (await client.get(0, 6, [], none, 5, pull={"emb": ids})).table_rows["emb"].values
+        got = (await client.get(GetHeader(0, 6, [], 5, pull={"emb": ids}), none)).table_rows["emb"].values
         expected = lazy_adam_reference(start, history)
         np.testing.assert_allclose(got, np.stack([expected[int(i)] for i in ids]), rtol=1e-5, atol=1e-6)
         never = [int(i) for i in ids if all(int(i) not in h for h in history)]
@@ -271,7 +271,7 @@ async def test_an_update_that_would_overflow_a_rows_state_is_refused():
     nothing written (that row would never move again)."""
     async with shard_of_tables({"name": "adagrad", "learning_rate": 0.1}) as (server, client):
         ids = mine("emb", 2)
-        await client.get(0, 0, [], none, 5, pull={"emb": ids})
+        await client.get(GetHeader(0, 0, [], 5, pull={"emb": ids}), none)
         before = server.store.digest()
         huge = np.full((2, 3), 1e20, np.float32)
         with pytest.raises(ShardError, match="NaN or Inf"):
@@ -314,4 +314,4 @@ async def test_in_process_rows_of_other_dtypes_are_taken_as_the_wire_takes_them(
     )
     np.testing.assert_allclose(answer.table_rows["emb"].values, initial_rows(7, "emb", ids, SPEC) - 0.5)
     with pytest.raises(ShardError, match="ids must be integers"):
-        await client.get(0, 1, [], none, 5, pull={"emb": np.array(["a"])})
+        await client.get(GetHeader(0, 1, [], 5, pull={"emb": np.array(["a"])}), none)

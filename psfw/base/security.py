@@ -16,6 +16,8 @@ import base64
 import hmac
 import ipaddress
 import re
+import ssl
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +89,18 @@ class Security:
             [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=self.ca is not None
         )
 
+    def link_server_context(self) -> ssl.SSLContext | None:
+        """The TLS of a shard's link (the same certificate, key and client CA as its
+        gRPC port); None: plaintext."""
+        if not self.tls:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        _load_chain(context, self.cert, self.key)
+        if self.ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cadata=self.ca.decode())
+        return context
+
     def interceptors(self, on_refusal: OnRefusal | None = None) -> list[grpc.aio.ServerInterceptor]:
         """The server's interceptors; ``on_refusal(context, method, code, reason)`` is
         told of each RPC refused for its token (a shard counts and logs them)."""
@@ -108,6 +122,16 @@ class Security:
             root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
         )
 
+    def link_client_context(self) -> ssl.SSLContext | None:
+        """A client's TLS for a shard's link, as ``channel_credentials`` for its gRPC
+        port (the host name checked as gRPC checks it); None: plaintext."""
+        if self.ca is None and not self.tls:
+            return None
+        context = ssl.create_default_context(cadata=self.ca.decode() if self.ca is not None else None)
+        if self.tls:
+            _load_chain(context, self.cert, self.key)
+        return context
+
     def probe_credentials(self) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]]:
         """Credentials and channel options for a probe that runs next to the server
         this Security configures (``cert``/``key`` are the server's): it trusts the
@@ -126,6 +150,17 @@ class Security:
 
 
 NO_SECURITY = Security()
+
+
+def _load_chain(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """Python's ssl loads a certificate and key from files only: from a private
+    folder that is gone once they are read."""
+    with tempfile.TemporaryDirectory(prefix="psfw-tls-") as folder:  # mode 0700
+        cert_file, key_file = Path(folder, "cert.pem"), Path(folder, "key.pem")
+        cert_file.write_bytes(cert)
+        key_file.write_bytes(key)
+        context.load_cert_chain(cert_file, key_file)
+
 
 _SAN = bytes.fromhex("0603551d11")  # the OID 2.5.29.17, subjectAltName, as DER
 _COMMON_NAME = bytes.fromhex("0603550403")  # 2.5.4.3
@@ -231,7 +266,7 @@ def _refusal(
     return factory(abort_stream if streaming_response else abort)
 
 
-class Link(NamedTuple):
+class ConnectionProblem(NamedTuple):
     """What a client's failed RPC says about its connection to a shard.
 
     ``kind``: ``"handshake"`` (a TLS handshake that failed: retrying cannot help),
@@ -244,31 +279,31 @@ class Link(NamedTuple):
     cause: str
 
 
-def link_problem(details: str, security: Security) -> Link:
+def connection_problem(details: str, security: Security) -> ConnectionProblem:
     """Read the details of an UNAVAILABLE (gRPC says ``failed to connect to all
     addresses; last error: ...``) as seen by a client with ``security``."""
     if "failed to connect" not in details:
-        return Link("", "")
+        return ConnectionProblem("", "")
     if "WRONG_VERSION_NUMBER" in details:
-        return Link(
+        return ConnectionProblem(
             "handshake",
             "the shard speaks plaintext and this client TLS: drop --tls-ca (and --tls-cert/--tls-key), "
             "or start the shard with --tls-cert/--tls-key",
         )
     if "CERTIFICATE_VERIFY_FAILED" in details:
-        return Link(
+        return ConnectionProblem(
             "handshake",
             "the shard's certificate is not signed by the CA this client trusts: give --tls-ca the CA that "
             "signed the shard's --tls-cert",
         )
     if "Hostname Verification" in details:
-        return Link(
+        return ConnectionProblem(
             "handshake",
             "the shard's certificate is made out for another name: connect by a host name or IP address that "
             "its certificate lists",
         )
     if "andshake failed" in details:
-        return Link(
+        return ConnectionProblem(
             "handshake", "the TLS handshake failed: check --tls-ca, --tls-cert and --tls-key against the shard's"
         )
     if "Socket closed" in details or "Connection reset" in details:
@@ -287,8 +322,8 @@ def link_problem(details: str, security: Security) -> Link:
                 "the shard refuses this client's certificate in the TLS handshake: give --tls-cert/--tls-key "
                 "signed by the CA the shard trusts (its --tls-client-ca)"
             )
-        return Link("closed", cause + " (or a proxy in front of a shard that is down closes it)")
+        return ConnectionProblem("closed", cause + " (or a proxy in front of a shard that is down closes it)")
     if "Connection refused" in details:
-        return Link("down", "connection refused")
+        return ConnectionProblem("down", "connection refused")
     last = details.rpartition("last error: ")[2] or details
-    return Link("down", last.rpartition(": ")[2] or last)
+    return ConnectionProblem("down", last.rpartition(": ")[2] or last)

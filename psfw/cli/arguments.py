@@ -89,9 +89,9 @@ def integer(low: int, high: int | None = None) -> Callable[[str], int]:
     return integer
 
 
-def data_port(text: str) -> int | None:
-    """A shard's data-link port: a whole number from 0 to 65535 (0: any free
-    port), or ``off`` (None: no data link)."""
+def link_port(text: str) -> int | None:
+    """A shard's link port: a whole number from 0 to 65535 (0: any free port), or
+    ``off`` (None: no TCP port; clients of this host still use its Unix socket)."""
     if text.strip().lower() == "off":
         return None
     return integer(0, 65535)(text)

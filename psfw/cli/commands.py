@@ -79,7 +79,7 @@ def run_server(args: argparse.Namespace) -> int:
                 grace=args.grace,
                 drain=args.drain,
                 metrics_port=args.metrics_port,
-                data_port=args.data_port,
+                link_port=args.link_port,
                 nonfinite=args.nonfinite,
                 insecure=args.insecure,
                 checkpoint_dir=args.checkpoint_dir,
@@ -160,7 +160,7 @@ def run_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from psfw.base.security import link_problem
+    from psfw.base.security import connection_problem
 
     shard_addresses(args.address)  # one host:port
     security = _client_security(args)
@@ -178,7 +178,9 @@ def run_health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as err:
-            link = link_problem(err.details() or "", security) if err.code() == grpc.StatusCode.UNAVAILABLE else None
+            link = (
+                connection_problem(err.details() or "", security) if err.code() == grpc.StatusCode.UNAVAILABLE else None
+            )
             said = f"cannot connect: {link.cause}" if link and link.kind else err.details()
             print(f"{args.address}: {err.code().name}: {said}")
             return 1

@@ -15,9 +15,9 @@ from psfw.cli import commands
 from psfw.cli.arguments import (
     Parser,
     checkpoint_step,
-    data_port,
     env,
     integer,
+    link_port,
     listen_address,
     one_of,
     positive_number,
@@ -162,11 +162,13 @@ def parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on this HTTP port",
     )
     s.add_argument(
+        "--link-port",
         "--data-port",
-        type=data_port,
-        default=env("DATA_PORT", data_port, 0),
-        help="TCP port of the data link, where clients on the network path send tensors beside gRPC "
-        "(0: any free port; off: none, everything over gRPC; never with TLS)",
+        dest="link_port",
+        type=link_port,
+        default=env("LINK_PORT", link_port, 0),
+        help="TCP port of the link, where clients on other hosts send Put, Get and Update beside gRPC, "
+        "in TLS when the shard has TLS (0: any free port; off: none, they use gRPC; --data-port is its former name)",
     )
     nonfinite = ("reject", "skip")
     s.add_argument(

@@ -141,9 +141,9 @@ def check_memory(config: Config, field: str, params: Mapping[str, Any], shards_h
 
 
 # open files an embedded shard takes, by cluster.transport: 2 for its gRPC listener
-# and poller, 2 more for its data link; the network path adds a connection (both
-# ends) of each kind. Measured: 190 shards start under ulimit -n 1024 with auto, not grpc
-FILES_PER_SHARD = {"auto": 4, "grpc": 8}
+# and poller, 2 more for its link's sockets; the network path adds a connection (both
+# ends) of each kind. Measured: 190 shards start under ulimit -n 1024 with auto, not network
+FILES_PER_SHARD = {"auto": 4, "network": 8, "grpc": 8}
 FILES_BESIDE = 256  # the process's own: libraries, the data's files, the run folder
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     Field,
     ValidationError,
     field_validator,
@@ -217,16 +218,25 @@ class ClusterConfig(_Strict):
     slice_bytes: int = Field(1 << 20, ge=64)
     staleness: int | None = Field(None, ge=0)  # None: groups fully asynchronous; k: SSP bound
     warmup_steps: int = Field(0, ge=0)  # group 0 trains alone this long before other groups start
-    transport: Literal["auto", "grpc"] = "auto"  # auto: shards in this process are called directly
+    # auto: a shard in this process is called directly, one on this host through shared
+    # memory and the link's Unix socket; "network" (former name "grpc"): every shard as
+    # if on another host (the link's TCP port, else gRPC)
+    transport: Literal["auto", "network", "grpc"] = "auto"
     # the network path's Update gradients: "bf16" halves their bytes (error feedback;
     # psfw.protocol.compression); "none" keeps training equal to single-process training
     compression: Literal["none", "bf16"] = "none"
-    # the network path's Put, Get and Update go over a shard's TCP data link where it
-    # offers one (psfw.protocol.data_link; never with TLS); false: everything over gRPC
-    data_link: bool = True
+    # the network path's Put, Get and Update go over a shard's link where it offers one
+    # (psfw.protocol.link: a Unix socket on this host, TCP elsewhere, TLS where the
+    # shard has it); false: everything over gRPC. ``data_link`` is its former name.
+    link: bool = Field(True, validation_alias=AliasChoices("link", "data_link"))
     # which local device each worker of a process computes on: "auto" (one each, in
     # turn, when the process sees several), or indices into jax.local_devices()
     devices: Literal["auto"] | list[Annotated[int, Field(ge=0)]] = "auto"
+
+    @property
+    def network_only(self) -> bool:
+        """Whether every shard is reached as if on another host."""
+        return self.transport != "auto"
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:

@@ -150,7 +150,7 @@ async def train_async(
                     shard,
                     c.servers,
                     checkpoint_dir=checkpoints if t.checkpoint_every or resume or job.model.tables else None,
-                    data_port=0 if c.transport == "grpc" else None,  # in-process clients need no data link
+                    link_port=0 if c.network_only else None,  # in-process clients need no TCP port
                 )
                 await server.start("127.0.0.1:0")
                 stack.push_async_callback(server.stop, 0)
@@ -210,7 +210,7 @@ async def train_async(
         steps = min([s.stop_at for s in stubs if s.stop_at] + [job.steps])  # what was trained: an early end too
         if not chief:
             return TrainResult({}, steps, float("nan"), {}, reporter.records, None, rpcs, devices=devices)
-        clients = await connect_all(addresses, who="", local=in_process, timeout_s=t.wait_s, security=security)
+        clients = await connect_all(addresses, who="", here=in_process, timeout_s=t.wait_s, security=security)
         for client in clients:
             stack.push_async_callback(client.close)
         params = await fetch_params(clients, job.layout, 0, steps, list(job.layout.params), t.wait_s)

@@ -105,13 +105,14 @@ async def run_worker_processes(
                 clients = await connect_all(
                     addresses,
                     who=f"process {process} of group {group}" + (f" ({on})" if on else ""),
-                    local=in_process if c.transport == "auto" else lambda address: None,
-                    layout=job.layout if c.transport == "auto" else None,
+                    here=lambda address: None if c.network_only else in_process(address),
+                    layout=None if c.network_only else job.layout,
+                    same_host=not c.network_only,
                     timeout_s=t.wait_s,
                     retries=t.retries,
                     security=security,
                     compression=c.compression,
-                    data_link=c.data_link,
+                    link=c.link,
                 )
                 for client in clients:
                     stack.push_async_callback(client.close)

@@ -247,7 +247,7 @@ class ProcessReport(_message.Message):
     def __init__(self, process: _Optional[int] = ..., updates: _Optional[int] = ..., age_s: _Optional[float] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("shard", "shards", "slices", "groups", "bytes", "rpc_counts", "optimizer", "updates_applied", "uptime_s", "epoch", "checkpoint_steps", "host", "digest", "job", "tables", "local_socket", "data_port", "data_id")
+    __slots__ = ("shard", "shards", "slices", "groups", "bytes", "rpc_counts", "optimizer", "updates_applied", "uptime_s", "epoch", "checkpoint_steps", "host", "digest", "job", "tables", "link_socket", "link_port", "link_id")
     class RpcCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -270,9 +270,9 @@ class DescribeReply(_message.Message):
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
-    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
-    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
-    DATA_ID_FIELD_NUMBER: _ClassVar[int]
+    LINK_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    LINK_PORT_FIELD_NUMBER: _ClassVar[int]
+    LINK_ID_FIELD_NUMBER: _ClassVar[int]
     shard: int
     shards: int
     slices: _containers.RepeatedCompositeFieldContainer[SliceInfo]
@@ -288,10 +288,10 @@ class DescribeReply(_message.Message):
     digest: str
     job: str
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
-    local_socket: str
-    data_port: int
-    data_id: str
-    def __init__(self, shard: _Optional[int] = ..., shards: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., rpc_counts: _Optional[_Mapping[str, int]] = ..., optimizer: _Optional[str] = ..., updates_applied: _Optional[int] = ..., uptime_s: _Optional[float] = ..., epoch: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ..., host: _Optional[str] = ..., digest: _Optional[str] = ..., job: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., local_socket: _Optional[str] = ..., data_port: _Optional[int] = ..., data_id: _Optional[str] = ...) -> None: ...
+    link_socket: str
+    link_port: int
+    link_id: str
+    def __init__(self, shard: _Optional[int] = ..., shards: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., rpc_counts: _Optional[_Mapping[str, int]] = ..., optimizer: _Optional[str] = ..., updates_applied: _Optional[int] = ..., uptime_s: _Optional[float] = ..., epoch: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ..., host: _Optional[str] = ..., digest: _Optional[str] = ..., job: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., link_socket: _Optional[str] = ..., link_port: _Optional[int] = ..., link_id: _Optional[str] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("step", "epoch")

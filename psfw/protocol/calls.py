@@ -1,5 +1,5 @@
-"""A shard's verbs as messages, whatever carries them (gRPC, the data link, the
-same-host link): a request's messages, encoded (or as pieces, for a carrier that
+"""A shard's verbs as messages, whatever carries them (gRPC or the link): a
+request's messages, encoded (or as pieces, for a carrier that
 sends them without joining them), and an answer put together from its messages."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from psfw.protocol.frames import (
     message_deserializer,
 )
 from psfw.protocol.layout import SliceKey
-from psfw.protocol.messages import Fresh, Gradients, RowBlock, TableIds
+from psfw.protocol.messages import Fresh, GetHeader, Gradients, RowBlock
 from psfw.protocol.row_wire import RowCollector, pull_blocks
 from psfw.protocol.wire import Assembler, Expect, batched, encoded_ahead
 
@@ -76,7 +76,7 @@ async def pipelined_update(
 ) -> AsyncIterator[bytes]:
     """The Update's messages, encoded in a thread a batch of slices at a time, the
     next batch while gRPC sends this one. The gradients are read in that thread: a
-    sum still to be added up (``psfw.runtime.stub.Sums``) is added up there, so the
+    sum still to be added up (``psfw.runtime.gradient_sums.Sums``) is added up there, so the
     early slices travel while later ones are still being added up."""
 
     def nbytes(key: SliceKey) -> int:
@@ -120,16 +120,14 @@ def shared_update_messages(head: pb.UpdateRequest, more_rows: list) -> list[byte
     return messages
 
 
-def get_request(
-    group: int, step: int, keys: list[SliceKey], wait_s: float, wait_for_put: bool, job: str, pull: TableIds | None
-) -> pb.GetRequest:
-    """A Get's message (``pull``: table rows wanted too)."""
+def get_request(header: GetHeader) -> pb.GetRequest:
+    """A Get's message."""
     return pb.GetRequest(
-        pull=pull_blocks(pull or {}),
-        group=group,
-        step=step,
-        slices=[pb.SliceRef(key=k, slice=i) for k, i in keys],
-        wait_s=wait_s,
-        wait_for_put=wait_for_put,
-        job=job,
+        pull=pull_blocks(header.pull),
+        group=header.group,
+        step=header.step,
+        slices=[pb.SliceRef(key=k, slice=i) for k, i in header.keys],
+        wait_s=header.wait_s,
+        wait_for_put=header.wait_for_put,
+        job=header.job,
     )

@@ -1,7 +1,8 @@
 """What a stub and a shard say to each other, whatever carries it.
 
-Value types built once by the stub and read by the shard; protobuf appears only at
-the gRPC edge (``psfw.protocol.wire.update_request`` and ``update_header``).
+Value types built once by the stub and read by the shard; protobuf appears only where
+they become messages (``psfw.protocol.calls`` and ``psfw.protocol.wire``), whichever
+carrier then takes them.
 """
 
 from __future__ import annotations
@@ -61,6 +62,25 @@ class UpdateHeader:
     push: TableRows = field(default_factory=dict)
     pull: TableIds = field(default_factory=dict)
     stop_at: int = 0  # an early end of the job: groups stop once they completed this many steps (0: none)
+
+
+@dataclass(frozen=True, slots=True)
+class GetHeader:
+    """One Get: the values of ``keys`` once ``group`` has completed ``step`` steps.
+
+    ``wait_s``: how long the shard may wait for the group to get there;
+    ``wait_for_put``: also wait for slices not put yet (a worker that starts before
+    their owner); ``job``: the job's fingerprint (a shard of another job refuses; ''
+    names none); ``pull``: table rows wanted too (``keys`` empty then means no slices).
+    """
+
+    group: int
+    step: int
+    keys: list[SliceKey]
+    wait_s: float = 60.0
+    wait_for_put: bool = False
+    job: str = ""
+    pull: TableIds = field(default_factory=dict)
 
 
 class Fresh(NamedTuple):

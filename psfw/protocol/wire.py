@@ -2,8 +2,9 @@
 
 The messages themselves are ``psfw.protocol.frames``; here: the names and dtypes a
 slice may have, aligned buffers, batches, and the ``Assembler``, which checks every
-chunk against what the receiver expects and rebuilds the arrays, without a copy
-when a slice arrived in one chunk; and the Update's header at the gRPC edge.
+chunk against what the receiver expects (``check_slice``, which the in-process
+transport applies too) and rebuilds the arrays, without a copy when a slice arrived
+in one chunk; and the Update's header as a message and back.
 """
 
 from __future__ import annotations
@@ -122,6 +123,38 @@ def slice_views(layout: Layout, params: dict[str, np.ndarray]) -> dict[SliceKey,
 Expect = Callable[[SliceKey], "tuple[np.dtype, tuple[int, ...]]"]
 
 
+def check_slice(
+    key: SliceKey, dtype_name: str, shape: Iterable[int], expect: Expect | None, widen: bool = False
+) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """The checks every slice of a request passes, whatever carries it (the
+    Assembler's, the in-process transport's): a printable name, a dtype the wire
+    takes, no negative dimension, and, with ``expect``, the dtype and shape the
+    receiver holds (raising its WireError for a slice it does not hold). ``widen``:
+    a float32 slice may come as bfloat16 (``psfw.protocol.compression``). Returns the
+    dtype and shape as sent and whether the slice is to be widened."""
+    check_name(key[0])
+    narrow = WIDENED.get(dtype_name) if widen and expect is not None else None
+    dtype = narrow[0] if narrow else wire_dtype(dtype_name)
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"{slice_name(key)} has a negative dimension {list(shape)}")
+    if expect is not None:
+        want_dtype, want_shape = expect(key)
+        if narrow and want_dtype == narrow[0]:  # a bfloat16 parameter's own gradient: nothing to widen
+            narrow = None
+        if (narrow[1] if narrow else dtype) != want_dtype:
+            raise WireError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{slice_name(key)} is {want_dtype.name}, the request sent {dtype.name}",
+            )
+        if shape != tuple(want_shape):
+            raise WireError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{slice_name(key)} has shape {list(want_shape)}, the request sent {list(shape)}",
+            )
+    return dtype, shape, narrow is not None
+
+
 class Assembler:
     """Rebuilds slices from chunks that arrive in order, validating each one.
 
@@ -206,14 +239,7 @@ class Assembler:
         self._got[key] = got + len(data)
 
     def _open(self, key: SliceKey, chunk: Chunk) -> tuple[np.dtype, tuple[int, ...], int]:
-        check_name(key[0])
-        narrow = WIDENED.get(chunk.dtype) if self._widen and self._expect is not None else None
-        dtype = narrow[0] if narrow else wire_dtype(chunk.dtype)
-        shape = tuple(int(d) for d in chunk.shape)
-        if any(d < 0 for d in shape):
-            raise WireError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{slice_name(key)} has a negative dimension {list(shape)}"
-            )
+        dtype, shape, narrow = check_slice(key, chunk.dtype, chunk.shape, self._expect, self._widen)
         declared = self._declared + math.prod(shape) * dtype.itemsize
         if self._max_bytes is not None and declared > self._max_bytes:  # refused before anything is allocated
             raise WireError(
@@ -222,20 +248,6 @@ class Assembler:
                 f"than the shard's limit of {self._max_bytes}",
             )
         self._declared = declared
-        if self._expect is not None:
-            want_dtype, want_shape = self._expect(key)
-            if narrow and want_dtype == narrow[0]:  # a bfloat16 parameter's own gradient: nothing to widen
-                narrow = None
-            if (narrow[1] if narrow else dtype) != want_dtype:
-                raise WireError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{slice_name(key)} is {want_dtype.name}, the request sent {dtype.name}",
-                )
-            if shape != tuple(want_shape):
-                raise WireError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{slice_name(key)} has shape {list(want_shape)}, the request sent {list(shape)}",
-                )
         spec = (dtype, shape, math.prod(shape) * dtype.itemsize)
         target = self._into.get(key)
         if target is not None and (target.dtype != dtype or target.nbytes != spec[2]):

@@ -17,9 +17,8 @@ from psfw.base.errors import ShardError, UsageError
 from psfw.base.security import NO_SECURITY, Security
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.layout import Layout
-from psfw.runtime.grpc_transport import ShardClient
-from psfw.runtime.inprocess import InProcessClient, LocalShard
-from psfw.runtime.shm_transport import SharedMemoryClient
+from psfw.runtime.inprocess import InProcessClient, ShardHere
+from psfw.runtime.shard_client import ShardClient
 from psfw.runtime.step_region import StepRegion
 from psfw.runtime.transport import Transport
 
@@ -34,24 +33,26 @@ async def connect(
     timeout_s: float = 60.0,
     retries: int = 5,
     security: Security = NO_SECURITY,
-    local: LocalShard | None = None,
+    here: ShardHere | None = None,
     shared_memory: StepRegion | None = None,
     compression: str = "none",
-    data_link: bool = True,
+    link: bool = True,
+    same_host: bool = True,
     shards: int | None = None,
     deadline: float | None = None,
 ) -> Transport:
-    """A transport to the shard at ``address``: in-process when ``local`` (that
-    shard, running in this process) is given; through shared memory when
-    ``shared_memory`` (the process's region) is given and the shard runs on this
-    host; else over the network (the shard's data link where it offers one and
-    ``data_link`` allows, else gRPC), its Updates compressed as ``compression`` says.
+    """A transport to the shard at ``address``: in-process when ``here`` (that shard,
+    running in this process) is given; else over the network (``ShardClient``: the
+    shard's link where it offers one and ``link`` allows, else gRPC), an Update's
+    tensors in ``shared_memory`` (the process's region) when the shard runs on this
+    host, else in its messages, compressed as ``compression`` says. ``same_host``
+    False: the shard is reached as if on another host (the link's TCP port).
 
     A shard that is not up yet is waited for until ``deadline`` (monotonic; default
     ``timeout_s`` from now): the path is chosen by its first answer. Raises
     UsageError when the shard is not shard ``shard`` (of ``shards``, when given)."""
-    if local is not None:
-        client = InProcessClient(local, shard, timeout_s)
+    if here is not None:
+        client = InProcessClient(here, shard, timeout_s)
         check_wiring(await client.describe(), address, shard, shards)
         return client
     client = ShardClient(
@@ -61,16 +62,15 @@ async def connect(
         retries=retries,
         security=security,
         compression=compression,
-        data_link=data_link,
+        link=link,
+        same_host=same_host,
     )
     try:
         reply = await first_answer(client, time.monotonic() + timeout_s if deadline is None else deadline)
         check_wiring(reply, address, shard, shards)
         if shared_memory is not None:
-            shared = await SharedMemoryClient.attach(client, shared_memory, reply)
-            if shared is not None:
-                return shared
-        await client.open_data_link(reply)
+            client.share_memory(shared_memory, reply)
+        await client.open_link(reply)
     except BaseException:
         await client.close()
         raise
@@ -134,11 +134,11 @@ async def connect_all(
     addresses: list[str],
     *,
     who: str,
-    local: Callable[[str], LocalShard | None] = lambda address: None,
+    here: Callable[[str], ShardHere | None] = lambda address: None,
     layout: Layout | None = None,
     **options: Any,
 ) -> list[Transport]:
-    """A transport per shard (see ``connect``); ``local``: the shard of an address
+    """A transport per shard (see ``connect``); ``here``: the shard of an address
     that runs in this process, if any; ``layout``: the job's, to move the tensors
     of the shards on this host through one shared-memory region (None: never).
     Logs which transports ``who`` uses, once ('' : not at all). Shards that are
@@ -155,7 +155,7 @@ async def connect_all(
             transport = await connect(
                 address,
                 i,
-                local=local(address),
+                here=here(address),
                 shared_memory=region,
                 shards=len(addresses),
                 deadline=deadline,

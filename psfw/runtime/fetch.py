@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 
 from psfw.protocol.layout import Layout, SliceKey
-from psfw.protocol.messages import RowBlock, TableIds
+from psfw.protocol.messages import GetHeader, RowBlock, TableIds
 from psfw.protocol.row_wire import PULL_IDS
 from psfw.protocol.wire import param_buffers
 from psfw.runtime.table_feed import TableFeed
@@ -36,7 +36,8 @@ async def fetch_params(
     params, into = param_buffers(layout, names)
 
     async def fetch(shard: int, keys: list[SliceKey]) -> None:
-        await clients[shard].get(group, step, keys, layout.slice_dtype_shape, wait_s, into, wait_for_put, job)
+        wanted = GetHeader(group, step, keys, wait_s, wait_for_put, job)
+        await clients[shard].get(wanted, layout.slice_dtype_shape, into)
 
     await asyncio.gather(*(fetch(i, keys) for i, keys in by_shard.items()))
     return params
@@ -57,7 +58,7 @@ async def fetch_rows(
     block per table, in id order."""
 
     async def fetch(shard: int, part: dict[str, np.ndarray]) -> dict[str, RowBlock]:
-        reply = await clients[shard].get(group, step, [], _no_slices, wait_s, None, True, job, part)
+        reply = await clients[shard].get(GetHeader(group, step, [], wait_s, True, job, part), _no_slices)
         return reply.table_rows
 
     gets = row_gets(tables, ids)

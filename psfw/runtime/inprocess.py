@@ -3,48 +3,51 @@
 The embedded default has its shards, stubs and workers in one process; there the
 stub calls the shard's store directly: no serialization, no sockets; an Update is
 answered with the shard's own immutable arrays, and the stub's one jitted call puts
-whole parameters together from them (the only copy). Requests are checked exactly as
-the servicer checks them (the store's own validation), errors are the same
-ShardErrors, and RPCs are counted alike.
+whole parameters together from them (the only copy). Each slice passes the checks a
+received one passes (``psfw.protocol.wire.check_slice``), then the store's own; the
+calls go through the shard's request core (``served``): counted, timed and refused
+in the same words as over gRPC or the link.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
-import grpc
 import numpy as np
 
 from psfw.base.errors import ShardError, WireError
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.layout import SliceKey
-from psfw.protocol.messages import Fresh, Gradients, UpdateHeader
+from psfw.protocol.messages import Fresh, GetHeader, Gradients, UpdateHeader
 from psfw.protocol.row_wire import as_ids, as_rows
-from psfw.protocol.wire import Expect, slice_name, wire_dtype
+from psfw.protocol.wire import Expect, check_slice
 from psfw.runtime.transport import Capabilities
 
+T = TypeVar("T")
 INLINE_COPY_BYTES = 8 << 20
 
 
-class LocalShard(Protocol):
+PEER = "this process"  # how a refusal is logged
+
+
+class ShardHere(Protocol):
     """What the in-process transport needs of a shard that runs in this process
     (``psfw.services.server.ShardServer``, handed in by the trainer)."""
 
     address: str
     store: Any  # the shard's ShardStore: put, read, update, restore, expect
-
-    def count(self, rpc: str) -> None:
-        """Count an RPC as the gRPC service counts its own."""
+    requests: Any  # the shard's request core: ``served`` counts, times and logs a call as every carrier's
 
     def description(self) -> pb.DescribeReply:
         """The Describe answer of the shard as it is now."""
 
 
 class InProcessClient:
-    """A ``Transport`` that calls a shard's store directly."""
+    """A ``Transport`` that calls a shard's store directly, through the same checks
+    and counts as the shard's other carriers."""
 
     kind = "in-process"
     # the workers' parts are added inside the shard's jitted update, and the answer
@@ -52,39 +55,32 @@ class InProcessClient:
     capabilities = Capabilities(fuses_sum=True, shares_arrays=True)
     step_buffers = None
 
-    def __init__(self, local: LocalShard, shard: int, timeout_s: float = 60.0):
-        self.local, self.store, self.shard = local, local.store, shard
-        self.address, self.timeout_s = local.address, timeout_s
+    def __init__(self, here: ShardHere, shard: int, timeout_s: float = 60.0):
+        self.here, self.store, self.shard = here, here.store, shard
+        self.address, self.timeout_s = here.address, timeout_s
 
     async def close(self) -> None:
         return None
 
-    async def _call(self, rpc: str, coroutine):
-        self.local.count(rpc)
+    async def _call(self, rpc: str, call: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await coroutine
+            async with self.here.requests.served(rpc, lambda: PEER):
+                return await call()
         except WireError as err:
             raise ShardError(
                 f"shard {self.shard} (in-process) {rpc}: {err.code.name}: {err.message}", err.code, err.reason
             ) from None
 
     def _checked(self, items: Iterable[tuple[str, int, np.ndarray | tuple]], known: bool) -> dict[SliceKey, object]:
-        """Validate like the servicer does; a tuple of arrays (the workers' parts of
-        one process's sum) stays a tuple: the shard adds the parts up itself."""
+        """Check each slice as the wire's receiver does (``check_slice``); a tuple of
+        arrays (the workers' parts of one process's sum) stays a tuple: the shard
+        adds the parts up itself."""
+        expect = self.store.expect if known else None
         arrays: dict[SliceKey, object] = {}
         for key, index, value in items:
             parts = tuple(np.asarray(p) for p in value) if isinstance(value, tuple) else (np.asarray(value),)
-            want = self.store.expect((key, index)) if known else None
             for array in parts:
-                if want is not None and array.dtype == want[0] and array.shape == tuple(want[1]):
-                    continue  # a held slice's dtype is one the wire takes
-                wire_dtype(array.dtype.name)  # the dtypes the wire takes
-                if want is not None:
-                    raise WireError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"{slice_name((key, index))} is {want[0].name}{list(want[1])}, "
-                        f"the request sent {array.dtype.name}{list(array.shape)}",
-                    )
+                check_slice((key, index), array.dtype.name, array.shape, expect)
             arrays[(key, index)] = parts if isinstance(value, tuple) else parts[0]
         return arrays
 
@@ -92,15 +88,18 @@ class InProcessClient:
         async def put():
             return await self.store.put(self._checked(items, known=False), optimizer, job=job, tables=tables)
 
-        return await self._call("Put", put())
+        return await self._call("Put", put)
 
-    async def get(self, group, step, keys, expect, wait_s, into=None, wait_for_put=False, job="", pull=None) -> Fresh:
+    async def get(self, header: GetHeader, expect: Expect, into: dict[SliceKey, np.ndarray] | None = None) -> Fresh:
         async def get():
-            wanted = as_ids(pull or {})
-            done, values, rows = await self.store.read(list(keys), group, step, wait_s, wait_for_put, job, wanted)
+            h = header
+            wanted = as_ids(h.pull)
+            done, values, rows = await self.store.read(
+                list(h.keys), h.group, h.step, h.wait_s, h.wait_for_put, h.job, wanted
+            )
             return Fresh(done, await _deliver(values, into), table_rows=rows)
 
-        return await self._call("Get", get())
+        return await self._call("Get", get)
 
     async def update(
         self, header: UpdateHeader, grads: Gradients, expect: Expect, into: dict[SliceKey, np.ndarray] | None = None
@@ -122,14 +121,13 @@ class InProcessClient:
                 result.stop_at,
             )
 
-        return await self._call("Update", update())
+        return await self._call("Update", update)
 
     async def describe(self) -> pb.DescribeReply:
-        self.local.count("Describe")
-        return self.local.description()
+        return await self._call("Describe", self.here.requests.describe)
 
     async def restore(self, step: int, epoch: int) -> None:
-        await self._call("Restore", self.store.restore(step, epoch))
+        await self._call("Restore", lambda: self.here.requests.restore(step, epoch))
 
 
 async def _deliver(values: dict, into: dict | None) -> dict[SliceKey, np.ndarray]:

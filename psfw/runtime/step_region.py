@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from psfw.proto import ps_pb2 as pb
 from psfw.protocol.layout import Layout, SliceKey
 from psfw.protocol.shm import Region, aligned
 from psfw.protocol.wire import slice_views
@@ -85,6 +86,32 @@ class StepRegion:
     def offset_of(self, array: np.ndarray) -> int | None:
         """Where ``array`` lies in the region (None: elsewhere)."""
         return self.region.offset_of(array)
+
+    def slots(
+        self, keys: list[SliceKey], step: int, grads, into: dict[SliceKey, np.ndarray] | None
+    ) -> tuple[list[pb.ShmSlot], dict[SliceKey, np.ndarray], dict[SliceKey, np.ndarray]]:
+        """Where each slice of ``keys`` has its gradient sum and where its answer
+        goes (``ShmSlot``s): the stub's own buffers where they lie in the region
+        (nothing is copied), else places of the region, filled here (the gradients)
+        and read back by the caller. Returns the slots, the answer's places that are
+        the caller's (``into``), and those to copy the answer from."""
+        slots, values, to_read = [], {}, {}
+        for key in keys:
+            grad = grads[key]
+            at = self.offset_of(grad)
+            if at is None:  # not added up in the region: placed there now
+                place = self.gradient_slot(key)
+                np.copyto(place, np.asarray(grad).reshape(place.shape))
+                at = self.offset_of(place)
+            target = (into or {}).get(key)
+            answer_at = None if target is None else self.offset_of(target)
+            if answer_at is None:
+                place = self.values_slot(step, key)
+                answer_at, to_read[key] = self.offset_of(place), place
+            else:
+                values[key] = target
+            slots.append(pb.ShmSlot(key=key[0], slice=key[1], grads=at, values=answer_at))
+        return slots, values, to_read
 
     def acquire(self) -> StepRegion:
         """One more transport uses the region (made now if it is the first; OSError:

@@ -1,16 +1,14 @@
 """The seam between a stub and one shard: a ``Transport`` and ``connect``.
 
-Three implementations speak the same verbs (put, get, update, describe, restore,
+Two implementations speak the same verbs (put, get, update, describe, restore,
 close); an embedding table's rows ride on get and update (``pull``, ``push``):
 
 - ``InProcessClient`` (``psfw.runtime.inprocess``): the shard runs in this very
   process; its store is called directly, no bytes are made;
-- ``SharedMemoryClient`` (``psfw.runtime.shm_transport``): the shard runs on this
-  host; an Update's tensors go through the process's shared-memory region
-  (``psfw.runtime.step_region``), its header over the shard's same-host link, every
-  other verb over the network;
-- ``ShardClient`` (``psfw.runtime.grpc_transport``): anywhere, over the shard's data
-  link where it offers one, else gRPC.
+- ``ShardClient`` (``psfw.runtime.shard_client``): anywhere; Put, Get and Update over
+  the shard's link (a Unix socket on this host, TCP elsewhere) where it offers one,
+  else gRPC. On this host an Update's tensors lie in the process's shared-memory
+  region (``psfw.runtime.step_region``) instead of its messages.
 
 What differs between them that a caller must know is declared in ``Capabilities``;
 nothing outside a transport tests which one it is. ``psfw.runtime.connect`` picks one
@@ -26,14 +24,13 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from psfw.protocol.layout import SliceKey
-from psfw.protocol.messages import Fresh, Gradients, TableIds, UpdateHeader
+from psfw.protocol.messages import Fresh, GetHeader, Gradients, UpdateHeader
 
 if TYPE_CHECKING:
     from psfw.proto import ps_pb2 as pb
     from psfw.protocol.wire import Expect
 
 Items = Iterable[tuple[str, int, np.ndarray]]  # (parameter, slice index, values)
-SliceSpecs = list[tuple[SliceKey, np.dtype, tuple[int, ...]]]
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,7 @@ class Transport(Protocol):
 
     shard: int
     address: str
-    kind: str  # for people: "in-process", "shared-memory", "grpc"
+    kind: str  # for people: "in-process", "link (unix, shared memory)", "grpc"...
     capabilities: Capabilities
     step_buffers: StepBuffers | None  # None: the stub's tensors may be anywhere
 
@@ -79,23 +76,9 @@ class Transport(Protocol):
         embedding tables (JSON). Returns the slices (and tables) stored."""
         ...
 
-    async def get(
-        self,
-        group: int,
-        step: int,
-        keys: list[SliceKey],
-        expect: Expect,
-        wait_s: float,
-        into: dict[SliceKey, np.ndarray] | None = None,
-        wait_for_put: bool = False,
-        job: str = "",
-        pull: TableIds | None = None,
-    ) -> Fresh:
-        """Values of ``keys`` once ``group`` has completed ``step`` steps, written into
-        ``into`` where it has the slice; ``wait_for_put``: also wait for slices not put
-        yet; ``job``: the job's fingerprint (a shard of another job refuses);
-        ``pull``: table rows wanted too (``Fresh.table_rows``; ``keys`` empty then
-        means no slices)."""
+    async def get(self, header: GetHeader, expect: Expect, into: dict[SliceKey, np.ndarray] | None = None) -> Fresh:
+        """The values (and table rows) ``header`` asks for, once its group has
+        completed its step, written into ``into`` where it has the slice."""
         ...
 
     async def update(

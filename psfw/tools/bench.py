@@ -30,7 +30,7 @@ from psfw.jobs.shard_processes import shard_processes
 from psfw.jobs.worker_processes import run_worker_processes
 from psfw.runtime.devices import device_name
 from psfw.runtime.fetch import fetch_params
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
 from psfw.tools.peer_bench import run_ddp, torch_installed
 
@@ -138,7 +138,7 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None, final:
     if addresses is None:
         addresses = []
         for i in range(config.cluster.servers):
-            server = ShardServer(i, config.cluster.servers, data_port=None)  # called in-process
+            server = ShardServer(i, config.cluster.servers, link_port=None)  # called in-process
             await server.start("127.0.0.1:0")
             servers.append(server)
             addresses.append(server.address)
@@ -193,9 +193,11 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
     config = bench_config(warmup + steps)
 
     def network(**cluster) -> Config:
-        return config.model_copy(update={"cluster": config.cluster.model_copy(update={"transport": "grpc", **cluster})})
+        return config.model_copy(
+            update={"cluster": config.cluster.model_copy(update={"transport": "network", **cluster})}
+        )
 
-    grpc_config, tcp_config, compressed = network(data_link=False), network(), network(compression="bf16")
+    grpc_config, tcp_config, compressed = network(link=False), network(), network(compression="bf16")
     if path == "grpc":
         config = tcp_config
     groups = config.model_copy(

@@ -22,7 +22,7 @@ from psfw.jobs.job import build_job
 from psfw.proto import ps_pb2 as pb
 from psfw.runtime.connect import wiring_problem
 from psfw.runtime.fetch import fetch_params
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.runtime.shard_client import ShardClient
 
 
 class Cluster:

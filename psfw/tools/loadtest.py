@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from psfw.jobs.shard_processes import rss_bytes, shard_processes
-from psfw.protocol.messages import UpdateHeader
-from psfw.runtime.grpc_transport import ShardClient
+from psfw.protocol.messages import GetHeader, UpdateHeader
+from psfw.runtime.shard_client import ShardClient
 
 STEP = 2.0**-10  # exact in float32 for the counts a test reaches
 
@@ -52,7 +52,9 @@ async def _stream(clients, group, streams, n, until, max_updates, gets_every, co
             raise AssertionError(f"stream {group} step {step}: shards answered {[a.step for a in answers]}")
         step += 1
         if step % gets_every == 0:
-            got = await asyncio.gather(*(c.get(group, step, [("w", i)], expect, 30) for i, c in enumerate(clients)))
+            got = await asyncio.gather(
+                *(c.get(GetHeader(group, step, [("w", i)], 30), expect) for i, c in enumerate(clients))
+            )
             counts["gets"] += len(got)
     counts["steps"][group] = step
 
@@ -87,7 +89,7 @@ async def run_load(
     sent = sum(counts["steps"].values())
     described = await asyncio.gather(*(c.describe() for c in setup))
     expect = lambda key: (np.dtype("float32"), (values_per_shard,))  # noqa: E731
-    finals = await asyncio.gather(*(c.get(0, 0, [("w", i)], expect, 30) for i, c in enumerate(setup)))
+    finals = await asyncio.gather(*(c.get(GetHeader(0, 0, [("w", i)], 30), expect) for i, c in enumerate(setup)))
     applied = [d.slices[0].version for d in described]
     value_counts = [float(-f.values[("w", i)][0] / STEP) for i, f in enumerate(finals)]
     uniform = all(np.all(f.values[("w", i)] == f.values[("w", i)][0]) for i, f in enumerate(finals))

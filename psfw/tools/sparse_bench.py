@@ -118,7 +118,7 @@ async def _scale_round(addresses: list[str], rows: int, seconds: float) -> float
 
     from psfw.compute.tables import check_table_optimizer
     from psfw.protocol.messages import RowBlock, UpdateHeader
-    from psfw.runtime.grpc_transport import ShardClient
+    from psfw.runtime.shard_client import ShardClient
     from psfw.runtime.table_feed import TableFeed
 
     shards = len(addresses)
@@ -188,7 +188,7 @@ def run_memory(size: int, steps: int = 5) -> dict[str, Any]:
     processes, every row made at the start, trained ``steps`` steps by a worker
     process: each shard's peak RSS against the rows and state it holds."""
     from psfw.jobs.shard_processes import rss_bytes
-    from psfw.runtime.grpc_transport import ShardClient
+    from psfw.runtime.shard_client import ShardClient
     from psfw.tools.transfer_bench import worker_run
 
     users = max(size // (DIM * 4), 1)

@@ -57,26 +57,26 @@ async def _transfer(clients, size: int, slice_bytes: int, tag: str, repeats: int
 def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
     """Push and pull of ``size`` bytes (float32: rounded down to a multiple of 4; at
     least MIN_TRANSFER_BYTES) across 2 shards, GB/s each way: over the network path
-    (Put, Get), over gRPC alone and over the shards' data links, through shared memory with
-    shard processes on this host (an Update carries the gradients in and the values
-    back; a Get goes over the network), and in-process."""
+    (Put, Get), over gRPC alone and over the shards' links (TCP), through shared memory
+    with shard processes on this host (an Update carries the gradients in and the
+    values back), and in-process."""
     from psfw.protocol.messages import UpdateHeader
-    from psfw.runtime.grpc_transport import ShardClient
     from psfw.runtime.inprocess import InProcessClient
-    from psfw.runtime.shm_transport import SharedMemoryClient
+    from psfw.runtime.shard_client import ShardClient
 
     if size < MIN_TRANSFER_BYTES:
         raise ValueError(f"a transfer of {size} bytes: at least {MIN_TRANSFER_BYTES} (one float32 on each shard)")
     size -= size % 4
     slice_bytes = transfer_slice_bytes(size)
 
-    async def network(addresses, data_link: bool):
-        clients = [ShardClient(a, i, timeout_s=300, data_link=data_link) for i, a in enumerate(addresses)]
+    async def network(addresses, link: bool):
+        # as between hosts: the link's TCP port (never its Unix socket), or gRPC alone
+        clients = [ShardClient(a, i, timeout_s=300, link=link, same_host=False) for i, a in enumerate(addresses)]
         try:
             for client in clients:
-                await client.open_data_link()
-            if data_link and any(c.kind != "tcp" for c in clients):
-                return None, None  # no data link after all
+                await client.open_link()
+            if link and any(c.linked != "tcp" for c in clients):
+                return None, None  # no link after all
             return await _transfer(clients, size, slice_bytes, "net", repeats)
         finally:
             for c in clients:
@@ -100,11 +100,14 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
 
         layout = plan_layout({"w": ((size // 4,), "float32")}, TRANSFER_SHARDS, 1, slice_bytes)
         region = StepRegion(layout).acquire()
-        nets = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
-        clients = [await SharedMemoryClient.attach(net, region) for net in nets]
+        clients = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
+        for client in clients:
+            reply = await client.describe()
+            client.share_memory(region, reply)
+            await client.open_link(reply)
         region.release()  # the clients hold it now
         try:
-            if None in clients:  # not on this host after all
+            if not all(c.shares_memory for c in clients):  # not on this host after all
                 return None
             value = np.full(size // 4, 0.5, np.float32)
             sgd = json.dumps({"name": "sgd", "learning_rate": 0.01})  # not 0: a shard refuses it
@@ -131,13 +134,13 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
                 best = max(best, size / (time.perf_counter() - started) / 1e9)
             return best
         finally:
-            for c in [*(c for c in clients if c is not None), *nets]:
+            for c in clients:
                 await c.close()
 
     with shard_processes(TRANSFER_SHARDS) as (addresses, _):
-        push, pull = asyncio.run(network(addresses, data_link=False))
+        push, pull = asyncio.run(network(addresses, link=False))
     with shard_processes(TRANSFER_SHARDS) as (addresses, _):
-        tcp_push, tcp_pull = asyncio.run(network(addresses, data_link=True))
+        tcp_push, tcp_pull = asyncio.run(network(addresses, link=True))
     with shard_processes(TRANSFER_SHARDS) as (addresses, _):
         shm_update = asyncio.run(shared(addresses))
     local_push, local_pull = asyncio.run(in_process())
@@ -145,7 +148,7 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
         "transfer_bytes": size,  # rounded down to whole float32s
         "grpc_push_gb_s": push,
         "grpc_pull_gb_s": pull,
-        "tcp_push_gb_s": tcp_push,  # the network path over the shards' data links (None: none)
+        "tcp_push_gb_s": tcp_push,  # the network path over the shards' links, TCP (None: none)
         "tcp_pull_gb_s": tcp_pull,
         # an Update as a stub sends one: the gradients into the region, the values back in it
         "shared_memory_update_gb_s": shm_update,

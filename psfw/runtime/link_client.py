@@ -1,6 +1,11 @@
-"""A client's end of a shard's data link (``psfw.protocol.data_link``): one TCP
-connection, one call at a time, in a thread of its own (``DataLink``), and when a
-network client opens, uses and drops it (``ShardLink``)."""
+"""A client's end of a shard's link (``psfw.protocol.link``): one connection, one
+call at a time, in a thread of its own (``LinkConnection``), and when a shard client
+opens, uses and drops it (``ShardLink``).
+
+The socket depends on distance only: the shard's Unix socket when the Describe
+answer says the shard runs on this host, its TCP port otherwise; TLS over either when
+this client has TLS credentials (as its gRPC channel does).
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,33 @@ import contextlib
 import logging
 import math
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import grpc
 
 from psfw.base.errors import ShardError, WireError, said
-from psfw.protocol.data_link import data_host, framed, recv_frame, send_pieces
-from psfw.protocol.local_link import CALL, END, ERROR, HELLO, MESSAGE, OK, LinkBroken, LinkTimeout, read_error
+from psfw.base.security import Security
+from psfw.protocol.link import (
+    CALL,
+    END,
+    ERROR,
+    HELLO,
+    MESSAGE,
+    OK,
+    LinkBroken,
+    LinkTimeout,
+    framed,
+    link_host,
+    read_error,
+    recv_frame,
+    send_pieces,
+    socket_address,
+)
+from psfw.protocol.shm import host_id
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -29,42 +51,83 @@ CONNECT_S = 3.0  # a shard that offers the link answers at once; one that is not
 Pieces = list  # one message, as pieces (psfw.protocol.frames.frame_encoder)
 
 
-class DataLink:
-    """An open data link to one shard. ``call`` returns the shard's refusal as a
+class Place(NamedTuple):
+    """Where a shard's link listens, as its Describe answer says: a Unix socket of
+    this host (``socket``) or a TCP port (``host``, ``port``), and the link's id."""
+
+    socket: str
+    host: str
+    port: int
+    id: str
+
+    @property
+    def kind(self) -> str:
+        return "unix" if self.socket else "tcp"
+
+    def connect(self) -> socket.socket:
+        if self.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(CONNECT_S)
+                sock.connect(socket_address(self.socket))
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        sock = socket.create_connection((self.host, self.port), CONNECT_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+
+def link_place(reply, address: str, same_host: bool = True) -> Place | None:
+    """Where to reach the link of the shard at ``address`` whose Describe answer is
+    ``reply``: its Unix socket on this host (unless not ``same_host``), else its TCP
+    port; None: it offers none."""
+    host = link_host(address) or ""
+    if same_host and reply.link_socket and reply.host and reply.host == host_id():
+        return Place(reply.link_socket, host, 0, reply.link_id)
+    if reply.link_port and host:
+        return Place("", host, reply.link_port, reply.link_id)
+    return None
+
+
+class LinkConnection:
+    """An open link to one shard. ``call`` returns the shard's refusal as a
     WireError (the link stays open) and raises for a link that failed (an OSError:
     LinkBroken, LinkTimeout): then it is closed, and the caller goes on over gRPC."""
 
-    def __init__(self, sock: socket.socket, thread: ThreadPoolExecutor, link_id: str | None = None):
-        self._sock, self._thread, self.id = sock, thread, link_id
+    def __init__(self, sock: socket.socket, thread: ThreadPoolExecutor, place: Place):
+        self._sock, self._thread, self.place = sock, thread, place
         self._lock = asyncio.Lock()
         self.closed = False
 
     @classmethod
-    async def open(cls, host: str, port: int, token: str | None, link_id: str | None = None) -> DataLink:
-        """Connect to a shard's data port and say the token. Raises OSError if the
-        shard cannot be reached there (or another one answers: not ``link_id``, its
-        Describe's ``data_id``), WireError if it refuses the token."""
-        thread = ThreadPoolExecutor(1, thread_name_prefix="psfw-data-link")
+    async def open(cls, place: Place, token: str | None, tls: ssl.SSLContext | None) -> LinkConnection:
+        """Connect to a shard's link and say the token (in TLS with ``tls``). Raises
+        OSError if the shard cannot be reached there (or another one answers: not
+        ``place.id``), WireError if it refuses the token."""
+        thread = ThreadPoolExecutor(1, thread_name_prefix="psfw-link")
 
         def connect() -> socket.socket:
-            sock = socket.create_connection((host, port), CONNECT_S)
+            sock = place.connect()
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if tls is not None:
+                    sock = tls.wrap_socket(sock, server_hostname=place.host or None)
                 send_pieces(sock, framed(HELLO, [(token or "").encode()]))
-                kind, payload = recv_frame(sock, HELLO_ANSWER_BYTES)
+                kind, payload = recv_frame(sock, HELLO_ANSWER_BYTES, time.monotonic() + CONNECT_S)
                 if kind == ERROR:
                     raise read_error(bytes(payload))
                 if kind != OK:
                     raise LinkBroken(f"the shard answered HELLO with frame kind {kind}")
-                if link_id is not None and bytes(payload) != link_id.encode():
-                    raise LinkBroken(f"another shard's data link answers on port {port}")
+                if bytes(payload) != place.id.encode():
+                    raise LinkBroken(f"another shard's link answers at {place.socket or place.port}")
             except BaseException:
                 sock.close()
                 raise
             return sock
 
         try:
-            return cls(await asyncio.get_running_loop().run_in_executor(thread, connect), thread, link_id)
+            return cls(await asyncio.get_running_loop().run_in_executor(thread, connect), thread, place)
         except BaseException:
             thread.shutdown(wait=False)
             raise
@@ -145,30 +208,35 @@ class DataLink:
 
 
 class ShardLink:
-    """A network client's data link to its shard: opened when a Describe answer names
-    one (once ``wanted``: a client for status or health opens none), used while it
+    """A shard client's link to its shard: opened when a Describe answer names one
+    (once ``wanted``: a client for status or health opens none), used while it
     works. One that fails is dropped (its calls go over gRPC) and opened again after
-    a back-off (1 s, doubling to a minute); one that cannot be opened is tried again
-    only when a Describe names it anew; a Describe that names another link (a
-    restarted shard) opens that one at once."""
+    a back-off (``REOPEN_S``, doubling to ``MAX_REOPEN_S``); one that cannot be
+    opened is tried again only when a Describe names it anew; a Describe that names
+    another link (a restarted shard) opens that one at once."""
 
-    def __init__(self, shard: int, address: str, token: str | None, allowed: bool):
-        self.shard, self.address, self.token = shard, address, token
-        self.allowed = allowed and data_host(address) is not None
+    def __init__(self, shard: int, address: str, security: Security, allowed: bool, same_host: bool = True):
+        self.shard, self.address, self.same_host = shard, address, same_host
+        self.token = security.token
+        self.tls = security.link_client_context() if allowed else None
+        self.allowed = allowed
         self.wanted = False
-        self._link: DataLink | None = None
-        self._named = (0, "")  # the port and id of the link the last Describe named
+        self._link: LinkConnection | None = None
+        self._named: Place | None = None  # where the last Describe said the link is
         self._retry_at, self._backoff = 0.0, REOPEN_S
         self._opening = asyncio.Lock()
 
     @property
-    def up(self) -> bool:
-        return self._link is not None
+    def up(self) -> LinkConnection | None:
+        """The open link, if any."""
+        return self._link
 
     async def relink(self, reply) -> None:
         """Open the link a Describe answer names, unless it is the one open already."""
-        named = (reply.data_port, reply.data_id)
-        if not self.wanted or not named[0] or (named == self._named and self._link is not None):
+        if not self.wanted:
+            return
+        named = link_place(reply, self.address, self.same_host)
+        if named is None or (named == self._named and self._link is not None):
             return
         if named != self._named:
             self._named, self._retry_at, self._backoff = named, 0.0, REOPEN_S
@@ -176,19 +244,23 @@ class ShardLink:
 
     async def _open(self) -> None:
         async with self._opening:  # one at a time: two Describes never leave two links
-            if self._link is not None and not self._link.closed and self._link.id == self._named[1]:
+            if self._link is not None and not self._link.closed and self._link.place == self._named:
                 return
             await self.drop()
-            port, link_id = self._named
-            if time.monotonic() < self._retry_at:
+            if self._named is None or time.monotonic() < self._retry_at:
                 return
             try:
-                self._link = await DataLink.open(data_host(self.address), port, self.token, link_id)
+                self._link = await LinkConnection.open(self._named, self.token, self.tls)
             except (OSError, ValueError, WireError) as err:
                 # not again until a Describe names a link: a port that a firewall drops
                 # would cost every attempt the whole connect timeout
                 self._retry_at = math.inf
-                log.warning("shard %d: no data link on port %d (%s); tensors go over gRPC", self.shard, port, said(err))
+                log.warning(
+                    "shard %d: no link at %s (%s); tensors go over gRPC",
+                    self.shard,
+                    self._named.socket or f"port {self._named.port}",
+                    said(err),
+                )
 
     def _failed(self) -> None:
         """An open link failed: open it again after the back-off."""
@@ -205,7 +277,7 @@ class ShardLink:
         it is busy (the call goes beside it, as gRPC's calls do) or it failed (then the
         caller goes over gRPC: a shard adds an Update's contribution once). The shard's
         refusal is a ShardError, as over gRPC."""
-        if self._link is None and self.wanted and self._named[0] and time.monotonic() >= self._retry_at:
+        if self._link is None and self.wanted and self._named is not None and time.monotonic() >= self._retry_at:
             await self._open()  # after a failure's back-off
         link = self._link
         if link is None or link.busy:
@@ -224,7 +296,7 @@ class ShardLink:
                     f"shard {self.shard} ({self.address}) {rpc}: DEADLINE_EXCEEDED: {err}",
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                 ) from None
-            log.warning("shard %d: the data link failed (%s); tensors go over gRPC", self.shard, said(err))
+            log.warning("shard %d: the link failed (%s); tensors go over gRPC", self.shard, said(err))
             return None
         self._backoff = REOPEN_S
         if isinstance(result, WireError):

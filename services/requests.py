@@ -1,8 +1,10 @@
-"""The ParameterServer gRPC service of one shard (grpc.aio).
+"""A shard's requests, whatever carries them: the one core that gRPC, the link and
+the in-process transport call.
 
-Each handler reads its whole request, validates it against the store, and only then
+Each verb reads its whole request, validates it against the store, and only then
 changes state; an invalid request ends with a precise status code and a message that
-says what was wrong. Bugs are logged once and surface as INTERNAL.
+says what was wrong (a ``WireError``, which each carrier sends its own way). Every
+call is counted and timed alike, refusals are logged in one line, bugs once.
 """
 
 from __future__ import annotations
@@ -14,21 +16,14 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from typing import NamedTuple
 
 import grpc
 
 from psfw.base.errors import WireError
-from psfw.base.service import REASON_KEY, finish_reading
 from psfw.proto import ps_pb2 as pb
-from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.protocol.frames import (
-    Frame,
-    Malformed,
-    frame_deserializer,
-    frame_serializer,
-    message_deserializer,
-)
+from psfw.protocol.frames import Frame, Malformed, frame_deserializer, frame_encoder, message_deserializer
 from psfw.protocol.row_wire import RowCollector, row_pieces
 from psfw.protocol.shm import RegionCache, host_id
 from psfw.protocol.wire import Assembler, update_header
@@ -50,9 +45,22 @@ log = logging.getLogger("psfw.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 30
 SERVICE_METHODS = frozenset(pb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name)
+DECODERS = {"Put": frame_deserializer(pb.PutRequest), "Update": frame_deserializer(pb.UpdateRequest)}
+GET_REQUEST = message_deserializer(pb.GetRequest)
+GET_PIECES = frame_encoder(pb.GetReply)
 
 
-class ParameterServerServicer(pb_grpc.ParameterServerServicer):
+class Answer(NamedTuple):
+    """A call's answer as messages in pieces, and what they are views of (held by
+    the carrier until they are sent: no update writes over values a reader holds)."""
+
+    replies: list[list[bytes | memoryview]]
+    holds: object = None
+
+
+class ShardRequests:
+    """The verbs of one shard (its ``store``), for every carrier."""
+
     def __init__(self, store: ShardStore, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.store = store
         self.max_request_bytes = max_request_bytes
@@ -61,19 +69,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.refusals = RefusalLog(store.shard)
         self._regions = RegionCache()
         self._shard = str(store.shard)
-        self.loading = False  # set while the shard loads its checkpoint: every RPC is then UNAVAILABLE
-        self.local_socket = ""  # the same-host link's name, once it listens (services.local_server)
-        self.data_port = 0  # the data link's TCP port, once it listens (services.data_server)
-        self.data_id = ""  # and what it answers a HELLO with
+        self.loading = False  # set while the shard loads its checkpoint: every call is then UNAVAILABLE
+        self.link_socket = ""  # the link's Unix socket, once it listens (services.link_server)
+        self.link_port = 0  # and its TCP port
+        self.link_id = ""  # and what it answers a HELLO with
 
     def close(self) -> None:
         self.refusals.flush()
         self.metrics.close()
         self._regions.close()
-
-    def refuse(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, reason: str) -> None:
-        """Count and log a refused request (see ``refused``); the caller aborts the RPC."""
-        self.refused(context.peer() or "", method, code, reason)
 
     def refused(self, peer: str, method: str, code: grpc.StatusCode, reason: str) -> None:
         """Count and log a refused request (see RefusalLog). A method name the service
@@ -114,36 +118,13 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         finally:
             self.metrics.latency.labels(self._shard, method).observe(time.perf_counter() - started)
 
-    @contextlib.asynccontextmanager
-    async def _handled(
-        self,
-        context: grpc.aio.ServicerContext,
-        method: str,
-        request: object = None,
-        requests: AsyncIterable | None = None,
-    ):
-        """``served``, over gRPC: a refusal becomes the RPC's status (and reason),
-        sent once the client has sent all of ``requests`` (its stream, if any)."""
-        try:
-            async with self.served(method, context.peer, request):
-                yield
-        except WireError as err:
-            if requests is not None:
-                await finish_reading(requests, context)
-            await context.abort(err.code, _fits(err.message), ((REASON_KEY, err.reason.value),) if err.reason else ())
-
     def description(self) -> pb.DescribeReply:
-        """The Describe answer of the shard as it is now, with the RPCs served."""
+        """The Describe answer of the shard as it is now, with the calls served."""
         reply = describe_store(self.store)
         reply.rpc_counts.update(self.rpc_counts)
-        reply.local_socket = self.local_socket
-        reply.data_port = self.data_port
-        reply.data_id = self.data_id
-        return reply
-
-    async def Put(self, request_iterator: AsyncIterator[Frame], context) -> pb.PutReply:
-        async with self._handled(context, "Put", requests=request_iterator):
-            reply = await self.apply_put(request_iterator)
+        reply.link_socket = self.link_socket
+        reply.link_port = self.link_port
+        reply.link_id = self.link_id
         return reply
 
     async def apply_put(self, frames: AsyncIterable[Frame]) -> pb.PutReply:
@@ -160,40 +141,26 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.metrics.bytes_in.labels(self._shard).inc(assembler.total)
         return pb.PutReply(slices=stored)
 
-    async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[Frame]:
-        async with self._handled(context, "Get", request):
-            answer = await self.read_values(request)
-        for frame in get_replies(*answer):
-            yield frame
-
     async def read_values(self, request: pb.GetRequest) -> tuple[int, dict, dict]:
         """A Get's step, values and table rows, once its group has got there."""
         if request.shm:  # a stub of an older psfw: it goes on over the network
             raise no_shared_memory(self.store.shard, "answers no Get through shared memory")
-        keys = [(r.key, r.slice) for r in request.slices]
         pulled = RowCollector()
         pulled.add(request.pull, ids_only=True)
-        step, values, rows = await self.store.read(
-            keys,
+        return await self.store.read(
+            [(r.key, r.slice) for r in request.slices],
             request.group,
             request.step,
-            _wait(request.wait_s),
+            bounded_wait(request.wait_s),
             request.wait_for_put,
             request.job,
             pulled.ids(),
         )
-        return step, values, rows
-
-    async def Update(self, request_iterator: AsyncIterator[Frame], context) -> AsyncIterator[bytes]:
-        async with self._handled(context, "Update", requests=request_iterator):
-            result, shared = await self.apply_update(request_iterator)
-        async for reply in self.update_replies(result, shared):
-            yield reply
 
     async def apply_update(self, frames: AsyncIterable[Frame]) -> tuple[UpdateResult, bool]:
-        """Read an Update's messages and hand it to the store; an Update through
-        shared memory gets its answer's values written into its region. Returns the
-        store's result and whether the values are in the region."""
+        """Read an Update's messages and hand it to the store; an Update whose
+        tensors lie in a shared region gets its answer's values written there.
+        Returns the store's result and whether the values are in the region."""
         # gradients may come compressed (psfw.protocol.compression): widened here
         assembler = Assembler(self.store.expect, max_bytes=self.max_request_bytes, widen=True)
         pushed, pulled = RowCollector(), RowCollector()
@@ -213,7 +180,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             sums, places = region_slots(region, self.store.shard, header.shm_slots, self.store.specs)
         else:
             sums = assembler.finish()
-        head = update_header(header, _wait(header.wait_s), pushed.rows(), pulled.ids())
+        head = update_header(header, bounded_wait(header.wait_s), pushed.rows(), pulled.ids())
         result = await self.store.update(head, sums)
         self.metrics.bytes_in.labels(self._shard).inc((assembler.total or self.store.nbytes()) + pushed.total)
         if header.shm:
@@ -221,9 +188,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return result, bool(header.shm)
 
     async def update_replies(self, result: UpdateResult, shared: bool) -> AsyncIterator[bytes]:
-        """An Update's answer, encoded: the table rows its process pulled, then the
-        values (only the steps and metrics when ``shared``: the values are in the
-        region already)."""
+        """An Update's answer, encoded a batch at a time (gRPC's): the table rows its
+        process pulled, then the values (only the steps and metrics when ``shared``:
+        the values are in the region already)."""
         rows_out = 0
         for pieces in row_pieces(result.table_rows):  # this process's own rows, ahead of the shared answer
             reply = UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, table_rows=pieces), []))
@@ -243,8 +210,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         """An Update's answer (its table rows, then its values) as pieces whose
         tensor data are views of the shard's values, for a carrier that sends them as
         they are: nothing is copied, so nothing is shared between a group's processes
-        either. The carrier holds ``result`` until they are sent (no update writes
-        over values a reader holds)."""
+        either."""
         pieces = [
             [UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, table_rows=rows), []))]
             for rows in row_pieces(result.table_rows)
@@ -253,29 +219,46 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.metrics.bytes_out.labels(self._shard).inc(sum(len(p) for message in pieces for p in message))
         return pieces
 
-    async def Describe(self, request: pb.DescribeRequest, context) -> pb.DescribeReply:
-        async with self._handled(context, "Describe", request):
-            reply = self.description()
-            if request.digest:
-                reply.digest = await self.store.state_digest()
+    async def answer(self, method: str, payloads: list[memoryview], peer: str) -> Answer | WireError:
+        """A whole call's answer as pieces (the link's), from its messages as they
+        came (``payloads``); the refusal as a WireError."""
+        try:
+            if method == "Get":
+                request = GET_REQUEST(bytes(payloads[0])) if len(payloads) == 1 else Malformed("a Get is one message")
+                async with self.served("Get", lambda: peer, request):
+                    step, values, rows = await self.read_values(request)
+                    return Answer([GET_PIECES(frame) for frame in get_replies(step, values, rows)], values)
+            frames = [DECODERS[method](payload) for payload in payloads]
+            async with self.served(method, lambda: peer):
+                if method == "Put":
+                    return Answer([[(await self.apply_put(each(frames))).SerializeToString()]])
+                result, shared = await self.apply_update(each(frames))
+                if shared:  # the values are in the region already
+                    return Answer([[reply] async for reply in self.update_replies(result, shared)])
+                return Answer(self.answer_pieces(result), result)
+        except WireError as err:
+            return err
+
+    async def describe(self, digest: bool = False) -> pb.DescribeReply:
+        """The Describe answer (``digest``: with the digest of the shard's state)."""
+        reply = self.description()
+        if digest:
+            reply.digest = await self.store.state_digest()
         return reply
 
-    async def Restore(self, request: pb.RestoreRequest, context) -> pb.RestoreReply:
-        async with self._handled(context, "Restore", request):
-            await self.store.restore(request.step, request.epoch)
-            log.warning("shard %d restored to step %d, epoch %d", self.store.shard, request.step, request.epoch)
-        return pb.RestoreReply(step=request.step, epoch=self.store.epoch)
+    async def restore(self, step: int, epoch: int) -> pb.RestoreReply:
+        await self.store.restore(step, epoch)
+        log.warning("shard %d restored to step %d, epoch %d", self.store.shard, step, epoch)
+        return pb.RestoreReply(step=step, epoch=self.store.epoch)
 
 
-MAX_REASON_CHARS = 2000  # a status message travels in a header: gRPC drops one over 16 KiB
+async def each(items: Iterable) -> AsyncIterator:
+    """``items`` as an async iterator (a whole request read by a carrier)."""
+    for item in items:
+        yield item
 
 
-def _fits(reason: str) -> str:
-    """A refusal's reason, cut to fit a status message (it may echo what was sent)."""
-    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS] + "..."
-
-
-def _wait(wait_s: float) -> float:
+def bounded_wait(wait_s: float) -> float:
     """The wait a request asked for, bounded; 0 means the default of 60 s."""
     return min(wait_s, 3600.0) if wait_s > 0 else 60.0
 
@@ -325,37 +308,3 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
         for process, updates, age_s in store.reports.of(group):
             info.reports.add(process=process, updates=updates, age_s=age_s)
     return reply
-
-
-def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:
-    """Register the service with the bulk-data codec of ``psfw.protocol.wire``: the bytes on the
-    wire are the messages of ``ps.proto``; tensor data is never copied by protobuf."""
-    handlers = {
-        "Put": grpc.stream_unary_rpc_method_handler(
-            servicer.Put,
-            request_deserializer=frame_deserializer(pb.PutRequest),
-            response_serializer=pb.PutReply.SerializeToString,
-        ),
-        "Get": grpc.unary_stream_rpc_method_handler(
-            servicer.Get,
-            request_deserializer=message_deserializer(pb.GetRequest),
-            response_serializer=frame_serializer(pb.GetReply),
-        ),
-        "Update": grpc.stream_stream_rpc_method_handler(
-            servicer.Update,
-            request_deserializer=frame_deserializer(pb.UpdateRequest),
-            response_serializer=frame_serializer(pb.UpdateReply),
-        ),
-        "Describe": grpc.unary_unary_rpc_method_handler(
-            servicer.Describe,
-            request_deserializer=message_deserializer(pb.DescribeRequest),
-            response_serializer=pb.DescribeReply.SerializeToString,
-        ),
-        "Restore": grpc.unary_unary_rpc_method_handler(
-            servicer.Restore,
-            request_deserializer=message_deserializer(pb.RestoreRequest),
-            response_serializer=pb.RestoreReply.SerializeToString,
-        ),
-    }
-    service = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
