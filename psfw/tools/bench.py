@@ -6,20 +6,24 @@ batch 256, SGD. In one run, side by side: single-process jitted JAX on the full 
 worker and one fused update: the bound of data parallelism on this machine), psfw
 embedded (1 group x 2 workers, 2 shards in-process), psfw with the 2 shards as
 separate OS processes on this host (shared memory), and the same over the network
-path: gRPC alone (``grpc``), the shards' data links (``tcp``, the default) and the
-data links with bfloat16 gradients (``tcp_compressed``).
+path, as between hosts: gRPC alone (``grpc``), the shards' links over TCP (``tcp``,
+the default), the links with bfloat16 gradients (``tcp_compressed``), and the links
+in TLS, as a secure deployment between hosts runs (``tls``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 import optax
 
+from psfw.base.security import NO_SECURITY, Security
 from psfw.compute.batching import BatchOrder
 from psfw.compute.params import flatten_params
 from psfw.compute.step import make_grad_step
@@ -32,6 +36,7 @@ from psfw.runtime.devices import device_name
 from psfw.runtime.fetch import fetch_params
 from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
+from psfw.tools.bench_certs import make_certs, openssl_installed
 from psfw.tools.peer_bench import run_ddp, torch_installed
 
 BENCH_CONFIG = {
@@ -126,9 +131,12 @@ def data_parallel_bound(config: Config, warmup: int, steps: int) -> float:
     return steps * config.train.batch_size / (stamps[-1] - stamps[warmup - 1])
 
 
-async def _psfw(config: Config, warmup: int, addresses: list[str] | None, final: bool = False):
+async def _psfw(
+    config: Config, warmup: int, addresses: list[str] | None, final: bool = False, security: Security = NO_SECURITY
+):
     """Samples/s of psfw on ``config`` after ``warmup`` steps (of each group); with
-    ``final``, also the trained parameters (fetched from the shards at ``addresses``)."""
+    ``final``, also the trained parameters (fetched from the shards at ``addresses``,
+    reached with ``security``)."""
     job = build_job(config)
     stamps: list[float] = []
     groups = config.cluster.worker_groups
@@ -143,8 +151,8 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None, final:
             servers.append(server)
             addresses.append(server.address)
     try:
-        await run_worker_processes(job, addresses, reporter=reporter)
-        params = await _trained(job, addresses) if final else None
+        await run_worker_processes(job, addresses, reporter=reporter, security=security)
+        params = await _trained(job, addresses, security) if final else None
     finally:
         for server in servers:
             await server.stop(0)
@@ -156,8 +164,8 @@ async def _psfw(config: Config, warmup: int, addresses: list[str] | None, final:
     return (speed, params) if final else speed
 
 
-async def _trained(job, addresses: list[str]) -> dict[str, np.ndarray]:
-    clients = [ShardClient(a, i, timeout_s=60) for i, a in enumerate(addresses)]
+async def _trained(job, addresses: list[str], security: Security) -> dict[str, np.ndarray]:
+    clients = [ShardClient(a, i, timeout_s=60, security=security) for i, a in enumerate(addresses)]
     try:
         return await fetch_params(clients, job.layout, 0, job.steps, list(job.layout.params), 60)
     finally:
@@ -187,7 +195,9 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
     variant. Also, in each round: the network path over the shards' data links (``tcp``;
     ``tcp_param_gap``: its trained parameters against gRPC's, 0 when the bytes are the
     same) and with bfloat16 gradients (``tcp_compressed``; ``tcp_compressed_param_gap``:
-    its trained parameters against the uncompressed run's, see ``_gap``), 2 asynchronous groups of 1 worker (batch 128 each,
+    its trained parameters against the uncompressed run's, see ``_gap``), the links in TLS
+    (``tls``, where the ``openssl`` command can make certificates; ``tls_param_gap``: 0,
+    the same bytes), 2 asynchronous groups of 1 worker (batch 128 each,
     the same rows per worker as the 2-worker group), embedded (``two_groups``), and
     PyTorch DDP over gloo on the same job where torch is installed (``ddp``)."""
     config = bench_config(warmup + steps)
@@ -216,10 +226,13 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         "grpc": [],
         "tcp": [],
         "tcp_compressed": [],
+        "tls": [],
         "two_groups": [],
     }
     gaps: list[float] = []
     tcp_gaps: list[float] = []
+    tls_gaps: list[float] = []
+    tls = openssl_installed()
     ddp = torch_installed()
     if ddp:
         runs["ddp"] = []
@@ -240,10 +253,14 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
             speed, params = asyncio.run(_psfw(compressed, warmup, addresses, final=True))
             runs["tcp_compressed"].append(speed)
         gaps.append(_gap(params, exact, _initial(config)))
+        if tls:
+            speed, params = _tls_run(config.cluster.servers, tcp_config, warmup)
+            runs["tls"].append(speed)
+            tls_gaps.append(_gap(params, exact, _initial(config)))
         runs["two_groups"].append(asyncio.run(_psfw(groups, warmup, None)))
         if ddp:
             runs["ddp"].append(run_ddp(steps, warmup, config.train.batch_size, config.optimizer.learning_rate))
-    best = {key: max(values) for key, values in runs.items()}
+    best = {key: max(values) for key, values in runs.items() if values}
     figures: dict = dict(best)
     variants = (
         "data_parallel_bound",
@@ -252,6 +269,7 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         "grpc",
         "tcp",
         "tcp_compressed",
+        *(("tls",) * tls),
         "two_groups",
         *(("ddp",) * ddp),
     )
@@ -264,6 +282,8 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         # the share of what data parallelism allows on this machine: comparable across machines
         figures[f"{key}_of_bound"] = best[key] / best["data_parallel_bound"]
     figures["ddp"] = best.get("ddp")  # None: torch is not installed
+    figures["tls"] = best.get("tls")  # None: no openssl command to make certificates with
+    figures["tls_param_gap"] = max(tls_gaps) if tls_gaps else None  # TLS against gRPC alone: 0
     # the compressed run's parameters after all its steps against the uncompressed run's
     figures["tcp_compressed_param_gap"] = max(gaps)
     figures["tcp_param_gap"] = max(tcp_gaps)  # the data link against gRPC alone: 0, the same bytes
@@ -271,6 +291,17 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         figures["separate_processes_over_ddp"] = best["separate_processes"] / best["ddp"]
     figures.update(path=path, rounds=rounds, devices=[device_name(d) for d in jax.local_devices()])
     return figures
+
+
+def _tls_run(servers: int, config: Config, warmup: int) -> tuple[float, dict[str, np.ndarray]]:
+    """The network path with shards that serve TLS (throwaway certificates): its
+    samples/s and trained parameters."""
+    with tempfile.TemporaryDirectory(prefix="psfw-bench-tls-") as folder:
+        certs = make_certs(Path(folder))
+        security = Security.from_files(ca=str(certs.ca))
+        tls_flags = ("--tls-cert", str(certs.cert), "--tls-key", str(certs.key))
+        with shard_processes(servers, *tls_flags) as (addresses, _):
+            return asyncio.run(_psfw(config, warmup, addresses, final=True, security=security))
 
 
 __all__ = ["BENCH_CONFIG", "data_parallel_bound", "run_bench"]

@@ -82,13 +82,15 @@ def main(args: argparse.Namespace) -> int:
             ("embedded", "psfw embedded"),
             ("separate_processes", "psfw shard processes"),
             ("grpc", "psfw network, gRPC"),
-            ("tcp", "psfw network, data link"),
+            ("tcp", "psfw network, link"),
             ("tcp_compressed", "  the same, bf16 grads"),
+            ("tls", "  the same, in TLS"),
             ("two_groups", "psfw 2 groups x 1"),
             ("ddp", "PyTorch DDP (gloo)"),
         ):
-            if figures.get(key) is None:  # DDP without torch
-                print(f"  {label:<22}  not run (pip install torch to compare)")
+            if figures.get(key) is None:  # DDP without torch, TLS without openssl
+                missing = "pip install torch" if key == "ddp" else "install the openssl command"
+                print(f"  {label:<22}  not run ({missing} to compare)")
                 continue
             rounds = ", ".join(f"{r:.2f}" for r in figures[key + "_round_ratios"])
             of_bound = f"  {figures[key + '_of_bound']:.2f} of the bound" if key + "_of_bound" in figures else ""
@@ -106,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"transfer of {_bytes_text(figures['transfer_bytes'])} over 2 shards (push / pull, GB/s):")
         print(f"  gRPC          {figures['grpc_push_gb_s']:.3g} / {figures['grpc_pull_gb_s']:.3g}")
         if figures["tcp_push_gb_s"] is not None:
-            print(f"  data link     {figures['tcp_push_gb_s']:.3g} / {figures['tcp_pull_gb_s']:.3g}")
+            print(f"  link (TCP)    {figures['tcp_push_gb_s']:.3g} / {figures['tcp_pull_gb_s']:.3g}")
         if figures["shared_memory_update_gb_s"] is not None:
             print(f"  shared memory {figures['shared_memory_update_gb_s']:.3g} (an Update: in and back)")
         print(f"  in-process    {figures['in_process_push_gb_s']:.3g} / {figures['in_process_pull_gb_s']:.3g}")
