@@ -30,7 +30,7 @@ def test_bench_reports_every_variant_and_ratio():
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["devices"] and figures["rounds"] == 1
-    variants = ("embedded", "separate_processes", "grpc", "tcp", "tcp_compressed", "two_groups")
+    variants = ("embedded", "separate_processes", "grpc", "tcp", "tcp_compressed", "tls", "two_groups")
     for key in ("single_process", "data_parallel_bound", *variants):
         assert figures[key] > 0
         if key != "single_process":
@@ -40,7 +40,8 @@ def test_bench_reports_every_variant_and_ratio():
             assert figures[f"{key}_of_bound"] == pytest.approx(figures[key] / figures["data_parallel_bound"])
     # bfloat16 gradients with error feedback: close to the uncompressed run, not equal to it
     assert 0 < figures["tcp_compressed_param_gap"] < 0.05
-    assert figures["tcp_param_gap"] == 0, "the data link carries the same bytes as gRPC"
+    assert figures["tcp_param_gap"] == 0, "the link carries the same bytes as gRPC"
+    assert figures["tls_param_gap"] == 0, "the link in TLS carries the same bytes as gRPC"
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def test_one_group_over_two_processes_equals_single_process_training(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[worker 1]" in done.stdout and "[shard 1]" in done.stdout
-    assert "shards 0-1 shared-memory" in done.stdout, "same host: tensors through shared memory"
+    assert "shards 0-1 link (unix, shared memory)" in done.stdout, "same host: tensors in shared memory"
     expected = reference(load_config(config_path), 6)
     assert_params_close(read_params(tmp_path / "run" / "params.safetensors"), expected)
 

@@ -78,7 +78,7 @@ async def test_a_compressed_update_carries_half_the_bytes_and_applies_the_rounde
     plain = ShardClient(server.address, 0, timeout_s=10, retries=0)
     narrow = ShardClient(server.address, 0, timeout_s=10, retries=0, compression="bf16")
     try:
-        assert narrow.kind == "grpc+bf16" and plain.kind == "grpc"
+        assert narrow.kind == "grpc (bf16)" and plain.kind == "grpc"
         start = np.linspace(0, 1, 4096, dtype=np.float32)
         await plain.put([("w", 0, start)], SGD)
         received = server.requests.metrics.bytes_in.labels("0")

@@ -73,7 +73,7 @@ async def test_psfw_equals_single_process_training(optimizer, workers, per_proce
 async def test_the_network_path_in_pipelined_batches_equals_single_process_training(monkeypatch, per_process, link):
     """Requests summed and encoded, and answers encoded, a few slices at a time
     while earlier ones travel (one stub, and 2 stubs sharing their group's answer),
-    over gRPC and over the shards' data links."""
+    over gRPC and over the shards' links."""
     monkeypatch.setattr(psfw.protocol.calls, "PIPELINE_BYTES", 4096)
     monkeypatch.setattr(psfw.services.answers, "ANSWER_BATCH_BYTES", 4096)
     config = make_config(OPTIMIZERS["adam"], 2, per_process, 64, slice_bytes=2048, transport="grpc")

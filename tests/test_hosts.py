@@ -80,7 +80,7 @@ def test_training_across_two_hosts(two_hosts, tmp_path):
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         assert "group 0 step 8" in done.stdout
-        assert "shards 0-1 tcp" in done.stderr, "another host: the network path, over the shards' data links"
+        assert "shards 0-1 link (tcp)" in done.stderr, "another host: the network path, over the shards' links"
         assert set(read_params(tmp_path / "run" / "params.safetensors")) == {
             "dense0/w",
             "dense0/b",

@@ -1,6 +1,6 @@
 """Embedding tables survive what dense parameters survive: a run killed at a random
 step and resumed, and a shard process killed and restarted from its checkpoint
-(the shard processes share memory with the worker: the shared-memory transport),
+(the shard processes share memory with the worker: tensors in shared memory),
 end with the rows and parameters of plain dense training."""
 
 import random
@@ -92,7 +92,7 @@ def test_a_killed_table_shard_restarts_from_its_checkpoint_and_the_job_ends_the_
         outs[0] = "".join(seen) + outs[0]
         for worker, out in zip(workers, outs, strict=True):
             assert worker.wait(300) == 0, out[-3000:]
-        assert "shared-memory" in outs[0], outs[0][:2000]
+        assert "link (unix, shared memory)" in outs[0], outs[0][:2000]
         assert "re-synced" in outs[0] or "restored" in outs[0], outs[0][-3000:]
     finally:
         stop_all(procs)  # a graceful stop: the shards save their final rows

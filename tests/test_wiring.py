@@ -157,7 +157,7 @@ async def test_a_worker_started_before_its_same_host_shard_takes_the_same_host_p
         [transport] = await asyncio.wait_for(connecting, 40)
         try:
             assert transport.step_buffers is not None, "the same-host path declares the region as its buffers"
-            assert "process 0: shard 0 shared-memory" in caplog.text
+            assert "process 0: shard 0 link (unix, shared memory)" in caplog.text
         finally:
             await transport.close()
     finally:
