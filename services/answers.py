@@ -11,27 +11,27 @@ import numpy as np
 
 from psfw.base.errors import mark_retrieved
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.frames import Frame, encode_chunks, frame_encoder, frame_serializer
+from psfw.protocol.chunks import ChunkedMessage, chunked_encoder, chunked_serializer, encode_chunks
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.row_wire import row_pieces
 from psfw.protocol.shm import Region
 from psfw.protocol.wire import batched, encoded_ahead
 from psfw.services.rounds import UpdateResult
 
-UPDATE_REPLY = frame_serializer(pb.UpdateReply)
-UPDATE_PIECES = frame_encoder(pb.UpdateReply)
+UPDATE_REPLY = chunked_serializer(pb.UpdateReply)
+UPDATE_PIECES = chunked_encoder(pb.UpdateReply)
 SHARED_REPLY_BYTES = 64 << 20  # up to this, one encoded answer is shared by the group's processes
 ANSWER_BATCH_BYTES = 4 << 20  # an answer is encoded this much at a time
 WRITE_THROUGH_FILE_BYTES = 64 << 20  # from this, answers through shared memory bypass the mapping
 INLINE_WRITE_BYTES = 8 << 20  # an answer this small is written on the event loop: less than a thread hop
 
 
-def get_replies(step: int, values: dict, rows: dict) -> Iterator[Frame]:
+def get_replies(step: int, values: dict, rows: dict) -> Iterator[ChunkedMessage]:
     """A Get's answer: the table rows, then the values."""
     for pieces in row_pieces(rows):
-        yield Frame(pb.GetReply(step=step, rows=pieces), [])
+        yield ChunkedMessage(pb.GetReply(step=step, rows=pieces), [])
     for chunks in encode_chunks((k, i, v) for (k, i), v in values.items()):
-        yield Frame(pb.GetReply(step=step), chunks)
+        yield ChunkedMessage(pb.GetReply(step=step), chunks)
 
 
 async def write_answer(region: Region, offsets: dict[SliceKey, int], values: dict) -> None:
@@ -63,11 +63,11 @@ def reply_head(result: UpdateResult) -> pb.UpdateReply:
 
 def answer_pieces(result: UpdateResult, keys: list[SliceKey]) -> list[list[bytes | memoryview]]:
     """The answer's messages for ``keys``, each as pieces whose tensor data are
-    views of the shard's values (``frame_encoder``)."""
+    views of the shard's values (``chunked_encoder``)."""
     head = reply_head(result)
     values = result.values
     chunked = list(encode_chunks((k, i, values[(k, i)]) for k, i in keys)) or [[]]  # a shard with no slices
-    return [UPDATE_PIECES(Frame(head, c)) for c in chunked]
+    return [UPDATE_PIECES(ChunkedMessage(head, c)) for c in chunked]
 
 
 def _encode_answer(result: UpdateResult, keys: list[SliceKey]) -> list[bytes]:

@@ -13,7 +13,7 @@ from psfw.base.errors import WireError
 from psfw.base.service import REASON_KEY, finish_reading
 from psfw.proto import ps_pb2 as pb
 from psfw.proto import ps_pb2_grpc as pb_grpc
-from psfw.protocol.frames import Frame, frame_deserializer, frame_serializer, message_deserializer
+from psfw.protocol.chunks import ChunkedMessage, chunked_deserializer, chunked_serializer, message_deserializer
 from psfw.services.answers import get_replies
 from psfw.services.requests import ShardRequests
 
@@ -48,18 +48,18 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 await finish_reading(requests, context)
             await context.abort(err.code, _fits(err.message), ((REASON_KEY, err.reason.value),) if err.reason else ())
 
-    async def Put(self, request_iterator: AsyncIterator[Frame], context) -> pb.PutReply:
+    async def Put(self, request_iterator: AsyncIterator[ChunkedMessage], context) -> pb.PutReply:
         async with self._handled(context, "Put", requests=request_iterator):
             reply = await self.requests.apply_put(request_iterator)
         return reply
 
-    async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[Frame]:
+    async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[ChunkedMessage]:
         async with self._handled(context, "Get", request):
             answer = await self.requests.read_values(request)
-        for frame in get_replies(*answer):
-            yield frame
+        for message in get_replies(*answer):
+            yield message
 
-    async def Update(self, request_iterator: AsyncIterator[Frame], context) -> AsyncIterator[bytes]:
+    async def Update(self, request_iterator: AsyncIterator[ChunkedMessage], context) -> AsyncIterator[bytes]:
         async with self._handled(context, "Update", requests=request_iterator):
             result, shared = await self.requests.apply_update(request_iterator)
         async for reply in self.requests.update_replies(result, shared):
@@ -82,24 +82,24 @@ def _fits(reason: str) -> str:
 
 
 def add_servicer(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:
-    """Register the service with the bulk-data codec of ``psfw.protocol.frames``: the
+    """Register the service with the bulk-data codec of ``psfw.protocol.chunks``: the
     bytes on the wire are the messages of ``ps.proto``; tensor data is never copied
     by protobuf."""
     handlers = {
         "Put": grpc.stream_unary_rpc_method_handler(
             servicer.Put,
-            request_deserializer=frame_deserializer(pb.PutRequest),
+            request_deserializer=chunked_deserializer(pb.PutRequest),
             response_serializer=pb.PutReply.SerializeToString,
         ),
         "Get": grpc.unary_stream_rpc_method_handler(
             servicer.Get,
             request_deserializer=message_deserializer(pb.GetRequest),
-            response_serializer=frame_serializer(pb.GetReply),
+            response_serializer=chunked_serializer(pb.GetReply),
         ),
         "Update": grpc.stream_stream_rpc_method_handler(
             servicer.Update,
-            request_deserializer=frame_deserializer(pb.UpdateRequest),
-            response_serializer=frame_serializer(pb.UpdateReply),
+            request_deserializer=chunked_deserializer(pb.UpdateRequest),
+            response_serializer=chunked_serializer(pb.UpdateReply),
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,

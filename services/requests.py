@@ -23,7 +23,7 @@ import grpc
 
 from psfw.base.errors import WireError
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.frames import Frame, Malformed, frame_deserializer, frame_encoder, message_deserializer
+from psfw.protocol.chunks import ChunkedMessage, Malformed, chunked_deserializer, chunked_encoder, message_deserializer
 from psfw.protocol.row_wire import RowCollector, row_pieces
 from psfw.protocol.shm import RegionCache, host_id
 from psfw.protocol.wire import Assembler, update_header
@@ -45,9 +45,9 @@ log = logging.getLogger("psfw.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 30
 SERVICE_METHODS = frozenset(pb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name)
-DECODERS = {"Put": frame_deserializer(pb.PutRequest), "Update": frame_deserializer(pb.UpdateRequest)}
+DECODERS = {"Put": chunked_deserializer(pb.PutRequest), "Update": chunked_deserializer(pb.UpdateRequest)}
 GET_REQUEST = message_deserializer(pb.GetRequest)
-GET_PIECES = frame_encoder(pb.GetReply)
+GET_PIECES = chunked_encoder(pb.GetReply)
 
 
 class Answer(NamedTuple):
@@ -127,13 +127,13 @@ class ShardRequests:
         reply.link_id = self.link_id
         return reply
 
-    async def apply_put(self, frames: AsyncIterable[Frame]) -> pb.PutReply:
+    async def apply_put(self, messages: AsyncIterable[ChunkedMessage]) -> pb.PutReply:
         """Read a Put's messages and store their slices (the store adopts the chunks'
         buffers where a slice came whole)."""
         assembler = Assembler(max_bytes=self.max_request_bytes, keep=True)
         first = None
-        async for frame in frames:
-            header = assembler.add_frame(frame)
+        async for message in messages:
+            header = assembler.add_message(message)
             if first is None:
                 first = header
         optimizer, job, tables = (first.optimizer, first.job, first.tables) if first is not None else ("", "", "")
@@ -157,7 +157,7 @@ class ShardRequests:
             pulled.ids(),
         )
 
-    async def apply_update(self, frames: AsyncIterable[Frame]) -> tuple[UpdateResult, bool]:
+    async def apply_update(self, messages: AsyncIterable[ChunkedMessage]) -> tuple[UpdateResult, bool]:
         """Read an Update's messages and hand it to the store; an Update whose
         tensors lie in a shared region gets its answer's values written there.
         Returns the store's result and whether the values are in the region."""
@@ -165,8 +165,8 @@ class ShardRequests:
         assembler = Assembler(self.store.expect, max_bytes=self.max_request_bytes, widen=True)
         pushed, pulled = RowCollector(), RowCollector()
         header = None
-        async for frame in frames:
-            first = assembler.add_frame(frame)
+        async for message in messages:
+            first = assembler.add_message(message)
             pushed.add(first.push)
             pulled.add(first.pull, ids_only=True)
             if header is None:
@@ -193,12 +193,12 @@ class ShardRequests:
         the values are in the region already)."""
         rows_out = 0
         for pieces in row_pieces(result.table_rows):  # this process's own rows, ahead of the shared answer
-            reply = UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, table_rows=pieces), []))
+            reply = UPDATE_REPLY(ChunkedMessage(pb.UpdateReply(step=result.step, table_rows=pieces), []))
             rows_out += len(reply)
             yield reply
         if shared:
             self.metrics.bytes_out.labels(self._shard).inc(self.store.nbytes() + rows_out)
-            yield UPDATE_REPLY(Frame(reply_head(result), []))
+            yield UPDATE_REPLY(ChunkedMessage(reply_head(result), []))
             return
         sent = 0
         async for reply in encoded_answer(result, self.store.nbytes() <= SHARED_REPLY_BYTES):
@@ -212,7 +212,7 @@ class ShardRequests:
         they are: nothing is copied, so nothing is shared between a group's processes
         either."""
         pieces = [
-            [UPDATE_REPLY(Frame(pb.UpdateReply(step=result.step, table_rows=rows), []))]
+            [UPDATE_REPLY(ChunkedMessage(pb.UpdateReply(step=result.step, table_rows=rows), []))]
             for rows in row_pieces(result.table_rows)
         ]
         pieces += answer_pieces(result, sorted(result.values))
@@ -227,12 +227,12 @@ class ShardRequests:
                 request = GET_REQUEST(bytes(payloads[0])) if len(payloads) == 1 else Malformed("a Get is one message")
                 async with self.served("Get", lambda: peer, request):
                     step, values, rows = await self.read_values(request)
-                    return Answer([GET_PIECES(frame) for frame in get_replies(step, values, rows)], values)
-            frames = [DECODERS[method](payload) for payload in payloads]
+                    return Answer([GET_PIECES(message) for message in get_replies(step, values, rows)], values)
+            messages = [DECODERS[method](payload) for payload in payloads]
             async with self.served(method, lambda: peer):
                 if method == "Put":
-                    return Answer([[(await self.apply_put(each(frames))).SerializeToString()]])
-                result, shared = await self.apply_update(each(frames))
+                    return Answer([[(await self.apply_put(each(messages))).SerializeToString()]])
+                result, shared = await self.apply_update(each(messages))
                 if shared:  # the values are in the region already
                     return Answer([[reply] async for reply in self.update_replies(result, shared)])
                 return Answer(self.answer_pieces(result), result)

@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.frames import Chunk, Frame, frame_deserializer, frame_serializer
+from psfw.protocol.chunks import Chunk, ChunkedMessage, chunked_deserializer, chunked_serializer
 from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
 
@@ -39,8 +39,8 @@ async def running():
     channel = grpc.aio.insecure_channel(server.address)
     update = channel.stream_stream(
         UPDATE,
-        request_serializer=frame_serializer(pb.UpdateRequest),
-        response_deserializer=frame_deserializer(pb.UpdateReply),
+        request_serializer=chunked_serializer(pb.UpdateRequest),
+        response_deserializer=chunked_deserializer(pb.UpdateReply),
     )
     raw = channel.stream_stream(UPDATE, request_serializer=lambda b: b, response_deserializer=lambda b: b)
     yield server, client, update, raw
@@ -57,50 +57,54 @@ async def call(method, messages):
 
 
 BAD_UPDATES = {
-    "unknown key": ([Frame(header(), [chunk(key="nope")])], grpc.StatusCode.NOT_FOUND, "holds no slice nope[0]"),
-    "unknown slice": ([Frame(header(), [chunk(index=7)])], grpc.StatusCode.NOT_FOUND, "holds no slice w[7]"),
+    "unknown key": (
+        [ChunkedMessage(header(), [chunk(key="nope")])],
+        grpc.StatusCode.NOT_FOUND,
+        "holds no slice nope[0]",
+    ),
+    "unknown slice": ([ChunkedMessage(header(), [chunk(index=7)])], grpc.StatusCode.NOT_FOUND, "holds no slice w[7]"),
     "wrong dtype": (
-        [Frame(header(), [chunk(dtype="float64"), chunk(index=1)])],
+        [ChunkedMessage(header(), [chunk(dtype="float64"), chunk(index=1)])],
         grpc.StatusCode.INVALID_ARGUMENT,
         "w[0] is float32, the request sent float64",
     ),
     "unsupported dtype": (
-        [Frame(header(), [chunk(dtype="int8", data=b"\0" * 4)])],
+        [ChunkedMessage(header(), [chunk(dtype="int8", data=b"\0" * 4)])],
         grpc.StatusCode.INVALID_ARGUMENT,
         "dtype 'int8' is not supported",
     ),
     "wrong shape": (
-        [Frame(header(), [chunk(shape=(2, 2)), chunk(index=1)])],
+        [ChunkedMessage(header(), [chunk(shape=(2, 2)), chunk(index=1)])],
         grpc.StatusCode.INVALID_ARGUMENT,
         "w[0] has shape [4], the request sent [2, 2]",
     ),
     "truncated bytes": (
-        [Frame(header(), [chunk(data=b"\0" * 8), chunk(index=1)])],
+        [ChunkedMessage(header(), [chunk(data=b"\0" * 8), chunk(index=1)])],
         grpc.StatusCode.INVALID_ARGUMENT,
         "w[0] is truncated: 8 of 16 bytes arrived",
     ),
     "too many bytes": (
-        [Frame(header(), [chunk(data=b"\0" * 20)])],
+        [ChunkedMessage(header(), [chunk(data=b"\0" * 20)])],
         grpc.StatusCode.INVALID_ARGUMENT,
         "w[0] has 20 bytes, more than",
     ),
     "missing slice": (
-        [Frame(header(), [chunk()])],
+        [ChunkedMessage(header(), [chunk()])],
         grpc.StatusCode.INVALID_ARGUMENT,
         "lacks 1 slices of shard 0 (w[1])",
     ),
     "nan gradient": (
-        [Frame(header(), [chunk(data=np.array([1, np.nan, 0, 0], np.float32).tobytes()), chunk(index=1)])],
+        [ChunkedMessage(header(), [chunk(data=np.array([1, np.nan, 0, 0], np.float32).tobytes()), chunk(index=1)])],
         grpc.StatusCode.INVALID_ARGUMENT,
         "gradient of w[0] has NaN or Inf values",
     ),
     "step ahead": (
-        [Frame(header(step=5), [chunk(), chunk(index=1)])],
+        [ChunkedMessage(header(step=5), [chunk(), chunk(index=1)])],
         grpc.StatusCode.FAILED_PRECONDITION,
         "group 0 step 5 is ahead of the group, which has completed 0 steps",
     ),
     "impossible workers": (
-        [Frame(header(workers=3, workers_per_group=2), [chunk(), chunk(index=1)])],
+        [ChunkedMessage(header(workers=3, workers_per_group=2), [chunk(), chunk(index=1)])],
         grpc.StatusCode.INVALID_ARGUMENT,
         "workers=3 of workers_per_group=2 is impossible",
     ),
@@ -131,7 +135,7 @@ async def test_a_refusal_reaches_a_client_that_is_still_sending(running):
     server, _, update, _ = running
     before = server.store.digest()
     big = chunk(key="nope", shape=(4096,))
-    messages = [Frame(header(), [big])] + [Frame(pb.UpdateRequest(), [big])] * 255
+    messages = [ChunkedMessage(header(), [big])] + [ChunkedMessage(pb.UpdateRequest(), [big])] * 255
     errors = [await call(update, messages) for _ in range(10)]
     assert [e.code() for e in errors] == [grpc.StatusCode.NOT_FOUND] * 10, [e.details() for e in errors]
     assert server.store.digest() == before
@@ -152,7 +156,7 @@ async def test_oversize_message_is_resource_exhausted(running):
     server, _, update, _ = running
     before = server.store.digest()
     big = np.zeros(2 << 20, np.float32)  # one 8 MiB message, over the 4 MiB limit
-    err = await call(update, [Frame(header(), [Chunk("w", 0, "float32", (4,), 0, big.tobytes())])])
+    err = await call(update, [ChunkedMessage(header(), [Chunk("w", 0, "float32", (4,), 0, big.tobytes())])])
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in err.details()
     assert server.store.digest() == before

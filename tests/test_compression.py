@@ -8,8 +8,8 @@ import pytest
 from psfw.base.errors import WireError
 from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
+from psfw.protocol.chunks import ChunkedMessage, encode_chunks
 from psfw.protocol.compression import BFLOAT16, ErrorFeedback
-from psfw.protocol.frames import Frame, encode_chunks
 from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.wire import Assembler
 from psfw.runtime.shard_client import ShardClient
@@ -49,25 +49,25 @@ def test_a_slice_is_compressed_once_and_a_non_finite_one_leaves_no_residual():
 
 
 def _chunks(key, array):
-    return [Frame(None, batch) for batch in encode_chunks([(key[0], key[1], array)])]
+    return [ChunkedMessage(None, batch) for batch in encode_chunks([(key[0], key[1], array)])]
 
 
 def test_a_shard_widens_bfloat16_gradients_only_where_it_expects_float32():
     grad = np.linspace(-1, 1, 100, dtype=np.float32).astype(BFLOAT16)
     widening = Assembler(lambda key: (np.dtype("float32"), (100,)), widen=True)
     for frame in _chunks(("w", 0), grad):
-        widening.add_frame(frame)
+        widening.add_message(frame)
     got = widening.finish()[("w", 0)]
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, grad.astype(np.float32))
     half = Assembler(lambda key: (np.dtype("float16"), (100,)), widen=True)
     with pytest.raises(WireError, match="is float16, the request sent bfloat16"):
-        half.add_frame(_chunks(("w", 0), grad)[0])
+        half.add_message(_chunks(("w", 0), grad)[0])
     put = Assembler()  # a Put stores what it gets: a bfloat16 parameter stays bfloat16
-    put.add_frame(_chunks(("w", 0), grad)[0])
+    put.add_message(_chunks(("w", 0), grad)[0])
     assert put.finish()[("w", 0)].dtype == BFLOAT16
     with pytest.raises(WireError, match="dtype 'int32' is not supported") as err:
-        Assembler().add_frame(_chunks(("w", 0), np.zeros(4, np.int32))[0])
+        Assembler().add_message(_chunks(("w", 0), np.zeros(4, np.int32))[0])
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.frames import Chunk, Frame, frame_deserializer, frame_serializer
+from psfw.protocol.chunks import Chunk, ChunkedMessage, chunked_deserializer, chunked_serializer
 from psfw.services.server import ShardServer
 
 HELD = {("w", 0): (4,), ("w", 1): (3,), ("b", 0): (2,)}
@@ -40,8 +40,8 @@ class ShardThread:
         method = "/psfw.v1.ParameterServer/"
         self.update = self.channel.stream_stream(
             method + "Update",
-            request_serializer=frame_serializer(pb.UpdateRequest),
-            response_deserializer=frame_deserializer(pb.UpdateReply),
+            request_serializer=chunked_serializer(pb.UpdateRequest),
+            response_deserializer=chunked_deserializer(pb.UpdateReply),
         )
         self.raw = self.channel.stream_stream(
             method + "Update", request_serializer=lambda b: b, response_deserializer=lambda b: b
@@ -49,7 +49,7 @@ class ShardThread:
         self.get = self.channel.unary_stream(
             method + "Get",
             request_serializer=pb.GetRequest.SerializeToString,
-            response_deserializer=frame_deserializer(pb.GetReply),
+            response_deserializer=chunked_deserializer(pb.GetReply),
         )
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -138,7 +138,7 @@ def expect_refusal(shard, call) -> grpc.StatusCode | None:
 @given(header=headers, parts=st.lists(chunks(), max_size=4))
 def test_adversarial_updates_are_refused_precisely_and_change_nothing(shard, header, parts):
     def call():
-        for _ in shard.update(iter([Frame(header, parts)]), timeout=10):
+        for _ in shard.update(iter([ChunkedMessage(header, parts)]), timeout=10):
             pass
 
     expect_refusal(shard, call)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from psfw.jobs.children import read_ready
 from psfw.jobs.shard_processes import rss_bytes
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.frames import Chunk, Frame, frame_serializer
+from psfw.protocol.chunks import Chunk, ChunkedMessage, chunked_serializer
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 SERVICE = "/psfw.v1.ParameterServer/"
@@ -96,13 +96,13 @@ class ServerProcess:
         return self.proc.wait(30)
 
 
-_PUT, _UPDATE = frame_serializer(pb.PutRequest), frame_serializer(pb.UpdateRequest)
+_PUT, _UPDATE = chunked_serializer(pb.PutRequest), chunked_serializer(pb.UpdateRequest)
 
 
 def _as_bytes(request) -> bytes:
     if isinstance(request, bytes):
         return request
-    if isinstance(request, Frame):
+    if isinstance(request, ChunkedMessage):
         return (_PUT if isinstance(request.header, pb.PutRequest) else _UPDATE)(request)
     return request.SerializeToString()
 
@@ -128,8 +128,8 @@ def training(tmp_path_factory):
     slices can no longer be put), with an empty checkpoint folder."""
     folder = tmp_path_factory.mktemp("training")
     server = ServerProcess(folder, "--checkpoint-dir", str(folder / "checkpoints"))
-    server.call("Put", Frame(pb.PutRequest(optimizer=ADAM), _held(0.5)))
-    server.call("Update", Frame(_update(step=0), _held(0.1)))
+    server.call("Put", ChunkedMessage(pb.PutRequest(optimizer=ADAM), _held(0.5)))
+    server.call("Update", ChunkedMessage(_update(step=0), _held(0.1)))
     yield server
     assert server.stop() == 0
     log = server.log.read_text()
@@ -193,24 +193,28 @@ HOSTILE = {
     "Get of slice 2^32-1": ("Get", pb.GetRequest(slices=[pb.SliceRef(key="w", slice=2**32 - 1)]), "NOT_FOUND"),
     "Get into a region path": ("Get", pb.GetRequest(shm="../../tmp/x"), "FAILED_PRECONDITION"),
     "Restore to step 2^64-1": ("Restore", pb.RestoreRequest(step=BIG, epoch=BIG), "NOT_FOUND"),
-    "Update of step 2^64-1": ("Update", Frame(_update(step=BIG), _held()), "FAILED_PRECONDITION"),
-    "Update with 2^64-1 rows": ("Update", Frame(_update(rows=BIG), _held()), "INVALID_ARGUMENT"),
-    "Update from group 2^32-1": ("Update", Frame(_update(group=2**32 - 1, worker_groups=1), _held()), None),
-    "Update at offset 2^63": ("Update", Frame(_update(), [_chunk("w", 0, offset=2**63)]), "INVALID_ARGUMENT"),
+    "Update of step 2^64-1": ("Update", ChunkedMessage(_update(step=BIG), _held()), "FAILED_PRECONDITION"),
+    "Update with 2^64-1 rows": ("Update", ChunkedMessage(_update(rows=BIG), _held()), "INVALID_ARGUMENT"),
+    "Update from group 2^32-1": ("Update", ChunkedMessage(_update(group=2**32 - 1, worker_groups=1), _held()), None),
+    "Update at offset 2^63": ("Update", ChunkedMessage(_update(), [_chunk("w", 0, offset=2**63)]), "INVALID_ARGUMENT"),
     "Update of a huge shape": (
         "Update",
-        Frame(_update(), [_chunk("w", 0, shape=(2**31, 2**31), data=b"\0" * 16)]),
+        ChunkedMessage(_update(), [_chunk("w", 0, shape=(2**31, 2**31), data=b"\0" * 16)]),
         None,
     ),
-    "Put of a new slice": ("Put", Frame(pb.PutRequest(), [_chunk("../../escape", 0)]), "FAILED_PRECONDITION"),
-    "Put of a name with NUL": ("Put", Frame(pb.PutRequest(), [_chunk("w\0x", 0)]), "INVALID_ARGUMENT"),
-    "Put of other values": ("Put", Frame(pb.PutRequest(), [_chunk("w", 0)]), "ALREADY_EXISTS"),
+    "Put of a new slice": ("Put", ChunkedMessage(pb.PutRequest(), [_chunk("../../escape", 0)]), "FAILED_PRECONDITION"),
+    "Put of a name with NUL": ("Put", ChunkedMessage(pb.PutRequest(), [_chunk("w\0x", 0)]), "INVALID_ARGUMENT"),
+    "Put of other values": ("Put", ChunkedMessage(pb.PutRequest(), [_chunk("w", 0)]), "ALREADY_EXISTS"),
     "Put of 4 TiB": (
         "Put",
-        Frame(pb.PutRequest(), [_chunk("huge", 0, shape=(2**20, 2**20), data=b"\0" * 64)]),
+        ChunkedMessage(pb.PutRequest(), [_chunk("huge", 0, shape=(2**20, 2**20), data=b"\0" * 64)]),
         "RESOURCE_EXHAUSTED",
     ),
-    "Put of a huge offset": ("Put", Frame(pb.PutRequest(), [_chunk("x", 0, offset=2**63)]), "INVALID_ARGUMENT"),
+    "Put of a huge offset": (
+        "Put",
+        ChunkedMessage(pb.PutRequest(), [_chunk("x", 0, offset=2**63)]),
+        "INVALID_ARGUMENT",
+    ),
 }
 
 
@@ -238,7 +242,7 @@ SPECS = {
 
 @pytest.mark.parametrize("case", sorted(SPECS))
 def test_a_first_put_with_an_optimizer_that_cannot_train_is_refused(empty, case):
-    code = expect_refusal(empty, "Put", Frame(pb.PutRequest(optimizer=SPECS[case]), [_chunk("w", 0)]))
+    code = expect_refusal(empty, "Put", ChunkedMessage(pb.PutRequest(optimizer=SPECS[case]), [_chunk("w", 0)]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, case
 
 
@@ -249,7 +253,7 @@ def test_the_shard_survives_the_fuzzing_with_bounded_memory(training):
     assert peak < 1.5 * 2**30, f"peak RSS {peak / 2**20:.0f} MiB"
     assert training.serving()
     before = training.digest()
-    training.call("Update", Frame(_update(step=1), _held(0.1)))
+    training.call("Update", ChunkedMessage(_update(step=1), _held(0.1)))
     assert training.digest() != before
 
 

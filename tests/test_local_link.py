@@ -12,7 +12,7 @@ import pytest_asyncio
 from psfw.base.errors import ShardError, WireError
 from psfw.base.security import Security
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.frames import Frame, frame_serializer
+from psfw.protocol.chunks import ChunkedMessage, chunked_serializer
 from psfw.protocol.local_link import HEAD, LinkBroken, socket_address
 from psfw.protocol.messages import UpdateHeader
 from psfw.runtime.local_client import LocalLink
@@ -22,7 +22,7 @@ from psfw.services.server import ShardServer
 
 from helpers import SGD, shm_region
 
-UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)
+UPDATE_REQUEST = chunked_serializer(pb.UpdateRequest)
 TOKEN = "link-token-0123"
 
 
@@ -121,7 +121,7 @@ async def test_bytes_that_are_no_frame_end_that_connection_only(shard):
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
     link = await LocalLink.open(server.local.name, TOKEN)  # the shard serves on
-    request = UPDATE_REQUEST(Frame(pb.UpdateRequest(group=0, step=0, process=0, workers=1, rows=1), []))
+    request = UPDATE_REQUEST(ChunkedMessage(pb.UpdateRequest(group=0, step=0, process=0, workers=1, rows=1), []))
     with pytest.raises(WireError) as err:
         await link.call([request], 5)  # no region and no data: refused, not a broken link
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -10,7 +10,7 @@ import pytest_asyncio
 
 from psfw.jobs.shard_processes import shard_processes
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.frames import Frame, frame_deserializer, frame_serializer
+from psfw.protocol.chunks import ChunkedMessage, chunked_deserializer, chunked_serializer
 from psfw.protocol.layout import plan_layout
 from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.shm import SHM_DIR, Region, host_id
@@ -182,11 +182,11 @@ async def _raw_update(address: str, request: pb.UpdateRequest) -> grpc.aio.AioRp
     async with grpc.aio.insecure_channel(address) as channel:
         update = channel.stream_stream(
             "/psfw.v1.ParameterServer/Update",
-            request_serializer=frame_serializer(pb.UpdateRequest),
-            response_deserializer=frame_deserializer(pb.UpdateReply),
+            request_serializer=chunked_serializer(pb.UpdateRequest),
+            response_deserializer=chunked_deserializer(pb.UpdateReply),
         )
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in update(iter([Frame(request, [])]), timeout=10):
+            async for _ in update(iter([ChunkedMessage(request, [])]), timeout=10):
                 pass
     return err.value
 

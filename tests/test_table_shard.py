@@ -14,7 +14,7 @@ from psfw.base.errors import ShardError
 from psfw.compute.row_optimizers import RowOptimizer
 from psfw.compute.tables import TableSpec, check_table_optimizer, initial_rows, route
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.frames import Frame, frame_deserializer, frame_serializer
+from psfw.protocol.chunks import ChunkedMessage, chunked_deserializer, chunked_serializer
 from psfw.protocol.messages import GetHeader, RowBlock, UpdateHeader
 from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
@@ -177,8 +177,8 @@ async def test_malformed_row_bytes_are_refused_with_the_state_unchanged(table_sh
     channel = grpc.aio.insecure_channel(server.address)
     update = channel.stream_stream(
         "/psfw.v1.ParameterServer/Update",
-        request_serializer=frame_serializer(pb.UpdateRequest),
-        response_deserializer=frame_deserializer(pb.UpdateReply),
+        request_serializer=chunked_serializer(pb.UpdateRequest),
+        response_deserializer=chunked_deserializer(pb.UpdateReply),
     )
     ids = mine("emb", 2)
     cases = {
@@ -190,7 +190,7 @@ async def test_malformed_row_bytes_are_refused_with_the_state_unchanged(table_sh
             request = pb.UpdateRequest(group=0, step=0, process=0, workers=1, rows=2, workers_per_group=1, wait_s=2)
             request.push.append(block)
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                async for _ in update(iter([Frame(request, [])]), timeout=10):
+                async for _ in update(iter([ChunkedMessage(request, [])]), timeout=10):
                     pass
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()
         bad_pull = pb.GetRequest(

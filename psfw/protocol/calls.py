@@ -12,12 +12,12 @@ import numpy as np
 
 from psfw.base.errors import WireError
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.frames import (
-    Frame,
+from psfw.protocol.chunks import (
+    ChunkedMessage,
+    chunked_deserializer,
+    chunked_encoder,
+    chunked_serializer,
     encode_chunks,
-    frame_deserializer,
-    frame_encoder,
-    frame_serializer,
     message_deserializer,
 )
 from psfw.protocol.layout import SliceKey
@@ -25,10 +25,10 @@ from psfw.protocol.messages import Fresh, GetHeader, Gradients, RowBlock
 from psfw.protocol.row_wire import RowCollector, pull_blocks
 from psfw.protocol.wire import Assembler, Expect, batched, encoded_ahead
 
-UPDATE_REQUEST = frame_serializer(pb.UpdateRequest)
-UPDATE_PIECES = frame_encoder(pb.UpdateRequest)
-PUT_PIECES = frame_encoder(pb.PutRequest)
-DECODE = {"Get": frame_deserializer(pb.GetReply), "Update": frame_deserializer(pb.UpdateReply)}  # answers
+UPDATE_REQUEST = chunked_serializer(pb.UpdateRequest)
+UPDATE_PIECES = chunked_encoder(pb.UpdateRequest)
+PUT_PIECES = chunked_encoder(pb.PutRequest)
+DECODE = {"Get": chunked_deserializer(pb.GetReply), "Update": chunked_deserializer(pb.UpdateReply)}  # answers
 
 
 def put_answer(replies: list) -> int:
@@ -39,21 +39,21 @@ def put_answer(replies: list) -> int:
     return reply.slices
 
 
-def put_frames(items: list, optimizer: str, job: str, tables: str, chunk_bytes: int) -> Iterator[Frame]:
+def put_messages(items: list, optimizer: str, job: str, tables: str, chunk_bytes: int) -> Iterator[ChunkedMessage]:
     """A Put's messages: the optimizer, job and tables in the first (which goes even
     without slices), the slices in chunks."""
     for i, chunks in enumerate(list(encode_chunks(items, chunk_bytes)) or [[]]):
         first = pb.PutRequest(optimizer=optimizer, job=job, tables=tables)
-        yield Frame(first if i == 0 else pb.PutRequest(), chunks)
+        yield ChunkedMessage(first if i == 0 else pb.PutRequest(), chunks)
 
 
-def assemble(frames: list[Frame], expect: Expect, into) -> Fresh:
+def assemble(messages: list[ChunkedMessage], expect: Expect, into) -> Fresh:
     """An answer from its messages (values written into ``into`` where it has the slice)."""
     assembler = Assembler(expect, into=into)
     rows = RowCollector()
     head = None
-    for frame in frames:
-        head = assembler.add_frame(frame)
+    for message in messages:
+        head = assembler.add_message(message)
         rows.add(head.table_rows if isinstance(head, pb.UpdateReply) else head.rows)
     values = assembler.finish()
     if head is None:
@@ -95,28 +95,28 @@ async def pipelined_update(
 def update_messages(
     grads: Gradients, keys: Iterable[SliceKey], head: pb.UpdateRequest | None, chunk_bytes: int
 ) -> Iterator[list]:
-    """The messages of an Update's slices ``keys`` as pieces (``frame_encoder``),
+    """The messages of an Update's slices ``keys`` as pieces (``chunked_encoder``),
     made as they are taken: a gradient is read (a sum added up) only then. ``head``:
     the Update's header, in the first message (which goes even without slices)."""
     items = ((key, i, grads[(key, i)]) for key, i in keys)
     for chunks in encode_chunks(items, chunk_bytes):
-        yield UPDATE_PIECES(Frame(head if head is not None else pb.UpdateRequest(), chunks))
+        yield UPDATE_PIECES(ChunkedMessage(head if head is not None else pb.UpdateRequest(), chunks))
         head = None
     if head is not None:
-        yield UPDATE_PIECES(Frame(head, []))
+        yield UPDATE_PIECES(ChunkedMessage(head, []))
 
 
 def row_pieces_messages(more_rows: list) -> Iterator[list]:
     """An Update's table rows beyond what its first message carries, as pieces."""
     for push, pull in more_rows:
-        yield UPDATE_PIECES(Frame(pb.UpdateRequest(push=push, pull=pull), []))
+        yield UPDATE_PIECES(ChunkedMessage(pb.UpdateRequest(push=push, pull=pull), []))
 
 
 def shared_update_messages(head: pb.UpdateRequest, more_rows: list) -> list[bytes]:
     """An Update through shared memory, encoded: its header, then a message per
     piece of table rows that did not fit in it (``row_messages``)."""
-    messages = [UPDATE_REQUEST(Frame(head, []))]
-    messages += [UPDATE_REQUEST(Frame(pb.UpdateRequest(push=push, pull=pull), [])) for push, pull in more_rows]
+    messages = [UPDATE_REQUEST(ChunkedMessage(head, []))]
+    messages += [UPDATE_REQUEST(ChunkedMessage(pb.UpdateRequest(push=push, pull=pull), [])) for push, pull in more_rows]
     return messages
 
 

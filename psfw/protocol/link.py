@@ -40,7 +40,7 @@ import grpc
 import numpy as np
 
 from psfw.base.errors import Reason, WireError
-from psfw.protocol.frames import ALIGN
+from psfw.protocol.chunks import ALIGN
 from psfw.protocol.wire import aligned_empty
 
 HELLO, MESSAGE, END, ERROR, OK, CALL = 1, 2, 3, 4, 5, 6
@@ -116,7 +116,7 @@ def read_error(payload: bytes) -> WireError:
 
 def fresh_buffer(size: int) -> memoryview:
     """A new buffer (not zeroed first: the bytes come in over it), aligned as
-    ``frame_encoder`` aligns tensors, so JAX adopts the tensors in it."""
+    ``chunked_encoder`` aligns tensors, so JAX adopts the tensors in it."""
     return memoryview(aligned_empty((size,), np.uint8))
 
 

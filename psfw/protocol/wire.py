@@ -1,6 +1,6 @@
 """Tensors on the wire: slices as raw little-endian bytes in chunks of about 1 MiB.
 
-The messages themselves are ``psfw.protocol.frames``; here: the names and dtypes a
+The messages themselves are ``psfw.protocol.chunks``; here: the names and dtypes a
 slice may have, aligned buffers, batches, and the ``Assembler``, which checks every
 chunk against what the receiver expects (``check_slice``, which the in-process
 transport applies too) and rebuilds the arrays, without a copy when a slice arrived
@@ -20,8 +20,8 @@ from google.protobuf.message import Message
 
 from psfw.base.errors import WireError
 from psfw.proto import ps_pb2 as pb
+from psfw.protocol.chunks import ALIGN, Chunk, ChunkedMessage
 from psfw.protocol.compression import WIDENED
-from psfw.protocol.frames import ALIGN, Chunk, Frame
 from psfw.protocol.layout import Layout, SliceKey
 from psfw.protocol.messages import TableIds, TableRows, UpdateHeader
 
@@ -189,13 +189,13 @@ class Assembler:
         self._parts: dict[SliceKey, bytes | np.ndarray] = {}
         self._got: dict[SliceKey, int] = {}
 
-    def add_frame(self, frame: Frame) -> Message:
-        """Add every chunk of a frame; returns its header."""
-        if frame.error:
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, frame.error)
-        for chunk in frame.chunks:
+    def add_message(self, message: ChunkedMessage) -> Message:
+        """Add every chunk of a message; returns its header."""
+        if message.error:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, message.error)
+        for chunk in message.chunks:
             self.add(chunk)
-        return frame.header
+        return message.header
 
     def add(self, chunk: Chunk) -> None:
         key = (chunk.key, chunk.slice)

@@ -23,7 +23,7 @@ from psfw.base.security import ConnectionProblem, Security, connection_problem
 from psfw.base.service import REASON_KEY, SERVICE_NAME, grpc_options
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.calls import DECODE
-from psfw.protocol.frames import frame_serializer
+from psfw.protocol.chunks import chunked_serializer
 
 T = TypeVar("T")
 log = logging.getLogger("psfw.runtime.shard_client")
@@ -70,7 +70,7 @@ class GrpcChannel:
         method = f"/{SERVICE_NAME}/"
         self.put = self.channel.stream_unary(
             method + "Put",
-            request_serializer=frame_serializer(pb.PutRequest),
+            request_serializer=chunked_serializer(pb.PutRequest),
             response_deserializer=pb.PutReply.FromString,
         )
         self.get = self.channel.unary_stream(
@@ -80,7 +80,7 @@ class GrpcChannel:
         )
         self.update = self.channel.stream_stream(
             method + "Update",
-            request_serializer=frame_serializer(pb.UpdateRequest),
+            request_serializer=chunked_serializer(pb.UpdateRequest),
             response_deserializer=DECODE["Update"],
         )
         # the same method for an Update of one message (its tensors in shared memory):
@@ -88,7 +88,7 @@ class GrpcChannel:
         # together (gRPC does not carry a method's cardinality on the wire)
         self.update_one = self.channel.unary_stream(
             method + "Update",
-            request_serializer=frame_serializer(pb.UpdateRequest),
+            request_serializer=chunked_serializer(pb.UpdateRequest),
             response_deserializer=DECODE["Update"],
         )
         self.describe = self.channel.unary_unary(

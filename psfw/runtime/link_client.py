@@ -48,7 +48,7 @@ REOPEN_S, MAX_REOPEN_S = 1.0, 60.0  # a link that failed is opened again after t
 HELLO_ANSWER_BYTES = 1 << 16  # an OK (the link's id) or a refusal
 CONNECT_S = 3.0  # a shard that offers the link answers at once; one that is not reachable there costs this once
 
-Pieces = list  # one message, as pieces (psfw.protocol.frames.frame_encoder)
+Pieces = list  # one message, as pieces (psfw.protocol.chunks.chunked_encoder)
 
 
 class Place(NamedTuple):

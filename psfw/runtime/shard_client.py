@@ -35,13 +35,13 @@ from psfw.protocol.calls import (
     get_request,
     pipelined_update,
     put_answer,
-    put_frames,
+    put_messages,
     row_pieces_messages,
     shared_update_messages,
     update_messages,
 )
+from psfw.protocol.chunks import CHUNK_BYTES, ChunkedMessage
 from psfw.protocol.compression import COMPRESSIONS, ErrorFeedback
-from psfw.protocol.frames import CHUNK_BYTES, Frame
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Fresh, GetHeader, Gradients, UpdateHeader
 from psfw.protocol.row_wire import RowCollector, row_messages
@@ -170,13 +170,13 @@ class ShardClient:
         are fixed by its first Put, its embedding tables by the first that declares them."""
         items = list(items)
 
-        def requests() -> Iterator[Frame]:
-            return put_frames(items, optimizer, job, tables, self.chunk_bytes)
+        def requests() -> Iterator[ChunkedMessage]:
+            return put_messages(items, optimizer, job, tables, self.chunk_bytes)
 
         async def attempt():
             return (await self.grpc.put(requests(), timeout=self.timeout_s, metadata=self.grpc.metadata)).slices
 
-        pieces = lambda: (PUT_PIECES(frame) for frame in requests())  # noqa: E731
+        pieces = lambda: (PUT_PIECES(message) for message in requests())  # noqa: E731
         return await self._either("Put", pieces, put_answer, self.timeout_s, attempt)
 
     async def get(self, header: GetHeader, expect: Expect, into: dict[SliceKey, np.ndarray] | None = None) -> Fresh:
@@ -189,8 +189,8 @@ class ShardClient:
             return assemble([DECODE["Get"](reply) for reply in replies], expect, into)
 
         async def attempt():
-            frames = [f async for f in self.grpc.get(request, timeout=timeout, metadata=self.grpc.metadata)]
-            return await asyncio.to_thread(assemble, frames, expect, into)
+            messages = [f async for f in self.grpc.get(request, timeout=timeout, metadata=self.grpc.metadata)]
+            return await asyncio.to_thread(assemble, messages, expect, into)
 
         return await self._either("Get", lambda: [[request.SerializeToString()]], answer, timeout, attempt)
 
@@ -270,8 +270,8 @@ class ShardClient:
             )
             assembler, pulled = Assembler(expect, into=into), RowCollector()
             reply = None
-            async for frame in call:
-                reply = assembler.add_frame(frame)
+            async for message in call:
+                reply = assembler.add_message(message)
                 pulled.add(reply.table_rows)
             if reply is None:
                 raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")

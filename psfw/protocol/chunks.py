@@ -1,8 +1,8 @@
-"""Streamed messages that carry tensor bytes: chunks of slices, framed as protobuf.
+"""Messages that carry tensor bytes: chunks of slices, encoded as protobuf.
 
 ``encode_chunks`` packs slices into messages of at most ``chunk_bytes`` of data (small
-slices share a message, large ones span several); ``frame_serializer`` and
-``frame_deserializer`` turn such messages into protobuf bytes and back without
+slices share a message, large ones span several) as ``ChunkedMessage``s; ``chunked_serializer`` and
+``chunked_deserializer`` turn such messages into protobuf bytes and back without
 copying the tensor data through the protobuf runtime.
 """
 
@@ -30,7 +30,7 @@ class Chunk(NamedTuple):
     data: memoryview | bytes
 
 
-class Frame(NamedTuple):
+class ChunkedMessage(NamedTuple):
     """One streamed message: its scalar fields (a protobuf message whose ``chunks``
     are left empty) and its chunks."""
 
@@ -134,12 +134,12 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
         pos += size
 
 
-ALIGN = 64  # a chunk's data starts this many bytes into its message times n (see ``frame_encoder``)
+ALIGN = 64  # a chunk's data starts this many bytes into its message times n (see ``chunked_encoder``)
 _PAD_TAG = _varint((pb.Chunk.DESCRIPTOR.fields_by_name["pad"].number << 3) | 2)
 
 
-def frame_encoder(cls: type[Message]) -> Callable[[Frame], list[bytes | memoryview]]:
-    """The pieces of a Frame's ``cls`` message, in order: joined, they are its bytes;
+def chunked_encoder(cls: type[Message]) -> Callable[[ChunkedMessage], list[bytes | memoryview]]:
+    """The pieces of a ChunkedMessage's ``cls`` message, in order: joined, they are its bytes;
     sent as they are (``socket.sendmsg``), the tensor data is never copied. Each
     chunk's data starts at a multiple of ``ALIGN`` bytes into the message (its
     ``pad`` field fills the gap): a receiver that reads a message into an aligned
@@ -147,10 +147,10 @@ def frame_encoder(cls: type[Message]) -> Callable[[Frame], list[bytes | memoryvi
     chunk_tag = _varint((cls.DESCRIPTOR.fields_by_name["chunks"].number << 3) | 2)
     data_tag = _varint((_DATA_FIELD << 3) | 2)
 
-    def encode(frame: Frame) -> list[bytes | memoryview]:
-        parts: list[bytes | memoryview] = [frame.header.SerializeToString()]
+    def encode(message: ChunkedMessage) -> list[bytes | memoryview]:
+        parts: list[bytes | memoryview] = [message.header.SerializeToString()]
         position = len(parts[0])
-        for c in frame.chunks:
+        for c in message.chunks:
             meta = pb.Chunk(key=c.key, slice=c.slice, dtype=c.dtype, shape=c.shape, offset=c.offset)
             size = len(c.data)
             tail = data_tag + _varint(size)
@@ -178,26 +178,26 @@ def _pad(start: int, fields: int, size: int) -> bytes:
     return b""
 
 
-def frame_serializer(cls: type[Message]) -> Callable[[Frame], bytes]:
-    """Serialize a Frame as a ``cls`` message."""
-    encode = frame_encoder(cls)
+def chunked_serializer(cls: type[Message]) -> Callable[[ChunkedMessage], bytes]:
+    """Serialize a ChunkedMessage as a ``cls`` message."""
+    encode = chunked_encoder(cls)
 
-    def serialize(frame: Frame | bytes) -> bytes:
-        if isinstance(frame, bytes):
-            return frame  # serialized before, e.g. one reply sent to several stubs
-        return b"".join(encode(frame))
+    def serialize(message: ChunkedMessage | bytes) -> bytes:
+        if isinstance(message, bytes):
+            return message  # serialized before, e.g. one reply sent to several stubs
+        return b"".join(encode(message))
 
     return serialize
 
 
-def frame_deserializer(cls: type[Message]) -> Callable[[bytes], Frame]:
-    """Parse a ``cls`` message into a Frame whose chunk data are views of the buffer.
+def chunked_deserializer(cls: type[Message]) -> Callable[[bytes], ChunkedMessage]:
+    """Parse a ``cls`` message into a ChunkedMessage whose chunk data are views of the buffer.
 
-    Never raises: a message that does not parse gives a Frame with ``error`` set,
+    Never raises: a message that does not parse gives a ChunkedMessage with ``error`` set,
     which the reader turns into INVALID_ARGUMENT."""
     chunk_field = cls.DESCRIPTOR.fields_by_name["chunks"].number
 
-    def deserialize(data: bytes) -> Frame:
+    def deserialize(data: bytes) -> ChunkedMessage:
         buf = memoryview(data)
         rest: list[memoryview] = []
         chunks = []
@@ -209,8 +209,8 @@ def frame_deserializer(cls: type[Message]) -> Callable[[bytes], Frame]:
                     rest.append(buf[start:end])
             header = cls.FromString(b"".join(rest))
         except (ValueError, DecodeError, RecursionError) as err:
-            return Frame(None, [], f"malformed {cls.__name__}: {err}")
-        return Frame(header, chunks)
+            return ChunkedMessage(None, [], f"malformed {cls.__name__}: {err}")
+        return ChunkedMessage(header, chunks)
 
     return deserialize
 
