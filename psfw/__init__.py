@@ -64,9 +64,8 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names l
     from psfw.jobs.embedded import TrainResult, train, train_async
     from psfw.jobs.predictions import TrainedModel, load_model
     from psfw.jobs.trained import load_params, load_table
-    from psfw.protocol.messages import UpdateHeader
+    from psfw.protocol.messages import GetHeader, UpdateHeader
     from psfw.runtime.connect import connect
-    from psfw.runtime.shard_client import ShardClient
     from psfw.runtime.transport import Transport
     from psfw.services.server import ShardServer, serve
     from psfw.tools.cluster import Cluster, format_status
@@ -89,7 +88,7 @@ _EXPORTS = {
     "serve": "psfw.services.server",
     "connect": "psfw.runtime.connect",
     "Transport": "psfw.runtime.transport",
-    "ShardClient": "psfw.runtime.shard_client",
+    "GetHeader": "psfw.protocol.messages",
     "UpdateHeader": "psfw.protocol.messages",
     "Cluster": "psfw.tools.cluster",
     "format_status": "psfw.tools.cluster",
@@ -103,9 +102,9 @@ __all__ = [
     "Cluster",
     "Config",
     "ConfigError",
+    "GetHeader",
     "Model",
     "PsfwError",
-    "ShardClient",
     "ShardError",
     "ShardServer",
     "TableSpec",

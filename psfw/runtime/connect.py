@@ -41,16 +41,39 @@ async def connect(
     shards: int | None = None,
     deadline: float | None = None,
 ) -> Transport:
-    """A transport to the shard at ``address``: in-process when ``here`` (that shard,
-    running in this process) is given; else over the network (``ShardClient``: the
-    shard's link where it offers one and ``link`` allows, else gRPC), an Update's
-    tensors in ``shared_memory`` (the process's region) when the shard runs on this
-    host, else in its messages, compressed as ``compression`` says. ``same_host``
-    False: the shard is reached as if on another host (the link's TCP port).
+    """Open a transport to one shard, chosen by where the shard runs.
 
-    A shard that is not up yet is waited for until ``deadline`` (monotonic; default
-    ``timeout_s`` from now): the path is chosen by its first answer. Raises
-    UsageError when the shard is not shard ``shard`` (of ``shards``, when given)."""
+        transport = await psfw.connect("10.0.0.5:50051", 0)
+        fresh = await transport.get(psfw.GetHeader(group=0, step=0, keys=[("w", 0)]), expect)
+        await transport.close()
+
+    Args:
+        address: the shard's gRPC address, ``host:port``.
+        shard: its index: the shard must have been started ``--shard`` this.
+        timeout_s: the deadline of each call, and how long a shard that is not up
+            yet is waited for (unless ``deadline``).
+        retries: how often a call that cannot reach the shard is tried again.
+        security: TLS certificates and the bearer token (``psfw.base.security``).
+        here: the shard itself, when it runs in this process (the trainer hands it
+            in): it is then called directly.
+        shared_memory: the process's region (``StepRegion``): where the shard runs
+            on this host, an Update's tensors lie there instead of in its messages.
+        compression: ``"bf16"`` sends an Update's float32 gradients as bfloat16.
+        link: use the shard's link (its Unix socket on this host, its TCP port
+            elsewhere) for Put, Get and Update; False: gRPC only.
+        same_host: False reaches the shard as if it ran on another host.
+        shards: how many shards the job has: a shard started ``--of`` another
+            number is refused.
+        deadline: when to stop waiting for the shard (``time.monotonic()``).
+
+    Returns:
+        A ``Transport``: in-process, or a ``ShardClient`` (the link where the shard
+        offers one, else gRPC). The path is chosen by the shard's first answer.
+
+    Raises:
+        UsageError: the shard at ``address`` is not shard ``shard`` (of ``shards``).
+        ShardError: the shard cannot be reached by ``deadline``.
+    """
     if here is not None:
         client = InProcessClient(here, shard, timeout_s)
         check_wiring(await client.describe(), address, shard, shards)

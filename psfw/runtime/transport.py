@@ -71,14 +71,35 @@ class Transport(Protocol):
     step_buffers: StepBuffers | None  # None: the stub's tensors may be anywhere
 
     async def put(self, items: Items, optimizer: str, job: str = "", tables: str = "") -> int:
-        """Store initial values; the first Put fixes the shard's optimizer (JSON spec)
-        and job (its identity, JSON), the first that declares them the job's
-        embedding tables (JSON). Returns the slices (and tables) stored."""
+        """Store initial values.
+
+        Args:
+            items: ``(parameter, slice index, values)`` for each slice to store.
+            optimizer: the shard's optimizer as a JSON spec (fixed by the first Put).
+            job: the job's identity, JSON (fixed by the first Put; '' names none).
+            tables: the job's embedding tables, JSON (fixed by the first Put that
+                declares them).
+
+        Returns:
+            How many slices (and tables) the shard stored.
+        """
         ...
 
     async def get(self, header: GetHeader, expect: Expect, into: dict[SliceKey, np.ndarray] | None = None) -> Fresh:
         """The values (and table rows) ``header`` asks for, once its group has
-        completed its step, written into ``into`` where it has the slice."""
+        completed its step.
+
+        Args:
+            header: what is wanted (``GetHeader``: group, step, slices, wait...).
+            expect: ``expect(key)`` gives the dtype and shape the caller holds for a
+                slice (an answer that disagrees is refused).
+            into: arrays to write each slice's values into, where the caller has
+                one (others come as new arrays).
+
+        Returns:
+            ``Fresh``: the group's completed steps the values reflect, the values by
+            slice, and the table rows pulled.
+        """
         ...
 
     async def update(
@@ -88,15 +109,31 @@ class Transport(Protocol):
         expect: Expect,
         into: dict[SliceKey, np.ndarray] | None = None,
     ) -> Fresh:
-        """One process's gradient sums of a step for every slice the shard holds
-        (and its table rows, ``header.push``); returns the fresh values (written into
-        ``into`` where it has the slice) and the rows of ``header.pull``."""
+        """Send one process's gradient sums of a step.
+
+        Args:
+            header: the group, step, process, rows and the rest (``UpdateHeader``;
+                its ``push`` and ``pull`` carry table rows).
+            grads: the gradient sums by slice, for every slice the shard holds.
+            expect: as for ``get``.
+            into: as for ``get``: where the fresh values go.
+
+        Returns:
+            ``Fresh``: the fresh values once the whole group has reported, the
+            slowest group's step, the group's metrics and rows, the table rows of
+            ``header.pull``.
+        """
         ...
 
-    async def describe(self) -> pb.DescribeReply: ...
+    async def describe(self) -> pb.DescribeReply:
+        """The shard as it is now: its index, slices, versions, groups, tables and
+        where its link listens (``ps.proto``'s DescribeReply)."""
+        ...
 
     async def restore(self, step: int, epoch: int) -> None:
         """Roll the shard back to its complete checkpoint of ``step``, at ``epoch``."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Close the connections (a transport is not used after)."""
+        ...
