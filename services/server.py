@@ -113,6 +113,7 @@ class ShardServer:
         keep: int = 3,
         security: Security = NO_SECURITY,
         link_port: int | None = 0,
+        link: bool = True,
     ):
         if not 0 <= shard < shards:
             raise ValueError(f"shard index {shard} is outside 0..{shards - 1}")
@@ -138,6 +139,7 @@ class ShardServer:
         # Put, Get and Update over a Unix socket and a TCP port (0: a free one; None: no TCP)
         self.link = LinkListener(self.requests, security.token, security.link_server_context())
         self._link_port = link_port
+        self._link_on = link  # False: no link at all (a shard only this process calls)
 
     async def _set_health(self, status: int) -> None:
         await self.health.set("", status)
@@ -194,7 +196,8 @@ class ShardServer:
             if step is not None:
                 log.warning("shard %d restored from its checkpoint of step %d", self.store.shard, step)
                 self.restored_step = step
-        await self._start_link(host.strip("[]"), self._link_port)
+        if self._link_on:
+            await self._start_link(host.strip("[]"), self._link_port)
         if ready:
             await self.mark_ready()
         _IN_PROCESS[self.address] = self

@@ -150,7 +150,7 @@ async def train_async(
                     shard,
                     c.servers,
                     checkpoint_dir=checkpoints if t.checkpoint_every or resume or job.model.tables else None,
-                    link_port=0 if c.network_only else None,  # in-process clients need no TCP port
+                    link=c.network_only,  # in-process clients need no link
                 )
                 await server.start("127.0.0.1:0")
                 stack.push_async_callback(server.stop, 0)

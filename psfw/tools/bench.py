@@ -146,7 +146,7 @@ async def _psfw(
     if addresses is None:
         addresses = []
         for i in range(config.cluster.servers):
-            server = ShardServer(i, config.cluster.servers, link_port=None)  # called in-process
+            server = ShardServer(i, config.cluster.servers, link=False)  # called in-process
             await server.start("127.0.0.1:0")
             servers.append(server)
             addresses.append(server.address)
