@@ -1,6 +1,6 @@
 """A shard's answers as messages: a Get's, an Update's (encoded a batch at a time
 for gRPC, shared by a group's processes when small; as pieces that are views of the
-values for the data link), and answers written into a stub's shared-memory region."""
+values for the link), and answers written into a stub's shared-memory region."""
 
 from __future__ import annotations
 

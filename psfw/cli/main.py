@@ -137,7 +137,7 @@ def parser() -> argparse.ArgumentParser:
         "server",
         help="serve one parameter-server shard",
         description="Serve one shard. Every flag can also come from the environment (PSFW_SHARD, PSFW_SHARDS, "
-        "PSFW_LISTEN, PSFW_GRACE, PSFW_DRAIN, PSFW_METRICS_PORT, PSFW_DATA_PORT, PSFW_NONFINITE, PSFW_CHECKPOINT_DIR, "
+        "PSFW_LISTEN, PSFW_GRACE, PSFW_DRAIN, PSFW_METRICS_PORT, PSFW_LINK_PORT, PSFW_NONFINITE, PSFW_CHECKPOINT_DIR, "
         "PSFW_TLS_CERT, PSFW_TLS_KEY, PSFW_TLS_CLIENT_CA, PSFW_TOKEN_FILE, PSFW_INSECURE=1), "
         "so a container needs no arguments.",
     )

@@ -281,7 +281,7 @@ class Assembler:
 
 def _adoptable(data: memoryview | bytes) -> bool:
     """Whether a chunk's data may be kept as it lies: aligned and writable (a
-    message the data link read into an aligned buffer of its own), so JAX adopts it."""
+    message the link read into an aligned buffer of its own), so JAX adopts it."""
     view = np.frombuffer(data, np.uint8)
     return view.flags.writeable and view.ctypes.data % ALIGN == 0
 

@@ -192,7 +192,7 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
     ``rounds`` rounds; each figure is its best round (this machine is shared: a slow
     round says more about the neighbours than about the code), and every round's
     ratios are reported too. ``path="grpc"`` forces the network path for every psfw
-    variant. Also, in each round: the network path over the shards' data links (``tcp``;
+    variant. Also, in each round: the network path over the shards' links (``tcp``;
     ``tcp_param_gap``: its trained parameters against gRPC's, 0 when the bytes are the
     same) and with bfloat16 gradients (``tcp_compressed``; ``tcp_compressed_param_gap``:
     its trained parameters against the uncompressed run's, see ``_gap``), the links in TLS
@@ -286,7 +286,7 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
     figures["tls_param_gap"] = max(tls_gaps) if tls_gaps else None  # TLS against gRPC alone: 0
     # the compressed run's parameters after all its steps against the uncompressed run's
     figures["tcp_compressed_param_gap"] = max(gaps)
-    figures["tcp_param_gap"] = max(tcp_gaps)  # the data link against gRPC alone: 0, the same bytes
+    figures["tcp_param_gap"] = max(tcp_gaps)  # the link against gRPC alone: 0, the same bytes
     if ddp:
         figures["separate_processes_over_ddp"] = best["separate_processes"] / best["ddp"]
     figures.update(path=path, rounds=rounds, devices=[device_name(d) for d in jax.local_devices()])

@@ -198,7 +198,7 @@ def run_memory(size: int, steps: int = 3) -> dict:
         "memory_shard_values_mb": round(values / 2 / 2**20, 1),
         "memory_shard_peak_rss_mb": [round(p / 2**20, 1) for p in peaks],
         "memory_shard_peak_over_values": [round(p / (values / 2), 2) for p in peaks],
-        "memory_path": "shared-memory" if "shared-memory" in done.stderr else "grpc",
+        "memory_path": "shared memory" if "shared memory" in done.stderr else "network",
     }
 
 
