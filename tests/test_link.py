@@ -524,6 +524,27 @@ async def test_a_link_that_cannot_be_reached_is_not_tried_on_every_call(shard, m
 
 
 @pytest.mark.asyncio
+async def test_a_call_cancelled_midway_closes_the_link_and_the_next_goes_over_grpc(shard, monkeypatch):
+    """A caller that gives up on a call under way (a Get waiting for its step): the
+    link is closed (its state is unknown) and says so at once; the next Update goes
+    over gRPC with the right answer, and the link is back after the back-off."""
+    server, client, socket_kind = shard
+    carried = link_calls(server, monkeypatch)
+    waiting = asyncio.create_task(client.get(_get(5, wait_s=30), _expect))
+    await _until(lambda: carried, "under way over the link")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert client.linked == "" and client.kind == "grpc", "a closed link is not said to be up"
+    answer = await client.update(_header(0), _grads(1.0), _expect)
+    np.testing.assert_allclose(answer.values[("w", 0)], _sgd(START, 1.0), rtol=1e-6, atol=1e-6)
+    assert [method for method, _ in carried] == ["Get"]
+    await asyncio.sleep(REOPEN_S + 0.1)
+    assert (await client.update(_header(1), _grads(1.0), _expect)).step == 2
+    assert client.linked == socket_kind and [method for method, _ in carried] == ["Get", "Update"]
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("verb", ["Put", "Update"])
 async def test_a_call_cut_off_midway_by_its_client_changes_nothing(shard, verb):
     """A client that goes away after the first of a call's messages: the shard serves
