@@ -16,6 +16,7 @@ from psfw.base.security import Security
 from psfw.protocol.messages import GetHeader, UpdateHeader
 from psfw.runtime.link_client import LinkConnection, link_place
 from psfw.runtime.shard_client import ShardClient
+from psfw.services import link_server
 from psfw.services.server import ShardServer
 
 from certs import TOKEN
@@ -169,6 +170,28 @@ async def test_a_plaintext_hello_to_a_tls_link_is_refused(pki):
                 await LinkConnection.open(place, TOKEN, None)
     finally:
         await server.stop(0)
+
+
+@pytest.mark.asyncio
+async def test_a_tls_shard_stops_at_once_beside_connections_that_never_finish_their_handshake(pki, monkeypatch):
+    """Connections to a shard with TLS that never say a word (their handshake never
+    starts): a stop ends them at once, as it ends plaintext ones, and does not wait
+    out HELLO_S."""
+    monkeypatch.setattr(link_server, "HELLO_S", 5.0)
+    server = await _shard(_shard_security(pki))
+    idle = [link_place(server.description(), server.address, same_host).connect() for same_host in (True, False)]
+    try:
+        deadline = time.monotonic() + 10
+        while server.link._greeting < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # in their handshakes
+        started = time.monotonic()
+        await server.stop(0)
+        assert time.monotonic() - started < 2.0, "the stop waited for the handshakes to time out"
+        assert not server.link._connections
+    finally:
+        for sock in idle:
+            sock.close()
 
 
 @pytest.mark.asyncio
