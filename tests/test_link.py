@@ -293,6 +293,27 @@ async def test_a_wrong_or_missing_token_is_refused_at_hello_in_one_line(shard, c
 
 
 @pytest.mark.asyncio
+async def test_a_refused_call_leaves_the_connection_open_and_a_closed_one_takes_no_call(shard):
+    """On one connection: an Update that carries no gradients (no region either) is
+    refused, an answer and not a broken link, and the next call is served; once
+    closed, the connection takes no call."""
+    server, _, socket_kind = shard
+    link = await LinkConnection.open(_place(server, socket_kind), TOKEN, None)
+    head = pb.UpdateRequest(group=0, step=0, process=0, workers=1, rows=1, workers_per_group=1, wait_s=5)
+    empty = [UPDATE_PIECES(Frame(head, []))]
+    refusal = await link.call("Update", lambda: empty, lambda replies: replies, 10)
+    assert isinstance(refusal, WireError) and refusal.code == grpc.StatusCode.INVALID_ARGUMENT, refusal
+    assert not link.closed
+    get = [[pb.GetRequest(group=0, step=0, slices=[pb.SliceRef(key="w", slice=0)], wait_s=5).SerializeToString()]]
+    replies = await link.call("Get", lambda: get, lambda replies: replies, 10)
+    assert not isinstance(replies, WireError) and replies, "the next call is served"
+    await link.close()
+    with pytest.raises(LinkBroken):
+        await link.call("Update", lambda: empty, lambda replies: replies, 10)
+    assert server.description().slices[0].version == 0
+
+
+@pytest.mark.asyncio
 async def test_a_client_with_a_wrong_token_goes_on_over_grpc_and_is_refused_there(shard):
     """A client whose token the shard refuses at HELLO opens no link; its calls are
     refused over gRPC as UNAUTHENTICATED, as they would be without a link."""
