@@ -168,11 +168,9 @@ class LinkListener:
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                secured = self._secured(conn)
-                if secured is not conn:  # the TLS socket took over the connection: stop() shuts that one
-                    with self._lock:
-                        self._connections[secured] = self._connections.pop(conn)
-                    conn = secured
+                if self._tls is not None:
+                    conn = self._secured(conn)
+                    conn.do_handshake()  # within HELLO_S
                 welcome = self._hello(conn, name)
             finally:
                 with self._lock:
@@ -194,12 +192,18 @@ class LinkListener:
                 self._idle.notify_all()
             conn.close()
 
-    def _secured(self, conn: socket.socket) -> socket.socket:
-        """The connection, in TLS where the shard has TLS (the handshake within HELLO_S)."""
-        if self._tls is None:
-            return conn
+    def _secured(self, conn: socket.socket) -> ssl.SSLSocket:
+        """The connection in TLS, its handshake still to come (within HELLO_S). The
+        TLS socket takes over the connection (the one it took over is closed) before
+        the handshake, in the listener's list too: a stop shuts a connection whose
+        handshake never ends."""
         conn.settimeout(HELLO_S)
-        return self._tls.wrap_socket(conn, server_side=True)
+        secured = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        with self._lock:
+            self._connections[secured] = self._connections.pop(conn)
+            if self._closing:
+                _shut(secured)  # the stop has shut the others already
+        return secured
 
     def _hello(self, conn: socket.socket, name: str) -> bool:
         kind, token = recv_frame(conn, HELLO_BYTES, time.monotonic() + HELLO_S)
@@ -319,8 +323,10 @@ def _listen_tcp(host: str, port: int) -> socket.socket:
 
 
 def _shut(conn: socket.socket) -> None:
-    """End a connection's reads and writes (its thread's blocking call returns)."""
+    """End a connection's reads and writes (its thread's blocking call returns). A
+    TLS socket's own shutdown would also drop its TLS state, under a thread that may
+    be about to use it (its handshake): the socket's is shut instead."""
     try:
-        conn.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(conn, socket.SHUT_RDWR)
     except OSError:
         pass

@@ -84,3 +84,18 @@ def shm_region(*sizes: int):
     slices = tuple(SliceSpec("w", i, a, b, 0) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])))
     layout = Layout({"w": ParamSpec("w", (bounds[-1],), "float32", 0, slices)}, 1)
     return StepRegion(layout).acquire()
+
+
+def link_calls(server, monkeypatch) -> list[tuple[str, str]]:
+    """The calls a shard's link hands to its request core from now on, as (method,
+    peer) pairs: the link's only way in (gRPC calls the core's verbs directly), so
+    what is listed came over the link; the core serves them as it would anyway."""
+    calls = []
+    answer = server.requests.answer
+
+    async def served(method, payloads, peer):
+        calls.append((method, peer))
+        return await answer(method, payloads, peer)
+
+    monkeypatch.setattr(server.requests, "answer", served)
+    return calls

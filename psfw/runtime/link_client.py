@@ -228,8 +228,10 @@ class ShardLink:
 
     @property
     def up(self) -> LinkConnection | None:
-        """The open link, if any."""
-        return self._link
+        """The open link, if any (one a cancelled call closed is not: the next call
+        drops it and goes over gRPC)."""
+        link = self._link
+        return link if link is not None and not link.closed else None
 
     async def relink(self, reply) -> None:
         """Open the link a Describe answer names, unless it is the one open already."""
