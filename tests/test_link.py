@@ -17,7 +17,7 @@ import pytest_asyncio
 from psfw.base.errors import ShardError, WireError
 from psfw.base.security import Security
 from psfw.proto import ps_pb2 as pb
-from psfw.protocol.calls import PUT_PIECES, UPDATE_PIECES, put_frames
+from psfw.protocol.calls import PUT_PIECES, UPDATE_PIECES, put_messages
 from psfw.protocol.chunks import ChunkedMessage, encode_chunks
 from psfw.protocol.link import (
     CALL,
@@ -574,7 +574,7 @@ async def test_a_call_cut_off_midway_by_its_client_changes_nothing(shard, verb):
     server, client, socket_kind = shard
     big = np.ones(N, np.float32)  # more than one message
     if verb == "Put":
-        messages = [PUT_PIECES(frame) for frame in put_frames([("v", 0, big)], SGD, "", "", 1 << 20)]
+        messages = [PUT_PIECES(frame) for frame in put_messages([("v", 0, big)], SGD, "", "", 1 << 20)]
     else:
         head = pb.UpdateRequest(group=0, step=0, process=0, workers=1, rows=ROWS, workers_per_group=1, wait_s=5)
         chunks = list(encode_chunks([("w", 0, big)], 1 << 20))

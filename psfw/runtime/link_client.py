@@ -274,6 +274,14 @@ class ShardLink:
             link, self._link = self._link, None
             await link.close()
 
+    async def _lost(self, link: LinkConnection) -> None:
+        """``link`` failed: drop it and back off, unless a Describe has opened
+        another one meanwhile (which stays)."""
+        await link.close()
+        if self._link is link:
+            self._link = None
+            self._failed()
+
     async def call(self, rpc: str, messages, answer: Callable, timeout: float, retries: int):
         """The call over the link: ``answer``'s result, or None when there is no link,
         it is busy (the call goes beside it, as gRPC's calls do) or it failed (then the
@@ -287,12 +295,10 @@ class ShardLink:
         try:
             result = await link.call(rpc, messages, answer, timeout)
         except WireError as err:  # the answer did not parse
-            await self.drop()
-            self._failed()
+            await self._lost(link)
             raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: bad reply: {err.message}") from None
         except (OSError, ValueError) as err:  # LinkBroken and LinkTimeout are ConnectionErrors
-            await self.drop()
-            self._failed()
+            await self._lost(link)
             if isinstance(err, LinkTimeout) and not retries:  # as gRPC's deadline would end it
                 raise ShardError(
                     f"shard {self.shard} ({self.address}) {rpc}: DEADLINE_EXCEEDED: {err}",
