@@ -293,6 +293,21 @@ async def test_a_wrong_or_missing_token_is_refused_at_hello_in_one_line(shard, c
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("socket_kind", SOCKETS)
+async def test_a_shard_without_a_token_takes_any_on_its_link_as_on_its_grpc_port(socket_kind):
+    """A shard with no token of its own checks none: a client that says one (its
+    settings name a token for other shards) still gets the link, as gRPC lets it in."""
+    server = ShardServer(0, 1)
+    await server.start("127.0.0.1:0")
+    try:
+        link = await LinkConnection.open(_place(server, socket_kind), "a-token-this-shard-has-not", None)
+        assert not link.closed
+        await link.close()
+    finally:
+        await server.stop(0)
+
+
+@pytest.mark.asyncio
 async def test_a_refused_call_leaves_the_connection_open_and_a_closed_one_takes_no_call(shard):
     """On one connection: an Update that carries no gradients (no region either) is
     refused, an answer and not a broken link, and the next call is served; once
