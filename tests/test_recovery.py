@@ -562,7 +562,7 @@ def test_a_worker_waits_as_long_as_its_stub_gets_somewhere():
     """A worker's wait counts from the stub's last note (group 0's warmup advancing
     keeps it waiting); once the notes stop, it gives up after its limit."""
     from psfw.base.errors import WaitTimeout
-    from psfw.runtime.param_cache import ParamCache
+    from psfw.runtime.param_cache import ParamCache, StepValues
 
     cache = ParamCache(1, 1)
     outcome = []
@@ -571,7 +571,7 @@ def test_a_worker_waits_as_long_as_its_stub_gets_somewhere():
     for done in range(10):  # 1 s of notes, 0.1 s apart: more than three times the limit
         time.sleep(0.1)
         cache.doing(f"waiting for group 0's warmup (at {done})")
-    cache.publish(4, {})
+    cache.publish(4, StepValues({}))
     waiter.join(5)
     assert outcome == [(4, 0)]
     cache.doing("waiting for group 0's warmup (at 10)")

@@ -47,7 +47,6 @@ from psfw.jobs.stopping import run_job
 from psfw.jobs.worker_processes import job_devices, run_worker_processes
 from psfw.runtime.connect import connect_all
 from psfw.runtime.fetch import fetch_params, fetch_rows
-from psfw.runtime.table_feed import EVAL_ROWS
 from psfw.runtime.worker_report import StopRequest
 from psfw.services.server import ShardServer, in_process
 
@@ -214,12 +213,12 @@ async def train_async(
         for client in clients:
             stack.push_async_callback(client.close)
         params = await fetch_params(clients, job.layout, 0, steps, list(job.layout.params), t.wait_s)
-        values: dict[str, Any] = dict(params)
+        test_rows = None
         if job.model.tables:  # the test split's rows, for the final evaluation (the tables stay on the shards)
             feed = job.table_feed(0, [], evaluates=False)
             fingerprint = job.identity()["fingerprint"]
-            values[EVAL_ROWS] = await fetch_rows(clients, feed, job.test_ids(), 0, steps, t.wait_s, fingerprint)
-        test_loss, test_metrics = await asyncio.to_thread(evaluator.evaluate, values)
+            test_rows = await fetch_rows(clients, feed, job.test_ids(), 0, steps, t.wait_s, fingerprint)
+        test_loss, test_metrics = await asyncio.to_thread(evaluator.evaluate, params, test_rows)
         if evaluator.keeper is not None and steps % t.checkpoint_every == 0:  # the last step is a checkpoint's
             last = {"step": steps, "test_loss": test_loss, **{f"test_{k}": v for k, v in test_metrics.items()}}
             await asyncio.to_thread(evaluator.offer_last, last)

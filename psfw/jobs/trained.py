@@ -25,7 +25,6 @@ from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE, labels_record
 from psfw.jobs.user_rows import with_test_split
 from psfw.protocol.messages import RowBlock
-from psfw.runtime.table_feed import EVAL_ROWS
 from psfw.services.checkpoint import complete_steps, load_table_rows, load_values
 
 
@@ -212,10 +211,11 @@ def evaluate_run(
         job = with_test_split(job, test_file)
     run_dir = Path(run_dir)
     at, values = trained_values(run_dir, job, step, checkpoint_folder(run_dir, checkpoint_dir))
+    test_rows = None
     if job.model.tables:
         saved = {name: load_table(run_dir, name, step or at, checkpoint_dir) for name in job.model.tables}
-        values = {**values, EVAL_ROWS: rows_of(job, saved, job.test_ids())}
-    loss, metrics = test_metrics(job, values)
+        test_rows = rows_of(job, saved, job.test_ids())
+    loss, metrics = test_metrics(job, values, test_rows)
     return {"step": at, "test_loss": loss, **{f"test_{name}": value for name, value in metrics.items()}}
 
 

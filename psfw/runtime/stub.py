@@ -27,7 +27,7 @@ from psfw.protocol.messages import Gradients, UpdateHeader
 from psfw.protocol.wire import param_buffers, slice_views
 from psfw.runtime.fetch import fetch_params, fetch_rows, row_gets
 from psfw.runtime.gradient_sums import GradientStage, Sums
-from psfw.runtime.param_cache import ParamCache
+from psfw.runtime.param_cache import ParamCache, StepValues
 from psfw.runtime.sync import ShardSync, group_step
 from psfw.runtime.table_feed import TableFeed
 from psfw.runtime.transport import Transport
@@ -141,15 +141,24 @@ class Stub:
         await self._puts.put(values)
 
     def report(
-        self, step: int, worker: int, grads: dict[str, np.ndarray], rows: int, metrics: dict, generation: int = 0
+        self,
+        step: int,
+        worker: int,
+        grads: dict[str, np.ndarray],
+        rows: int,
+        metrics: dict,
+        generation: int = 0,
+        row_grads: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Report a worker's summed gradients (gradient of the summed loss) for a
-        step. Called from the worker's thread (safe from any thread), where the
-        gradients are added into the step's buffers when the stub has some."""
+        step: ``grads`` of the dense parameters by name, ``row_grads`` of the table
+        rows the cache published by table. Called from the worker's thread (safe from
+        any thread), where the gradients are added into the step's buffers when the
+        stub has some."""
         if self._stage is not None and not self._stage.add(step, generation, grads):
             return  # computed before a re-sync: dropped
         self._loop.call_soon_threadsafe(
-            self._inbox.put_nowait, WorkerReport(worker, step, generation, grads, rows, metrics)
+            self._inbox.put_nowait, WorkerReport(worker, step, generation, grads, rows, metrics, row_grads)
         )
 
     # -- the coroutine -------------------------------------------------------
@@ -242,16 +251,16 @@ class Stub:
         declaration = self.tables.declaration
         await asyncio.gather(*(c.put([], self.optimizer, job, declaration) for c in self.clients))
 
-    async def _with_rows(self, values: dict[str, Any], group: int, step: int, at: int) -> dict[str, Any]:
-        """``values`` and the table rows of step ``at``, as ``group`` has them after
+    async def _with_rows(self, params: dict[str, Any], group: int, step: int, at: int) -> StepValues:
+        """``params`` and the table rows of step ``at``, as ``group`` has them after
         ``step`` steps (one Get per shard that holds any of them)."""
         if self.tables is None:
-            return values
+            return StepValues(params)
         ids = self.tables.block_ids(at)
         self.rpcs["Get"] += len(row_gets(self.tables, ids))
         rows = await fetch_rows(self.clients, self.tables, ids, group, step, self.wait_s, self.fingerprint)
         self.tables.count(rows, pulled=True)
-        return {**values, **self.tables.published(at, rows)}
+        return StepValues(params, *self.tables.published(at, rows))
 
     async def _resync(self) -> int:
         self.cache.doing("re-syncing with the shards")
@@ -259,8 +268,8 @@ class Stub:
         self.epoch = replies[0].epoch
         start = min(group_step(r, self.group) for r in replies)
         self.sync.check_job(replies, 0, 1)  # a shard restarted with another job's checkpoint: stop, naming it
-        values = await self._get_all(self.group, start, list(self.layout.params))
-        values = await self._with_rows({n: jax.device_put(v) for n, v in values.items()}, self.group, start, start)
+        params = await self._get_all(self.group, start, list(self.layout.params))
+        values = await self._with_rows({n: jax.device_put(v) for n, v in params.items()}, self.group, start, start)
         while not self._inbox.empty():
             self._inbox.get_nowait()
         self.cache.rewind(start, values)
@@ -308,8 +317,7 @@ class Stub:
         else:
             fresh, into = param_buffers(self.layout, self.layout.params)
         started = time.perf_counter()
-        grads = [c.grads for c in batch]
-        sums = self._sums(grads)
+        sums = self._sums([c.grads for c in batch])
         self.rpcs["Update"] += len(self.clients)
         waiting = set(range(len(self.clients)))
 
@@ -319,7 +327,7 @@ class Stub:
         if self.tables is None:
             heads = [header] * len(self.clients)
         else:  # in a thread: it reads the next step's rows of data and runs the model's ids() on them
-            heads = await asyncio.to_thread(self.tables.headers, header, step, grads)
+            heads = await asyncio.to_thread(self.tables.headers, header, step, [c.row_grads for c in batch])
 
         async def send(shard: int):
             answer = await self.clients[shard].update(heads[shard], sums[shard], self.layout.slice_dtype_shape, into)
@@ -351,11 +359,12 @@ class Stub:
             # shards); new every step, or not written over while a worker reads them
             # (psfw.runtime.step_region)
             published = dict(fresh)
+        values = StepValues(published)
         if self.tables is not None:
             rows = self.tables.assemble([answer.table_rows for answer in replies])
             self.tables.count(rows, pulled=True)
-            published = {**published, **self.tables.published(step + 1, rows)}
-        self.cache.publish(step + 1, published)
+            values = StepValues(published, *self.tables.published(step + 1, rows))
+        self.cache.publish(step + 1, values)
         return comm_s
 
     def _sums(self, grads: list[dict[str, np.ndarray]]) -> list[Gradients]:
