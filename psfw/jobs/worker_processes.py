@@ -21,6 +21,7 @@ from psfw.jobs.progress import StepReporter
 from psfw.runtime.connect import connect_all
 from psfw.runtime.devices import describe_devices, worker_devices
 from psfw.runtime.param_cache import ParamCache
+from psfw.runtime.process_setup import ProcessSetup
 from psfw.runtime.stub import Stub
 from psfw.runtime.threads import Threads, cause_of
 from psfw.runtime.worker import WorkerSpec, run_worker
@@ -118,23 +119,26 @@ async def run_worker_processes(
                 cache = ParamCache(group, process)
                 if process == 0 and watch is not None:
                     cache.watchers.append(watch)
+                setup = ProcessSetup(
+                    clients,
+                    job.layout,
+                    cache,
+                    group,
+                    process,
+                    wait_s=t.wait_s,
+                    identity=identity,
+                    resume=resume,
+                    warmup_steps=c.warmup_steps,
+                )
                 stub = Stub(
-                    clients=clients,
-                    layout=job.layout,
-                    cache=cache,
-                    group=group,
-                    process=process,
+                    setup,
                     workers=workers,
                     workers_per_group=c.workers_per_group,
                     optimizer=job.config.optimizer.spec_json(),
-                    wait_s=t.wait_s,
                     on_metrics=reporter,
                     worker_groups=c.worker_groups,
                     staleness=c.staleness,
-                    warmup_steps=c.warmup_steps,
                     checkpoint_every=t.checkpoint_every,
-                    identity=identity,
-                    resume=resume,
                     on_start=on_start,
                     tables=job.table_feed(group, workers, evaluates=process == 0 and watch is not None)
                     if tables
