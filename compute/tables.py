@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -148,13 +147,6 @@ def bucket(count: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, count - 1).bit_length())
 
 
-class RowSet(NamedTuple):
-    """Rows of one table: sorted unique ids and their values ``[len(ids), dim]``."""
-
-    ids: np.ndarray
-    values: np.ndarray
-
-
 def unique_ids(parts: list[np.ndarray]) -> np.ndarray:
     """The sorted unique int64 ids of every array of ``parts``."""
     flat = [np.asarray(p, np.int64).reshape(-1) for p in parts]
@@ -173,10 +165,6 @@ def check_ids(name: str, ids: np.ndarray, spec: TableSpec) -> np.ndarray:
             bad = low if low < 0 else high
             raise ValueError(f"table {name}: id {bad} is outside 0..{limit}")
     return array.astype(np.int64, copy=False)
-
-
-def describe_tables(tables: Mapping[str, TableSpec]) -> dict[str, dict[str, Any]]:
-    return {name: spec.describe() for name, spec in tables.items()}
 
 
 COUNTED_ROWS = 1 << 22  # a bounded table's ids routed one by one to count its rows per shard (about 0.3 s)

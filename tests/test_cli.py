@@ -46,7 +46,7 @@ def test_train_on_the_shipped_example_reaches_the_accuracy_bar(tmp_path):
 
 @pytest.mark.slow
 def test_train_writes_parameters_that_reload_safely(tmp_path):
-    from psfw.jobs.outputs import read_params
+    from helpers import read_params
 
     out = tmp_path / "run"
     config = tmp_path / "short.toml"

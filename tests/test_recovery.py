@@ -22,13 +22,12 @@ from psfw.base.atomic import write_atomic
 from psfw.base.errors import ShardError
 from psfw.jobs.config import load_config, parse_config
 from psfw.jobs.embedded import train_async
-from psfw.jobs.outputs import read_params
 from psfw.protocol.messages import UpdateHeader
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services import checkpoint
 from psfw.services.server import ShardServer
 
-from helpers import SGD, assert_params_close, reference, send
+from helpers import SGD, assert_params_close, read_params, reference, send
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}

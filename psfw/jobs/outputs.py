@@ -188,12 +188,6 @@ def write_params(path: Path, params: dict[str, np.ndarray], metadata: dict[str, 
     write_atomic(path, save(tensors, metadata=metadata))
 
 
-def read_params(path: str | Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return load_file(str(path))
-
-
 def write_net(
     run_dir: Path, layers: list[dict[str, Any]], layout: Layout, tables: dict[str, Any] | None = None
 ) -> None:

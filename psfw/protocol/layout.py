@@ -51,10 +51,6 @@ class Layout(NamedTuple):
     def shard_slices(self, shard: int) -> list[SliceSpec]:
         return [s for p in self.params.values() for s in p.slices if s.shard == shard]
 
-    def slice_specs(self, shard: int) -> list[tuple[SliceKey, np.dtype, tuple[int, ...]]]:
-        """Key, dtype and shape of every slice ``shard`` holds, in its Updates' order."""
-        return [((s.key, s.index), np.dtype(self.params[s.key].dtype), (s.size,)) for s in self.shard_slices(shard)]
-
     def shard_bytes(self) -> list[int]:
         totals = [0] * self.shards
         for p in self.params.values():
