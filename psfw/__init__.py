@@ -11,8 +11,10 @@ The public API is small:
 - ``Model``, ``mlp``, ``cnn``: models as pure ``init``/``loss`` functions;
   ``TableSpec``: an embedding table a model declares;
 - ``ShardServer`` / ``serve``: one parameter-server shard over gRPC;
-- ``connect``: a ``Transport`` to one shard (in-process, shared memory or gRPC),
-  with the verbs put, get, update, describe, restore; ``ShardClient`` is the gRPC one;
+- ``connect``: a ``Transport`` to one shard, with the verbs put, get, update,
+  describe, restore: in-process, the bulk link (a Unix socket on this host, TCP
+  elsewhere; shared memory is where a same-host Update's tensors lie), or gRPC;
+  ``ShardClient`` is the gRPC one;
 - ``Cluster`` / ``format_status``: a client script's view of running shards.
 
 Names load lazily, so ``import psfw`` stays cheap for the command line.

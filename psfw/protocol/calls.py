@@ -76,7 +76,7 @@ async def pipelined_update(
 ) -> AsyncIterator[bytes]:
     """The Update's messages, encoded in a thread a batch of slices at a time, the
     next batch while gRPC sends this one. The gradients are read in that thread: a
-    sum still to be added up (``psfw.runtime.stub.Sums``) is added up there, so the
+    sum still to be added up (``psfw.runtime.gradient_sums.Sums``) is added up there, so the
     early slices travel while later ones are still being added up."""
 
     def nbytes(key: SliceKey) -> int:

@@ -299,11 +299,9 @@ class Stub:
         header = dataclasses.replace(self._header, step=step, rows=rows, metrics=metrics, epoch=self.epoch)
         if self.stop is not None and self.stop.at(step):
             header = dataclasses.replace(header, stop_at=self.stop.at(step))
-        # shards that answer with their own immutable arrays: whole parameters are
-        # put together by one jitted call (the only copy; XLA runs it before the call
-        # returns: 0.8-1.0 ms for the benchmark's 7.45 MB); the others write their
-        # answers straight into the step's buffers (a shared region), else into new
-        # aligned ones
+        # shards that answer with their own immutable arrays: whole parameters are put
+        # together by one jitted call (the only copy); the others write their answers
+        # straight into the step's buffers (a shared region), else into new aligned ones
         shares = all(c.capabilities.shares_arrays for c in self.clients)
         if shares:
             fresh, into = {}, None
@@ -349,10 +347,8 @@ class Stub:
             published = self._whole_params(slices)
         else:
             # published as the arrays they are: each worker's jitted step adopts them
-            # (64-byte aligned: no copy), where a device_put here would cost the step
-            # half a millisecond more (JAX's first call after the wait for the
-            # shards); new every step, or not written over while a worker reads them
-            # (psfw.runtime.step_region)
+            # (64-byte aligned: no copy; a device_put here costs more); new every step,
+            # or not written over while a worker reads them (psfw.runtime.step_region)
             published = dict(fresh)
         values = StepValues(published)
         if self.tables is not None:
