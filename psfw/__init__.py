@@ -3,8 +3,8 @@
 The public API is small:
 
 - ``load_config(path)`` / ``Config``: a validated job description (TOML);
-- ``train(config, run_dir)``: the embedded default, shards + stub + workers in one
-  process; ``train_async`` is the same inside a running event loop;
+- ``train(config, run_dir)``: the embedded default, shards + stubs + workers in one
+  OS process; ``train_async`` is the same inside a running event loop;
 - ``load_params(run_dir)``: what a run trained, as its model's parameter pytree;
   ``load_table(run_dir, name)``: the rows of one of its embedding tables;
   ``load_model(run_dir)``: its model with those parameters, ready to ``predict(x)``;

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from psfw.services.store import ShardStore
 
 # a shard this small updates on the event loop (less than a thread hop), a larger one in
-# a thread; also where a process holds several shards: their memory-bound updates each
+# a thread; also where an OS process holds several shards: their memory-bound updates each
 # use every core, so one after the other beats side by side (docs/performance.md)
 INLINE_UPDATE_BYTES = 8 << 20
 log = logging.getLogger("psfw.server")

@@ -19,7 +19,7 @@ class ConfigError(PsfwError, ValueError):
 
 class UsageError(PsfwError, ValueError):
     """A command used in a way that cannot work, the config aside: a flag, a run
-    folder, a process that does not exist. The message says what to do instead."""
+    folder, a worker process that does not exist. The message says what to do instead."""
 
 
 class Reason(enum.StrEnum):

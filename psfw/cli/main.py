@@ -353,7 +353,7 @@ class _OneLine(logging.Formatter):
 
 def entry() -> None:
     """The ``psfw`` command: ``main`` and its exit status. A stop may leave a worker's
-    thread in a long computation (``psfw.runtime.worker``); the process ends without
+    thread in a long computation (``psfw.runtime.worker``); the OS process ends without
     waiting for it, all said and written."""
     code = main()
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):

@@ -212,20 +212,20 @@ class TrainConfig(_Strict):
 class ClusterConfig(_Strict):
     worker_groups: int = Field(1, ge=1)
     workers_per_group: int = Field(2, ge=1)
-    workers_per_process: int = Field(2, ge=1)
+    workers_per_process: int = Field(2, ge=1)  # a worker process: one stub and this many workers
     servers: Annotated[int, AfterValidator(check_servers)] = Field(2, ge=1)
     slice_bytes: int = Field(1 << 20, ge=64)
     staleness: int | None = Field(None, ge=0)  # None: groups fully asynchronous; k: SSP bound
     warmup_steps: int = Field(0, ge=0)  # group 0 trains alone this long before other groups start
-    transport: Literal["auto", "grpc"] = "auto"  # auto: shards in this process are called directly
+    transport: Literal["auto", "grpc"] = "auto"  # auto: shards in this OS process are called directly
     # the network path's Update gradients: "bf16" halves their bytes (error feedback;
     # psfw.protocol.compression); "none" keeps training equal to single-process training
     compression: Literal["none", "bf16"] = "none"
     # the network path's Put, Get and Update go over a shard's TCP data link where it
     # offers one (psfw.protocol.data_link; never with TLS); false: everything over gRPC
     data_link: bool = True
-    # which local device each worker of a process computes on: "auto" (one each, in
-    # turn, when the process sees several), or indices into jax.local_devices()
+    # which local device each worker of a worker process computes on: "auto" (one each,
+    # in turn, when the OS process sees several), or indices into jax.local_devices()
     devices: Literal["auto"] | list[Annotated[int, Field(ge=0)]] = "auto"
 
     @model_validator(mode="after")
@@ -275,7 +275,7 @@ class Config(_Strict):
 
     def set_flags(self) -> list[str]:
         """The overrides this config was loaded with, as command-line flags again
-        (``["--set", "train.epochs=5", ...]``): the same job in another process."""
+        (``["--set", "train.epochs=5", ...]``): the same job in another OS process."""
         return [flag for item in self.overrides for flag in ("--set", item)]
 
     def error(self, field: str, problem: str) -> ConfigError:

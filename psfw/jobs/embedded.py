@@ -1,4 +1,4 @@
-"""The embedded default: shards, stubs and workers of a whole job in one process.
+"""The embedded default: shards, stubs and workers of a whole job in one OS process.
 
 ``train(config)`` starts one gRPC shard per ``cluster.servers`` on 127.0.0.1 (or
 uses the addresses given), one stub per worker process and the workers, trains,
@@ -119,7 +119,7 @@ async def train_async(
     job = build_job(config)
     if not servers:  # the shards start here: this machine holds them too
         check_shards_here(config, {n: jax.ShapeDtypeStruct(p.shape, p.dtype) for n, p in job.layout.params.items()})
-    job_devices(job)  # a device this process does not see: refused before the run folder is touched
+    job_devices(job)  # a device this OS process does not see: refused before the run folder is touched
     t, c = config.train, config.cluster
     processes = list(range(c.worker_groups * c.processes_per_group)) if processes is None else processes
     chief = 0 in processes
@@ -164,7 +164,7 @@ async def train_async(
             )
         if resume and started:
             changes.update(await _go_on_with_the_optimizer(config, job, started, step, change_optimizer))
-        # each group's records come from the process that leads it (its first), here
+        # each group's records come from the worker process that leads it (its first), here
         # or in another OS process that writes the same file (psfw launch)
         led = {p // c.processes_per_group for p in processes if p % c.processes_per_group == 0}
         records_dir = folder if folder is not None else Path(run_dir) if run_dir and outputs and led else None
@@ -284,9 +284,9 @@ async def _go_on_with_the_optimizer(
 
 class _RunBegins:
     """Writes to the run folder once the shards took the job (at once for shards of
-    this process, at the first stub's start against running ones), so that a refused
+    this OS process, at the first stub's start against running ones), so that a refused
     command leaves the folder as it was: makes ``folder`` for the records; with
-    ``chief`` (the process that writes the run's outputs), clears what ``earlier``
+    ``chief`` (the OS process that writes the run's outputs), clears what ``earlier``
     left, marks the folder, writes ``config.json`` (what this run trains with),
     ``labels.json`` (what the user's labels are, ``data``'s) and a resume's changes
     in ``history.jsonl``."""

@@ -61,7 +61,7 @@ def mark_run_dir(folder: Path) -> None:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command this process runs, as a shell would take it: ``psfw train
+    """The command this OS process runs, as a shell would take it: ``psfw train
     job.toml --set train.epochs=5`` (a Python program that calls psfw: its own argv)."""
     argv = list(sys.argv if argv is None else argv)
     if argv and (Path(argv[0]).name == "psfw" or argv[0].endswith(("psfw/cli/__main__.py", "psfw/cli/main.py"))):
@@ -126,8 +126,8 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line, appended as it comes.
 
-    Several processes of one machine may write one file (``psfw launch``: the first
-    process of each group writes its group's records): each write takes an exclusive
+    Several OS processes of one machine may write one file (``psfw launch``: the
+    first worker process of each group writes its group's records): each write takes an exclusive
     lock (a lock file beside it) and appends whole lines. Resuming, ``begin`` drops
     the abandoned history of a group once its stub knows where the group resumes:
     its records past that step, the old final record, the records of groups the job

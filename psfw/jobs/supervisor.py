@@ -24,7 +24,7 @@ from psfw.jobs.outputs import CHECKPOINTS
 from psfw.jobs.run_dir import check_run_dir, resume_hint
 
 STOP_GRACE_S = 10.0
-# each stops every process gracefully once: Ctrl-C, a stop, a closed terminal
+# each stops every child gracefully once: Ctrl-C, a stop, a closed terminal
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -173,7 +173,7 @@ async def launch(
         for process in range(c.worker_groups * c.processes_per_group):
             args = ["worker", str(config_path), "--process", str(process), "--servers", ",".join(addresses)]
             args.append("--launched")  # launch, not each worker, says how to continue an interrupted run
-            args += config.set_flags()  # the same job in every process
+            args += config.set_flags()  # the same job in every child
             if process % c.processes_per_group == 0 and run_dir is not None:  # each group's first: its records
                 args += ["--run-dir", str(run_dir)]
             if resume:

@@ -1,9 +1,10 @@
 """Worker processes of a job run inside this OS process.
 
-Each worker process of the cluster (a group's share of workers) gets its own stub,
-parameter cache and transports to the shards; its workers run in threads of one
-pool. ``psfw train`` runs every process of the job here, ``psfw worker`` the ones
-it is told to, the benchmark its own selection.
+A worker process is a group's share of workers (``workers_per_process``) with its
+own stub, parameter cache and transports to the shards; several may run inside one
+OS process, their workers in threads of one pool. ``psfw train`` runs every worker
+process of the job here, ``psfw worker`` the ones it is told to, the benchmark its
+own selection.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ async def run_worker_processes(
 ) -> list[Stub]:
     """Run worker processes of ``job`` (default: all) in this OS process, each with
     its own stub, cache and channels, against the shards at ``addresses``.
-    ``resume``: continue the job where the shards hold it (else a process whose
-    group has advanced there is refused, see ``Stub``).
+    ``resume``: continue the job where the shards hold it (else a worker process
+    whose group has advanced there is refused, see ``Stub``).
 
     Process ``p`` is local process ``p % processes_per_group`` of group
     ``p // processes_per_group`` and runs ``workers_per_process`` workers, each on
@@ -182,7 +183,7 @@ async def _first_cause():
     """Raise the error that stopped the job, not the group of every task's error.
 
     One failure (a shard's refusal, a worker's model error) stops the stubs and
-    workers of every process here, each with an error that names it as its cause;
+    workers of every worker process here, each with an error that names it as its cause;
     the user wants that one error, in one line."""
     try:
         yield

@@ -109,7 +109,7 @@ def plan_layout(shapes: dict[str, tuple[tuple[int, ...], str]], shards: int, wor
         cuts[name] = _ranges(size, parts)
 
     # Largest first onto the lightest shard; ties broken by name and index so that
-    # every process computes the same placement.
+    # every worker process computes the same placement.
     order = sorted(
         ((hi - lo) * np.dtype(shapes[n][1]).itemsize, n, i) for n, rs in cuts.items() for i, (lo, hi) in enumerate(rs)
     )

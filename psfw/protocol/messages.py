@@ -41,7 +41,7 @@ class UpdateHeader:
     ('' names none). ``metrics``: the process's metrics, each x rows. ``wait_s``: how
     long the shard may wait for the rest of the group. ``push``: the process's
     gradient sums of table rows (x rows, as the slices'); ``pull``: the table rows
-    the process wants after this step (the next step's), answered with the update.
+    the worker process wants after this step (the next step's), answered with the update.
     """
 
     group: int

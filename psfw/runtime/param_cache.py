@@ -1,4 +1,4 @@
-"""The parameters of one process, shared by all its workers without copies."""
+"""The parameters of one worker process, shared by all its workers without copies."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What one process of a job hands its stub and the stub's view of the shards."""
+"""What one worker process of a job hands its stub and the stub's view of the shards."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from psfw.runtime.transport import Transport
 
 @dataclass(frozen=True)
 class ProcessSetup:
-    """One process of a job: where it stands, what it talks to, which job it joins.
+    """One worker process of a job: where it stands, what it talks to, which job it joins.
 
     ``clients``: a transport per shard; ``layout``: where each parameter's slices
     lie; ``cache``: the process's parameter cache; ``group``, ``process``: its

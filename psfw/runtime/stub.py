@@ -43,7 +43,7 @@ RESYNC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION
 
 
 class Stub:
-    """The stub of the process ``setup`` describes, for its local ``workers`` (their
+    """The stub of the worker process ``setup`` describes, for its local ``workers`` (their
     indices in the group). ``optimizer``: the shards' optimizer (JSON spec), named by
     the first Put; ``on_metrics``: takes each step's report; ``worker_groups``,
     ``staleness``: the job's groups and their bound (None: none); ``checkpoint_every``:

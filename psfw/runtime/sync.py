@@ -16,13 +16,13 @@ from psfw.base.identity import differences, summary
 from psfw.runtime.process_setup import ProcessSetup
 
 log = logging.getLogger(__name__)
-# a process that sent an Update this recently may still run (started twice): watch it
+# a worker process that sent an Update this recently may still run (started twice): watch it
 # this long, every WATCH_EVERY_S; a running one reports again (a restarted one never does)
 RECENT_S, WATCH_S, WATCH_EVERY_S = 30.0, 5.0, 0.25
 
 
 class ShardSync:
-    """A stub's view of its shards' state, for the process ``setup`` describes."""
+    """A stub's view of its shards' state, for the worker process ``setup`` describes."""
 
     def __init__(self, setup: ProcessSetup):
         self.clients, self.layout, self.cache = setup.clients, setup.layout, setup.cache

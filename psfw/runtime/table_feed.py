@@ -1,4 +1,4 @@
-"""Which embedding-table rows a process needs each step, and where they live.
+"""Which embedding-table rows a worker process needs each step, and where they live.
 
 A process's workers read known rows of the data each step (the batch order is
 fixed by the seed), so the rows of their sub-batches' ids are known before the
@@ -27,7 +27,7 @@ EMPTY = np.zeros(0, np.int64)
 
 
 class TableFeed:
-    """The rows of ``tables`` one process needs.
+    """The rows of ``tables`` one worker process needs.
 
     ``batch_ids(step)``: the ids its workers' sub-batches of ``step`` use, by table
     (any shape, repeats allowed); ``steps``: the job's steps (none are trained at

@@ -30,7 +30,7 @@ STOP_WAIT_S = 10.0
 
 @dataclass
 class WorkerSpec:
-    """What a worker needs beyond its index: shared by the workers of a process."""
+    """What a worker needs beyond its index: shared by the workers of a worker process."""
 
     layout: Layout
     treedef: Any

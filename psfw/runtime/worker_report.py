@@ -21,7 +21,7 @@ TIMES = ("compute_s", "wait_s")  # a worker's timings: not metrics of the model
 
 
 class StopRequest:
-    """An early end of a job asked for by the process that evaluates
+    """An early end of a job asked for by the worker process that evaluates
     (``train.stop_after``): its stub names, in its next Update, the step the job ends
     at; the shards answer every process with it, so that all of them stop at that
     same step."""

@@ -155,7 +155,7 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
 
 
 def run_scale(stubs: int = 16, seconds: float = 3.0, model_mb: float = 1.0) -> dict[str, float]:
-    """Updates/s of ``stubs`` simulated stub processes (synthetic gradients, no
+    """Updates/s of ``stubs`` simulated worker processes (their stubs alone) (synthetic gradients, no
     compute) against 1, 2 and 4 shard processes holding a model of ``model_mb`` MB."""
     from psfw.tools.loadtest import load_test
 
