@@ -30,12 +30,24 @@ _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 class TableSpec(NamedTuple):
-    """One embedding table of a model.
+    """One embedding table of a model, as its ``Model.tables`` declares it. The
+    table lives on the shards, spread over them by id; a step moves only the rows
+    its batch uses.
 
-    ``rows``: ids 0..rows-1 (None: any id from 0 to 2^63-1, rows made on first
-    use); ``dim``: the width of a row; ``init``: "normal" (mean 0, deviation
-    ``scale``), "uniform" (in [-scale, scale)) or "zeros"; ``optimizer``: the spec of
-    its row-wise optimizer (None: the job's table optimizer)."""
+    Attributes:
+        rows: ids 0..rows-1 (None: any id from 0 to 2^63-1, rows made on first use).
+        dim: the width of a row (1 to 65536).
+        init: a row's initial value: "normal" (mean 0, deviation ``scale``),
+            "uniform" (in [-scale, scale)) or "zeros"; it depends only on the seed,
+            the table and the id.
+        scale: see ``init``.
+        optimizer: the spec of its row-wise optimizer, as the config's ``[tables]``
+            writes one (None: the job's table optimizer).
+
+    Example::
+
+        tables = {"user": TableSpec(rows=10_000, dim=16), "item": TableSpec(None, 16)}
+    """
 
     rows: int | None
     dim: int

@@ -251,6 +251,21 @@ class ClusterConfig(_Strict):
 
 
 class Config(_Strict):
+    """A job: its model, data, training, optimizer, embedding tables and cluster, as
+    a TOML config says them (every key: docs/configuration.md).
+
+    Made by ``load_config`` (or ``parse_config`` from a dict); immutable, validated
+    as a whole: an unknown key or a value out of range is a ConfigError naming it.
+
+    Attributes:
+        name: the job's name (default: the config file's stem), in its identity.
+        seed: the seed of initialization and data order.
+        model, data, train, optimizer, tables, cluster: the config's sections.
+        base_dir: where relative paths in the config resolve (set by ``load_config``).
+        source: what errors name: the file (set by ``load_config``).
+        overrides: the ``--set KEY=VALUE`` items applied (set by ``load_config``).
+    """
+
     name: str | None = Field(default=None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:+-]+$")
     seed: Annotated[int, AfterValidator(check_seed)] = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -352,8 +367,24 @@ def settings_of(config: Config) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read and validate a TOML config, with ``overrides`` (``KEY=VALUE``, see
-    ``psfw.jobs.overrides``) applied first; raises ConfigError with a one-line message."""
+    """Read and validate a job's TOML config.
+
+    Args:
+        path: the TOML file; relative paths inside it resolve from its folder.
+        overrides: ``KEY=VALUE`` items applied before validation, as ``--set`` does
+            (``["train.epochs=5"]``; see ``psfw.jobs.overrides``).
+
+    Returns:
+        The validated ``Config``.
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or a key or value is
+            wrong; the one-line message names the file, the key and the problem.
+
+    Example::
+
+        config = psfw.load_config("examples/digits_mlp.toml", ["train.epochs=5"])
+    """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())

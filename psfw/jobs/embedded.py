@@ -55,6 +55,27 @@ log = logging.getLogger("psfw")
 
 @dataclass
 class TrainResult:
+    """What ``train`` returns: the final parameters and evaluation, and what the run
+    recorded on the way.
+
+    Attributes:
+        params: the final values by parameter name (flat: ``"dense0/w"``; empty
+            in an OS process that does not run worker process 0).
+        steps: the steps trained (fewer than the config's after an early end).
+        test_loss: the final evaluation's loss on the test split.
+        test_metrics: the final evaluation's metrics (``{"accuracy": ...}``).
+        records: the metrics records of the steps, as ``metrics.jsonl`` has them.
+        run_dir: the run folder written (None without outputs).
+        rpcs: per worker process, the RPCs its stub sent (``{"Put", "Get", "Update"}``).
+        shard_addresses: the shards trained against.
+        evals: the evaluations during training (``train.eval_every``).
+        devices: the job's worker (group x workers_per_group + worker) -> the
+            device it computed on, for those run here.
+        best: with ``train.keep_best``, the best step kept: ``{"step", "metric",
+            "value", "mode"}``.
+        stopped: with ``train.stop_after``, why the run ended before its steps.
+    """
+
     params: dict[str, np.ndarray]  # final values by parameter name
     steps: int
     test_loss: float
@@ -101,20 +122,38 @@ async def train_async(
     security: Security = NO_SECURITY,
     done: dict[int, int] | None = None,
 ) -> TrainResult:
-    """Train ``config``; see the module docstring.
+    """Train ``config`` inside a running event loop (``train`` is the same from
+    synchronous code; see the module docstring).
 
-    ``servers``: addresses of running shards (default: start them here, on
-    127.0.0.1). ``processes``: run only these worker processes here (``psfw worker``;
-    default: all). Evaluation and the run folder are the job of the OS process that
-    runs process 0; elsewhere the result holds no parameters. The embedded shards
-    checkpoint into ``RUN_DIR/checkpoints`` every ``train.checkpoint_every`` steps;
-    ``resume`` continues from the newest complete checkpoint there; ``overwrite``
-    clears the run there first (see ``psfw.jobs.run_dir``). ``security``: TLS and
-    token for the channels to ``servers``. ``done``: filled with each group's
-    completed steps here, as they complete (what an interrupted run says).
-
+    Evaluation and the run folder are the job of the OS process that runs worker
+    process 0; elsewhere the result holds no parameters. The embedded shards
+    checkpoint into ``RUN_DIR/checkpoints`` every ``train.checkpoint_every`` steps.
     Nothing is written to the run folder before the shards took the job: a refused
     command leaves it as it was.
+
+    Args:
+        config: the job.
+        run_dir: the run folder (default: a new one under ``runs/``).
+        progress: draw a progress bar where there is a terminal (else log lines).
+        outputs: write the run folder (metrics, parameters, net, curves).
+        servers: addresses of running shards (default: start them here, on 127.0.0.1).
+        processes: run only these worker processes here (``psfw worker``; default: all).
+        resume: continue from the newest complete checkpoint in ``run_dir``.
+        overwrite: clear the run in ``run_dir`` first (see ``psfw.jobs.run_dir``).
+        change_optimizer: with ``resume``, go on with the config's optimizer settings
+            where the checkpoint's differ (the optimizer state is kept).
+        security: TLS and token for the channels to ``servers``.
+        done: filled with each group's completed steps here, as they complete (what
+            an interrupted run says).
+
+    Returns:
+        A ``TrainResult``.
+
+    Raises:
+        ConfigError: the config cannot run (the model, the data, the memory it needs).
+        UsageError: the run folder or the options cannot work together.
+        PsfwError: training failed (a shard's refusal, a worker's model error),
+            in one line that says where.
     """
     job = build_job(config)
     if not servers:  # the shards start here: this machine holds them too
@@ -341,7 +380,28 @@ def _append_json(path: Path, record: dict[str, Any]) -> None:
 
 
 def train(config: Config | str | Path, run_dir: str | Path | None = None, **options: Any) -> TrainResult:
-    """Synchronous entry point: ``train("examples/digits_mlp.toml")``."""
+    """Train a job in this OS process: its shards, stubs and workers (the embedded
+    default, ``psfw train``). Ctrl-C stops it gracefully, a second Ctrl-C at once.
+
+    Args:
+        config: the job, as a ``Config`` or the path of its TOML file.
+        run_dir: the run folder to write (default: a new one under ``runs/``).
+        **options: the keyword arguments of ``train_async`` (``resume``,
+            ``progress``, ``servers``...).
+
+    Returns:
+        A ``TrainResult``: the final parameters, test loss and metrics, the records.
+
+    Raises:
+        ConfigError: the config cannot run.
+        UsageError: the run folder or the options cannot work together.
+        PsfwError: training failed, in one line that says where.
+
+    Example::
+
+        result = psfw.train("examples/digits_mlp.toml")
+        print(result.summary())
+    """
     if not isinstance(config, Config):
         config = load_config(config)
     return run_job(train_async(config, run_dir, **options))  # Ctrl-C: a graceful stop, a second one at once

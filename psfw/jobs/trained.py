@@ -132,10 +132,23 @@ def _listed(steps: list[int]) -> str:
 
 
 def load_params(run_dir: str | Path, step: Step = None, config: Config | None = None) -> Any:
-    """The parameters a run trained, as the model's pytree: the final ones, or those
-    of the checkpoint of ``step`` (``"best"``: the best kept by ``train.keep_best``);
-    ``config`` (default: the run's own ``config.json``)
-    gives the model. Ready for the model's own functions::
+    """The parameters a run trained, as the model's pytree, ready for the model's
+    own functions.
+
+    Args:
+        run_dir: the run folder (``psfw train --run-dir``, or process 0's of a cluster).
+        step: a checkpoint's step instead of the final parameters (``"best"``: the
+            best evaluation's, kept by ``train.keep_best``).
+        config: the model to read them as (default: the run's own ``config.json``).
+
+    Returns:
+        The parameters as the model's ``init`` makes them (a pytree of arrays).
+
+    Raises:
+        UsageError: the folder is not a run, lacks what is asked for, or holds
+            parameters of another model; the message says what there is.
+
+    Example::
 
         params = psfw.load_params("runs/run-001")
         loss, metrics = model.loss(params, x, y)
@@ -149,11 +162,26 @@ def load_params(run_dir: str | Path, step: Step = None, config: Config | None = 
 def load_table(
     run_dir: str | Path, name: str, step: Step = None, checkpoint_dir: str | Path | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of embedding table ``name`` that a run's shards saved in their
-    checkpoint of ``step`` (default: the newest complete one), gathered from every
-    shard: ``(ids, values)``, sorted by id. A row that training never touched is not
-    saved: its value is still its initial one. ``checkpoint_dir``: the shards'
-    folder of a cluster run (default: the run folder's ``checkpoints``)::
+    """The rows of an embedding table that a run's shards saved in a checkpoint,
+    gathered from every shard. A row that training never touched is not saved: its
+    value is still its initial one.
+
+    Args:
+        run_dir: the run folder.
+        name: the table, as the model declares it.
+        step: the checkpoint's step (default: the newest complete one; ``"best"``:
+            the best evaluation's).
+        checkpoint_dir: the shards' folder of a cluster run (default: the run
+            folder's ``checkpoints``).
+
+    Returns:
+        ``(ids, values)``: the saved rows' ids, sorted, and their values
+        ``[len(ids), dim]``.
+
+    Raises:
+        UsageError: no complete checkpoint of that step, or none holds the table.
+
+    Example::
 
         ids, rows = psfw.load_table("runs/run-001", "user")
     """
