@@ -63,8 +63,9 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names l
     from psfw.compute.models import Model, cnn, mlp
     from psfw.compute.tables import TableSpec
     from psfw.jobs.config import Config, load_config
-    from psfw.jobs.embedded import TrainResult, train, train_async
+    from psfw.jobs.embedded import train, train_async
     from psfw.jobs.predictions import TrainedModel, load_model
+    from psfw.jobs.train_result import TrainResult
     from psfw.jobs.trained import load_params, load_table
     from psfw.protocol.messages import UpdateHeader
     from psfw.runtime.connect import connect
@@ -78,7 +79,7 @@ _EXPORTS = {
     "load_config": "psfw.jobs.config",
     "train": "psfw.jobs.embedded",
     "train_async": "psfw.jobs.embedded",
-    "TrainResult": "psfw.jobs.embedded",
+    "TrainResult": "psfw.jobs.train_result",
     "load_params": "psfw.jobs.trained",
     "load_table": "psfw.jobs.trained",
     "load_model": "psfw.jobs.predictions",
