@@ -7,8 +7,6 @@ message names the file, the field and the problem (``job.toml: cluster.servers:
 
 from __future__ import annotations
 
-import copy
-import json
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -299,7 +297,7 @@ class Config(_Strict):
         return ConfigError(f"{self.source}: {field}: {problem}")
 
 
-_SET_BY_LOADER = ("base_dir", "source", "overrides")
+SET_BY_LOADER = ("base_dir", "source", "overrides")
 
 
 def _field(loc: list[Any]) -> str:
@@ -336,36 +334,6 @@ def parse_config(data: dict[str, Any], source: str = "config", base_dir: str = "
         raise ConfigError(_one_line(err, source)) from None
 
 
-def stored_settings(data: dict[str, Any]) -> dict[str, Any]:
-    """A run's ``config.json`` as the settings it describes, in the form the config
-    takes today: where the settings came from dropped (``base_dir``, ``source``,
-    ``overrides``), and the keys an earlier psfw wrote for every data set and model
-    kept only where they apply (``parse_config`` would refuse them)."""
-    data = copy.deepcopy(data)
-    for key in _SET_BY_LOADER:
-        data.pop(key, None)
-    d = data.get("data")
-    if isinstance(d, dict) and "path" not in d and "module" not in d:
-        uses = DATA_KEYS.get(d.get("name", "digits"), ())
-        for key in SYNTHETIC_ONLY:
-            if key not in uses:  # the clicks log keeps its train and test rows
-                d.pop(key, None)
-    m = data.get("model")
-    if isinstance(m, dict):
-        uses = MODEL_KEYS.get(m.get("name", "mlp"), ())
-        data["model"] = {k: v for k, v in m.items() if k == "name" or k in uses}
-    return data
-
-
-def settings_of(config: Config) -> dict[str, Any]:
-    """What ``config`` trains with, as plain JSON values (where it came from aside):
-    two configs train alike when these are equal."""
-    data = json.loads(config.model_dump_json())
-    for key in _SET_BY_LOADER:
-        data.pop(key, None)
-    return data
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read and validate a job's TOML config.
 
@@ -398,10 +366,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    for key in _SET_BY_LOADER:
+    for key in SET_BY_LOADER:
         if key in data:
             raise ConfigError(f"{path}: {key}: unknown key (check its spelling against the config reference)")
     if overrides:
-        data = apply_overrides(data, overrides, Config, _SET_BY_LOADER)
+        data = apply_overrides(data, overrides, Config, SET_BY_LOADER)
     config = parse_config(data, str(path), str(path.parent.resolve()))
     return config.model_copy(update={"overrides": list(overrides or [])})

@@ -98,7 +98,8 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
     parameters, and of the optimizer unless ``change_optimizer``."""
     from psfw.base.errors import ConfigError
     from psfw.base.identity import changed
-    from psfw.jobs.config import parse_config, settings_of, stored_settings
+    from psfw.jobs.config import parse_config
+    from psfw.jobs.run_settings import settings_of, stored_settings
 
     path = folder / "config.json"
     if not path.exists():

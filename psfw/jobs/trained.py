@@ -19,10 +19,11 @@ from psfw.base.errors import UsageError
 from psfw.compute.params import unflatten_params
 from psfw.compute.tables import initial_rows
 from psfw.jobs.best_step import BEST, read_best
-from psfw.jobs.config import Config, parse_config, stored_settings
+from psfw.jobs.config import Config, parse_config
 from psfw.jobs.evaluation import test_metrics
 from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE, labels_record
+from psfw.jobs.run_settings import stored_settings
 from psfw.jobs.user_rows import with_test_split
 from psfw.protocol.messages import RowBlock
 from psfw.services.checkpoint import complete_steps, load_table_rows, load_values
