@@ -273,7 +273,7 @@ def test_a_bad_environment_value_is_one_line_naming_the_variable(variable, value
 def test_help_and_flags_do_not_read_a_bad_variable(monkeypatch):
     done = run_with_env({"PSFW_SHARD": "x", "PSFW_GRACE": "soon"}, "server", "--help")
     assert done.returncode == 0 and "usage:" in done.stdout
-    from psfw.cli.main import parser
+    from psfw.cli.flags import parser
 
     monkeypatch.setenv("PSFW_SHARD", "x")
     monkeypatch.setenv("PSFW_INSECURE", "true")
