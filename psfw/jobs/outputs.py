@@ -128,8 +128,8 @@ class MetricsLog:
     """``metrics.jsonl``: one JSON object per line, appended as it comes.
 
     Several OS processes of one machine may write one file (``psfw launch``: the
-    first worker process of each group writes its group's records): each write takes an exclusive
-    lock (a lock file beside it) and appends whole lines. Resuming, ``begin`` drops
+    first worker process of each group writes its group's records): each write
+    takes an exclusive lock (a lock file beside it) and appends whole lines. Resuming, ``begin`` drops
     the abandoned history of a group once its stub knows where the group resumes:
     its records past that step, the old final record, the records of groups the job
     no longer has (``groups``) and lines a kill cut short, so every step appears once."""
