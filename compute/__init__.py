@@ -21,7 +21,7 @@ _EXPORTS = {
     "load_user_model": "psfw.compute.models",
     "mlp": "psfw.compute.models",
     "transformer_lm": "psfw.compute.transformer",
-    "NpyFile": "psfw.compute.user_data",
+    "NpyFile": "psfw.compute.npy_file",
     "build_optimizer": "psfw.compute.optimizers",
     "check_spec": "psfw.compute.optimizer_schema",
     "make_eval_fn": "psfw.compute.step",

@@ -3,7 +3,7 @@
 
 A data set is four arrays: inputs and labels of the training and the test split.
 They may be numpy arrays, ``.npy`` files read a row at a time
-(``psfw.compute.user_data.NpyFile``) or row views of those (:class:`Rows`): a worker
+(``psfw.compute.npy_file.NpyFile``) or row views of those (:class:`Rows`): a worker
 reads only the rows of its sub-batches (``x_train[rows]``), so a set larger than
 memory trains without a copy of it anywhere.
 """

@@ -25,20 +25,29 @@ Layer = dict[str, Any]  # {"name", "type", "params": [names], ...}
 
 
 class Model(NamedTuple):
-    """``init(key) -> params`` and ``loss(params, x, y) -> (loss, metrics)``.
+    """A model as pure functions: ``init(key) -> params`` and
+    ``loss(params, x, y) -> (loss, metrics)``.
 
     A model with embedding tables also declares them (``tables``: name ->
     ``TableSpec``) and ``ids(x) -> {table: int ids}``, which names the rows each
     row of ``x`` uses (on the host, numpy: any shape per table). Its loss is then
     ``loss(params, x, y, embedded)``, where ``embedded[table]`` holds the looked-up
-    rows, of shape ``ids.shape + (dim,)``; the tables are not in ``params``. An
-    optional ``score(params, x, embedded)`` gives one score per row (the test set's
-    AUC is reported for a binary label).
+    rows, of shape ``ids.shape + (dim,)``; the tables are not in ``params``.
 
-    An optional ``predict(params, x)`` (``predict(params, x, embedded)`` with
-    tables) answers for each row of ``x``: class probabilities for a classifier,
-    values for a regression, next-token distributions for a language model
-    (``psfw predict``, ``psfw.load_model``)."""
+    Attributes:
+        init: ``init(key) -> params``, a pytree of arrays (jitted by psfw).
+        loss: ``loss(params, x, y) -> (loss, metrics)``: the mean loss of the rows
+            and a dict of scalar metrics (jitted by psfw, differentiated in ``params``).
+        layers: the layers as JSON-able dicts, for ``net.json`` and its picture.
+        tables: the embedding tables by name (empty: none).
+        ids: with tables, ``ids(x) -> {table: int ids}``.
+        score: optional ``score(params, x, embedded)``: one score per row (the test
+            set's AUC is reported for a binary label).
+        predict: optional ``predict(params, x)`` (``predict(params, x, embedded)``
+            with tables): class probabilities for a classifier, values for a
+            regression, next-token distributions for a language model (``psfw
+            predict``, ``psfw.load_model``).
+    """
 
     init: Callable[[jax.Array], Params]
     loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -98,8 +107,27 @@ def mlp(
     head_name: str = "softmax_cross_entropy",
     output: Output = class_probabilities,
 ) -> Model:
-    """A ReLU multi-layer perceptron; ``sizes`` = [inputs, hidden..., outputs], the
-    outputs scored by ``head`` and predicted through ``output`` (see ``head_for``)."""
+    """A ReLU multi-layer perceptron over flattened inputs.
+
+    Args:
+        sizes: ``[inputs, hidden..., outputs]``.
+        head: ``head(outputs, labels) -> (loss, metrics)`` (default: softmax
+            cross-entropy and accuracy of integer labels; see ``head_for``).
+        head_name: the head's name in ``net.json``.
+        output: what ``predict`` makes of the outputs (default: class probabilities).
+
+    Returns:
+        A ``Model`` with ``init``, ``loss`` and ``predict``; its parameters are
+        ``{"dense0": {"w", "b"}, ...}``.
+
+    Raises:
+        ValueError: fewer than two sizes, or a size under 1.
+
+    Example::
+
+        model = psfw.mlp([64, 32, 10])
+        params = model.init(jax.random.PRNGKey(0))
+    """
     sizes = [int(s) for s in sizes]
     if len(sizes) < 2 or min(sizes) < 1:
         raise ValueError(f"mlp sizes must be at least [inputs, classes], got {sizes}")
@@ -141,8 +169,25 @@ def cnn(
     output: Output = class_probabilities,
 ) -> Model:
     """A small convnet for NHWC images: 3x3 conv + ReLU (+ 2x2 average pool between
-    convs), then a dense layer of ``classes`` outputs scored by ``head`` and
-    predicted through ``output``."""
+    convs), then a dense layer of ``classes`` outputs.
+
+    Args:
+        input_shape: ``(height, width, channels)`` of an image.
+        classes: the outputs of the last layer.
+        channels: the output channels of each conv.
+        head: ``head(outputs, labels) -> (loss, metrics)`` (default: softmax
+            cross-entropy and accuracy of integer labels).
+        head_name: the head's name in ``net.json``.
+        output: what ``predict`` makes of the outputs (default: class probabilities).
+
+    Returns:
+        A ``Model`` with ``init``, ``loss`` and ``predict``; its parameters are
+        ``{"conv0": {"w", "b"}, ..., "head": {"w", "b"}}``.
+
+    Example::
+
+        model = psfw.cnn((8, 8, 1), classes=10)
+    """
     height, width, in_ch = (int(d) for d in input_shape)
     chans = [in_ch, *map(int, channels)]
     conv_names = [f"conv{i}" for i in range(len(chans) - 1)]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -31,12 +30,24 @@ _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 class TableSpec(NamedTuple):
-    """One embedding table of a model.
+    """One embedding table of a model, as its ``Model.tables`` declares it. The
+    table lives on the shards, spread over them by id; a step moves only the rows
+    its batch uses.
 
-    ``rows``: ids 0..rows-1 (None: any id from 0 to 2^63-1, rows made on first
-    use); ``dim``: the width of a row; ``init``: "normal" (mean 0, deviation
-    ``scale``), "uniform" (in [-scale, scale)) or "zeros"; ``optimizer``: the spec of
-    its row-wise optimizer (None: the job's table optimizer)."""
+    Attributes:
+        rows: ids 0..rows-1 (None: any id from 0 to 2^63-1, rows made on first use).
+        dim: the width of a row (1 to 65536).
+        init: a row's initial value: "normal" (mean 0, deviation ``scale``),
+            "uniform" (in [-scale, scale)) or "zeros"; it depends only on the seed,
+            the table and the id.
+        scale: see ``init``.
+        optimizer: the spec of its row-wise optimizer, as the config's ``[tables]``
+            writes one (None: the job's table optimizer).
+
+    Example::
+
+        tables = {"user": TableSpec(rows=10_000, dim=16), "item": TableSpec(None, 16)}
+    """
 
     rows: int | None
     dim: int
@@ -148,13 +159,6 @@ def bucket(count: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, count - 1).bit_length())
 
 
-class RowSet(NamedTuple):
-    """Rows of one table: sorted unique ids and their values ``[len(ids), dim]``."""
-
-    ids: np.ndarray
-    values: np.ndarray
-
-
 def unique_ids(parts: list[np.ndarray]) -> np.ndarray:
     """The sorted unique int64 ids of every array of ``parts``."""
     flat = [np.asarray(p, np.int64).reshape(-1) for p in parts]
@@ -173,10 +177,6 @@ def check_ids(name: str, ids: np.ndarray, spec: TableSpec) -> np.ndarray:
             bad = low if low < 0 else high
             raise ValueError(f"table {name}: id {bad} is outside 0..{limit}")
     return array.astype(np.int64, copy=False)
-
-
-def describe_tables(tables: Mapping[str, TableSpec]) -> dict[str, dict[str, Any]]:
-    return {name: spec.describe() for name, spec in tables.items()}
 
 
 COUNTED_ROWS = 1 << 22  # a bounded table's ids routed one by one to count its rows per shard (about 0.3 s)

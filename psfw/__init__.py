@@ -3,16 +3,18 @@
 The public API is small:
 
 - ``load_config(path)`` / ``Config``: a validated job description (TOML);
-- ``train(config, run_dir)``: the embedded default, shards + stub + workers in one
-  process; ``train_async`` is the same inside a running event loop;
+- ``train(config, run_dir)``: the embedded default, shards + stubs + workers in one
+  OS process; ``train_async`` is the same inside a running event loop;
 - ``load_params(run_dir)``: what a run trained, as its model's parameter pytree;
   ``load_table(run_dir, name)``: the rows of one of its embedding tables;
   ``load_model(run_dir)``: its model with those parameters, ready to ``predict(x)``;
 - ``Model``, ``mlp``, ``cnn``: models as pure ``init``/``loss`` functions;
   ``TableSpec``: an embedding table a model declares;
 - ``ShardServer`` / ``serve``: one parameter-server shard over gRPC;
-- ``connect``: a ``Transport`` to one shard (in-process, shared memory or gRPC),
-  with the verbs put, get, update, describe, restore; ``ShardClient`` is the gRPC one;
+- ``connect``: a ``Transport`` to one shard, with the verbs put, get, update,
+  describe, restore: in-process, the bulk link (a Unix socket on this host, TCP
+  elsewhere; shared memory is where a same-host Update's tensors lie), or gRPC;
+  ``ShardClient`` is the gRPC one;
 - ``Cluster`` / ``format_status``: a client script's view of running shards.
 
 Names load lazily, so ``import psfw`` stays cheap for the command line.
@@ -61,8 +63,9 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names l
     from psfw.compute.models import Model, cnn, mlp
     from psfw.compute.tables import TableSpec
     from psfw.jobs.config import Config, load_config
-    from psfw.jobs.embedded import TrainResult, train, train_async
+    from psfw.jobs.embedded import train, train_async
     from psfw.jobs.predictions import TrainedModel, load_model
+    from psfw.jobs.train_result import TrainResult
     from psfw.jobs.trained import load_params, load_table
     from psfw.protocol.messages import GetHeader, UpdateHeader
     from psfw.runtime.connect import connect
@@ -75,7 +78,7 @@ _EXPORTS = {
     "load_config": "psfw.jobs.config",
     "train": "psfw.jobs.embedded",
     "train_async": "psfw.jobs.embedded",
-    "TrainResult": "psfw.jobs.embedded",
+    "TrainResult": "psfw.jobs.train_result",
     "load_params": "psfw.jobs.trained",
     "load_table": "psfw.jobs.trained",
     "load_model": "psfw.jobs.predictions",

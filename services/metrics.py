@@ -58,7 +58,7 @@ def _table_metrics(store: ShardStore) -> Iterator[GaugeMetricFamily]:
 
 class ShardMetrics:
     """The metrics of one shard in a registry of its own (several shards may share
-    a process, as in the embedded default)."""
+    an OS process, as in the embedded default)."""
 
     def __init__(self, store: ShardStore):
         self.registry = CollectorRegistry()

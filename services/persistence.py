@@ -21,7 +21,8 @@ from psfw.base.errors import WireError
 from psfw.protocol.layout import SliceKey
 from psfw.services.checkpoint import CheckpointFolder
 from psfw.services.kernel import UpdateKernel
-from psfw.services.rounds import GroupState, fingerprint_of, refusal
+from psfw.services.request_checks import fingerprint_of, refusal
+from psfw.services.rounds import GroupState
 from psfw.services.tables import ShardTables
 
 if TYPE_CHECKING:

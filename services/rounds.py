@@ -1,46 +1,45 @@
-"""A group's steps at one shard: the round of contributions in progress, what is
-kept of the last applied step, and the checks an Update passes before it may
-change anything.
+"""A shard's round protocol: each group's step in progress at the shard, from an
+Update's contribution to the answer its waiters get.
 
-A round holds one contribution per process: its workers, rows, metrics x rows,
-and its gradient sum per slice (a tuple of parts where the transport fused the sum,
-see psfw.runtime.transport.Capabilities). The update kernel adds them up when the
-round is full.
+A round holds one contribution per process: its workers, rows, metrics x rows, and
+its gradient sum per slice (a tuple of parts where the transport fused the sum, see
+psfw.runtime.transport.Capabilities). ``ShardRounds.update`` acknowledges a
+contribution (once per process: a retry is never added twice), holds the group for
+the slowest group under the staleness bound, and, once the round is full, adds the
+contributions up and runs the update kernel under the store's lock; then every
+waiter gets the fresh values. The state it changes is the store's (``ShardStore``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
 import jax
 import numpy as np
 
-from psfw.base.errors import Reason, WireError
+from psfw.base.errors import WireError, mark_retrieved
 from psfw.protocol.layout import SliceKey
-from psfw.protocol.messages import Parts, RowBlock, UpdateHeader
+from psfw.protocol.messages import Gradients, Parts, RowBlock, UpdateHeader
 from psfw.protocol.wire import slice_name
+from psfw.services.kernel import PartlyApplied, unshared
+from psfw.services.request_checks import check_update, incomplete, nonfinite, refusal
+from psfw.services.tables import RowUpdate
 
-MAX_ROWS = 2**53  # the mean divides by the rows: beyond this, a float64 no longer counts them exactly
-MAX_METRICS = 64
+if TYPE_CHECKING:
+    from psfw.services.store import ShardStore
 
-
-def refusal(code: grpc.StatusCode, message: str) -> WireError:
-    """A refused request. The shard's own waits that ran out are answers, not lost
-    connections: they carry Reason.SHARD_WAIT, and a client does not retry them."""
-    return WireError(code, message, Reason.SHARD_WAIT if code == grpc.StatusCode.DEADLINE_EXCEEDED else Reason.NONE)
-
-
-def nonfinite(group: int, step: int, what: str) -> WireError:
-    return refusal(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        f"group {group} step {step}: the gradient of {what} has NaN or Inf values (policy: reject)",
-    )
+# a shard this small updates on the event loop (less than a thread hop), a larger one in
+# a thread; also where an OS process holds several shards: their memory-bound updates each
+# use every core, so one after the other beats side by side (docs/performance.md)
+INLINE_UPDATE_BYTES = 8 << 20
+log = logging.getLogger("psfw.server")
 
 
 @dataclass
@@ -130,141 +129,241 @@ class UpdateResult:
     cache: dict = field(default_factory=dict)
 
 
-def check_update(shard: int, state: GroupState, head: UpdateHeader, held: Iterable[SliceKey], sums) -> Round | None:
-    """Refuse an Update that cannot be added to its group's step (a WireError that
-    says why); returns the round in progress, if any."""
-    step, process, workers, rows, wpg = head.step, head.process, head.workers, head.rows, head.workers_per_group
-    where = f"group {head.group} step {step}"
-    if step > state.step:
-        raise refusal(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"shard {shard}: {where} is ahead of the group, which has completed {state.step} steps",
+class ShardRounds:
+    """The round protocol over one shard's state: ``update`` is the Update verb."""
+
+    def __init__(self, store: ShardStore) -> None:
+        self.store = store
+
+    async def update(self, head: UpdateHeader, sums: Gradients) -> UpdateResult:
+        """Add one process's row-weighted gradient sum (``head`` names group, step,
+        process, workers, rows) to its group's step; once the whole group has
+        reported, apply the averaged gradient. Waits for the group (at most
+        ``head.wait_s``), then, under a staleness bound, for the slowest group, and
+        returns the fresh values. A slice's sum may come as the tuple of the
+        process's workers' parts (``Parts``): they are added inside the update.
+
+        A contribution that was already added (a retried RPC) is acknowledged and not
+        added again; a step that is already complete answers with current values.
+        """
+        store = self.store
+        self.check_current(head)
+        store.reports.seen(head.group, head.process)
+        if head.stop_at:  # an early end of the job (train.stop_after): every group's answers carry it
+            store.stop_at = min(store.stop_at or head.stop_at, head.stop_at)
+        store.tables.check_pull(head.pull)
+        bad_rows = store.tables.check_push(head.push)
+        sums = {k: v if isinstance(v, tuple) else (v,) for k, v in sums.items()}  # parts, added when applied
+        await self._check_finite(head, sums, bad_rows)
+        state = store.groups.get(head.group) or GroupState()
+        if head.step < state.step:
+            return await self._acknowledge(state, head)
+        rnd = check_update(store.shard, state, head, store.values, sums)
+        if rnd is None:
+            rnd = state.round = Round(head.step, head.workers_per_group)
+        await self._contribute(state, rnd, head, sums)
+        return await self._answer(rnd, head)
+
+    async def _check_finite(self, head: UpdateHeader, sums: dict[SliceKey, Parts], bad_rows: str | None) -> None:
+        """Under the "reject" policy, a contribution that is not finite is refused
+        before it is added. The one that completes a step is checked inside the
+        jitted update instead (its refusal takes it back)."""
+        store = self.store
+        if store.nonfinite != "reject":
+            return
+        if bad_rows is not None:
+            raise nonfinite(head.group, head.step, f"table {bad_rows}")
+        pending = store.groups[head.group].round if head.group in store.groups else None
+        completes = (pending.workers if pending else 0) + head.workers >= head.workers_per_group
+        if not completes and store.kernel is not None:
+            bad = await asyncio.to_thread(store.kernel.first_nonfinite, sums)
+            if bad is not None:
+                raise nonfinite(head.group, head.step, slice_name(bad))
+            self.check_current(head)  # a Restore may have run meanwhile
+
+    async def _contribute(self, state: GroupState, rnd: Round, head: UpdateHeader, sums: dict) -> None:
+        """Add the process's contribution to ``rnd`` once; the one that fills the
+        round applies it."""
+        groups, group, process = self.store.groups, head.group, head.process
+        created = group not in groups
+        groups[group] = state
+        if process in rnd.contributions:
+            return  # a retry: acknowledged, not added twice
+        rnd.contributions[process] = Contribution(head.workers, head.rows, sums, dict(head.metrics), head.push)
+        if rnd.workers != rnd.workers_per_group:
+            return
+        # a task of its own: a handler cancelled meanwhile cannot leave the round full but unapplied
+        applying = asyncio.get_running_loop().create_task(
+            self._apply(group, state, rnd, process, head.checkpoint_every)
         )
-    if wpg < 1 or workers < 1 or workers > wpg:
-        raise refusal(
-            grpc.StatusCode.INVALID_ARGUMENT, f"{where}: workers={workers} of workers_per_group={wpg} is impossible"
-        )
-    if rows < workers:
-        raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {rows} rows cannot come from {workers} workers")
-    if rows > MAX_ROWS:
-        raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {rows} rows is more than the limit of 2^53")
-    if head.worker_groups and head.group >= head.worker_groups:
-        raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: group {head.group} of {head.worker_groups} groups")
-    if len(head.metrics) > MAX_METRICS or any(len(name) > 100 for name in head.metrics):
-        raise refusal(
-            grpc.StatusCode.INVALID_ARGUMENT, f"{where}: at most {MAX_METRICS} metrics of names up to 100 characters"
-        )
-    if head.staleness < -1:
-        raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: staleness {head.staleness} (use -1 for none)")
-    missing = sorted(set(held) - set(sums))
-    if missing:
-        names = ", ".join(slice_name(k) for k in missing[:5])
-        raise refusal(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"{where}: the update lacks {len(missing)} slices of shard {shard} ({names}): "
-            "send a gradient for every slice the shard holds",
-        )
-    rnd = state.round
-    if rnd is not None:
-        if rnd.workers_per_group != wpg:
+        applying.add_done_callback(mark_retrieved)
+        try:
+            await asyncio.shield(applying)
+        except WireError:
+            if not rnd.contributions:  # refused alone: leave no trace
+                state.round = None
+                if created:
+                    del groups[group]
+            raise
+
+    async def _answer(self, rnd: Round, head: UpdateHeader) -> UpdateResult:
+        """Wait for the round's result, then for the slowest group under the
+        staleness bound; the answer carries the rows the Update pulls."""
+        store = self.store
+        deadline = time.monotonic() + head.wait_s
+        try:
+            if not rnd.done.done():  # the contribution that completed the step has its answer already
+                await asyncio.wait_for(asyncio.shield(rnd.done), head.wait_s)
+        except TimeoutError:
+            raise incomplete(store.shard, head.group, rnd, head) from None
+        result = rnd.done.result()
+        if head.staleness >= 0 and head.worker_groups > 1:
+            await self._hold_for_slowest(head.group, result.step, head, max(0.0, deadline - time.monotonic()))
+        rows = await self._pulled(head)
+        slowest = store.slowest_step(head.worker_groups)
+        return dataclasses.replace(result, slowest_step=slowest, table_rows=rows, stop_at=store.stop_at)
+
+    async def _pulled(self, head: UpdateHeader) -> dict[str, RowBlock]:
+        """The table rows an Update pulls, as they are now (after its step)."""
+        if not head.pull:
+            return {}
+        async with self.store.lock:
+            self.check_current(head)
+            return self.store.tables.read(head.pull)
+
+    async def _acknowledge(self, state: GroupState, head: UpdateHeader) -> UpdateResult:
+        """A retry of the last applied step: acknowledged with the current values,
+        never added twice. An older step is FAILED_PRECONDITION (re-sync)."""
+        store = self.store
+        if head.step + 1 < state.step:
             raise refusal(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{where}: workers_per_group={wpg} disagrees with {rnd.workers_per_group} from other processes",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"shard {store.shard}: group {head.group} step {head.step} was applied long ago (the group has "
+                f"completed {state.step} steps): re-sync",
             )
-        if process not in rnd.contributions and rnd.workers + workers > wpg:
-            raise refusal(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{where}: {rnd.workers} + {workers} workers exceed workers_per_group={wpg}",
-            )
-    return rnd
-
-
-def incomplete(shard: int, group: int, rnd: Round, head: UpdateHeader) -> WireError:
-    """The wait for the rest of the group ran out: who reported, who did not."""
-    n = head.group_processes
-    missing = sorted(set(range(group * n, group * n + n)) - set(rnd.contributions)) if n else "unknown"
-    return refusal(
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        f"shard {shard}: group {group} step {rnd.step} is incomplete after {head.wait_s:.1f} s: "
-        f"{rnd.workers} of {rnd.workers_per_group} workers reported (processes {sorted(rnd.contributions)}); "
-        f"missing processes: {missing}",
-    )
-
-
-def training(groups: Mapping[int, GroupState]) -> str:
-    """Why new slices can no longer be put ('' while they can): every Update carries
-    every slice the shard holds, so a slice added once a step is open or done
-    could never be added up with the others."""
-    for group, state in sorted(groups.items()):
-        if state.round is not None:
-            return f"group {group} has step {state.round.step} open"
-        if state.step:
-            return f"group {group} has completed {state.step} steps"
-    return ""
-
-
-def check_put(
-    shard: int,
-    values: Mapping[SliceKey, jax.Array],
-    specs: Mapping[SliceKey, tuple[np.dtype, tuple[int, ...]]],
-    arrays: Mapping[SliceKey, np.ndarray],
-    groups: Mapping[int, GroupState],
-) -> dict[SliceKey, np.ndarray]:
-    """The slices of a Put that are new to the shard. A retried Put of identical
-    values is acknowledged; a different value for a held slice is ALREADY_EXISTS, a
-    value that is not finite INVALID_ARGUMENT, a new slice once a step is open or
-    done FAILED_PRECONDITION."""
-    new = {}
-    for key, value in arrays.items():
-        if key in values:
-            same = specs[key] == (value.dtype, value.shape) and np.array_equal(np.asarray(values[key]), value)
-            if not same:
-                raise refusal(
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    f"shard {shard} already holds {slice_name(key)} with other values: "
-                    "a parameter is put once, by its owner",
-                )
-            continue
-        if not np.isfinite(value).all():
-            raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"initial value of {slice_name(key)} is not finite")
-        new[key] = value
-    busy = training(groups) if new else ""
-    if busy:
-        raise refusal(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"shard {shard} is already training ({busy}): slices can only be put before the "
-            f"first update, and {slice_name(next(iter(new)))} is new; every owner puts its parameters "
-            "before any worker updates (restart the job to add parameters)",
+        if head.staleness >= 0 and head.worker_groups > 1:
+            await self._hold_for_slowest(head.group, state.step, head, head.wait_s)
+        async with store.lock:
+            self.check_current(head)
+            values = dict(store.values)
+            table_rows = store.tables.read(head.pull)
+        metrics, rows = state.last_metrics
+        slowest = store.slowest_step(head.worker_groups)
+        return UpdateResult(
+            state.step, values, False, slowest, dict(metrics), rows, table_rows=table_rows, stop_at=store.stop_at
         )
-    return new
 
+    def check_current(self, head: UpdateHeader) -> None:
+        """The shard is intact, of the update's job and at its epoch: checked again
+        after every wait, since a Restore may have rolled the shard back during it."""
+        store = self.store
+        store.check_intact()
+        store.check_job(head.job)
+        if head.epoch != store.epoch:
+            raise refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"shard {store.shard} is at epoch {store.epoch} (restored from a checkpoint), the update was made "
+                f"at epoch {head.epoch}: re-sync",
+            )
 
-def fingerprint_of(job: str) -> str:
-    """The fingerprint of a job identity ('' for none); INVALID_ARGUMENT for one
-    that is not an identity."""
-    if not job:
-        return ""
-    try:
-        fingerprint = json.loads(job)["fingerprint"]
-    except (ValueError, TypeError, KeyError, RecursionError):
-        raise refusal(grpc.StatusCode.INVALID_ARGUMENT, "the Put's job is not a psfw job identity (JSON)") from None
-    if not isinstance(fingerprint, str) or not fingerprint:
-        raise refusal(grpc.StatusCode.INVALID_ARGUMENT, "the Put's job identity has no fingerprint")
-    return fingerprint
+    async def _hold_for_slowest(self, group: int, step: int, head: UpdateHeader, wait_s: float) -> None:
+        """Bounded staleness (SSP): a group may start ``step`` only while it is at most
+        ``staleness`` steps ahead of the slowest group."""
+        store, groups, bound = self.store, head.worker_groups, head.staleness
+        if not await store.wait_until(lambda: step - store.slowest_step(groups) <= bound, wait_s):
+            behind = sorted(g for g in range(groups) if step - store.group_step(g) > bound)
+            raise refusal(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"shard {store.shard}: group {group} may not start step {step} with staleness {bound}: "
+                f"groups {behind} are further behind and did not advance for {wait_s:.1f} s",
+            )
 
+    async def _apply(self, group: int, state: GroupState, rnd: Round, last: int, checkpoint_every: int) -> None:
+        """Add up the contributions, check them, and apply the optimizer (jitted); a
+        non-finite sum is refused (the last contribution is taken back) or skipped,
+        as the policy says, and then nothing has changed. A checkpoint that falls on
+        the new step is taken here, under the lock, so it is never missed."""
+        store = self.store
+        async with store.lock:
+            if rnd.done.done() or store.groups.get(group) is not state or state.round is not rnd:
+                return  # a restore replaced the state while this waited: its waiters were told to re-sync
+            try:
+                row_plans, finite = await self._run_update(rnd)
+            except Exception as err:
+                # every waiter gets the error and the step is cleared: sent again, it can still complete
+                failed = self._failure(err, group, rnd)
+                rnd.fail(failed)
+                state.round = None
+                raise failed from None
+            if not finite:
+                if store.nonfinite == "reject":
+                    taken = rnd.contributions.pop(last)
+                    bad = store.kernel.first_nonfinite(taken.sums)
+                    raise nonfinite(group, rnd.step, slice_name(bad) if bad else "the summed contributions")
+                store.skipped_nonfinite += 1
+            else:
+                store.tables.commit(row_plans)
+                for key in store.versions:
+                    store.versions[key] += 1
+            self._close(state, rnd)
+            if group == 0 and checkpoint_every and state.step % checkpoint_every == 0:
+                store.checkpoints.save_now()
+        await store.notify()
 
-def parse_spec(optimizer: str) -> Any:
-    """An optimizer spec's JSON; INVALID_ARGUMENT for one that is not JSON."""
-    try:
-        return json.loads(optimizer)
-    except (ValueError, RecursionError) as err:
-        raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"the Put's optimizer spec is not JSON: {err}") from None
+    async def _run_update(self, rnd: Round) -> tuple[dict[str, RowUpdate] | None, bool]:
+        """The round's table plans and whether its dense update was finite (the
+        caller holds the lock)."""
+        store = self.store
+        store.check_intact()  # another group's update may have failed halfway while this one waited
+        grads = rnd.gradients(store.values)
+        row_plans = store.tables.plan([c.push for c in rnd.contributions.values()], float(rnd.rows))
+        if row_plans is None:
+            return None, False  # a table's update is not finite: the dense parameters stay as they are too
+        if not store.values:
+            return row_plans, True  # a shard that holds nothing still counts the group's steps
+        inline = store.nbytes() <= INLINE_UPDATE_BYTES and unshared(store.values, list(store.values)) in (
+            store.kernel.compiled
+        )
+        if inline:
+            return row_plans, self._run_kernel(grads, np.float32(rnd.rows))  # less than a thread hop
+        return row_plans, await asyncio.to_thread(self._run_kernel, grads, np.float32(rnd.rows))
 
+    def _failure(self, err: Exception, group: int, rnd: Round) -> WireError:
+        """What the round's waiters are told when its update raised ``err``."""
+        if isinstance(err, WireError):
+            return err
+        store = self.store
+        log.exception("shard %d: the update of group %d step %d failed", store.shard, group, rnd.step)
+        return WireError(
+            grpc.StatusCode.DATA_LOSS if store.damage else grpc.StatusCode.INTERNAL,
+            f"shard {store.shard}: the update of group {group} step {rnd.step} failed ({err!r})",
+        )
 
-def same_form(new: Any, old: Any) -> bool:
-    """Whether two optimizer states have the same tree, shapes and dtypes."""
+    def _close(self, state: GroupState, rnd: Round) -> None:
+        """The group's step is done (applied or skipped): its waiters get the result."""
+        store = self.store
+        state.step, state.round = rnd.step + 1, None
+        state.last = sorted(rnd.contributions)
+        metrics = rnd.metric_sums()
+        state.last_metrics = (metrics, rnd.rows)
+        store.updates_applied += 1
+        rnd.done.set_result(UpdateResult(state.step, dict(store.values), True, 0, metrics, rnd.rows))
+        for contribution in rnd.contributions.values():
+            contribution.sums, contribution.push = {}, {}  # the old gradients are freed now, not with the round
 
-    def forms(tree: Any) -> list[tuple[tuple[int, ...], np.dtype]]:
-        return [(tuple(x.shape), np.dtype(x.dtype)) for x in jax.tree.leaves(tree)]
-
-    return jax.tree.structure(new) == jax.tree.structure(old) and forms(new) == forms(old)
+    def _run_kernel(self, grads: dict, rows: np.float32) -> bool:
+        """The kernel's update of every slice (see UpdateKernel.apply); a failure that
+        changed part of the values leaves the shard damaged."""
+        store = self.store
+        try:
+            return store.kernel.apply(
+                grads,
+                store.values,
+                store.opt_state,
+                rows,
+                store.kernel.batches(store.specs),
+                lambda keys: unshared(store.values, keys),
+            )
+        except PartlyApplied as err:
+            store.damage = str(err)
+            raise

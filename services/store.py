@@ -1,21 +1,20 @@
-"""One parameter-server shard's state: slices, versions, optimizer state, and the
-contributions of each group's step in progress.
+"""One parameter-server shard's state: slices, versions, optimizer state, each
+group's completed steps and its step in progress, and the façade over the verbs.
 
-The façade over the shard's parts: rounds and their checks (``rounds``), the
-jitted update (``kernel``), snapshots and checkpoints (``persistence``). Every
-method validates fully before it changes anything, so a rejected request leaves the
-shard exactly as it was. All methods run on the server's event loop; the optimizer
-update runs under a lock, in a thread (JAX releases the GIL) unless the shard is
-small enough that the hop would cost more than the update.
+The shard's parts: the round protocol of an Update (``rounds``) and the checks a
+request passes (``request_checks``), the jitted update (``kernel``), the embedding
+tables' rows (``tables``), snapshots and checkpoints (``persistence``). Every method
+validates fully before it changes anything, so a rejected request leaves the shard
+exactly as it was. All methods run on the server's event loop; the optimizer update
+runs under a lock, in a thread (JAX releases the GIL) unless the shard is small
+enough that the hop would cost more than the update.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -26,38 +25,17 @@ import grpc
 import jax
 import numpy as np
 
-from psfw.base.errors import WireError, mark_retrieved
 from psfw.protocol.layout import SliceKey
 from psfw.protocol.messages import Gradients, RowBlock, TableIds, UpdateHeader
 from psfw.protocol.wire import slice_name
 from psfw.services.checkpoint import CheckpointFolder
-from psfw.services.kernel import UPDATE_BATCH_BYTES, PartlyApplied, UpdateKernel, unshared
+from psfw.services.kernel import UPDATE_BATCH_BYTES, UpdateKernel
 from psfw.services.persistence import ShardCheckpoints
-from psfw.services.rounds import (
-    Contribution,
-    GroupState,
-    Reports,
-    Round,
-    UpdateResult,
-    check_put,
-    check_update,
-    fingerprint_of,
-    incomplete,
-    nonfinite,
-    parse_spec,
-    refusal,
-    same_form,
-)
+from psfw.services.request_checks import check_put, fingerprint_of, parse_spec, refusal, same_form
+from psfw.services.rounds import GroupState, Reports, ShardRounds, UpdateResult
 from psfw.services.tables import ShardTables
 
 NONFINITE_POLICIES = ("reject", "skip")
-# a shard this small updates on the event loop (less than a thread hop), a larger one
-# in a thread. Also where a process holds several shards (the embedded default): their
-# updates are memory-bound and XLA spreads each over every core, so side by side in
-# threads they took 0.16-0.19 ms a step longer than one after the other (the two
-# 3.7 MB shards of the benchmark, alternating blocks of steps in one run)
-INLINE_UPDATE_BYTES = 8 << 20
-log = logging.getLogger("psfw.server")
 
 __all__ = ["ShardStore", "UpdateResult"]
 
@@ -105,6 +83,7 @@ class ShardStore:
         self.damage = ""  # why the state cannot be trusted any more (an update failed halfway)
         self.lock = asyncio.Lock()  # held while the values change (an update, a Put, a restore)
         self._progress = asyncio.Condition()
+        self.rounds = ShardRounds(self)  # the Update verb's protocol over this state
 
     # -- reading -------------------------------------------------------------
 
@@ -112,7 +91,7 @@ class ShardStore:
     def optimizer_spec(self) -> str:
         return self.kernel.spec if self.kernel is not None else ""
 
-    def _check_intact(self) -> None:
+    def check_intact(self) -> None:
         if self.damage:
             raise refusal(
                 grpc.StatusCode.DATA_LOSS,
@@ -165,7 +144,7 @@ class ShardStore:
         async with self._progress:
             self._progress.notify_all()
 
-    async def _wait_until(self, ready: Callable[[], bool], wait_s: float) -> bool:
+    async def wait_until(self, ready: Callable[[], bool], wait_s: float) -> bool:
         """Wait (at most ``wait_s``) until ``ready()``; returns whether it became so."""
         if ready():
             return True
@@ -208,7 +187,7 @@ class ShardStore:
         fingerprint = fingerprint_of(job)
         self.check_job(fingerprint)
         async with self.lock:  # not while an update replaces (or writes over) the values
-            self._check_intact()
+            self.check_intact()
             self.check_job(fingerprint)  # again: another job's Put may have come first meanwhile
             new = check_put(self.shard, self.values, self.specs, arrays, self.groups)
             if tables:  # in a thread: making a materialized table's rows takes a while
@@ -239,7 +218,7 @@ class ShardStore:
         another is FAILED_PRECONDITION. ``job``: the job's new identity."""
         kernel = self.make_kernel(optimizer, self.update_batch_bytes)
         async with self.lock:
-            self._check_intact()
+            self.check_intact()
             for key, value in self.values.items():
                 if not same_form(kernel.state_shapes(value), self.opt_state[key]):
                     raise refusal(
@@ -258,7 +237,7 @@ class ShardStore:
 
         Raises WireError(DEADLINE_EXCEEDED) naming the missing slices after ``wait_s``.
         """
-        if not await self._wait_until(lambda: all(k in self.specs for k in keys), wait_s):
+        if not await self.wait_until(lambda: all(k in self.specs for k in keys), wait_s):
             missing = [slice_name(k) for k in keys if k not in self.specs]
             raise refusal(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -286,7 +265,7 @@ class ShardStore:
         started = time.monotonic()
         if wait_for_put:
             await self.wait_for_put(keys, wait_s)
-            if pull and not await self._wait_until(lambda: bool(self.tables.declaration), wait_s):
+            if pull and not await self.wait_until(lambda: bool(self.tables.declaration), wait_s):
                 raise refusal(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"shard {self.shard}: waited {wait_s:.1f} s for the job's embedding tables to be declared: "
@@ -297,7 +276,7 @@ class ShardStore:
         self.tables.check_pull(pull)
         await self.wait_for_step(group, step, max(0.0, wait_s - (time.monotonic() - started)))
         async with self.lock:  # not in the middle of an update, which replaces values batch by batch
-            self._check_intact()
+            self.check_intact()
             values = self.values
             return self.group_step(group), {k: values[k] for k in keys}, self.tables.read(pull)
 
@@ -306,7 +285,7 @@ class ShardStore:
 
         Raises WireError(DEADLINE_EXCEEDED) naming the group and step after ``wait_s``.
         """
-        if not await self._wait_until(lambda: self.group_step(group) >= step, wait_s):
+        if not await self.wait_until(lambda: self.group_step(group) >= step, wait_s):
             raise refusal(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"shard {self.shard}: waited {wait_s:.1f} s for group {group} to complete step {step}, "
@@ -317,99 +296,9 @@ class ShardStore:
     # -- update --------------------------------------------------------------
 
     async def update(self, head: UpdateHeader, sums: Gradients) -> UpdateResult:
-        """Add one process's row-weighted gradient sum (``head`` names group, step,
-        process, workers, rows) to its group's step; once the whole group has
-        reported, apply the averaged gradient. Waits for the group (at most
-        ``head.wait_s``), then, under a staleness bound, for the slowest group, and
-        returns the fresh values. A slice's sum may come as the tuple of the
-        process's workers' parts (``Parts``): they are added inside the update.
-
-        A contribution that was already added (a retried RPC) is acknowledged and not
-        added again; a step that is already complete answers with current values.
-        """
-        self._check_current(head)
-        self.reports.seen(head.group, head.process)
-        if head.stop_at:  # an early end of the job (train.stop_after): every group's answers carry it
-            self.stop_at = min(self.stop_at or head.stop_at, head.stop_at)
-        self.tables.check_pull(head.pull)
-        bad_rows = self.tables.check_push(head.push)
-        sums = {k: v if isinstance(v, tuple) else (v,) for k, v in sums.items()}  # parts, added when applied
-        group, step, process = head.group, head.step, head.process
-        pending = self.groups[group].round if group in self.groups else None
-        completes = (pending.workers if pending else 0) + head.workers >= head.workers_per_group
-        if self.nonfinite == "reject" and bad_rows is not None:
-            raise nonfinite(group, step, f"table {bad_rows}")
-        if self.nonfinite == "reject" and not completes and self.kernel is not None:
-            # the contribution that completes a step is checked inside the jitted update
-            bad = await asyncio.to_thread(self.kernel.first_nonfinite, sums)
-            if bad is not None:
-                raise nonfinite(group, step, slice_name(bad))
-            self._check_current(head)  # a Restore may have run meanwhile
-        state = self.groups.get(group) or GroupState()
-        if step < state.step:
-            return await self._acknowledge(state, head)
-        rnd = check_update(self.shard, state, head, self.values, sums)
-        created = group not in self.groups
-        if rnd is None:
-            rnd = state.round = Round(step, head.workers_per_group)
-        self.groups[group] = state
-        if process not in rnd.contributions:
-            rnd.contributions[process] = Contribution(head.workers, head.rows, sums, dict(head.metrics), head.push)
-            if rnd.workers == rnd.workers_per_group:
-                # a task of its own: a handler cancelled meanwhile cannot leave the round full but unapplied
-                applying = asyncio.get_running_loop().create_task(
-                    self._apply(group, state, rnd, process, head.checkpoint_every)
-                )
-                applying.add_done_callback(mark_retrieved)
-                try:
-                    await asyncio.shield(applying)
-                except WireError:
-                    if not rnd.contributions:  # refused alone: leave no trace
-                        state.round = None
-                        if created:
-                            del self.groups[group]
-                    raise
-        deadline = time.monotonic() + head.wait_s
-        try:
-            if not rnd.done.done():  # the contribution that completed the step has its answer already
-                await asyncio.wait_for(asyncio.shield(rnd.done), head.wait_s)
-        except TimeoutError:
-            raise incomplete(self.shard, group, rnd, head) from None
-        result = rnd.done.result()
-        if head.staleness >= 0 and head.worker_groups > 1:
-            await self._hold_for_slowest(group, result.step, head, max(0.0, deadline - time.monotonic()))
-        rows = await self._pulled(head)
-        slowest = self.slowest_step(head.worker_groups)
-        return dataclasses.replace(result, slowest_step=slowest, table_rows=rows, stop_at=self.stop_at)
-
-    async def _pulled(self, head: UpdateHeader) -> dict[str, RowBlock]:
-        """The table rows an Update pulls, as they are now (after its step)."""
-        if not head.pull:
-            return {}
-        async with self.lock:
-            self._check_current(head)
-            return self.tables.read(head.pull)
-
-    async def _acknowledge(self, state: GroupState, head: UpdateHeader) -> UpdateResult:
-        """A retry of the last applied step: acknowledged with the current values,
-        never added twice. An older step is FAILED_PRECONDITION (re-sync)."""
-        if head.step + 1 < state.step:
-            raise refusal(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"shard {self.shard}: group {head.group} step {head.step} was applied long ago (the group has "
-                f"completed {state.step} steps): re-sync",
-            )
-        if head.staleness >= 0 and head.worker_groups > 1:
-            await self._hold_for_slowest(head.group, state.step, head, head.wait_s)
-        async with self.lock:
-            self._check_current(head)
-            values = dict(self.values)
-            table_rows = self.tables.read(head.pull)
-        metrics, rows = state.last_metrics
-        slowest = self.slowest_step(head.worker_groups)
-        return UpdateResult(
-            state.step, values, False, slowest, dict(metrics), rows, table_rows=table_rows, stop_at=self.stop_at
-        )
+        """Add one process's gradient sum to its group's step and answer with the
+        fresh values once the group's step is applied (see ``ShardRounds.update``)."""
+        return await self.rounds.update(head, sums)
 
     def check_job(self, fingerprint: str) -> None:
         """A request of another job than the one whose parameters the shard holds is
@@ -420,103 +309,6 @@ class ShardStore:
                 f"shard {self.shard} holds the parameters of job {json.loads(self.job).get('name')} "
                 f"({self.fingerprint}), the request is of another job ({fingerprint}): start the shards fresh",
             )
-
-    def _check_current(self, head: UpdateHeader) -> None:
-        """The shard is intact, of the update's job and at its epoch: checked again
-        after every wait, since a Restore may have rolled the shard back during it."""
-        self._check_intact()
-        self.check_job(head.job)
-        if head.epoch != self.epoch:
-            raise refusal(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"shard {self.shard} is at epoch {self.epoch} (restored from a checkpoint), the update was made "
-                f"at epoch {head.epoch}: re-sync",
-            )
-
-    async def _hold_for_slowest(self, group: int, step: int, head: UpdateHeader, wait_s: float) -> None:
-        """Bounded staleness (SSP): a group may start ``step`` only while it is at most
-        ``staleness`` steps ahead of the slowest group."""
-        groups, bound = head.worker_groups, head.staleness
-        if not await self._wait_until(lambda: step - self.slowest_step(groups) <= bound, wait_s):
-            behind = sorted(g for g in range(groups) if step - self.group_step(g) > bound)
-            raise refusal(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"shard {self.shard}: group {group} may not start step {step} with staleness {bound}: "
-                f"groups {behind} are further behind and did not advance for {wait_s:.1f} s",
-            )
-
-    async def _apply(self, group: int, state: GroupState, rnd: Round, last: int, checkpoint_every: int) -> None:
-        """Add up the contributions, check them, and apply the optimizer (jitted); a
-        non-finite sum is refused (the last contribution is taken back) or skipped,
-        as the policy says, and then nothing has changed. A checkpoint that falls on
-        the new step is taken here, under the lock, so it is never missed."""
-        async with self.lock:
-            if rnd.done.done() or self.groups.get(group) is not state or state.round is not rnd:
-                return  # a restore replaced the state while this waited: its waiters were told to re-sync
-            try:
-                self._check_intact()  # another group's update may have failed halfway while this one waited
-                grads = rnd.gradients(self.values)
-                row_plans = self.tables.plan([c.push for c in rnd.contributions.values()], float(rnd.rows))
-                if row_plans is None:
-                    finite = False  # a table's update is not finite: the dense parameters stay as they are too
-                elif not self.values:
-                    finite = True  # a shard that holds nothing still counts the group's steps
-                elif self.nbytes() <= INLINE_UPDATE_BYTES and unshared(self.values, list(self.values)) in (
-                    self.kernel.compiled
-                ):
-                    finite = self._run_kernel(grads, np.float32(rnd.rows))  # less than a thread hop
-                else:
-                    finite = await asyncio.to_thread(self._run_kernel, grads, np.float32(rnd.rows))
-            except Exception as err:
-                # every waiter gets the error and the step is cleared: sent again, it can still complete
-                if isinstance(err, WireError):
-                    failed = err
-                else:
-                    log.exception("shard %d: the update of group %d step %d failed", self.shard, group, rnd.step)
-                    failed = WireError(
-                        grpc.StatusCode.DATA_LOSS if self.damage else grpc.StatusCode.INTERNAL,
-                        f"shard {self.shard}: the update of group {group} step {rnd.step} failed ({err!r})",
-                    )
-                rnd.fail(failed)
-                state.round = None
-                raise failed from None
-            if not finite:
-                if self.nonfinite == "reject":
-                    taken = rnd.contributions.pop(last)
-                    bad = self.kernel.first_nonfinite(taken.sums)
-                    raise nonfinite(group, rnd.step, slice_name(bad) if bad else "the summed contributions")
-                self.skipped_nonfinite += 1
-            else:
-                self.tables.commit(row_plans)
-                for key in self.versions:
-                    self.versions[key] += 1
-            state.step, state.round = rnd.step + 1, None
-            state.last = sorted(rnd.contributions)
-            metrics = rnd.metric_sums()
-            state.last_metrics = (metrics, rnd.rows)
-            self.updates_applied += 1
-            rnd.done.set_result(UpdateResult(state.step, dict(self.values), True, 0, metrics, rnd.rows))
-            for contribution in rnd.contributions.values():
-                contribution.sums, contribution.push = {}, {}  # the old gradients are freed now, not with the round
-            if group == 0 and checkpoint_every and state.step % checkpoint_every == 0:
-                self.checkpoints.save_now()
-        await self.notify()
-
-    def _run_kernel(self, grads: dict, rows: np.float32) -> bool:
-        """The kernel's update of every slice (see UpdateKernel.apply); a failure that
-        changed part of the values leaves the shard damaged."""
-        try:
-            return self.kernel.apply(
-                grads,
-                self.values,
-                self.opt_state,
-                rows,
-                self.kernel.batches(self.specs),
-                lambda keys: unshared(self.values, keys),
-            )
-        except PartlyApplied as err:
-            self.damage = str(err)
-            raise
 
     # -- checkpoints -----------------------------------------------------------
 

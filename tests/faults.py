@@ -10,9 +10,9 @@ from psfw.cli.main import entry
 
 
 def shard() -> None:
-    from psfw.services.store import ShardStore
+    from psfw.services.rounds import ShardRounds
 
-    applied = ShardStore._run_kernel
+    applied = ShardRounds._run_kernel
     calls = [0]
 
     def failing(self, *args, **kwargs):
@@ -21,7 +21,7 @@ def shard() -> None:
             raise RuntimeError("an injected fault in the shard's update")
         return applied(self, *args, **kwargs)
 
-    ShardStore._run_kernel = failing
+    ShardRounds._run_kernel = failing
 
 
 def worker() -> None:

@@ -18,6 +18,13 @@ EXAMPLES = REPO / "examples"
 SGD = json.dumps({"name": "sgd", "learning_rate": 0.1})
 
 
+def read_params(path: str | Path) -> dict[str, np.ndarray]:
+    """The flat parameters (by name) of a run's ``params.safetensors``."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
 def reference(config, steps: int) -> dict[str, np.ndarray]:
     """Plain training on the whole batch, one jitted step, the same data order."""
     job = build_job(config)

@@ -46,7 +46,7 @@ def test_train_on_the_shipped_example_reaches_the_accuracy_bar(tmp_path):
 
 @pytest.mark.slow
 def test_train_writes_parameters_that_reload_safely(tmp_path):
-    from psfw.jobs.outputs import read_params
+    from helpers import read_params
 
     out = tmp_path / "run"
     config = tmp_path / "short.toml"
@@ -273,7 +273,7 @@ def test_a_bad_environment_value_is_one_line_naming_the_variable(variable, value
 def test_help_and_flags_do_not_read_a_bad_variable(monkeypatch):
     done = run_with_env({"PSFW_SHARD": "x", "PSFW_GRACE": "soon"}, "server", "--help")
     assert done.returncode == 0 and "usage:" in done.stdout
-    from psfw.cli.main import parser
+    from psfw.cli.flags import parser
 
     monkeypatch.setenv("PSFW_SHARD", "x")
     monkeypatch.setenv("PSFW_INSECURE", "true")

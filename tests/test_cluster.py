@@ -18,11 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psfw.compute.batching import BatchOrder
 from psfw.jobs.config import load_config, parse_config
 from psfw.jobs.embedded import train_async
-from psfw.jobs.outputs import read_params
 from psfw.services.server import SERVICE_NAME, ShardServer
 from psfw.tools.cluster import Cluster, format_status
 
-from helpers import EXAMPLES, assert_params_close, reference
+from helpers import EXAMPLES, assert_params_close, read_params, reference
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 

@@ -184,7 +184,7 @@ async def test_a_spec_the_shards_refuse_at_the_first_put_is_a_config_error_in_on
 def test_a_runs_config_json_reads_back_the_settings_it_trained_with(examples):
     """What a run folder records is read back as the same job (psfw eval, predict and
     load_model rebuild the data from it): a click log's rows included."""
-    from psfw.jobs.config import stored_settings
+    from psfw.jobs.run_settings import stored_settings
 
     for name, sets in [("recsys.toml", ["data.train=20000", "data.test=4000"]), ("digits_mlp.toml", [])]:
         config = load_config(examples / name, sets)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from psfw.cli.main import parser
+from psfw.cli.flags import parser
 from psfw.jobs.config import load_config, parse_config
 
 from certs import make_ca, make_leaf

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from psfw.base.errors import ShardError
-from psfw.cli.main import parser
+from psfw.cli.flags import parser
 from psfw.protocol.messages import GetHeader, RowBlock
 from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from psfw.jobs.outputs import read_params
+from helpers import read_params
 
 SUBNET = "10.231.7."  # private addresses inside the test's own namespaces only
 

@@ -14,7 +14,7 @@ from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.job import build_job
 from psfw.protocol.messages import GetHeader
-from psfw.runtime.param_cache import ParamCache
+from psfw.runtime.param_cache import ParamCache, StepValues
 from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer
 
@@ -173,12 +173,12 @@ def test_the_cache_wakes_a_waiting_worker_thread_and_takes_any_wait_limit():
     got = []
     waiter = threading.Thread(target=lambda: got.append(cache.fresh(2, 0, float("inf"))))
     waiter.start()
-    cache.publish(1, {"w": 1})
+    cache.publish(1, StepValues({"w": 1}))
     time.sleep(0.05)
     assert not got, "step 1 is not fresh enough for step 2"
-    cache.publish(2, {"w": 2})
+    cache.publish(2, StepValues({"w": 2}))
     waiter.join(5)
-    assert got == [{"w": 2}]
+    assert got == [StepValues({"w": 2})]
     errors = []
 
     def wait_for_step_3():
@@ -202,7 +202,7 @@ def test_the_cache_wakes_a_waiting_worker_thread_and_takes_any_wait_limit():
 
 def _published(step):
     cache = ParamCache(0, 0)
-    cache.publish(step, {})
+    cache.publish(step, StepValues({}))
     return cache
 
 

@@ -22,13 +22,12 @@ from psfw.base.atomic import write_atomic
 from psfw.base.errors import ShardError
 from psfw.jobs.config import load_config, parse_config
 from psfw.jobs.embedded import train_async
-from psfw.jobs.outputs import read_params
 from psfw.protocol.messages import UpdateHeader
 from psfw.runtime.shard_client import ShardClient
 from psfw.services import checkpoint
 from psfw.services.server import ShardServer
 
-from helpers import SGD, assert_params_close, reference, send
+from helpers import SGD, assert_params_close, read_params, reference, send
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -536,14 +535,13 @@ async def test_another_group_waits_for_group_0s_warmup_while_it_advances(shard):
     from psfw.base.errors import WaitTimeout
     from psfw.protocol.layout import plan_layout
     from psfw.runtime.param_cache import ParamCache
+    from psfw.runtime.process_setup import ProcessSetup
     from psfw.runtime.sync import ShardSync
 
     server, client = shard
     await client.put([("w", 0, np.zeros(4, np.float32))], SGD)
-    sync = ShardSync(
-        [client], plan_layout({"w": ((4,), "float32")}, 1, 1, 1 << 20), ParamCache(1, 1),
-        group=1, process=1, wait_s=0.5, identity=None, resume=False, warmup_steps=8,
-    )  # fmt: skip
+    layout = plan_layout({"w": ((4,), "float32")}, 1, 1, 1 << 20)
+    sync = ShardSync(ProcessSetup([client], layout, ParamCache(1, 1), group=1, process=1, wait_s=0.5, warmup_steps=8))
 
     async def group_0() -> None:
         for step in range(8):  # a step every 0.2 s: 1.6 s in all, three times wait_s
@@ -562,7 +560,7 @@ def test_a_worker_waits_as_long_as_its_stub_gets_somewhere():
     """A worker's wait counts from the stub's last note (group 0's warmup advancing
     keeps it waiting); once the notes stop, it gives up after its limit."""
     from psfw.base.errors import WaitTimeout
-    from psfw.runtime.param_cache import ParamCache
+    from psfw.runtime.param_cache import ParamCache, StepValues
 
     cache = ParamCache(1, 1)
     outcome = []
@@ -571,7 +569,7 @@ def test_a_worker_waits_as_long_as_its_stub_gets_somewhere():
     for done in range(10):  # 1 s of notes, 0.1 s apart: more than three times the limit
         time.sleep(0.1)
         cache.doing(f"waiting for group 0's warmup (at {done})")
-    cache.publish(4, {})
+    cache.publish(4, StepValues({}))
     waiter.join(5)
     assert outcome == [(4, 0)]
     cache.doing("waiting for group 0's warmup (at 10)")
@@ -589,6 +587,7 @@ async def test_a_shard_whose_puts_are_on_their_way_is_not_taken_for_one_that_los
     from psfw.protocol.layout import plan_layout
     from psfw.runtime.inprocess import InProcessClient
     from psfw.runtime.param_cache import ParamCache
+    from psfw.runtime.process_setup import ProcessSetup
     from psfw.runtime.sync import ShardSync
 
     servers = [ShardServer(i, 2) for i in range(2)]
@@ -597,9 +596,7 @@ async def test_a_shard_whose_puts_are_on_their_way_is_not_taken_for_one_that_los
     try:
         clients = [InProcessClient(s, i) for i, s in enumerate(servers)]
         layout = plan_layout({"a": ((4,), "float32"), "b": ((4,), "float32")}, 2, 1, 1 << 20)
-        sync = ShardSync(
-            clients, layout, ParamCache(0, 1), group=0, process=1, wait_s=5, identity=None, resume=False, warmup_steps=0
-        )
+        sync = ShardSync(ProcessSetup(clients, layout, ParamCache(0, 1), group=0, process=1, wait_s=5))
         first = next(i for i in range(2) if layout.shard_slices(i))
         slices = layout.shard_slices(first)
         await clients[first].put([(s.key, s.index, np.zeros(s.size, np.float32)) for s in slices], SGD)

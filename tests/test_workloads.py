@@ -232,6 +232,7 @@ def test_an_evaluation_reads_the_values_of_its_step_when_their_buffers_are_writt
 
     from psfw.compute.params import flatten_params
     from psfw.jobs.evaluation import Evaluator
+    from psfw.runtime.param_cache import StepValues
 
     config = parse_config(
         {"data": {"name": "digits"}, "model": {"hidden": [8]}, "train": {"steps": 9, "eval_every": 3}}
@@ -243,7 +244,7 @@ def test_an_evaluation_reads_the_values_of_its_step_when_their_buffers_are_writt
     evaluator = Evaluator(job, [])
     busy = threading.Event()
     evaluator._pool.submit(busy.wait, 30)  # the evaluation thread is busy: step 3 waits its turn
-    evaluator.watch(3, buffers)
+    evaluator.watch(3, StepValues(buffers))
     for value in buffers.values():
         value[...] = 0.0  # the transport writes the step after next into the same buffers
     busy.set()

@@ -18,7 +18,7 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees all of it or nothing, also
     after a crash: a hidden temporary file is written, fsynced and renamed. Each
-    writer (process and thread) has a temporary file of its own, so writers of the
+    writer (OS process and thread) has a temporary file of its own, so writers of the
     same file (two in-process shards completing one manifest) never take each
     other's."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")

@@ -1,4 +1,4 @@
-"""Lines for a terminal or a log that several psfw processes share.
+"""Lines for a terminal or a log that several psfw OS processes share.
 
 ``print(text, file=...)`` writes the text and its newline in two pieces, so two
 processes (the shards of one host, a launcher's workers) can cut each other's lines;

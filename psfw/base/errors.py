@@ -10,16 +10,19 @@ import grpc
 
 
 class PsfwError(Exception):
-    """Base of psfw's errors."""
+    """Base of psfw's errors: its message is one line that says what went wrong and
+    what to do (the ``psfw`` command prints it as ``psfw: ...`` and exits 1)."""
 
 
 class ConfigError(PsfwError, ValueError):
-    """A config that cannot run; the message names the field and the problem."""
+    """A config that cannot run; the message names the file, the field and the
+    problem (``job.toml: train.batch_size: ...``). Also a ValueError."""
 
 
 class UsageError(PsfwError, ValueError):
     """A command used in a way that cannot work, the config aside: a flag, a run
-    folder, a process that does not exist. The message says what to do instead."""
+    folder, a worker process that does not exist. The message says what to do
+    instead. Also a ValueError."""
 
 
 class Reason(enum.StrEnum):
@@ -33,8 +36,12 @@ class Reason(enum.StrEnum):
 
 
 class ShardError(PsfwError):
-    """An RPC to a shard failed; ``code`` is the gRPC status code, ``reason`` says
-    why where the shard named it (a ``Reason``)."""
+    """An RPC to a shard failed.
+
+    Attributes:
+        code: the gRPC status code (None where no RPC answered).
+        reason: why, where the shard named it (a ``Reason``; ``Reason.NONE`` else).
+    """
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None, reason: Reason = Reason.NONE):
         super().__init__(message)

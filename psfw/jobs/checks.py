@@ -95,7 +95,7 @@ def check_gradient(config: Config, field: str, loss: Callable[..., Any], inputs:
 
 
 def available_memory() -> int:
-    """Bytes this process may still take: the kernel's MemAvailable, or the free room
+    """Bytes this OS process may still take: the kernel's MemAvailable, or the free room
     under the cgroup's limit where that is lower (a container), or the physical memory."""
     found: list[int] = []
     try:
@@ -122,7 +122,7 @@ def check_memory(config: Config, field: str, params: Mapping[str, Any], shards_h
     """ConfigError when this machine cannot hold the parameters (``params``: shapes):
     every worker process keeps all of them; with ``shards_here`` (``psfw train``) the
     shards keep them again, with their optimizer's state. Known before anything is
-    allocated, which is better than XLA aborting the process."""
+    allocated, which is better than XLA aborting the OS process."""
     size = _bytes(params)
     need, held = size, f"the parameters need {size / GB:.1f} GB"
     if shards_here:
@@ -148,7 +148,7 @@ FILES_BESIDE = 256  # the process's own: libraries, the data's files, the run fo
 
 
 def check_shards_here(config: Config, params: Mapping[str, Any]) -> None:
-    """What ``psfw train`` starts in this process, checked before it starts: memory
+    """What ``psfw train`` starts in this OS process, checked before it starts: memory
     for the parameters, the shards' copy and their optimizer state, and an open file
     for each socket the shards need (``cannot listen`` is what running out looks like)."""
     check_memory(config, model_field(config), params, shards_here=True)

@@ -7,8 +7,6 @@ message names the file, the field and the problem (``job.toml: cluster.servers:
 
 from __future__ import annotations
 
-import copy
-import json
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -213,12 +211,12 @@ class TrainConfig(_Strict):
 class ClusterConfig(_Strict):
     worker_groups: int = Field(1, ge=1)
     workers_per_group: int = Field(2, ge=1)
-    workers_per_process: int = Field(2, ge=1)
+    workers_per_process: int = Field(2, ge=1)  # a worker process: one stub and this many workers
     servers: Annotated[int, AfterValidator(check_servers)] = Field(2, ge=1)
     slice_bytes: int = Field(1 << 20, ge=64)
     staleness: int | None = Field(None, ge=0)  # None: groups fully asynchronous; k: SSP bound
     warmup_steps: int = Field(0, ge=0)  # group 0 trains alone this long before other groups start
-    # auto: a shard in this process is called directly, one on this host through shared
+    # auto: a shard in this OS process is called directly, one on this host through shared
     # memory and the link's Unix socket; "network" (former name "grpc"): every shard as
     # if on another host (the link's TCP port, else gRPC)
     transport: Literal["auto", "network", "grpc"] = "auto"
@@ -229,8 +227,8 @@ class ClusterConfig(_Strict):
     # (psfw.protocol.link: a Unix socket on this host, TCP elsewhere, TLS where the
     # shard has it); false: everything over gRPC. ``data_link`` is its former name.
     link: bool = Field(True, validation_alias=AliasChoices("link", "data_link"))
-    # which local device each worker of a process computes on: "auto" (one each, in
-    # turn, when the process sees several), or indices into jax.local_devices()
+    # which local device each worker of a worker process computes on: "auto" (one each,
+    # in turn, when the OS process sees several), or indices into jax.local_devices()
     devices: Literal["auto"] | list[Annotated[int, Field(ge=0)]] = "auto"
 
     @property
@@ -261,6 +259,21 @@ class ClusterConfig(_Strict):
 
 
 class Config(_Strict):
+    """A job: its model, data, training, optimizer, embedding tables and cluster, as
+    a TOML config says them (every key: docs/configuration.md).
+
+    Made by ``load_config`` (or ``parse_config`` from a dict); immutable, validated
+    as a whole: an unknown key or a value out of range is a ConfigError naming it.
+
+    Attributes:
+        name: the job's name (default: the config file's stem), in its identity.
+        seed: the seed of initialization and data order.
+        model, data, train, optimizer, tables, cluster: the config's sections.
+        base_dir: where relative paths in the config resolve (set by ``load_config``).
+        source: what errors name: the file (set by ``load_config``).
+        overrides: the ``--set KEY=VALUE`` items applied (set by ``load_config``).
+    """
+
     name: str | None = Field(default=None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:+-]+$")
     seed: Annotated[int, AfterValidator(check_seed)] = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -285,7 +298,7 @@ class Config(_Strict):
 
     def set_flags(self) -> list[str]:
         """The overrides this config was loaded with, as command-line flags again
-        (``["--set", "train.epochs=5", ...]``): the same job in another process."""
+        (``["--set", "train.epochs=5", ...]``): the same job in another OS process."""
         return [flag for item in self.overrides for flag in ("--set", item)]
 
     def error(self, field: str, problem: str) -> ConfigError:
@@ -294,7 +307,7 @@ class Config(_Strict):
         return ConfigError(f"{self.source}: {field}: {problem}")
 
 
-_SET_BY_LOADER = ("base_dir", "source", "overrides")
+SET_BY_LOADER = ("base_dir", "source", "overrides")
 
 
 def _field(loc: list[Any]) -> str:
@@ -331,39 +344,25 @@ def parse_config(data: dict[str, Any], source: str = "config", base_dir: str = "
         raise ConfigError(_one_line(err, source)) from None
 
 
-def stored_settings(data: dict[str, Any]) -> dict[str, Any]:
-    """A run's ``config.json`` as the settings it describes, in the form the config
-    takes today: where the settings came from dropped (``base_dir``, ``source``,
-    ``overrides``), and the keys an earlier psfw wrote for every data set and model
-    kept only where they apply (``parse_config`` would refuse them)."""
-    data = copy.deepcopy(data)
-    for key in _SET_BY_LOADER:
-        data.pop(key, None)
-    d = data.get("data")
-    if isinstance(d, dict) and "path" not in d and "module" not in d:
-        uses = DATA_KEYS.get(d.get("name", "digits"), ())
-        for key in SYNTHETIC_ONLY:
-            if key not in uses:  # the clicks log keeps its train and test rows
-                d.pop(key, None)
-    m = data.get("model")
-    if isinstance(m, dict):
-        uses = MODEL_KEYS.get(m.get("name", "mlp"), ())
-        data["model"] = {k: v for k, v in m.items() if k == "name" or k in uses}
-    return data
-
-
-def settings_of(config: Config) -> dict[str, Any]:
-    """What ``config`` trains with, as plain JSON values (where it came from aside):
-    two configs train alike when these are equal."""
-    data = json.loads(config.model_dump_json())
-    for key in _SET_BY_LOADER:
-        data.pop(key, None)
-    return data
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read and validate a TOML config, with ``overrides`` (``KEY=VALUE``, see
-    ``psfw.jobs.overrides``) applied first; raises ConfigError with a one-line message."""
+    """Read and validate a job's TOML config.
+
+    Args:
+        path: the TOML file; relative paths inside it resolve from its folder.
+        overrides: ``KEY=VALUE`` items applied before validation, as ``--set`` does
+            (``["train.epochs=5"]``; see ``psfw.jobs.overrides``).
+
+    Returns:
+        The validated ``Config``.
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or a key or value is
+            wrong; the one-line message names the file, the key and the problem.
+
+    Example::
+
+        config = psfw.load_config("examples/digits_mlp.toml", ["train.epochs=5"])
+    """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -377,10 +376,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    for key in _SET_BY_LOADER:
+    for key in SET_BY_LOADER:
         if key in data:
             raise ConfigError(f"{path}: {key}: unknown key (check its spelling against the config reference)")
     if overrides:
-        data = apply_overrides(data, overrides, Config, _SET_BY_LOADER)
+        data = apply_overrides(data, overrides, Config, SET_BY_LOADER)
     config = parse_config(data, str(path), str(path.parent.resolve()))
     return config.model_copy(update={"overrides": list(overrides or [])})

@@ -27,37 +27,43 @@ from psfw.compute.params import unflatten_params
 from psfw.compute.step import evaluate_in_batches, make_eval_fn, make_sparse_eval_fn
 from psfw.jobs.best_step import BestKeeper
 from psfw.jobs.job import Job
-from psfw.runtime.table_feed import EVAL_ROWS, padded_rows, positions
+from psfw.protocol.messages import TableRows
+from psfw.runtime.param_cache import StepValues
+from psfw.runtime.table_feed import padded_rows, positions
 from psfw.runtime.worker_report import StopRequest
 
 log = logging.getLogger("psfw")
 
 
-def test_metrics(job: Job, values: dict[str, Any], evaluate: Callable | None = None) -> tuple[float, dict[str, float]]:
-    """The loss and metrics of the parameter ``values`` (by name) over ``job``'s test
-    split, ``train.eval_batch_size`` rows at a time; ``evaluate``: the jitted loss
-    (``make_eval_fn``), made here when not given."""
-    tree = unflatten_params(job.treedef, list(job.layout.params), values)
+def test_metrics(
+    job: Job, params: dict[str, Any], test_rows: TableRows | None = None, evaluate: Callable | None = None
+) -> tuple[float, dict[str, float]]:
+    """The loss and metrics of the parameter values ``params`` (by name) over
+    ``job``'s test split, ``train.eval_batch_size`` rows at a time. ``test_rows``:
+    for a model with embedding tables, the rows of the test split's ids by table;
+    ``evaluate``: the jitted loss (``make_eval_fn``), made here when not given."""
+    tree = unflatten_params(job.treedef, list(job.layout.params), params)
     batch = job.config.train.eval_batch_size
     x, y = job.data.x_test, job.data.y_test
     if evaluate is None:
         evaluate = (make_sparse_eval_fn if job.model.tables else make_eval_fn)(job.model.loss)
-    loss, metrics = evaluate_in_batches(_looked_up(job, values, evaluate), tree, x, y, batch)
+    loss, metrics = evaluate_in_batches(_looked_up(job, test_rows, evaluate), tree, x, y, batch)
     if job.model.score is not None and _binary(y):
         scored = _scorer(job.model.score, bool(job.model.tables))
-        scores = _scores(_looked_up(job, values, scored), tree, x, y, batch)
+        scores = _scores(_looked_up(job, test_rows, scored), tree, x, y, batch)
         metrics["auc"] = auc(np.asarray(y).reshape(-1), scores)
     return loss, metrics
 
 
-def _looked_up(job: Job, values: dict[str, Any], evaluate: Callable) -> Callable:
+def _looked_up(job: Job, test_rows: TableRows | None, evaluate: Callable) -> Callable:
     """``evaluate(params, x, y)``; for a table model, with the rows of each batch's
-    ids looked up in the blocks of rows that came with ``values``."""
+    ids looked up in the test split's blocks of rows."""
     if not job.model.tables:
         return evaluate
-    blocks = values[EVAL_ROWS]
-    rows, ids_of = padded_rows(blocks), job.model.ids
-    return lambda params, x, y: evaluate(params, rows, positions(blocks, ids_of(x)), x, y)
+    if test_rows is None:
+        raise ValueError("a model with embedding tables is evaluated with the test split's rows: pass test_rows")
+    rows, ids_of = padded_rows(test_rows), job.model.ids
+    return lambda params, x, y: evaluate(params, rows, positions(test_rows, ids_of(x)), x, y)
 
 
 @functools.lru_cache(maxsize=8)
@@ -105,11 +111,12 @@ class Evaluator:
         self._said_skipped = False
         self.records: list[dict[str, Any]] = []
 
-    def evaluate(self, values: dict[str, Any]) -> tuple[float, dict[str, float]]:
-        """Test loss and metrics of the parameter values ``values`` (by name)."""
-        return test_metrics(self.job, values, self._evaluate)
+    def evaluate(self, params: dict[str, Any], test_rows: TableRows | None = None) -> tuple[float, dict[str, float]]:
+        """Test loss and metrics of the parameter values ``params`` (by name); for a
+        model with embedding tables, ``test_rows`` are the test split's rows."""
+        return test_metrics(self.job, params, test_rows, self._evaluate)
 
-    def watch(self, step: int, values: dict[str, Any]) -> None:
+    def watch(self, step: int, values: StepValues) -> None:
         """A parameter cache's watcher: evaluate ``step`` when it is due (the final
         step is the end's evaluation)."""
         if not self.every or step % self.every or step >= self.job.steps:
@@ -132,12 +139,12 @@ class Evaluator:
             if self.keeper is not None:  # its checkpoint, aside before the rotation can drop it
                 self.keeper.hold(step)
             # a copy: the values may be a transport's buffers, written over two steps on
-            kept = {name: value if isinstance(value, dict) else np.array(value) for name, value in values.items()}
-            self._pending.append((step, self._pool.submit(self._record, step, kept)))
+            kept = {name: np.array(value) for name, value in values.params.items()}
+            self._pending.append((step, self._pool.submit(self._record, step, kept, values.test_rows)))
 
-    def _record(self, step: int, values: dict[str, Any]) -> None:
+    def _record(self, step: int, params: dict[str, Any], test_rows: TableRows | None) -> None:
         try:  # a failed evaluation, or a sink that cannot write, must not stop the training
-            loss, metrics = self.evaluate(values)
+            loss, metrics = self.evaluate(params, test_rows)
             record: dict[str, Any] = {"eval": True, "group": 0, "step": step, "test_loss": loss}
             record.update({f"test_{name}": value for name, value in metrics.items()})
             self.records.append(record)

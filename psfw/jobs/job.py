@@ -76,8 +76,8 @@ class Job:
         return ids
 
     def table_feed(self, group: int, workers: list[int], evaluates: bool) -> TableFeed:
-        """The table rows a process of ``group`` with ``workers`` needs each step;
-        the process that ``evaluates`` also gets the test split's rows at the steps
+        """The table rows a worker process of ``group`` with ``workers`` needs each
+        step; the worker process that ``evaluates`` also gets the test split's rows at the steps
         its evaluation comes due (every ``train.eval_every``)."""
         every = self.config.train.eval_every
         return TableFeed(

@@ -61,7 +61,7 @@ def mark_run_dir(folder: Path) -> None:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command this process runs, as a shell would take it: ``psfw train
+    """The command this OS process runs, as a shell would take it: ``psfw train
     job.toml --set train.epochs=5`` (a Python program that calls psfw: its own argv)."""
     argv = list(sys.argv if argv is None else argv)
     if argv and (Path(argv[0]).name == "psfw" or argv[0].endswith(("psfw/cli/__main__.py", "psfw/cli/main.py"))):
@@ -98,7 +98,8 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
     parameters, and of the optimizer unless ``change_optimizer``."""
     from psfw.base.errors import ConfigError
     from psfw.base.identity import changed
-    from psfw.jobs.config import parse_config, settings_of, stored_settings
+    from psfw.jobs.config import parse_config
+    from psfw.jobs.run_settings import settings_of, stored_settings
 
     path = folder / "config.json"
     if not path.exists():
@@ -126,9 +127,9 @@ def resumed_config_changes(folder: Path, config: Any, change_optimizer: bool = F
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line, appended as it comes.
 
-    Several processes of one machine may write one file (``psfw launch``: the first
-    process of each group writes its group's records): each write takes an exclusive
-    lock (a lock file beside it) and appends whole lines. Resuming, ``begin`` drops
+    Several OS processes of one machine may write one file (``psfw launch``: the
+    first worker process of each group writes its group's records): each write
+    takes an exclusive lock (a lock file beside it) and appends whole lines. Resuming, ``begin`` drops
     the abandoned history of a group once its stub knows where the group resumes:
     its records past that step, the old final record, the records of groups the job
     no longer has (``groups``) and lines a kill cut short, so every step appears once."""
@@ -186,12 +187,6 @@ def write_params(path: Path, params: dict[str, np.ndarray], metadata: dict[str, 
 
     tensors = {n: np.ascontiguousarray(v) for n, v in params.items()}
     write_atomic(path, save(tensors, metadata=metadata))
-
-
-def read_params(path: str | Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return load_file(str(path))
 
 
 def write_net(

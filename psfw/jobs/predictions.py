@@ -30,10 +30,15 @@ __all__ = ["TrainedModel", "generate", "load_model", "write_predictions"]
 
 
 class TrainedModel:
-    """A run's model with the parameters it trained (see the module docstring).
+    """A run's model with the parameters it trained (see the module docstring); made
+    by ``load_model``.
 
-    ``step``: the step those parameters are of; ``params``: the model's pytree;
-    ``classes``: the classifier's number of classes (None for a regression)."""
+    Attributes:
+        step: the step those parameters are of.
+        params: the parameters, as the model's pytree.
+        classes: the classifier's number of classes (None for a regression).
+        config: the run's config.
+    """
 
     def __init__(self, job: Job, step: int, values: dict[str, np.ndarray], tables: dict[str, tuple] | None = None):
         if job.model.predict is None:
@@ -52,10 +57,20 @@ class TrainedModel:
         return self.job.config
 
     def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
-        """What the model answers for each row of ``x`` (any array-like of rows of
-        the training inputs' shape), ``batch_size`` rows at a time (default:
-        ``train.eval_batch_size``); a regression's values in the targets' own units
-        (``data.standardize_y``)."""
+        """What the model answers for each row of ``x``.
+
+        Args:
+            x: rows of the training inputs' shape (any array-like).
+            batch_size: rows per jitted call (default: ``train.eval_batch_size``).
+
+        Returns:
+            One answer per row: a classifier's class probabilities, a regression's
+            values in the targets' own units (``data.standardize_y``).
+
+        Raises:
+            UsageError: the rows are not of the training inputs' shape or kind, or
+                there are none.
+        """
         x = _checked_rows(self.job, x, "x")
         batch = batch_size or self.config.train.eval_batch_size
         parts = [self._batch(np.asarray(x[i : i + batch])) for i in range(0, len(x), batch)]
@@ -64,9 +79,9 @@ class TrainedModel:
         return unstandardize(np.concatenate(parts), self.job.data.target_scale)
 
     def predicted_class(self, predictions: np.ndarray) -> np.ndarray | None:
-        """The class of each row (the most probable), for a classifier, as the user's
-        labels are written (``data.classes`` as a list, ``data.labels = "map"``);
-        else None."""
+        """The class of each row (the most probable) of a classifier's ``predict``
+        answers, as the user's labels are written (``data.classes`` as a list,
+        ``data.labels = "map"``); None for a model that is not a classifier."""
         if self.classes is None or predictions.shape[-1:] != (self.classes,):
             return None
         return decode(predictions.argmax(axis=-1).astype(np.int32), self.job.data.labels)
@@ -96,18 +111,29 @@ def load_model(
     config: Config | None = None,
     checkpoint_dir: str | Path | None = None,
 ) -> TrainedModel:
-    """The model a run trained, ready to predict::
+    """The model a run trained, with its parameters, ready to predict. A table
+    model's rows come from the checkpoint of the step the parameters are of.
+
+    Args:
+        run_dir: the run folder.
+        step: a checkpoint's parameters instead of the final ones (``"best"``: the
+            best evaluation's, kept by ``train.keep_best``).
+        config: the model and data to use (default: the run's own ``config.json``).
+        checkpoint_dir: where the shards of a cluster run kept their checkpoints
+            (default: the run folder's).
+
+    Returns:
+        A ``TrainedModel``.
+
+    Raises:
+        UsageError: the run lacks what is asked for, its labels are not the data's
+            now, or the model defines no ``predict``; in one line.
+
+    Example::
 
         model = psfw.load_model("runs/run-001")
         probabilities = model.predict(x)
-
-    ``step``: a checkpoint's parameters instead of the final ones (``"best"``: the
-    best evaluation's, kept by ``train.keep_best``); ``config``: the
-    model and data to use (default: the run's own ``config.json``);
-    ``checkpoint_dir``: where the shards of a cluster run kept their checkpoints
-    (default: the run folder's). A table model's rows come from the checkpoint of
-    the step the parameters are of. UsageError in one line when the run lacks what
-    is asked for."""
+    """
     run_dir = Path(run_dir)
     job = build_job(config if config is not None else run_config(run_dir))
     check_labels(run_dir, job)

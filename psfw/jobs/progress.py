@@ -15,7 +15,7 @@ MINED = ("slowest_step",)
 
 
 class StepReporter:
-    """Combines the reports of a group's processes (``processes``: group -> how many
+    """Combines the reports of a group's worker processes (``processes``: group -> how many
     report here) into one record per step and emits every ``log_every``-th step
     (and the last) to ``sinks``.
 

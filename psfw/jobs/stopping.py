@@ -4,7 +4,7 @@ second at once.
 The first SIGINT (``psfw.cli.main`` turns a SIGTERM into one) cancels the job's main
 task as ``asyncio.run`` does: its cleanups run (workers stop at their next step,
 channels close, shared memory is removed, shards stop) and the caller gets
-KeyboardInterrupt. A second one, while that runs, says its line and ends the process
+KeyboardInterrupt. A second one, while that runs, says its line and ends the OS process
 at once: nothing of a stop is worth more than the user's word. Calls into threads
 (``asyncio.to_thread``) end as plain errors (``psfw.runtime.threads``).
 """
@@ -25,12 +25,12 @@ __all__ = ["last_words", "run_job"]
 
 T = TypeVar("T")
 
-# what the process says when a second signal ends it at once (set by the command)
+# what the OS process says when a second signal ends it at once (set by the command)
 _last_words: list[Callable[[int], str]] = []
 
 
 def last_words(line: Callable[[int], str] | None) -> None:
-    """Set the line said (given the signal) when a second signal ends the process
+    """Set the line said (given the signal) when a second signal ends the OS process
     at once; None: a plain ``psfw: stopped at once``."""
     _last_words[:] = [] if line is None else [line]
 
@@ -74,7 +74,7 @@ def run_job(main: Coroutine[Any, Any, T]) -> T:
 
 
 def _stop_at_once(signum: int) -> None:
-    try:  # whatever saying the line costs, the process ends
+    try:  # whatever saying the line costs, the OS process ends
         line = _last_words[0](signum) if _last_words else "psfw: stopped at once"
         sys.stdout.flush()
         sys.stderr.write(line + "\n")

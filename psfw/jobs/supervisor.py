@@ -24,7 +24,7 @@ from psfw.jobs.outputs import CHECKPOINTS
 from psfw.jobs.run_dir import check_run_dir, resume_hint
 
 STOP_GRACE_S = 10.0
-# each stops every process gracefully once: Ctrl-C, a stop, a closed terminal
+# each stops every child gracefully once: Ctrl-C, a stop, a closed terminal
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -141,72 +141,108 @@ async def launch(
         signals.append(sig)
         interrupted.set()
 
-    def hint() -> str:
-        if run_dir is None:
-            return "the run kept no checkpoints"
-        command = shlex.join(
-            ["psfw", "launch", str(config_path), *config.set_flags(), "--run-dir", str(run_dir), "--resume"]
-        )
-        return resume_hint(command, run_dir / CHECKPOINTS, c.servers, config.train.checkpoint_every)
-
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         if earlier is not None:  # before the shards would load its checkpoints
             earlier.clear()
-        addresses = []
-        # a model's tables live on the shards only: their final checkpoint keeps them
-        keep = config.train.checkpoint_every or resume or _declares_tables(config)
-        checkpoints = run_dir / CHECKPOINTS if run_dir is not None and keep else None
-        extra = ["--grace", "1"] + (["--checkpoint-dir", str(checkpoints)] if checkpoints is not None else [])
-        with tempfile.TemporaryDirectory(prefix="psfw-launch-") as ready_dir:
-            for index in range(c.servers):
-                ready_file = Path(ready_dir) / f"shard-{index}.json"
-                child = await _spawn(f"shard {index}", shard_args(index, c.servers, ready_file, *extra), echo=False)
-                children.append(child)
-                address = await _wait_ready(child, ready_file, interrupted)
-                if address is None:
-                    return _interrupted(signals)
-                addresses.append(address)
+        addresses = await _start_shards(config, run_dir, resume, children, interrupted)
+        if addresses is None:
+            return _interrupted(signals)
         shards = list(children)
-        workers = []
-        for process in range(c.worker_groups * c.processes_per_group):
-            args = ["worker", str(config_path), "--process", str(process), "--servers", ",".join(addresses)]
-            args.append("--launched")  # launch, not each worker, says how to continue an interrupted run
-            args += config.set_flags()  # the same job in every process
-            if process % c.processes_per_group == 0 and run_dir is not None:  # each group's first: its records
-                args += ["--run-dir", str(run_dir)]
-            if resume:
-                args.append("--resume")
-            workers.append(await _spawn(f"worker {process}", args))
+        workers = await _start_workers(config_path, config, addresses, run_dir, resume)
         children.extend(workers)
-        waits = {asyncio.create_task(child.proc.wait()): child for child in children}
-        stop = asyncio.create_task(interrupted.wait())
-        running_workers = set(workers)
-        while running_workers:
-            done, _ = await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
-            if stop in done:
-                return _interrupted(signals)
-            for task in done:
-                child = waits.pop(task)
-                code = task.result()
-                if code != 0 or child in shards:
-                    print(
-                        f"psfw launch: {child.name} {describe_exit(code)}; stopping the others",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return 1
-                running_workers.discard(child)
-        stop.cancel()
-        print("psfw launch: every worker process finished", flush=True)
-        return 0
+        code = await _watch(children, shards, workers, interrupted)
+        if code is None:
+            return _interrupted(signals)
+        if code == 0:
+            print("psfw launch: every worker process finished", flush=True)
+        return code
     finally:
         await _stop(children)
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         if signals:  # after the stop: the shards' graceful stop may have written a newer checkpoint
-            say(f"psfw launch: every process stopped; {hint()}")
+            say(f"psfw launch: every process stopped; {_resume_hint(config_path, config, run_dir)}")
+
+
+async def _start_shards(
+    config: Config, run_dir: Path | None, resume: bool, children: list[Child], interrupted: asyncio.Event
+) -> list[str] | None:
+    """Start the shards one at a time (each added to ``children`` at once, so that a
+    failure stops it) and return their addresses once each is ready; None when
+    interrupted meanwhile."""
+    c = config.cluster
+    # a model's tables live on the shards only: their final checkpoint keeps them
+    keep = config.train.checkpoint_every or resume or _declares_tables(config)
+    checkpoints = run_dir / CHECKPOINTS if run_dir is not None and keep else None
+    extra = ["--grace", "1"] + (["--checkpoint-dir", str(checkpoints)] if checkpoints is not None else [])
+    addresses = []
+    with tempfile.TemporaryDirectory(prefix="psfw-launch-") as ready_dir:
+        for index in range(c.servers):
+            ready_file = Path(ready_dir) / f"shard-{index}.json"
+            child = await _spawn(f"shard {index}", shard_args(index, c.servers, ready_file, *extra), echo=False)
+            children.append(child)
+            address = await _wait_ready(child, ready_file, interrupted)
+            if address is None:
+                return None
+            addresses.append(address)
+    return addresses
+
+
+async def _start_workers(
+    config_path: Path, config: Config, addresses: list[str], run_dir: Path | None, resume: bool
+) -> list[Child]:
+    """A ``psfw worker`` child per worker process of the job."""
+    c = config.cluster
+    workers = []
+    for process in range(c.worker_groups * c.processes_per_group):
+        args = ["worker", str(config_path), "--process", str(process), "--servers", ",".join(addresses)]
+        args.append("--launched")  # launch, not each worker, says how to continue an interrupted run
+        args += config.set_flags()  # the same job in every child
+        if process % c.processes_per_group == 0 and run_dir is not None:  # each group's first: its records
+            args += ["--run-dir", str(run_dir)]
+        if resume:
+            args.append("--resume")
+        workers.append(await _spawn(f"worker {process}", args))
+    return workers
+
+
+async def _watch(
+    children: list[Child], shards: list[Child], workers: list[Child], interrupted: asyncio.Event
+) -> int | None:
+    """Wait until every worker finished (0), a child failed or a shard ended (1,
+    said), or a stop signal came (None)."""
+    waits = {asyncio.create_task(child.proc.wait()): child for child in children}
+    stop = asyncio.create_task(interrupted.wait())
+    running_workers = set(workers)
+    while running_workers:
+        done, _ = await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
+        if stop in done:
+            return None
+        for task in done:
+            child = waits.pop(task)
+            code = task.result()
+            if code != 0 or child in shards:
+                print(
+                    f"psfw launch: {child.name} {describe_exit(code)}; stopping the others",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
+            running_workers.discard(child)
+    stop.cancel()
+    return 0
+
+
+def _resume_hint(config_path: Path, config: Config, run_dir: Path | None) -> str:
+    """How to continue a run that was stopped: the command and its checkpoint."""
+    if run_dir is None:
+        return "the run kept no checkpoints"
+    command = shlex.join(
+        ["psfw", "launch", str(config_path), *config.set_flags(), "--run-dir", str(run_dir), "--resume"]
+    )
+    return resume_hint(command, run_dir / CHECKPOINTS, config.cluster.servers, config.train.checkpoint_every)
 
 
 def _declares_tables(config: Config) -> bool:

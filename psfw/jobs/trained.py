@@ -19,13 +19,13 @@ from psfw.base.errors import UsageError
 from psfw.compute.params import unflatten_params
 from psfw.compute.tables import initial_rows
 from psfw.jobs.best_step import BEST, read_best
-from psfw.jobs.config import Config, parse_config, stored_settings
+from psfw.jobs.config import Config, parse_config
 from psfw.jobs.evaluation import test_metrics
 from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE, labels_record
+from psfw.jobs.run_settings import stored_settings
 from psfw.jobs.user_rows import with_test_split
 from psfw.protocol.messages import RowBlock
-from psfw.runtime.table_feed import EVAL_ROWS
 from psfw.services.checkpoint import complete_steps, load_table_rows, load_values
 
 
@@ -133,10 +133,23 @@ def _listed(steps: list[int]) -> str:
 
 
 def load_params(run_dir: str | Path, step: Step = None, config: Config | None = None) -> Any:
-    """The parameters a run trained, as the model's pytree: the final ones, or those
-    of the checkpoint of ``step`` (``"best"``: the best kept by ``train.keep_best``);
-    ``config`` (default: the run's own ``config.json``)
-    gives the model. Ready for the model's own functions::
+    """The parameters a run trained, as the model's pytree, ready for the model's
+    own functions.
+
+    Args:
+        run_dir: the run folder (``psfw train --run-dir``, or process 0's of a cluster).
+        step: a checkpoint's step instead of the final parameters (``"best"``: the
+            best evaluation's, kept by ``train.keep_best``).
+        config: the model to read them as (default: the run's own ``config.json``).
+
+    Returns:
+        The parameters as the model's ``init`` makes them (a pytree of arrays).
+
+    Raises:
+        UsageError: the folder is not a run, lacks what is asked for, or holds
+            parameters of another model; the message says what there is.
+
+    Example::
 
         params = psfw.load_params("runs/run-001")
         loss, metrics = model.loss(params, x, y)
@@ -150,11 +163,26 @@ def load_params(run_dir: str | Path, step: Step = None, config: Config | None = 
 def load_table(
     run_dir: str | Path, name: str, step: Step = None, checkpoint_dir: str | Path | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of embedding table ``name`` that a run's shards saved in their
-    checkpoint of ``step`` (default: the newest complete one), gathered from every
-    shard: ``(ids, values)``, sorted by id. A row that training never touched is not
-    saved: its value is still its initial one. ``checkpoint_dir``: the shards'
-    folder of a cluster run (default: the run folder's ``checkpoints``)::
+    """The rows of an embedding table that a run's shards saved in a checkpoint,
+    gathered from every shard. A row that training never touched is not saved: its
+    value is still its initial one.
+
+    Args:
+        run_dir: the run folder.
+        name: the table, as the model declares it.
+        step: the checkpoint's step (default: the newest complete one; ``"best"``:
+            the best evaluation's).
+        checkpoint_dir: the shards' folder of a cluster run (default: the run
+            folder's ``checkpoints``).
+
+    Returns:
+        ``(ids, values)``: the saved rows' ids, sorted, and their values
+        ``[len(ids), dim]``.
+
+    Raises:
+        UsageError: no complete checkpoint of that step, or none holds the table.
+
+    Example::
 
         ids, rows = psfw.load_table("runs/run-001", "user")
     """
@@ -212,10 +240,11 @@ def evaluate_run(
         job = with_test_split(job, test_file)
     run_dir = Path(run_dir)
     at, values = trained_values(run_dir, job, step, checkpoint_folder(run_dir, checkpoint_dir))
+    test_rows = None
     if job.model.tables:
         saved = {name: load_table(run_dir, name, step or at, checkpoint_dir) for name in job.model.tables}
-        values = {**values, EVAL_ROWS: rows_of(job, saved, job.test_ids())}
-    loss, metrics = test_metrics(job, values)
+        test_rows = rows_of(job, saved, job.test_ids())
+    loss, metrics = test_metrics(job, values, test_rows)
     return {"step": at, "test_loss": loss, **{f"test_{name}": value for name, value in metrics.items()}}
 
 

@@ -1,9 +1,10 @@
 """Worker processes of a job run inside this OS process.
 
-Each worker process of the cluster (a group's share of workers) gets its own stub,
-parameter cache and transports to the shards; its workers run in threads of one
-pool. ``psfw train`` runs every process of the job here, ``psfw worker`` the ones
-it is told to, the benchmark its own selection.
+A worker process is a group's share of workers (``workers_per_process``) with its
+own stub, parameter cache and transports to the shards; several may run inside one
+OS process, their workers in threads of one pool. ``psfw train`` runs every worker
+process of the job here, ``psfw worker`` the ones it is told to, the benchmark its
+own selection.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from psfw.jobs.job import Job, warn_empty_shards
 from psfw.jobs.progress import StepReporter
 from psfw.runtime.connect import connect_all
 from psfw.runtime.devices import describe_devices, worker_devices
-from psfw.runtime.param_cache import ParamCache
+from psfw.runtime.param_cache import ParamCache, StepValues
+from psfw.runtime.process_setup import ProcessSetup
 from psfw.runtime.stub import Stub
 from psfw.runtime.threads import Threads, cause_of
+from psfw.runtime.transport import Transport
 from psfw.runtime.worker import WorkerSpec, run_worker
 from psfw.runtime.worker_report import StopRequest
 from psfw.services.server import in_process
@@ -39,14 +42,14 @@ async def run_worker_processes(
     security: Security = NO_SECURITY,
     resume: bool = False,
     on_start: Callable[[int, int], None] | None = None,
-    watch: Callable[[int, dict[str, Any]], None] | None = None,
+    watch: Callable[[int, StepValues], None] | None = None,
     devices: dict[int, str] | None = None,
     stop: StopRequest | None = None,
 ) -> list[Stub]:
     """Run worker processes of ``job`` (default: all) in this OS process, each with
     its own stub, cache and channels, against the shards at ``addresses``.
-    ``resume``: continue the job where the shards hold it (else a process whose
-    group has advanced there is refused, see ``Stub``).
+    ``resume``: continue the job where the shards hold it (else a worker process
+    whose group has advanced there is refused, see ``Stub``).
 
     Process ``p`` is local process ``p % processes_per_group`` of group
     ``p // processes_per_group`` and runs ``workers_per_process`` workers, each on
@@ -55,7 +58,34 @@ async def run_worker_processes(
     (``train.stop_after``); ``devices`` (worker -> device) is filled with where each
     worker's gradients were computed, as seen on the arrays.
     """
-    c, t = job.config.cluster, job.config.train
+    c = job.config.cluster
+    processes = _check_processes(job, addresses, processes)
+    if 0 in processes:  # once per job: the OS process that runs process 0
+        warn_empty_shards(job)
+    # the devices of every worker run in this OS process, in turn: processes here spread over them too
+    chosen = job_devices(job, len(processes))
+    stubs: list[Stub] = []
+    async with AsyncExitStack() as stack:
+        # one thread per worker, held for the whole job (its steps run there): nothing
+        # else may be submitted to this pool, it would wait for the job's end; a stop
+        # does not wait for a thread left in a long step (see run_worker)
+        executor = Threads(len(processes) * c.workers_per_process, thread_name_prefix="psfw-worker")
+        stack.callback(executor.close)
+        here = _ProcessesHere(
+            job, addresses, executor, stack, security, resume, reporter, on_start, watch, stop, devices
+        )
+        async with _first_cause(), asyncio.TaskGroup() as tasks:
+            for index, process in enumerate(processes):
+                mine = chosen[index * c.workers_per_process : (index + 1) * c.workers_per_process]
+                stubs.append(await here.start(process, mine, tasks))
+    return stubs
+
+
+def _check_processes(job: Job, addresses: list[str], processes: list[int] | None) -> list[int]:
+    """The worker processes to run (default: all of the job's): UsageError for one
+    the job does not have, ConfigError when the shard addresses are not the
+    config's count."""
+    c = job.config.cluster
     total = c.worker_groups * c.processes_per_group
     processes = list(range(total)) if processes is None else processes
     wrong = [p for p in processes if not 0 <= p < total]
@@ -67,87 +97,118 @@ async def run_worker_processes(
         raise ConfigError(
             f"{job.config.source}: cluster.servers: {c.servers} shards, but {len(addresses)} shard addresses were given"
         )
-    if 0 in processes:  # once per job: the OS process that runs process 0
-        warn_empty_shards(job)
-    tables = bool(job.model.tables)
-    step_fn = make_sparse_step(job.model.loss) if tables else make_grad_step(job.model.loss)
-    # the devices of every worker run in this OS process, in turn: processes here spread over them too
-    chosen = job_devices(job, len(processes))
-    identity = job.identity()
-    stubs: list[Stub] = []
-    async with AsyncExitStack() as stack:
-        # one thread per worker, held for the whole job (its steps run there): nothing
-        # else may be submitted to this pool, it would wait for the job's end; a stop
-        # does not wait for a thread left in a long step (see run_worker)
-        executor = Threads(len(processes) * c.workers_per_process, thread_name_prefix="psfw-worker")
-        stack.callback(executor.close)
-        async with _first_cause(), asyncio.TaskGroup() as tasks:
-            for here, process in enumerate(processes):
-                group, local = divmod(process, c.processes_per_group)
-                mine = chosen[here * c.workers_per_process : (here + 1) * c.workers_per_process]
-                workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
-                spec = WorkerSpec(
-                    layout=job.layout,
-                    treedef=job.treedef,
-                    step_fn=step_fn,
-                    init=job.model.init,
-                    seed=job.config.seed,
-                    data=job.data,
-                    order=job.order(group),
-                    workers_per_group=c.workers_per_group,
-                    executor=executor,
-                    wait_s=t.wait_s,
-                    devices={w: d for w, d in zip(workers, mine) if d is not None},
-                    seen={} if devices is None else devices,
-                    ids=job.model.ids if tables else None,
-                )
-                on = describe_devices(workers, mine)
-                clients = await connect_all(
-                    addresses,
-                    who=f"process {process} of group {group}" + (f" ({on})" if on else ""),
-                    here=lambda address: None if c.network_only else in_process(address),
-                    layout=None if c.network_only else job.layout,
-                    same_host=not c.network_only,
-                    timeout_s=t.wait_s,
-                    retries=t.retries,
-                    security=security,
-                    compression=c.compression,
-                    link=c.link,
-                )
-                for client in clients:
-                    stack.push_async_callback(client.close)
-                cache = ParamCache(group, process)
-                if process == 0 and watch is not None:
-                    cache.watchers.append(watch)
-                stub = Stub(
-                    clients=clients,
-                    layout=job.layout,
-                    cache=cache,
-                    group=group,
-                    process=process,
-                    workers=workers,
-                    workers_per_group=c.workers_per_group,
-                    optimizer=job.config.optimizer.spec_json(),
-                    wait_s=t.wait_s,
-                    on_metrics=reporter,
-                    worker_groups=c.worker_groups,
-                    staleness=c.staleness,
-                    warmup_steps=c.warmup_steps,
-                    checkpoint_every=t.checkpoint_every,
-                    identity=identity,
-                    resume=resume,
-                    on_start=on_start,
-                    tables=job.table_feed(group, workers, evaluates=process == 0 and watch is not None)
-                    if tables
-                    else None,
-                    stop=stop if process == 0 else None,
-                )
-                stubs.append(stub)
-                tasks.create_task(_named(f"the stub of process {process}", stub.run(job.steps)), name=f"stub-{process}")
-                for w in workers:
-                    worker = _named(f"worker {w} of group {group}", run_worker(spec, w, group, stub, cache, job.steps))
-                    tasks.create_task(worker, name=f"worker-{process}.{w}")
-    return stubs
+    return processes
+
+
+class _ProcessesHere:
+    """The worker processes run in this OS process: what they share (the job, the
+    shards' addresses, the workers' thread pool, the run's options) and how one
+    starts: its workers' spec, its transports, its cache and stub, and their tasks."""
+
+    def __init__(
+        self,
+        job: Job,
+        addresses: list[str],
+        executor: Threads,
+        stack: AsyncExitStack,
+        security: Security,
+        resume: bool,
+        reporter: StepReporter | None,
+        on_start: Callable[[int, int], None] | None,
+        watch: Callable[[int, StepValues], None] | None,
+        stop: StopRequest | None,
+        seen: dict[int, str] | None,
+    ):
+        self.job, self.addresses, self.executor, self.stack = job, addresses, executor, stack
+        self.security, self.resume, self.reporter, self.on_start = security, resume, reporter, on_start
+        self.watch, self.stop, self.seen = watch, stop, seen
+        self.tables = bool(job.model.tables)
+        self.step_fn = make_sparse_step(job.model.loss) if self.tables else make_grad_step(job.model.loss)
+        self.identity = job.identity()
+
+    async def start(self, process: int, devices: list[Any], tasks: asyncio.TaskGroup) -> Stub:
+        """Start worker process ``process``, its workers on ``devices``: its stub's
+        task and one task per worker in ``tasks``; returns its stub."""
+        job, c = self.job, self.job.config.cluster
+        group, local = divmod(process, c.processes_per_group)
+        workers = list(range(local * c.workers_per_process, (local + 1) * c.workers_per_process))
+        spec = self._worker_spec(group, workers, devices)
+        clients = await self._connect(process, group, workers, devices)
+        cache = ParamCache(group, process)
+        if process == 0 and self.watch is not None:
+            cache.watchers.append(self.watch)
+        stub = self._stub(process, group, workers, clients, cache)
+        tasks.create_task(_named(f"the stub of process {process}", stub.run(job.steps)), name=f"stub-{process}")
+        for w in workers:
+            worker = _named(f"worker {w} of group {group}", run_worker(spec, w, group, stub, cache, job.steps))
+            tasks.create_task(worker, name=f"worker-{process}.{w}")
+        return stub
+
+    def _worker_spec(self, group: int, workers: list[int], devices: list[Any]) -> WorkerSpec:
+        job, c = self.job, self.job.config.cluster
+        return WorkerSpec(
+            layout=job.layout,
+            treedef=job.treedef,
+            step_fn=self.step_fn,
+            init=job.model.init,
+            seed=job.config.seed,
+            data=job.data,
+            order=job.order(group),
+            workers_per_group=c.workers_per_group,
+            executor=self.executor,
+            wait_s=job.config.train.wait_s,
+            devices={w: d for w, d in zip(workers, devices) if d is not None},
+            seen={} if self.seen is None else self.seen,
+            ids=job.model.ids if self.tables else None,
+        )
+
+    async def _connect(self, process: int, group: int, workers: list[int], devices: list[Any]) -> list[Transport]:
+        """A transport per shard for worker process ``process`` (closed with the stack)."""
+        job, c, t = self.job, self.job.config.cluster, self.job.config.train
+        on = describe_devices(workers, devices)
+        clients = await connect_all(
+            self.addresses,
+            who=f"process {process} of group {group}" + (f" ({on})" if on else ""),
+            here=lambda address: None if c.network_only else in_process(address),
+            layout=None if c.network_only else job.layout,
+            same_host=not c.network_only,
+            timeout_s=t.wait_s,
+            retries=t.retries,
+            security=self.security,
+            compression=c.compression,
+            link=c.link,
+        )
+        for client in clients:
+            self.stack.push_async_callback(client.close)
+        return clients
+
+    def _stub(self, process: int, group: int, workers: list[int], clients: list[Transport], cache: ParamCache) -> Stub:
+        job, c, t = self.job, self.job.config.cluster, self.job.config.train
+        evaluates = process == 0 and self.watch is not None
+        setup = ProcessSetup(
+            clients,
+            job.layout,
+            cache,
+            group,
+            process,
+            wait_s=t.wait_s,
+            identity=self.identity,
+            resume=self.resume,
+            warmup_steps=c.warmup_steps,
+        )
+        return Stub(
+            setup,
+            workers=workers,
+            workers_per_group=c.workers_per_group,
+            optimizer=job.config.optimizer.spec_json(),
+            on_metrics=self.reporter,
+            worker_groups=c.worker_groups,
+            staleness=c.staleness,
+            checkpoint_every=t.checkpoint_every,
+            on_start=self.on_start,
+            tables=job.table_feed(group, workers, evaluates=evaluates) if self.tables else None,
+            stop=self.stop if process == 0 else None,
+        )
 
 
 def job_devices(job: Job, processes: int = 1) -> list[Any]:
@@ -179,7 +240,7 @@ async def _first_cause():
     """Raise the error that stopped the job, not the group of every task's error.
 
     One failure (a shard's refusal, a worker's model error) stops the stubs and
-    workers of every process here, each with an error that names it as its cause;
+    workers of every worker process here, each with an error that names it as its cause;
     the user wants that one error, in one line."""
     try:
         yield

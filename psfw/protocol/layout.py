@@ -51,10 +51,6 @@ class Layout(NamedTuple):
     def shard_slices(self, shard: int) -> list[SliceSpec]:
         return [s for p in self.params.values() for s in p.slices if s.shard == shard]
 
-    def slice_specs(self, shard: int) -> list[tuple[SliceKey, np.dtype, tuple[int, ...]]]:
-        """Key, dtype and shape of every slice ``shard`` holds, in its Updates' order."""
-        return [((s.key, s.index), np.dtype(self.params[s.key].dtype), (s.size,)) for s in self.shard_slices(shard)]
-
     def shard_bytes(self) -> list[int]:
         totals = [0] * self.shards
         for p in self.params.values():
@@ -113,7 +109,7 @@ def plan_layout(shapes: dict[str, tuple[tuple[int, ...], str]], shards: int, wor
         cuts[name] = _ranges(size, parts)
 
     # Largest first onto the lightest shard; ties broken by name and index so that
-    # every process computes the same placement.
+    # every worker process computes the same placement.
     order = sorted(
         ((hi - lo) * np.dtype(shapes[n][1]).itemsize, n, i) for n, rs in cuts.items() for i, (lo, hi) in enumerate(rs)
     )

@@ -32,17 +32,31 @@ Gradients = Mapping[SliceKey, np.ndarray | Parts]  # a process's contribution to
 
 @dataclass(frozen=True, slots=True)
 class UpdateHeader:
-    """One process's Update of one group step, its gradients aside.
+    """One worker process's Update of one group step, its gradients aside: what a
+    ``Transport.update`` sends with them. Built once per worker process and
+    replaced per step (``dataclasses.replace``); protobuf only at the gRPC edge.
 
-    ``rows``: the rows its workers' gradients were summed over (the shard divides the
-    group's sum by the group's rows); ``workers``: how many of the group's
-    ``workers_per_group`` they are. ``staleness`` >= 0 bounds how far the group may
-    run ahead of the slowest of ``worker_groups`` (-1: unbounded). ``epoch``: the
-    shards' restore count the stub is synced to. ``job``: the job's fingerprint
-    ('' names none). ``metrics``: the process's metrics, each x rows. ``wait_s``: how
-    long the shard may wait for the rest of the group. ``push``: the process's
-    gradient sums of table rows (x rows, as the slices'); ``pull``: the table rows
-    the process wants after this step (the next step's), answered with the update.
+    Attributes:
+        group, step, process: whose contribution to which step (a shard adds it once).
+        workers: how many of the group's ``workers_per_group`` workers it sums.
+        rows: the rows its workers' gradients were summed over (the shard divides
+            the group's sum by the group's rows).
+        workers_per_group: the group's workers (the step completes when they reported).
+        worker_groups: the job's groups.
+        staleness: >= 0 bounds how far the group may run ahead of the slowest
+            group (-1: unbounded).
+        group_processes: the group's worker processes (named in a wait that runs out).
+        epoch: the shards' restore count the stub is synced to.
+        checkpoint_every: group 0's steps between checkpoints (0: none).
+        metrics: the worker process's metrics, each x rows.
+        job: the job's fingerprint ('' names none).
+        wait_s: how long the shard may wait for the rest of the group.
+        push: the worker process's gradient sums of table rows (x rows, as the
+            slices').
+        pull: the table rows the worker process wants after this step (the next
+            step's), answered with the update.
+        stop_at: an early end of the job: groups stop once they completed this
+            many steps (0: none).
     """
 
     group: int
@@ -61,7 +75,7 @@ class UpdateHeader:
     wait_s: float = 60.0
     push: TableRows = field(default_factory=dict)
     pull: TableIds = field(default_factory=dict)
-    stop_at: int = 0  # an early end of the job: groups stop once they completed this many steps (0: none)
+    stop_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""glibc malloc settings for psfw's processes.
+"""glibc malloc settings for psfw's OS processes.
 
 Tensors travel and are updated in pieces of about 1 MiB (slices, chunks). With
 glibc's defaults such a buffer is often mapped fresh from the kernel (a page fault

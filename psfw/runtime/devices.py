@@ -1,4 +1,4 @@
-"""Which local device each worker of a process computes on."""
+"""Which local device each worker of a worker process computes on."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ async def fetch_params(
 ) -> dict[str, np.ndarray]:
     """Whole parameters ``names`` once ``group`` has completed ``step`` steps: one
     Get per shard, all shards at once. With ``wait_for_put``, the shards wait (up to
-    ``wait_s``) for slices whose owners in other processes have not put them yet.
+    ``wait_s``) for slices whose owners in other worker processes have not put them yet.
     ``job``: the job's fingerprint (shards of another job refuse)."""
     by_shard: dict[int, list[SliceKey]] = {}
     for name in names:

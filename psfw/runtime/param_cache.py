@@ -1,13 +1,25 @@
-"""The parameters of one process, shared by all its workers without copies."""
+"""The parameters of one worker process, shared by all its workers without copies."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from psfw.base.errors import PsfwError, WaitTimeout
+from psfw.protocol.messages import TableRows
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """What the cache hands its workers for one step: the dense parameters and, for a
+    model with embedding tables, the rows the step's sub-batches look up."""
+
+    params: dict[str, Any]  # whole parameters by name
+    rows: TableRows = field(default_factory=dict)  # {table: RowBlock}: the rows of the workers' ids
+    test_rows: TableRows | None = None  # the test split's rows, at a step that is evaluated
 
 
 class Rewind(Exception):
@@ -19,7 +31,7 @@ class Rewind(Exception):
 
 
 class ParamCache:
-    """Full parameter values by name and the group step they reflect.
+    """Full parameter values by name (and table rows) and the group step they reflect.
 
     The stub (on the event loop) writes values and step together (``publish``),
     which wakes the workers waiting in ``fresh``: they run in threads of their own
@@ -33,7 +45,7 @@ class ParamCache:
 
     def __init__(self, group: int = 0, process: int = 0):
         self.group, self.process = group, process
-        self.values: dict[str, Any] = {}
+        self.values = StepValues({})
         self.step = -1
         self.generation = 0
         self.stop_at = 0  # an early end of the job: workers stop at this step (0: at the job's steps)
@@ -42,7 +54,7 @@ class ParamCache:
         self._doing = ("starting", time.monotonic())  # what the stub is busy with, and since when
         # called with (step, values) after each publish and rewind (the evaluation of
         # process 0); the values are theirs only during the call (see above)
-        self.watchers: list[Callable[[int, dict[str, Any]], None]] = []
+        self.watchers: list[Callable[[int, StepValues], None]] = []
 
     def doing(self, what: str | Callable[[], str]) -> None:
         """Note what the stub is busy with (named when a worker's wait runs out); a
@@ -57,7 +69,7 @@ class ParamCache:
         with self._changed:
             return self.step, self.generation
 
-    def fresh(self, step: int, generation: int, timeout_s: float) -> dict[str, Any]:
+    def fresh(self, step: int, generation: int, timeout_s: float) -> StepValues:
         """The values once they reflect ``step`` completed steps of the group (blocks).
 
         Raises Rewind if the stub re-synced since ``generation``, WaitTimeout naming
@@ -93,7 +105,7 @@ class ParamCache:
             if self._error is not None:
                 raise PsfwError(f"process {self.process} stopped: {self._error}") from self._error
 
-    def publish(self, step: int, values: dict[str, Any]) -> None:
+    def publish(self, step: int, values: StepValues) -> None:
         """Install fresh values for ``step`` and wake the waiting workers."""
         with self._changed:
             self.values, self.step = values, step
@@ -101,7 +113,7 @@ class ParamCache:
         for watch in self.watchers:
             watch(step, values)
 
-    def rewind(self, step: int, values: dict[str, Any]) -> int:
+    def rewind(self, step: int, values: StepValues) -> int:
         """Start a new generation at ``step`` (after a re-sync); returns it."""
         with self._changed:
             self.values, self.step = values, step

@@ -22,15 +22,14 @@ import jax
 import numpy as np
 
 from psfw.base.errors import ConfigError, PsfwError, ShardError, WaitTimeout
-from psfw.protocol.layout import Layout
 from psfw.protocol.messages import Gradients, UpdateHeader
 from psfw.protocol.wire import param_buffers, slice_views
 from psfw.runtime.fetch import fetch_params, fetch_rows, row_gets
 from psfw.runtime.gradient_sums import GradientStage, Sums
-from psfw.runtime.param_cache import ParamCache
+from psfw.runtime.param_cache import StepValues
+from psfw.runtime.process_setup import ProcessSetup
 from psfw.runtime.sync import ShardSync, group_step
 from psfw.runtime.table_feed import TableFeed
-from psfw.runtime.transport import Transport
 from psfw.runtime.waiting import GroupWait
 from psfw.runtime.whole_params import whole_params
 from psfw.runtime.worker_report import TIMES, StopRequest, WorkerReport
@@ -44,87 +43,83 @@ RESYNC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION
 
 
 class Stub:
+    """The stub of the worker process ``setup`` describes, for its local ``workers`` (their
+    indices in the group). ``optimizer``: the shards' optimizer (JSON spec), named by
+    the first Put; ``on_metrics``: takes each step's report; ``worker_groups``,
+    ``staleness``: the job's groups and their bound (None: none); ``checkpoint_every``:
+    group 0's steps between checkpoints; ``on_start``: told ``(group, step)`` once the
+    stub knows where its group starts; ``tables``: the embedding-table rows this
+    process needs (None: the model has no tables); ``stop``: the evaluating process's
+    early end of the job (train.stop_after)."""
+
     def __init__(
         self,
+        setup: ProcessSetup,
         *,
-        clients: list[Transport],
-        layout: Layout,
-        cache: ParamCache,
-        group: int,
-        process: int,
         workers: list[int],
         workers_per_group: int,
         optimizer: str,
-        wait_s: float = 120.0,
         on_metrics: Callable[[dict[str, Any]], None] | None = None,
         worker_groups: int = 1,
         staleness: int | None = None,
-        warmup_steps: int = 0,
         checkpoint_every: int = 0,
-        identity: dict[str, Any] | None = None,
-        resume: bool = False,
         on_start: Callable[[int, int], None] | None = None,
         tables: TableFeed | None = None,
         stop: StopRequest | None = None,
     ):
-        self.clients, self.layout, self.cache = clients, layout, cache
-        self.group, self.process, self.workers = group, process, list(workers)
-        self.workers_per_group, self.optimizer, self.wait_s = workers_per_group, optimizer, wait_s
+        self.clients, self.layout, self.cache = setup.clients, setup.layout, setup.cache
+        self.group, self.process, self.workers = setup.group, setup.process, list(workers)
+        self.workers_per_group, self.optimizer, self.wait_s = workers_per_group, optimizer, setup.wait_s
         self.on_metrics = on_metrics
-        self.worker_groups, self.warmup_steps = worker_groups, warmup_steps
+        self.worker_groups, self.warmup_steps = worker_groups, setup.warmup_steps
         self.staleness = -1 if staleness is None else staleness
         self.checkpoint_every = checkpoint_every
         # the job's identity (psfw.base.identity); shards that hold another job are refused,
         # and joining this job where this group has advanced needs ``resume``
-        self.identity, self.resume = identity, resume
-        self.on_start = on_start  # told (group, step) once the stub knows where its group starts
-        self.tables = tables  # the embedding-table rows this process needs (None: the model has no tables)
-        self.fingerprint = identity["fingerprint"] if identity is not None else ""
+        self.identity, self.resume = setup.identity, setup.resume
+        self.on_start = on_start
+        self.tables = tables
+        self.fingerprint = self.identity["fingerprint"] if self.identity is not None else ""
         self.group_processes = workers_per_group // max(len(self.workers), 1)
         self.slowest_step = 0  # the slowest group's completed steps, from the last answer
         self.group_metrics: tuple[dict[str, float], int] = ({}, 0)  # the group's, x rows, of the last step
         self.epoch = 0  # the shards' restore count this stub is synced to
-        self.stop = stop  # the evaluating process's early end of the job (train.stop_after)
+        self.stop = stop
         self.stop_at = 0  # the step count the job ends at early, as the shards answered (0: none)
         self._loop = asyncio.get_running_loop()
         self._inbox: asyncio.Queue[WorkerReport] = asyncio.Queue()
         self._puts: asyncio.Queue[dict[str, np.ndarray]] = asyncio.Queue()
         self._wanted: asyncio.Future[dict[int, list[str]]] = self._loop.create_future()
         self.rpcs = {"Put": 0, "Get": 0, "Update": 0}
-        self._whole_params = jax.jit(functools.partial(whole_params, layout))
-        self.sync = ShardSync(
-            clients,
-            layout,
-            cache,
-            group=group,
-            process=process,
-            wait_s=wait_s,
-            identity=identity,
-            resume=resume,
-            warmup_steps=warmup_steps,
-        )
-        self._header = UpdateHeader(  # the fields every Update of this process shares
-            group=group,
-            step=0,
-            process=process,
-            workers=len(self.workers),
-            rows=0,
-            workers_per_group=workers_per_group,
-            worker_groups=worker_groups,
-            staleness=self.staleness,
-            group_processes=self.group_processes,
-            checkpoint_every=checkpoint_every if group == 0 else 0,
-            job=self.fingerprint,
-            wait_s=wait_s,
-        )
-        self.group_wait = GroupWait(clients, group, process, self.group_processes)  # says whom a step waits for
-        self.layout_slices = [layout.shard_slices(i) for i in range(len(clients))]  # what each shard holds
+        self._whole_params = jax.jit(functools.partial(whole_params, self.layout))
+        self.sync = ShardSync(setup)
+        self._header = self._shared_header()
+        # says whom a step waits for
+        self.group_wait = GroupWait(self.clients, self.group, self.process, self.group_processes)
+        self.layout_slices = [self.layout.shard_slices(i) for i in range(len(self.clients))]  # what each shard holds
         # where the transports want a step's tensors (a shared region), if they say
-        self.buffers = next((c.step_buffers for c in clients if c.step_buffers is not None), None)
+        self.buffers = next((c.step_buffers for c in self.clients if c.step_buffers is not None), None)
         self._stage, self._staged = None, {}
         if self.buffers is not None:
-            self._stage = GradientStage(self.buffers.gradients(), lambda: cache.generation)
-            self._staged = slice_views(layout, self.buffers.gradients())
+            self._stage = GradientStage(self.buffers.gradients(), lambda: self.cache.generation)
+            self._staged = slice_views(self.layout, self.buffers.gradients())
+
+    def _shared_header(self) -> UpdateHeader:
+        """The fields every Update of this process shares."""
+        return UpdateHeader(
+            group=self.group,
+            step=0,
+            process=self.process,
+            workers=len(self.workers),
+            rows=0,
+            workers_per_group=self.workers_per_group,
+            worker_groups=self.worker_groups,
+            staleness=self.staleness,
+            group_processes=self.group_processes,
+            checkpoint_every=self.checkpoint_every if self.group == 0 else 0,
+            job=self.fingerprint,
+            wait_s=self.wait_s,
+        )
 
     # -- what workers call ---------------------------------------------------
 
@@ -141,15 +136,24 @@ class Stub:
         await self._puts.put(values)
 
     def report(
-        self, step: int, worker: int, grads: dict[str, np.ndarray], rows: int, metrics: dict, generation: int = 0
+        self,
+        step: int,
+        worker: int,
+        grads: dict[str, np.ndarray],
+        rows: int,
+        metrics: dict,
+        generation: int = 0,
+        row_grads: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Report a worker's summed gradients (gradient of the summed loss) for a
-        step. Called from the worker's thread (safe from any thread), where the
-        gradients are added into the step's buffers when the stub has some."""
+        step: ``grads`` of the dense parameters by name, ``row_grads`` of the table
+        rows the cache published by table. Called from the worker's thread (safe from
+        any thread), where the gradients are added into the step's buffers when the
+        stub has some."""
         if self._stage is not None and not self._stage.add(step, generation, grads):
             return  # computed before a re-sync: dropped
         self._loop.call_soon_threadsafe(
-            self._inbox.put_nowait, WorkerReport(worker, step, generation, grads, rows, metrics)
+            self._inbox.put_nowait, WorkerReport(worker, step, generation, grads, rows, metrics, row_grads)
         )
 
     # -- the coroutine -------------------------------------------------------
@@ -242,16 +246,16 @@ class Stub:
         declaration = self.tables.declaration
         await asyncio.gather(*(c.put([], self.optimizer, job, declaration) for c in self.clients))
 
-    async def _with_rows(self, values: dict[str, Any], group: int, step: int, at: int) -> dict[str, Any]:
-        """``values`` and the table rows of step ``at``, as ``group`` has them after
+    async def _with_rows(self, params: dict[str, Any], group: int, step: int, at: int) -> StepValues:
+        """``params`` and the table rows of step ``at``, as ``group`` has them after
         ``step`` steps (one Get per shard that holds any of them)."""
         if self.tables is None:
-            return values
+            return StepValues(params)
         ids = self.tables.block_ids(at)
         self.rpcs["Get"] += len(row_gets(self.tables, ids))
         rows = await fetch_rows(self.clients, self.tables, ids, group, step, self.wait_s, self.fingerprint)
         self.tables.count(rows, pulled=True)
-        return {**values, **self.tables.published(at, rows)}
+        return StepValues(params, *self.tables.published(at, rows))
 
     async def _resync(self) -> int:
         self.cache.doing("re-syncing with the shards")
@@ -259,8 +263,8 @@ class Stub:
         self.epoch = replies[0].epoch
         start = min(group_step(r, self.group) for r in replies)
         self.sync.check_job(replies, 0, 1)  # a shard restarted with another job's checkpoint: stop, naming it
-        values = await self._get_all(self.group, start, list(self.layout.params))
-        values = await self._with_rows({n: jax.device_put(v) for n, v in values.items()}, self.group, start, start)
+        params = await self._get_all(self.group, start, list(self.layout.params))
+        values = await self._with_rows({n: jax.device_put(v) for n, v in params.items()}, self.group, start, start)
         while not self._inbox.empty():
             self._inbox.get_nowait()
         self.cache.rewind(start, values)
@@ -295,11 +299,9 @@ class Stub:
         header = dataclasses.replace(self._header, step=step, rows=rows, metrics=metrics, epoch=self.epoch)
         if self.stop is not None and self.stop.at(step):
             header = dataclasses.replace(header, stop_at=self.stop.at(step))
-        # shards that answer with their own immutable arrays: whole parameters are
-        # put together by one jitted call (the only copy; XLA runs it before the call
-        # returns: 0.8-1.0 ms for the benchmark's 7.45 MB); the others write their
-        # answers straight into the step's buffers (a shared region), else into new
-        # aligned ones
+        # shards that answer with their own immutable arrays: whole parameters are put
+        # together by one jitted call (the only copy); the others write their answers
+        # straight into the step's buffers (a shared region), else into new aligned ones
         shares = all(c.capabilities.shares_arrays for c in self.clients)
         if shares:
             fresh, into = {}, None
@@ -308,8 +310,7 @@ class Stub:
         else:
             fresh, into = param_buffers(self.layout, self.layout.params)
         started = time.perf_counter()
-        grads = [c.grads for c in batch]
-        sums = self._sums(grads)
+        sums = self._sums([c.grads for c in batch])
         self.rpcs["Update"] += len(self.clients)
         waiting = set(range(len(self.clients)))
 
@@ -319,7 +320,7 @@ class Stub:
         if self.tables is None:
             heads = [header] * len(self.clients)
         else:  # in a thread: it reads the next step's rows of data and runs the model's ids() on them
-            heads = await asyncio.to_thread(self.tables.headers, header, step, grads)
+            heads = await asyncio.to_thread(self.tables.headers, header, step, [c.row_grads for c in batch])
 
         async def send(shard: int):
             answer = await self.clients[shard].update(heads[shard], sums[shard], self.layout.slice_dtype_shape, into)
@@ -346,16 +347,15 @@ class Stub:
             published = self._whole_params(slices)
         else:
             # published as the arrays they are: each worker's jitted step adopts them
-            # (64-byte aligned: no copy), where a device_put here would cost the step
-            # half a millisecond more (JAX's first call after the wait for the
-            # shards); new every step, or not written over while a worker reads them
-            # (psfw.runtime.step_region)
+            # (64-byte aligned: no copy; a device_put here costs more); new every step,
+            # or not written over while a worker reads them (psfw.runtime.step_region)
             published = dict(fresh)
+        values = StepValues(published)
         if self.tables is not None:
             rows = self.tables.assemble([answer.table_rows for answer in replies])
             self.tables.count(rows, pulled=True)
-            published = {**published, **self.tables.published(step + 1, rows)}
-        self.cache.publish(step + 1, published)
+            values = StepValues(published, *self.tables.published(step + 1, rows))
+        self.cache.publish(step + 1, values)
         return comm_s
 
     def _sums(self, grads: list[dict[str, np.ndarray]]) -> list[Gradients]:

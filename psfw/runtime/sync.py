@@ -13,37 +13,22 @@ import grpc
 
 from psfw.base.errors import PsfwError, ShardError, WaitTimeout
 from psfw.base.identity import differences, summary
-from psfw.protocol.layout import Layout
-from psfw.runtime.param_cache import ParamCache
-from psfw.runtime.transport import Transport
+from psfw.runtime.process_setup import ProcessSetup
 
 log = logging.getLogger(__name__)
-# a process that sent an Update this recently may still run (started twice): watch it
+# a worker process that sent an Update this recently may still run (started twice): watch it
 # this long, every WATCH_EVERY_S; a running one reports again (a restarted one never does)
 RECENT_S, WATCH_S, WATCH_EVERY_S = 30.0, 5.0, 0.25
 
 
 class ShardSync:
-    """A stub's view of its shards' state; ``identity``: the job's (see
-    psfw.base.identity), None for a tool that names no job; ``resume``: joining
-    the job where this group has advanced is allowed."""
+    """A stub's view of its shards' state, for the worker process ``setup`` describes."""
 
-    def __init__(
-        self,
-        clients: list[Transport],
-        layout: Layout,
-        cache: ParamCache,
-        *,
-        group: int,
-        process: int,
-        wait_s: float,
-        identity: dict[str, Any] | None,
-        resume: bool,
-        warmup_steps: int,
-    ):
-        self.clients, self.layout, self.cache = clients, layout, cache
-        self.group, self.process, self.wait_s = group, process, wait_s
-        self.identity, self.resume, self.warmup_steps = identity, resume, warmup_steps
+    def __init__(self, setup: ProcessSetup):
+        self.clients, self.layout, self.cache = setup.clients, setup.layout, setup.cache
+        self.group, self.process, self.wait_s = setup.group, setup.process, setup.wait_s
+        self.identity: dict[str, Any] | None = setup.identity
+        self.resume, self.warmup_steps = setup.resume, setup.warmup_steps
 
     async def can_retry(self, step: int, epoch: int) -> bool:
         """Whether the shards are still where this process left them (same epoch, the

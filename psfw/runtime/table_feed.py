@@ -1,4 +1,4 @@
-"""Which embedding-table rows a process needs each step, and where they live.
+"""Which embedding-table rows a worker process needs each step, and where they live.
 
 A process's workers read known rows of the data each step (the batch order is
 fixed by the seed), so the rows of their sub-batches' ids are known before the
@@ -23,13 +23,11 @@ from psfw.base.errors import PsfwError
 from psfw.compute.tables import TableSpec, bucket, route, unique_ids
 from psfw.protocol.messages import RowBlock, TableIds, TableRows, UpdateHeader
 
-TABLE_ROWS = "@table_rows"  # the parameter cache's entry of this step's table rows: {table: RowBlock}
-EVAL_ROWS = "@eval_rows"  # and of the test split's rows, at a step that is evaluated
 EMPTY = np.zeros(0, np.int64)
 
 
 class TableFeed:
-    """The rows of ``tables`` one process needs.
+    """The rows of ``tables`` one worker process needs.
 
     ``batch_ids(step)``: the ids its workers' sub-batches of ``step`` use, by table
     (any shape, repeats allowed); ``steps``: the job's steps (none are trained at
@@ -78,14 +76,12 @@ class TableFeed:
             ids = {name: unique_ids([ids[name], self.extra.get(name, EMPTY)]) for name in self.tables}
         return ids
 
-    def published(self, step: int, rows: Mapping[str, RowBlock]) -> dict[str, Any]:
-        """The cache's entries of the rows pulled for ``step``: the workers' block
-        (``TABLE_ROWS``: the training ids only, so its size never jumps at an
-        evaluation) and, when due, the evaluation's (``EVAL_ROWS``)."""
-        entries: dict[str, Any] = {TABLE_ROWS: _subset(rows, self.train_ids(step))}
-        if self._extra_due(step):
-            entries[EVAL_ROWS] = _subset(rows, self.extra)
-        return entries
+    def published(self, step: int, rows: TableRows) -> tuple[dict[str, RowBlock], dict[str, RowBlock] | None]:
+        """The rows pulled for ``step`` as the cache publishes them: the workers' block
+        (the training ids only, so its size never jumps at an evaluation) and, when
+        due, the evaluation's (else None)."""
+        test_rows = _subset(rows, self.extra) if self._extra_due(step) else None
+        return _subset(rows, self.train_ids(step)), test_rows
 
     def by_shard(self, ids: TableIds) -> list[dict[str, np.ndarray]]:
         """``ids`` split by the shard that holds them (each part sorted)."""
@@ -112,13 +108,13 @@ class TableFeed:
                     parts[shard][name] = RowBlock(ids[mine], np.ascontiguousarray(grads[mine]))
         return parts
 
-    def headers(self, header: UpdateHeader, step: int, grads: list[dict[str, Any]]) -> list[UpdateHeader]:
+    def headers(self, header: UpdateHeader, step: int, row_grads: list[Mapping[str, np.ndarray]]) -> list[UpdateHeader]:
         """Each shard's Update header of ``step``: with the step's gradient sums of
-        that shard's rows (``grads``: the workers' reports, each with a gradient of
-        every row of the block under ``TABLE_ROWS``), and the next step's rows wanted."""
+        that shard's rows (``row_grads``: each worker's, a gradient of every row of
+        its block by table), and the next step's rows wanted."""
         sums = {}
         for name in self.tables:
-            parts = [g[TABLE_ROWS][name] for g in grads]
+            parts = [g[name] for g in row_grads]
             sums[name] = parts[0] if len(parts) == 1 else np.sum(parts, axis=0, dtype=np.float32)
         pushes = self.pushes(step, sums)
         pulls = self.by_shard(self.block_ids(step + 1))

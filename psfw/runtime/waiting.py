@@ -18,7 +18,7 @@ REPORT_EVERY_S = 5.0  # a step of a healthy group takes far less; tests lower it
 
 
 class GroupWait:
-    """The processes of one stub's group, and how to find the ones a step waits for."""
+    """The worker processes of one stub's group, and how to find the ones a step waits for."""
 
     def __init__(self, clients: list[Transport], group: int, process: int, group_processes: int):
         self.clients, self.group, self.process = clients, group, process

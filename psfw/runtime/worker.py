@@ -18,11 +18,10 @@ from psfw.compute.batching import BatchOrder
 from psfw.compute.datasets import Dataset
 from psfw.compute.params import flatten_params, unflatten_params
 from psfw.protocol.layout import Layout
-from psfw.protocol.messages import RowBlock
 from psfw.runtime.devices import device_name
-from psfw.runtime.param_cache import ParamCache, Rewind
+from psfw.runtime.param_cache import ParamCache, Rewind, StepValues
 from psfw.runtime.stub import Stub
-from psfw.runtime.table_feed import TABLE_ROWS, padded_rows, positions
+from psfw.runtime.table_feed import padded_rows, positions
 from psfw.runtime.threads import cause_of
 
 # how long a stopped worker's thread may take to finish its step before it is left behind
@@ -31,7 +30,7 @@ STOP_WAIT_S = 10.0
 
 @dataclass
 class WorkerSpec:
-    """What a worker needs beyond its index: shared by the workers of a process."""
+    """What a worker needs beyond its index: shared by the workers of a worker process."""
 
     layout: Layout
     treedef: Any
@@ -60,10 +59,15 @@ def init_owned(init: Callable, seed: int, names: list[str]) -> dict[str, np.ndar
     return {n: np.asarray(v) for n, v in jax.jit(owned)(jax.random.PRNGKey(seed)).items()}
 
 
-def _compute(spec: WorkerSpec, worker: int, values: dict[str, Any], rows: np.ndarray):
+def _compute(
+    spec: WorkerSpec, worker: int, values: StepValues, rows: np.ndarray
+) -> tuple[float, dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """One step of ``worker`` on the data ``rows``: its loss, metrics, the gradients
+    of the dense parameters by name, and those of the rows of its process's block by
+    table (None for a model without tables)."""
     # only these rows are read (a memory-mapped set), here, off the event loop
     x, y = spec.data.x_train[rows], spec.data.y_train[rows]
-    params = unflatten_params(spec.treedef, list(spec.layout.params), values)
+    params = unflatten_params(spec.treedef, list(spec.layout.params), values.params)
     device = spec.devices.get(worker)
     if spec.ids is None:
         if device is not None:  # the step's parameters and rows go to the worker's device, once
@@ -71,7 +75,7 @@ def _compute(spec: WorkerSpec, worker: int, values: dict[str, Any], rows: np.nda
         loss, metrics, grads = spec.step_fn(params, x, y)
         row_grads = None
     else:
-        blocks: dict[str, RowBlock] = values[TABLE_ROWS]
+        blocks = values.rows
         rows_in, inverse = padded_rows(blocks), positions(blocks, spec.ids(x))
         if device is not None:
             params, rows_in, inverse, x, y = jax.device_put((params, rows_in, inverse, x, y), device)
@@ -82,10 +86,10 @@ def _compute(spec: WorkerSpec, worker: int, values: dict[str, Any], rows: np.nda
         # a model may have no dense parameters (all in tables): the loss shows the device as well
         computed = next(iter(flat.values()), loss)
         spec.seen[key] = ", ".join(sorted(device_name(d) for d in computed.devices()))
-    out = {n: np.asarray(g) for n, g in flat.items()}  # waits for XLA, off the event loop
+    dense = {n: np.asarray(g) for n, g in flat.items()}  # waits for XLA, off the event loop
     if row_grads is not None:  # a gradient for every row of the process's block (the padding cut off)
-        out[TABLE_ROWS] = {name: np.asarray(g)[: len(blocks[name].ids)] for name, g in row_grads.items()}
-    return float(loss), {k: float(v) for k, v in metrics.items()}, out
+        row_grads = {name: np.asarray(g)[: len(blocks[name].ids)] for name, g in row_grads.items()}
+    return float(loss), {k: float(v) for k, v in metrics.items()}, dense, row_grads
 
 
 async def run_worker(spec: WorkerSpec, worker: int, group: int, stub: Stub, cache: ParamCache, steps: int) -> None:
@@ -144,7 +148,7 @@ def train_steps(spec: WorkerSpec, worker: int, stub: Stub, cache: ParamCache, st
     while True:
         waited = time.perf_counter()
         try:
-            params = cache.fresh(step, generation, patience)
+            values = cache.fresh(step, generation, patience)
         except Rewind as rewind:
             step, generation = rewind.step, rewind.generation
             continue
@@ -155,7 +159,7 @@ def train_steps(spec: WorkerSpec, worker: int, stub: Stub, cache: ParamCache, st
         started = time.perf_counter()
         rows = spec.order.worker_indices(step, worker, spec.workers_per_group)
         try:
-            loss, metrics, grads = _compute(spec, worker, params, rows)
+            loss, metrics, grads, row_grads = _compute(spec, worker, values, rows)
         except PsfwError:
             raise
         except Exception as err:  # the model's or the data's: one line that says whose and where
@@ -164,5 +168,5 @@ def train_steps(spec: WorkerSpec, worker: int, stub: Stub, cache: ParamCache, st
             ) from err
         done = time.perf_counter()
         metrics.update(loss=loss, compute_s=done - started, wait_s=started - waited)
-        stub.report(step, worker, grads, len(rows), metrics, generation)
+        stub.report(step, worker, grads, len(rows), metrics, generation, row_grads)
         step += 1

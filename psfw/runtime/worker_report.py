@@ -7,20 +7,21 @@ import threading
 
 
 class WorkerReport:
-    """One worker's report for one step."""
+    """One worker's report for one step: the gradients of the dense parameters by
+    name, and those of its process's table rows by table (None without tables)."""
 
-    __slots__ = ("worker", "step", "generation", "grads", "rows", "metrics")
+    __slots__ = ("worker", "step", "generation", "grads", "rows", "metrics", "row_grads")
 
-    def __init__(self, worker, step, generation, grads, rows, metrics):
+    def __init__(self, worker, step, generation, grads, rows, metrics, row_grads=None):
         self.worker, self.step, self.generation = worker, step, generation
-        self.grads, self.rows, self.metrics = grads, rows, metrics
+        self.grads, self.rows, self.metrics, self.row_grads = grads, rows, metrics, row_grads
 
 
 TIMES = ("compute_s", "wait_s")  # a worker's timings: not metrics of the model
 
 
 class StopRequest:
-    """An early end of a job asked for by the process that evaluates
+    """An early end of a job asked for by the worker process that evaluates
     (``train.stop_after``): its stub names, in its next Update, the step the job ends
     at; the shards answer every process with it, so that all of them stop at that
     same step."""

@@ -200,79 +200,92 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
     the same bytes), 2 asynchronous groups of 1 worker (batch 128 each,
     the same rows per worker as the 2-worker group), embedded (``two_groups``), and
     PyTorch DDP over gloo on the same job where torch is installed (``ddp``)."""
-    config = bench_config(warmup + steps)
+    configs = _variant_configs(bench_config(warmup + steps), path)
+    ddp, tls = torch_installed(), openssl_installed()
+    extra = (*(("tls",) * tls), *(("ddp",) * ddp))
+    runs: dict[str, list[float]] = {key: [] for key in ("single_process", *VARIANTS, *extra)}
+    gaps: dict[str, list[float]] = {"tcp_compressed": [], "tcp": [], "tls": []}
+    for _ in range(rounds):
+        _one_round(configs, warmup, steps, runs, gaps)
+    figures = _figures(runs, gaps)
+    figures.update(path=path, rounds=rounds, devices=[device_name(d) for d in jax.local_devices()])
+    return figures
+
+
+# what run_bench measures beside the reference, in the order of a round
+VARIANTS = (
+    "data_parallel_bound",
+    "embedded",
+    "separate_processes",
+    "grpc",
+    "tcp",
+    "tcp_compressed",
+    "two_groups",
+)
+
+
+def _variant_configs(config: Config, path: str) -> dict[str, Config]:
+    """The config of each variant that needs its own: the network path over gRPC
+    alone (``grpc``), over the links (``tcp``; ``tls`` too), with bfloat16 gradients
+    (``tcp_compressed``), 2 groups of 1 worker (``two_groups``); ``main`` for the
+    others (the network path everywhere with ``path="grpc"``)."""
 
     def network(**cluster) -> Config:
         return config.model_copy(
             update={"cluster": config.cluster.model_copy(update={"transport": "network", **cluster})}
         )
 
-    grpc_config, tcp_config, compressed = network(link=False), network(), network(compression="bf16")
-    if path == "grpc":
-        config = tcp_config
-    groups = config.model_copy(
+    configs = {"grpc": network(link=False), "tcp": network(), "tcp_compressed": network(compression="bf16")}
+    main = configs["tcp"] if path == "grpc" else config
+    configs["main"] = main
+    configs["two_groups"] = main.model_copy(
         update={
-            "cluster": config.cluster.model_copy(
+            "cluster": main.cluster.model_copy(
                 update={"worker_groups": 2, "workers_per_group": 1, "workers_per_process": 1}
             ),
-            "train": config.train.model_copy(update={"batch_size": config.train.batch_size // 2}),
+            "train": main.train.model_copy(update={"batch_size": main.train.batch_size // 2}),
         }
     )
-    runs: dict[str, list[float]] = {
-        "single_process": [],
-        "data_parallel_bound": [],
-        "embedded": [],
-        "separate_processes": [],
-        "grpc": [],
-        "tcp": [],
-        "tcp_compressed": [],
-        "tls": [],
-        "two_groups": [],
-    }
-    gaps: list[float] = []
-    tcp_gaps: list[float] = []
-    tls_gaps: list[float] = []
-    tls = openssl_installed()
-    ddp = torch_installed()
-    if ddp:
-        runs["ddp"] = []
-    for _ in range(rounds):
-        runs["single_process"].append(single_process(config, warmup, steps))
-        runs["data_parallel_bound"].append(data_parallel_bound(config, warmup, steps))
-        runs["embedded"].append(asyncio.run(_psfw(config, warmup, None)))
-        with shard_processes(config.cluster.servers) as (addresses, _):
-            runs["separate_processes"].append(asyncio.run(_psfw(config, warmup, addresses)))
-        with shard_processes(config.cluster.servers) as (addresses, _):  # fresh shards: a run leaves its state
-            speed, exact = asyncio.run(_psfw(grpc_config, warmup, addresses, final=True))
-            runs["grpc"].append(speed)
-        with shard_processes(config.cluster.servers) as (addresses, _):
-            speed, params = asyncio.run(_psfw(tcp_config, warmup, addresses, final=True))
-            runs["tcp"].append(speed)
-        tcp_gaps.append(_gap(params, exact, _initial(config)))
-        with shard_processes(config.cluster.servers) as (addresses, _):
-            speed, params = asyncio.run(_psfw(compressed, warmup, addresses, final=True))
-            runs["tcp_compressed"].append(speed)
-        gaps.append(_gap(params, exact, _initial(config)))
-        if tls:
-            speed, params = _tls_run(config.cluster.servers, tcp_config, warmup)
-            runs["tls"].append(speed)
-            tls_gaps.append(_gap(params, exact, _initial(config)))
-        runs["two_groups"].append(asyncio.run(_psfw(groups, warmup, None)))
-        if ddp:
-            runs["ddp"].append(run_ddp(steps, warmup, config.train.batch_size, config.optimizer.learning_rate))
-    best = {key: max(values) for key, values in runs.items() if values}
+    return configs
+
+
+def _one_round(
+    configs: dict[str, Config], warmup: int, steps: int, runs: dict[str, list[float]], gaps: dict[str, list[float]]
+) -> None:
+    """Each variant once, its samples/s added to ``runs``; the trained parameters of
+    the link's (plain and in TLS) and the compressed run's against gRPC's added to
+    ``gaps``."""
+    config = configs["main"]
+    servers = config.cluster.servers
+    runs["single_process"].append(single_process(config, warmup, steps))
+    runs["data_parallel_bound"].append(data_parallel_bound(config, warmup, steps))
+    runs["embedded"].append(asyncio.run(_psfw(config, warmup, None)))
+    with shard_processes(servers) as (addresses, _):
+        runs["separate_processes"].append(asyncio.run(_psfw(config, warmup, addresses)))
+    with shard_processes(servers) as (addresses, _):  # fresh shards: a run leaves its state
+        speed, exact = asyncio.run(_psfw(configs["grpc"], warmup, addresses, final=True))
+        runs["grpc"].append(speed)
+    for key in ("tcp", "tcp_compressed"):
+        with shard_processes(servers) as (addresses, _):
+            speed, params = asyncio.run(_psfw(configs[key], warmup, addresses, final=True))
+            runs[key].append(speed)
+        gaps[key].append(_gap(params, exact, _initial(config)))
+    if "tls" in runs:
+        speed, params = _tls_run(servers, configs["tcp"], warmup)
+        runs["tls"].append(speed)
+        gaps["tls"].append(_gap(params, exact, _initial(config)))
+    runs["two_groups"].append(asyncio.run(_psfw(configs["two_groups"], warmup, None)))
+    if "ddp" in runs:
+        runs["ddp"].append(run_ddp(steps, warmup, config.train.batch_size, config.optimizer.learning_rate))
+
+
+def _figures(runs: dict[str, list[float]], gaps: dict[str, list[float]]) -> dict:
+    """Each variant's best round, its ratio to the reference's best and to the data
+    parallelism's bound, and every round's ratios."""
+    best = {key: max(values) for key, values in runs.items()}
     figures: dict = dict(best)
-    variants = (
-        "data_parallel_bound",
-        "embedded",
-        "separate_processes",
-        "grpc",
-        "tcp",
-        "tcp_compressed",
-        *(("tls",) * tls),
-        "two_groups",
-        *(("ddp",) * ddp),
-    )
+    ddp = "ddp" in runs
+    variants = (*VARIANTS, *(key for key in ("tls", "ddp") if key in runs))
     for key in variants:
         figures[f"{key}_ratio"] = best[key] / best["single_process"]
         figures[f"{key}_round_ratios"] = [
@@ -283,13 +296,12 @@ def run_bench(steps: int = 60, warmup: int = 10, path: str = "auto", rounds: int
         figures[f"{key}_of_bound"] = best[key] / best["data_parallel_bound"]
     figures["ddp"] = best.get("ddp")  # None: torch is not installed
     figures["tls"] = best.get("tls")  # None: no openssl command to make certificates with
-    figures["tls_param_gap"] = max(tls_gaps) if tls_gaps else None  # TLS against gRPC alone: 0
+    figures["tls_param_gap"] = max(gaps["tls"]) if gaps["tls"] else None  # TLS against gRPC alone: 0
     # the compressed run's parameters after all its steps against the uncompressed run's
-    figures["tcp_compressed_param_gap"] = max(gaps)
-    figures["tcp_param_gap"] = max(tcp_gaps)  # the link against gRPC alone: 0, the same bytes
+    figures["tcp_compressed_param_gap"] = max(gaps["tcp_compressed"])
+    figures["tcp_param_gap"] = max(gaps["tcp"])  # the link against gRPC alone: 0, the same bytes
     if ddp:
         figures["separate_processes_over_ddp"] = best["separate_processes"] / best["ddp"]
-    figures.update(path=path, rounds=rounds, devices=[device_name(d) for d in jax.local_devices()])
     return figures
 
 

@@ -26,8 +26,26 @@ from psfw.runtime.shard_client import ShardClient
 
 
 class Cluster:
-    """Channels to every shard of a cluster. ``config`` (the job's) is needed only
-    to read parameters, whose layout it defines."""
+    """A client script's view of a running cluster: channels to every shard, to
+    describe them, read parameters by name and follow the progress. An async
+    context manager; ``close`` ends the channels.
+
+    Args:
+        addresses: ``host:port`` of every shard, in the order of their ``--shard``.
+        config: the job's config; needed only to read parameters, whose layout it
+            defines.
+        timeout_s: the deadline of each call to a shard.
+        security: TLS and token of the channels (``psfw.base.security``).
+
+    Raises:
+        UsageError: no addresses.
+
+    Example::
+
+        async with psfw.Cluster(["127.0.0.1:50051", "127.0.0.1:50052"], config) as cluster:
+            print(psfw.format_status(await cluster.status()))
+            w = await cluster.read("dense0/w")
+    """
 
     def __init__(
         self,
@@ -55,10 +73,22 @@ class Cluster:
         await asyncio.gather(*(c.close() for c in self.clients))
 
     async def describe(self) -> list[pb.DescribeReply]:
+        """Every shard's Describe answer (``ps.proto``'s ``DescribeReply``), in order."""
         return list(await asyncio.gather(*(c.describe() for c in self.clients)))
 
     async def read(self, name: str, group: int = 0) -> np.ndarray:
-        """The current value of parameter ``name`` as the shards hold it."""
+        """The value of a parameter as the shards hold it now.
+
+        Args:
+            name: the parameter (``"dense0/w"``).
+            group: the group whose step is read (its newest complete step).
+
+        Returns:
+            The whole parameter, put together from its slices.
+
+        Raises:
+            PsfwError: no config was given, or the job has no such parameter.
+        """
         if self.config is None:
             raise PsfwError("reading a parameter needs the job's config (its layout says where the slices are)")
         if self._job is None:
@@ -71,8 +101,18 @@ class Cluster:
         return values[name]
 
     async def status(self, interval_s: float = 1.0) -> list[dict[str, Any]]:
-        """Per shard: slices, keys, bytes, versions, groups' steps and the update rate
-        measured over ``interval_s``."""
+        """Where each shard stands, described twice ``interval_s`` apart.
+
+        Args:
+            interval_s: the time the update rate is measured over (0: no rate).
+
+        Returns:
+            One dict per shard: ``shard``, ``address``, ``problem`` (a wiring
+            problem, or ''), ``keys``, ``slices``, ``bytes``, ``versions`` (min,
+            max), ``groups`` (group -> completed steps), ``pending`` (group ->
+            worker processes of its open step), ``updates_per_s``,
+            ``updates_applied``, ``job`` and ``tables`` (name -> rows, bytes, updates).
+        """
         first, started = await self.describe(), time.monotonic()
         if interval_s > 0:
             await asyncio.sleep(interval_s)
@@ -123,7 +163,14 @@ def _group_steps(replies: list[pb.DescribeReply]) -> dict[int, int]:
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:
-    """A plain table of ``Cluster.status``."""
+    """A plain-text table of ``Cluster.status`` (what ``psfw status`` prints).
+
+    Args:
+        rows: ``Cluster.status()``'s answer.
+
+    Returns:
+        The table, a line per shard, then a line per shard and embedding table.
+    """
     lines = [
         f"{'shard':>5}  {'address':<22} {'keys':>5} {'slices':>6} {'MB':>9} {'versions':>11}  updates/s  groups  job"
     ]

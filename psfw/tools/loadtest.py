@@ -1,7 +1,7 @@
 """``psfw loadtest``: many concurrent streams against shard processes, for a fixed
 time, then a count of what arrived.
 
-Each stream is a worker group of its own (one process, one worker), so every
+Each stream is a worker group of its own (one worker process of one worker), so every
 stream's updates are applied as they arrive. Every update subtracts exactly 2**-10
 from every value (SGD, learning rate 1), so the final values and versions tell
 whether an update was lost or applied twice. Figures are printed; nothing here

@@ -2,7 +2,7 @@
 installed (an optional extra; psfw never needs it).
 
 The same job as the benchmark's psfw variants: an MLP 784-1024-1024-10 (float32) on
-the same synthetic data, global batch 256 split over 2 processes of one thread each
+the same synthetic data, global batch 256 split over 2 OS processes of one thread each
 (the 2 cores), SGD at the same learning rate. DDP all-reduces the gradients in
 buckets while the backward pass runs; every process then applies the same update.
 """
@@ -65,7 +65,7 @@ def _ddp_process(rank: int, port: int, steps: int, warmup: int, batch: int, lr: 
 
 
 def run_ddp(steps: int = 60, warmup: int = 10, batch: int = 256, lr: float = 0.01) -> float | None:
-    """Samples/s of PyTorch DDP (gloo, 2 processes), or None without torch."""
+    """Samples/s of PyTorch DDP (gloo, 2 OS processes), or None without torch."""
     if not torch_installed():
         return None
     import torch.multiprocessing as mp

@@ -113,7 +113,7 @@ def run_sparse(
 
 
 async def _scale_round(addresses: list[str], rows: int, seconds: float) -> float:
-    """Rows pulled and pushed per second by 2 simulated processes of one group."""
+    """Rows pulled and pushed per second by 2 simulated worker processes of one group."""
     import json
 
     from psfw.compute.tables import check_table_optimizer

@@ -7,11 +7,15 @@ import asyncio
 import contextlib
 import json
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from psfw.jobs.shard_processes import shard_processes
 from psfw.services.server import ShardServer
+
+if TYPE_CHECKING:
+    from psfw.protocol.messages import UpdateHeader
 
 __all__ = ["run_memory", "run_scale", "run_transfer", "transfer_slice_bytes"]
 
@@ -60,90 +64,17 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
     (Put, Get), over gRPC alone and over the shards' links (TCP), through shared memory
     with shard processes on this host (an Update carries the gradients in and the
     values back), and in-process."""
-    from psfw.protocol.messages import UpdateHeader
-    from psfw.runtime.inprocess import InProcessClient
-    from psfw.runtime.shard_client import ShardClient
-
     if size < MIN_TRANSFER_BYTES:
         raise ValueError(f"a transfer of {size} bytes: at least {MIN_TRANSFER_BYTES} (one float32 on each shard)")
     size -= size % 4
     slice_bytes = transfer_slice_bytes(size)
-
-    async def network(addresses, link: bool):
-        # as between hosts: the link's TCP port (never its Unix socket), or gRPC alone
-        clients = [ShardClient(a, i, timeout_s=300, link=link, same_host=False) for i, a in enumerate(addresses)]
-        try:
-            for client in clients:
-                await client.open_link()
-            if link and any(c.linked != "tcp" for c in clients):
-                return None, None  # no link after all
-            return await _transfer(clients, size, slice_bytes, "net", repeats)
-        finally:
-            for c in clients:
-                await c.close()
-
-    async def in_process():
-        servers = [ShardServer(i, TRANSFER_SHARDS) for i in range(TRANSFER_SHARDS)]
-        for server in servers:
-            await server.start("127.0.0.1:0")
-        try:
-            return await _transfer(
-                [InProcessClient(s, i) for i, s in enumerate(servers)], size, slice_bytes, "mem", repeats
-            )
-        finally:
-            for server in servers:
-                await server.stop(0)
-
-    async def shared(addresses):
-        from psfw.protocol.layout import plan_layout
-        from psfw.runtime.step_region import StepRegion
-
-        layout = plan_layout({"w": ((size // 4,), "float32")}, TRANSFER_SHARDS, 1, slice_bytes)
-        region = StepRegion(layout).acquire()
-        clients = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
-        for client in clients:
-            reply = await client.describe()
-            client.share_memory(region, reply)
-            await client.open_link(reply)
-        region.release()  # the clients hold it now
-        try:
-            if not all(c.shares_memory for c in clients):  # not on this host after all
-                return None
-            value = np.full(size // 4, 0.5, np.float32)
-            sgd = json.dumps({"name": "sgd", "learning_rate": 0.01})  # not 0: a shard refuses it
-            for i, client in enumerate(clients):
-                await client.put([("w", s.index, value[s.start : s.stop]) for s in layout.shard_slices(i)], sgd)
-            staged = region.gradients()["w"]
-            best = 0.0
-            for step in range(repeats):
-                header = UpdateHeader(group=0, step=step, process=0, workers=1, rows=1, workers_per_group=1, wait_s=120)
-                started = time.perf_counter()
-                np.copyto(staged, value)  # what a stub's workers do as they report
-                into = region.values(step)[1]
-                await asyncio.gather(
-                    *(
-                        c.update(
-                            header,
-                            {("w", s.index): region.gradient_slot(("w", s.index)) for s in layout.shard_slices(i)},
-                            layout.slice_dtype_shape,
-                            into,
-                        )
-                        for i, c in enumerate(clients)
-                    )
-                )
-                best = max(best, size / (time.perf_counter() - started) / 1e9)
-            return best
-        finally:
-            for c in clients:
-                await c.close()
-
     with shard_processes(TRANSFER_SHARDS) as (addresses, _):
-        push, pull = asyncio.run(network(addresses, link=False))
+        push, pull = asyncio.run(_network(addresses, size, slice_bytes, repeats, link=False))
     with shard_processes(TRANSFER_SHARDS) as (addresses, _):
-        tcp_push, tcp_pull = asyncio.run(network(addresses, link=True))
+        tcp_push, tcp_pull = asyncio.run(_network(addresses, size, slice_bytes, repeats, link=True))
     with shard_processes(TRANSFER_SHARDS) as (addresses, _):
-        shm_update = asyncio.run(shared(addresses))
-    local_push, local_pull = asyncio.run(in_process())
+        shm_update = asyncio.run(_shared_memory(addresses, size, slice_bytes, repeats))
+    local_push, local_pull = asyncio.run(_in_process(size, slice_bytes, repeats))
     return {
         "transfer_bytes": size,  # rounded down to whole float32s
         "grpc_push_gb_s": push,
@@ -157,9 +88,100 @@ def run_transfer(size: int, repeats: int = 3) -> dict[str, float | None]:
     }
 
 
+async def _network(
+    addresses: list[str], size: int, slice_bytes: int, repeats: int, link: bool
+) -> tuple[float | None, float | None]:
+    """Best push and pull GB/s over the network path, as between hosts: the shards'
+    links over TCP, or gRPC alone; (None, None) when ``link`` is asked for and a shard
+    offers none."""
+    from psfw.runtime.shard_client import ShardClient
+
+    clients = [ShardClient(a, i, timeout_s=300, link=link, same_host=False) for i, a in enumerate(addresses)]
+    try:
+        for client in clients:
+            await client.open_link()
+        if link and any(c.linked != "tcp" for c in clients):
+            return None, None  # no link after all
+        return await _transfer(clients, size, slice_bytes, "net", repeats)
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def _in_process(size: int, slice_bytes: int, repeats: int) -> tuple[float, float]:
+    """Best push and pull GB/s to shards in this OS process."""
+    from psfw.runtime.inprocess import InProcessClient
+
+    servers = [ShardServer(i, TRANSFER_SHARDS) for i in range(TRANSFER_SHARDS)]
+    for server in servers:
+        await server.start("127.0.0.1:0")
+    try:
+        return await _transfer(
+            [InProcessClient(s, i) for i, s in enumerate(servers)], size, slice_bytes, "mem", repeats
+        )
+    finally:
+        for server in servers:
+            await server.stop(0)
+
+
+async def _shared_memory(addresses: list[str], size: int, slice_bytes: int, repeats: int) -> float | None:
+    """Best GB/s of an Update through shared memory with shard processes on this
+    host (None: they are not on this host after all)."""
+    from psfw.protocol.layout import plan_layout
+    from psfw.protocol.messages import UpdateHeader
+    from psfw.runtime.shard_client import ShardClient
+    from psfw.runtime.step_region import StepRegion
+
+    layout = plan_layout({"w": ((size // 4,), "float32")}, TRANSFER_SHARDS, 1, slice_bytes)
+    region = StepRegion(layout).acquire()
+    clients = [ShardClient(a, i, timeout_s=300) for i, a in enumerate(addresses)]
+    for client in clients:
+        reply = await client.describe()
+        client.share_memory(region, reply)
+        await client.open_link(reply)
+    region.release()  # the clients hold it now
+    try:
+        if not all(c.shares_memory for c in clients):  # not on this host after all
+            return None
+        value = np.full(size // 4, 0.5, np.float32)
+        sgd = json.dumps({"name": "sgd", "learning_rate": 0.01})  # not 0: a shard refuses it
+        for i, client in enumerate(clients):
+            await client.put([("w", s.index, value[s.start : s.stop]) for s in layout.shard_slices(i)], sgd)
+        staged = region.gradients()["w"]
+        best = 0.0
+        for step in range(repeats):
+            header = UpdateHeader(group=0, step=step, process=0, workers=1, rows=1, workers_per_group=1, wait_s=120)
+            started = time.perf_counter()
+            await _update_through(region, layout, clients, header, staged, value)
+            best = max(best, size / (time.perf_counter() - started) / 1e9)
+        return best
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def _update_through(region, layout, clients, header: UpdateHeader, staged: np.ndarray, value: np.ndarray) -> None:
+    """One Update of every shard as a stub sends it: the gradients written into the
+    region (what a stub's workers do as they report), the answers into its values."""
+    np.copyto(staged, value)
+    into = region.values(header.step)[1]
+    await asyncio.gather(
+        *(
+            c.update(
+                header,
+                {("w", s.index): region.gradient_slot(("w", s.index)) for s in layout.shard_slices(i)},
+                layout.slice_dtype_shape,
+                into,
+            )
+            for i, c in enumerate(clients)
+        )
+    )
+
+
 def run_scale(stubs: int = 16, seconds: float = 3.0, model_mb: float = 1.0) -> dict[str, float]:
-    """Updates/s of ``stubs`` simulated stub processes (synthetic gradients, no
-    compute) against 1, 2 and 4 shard processes holding a model of ``model_mb`` MB."""
+    """Updates/s of ``stubs`` simulated worker processes (their stubs alone, synthetic
+    gradients, no compute) against 1, 2 and 4 shard processes holding a model of
+    ``model_mb`` MB."""
     from psfw.tools.loadtest import load_test
 
     figures = {}
