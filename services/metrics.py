@@ -43,17 +43,26 @@ class _StoreCollector(Collector):
         yield from _table_metrics(store)
 
 
-def _table_metrics(store: ShardStore) -> Iterator[GaugeMetricFamily]:
-    """Rows held, rows the last update touched and bytes, per embedding table."""
+def _table_metrics(store: ShardStore) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Rows held, rows the last update touched and bytes, per embedding table; rows
+    admitted, expired and evicted, and the ids waiting for admission."""
     shard, labels = str(store.shard), ["shard", "table"]
     rows = GaugeMetricFamily("psfw_table_rows", "embedding-table rows the shard holds", labels=labels)
     touched = GaugeMetricFamily("psfw_table_rows_touched", "rows the last update of the table changed", labels=labels)
     size = GaugeMetricFamily("psfw_table_bytes", "bytes of the rows held and their optimizer state", labels=labels)
+    waiting = GaugeMetricFamily("psfw_table_ids_waiting", "ids used that wait for admission", labels=labels)
+    gone = {
+        what: CounterMetricFamily(f"psfw_table_rows_{what}", f"embedding-table rows {what}", labels=labels)
+        for what in ("admitted", "expired", "evicted")
+    }
     for name, table in sorted(store.tables.tables.items()):
         rows.add_metric([shard, name], table.count)
         touched.add_metric([shard, name], table.rows_touched)
         size.add_metric([shard, name], table.nbytes())
-    yield from (rows, touched, size)
+        waiting.add_metric([shard, name], len(table.waiting))
+        for what, family in gone.items():
+            family.add_metric([shard, name], getattr(table, what))
+    yield from (rows, touched, size, waiting, *gone.values())
 
 
 class ShardMetrics:

@@ -296,6 +296,10 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
             optimizer=json.dumps(table.optimizer.spec),
             updates=table.updates,
             rows_touched=table.rows_touched,
+            rows_admitted=table.admitted,
+            rows_expired=table.expired,
+            rows_evicted=table.evicted,
+            ids_waiting=len(table.waiting),
         )
     for group, state in sorted(store.groups.items()):
         rnd = state.round

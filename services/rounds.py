@@ -30,7 +30,7 @@ from psfw.protocol.messages import Gradients, Parts, RowBlock, UpdateHeader
 from psfw.protocol.wire import slice_name
 from psfw.services.kernel import PartlyApplied, unshared
 from psfw.services.request_checks import check_update, incomplete, nonfinite, refusal
-from psfw.services.tables import RowUpdate
+from psfw.services.table_rows import RowUpdate
 
 if TYPE_CHECKING:
     from psfw.services.store import ShardStore

@@ -44,7 +44,8 @@ class Job:
 
     def table_declaration(self) -> dict[str, Any]:
         """The model's embedding tables as the shards take them (JSON): each one's
-        rows, width, initial values, row-wise optimizer and the seed of its rows."""
+        rows, width, initial values, row-wise optimizer, the seed of its rows, and
+        how long its rows live where that is not for ever."""
         settings = self.config.tables or TablesConfig()
         default = settings.optimizer.spec()
         return {
@@ -53,6 +54,7 @@ class Job:
                 "optimizer": check_table_optimizer(spec.optimizer) if spec.optimizer else default,
                 "seed": self.config.seed,
                 "materialize": settings.materialize and spec.rows is not None,
+                **settings.lifetime(name).declared(),
             }
             for name, spec in self.model.tables.items()
         }
@@ -273,6 +275,12 @@ def _embedded(config: Config, model: Model, x: np.ndarray) -> tuple[dict[str, An
                 check_table_optimizer(spec.optimizer)
     except ValueError as err:
         raise config.error(field, str(err)) from None
+    unknown = sorted(set(config.tables.per_table) - set(model.tables)) if config.tables else []
+    if unknown:
+        raise config.error(
+            f"tables.per_table.{unknown[0]}",
+            f"the model has no table {unknown[0]!r} (it has {', '.join(sorted(model.tables))})",
+        )
     try:
         used = model.ids(x)
         missing = sorted(set(model.tables) - set(used))

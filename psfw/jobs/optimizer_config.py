@@ -103,8 +103,55 @@ class TableOptimizerConfig(_Finite):
         return check_table_optimizer(spec)
 
 
-class TablesConfig(_Strict):
+class TableLifetimeConfig(_Strict):
+    """How long a table's rows live on the shards (see psfw.services.table_lifetime):
+    the defaults make a row at an id's first step and keep it for ever."""
+
+    # an id gets a row at the admit_after-th step whose batches use it; until then its
+    # lookup gives zeros and its gradient is dropped
+    admit_after: int = Field(1, ge=1)
+    # a row untouched for this many steps goes, with its optimizer state (0: never)
+    expire_after: int = Field(0, ge=0)
+    # at most this many rows over all shards (each shard: max_rows / servers, rounded
+    # up); past it the least recently used go (0: no cap)
+    max_rows: int = Field(0, ge=0)
+
+    def declared(self) -> dict[str, int]:
+        """The rules as a table's declaration carries them: only where they are not
+        the defaults."""
+        return {k: v for k, v in self.model_dump().items() if v != TableLifetimeConfig.model_fields[k].default}
+
+
+class TableLifetimeOverride(_Strict):
+    """One table's own rules (unset: the ``[tables]`` section's)."""
+
+    admit_after: int | None = Field(None, ge=1)
+    expire_after: int | None = Field(None, ge=0)
+    max_rows: int | None = Field(None, ge=0)
+
+
+class TablesConfig(TableLifetimeConfig):
     optimizer: TableOptimizerConfig = Field(default_factory=TableOptimizerConfig)
     # make every row of a bounded table when the job starts (memory up front, as a dense
     # table's) instead of at its first use
     materialize: bool = False
+    # one table's own admit_after, expire_after or max_rows: [tables.per_table.NAME]
+    per_table: dict[str, TableLifetimeOverride] = Field(default_factory=dict)
+
+    def lifetime(self, table: str) -> TableLifetimeConfig:
+        """The rules of ``table``: those its ``per_table`` entry gives, the others
+        from this section."""
+        rules = {k: getattr(self, k) for k in TableLifetimeConfig.model_fields}
+        own = self.per_table.get(table)
+        if own is not None:
+            rules.update({k: v for k, v in own.model_dump().items() if v is not None})
+        return TableLifetimeConfig(**rules)
+
+    @model_validator(mode="after")
+    def _check_materialize(self) -> TablesConfig:
+        if self.materialize and any(self.lifetime(name).declared() for name in ("", *self.per_table)):
+            raise _FieldError(
+                "materialize",
+                "makes every row at the start, which admit_after, expire_after and max_rows would undo: choose one",
+            )
+        return self

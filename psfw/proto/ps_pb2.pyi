@@ -203,7 +203,7 @@ class SliceInfo(_message.Message):
     def __init__(self, key: _Optional[str] = ..., slice: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "rows", "dim", "rows_held", "bytes", "optimizer", "updates", "rows_touched")
+    __slots__ = ("name", "rows", "dim", "rows_held", "bytes", "optimizer", "updates", "rows_touched", "rows_admitted", "rows_expired", "rows_evicted", "ids_waiting")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,10 @@ class TableInfo(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     ROWS_TOUCHED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    IDS_WAITING_FIELD_NUMBER: _ClassVar[int]
     name: str
     rows: int
     dim: int
@@ -220,7 +224,11 @@ class TableInfo(_message.Message):
     optimizer: str
     updates: int
     rows_touched: int
-    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., rows_held: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer: _Optional[str] = ..., updates: _Optional[int] = ..., rows_touched: _Optional[int] = ...) -> None: ...
+    rows_admitted: int
+    rows_expired: int
+    rows_evicted: int
+    ids_waiting: int
+    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., rows_held: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer: _Optional[str] = ..., updates: _Optional[int] = ..., rows_touched: _Optional[int] = ..., rows_admitted: _Optional[int] = ..., rows_expired: _Optional[int] = ..., rows_evicted: _Optional[int] = ..., ids_waiting: _Optional[int] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
     __slots__ = ("group", "step", "pending_workers", "pending_processes", "reports")

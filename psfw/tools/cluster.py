@@ -111,7 +111,8 @@ class Cluster:
             problem, or ''), ``keys``, ``slices``, ``bytes``, ``versions`` (min,
             max), ``groups`` (group -> completed steps), ``pending`` (group ->
             worker processes of its open step), ``updates_per_s``,
-            ``updates_applied``, ``job`` and ``tables`` (name -> rows, bytes, updates).
+            ``updates_applied``, ``job`` and ``tables`` (name -> rows, bytes, updates,
+            rows admitted, expired and evicted, ids waiting for admission).
         """
         first, started = await self.describe(), time.monotonic()
         if interval_s > 0:
@@ -136,7 +137,7 @@ class Cluster:
                     "updates_applied": b.updates_applied,
                     "job": _job_label(b.job),
                     # embedding tables: the rows this shard holds of each, and their bytes
-                    "tables": {t.name: {"rows": t.rows_held, "bytes": t.bytes, "updates": t.updates} for t in b.tables},
+                    "tables": {t.name: _table_status(t) for t in b.tables},
                 }
             )
         return rows
@@ -182,6 +183,27 @@ def format_status(rows: list[dict[str, Any]]) -> str:
         )
     tables = [(r["shard"], name, t) for r in rows for name, t in sorted(r.get("tables", {}).items())]
     if tables:
-        lines.append(f"{'shard':>5}  {'table':<22} {'rows held':>12} {'MB':>9} {'updates':>9}")
-        lines += [f"{s:>5}  {n:<22} {t['rows']:>12,} {t['bytes'] / 1e6:>9.2f} {t['updates']:>9}" for s, n, t in tables]
+        # how long rows live: shown once an id waits for admission or a row went
+        aging = any(t.get("waiting") or t.get("expired") or t.get("evicted") for _, _, t in tables)
+        head = f"{'shard':>5}  {'table':<22} {'rows held':>12} {'MB':>9} {'updates':>9}"
+        lines.append(head + (f" {'admitted':>10} {'expired':>10} {'evicted':>10} {'waiting':>10}" if aging else ""))
+        for shard, name, t in tables:
+            line = f"{shard:>5}  {name:<22} {t['rows']:>12,} {t['bytes'] / 1e6:>9.2f} {t['updates']:>9}"
+            if aging:
+                line += "".join(f" {t.get(k, 0):>10,}" for k in ("admitted", "expired", "evicted", "waiting"))
+            lines.append(line)
     return "\n".join(lines)
+
+
+def _table_status(table) -> dict[str, int]:
+    """A table's part of a shard's status: its rows, bytes and updates, and how many
+    rows were admitted, expired and evicted and how many ids wait."""
+    return {
+        "rows": table.rows_held,
+        "bytes": table.bytes,
+        "updates": table.updates,
+        "admitted": table.rows_admitted,
+        "expired": table.rows_expired,
+        "evicted": table.rows_evicted,
+        "waiting": table.ids_waiting,
+    }
