@@ -1,7 +1,9 @@
 """Constants and small helpers shared by the tests."""
 
 import json
+import logging
 import socket
+import subprocess
 from pathlib import Path
 
 import jax
@@ -84,3 +86,31 @@ def shm_region(*sizes: int):
     slices = tuple(SliceSpec("w", i, a, b, 0) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])))
     layout = Layout({"w": ParamSpec("w", (bounds[-1],), "float32", 0, slices)}, 1)
     return StepRegion(layout).acquire()
+
+
+def psfw_command(capsys, *args) -> subprocess.CompletedProcess:
+    """``psfw ARGS`` run in this process (``psfw.cli.main.main``), as a shell would see
+    it: the exit status (argparse's exits included) and what it wrote to stdout and
+    stderr, its log lines with them: while it runs, the command's own log handler
+    stands in for pytest's, as it does in a process of its own."""
+    from psfw.cli.main import main
+
+    argv = [str(a) for a in args]
+    root, psfw_log = logging.getLogger(), logging.getLogger("psfw")
+    handlers, level, psfw_level = root.handlers[:], root.level, psfw_log.level
+    for handler in handlers:  # main's logging.basicConfig installs its handler on a bare root only
+        root.removeHandler(handler)
+    capsys.readouterr()  # what the test wrote before is not the command's
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse: --help, --version, a flag it refuses
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        psfw_log.setLevel(psfw_level)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["psfw", *argv], code, out, err)

@@ -9,6 +9,8 @@ import pytest
 
 from psfw.tools.bench_command import parse_size
 
+from helpers import psfw_command
+
 PSFW = [sys.executable, "-m", "psfw.cli", "bench", "--json"]
 
 
@@ -55,11 +57,11 @@ def test_bench_transfer_reports_both_directions():
     )
 
 
-def test_bench_refuses_counts_it_cannot_time():
-    done = subprocess.run([*PSFW, "--warmup", "0"], capture_output=True, text=True, timeout=120)
+def test_bench_refuses_counts_it_cannot_time(capsys):
+    done = psfw_command(capsys, "bench", "--json", "--warmup", "0")
     assert done.returncode == 2
     assert "--warmup 0" in done.stderr and "at least 1" in done.stderr
-    done = subprocess.run([*PSFW, "--transfer", "lots"], capture_output=True, text=True, timeout=120)
+    done = psfw_command(capsys, "bench", "--json", "--transfer", "lots")
     assert done.returncode == 2
     assert "use a number with an optional unit" in done.stderr
 
@@ -67,8 +69,8 @@ def test_bench_refuses_counts_it_cannot_time():
 @pytest.mark.parametrize(
     ("flag", "size", "least"), [("--transfer", "0", 8), ("--transfer", "7", 8), ("--memory", "0", 4)]
 )
-def test_bench_refuses_sizes_below_what_it_measures(flag, size, least):
-    done = subprocess.run([*PSFW, flag, size], capture_output=True, text=True, timeout=120)
+def test_bench_refuses_sizes_below_what_it_measures(flag, size, least, capsys):
+    done = psfw_command(capsys, "bench", "--json", flag, size)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"psfw bench: {flag} {size}: the smallest size it measures is {least} bytes" in done.stderr
 

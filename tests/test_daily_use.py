@@ -16,15 +16,14 @@ from psfw.jobs.config import load_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.trained import evaluate_run
 
-from helpers import EXAMPLES
+from helpers import EXAMPLES, psfw_command
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 
 
-def psfw_run(*args, check=True):
+def psfw_run(*args):
     done = subprocess.run([*PSFW, *map(str, args)], capture_output=True, text=True, timeout=300)
-    if check:
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done
 
 
@@ -77,9 +76,9 @@ def test_an_empty_value_removes_the_key_so_another_can_take_its_place():
         load_config(EXAMPLES / "diabetes.toml", ["train.steps=30"])
 
 
-def test_a_bad_override_stops_the_command_before_anything_is_written(tmp_path):
-    done = psfw_run(
-        "train", EXAMPLES / "diabetes.toml", "--set", "train.epochs=0", "--run-dir", tmp_path / "r", check=False
+def test_a_bad_override_stops_the_command_before_anything_is_written(tmp_path, capsys):
+    done = psfw_command(
+        capsys, "train", EXAMPLES / "diabetes.toml", "--set", "train.epochs=0", "--run-dir", tmp_path / "r"
     )
     assert done.returncode == 2 and not (tmp_path / "r").exists()
     assert done.stderr.strip() == (
@@ -135,8 +134,9 @@ async def test_psfw_eval_prints_what_the_run_trained_and_refuses_another_model(t
         evaluate_run(run, load_config(EXAMPLES / "digits_mlp.toml"), step=5)
 
 
-def test_version():
-    assert psfw_run("--version").stdout.strip() == f"psfw {psfw.__version__}"
+def test_version(capsys):
+    done = psfw_command(capsys, "--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"psfw {psfw.__version__}"
 
 
 @pytest.mark.slow

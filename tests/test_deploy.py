@@ -19,7 +19,7 @@ from psfw.cli.main import parser
 from psfw.jobs.config import load_config, parse_config
 
 from certs import make_ca, make_leaf
-from helpers import REPO
+from helpers import REPO, psfw_command
 
 DEPLOY = REPO / "examples" / "deploy"
 BIN = Path(sys.executable).parent
@@ -136,6 +136,6 @@ def test_kubernetes_commands_and_config_match_the_cli_and_the_job():
 
 
 @pytest.mark.parametrize("line", ["psfw server --help", "psfw worker --help", "psfw health --help"])
-def test_container_commands_have_help(line):
-    done = subprocess.run([sys.executable, "-m", "psfw.cli", *shlex.split(line)[1:]], capture_output=True, text=True)
+def test_container_commands_have_help(line, capsys):
+    done = psfw_command(capsys, *shlex.split(line)[1:])
     assert done.returncode == 0 and "usage:" in done.stdout

@@ -19,7 +19,7 @@ from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer
 
 from certs import TOKEN
-from helpers import free_port
+from helpers import free_port, psfw_command
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 
@@ -177,11 +177,11 @@ def test_a_worker_without_its_client_certificate_stops_in_seconds_with_one_line(
     assert health.returncode == 1 and "give --tls-ca" in health.stdout, health.stdout
 
 
-def test_status_and_health_of_a_shard_that_is_down_answer_within_their_timeout():
+def test_status_and_health_of_a_shard_that_is_down_answer_within_their_timeout(capsys):
     address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
-    status = subprocess.run([*PSFW, "status", address], capture_output=True, text=True, timeout=60)
-    health = subprocess.run([*PSFW, "health", address, "--timeout", "2"], capture_output=True, text=True, timeout=60)
+    status = psfw_command(capsys, "status", address)
+    health = psfw_command(capsys, "health", address, "--timeout", "2")
     assert time.monotonic() - started < 40
     assert status.returncode == 1 and f"shard 0 ({address}) Describe: cannot connect: connection refused" in (
         status.stderr

@@ -28,7 +28,7 @@ from psfw.runtime.grpc_transport import ShardClient
 from psfw.services import checkpoint
 from psfw.services.server import ShardServer
 
-from helpers import SGD, assert_params_close, reference, send
+from helpers import SGD, assert_params_close, psfw_command, reference, send
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -332,28 +332,14 @@ async def test_a_graceful_stop_saves_a_final_checkpoint(tmp_path):
     assert checkpoint.complete_steps(tmp_path, 1) == [1]
 
 
-def test_resume_without_checkpoints_and_reuse_without_resume_are_refused(tmp_path):
+def test_resume_without_checkpoints_and_reuse_without_resume_are_refused(tmp_path, capsys):
     config = job_file(tmp_path / "job.toml", steps=3, every=1)
     run_dir = tmp_path / "run"
-    done = subprocess.run(
-        [*PSFW, "train", str(config), "--run-dir", str(run_dir), "--resume", "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = psfw_command(capsys, "train", config, "--run-dir", run_dir, "--resume", "--no-progress")
     assert done.returncode == 2 and "holds no complete checkpoint" in done.stderr
-    assert (
-        subprocess.run(
-            [*PSFW, "train", str(config), "--run-dir", str(run_dir), "--no-progress"], capture_output=True, timeout=120
-        ).returncode
-        == 0
-    )
-    done = subprocess.run(
-        [*PSFW, "train", str(config), "--run-dir", str(run_dir), "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = psfw_command(capsys, "train", config, "--run-dir", run_dir, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    done = psfw_command(capsys, "train", config, "--run-dir", run_dir, "--no-progress")
     assert done.returncode == 2 and "pass --resume" in done.stderr
 
 

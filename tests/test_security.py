@@ -2,8 +2,6 @@
 changes nothing."""
 
 import asyncio
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -22,7 +20,7 @@ from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer, check_listen, listens_everywhere
 
 from certs import TOKEN, make_ca, make_leaf
-from helpers import SGD
+from helpers import SGD, psfw_command
 
 
 def server_security(pki, mtls=True, token=True) -> Security:
@@ -238,13 +236,8 @@ def test_security_files_are_checked(tmp_path, pki):
     assert Security.from_files(token_file=str(tmp_path / "good")).token == "s3cr3t-Token_1"
 
 
-def test_server_command_refuses_an_open_address_in_one_line():
-    done = subprocess.run(
-        [sys.executable, "-m", "psfw.cli", "server", "--listen", "0.0.0.0:0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def test_server_command_refuses_an_open_address_in_one_line(capsys):
+    done = psfw_command(capsys, "server", "--listen", "0.0.0.0:0")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "--insecure" in done.stderr
 

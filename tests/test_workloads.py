@@ -18,7 +18,7 @@ from psfw.jobs.embedded import train_async
 from psfw.jobs.job import build_job
 from psfw.jobs.outputs import read_records
 
-from helpers import REPO, assert_params_close, reference
+from helpers import REPO, assert_params_close, psfw_command, reference
 
 
 def regression_arrays(rows=300, features=6, seed=0):
@@ -154,15 +154,10 @@ def test_bad_data_is_one_line_naming_the_file_and_the_field(case, tmp_path):
     assert BAD_DATA[case][2].replace("{tmp}", str(tmp_path)) in message
 
 
-def test_psfw_train_refuses_bad_data_in_one_line_before_anything_is_written(tmp_path):
+def test_psfw_train_refuses_bad_data_in_one_line_before_anything_is_written(tmp_path, capsys):
     write_bad_case("label out of range", tmp_path)
     run = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "psfw.cli", "train", str(tmp_path / "job.toml"), "--run-dir", str(run)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = psfw_command(capsys, "train", tmp_path / "job.toml", "--run-dir", run)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
@@ -462,11 +457,8 @@ def test_token_ids_out_of_the_vocabulary_are_refused(tmp_path):
         build_job(parse_config({**config, "train": {"batch_size": 4}}, "job.toml", str(tmp_path)))
 
 
-def test_a_device_the_process_does_not_see_leaves_no_run_folder(tmp_path):
+def test_a_device_the_process_does_not_see_leaves_no_run_folder(tmp_path, capsys):
     (tmp_path / "job.toml").write_text("[train]\nsteps = 1\n[cluster]\ndevices = [3]\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "psfw.cli", "train", str(tmp_path / "job.toml"), "--run-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = psfw_command(capsys, "train", tmp_path / "job.toml", "--run-dir", tmp_path / "run")
     assert done.returncode == 2 and "cluster.devices: device 3 does not exist" in done.stderr
     assert not (tmp_path / "run").exists()
