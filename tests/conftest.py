@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from psfw.runtime import sync
 from psfw.runtime.grpc_transport import ShardClient
 from psfw.services.server import ShardServer
 
@@ -23,6 +24,15 @@ async def shard():
     yield server, client
     await client.close()
     await server.stop(0)
+
+
+@pytest.fixture
+def short_twin_watch(monkeypatch):
+    """A process that starts against shards it reported to lately first watches them
+    for a start of it that still runs (``sync.WATCH_S``, 5 s) before it joins; where
+    the earlier run has ended, as in a rerun one after the other, a short watch sees
+    the same quiet shards."""
+    monkeypatch.setattr(sync, "WATCH_S", 0.5)
 
 
 @pytest.fixture

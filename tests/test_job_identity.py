@@ -64,6 +64,7 @@ def test_the_identity_names_what_makes_a_job_and_what_differs():
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 async def test_shards_that_finished_a_job_refuse_a_rerun_without_resume(shards):
     first = await run(job(), shards)
     assert first.steps == 6
@@ -81,6 +82,7 @@ async def test_shards_that_finished_a_job_refuse_a_rerun_without_resume(shards):
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 async def test_a_rerun_from_another_file_is_refused_naming_the_job_the_shards_hold(shards):
     """The same settings in another file are the same job: the line names the job as
     the shards hold it, and the file it came from now."""
@@ -93,6 +95,7 @@ async def test_a_rerun_from_another_file_is_refused_naming_the_job_the_shards_ho
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 @pytest.mark.parametrize(
     ("change", "said"),
     [

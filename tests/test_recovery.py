@@ -479,6 +479,7 @@ async def test_a_shard_that_stops_answering_is_named_by_the_error_that_ends_the_
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 async def test_another_group_one_step_apart_on_its_shards_goes_on_without_a_restore():
     """A checkpoint (taken on group 0's steps) can catch another group's last update
     on some shards only; that group resends the step, and the shards that applied it

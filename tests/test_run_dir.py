@@ -298,6 +298,7 @@ async def test_overwrite_starts_a_finished_run_again_removing_only_what_psfw_wro
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 @pytest.mark.parametrize("mistake", ["another job", "servers"])
 async def test_a_refused_worker_writes_nothing_to_its_run_folder(tmp_path, mistake):
     """``psfw worker`` refused by the shards (another job there, a wrong number of
@@ -340,6 +341,7 @@ async def test_a_resume_whose_target_is_behind_the_run_is_refused_and_changes_no
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 async def test_a_worker_resuming_shards_past_its_target_is_refused(tmp_path):
     from psfw.services.server import ShardServer
 
@@ -484,6 +486,7 @@ def test_an_interrupted_launch_names_the_checkpoint_its_stop_wrote_in_one_hint(t
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 async def test_a_worker_overwrites_its_run_folder_only_once_the_shards_took_the_job(tmp_path, caplog):
     """``psfw worker --overwrite``: the earlier run's files go when the shards accept
     this job, not before (a refusal leaves them), and its checkpoints are the shards'."""
