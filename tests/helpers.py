@@ -53,6 +53,19 @@ def assert_params_close(actual: dict, expected: dict) -> None:
         np.testing.assert_allclose(actual[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
 
 
+def data_job(data: dict, steps=5, model=None, **train) -> dict:
+    """The settings of a small job on ``data`` (an MLP of 16 units unless ``model``,
+    batches of 30, Adam, one group of 2 workers on 2 shards) for parse_config."""
+    return {
+        "seed": 2,
+        "model": model or {"name": "mlp", "hidden": [16]},
+        "data": data,
+        "train": {"batch_size": 30, "steps": steps, "log_every": 1, **train},
+        "optimizer": {"name": "adam", "learning_rate": 0.01},
+        "cluster": {"workers_per_group": 2, "workers_per_process": 2, "servers": 2},
+    }
+
+
 def expect4(key) -> tuple[np.dtype, tuple[int, ...]]:
     """What the tests' small shards hold: float32[4] slices."""
     return np.dtype("float32"), (4,)
