@@ -14,6 +14,7 @@ from helpers import psfw_command
 PSFW = [sys.executable, "-m", "psfw.cli", "bench", "--json"]
 
 
+@pytest.mark.unit
 def test_sizes_parse_with_units():
     assert parse_size("256MiB") == 256 * 2**20
     assert parse_size("1GB") == 10**9
@@ -57,6 +58,7 @@ def test_bench_transfer_reports_both_directions():
     )
 
 
+@pytest.mark.unit
 def test_bench_refuses_counts_it_cannot_time(capsys):
     done = psfw_command(capsys, "bench", "--json", "--warmup", "0")
     assert done.returncode == 2
@@ -66,6 +68,7 @@ def test_bench_refuses_counts_it_cannot_time(capsys):
     assert "use a number with an optional unit" in done.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("flag", "size", "least"), [("--transfer", "0", 8), ("--transfer", "7", 8), ("--memory", "0", 4)]
 )

@@ -19,6 +19,7 @@ from psfw.services.server import ShardServer
 from helpers import SGD, contribute, psfw_command, recovery_job, send
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_checkpoints_hold_values_optimizer_state_versions_and_dedup_state(tmp_path):
     folder = tmp_path / "ckpt"
@@ -52,6 +53,7 @@ async def test_checkpoints_hold_values_optimizer_state_versions_and_dedup_state(
         await restarted.stop(0)
 
 
+@pytest.mark.unit
 def test_a_half_written_checkpoint_is_never_loaded(tmp_path):
     tensors = {"value/0": np.ones(3, np.float32)}
     meta = {"shard": 0, "shards": 2}
@@ -69,6 +71,7 @@ def test_a_half_written_checkpoint_is_never_loaded(tmp_path):
     assert [p.name for p in tmp_path.rglob("*.pkl")] == []
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_graceful_stop_saves_a_final_checkpoint(tmp_path):
     server = ShardServer(0, 1, checkpoint_dir=tmp_path)
@@ -81,6 +84,7 @@ async def test_a_graceful_stop_saves_a_final_checkpoint(tmp_path):
     assert checkpoint.complete_steps(tmp_path, 1) == [1]
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_restore_abandons_the_checkpoints_after_it(tmp_path):
     server = ShardServer(0, 1, checkpoint_dir=tmp_path)
@@ -102,6 +106,7 @@ async def test_a_restore_abandons_the_checkpoints_after_it(tmp_path):
         await server.stop(0)
 
 
+@pytest.mark.unit
 def test_two_threads_writing_the_same_file_atomically_both_succeed(tmp_path):
     """In-process shards complete a checkpoint's manifest from two threads at once:
     each write has a temporary file of its own, and the file is always whole."""

@@ -61,6 +61,7 @@ def test_train_writes_parameters_that_reload_safely(tmp_path):
     assert params["hidden/w"].shape == (64, 64)
 
 
+@pytest.mark.unit
 def test_bad_config_fails_fast_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # where psfw would make runs/
     config = tmp_path / "bad.toml"
@@ -95,6 +96,7 @@ def tiny_config(tmp_path, extra: str = ""):
     return config
 
 
+@pytest.mark.unit
 def test_run_folder_mistakes_are_usage_errors_not_config_errors(tmp_path, monkeypatch, capsys):
     """A run folder or a flag that cannot work is one line under the command's name
     (exit 2), never called a config error, and leaves no files behind."""
@@ -241,6 +243,7 @@ def test_a_model_may_name_its_layers_by_name_alone(tmp_path):
         assert (out / name).stat().st_size > 0, name
 
 
+@pytest.mark.unit
 def test_bad_model_layers_fail_before_training_in_one_line(tmp_path, capsys):
     config = short_custom_config(tmp_path, '[{"name": "hidden", "params": ["hiden/w"]}]')
     done = psfw_command(capsys, "train", config, "--run-dir", tmp_path / "run", "--no-progress")
@@ -258,6 +261,7 @@ def psfw_with_env(monkeypatch, capsys, env: dict, *args) -> subprocess.Completed
     return psfw_command(capsys, *args)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("variable", "value", "argv"),
     [
@@ -278,6 +282,7 @@ def test_a_bad_environment_value_is_one_line_naming_the_variable(variable, value
     assert done.stderr.startswith(f"psfw {argv[0]}: {variable}={value!r}: ")
 
 
+@pytest.mark.unit
 def test_help_and_flags_do_not_read_a_bad_variable(monkeypatch, capsys):
     done = psfw_with_env(monkeypatch, capsys, {"PSFW_SHARD": "x", "PSFW_GRACE": "soon"}, "server", "--help")
     assert done.returncode == 0 and "usage:" in done.stdout
@@ -292,6 +297,7 @@ def test_help_and_flags_do_not_read_a_bad_variable(monkeypatch, capsys):
     assert parser().parse_args(["train", "job.toml"]).config == "job.toml"  # another command's variable
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("listen", "fragment"),
     [
@@ -328,6 +334,7 @@ def test_a_taken_port_is_one_line_not_a_traceback(flag):
     assert expected in done.stderr, done.stderr
 
 
+@pytest.mark.unit
 def test_command_line_mistakes_are_one_line_each(tmp_path, monkeypatch, capsys):
     """A folder for a config, an unwritable run folder, a shard address without a
     port: one line under the command's name, exit 2, no traceback."""
@@ -346,6 +353,7 @@ def test_command_line_mistakes_are_one_line_each(tmp_path, monkeypatch, capsys):
         assert done.stderr.startswith(prefix) and fragment in done.stderr, (args, done.stderr)
 
 
+@pytest.mark.unit
 def test_help_shows_defaults_and_their_variables(capsys):
     server = psfw_command(capsys, "server", "--help").stdout
     assert "this shard's index (default: 0, or $PSFW_SHARD)" in " ".join(server.split())

@@ -148,6 +148,7 @@ async def test_two_groups_converge_and_the_staleness_bound_holds_at_every_step(s
         assert worst <= staleness, f"a group ran {worst} steps ahead of the slowest"
 
 
+@pytest.mark.unit
 def test_each_group_gets_its_own_data_order():
     a, b = BatchOrder(100, 10, seed=0, group=0), BatchOrder(100, 10, seed=0, group=1)
     assert not np.array_equal(a.indices(0), b.indices(0))
@@ -228,7 +229,9 @@ async def test_status_metrics_and_reading_a_parameter_from_a_client_script(tmp_p
             await server.stop(0)
 
 
+@pytest.mark.unit
 def test_server_refuses_an_open_address_from_the_environment_in_one_line(monkeypatch, capsys):
+    """PSFW_LISTEN=0.0.0.0:0 without TLS or --insecure: refused as the flag would be."""
     monkeypatch.setenv("PSFW_LISTEN", "0.0.0.0:0")
     monkeypatch.delenv("PSFW_INSECURE", raising=False)
     done = psfw_command(capsys, "server")
@@ -238,6 +241,7 @@ def test_server_refuses_an_open_address_from_the_environment_in_one_line(monkeyp
 
 
 def test_server_takes_its_settings_from_the_environment():
+    """``psfw server`` with no flags: shard, count and address from PSFW_* variables."""
     env = {**os.environ, "PSFW_SHARD": "1", "PSFW_SHARDS": "3", "PSFW_LISTEN": "127.0.0.1:0"}
     with subprocess.Popen([*PSFW, "server"], stdout=subprocess.PIPE, text=True, env=env) as proc:
         try:

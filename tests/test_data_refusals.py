@@ -12,6 +12,8 @@ from psfw.jobs.job import build_job
 
 from helpers import data_job, psfw_command
 
+pytestmark = pytest.mark.unit
+
 BAD_DATA = {
     "missing file": ({"path": "nowhere.npz"}, {}, "data.path: {tmp}/nowhere.npz does not exist"),
     "missing array": ({"path": "d.npz"}, {"x_train": "x"}, "d.npz has no array y_train (it holds x_train)"),

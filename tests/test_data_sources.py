@@ -21,6 +21,7 @@ def regression_arrays(rows=300, features=6, seed=0):
     return x, y
 
 
+@pytest.mark.unit
 def test_shipped_sets_diabetes_and_the_standard_library_text():
     diabetes = build_job(parse_config({"data": {"name": "diabetes"}, "train": {"steps": 1}})).data
     assert diabetes.classes is None and diabetes.x_train.shape == (354, 10) and diabetes.y_test.shape == (88,)
@@ -82,6 +83,7 @@ async def test_a_load_module_gets_its_options_and_trains(tmp_path):
     assert_params_close(result.params, reference(config, 3))
 
 
+@pytest.mark.unit
 def test_an_npy_file_reads_the_rows_numpy_would(tmp_path):
     rng = np.random.default_rng(3)
     values = rng.normal(size=(50, 3, 2)).astype(">f4")  # the other byte order: read in this machine's

@@ -63,6 +63,7 @@ def test_the_workers_of_a_process_compute_on_their_own_devices():
     assert "worker 0 on cpu:0, worker 1 on cpu:1" in done.stderr
 
 
+@pytest.mark.unit
 def test_a_device_the_process_does_not_see_is_refused():
     config = parse_config({"train": {"steps": 1}, "cluster": {"devices": [0, 7]}}, "job.toml")
     import asyncio
@@ -71,6 +72,7 @@ def test_a_device_the_process_does_not_see_is_refused():
         asyncio.run(train_async(config, progress=False, outputs=False))
 
 
+@pytest.mark.unit
 def test_a_device_the_process_does_not_see_leaves_no_run_folder(tmp_path, capsys):
     (tmp_path / "job.toml").write_text("[train]\nsteps = 1\n[cluster]\ndevices = [3]\n")
     done = psfw_command(capsys, "train", tmp_path / "job.toml", "--run-dir", tmp_path / "run")

@@ -14,6 +14,7 @@ from psfw.jobs.job import build_job
 from psfw.jobs.outputs import read_records
 
 
+@pytest.mark.unit
 def test_evaluation_in_batches_is_the_mean_over_all_rows():
     config = parse_config({"data": {"name": "digits"}, "model": {"hidden": [8]}, "train": {"steps": 1}})
     job = build_job(config)
@@ -27,6 +28,7 @@ def test_evaluation_in_batches_is_the_mean_over_all_rows():
     assert metrics["accuracy"] == pytest.approx(float(whole["accuracy"]), rel=1e-5)
 
 
+@pytest.mark.unit
 def test_an_evaluation_reads_the_values_of_its_step_when_their_buffers_are_written_over_meanwhile():
     """A transport may publish views of buffers that a later step writes over
     (psfw.runtime.step_region): the evaluation keeps a copy of its step's values."""

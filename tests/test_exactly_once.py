@@ -19,6 +19,7 @@ from psfw.services.server import ShardServer
 from helpers import SGD, contribute
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_retried_update_gets_the_same_answer_and_is_added_once(shard):
     server, client = shard
@@ -44,6 +45,7 @@ async def test_a_duplicate_contribution_to_a_pending_step_is_not_added(shard):
     assert server.store.versions[("w", 0)] == 1
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_an_update_from_another_epoch_asks_for_a_resync(shard):
     server, client = shard

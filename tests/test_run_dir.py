@@ -59,6 +59,7 @@ async def test_a_folder_that_holds_a_run_is_refused_without_resume(tmp_path):
     assert (run / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_folder_with_files_psfw_did_not_write_is_refused_and_left_alone(tmp_path):
     run = tmp_path / "theirs"
@@ -406,6 +407,7 @@ def test_an_interrupt_names_the_checkpoint_its_graceful_stop_wrote_and_resumes_i
     )
 
 
+@pytest.mark.unit
 def test_a_checkpoint_every_not_reached_yet_is_not_called_unset(tmp_path):
     """The hint of a run stopped before its first checkpoint (one its stop did not
     write either: a second Ctrl-C, a kill) says so, and where it stopped."""
@@ -543,6 +545,7 @@ async def test_a_worker_reuses_the_folder_of_a_run_that_never_finished_once_fres
     ]
 
 
+@pytest.mark.unit
 def test_overwrite_never_follows_a_link_out_of_the_run_folder(tmp_path):
     """A step folder or a best that is a link psfw did not make is left as it is, and
     nothing it points to is removed."""

@@ -96,6 +96,7 @@ async def test_a_shard_that_stops_answering_is_named_by_the_error_that_ends_the_
     assert f"shard 1 ({addresses[1]}) Update: DEADLINE_EXCEEDED" in str(err.value)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_shard_whose_puts_are_on_their_way_is_not_taken_for_one_that_lost_its_state():
     """A process that joins while the owner's Puts have reached one shard but not yet

@@ -9,6 +9,8 @@ from psfw.proto import ps_pb2 as pb
 from psfw.protocol.frames import Frame, encode_chunks, frame_deserializer, frame_serializer
 from psfw.protocol.wire import Assembler
 
+pytestmark = pytest.mark.unit
+
 
 def _items():
     rng = np.random.default_rng(0)
