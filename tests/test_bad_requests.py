@@ -15,6 +15,8 @@ from psfw.services.server import ShardServer
 
 from helpers import SGD, send
 
+pytestmark = pytest.mark.unit
+
 UPDATE = "/psfw.v1.ParameterServer/Update"
 GOOD = [("w", 0, np.ones(4, np.float32)), ("w", 1, np.ones(4, np.float32))]
 

@@ -3,6 +3,8 @@ import pytest
 
 from psfw.compute.batching import BatchOrder, split_batch, split_sizes
 
+pytestmark = pytest.mark.unit
+
 
 def test_split_sizes_gives_the_remainder_to_the_last_worker():
     assert split_sizes(10, 3) == [3, 3, 4]

@@ -9,9 +9,12 @@ import pytest
 
 from psfw.tools.bench_command import parse_size
 
+from helpers import psfw_command
+
 PSFW = [sys.executable, "-m", "psfw.cli", "bench", "--json"]
 
 
+@pytest.mark.unit
 def test_sizes_parse_with_units():
     assert parse_size("256MiB") == 256 * 2**20
     assert parse_size("1GB") == 10**9
@@ -56,20 +59,22 @@ def test_bench_transfer_reports_both_directions():
     )
 
 
-def test_bench_refuses_counts_it_cannot_time():
-    done = subprocess.run([*PSFW, "--warmup", "0"], capture_output=True, text=True, timeout=120)
+@pytest.mark.unit
+def test_bench_refuses_counts_it_cannot_time(capsys):
+    done = psfw_command(capsys, "bench", "--json", "--warmup", "0")
     assert done.returncode == 2
     assert "--warmup 0" in done.stderr and "at least 1" in done.stderr
-    done = subprocess.run([*PSFW, "--transfer", "lots"], capture_output=True, text=True, timeout=120)
+    done = psfw_command(capsys, "bench", "--json", "--transfer", "lots")
     assert done.returncode == 2
     assert "use a number with an optional unit" in done.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("flag", "size", "least"), [("--transfer", "0", 8), ("--transfer", "7", 8), ("--memory", "0", 4)]
 )
-def test_bench_refuses_sizes_below_what_it_measures(flag, size, least):
-    done = subprocess.run([*PSFW, flag, size], capture_output=True, text=True, timeout=120)
+def test_bench_refuses_sizes_below_what_it_measures(flag, size, least, capsys):
+    done = psfw_command(capsys, "bench", "--json", flag, size)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"psfw bench: {flag} {size}: the smallest size it measures is {least} bytes" in done.stderr
 

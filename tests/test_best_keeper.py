@@ -6,9 +6,12 @@ import json
 import threading
 
 import numpy as np
+import pytest
 
 from psfw.jobs.best_step import BestKeeper, evaluations_since_best, read_best
 from psfw.services.checkpoint import complete_steps, prune, save_shard
+
+pytestmark = pytest.mark.unit
 
 
 def _checkpoint(root, step, shards=2):

@@ -117,6 +117,7 @@ def _newest(run) -> int:
     return max((int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")), default=-1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("train_keys", "said"),
     [

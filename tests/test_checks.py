@@ -14,6 +14,8 @@ from psfw.jobs.checks import available_memory
 from psfw.jobs.config import load_config
 from psfw.jobs.job import build_job
 
+pytestmark = pytest.mark.unit
+
 MLP_BYTES_PER_HIDDEN = (64 + 1 + 10) * 4  # digits: w0, b0 and w1 of a hidden unit, float32
 
 

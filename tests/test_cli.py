@@ -1,4 +1,6 @@
-"""The ``psfw`` command as a user runs it: real processes, real files."""
+"""The ``psfw`` command as a user runs it: real files; real processes where the
+process itself is what is checked (a run, a signal, its exit), the command's
+refusals in this process (``helpers.psfw_command``)."""
 
 import json
 import os
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from helpers import EXAMPLES
+from helpers import EXAMPLES, psfw_command
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 
@@ -59,10 +61,12 @@ def test_train_writes_parameters_that_reload_safely(tmp_path):
     assert params["hidden/w"].shape == (64, 64)
 
 
-def test_bad_config_fails_fast_with_one_line(tmp_path):
+@pytest.mark.unit
+def test_bad_config_fails_fast_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where psfw would make runs/
     config = tmp_path / "bad.toml"
     config.write_text("[cluster]\nservers = 'two'\n")
-    done = run("train", str(config), "--no-progress", timeout=60)
+    done = psfw_command(capsys, "train", config, "--no-progress")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -92,11 +96,13 @@ def tiny_config(tmp_path, extra: str = ""):
     return config
 
 
-def test_run_folder_mistakes_are_usage_errors_not_config_errors(tmp_path):
+@pytest.mark.unit
+def test_run_folder_mistakes_are_usage_errors_not_config_errors(tmp_path, monkeypatch, capsys):
     """A run folder or a flag that cannot work is one line under the command's name
     (exit 2), never called a config error, and leaves no files behind."""
     from psfw.services.checkpoint import save_shard
 
+    monkeypatch.chdir(tmp_path)  # where psfw would make runs/
     config = tiny_config(tmp_path)
     used = tmp_path / "used"
     for shard in range(2):
@@ -107,12 +113,12 @@ def test_run_folder_mistakes_are_usage_errors_not_config_errors(tmp_path):
         (["--resume"], "--resume needs the --run-dir of the run to continue"),
     ]
     for flags, fragment in cases:
-        done = run("train", str(config), "--no-progress", *flags, timeout=120)
+        done = psfw_command(capsys, "train", config, "--no-progress", *flags)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert done.stderr.startswith("psfw train: ") and fragment in done.stderr, done.stderr
     assert sorted(p.name for p in used.iterdir()) == ["checkpoints"]
     assert not (tmp_path / "new").exists() and not (tmp_path / "runs").exists()
-    done = run("worker", str(config), "--process", "5", "--servers", "127.0.0.1:1,127.0.0.1:2", timeout=120)
+    done = psfw_command(capsys, "worker", config, "--process", "5", "--servers", "127.0.0.1:1,127.0.0.1:2")
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"psfw worker: process 5 does not exist: the cluster of {config} has processes 0..0")
 
@@ -237,19 +243,25 @@ def test_a_model_may_name_its_layers_by_name_alone(tmp_path):
         assert (out / name).stat().st_size > 0, name
 
 
-def test_bad_model_layers_fail_before_training_in_one_line(tmp_path):
+@pytest.mark.unit
+def test_bad_model_layers_fail_before_training_in_one_line(tmp_path, capsys):
     config = short_custom_config(tmp_path, '[{"name": "hidden", "params": ["hiden/w"]}]')
-    done = run("train", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress", timeout=120)
+    done = psfw_command(capsys, "train", config, "--run-dir", tmp_path / "run", "--no-progress")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "model.path: model.py: layers[0] (hidden): no parameter named hiden/w" in done.stderr
     assert not (tmp_path / "run").exists()
 
 
-def run_with_env(env: dict, *args):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PSFW_")}
-    return subprocess.run([*PSFW, *args], capture_output=True, text=True, timeout=60, env={**clean, **env})
+def psfw_with_env(monkeypatch, capsys, env: dict, *args) -> subprocess.CompletedProcess:
+    """``psfw ARGS`` in this process with the ``PSFW_*`` variables of ``env`` only."""
+    for name in [k for k in os.environ if k.startswith("PSFW_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return psfw_command(capsys, *args)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("variable", "value", "argv"),
     [
@@ -264,17 +276,19 @@ def run_with_env(env: dict, *args):
         ("PSFW_PROCESS", "first", ["worker", "job.toml"]),
     ],
 )
-def test_a_bad_environment_value_is_one_line_naming_the_variable(variable, value, argv):
-    done = run_with_env({variable: value}, *argv)
+def test_a_bad_environment_value_is_one_line_naming_the_variable(variable, value, argv, monkeypatch, capsys):
+    done = psfw_with_env(monkeypatch, capsys, {variable: value}, *argv)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"psfw {argv[0]}: {variable}={value!r}: ")
 
 
-def test_help_and_flags_do_not_read_a_bad_variable(monkeypatch):
-    done = run_with_env({"PSFW_SHARD": "x", "PSFW_GRACE": "soon"}, "server", "--help")
+@pytest.mark.unit
+def test_help_and_flags_do_not_read_a_bad_variable(monkeypatch, capsys):
+    done = psfw_with_env(monkeypatch, capsys, {"PSFW_SHARD": "x", "PSFW_GRACE": "soon"}, "server", "--help")
     assert done.returncode == 0 and "usage:" in done.stdout
     from psfw.cli.flags import parser
 
+    monkeypatch.delenv("PSFW_GRACE")  # a flag given does not read its variable; the others are read
     monkeypatch.setenv("PSFW_SHARD", "x")
     monkeypatch.setenv("PSFW_INSECURE", "true")
     monkeypatch.setenv("PSFW_METRICS_PORT", "")  # empty: unset
@@ -283,6 +297,7 @@ def test_help_and_flags_do_not_read_a_bad_variable(monkeypatch):
     assert parser().parse_args(["train", "job.toml"]).config == "job.toml"  # another command's variable
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("listen", "fragment"),
     [
@@ -293,8 +308,8 @@ def test_help_and_flags_do_not_read_a_bad_variable(monkeypatch):
         ("[::g]:50051", "is not an IPv6 address"),
     ],
 )
-def test_server_refuses_an_address_it_cannot_listen_on_in_one_line(listen, fragment):
-    done = run_with_env({}, "server", "--listen", listen, "--insecure")
+def test_server_refuses_an_address_it_cannot_listen_on_in_one_line(listen, fragment, monkeypatch, capsys):
+    done = psfw_with_env(monkeypatch, capsys, {}, "server", "--listen", listen, "--insecure")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"psfw server: listen address {listen!r}") and fragment in done.stderr
 
@@ -319,9 +334,11 @@ def test_a_taken_port_is_one_line_not_a_traceback(flag):
     assert expected in done.stderr, done.stderr
 
 
-def test_command_line_mistakes_are_one_line_each(tmp_path):
+@pytest.mark.unit
+def test_command_line_mistakes_are_one_line_each(tmp_path, monkeypatch, capsys):
     """A folder for a config, an unwritable run folder, a shard address without a
     port: one line under the command's name, exit 2, no traceback."""
+    monkeypatch.chdir(tmp_path)  # where psfw would make runs/
     config = tiny_config(tmp_path)
     cases = [
         (["train", str(tmp_path)], "psfw: config error: ", "is a folder: give a TOML config file"),
@@ -331,14 +348,15 @@ def test_command_line_mistakes_are_one_line_each(tmp_path):
         (["worker", str(config), "--servers", "127.0.0.1:5,localhost"], "psfw worker: ", "'localhost' is not host"),
     ]
     for args, prefix, fragment in cases:
-        done = run(*args, timeout=120)
+        done = psfw_command(capsys, *args)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
         assert done.stderr.startswith(prefix) and fragment in done.stderr, (args, done.stderr)
 
 
-def test_help_shows_defaults_and_their_variables():
-    server = run("server", "--help", timeout=60).stdout
+@pytest.mark.unit
+def test_help_shows_defaults_and_their_variables(capsys):
+    server = psfw_command(capsys, "server", "--help").stdout
     assert "this shard's index (default: 0, or $PSFW_SHARD)" in " ".join(server.split())
     assert "server certificate (PEM): turns on TLS (or $PSFW_TLS_CERT)" in " ".join(server.split())
-    bench = " ".join(run("bench", "--help", timeout=60).stdout.split())
+    bench = " ".join(psfw_command(capsys, "bench", "--help").stdout.split())
     assert "measured steps per variant (default: 60)" in bench and "(default: ==SUPPRESS==)" not in bench

@@ -21,7 +21,7 @@ from psfw.jobs.embedded import train_async
 from psfw.services.server import SERVICE_NAME, ShardServer
 from psfw.tools.cluster import Cluster, format_status
 
-from helpers import EXAMPLES, assert_params_close, read_params, reference
+from helpers import EXAMPLES, assert_params_close, psfw_command, read_params, reference
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 
@@ -147,6 +147,7 @@ async def test_two_groups_converge_and_the_staleness_bound_holds_at_every_step(s
         assert worst <= staleness, f"a group ran {worst} steps ahead of the slowest"
 
 
+@pytest.mark.unit
 def test_each_group_gets_its_own_data_order():
     a, b = BatchOrder(100, 10, seed=0, group=0), BatchOrder(100, 10, seed=0, group=1)
     assert not np.array_equal(a.indices(0), b.indices(0))
@@ -227,13 +228,20 @@ async def test_status_metrics_and_reading_a_parameter_from_a_client_script(tmp_p
             await server.stop(0)
 
 
-def test_server_takes_its_settings_from_the_environment_and_refuses_open_addresses():
-    env = {**os.environ, "PSFW_SHARD": "1", "PSFW_SHARDS": "3", "PSFW_LISTEN": "0.0.0.0:0"}
-    done = subprocess.run([*PSFW, "server"], capture_output=True, text=True, env=env, timeout=60)
+@pytest.mark.unit
+def test_server_refuses_an_open_address_from_the_environment_in_one_line(monkeypatch, capsys):
+    """PSFW_LISTEN=0.0.0.0:0 without TLS or --insecure: refused as the flag would be."""
+    monkeypatch.setenv("PSFW_LISTEN", "0.0.0.0:0")
+    monkeypatch.delenv("PSFW_INSECURE", raising=False)
+    done = psfw_command(capsys, "server")
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0
     assert "refusing to listen on 0.0.0.0:0 without TLS" in done.stderr and "--insecure" in done.stderr
-    env["PSFW_LISTEN"] = "127.0.0.1:0"
+
+
+def test_server_takes_its_settings_from_the_environment():
+    """``psfw server`` with no flags: shard, count and address from PSFW_* variables."""
+    env = {**os.environ, "PSFW_SHARD": "1", "PSFW_SHARDS": "3", "PSFW_LISTEN": "127.0.0.1:0"}
     with subprocess.Popen([*PSFW, "server"], stdout=subprocess.PIPE, text=True, env=env) as proc:
         try:
             assert "psfw shard 1/3 listening on 127.0.0.1:" in proc.stdout.readline()

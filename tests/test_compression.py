@@ -18,6 +18,7 @@ from psfw.services.server import ShardServer
 from helpers import SGD, reference
 
 
+@pytest.mark.unit
 def test_error_feedback_sends_the_sum_of_the_gradients_within_one_rounding():
     """Over many steps, what travelled adds up to the true gradients' sum, off by
     what one step's rounding leaves at most (plain rounding would drift)."""
@@ -36,6 +37,7 @@ def test_error_feedback_sends_the_sum_of_the_gradients_within_one_rounding():
     assert np.abs(rounded_total - true_total).max() > 10 * one_rounding, "without feedback the error grows"
 
 
+@pytest.mark.unit
 def test_a_slice_is_compressed_once_and_a_non_finite_one_leaves_no_residual():
     feedback = ErrorFeedback()
     grads = {("w", 0): np.full(8, 1 / 3, np.float32), ("b", 0): np.array([np.nan, 1.0], np.float32)}
@@ -52,6 +54,7 @@ def _chunks(key, array):
     return [ChunkedMessage(None, batch) for batch in encode_chunks([(key[0], key[1], array)])]
 
 
+@pytest.mark.unit
 def test_a_shard_widens_bfloat16_gradients_only_where_it_expects_float32():
     grad = np.linspace(-1, 1, 100, dtype=np.float32).astype(BFLOAT16)
     widening = Assembler(lambda key: (np.dtype("float32"), (100,)), widen=True)
@@ -71,6 +74,7 @@ def test_a_shard_widens_bfloat16_gradients_only_where_it_expects_float32():
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_compressed_update_carries_half_the_bytes_and_applies_the_rounded_gradient():
     server = ShardServer(0, 1)

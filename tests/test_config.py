@@ -14,12 +14,14 @@ def _write(tmp_path, text):
     return path
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["digits_mlp.toml", "digits_cnn.toml", "my_model.toml"])
 def test_shipped_examples_validate(examples, name):
     config = load_config(examples / name)
     assert config.cluster.servers >= 1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
@@ -85,6 +87,7 @@ def test_bad_configs_fail_with_one_line_naming_the_file_and_the_field(tmp_path, 
 SYNTHETIC = "[data]\nname = 'synthetic'\nfeatures = 4\ntrain = 10\ntest = 4\n"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "start"),
     [
@@ -109,6 +112,7 @@ def test_errors_found_after_validation_name_the_file_and_the_field(tmp_path, tex
     assert str(err.value).startswith(f"{path}: {start}")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", [0, 2**32 - 1])
 def test_a_seed_of_32_bits_builds_a_job_and_keys_of_its_own(tmp_path, seed):
     """Both ends of the seed's range build; one past the top would repeat seed 0's key,
@@ -119,6 +123,7 @@ def test_a_seed_of_32_bits_builds_a_job_and_keys_of_its_own(tmp_path, seed):
     assert (jax.random.PRNGKey(2**32) == jax.random.PRNGKey(0)).all()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -134,6 +139,7 @@ def test_an_override_that_breaks_the_tables_is_reported_against_itself(tmp_path,
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
+@pytest.mark.unit
 def test_overrides_into_tables_and_free_options_still_apply(tmp_path):
     config = load_config(
         _write(tmp_path, "[model]\nname = 'custom'\npath = 'm.py'\n"),
@@ -142,19 +148,23 @@ def test_overrides_into_tables_and_free_options_still_apply(tmp_path):
     assert (config.optimizer.schedule.name, config.model.options, config.train.steps) == ("cosine", {"width": 3}, 3)
 
 
+@pytest.mark.unit
 def test_the_most_servers_a_config_takes_is_1024(tmp_path):
     assert load_config(_write(tmp_path, "[cluster]\nservers = 1024\n")).cluster.servers == 1024
 
 
+@pytest.mark.unit
 def test_integer_learning_rate_is_accepted_as_a_number():
     assert parse_config({"optimizer": {"learning_rate": 1}}).optimizer.learning_rate == 1.0
 
 
+@pytest.mark.unit
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "absent.toml")
 
 
+@pytest.mark.unit
 def test_config_json_records_only_the_keys_of_the_data_set_used():
     """digits has no features, classes, train or test to set: config.json says none."""
     from psfw.jobs.config import parse_config
@@ -181,6 +191,7 @@ async def test_a_spec_the_shards_refuse_at_the_first_put_is_a_config_error_in_on
     assert "schedule.decay_rate 5.0 would grow the learning rate" in message and "{" not in message
 
 
+@pytest.mark.unit
 def test_a_runs_config_json_reads_back_the_settings_it_trained_with(examples):
     """What a run folder records is read back as the same job (psfw eval, predict and
     load_model rebuild the data from it): a click log's rows included."""

@@ -16,15 +16,14 @@ from psfw.jobs.config import load_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.trained import evaluate_run
 
-from helpers import EXAMPLES
+from helpers import EXAMPLES, psfw_command
 
 PSFW = [sys.executable, "-m", "psfw.cli"]
 
 
-def psfw_run(*args, check=True):
+def psfw_run(*args):
     done = subprocess.run([*PSFW, *map(str, args)], capture_output=True, text=True, timeout=300)
-    if check:
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done
 
 
@@ -51,6 +50,7 @@ def test_set_overrides_are_validated_like_the_file_and_recorded(tmp_path):
     assert entry["psfw"] == psfw.__version__
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -68,6 +68,7 @@ def test_a_bad_override_is_one_line_naming_it(override, expected):
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.unit
 def test_an_empty_value_removes_the_key_so_another_can_take_its_place():
     """diabetes.toml trains 60 epochs: its steps come from the command line instead."""
     config = load_config(EXAMPLES / "diabetes.toml", ["train.epochs=", "train.steps=30"])
@@ -77,9 +78,10 @@ def test_an_empty_value_removes_the_key_so_another_can_take_its_place():
         load_config(EXAMPLES / "diabetes.toml", ["train.steps=30"])
 
 
-def test_a_bad_override_stops_the_command_before_anything_is_written(tmp_path):
-    done = psfw_run(
-        "train", EXAMPLES / "diabetes.toml", "--set", "train.epochs=0", "--run-dir", tmp_path / "r", check=False
+@pytest.mark.unit
+def test_a_bad_override_stops_the_command_before_anything_is_written(tmp_path, capsys):
+    done = psfw_command(
+        capsys, "train", EXAMPLES / "diabetes.toml", "--set", "train.epochs=0", "--run-dir", tmp_path / "r"
     )
     assert done.returncode == 2 and not (tmp_path / "r").exists()
     assert done.stderr.strip() == (
@@ -135,8 +137,10 @@ async def test_psfw_eval_prints_what_the_run_trained_and_refuses_another_model(t
         evaluate_run(run, load_config(EXAMPLES / "digits_mlp.toml"), step=5)
 
 
-def test_version():
-    assert psfw_run("--version").stdout.strip() == f"psfw {psfw.__version__}"
+@pytest.mark.unit
+def test_version(capsys):
+    done = psfw_command(capsys, "--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"psfw {psfw.__version__}"
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from psfw.cli.flags import parser
 from psfw.jobs.config import load_config, parse_config
 
 from certs import make_ca, make_leaf
-from helpers import REPO
+from helpers import REPO, psfw_command
 
 DEPLOY = REPO / "examples" / "deploy"
 BIN = Path(sys.executable).parent
@@ -56,6 +56,7 @@ def healthcheck_command() -> list[str]:
     return yaml.safe_load(re.search(r"^\s*CMD (\[.*\])", text, re.M).group(1))
 
 
+@pytest.mark.unit
 def test_dockerfile_entrypoint_and_healthcheck_are_psfw_commands(monkeypatch):
     text = (REPO / "Dockerfile").read_text()
     entry = yaml.safe_load(re.search(r"^ENTRYPOINT (\[.*\])", text, re.M).group(1))
@@ -100,6 +101,7 @@ def test_image_healthcheck_passes_for_every_setup_the_shard_accepts(tmp_path, se
             server.wait(30)
 
 
+@pytest.mark.unit
 def test_compose_services_run_commands_the_cli_accepts(monkeypatch):
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
@@ -117,6 +119,7 @@ def test_compose_services_run_commands_the_cli_accepts(monkeypatch):
         assert any(v.startswith("./cluster.toml:") for v in service["volumes"])
 
 
+@pytest.mark.unit
 def test_kubernetes_commands_and_config_match_the_cli_and_the_job():
     docs = [d for p in sorted((DEPLOY / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())]
     by_kind = {d["kind"]: d for d in docs}
@@ -135,7 +138,8 @@ def test_kubernetes_commands_and_config_match_the_cli_and_the_job():
     assert len(servers) == config.cluster.servers
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("line", ["psfw server --help", "psfw worker --help", "psfw health --help"])
-def test_container_commands_have_help(line):
-    done = subprocess.run([sys.executable, "-m", "psfw.cli", *shlex.split(line)[1:]], capture_output=True, text=True)
+def test_container_commands_have_help(line, capsys):
+    done = psfw_command(capsys, *shlex.split(line)[1:])
     assert done.returncode == 0 and "usage:" in done.stdout

@@ -27,6 +27,7 @@ PAGES = {path: path.read_text() for path in [REPO / "README.md", *sorted((REPO /
 DOCS = "\n".join(PAGES.values())
 
 
+@pytest.mark.unit
 def test_every_flag_of_every_command_is_documented():
     commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     missing = [
@@ -39,6 +40,7 @@ def test_every_flag_of_every_command_is_documented():
     assert not missing, f"flags docs/commands.md does not mention: {missing}"
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_every_metric_the_docs_name_is_served_by_a_shard():
     named = set(re.findall(r"`(psfw_[a-z_]+)`", DOCS))
@@ -102,6 +104,7 @@ def test_the_readmes_cluster_commands_run_as_shown(tmp_path):
     assert (tmp_path / "p0" / "metrics.jsonl").exists() and any((tmp_path / "ckpt").iterdir())
 
 
+@pytest.mark.unit
 def test_the_readme_is_a_first_page_and_every_link_between_the_pages_leads_somewhere():
     assert len(README.splitlines()) <= 100, "the README is the first page: the reference lives in docs/"
     for path, text in PAGES.items():
@@ -139,6 +142,7 @@ def _shown_commands() -> list[str]:
     return sorted(c for c in shown if c.startswith("psfw "))
 
 
+@pytest.mark.unit
 def test_every_command_the_docs_show_parses_with_psfws_own_parser(capsys):
     """Flags, values and choices as shown; placeholders (CONFIG, DIR, I, ...) stand for
     real values, [optional parts] are all given, and a bare mention of a command

@@ -98,6 +98,7 @@ async def test_a_shard_that_holds_no_slice_takes_part_without_harm(transport):
         np.testing.assert_allclose(result.params[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_plain_mean_of_uneven_sub_batches_would_differ():
     """Guard on the test itself: with 16/16/18 rows, averaging the workers' mean

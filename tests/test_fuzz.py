@@ -134,6 +134,7 @@ def expect_refusal(shard, call) -> grpc.StatusCode | None:
     return None
 
 
+@pytest.mark.unit
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=headers, parts=st.lists(chunks(), max_size=4))
 def test_adversarial_updates_are_refused_precisely_and_change_nothing(shard, header, parts):
@@ -161,6 +162,7 @@ def test_gets_for_the_far_future_or_unknown_slices_answer_precisely(shard, group
     assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+@pytest.mark.unit
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(blob=st.binary(max_size=200))
 def test_random_bytes_never_crash_the_shard(shard, blob):

@@ -51,6 +51,7 @@ async def run(config, servers, **options):
     return await train_async(config, progress=False, outputs=False, servers=[s.address for s in servers], **options)
 
 
+@pytest.mark.unit
 def test_the_identity_names_what_makes_a_job_and_what_differs():
     base = job_identity(job(), {"dense0/w": ("float32", (64, 32))})
     assert base["name"] == "job" and len(base["fingerprint"]) == 16
@@ -64,6 +65,7 @@ def test_the_identity_names_what_makes_a_job_and_what_differs():
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 async def test_shards_that_finished_a_job_refuse_a_rerun_without_resume(shards):
     first = await run(job(), shards)
     assert first.steps == 6
@@ -81,6 +83,7 @@ async def test_shards_that_finished_a_job_refuse_a_rerun_without_resume(shards):
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 async def test_a_rerun_from_another_file_is_refused_naming_the_job_the_shards_hold(shards):
     """The same settings in another file are the same job: the line names the job as
     the shards hold it, and the file it came from now."""
@@ -93,6 +96,7 @@ async def test_a_rerun_from_another_file_is_refused_naming_the_job_the_shards_ho
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 @pytest.mark.parametrize(
     ("change", "said"),
     [
@@ -112,6 +116,7 @@ async def test_shards_that_hold_another_job_are_refused_naming_what_differs(shar
     assert [await s.store.state_digest() for s in shards] == digests
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_put_of_another_job_is_refused_and_checkpoints_keep_the_job(tmp_path):
     server = ShardServer(0, 1, checkpoint_dir=tmp_path)

@@ -70,6 +70,7 @@ def test_labels_as_written_train_and_come_back_from_predict(tmp_path, capsys, la
     assert evaluate_run(run, load_config(path), test_file=tmp_path / "test.npz")["test_accuracy"] == accuracy
 
 
+@pytest.mark.unit
 def test_a_label_that_is_no_listed_class_is_one_line(tmp_path):
     path = _iris(tmp_path, 'classes = ["setosa", "versicolor"]', lambda t: np.array(NAMES)[t])
     with pytest.raises(ConfigError) as err:
@@ -82,6 +83,7 @@ def test_a_label_that_is_no_listed_class_is_one_line(tmp_path):
         build_job(load_config(path))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("data_keys", "said"),
     [

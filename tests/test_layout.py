@@ -3,6 +3,8 @@ import pytest
 
 from psfw.protocol.layout import plan_layout
 
+pytestmark = pytest.mark.unit
+
 
 def test_a_parameter_larger_than_the_slice_limit_is_split_over_shards():
     layout = plan_layout({"w": ((1000, 10), "float32")}, shards=4, workers=2, slice_bytes=10_000)

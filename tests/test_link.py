@@ -134,6 +134,7 @@ async def _until(condition, what: str, limit_s: float = 10) -> None:
 # -- what the link carries ---------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 @pytest.mark.parametrize("socket_kind", SOCKETS)
 async def test_put_get_and_update_over_either_socket_equal_grpc_and_count_alike(socket_kind, monkeypatch):
@@ -185,6 +186,7 @@ async def test_put_get_and_update_over_either_socket_equal_grpc_and_count_alike(
             await server.stop(0)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_client_for_status_or_health_opens_no_link(shard):
     """A client that only asks (a Describe, as status and health do) never opens a link."""
@@ -197,6 +199,7 @@ async def test_a_client_for_status_or_health_opens_no_link(shard):
         await looker.close()
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_shard_told_no_link_port_offers_its_unix_socket_only():
     """``link_port=None``: no TCP port (clients of other hosts go over gRPC), the Unix
@@ -219,6 +222,7 @@ async def test_a_shard_told_no_link_port_offers_its_unix_socket_only():
         await server.stop(0)
 
 
+@pytest.mark.unit
 def test_the_link_host_is_the_host_of_the_grpc_address():
     assert link_host("127.0.0.1:50051") == "127.0.0.1"
     assert link_host("[::1]:50051") == "::1"
@@ -227,6 +231,7 @@ def test_the_link_host_is_the_host_of_the_grpc_address():
     assert link_host("dns:///shard:50051") is None
 
 
+@pytest.mark.unit
 def test_the_unix_socket_is_for_a_shard_on_this_host_and_tcp_for_the_others():
     """Which socket a Describe answer leads to: the Unix socket when the shard runs
     on this host (unless told ``same_host=False``), else the TCP port of the gRPC
@@ -249,6 +254,7 @@ def test_the_unix_socket_is_for_a_shard_on_this_host_and_tcp_for_the_others():
 # -- refusals over the link --------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_refusal_on_the_link_is_the_same_shard_error_and_keeps_the_link(shard):
     """An Update of the wrong dtype, a Get of a step the group never reaches and a Put
@@ -271,6 +277,7 @@ async def test_a_refusal_on_the_link_is_the_same_shard_error_and_keeps_the_link(
     assert (await client.describe()).slices[0].version == 1, "refused requests changed nothing"
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_wrong_or_missing_token_is_refused_at_hello_in_one_line(shard, caplog):
     """The token is said once, in the connection's HELLO: a wrong one and none are
@@ -292,6 +299,7 @@ async def test_a_wrong_or_missing_token_is_refused_at_hello_in_one_line(shard, c
     await link.close()
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 @pytest.mark.parametrize("socket_kind", SOCKETS)
 async def test_a_shard_without_a_token_takes_any_on_its_link_as_on_its_grpc_port(socket_kind):
@@ -307,6 +315,7 @@ async def test_a_shard_without_a_token_takes_any_on_its_link_as_on_its_grpc_port
         await server.stop(0)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_refused_call_leaves_the_connection_open_and_a_closed_one_takes_no_call(shard):
     """On one connection: an Update that carries no gradients (no region either) is
@@ -328,6 +337,7 @@ async def test_a_refused_call_leaves_the_connection_open_and_a_closed_one_takes_
     assert server.description().slices[0].version == 0
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_client_with_a_wrong_token_goes_on_over_grpc_and_is_refused_there(shard):
     """A client whose token the shard refuses at HELLO opens no link; its calls are
@@ -347,6 +357,7 @@ async def test_a_client_with_a_wrong_token_goes_on_over_grpc_and_is_refused_ther
     assert server.description().slices[0].version == 0
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_malformed_message_in_a_call_is_refused_and_the_link_serves_on(shard):
     """A Put whose message does not parse is refused (INVALID_ARGUMENT, an ERROR
@@ -371,6 +382,7 @@ async def test_a_malformed_message_in_a_call_is_refused_and_the_link_serves_on(s
     assert (await client.describe()).slices[0].version == 0
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_bytes_that_are_no_call_end_that_connection_only(shard, caplog):
     """Garbage, a frame that claims a gigabyte, a call of a method the link does not
@@ -414,6 +426,7 @@ def _send_and_read(place: Place, sent: bytes) -> None:
             pass
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_client_sends_nothing_to_a_link_that_is_not_the_shard_it_described(shard):
     """What answers where a Describe named the link must be that shard's link (another
@@ -489,6 +502,7 @@ async def test_a_link_broken_mid_run_sends_the_next_update_over_grpc_and_comes_b
     assert (await client.describe()).slices[0].version == 3, "each Update was applied once"
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_lost_link_falls_back_to_grpc_and_a_describe_opens_the_new_one(shard):
     """A shard whose link went away and came back under a new name: the Update goes
@@ -506,6 +520,7 @@ async def test_a_lost_link_falls_back_to_grpc_and_a_describe_opens_the_new_one(s
     assert (await client.describe()).slices[0].version == 2, "each Update was applied once"
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 @pytest.mark.parametrize("socket_kind", SOCKETS)
 async def test_a_restarted_shard_s_new_link_is_opened_by_its_describe(socket_kind, monkeypatch):
@@ -580,6 +595,7 @@ async def test_a_call_cancelled_midway_closes_the_link_and_the_next_goes_over_gr
     assert client.linked == socket_kind and [method for method, _ in carried] == ["Get", "Update"]
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 @pytest.mark.parametrize("verb", ["Put", "Update"])
 async def test_a_call_cut_off_midway_by_its_client_changes_nothing(shard, verb):
@@ -616,6 +632,7 @@ async def test_a_call_cut_off_midway_by_its_client_changes_nothing(shard, verb):
     assert answer.step == 1 and client.linked == socket_kind
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_stopping_shard_ends_a_call_in_flight_within_its_grace(shard):
     """An Update that waits for the rest of its group when the shard stops: the stop
@@ -661,6 +678,7 @@ async def test_connections_that_say_no_hello_are_few_and_brief(shard, monkeypatc
             sock.close()
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_client_over_the_shards_connection_limit_goes_on_over_grpc(shard, monkeypatch):
     """Past MAX_CONNECTIONS the shard closes new connections at once: that client
@@ -680,6 +698,7 @@ async def test_a_client_over_the_shards_connection_limit_goes_on_over_grpc(shard
 # -- the link's buffers --------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_a_put_s_bytes_land_aligned_in_mappings_sized_to_the_call():
     """What a Put keeps comes in mappings whose pages are in place already: each
     buffer aligned and on its own, a small call's mapping small, a large call's

@@ -61,6 +61,7 @@ def _client(server: ShardServer, security: Security, socket_kind: str, **options
     )
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 @pytest.mark.parametrize("socket_kind", SOCKETS)
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
@@ -96,6 +97,7 @@ CANNOT_TRUST = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 @pytest.mark.parametrize("socket_kind", SOCKETS)
 @pytest.mark.parametrize("case", list(CANNOT_TRUST))
@@ -129,6 +131,7 @@ async def test_a_client_that_cannot_verify_the_shard_gets_no_link_and_fails_as_o
         await server.stop(0)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 @pytest.mark.parametrize("socket_kind", SOCKETS)
 @pytest.mark.parametrize("cert", [None, "rogue"], ids=["no-client-certificate", "certificate-of-another-ca"])
@@ -158,6 +161,7 @@ async def test_with_mutual_tls_a_client_without_a_good_certificate_gets_no_link(
         await server.stop(0)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_plaintext_hello_to_a_tls_link_is_refused(pki):
     """A connection that speaks the link in plaintext to a shard with TLS gets no OK,
@@ -194,6 +198,7 @@ async def test_a_tls_shard_stops_at_once_beside_connections_that_never_finish_th
             sock.close()
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_the_link_over_tls_logs_a_failed_handshake_in_one_line(pki, caplog):
     """A client that the shard's TLS refuses leaves one line in the shard's log (at
@@ -214,6 +219,7 @@ async def test_the_link_over_tls_logs_a_failed_handshake_in_one_line(pki, caplog
         await server.stop(0)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 @pytest.mark.parametrize("socket_kind", SOCKETS)
 async def test_a_stopping_tls_shard_ends_its_links_and_a_call_in_flight_within_its_grace(pki, socket_kind):

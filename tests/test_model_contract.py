@@ -83,6 +83,7 @@ CASES = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_model_that_breaks_its_contract_is_one_config_error(tmp_path, case):
     source, extra, fragment = CASES[case]
@@ -97,6 +98,7 @@ def test_a_model_that_breaks_its_contract_is_one_config_error(tmp_path, case):
     assert fragment.format(path=model) in message, message
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
@@ -112,6 +114,7 @@ def test_model_keys_that_apply_to_nothing_are_refused(tmp_path, text, fragment):
         load_config(config)
 
 
+@pytest.mark.unit
 def test_the_shipped_user_model_keeps_working(examples):
     job = build_job(load_config(examples / "my_model.toml"))
     assert set(job.layout.params) == {"hidden/b", "hidden/w", "out/b", "out/w"}

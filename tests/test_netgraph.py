@@ -9,6 +9,8 @@ from psfw.compute.netgraph import check_layers, default_layers, net_graph
 from psfw.jobs import outputs
 from psfw.protocol.layout import plan_layout
 
+pytestmark = pytest.mark.unit
+
 NAMES = ["hidden/w", "hidden/b", "out/w", "out/b"]
 
 

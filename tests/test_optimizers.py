@@ -66,6 +66,7 @@ BAD_SPECS = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", sorted(BAD_SPECS))
 def test_a_spec_that_cannot_train_is_a_value_error_naming_the_field_and_value(case):
     spec, fragment = BAD_SPECS[case]
@@ -74,12 +75,14 @@ def test_a_spec_that_cannot_train_is_a_value_error_naming_the_field_and_value(ca
     assert fragment in str(err.value)
 
 
+@pytest.mark.unit
 def test_a_nan_learning_rate_from_json_is_refused():
     """Python's json reads NaN: the spec a shard receives can hold it."""
     with pytest.raises(ValueError, match="learning_rate must be a finite number, got nan"):
         build_optimizer(json.loads('{"name": "sgd", "learning_rate": NaN}'))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("field", ["learning_rate", "schedule"])
 def test_an_integer_too_long_for_a_float_is_refused_not_an_overflow(field):
     """JSON integers have no length limit; float() of one raises OverflowError."""
@@ -93,6 +96,7 @@ def test_an_integer_too_long_for_a_float_is_refused_not_an_overflow(field):
         build_optimizer(json.loads(text))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["cosine", "linear", "warmup_cosine", "exponential"])
 def test_the_longest_schedule_updates_and_a_longer_one_is_refused(name):
     """optax counts steps in int32: the limit is where an update would overflow."""
@@ -109,6 +113,7 @@ def test_the_longest_schedule_updates_and_a_longer_one_is_refused(name):
         build_optimizer({"name": "sgd", "schedule": {"name": name, "steps": STEP_LIMIT + 1}})
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "spec",
     [
@@ -137,6 +142,7 @@ def test_valid_specs_build_an_optimizer_that_updates_under_jit(spec):
     assert np.isfinite(np.asarray(new)).all() and not np.array_equal(np.asarray(new), params)
 
 
+@pytest.mark.unit
 def test_the_config_default_spec_builds():
     """The spec the config sends (every field, defaults included) is accepted."""
     from psfw.jobs.config import parse_config
@@ -160,6 +166,7 @@ def test_the_config_checks_specs_with_the_shards_schema_and_no_jax():
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "schedule",
     [

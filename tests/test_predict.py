@@ -162,6 +162,7 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path, capsys):
     assert "needs a byte-level language model" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_a_model_whose_predict_does_not_fit_is_a_config_error(tmp_path):
     model = tmp_path / "model.py"
     model.write_text(

@@ -6,9 +6,13 @@ import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
+
 from psfw.tools.protogen import generate, proto_sources
 
 from helpers import REPO
+
+pytestmark = pytest.mark.unit
 
 
 def _made_by() -> str:

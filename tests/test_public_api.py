@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import psfw
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.unit
 def test_every_public_name_resolves_and_none_is_left_out_of_all():
     for name in psfw.__all__:
         assert getattr(psfw, name) is not None, name
@@ -23,6 +26,7 @@ def test_import_psfw_loads_neither_jax_nor_grpc():
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.unit
 def test_the_example_client_script_uses_only_public_names():
     tree = ast.parse((EXAMPLES / "watch_cluster.py").read_text())
     inner = [

@@ -31,6 +31,7 @@ def brute_force_auc(labels, scores):
     return wins / (len(positives) * len(negatives))
 
 
+@pytest.mark.unit
 def test_auc_counts_the_pairs_a_positive_wins_ties_half():
     rng = np.random.default_rng(0)
     for size in (2, 3, 10, 57):
@@ -45,6 +46,7 @@ def test_auc_counts_the_pairs_a_positive_wins_ties_half():
     assert np.isnan(auc([1, 1], [0.0, 1.0]))
 
 
+@pytest.mark.unit
 def test_click_log_is_a_function_of_its_seed():
     data = click_log(**SMALL)
     again = click_log(**SMALL)
@@ -65,6 +67,7 @@ def test_click_log_is_a_function_of_its_seed():
         assert x[:, 1].min() >= 0 and x[:, 1].max() < 50
 
 
+@pytest.mark.unit
 def test_hot_ids_are_spread_over_the_id_range():
     data = click_log(users=10_000, items=1_000, train=100_000, test=10)
     for column, size in ((0, 10_000), (1, 1_000)):
@@ -74,6 +77,7 @@ def test_hot_ids_are_spread_over_the_id_range():
         assert hottest.max() > size // 10  # renamed: the hot ids are not 0, 1, 2...
 
 
+@pytest.mark.unit
 def test_clicks_follow_the_teacher():
     data = click_log(**{**SMALL, "train": 20_000})
     logits = teacher(500, 50, 4, 0).logits(data.x_train)
@@ -82,6 +86,7 @@ def test_clicks_follow_the_teacher():
     assert teacher_auc(noise=3.0) < teacher_auc()  # noise no model can learn
 
 
+@pytest.mark.unit
 def test_factorization_machine_declares_its_tables_and_layers():
     model = factorization_machine(100, None, dim=8)
     assert model.tables["user"].rows == 100 and model.tables["item"].rows is None

@@ -3,7 +3,11 @@ counted, a bounded number of kinds, reasons cut to length."""
 
 import logging
 
+import pytest
+
 from psfw.services.refusals import RefusalLog, peer_host
+
+pytestmark = pytest.mark.unit
 
 
 class Clock:

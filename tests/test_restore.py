@@ -72,6 +72,7 @@ def _grad(value: float) -> dict:
     return {W: np.full(4, value, np.float32)}
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_an_update_of_the_old_epoch_cannot_slip_in_while_a_restore_runs(tmp_path):
     """An Update checked against the epoch before its finite check's thread hop is
@@ -136,6 +137,7 @@ async def test_a_restore_waits_for_the_checkpoint_write_in_flight_and_then_drops
     await _check_new_history_checkpoints(store, tmp_path, 2, 4, every=2)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_checkpoint_of_the_abandoned_history_queued_during_a_restore_is_never_written(tmp_path):
     """A step of the old epoch that completes while the Restore reads its checkpoint

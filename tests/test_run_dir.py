@@ -59,6 +59,7 @@ async def test_a_folder_that_holds_a_run_is_refused_without_resume(tmp_path):
     assert (run / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_folder_with_files_psfw_did_not_write_is_refused_and_left_alone(tmp_path):
     run = tmp_path / "theirs"
@@ -298,6 +299,7 @@ async def test_overwrite_starts_a_finished_run_again_removing_only_what_psfw_wro
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 @pytest.mark.parametrize("mistake", ["another job", "servers"])
 async def test_a_refused_worker_writes_nothing_to_its_run_folder(tmp_path, mistake):
     """``psfw worker`` refused by the shards (another job there, a wrong number of
@@ -340,6 +342,7 @@ async def test_a_resume_whose_target_is_behind_the_run_is_refused_and_changes_no
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 async def test_a_worker_resuming_shards_past_its_target_is_refused(tmp_path):
     from psfw.services.server import ShardServer
 
@@ -404,6 +407,7 @@ def test_an_interrupt_names_the_checkpoint_its_graceful_stop_wrote_and_resumes_i
     )
 
 
+@pytest.mark.unit
 def test_a_checkpoint_every_not_reached_yet_is_not_called_unset(tmp_path):
     """The hint of a run stopped before its first checkpoint (one its stop did not
     write either: a second Ctrl-C, a kill) says so, and where it stopped."""
@@ -484,6 +488,7 @@ def test_an_interrupted_launch_names_the_checkpoint_its_stop_wrote_in_one_hint(t
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("short_twin_watch")
 async def test_a_worker_overwrites_its_run_folder_only_once_the_shards_took_the_job(tmp_path, caplog):
     """``psfw worker --overwrite``: the earlier run's files go when the shards accept
     this job, not before (a refusal leaves them), and its checkpoints are the shards'."""
@@ -540,6 +545,7 @@ async def test_a_worker_reuses_the_folder_of_a_run_that_never_finished_once_fres
     ]
 
 
+@pytest.mark.unit
 def test_overwrite_never_follows_a_link_out_of_the_run_folder(tmp_path):
     """A step folder or a best that is a link psfw did not make is left as it is, and
     nothing it points to is removed."""

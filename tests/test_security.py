@@ -2,8 +2,6 @@
 changes nothing."""
 
 import asyncio
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -22,7 +20,7 @@ from psfw.runtime.shard_client import ShardClient
 from psfw.services.server import ShardServer, check_listen, listens_everywhere
 
 from certs import TOKEN, make_ca, make_leaf
-from helpers import SGD
+from helpers import SGD, psfw_command
 
 
 def server_security(pki, mtls=True, token=True) -> Security:
@@ -62,6 +60,7 @@ async def attempt(server, security):
         await client.close()
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("case", "code"),
@@ -92,6 +91,7 @@ async def test_refused_callers_change_nothing(secured, pki, case, code):
     assert server.store.updates_applied == 0
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_token_refusal_reaches_a_client_that_is_still_sending(secured, pki):
     """The shard refuses a wrong token at once, while the client still streams its
@@ -126,6 +126,7 @@ async def test_a_token_refusal_reaches_a_client_that_is_still_sending(secured, p
     assert server.store.digest() == before
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_the_right_certificate_and_token_get_in(secured, pki):
     server, _ = secured
@@ -133,6 +134,7 @@ async def test_the_right_certificate_and_token_get_in(secured, pki):
     assert answer.step == 1 and server.store.updates_applied == 1
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_health_needs_no_token_but_tls_still_holds(secured, pki):
     server, _ = secured
@@ -160,6 +162,7 @@ async def test_training_over_mutual_tls_with_a_token(pki):
             await s.stop(0)
 
 
+@pytest.mark.unit
 def test_open_addresses_need_tls(pki):
     with pytest.raises(PermissionError, match="refusing to listen on 0.0.0.0:7000 without TLS"):
         check_listen("0.0.0.0:7000", Security(), insecure=False)
@@ -183,6 +186,7 @@ def _scrape(host: str, port: int) -> str:
         return reply.read().decode()
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_metrics_listen_on_the_shards_own_interface_and_count_refusals():
     """A shard on 127.0.0.2 serves its metrics on 127.0.0.2 only: all interfaces only
@@ -205,6 +209,7 @@ async def test_metrics_listen_on_the_shards_own_interface_and_count_refusals():
     assert not any(listens_everywhere(h) for h in ("127.0.0.1", "10.1.2.3", "[::1]", "shard-0.psfw"))
 
 
+@pytest.mark.unit
 def test_a_name_is_loopback_only_when_all_its_addresses_are(monkeypatch):
     """/etc/hosts may point localhost anywhere: the name is resolved, not trusted."""
     import socket
@@ -219,6 +224,7 @@ def test_a_name_is_loopback_only_when_all_its_addresses_are(monkeypatch):
         check_listen("localhost:7000", Security(), insecure=False)
 
 
+@pytest.mark.unit
 def test_security_files_are_checked(tmp_path, pki):
     with pytest.raises(UsageError, match="give both"):
         Security.from_files(cert=str(pki["server"][0]))
@@ -238,17 +244,14 @@ def test_security_files_are_checked(tmp_path, pki):
     assert Security.from_files(token_file=str(tmp_path / "good")).token == "s3cr3t-Token_1"
 
 
-def test_server_command_refuses_an_open_address_in_one_line():
-    done = subprocess.run(
-        [sys.executable, "-m", "psfw.cli", "server", "--listen", "0.0.0.0:0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+@pytest.mark.unit
+def test_server_command_refuses_an_open_address_in_one_line(capsys):
+    done = psfw_command(capsys, "server", "--listen", "0.0.0.0:0")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "--insecure" in done.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("names", "expected"),
     [
@@ -264,6 +267,7 @@ def test_certificate_names_are_read_from_the_certificate(tmp_path, names, expect
     assert certificate_names(b"not a certificate") == []
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_refusals_of_made_up_methods_share_one_metric_label():
     """A client without the token may call any path: each would otherwise become a

@@ -92,6 +92,7 @@ async def _shared(server: ShardServer, link: bool = True) -> ShardClient:
     return client
 
 
+@pytest.mark.unit
 def test_whole_parameters_lie_aligned_in_three_areas_and_answers_take_turns():
     layout = plan_layout({"b": ((10,), "float32"), "a": ((3, 100), "float32")}, shards=2, workers=1, slice_bytes=400)
     region = StepRegion(layout).acquire()
@@ -112,6 +113,7 @@ def test_whole_parameters_lie_aligned_in_three_areas_and_answers_take_turns():
     assert not (SHM_DIR / region.name).exists()
 
 
+@pytest.mark.unit
 def test_a_bfloat16_answer_is_written_as_its_bytes():
     """bfloat16 has no buffer format of its own: a shard writes its bytes."""
     from psfw.protocol.compression import BFLOAT16
@@ -129,6 +131,7 @@ def test_a_bfloat16_answer_is_written_as_its_bytes():
         stub.close()
 
 
+@pytest.mark.unit
 def test_regions_are_private_files_removed_on_close():
     region = Region.create(128)
     path = SHM_DIR / region.name
@@ -139,6 +142,7 @@ def test_regions_are_private_files_removed_on_close():
         Region.attach("../etc/passwd")
 
 
+@pytest.mark.unit
 def test_a_shard_writes_answers_through_the_mapping_or_the_file_alike():
     """Through the file (a large answer) the pages stay out of the shard's memory;
     the stub reads the same bytes either way; nothing lands outside the region."""
@@ -160,6 +164,7 @@ def test_a_shard_writes_answers_through_the_mapping_or_the_file_alike():
         stub.close()
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_updates_through_shared_memory_equal_the_network_path(clients):
     """Gradients and answers the caller keeps elsewhere are copied into the region
@@ -182,6 +187,7 @@ async def test_updates_through_shared_memory_equal_the_network_path(clients):
     np.testing.assert_array_equal(again.values[("w", 1)], answer.values[("w", 1)])
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_stub_s_own_buffers_in_the_region_are_used_in_place(clients):
     """The gradient sums are read where the stub added them up, and the answer is
@@ -229,6 +235,7 @@ async def _refused(carrier: str, network: ShardClient, request) -> tuple[grpc.St
     return err.value.code(), err.value.details(), reason_of(err.value)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 @pytest.mark.parametrize("carrier", CARRIERS)
 async def test_a_region_the_shard_cannot_map_is_refused_with_no_shared_memory(clients, carrier):
@@ -242,6 +249,7 @@ async def test_a_region_the_shard_cannot_map_is_refused_with_no_shared_memory(cl
     assert "cannot use shared-memory region psfw-1-bad" in message
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_client_whose_region_the_shard_cannot_map_goes_on_with_tensors_in_the_messages(clients):
     """The shard can no longer open the client's region: its Update is refused with
@@ -264,6 +272,7 @@ async def test_a_client_whose_region_the_shard_cannot_map_goes_on_with_tensors_i
     assert answer.step == step + 2 and shared.kind == "link (unix)"
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 @pytest.mark.parametrize("carrier", CARRIERS)
 async def test_slots_outside_the_region_or_of_other_slices_are_refused_and_change_nothing(clients, carrier):
@@ -306,6 +315,7 @@ async def test_slots_outside_the_region_or_of_other_slices_are_refused_and_chang
         np.testing.assert_array_equal(after.values[key], value)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 @pytest.mark.parametrize("link", [True, False], ids=["link", "grpc"])
 async def test_an_update_through_shared_memory_carries_slots_not_tensors(server, link, monkeypatch):
@@ -348,6 +358,7 @@ async def test_an_update_through_shared_memory_carries_slots_not_tensors(server,
         await shared.close()
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_refusal_of_an_update_through_shared_memory_is_the_same_shard_error_and_keeps_the_link(server):
     """An Update through the region that waits for a group that never completes: the
@@ -363,6 +374,7 @@ async def test_a_refusal_of_an_update_through_shared_memory_is_the_same_shard_er
         await shared.close()
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_updates_through_shared_memory_go_on_over_grpc_while_the_link_is_down(server, monkeypatch):
     """The shard's link goes away: the Update still goes through the region, over
@@ -393,6 +405,7 @@ async def test_updates_through_shared_memory_go_on_over_grpc_while_the_link_is_d
         await shared.close()
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_stopping_shard_ends_an_update_through_shared_memory_within_its_grace(server):
     """An Update through the region that waits for the rest of its group when the
@@ -412,6 +425,7 @@ async def test_a_stopping_shard_ends_an_update_through_shared_memory_within_its_
         await shared.close()
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_the_region_file_goes_when_the_last_client_using_it_closes():
     """One region for a process's shards on this host: each client holds it, also
@@ -438,6 +452,7 @@ async def test_the_region_file_goes_when_the_last_client_using_it_closes():
             await each.stop(0)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_shard_on_another_host_gets_no_shared_memory_and_makes_no_region_file():
     """A shard whose Describe answer names another host (or none): the client keeps
@@ -454,6 +469,7 @@ async def test_a_shard_on_another_host_gets_no_shared_memory_and_makes_no_region
         await client.close()
 
 
+@pytest.mark.unit
 def test_workers_gradients_are_added_up_as_they_report_and_a_stale_report_adds_nothing():
     generation = [0]
     targets = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
@@ -524,6 +540,7 @@ def test_a_terminated_worker_process_removes_its_regions_and_says_so(tmp_path):
     assert not [n for n in os.listdir(SHM_DIR) if n.startswith(mine)]
 
 
+@pytest.mark.unit
 def test_a_shard_maps_no_link_and_no_file_of_another_user(tmp_path):
     """A region name is only a name: a link in /dev/shm to another file, or a file
     another user made (and could shrink under the mapping), is refused."""

@@ -14,6 +14,8 @@ from psfw.protocol.messages import UpdateHeader
 from psfw.services.kernel import UpdateKernel
 from psfw.services.store import ShardStore
 
+pytestmark = pytest.mark.unit
+
 ADAM = json.dumps({"name": "adam", "learning_rate": 0.01})
 SLICES = 6
 

@@ -8,11 +8,12 @@ import signal
 
 import numpy as np
 import pytest
-from test_recovery import free_ports, kill_and_resume, start_shard, start_worker, stop_all
 from test_tables import MODEL, click_data, dense_reference
 
 import psfw
 from psfw.jobs.config import load_config
+
+from helpers import free_ports, kill_and_resume, start_shard, start_worker, stop_all
 
 
 def job_file(folder, steps: int, every: int = 7):

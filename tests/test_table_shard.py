@@ -21,6 +21,8 @@ from psfw.services.server import ShardServer
 
 from helpers import SGD
 
+pytestmark = pytest.mark.unit
+
 SPEC = TableSpec(rows=1000, dim=3, init="normal", scale=0.1)
 UNBOUNDED = TableSpec(rows=None, dim=2, init="uniform", scale=1.0)
 

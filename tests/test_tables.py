@@ -184,6 +184,7 @@ async def test_the_shards_report_their_tables_in_status_and_metrics(tmp_path):
             await server.stop(0)
 
 
+@pytest.mark.unit
 def test_a_table_model_that_cannot_train_is_refused_before_anything_runs(tmp_path):
     from psfw.base.errors import ConfigError
 
@@ -211,6 +212,7 @@ async def test_the_recommendation_example_comes_within_002_of_the_teachers_auc(t
     assert aucs[0] < 0.6 < aucs[-1], aucs  # it learned, step by step
 
 
+@pytest.mark.unit
 def test_a_tables_section_for_a_model_without_tables_is_refused(tmp_path):
     from psfw.base.errors import ConfigError
 

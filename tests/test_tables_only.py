@@ -99,6 +99,7 @@ def loss(params, x, y):
 """
 
 
+@pytest.mark.unit
 def test_a_model_without_any_parameter_is_one_config_line_before_anything_starts(tmp_path, capsys):
     from psfw.cli.main import main
 

@@ -9,6 +9,8 @@ from psfw.proto import ps_pb2 as pb
 from psfw.protocol.chunks import ChunkedMessage, chunked_deserializer, chunked_serializer, encode_chunks
 from psfw.protocol.wire import Assembler
 
+pytestmark = pytest.mark.unit
+
 
 def _items():
     rng = np.random.default_rng(0)

@@ -55,6 +55,7 @@ async def _refusal(addresses: list[str]) -> str:
     return str(refused.value)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_swapped_addresses_are_refused_at_connect_naming_the_shard_and_its_place(two_shards):
     first, second = two_shards
@@ -64,6 +65,7 @@ async def test_swapped_addresses_are_refused_at_connect_naming_the_shard_and_its
     )
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_a_shard_started_for_another_count_is_refused_at_connect(two_shards):
     lone = ShardServer(0, 1)
@@ -77,6 +79,7 @@ async def test_a_shard_started_for_another_count_is_refused_at_connect(two_shard
         await lone.stop(0)
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_an_address_listed_twice_is_refused_before_connecting():
     # nothing listens there: the refusal comes before any connection is tried
@@ -85,6 +88,7 @@ async def test_an_address_listed_twice_is_refused_before_connecting():
     )
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_shards_of_this_process_are_checked_too(two_shards):
     """The in-process path (shards that run in this very process) checks the same."""
@@ -93,6 +97,7 @@ async def test_shards_of_this_process_are_checked_too(two_shards):
         await train_async(config, progress=False, outputs=False, servers=two_shards[::-1])
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_psfw_worker_with_swapped_servers_says_so_in_one_line(two_shards, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -108,6 +113,7 @@ async def test_psfw_worker_with_swapped_servers_says_so_in_one_line(two_shards, 
     )
 
 
+@pytest.mark.unit
 def test_psfw_worker_refuses_an_address_given_twice(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "job.toml").write_text(CONFIG.format(transport="grpc"))
@@ -119,6 +125,7 @@ def test_psfw_worker_refuses_an_address_given_twice(tmp_path, monkeypatch, capsy
     )
 
 
+@pytest.mark.unit
 @pytest.mark.asyncio
 async def test_status_shows_each_shards_own_index_and_says_what_is_wrong(two_shards, capsys):
     first, second = two_shards
