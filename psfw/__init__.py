@@ -6,7 +6,8 @@ The public API is small:
 - ``train(config, run_dir)``: the embedded default, shards + stubs + workers in one
   OS process; ``train_async`` is the same inside a running event loop;
 - ``load_params(run_dir)``: what a run trained, as its model's parameter pytree;
-  ``load_table(run_dir, name)``: the rows of one of its embedding tables;
+  ``load_table(run_dir, name)``: the rows of one of its embedding tables (also
+  from the file ``psfw export`` wrote);
   ``load_model(run_dir)``: its model with those parameters, ready to ``predict(x)``;
 - ``Model``, ``mlp``, ``cnn``: models as pure ``init``/``loss`` functions;
   ``TableSpec``: an embedding table a model declares;

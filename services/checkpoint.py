@@ -151,3 +151,12 @@ def load_table_rows(root: Path, step: int, shard: int, table: str) -> tuple[np.n
         if f"table/{table}/ids" not in names:
             return None
         return f.get_tensor(f"table/{table}/ids"), f.get_tensor(f"table/{table}/values")
+
+
+def saved_tables(root: Path, step: int, shard: int) -> list[str]:
+    """The names of the embedding tables one shard saved for ``step``, sorted."""
+    from safetensors import safe_open
+
+    with safe_open(str(shard_file(root, step, shard)), framework="numpy") as f:
+        keys = [k.split("/") for k in f.keys()]  # noqa: SIM118 (safe_open has no items())
+    return sorted(parts[1] for parts in keys if len(parts) == 3 and parts[0] == "table" and parts[2] == "ids")

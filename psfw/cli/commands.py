@@ -257,3 +257,11 @@ def run_generate(args: argparse.Namespace) -> int:
     text = generate(model, prompt, args.bytes, args.temperature, args.seed)
     sys.stdout.write((prompt + text).decode("utf-8", errors="replace") + "\n")
     return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from psfw.jobs.export import export_table
+
+    exported = export_table(args.run_dir, args.table, args.to, args.step, args.checkpoint_dir)
+    print(f"psfw export: {exported.summary()}")
+    return 0

@@ -79,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
         _add_eval,
         _add_predict,
         _add_generate,
+        _add_export,
         _add_server,
         _add_worker,
         _add_launch,
@@ -152,6 +153,32 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=integer(0), default=0, help="the seed of the draws")
     p.set_defaults(run=commands.run_generate)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """``psfw export`` and its flags."""
+    p = sub.add_parser(
+        "export", help="write one embedding table's trained rows to a file a serving side reads without psfw"
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (a cluster run's: process 0's --run-dir)")
+    p.add_argument("--table", required=True, help="the table to export, as the model declares it")
+    p.add_argument(
+        "--to",
+        metavar="FILE",
+        help="FILE.safetensors (ids int64 [n], sorted; values float32 [n, dim]) or FILE.npz with the same arrays "
+        "(default: RUN_DIR/export/TABLE.safetensors)",
+    )
+    p.add_argument(
+        "--step",
+        type=checkpoint_step,
+        help="the checkpoint of this step, or best (train.keep_best's; default: the newest complete one, also of a "
+        "running job)",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        help="the shards' --checkpoint-dir of a cluster run, where its tables are (default: RUN_DIR/checkpoints)",
+    )
+    p.set_defaults(run=commands.run_export)
 
 
 def _add_server(sub: argparse._SubParsersAction) -> None:

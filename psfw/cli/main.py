@@ -1,4 +1,4 @@
-"""The ``psfw`` command: train, eval, predict, generate, server, worker, launch, status, health, bench."""
+"""The ``psfw`` command: train, eval, predict, generate, export, server, worker, launch, status, health, bench."""
 
 from __future__ import annotations
 

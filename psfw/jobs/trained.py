@@ -1,5 +1,6 @@
-"""What a run trained: its parameters, read back from its folder, and their
-evaluation (``psfw.load_params``, ``psfw eval``).
+"""What a run trained: its parameters and its tables' rows, read back from its folder
+(or a table from the file ``psfw export`` wrote), and their evaluation
+(``psfw.load_params``, ``psfw.load_table``, ``psfw eval``).
 
 A run folder holds the final parameters (``params.safetensors``) and, when it kept
 them, consistent checkpoints of every shard (``checkpoints/step-N``); either gives
@@ -9,9 +10,10 @@ the parameters by name, and the job's model gives them its pytree form.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -24,9 +26,12 @@ from psfw.jobs.evaluation import test_metrics
 from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE, labels_record
 from psfw.jobs.run_settings import stored_settings
+from psfw.jobs.table_file import is_table_file, read_table_file
 from psfw.jobs.user_rows import with_test_split
 from psfw.protocol.messages import RowBlock
-from psfw.services.checkpoint import complete_steps, load_table_rows, load_values
+from psfw.services.checkpoint import complete_steps, load_table_rows, load_values, saved_tables
+
+log = logging.getLogger("psfw")
 
 
 def run_config(run_dir: Path) -> Config:
@@ -161,48 +166,125 @@ def load_params(run_dir: str | Path, step: Step = None, config: Config | None = 
 
 
 def load_table(
-    run_dir: str | Path, name: str, step: Step = None, checkpoint_dir: str | Path | None = None
+    path_or_run_dir: str | Path,
+    name: str | None = None,
+    step: Step = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of an embedding table that a run's shards saved in a checkpoint,
-    gathered from every shard. A row that training never touched is not saved: its
-    value is still its initial one.
+    """The rows of an embedding table: those a run's shards saved in a checkpoint,
+    gathered from every shard, or those an export file holds (``psfw export``). A
+    row that training never touched is not saved: its value is still its initial one.
 
     Args:
-        run_dir: the run folder.
-        name: the table, as the model declares it.
-        step: the checkpoint's step (default: the newest complete one; ``"best"``:
-            the best evaluation's).
+        path_or_run_dir: the run folder, or a ``.safetensors`` or ``.npz`` file that
+            ``psfw export`` wrote.
+        name: the table, as the model declares it; for a file, optional (when given,
+            it must be the file's table).
+        step: the checkpoint's step (default: the newest complete one, also of a
+            job whose shards still write checkpoints; ``"best"``: the best
+            evaluation's); for a file, optional (when given, it must be the file's).
         checkpoint_dir: the shards' folder of a cluster run (default: the run
-            folder's ``checkpoints``).
+            folder's ``checkpoints``); not for a file.
 
     Returns:
-        ``(ids, values)``: the saved rows' ids, sorted, and their values
+        ``(ids, values)``: the saved rows' ids (int64, sorted) and their values
         ``[len(ids), dim]``.
 
     Raises:
-        UsageError: no complete checkpoint of that step, or none holds the table.
+        UsageError: no such run folder or file; no complete checkpoint of that step;
+            no table ``name`` there (the message lists those there are); a file
+            that is not a table, or of another table or step.
 
     Example::
 
         ids, rows = psfw.load_table("runs/run-001", "user")
+        ids, rows = psfw.load_table("runs/run-001/export/user.safetensors")
     """
-    run_dir = Path(run_dir)
-    root = checkpoint_folder(run_dir, checkpoint_dir)
-    if step is not None:
-        root, step = checkpoint_of(root, step)
+    path = Path(path_or_run_dir)
+    if is_table_file(path):
+        return _from_table_file(path, name, step, checkpoint_dir)
+    saved = saved_table(path, name, step, checkpoint_dir)
+    return saved.ids, saved.values
+
+
+def _from_table_file(
+    path: Path, name: str | None, step: Step, checkpoint_dir: str | Path | None
+) -> tuple[np.ndarray, np.ndarray]:
+    if checkpoint_dir is not None:
+        raise UsageError(f"{path} is an export file: checkpoint_dir is for a run folder")
+    held = read_table_file(path)
+    if name is not None and held.table is not None and name != held.table:
+        raise UsageError(f"{path} holds table {held.table!r}, not {name!r}")
+    if step is not None and (held.step is None or str(step) != str(held.step)):
+        raise UsageError(f"{path} holds the rows of step {held.step}, not of step {step}: export that step")
+    return held.ids, held.values
+
+
+class SavedTable(NamedTuple):
+    """One embedding table's rows as a checkpoint saved them, from every shard."""
+
+    step: int
+    ids: np.ndarray  # int64 [n], sorted
+    values: np.ndarray  # [n, dim]
+
+
+def saved_table(
+    run_dir: Path, name: str | None, step: Step = None, checkpoint_dir: str | Path | None = None
+) -> SavedTable:
+    """The rows of table ``name`` in the run's checkpoint of ``step`` (None: the
+    newest complete one; see ``load_table``).
+
+    A running job's shards go on writing checkpoints and drop older ones. Only
+    complete steps are read; when the step being read is removed meanwhile, the
+    newest complete one (or the best, which may have moved) is read instead, once;
+    a numbered step is not replaced. Raises UsageError, in one line, saying what
+    there is."""
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: no such run folder (give the --run-dir a psfw run wrote)")
     shards = run_config(run_dir).cluster.servers
+    checkpoints = checkpoint_folder(run_dir, checkpoint_dir)
+    for last_try in (False, True):
+        root, at = _complete_step(checkpoints, step, shards)
+        try:
+            return _gathered(root, at, shards, name)
+        except FileNotFoundError as err:
+            if at in complete_steps(root, shards):
+                raise UsageError(f"the checkpoint of step {at} in {root} cannot be read: {err}") from None
+            if last_try or (step is not None and step != BEST):
+                raise UsageError(
+                    f"the checkpoint of step {at} in {root} was removed while it was read (a running job's shards "
+                    "keep only their newest checkpoints): try again"
+                ) from None
+            log.info("the checkpoint of step %d in %s was removed while it was read: reading the newest now", at, root)
+    raise AssertionError("unreachable")
+
+
+def _complete_step(checkpoints: Path, step: Step, shards: int) -> tuple[Path, int]:
+    """The folder and step of the complete checkpoint ``step`` names (None: the newest)."""
+    root, at = checkpoint_of(checkpoints, step) if step is not None else (checkpoints, None)
     steps = complete_steps(root, shards)
-    if step is None and not steps:
-        raise UsageError(f"{root} has no complete checkpoint: the run's tables were never saved there")
-    if step is not None and step not in steps:
-        raise UsageError(f"{root} has no complete checkpoint of step {step} (it has {_listed(steps) or 'none'})")
-    at = steps[-1] if step is None else step
-    parts = [load_table_rows(root, at, shard, name) for shard in range(shards)]
+    if at is None and not steps:
+        raise UsageError(
+            f"{root} has no complete checkpoint: the run's tables were never saved there (a running job saves them "
+            "first at its first checkpoint; a cluster run's are in its shards' --checkpoint-dir)"
+        )
+    if at is not None and at not in steps:
+        raise UsageError(f"{root} has no complete checkpoint of step {at} (it has {_listed(steps) or 'none'})")
+    return root, steps[-1] if at is None else at
+
+
+def _gathered(root: Path, step: int, shards: int, name: str | None) -> SavedTable:
+    """Table ``name``'s rows in every shard's file of checkpoint ``step``, sorted by id."""
+    parts = [None if name is None else load_table_rows(root, step, shard, name) for shard in range(shards)]
     if any(p is None for p in parts):
-        raise UsageError(f"the checkpoint of step {at} in {root} holds no embedding table {name!r}")
+        held = saved_tables(root, step, 0)
+        there = f"it holds {', '.join(held)}" if held else "it holds none: the model declares no tables"
+        if name is None:
+            raise UsageError(f"name the table to read from the checkpoint of step {step} in {root} ({there})")
+        raise UsageError(f"the checkpoint of step {step} in {root} holds no embedding table {name!r} ({there})")
     ids = np.concatenate([p[0] for p in parts])
     order = np.argsort(ids, kind="stable")
-    return ids[order], np.concatenate([p[1] for p in parts])[order]
+    return SavedTable(step, ids[order], np.concatenate([p[1] for p in parts])[order])
 
 
 def rows_of(
