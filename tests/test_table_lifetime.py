@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.unit
+
 from psfw.compute.tables import TableSpec, check_table_optimizer, initial_rows, route
 from psfw.protocol.messages import RowBlock
 from psfw.services.table_lifetime import WaitingIds, oldest
