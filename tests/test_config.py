@@ -201,3 +201,50 @@ def test_a_runs_config_json_reads_back_the_settings_it_trained_with(examples):
         config = load_config(examples / name, sets)
         again = parse_config(stored_settings(json.loads(config.model_dump_json())))
         assert again.data == config.data and again.model == config.model, name
+
+
+RECSYS_TINY = {
+    "model": {"name": "fm", "dim": 4},
+    "data": {"name": "clicks", "users": 50, "items": 20, "train": 400, "test": 100},
+    "train": {"batch_size": 64, "steps": 2},
+}
+
+
+@pytest.mark.unit
+def test_table_lifetime_rules_reach_the_declaration_only_where_they_are_not_the_defaults():
+    """[tables] sets every table's rules, [tables.per_table.NAME] one table's own
+    (what it leaves unset comes from [tables]); the declaration the shards take
+    carries a rule only where it differs from today's, so a job without rules keeps
+    its identity."""
+    plain = build_job(parse_config(RECSYS_TINY)).table_declaration()
+    assert not any(k in plain["user"] for k in ("admit_after", "expire_after", "max_rows"))
+    config = parse_config(
+        {**RECSYS_TINY, "tables": {"admit_after": 2, "expire_after": 50, "per_table": {"item": {"max_rows": 10}}}}
+    )
+    declared = build_job(config).table_declaration()
+    assert {k: declared["user"].get(k) for k in ("admit_after", "expire_after", "max_rows")} == {
+        "admit_after": 2,
+        "expire_after": 50,
+        "max_rows": None,
+    }
+    assert {k: declared["item"].get(k) for k in ("admit_after", "expire_after", "max_rows")} == {
+        "admit_after": 2,
+        "expire_after": 50,
+        "max_rows": 10,
+    }
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("tables", "field", "says"),
+    [
+        ({"per_table": {"nope": {"max_rows": 5}}}, "tables.per_table.nope", "the model has no table 'nope'"),
+        ({"materialize": True, "expire_after": 5}, "tables.materialize", "admit_after, expire_after and max_rows"),
+        ({"admit_after": 0}, "tables.admit_after", "greater than or equal to 1"),
+        ({"per_table": {"user": {"colour": 1}}}, "tables.per_table.user.colour", ""),
+    ],
+)
+def test_table_lifetime_rules_that_cannot_work_are_refused_naming_the_key(tables, field, says):
+    with pytest.raises(ConfigError) as err:
+        build_job(parse_config({**RECSYS_TINY, "tables": tables}))
+    assert field in str(err.value) and says in str(err.value), str(err.value)
