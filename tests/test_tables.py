@@ -40,7 +40,7 @@ def make_config(folder: Path, optimizer: dict, workers=2, per_process=2, servers
             "data": {"path": str(click_data(folder))},
             "train": {"batch_size": 48, "steps": STEPS, "log_every": 1, **more.pop("train", {})},
             "optimizer": optimizer,
-            "tables": {"optimizer": optimizer},
+            "tables": {"optimizer": optimizer, **more.pop("tables", {})},
             "cluster": {
                 "workers_per_group": workers,
                 "workers_per_process": per_process,
@@ -182,6 +182,50 @@ async def test_the_shards_report_their_tables_in_status_and_metrics(tmp_path):
     finally:
         for server in servers:
             await server.stop(0)
+
+
+@pytest.mark.asyncio
+async def test_rows_admitted_expired_and_evicted_are_reported_and_add_up_to_the_rows_held(tmp_path):
+    """With admission, expiry and a cap, every shard says how many rows it admitted,
+    let expire and evicted and how many ids wait, in its status and its metrics; what
+    it admitted less what went is what it holds; the cap evicted rows; and the same
+    training on 1 shard holds the same ids (the cap aside: it is per shard)."""
+    from prometheus_client import generate_latest
+
+    from psfw.services.metrics import ShardMetrics
+    from psfw.services.server import ShardServer
+    from psfw.tools.cluster import Cluster, format_status
+
+    rules = {"admit_after": 2, "expire_after": 3, "per_table": {"item": {"max_rows": 12}}}
+    held_ids = {}
+    for servers in (3, 1):
+        config = make_config(tmp_path, OPTIMIZERS["sgd"], servers=servers, tables=rules, train={"steps": 12})
+        shards = [ShardServer(i, servers) for i in range(servers)]
+        for shard in shards:
+            await shard.start("127.0.0.1:0")
+        try:
+            await train_async(config, servers=[s.address for s in shards], progress=False, outputs=False)
+            async with Cluster([s.address for s in shards]) as cluster:
+                rows = await cluster.status(interval_s=0)
+            for row in rows:
+                for name, t in row["tables"].items():
+                    assert t["admitted"] - t["expired"] - t["evicted"] == t["rows"], (name, t)
+            assert sum(r["tables"]["user"]["expired"] for r in rows) > 0
+            assert sum(r["tables"]["user"]["waiting"] for r in rows) > 0
+            assert sum(r["tables"]["item"]["evicted"] for r in rows) > 0
+            assert "waiting" in format_status(rows)
+            text = generate_latest(ShardMetrics(shards[0].store).registry).decode()
+            for family in ("psfw_table_ids_waiting", "psfw_table_rows_admitted", "psfw_table_rows_expired"):
+                assert (
+                    f'{family}{{shard="0",table="user"}}' in text or f'{family}_total{{shard="0",table="user"}}' in text
+                )
+            held_ids[servers] = sorted(
+                int(i) for s in shards for i in s.store.tables.tables["user"].ids[: s.store.tables.tables["user"].count]
+            )
+        finally:
+            for shard in shards:
+                await shard.stop(0)
+    assert held_ids[3] == held_ids[1], "admission and expiry do not depend on the number of shards"
 
 
 @pytest.mark.unit
