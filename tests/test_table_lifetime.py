@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.unit
-
 from psfw.compute.tables import TableSpec, check_table_optimizer, initial_rows, route
 from psfw.protocol.messages import RowBlock
 from psfw.services.table_lifetime import WaitingIds, oldest
 from psfw.services.tables import ShardTables, parse_tables
+
+pytestmark = pytest.mark.unit
 
 SPEC = TableSpec(rows=None, dim=2, init="normal", scale=0.1)
 SGD = check_table_optimizer({"name": "sgd", "learning_rate": 0.5})
