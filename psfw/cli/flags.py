@@ -343,7 +343,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sparse",
         action="store_true",
-        help="embedding tables: samples/s and bytes per step by table size (with --scale: rows/s by shards; "
-        "with --memory SIZE: a table of SIZE over 2 shard processes)",
+        help="embedding tables: samples/s and bytes per step by table size, rows held and shard RSS with and "
+        "without tables.max_rows (with --scale: rows/s by shards; with --memory SIZE: a table of SIZE over 2 shard "
+        "processes)",
     )
     p.set_defaults(run=commands.run_bench)

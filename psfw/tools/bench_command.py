@@ -138,6 +138,7 @@ def _sparse(args: argparse.Namespace, memory: int | None) -> int:
         figures.update(sparse_bench.run_memory(memory))
     if not args.scale and memory is None:
         figures.update(sparse_bench.run_sparse(steps=args.steps, warmup=args.warmup))
+        figures.update(sparse_bench.run_sparse_cap(steps=args.steps, warmup=args.warmup))
     if args.json:
         print(json.dumps(figures))
         return 0
@@ -153,6 +154,18 @@ def _sparse(args: argparse.Namespace, memory: int | None) -> int:
                 f"  {rows:>12,} rows  tables {figures[f'sparse_{rows}_samples_per_s']:10,.0f} samples/s, "
                 f"{figures[f'sparse_{rows}_bytes_per_step'] / 1e6:8.2f} MB/step | dense {shown}, "
                 f"{figures[f'dense_{rows}_bytes_per_step'] / 1e6:9.1f} MB/step"
+            )
+    if "sparse_cap_max_rows" in figures:
+        print(
+            f"  {figures['sparse_cap_table_rows']:,} rows, Adagrad, over 2 shard processes, without a cap and with "
+            f"tables.max_rows {figures['sparse_cap_max_rows']:,}:"
+        )
+        for name, label in (("uncapped", "no cap"), ("capped", "max_rows")):
+            key = f"sparse_{name}_"
+            print(
+                f"    {label:<8}  rows held {figures[key + 'rows_held']} ({figures[key + 'held_mb']} MB), "
+                f"{figures[key + 'bytes_per_step'] / 1e6:.2f} MB/step, {figures[key + 'samples_per_s']:,.0f} "
+                f"samples/s, shard RSS {figures[key + 'shard_rss_mb']} MB (peak {figures[key + 'shard_peak_rss_mb']})"
             )
     for shards in (1, 2, 4):
         key = f"sparse_scale_{shards}_shards_rows_per_s"
