@@ -71,6 +71,24 @@ def test_bench_refuses_counts_it_cannot_time(capsys):
 
 @pytest.mark.unit
 @pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--events", "5"], "--events belongs to the stream: run psfw bench --sparse --stream --events"),
+        (["--sparse", "--plot", "x.png"], "--plot belongs to the stream"),
+        (["--stream"], "--stream measures embedding tables: run psfw bench --sparse --stream"),
+        (["--sparse", "--stream", "--scale"], "--stream runs alone"),
+        (["--sparse", "--stream", "--events", "1000", "--uncapped-events", "2000"], "at most --events (1,000)"),
+        (["--sparse", "--stream", "--events", "50000", "--distinct", "40000"], "raise --events or lower --distinct"),
+    ],
+)
+def test_the_stream_flags_are_refused_where_they_do_not_belong(args, says, capsys):
+    done = psfw_command(capsys, "bench", "--json", *args)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert says in done.stderr
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
     ("flag", "size", "least"), [("--transfer", "0", 8), ("--transfer", "7", 8), ("--memory", "0", 4)]
 )
 def test_bench_refuses_sizes_below_what_it_measures(flag, size, least, capsys):
