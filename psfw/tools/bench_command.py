@@ -235,7 +235,7 @@ def _stream(args: argparse.Namespace) -> int:
         print(
             f"    {figures[key + 'steps']:,} steps in {figures[key + 'seconds']:,.1f} s "
             f"({figures[key + 'steps_per_s']:,.1f} steps/s), {figures[key + 'bytes_per_step'] / 1e6:.3f} MB/step, "
-            f"{figures[key + 'distinct_ids']:,} distinct ids"
+            f"{figures[key + 'distinct_ids']:,} distinct ids, over {figures[key + 'path']}"
         )
         print(
             f"    at the end: rows held {figures[key + 'rows_held'][-1]}, ids waiting {figures[key + 'ids_waiting'][-1]}, "

@@ -88,14 +88,14 @@ class StreamWorker:
         answers = await asyncio.gather(
             *(
                 c.get(GetHeader(0, self.step, [], wait_s=120, pull={TABLE: part}), no_slices)
-                for c, part in zip(self.clients, parts)
+                for c, part in zip(self.clients, parts, strict=True)
             )
         )
         values = [
             a.table_rows[TABLE].values if len(part) else np.zeros((0, DIM), np.float32)
-            for a, part in zip(answers, parts)
+            for a, part in zip(answers, parts, strict=True)
         ]
-        self.row_bytes += sum(p.nbytes * 2 + v.nbytes for p, v in zip(parts, values))
+        self.row_bytes += sum(p.nbytes * 2 + v.nbytes for p, v in zip(parts, values, strict=True))
         return values
 
     async def run_step(self, events: np.ndarray) -> None:
@@ -126,7 +126,7 @@ class StreamWorker:
                     {},
                     no_slices,
                 )
-                for c, push in zip(self.clients, pushes)
+                for c, push in zip(self.clients, pushes, strict=True)
             )
         )
         self.step += 1
@@ -144,7 +144,7 @@ class StreamWorker:
         values = await self.pull(ids)
         spec = TableSpec(rows=None, dim=DIM)
         held = 0
-        for part, got in zip(self.parts(ids), values):
+        for part, got in zip(self.parts(ids), values, strict=True):
             fresh = initial_rows(SEED, TABLE, part, spec)
             held += int(((got != fresh).any(axis=1) & (got != 0).any(axis=1)).sum())
         return held / len(ids)
@@ -190,6 +190,7 @@ async def _drive(addresses: list[str], pids: list[int], stream: EventStream, eve
             "samples": samples,
             "seconds": seconds,
             "steps": worker.step,
+            "path": clients[0].kind,  # link (unix): the link on this host
             "row_bytes": worker.row_bytes,
             "distinct_seen": int(worker.seen.sum()),
             "peak_rss_mb": [round(rss_bytes(pid) / 2**20, 1) for pid in pids],
@@ -257,7 +258,8 @@ def run_stream(
                 key + "shard_cap": -(-cap // SHARDS),
                 key + "steps": got["steps"],
                 key + "seconds": round(got["seconds"], 1),
-                key + "steps_per_s": round(got["steps"] / got["seconds"], 1),
+                key + "steps_per_s": round(got["steps"] / got["seconds"], 1),  # samples included
+                key + "path": got["path"],
                 key + "bytes_per_step": int(got["row_bytes"] / got["steps"]),
                 key + "distinct_ids": got["distinct_seen"],
                 key + "sample_steps": [s["step"] for s in samples],
