@@ -227,6 +227,8 @@ def _stream(args: argparse.Namespace) -> int:
         cap = figures[key + "max_rows"]
         if cap:
             print(f"  max_rows {cap:,} ({figures[key + 'shard_cap']:,} a shard), the whole stream:")
+        elif figures[key + "events"] == figures["stream_events"]:
+            print("  no cap, the whole stream:")
         else:
             print(
                 f"  no cap, the stream's first {figures[key + 'events']:,} events only (without a cap a shard holds "
