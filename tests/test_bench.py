@@ -71,6 +71,24 @@ def test_bench_refuses_counts_it_cannot_time(capsys):
 
 @pytest.mark.unit
 @pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--events", "5"], "--events belongs to the stream: run psfw bench --sparse --stream --events"),
+        (["--sparse", "--plot", "x.png"], "--plot belongs to the stream"),
+        (["--stream"], "--stream measures embedding tables: run psfw bench --sparse --stream"),
+        (["--sparse", "--stream", "--scale"], "--stream runs alone"),
+        (["--sparse", "--stream", "--events", "1000", "--uncapped-events", "2000"], "at most --events (1,000)"),
+        (["--sparse", "--stream", "--events", "50000", "--distinct", "40000"], "raise --events or lower --distinct"),
+    ],
+)
+def test_the_stream_flags_are_refused_where_they_do_not_belong(args, says, capsys):
+    done = psfw_command(capsys, "bench", "--json", *args)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert says in done.stderr
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
     ("flag", "size", "least"), [("--transfer", "0", 8), ("--transfer", "7", 8), ("--memory", "0", 4)]
 )
 def test_bench_refuses_sizes_below_what_it_measures(flag, size, least, capsys):
@@ -113,3 +131,17 @@ def test_the_sparse_bench_measures_scale_and_a_shards_memory():
     held = memory["sparse_memory_shard_held_mb"]
     assert min(held) > 1000  # each shard holds its half of the table and its Adagrad state
     assert max(memory["sparse_memory_shard_peak_over_held"]) < 2.5
+
+
+@pytest.mark.slow
+def test_the_sparse_bench_holds_its_cap_and_moves_the_same_bytes_under_it():
+    """The same steps with and without tables.max_rows: each shard holds at most half
+    the cap with it and more without, and every step moves the same rows either way."""
+    from psfw.tools.sparse_bench import run_sparse_cap
+
+    figures = run_sparse_cap(rows=10**6, max_rows=20_000, steps=3, warmup=2)
+    assert figures["sparse_capped_rows_held"] == [10_000, 10_000]
+    assert min(figures["sparse_uncapped_rows_held"]) > 10_000
+    assert figures["sparse_capped_bytes_per_step"] == figures["sparse_uncapped_bytes_per_step"] > 0
+    for run in ("capped", "uncapped"):
+        assert min(figures[f"sparse_{run}_shard_rss_mb"]) > 0 and figures[f"sparse_{run}_samples_per_s"] > 0

@@ -139,6 +139,23 @@ async def test_a_table_run_writes_its_tables_into_partition_net_and_checkpoints(
 
 
 @pytest.mark.asyncio
+async def test_psfw_eval_reads_zeros_for_the_ids_waiting_for_admission_as_the_shards_did(tmp_path):
+    """Under admit_after 3 most ids of 5 steps hold no row at the end: the shards read
+    zeros for them, and so does psfw eval from the checkpoint (not their initial
+    values), so it gives the run's own final figures."""
+    config = make_config(tmp_path, OPTIMIZERS["sgd"])
+    config = config.model_copy(update={"tables": config.tables.model_copy(update={"admit_after": 3})})
+    run_dir = tmp_path / "run"
+    result = await train_async(config, run_dir, progress=False)
+    saved = psfw.load_table(run_dir, "item")[0]
+    assert 0 < len(saved) < 25, "some item ids wait for admission at the end"
+    from psfw.jobs.trained import evaluate_run
+
+    again = evaluate_run(run_dir, config)
+    assert abs(again["test_loss"] - result.test_loss) < 1e-7
+
+
+@pytest.mark.asyncio
 async def test_async_groups_with_staleness_train_the_tables(tmp_path):
     """Two groups, each at most one step ahead of the other, on the same rows."""
     config = make_config(tmp_path, OPTIMIZERS["adagrad"], workers=1, per_process=1, train={"steps": 12})

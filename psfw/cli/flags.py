@@ -343,7 +343,38 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sparse",
         action="store_true",
-        help="embedding tables: samples/s and bytes per step by table size (with --scale: rows/s by shards; "
-        "with --memory SIZE: a table of SIZE over 2 shard processes)",
+        help="embedding tables: samples/s and bytes per step by table size, rows held and shard RSS with and "
+        "without tables.max_rows (with --scale: rows/s by shards; with --memory SIZE: a table of SIZE over 2 shard "
+        "processes; with --stream: a table that runs for months)",
     )
+    # --sparse --stream: a table that runs for months (psfw.tools.stream_bench); None: its default
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="with --sparse: a stream of events through 2 shard processes under admit_after, expire_after and "
+        "max_rows, with and without the cap: shard RSS and rows held by step, and a plot",
+    )
+    p.add_argument("--events", metavar="N", type=integer(1), help="--stream: events in the stream (default 50,000,000)")
+    p.add_argument(
+        "--distinct", metavar="N", type=integer(20), help="--stream: about this many distinct ids (default 20,000,000)"
+    )
+    p.add_argument(
+        "--max-rows",
+        metavar="N",
+        type=integer(0),
+        help="--stream: tables.max_rows of the capped run (default 1,000,000)",
+    )
+    p.add_argument(
+        "--expire-after", metavar="N", type=integer(0), help="--stream: tables.expire_after, steps (default 2,000)"
+    )
+    p.add_argument(
+        "--admit-after", metavar="N", type=integer(1), help="--stream: tables.admit_after, steps (default 1)"
+    )
+    p.add_argument(
+        "--uncapped-events",
+        metavar="N",
+        type=integer(0),
+        help="--stream: the run without a cap takes the stream's first N events (default 10,000,000; 0: no such run)",
+    )
+    p.add_argument("--plot", metavar="FILE", help="--stream: where the PNG goes (default stream.png, in this folder)")
     p.set_defaults(run=commands.run_bench)

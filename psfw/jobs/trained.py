@@ -291,12 +291,17 @@ def rows_of(
     job: Job, saved: dict[str, tuple[np.ndarray, np.ndarray]], ids: dict[str, np.ndarray]
 ) -> dict[str, RowBlock]:
     """The rows of the sorted unique ``ids`` of each table as ``saved`` holds them
-    (``load_table``'s ``(ids, values)``), their initial values where training never
-    touched them."""
+    (``load_table``'s ``(ids, values)``), where it holds none what the shards read
+    for them: their initial values, or zeros under ``admit_after`` above 1 (an id
+    without a row waits for admission)."""
     out = {}
     for name, wanted in ids.items():
         saved_ids, saved_values = saved[name]
-        values = initial_rows(job.config.seed, name, wanted, job.model.tables[name])
+        spec = job.model.tables[name]
+        if job.config.tables is not None and job.config.tables.lifetime(name).admit_after > 1:
+            values = np.zeros((len(wanted), spec.dim), np.float32)
+        else:
+            values = initial_rows(job.config.seed, name, wanted, spec)
         where = np.searchsorted(saved_ids, wanted).clip(0, max(len(saved_ids) - 1, 0))
         found = saved_ids[where] == wanted if len(saved_ids) else np.zeros(len(wanted), bool)
         values[found] = saved_values[where[found]]

@@ -55,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
             f"--steps {args.steps}, --warmup {args.warmup}, --rounds {args.rounds}: each must be at least 1 "
             "(the first measured step is timed from the end of the last warmup step)"
         )
+    _check_stream_flags(args)
     transfer = _size_flag("--transfer", args.transfer, MIN_TRANSFER_BYTES)
     memory = _size_flag("--memory", args.memory, MIN_MEMORY_BYTES)
     figures: dict = {}
@@ -125,12 +126,29 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+# the flags of --sparse --stream, as argparse names them (None: the bench's default)
+STREAM_FLAGS = ("events", "distinct", "max_rows", "expire_after", "admit_after", "uncapped_events", "plot")
+
+
+def _check_stream_flags(args: argparse.Namespace) -> None:
+    """--stream goes with --sparse, and its flags with --stream, alone."""
+    if args.stream and not args.sparse:
+        raise ValueError("--stream measures embedding tables: run psfw bench --sparse --stream")
+    given = [f"--{name.replace('_', '-')}" for name in STREAM_FLAGS if getattr(args, name) is not None]
+    if given and not args.stream:
+        raise ValueError(f"{given[0]} belongs to the stream: run psfw bench --sparse --stream {given[0]} ...")
+    if args.stream and (args.scale or args.memory is not None or args.transfer is not None):
+        raise ValueError("--stream runs alone: drop --scale, --memory and --transfer")
+
+
 def _sparse(args: argparse.Namespace, memory: int | None) -> int:
     """``--sparse``: the embedding-table figures (psfw.tools.sparse_bench)."""
     from psfw.tools import sparse_bench
 
     if args.transfer is not None:
         raise ValueError("--transfer measures dense parameters: run it without --sparse")
+    if args.stream:
+        return _stream(args)
     figures: dict = {}
     if args.scale:
         figures.update(sparse_bench.run_scale())
@@ -138,6 +156,7 @@ def _sparse(args: argparse.Namespace, memory: int | None) -> int:
         figures.update(sparse_bench.run_memory(memory))
     if not args.scale and memory is None:
         figures.update(sparse_bench.run_sparse(steps=args.steps, warmup=args.warmup))
+        figures.update(sparse_bench.run_sparse_cap(steps=args.steps, warmup=args.warmup))
     if args.json:
         print(json.dumps(figures))
         return 0
@@ -154,6 +173,18 @@ def _sparse(args: argparse.Namespace, memory: int | None) -> int:
                 f"{figures[f'sparse_{rows}_bytes_per_step'] / 1e6:8.2f} MB/step | dense {shown}, "
                 f"{figures[f'dense_{rows}_bytes_per_step'] / 1e6:9.1f} MB/step"
             )
+    if "sparse_cap_max_rows" in figures:
+        print(
+            f"  {figures['sparse_cap_table_rows']:,} rows, Adagrad, over 2 shard processes, without a cap and with "
+            f"tables.max_rows {figures['sparse_cap_max_rows']:,}:"
+        )
+        for name, label in (("uncapped", "no cap"), ("capped", "max_rows")):
+            key = f"sparse_{name}_"
+            print(
+                f"    {label:<8}  rows held {figures[key + 'rows_held']} ({figures[key + 'held_mb']} MB), "
+                f"{figures[key + 'bytes_per_step'] / 1e6:.2f} MB/step, {figures[key + 'samples_per_s']:,.0f} "
+                f"samples/s, shard RSS {figures[key + 'shard_rss_mb']} MB (peak {figures[key + 'shard_peak_rss_mb']})"
+            )
     for shards in (1, 2, 4):
         key = f"sparse_scale_{shards}_shards_rows_per_s"
         if key in figures:
@@ -164,6 +195,61 @@ def _sparse(args: argparse.Namespace, memory: int | None) -> int:
             f"{figures['sparse_memory_shard_peak_rss_mb']} MB for {figures['sparse_memory_shard_held_mb']} MB of rows "
             f"and state held ({figures['sparse_memory_shard_peak_over_held']} x)"
         )
+    return 0
+
+
+def _stream(args: argparse.Namespace) -> int:
+    """``--sparse --stream``: a table that runs for months (psfw.tools.stream_bench),
+    its figures and its plot."""
+    from pathlib import Path
+
+    from psfw.tools.stream_bench import run_stream
+    from psfw.tools.stream_plot import write_stream_plot
+
+    plot = Path(args.plot or "stream.png").absolute()
+    given = {name: getattr(args, name) for name in STREAM_FLAGS if name != "plot" and getattr(args, name) is not None}
+    figures = run_stream(**given)
+    write_stream_plot(figures, plot)
+    figures["stream_plot"] = str(plot)
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    print(
+        f"a stream of {figures['stream_events']:,} events over about {figures['stream_distinct']:,} distinct ids "
+        f"(a Zipf head and a uniform tail), {figures['stream_batch']:,} a step; a table of "
+        f"{figures['stream_dim']}-wide rows, Adagrad, admit_after {figures['stream_admit_after']}, expire_after "
+        f"{figures['stream_expire_after']:,}; {figures['stream_shards']} shard processes, 1 simulated worker process"
+    )
+    for name in ("capped", "uncapped"):
+        key = f"stream_{name}_"
+        if key + "steps" not in figures:
+            continue
+        cap = figures[key + "max_rows"]
+        if cap:
+            print(f"  max_rows {cap:,} ({figures[key + 'shard_cap']:,} a shard), the whole stream:")
+        elif figures[key + "events"] == figures["stream_events"]:
+            print("  no cap, the whole stream:")
+        else:
+            print(
+                f"  no cap, the stream's first {figures[key + 'events']:,} events only (without a cap a shard holds "
+                "every row expiry leaves: this run is kept shorter, to fit in memory):"
+            )
+        print(
+            f"    {figures[key + 'steps']:,} steps in {figures[key + 'seconds']:,.1f} s "
+            f"({figures[key + 'steps_per_s']:,.1f} steps/s), {figures[key + 'bytes_per_step'] / 1e6:.3f} MB/step, "
+            f"{figures[key + 'distinct_ids']:,} distinct ids, over {figures[key + 'path']}"
+        )
+        print(
+            f"    at the end: rows held {figures[key + 'rows_held'][-1]}, ids waiting {figures[key + 'ids_waiting'][-1]}, "
+            f"shard RSS {figures[key + 'rss_mb'][-1]} MB (at the start {figures[key + 'rss_mb'][0]}, peak "
+            f"{figures[key + 'peak_rss_mb']})"
+        )
+        print(
+            f"    rows admitted {figures[key + 'admitted']}, expired {figures[key + 'expired']}, evicted "
+            f"{figures[key + 'evicted']}; the head's {figures['stream_top_ids']:,} most frequent ids holding a row: "
+            f"{figures[key + 'head_held_share']:.3f}"
+        )
+    print(f"  plot: {plot}")
     return 0
 
 

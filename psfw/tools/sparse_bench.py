@@ -6,6 +6,9 @@
   moved per step. Only the rows a batch uses travel, so the bytes stay flat as the
   table grows. The same model with the table as a dense parameter moves the whole
   table both ways every step: measured where it fits (``dense_limit``).
+- **A cap.** The largest table trained over 2 shard processes (Adagrad) without a
+  cap and with ``tables.max_rows``: the rows each shard holds at the end, the bytes
+  per step and each shard's RSS.
 - **Scale** (``--scale``): rows pulled and pushed per second by 2 simulated
   processes against 1, 2 and 4 shard processes.
 - **Memory** (``--memory SIZE``): a table of SIZE bytes over 2 shard processes,
@@ -36,6 +39,7 @@ from psfw.services.server import ShardServer
 SIZES = (10**5, 10**6, 10**7)
 DIM, BAG, BATCH = 64, 4, 4096
 DENSE_LIMIT = 256 << 20  # table bytes up to which the dense path is measured too
+CAP_ROWS = 100_000  # tables.max_rows of the capped run: under the rows 35 steps of the largest table make
 
 
 def zipf_bags(rows: int, count: int, seed: int = 0, alpha: float = 1.1) -> np.ndarray:
@@ -47,13 +51,14 @@ def zipf_bags(rows: int, count: int, seed: int = 0, alpha: float = 1.1) -> np.nd
     return ((ranks * 0x9E3779B1 + 12345) % rows).astype(np.int64) if rows > 1 else ranks.astype(np.int64)
 
 
-def _job(rows: int, dense: bool, steps: int, optimizer: str = "sgd") -> Job:
+def _job(rows: int, dense: bool, steps: int, optimizer: str = "sgd", max_rows: int = 0) -> Job:
+    cap = {"max_rows": max_rows} if max_rows else {}
     config = parse_config(
         {
             "seed": 0,
             "train": {"batch_size": BATCH, "steps": steps, "log_every": 1, "wait_s": 600},
             "optimizer": {"name": "sgd", "learning_rate": 0.01},
-            "tables": {"optimizer": {"name": optimizer, "learning_rate": 0.01}},
+            "tables": {"optimizer": {"name": optimizer, "learning_rate": 0.01}, **cap},
             "cluster": {"workers_per_group": 2, "workers_per_process": 2, "servers": 2},
         },
         "sparse bench",
@@ -68,15 +73,16 @@ def _job(rows: int, dense: bool, steps: int, optimizer: str = "sgd") -> Job:
     return Job(config, model, data, layout, treedef, steps)
 
 
-async def _train(job: Job, warmup: int) -> dict[str, float]:
-    """Samples/s after ``warmup`` steps and the bytes moved per step (both ways)."""
+async def _train(job: Job, warmup: int, addresses: list[str] | None = None) -> dict[str, float]:
+    """Samples/s after ``warmup`` steps and the bytes moved per step (both ways),
+    against the shards at ``addresses`` (None: 2 in this process)."""
     stamps: list[float] = []
     reporter = StepReporter({0: 1}, job.steps, 1, [lambda r: stamps.append(time.perf_counter())])
-    servers = [ShardServer(i, 2) for i in range(2)]
+    servers = [] if addresses is not None else [ShardServer(i, 2) for i in range(2)]
     for server in servers:
         await server.start("127.0.0.1:0")
     try:
-        stubs = await run_worker_processes(job, [s.address for s in servers], reporter=reporter)
+        stubs = await run_worker_processes(job, addresses or [s.address for s in servers], reporter=reporter)
     finally:
         for server in servers:
             await server.stop(0)
@@ -110,6 +116,43 @@ def run_sparse(
             figures[f"dense_{rows}_samples_per_s"] = None  # the whole table, both ways, every step: not run
             figures[f"dense_{rows}_bytes_per_step"] = 2 * rows * DIM * 4
     return figures
+
+
+def run_sparse_cap(rows: int = SIZES[-1], max_rows: int = CAP_ROWS, steps: int = 30, warmup: int = 5) -> dict[str, Any]:
+    """The table of ``rows`` rows without a cap and with ``tables.max_rows``, over 2
+    shard processes (Adagrad): the rows each shard holds at the end, the bytes per
+    step, samples/s and each shard's RSS."""
+    from psfw.jobs.shard_processes import rss_bytes, shard_processes
+
+    figures: dict[str, Any] = {"sparse_cap_table_rows": rows, "sparse_cap_max_rows": max_rows}
+    for name, cap in (("uncapped", 0), ("capped", max_rows)):
+        with shard_processes(2) as (addresses, procs):
+            job = _job(rows, False, warmup + steps, optimizer="adagrad", max_rows=cap)
+            measured = asyncio.run(_train(job, warmup, addresses))
+            tables = asyncio.run(_described_tables(addresses))
+            rss = [rss_bytes(p.pid, "VmRSS") for p in procs]
+            peak = [rss_bytes(p.pid) for p in procs]
+        key = f"sparse_{name}_"
+        figures[key + "rows_held"] = [t.rows_held for t in tables]
+        figures[key + "held_mb"] = [round(t.bytes / 2**20, 1) for t in tables]
+        figures[key + "bytes_per_step"] = int(measured["bytes_per_step"])
+        figures[key + "samples_per_s"] = round(measured["samples_per_s"], 1)
+        figures[key + "shard_rss_mb"] = [round(r / 2**20, 1) for r in rss]
+        figures[key + "shard_peak_rss_mb"] = [round(r / 2**20, 1) for r in peak]
+    return figures
+
+
+async def _described_tables(addresses: list[str]) -> list[Any]:
+    """Each shard's Describe of the table "ids"."""
+    from psfw.runtime.shard_client import ShardClient
+
+    clients = [ShardClient(a, i, timeout_s=60) for i, a in enumerate(addresses)]
+    try:
+        replies = await asyncio.gather(*(c.describe() for c in clients))
+        return [next(t for t in r.tables if t.name == "ids") for r in replies]
+    finally:
+        for c in clients:
+            await c.close()
 
 
 async def _scale_round(addresses: list[str], rows: int, seconds: float) -> float:
