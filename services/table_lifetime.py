@@ -62,12 +62,18 @@ class WaitingIds:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def counts_of(self, ids: np.ndarray) -> np.ndarray:
-        """How many steps used each of ``ids`` (sorted, unique) so far: 0 if none."""
+    def _find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each of ``ids`` (sorted, unique) is or would go, and whether it is
+        there (a binary search: no pass over every id waiting)."""
         at = np.searchsorted(self.ids, ids)
         inside = at < len(self.ids)
         found = np.zeros(len(ids), bool)
         found[inside] = self.ids[at[inside]] == ids[inside]
+        return at, found
+
+    def counts_of(self, ids: np.ndarray) -> np.ndarray:
+        """How many steps used each of ``ids`` (sorted, unique) so far: 0 if none."""
+        at, found = self._find(ids)
         out = np.zeros(len(ids), np.int32)
         out[found] = self.counts[at[found]]
         return out
@@ -76,10 +82,7 @@ class WaitingIds:
         """One more step used each of ``ids`` (sorted, unique), at step ``now``."""
         if not len(ids):
             return
-        at = np.searchsorted(self.ids, ids)
-        inside = at < len(self.ids)
-        found = np.zeros(len(ids), bool)
-        found[inside] = self.ids[at[inside]] == ids[inside]
+        at, found = self._find(ids)
         self.counts[at[found]] += 1
         self.seen[at[found]] = now
         new = ~found
@@ -93,7 +96,9 @@ class WaitingIds:
         """Forget ``ids`` (admitted now)."""
         if not len(ids) or not len(self.ids):
             return
-        keep = ~np.isin(self.ids, ids, assume_unique=True)
+        at, found = self._find(ids)
+        keep = np.ones(len(self.ids), bool)
+        keep[at[found]] = False
         self._keep(keep)
 
     def forget(self, now: int, after: int, limit: int) -> None:
