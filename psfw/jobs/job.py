@@ -275,11 +275,9 @@ def _embedded(config: Config, model: Model, x: np.ndarray) -> tuple[dict[str, An
                 check_table_optimizer(spec.optimizer)
     except ValueError as err:
         raise config.error(field, str(err)) from None
-    unknown = sorted(set(config.tables.per_table) - set(model.tables)) if config.tables else []
-    if unknown:
+    for name in sorted(set(config.tables.per_table) - set(model.tables)) if config.tables else []:
         raise config.error(
-            f"tables.per_table.{unknown[0]}",
-            f"the model has no table {unknown[0]!r} (it has {', '.join(sorted(model.tables))})",
+            f"tables.per_table.{name}", f"the model has no table {name!r} (it has {', '.join(model.tables)})"
         )
     try:
         used = model.ids(x)
