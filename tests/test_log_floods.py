@@ -64,7 +64,7 @@ def test_a_flood_writes_only_psfw_refusal_lines_and_clients_print_no_core_lines(
         try:
             line = proc.stdout.readline()
             assert "listening on 127.0.0.1:" in line, line + proc.stderr.read()
-            address = line.split()[-1]
+            address = re.search(r"listening on (\S+)", line).group(1)
             junk(int(address.rpartition(":")[2]), 60)
             wrong_tokens(address, pki["ca"].read_bytes(), 30)
             clients = {

@@ -40,9 +40,7 @@ async def test_a_shard_restarted_during_the_last_update_sends_the_workers_back(t
     async def update(self, header, *args, **kwargs):
         if header.step == steps - 1 and self.shard == 0 and not restarted:
             old = servers[0]
-            await asyncio.gather(
-                old._server.stop(0), old.local.stop(0), old.data.stop(0)
-            )  # a crash: no final checkpoint
+            await asyncio.gather(old._server.stop(0), old.link.stop(0))  # a crash: no final checkpoint
             servers[0] = ShardServer(0, 2, checkpoint_dir=folder)
             await servers[0].start(old.address)
             restarted.append(servers[0].restored_step)
