@@ -9,6 +9,8 @@ import asyncio
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ import psfw
 from psfw.base.errors import UsageError
 from psfw.compute.tables import route
 from psfw.jobs.checkpoint_state import checkpoint_digest
-from psfw.jobs.config import Config, parse_config
+from psfw.jobs.config import Config, load_config, parse_config
 from psfw.jobs.embedded import train_async
 from psfw.jobs.job import build_job
 from psfw.jobs.reshard import ModelForm, reshard_newest
@@ -29,7 +31,9 @@ from psfw.services import checkpoint
 from psfw.services.server import ShardServer
 from psfw.tools.cluster import Cluster, format_status
 
-from helpers import assert_params_close, psfw_command, reference
+from helpers import assert_params_close, psfw_command, read_params, reference
+
+PSFW = [sys.executable, "-m", "psfw.cli"]
 
 EVERY = 5
 LIFETIME = {"admit_after": 2, "expire_after": 3}  # rows with last uses, ids that wait: all of it moves
@@ -133,6 +137,44 @@ async def test_a_table_run_of_2_shards_resumed_on_another_count_ends_as_never_st
         want_ids, want_rows = psfw.load_table(never_stopped, name)
         np.testing.assert_array_equal(ids, want_ids, err_msg=f"{name}: the rows admitted and expired")
         np.testing.assert_allclose(rows, want_rows, rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+LAUNCHED = """
+seed = 3
+[model]
+hidden = [16]
+[train]
+batch_size = 32
+steps = 10
+log_every = 5
+checkpoint_every = 5
+[optimizer]
+name = "adam"
+learning_rate = 0.01
+[cluster]
+workers_per_group = 2
+workers_per_process = 1
+servers = 2
+slice_bytes = 1024
+"""
+
+
+@pytest.mark.slow
+def test_launch_resumes_a_run_of_2_shards_on_3_and_says_so(tmp_path):
+    job, run = tmp_path / "job.toml", tmp_path / "run"
+    job.write_text(LAUNCHED)
+    asyncio.run(train(load_config(job), run))
+    resumed = subprocess.run(
+        [*PSFW, "launch", str(job), "--set", "cluster.servers=3", "--set", "train.steps=20", "--run-dir", str(run)]
+        + ["--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "psfw: restored the checkpoint of step 10 made on 2 shards onto 3" in resumed.stderr.splitlines()
+    assert checkpoint.complete_steps(run / "checkpoints", 3) == [10, 15, 20]
+    assert_params_close(read_params(run / "params.safetensors"), reference(load_config(job, ["train.steps=20"]), 20))
 
 
 @pytest.fixture(scope="module")
