@@ -84,7 +84,6 @@ def save_resharded(
     from safetensors.numpy import save
 
     shards = len(states)
-    folder = step_dir(root, step)
     files = {}
     for shard, (tensors, meta) in enumerate(states):
         path = resharded_file(root, step, shard, shards)
@@ -92,7 +91,7 @@ def save_resharded(
         write_atomic(path, data)
         files[path.name] = len(data)
     manifest = {"step": step, "shards": shards, "files": files, "resharded_from": resharded_from}
-    write_atomic(folder / resharded_manifest(root, step, shards).name, json.dumps(manifest, indent=1).encode())
+    write_atomic(resharded_manifest(root, step, shards), json.dumps(manifest, indent=1).encode())
 
 
 def complete(root: Path, step: int, shards: int) -> bool:
