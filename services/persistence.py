@@ -102,6 +102,8 @@ class ShardCheckpoints:
         self.store, self.folder, self.keep = store, folder, keep
         self.saved_step = -1  # group 0's step of the newest checkpoint this shard wrote or loaded
         self.generation = 0  # loads so far: a snapshot taken before the last one is of an abandoned history
+        # the step of the checkpoint loaded last, and the shard count it was made on when it was re-cut (else 0)
+        self.restored: tuple[int, int] | None = None
         self._saving = asyncio.Lock()
         self._saves: set[asyncio.Task] = set()
 
@@ -144,12 +146,32 @@ class ShardCheckpoints:
 
     async def load_newest(self) -> int | None:
         """Load the newest complete checkpoint, if any (a restarted shard); its epoch
-        goes up by one so that every stub re-syncs. Returns group 0's step."""
+        goes up by one so that every stub re-syncs. Returns group 0's step.
+
+        Raises ValueError when the newest checkpoint was made on another number of
+        shards: a shard alone does not know the layout to re-cut it by, and an older
+        one of its own count would quietly roll the job back."""
         async with self._saving:
             steps = await asyncio.to_thread(self.steps)
+            await asyncio.to_thread(self._check_newest, steps[-1] if steps else -1)
             if steps:
                 await self._roll_back(steps[-1], None)
         return steps[-1] if steps else None
+
+    def _check_newest(self, own: int) -> None:
+        if self.folder is None:
+            return
+        newest = self.folder.steps(None)
+        if not newest or newest[-1] <= own:
+            return
+        step, shards = newest[-1], self.store.shards
+        made_on = " or ".join(map(str, self.folder.counts(step)))
+        root = self.folder.root
+        raise ValueError(
+            f"shard {self.store.shard} of {shards}: the newest checkpoint in {root} is of step {step}, made on "
+            f"{made_on} shards, not {shards}: re-cut it for {shards} with `psfw reshard CONFIG --checkpoint-dir "
+            f"{root} --shards {shards}` (psfw train and psfw launch --resume do it themselves), or start {made_on} shards"
+        )
 
     async def restore(self, step: int, epoch: int) -> None:
         """Roll back to the complete checkpoint of ``step`` and take on ``epoch``.
@@ -173,7 +195,7 @@ class ShardCheckpoints:
         checkpoint's plus one. The caller holds the save lock; the state is replaced
         under the update lock, then waiters look again."""
         store = self.store
-        tensors, meta = await asyncio.to_thread(self.folder.load, step, store.shard)
+        tensors, meta = await asyncio.to_thread(self.folder.load, step, store.shard, store.shards)
         loaded = await asyncio.to_thread(
             load_snapshot, tensors, meta, store.shard, store.shards, store.update_batch_bytes
         )
@@ -181,6 +203,7 @@ class ShardCheckpoints:
             self.generation += 1
             install(store, loaded, int(meta["epoch"]) + 1 if epoch is None else epoch)
             self.saved_step = step
+            self.restored = (step, int(meta.get("resharded_from", 0)))
         await asyncio.to_thread(self.folder.drop_after, step)
         await store.notify()
 

@@ -277,6 +277,9 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
         host=host_id(),
         job=store.job,
     )
+    restored = store.checkpoints.restored
+    if restored is not None and restored[1]:  # a checkpoint re-cut from another shard count
+        reply.resharded_step, reply.resharded_from = restored
     for (key, index), (dtype, shape) in sorted(store.specs.items()):
         reply.slices.add(
             key=key,

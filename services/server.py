@@ -136,6 +136,7 @@ class ShardServer:
         self.metrics_port: int | None = None
         self.metrics_address = ""  # host:port of the Prometheus endpoint, once serving
         self.restored_step: int | None = None  # set when start() loaded a checkpoint
+        self.restored_from_shards = 0  # the shard count that checkpoint was made on, when re-cut for this one
         # Put, Get and Update over a Unix socket and a TCP port (0: a free one; None: no TCP)
         self.link = LinkListener(self.requests, security.token, security.link_server_context())
         self._link_port = link_port
@@ -194,8 +195,19 @@ class ShardServer:
                 raise
             self.requests.loading = False
             if step is not None:
-                log.warning("shard %d restored from its checkpoint of step %d", self.store.shard, step)
+                made_on = self.store.checkpoints.restored[1]
+                if made_on:
+                    log.warning(
+                        "shard %d of %d restored from the checkpoint of step %d made on %d shards",
+                        self.store.shard,
+                        self.store.shards,
+                        step,
+                        made_on,
+                    )
+                else:
+                    log.warning("shard %d restored from its checkpoint of step %d", self.store.shard, step)
                 self.restored_step = step
+                self.restored_from_shards = made_on
         if self._link_on:
             await self._start_link(host.strip("[]"), self._link_port)
         if ready:
@@ -279,7 +291,8 @@ async def serve(
     extra = f" (link: port {server.link.port})" if server.link.port else ""
     extra += f", metrics on http://{server.metrics_address}/metrics" if server.metrics_address else ""
     if server.restored_step is not None:
-        extra += f", restored step {server.restored_step} (epoch {server.store.epoch})"
+        made_on = f", made on {server.restored_from_shards} shards" if server.restored_from_shards else ""
+        extra += f", restored step {server.restored_step} (epoch {server.store.epoch}{made_on})"
     say(f"psfw shard {shard}/{shards} listening on {server.address}{extra}", sys.stdout)
     if ready_file:
         record = {
@@ -289,6 +302,7 @@ async def serve(
             "metrics": server.metrics_address or None,
             "link_port": server.link.port or None,
             "restored_step": server.restored_step,
+            "restored_from_shards": server.restored_from_shards or None,
             "pid": os.getpid(),
         }
         try:

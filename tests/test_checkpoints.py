@@ -107,6 +107,28 @@ async def test_a_restore_abandons_the_checkpoints_after_it(tmp_path):
 
 
 @pytest.mark.unit
+def test_a_set_re_cut_for_another_count_lies_beside_the_shards_own_and_counts_once_whole(tmp_path):
+    """A re-cut set (psfw.jobs.reshard) is a checkpoint of its own count in the same
+    step folder: its files first, its manifest last; the shards of each count find
+    their own files; a file it names that goes missing makes it incomplete."""
+    tensors = {"value/0": np.ones(3, np.float32)}
+    for shard in range(2):
+        checkpoint.save_shard(tmp_path, 40, shard, 2, tensors, {"shard": shard, "shards": 2})
+    recut = [({"value/0": np.full(2, float(s), np.float32)}, {"shard": s, "shards": 3}) for s in range(3)]
+    checkpoint.save_resharded(tmp_path, 40, recut, resharded_from=2)
+    assert checkpoint.complete_steps(tmp_path, 2) == checkpoint.complete_steps(tmp_path, 3) == [40]
+    assert checkpoint.complete_steps(tmp_path) == [40] and checkpoint.complete_counts(tmp_path, 40) == [2, 3]
+    assert checkpoint.saved_file(tmp_path, 40, 1, 2).name == "shard-1.safetensors"
+    assert checkpoint.saved_file(tmp_path, 40, 1, 3).name == "shard-1-of-3.safetensors"
+    values, meta = checkpoint.load_shard(tmp_path, 40, 2, 3)
+    assert meta == {"shard": 2, "shards": 3} and values["value/0"].tolist() == [2.0, 2.0]
+    assert [s.resharded_from for s in checkpoint.checkpoint_sets(tmp_path)] == [0, 2]
+    checkpoint.resharded_file(tmp_path, 40, 2, 3).unlink()
+    assert checkpoint.complete_steps(tmp_path, 3) == [] and checkpoint.complete_steps(tmp_path, 2) == [40]
+    assert checkpoint.checkpoint_sets(tmp_path)[1].missing() == ["shard-2-of-3.safetensors"]
+
+
+@pytest.mark.unit
 def test_two_threads_writing_the_same_file_atomically_both_succeed(tmp_path):
     """In-process shards complete a checkpoint's manifest from two threads at once:
     each write has a temporary file of its own, and the file is always whole."""

@@ -153,12 +153,12 @@ def test_a_checkpoint_removed_while_it_is_read_is_read_again_from_the_newest_onc
     read_rows = trained.load_table_rows
     removals, left = [], [1]  # the steps removed, and how many more to remove
 
-    def pruned_at_the_second_shard(root, step, shard, table):
+    def pruned_at_the_second_shard(root, step, shard, table, shards):
         if shard == 1 and left[0]:  # shard 0's rows of this step are read already
             left[0] -= 1
             removals.append(step)
             shutil.rmtree(step_dir(root, step))
-        return read_rows(root, step, shard, table)
+        return read_rows(root, step, shard, table, shards)
 
     monkeypatch.setattr(trained, "load_table_rows", pruned_at_the_second_shard)
     exported = export_table(run, "user", tmp_path / "user.safetensors", checkpoint_dir=shards)

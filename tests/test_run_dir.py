@@ -561,7 +561,7 @@ def test_overwrite_never_follows_a_link_out_of_the_run_folder(tmp_path):
     (run / "params.safetensors").write_bytes(b"x")  # a finished run
     (run / "checkpoints" / "step-00000010").symlink_to(other / "step-00000010")
     (run / "checkpoints" / "best").symlink_to(other)
-    earlier = check_run_dir(run, 1, resume=False, overwrite=True)
+    earlier = check_run_dir(run, resume=False, overwrite=True)
     earlier.clear()
     assert complete_steps(other, 1) == [10]  # the other run's checkpoint is whole
     assert (run / "checkpoints" / "step-00000010").is_symlink() and (run / "checkpoints" / "best").is_symlink()

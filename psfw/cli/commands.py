@@ -265,3 +265,33 @@ def run_export(args: argparse.Namespace) -> int:
     exported = export_table(args.run_dir, args.table, args.to, args.step, args.checkpoint_dir)
     print(f"psfw export: {exported.summary()}")
     return 0
+
+
+def run_reshard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from psfw.jobs.config import load_config
+    from psfw.jobs.outputs import CHECKPOINTS
+    from psfw.jobs.reshard import reshard_for_config
+    from psfw.services.checkpoint import complete_counts, complete_steps
+
+    if bool(args.run_dir) == bool(args.checkpoint_dir):
+        raise UsageError("give the run's --run-dir or the shards' --checkpoint-dir, one of them")
+    config = load_config(args.config, args.set)
+    root = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.run_dir) / CHECKPOINTS
+    shards = args.shards or config.cluster.servers
+    steps = complete_steps(root)
+    if not steps:
+        raise UsageError(f"{root} holds no complete checkpoint to re-cut")
+    done = reshard_for_config(root, config, shards)
+    if done is None:
+        made_on = " and ".join(map(str, complete_counts(root, steps[-1])))
+        print(
+            f"psfw reshard: the newest checkpoint in {root} (step {steps[-1]}) is of {made_on} shards: nothing to re-cut"
+        )
+        return 0
+    print(
+        f"psfw reshard: the checkpoint of step {done.step} made on {done.made_on} shards in {root} is re-cut for "
+        f"{shards}; {shards} shards with --checkpoint-dir {root} load it"
+    )
+    return 0

@@ -80,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
         _add_predict,
         _add_generate,
         _add_export,
+        _add_reshard,
         _add_server,
         _add_worker,
         _add_launch,
@@ -179,6 +180,25 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="the shards' --checkpoint-dir of a cluster run, where its tables are (default: RUN_DIR/checkpoints)",
     )
     p.set_defaults(run=commands.run_export)
+
+
+def _add_reshard(sub: argparse._SubParsersAction) -> None:
+    """``psfw reshard`` and its flags."""
+    p = sub.add_parser(
+        "reshard",
+        help="re-cut a run's newest checkpoint for another number of shards (psfw train and launch --resume do it "
+        "themselves)",
+    )
+    p.add_argument("config", help="the job's TOML config: its model and cluster.slice_bytes give the new layout")
+    _add_overrides(p)
+    p.add_argument("--run-dir", help="the run folder whose checkpoints (RUN_DIR/checkpoints) to re-cut")
+    p.add_argument("--checkpoint-dir", help="the shards' --checkpoint-dir of a cluster run, instead of --run-dir")
+    p.add_argument(
+        "--shards",
+        type=integer(1),
+        help="the number of shards to re-cut it for (default: the config's cluster.servers)",
+    )
+    p.set_defaults(run=commands.run_reshard)
 
 
 def _add_server(sub: argparse._SubParsersAction) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -34,6 +35,7 @@ from psfw.jobs.outputs import (
     write_params,
 )
 from psfw.jobs.progress import ProgressBar, StepReporter, log_line
+from psfw.jobs.reshard import Resharded, reshard_for_job
 from psfw.jobs.run_begins import RunBegins
 from psfw.jobs.run_dir import EarlierRun, check_run_dir
 from psfw.jobs.train_result import TrainResult
@@ -43,6 +45,8 @@ from psfw.runtime.fetch import fetch_params, fetch_rows
 from psfw.runtime.stub import Stub
 from psfw.runtime.worker_report import StopRequest
 from psfw.services.server import ShardServer, in_process
+
+log = logging.getLogger("psfw")
 
 
 class Records:
@@ -82,10 +86,13 @@ class EmbeddedRun:
         self.checkpoints: Path | None = None  # the embedded shards' checkpoints
         self.earlier: EarlierRun | None = None  # what of an earlier run goes once the shards took the job
         self.changes: dict[str, list] = {}  # a resume's changed settings
+        self.resharded: Resharded | None = None  # a resume's checkpoint, re-cut for this number of shards
 
     def check(self) -> None:
-        """Refuse what cannot work before anything is touched; then decide the run
-        folder (made now) and the checkpoints, and clear an earlier run that the
+        """Refuse what cannot work before anything is touched; then re-cut a resume's
+        newest checkpoint when it was made on another number of shards (a
+        checkpoint of the same state beside it, ``psfw.jobs.reshard``), decide the
+        run folder (made now) and the checkpoints, and clear an earlier run that the
         shards started here would otherwise load."""
         config, job, run_dir, servers, resume = self.config, self.job, self.run_dir, self.servers, self.resume
         change_optimizer = self.change_optimizer
@@ -95,13 +102,13 @@ class EmbeddedRun:
         if resume and not run_dir and not servers:  # against running shards, resume continues the job they hold
             raise UsageError("--resume needs the --run-dir of the run to continue")
         if run_dir and self.chief:  # before the folder is touched: a refused command leaves nothing behind
-            self.earlier = check_run_dir(
-                run_dir, config.cluster.servers, resume, checkpoints=not servers, overwrite=self.overwrite
-            )
+            self.earlier = check_run_dir(run_dir, resume, checkpoints=not servers, overwrite=self.overwrite)
         if change_optimizer and (servers or not resume):
             raise UsageError("--change-optimizer goes with --resume of an embedded run (psfw train)")
         if resume and run_dir and self.chief:
             self.changes = resumed_config_changes(run_dir, config, change_optimizer)
+        if resume and run_dir and self.chief and not servers:  # the shards started here load what it writes
+            self.resharded = reshard_for_job(run_dir / CHECKPOINTS, job)
         if self.outputs and self.chief:
             self.folder = run_dir or new_run_dir()
         if run_dir or self.folder:
@@ -131,6 +138,8 @@ class EmbeddedRun:
             stack.push_async_callback(server.stop, 0)
             started.append(server)
         step = min((s.restored_step for s in started if s.restored_step is not None), default=None)
+        if self.resharded is not None and step == self.resharded.step:
+            log.warning("%s", self.resharded.line())
         if self.resume and step is not None and step > job.steps:  # nothing to train, and no step to record
             raise UsageError(
                 f"--resume: {self.run_dir} is at step {step} already, and the config asks for {job.steps} steps: "

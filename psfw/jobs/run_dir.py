@@ -18,7 +18,7 @@ from pathlib import Path
 
 from psfw.base.errors import UsageError
 from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE, RUN_MARKER, run_dir_contents
-from psfw.services.checkpoint import MANIFEST, complete_steps
+from psfw.services.checkpoint import complete_steps
 
 log = logging.getLogger("psfw")
 
@@ -40,7 +40,8 @@ RUN_FILES = (
 )
 RUN_FILE = re.compile("|".join(re.escape(name) for name in RUN_FILES))
 STEP_FOLDER = re.compile(r"step-\d{8}")
-CHECKPOINT_FILE = re.compile(rf"{re.escape(MANIFEST)}|shard-\d+\.safetensors")
+# a step's files: its shards' own, and a set re-cut for another number of shards (psfw.jobs.reshard)
+CHECKPOINT_FILE = re.compile(r"MANIFEST(-of-\d+)?\.json|shard-\d+(-of-\d+)?\.safetensors")
 TEMPORARY = re.compile(r"\.(.+)\.tmp-\d+-\d+")
 BEST_ENTRY = re.compile(r"best(-\d{8})?")  # train.keep_best's link and the folders it points to
 BEST_RECORD = re.compile(r"BEST\.json")
@@ -98,9 +99,7 @@ class EarlierRun:
             raise UsageError(f"cannot remove {err.filename}: {err.strerror or err}") from None
 
 
-def check_run_dir(
-    run_dir: Path, shards: int, resume: bool, checkpoints: bool = True, overwrite: bool = False
-) -> EarlierRun | None:
+def check_run_dir(run_dir: Path, resume: bool, checkpoints: bool = True, overwrite: bool = False) -> EarlierRun | None:
     """Refuse a run folder that holds files psfw did not write (nothing there is ever
     read), or another run's checkpoints or finished outputs unless told to resume or
     overwrite them (its shards would quietly continue that run, its records would mix
@@ -108,7 +107,8 @@ def check_run_dir(
     run's shards keep theirs in the folder (embedded, ``psfw launch``); a ``psfw
     worker``'s do not. Returns what this run clears before it writes (see
     ``EarlierRun``): the earlier run's files with ``overwrite``, or the leftovers of a
-    run that stopped before its first checkpoint."""
+    run that stopped before its first checkpoint. Checkpoints of any number of shards
+    count: a resume onto another number re-cuts the newest (``psfw.jobs.reshard``)."""
     if resume and overwrite:
         raise UsageError(f"--overwrite starts {run_dir} again and --resume continues it: give one of them")
     if run_dir.exists() and not run_dir.is_dir():
@@ -117,7 +117,7 @@ def check_run_dir(
     if entries and not ours:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise UsageError(f"{run_dir} holds files that are not a psfw run ({shown}): use a new or empty --run-dir")
-    found = complete_steps(run_dir / CHECKPOINTS, shards) if checkpoints else []
+    found = complete_steps(run_dir / CHECKPOINTS) if checkpoints else []
     finished = ours and _finished(run_dir)
     if checkpoints and resume and not found:
         again = (

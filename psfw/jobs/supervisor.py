@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import os
 import shlex
 import signal
@@ -21,7 +22,10 @@ from psfw.base.console import say
 from psfw.jobs.children import START_TIMEOUT_S, Tail, child_env, describe_exit, psfw_command, read_ready, shard_args
 from psfw.jobs.config import Config
 from psfw.jobs.outputs import CHECKPOINTS
+from psfw.jobs.reshard import reshard_for_config
 from psfw.jobs.run_dir import check_run_dir, resume_hint
+
+log = logging.getLogger("psfw")
 
 STOP_GRACE_S = 10.0
 # each stops every child gracefully once: Ctrl-C, a stop, a closed terminal
@@ -130,8 +134,9 @@ async def launch(
     ``resume``: continue the run in ``run_dir`` from its newest checkpoint (without
     it, a run folder that holds checkpoints is refused); ``overwrite``: clear the
     run there first (see ``psfw.jobs.run_dir``)."""
-    c = config.cluster
-    earlier = check_run_dir(run_dir, c.servers, resume, overwrite=overwrite) if run_dir is not None else None
+    earlier = check_run_dir(run_dir, resume, overwrite=overwrite) if run_dir is not None else None
+    # before the shards load it: a checkpoint made on another number of shards, re-cut for this one
+    resharded = reshard_for_config(run_dir / CHECKPOINTS, config) if resume and run_dir is not None else None
     children: list[Child] = []
     interrupted = asyncio.Event()
     signals: list[int] = []
@@ -149,6 +154,8 @@ async def launch(
         addresses = await _start_shards(config, run_dir, resume, children, interrupted)
         if addresses is None:
             return _interrupted(signals)
+        if resharded is not None:
+            log.warning("%s", resharded.line())
         shards = list(children)
         workers = await _start_workers(config_path, config, addresses, run_dir, resume)
         children.extend(workers)

@@ -106,8 +106,9 @@ def trained_values(
 
 def _from_checkpoint(root: Path, step: int, job: Job) -> dict[str, np.ndarray]:
     slices: dict[tuple[str, int], np.ndarray] = {}
-    for shard in range(job.config.cluster.servers):
-        slices.update(load_values(root, step, shard))
+    shards = job.config.cluster.servers
+    for shard in range(shards):
+        slices.update(load_values(root, step, shard, shards))
     values = {}
     for name, param in job.layout.params.items():
         flat = np.empty(int(np.prod(param.shape, dtype=np.int64)), param.dtype)
@@ -275,9 +276,9 @@ def _complete_step(checkpoints: Path, step: Step, shards: int) -> tuple[Path, in
 
 def _gathered(root: Path, step: int, shards: int, name: str | None) -> SavedTable:
     """Table ``name``'s rows in every shard's file of checkpoint ``step``, sorted by id."""
-    parts = [None if name is None else load_table_rows(root, step, shard, name) for shard in range(shards)]
+    parts = [None if name is None else load_table_rows(root, step, shard, name, shards) for shard in range(shards)]
     if any(p is None for p in parts):
-        held = saved_tables(root, step, 0)
+        held = saved_tables(root, step, 0, shards)
         there = f"it holds {', '.join(held)}" if held else "it holds none: the model declares no tables"
         if name is None:
             raise UsageError(f"name the table to read from the checkpoint of step {step} in {root} ({there})")

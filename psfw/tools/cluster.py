@@ -111,8 +111,10 @@ class Cluster:
             problem, or ''), ``keys``, ``slices``, ``bytes``, ``versions`` (min,
             max), ``groups`` (group -> completed steps), ``pending`` (group ->
             worker processes of its open step), ``updates_per_s``,
-            ``updates_applied``, ``job`` and ``tables`` (name -> rows, bytes, updates,
-            rows admitted, expired and evicted, ids waiting for admission).
+            ``updates_applied``, ``job``, ``tables`` (name -> rows, bytes, updates,
+            rows admitted, expired and evicted, ids waiting for admission) and
+            ``resharded`` (``{"step", "from"}``: the checkpoint it restored was made on
+            ``from`` shards and re-cut for this count; None when not).
         """
         first, started = await self.describe(), time.monotonic()
         if interval_s > 0:
@@ -138,6 +140,8 @@ class Cluster:
                     "job": _job_label(b.job),
                     # embedding tables: the rows this shard holds of each, and their bytes
                     "tables": {t.name: _table_status(t) for t in b.tables},
+                    # the checkpoint it started from, when that was made on another number of shards
+                    "resharded": {"step": b.resharded_step, "from": b.resharded_from} if b.resharded_from else None,
                 }
             )
         return rows
@@ -170,7 +174,8 @@ def format_status(rows: list[dict[str, Any]]) -> str:
         rows: ``Cluster.status()``'s answer.
 
     Returns:
-        The table, a line per shard, then a line per shard and embedding table.
+        The table, a line per shard, a line when the shards restored a checkpoint
+        made on another number of shards, then a line per shard and embedding table.
     """
     lines = [
         f"{'shard':>5}  {'address':<22} {'keys':>5} {'slices':>6} {'MB':>9} {'versions':>11}  updates/s  groups  job"
@@ -181,6 +186,9 @@ def format_status(rows: list[dict[str, Any]]) -> str:
             f"{r['shard']:>5}  {r['address']:<22} {r['keys']:>5} {r['slices']:>6} {r['bytes'] / 1e6:>9.2f} "
             f"{r['versions'][0]:>5}-{r['versions'][1]:<5}  {_rate(r['updates_per_s']):>9}  {groups}  {r['job']}"
         )
+    resharded = {(r["resharded"]["step"], r["resharded"]["from"]) for r in rows if r.get("resharded")}
+    for step, made_on in sorted(resharded):
+        lines.append(f"restored the checkpoint of step {step} made on {made_on} shards onto {len(rows)}")
     tables = [(r["shard"], name, t) for r in rows for name, t in sorted(r.get("tables", {}).items())]
     if tables:
         # how long rows live: shown once an id waits for admission or a row went
