@@ -110,6 +110,15 @@ async def _wait_ready(child: Child, ready_file: Path, interrupted: asyncio.Event
 
 
 async def _stop(children: list[Child]) -> None:
+    """Stop the workers, then the shards: a worker lets the Updates it has on their
+    way reach every shard before it ends (``psfw.runtime.stub``), so the shards,
+    stopped after, save their final checkpoints at one step."""
+    shards = [c for c in children if c.name.startswith("shard")]
+    await _stop_now([c for c in children if c not in shards])
+    await _stop_now(shards)
+
+
+async def _stop_now(children: list[Child]) -> None:
     for child in children:
         if child.proc.returncode is None:
             child.proc.terminate()

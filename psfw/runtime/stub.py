@@ -30,7 +30,7 @@ from psfw.runtime.param_cache import StepValues
 from psfw.runtime.process_setup import ProcessSetup
 from psfw.runtime.sync import ShardSync, group_step
 from psfw.runtime.table_feed import TableFeed
-from psfw.runtime.waiting import GroupWait
+from psfw.runtime.waiting import GroupWait, whole_or_none
 from psfw.runtime.whole_params import whole_params
 from psfw.runtime.worker_report import TIMES, StopRequest, WorkerReport
 
@@ -331,7 +331,7 @@ class Stub:
         self.cache.doing(note)
         watch = self.group_wait.watch(step, waiting)
         try:
-            replies = await asyncio.gather(*(send(i) for i in range(len(self.clients))))
+            replies = await whole_or_none(asyncio.gather(*(send(i) for i in range(len(self.clients)))))
         finally:
             if watch is not None:
                 watch.cancel()

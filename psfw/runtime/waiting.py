@@ -2,7 +2,8 @@
 group, which processes of the group have not reported that step, and since when
 (``psfw: group 0 step 12: waiting for process 1 since 14:02:31 (6 s)``), every
 ``REPORT_EVERY_S``. The shards know who reported: the stub asks the ones that have
-not answered yet (a Describe), only once a wait lasts."""
+not answered yet (a Describe), only once a wait lasts. And how a stop ends a step's
+Updates on their way: whole or not at all (``whole_or_none``)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,20 @@ class Watch:
         self._timer.cancel()
         if self._task is not None:
             self._task.cancel()
+
+
+SEND_GRACE_S = 2.0  # a stop lets a step's Updates that are on their way reach every shard
+
+
+async def whole_or_none(sending: asyncio.Future):
+    """``sending`` (a step's Updates to every shard), not cut off halfway by a stop:
+    a contribution that reached some shards and not others would leave the shards
+    at different steps, and their final checkpoints would make no complete one. A
+    stop lets it go on for ``SEND_GRACE_S`` (the answers may wait for processes that
+    stopped: then it is cancelled after all)."""
+    try:
+        return await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        await asyncio.wait({sending}, timeout=SEND_GRACE_S)
+        sending.cancel()
+        raise
