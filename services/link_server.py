@@ -52,6 +52,7 @@ FRAME_S = 120.0  # the most one frame of a call's request may take
 MAX_CONNECTIONS = 256  # more are closed at once (their clients go on over gRPC)
 MAX_GREETING = 32  # connections that have not said a HELLO yet: more are closed at once
 ACCEPT_POLL_S = 1.0  # how soon the accepting thread notices a stop where shutdown does not wake it
+ACCEPT_RETRY_S = 0.1  # after an accept that failed (out of files, say): not a busy loop
 
 __all__ = ["LinkListener"]
 
@@ -148,8 +149,12 @@ class LinkListener:
                     conn, peer = sock.accept()
                 except (BlockingIOError, TimeoutError):
                     continue
-                except OSError:
-                    return
+                except OSError as err:  # a connection that failed before it was taken, no file left
+                    if self._closing:
+                        return
+                    log.warning("shard %d: the link could not take a connection: %s", self.requests.store.shard, err)
+                    time.sleep(ACCEPT_RETRY_S)  # the listener goes on: Describe names it still
+                    continue
                 self._take(conn, _peer_name(sock, peer))
 
     def _take(self, conn: socket.socket, name: str) -> None:
@@ -164,10 +169,10 @@ class LinkListener:
 
     def _serve(self, conn: socket.socket, name: str) -> None:
         try:
-            conn.setblocking(True)
-            if conn.family != socket.AF_UNIX:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
+            try:  # every greeting ends here, even one whose socket fails at once
+                conn.setblocking(True)
+                if conn.family != socket.AF_UNIX:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self._tls is not None:
                     conn = self._secured(conn)
                     conn.do_handshake()  # within HELLO_S

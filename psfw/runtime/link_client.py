@@ -196,7 +196,9 @@ class LinkConnection:
             return
         self.closed = True
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+            # beneath any TLS: SSLSocket.shutdown drops the TLS state a call in the
+            # link's thread may be using, whose next send would then go out in clear
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
         if self._lock.locked():
             self._thread.submit(self._sock.close)  # once the call has left it, in the link's thread
         else:

@@ -212,7 +212,7 @@ class ShardClient:
             try:
                 reply = await self._update_shared(header, region.name, slots, expect)
             except ShardError as err:
-                if self._region is None or err.reason != Reason.NO_SHARED_MEMORY:
+                if err.reason != Reason.NO_SHARED_MEMORY:
                     raise
                 log.warning("shard %d: %s; tensors go in the messages from now on", self.shard, err)
                 self._region = None  # held until close: the others, and the caller's buffers, still use it

@@ -98,6 +98,8 @@ async def whole_or_none(sending: asyncio.Future):
     try:
         return await asyncio.shield(sending)
     except asyncio.CancelledError:
-        await asyncio.wait({sending}, timeout=SEND_GRACE_S)
-        sending.cancel()
+        try:
+            await asyncio.wait({sending}, timeout=SEND_GRACE_S)
+        finally:  # a second cancellation ends the grace, never leaves the Updates running
+            sending.cancel()
         raise
