@@ -23,6 +23,7 @@ A shard of 3 then loads that set as it loads its own (``saved_file``).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -125,13 +126,22 @@ class CheckpointSet(NamedTuple):
         return out
 
 
+def _names(folder: Path) -> list[str]:
+    """The names in ``folder``; none when it is absent or went away while listed (a
+    running job's shards drop old checkpoints while a reader lists them)."""
+    try:
+        return os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def checkpoint_sets(root: Path) -> list[CheckpointSet]:
     """Every readable manifest under ``root``, complete or not, oldest step first
     (at one step: the shards' own set first, then the re-cut ones by count)."""
     sets = []
-    for folder in sorted(root.glob("step-*")) if root.is_dir() else []:
+    for folder in sorted(root / name for name in _names(root) if name.startswith("step-")):
         found = sorted(
-            (p for p in folder.glob("MANIFEST*.json") if p.name == MANIFEST or RESHARDED_MANIFEST.fullmatch(p.name)),
+            (folder / n for n in _names(folder) if n == MANIFEST or RESHARDED_MANIFEST.fullmatch(n)),
             key=lambda p: (p.name != MANIFEST, len(p.name), p.name),
         )
         for path in found:
