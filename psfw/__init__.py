@@ -5,6 +5,8 @@ The public API is small:
 - ``load_config(path)`` / ``Config``: a validated job description (TOML);
 - ``train(config, run_dir)``: the embedded default, shards + stubs + workers in one
   OS process; ``train_async`` is the same inside a running event loop;
+  ``train_on_ray(config, address=...)``: the job's shards and worker processes as
+  Ray actors (``pip install "psfw[ray]"``), returning a ``RayRun``;
 - ``load_params(run_dir)``: what a run trained, as its model's parameter pytree;
   ``load_table(run_dir, name)``: the rows of one of its embedding tables (also
   from the file ``psfw export`` wrote);
@@ -66,6 +68,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names l
     from psfw.jobs.config import Config, load_config
     from psfw.jobs.embedded import train, train_async
     from psfw.jobs.predictions import TrainedModel, load_model
+    from psfw.jobs.ray_run import RayRun, train_on_ray
     from psfw.jobs.train_result import TrainResult
     from psfw.jobs.trained import load_params, load_table
     from psfw.protocol.messages import GetHeader, UpdateHeader
@@ -79,6 +82,8 @@ _EXPORTS = {
     "load_config": "psfw.jobs.config",
     "train": "psfw.jobs.embedded",
     "train_async": "psfw.jobs.embedded",
+    "train_on_ray": "psfw.jobs.ray_run",
+    "RayRun": "psfw.jobs.ray_run",
     "TrainResult": "psfw.jobs.train_result",
     "load_params": "psfw.jobs.trained",
     "load_table": "psfw.jobs.trained",
@@ -109,6 +114,7 @@ __all__ = [
     "GetHeader",
     "Model",
     "PsfwError",
+    "RayRun",
     "ShardError",
     "ShardServer",
     "TableSpec",
@@ -128,6 +134,7 @@ __all__ = [
     "serve",
     "train",
     "train_async",
+    "train_on_ray",
 ]
 
 

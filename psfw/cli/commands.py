@@ -143,17 +143,53 @@ def run_launch(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     from psfw.tools.cluster import Cluster, format_status
 
-    async def show() -> list[str]:
-        addresses = shard_addresses(args.servers, "the address list has")
+    async def show(addresses: list[str]) -> list[str]:
         async with Cluster(addresses, security=_client_security(args)) as cluster:
             rows = await cluster.status(args.interval)
         print(format_status(rows))
         return [r["problem"] for r in rows if r["problem"]]
 
-    problems = asyncio.run(show())
+    if args.servers and args.ray:
+        raise UsageError("give the shards' addresses or --ray, not both")
+    if args.ray:
+        from psfw.jobs.ray_run import ray_jobs
+
+        jobs = ray_jobs(args.ray)
+        if not jobs:
+            say(f"psfw status: no psfw job runs on the Ray cluster at {args.ray}")
+            return 1
+        problems = []
+        for name, addresses in jobs.items():
+            print(f"job {name} (Ray): {len(addresses)} shards", flush=True)
+            problems += asyncio.run(show(addresses))
+    else:
+        if not args.servers:
+            raise UsageError("give the shards' addresses (host:port,...) or --ray ADDRESS")
+        problems = asyncio.run(show(shard_addresses(args.servers, "the address list has")))
     for problem in problems:  # the table shows each shard's own index; this says what to fix
         say(f"psfw status: {problem}")
     return 1 if problems else 0
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    from psfw.jobs.config import load_config
+    from psfw.jobs.ray_run import ray_module, train_on_ray
+
+    ray_module()  # before the config is read: one line naming the extra
+    config = load_config(args.config, args.set)
+    _run_dir_flags(args)
+    outcome = train_on_ray(
+        config,
+        args.run_dir,
+        address=args.address,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        config_path=args.config,
+    )
+    if outcome.summary:
+        print(outcome.summary)
+    print(f"outputs in {outcome.run_dir}")
+    return 0
 
 
 def run_health(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from psfw.cli import commands
 from psfw.cli.arguments import (
@@ -84,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
         _add_server,
         _add_worker,
         _add_launch,
+        _add_ray,
         _add_status,
         _add_health,
         _add_loadtest,
@@ -306,10 +308,38 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=commands.run_launch)
 
 
+def _add_ray(sub: argparse._SubParsersAction) -> None:
+    """``psfw ray`` and its flags."""
+    p = sub.add_parser(
+        "ray",
+        help='run the shards and worker processes of a config as Ray actors (pip install "psfw[ray]")',
+    )
+    p.add_argument("config", help="TOML config")
+    _add_overrides(p)
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS") or None,
+        help="the Ray cluster's head, HOST:PORT, or auto (env RAY_ADDRESS; default: start a Ray instance here)",
+    )
+    p.add_argument(
+        "--run-dir",
+        help="folder for the outputs (default: a new folder under runs/); on several nodes, an absolute path that "
+        "every node mounts",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
+    _add_overwrite(p)
+    p.set_defaults(run=commands.run_ray)
+
+
 def _add_status(sub: argparse._SubParsersAction) -> None:
     """``psfw status`` and its flags."""
     p = sub.add_parser("status", help="a running cluster's shards: keys, bytes, versions, groups, update rate")
-    p.add_argument("servers", help="shard addresses host:port, comma-separated")
+    p.add_argument("servers", nargs="?", help="shard addresses host:port, comma-separated")
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="the shards of the psfw jobs running on the Ray cluster at ADDRESS (HOST:PORT, or auto), instead",
+    )
     p.add_argument(
         "--interval", type=seconds, default=1.0, help="seconds over which to measure the update rate (0: no rate)"
     )

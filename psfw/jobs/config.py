@@ -25,6 +25,7 @@ from psfw.base.errors import ConfigError
 from psfw.jobs.config_checks import check_seed, check_servers
 from psfw.jobs.optimizer_config import OptimizerConfig, ScheduleConfig, TablesConfig, _FieldError, _Strict
 from psfw.jobs.overrides import apply_overrides
+from psfw.jobs.ray_config import RayConfig
 
 __all__ = ["Config", "OptimizerConfig", "ScheduleConfig", "TablesConfig", "load_config", "parse_config"]
 
@@ -230,6 +231,8 @@ class ClusterConfig(_Strict):
     # which local device each worker of a worker process computes on: "auto" (one each,
     # in turn, when the OS process sees several), or indices into jax.local_devices()
     devices: Literal["auto"] | list[Annotated[int, Field(ge=0)]] = "auto"
+    # psfw ray: how the job's shards and worker processes spread over Ray's nodes
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
 
     @property
     def network_only(self) -> bool:
@@ -268,7 +271,7 @@ class Config(_Strict):
     Attributes:
         name: the job's name (default: the config file's stem), in its identity.
         seed: the seed of initialization and data order.
-        model, data, train, optimizer, tables, cluster: the config's sections.
+        model, data, train, optimizer, tables, cluster, ray: the config's sections.
         base_dir: where relative paths in the config resolve (set by ``load_config``).
         source: what errors name: the file (set by ``load_config``).
         overrides: the ``--set KEY=VALUE`` items applied (set by ``load_config``).
@@ -282,6 +285,7 @@ class Config(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     tables: TablesConfig | None = None  # a model with embedding tables: their optimizer (unset: adagrad, lr 0.05)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)  # psfw ray only
     base_dir: str = "."  # where relative paths in the config resolve; set by load_config
     source: str = "config"  # what errors name (the file); set by load_config
     overrides: list[str] = Field(default_factory=list)  # the --set KEY=VALUE applied; set by load_config

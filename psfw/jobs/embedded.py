@@ -16,6 +16,7 @@ from psfw.jobs.config import Config, load_config
 from psfw.jobs.embedded_run import EmbeddedRun
 from psfw.jobs.stopping import run_job
 from psfw.jobs.train_result import TrainResult
+from psfw.runtime.grpc_channel import Locate
 
 
 async def train_async(
@@ -31,6 +32,7 @@ async def train_async(
     change_optimizer: bool = False,
     security: Security = NO_SECURITY,
     done: dict[int, int] | None = None,
+    locate: Locate | None = None,
 ) -> TrainResult:
     """Train ``config`` inside a running event loop (``train`` is the same from
     synchronous code; see the module docstring).
@@ -55,6 +57,8 @@ async def train_async(
         security: TLS and token for the channels to ``servers``.
         done: filled with each group's completed steps here, as they complete (what
             an interrupted run says).
+        locate: where shard I of ``servers`` listens now (``await locate(I)``), for
+            shards that an engine restarts elsewhere (``psfw ray``).
 
     Returns:
         A ``TrainResult``.
@@ -74,6 +78,7 @@ async def train_async(
         resume=resume,
         overwrite=overwrite,
         change_optimizer=change_optimizer,
+        locate=locate,
     )
     run.check()  # before anything is touched
     async with AsyncExitStack() as stack:

@@ -42,6 +42,7 @@ from psfw.jobs.train_result import TrainResult
 from psfw.jobs.worker_processes import job_devices, run_worker_processes
 from psfw.runtime.connect import connect_all
 from psfw.runtime.fetch import fetch_params, fetch_rows
+from psfw.runtime.grpc_channel import Locate
 from psfw.runtime.stub import Stub
 from psfw.runtime.worker_report import StopRequest
 from psfw.services.server import ShardServer, in_process
@@ -74,11 +75,12 @@ class EmbeddedRun:
         resume: bool,
         overwrite: bool,
         change_optimizer: bool,
+        locate: Locate | None = None,
     ):
         self.config, self.job = config, build_job(config)
         self.run_dir = Path(run_dir) if run_dir else None
         self.outputs, self.servers, self.resume, self.overwrite = outputs, servers, resume, overwrite
-        self.change_optimizer = change_optimizer
+        self.change_optimizer, self.locate = change_optimizer, locate
         c = config.cluster
         self.processes = list(range(c.worker_groups * c.processes_per_group)) if processes is None else processes
         self.chief = 0 in self.processes  # runs worker process 0: evaluates and writes the run's outputs
@@ -215,6 +217,7 @@ class EmbeddedRun:
             watch=evaluator.watch if evaluator is not None else None,
             devices=devices,
             stop=evaluator.stop if evaluator is not None else None,
+            locate=self.locate,
         )
 
     async def final_evaluation(
@@ -224,7 +227,9 @@ class EmbeddedRun:
         evaluation on the test split (offered to the best step kept when the last
         step is a checkpoint's)."""
         job, t = self.job, self.config.train
-        clients = await connect_all(addresses, who="", here=in_process, timeout_s=t.wait_s, security=security)
+        clients = await connect_all(
+            addresses, who="", here=in_process, timeout_s=t.wait_s, security=security, locate=self.locate
+        )
         for client in clients:
             stack.push_async_callback(client.close)
         params = await fetch_params(clients, job.layout, 0, steps, list(job.layout.params), t.wait_s)

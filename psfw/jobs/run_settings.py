@@ -7,7 +7,7 @@ import copy
 import json
 from typing import Any
 
-from psfw.jobs.config import DATA_KEYS, MODEL_KEYS, SET_BY_LOADER, SYNTHETIC_ONLY, Config
+from psfw.jobs.config import DATA_KEYS, MODEL_KEYS, SET_BY_LOADER, SYNTHETIC_ONLY, Config, parse_config
 
 
 def stored_settings(data: dict[str, Any]) -> dict[str, Any]:
@@ -29,6 +29,13 @@ def stored_settings(data: dict[str, Any]) -> dict[str, Any]:
         uses = MODEL_KEYS.get(m.get("name", "mlp"), ())
         data["model"] = {k: v for k, v in m.items() if k == "name" or k in uses}
     return data
+
+
+def stored_config(data: dict[str, Any], source: str) -> Config:
+    """The config a ``config.json`` (``Config.model_dump_json``) holds, its relative
+    paths resolving where the config file was; ``source``: what errors name."""
+    base_dir, source = data.get("base_dir", "."), data.get("source", source)
+    return parse_config(stored_settings(data), source, base_dir)
 
 
 def settings_of(config: Config) -> dict[str, Any]:

@@ -189,9 +189,7 @@ async def _start_shards(
     failure stops it) and return their addresses once each is ready; None when
     interrupted meanwhile."""
     c = config.cluster
-    # a model's tables live on the shards only: their final checkpoint keeps them
-    keep = config.train.checkpoint_every or resume or _declares_tables(config)
-    checkpoints = run_dir / CHECKPOINTS if run_dir is not None and keep else None
+    checkpoints = shard_checkpoints(config, run_dir, resume) if run_dir is not None else None
     extra = ["--grace", "1"] + (["--checkpoint-dir", str(checkpoints)] if checkpoints is not None else [])
     addresses = []
     with tempfile.TemporaryDirectory(prefix="psfw-launch-") as ready_dir:
@@ -259,6 +257,14 @@ def _resume_hint(config_path: Path, config: Config, run_dir: Path | None) -> str
         ["psfw", "launch", str(config_path), *config.set_flags(), "--run-dir", str(run_dir), "--resume"]
     )
     return resume_hint(command, run_dir / CHECKPOINTS, config.cluster.servers, config.train.checkpoint_every)
+
+
+def shard_checkpoints(config: Config, run_dir: Path, resume: bool) -> Path | None:
+    """The shards' checkpoint folder of a supervised run (``psfw launch``, ``psfw
+    ray``): the run folder's, where the job checkpoints, resumes or keeps tables (a
+    model's tables live on the shards only: their final checkpoint keeps them)."""
+    keep = config.train.checkpoint_every or resume or _declares_tables(config)
+    return run_dir / CHECKPOINTS if keep else None
 
 
 def _declares_tables(config: Config) -> bool:

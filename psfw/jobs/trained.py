@@ -21,11 +21,11 @@ from psfw.base.errors import UsageError
 from psfw.compute.params import unflatten_params
 from psfw.compute.tables import initial_rows
 from psfw.jobs.best_step import BEST, read_best
-from psfw.jobs.config import Config, parse_config
+from psfw.jobs.config import Config
 from psfw.jobs.evaluation import test_metrics
 from psfw.jobs.job import Job, build_job
 from psfw.jobs.outputs import CHECKPOINTS, PARAMS_FILE, labels_record
-from psfw.jobs.run_settings import stored_settings
+from psfw.jobs.run_settings import stored_config
 from psfw.jobs.table_file import is_table_file, read_table_file
 from psfw.jobs.user_rows import with_test_split
 from psfw.protocol.messages import RowBlock
@@ -44,9 +44,7 @@ def run_config(run_dir: Path) -> Config:
         raise UsageError(f"{run_dir} has no config.json: give the folder of a psfw run") from None
     except (OSError, ValueError) as err:
         raise UsageError(f"{path} cannot be read: {err}") from None
-    base_dir, source = data.get("base_dir", "."), data.get("source", str(path))
-    data = stored_settings(data)
-    return parse_config(data, source, base_dir)
+    return stored_config(data, str(path))
 
 
 def checkpoint_folder(run_dir: Path, checkpoint_dir: str | Path | None = None) -> Path:

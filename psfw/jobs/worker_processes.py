@@ -21,6 +21,7 @@ from psfw.jobs.job import Job, warn_empty_shards
 from psfw.jobs.progress import StepReporter
 from psfw.runtime.connect import connect_all
 from psfw.runtime.devices import describe_devices, worker_devices
+from psfw.runtime.grpc_channel import Locate
 from psfw.runtime.param_cache import ParamCache, StepValues
 from psfw.runtime.process_setup import ProcessSetup
 from psfw.runtime.stub import Stub
@@ -45,6 +46,7 @@ async def run_worker_processes(
     watch: Callable[[int, StepValues], None] | None = None,
     devices: dict[int, str] | None = None,
     stop: StopRequest | None = None,
+    locate: Locate | None = None,
 ) -> list[Stub]:
     """Run worker processes of ``job`` (default: all) in this OS process, each with
     its own stub, cache and channels, against the shards at ``addresses``.
@@ -56,7 +58,8 @@ async def run_worker_processes(
     its device (``cluster.devices``). ``watch`` sees process 0's every new step
     (the evaluation), and ``stop`` is process 0's early end of the job
     (``train.stop_after``); ``devices`` (worker -> device) is filled with where each
-    worker's gradients were computed, as seen on the arrays.
+    worker's gradients were computed, as seen on the arrays; ``locate``: where a
+    shard listens now, for shards an engine moves (``psfw.runtime.connect``).
     """
     c = job.config.cluster
     processes = _check_processes(job, addresses, processes)
@@ -72,7 +75,7 @@ async def run_worker_processes(
         executor = Threads(len(processes) * c.workers_per_process, thread_name_prefix="psfw-worker")
         stack.callback(executor.close)
         here = _ProcessesHere(
-            job, addresses, executor, stack, security, resume, reporter, on_start, watch, stop, devices
+            job, addresses, executor, stack, security, resume, reporter, on_start, watch, stop, devices, locate
         )
         async with _first_cause(), asyncio.TaskGroup() as tasks:
             for index, process in enumerate(processes):
@@ -118,10 +121,11 @@ class _ProcessesHere:
         watch: Callable[[int, StepValues], None] | None,
         stop: StopRequest | None,
         seen: dict[int, str] | None,
+        locate: Locate | None = None,
     ):
         self.job, self.addresses, self.executor, self.stack = job, addresses, executor, stack
         self.security, self.resume, self.reporter, self.on_start = security, resume, reporter, on_start
-        self.watch, self.stop, self.seen = watch, stop, seen
+        self.watch, self.stop, self.seen, self.locate = watch, stop, seen, locate
         self.tables = bool(job.model.tables)
         self.step_fn = make_sparse_step(job.model.loss) if self.tables else make_grad_step(job.model.loss)
         self.identity = job.identity()
@@ -177,6 +181,7 @@ class _ProcessesHere:
             security=self.security,
             compression=c.compression,
             link=c.link,
+            locate=self.locate,
         )
         for client in clients:
             self.stack.push_async_callback(client.close)

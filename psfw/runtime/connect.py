@@ -17,6 +17,7 @@ from psfw.base.errors import ShardError, UsageError
 from psfw.base.security import NO_SECURITY, Security
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.layout import Layout
+from psfw.runtime.grpc_channel import Locate
 from psfw.runtime.inprocess import InProcessClient, ShardHere
 from psfw.runtime.shard_client import ShardClient
 from psfw.runtime.step_region import StepRegion
@@ -40,6 +41,7 @@ async def connect(
     same_host: bool = True,
     shards: int | None = None,
     deadline: float | None = None,
+    locate: Locate | None = None,
 ) -> Transport:
     """Open a transport to one shard, chosen by where the shard runs.
 
@@ -65,6 +67,8 @@ async def connect(
         shards: how many shards the job has: a shard started ``--of`` another
             number is refused.
         deadline: when to stop waiting for the shard (``time.monotonic()``).
+        locate: where shard I listens now (``await locate(I)``), asked while it
+            cannot be reached: for shards that an engine restarts elsewhere.
 
     Returns:
         A ``Transport``: in-process, or a ``ShardClient`` (the link where the shard
@@ -87,6 +91,7 @@ async def connect(
         compression=compression,
         link=link,
         same_host=same_host,
+        locate=locate,
     )
     try:
         reply = await first_answer(client, time.monotonic() + timeout_s if deadline is None else deadline)

@@ -29,6 +29,9 @@ T = TypeVar("T")
 log = logging.getLogger("psfw.runtime.shard_client")
 
 REPORT_EVERY_S = 5.0  # while a shard cannot be reached, say so this often
+LOCATE_EVERY_S = 1.0  # while it cannot be reached, ask where it listens now this often
+# where shard I listens now (``host:port``), for shards an engine may move (psfw ray)
+Locate = Callable[[int], Awaitable[str]]
 # a shard that closes this many new connections in a row at once, over at least this
 # long, refuses our TLS handshake (a restarting shard refuses connections instead; a
 # proxy in front of one may close them too, hence a few seconds: gRPC also repeats
@@ -59,14 +62,30 @@ class GrpcChannel:
     """The gRPC channel to the shard ``shard`` at ``address``, and ``call``, which
     runs one RPC under the retry rule."""
 
-    def __init__(self, address: str, shard: int, security: Security, timeout_s: float, retries: int):
+    def __init__(
+        self,
+        address: str,
+        shard: int,
+        security: Security,
+        timeout_s: float,
+        retries: int,
+        locate: Locate | None = None,
+        on_moved: Callable[[str], None] | None = None,
+    ):
         self.address, self.shard, self.security = address, shard, security
         self.timeout_s, self.retries = timeout_s, retries
-        self.channel = security.channel(address, grpc_options())
         self.metadata = security.metadata()
+        self.locate, self.on_moved = locate, on_moved
         self._down_since: float | None = None  # since when the shard cannot be reached
         self._said = 0.0  # when that was last said
         self._closed = 0  # connections it closed at once, in a row
+        self._asked = 0.0  # when ``locate`` was last asked
+        self._open(address)
+
+    def _open(self, address: str) -> None:
+        """The channel to ``address`` and the verbs' handles on it."""
+        self.address = address
+        self.channel = self.security.channel(address, grpc_options())
         method = f"/{SERVICE_NAME}/"
         self.put = self.channel.stream_unary(
             method + "Put",
@@ -105,16 +124,43 @@ class GrpcChannel:
     async def close(self) -> None:
         await self.channel.close()
 
+    async def _moved(self) -> bool:
+        """Whether the shard now listens elsewhere (``locate`` says; asked at most
+        once a second): the channel then goes there."""
+        now = time.monotonic()
+        if self.locate is None or now - self._asked < LOCATE_EVERY_S:
+            return False
+        self._asked = now
+        try:
+            address = await self.locate(self.shard)
+        except Exception as err:  # the engine that places the shards cannot say yet: retry as usual
+            log.info("shard %d: where it listens now is not known yet (%s)", self.shard, err)
+            return False
+        if not address or address == self.address:
+            return False
+        log.warning("shard %d moved: %s -> %s", self.shard, self.address, address)
+        old = self.channel
+        self._open(address)
+        self._down_since, self._said, self._closed = None, 0.0, 0
+        if self.on_moved is not None:
+            self.on_moved(address)
+        await old.close()
+        return True
+
     async def call(self, rpc: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """``attempt()``, retried while the shard cannot be reached (``retries``
-        times, backing off); its failure as a ShardError."""
-        delay = 0.05
-        for tries in range(self.retries + 1):
+        times, backing off; a shard that moved is tried where it listens now); its
+        failure as a ShardError."""
+        delay, tries = 0.05, 0
+        while True:
             try:
                 result = await attempt()
             except grpc.aio.AioRpcError as err:
                 link = self._connection_failed(err)
+                if err.code() == grpc.StatusCode.UNAVAILABLE and await self._moved():
+                    continue  # at most once a second, and only to a new address
                 if _transient(err) and tries < self.retries:
+                    tries += 1
                     await asyncio.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 2.0)
                     continue
@@ -126,7 +172,6 @@ class GrpcChannel:
                 raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: bad reply: {err.message}") from None
             self.reached()
             return result
-        raise AssertionError("unreachable")
 
     def _connection_failed(self, err: grpc.aio.AioRpcError) -> ConnectionProblem:
         """Read a failed RPC as news of the connection: a failed TLS handshake (or a

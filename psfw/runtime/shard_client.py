@@ -47,7 +47,7 @@ from psfw.protocol.messages import Fresh, GetHeader, Gradients, UpdateHeader
 from psfw.protocol.row_wire import RowCollector, row_messages
 from psfw.protocol.shm import host_id
 from psfw.protocol.wire import Assembler, Expect, update_request
-from psfw.runtime.grpc_channel import GrpcChannel
+from psfw.runtime.grpc_channel import GrpcChannel, Locate
 from psfw.runtime.link_client import ShardLink
 from psfw.runtime.step_region import StepRegion
 from psfw.runtime.transport import Capabilities, Items
@@ -62,7 +62,8 @@ class ShardClient:
     ``link``: use the shard's link where it offers one; ``compression="bf16"``: an
     Update's float32 gradients travel as bfloat16 with error feedback
     (``psfw.protocol.compression``); ``same_host`` False: never the shard's Unix
-    socket, as if it ran on another host."""
+    socket, as if it ran on another host; ``locate``: where the shard listens now,
+    asked while it cannot be reached (shards an engine may move)."""
 
     capabilities = Capabilities()
 
@@ -78,6 +79,7 @@ class ShardClient:
         compression: str = "none",
         link: bool = True,
         same_host: bool = True,
+        locate: Locate | None = None,
     ):
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
@@ -85,12 +87,18 @@ class ShardClient:
         self.compression = compression
         self.timeout_s, self.retries, self.chunk_bytes = timeout_s, retries, chunk_bytes
         self.security = security
-        self.grpc = GrpcChannel(address, shard, security, timeout_s, retries)
+        self.grpc = GrpcChannel(address, shard, security, timeout_s, retries, locate, self._moved)
         self._link = ShardLink(shard, address, security, link, same_host)
         self._feedback = ErrorFeedback() if compression == "bf16" else None
         self._region: StepRegion | None = None  # where this shard's Updates find their tensors
         self._held: StepRegion | None = None  # released on close: the stub's values may be views of it
         self._slices: list[SliceKey] = []
+
+    def _moved(self, address: str) -> None:
+        """The shard listens at ``address`` now (an engine restarted it elsewhere):
+        its link is opened anew there when a Describe names it."""
+        self.address = address
+        self._link.address = address
 
     @property
     def kind(self) -> str:
