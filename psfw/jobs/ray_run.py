@@ -58,7 +58,7 @@ def ray_module():
     try:
         import ray
     except ImportError:
-        raise UsageError('psfw ray needs Ray: pip install "psfw[ray]"') from None
+        raise UsageError('Ray is not installed: pip install "psfw[ray]"') from None
     return ray
 
 
@@ -473,10 +473,12 @@ def _missing(ray: Any, config: Config, bundles: list[dict[str, float]]) -> str:
             wanted = ", ".join(_amount(k, v) for k, v in bundle.items())
             return f"a {what} needs {wanted} on one node, and no node has that much"
     placement = config.cluster.placement
-    if placement == "strict_spread" and len(bundles) > len(nodes):
+    smallest = min(bundles, key=lambda b: sum(b.values()))
+    holding = [n for n in nodes if all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in smallest.items())]
+    if placement == "strict_spread" and len(bundles) > len(holding):
         return (
             f"cluster.placement = strict_spread puts each of the {len(bundles)} shards and worker processes on a "
-            f"node of its own, and the cluster has {len(nodes)} nodes"
+            f"node of its own, and the cluster has {len(holding)} nodes that can hold one"
         )
     if placement == "strict_pack":
         return "cluster.placement = strict_pack puts the whole job on one node, and no node has room for all of it"
