@@ -7,6 +7,11 @@
 # A shard listening on the container's network refuses to start without TLS (a token
 # alone would cross the network in clear) unless PSFW_INSECURE=1 says that the
 # network is private.
+# With Ray, for `psfw ray` (EXTRAS: psfw's extras, comma-separated; REQUIREMENT: one
+# more pip requirement, resolved with psfw's): ray[default] adds Ray's dashboard and
+# job server, which a KubeRay RayJob submits to (examples/deploy/rayjob.yaml).
+#   docker build --build-arg EXTRAS=ray -t psfw-ray .
+#   docker build --build-arg EXTRAS=ray --build-arg REQUIREMENT="ray[default]" -t psfw-ray .
 
 FROM python:3.11-slim AS build
 WORKDIR /src
@@ -15,7 +20,9 @@ COPY psfw ./psfw
 COPY compute ./compute
 COPY services ./services
 COPY protos ./protos
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+ARG EXTRAS=""
+ARG REQUIREMENT=""
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".${EXTRAS:+[$EXTRAS]}" ${REQUIREMENT:+"$REQUIREMENT"}
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 psfw \
