@@ -131,7 +131,19 @@ def test_a_job_on_four_nodes_trains_as_the_single_process_reference(cluster, tmp
     steps = 60
     config = spread_job(tmp_path / "job.toml", steps)
     proc = psfw_ray(config, cluster.address, tmp_path / "run")
-    out = finish(proc, [])
+    lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 10)
+    status = subprocess.run(
+        [sys.executable, "-m", "psfw.cli", "status", "--ray", cluster.address, "--interval", "0"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **RAY_ENV},
+        timeout=120,
+    )
+    out = finish(proc, lines)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert re.search(r"job job-\w+ \(Ray\): 2 shards", status.stdout), status.stdout
+    addresses = set(re.findall(r"at (127\.0\.0\.1:\d+), pid", out))
+    assert len(addresses) == 2 and all(a in status.stdout for a in addresses), status.stdout
     nodes = {m.group(2) for m in SHARD_LINE.finditer(out)}
     workers = set(re.findall(r"psfw ray: worker process \d on node \S+ \((\w+)\)", out))
     assert len(nodes) == 2 and len(workers) == 2 and not nodes & workers, out[-3000:]
@@ -196,6 +208,29 @@ def test_a_relative_run_folder_on_several_nodes_is_refused(cluster, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "--run-dir rel is relative" in out and f"has {NODES + 2} nodes" in out, out
     assert not (tmp_path / "rel").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_an_interrupted_job_stops_every_actor_and_resumes_to_the_reference(cluster, tmp_path):
+    steps = 120
+    config = spread_job(tmp_path / "job.toml", steps)
+    proc = psfw_ray(config, cluster.address, tmp_path / "run")
+    read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 30)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, rest[-3000:]
+    hint = re.search(
+        r"psfw ray: interrupted; every actor stopped; the newest checkpoint is of step (\d+); "
+        r"continue with: (.*--resume)",
+        rest,
+    )
+    assert hint and int(hint.group(1)) >= 28, rest[-3000:]
+    again = psfw_ray(config, cluster.address, tmp_path / "run", "--resume")
+    out = finish(again, [])
+    assert f"restored step {hint.group(1)}" in out, out[-3000:]
+    expected = reference(load_config(config), steps)
+    assert_params_close(read_params(tmp_path / "run" / "params.safetensors"), expected)
 
 
 @pytest.mark.slow

@@ -17,12 +17,15 @@ shared filesystem): that is checked before training.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
 import shlex
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +58,8 @@ class RayRun(NamedTuple):
 
 def ray_module():
     """Ray, or one line that says how to get it."""
+    # read when Ray is imported: every worker's progress line, not "repeated 64x"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         import ray
     except ImportError:
@@ -145,7 +150,26 @@ def _connect(ray: Any, address: str | None, config: Config | None) -> bool:
     machine has, as ``psfw launch`` runs more processes than cores). Returns whether
     the instance was started here."""
     options: dict[str, Any] = {"namespace": _namespace(), "logging_level": logging.WARNING, "log_to_driver": True}
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every worker's progress line, not "repeated 64x"
+    with _own_signals():
+        return _init(ray, address, config, options)
+
+
+@contextlib.contextmanager
+def _own_signals():
+    """Keep this process's Ctrl-C and SIGTERM handling: Ray's core installs handlers
+    of its own when it starts, which end the driver at once, leaving the job's
+    shards no graceful stop."""
+    main = threading.current_thread() is threading.main_thread()
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _init(ray: Any, address: str | None, config: Config | None, options: dict[str, Any]) -> bool:
     try:
         if address or config is None:
             ray.init(address=address, **options)
