@@ -212,6 +212,21 @@ def test_a_relative_run_folder_on_several_nodes_is_refused(cluster, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
+def test_a_worker_process_killed_is_restarted_and_rejoins_its_group(cluster, tmp_path):
+    steps = 120
+    config = spread_job(tmp_path / "job.toml", steps)
+    proc = psfw_ray(config, cluster.address, tmp_path / "run")
+    lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 30)
+    pid = int(re.search(r"psfw ray: worker process 1 on node .*, pid (\d+)", "".join(lines)).group(1))
+    os.kill(pid, signal.SIGKILL)
+    out = finish(proc, lines)
+    assert "psfw ray: worker process 1 died; Ray restarts it and it rejoins its group" in out, out[-4000:]
+    expected = reference(load_config(config), steps)
+    assert_params_close(read_params(tmp_path / "run" / "params.safetensors"), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_an_interrupted_job_stops_every_actor_and_resumes_to_the_reference(cluster, tmp_path):
     steps = 120
     config = spread_job(tmp_path / "job.toml", steps)
