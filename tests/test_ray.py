@@ -23,6 +23,7 @@ import pytest
 from psfw.base.errors import UsageError
 from psfw.jobs.config import load_config, parse_config
 
+from certs import make_pki
 from helpers import assert_params_close, free_port, read_params, recovery_job, reference
 
 # read once, when Ray is imported: its nodes (and their actors) then take 127.0.0.1 as
@@ -148,6 +149,38 @@ def test_a_job_on_four_nodes_trains_as_the_single_process_reference(cluster, tmp
     workers = set(re.findall(r"psfw ray: worker process \d on node \S+ \((\w+)\)", out))
     assert len(nodes) == 2 and len(workers) == 2 and not nodes & workers, out[-3000:]
     assert "test accuracy" in out and "psfw ray: every worker process finished" in out
+    expected = reference(load_config(config), steps)
+    assert_params_close(read_params(tmp_path / "run" / "params.safetensors"), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_shards_with_tls_and_a_token_take_only_the_jobs_workers(cluster, tmp_path):
+    pki = make_pki(tmp_path)
+    cert, key = pki["server"]
+    steps = 1500
+    config = spread_job(tmp_path / "job.toml", steps)
+    config.write_text(
+        config.read_text()
+        + f'[ray]\ntls_cert = "{cert}"\ntls_key = "{key}"\ntls_ca = "{pki["ca"]}"\ntoken_file = "{pki["token"]}"\n'
+    )
+    proc = psfw_ray(config, cluster.address, tmp_path / "run")
+    lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 10)
+
+    def status(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "psfw.cli", "status", "--ray", cluster.address, "--interval", "0", *flags],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **RAY_ENV},
+            timeout=120,
+        )
+
+    member, stranger = status("--tls-ca", str(pki["ca"]), "--token-file", str(pki["token"])), status()
+    out = finish(proc, lines)
+    assert "link (unix, TLS, shared memory)" in out, out[-3000:]
+    assert stranger.returncode == 1 and "probably serves TLS" in stranger.stderr, stranger.stdout + stranger.stderr
+    assert member.returncode == 0, member.stdout + member.stderr
     expected = reference(load_config(config), steps)
     assert_params_close(read_params(tmp_path / "run" / "params.safetensors"), expected)
 
