@@ -103,23 +103,26 @@ def train_on_ray(
     """
     ray = ray_module()
     folder = Path(run_dir) if run_dir is not None else None
-    if folder is not None:  # before anything is touched
-        earlier = check_run_dir(folder, resume, overwrite=overwrite)
-    else:
-        earlier, folder = None, new_run_dir()
+    earlier = check_run_dir(folder, resume, overwrite=overwrite) if folder is not None else None
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "auto":
         _probe(address)
     started_here = _connect(ray, address, config)
-    job = Job(config, folder, resume, config_path, started_here)
+    made = folder is None
     try:
-        job.check_nodes(ray, run_dir is not None)
+        folder = new_run_dir() if folder is None else folder
+        job = Job(config, folder, resume, config_path, started_here)
+        job.check_nodes(ray, not made)
         if earlier is not None:
             earlier.clear()
         resharded = reshard_for_config(folder / CHECKPOINTS, config) if resume else None
         if resharded is not None:
             log.warning("%s", resharded.line())
         return job.train(ray)
+    except BaseException:
+        if made and folder is not None and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # refused before anything was written: leave nothing behind
+        raise
     finally:
         ray.shutdown()  # the end of a Ray instance started here; else this driver's leaving
 
