@@ -1,7 +1,8 @@
 """Prometheus metrics of one shard, served over HTTP when a port is given.
 
 Counters and the RPC latency histogram are updated by the servicer; versions, group
-steps and pending contributions are read from the store at scrape time.
+steps, pending contributions and the groups active are read from the store at scrape
+time.
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ class _StoreCollector(Collector):
             pending.add_metric([shard, str(group)], state.round.workers if state.round else 0)
         applied = CounterMetricFamily("psfw_updates_applied", "group steps applied", labels=["shard"])
         applied.add_metric([shard], store.updates_applied)
-        yield from (held, slices, version, step, pending, applied)
+        active = GaugeMetricFamily(
+            "psfw_groups_active",
+            "groups that count now: the job's groups and those that joined, but the gone ones",
+            labels=["shard"],
+        )
+        active.add_metric([shard], len(store.presence.counted()))
+        yield from (held, slices, version, step, pending, applied, active)
         yield from _table_metrics(store)
 
 

@@ -6,6 +6,7 @@ slices held, a job's identity and an optimizer spec.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -56,8 +57,7 @@ def check_update(shard: int, state: GroupState, head: UpdateHeader, held: Iterab
         raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {rows} rows cannot come from {workers} workers")
     if rows > MAX_ROWS:
         raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {rows} rows is more than the limit of 2^53")
-    if head.worker_groups and head.group >= head.worker_groups:
-        raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: group {head.group} of {head.worker_groups} groups")
+    check_group(head)
     if len(head.metrics) > MAX_METRICS or any(len(name) > 100 for name in head.metrics):
         raise refusal(
             grpc.StatusCode.INVALID_ARGUMENT, f"{where}: at most {MAX_METRICS} metrics of names up to 100 characters"
@@ -85,6 +85,30 @@ def check_update(shard: int, state: GroupState, head: UpdateHeader, held: Iterab
                 f"{where}: {rnd.workers} + {workers} workers exceed workers_per_group={wpg}",
             )
     return rnd
+
+
+def check_group(head: UpdateHeader) -> None:
+    """Refuse an Update of a group the job does not take (beyond ``worker_groups``
+    unless ``max_groups`` lets it join) or whose group settings are impossible."""
+    group, groups, most, where = head.group, head.worker_groups, head.max_groups, f"group {head.group} step {head.step}"
+    if most < -1:
+        raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: max_groups {most} (use -1 for any number)")
+    if not math.isfinite(head.group_timeout_s) or head.group_timeout_s < 0:
+        raise refusal(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{where}: group_timeout_s {head.group_timeout_s} (use 0 for none)"
+        )
+    if not groups or group < groups or most == -1 or group < most:
+        return
+    if most <= groups:
+        raise refusal(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{where}: the job has groups 0..{groups - 1} (cluster.worker_groups) and takes no other: to let "
+            "groups join a running job, set cluster.max_groups",
+        )
+    raise refusal(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"{where}: the job takes groups 0..{most - 1} (cluster.max_groups): raise it to let more groups join",
+    )
 
 
 def incomplete(shard: int, group: int, rnd: Round, head: UpdateHeader) -> WireError:

@@ -304,6 +304,7 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
             rows_evicted=table.evicted,
             ids_waiting=len(table.waiting),
         )
+    store.presence.sweep()  # a group that left is said gone here too, also when no other group reports
     for group, state in sorted(store.groups.items()):
         rnd = state.round
         info = reply.groups.add(
@@ -311,6 +312,7 @@ def describe_store(store: ShardStore) -> pb.DescribeReply:
             step=state.step,
             pending_workers=rnd.workers if rnd else 0,
             pending_processes=sorted(rnd.contributions) if rnd else [],
+            gone=group in store.presence.gone,
         )
         for process, updates, age_s in store.reports.of(group):
             info.reports.add(process=process, updates=updates, age_s=age_s)

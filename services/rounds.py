@@ -129,6 +129,12 @@ class UpdateResult:
     cache: dict = field(default_factory=dict)
 
 
+def bounded(head: UpdateHeader) -> bool:
+    """Whether the Update's group waits for the slowest group (a staleness bound
+    where there are other groups, or may be)."""
+    return head.staleness >= 0 and (head.worker_groups > 1 or head.max_groups != 0)
+
+
 class ShardRounds:
     """The round protocol over one shard's state: ``update`` is the Update verb."""
 
@@ -155,7 +161,10 @@ class ShardRounds:
         bad_rows = store.tables.check_push(head.push)
         sums = {k: v if isinstance(v, tuple) else (v,) for k, v in sums.items()}  # parts, added when applied
         await self._check_finite(head, sums, bad_rows)
-        state = store.groups.get(head.group) or GroupState()
+        state = store.groups.get(head.group) or store.presence.admit(head)
+        store.presence.report(head)
+        if store.presence.sweep():  # another group left: a group it held goes on
+            await store.notify()
         if head.step < state.step:
             return await self._acknowledge(state, head)
         rnd = check_update(store.shard, state, head, store.values, sums)
@@ -187,6 +196,8 @@ class ShardRounds:
         groups, group, process = self.store.groups, head.group, head.process
         created = group not in groups
         groups[group] = state
+        if created and group >= head.worker_groups > 0:
+            self.store.presence.joined(group, state.step)
         if process in rnd.contributions:
             return  # a retry: acknowledged, not added twice
         rnd.contributions[process] = Contribution(head.workers, head.rows, sums, dict(head.metrics), head.push)
@@ -217,7 +228,7 @@ class ShardRounds:
         except TimeoutError:
             raise incomplete(store.shard, head.group, rnd, head) from None
         result = rnd.done.result()
-        if head.staleness >= 0 and head.worker_groups > 1:
+        if bounded(head):
             await self._hold_for_slowest(head.group, result.step, head, max(0.0, deadline - time.monotonic()))
         rows = await self._pulled(head)
         slowest = store.slowest_step(head.worker_groups)
@@ -241,7 +252,7 @@ class ShardRounds:
                 f"shard {store.shard}: group {head.group} step {head.step} was applied long ago (the group has "
                 f"completed {state.step} steps): re-sync",
             )
-        if head.staleness >= 0 and head.worker_groups > 1:
+        if bounded(head):
             await self._hold_for_slowest(head.group, state.step, head, head.wait_s)
         async with store.lock:
             self.check_current(head)
@@ -268,15 +279,30 @@ class ShardRounds:
 
     async def _hold_for_slowest(self, group: int, step: int, head: UpdateHeader, wait_s: float) -> None:
         """Bounded staleness (SSP): a group may start ``step`` only while it is at most
-        ``staleness`` steps ahead of the slowest group."""
+        ``staleness`` steps ahead of the slowest group counted. A group that sends no
+        Update for the job's group timeout stops counting (``GroupPresence``): the
+        wait looks again when the next one could."""
         store, groups, bound = self.store, head.worker_groups, head.staleness
-        if not await store.wait_until(lambda: step - store.slowest_step(groups) <= bound, wait_s):
-            behind = sorted(g for g in range(groups) if step - store.group_step(g) > bound)
-            raise refusal(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"shard {store.shard}: group {group} may not start step {step} with staleness {bound}: "
-                f"groups {behind} are further behind and did not advance for {wait_s:.1f} s",
-            )
+        presence, swept = store.presence, []
+
+        def ready() -> bool:
+            presence.waits(group)  # held here, it is not quiet
+            swept.extend(presence.sweep())  # a group that left holds no one back
+            return step - store.slowest_step(groups) <= bound
+
+        deadline = time.monotonic() + wait_s
+        while not await store.wait_until(
+            ready, min(max(0.0, deadline - time.monotonic()), presence.next_change_s() + 0.01)
+        ):
+            if time.monotonic() >= deadline:
+                behind = sorted(g for g in presence.counted() if step - store.group_step(g) > bound)
+                raise refusal(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"shard {store.shard}: group {group} may not start step {step} with staleness {bound}: "
+                    f"groups {behind} are further behind and did not advance for {wait_s:.1f} s",
+                )
+        if swept:  # the other groups it held look again
+            await store.notify()
 
     async def _apply(self, group: int, state: GroupState, rnd: Round, last: int, checkpoint_every: int) -> None:
         """Add up the contributions, check them, and apply the optimizer (jitted); a

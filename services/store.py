@@ -31,6 +31,7 @@ from psfw.protocol.wire import slice_name
 from psfw.services.checkpoint import CheckpointFolder
 from psfw.services.kernel import UPDATE_BATCH_BYTES, UpdateKernel
 from psfw.services.persistence import ShardCheckpoints
+from psfw.services.presence import GroupPresence
 from psfw.services.request_checks import check_put, fingerprint_of, parse_spec, refusal, same_form
 from psfw.services.rounds import GroupState, Reports, ShardRounds, UpdateResult
 from psfw.services.tables import ShardTables
@@ -73,6 +74,7 @@ class ShardStore:
         self.tables = ShardTables(shard, shards)  # the rows of the job's embedding tables routed here
         self.groups: dict[int, GroupState] = {}
         self.reports = Reports()  # who sent Updates lately (Describe says it)
+        self.presence = GroupPresence(self)  # which groups count now (the staleness bound, joins, leaves)
         self.stop_at = 0  # an early end of the job that an Update asked for (0: none)
         self.kernel: UpdateKernel | None = None  # fixed by the first Put
         self.job = ""  # the identity (JSON) of the job whose parameters the shard holds, from its first Put
@@ -114,8 +116,10 @@ class ShardStore:
         return state.step if state else 0
 
     def slowest_step(self, worker_groups: int) -> int:
-        """The completed steps of the slowest of groups 0..worker_groups-1."""
-        return min((self.group_step(g) for g in range(max(worker_groups, 1))), default=0)
+        """The completed steps of the slowest group that counts: of groups
+        0..worker_groups-1 and those that joined, the ones not gone (see
+        ``GroupPresence``)."""
+        return self.presence.slowest_step(worker_groups)
 
     def nbytes(self) -> int:
         """Bytes of the slices (an Update's values, each way)."""

@@ -93,7 +93,7 @@ class GetReply(_message.Message):
     def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("group", "step", "process", "workers", "rows", "workers_per_group", "wait_s", "chunks", "worker_groups", "staleness", "group_processes", "epoch", "checkpoint_every", "shm", "metrics", "job", "push", "pull", "shm_slots", "stop_at")
+    __slots__ = ("group", "step", "process", "workers", "rows", "workers_per_group", "wait_s", "chunks", "worker_groups", "staleness", "group_processes", "epoch", "checkpoint_every", "shm", "metrics", "job", "push", "pull", "shm_slots", "stop_at", "group_timeout_s", "max_groups")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,8 @@ class UpdateRequest(_message.Message):
     PULL_FIELD_NUMBER: _ClassVar[int]
     SHM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     STOP_AT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_GROUPS_FIELD_NUMBER: _ClassVar[int]
     group: int
     step: int
     process: int
@@ -141,7 +143,9 @@ class UpdateRequest(_message.Message):
     pull: _containers.RepeatedCompositeFieldContainer[RowBlock]
     shm_slots: _containers.RepeatedCompositeFieldContainer[ShmSlot]
     stop_at: int
-    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., process: _Optional[int] = ..., workers: _Optional[int] = ..., rows: _Optional[int] = ..., workers_per_group: _Optional[int] = ..., wait_s: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., worker_groups: _Optional[int] = ..., staleness: _Optional[int] = ..., group_processes: _Optional[int] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., shm: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job: _Optional[str] = ..., push: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., pull: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., shm_slots: _Optional[_Iterable[_Union[ShmSlot, _Mapping]]] = ..., stop_at: _Optional[int] = ...) -> None: ...
+    group_timeout_s: float
+    max_groups: int
+    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., process: _Optional[int] = ..., workers: _Optional[int] = ..., rows: _Optional[int] = ..., workers_per_group: _Optional[int] = ..., wait_s: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., worker_groups: _Optional[int] = ..., staleness: _Optional[int] = ..., group_processes: _Optional[int] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., shm: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job: _Optional[str] = ..., push: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., pull: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., shm_slots: _Optional[_Iterable[_Union[ShmSlot, _Mapping]]] = ..., stop_at: _Optional[int] = ..., group_timeout_s: _Optional[float] = ..., max_groups: _Optional[int] = ...) -> None: ...
 
 class ShmSlot(_message.Message):
     __slots__ = ("key", "slice", "grads", "values")
@@ -231,18 +235,20 @@ class TableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., rows_held: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer: _Optional[str] = ..., updates: _Optional[int] = ..., rows_touched: _Optional[int] = ..., rows_admitted: _Optional[int] = ..., rows_expired: _Optional[int] = ..., rows_evicted: _Optional[int] = ..., ids_waiting: _Optional[int] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
-    __slots__ = ("group", "step", "pending_workers", "pending_processes", "reports")
+    __slots__ = ("group", "step", "pending_workers", "pending_processes", "reports", "gone")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PENDING_WORKERS_FIELD_NUMBER: _ClassVar[int]
     PENDING_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     REPORTS_FIELD_NUMBER: _ClassVar[int]
+    GONE_FIELD_NUMBER: _ClassVar[int]
     group: int
     step: int
     pending_workers: int
     pending_processes: _containers.RepeatedScalarFieldContainer[int]
     reports: _containers.RepeatedCompositeFieldContainer[ProcessReport]
-    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., pending_workers: _Optional[int] = ..., pending_processes: _Optional[_Iterable[int]] = ..., reports: _Optional[_Iterable[_Union[ProcessReport, _Mapping]]] = ...) -> None: ...
+    gone: bool
+    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., pending_workers: _Optional[int] = ..., pending_processes: _Optional[_Iterable[int]] = ..., reports: _Optional[_Iterable[_Union[ProcessReport, _Mapping]]] = ..., gone: _Optional[bool] = ...) -> None: ...
 
 class ProcessReport(_message.Message):
     __slots__ = ("process", "updates", "age_s")

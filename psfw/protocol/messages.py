@@ -57,6 +57,10 @@ class UpdateHeader:
             step's), answered with the update.
         stop_at: an early end of the job: groups stop once they completed this
             many steps (0: none).
+        group_timeout_s: a group that sent no Update for this long is gone: it
+            no longer bounds the staleness (0: never).
+        max_groups: the groups that may train: 0 as many as ``worker_groups``
+            (none joins), -1 any number.
     """
 
     group: int
@@ -76,6 +80,8 @@ class UpdateHeader:
     push: TableRows = field(default_factory=dict)
     pull: TableIds = field(default_factory=dict)
     stop_at: int = 0
+    group_timeout_s: float = 0.0
+    max_groups: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -309,6 +309,8 @@ def update_request(header: UpdateHeader, shm: str = "", rows: tuple[list, list] 
         push=rows[0],
         pull=rows[1],
         stop_at=header.stop_at,
+        group_timeout_s=header.group_timeout_s,
+        max_groups=header.max_groups,
     )
 
 
@@ -333,4 +335,6 @@ def update_header(request: pb.UpdateRequest, wait_s: float, push: TableRows, pul
         push=push,
         pull=pull,
         stop_at=request.stop_at,
+        group_timeout_s=request.group_timeout_s,
+        max_groups=request.max_groups,
     )
