@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 
 from psfw.base.errors import WireError
+from psfw.jobs.config import parse_config
 from psfw.protocol.messages import UpdateHeader
+from psfw.runtime.sync import job_step
 from psfw.services.metrics import ShardMetrics
 from psfw.services.requests import describe_store
 from psfw.services.store import ShardStore
+from psfw.tools.cluster import format_status
 
 pytestmark = pytest.mark.unit
 
@@ -234,3 +237,51 @@ async def test_the_next_change_is_when_the_quietest_group_runs_out_of_time():
     await _steps(store, 1, range(1))
     clock.now += 1
     assert store.presence.next_change_s() == pytest.approx(5.0)  # group 0's: quiet for 5 of 10 s
+
+
+def test_where_a_running_job_stands_is_its_slowest_active_group():
+    from psfw.proto import ps_pb2 as pb
+
+    def reply(*groups):
+        return pb.DescribeReply(groups=[pb.GroupInfo(group=g, step=s, gone=gone) for g, s, gone in groups])
+
+    assert job_step([reply(), reply()]) == 0
+    assert job_step([reply((0, 40, False), (1, 12, True)), reply((0, 39, False), (1, 12, True))]) == 39
+    assert job_step([reply((0, 40, True), (1, 12, True))]) == 40  # every group gone: the furthest
+
+
+def test_status_marks_the_groups_a_shard_counts_as_gone():
+    row = {
+        "shard": 0, "address": "127.0.0.1:1", "keys": 1, "slices": 1, "bytes": 16, "versions": (9, 9),
+        "updates_per_s": None, "job": "-", "groups": {0: 9, 1: 3}, "gone": [1],
+    }  # fmt: skip
+    assert "g0@9 g1@3(gone)" in format_status([row])
+
+
+@pytest.mark.parametrize(
+    ("cluster", "says"),
+    [
+        ({"staleness": 0, "worker_groups": 2, "group_timeout_s": 5}, "cluster.group_timeout_s: groups in lockstep"),
+        ({"staleness": 0, "max_groups": 3}, "cluster.max_groups: groups in lockstep"),
+        ({"group_timeout_s": 5}, "cluster.group_timeout_s: a job of one group waits for its workers"),
+        ({"worker_groups": 3, "max_groups": 2}, "cluster.max_groups: 2 is below cluster.worker_groups (3)"),
+        ({"max_groups": 0}, 'cluster.max_groups: give a number of groups (at least 1), or "any" for no limit'),
+        ({"worker_groups": 2, "group_timeout_s": 0}, "cluster.group_timeout_s: Input should be greater than 0"),
+        (
+            {"worker_groups": 2, "staleness": 2, "group_timeout_s": 120},
+            "cluster.group_timeout_s: 120 s is not shorter than train.wait_s (120 s)",
+        ),
+    ],
+)
+def test_group_settings_that_cannot_work_are_refused_naming_the_key(cluster, says):
+    from psfw.base.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        parse_config({"cluster": cluster}, "job.toml")
+    assert str(err.value).startswith("job.toml: ") and says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_defaults_keep_groups_as_they_were():
+    c = parse_config({"cluster": {"worker_groups": 2}}).cluster
+    assert (c.group_timeout_s, c.max_groups, c.groups_limit, c.groups_leave) == (None, None, 2, False)
+    assert parse_config({"cluster": {"max_groups": "any", "group_timeout_s": 30}}).cluster.groups_limit is None

@@ -109,6 +109,13 @@ def run_worker(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     if args.resume and args.overwrite:
         raise UsageError("--overwrite starts the run in --run-dir again and --resume continues it: give one of them")
+    if args.group is not None and args.process is not None:
+        raise UsageError("--group runs every worker process of a group, --process one: give one of them")
+    if args.group is not None:
+        per_group = config.cluster.processes_per_group
+        processes = list(range(args.group * per_group, (args.group + 1) * per_group))
+    else:
+        processes = [args.process or 0]
     if not args.launched:  # under psfw launch, launch says how to continue
         args.on_interrupt = lambda: "to continue, run the same command with --resume"
     result = train(
@@ -116,7 +123,7 @@ def run_worker(args: argparse.Namespace) -> int:
         args.run_dir,
         progress=False,
         servers=servers,
-        processes=[args.process],
+        processes=processes,
         resume=args.resume,
         overwrite=args.overwrite,
         security=_client_security(args),

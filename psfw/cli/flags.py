@@ -279,7 +279,14 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run one worker process of a cluster against running shards")
     p.add_argument("config", help="the job's TOML config (the same for every process)")
     _add_overrides(p)
-    p.add_argument("--process", type=index, default=env("PROCESS", index, 0), help="this process's index")
+    p.add_argument("--process", type=index, default=env("PROCESS", index, None), help="this process's index (0)")
+    p.add_argument(
+        "--group",
+        type=index,
+        default=env("GROUP", index, None),
+        help="run every worker process of this group here instead; a group beyond cluster.worker_groups joins "
+        "the running job where it stands (up to cluster.max_groups)",
+    )
     p.add_argument(
         "--servers", default=env("SERVERS", str, ""), help="shard addresses host:port, comma-separated, in shard order"
     )

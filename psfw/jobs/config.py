@@ -216,6 +216,12 @@ class ClusterConfig(_Strict):
     servers: Annotated[int, AfterValidator(check_servers)] = Field(2, ge=1)
     slice_bytes: int = Field(1 << 20, ge=64)
     staleness: int | None = Field(None, ge=0)  # None: groups fully asynchronous; k: SSP bound
+    # a group that sends no Update for this long is gone: it no longer bounds the
+    # staleness (None: never; asynchronous groups only, as are the two below)
+    group_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # the groups that may train: a group beyond worker_groups joins a running job up
+    # to this many ("any": no limit; None: worker_groups, none joins)
+    max_groups: int | Literal["any"] | None = None
     warmup_steps: int = Field(0, ge=0)  # group 0 trains alone this long before other groups start
     # auto: a shard in this OS process is called directly, one on this host through shared
     # memory and the link's Unix socket; "network" (former name "grpc"): every shard as
@@ -234,6 +240,13 @@ class ClusterConfig(_Strict):
     # psfw ray: how the job's shards and worker processes spread over Ray's nodes
     placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
 
+    @field_validator("max_groups", mode="before")
+    @classmethod
+    def _groups(cls, value: Any) -> Any:
+        if value is None or value == "any" or (type(value) is int and value >= 1):
+            return value
+        raise ValueError('give a number of groups (at least 1), or "any" for no limit')
+
     @property
     def network_only(self) -> bool:
         """Whether every shard is reached as if on another host."""
@@ -248,6 +261,21 @@ class ClusterConfig(_Strict):
                 "warmup_steps",
                 "lets group 0 run ahead alone, which cluster.staleness forbids: set one of them",
             )
+        synchronous = "groups in lockstep (cluster.staleness = 0) wait for each other"
+        if self.group_timeout_s is not None and self.staleness == 0:
+            raise _FieldError("group_timeout_s", f"{synchronous}: drop it, or set staleness >= 1")
+        if self.max_groups is not None and self.staleness == 0:
+            raise _FieldError("max_groups", f"{synchronous}: drop it, or set staleness >= 1")
+        if isinstance(self.max_groups, int) and self.max_groups < self.worker_groups:
+            raise _FieldError(
+                "max_groups", f"{self.max_groups} is below cluster.worker_groups ({self.worker_groups}): raise it"
+            )
+        if self.group_timeout_s is not None and self.worker_groups == 1 and self.groups_limit == 1:
+            raise _FieldError(
+                "group_timeout_s",
+                "a job of one group waits for its workers, it has no other group to go on: drop it, or let groups "
+                "join (cluster.max_groups)",
+            )
         if self.workers_per_group % self.workers_per_process:
             raise _FieldError(
                 "workers_per_group",
@@ -259,6 +287,18 @@ class ClusterConfig(_Strict):
     @property
     def processes_per_group(self) -> int:
         return self.workers_per_group // self.workers_per_process
+
+    @property
+    def groups_limit(self) -> int | None:
+        """How many groups may train (None: any number)."""
+        if self.max_groups == "any":
+            return None
+        return self.max_groups or self.worker_groups
+
+    @property
+    def groups_leave(self) -> bool:
+        """Whether the job's groups may leave while the others go on (a group timeout)."""
+        return self.group_timeout_s is not None
 
 
 class Config(_Strict):
@@ -292,6 +332,13 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        c = self.cluster
+        if c.group_timeout_s is not None and c.staleness is not None and c.group_timeout_s >= self.train.wait_s:
+            raise _FieldError(
+                "cluster.group_timeout_s",
+                f"{c.group_timeout_s:g} s is not shorter than train.wait_s ({self.train.wait_s:g} s): a group held "
+                "for one that left would fail first: lower it, or raise train.wait_s",
+            )
         if self.train.batch_size < self.cluster.workers_per_group:
             raise _FieldError(
                 "train.batch_size",

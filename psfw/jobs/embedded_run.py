@@ -166,7 +166,7 @@ class EmbeddedRun:
         sinks: list = []
         metrics = None
         if folder is not None:
-            metrics = MetricsLog(folder / "metrics.jsonl", resume=self.resume, groups=c.worker_groups)
+            metrics = MetricsLog(folder / "metrics.jsonl", resume=self.resume, groups=c.groups_limit)
             sinks.append(lambda record: metrics.write(record) if record["group"] in led else None)
         if progress and ProgressBar.can_show():
             sinks.append(stack.enter_context(ProgressBar(job.steps)))

@@ -91,10 +91,13 @@ def _check_processes(job: Job, addresses: list[str], processes: list[int] | None
     c = job.config.cluster
     total = c.worker_groups * c.processes_per_group
     processes = list(range(total)) if processes is None else processes
-    wrong = [p for p in processes if not 0 <= p < total]
+    limit = c.groups_limit
+    wrong = [p for p in processes if p < 0 or (limit is not None and p >= limit * c.processes_per_group)]
     if wrong:
+        most = (limit or 0) * c.processes_per_group
+        hint = "" if limit != c.worker_groups else " (cluster.max_groups lets more groups join a running job)"
         raise UsageError(
-            f"process {wrong[0]} does not exist: the cluster of {job.config.source} has processes 0..{total - 1}"
+            f"process {wrong[0]} does not exist: the cluster of {job.config.source} has processes 0..{most - 1}{hint}"
         )
     if len(addresses) != c.servers:
         raise ConfigError(
@@ -200,6 +203,8 @@ class _ProcessesHere:
             identity=self.identity,
             resume=self.resume,
             warmup_steps=c.warmup_steps,
+            joins=group >= c.worker_groups,
+            leads=process % c.processes_per_group == 0,
         )
         return Stub(
             setup,
@@ -209,6 +214,8 @@ class _ProcessesHere:
             on_metrics=self.reporter,
             worker_groups=c.worker_groups,
             staleness=c.staleness,
+            group_timeout_s=c.group_timeout_s,
+            max_groups=-1 if c.max_groups == "any" else c.max_groups or 0,
             checkpoint_every=t.checkpoint_every,
             on_start=self.on_start,
             tables=job.table_feed(group, workers, evaluates=evaluates) if self.tables else None,

@@ -20,7 +20,10 @@ class ProcessSetup:
     progress; ``identity``: the job's (see psfw.base.identity), None for a tool that
     names no job; ``resume``: joining the job where this group has advanced is
     allowed; ``warmup_steps``: group 0's steps that another group waits for before it
-    starts.
+    starts; ``joins``: its group is one the job did not start with (beyond
+    ``cluster.worker_groups``), which joins the running job where it stands;
+    ``leads``: it is its group's first worker process (the others of a joining group
+    start where it does).
     """
 
     clients: list[Transport]
@@ -32,3 +35,5 @@ class ProcessSetup:
     identity: dict[str, Any] | None = None
     resume: bool = False
     warmup_steps: int = 0
+    joins: bool = False
+    leads: bool = True

@@ -28,7 +28,7 @@ from psfw.runtime.fetch import fetch_params, fetch_rows, row_gets
 from psfw.runtime.gradient_sums import GradientStage, Sums
 from psfw.runtime.param_cache import StepValues
 from psfw.runtime.process_setup import ProcessSetup
-from psfw.runtime.sync import ShardSync, group_step
+from psfw.runtime.sync import ShardSync
 from psfw.runtime.table_feed import TableFeed
 from psfw.runtime.waiting import GroupWait, whole_or_none
 from psfw.runtime.whole_params import whole_params
@@ -46,7 +46,10 @@ class Stub:
     """The stub of the worker process ``setup`` describes, for its local ``workers`` (their
     indices in the group). ``optimizer``: the shards' optimizer (JSON spec), named by
     the first Put; ``on_metrics``: takes each step's report; ``worker_groups``,
-    ``staleness``: the job's groups and their bound (None: none); ``checkpoint_every``:
+    ``staleness``: the job's groups and their bound (None: none); ``group_timeout_s``:
+    how long a group may send no Update before the shards count it as gone (None:
+    never); ``max_groups``: the groups that may train (0: ``worker_groups``, -1: any
+    number); ``checkpoint_every``:
     group 0's steps between checkpoints; ``on_start``: told ``(group, step)`` once the
     stub knows where its group starts; ``tables``: the embedding-table rows this
     process needs (None: the model has no tables); ``stop``: the evaluating process's
@@ -62,6 +65,8 @@ class Stub:
         on_metrics: Callable[[dict[str, Any]], None] | None = None,
         worker_groups: int = 1,
         staleness: int | None = None,
+        group_timeout_s: float | None = None,
+        max_groups: int = 0,
         checkpoint_every: int = 0,
         on_start: Callable[[int, int], None] | None = None,
         tables: TableFeed | None = None,
@@ -73,6 +78,7 @@ class Stub:
         self.on_metrics = on_metrics
         self.worker_groups, self.warmup_steps = worker_groups, setup.warmup_steps
         self.staleness = -1 if staleness is None else staleness
+        self.group_timeout_s, self.max_groups = group_timeout_s or 0.0, max_groups
         self.checkpoint_every = checkpoint_every
         # the job's identity (psfw.base.identity); shards that hold another job are refused,
         # and joining this job where this group has advanced needs ``resume``
@@ -119,6 +125,8 @@ class Stub:
             checkpoint_every=self.checkpoint_every if self.group == 0 else 0,
             job=self.fingerprint,
             wait_s=self.wait_s,
+            group_timeout_s=self.group_timeout_s,
+            max_groups=self.max_groups,
         )
 
     # -- what workers call ---------------------------------------------------
@@ -205,7 +213,7 @@ class Stub:
         await self.sync.refuse_second_start()
         replies = await self.sync.settle()
         self.epoch = replies[0].epoch
-        start = min(group_step(r, self.group) for r in replies)
+        start, joins = await self.sync.start(replies)
         self.sync.check_job(replies, start, steps)
         if self.on_start is not None:
             self.on_start(self.group, start)
@@ -229,14 +237,17 @@ class Stub:
         if values:
             await self._put_all(values)
         missing = [n for n in self.layout.params if n not in values]
-        # another group starts from group 0 after its warmup steps
-        source = (0, self.warmup_steps) if self.group != 0 and start == 0 else (self.group, start)
+        # another group starts from group 0 after its warmup steps; a group that joins
+        # from the current values (its own step 0 is every shard's now)
+        source = (0, self.warmup_steps) if self.group != 0 and start == 0 else (self.group, 0 if joins else start)
         if source[0] != self.group:
             await self.sync.await_warmup()
         if missing:
             values.update(await self._get_all(*source, missing))
         published = {n: jax.device_put(values[n]) for n in self.layout.params}
         self.cache.publish(start, await self._with_rows(published, *source, start))
+        if joins and start:
+            log.warning("process %d: group %d joins the job at step %d", self.process, self.group, start)
         return start
 
     async def _declare_tables(self) -> None:
@@ -261,10 +272,11 @@ class Stub:
         self.cache.doing("re-syncing with the shards")
         replies = await self.sync.settle()
         self.epoch = replies[0].epoch
-        start = min(group_step(r, self.group) for r in replies)
+        start, joins = await self.sync.start(replies)
         self.sync.check_job(replies, 0, 1)  # a shard restarted with another job's checkpoint: stop, naming it
-        params = await self._get_all(self.group, start, list(self.layout.params))
-        values = await self._with_rows({n: jax.device_put(v) for n, v in params.items()}, self.group, start, start)
+        at = 0 if joins else start  # a group that joins: the current values (some shards may not know it yet)
+        params = await self._get_all(self.group, at, list(self.layout.params))
+        values = await self._with_rows({n: jax.device_put(v) for n, v in params.items()}, self.group, at, start)
         while not self._inbox.empty():
             self._inbox.get_nowait()
         self.cache.rewind(start, values)
@@ -390,7 +402,7 @@ class Stub:
                     report[key] = sum(float(c.metrics[key]) * c.rows for c in batch) / rows
         compute_s = max(c.metrics["compute_s"] for c in batch)
         report.update(compute_s=compute_s, comm_s=comm_s, wait_s=max(0.0, wall_s - compute_s - comm_s), wall_s=wall_s)
-        if self.worker_groups > 1:
+        if self.worker_groups > 1 or self.max_groups:
             # how far this group runs ahead of the slowest group (SSP bounds it by staleness)
             report.update(slowest_step=self.slowest_step, lead=step + 1 - self.slowest_step)
         self.on_metrics(report)

@@ -29,6 +29,7 @@ class ShardSync:
         self.group, self.process, self.wait_s = setup.group, setup.process, setup.wait_s
         self.identity: dict[str, Any] | None = setup.identity
         self.resume, self.warmup_steps = setup.resume, setup.warmup_steps
+        self.joins, self.leads = setup.joins, setup.leads
 
     async def can_retry(self, step: int, epoch: int) -> bool:
         """Whether the shards are still where this process left them (same epoch, the
@@ -75,7 +76,9 @@ class ShardSync:
         while True:
             replies = await self.describe_all()
             epochs = {r.epoch for r in replies}
-            steps = {group_step(r, self.group) for r in replies}
+            # a joining group's first Update may have reached some shards only: the others take it when it comes
+            knows = [r for r in replies if not self.joins or has_group(r, self.group)] or replies
+            steps = {group_step(r, self.group) for r in knows}
             sizes = [len(self.layout.shard_slices(i)) for i in range(len(replies))]
             # a shard with no slices in the layout (more shards than slices) holds nothing to lose
             held = [len(r.slices) == n for r, n in zip(replies, sizes, strict=True)]
@@ -102,6 +105,34 @@ class ShardSync:
             log.warning("process %d: shards restored to step %d (epoch %d)", self.process, target, epoch)
             if time.monotonic() > deadline:
                 raise PsfwError(f"the shards did not settle within {self.wait_s:.0f} s")
+
+    async def start(self, replies: list) -> tuple[int, bool]:
+        """Where this process's group starts on the settled shards (``replies``), and
+        whether it joins the running job now. A group the job started with starts
+        where the shards hold it (0: fresh). A group that joins starts where the
+        slowest group active stands, or where it stands already: its first process
+        sends the first Update, and the others wait until the shards know the group
+        (``wait_s`` bounds the wait), so that the whole group starts at one step."""
+        if not self.joins:
+            return min(group_step(r, self.group) for r in replies), False
+        known = [group_step(r, self.group) for r in replies if has_group(r, self.group)]
+        if known:
+            return min(known), True
+        where = job_step(replies)
+        if self.leads or not where:
+            return where, True
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            self.cache.doing(f"waiting for the first process of group {self.group} to join at step {where}")
+            await asyncio.sleep(min(0.2, self.wait_s / 10))
+            replies = await self.describe_all()
+            if all(has_group(r, self.group) for r in replies):
+                return min(group_step(r, self.group) for r in replies), True
+            if time.monotonic() > deadline:
+                raise WaitTimeout(
+                    f"group {self.group} process {self.process}: the group's first process did not join the job "
+                    f"within {self.wait_s:.0f} s: start it too"
+                )
 
     def one_apart(self, steps: set[int]) -> bool:
         """Whether shards one step apart for this group can simply go on.
@@ -130,7 +161,7 @@ class ShardSync:
                     f"shard {shard} holds job {summary(held, group_step(reply, 0))}; this job differs: {what}: "
                     "start the shards fresh, or run the config they hold"
                 )
-        if start and not self.resume:
+        if start and not self.resume and not self.joins:  # a group that joins comes where the job stands
             state = f"finished, {steps} steps" if start >= steps else f"of {steps} steps"
             raise PsfwError(
                 f"the shards hold this job ({name if name == ours else f'{name}, the settings of {ours}'}) with "
@@ -173,6 +204,25 @@ class ShardSync:
 def group_step(reply, group: int) -> int:
     """A group's completed steps in a shard's Describe answer."""
     return next((g.step for g in reply.groups if g.group == group), 0)
+
+
+def has_group(reply, group: int) -> bool:
+    """Whether a shard's Describe answer knows ``group`` (it has sent an Update there)."""
+    return any(g.group == group for g in reply.groups)
+
+
+def job_step(replies: list) -> int:
+    """Where a running job stands: the completed steps of the slowest group that is
+    not gone (0: no group has trained)."""
+    steps: dict[int, int] = {}
+    gone: set[int] = set()
+    for reply in replies:
+        for g in reply.groups:
+            steps[g.group] = min(steps.get(g.group, g.step), g.step)
+            if g.gone:
+                gone.add(g.group)
+    active = [step for group, step in steps.items() if group not in gone]
+    return min(active) if active else max(steps.values(), default=0)
 
 
 def reports_of(replies: list, group: int, process: int) -> tuple[int, float] | None:

@@ -109,7 +109,9 @@ class Cluster:
         Returns:
             One dict per shard: ``shard``, ``address``, ``problem`` (a wiring
             problem, or ''), ``keys``, ``slices``, ``bytes``, ``versions`` (min,
-            max), ``groups`` (group -> completed steps), ``pending`` (group ->
+            max), ``groups`` (group -> completed steps), ``gone`` (the groups the
+            shard no longer counts: no Update for the job's
+            ``cluster.group_timeout_s``), ``pending`` (group ->
             worker processes of its open step), ``updates_per_s``,
             ``updates_applied``, ``job``, ``tables`` (name -> rows, bytes, updates,
             rows admitted, expired and evicted, ids waiting for admission) and
@@ -133,6 +135,7 @@ class Cluster:
                     "bytes": b.bytes,
                     "versions": (min(versions, default=0), max(versions, default=0)),
                     "groups": {g.group: g.step for g in b.groups},
+                    "gone": sorted(g.group for g in b.groups if g.gone),
                     "pending": {g.group: list(g.pending_processes) for g in b.groups if g.pending_workers},
                     # None without an interval to measure over (interval 0)
                     "updates_per_s": (b.updates_applied - a.updates_applied) / elapsed if interval_s > 0 else None,
@@ -181,7 +184,9 @@ def format_status(rows: list[dict[str, Any]]) -> str:
         f"{'shard':>5}  {'address':<22} {'keys':>5} {'slices':>6} {'MB':>9} {'versions':>11}  updates/s  groups  job"
     ]
     for r in rows:
-        groups = " ".join(f"g{g}@{s}" for g, s in sorted(r["groups"].items())) or "-"
+        gone = set(r.get("gone", ()))
+        groups = " ".join(f"g{g}@{s}" + ("(gone)" if g in gone else "") for g, s in sorted(r["groups"].items()))
+        groups = groups or "-"
         lines.append(
             f"{r['shard']:>5}  {r['address']:<22} {r['keys']:>5} {r['slices']:>6} {r['bytes'] / 1e6:>9.2f} "
             f"{r['versions'][0]:>5}-{r['versions'][1]:<5}  {_rate(r['updates_per_s']):>9}  {groups}  {r['job']}"
