@@ -87,3 +87,25 @@ def test_launch_records_every_group(tmp_path):
         assert [r["step"] for r in records if r["group"] == group] == [4, 8, 12], records
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert sum(1 for line in lines if json.loads(line).get("final")) == 1
+
+
+@pytest.mark.unit
+def test_a_group_restarted_alone_keeps_the_runs_final_record_and_group_0_drops_it(tmp_path):
+    """A resume drops the history a group abandons; the final record is group 0's
+    (its first process writes it): another group's process restarted with --resume
+    after the run ended must not take it away."""
+    from psfw.jobs.outputs import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [
+        {"step": 10, "group": 0, "loss": 1.0},
+        {"step": 10, "group": 1, "loss": 1.0},
+        {"step": 20, "group": 1, "loss": 1.0},
+        {"final": True, "step": 20, "test_loss": 0.5},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    MetricsLog(path, resume=True, groups=2).begin(1, 10)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == [lines[0], lines[1], lines[3]]
+    MetricsLog(path, resume=True, groups=2).begin(0, 10)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [lines[0], lines[1]]

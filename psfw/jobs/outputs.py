@@ -131,8 +131,10 @@ class MetricsLog:
     first worker process of each group writes its group's records): each write
     takes an exclusive lock (a lock file beside it) and appends whole lines. Resuming, ``begin`` drops
     the abandoned history of a group once its stub knows where the group resumes:
-    its records past that step, the old final record, the records of groups the job
-    no longer has (``groups``) and lines a kill cut short, so every step appears once."""
+    its records past that step, the old final record (where group 0 resumes: its
+    first process writes it; another group restarted alone leaves it), the records
+    of groups the job no longer has (``groups``) and lines a kill cut short, so every
+    step appears once."""
 
     def __init__(self, path: Path, resume: bool = False, groups: int | None = None):
         self.path = path
@@ -150,8 +152,8 @@ class MetricsLog:
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _abandoned(self, record: dict[str, Any], group: int, step: int) -> bool:
-        if record.get("final"):
-            return True
+        if record.get("final"):  # group 0's process 0 writes it: another group's restart leaves it
+            return group == 0
         of, at = record.get("group", 0), record.get("step", 0)
         # the evaluation of the step it resumes from is made again
         return (self.groups is not None and of >= self.groups) or (
