@@ -283,5 +283,5 @@ def test_group_settings_that_cannot_work_are_refused_naming_the_key(cluster, say
 
 def test_the_defaults_keep_groups_as_they_were():
     c = parse_config({"cluster": {"worker_groups": 2}}).cluster
-    assert (c.group_timeout_s, c.max_groups, c.groups_limit, c.groups_leave) == (None, None, 2, False)
+    assert (c.group_timeout_s, c.max_groups, c.restart, c.groups_limit, c.groups_leave) == (None, None, False, 2, False)
     assert parse_config({"cluster": {"max_groups": "any", "group_timeout_s": 30}}).cluster.groups_limit is None

@@ -222,6 +222,9 @@ class ClusterConfig(_Strict):
     # the groups that may train: a group beyond worker_groups joins a running job up
     # to this many ("any": no limit; None: worker_groups, none joins)
     max_groups: int | Literal["any"] | None = None
+    # psfw launch: a worker process that dies is started again (it rejoins its group);
+    # false: the job stops, or where groups may leave (group_timeout_s) its group is left out
+    restart: bool = False
     warmup_steps: int = Field(0, ge=0)  # group 0 trains alone this long before other groups start
     # auto: a shard in this OS process is called directly, one on this host through shared
     # memory and the link's Unix socket; "network" (former name "grpc"): every shard as

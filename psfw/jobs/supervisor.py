@@ -27,9 +27,12 @@ from psfw.jobs.run_dir import check_run_dir, resume_hint
 
 log = logging.getLogger("psfw")
 
-STOP_GRACE_S = 10.0
 # each stops every child gracefully once: Ctrl-C, a stop, a closed terminal
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+STOP_GRACE_S = 10.0
+RESTARTS = 3  # cluster.restart: how often one worker process is started again
 
 
 @dataclass(eq=False)
@@ -38,6 +41,8 @@ class Child:
     proc: asyncio.subprocess.Process
     tail: Tail
     pump: asyncio.Task | None = None
+    args: list[str] | None = None  # a worker process's: how to start it again
+    process: int = -1  # a worker process's index
 
 
 def _stop_with(parent: int):
@@ -168,7 +173,7 @@ async def launch(
         shards = list(children)
         workers = await _start_workers(config_path, config, addresses, run_dir, resume)
         children.extend(workers)
-        code = await _watch(children, shards, workers, interrupted)
+        code = await _Watch(config, children, shards, workers).until_done(interrupted)
         if code is None:
             return _interrupted(signals)
         if code == 0:
@@ -218,35 +223,83 @@ async def _start_workers(
             args += ["--run-dir", str(run_dir)]
         if resume:
             args.append("--resume")
-        workers.append(await _spawn(f"worker {process}", args))
+        child = await _spawn(f"worker {process}", args)
+        child.args, child.process = args, process
+        workers.append(child)
     return workers
 
 
-async def _watch(
-    children: list[Child], shards: list[Child], workers: list[Child], interrupted: asyncio.Event
-) -> int | None:
-    """Wait until every worker finished (0), a child failed or a shard ended (1,
-    said), or a stop signal came (None)."""
-    waits = {asyncio.create_task(child.proc.wait()): child for child in children}
-    stop = asyncio.create_task(interrupted.wait())
-    running_workers = set(workers)
-    while running_workers:
-        done, _ = await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
-        if stop in done:
-            return None
-        for task in done:
-            child = waits.pop(task)
-            code = task.result()
-            if code != 0 or child in shards:
-                print(
-                    f"psfw launch: {child.name} {describe_exit(code)}; stopping the others",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 1
-            running_workers.discard(child)
-    stop.cancel()
-    return 0
+class _Watch:
+    """The children of a launch while the job runs: every worker that ends is
+    looked at. A worker process that fails is started again where the config asks
+    for it (``cluster.restart``: with ``--resume``, up to ``RESTARTS`` times), or its
+    group is left out where groups may leave (``cluster.group_timeout_s``; not group
+    0, which evaluates and checkpoints), or every child stops, as when a shard ends."""
+
+    def __init__(self, config: Config, children: list[Child], shards: list[Child], workers: list[Child]):
+        self.cluster = config.cluster
+        self.children, self.shards = children, shards
+        self.running = set(workers)
+        self.waits = {asyncio.create_task(child.proc.wait()): child for child in children}
+        self.restarts: dict[int, int] = {}
+
+    async def until_done(self, interrupted: asyncio.Event) -> int | None:
+        """Wait until every worker finished or left (0), a child failed or a shard
+        ended (1, said), or a stop signal came (None)."""
+        stop = asyncio.create_task(interrupted.wait())
+        try:
+            while self.running:
+                done, _ = await asyncio.wait([*self.waits, stop], return_when=asyncio.FIRST_COMPLETED)
+                if stop in done:
+                    return None
+                for task in done:
+                    child = self.waits.pop(task)
+                    ended = child in self.running or child in self.shards  # not a worker left out or replaced
+                    if ended and not await self._ended(child, task.result()):
+                        return 1
+            return 0
+        finally:
+            stop.cancel()
+            for task in self.waits:
+                task.cancel()
+
+    async def _ended(self, child: Child, code: int) -> bool:
+        """Whether the job goes on after ``child`` ended with ``code``."""
+        self.running.discard(child)
+        if code == 0 and child not in self.shards:
+            return True
+        how = f"psfw launch: {child.name} {describe_exit(code)}"
+        c = self.cluster
+        if child in self.shards or child.args is None:
+            _tell(f"{how}; stopping the others")
+            return False
+        done = self.restarts.get(child.process, 0)
+        if c.restart and done < RESTARTS:
+            self.restarts[child.process] = done + 1
+            _tell(f"{how}; starting it again ({done + 1} of {RESTARTS}): it rejoins its group")
+            args = child.args if "--resume" in child.args else [*child.args, "--resume"]
+            again = await _spawn(child.name, args)
+            again.args, again.process = args, child.process
+            self._add(again)
+            return True
+        group = child.process // c.processes_per_group
+        if c.groups_leave and group != 0:
+            mates = [w for w in self.running if w.process // c.processes_per_group == group]
+            _tell(f"{how}; group {group} leaves the job and the others go on")
+            self.running.difference_update(mates)
+            await _stop_now(mates)
+            return True
+        _tell(f"{how}; stopping the others")
+        return False
+
+    def _add(self, child: Child) -> None:
+        self.children.append(child)
+        self.running.add(child)
+        self.waits[asyncio.create_task(child.proc.wait())] = child
+
+
+def _tell(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _resume_hint(config_path: Path, config: Config, run_dir: Path | None) -> str:
