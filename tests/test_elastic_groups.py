@@ -1,10 +1,14 @@
 """Groups that come and go in a running job, with real processes: two asynchronous
 groups, one killed mid-run, the other finishing, a third joining; bounded staleness
-with a group frozen (SIGSTOP), the others going on after the group timeout. Every
-job is paced (``tests/models/paced_mlp.py``), so that a kill or a join falls mid-run
-however fast or busy the machine is; every wait is bounded."""
+with a group frozen (SIGSTOP), the others going on after the group timeout; a worker
+process started again by psfw launch. Every such job is paced
+(``tests/models/paced_mlp.py``), so that a kill or a join falls mid-run however fast
+or busy the machine is; every wait is bounded. And, in this OS process, a group of
+two processes joining a running job."""
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +20,9 @@ from pathlib import Path
 import pytest
 
 from psfw.jobs.children import read_ready
+from psfw.jobs.config import parse_config
+from psfw.jobs.embedded import train_async
+from psfw.services.server import ShardServer
 
 from helpers import REPO
 
@@ -210,3 +217,47 @@ def _children(pid: int) -> list[tuple[int, str]]:
         if ppid == pid:
             found.append((int(entry), cmdline))
     return found
+
+
+@pytest.mark.asyncio
+async def test_the_processes_of_a_joining_group_start_at_one_step_from_the_current_values(caplog):
+    """A group of two worker processes joins a running job of one group (in this OS
+    process, against shards of its own): its first process decides where the job
+    stands, the other starts there too, and the new group bounds group 0 as any
+    group does."""
+
+    def config():
+        return parse_config(
+            {
+                "seed": 1,
+                "model": {"name": "mlp", "hidden": [32]},
+                "train": {"batch_size": 32, "steps": 300, "log_every": 1, "wait_s": 60},
+                "optimizer": {"name": "adam", "learning_rate": 0.003},
+                "cluster": {"workers_per_group": 2, "workers_per_process": 1, "staleness": 2, "max_groups": 2},
+            }
+        )
+
+    servers = [ShardServer(i, 2) for i in range(2)]
+    for server in servers:
+        await server.start("127.0.0.1:0")
+    addresses = [s.address for s in servers]
+    try:
+        with caplog.at_level(logging.WARNING):
+            first = asyncio.create_task(
+                train_async(config(), progress=False, outputs=False, servers=addresses, processes=[0, 1])
+            )
+            deadline = time.monotonic() + 120
+            while servers[0].store.group_step(0) < 50:
+                assert time.monotonic() < deadline and not first.done(), "group 0 did not reach step 50"
+                await asyncio.sleep(0.02)
+            joining = train_async(config(), progress=False, outputs=False, servers=addresses, processes=[2, 3])
+            joined, done = await asyncio.wait_for(asyncio.gather(joining, first), 120)
+    finally:
+        for server in servers:
+            await server.stop(0)
+    starts = {r.getMessage() for r in caplog.records if "joins the job at step" in r.getMessage()}
+    assert len(starts) == 2 and len({line.split()[-1] for line in starts}) == 1, starts
+    at = int(next(iter(starts)).split()[-1])
+    assert at >= 50
+    assert [r["step"] for r in joined.records if r["group"] == 1] == list(range(at + 1, 301))
+    assert max(r["lead"] for r in done.records) <= 2 and done.test_accuracy >= 0.9
