@@ -13,6 +13,7 @@ from psfw.jobs.config import parse_config
 from psfw.jobs.embedded import train_async
 from psfw.protocol.messages import UpdateHeader
 from psfw.runtime.shard_client import ShardClient
+from psfw.services.checkpoint import complete_steps
 from psfw.services.server import ShardServer
 
 from helpers import SGD, assert_params_close, reference
@@ -39,6 +40,10 @@ async def test_a_shard_restarted_during_the_last_update_sends_the_workers_back(t
 
     async def update(self, header, *args, **kwargs):
         if header.step == steps - 1 and self.shard == 0 and not restarted:
+            for _ in range(1000):  # bounded: 10 s for the shards' step-10 checkpoint, written off the loop
+                if 10 in complete_steps(folder, 2):
+                    break
+                await asyncio.sleep(0.01)
             old = servers[0]
             await asyncio.gather(old._server.stop(0), old.link.stop(0))  # a crash: no final checkpoint
             servers[0] = ShardServer(0, 2, checkpoint_dir=folder)
