@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from psfw.base.errors import UsageError
-from psfw.jobs.config import load_config, parse_config
+from psfw.jobs.config import load_config
 
 from certs import make_pki
-from helpers import assert_params_close, free_port, read_params, recovery_job, reference
+from helpers import assert_params_close, read_params, recovery_job, reference
 
 # read once, when Ray is imported: its nodes (and their actors) then take 127.0.0.1 as
 # their address instead of the machine's own
@@ -129,7 +128,7 @@ def spread_job(path: Path, steps: int) -> Path:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_job_on_four_nodes_trains_as_the_single_process_reference(cluster, tmp_path):
-    steps = 60
+    steps = 400  # long enough that psfw status finds it running on a fast machine
     config = spread_job(tmp_path / "job.toml", steps)
     proc = psfw_ray(config, cluster.address, tmp_path / "run")
     lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 10)
@@ -188,7 +187,7 @@ def test_shards_with_tls_and_a_token_take_only_the_jobs_workers(cluster, tmp_pat
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_shard_process_killed_is_restarted_by_ray_restored_and_the_job_ends_as_if_never_killed(cluster, tmp_path):
-    steps = 120
+    steps = 300  # long enough that the kill comes mid-run on a fast machine
     config = spread_job(tmp_path / "job.toml", steps)
     proc = psfw_ray(config, cluster.address, tmp_path / "run")
     lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 30)
@@ -239,21 +238,27 @@ def test_a_relative_run_folder_on_several_nodes_is_refused(cluster, tmp_path):
         cwd=tmp_path,
     )
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "--run-dir rel is relative" in out and f"has {NODES + 2} nodes" in out, out
+    assert (
+        proc.returncode == 2
+        and "--run-dir rel is relative" in out
+        and f"has {len(cluster.list_all_nodes())} nodes" in out
+    ), out
     assert not (tmp_path / "rel").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_worker_process_killed_is_restarted_and_rejoins_its_group(cluster, tmp_path):
-    steps = 120
+    steps = 300  # long enough that the kill comes mid-run on a fast machine
     config = spread_job(tmp_path / "job.toml", steps)
     proc = psfw_ray(config, cluster.address, tmp_path / "run")
     lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 30)
     pid = int(re.search(r"psfw ray: worker process 1 on node .*, pid (\d+)", "".join(lines)).group(1))
     os.kill(pid, signal.SIGKILL)
     out = finish(proc, lines)
-    assert "psfw ray: worker process 1 died; Ray restarts it and it rejoins its group" in out, out[-4000:]
+    assert re.search(
+        rf"psfw ray: worker process 1 died; Ray restarted it on node .*, pid (?!{pid}\b)\d+, and it rejoins", out
+    ), out[-4000:]
     expected = reference(load_config(config), steps)
     assert_params_close(read_params(tmp_path / "run" / "params.safetensors"), expected)
 
@@ -261,7 +266,7 @@ def test_a_worker_process_killed_is_restarted_and_rejoins_its_group(cluster, tmp
 @pytest.mark.slow
 @pytest.mark.ray
 def test_an_interrupted_job_stops_every_actor_and_resumes_to_the_reference(cluster, tmp_path):
-    steps = 120
+    steps = 300  # long enough that the kill comes mid-run on a fast machine
     config = spread_job(tmp_path / "job.toml", steps)
     proc = psfw_ray(config, cluster.address, tmp_path / "run")
     read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 30)
@@ -284,7 +289,7 @@ def test_an_interrupted_job_stops_every_actor_and_resumes_to_the_reference(clust
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_node_removed_its_shard_comes_back_on_another_node(cluster, tmp_path):
-    steps = 120
+    steps = 300  # long enough that the kill comes mid-run on a fast machine
     config = spread_job(tmp_path / "job.toml", steps)
     proc = psfw_ray(config, cluster.address, tmp_path / "run")
     lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 30)
@@ -297,40 +302,3 @@ def test_a_node_removed_its_shard_comes_back_on_another_node(cluster, tmp_path):
     assert again and again.group(1) != nodes[1], out[-4000:]
     expected = reference(load_config(config), steps)
     assert_params_close(read_params(tmp_path / "run" / "params.safetensors"), expected)
-
-
-@pytest.mark.unit
-def test_an_address_where_no_ray_cluster_answers_is_said_at_once(tmp_path):
-    config = parse_config({"train": {"steps": 1}})
-    port = free_port()
-    began = time.monotonic()
-    with pytest.raises(UsageError, match=rf"no Ray cluster answers at 127.0.0.1:{port} .*ray start --head"):
-        psfw_train_on_ray(config, tmp_path / "run", address=f"127.0.0.1:{port}")
-    assert time.monotonic() - began < 10
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
-
-
-@pytest.mark.unit
-def test_without_ray_installed_the_command_names_the_extra(monkeypatch, tmp_path, capsys):
-    from psfw.cli.main import main
-
-    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as where it is not installed
-    code = main(["ray", str(tmp_path / "missing.toml")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.strip() == 'psfw ray: Ray is not installed: pip install "psfw[ray]"', err
-
-
-@pytest.mark.unit
-def test_config_errors_come_before_any_ray_call(tmp_path, capsys):
-    from psfw.cli.main import main
-
-    (tmp_path / "bad.toml").write_text('[cluster]\nplacement = "diagonal"\n')
-    code = main(["ray", str(tmp_path / "bad.toml"), "--address", f"127.0.0.1:{free_port()}"])
-    err = capsys.readouterr().err
-    assert code == 2 and "cluster.placement" in err and "Ray cluster" not in err, err
-
-
-def psfw_train_on_ray(config, run_dir, **options):
-    import psfw
-
-    return psfw.train_on_ray(config, run_dir, **options)

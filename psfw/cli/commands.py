@@ -168,6 +168,10 @@ def run_status(args: argparse.Namespace) -> int:
         problems = []
         for name, addresses in jobs.items():
             print(f"job {name} (Ray): {len(addresses)} shards", flush=True)
+            missing = [i for i, a in enumerate(addresses) if a is None]
+            if missing:
+                problems.append(f"job {name}: shard {missing[0]} does not answer now (restarting?): try again")
+                continue
             problems += asyncio.run(show(addresses))
     else:
         if not args.servers:

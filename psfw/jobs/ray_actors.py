@@ -7,7 +7,8 @@ transports. Everything that crosses Ray is JSON text or plain numbers and string
 no Python object of psfw's travels pickled.
 
 A shard actor that Ray restarts (its process killed, its node gone) runs its
-constructor again: its server starts on the first call that asks where it listens,
+constructor again: its server starts on the first ``start`` call (the driver's or a
+worker's, which ask where it listens),
 restoring the newest complete checkpoint of the shared checkpoint folder, on a new
 port. Workers ask the named actor (``actor_name``) where a shard listens whenever it
 cannot be reached (``psfw.runtime.grpc_channel``'s ``locate``).
@@ -20,18 +21,18 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import ray
 
 from psfw.base.console import StderrHandler
+from psfw.base.errors import PsfwError
 from psfw.base.security import Security
 from psfw.jobs.run_settings import stored_config
 
 NAMESPACE = "psfw"  # the Ray namespace of every psfw job's named actors
-LOCATE_TIMEOUT_S = 10.0
-STOP_S = (
-    8.0  # a stopped worker process ends within this  # a restarting shard actor answers where it listens within this
-)
+LOCATE_TIMEOUT_S = 10.0  # a restarting shard actor answers where it listens within this
+STOP_S = 8.0  # a stopped worker process ends within this
 log = logging.getLogger("psfw")
 
 
@@ -56,6 +57,17 @@ def _psfw_logs() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+def _in_config_words(refusal: str) -> str:
+    """A shard's refusal to listen off loopback, in the words of ``psfw ray``'s config."""
+    if "without TLS" not in refusal:
+        return refusal
+    first = refusal.split(": ", 1)[0]  # refusing to listen on HOST:0 without TLS
+    return (
+        f"{first}: give ray.tls_cert and ray.tls_key (and ray.tls_ca, ray.token_file), or set ray.insecure = true "
+        "on a private network"
+    )
 
 
 def _sees(marker: str) -> bool:
@@ -110,14 +122,17 @@ class ShardActor:
 
         s = self.settings
         host = s["host"] or ray.util.get_node_ip_address()
-        security = Security.from_files(s.get("tls_cert"), s.get("tls_key"), None, s.get("token_file"))
-        server = ShardServer(
-            self.shard, self.shards, insecure=s["insecure"], checkpoint_dir=s["checkpoint_dir"], security=security
-        )
         shown = f"[{host}]" if ":" in host else host
-        try:
+        try:  # a refusal is said by the driver, in one line
+            security = Security.from_files(s.get("tls_cert"), s.get("tls_key"), None, s.get("token_file"))
+            server = ShardServer(
+                self.shard, self.shards, insecure=s["insecure"], checkpoint_dir=s["checkpoint_dir"], security=security
+            )
             await server.start(f"{shown}:0")
-        except (PermissionError, OSError, ValueError) as err:
+        except PermissionError as err:
+            self.refusal = _in_config_words(str(err))
+            return
+        except (PsfwError, OSError, ValueError) as err:
             self.refusal = str(err)
             return
         self.server = server
@@ -139,18 +154,29 @@ class WorkerActor:
 
     def __init__(self, process: int, config: str, job: str):
         _psfw_logs()
-        self.process, self.job = process, job
-        self.config = stored_config(json.loads(config), "config")
-        self.training: asyncio.Task | None = None
+        self.process, self.job, self.text = process, job, config
+        self.training: asyncio.Future | None = None  # the run, one at a time
+        self.actors: dict[int, Any] = {}  # the shards' actors, once looked up
+
+    def _config(self):
+        return stored_config(json.loads(self.text), "config")
 
     def where(self, marker: str = "") -> str:
         """The node this actor runs on, as JSON (``refused``: it does not see
-        ``marker``, a file of the shared folder)."""
-        return json.dumps({**_node(), **({} if _sees(marker) else {"refused": f"does not see {marker}"})})
+        ``marker``, a file of the shared folder, or cannot read the job)."""
+        refused = "" if _sees(marker) else f"does not see {marker}"
+        try:
+            self._config()
+        except PsfwError as err:
+            refused = refused or f"cannot read the job: {err}"
+        return json.dumps({**_node(), **({"refused": refused} if refused else {})})
 
     async def locate(self, shard: int) -> str:
         """Where shard ``shard`` listens now (its actor starts it if Ray restarted it)."""
-        actor = await asyncio.to_thread(ray.get_actor, actor_name(self.job, shard), NAMESPACE)
+        actor = self.actors.get(shard)
+        if actor is None:
+            actor = await asyncio.to_thread(ray.get_actor, actor_name(self.job, shard), NAMESPACE)
+            self.actors[shard] = actor  # a restarted actor keeps its handle
         answer = json.loads(await asyncio.wait_for(actor.start.remote(), LOCATE_TIMEOUT_S))
         if "refused" in answer:
             raise RuntimeError(f"shard {shard} cannot start: {answer['refused']}")
@@ -158,22 +184,32 @@ class WorkerActor:
 
     async def run(self, addresses: list[str], run_dir: str | None, resume: bool, security: str) -> str:
         """Train this worker process to the end of the job; returns, as JSON, its
-        group's final figures when it evaluates (process 0) and its run folder."""
-        from psfw.jobs.embedded import train_async
+        group's final figures when it evaluates (process 0) and its run folder, or
+        ``error``: its one-line failure. A second call while it trains (the driver
+        lost sight of the actor for a while) waits for the same run."""
+        if self.training is None or self.training.done():
+            self.training = asyncio.ensure_future(self._train(addresses, run_dir, resume, json.loads(security)))
+        return await asyncio.shield(self.training)
 
-        s = json.loads(security)
-        self.training = asyncio.current_task()
-        result = await train_async(
-            self.config,
-            run_dir,
-            progress=False,
-            servers=addresses,
-            processes=[self.process],
-            resume=resume,
-            security=Security.from_files(None, None, s.get("tls_ca"), s.get("token_file")),
-            locate=self.locate,
-        )
-        self.training = None
+    async def _train(self, addresses: list[str], run_dir: str | None, resume: bool, s: dict) -> str:
+        from psfw.jobs.embedded import train_async
+        from psfw.runtime.threads import cause_of
+
+        try:
+            result = await train_async(
+                self._config(),
+                run_dir,
+                progress=False,
+                servers=addresses,
+                processes=[self.process],
+                resume=resume,
+                security=Security.from_files(None, None, s.get("tls_ca"), s.get("token_file")),
+                locate=self.locate,
+            )
+        except PsfwError as err:  # said by the driver; nothing of psfw's crosses Ray pickled
+            return json.dumps({"error": str(err)})
+        except (OSError, ValueError) as err:
+            return json.dumps({"error": f"failed: {cause_of(err)}"})
         folder = str(result.run_dir) if result.run_dir is not None else None
         summary = result.summary() if self.process == 0 else ""
         return json.dumps({"summary": summary, "run_dir": folder, "steps": result.steps})

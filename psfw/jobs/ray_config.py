@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from psfw.jobs.optimizer_config import _Strict
+from psfw.jobs.optimizer_config import _FieldError, _Strict
 
 # Ray's own resource names: a custom resource may not take one
 RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -29,6 +29,14 @@ class RayResources(_Strict):
         if taken:
             raise ValueError(f"{taken[0]} is Ray's own resource: give it as num_cpus, num_gpus or memory")
         return value
+
+    @model_validator(mode="after")
+    def _something(self) -> RayResources:
+        if not (self.num_cpus or self.num_gpus or self.memory or self.resources):
+            raise _FieldError(
+                "num_cpus", "0 with no GPU, memory or custom resource leaves nothing to reserve: give one of them"
+            )
+        return self
 
     def bundle(self) -> dict[str, float]:
         """The placement group bundle of one actor."""

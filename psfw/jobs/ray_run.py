@@ -107,7 +107,8 @@ def train_on_ray(
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "auto":
         _probe(address)
-    started_here = _connect(ray, address, config)
+    inside = ray.is_initialized()  # called from a program that runs on Ray already: its session
+    started_here = False if inside else _connect(ray, address, config)
     made = folder is None
     try:
         folder = new_run_dir() if folder is None else folder
@@ -124,7 +125,8 @@ def train_on_ray(
             folder.rmdir()  # refused before anything was written: leave nothing behind
         raise
     finally:
-        ray.shutdown()  # the end of a Ray instance started here; else this driver's leaving
+        if not inside:
+            ray.shutdown()  # the end of a Ray instance started here; else this driver's leaving
 
 
 def _probe(address: str) -> None:
@@ -180,6 +182,7 @@ def _init(ray: Any, address: str | None, config: Config | None, options: dict[st
         need = _needs(config)
         custom = {k: v for k, v in need.items() if k not in ("CPU", "GPU", "memory")}
         ray.init(
+            address="local",  # a new instance, never a cluster left running on this machine
             num_cpus=max(os.cpu_count() or 1, int(-(-need.get("CPU", 0) // 1))),
             resources=custom or None,
             include_dashboard=False,
@@ -236,6 +239,8 @@ class Job:
     shards: list[Any] = field(default_factory=list)
     workers: list[Any] = field(default_factory=list)
     seen: dict[int, dict] = field(default_factory=dict)  # each shard's last answer: where it listens
+    lost: dict[str, float] = field(default_factory=dict)  # actors out of reach: since when
+    pids: dict[int, int] = field(default_factory=dict)  # each worker process's actor's process
 
     def check_nodes(self, ray: Any, named: bool) -> None:
         """On several nodes, the run folder must be an absolute path every node sees."""
@@ -347,6 +352,7 @@ class Job:
                 raise UsageError(
                     f"worker process {p} on node {answer['ip']} cannot start: {_refusal(answer, self.folder)}"
                 )
+            self.pids[p] = answer["pid"]
             print(
                 f"psfw ray: worker process {p} on node {answer['ip']} ({answer['node'][:8]}), pid {answer['pid']}",
                 flush=True,
@@ -363,38 +369,85 @@ class Job:
         """Until every worker process finished: rejoin the ones whose actor Ray
         restarted; say where a restarted shard listens now."""
         running = {self._work(p, addresses, self.resume): p for p in range(len(self.workers))}
-        died = dict.fromkeys(range(len(self.workers)), 0)
+        later: dict[int, float] = {}  # worker processes to ask again: when
+        asked: dict[Any, int] = {}  # where a worker process out of sight runs now: a restart?
         outcome = RayRun(self.folder, "", 0)
         probes: dict[Any, int] = {}
         next_probe = time.monotonic()
-        while running:
-            done, _ = ray.wait(list(running), num_returns=1, timeout=WATCH_EVERY_S)
+        while running or later:
+            done, _ = ray.wait(list(running), num_returns=1, timeout=WATCH_EVERY_S) if running else ([], [])
             for ref in done:
                 p = running.pop(ref)
                 try:
                     answer = json.loads(ray.get(ref))
-                except ray.exceptions.RayActorError as err:  # its process or node died
-                    died[p] += 1
-                    if died[p] > self.config.ray.restarts:
-                        raise PsfwError(
-                            f"worker process {p} died {died[p]} times (ray.restarts = {self.config.ray.restarts}): "
-                            f"{_first_line(err)}"
-                        ) from None
-                    print(f"psfw ray: worker process {p} died; Ray restarts it and it rejoins its group", flush=True)
-                    running[self._work(p, addresses, True)] = p
+                except ray.exceptions.RayActorError:
+                    # its process or node died (Ray restarts it, and the run asked again
+                    # rejoins the group), or it was out of sight a while (the run asked
+                    # again is the one that goes on): its pid tells which
+                    later[p] = time.monotonic() + WATCH_EVERY_S
+                    asked[self.workers[p].where.remote()] = p
                     continue
                 except ray.exceptions.RayTaskError as err:
                     raise PsfwError(f"worker process {p}: {_cause(err)}") from None
+                if "error" in answer:
+                    raise PsfwError(f"worker process {p}: {answer['error']}")
                 if p == 0:
                     outcome = RayRun(self.folder, answer["summary"], int(answer["steps"]))
+            for p, when in list(later.items()):
+                if time.monotonic() >= when:
+                    del later[p]
+                    running[self._work(p, self._addresses(), True)] = p
+            self._check_restarts(ray, asked)
+            if not done and not running:
+                time.sleep(WATCH_EVERY_S / 4)
             if time.monotonic() >= next_probe:
                 next_probe = time.monotonic() + WATCH_EVERY_S
                 self._check_shards(ray, probes)
         return outcome
 
+    def _check_restarts(self, ray: Any, asked: dict[Any, int]) -> None:
+        """Say each worker process whose actor came back in a new process; one that
+        died more often than Ray restarts it ends the job."""
+        if not asked:
+            return
+        done, _ = ray.wait(list(asked), num_returns=len(asked), timeout=0)
+        for ref in done:
+            p = asked.pop(ref)
+            try:
+                answer = json.loads(ray.get(ref))
+            except ray.exceptions.RayActorError as err:  # not back yet: asked again with its next run
+                self._lost(f"worker process {p}", err)
+                continue
+            self.lost.pop(f"worker process {p}", None)
+            if answer["pid"] != self.pids.get(p):
+                self.pids[p] = answer["pid"]
+                print(
+                    f"psfw ray: worker process {p} died; Ray restarted it on node {answer['ip']} "
+                    f"({answer['node'][:8]}), pid {answer['pid']}, and it rejoins its group",
+                    flush=True,
+                )
+
+    def _lost(self, what: str, err: BaseException) -> None:
+        """``what``'s actor cannot be reached: Ray restarts it (``ray.restarts``
+        times), which may wait for a node with room; past ``ray.place_timeout_s``
+        without it, the job ends saying so."""
+        now = time.monotonic()
+        since = self.lost.setdefault(what, now)
+        wait = self.config.ray.place_timeout_s
+        if now - since > wait:
+            raise PsfwError(
+                f"{what} has been gone for {wait:.0f} s (ray.place_timeout_s): Ray did not bring its actor back "
+                f"(it restarts one ray.restarts = {self.config.ray.restarts} times, where a node has room): "
+                f"{_first_line(err)}"
+            )
+
+    def _addresses(self) -> list[str]:
+        """Where each shard listens now, as the driver last saw it."""
+        return [self.seen[i]["address"] for i in range(len(self.shards))]
+
     def _check_shards(self, ray: Any, probes: dict[Any, int]) -> None:
         """Ask each shard where it listens (one question each at a time); say a
-        restart; a shard Ray no longer restarts ends the job."""
+        restart; a shard that died more often than Ray restarts it ends the job."""
         asking = set(probes.values())
         for i, shard in enumerate(self.shards):
             if i not in asking:
@@ -404,13 +457,12 @@ class Job:
             i = probes.pop(ref)
             try:
                 answer = json.loads(ray.get(ref))
-            except ray.exceptions.ActorDiedError as err:
-                raise PsfwError(
-                    f"shard {i} died and Ray does not restart it again (ray.restarts = {self.config.ray.restarts}): "
-                    f"{_first_line(err)}"
-                ) from None
-            except ray.exceptions.RayActorError:
-                continue  # restarting: asked again next time
+            except ray.exceptions.RayActorError as err:  # restarting: asked again next time
+                self._lost(f"shard {i}", err)
+                continue
+            except ray.exceptions.RayTaskError as err:
+                raise PsfwError(f"shard {i}: {_cause(err)}") from None
+            self.lost.pop(f"shard {i}", None)
             if "refused" in answer:
                 raise PsfwError(f"shard {i} on node {answer['ip']} cannot start again: {answer['refused']}")
             before = self.seen.get(i, {})
@@ -433,7 +485,11 @@ class Job:
             _get_quietly(ray, [w.stop.remote() for w in self.workers], STOP_GRACE_S * 2)
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
-        _get_quietly(ray, [s.stop.remote(1.0) for s in self.shards], STOP_GRACE_S * 4)
+        if not _get_quietly(ray, [s.stop.remote(1.0) for s in self.shards], STOP_GRACE_S * 4):
+            say(
+                f"psfw ray: not every shard stopped within {STOP_GRACE_S * 4:.0f} s; the newest complete checkpoint "
+                "may be older than the step the job reached"
+            )
         for shard in self.shards:
             ray.kill(shard, no_restart=True)
         self.workers, self.shards = [], []
@@ -459,11 +515,16 @@ def _get(ray: Any, refs: list[Any], what: str) -> list[Any]:
         raise PsfwError(f"{what.removeprefix('the ')}: an actor died: {_first_line(err)}") from None
 
 
-def _get_quietly(ray: Any, refs: list[Any], timeout: float) -> None:
+def _get_quietly(ray: Any, refs: list[Any], timeout: float) -> bool:
+    """Whether every call of ``refs`` ended within ``timeout`` (an actor already gone
+    counts as ended: nothing left to stop)."""
     try:
         ray.get(refs, timeout=timeout)
-    except Exception as err:  # an actor already gone: nothing left to stop
+    except ray.exceptions.GetTimeoutError:
+        return False
+    except Exception as err:
         log.debug("stopping: %s", err)
+    return True
 
 
 def _cause(err: Any) -> str:
@@ -519,9 +580,10 @@ def _amount(key: str, value: float) -> str:
     return {"CPU": f"{shown} CPUs", "GPU": f"{shown} GPUs"}.get(key, f"{shown} of {key}")
 
 
-def ray_jobs(address: str) -> dict[str, list[str]]:
+def ray_jobs(address: str) -> dict[str, list[str | None]]:
     """The psfw jobs running on the Ray cluster at ``address``: each job's shard
-    addresses, in shard order (``psfw status --ray``)."""
+    addresses in shard order, None for a shard that does not answer now (between
+    restarts) (``psfw status --ray``)."""
     ray = ray_module()
     from psfw.jobs.ray_actors import NAMESPACE
 
@@ -530,18 +592,22 @@ def ray_jobs(address: str) -> dict[str, list[str]]:
     _connect(ray, address, None)
     try:
         named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
-        shards: dict[str, dict[int, str]] = {}
+        shards: dict[str, dict[int, Any]] = {}
         for name in named:
             job, _, index = name.rpartition("-shard-")
-            if not job or not index.isdigit():
-                continue
-            try:
-                answer = json.loads(ray.get(ray.get_actor(name, NAMESPACE).where.remote(), timeout=PROBE_TIMEOUT_S * 3))
-            except Exception as err:  # an actor between restarts: shown as absent
-                log.info("shard %s does not answer: %s", name, _first_line(err))
-                continue
-            if answer["address"]:
-                shards.setdefault(job, {})[int(index)] = answer["address"]
-        return {job: [found[i] for i in sorted(found)] for job, found in sorted(shards.items())}
+            if job and index.isdigit():
+                shards.setdefault(job, {})[int(index)] = ray.get_actor(name, NAMESPACE).where.remote()
+        found: dict[str, list[str | None]] = {}
+        for job, refs in sorted(shards.items()):
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT_S * 3)
+            answers = {}
+            for i, ref in refs.items():
+                try:
+                    answers[i] = json.loads(ray.get(ref))["address"] or None if ref in ready else None
+                except Exception as err:  # an actor between restarts: shown as not answering
+                    log.info("shard %d of %s does not answer: %s", i, job, _first_line(err))
+                    answers[i] = None
+            found[job] = [answers.get(i) for i in range(max(refs) + 1)]
+        return found
     finally:
         ray.shutdown()

@@ -80,6 +80,8 @@ class GrpcChannel:
         self._said = 0.0  # when that was last said
         self._closed = 0  # connections it closed at once, in a row
         self._asked = 0.0  # when ``locate`` was last asked
+        self._left: list = []  # channels a move left behind
+        self._closing: set[asyncio.Future] = set()  # their graceful closes
         self._open(address)
 
     def _open(self, address: str) -> None:
@@ -123,6 +125,9 @@ class GrpcChannel:
 
     async def close(self) -> None:
         await self.channel.close()
+        for old in self._left:  # channels a move left behind: now at once
+            await old.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def _moved(self) -> bool:
         """Whether the shard now listens elsewhere (``locate`` says; asked at most
@@ -134,7 +139,7 @@ class GrpcChannel:
         try:
             address = await self.locate(self.shard)
         except Exception as err:  # the engine that places the shards cannot say yet: retry as usual
-            log.info("shard %d: where it listens now is not known yet (%s)", self.shard, err)
+            log.debug("shard %d: where it listens now is not known yet (%s)", self.shard, err)
             return False
         if not address or address == self.address:
             return False
@@ -144,7 +149,12 @@ class GrpcChannel:
         self._down_since, self._said, self._closed = None, 0.0, 0
         if self.on_moved is not None:
             self.on_moved(address)
-        await old.close()
+        # calls still on the old channel end as they would (their retries come here);
+        # closing it at once would cancel them under their callers
+        self._left.append(old)
+        closing = asyncio.ensure_future(old.close(grace=self.timeout_s))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
         return True
 
     async def call(self, rpc: str, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -157,7 +167,7 @@ class GrpcChannel:
                 result = await attempt()
             except grpc.aio.AioRpcError as err:
                 link = self._connection_failed(err)
-                if err.code() == grpc.StatusCode.UNAVAILABLE and await self._moved():
+                if _transient(err) and await self._moved():
                     continue  # at most once a second, and only to a new address
                 if _transient(err) and tries < self.retries:
                     tries += 1
