@@ -288,6 +288,27 @@ def test_an_interrupted_job_stops_every_actor_and_resumes_to_the_reference(clust
 
 @pytest.mark.slow
 @pytest.mark.ray
+def test_async_groups_a_node_removed_with_a_groups_worker_process_the_job_goes_on(cluster, tmp_path):
+    with starting_nodes():  # room for the group's actor to come back on
+        cluster.add_node(num_cpus=1, object_store_memory=10**8, resources={"psfw_extra": 1})
+        cluster.wait_for_nodes()
+    config = spread_job(tmp_path / "job.toml", 300)
+    config.write_text(config.read_text().replace("[cluster]", "[cluster]\nworker_groups = 2"))
+    proc = psfw_ray(config, cluster.address, tmp_path / "run", "--set", "cluster.workers_per_group=1")
+    lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 30)
+    node = re.search(r"psfw ray: worker process 1 on node \S+ \((\w+)\)", "".join(lines)).group(1)
+    with starting_nodes():
+        cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id.startswith(node)))
+    out = finish(proc, lines)  # the cluster keeps as many nodes as before: the extra one replaced the removed one
+    assert re.search(r"psfw ray: worker process 1 died; Ray restarted it on node \S+ \((?!" + node + r")\w+\)", out), (
+        out[-4000:]
+    )
+    accuracy = float(re.search(r"test accuracy (\d\.\d+)", out).group(1))
+    assert accuracy > 0.9, out[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_node_removed_its_shard_comes_back_on_another_node(cluster, tmp_path):
     steps = 300  # long enough that the kill comes mid-run on a fast machine
     config = spread_job(tmp_path / "job.toml", steps)
