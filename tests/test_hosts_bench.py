@@ -80,13 +80,13 @@ def test_the_model_floors_are_the_cost_models():
 @pytest.mark.unit
 def test_a_window_gives_step_time_bytes_per_step_busy_links_and_floors():
     rate = 100 * 10**6  # 12.5 MB/s
-    first = Snapshot(10.0, {"w0": Link(1000, 2000), "s0": Link(0, 0)}, {"w0": 1.0, "s0": 3.0}, machine=(100, 1000))
+    first = Snapshot(10.0, {"w0": Link(1000, 2000), "s0": Link(0, 0)}, {"w0": 1.0, "s0": 3.0}, machine=(100, 1000, 50))
     steps, step_s = 4, 2.0
     last = Snapshot(
         10.0 + steps * step_s,
         {"w0": Link(1000 + 4 * 5_000_000, 2000 + 4 * 6_000_000), "s0": Link(4 * 6_000_000, 4 * 5_000_000)},
         {"w0": 1.4, "s0": 4.2},
-        machine=(900, 2000),
+        machine=(900, 2000, 250),
     )
     got = window(first, last, steps, rate, cpus=2)
     assert got["step_s"] == pytest.approx(2.0)
@@ -100,8 +100,12 @@ def test_a_window_gives_step_time_bytes_per_step_busy_links_and_floors():
     assert got["link_serial_s"] == pytest.approx(11e6 / 12.5e6)
     assert got["step_over_floor"] == pytest.approx(2.0 / 0.48)
     assert got["cpu_share"] == pytest.approx((0.4 + 1.2) / (8.0 * 2))
-    assert got["machine_busy"] == pytest.approx(0.8)
-    assert got["cpu_saturated"] is False
+    assert got["machine_busy"] == pytest.approx(0.8) and got["packet_share"] == pytest.approx(0.2)
+    assert got["cpu_saturated"] is False  # the machine 0.8 busy, s0's processes 0.15 of a core
+    one_host = last._replace(cpu={"w0": 1.4, "s0": 3.0 + 4 * 1.9})  # s0's processes: 0.95 of a core
+    assert window(first, one_host, steps, rate, cpus=2)["cpu_saturated"] is True
+    machine = last._replace(machine=(1000, 2000, 250))  # the machine 0.9 busy
+    assert window(first, machine, steps, rate, cpus=2)["cpu_saturated"] is True
 
 
 def _variant(step_s: float) -> dict:
@@ -115,6 +119,7 @@ def _variant(step_s: float) -> dict:
         "busiest_link": "s0",
         "links": {"w0": link, "s0": link},
         "cpu_share": 0.2,
+        "packet_share": 0.1,
         "machine_busy": 0.95,
         "cpu_saturated": False,
     }

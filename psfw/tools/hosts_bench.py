@@ -52,11 +52,12 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def _machine() -> tuple[int, int]:
+def _machine() -> tuple[int, int, int]:
+    """The machine's CPU time so far (clock ticks): busy, in all, in interrupts."""
     with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle, iowait
-    return sum(values[:8]) - idle, sum(values[:8])
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    total = user + nice + system + idle + iowait + irq + softirq + steal
+    return total - idle - iowait, total, irq + softirq
 
 
 class _Output:

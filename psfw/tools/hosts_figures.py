@@ -11,7 +11,7 @@ from psfw.tools.testbed import Link, parse_rate
 
 BATCH = BENCH_CONFIG["train"]["batch_size"]
 MAX_HOSTS = 64
-CPU_SATURATED = 0.9  # the testbed's processes used at least this share of the machine's cores
+CPU_SATURATED = 0.9  # of a core (one host's processes), or of the machine's cores (everything)
 
 
 class Setup(NamedTuple):
@@ -82,12 +82,13 @@ def ring_model_floor(model: int, world: int, rate: int) -> float:
 
 class Snapshot(NamedTuple):
     """What is read at a step's end: when, each host's link counters and its
-    processes' CPU seconds, and the machine's busy and total CPU time (jiffies)."""
+    processes' CPU seconds, and the machine's CPU time (clock ticks): busy, in all,
+    and in interrupts (the kernel's packet work: veths, bridge, token buckets)."""
 
     time: float
     links: dict[str, Link]
     cpu: dict[str, float]
-    machine: tuple[int, int]
+    machine: tuple[int, int, int]
 
 
 def window(first: Snapshot, last: Snapshot, steps: int, rate: int, cpus: int) -> dict:
@@ -97,8 +98,12 @@ def window(first: Snapshot, last: Snapshot, steps: int, rate: int, cpus: int) ->
     seconds per step and the cores they kept busy; the link floor (the busiest link's larger direction at the rate:
     the step's least time when a link's two directions overlap) and the serial floor
     (its two directions one after the other); the share of the machine's cores the
-    testbed's processes used (``cpu_share``; ``cpu_saturated`` from 0.9) and that
-    every process on the machine used (``machine_busy``: the neighbours too)."""
+    testbed's processes used (``cpu_share``), that the kernel's interrupts used (the
+    emulated network's packets, sampled at the clock's ticks; a process's own share
+    may hold some of it: ``packet_share``), and that everything used
+    (``machine_busy``: the neighbours too); ``cpu_saturated`` when one host's
+    processes kept 0.9 of a core busy or the machine's cores were 0.9 busy (then the
+    cores, not the links, may set the pace)."""
     wall = last.time - first.time
     step_s = wall / steps
     links = {}
@@ -116,8 +121,9 @@ def window(first: Snapshot, last: Snapshot, steps: int, rate: int, cpus: int) ->
     busiest = max(links, key=lambda h: max(links[h]["up_bytes"], links[h]["down_bytes"]))
     floor = max(links[busiest]["up_bytes"], links[busiest]["down_bytes"]) * 8 / rate
     serial = max(v["up_bytes"] + v["down_bytes"] for v in links.values()) * 8 / rate
-    busy, total = last.machine[0] - first.machine[0], last.machine[1] - first.machine[1]
+    busy, total, packets = (b - a for a, b in zip(first.machine, last.machine, strict=True))
     machine_busy = busy / total if total else 0.0
+    packet_share = packets / total if total else 0.0
     cpu_share = sum(v["cpu_s"] for v in links.values()) * steps / (wall * cpus)
     return {
         "step_s": step_s,
@@ -128,8 +134,9 @@ def window(first: Snapshot, last: Snapshot, steps: int, rate: int, cpus: int) ->
         "busiest_link": busiest,
         "links": links,
         "cpu_share": cpu_share,
+        "packet_share": packet_share,
         "machine_busy": machine_busy,
-        "cpu_saturated": cpu_share >= CPU_SATURATED,
+        "cpu_saturated": max(v["cores"] for v in links.values()) >= CPU_SATURATED or machine_busy >= CPU_SATURATED,
     }
 
 

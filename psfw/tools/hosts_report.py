@@ -14,7 +14,10 @@ def hosts_table(figures: dict) -> list[str]:
     lines = [
         f"benchmark MLP 784-1024-1024-10 ({figures['model_bytes'] / 1e6:.2f} MB float32), global batch "
         f"{figures['batch']}, SGD; {figures['steps']} measured steps after {figures['warmup']}; "
-        f"{figures['cpus']} cores; link floor: the busiest link's larger direction at the rate"
+        f"{figures['cpus']} cores",
+        "floor: the busiest link's larger direction at the rate (directions overlapped); serial: its two "
+        "directions one after the other; CPU, packets, machine: the share of the cores the hosts' processes, the "
+        "kernel's packet work and everything used",
     ]
     for entry in figures["hosts"]:
         lines += ["", *_block(entry)]
@@ -27,7 +30,7 @@ def _block(entry: dict) -> list[str]:
         f"{n} worker hosts x {k} shard hosts, each link {rate_text(entry['link_bits_per_s'])} each way "
         f"(model floor: parameter server {entry['ps_model_floor_s']:.3f} s, ring all-reduce {entry['ring_model_floor_s']:.3f} s)",
         f"  {'':<14} {'step s':>7} {'samples/s':>10} {'floor s':>8} {'step/floor':>10} {'serial s':>9} "
-        f"{'CPU share':>9} {'machine':>8}",
+        f"{'CPU':>5} {'packets':>7} {'machine':>7}",
     ]
     ran = [(key, label) for key, label in VARIANTS if entry.get(key) is not None]
     for key, label in VARIANTS:
@@ -38,8 +41,8 @@ def _block(entry: dict) -> list[str]:
         saturated = "  CPU-bound" if v["cpu_saturated"] else ""
         lines.append(
             f"  {label:<14} {v['step_s']:7.3f} {v['samples_per_s']:10,.0f} {v['link_floor_s']:8.3f} "
-            f"{v['step_over_floor'] or float('nan'):10.2f} {v['link_serial_s']:9.3f} {v['cpu_share']:9.2f} "
-            f"{v['machine_busy']:8.2f}{saturated}"
+            f"{v['step_over_floor'] or float('nan'):10.2f} {v['link_serial_s']:9.3f} {v['cpu_share']:5.2f} "
+            f"{v['packet_share']:7.2f} {v['machine_busy']:7.2f}{saturated}"
         )
     lines.append("  per link: MB per step up/down, busy up/down, CPU s per step of the host's processes")
     lines.append(("  " + f"{'host':<5}" + "".join(f" {label:<30}" for _, label in ran)).rstrip())
