@@ -359,4 +359,6 @@ def test_help_shows_defaults_and_their_variables(capsys):
     assert "this shard's index (default: 0, or $PSFW_SHARD)" in " ".join(server.split())
     assert "server certificate (PEM): turns on TLS (or $PSFW_TLS_CERT)" in " ".join(server.split())
     bench = " ".join(psfw_command(capsys, "bench", "--help").stdout.split())
-    assert "measured steps per variant (default: 60)" in bench and "(default: ==SUPPRESS==)" not in bench
+    assert (
+        "measured steps per variant (default: 60; with --hosts: 12)" in bench and "(default: ==SUPPRESS==)" not in bench
+    )

@@ -390,9 +390,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     """``psfw bench`` and its flags."""
     p = sub.add_parser("bench", help="samples/s of psfw against single-process JAX")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--steps", type=int, default=60, help="measured steps per variant")
-    p.add_argument("--warmup", type=int, default=10, help="unmeasured steps first")
-    p.add_argument("--rounds", type=int, default=3, help="side-by-side rounds; each figure is its best round")
+    p.add_argument("--steps", type=int, help="measured steps per variant (default: 60; with --hosts: 12)")
+    p.add_argument("--warmup", type=int, help="unmeasured steps first (default: 10; with --hosts: 3)")
+    p.add_argument("--rounds", type=int, help="side-by-side rounds; each figure is its best round (default: 3)")
     p.add_argument("--path", choices=("auto", "grpc"), default="auto", help="grpc: force the network path everywhere")
     p.add_argument("--transfer", metavar="SIZE", help="push + pull of a model of SIZE (e.g. 256MiB): GB/s each way")
     p.add_argument("--scale", action="store_true", help="updates/s of simulated stubs against 1, 2 and 4 shards")
@@ -434,4 +434,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="--stream: the run without a cap takes the stream's first N events (default 10,000,000; 0: no such run)",
     )
     p.add_argument("--plot", metavar="FILE", help="--stream: where the PNG goes (default stream.png, in this folder)")
+    # between emulated hosts (psfw.tools.hosts_bench), as root
+    p.add_argument(
+        "--hosts",
+        metavar="N[,N...]",
+        help="the job between N worker hosts and --shard-hosts shard hosts, each a network namespace on one bridge, "
+        "every link shaped to --link each way (as root): psfw in clear and in TLS, and DDP, side by side",
+    )
+    p.add_argument(
+        "--shard-hosts",
+        metavar="K[,K...]",
+        help="--hosts: shard hosts, one count or one for each N (default: as many as worker hosts)",
+    )
+    p.add_argument(
+        "--link",
+        metavar="RATE[,RATE...]",
+        help="--hosts: each link's rate each way, e.g. 200mbit or 1gbit (default: 200mbit)",
+    )
     p.set_defaults(run=commands.run_bench)

@@ -1,10 +1,12 @@
-"""Throwaway TLS certificates for ``psfw bench``'s TLS variant: a CA and a shard
-certificate for 127.0.0.1, made with the ``openssl`` command, valid for a day."""
+"""Throwaway TLS certificates for ``psfw bench``'s TLS variants: a CA and a shard
+certificate for 127.0.0.1 (or the shard hosts' addresses), made with the ``openssl``
+command, valid for a day."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,16 +23,17 @@ def openssl_installed() -> bool:
     return shutil.which("openssl") is not None
 
 
-def make_certs(folder: Path) -> BenchCerts:
+def make_certs(folder: Path, addresses: Sequence[str] = ("127.0.0.1",)) -> BenchCerts:
     """A CA (``ca.pem``) and a shard certificate signed by it (``shard.pem``,
-    ``shard.key``) for the IP address 127.0.0.1, in ``folder``."""
+    ``shard.key``) for the IP ``addresses`` (every shard's: one certificate serves
+    them all), in ``folder``."""
 
     def openssl(*args: str | Path) -> None:
         subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, cwd=folder)
 
     openssl("req", "-x509", *EC_KEY, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=psfw-bench-ca")
-    openssl("req", *EC_KEY, "-keyout", "shard.key", "-out", "shard.csr", "-subj", "/CN=127.0.0.1")
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("req", *EC_KEY, "-keyout", "shard.key", "-out", "shard.csr", "-subj", f"/CN={addresses[0]}")
+    (folder / "san.ext").write_text("subjectAltName=" + ",".join(f"IP:{a}" for a in addresses) + "\n")
     openssl(
         "x509", "-req", "-in", "shard.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
         "-out", "shard.pem", "-days", "1", "-extfile", "san.ext",

@@ -50,6 +50,11 @@ def _bytes_text(size: int) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    hosts = args.hosts is not None
+    _check_hosts_flags(args)
+    args.steps = args.steps if args.steps is not None else 12 if hosts else 60
+    args.warmup = args.warmup if args.warmup is not None else 3 if hosts else 10
+    args.rounds = args.rounds if args.rounds is not None else 3
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         raise ValueError(
             f"--steps {args.steps}, --warmup {args.warmup}, --rounds {args.rounds}: each must be at least 1 "
@@ -59,6 +64,8 @@ def main(args: argparse.Namespace) -> int:
     transfer = _size_flag("--transfer", args.transfer, MIN_TRANSFER_BYTES)
     memory = _size_flag("--memory", args.memory, MIN_MEMORY_BYTES)
     figures: dict = {}
+    if hosts:
+        return _hosts(args)
     if args.sparse:
         return _sparse(args, memory)
     if transfer is not None:
@@ -139,6 +146,46 @@ def _check_stream_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"{given[0]} belongs to the stream: run psfw bench --sparse --stream {given[0]} ...")
     if args.stream and (args.scale or args.memory is not None or args.transfer is not None):
         raise ValueError("--stream runs alone: drop --scale, --memory and --transfer")
+
+
+def _check_hosts_flags(args: argparse.Namespace) -> None:
+    """--shard-hosts and --link go with --hosts, which runs alone, once."""
+    if args.hosts is None:
+        given = next(
+            (f for f, v in (("--shard-hosts", args.shard_hosts), ("--link", args.link)) if v is not None), None
+        )
+        if given is not None:
+            raise ValueError(f"{given} belongs to --hosts: run psfw bench --hosts N {given} ...")
+        return
+    others = {
+        "--sparse": args.sparse,
+        "--stream": args.stream,
+        "--scale": args.scale,
+        "--transfer": args.transfer is not None,
+        "--memory": args.memory is not None,
+        "--rounds": args.rounds is not None,
+        "--path": args.path != "auto",
+    }
+    given = [flag for flag, on in others.items() if on]
+    if given:
+        raise ValueError(f"--hosts runs alone, each configuration once: drop {', '.join(given)}")
+
+
+def _hosts(args: argparse.Namespace) -> int:
+    """``--hosts``: the job between emulated hosts (psfw.tools.hosts_bench), as root."""
+    from psfw.base.console import say
+    from psfw.tools.hosts_bench import run_hosts
+    from psfw.tools.hosts_figures import setups
+    from psfw.tools.hosts_report import hosts_table
+    from psfw.tools.testbed import check_can_run
+
+    configurations = setups(args.hosts, args.shard_hosts, args.link or "200mbit")
+    why = check_can_run()
+    if why is not None:
+        raise ValueError(f"--hosts cannot run here: {why}")
+    figures = run_hosts(configurations, args.warmup, args.steps, say=lambda line: say(f"psfw bench: {line}"))
+    print(json.dumps(figures) if args.json else "\n".join(hosts_table(figures)))
+    return 0
 
 
 def _sparse(args: argparse.Namespace, memory: int | None) -> int:
