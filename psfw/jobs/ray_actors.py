@@ -95,8 +95,11 @@ class ShardActor:
         file of the shared folder that this node must see."""
         async with self.starting:
             if self.server is None and not self.refusal:
+                folder = self.settings["checkpoint_dir"]
                 if not _sees(marker):
                     self.refusal = f"does not see {marker}"
+                elif folder and not Path(folder).parent.is_dir():  # restarted on a node without the shared folder
+                    self.refusal = f"does not see the run folder {Path(folder).parent}: nothing to restore from"
                 else:
                     await self._serve()
         if self.refusal:
