@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing.process
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -66,6 +67,14 @@ def unit_tests_stay_unit_tests(request, monkeypatch):
 
 
 CALL_FAILED = pytest.StashKey[bool]()
+
+
+def pytest_configure(config):
+    """A suite started in a shell's background (``cmd &``, nohup) inherits Ctrl-C
+    ignored, and so would every process its tests start and then interrupt: they
+    would train on. The tests' processes get Ctrl-C as from a terminal."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(wrapper=True)
