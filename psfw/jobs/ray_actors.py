@@ -115,10 +115,19 @@ class ShardActor:
         )
 
     def where(self) -> str:
-        """Where the shard listens, as JSON; never starts it (``address`` empty when
-        it does not serve)."""
+        """Where the shard listens, as ``start`` says it, but never starting it
+        (``address`` empty when it does not serve)."""
         server = self.server
-        return json.dumps({**_node(), "address": server.address if server is not None else ""})
+        if server is None:
+            return json.dumps({**_node(), "address": ""})
+        return json.dumps(
+            {
+                **_node(),
+                "address": server.address,
+                "restored_step": server.restored_step,
+                "restored_from_shards": server.restored_from_shards or None,
+            }
+        )
 
     async def _serve(self) -> None:
         from psfw.services.server import ShardServer

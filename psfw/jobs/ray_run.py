@@ -403,7 +403,24 @@ class Job:
             if time.monotonic() >= next_probe:
                 next_probe = time.monotonic() + WATCH_EVERY_S
                 self._check_shards(ray, probes)
+        self._last_look(ray, asked)
         return outcome
+
+    def _last_look(self, ray: Any, asked: dict[Any, int]) -> None:
+        """Say a restart that the job outran (the workers found the shard, or the
+        worker process came back, before the driver's next look)."""
+        if asked:
+            ray.wait(list(asked), num_returns=len(asked), timeout=PROBE_TIMEOUT_S * 3)
+            self._check_restarts(ray, asked)
+        try:
+            answers = ray.get([s.where.remote() for s in self.shards], timeout=PROBE_TIMEOUT_S * 3)
+        except Exception as err:  # a shard out of reach now: its stop says so
+            log.debug("last look at the shards: %s", err)
+            return
+        for i, text in enumerate(answers):
+            answer = json.loads(text)
+            if answer["address"]:
+                self._seen_now(i, answer)
 
     def _check_restarts(self, ray: Any, asked: dict[Any, int]) -> None:
         """Say each worker process whose actor came back in a new process; one that
@@ -465,16 +482,20 @@ class Job:
             self.lost.pop(f"shard {i}", None)
             if "refused" in answer:
                 raise PsfwError(f"shard {i} on node {answer['ip']} cannot start again: {answer['refused']}")
-            before = self.seen.get(i, {})
-            if answer.get("pid") != before.get("pid") or answer.get("address") != before.get("address"):
-                restored = answer.get("restored_step")
-                print(
-                    f"psfw ray: shard {i} restarted on node {answer['ip']} ({answer['node'][:8]}) at "
-                    f"{answer['address']}, pid {answer['pid']}, "
-                    + (f"restored step {restored}" if restored is not None else "no checkpoint to restore"),
-                    flush=True,
-                )
-                self.seen[i] = answer
+            self._seen_now(i, answer)
+
+    def _seen_now(self, i: int, answer: dict) -> None:
+        """Shard ``i`` answered ``answer``: a new process or address is a restart, said once."""
+        before = self.seen.get(i, {})
+        if answer.get("pid") != before.get("pid") or answer.get("address") != before.get("address"):
+            restored = answer.get("restored_step")
+            print(
+                f"psfw ray: shard {i} restarted on node {answer['ip']} ({answer['node'][:8]}) at "
+                f"{answer['address']}, pid {answer['pid']}, "
+                + (f"restored step {restored}" if restored is not None else "no checkpoint to restore"),
+                flush=True,
+            )
+            self.seen[i] = answer
 
     def _stop(self, ray: Any, interrupted: bool = False) -> None:
         """Stop the workers, then the shards (their final checkpoint), then end every
