@@ -105,6 +105,11 @@ def read_until(proc: subprocess.Popen, found, timeout_s: float = 240) -> list[st
     raise AssertionError("psfw ray ended first:\n" + "".join(lines[-30:]))
 
 
+def until_step(proc: subprocess.Popen, step: int) -> list[str]:
+    """The lines ``proc`` printed until a worker reported ``step`` (bounded)."""
+    return read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= step)
+
+
 def finish(proc: subprocess.Popen, before: list[str], timeout_s: float = 300) -> str:
     try:
         rest, _ = proc.communicate(timeout=timeout_s)
@@ -131,7 +136,7 @@ def test_a_job_on_four_nodes_trains_as_the_single_process_reference(cluster, tmp
     steps = 400  # long enough that psfw status finds it running on a fast machine
     config = spread_job(tmp_path / "job.toml", steps)
     proc = psfw_ray(config, cluster.address, tmp_path / "run")
-    lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 10)
+    lines = until_step(proc, 10)
     status = subprocess.run(
         [sys.executable, "-m", "psfw.cli", "status", "--ray", cluster.address, "--interval", "0"],
         capture_output=True,
@@ -164,7 +169,7 @@ def test_shards_with_tls_and_a_token_take_only_the_jobs_workers(cluster, tmp_pat
         + f'[ray]\ntls_cert = "{cert}"\ntls_key = "{key}"\ntls_ca = "{pki["ca"]}"\ntoken_file = "{pki["token"]}"\n'
     )
     proc = psfw_ray(config, cluster.address, tmp_path / "run")
-    lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 10)
+    lines = until_step(proc, 10)
 
     def status(*flags: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -190,7 +195,7 @@ def test_a_shard_process_killed_is_restarted_by_ray_restored_and_the_job_ends_as
     steps = 300  # long enough that the kill comes mid-run on a fast machine
     config = spread_job(tmp_path / "job.toml", steps)
     proc = psfw_ray(config, cluster.address, tmp_path / "run")
-    lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 30)
+    lines = until_step(proc, 30)
     pids = {int(m.group(1)): int(m.group(3)) for m in SHARD_LINE.finditer("".join(lines))}
     os.kill(pids[1], signal.SIGKILL)
     out = finish(proc, lines)
@@ -252,7 +257,7 @@ def test_a_worker_process_killed_is_restarted_and_rejoins_its_group(cluster, tmp
     steps = 300  # long enough that the kill comes mid-run on a fast machine
     config = spread_job(tmp_path / "job.toml", steps)
     proc = psfw_ray(config, cluster.address, tmp_path / "run")
-    lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 30)
+    lines = until_step(proc, 30)
     pid = int(re.search(r"psfw ray: worker process 1 on node .*, pid (\d+)", "".join(lines)).group(1))
     os.kill(pid, signal.SIGKILL)
     out = finish(proc, lines)
@@ -269,7 +274,7 @@ def test_an_interrupted_job_stops_every_actor_and_resumes_to_the_reference(clust
     steps = 300  # long enough that the kill comes mid-run on a fast machine
     config = spread_job(tmp_path / "job.toml", steps)
     proc = psfw_ray(config, cluster.address, tmp_path / "run")
-    read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 30)
+    until_step(proc, 30)
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, rest[-3000:]
@@ -295,7 +300,7 @@ def test_async_groups_a_node_removed_with_a_groups_worker_process_the_job_goes_o
     config = spread_job(tmp_path / "job.toml", 300)
     config.write_text(config.read_text().replace("[cluster]", "[cluster]\nworker_groups = 2"))
     proc = psfw_ray(config, cluster.address, tmp_path / "run", "--set", "cluster.workers_per_group=1")
-    lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 30)
+    lines = until_step(proc, 30)
     node = re.search(r"psfw ray: worker process 1 on node \S+ \((\w+)\)", "".join(lines)).group(1)
     with starting_nodes():
         cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id.startswith(node)))
@@ -313,7 +318,7 @@ def test_a_node_removed_its_shard_comes_back_on_another_node(cluster, tmp_path):
     steps = 300  # long enough that the kill comes mid-run on a fast machine
     config = spread_job(tmp_path / "job.toml", steps)
     proc = psfw_ray(config, cluster.address, tmp_path / "run")
-    lines = read_until(proc, lambda line: (m := STEP_LINE.search(line)) is not None and int(m.group(1)) >= 30)
+    lines = until_step(proc, 30)
     nodes = {int(m.group(1)): m.group(2) for m in SHARD_LINE.finditer("".join(lines))}
     gone = next(n for n in cluster.worker_nodes if n.node_id.startswith(nodes[1]))
     with starting_nodes():
