@@ -159,7 +159,7 @@ def run_status(args: argparse.Namespace) -> int:
     if args.servers and args.ray:
         raise UsageError("give the shards' addresses or --ray, not both")
     if args.ray:
-        from psfw.jobs.ray_run import ray_jobs
+        from psfw.jobs.ray_cluster import ray_jobs
 
         jobs = ray_jobs(args.ray)
         if not jobs:
@@ -184,7 +184,8 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_ray(args: argparse.Namespace) -> int:
     from psfw.jobs.config import load_config
-    from psfw.jobs.ray_run import ray_module, train_on_ray
+    from psfw.jobs.ray_cluster import ray_module
+    from psfw.jobs.ray_run import train_on_ray
 
     ray_module()  # before the config is read: one line naming the extra
     config = load_config(args.config, args.set)
