@@ -70,6 +70,13 @@ def answer_pieces(result: UpdateResult, keys: list[SliceKey]) -> list[list[bytes
     return [UPDATE_PIECES(ChunkedMessage(head, c)) for c in chunked]
 
 
+def slice_pieces(step: int, key: SliceKey, value) -> list[list[bytes | memoryview]]:
+    """One slice's value after the step, as the answer's messages of a pipelined
+    Update (the steps and metrics come in its last message)."""
+    chunks = encode_chunks([(key[0], key[1], value)])
+    return [UPDATE_PIECES(ChunkedMessage(pb.UpdateReply(step=step), c)) for c in chunks]
+
+
 def _encode_answer(result: UpdateResult, keys: list[SliceKey]) -> list[bytes]:
     return [b"".join(pieces) for pieces in answer_pieces(result, keys)]
 

@@ -69,6 +69,13 @@ class UpdateKernel:
         self.compiled.add(in_place)
         return out
 
+    def apply_slice(self, parts: Parts, value: jax.Array, state: Any, rows: np.float32, in_place: bool) -> tuple:
+        """One slice's update on its own (a pipelined step): ``(new value, new
+        state, finite)``; a sum that is not finite gives the old value and state
+        back. Compiled once per shape and dtype, whichever slice it is."""
+        values, states, finite = self.run(in_place, {"slice": parts}, {"slice": state}, {"slice": value}, rows)
+        return values["slice"], states["slice"], bool(finite)
+
     def batches(self, specs: Mapping[SliceKey, tuple[np.dtype, tuple[int, ...]]]) -> list[list[SliceKey]]:
         """The slices in batches of about ``update_batch_bytes`` (a small shard: one)."""
 

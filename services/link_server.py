@@ -42,7 +42,7 @@ from psfw.protocol.link import (
     socket_name,
     token_refusal,
 )
-from psfw.services.requests import ShardRequests
+from psfw.services.requests import ShardRequests, pipelined
 
 log = logging.getLogger("psfw.server")
 
@@ -237,24 +237,28 @@ class LinkListener:
             method = bytes(method).decode("ascii", "replace")
             if kind != CALL or method not in METHODS:
                 raise LinkBroken(f"a call began with frame kind {kind} ({method!r}), not a CALL of {METHODS}")
-            payloads = self._request(conn, KeptPages().take if method == "Put" else fresh_buffer)
-            held = sum(len(p) for p in payloads)
-            serving = asyncio.run_coroutine_threadsafe(self.requests.answer(method, payloads, name), self._loop)
-            serving.add_done_callback(lambda _: self._release(held))
-            with self._lock:
-                self._busy[conn] = serving
-                cut = self._cut
-            if cut:
-                serving.cancel()  # the stop's grace is over already
-            outcome = serving.result()
+            counted = [0]  # the request's bytes held so far: let go once it is served
+            frames = self._frames(conn, KeptPages().take if method == "Put" else fresh_buffer, counted)
+            try:
+                first = next(frames, None)
+                # a pipelined Update is answered while it arrives: reading and writing at
+                # once, which one TLS connection cannot do from two threads
+                if method == "Update" and self._tls is None and first is not None and pipelined(first):
+                    outcome = self._stream(conn, first, frames, name)
+                else:
+                    payloads = [first, *frames] if first is not None else []
+                    outcome = self._serve_whole(conn, method, payloads, name)
+            finally:
+                self._release(counted[0])
             conn.settimeout(FRAME_S)  # a client that stops reading the answer lets go of the thread
             if isinstance(outcome, WireError):
                 send_pieces(conn, [error_frame(outcome)])
-            else:
+            elif outcome is not None:
                 # values go from the shard's arrays as they are: ``outcome`` holds
                 # them (and so keeps an update from writing over them) until sent
                 for pieces in outcome.replies:
                     send_pieces(conn, framed(MESSAGE, pieces))
+            if not isinstance(outcome, WireError):
                 send_pieces(conn, framed(END, []))
         finally:
             with self._lock:
@@ -262,29 +266,69 @@ class LinkListener:
                 self._idle.notify_all()
         return True
 
-    def _request(self, conn: socket.socket, buffer) -> list[memoryview]:
+    def _serve_whole(self, conn: socket.socket, method: str, payloads: list[memoryview], name: str):
+        """A call read whole: its answer (an Answer) or its refusal (a WireError)."""
+        return self._running(conn, self.requests.answer(method, payloads, name)).result()
+
+    def _stream(self, conn: socket.socket, first: memoryview, frames, name: str) -> WireError | None:
+        """A pipelined Update: its messages go to the shard's loop as they arrive,
+        and a thread of its own sends the answer's messages as the loop makes them;
+        returns None once every one is sent (the END is the caller's), or the
+        refusal."""
+        loop = self._loop
+        feed: asyncio.Queue = asyncio.Queue()
+        writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="psfw-link-answer")
+        sends: list[concurrent.futures.Future] = []
+
+        def send(pieces: list) -> None:  # on the loop, in the answer's order
+            sends.append(writer.submit(send_pieces, conn, framed(MESSAGE, pieces)))
+
+        serving = self._running(conn, self.requests.answer_stream(first, feed, send, name))
+        try:
+            try:
+                for payload in frames:
+                    loop.call_soon_threadsafe(feed.put_nowait, payload)
+            except BaseException:
+                serving.cancel()
+                raise
+            finally:
+                loop.call_soon_threadsafe(feed.put_nowait, None)
+            outcome = serving.result()
+            for sent in list(sends):
+                sent.result()  # every answer's message is out, or the connection failed
+            return outcome
+        finally:
+            writer.shutdown(wait=False)
+
+    def _running(self, conn: socket.socket, coroutine) -> concurrent.futures.Future:
+        """A call's coroutine running on the shard's loop, where a stop can cancel it."""
+        serving = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        with self._lock:
+            self._busy[conn] = serving
+            cut = self._cut
+        if cut:
+            serving.cancel()  # the stop's grace is over already
+        return serving
+
+    def _frames(self, conn: socket.socket, buffer, counted: list[int]):
         """A call's messages, up to its END, each frame within FRAME_S and in a
         buffer of ``buffer`` (a Put's are kept: ``KeptPages``): what all connections
-        hold at once stays within the shard's request limit."""
-        payloads, total = [], 0
-        try:
-            while True:
-                kind, payload = recv_frame(conn, deadline=time.monotonic() + FRAME_S, buffer=buffer)
-                if kind == END:
-                    return payloads
-                if kind != MESSAGE:
-                    raise LinkBroken(f"frame kind {kind} inside a call")
-                with self._lock:
-                    if self._held + len(payload) > self.requests.max_request_bytes:
-                        raise LinkBroken(
-                            f"calls of {self._held + len(payload)} bytes at once: over the shard's request limit"
-                        )
-                    self._held += len(payload)
-                total += len(payload)
-                payloads.append(payload)
-        except BaseException:
-            self._release(total)
-            raise
+        hold at once stays within the shard's request limit (``counted[0]``: this
+        call's part, for the caller to let go)."""
+        while True:
+            kind, payload = recv_frame(conn, deadline=time.monotonic() + FRAME_S, buffer=buffer)
+            if kind == END:
+                return
+            if kind != MESSAGE:
+                raise LinkBroken(f"frame kind {kind} inside a call")
+            with self._lock:
+                if self._held + len(payload) > self.requests.max_request_bytes:
+                    raise LinkBroken(
+                        f"calls of {self._held + len(payload)} bytes at once: over the shard's request limit"
+                    )
+                self._held += len(payload)
+            counted[0] += len(payload)
+            yield payload
 
     def _release(self, nbytes: int) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -24,6 +25,8 @@ import grpc
 from psfw.base.errors import WireError
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.chunks import ChunkedMessage, Malformed, chunked_deserializer, chunked_encoder, message_deserializer
+from psfw.protocol.layout import SliceKey
+from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.row_wire import RowCollector, row_pieces
 from psfw.protocol.shm import RegionCache, host_id
 from psfw.protocol.wire import Assembler, update_header
@@ -34,6 +37,7 @@ from psfw.services.answers import (
     encoded_answer,
     get_replies,
     reply_head,
+    slice_pieces,
     write_answer,
 )
 from psfw.services.metrics import ShardMetrics
@@ -187,6 +191,102 @@ class ShardRequests:
             await write_answer(region, places, result.values)
         return result, bool(header.shm)
 
+    async def update_stream(
+        self, first: ChunkedMessage, rest: AsyncIterator[ChunkedMessage]
+    ) -> AsyncIterator[list[bytes | memoryview]]:
+        """A pipelined Update (``first`` says so; ``rest``: its other messages as
+        they arrive): each slice joins the group's round as soon as it is whole, and
+        its value after the step is answered as soon as the group's slice is
+        applied, while the rest still arrives (``psfw.services.slice_rounds``). The
+        last message carries the steps, the metrics and the table rows pulled.
+        Yields the answer's messages as pieces that are views of the values."""
+        store, slices = self.store, self.store.rounds.slices
+        assembler = Assembler(store.expect, max_bytes=self.max_request_bytes, widen=True)
+        pushed, pulled = RowCollector(), RowCollector()
+        header = assembler.add_message(first)
+        if header.shm:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a pipelined Update carries its tensors in its messages")
+        pushed.add(header.push)
+        pulled.add(header.pull, ids_only=True)
+        wait = bounded_wait(header.wait_s)
+        deadline = time.monotonic() + wait
+        head = update_header(header, wait, {}, {})
+        state, rnd = await slices.open(head)
+        added: list[SliceKey] = []  # this process's slices, as they were added
+        more = asyncio.Event()
+
+        async def take_in() -> UpdateHeader:
+            ready = assembler.ready()
+            while True:
+                for key, array in ready:
+                    if rnd is not None:
+                        await slices.add(state, rnd, head, key, (array,))
+                    added.append(key)
+                    more.set()
+                message = await anext(rest, None)
+                if message is None:
+                    break
+                more_rows = assembler.add_message(message)
+                pushed.add(more_rows.push)
+                pulled.add(more_rows.pull, ids_only=True)
+                ready = assembler.ready()
+            assembler.finish()  # a slice cut short is refused
+            whole = dataclasses.replace(head, push=pushed.rows(), pull=pulled.ids())
+            if rnd is not None:
+                await slices.end(state, rnd, whole)
+            return whole
+
+        taking = asyncio.get_running_loop().create_task(take_in())
+        sent, answered = 0, 0
+        try:
+            while rnd is not None:
+                if answered < len(added):
+                    key = added[answered]
+                    answered += 1
+                    value = await slices.value(rnd, head, key, deadline, taking)
+                    for pieces in slice_pieces(head.step + 1, key, value):
+                        sent += sum(len(p) for p in pieces)
+                        yield pieces
+                    continue
+                if taking.done():
+                    break
+                more.clear()
+                waiter = asyncio.ensure_future(more.wait())
+                await asyncio.wait({taking, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+            whole = await taking
+            if rnd is None:  # a step complete already: acknowledged with the current values
+                replies = self.answer_pieces(await store.rounds.acknowledge(state, whole))
+            else:
+                replies = self.answer_pieces(await store.rounds.answer(rnd, whole), values=False)
+            for pieces in replies:
+                yield pieces
+        finally:
+            if not taking.done():
+                taking.cancel()
+            self.metrics.bytes_in.labels(self._shard).inc(assembler.total + pushed.total)
+            self.metrics.bytes_out.labels(self._shard).inc(sent)
+
+    async def answer_stream(
+        self, first: memoryview, feed: asyncio.Queue, send: Callable[[list], None], peer: str
+    ) -> WireError | None:
+        """A pipelined Update as the link carries it: ``first``, then the messages
+        ``feed`` gets as they arrive (None: the end); ``send`` takes each answer's
+        message as it is made. Returns the refusal, or None once it is answered."""
+        decode = DECODERS["Update"]
+
+        async def rest() -> AsyncIterator[ChunkedMessage]:
+            while (payload := await feed.get()) is not None:
+                yield decode(payload)
+
+        try:
+            async with self.served("Update", lambda: peer):
+                async for pieces in self.update_stream(decode(first), rest()):
+                    send(pieces)
+        except WireError as err:
+            return err
+        return None
+
     async def update_replies(self, result: UpdateResult, shared: bool) -> AsyncIterator[bytes]:
         """An Update's answer, encoded a batch at a time (gRPC's): the table rows its
         process pulled, then the values (only the steps and metrics when ``shared``:
@@ -206,16 +306,16 @@ class ShardRequests:
             yield reply
         self.metrics.bytes_out.labels(self._shard).inc(sent + rows_out)
 
-    def answer_pieces(self, result: UpdateResult) -> list[list[bytes | memoryview]]:
-        """An Update's answer (its table rows, then its values) as pieces whose
-        tensor data are views of the shard's values, for a carrier that sends them as
-        they are: nothing is copied, so nothing is shared between a group's processes
-        either."""
+    def answer_pieces(self, result: UpdateResult, values: bool = True) -> list[list[bytes | memoryview]]:
+        """An Update's answer (its table rows, then its values; without ``values``
+        only its steps and metrics) as pieces whose tensor data are views of the
+        shard's values, for a carrier that sends them as they are: nothing is
+        copied, so nothing is shared between a group's processes either."""
         pieces = [
             [UPDATE_REPLY(ChunkedMessage(pb.UpdateReply(step=result.step, table_rows=rows), []))]
             for rows in row_pieces(result.table_rows)
         ]
-        pieces += answer_pieces(result, sorted(result.values))
+        pieces += answer_pieces(result, sorted(result.values) if values else [])
         self.metrics.bytes_out.labels(self._shard).inc(sum(len(p) for message in pieces for p in message))
         return pieces
 
@@ -250,6 +350,12 @@ class ShardRequests:
         await self.store.restore(step, epoch)
         log.warning("shard %d restored to step %d, epoch %d", self.store.shard, step, epoch)
         return pb.RestoreReply(step=step, epoch=self.store.epoch)
+
+
+def pipelined(payload: memoryview) -> bool:
+    """Whether an Update's first message asks to be answered slice by slice."""
+    message = DECODERS["Update"](payload)
+    return not message.error and message.header.pipelined
 
 
 async def each(items: Iterable) -> AsyncIterator:

@@ -16,12 +16,9 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
-import jax
 import numpy as np
 
 from psfw.base.errors import WireError, mark_retrieved
@@ -30,6 +27,15 @@ from psfw.protocol.messages import Gradients, Parts, RowBlock, UpdateHeader
 from psfw.protocol.wire import slice_name
 from psfw.services.kernel import PartlyApplied, unshared
 from psfw.services.request_checks import check_update, incomplete, nonfinite, refusal
+from psfw.services.round_state import (  # noqa: F401 (the state's names, as the protocol's users know them)
+    Contribution,
+    GroupState,
+    Reports,
+    Round,
+    UpdateResult,
+    bounded,
+)
+from psfw.services.slice_rounds import SliceRounds
 from psfw.services.table_rows import RowUpdate
 
 if TYPE_CHECKING:
@@ -42,104 +48,12 @@ INLINE_UPDATE_BYTES = 8 << 20
 log = logging.getLogger("psfw.server")
 
 
-@dataclass
-class Contribution:
-    """One process's part of a group step."""
-
-    workers: int
-    rows: int
-    sums: dict[SliceKey, Parts]  # kept as received, no copy: the update adds them up
-    metrics: dict[str, float]  # x rows
-    push: Mapping[str, RowBlock] = field(default_factory=dict)  # table rows' gradient sums, x rows
-
-
-@dataclass
-class Round:
-    """The contributions to one group step that is not complete yet."""
-
-    step: int
-    workers_per_group: int
-    contributions: dict[int, Contribution] = field(default_factory=dict)  # by process
-    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-    @property
-    def workers(self) -> int:
-        return sum(c.workers for c in self.contributions.values())
-
-    @property
-    def rows(self) -> int:
-        return sum(c.rows for c in self.contributions.values())
-
-    def gradients(self, keys: Iterable[SliceKey]) -> dict[SliceKey, Parts]:
-        """Every contribution's parts of each slice, to be added up."""
-        return {key: tuple(p for c in self.contributions.values() for p in c.sums[key]) for key in keys}
-
-    def metric_sums(self) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for c in self.contributions.values():
-            for name, value in c.metrics.items():
-                metrics[name] = metrics.get(name, 0.0) + value
-        return metrics
-
-    def fail(self, error: WireError) -> None:
-        """Every waiter gets ``error`` (marked as seen: waiters that left do not warn)."""
-        if not self.done.done():
-            self.done.set_exception(error)
-            self.done.exception()
-
-
-@dataclass
-class GroupState:
-    step: int = 0  # completed steps
-    round: Round | None = None
-    last: list[int] = field(default_factory=list)  # processes of the last applied step (the dedup state)
-    last_metrics: tuple[dict[str, float], int] = ({}, 0)  # the last applied step's metric sums and rows
-
-
-class Reports:
-    """When each process of each group last sent an Update, and how many it sent:
-    a process started a second time sees the first one report again (not
-    checkpointed: it is about processes alive now)."""
-
-    def __init__(self) -> None:
-        self._seen: dict[tuple[int, int], tuple[int, float]] = {}  # (group, process) -> (updates, monotonic)
-
-    def seen(self, group: int, process: int) -> None:
-        count = self._seen.get((group, process), (0, 0.0))[0]
-        self._seen[(group, process)] = (count + 1, time.monotonic())
-
-    def of(self, group: int) -> list[tuple[int, int, float]]:
-        """``(process, updates, seconds since the last)`` for the processes of ``group``."""
-        now = time.monotonic()
-        return [(p, n, now - at) for (g, p), (n, at) in sorted(self._seen.items()) if g == group]
-
-
-@dataclass(frozen=True)
-class UpdateResult:
-    step: int  # the group's completed steps after the update
-    values: dict[SliceKey, jax.Array]  # a snapshot right after the update
-    shared: bool  # True: every process of the group gets this answer (False: an acknowledged retry)
-    slowest_step: int = 0  # the slowest group's completed steps when the answer left
-    metrics: dict[str, float] = field(default_factory=dict)  # the group's metrics of the step, x rows
-    rows: int = 0  # the group's rows of the step
-    table_rows: dict[str, RowBlock] = field(default_factory=dict)  # the rows the Update pulled (its own)
-    stop_at: int = 0  # the early end of the job some process asked for (0: none)
-    # the encoded answer, built once for all the group's processes; the result holds
-    # no reference to its round, so that old values are freed without the cycle collector
-    cache: dict = field(default_factory=dict)
-
-
-def bounded(head: UpdateHeader) -> bool:
-    """Whether the Update's group waits for the slowest group (a staleness bound
-    where there are other groups, or may be)."""
-    return head.staleness >= 0 and (head.worker_groups > 1 or head.max_groups != 0)
-
-
 class ShardRounds:
     """The round protocol over one shard's state: ``update`` is the Update verb."""
 
     def __init__(self, store: ShardStore) -> None:
         self.store = store
+        self.slices = SliceRounds(self)  # the pipelined Updates' half
 
     async def update(self, head: UpdateHeader, sums: Gradients) -> UpdateResult:
         """Add one process's row-weighted gradient sum (``head`` names group, step,
@@ -153,25 +67,53 @@ class ShardRounds:
         added again; a step that is already complete answers with current values.
         """
         store = self.store
+        bad_rows = self.heard(head)
+        sums = {k: v if isinstance(v, tuple) else (v,) for k, v in sums.items()}  # parts, added when applied
+        await self._check_finite(head, sums, bad_rows)
+        state = await self.group_of(head)
+        if head.step < state.step:
+            return await self.acknowledge(state, head)
+        rnd = check_update(store.shard, state, head, store.values, sums)
+        if rnd is None:
+            rnd = state.round = Round(head.step, head.workers_per_group)
+        if rnd.progress is not None:  # pipelined Updates have joined this round: slice by slice
+            self.keep(state, head)
+            await self.slices.add_whole(state, rnd, head, sums)
+        else:
+            await self._contribute(state, rnd, head, sums)
+        return await self.answer(rnd, head)
+
+    def heard(self, head: UpdateHeader) -> str | None:
+        """What every Update's header goes through first: the shard is current and
+        of its job, the process is seen, an early end is noted, its table rows are
+        checked; returns the first table whose pushed rows are not finite (None:
+        all are)."""
+        store = self.store
         self.check_current(head)
         store.reports.seen(head.group, head.process)
         if head.stop_at:  # an early end of the job (train.stop_after): every group's answers carry it
             store.stop_at = min(store.stop_at or head.stop_at, head.stop_at)
         store.tables.check_pull(head.pull)
-        bad_rows = store.tables.check_push(head.push)
-        sums = {k: v if isinstance(v, tuple) else (v,) for k, v in sums.items()}  # parts, added when applied
-        await self._check_finite(head, sums, bad_rows)
+        return store.tables.check_push(head.push)
+
+    async def group_of(self, head: UpdateHeader) -> GroupState:
+        """The Update's group (admitted if it is new), marked present; a group that
+        left meanwhile no longer holds the others."""
+        store = self.store
         state = store.groups.get(head.group) or store.presence.admit(head)
         store.presence.report(head)
         if store.presence.sweep():  # another group left: a group it held goes on
             await store.notify()
-        if head.step < state.step:
-            return await self._acknowledge(state, head)
-        rnd = check_update(store.shard, state, head, store.values, sums)
-        if rnd is None:
-            rnd = state.round = Round(head.step, head.workers_per_group)
-        await self._contribute(state, rnd, head, sums)
-        return await self._answer(rnd, head)
+        return state
+
+    def keep(self, state: GroupState, head: UpdateHeader) -> bool:
+        """Keep the group's state in the store; whether it is new there."""
+        groups, group = self.store.groups, head.group
+        created = group not in groups
+        groups[group] = state
+        if created and group >= head.worker_groups > 0:
+            self.store.presence.joined(group, state.step)
+        return created
 
     async def _check_finite(self, head: UpdateHeader, sums: dict[SliceKey, Parts], bad_rows: str | None) -> None:
         """Under the "reject" policy, a contribution that is not finite is refused
@@ -184,7 +126,8 @@ class ShardRounds:
             raise nonfinite(head.group, head.step, f"table {bad_rows}")
         pending = store.groups[head.group].round if head.group in store.groups else None
         completes = (pending.workers if pending else 0) + head.workers >= head.workers_per_group
-        if not completes and store.kernel is not None:
+        pipelined = pending is not None and pending.progress is not None  # no slice of it can be taken back
+        if (pipelined or not completes) and store.kernel is not None:
             bad = await asyncio.to_thread(store.kernel.first_nonfinite, sums)
             if bad is not None:
                 raise nonfinite(head.group, head.step, slice_name(bad))
@@ -194,10 +137,7 @@ class ShardRounds:
         """Add the process's contribution to ``rnd`` once; the one that fills the
         round applies it."""
         groups, group, process = self.store.groups, head.group, head.process
-        created = group not in groups
-        groups[group] = state
-        if created and group >= head.worker_groups > 0:
-            self.store.presence.joined(group, state.step)
+        created = self.keep(state, head)
         if process in rnd.contributions:
             return  # a retry: acknowledged, not added twice
         rnd.contributions[process] = Contribution(head.workers, head.rows, sums, dict(head.metrics), head.push)
@@ -217,7 +157,7 @@ class ShardRounds:
                     del groups[group]
             raise
 
-    async def _answer(self, rnd: Round, head: UpdateHeader) -> UpdateResult:
+    async def answer(self, rnd: Round, head: UpdateHeader) -> UpdateResult:
         """Wait for the round's result, then for the slowest group under the
         staleness bound; the answer carries the rows the Update pulls."""
         store = self.store
@@ -242,7 +182,7 @@ class ShardRounds:
             self.check_current(head)
             return self.store.tables.read(head.pull)
 
-    async def _acknowledge(self, state: GroupState, head: UpdateHeader) -> UpdateResult:
+    async def acknowledge(self, state: GroupState, head: UpdateHeader) -> UpdateResult:
         """A retry of the last applied step: acknowledged with the current values,
         never added twice. An older step is FAILED_PRECONDITION (re-sync)."""
         store = self.store
@@ -317,7 +257,7 @@ class ShardRounds:
                 row_plans, finite = await self._run_update(rnd)
             except Exception as err:
                 # every waiter gets the error and the step is cleared: sent again, it can still complete
-                failed = self._failure(err, group, rnd)
+                failed = self.failure(err, group, rnd)
                 rnd.fail(failed)
                 state.round = None
                 raise failed from None
@@ -331,7 +271,7 @@ class ShardRounds:
                 store.tables.commit(row_plans)
                 for key in store.versions:
                     store.versions[key] += 1
-            self._close(state, rnd)
+            self.close(state, rnd)
             if group == 0 and checkpoint_every and state.step % checkpoint_every == 0:
                 store.checkpoints.save_now()
         await store.notify()
@@ -354,7 +294,7 @@ class ShardRounds:
             return row_plans, self._run_kernel(grads, np.float32(rnd.rows))  # less than a thread hop
         return row_plans, await asyncio.to_thread(self._run_kernel, grads, np.float32(rnd.rows))
 
-    def _failure(self, err: Exception, group: int, rnd: Round) -> WireError:
+    def failure(self, err: Exception, group: int, rnd: Round) -> WireError:
         """What the round's waiters are told when its update raised ``err``."""
         if isinstance(err, WireError):
             return err
@@ -365,7 +305,7 @@ class ShardRounds:
             f"shard {store.shard}: the update of group {group} step {rnd.step} failed ({err!r})",
         )
 
-    def _close(self, state: GroupState, rnd: Round) -> None:
+    def close(self, state: GroupState, rnd: Round) -> None:
         """The group's step is done (applied or skipped): its waiters get the result."""
         store = self.store
         state.step, state.round = rnd.step + 1, None

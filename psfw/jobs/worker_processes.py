@@ -200,6 +200,7 @@ class _ProcessesHere:
             group,
             process,
             wait_s=t.wait_s,
+            pipeline=c.pipeline,
             identity=self.identity,
             resume=self.resume,
             warmup_steps=c.warmup_steps,

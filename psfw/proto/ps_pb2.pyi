@@ -93,7 +93,7 @@ class GetReply(_message.Message):
     def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("group", "step", "process", "workers", "rows", "workers_per_group", "wait_s", "chunks", "worker_groups", "staleness", "group_processes", "epoch", "checkpoint_every", "shm", "metrics", "job", "push", "pull", "shm_slots", "stop_at", "group_timeout_s", "max_groups")
+    __slots__ = ("group", "step", "process", "workers", "rows", "workers_per_group", "wait_s", "chunks", "worker_groups", "staleness", "group_processes", "epoch", "checkpoint_every", "shm", "metrics", "job", "push", "pull", "shm_slots", "stop_at", "group_timeout_s", "max_groups", "pipelined")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class UpdateRequest(_message.Message):
     STOP_AT_FIELD_NUMBER: _ClassVar[int]
     GROUP_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MAX_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    PIPELINED_FIELD_NUMBER: _ClassVar[int]
     group: int
     step: int
     process: int
@@ -145,7 +146,8 @@ class UpdateRequest(_message.Message):
     stop_at: int
     group_timeout_s: float
     max_groups: int
-    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., process: _Optional[int] = ..., workers: _Optional[int] = ..., rows: _Optional[int] = ..., workers_per_group: _Optional[int] = ..., wait_s: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., worker_groups: _Optional[int] = ..., staleness: _Optional[int] = ..., group_processes: _Optional[int] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., shm: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job: _Optional[str] = ..., push: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., pull: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., shm_slots: _Optional[_Iterable[_Union[ShmSlot, _Mapping]]] = ..., stop_at: _Optional[int] = ..., group_timeout_s: _Optional[float] = ..., max_groups: _Optional[int] = ...) -> None: ...
+    pipelined: bool
+    def __init__(self, group: _Optional[int] = ..., step: _Optional[int] = ..., process: _Optional[int] = ..., workers: _Optional[int] = ..., rows: _Optional[int] = ..., workers_per_group: _Optional[int] = ..., wait_s: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., worker_groups: _Optional[int] = ..., staleness: _Optional[int] = ..., group_processes: _Optional[int] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., shm: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job: _Optional[str] = ..., push: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., pull: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., shm_slots: _Optional[_Iterable[_Union[ShmSlot, _Mapping]]] = ..., stop_at: _Optional[int] = ..., group_timeout_s: _Optional[float] = ..., max_groups: _Optional[int] = ..., pipelined: _Optional[bool] = ...) -> None: ...
 
 class ShmSlot(_message.Message):
     __slots__ = ("key", "slice", "grads", "values")

@@ -61,6 +61,8 @@ class UpdateHeader:
             no longer bounds the staleness (0: never).
         max_groups: the groups that may train: 0 as many as ``worker_groups``
             (none joins), -1 any number.
+        pipelined: the shard may answer each slice as soon as the group's slice
+            is complete, while the rest still arrives (``psfw.services.parts``).
     """
 
     group: int
@@ -82,6 +84,7 @@ class UpdateHeader:
     stop_at: int = 0
     group_timeout_s: float = 0.0
     max_groups: int = 0
+    pipelined: bool = False
 
 
 @dataclass(frozen=True, slots=True)

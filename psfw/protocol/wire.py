@@ -188,6 +188,7 @@ class Assembler:
         self._specs: dict[SliceKey, tuple[np.dtype, tuple[int, ...], int]] = {}
         self._parts: dict[SliceKey, bytes | np.ndarray] = {}
         self._got: dict[SliceKey, int] = {}
+        self._whole: list[SliceKey] = []  # slices complete since ``ready`` was last asked
 
     def add_message(self, message: ChunkedMessage) -> Message:
         """Add every chunk of a message; returns its header."""
@@ -237,6 +238,8 @@ class Assembler:
                 self._parts[key] = aligned_empty((nbytes,), np.uint8)  # JAX can adopt it
             self._parts[key][got : got + len(data)] = np.frombuffer(data, np.uint8)
         self._got[key] = got + len(data)
+        if self._got[key] == nbytes:
+            self._whole.append(key)
 
     def _open(self, key: SliceKey, chunk: Chunk) -> tuple[np.dtype, tuple[int, ...], int]:
         dtype, shape, narrow = check_slice(key, chunk.dtype, chunk.shape, self._expect, self._widen)
@@ -261,22 +264,29 @@ class Assembler:
             self._widened.add(key)
         return spec
 
+    def ready(self) -> list[tuple[SliceKey, np.ndarray]]:
+        """The slices that became complete since the last call, in the order they
+        did, as ``finish`` gives them (for a receiver that takes each slice as soon
+        as it is whole: a pipelined Update)."""
+        whole, self._whole = self._whole, []
+        return [(key, self._array(key)) for key in whole]
+
     def finish(self) -> dict[SliceKey, np.ndarray]:
         """The complete arrays; raises WireError when a slice is missing bytes."""
         out = {}
-        for key, (dtype, shape, nbytes) in self._specs.items():
+        for key, (_, _, nbytes) in self._specs.items():
             if self._got[key] != nbytes:
                 raise WireError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"{slice_name(key)} is truncated: {self._got[key]} of {nbytes} bytes arrived",
                 )
-            if key in self._into:
-                out[key] = self._into[key]
-            else:
-                out[key] = np.frombuffer(self._parts.get(key, b""), dtype).reshape(shape)
-            if key in self._widened:
-                out[key] = out[key].astype(WIDENED[dtype.name][1])
+            out[key] = self._array(key)
         return out
+
+    def _array(self, key: SliceKey) -> np.ndarray:
+        dtype, shape, _ = self._specs[key]
+        out = self._into[key] if key in self._into else np.frombuffer(self._parts.get(key, b""), dtype).reshape(shape)
+        return out.astype(WIDENED[dtype.name][1]) if key in self._widened else out
 
 
 def _adoptable(data: memoryview | bytes) -> bool:
@@ -311,6 +321,7 @@ def update_request(header: UpdateHeader, shm: str = "", rows: tuple[list, list] 
         stop_at=header.stop_at,
         group_timeout_s=header.group_timeout_s,
         max_groups=header.max_groups,
+        pipelined=header.pipelined,
     )
 
 
@@ -337,4 +348,5 @@ def update_header(request: pb.UpdateRequest, wait_s: float, push: TableRows, pul
         stop_at=request.stop_at,
         group_timeout_s=request.group_timeout_s,
         max_groups=request.max_groups,
+        pipelined=request.pipelined,
     )

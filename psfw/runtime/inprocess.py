@@ -54,6 +54,7 @@ class InProcessClient:
     # is the shard's own immutable arrays
     capabilities = Capabilities(fuses_sum=True, shares_arrays=True)
     step_buffers = None
+    pipelines = False  # a call hands the whole Update over at once
 
     def __init__(self, here: ShardHere, shard: int, timeout_s: float = 60.0):
         self.here, self.store, self.shard = here, here.store, shard

@@ -98,6 +98,7 @@ class LinkConnection:
 
     def __init__(self, sock: socket.socket, thread: ThreadPoolExecutor, place: Place):
         self._sock, self._thread, self.place = sock, thread, place
+        self._sender: ThreadPoolExecutor | None = None  # sends a duplex call's request while its answer arrives
         self._lock = asyncio.Lock()
         self.closed = False
 
@@ -138,15 +139,20 @@ class LinkConnection:
         messages: Callable[[], Iterable[Pieces]],
         answer: Callable[[list[memoryview]], T],
         timeout: float,
+        duplex: bool = False,
     ) -> T | WireError:
         """Send a call's ``messages`` (made in the link's thread as they are sent)
         and return ``answer(its messages)`` (also run there), or the shard's refusal.
-        A call that fails, runs out of ``timeout`` or is cancelled midway closes the link."""
+        ``duplex``: the answer may begin while the request is still going (a
+        pipelined Update): it is read meanwhile, unless the link is in TLS (one TLS
+        connection is not for two threads at once; the shard then answers after
+        the request). A call that fails, runs out of ``timeout`` or is cancelled
+        midway closes the link."""
         async with self._lock:  # a call waits for the one before (a caller that must not: see ``busy``)
             if self.closed:
                 raise LinkBroken("the link is closed")
             deadline = time.monotonic() + timeout
-            running = self._thread.submit(self._exchange, method, messages, answer, deadline)
+            running = self._thread.submit(self._exchange, method, messages, answer, deadline, duplex)
             try:
                 return await asyncio.wrap_future(running)
             except BaseException as err:
@@ -165,7 +171,12 @@ class LinkConnection:
         """Whether a call is under way (another one would wait for it)."""
         return self._lock.locked()
 
-    def _exchange(self, method: str, messages, answer, deadline: float):
+    @property
+    def duplex(self) -> bool:
+        """Whether a call may read its answer while its request is still being sent."""
+        return not isinstance(self._sock, ssl.SSLSocket)
+
+    def _exchange(self, method: str, messages, answer, deadline: float, duplex: bool = False):
         sock = self._sock
 
         def bounded() -> socket.socket:
@@ -175,20 +186,51 @@ class LinkConnection:
             sock.settimeout(left)
             return sock
 
-        send_pieces(bounded(), framed(CALL, [method.encode()]))
-        for message in messages():
-            send_pieces(bounded(), framed(MESSAGE, message))
-        send_pieces(bounded(), framed(END, []))
-        replies = []
-        while True:
-            kind, payload = recv_frame(sock, deadline=deadline)  # TimeoutError once it passes
-            if kind == END:
-                return answer(replies)
-            if kind == ERROR:
-                return read_error(bytes(payload))
-            if kind != MESSAGE:
-                raise LinkBroken(f"frame kind {kind} in an answer")
-            replies.append(payload)
+        def send() -> None:
+            send_pieces(bounded(), framed(CALL, [method.encode()]))
+            for message in messages():
+                send_pieces(bounded(), framed(MESSAGE, message))
+            send_pieces(bounded(), framed(END, []))
+
+        def send_or_shut() -> None:  # a request that fails ends the answer's wait too
+            try:
+                send()
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                raise
+
+        sending = None
+        if duplex and self.duplex:
+            if self._sender is None:
+                self._sender = ThreadPoolExecutor(1, thread_name_prefix="psfw-link-send")
+            sending = self._sender.submit(send_or_shut)
+        else:
+            send()
+        try:
+            replies = []
+            while True:
+                kind, payload = recv_frame(sock, deadline=deadline)  # TimeoutError once it passes
+                if kind == END:
+                    outcome = answer(replies)
+                    break
+                if kind == ERROR:
+                    outcome = read_error(bytes(payload))
+                    break
+                if kind != MESSAGE:
+                    raise LinkBroken(f"frame kind {kind} in an answer")
+                replies.append(payload)
+        except BaseException:
+            if sending is not None:
+                if not sending.done():
+                    with contextlib.suppress(OSError):  # the request stops too: the link is closed after this
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                elif sending.exception() is not None:
+                    raise sending.exception() from None  # what failed first
+            raise
+        if sending is not None:
+            sending.result()  # the shard answers after the request's END: it is sent
+        return outcome
 
     def _abort(self) -> None:
         """Close the link at once: a call still running in its thread fails there."""
@@ -204,6 +246,8 @@ class LinkConnection:
         else:
             self._sock.close()
         self._thread.shutdown(wait=False)
+        if self._sender is not None:
+            self._sender.shutdown(wait=False)
 
     async def close(self) -> None:
         self._abort()
@@ -284,7 +328,7 @@ class ShardLink:
             self._link = None
             self._failed()
 
-    async def call(self, rpc: str, messages, answer: Callable, timeout: float, retries: int):
+    async def call(self, rpc: str, messages, answer: Callable, timeout: float, retries: int, duplex: bool = False):
         """The call over the link: ``answer``'s result, or None when there is no link,
         it is busy (the call goes beside it, as gRPC's calls do) or it failed (then the
         caller goes over gRPC: a shard adds an Update's contribution once). The shard's
@@ -295,7 +339,7 @@ class ShardLink:
         if link is None or link.busy:
             return None
         try:
-            result = await link.call(rpc, messages, answer, timeout)
+            result = await link.call(rpc, messages, answer, timeout, duplex)
         except WireError as err:  # the answer did not parse
             await self._lost(link)
             raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: bad reply: {err.message}") from None

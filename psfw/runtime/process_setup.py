@@ -37,3 +37,4 @@ class ProcessSetup:
     warmup_steps: int = 0
     joins: bool = False
     leads: bool = True
+    pipeline: bool = True

@@ -120,6 +120,14 @@ class ShardClient:
         return link.place.kind if link is not None else ""
 
     @property
+    def pipelines(self) -> bool:
+        """Whether an Update may be answered slice by slice while it is being sent:
+        its tensors in its messages, over a link that reads and writes at once (not
+        TLS: one TLS connection is not for two threads)."""
+        link = self._link.up
+        return link is not None and link.duplex and self._region is None
+
+    @property
     def shares_memory(self) -> bool:
         """Whether Updates find their tensors in the process's shared region."""
         return self._region is not None
@@ -164,10 +172,16 @@ class ShardClient:
         return True
 
     async def _either(
-        self, rpc: str, messages: Callable[[], Iterator[list]], answer: Callable, timeout: float, attempt: Callable
+        self,
+        rpc: str,
+        messages: Callable[[], Iterator[list]],
+        answer: Callable,
+        timeout: float,
+        attempt: Callable,
+        duplex: bool = False,
     ):
         """The call over the link, else over gRPC (``attempt``): the one fallback rule."""
-        result = await self._link.call(rpc, messages, answer, timeout, self.retries)
+        result = await self._link.call(rpc, messages, answer, timeout, self.retries, duplex)
         if result is not None:
             self.grpc.reached()
             return result
@@ -285,7 +299,7 @@ class ShardClient:
                 raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
             return fresh_answer(reply, assembler.finish(), pulled.rows())
 
-        return await self._either("Update", messages, answer, timeout, attempt)
+        return await self._either("Update", messages, answer, timeout, attempt, duplex=header.pipelined)
 
     async def restore(self, step: int, epoch: int) -> None:
         """Roll the shard back to its complete checkpoint of ``step``, at ``epoch``."""

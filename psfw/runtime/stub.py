@@ -84,6 +84,7 @@ class Stub:
         # and joining this job where this group has advanced needs ``resume``
         self.identity, self.resume = setup.identity, setup.resume
         self.on_start = on_start
+        self.pipeline = setup.pipeline
         self.tables = tables
         self.fingerprint = self.identity["fingerprint"] if self.identity is not None else ""
         self.group_processes = workers_per_group // max(len(self.workers), 1)
@@ -333,6 +334,7 @@ class Stub:
             heads = [header] * len(self.clients)
         else:  # in a thread: it reads the next step's rows of data and runs the model's ids() on them
             heads = await asyncio.to_thread(self.tables.headers, header, step, [c.row_grads for c in batch])
+        heads = [dataclasses.replace(h, pipelined=p) for h, p in zip(heads, self._pipelined(batch), strict=True)]
 
         async def send(shard: int):
             answer = await self.clients[shard].update(heads[shard], sums[shard], self.layout.slice_dtype_shape, into)
@@ -371,6 +373,18 @@ class Stub:
             values = StepValues(published, *self.tables.published(step + 1, rows))
         self.cache.publish(step + 1, values)
         return comm_s
+
+    def _pipelined(self, batch: list[WorkerReport]) -> list[bool]:
+        """Which shards are asked to answer this step's Update slice by slice
+        (``psfw.services.slice_rounds``): those whose transport can, in a job of one
+        group (another group's checkpoint never sees a step half applied), when
+        every gradient is finite (a refused step then leaves nothing applied)."""
+        wanted = [
+            self.pipeline and self.worker_groups == 1 and not self.max_groups and c.pipelines for c in self.clients
+        ]
+        if any(wanted) and not all(np.isfinite(g).all() for c in batch for g in c.grads.values()):
+            return [False] * len(self.clients)
+        return wanted
 
     def _sums(self, grads: list[dict[str, np.ndarray]]) -> list[Gradients]:
         """This process's gradient sum of every slice, per shard: added up already

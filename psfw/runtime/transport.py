@@ -69,6 +69,7 @@ class Transport(Protocol):
     kind: str  # for people: "in-process", "link (unix, shared memory)", "grpc"...
     capabilities: Capabilities
     step_buffers: StepBuffers | None  # None: the stub's tensors may be anywhere
+    pipelines: bool  # an Update may be answered slice by slice while it is sent (UpdateHeader.pipelined)
 
     async def put(self, items: Items, optimizer: str, job: str = "", tables: str = "") -> int:
         """Store initial values.
