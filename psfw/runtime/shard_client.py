@@ -57,6 +57,9 @@ RPC_MARGIN_S = 10.0  # the client's deadline exceeds the shard's own wait by thi
 log = logging.getLogger(__name__)
 
 
+PIPELINED_MESSAGE_BYTES = 256 << 10  # a pipelined Update's messages: a slice of 256 KiB or less each
+
+
 class ShardClient:
     """A ``Transport`` (psfw.runtime.transport) that works wherever the shard runs.
     ``link``: use the shard's link where it offers one; ``compression="bf16"``: an
@@ -277,8 +280,11 @@ class ShardClient:
             grads = self._feedback.compressed(grads)  # once: a retry sends the same bytes
         timeout = header.wait_s + RPC_MARGIN_S
 
+        # pipelined: small messages, so that a shard has a slice whole soon after it left
+        chunk_bytes = min(self.chunk_bytes, PIPELINED_MESSAGE_BYTES) if header.pipelined else self.chunk_bytes
+
         def messages() -> Iterator[list]:
-            yield from update_messages(grads, grads, head, self.chunk_bytes)
+            yield from update_messages(grads, grads, head, chunk_bytes)
             yield from row_pieces_messages(rows[1:])
 
         def answer(replies: list[memoryview]) -> Fresh:

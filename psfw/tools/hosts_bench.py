@@ -34,6 +34,7 @@ from psfw.tools.hosts_figures import BATCH, Setup, Snapshot, model_bytes, ps_mod
 from psfw.tools.peer_bench import torch_installed
 from psfw.tools.testbed import Testbed
 
+SLICE_BYTES = 256 << 10
 TAIL = 2  # steps run after the measured ones: the window ends in the middle of the traffic, as it starts
 DDP_PORT = 29500  # rank 0's, inside its own namespace
 _STEP_LINE = re.compile(r"^group 0 step (\d+) .*\(compute ([\d.]+) / comm ([\d.]+) / wait ([\d.]+) ms\)")
@@ -165,13 +166,16 @@ def _toml(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def job_config(workers: int, shards: int, steps: int) -> dict:
+def job_config(workers: int, shards: int, steps: int, pipeline: bool = True) -> dict:
     """The benchmark job for ``workers`` worker hosts (one worker process each, one
-    group) and ``shards`` shards, ``steps`` steps."""
+    group) and ``shards`` shards, ``steps`` steps; ``pipeline``: cluster.pipeline.
+    Slices of at most SLICE_BYTES: a shard's part of the model in several slices,
+    each answered as soon as the group's is in."""
+    cluster = {"worker_groups": 1, "workers_per_group": workers, "workers_per_process": 1, "servers": shards}
     data = {
         **BENCH_CONFIG,
         "train": {**BENCH_CONFIG["train"], "steps": steps},
-        "cluster": {"worker_groups": 1, "workers_per_group": workers, "workers_per_process": 1, "servers": shards},
+        "cluster": {**cluster, "slice_bytes": SLICE_BYTES, "pipeline": pipeline},
     }
     parse_config(data, "hosts bench")  # refused here, before any host is made
     return data
@@ -184,16 +188,20 @@ class HostsBench:
         self.bed, self.workers, self.shards = bed, workers, shards
         self.warmup, self.steps, self.folder = warmup, steps, folder
         self.certs = make_certs(folder, [bed.address(f"s{j}") for j in range(shards)]) if openssl_installed() else None
-        self.config = folder / "job.toml"
-        self.config.write_text(_toml(job_config(workers, shards, warmup + steps + TAIL)))
+        self.configs = {
+            pipeline: folder / f"job-{'pipelined' if pipeline else 'whole'}.toml" for pipeline in (True, False)
+        }
+        for pipeline, path in self.configs.items():
+            path.write_text(_toml(job_config(workers, shards, warmup + steps + TAIL, pipeline)))
         self.runs = 0
 
     def _timeout(self, rate: int) -> float:
         per_step = max(5.0, 20 * 2 * model_bytes() * 8 / rate)
         return START_TIMEOUT_S + (self.warmup + self.steps) * per_step
 
-    def psfw(self, rate: int, tls: bool) -> dict:
-        """psfw on the testbed: the shards' links in clear or in TLS."""
+    def psfw(self, rate: int, tls: bool, pipeline: bool = True) -> dict:
+        """psfw on the testbed: the shards' links in clear or in TLS; ``pipeline``
+        False: every answer waits for the whole push."""
         self.runs += 1
         run = _Run(self.bed, {})
         env = child_env()
@@ -209,7 +217,15 @@ class HostsBench:
                 addresses.append(self._ready(run, shards[-1], ready))
             workers = []
             for i in range(self.workers):
-                argv = ["worker", str(self.config), "--process", str(i), "--servers", ",".join(addresses), *trust]
+                argv = [
+                    "worker",
+                    str(self.configs[pipeline]),
+                    "--process",
+                    str(i),
+                    "--servers",
+                    ",".join(addresses),
+                    *trust,
+                ]
                 if i == 0:  # the chief evaluates and writes a run folder
                     argv += ["--run-dir", str(self.folder / f"run-{self.runs}")]
                 clock = _STEP_LINE if i == 0 else None
@@ -283,6 +299,8 @@ def run_hosts(
                 }
                 entry["insecure"] = bench.psfw(setup.rate, tls=False)
                 say(_said(setup, "psfw insecure", entry["insecure"]))
+                entry["whole"] = bench.psfw(setup.rate, tls=False, pipeline=False)
+                say(_said(setup, "psfw whole", entry["whole"]))
                 entry["tls"] = bench.psfw(setup.rate, tls=True) if bench.certs is not None else None
                 if entry["tls"] is not None:
                     say(_said(setup, "psfw TLS", entry["tls"]))

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from psfw.tools.testbed import rate_text
 
-VARIANTS = (("insecure", "psfw insecure"), ("tls", "psfw TLS"), ("ddp", "DDP (gloo)"))
+VARIANTS = (
+    ("insecure", "psfw insecure"),
+    ("whole", "psfw whole"),  # insecure, every answer after the whole push (cluster.pipeline = false)
+    ("tls", "psfw TLS"),
+    ("ddp", "DDP (gloo)"),
+)
 MISSING = {"tls": "install the openssl command to compare", "ddp": 'pip install ".[peers]" to compare'}
 
 
@@ -36,7 +41,8 @@ def _block(entry: dict) -> list[str]:
     for key, label in VARIANTS:
         v = entry.get(key)
         if v is None:
-            lines.append(f"  {label:<14} not run ({MISSING[key]})")
+            if key in MISSING:
+                lines.append(f"  {label:<14} not run ({MISSING[key]})")
             continue
         saturated = "  CPU-bound" if v["cpu_saturated"] else ""
         lines.append(
