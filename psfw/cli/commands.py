@@ -258,6 +258,16 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
 
 
+def run_plan(args: argparse.Namespace) -> int:
+    from psfw.tools.plan_command import main as plan_main
+
+    try:
+        return plan_main(args)
+    except ValueError as err:  # a flag it cannot use (a count, a rate, a file): say which
+        say(f"psfw plan: {err}")
+        return 2
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import json
 

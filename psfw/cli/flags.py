@@ -90,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
         _add_health,
         _add_loadtest,
         _add_bench,
+        _add_plan,
     ):
         add(sub)
     return p
@@ -452,3 +453,31 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="--hosts: each link's rate each way, e.g. 200mbit or 1gbit (default: 200mbit)",
     )
     p.set_defaults(run=commands.run_bench)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    """``psfw plan`` and its flags."""
+    p = sub.add_parser(
+        "plan", help="predict a synchronous step on N worker hosts and K shard hosts from costs measured here"
+    )
+    p.add_argument("config", nargs="?", help="TOML config to plan, e.g. examples/lm.toml (or --bench)")
+    _add_overrides(p)
+    p.add_argument("--bench", action="store_true", help="plan the benchmark MLP of psfw bench instead of a config")
+    p.add_argument("--hosts", metavar="N[,N...]", help="worker hosts (one worker process each)")
+    p.add_argument("--shard-hosts", metavar="K[,K...]", help="shard hosts, one count or one for each N (default: N)")
+    p.add_argument("--link", metavar="RATE[,RATE...]", help="each link's rate each way, e.g. 200mbit, 10gbit")
+    p.add_argument("--tls", action="store_true", help="the links in TLS (then the step is whole by default)")
+    p.add_argument("--whole", action="store_true", help="the shards answer after the whole push (today's step)")
+    p.add_argument("--pipelined", action="store_true", help="the shards answer each part as it completes")
+    p.add_argument(
+        "--compute-ms",
+        type=float,
+        help="the compute of one sub-batch in ms, as your accelerator does it (default: measured here)",
+    )
+    p.add_argument(
+        "--constants", metavar="FILE", help="constants psfw plan --calibrate wrote (default: the ones shipped)"
+    )
+    p.add_argument("--calibrate", action="store_true", help="measure this machine's constants (about 15 s)")
+    p.add_argument("--out", metavar="FILE", help="--calibrate: where to write them (default: plan_constants.json)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=commands.run_plan)

@@ -275,12 +275,20 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+VARIANTS = ("insecure", "whole", "tls", "ddp")
+
+
 def run_hosts(
-    configurations: list[Setup], warmup: int, steps: int, say: Callable[[str], None] = lambda line: None
+    configurations: list[Setup],
+    warmup: int,
+    steps: int,
+    say: Callable[[str], None] = lambda line: None,
+    variants: Sequence[str] = VARIANTS,
 ) -> dict:
     """Measure each configuration: psfw in clear, psfw in TLS (where the ``openssl``
-    command can make certificates) and DDP (where torch is installed); one testbed
-    per host count, reshaped for each rate. ``say`` gets a line as each run ends."""
+    command can make certificates) and DDP (where torch is installed), or only the
+    ``variants`` named; one testbed per host count, reshaped for each rate. ``say``
+    gets a line as each run ends; a variant not run is None."""
     model = model_bytes()
     results = []
     layouts = list(dict.fromkeys((s.workers, s.shards) for s in configurations))
@@ -297,14 +305,17 @@ def run_hosts(
                     "ps_model_floor_s": ps_model_floor(model, workers, shards, setup.rate),
                     "ring_model_floor_s": ring_model_floor(model, workers, setup.rate),
                 }
-                entry["insecure"] = bench.psfw(setup.rate, tls=False)
-                say(_said(setup, "psfw insecure", entry["insecure"]))
-                entry["whole"] = bench.psfw(setup.rate, tls=False, pipeline=False)
-                say(_said(setup, "psfw whole", entry["whole"]))
-                entry["tls"] = bench.psfw(setup.rate, tls=True) if bench.certs is not None else None
+                entry["insecure"] = bench.psfw(setup.rate, tls=False) if "insecure" in variants else None
+                if entry["insecure"] is not None:
+                    say(_said(setup, "psfw insecure", entry["insecure"]))
+                entry["whole"] = bench.psfw(setup.rate, tls=False, pipeline=False) if "whole" in variants else None
+                if entry["whole"] is not None:
+                    say(_said(setup, "psfw whole", entry["whole"]))
+                can_tls = bench.certs is not None and "tls" in variants
+                entry["tls"] = bench.psfw(setup.rate, tls=True) if can_tls else None
                 if entry["tls"] is not None:
                     say(_said(setup, "psfw TLS", entry["tls"]))
-                entry["ddp"] = bench.ddp(setup.rate) if torch_installed() else None
+                entry["ddp"] = bench.ddp(setup.rate) if torch_installed() and "ddp" in variants else None
                 if entry["ddp"] is not None:
                     say(_said(setup, "DDP", entry["ddp"]))
                 results.append(entry)
@@ -318,4 +329,4 @@ def _said(setup: Setup, label: str, figures: dict) -> str:
     )
 
 
-__all__ = ["HostsBench", "job_config", "run_hosts"]
+__all__ = ["VARIANTS", "HostsBench", "job_config", "run_hosts"]
