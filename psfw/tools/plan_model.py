@@ -131,6 +131,7 @@ _NAMES = {
     "shard link up": "shard hosts' links, up (values)",
     "worker cpu": "a worker process's CPU (encode, send, receive)",
     "shard cpu": "a shard process's CPU (receive, update, send)",
+    "messages": "per-message costs (a process's share of every Update: they grow with the hosts)",
 }
 
 
@@ -174,6 +175,7 @@ def _step(work: Workload, cluster: Cluster, costs: Constants) -> dict:
         **{name: busy[name] for name in busy if " link " in name},
         "worker cpu": worker_cpu,
         "shard cpu": shard_cpu,
+        "messages": messages,
     }
     bottleneck = max((name for name in load if name != "compute"), key=load.get)
     if load["compute"] >= load[bottleneck]:

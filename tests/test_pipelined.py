@@ -1,0 +1,125 @@
+"""The pipelined Update: a shard answers each slice as soon as every process of the
+group has sent it, while the rest of the request is still on its way, and adds each
+process's part of a slice once, also when the Update is sent again."""
+
+import asyncio
+import contextlib
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from psfw.proto import ps_pb2 as pb
+from psfw.protocol.calls import update_messages
+from psfw.protocol.chunks import ChunkedMessage, chunked_deserializer
+from psfw.protocol.messages import UpdateHeader
+from psfw.protocol.wire import update_request
+from psfw.runtime.shard_client import ShardClient
+from psfw.services.requests import DECODERS
+from psfw.services.server import ShardServer
+
+from helpers import SGD
+
+LR = 0.1  # helpers.SGD's
+REPLY = chunked_deserializer(pb.UpdateReply)
+START = {("w", 0): np.zeros(4, np.float32), ("w", 1): np.ones(4, np.float32)}
+
+
+@pytest_asyncio.fixture
+async def two_slices():
+    """A shard holding w[0] and w[1] (SGD), and the request core that serves it."""
+    server = ShardServer(0, 1)
+    await server.start("127.0.0.1:0")
+    client = ShardClient(server.address, 0, timeout_s=10, retries=0)
+    await client.put([(k, i, v) for (k, i), v in START.items()], SGD)
+    yield server
+    await client.close()
+    await server.stop(0)
+
+
+def messages(process: int, processes: int, grads: dict) -> list[ChunkedMessage]:
+    """A pipelined Update of step 0 as the shard decodes it: one message per slice."""
+    head = UpdateHeader(
+        group=0,
+        step=0,
+        process=process,
+        workers=1,
+        rows=1,
+        workers_per_group=processes,
+        group_processes=processes,
+        wait_s=5.0,
+        pipelined=True,
+    )
+    encoded = update_messages(grads, list(grads), update_request(head), chunk_bytes=16)
+    return [DECODERS["Update"](b"".join(pieces)) for pieces in encoded]
+
+
+def _reply(data: bytes) -> ChunkedMessage:
+    return REPLY(data)
+
+
+class Feed:
+    """A request's messages handed over one at a time, as a link would."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def rest(self):
+        while (message := await self.queue.get()) is not None:
+            yield message
+
+
+@pytest.mark.unit
+@pytest.mark.asyncio
+async def test_a_slice_is_answered_while_the_rest_of_the_update_is_still_on_its_way(two_slices):
+    grads = {("w", 0): np.full(4, 2.0, np.float32), ("w", 1): np.full(4, 3.0, np.float32)}
+    first, second = messages(0, 1, grads)
+    feed = Feed()
+    answers = two_slices.requests.update_stream(first, feed.rest())
+    early = _reply(b"".join(await asyncio.wait_for(anext(answers), 5)))  # w[1] not sent yet
+    assert [(c.key, c.slice) for c in early.chunks] == [("w", 0)]
+    np.testing.assert_allclose(np.frombuffer(early.chunks[0].data, np.float32), -LR * 2.0)
+    assert two_slices.store.groups[0].step == 0, "the step counts once every slice is applied"
+    feed.queue.put_nowait(second)
+    feed.queue.put_nowait(None)
+    rest = [_reply(b"".join(p)) async for p in answers]
+    assert [(c.key, c.slice) for c in rest[0].chunks] == [("w", 1)]
+    np.testing.assert_allclose(np.frombuffer(rest[0].chunks[0].data, np.float32), 1.0 - LR * 3.0)
+    assert rest[-1].header.step == 1 and not rest[-1].chunks
+    assert two_slices.store.groups[0].step == 1
+
+
+@pytest.mark.unit
+@pytest.mark.asyncio
+async def test_a_slice_waits_for_every_process_of_the_group_and_a_resent_update_adds_it_once(two_slices):
+    first_try = {("w", 0): np.full(4, 1.0, np.float32), ("w", 1): np.full(4, 1.0, np.float32)}
+    again = {("w", 0): np.full(4, 5.0, np.float32), ("w", 1): np.full(4, 2.0, np.float32)}
+    other = {("w", 0): np.full(4, 3.0, np.float32), ("w", 1): np.full(4, 4.0, np.float32)}
+    # process 0 sends w[0] and its connection breaks before w[1]
+    head, _ = messages(0, 2, first_try)
+    feed = Feed()
+    cut = two_slices.requests.update_stream(head, feed.rest())
+    waiting = asyncio.ensure_future(anext(cut))
+    await asyncio.sleep(0.2)
+    assert not waiting.done(), "w[0] waits for process 1"
+    waiting.cancel()  # as a link's call ends when its connection breaks
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    await cut.aclose()
+    # process 1's whole Update, and process 0's again (another gradient: the first one counts)
+    replies = {}
+
+    async def send(process, grads):
+        head, *more = messages(process, 2, grads)
+        sent = Feed()
+        for message in more:
+            sent.queue.put_nowait(message)
+        sent.queue.put_nowait(None)
+        replies[process] = [_reply(b"".join(p)) async for p in two_slices.requests.update_stream(head, sent.rest())]
+
+    await asyncio.wait_for(asyncio.gather(send(1, other), send(0, again)), 10)
+    values = {(c.key, c.slice): np.frombuffer(c.data, np.float32) for c in replies[0][0].chunks + replies[0][1].chunks}
+    np.testing.assert_allclose(values[("w", 0)], -LR * (1.0 + 3.0) / 2)  # process 0's first w[0], once
+    np.testing.assert_allclose(values[("w", 1)], 1.0 - LR * (2.0 + 4.0) / 2)  # its w[1] came with the retry
+    assert two_slices.store.groups[0].step == 1
+    assert replies[1][-1].header.step == replies[0][-1].header.step == 1
