@@ -71,10 +71,11 @@ class UpdateKernel:
 
     def apply_slice(self, parts: Parts, value: jax.Array, state: Any, rows: np.float32, in_place: bool) -> tuple:
         """One slice's update on its own (a pipelined step): ``(new value, new
-        state, finite)``; a sum that is not finite gives the old value and state
+        state, finite)``, as XLA computes them (``finite``, a scalar array, is read
+        when it is needed); a sum that is not finite gives the old value and state
         back. Compiled once per shape and dtype, whichever slice it is."""
         values, states, finite = self.run(in_place, {"slice": parts}, {"slice": state}, {"slice": value}, rows)
-        return values["slice"], states["slice"], bool(finite)
+        return values["slice"], states["slice"], finite
 
     def batches(self, specs: Mapping[SliceKey, tuple[np.dtype, tuple[int, ...]]]) -> list[list[SliceKey]]:
         """The slices in batches of about ``update_batch_bytes`` (a small shard: one)."""

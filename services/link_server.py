@@ -21,6 +21,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Iterable
 
 from psfw.base.errors import WireError
 from psfw.protocol.link import (
@@ -74,6 +75,8 @@ class LinkListener:
         self._greeting = 0  # connections that have not passed their HELLO yet
         self._held = 0  # bytes of requests read and not yet served, over all connections
         self._busy: dict[socket.socket, concurrent.futures.Future | None] = {}  # connections in a call
+        # a connection's thread that sends a pipelined Update's answer while the request arrives
+        self._writers: dict[socket.socket, concurrent.futures.ThreadPoolExecutor] = {}
         self._idle = threading.Condition(self._lock)  # told when a call ends
         self._accepting: threading.Thread | None = None
         self._closing = False
@@ -194,7 +197,10 @@ class LinkListener:
             with self._lock:
                 self._connections.pop(conn, None)
                 self._busy.pop(conn, None)
+                writer = self._writers.pop(conn, None)
                 self._idle.notify_all()
+            if writer is not None:
+                writer.shutdown(wait=False)
             conn.close()
 
     def _secured(self, conn: socket.socket) -> ssl.SSLSocket:
@@ -277,11 +283,20 @@ class LinkListener:
         refusal."""
         loop = self._loop
         feed: asyncio.Queue = asyncio.Queue()
-        writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="psfw-link-answer")
+        with self._lock:
+            writer = self._writers.get(conn)
+            if writer is None:
+                writer = self._writers[conn] = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="psfw-link-answer"
+                )
         sends: list[concurrent.futures.Future] = []
 
-        def send(pieces: list) -> None:  # on the loop, in the answer's order
-            sends.append(writer.submit(send_pieces, conn, framed(MESSAGE, pieces)))
+        def write(messages: Callable[[], Iterable[list]]) -> None:  # the writer's: encoded there
+            for pieces in messages():
+                send_pieces(conn, framed(MESSAGE, pieces))
+
+        def send(messages: Callable[[], Iterable[list]]) -> None:  # on the loop, in the answer's order
+            sends.append(writer.submit(write, messages))
 
         serving = self._running(conn, self.requests.answer_stream(first, feed, send, name))
         try:
@@ -297,8 +312,10 @@ class LinkListener:
             for sent in list(sends):
                 sent.result()  # every answer's message is out, or the connection failed
             return outcome
-        finally:
-            writer.shutdown(wait=False)
+        except BaseException:
+            for sent in sends:
+                sent.cancel()
+            raise
 
     def _running(self, conn: socket.socket, coroutine) -> concurrent.futures.Future:
         """A call's coroutine running on the shard's loop, where a stop can cancel it."""

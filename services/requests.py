@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -193,13 +194,15 @@ class ShardRequests:
 
     async def update_stream(
         self, first: ChunkedMessage, rest: AsyncIterator[ChunkedMessage]
-    ) -> AsyncIterator[list[bytes | memoryview]]:
+    ) -> AsyncIterator[Callable[[], Iterable[list[bytes | memoryview]]]]:
         """A pipelined Update (``first`` says so; ``rest``: its other messages as
         they arrive): each slice joins the group's round as soon as it is whole, and
         its value after the step is answered as soon as the group's slice is
         applied, while the rest still arrives (``psfw.services.slice_rounds``). The
         last message carries the steps, the metrics and the table rows pulled.
-        Yields the answer's messages as pieces that are views of the values."""
+        Yields the answer's messages a slice at a time, each as a call that makes
+        its pieces (views of the values): the carrier encodes them off the loop,
+        where waiting for the slice's update to finish blocks nothing else."""
         store, slices = self.store, self.store.rounds.slices
         assembler = Assembler(store.expect, max_bytes=self.max_request_bytes, widen=True)
         pushed, pulled = RowCollector(), RowCollector()
@@ -244,9 +247,8 @@ class ShardRequests:
                     key = added[answered]
                     answered += 1
                     value = await slices.value(rnd, head, key, deadline, taking)
-                    for pieces in slice_pieces(head.step + 1, key, value):
-                        sent += sum(len(p) for p in pieces)
-                        yield pieces
+                    sent += value.nbytes
+                    yield functools.partial(slice_pieces, head.step + 1, key, value)
                     continue
                 if taking.done():
                     break
@@ -259,8 +261,7 @@ class ShardRequests:
                 replies = self.answer_pieces(await store.rounds.acknowledge(state, whole))
             else:
                 replies = self.answer_pieces(await store.rounds.answer(rnd, whole), values=False)
-            for pieces in replies:
-                yield pieces
+            yield lambda: replies
         finally:
             if not taking.done():
                 taking.cancel()
@@ -268,11 +269,11 @@ class ShardRequests:
             self.metrics.bytes_out.labels(self._shard).inc(sent)
 
     async def answer_stream(
-        self, first: memoryview, feed: asyncio.Queue, send: Callable[[list], None], peer: str
+        self, first: memoryview, feed: asyncio.Queue, send: Callable[[Callable], None], peer: str
     ) -> WireError | None:
         """A pipelined Update as the link carries it: ``first``, then the messages
         ``feed`` gets as they arrive (None: the end); ``send`` takes each answer's
-        message as it is made. Returns the refusal, or None once it is answered."""
+        messages as they are made (a call that encodes them, for the carrier's thread). Returns the refusal, or None once it is answered."""
         decode = DECODERS["Update"]
 
         async def rest() -> AsyncIterator[ChunkedMessage]:
@@ -281,8 +282,8 @@ class ShardRequests:
 
         try:
             async with self.served("Update", lambda: peer):
-                async for pieces in self.update_stream(decode(first), rest()):
-                    send(pieces)
+                async for messages in self.update_stream(decode(first), rest()):
+                    send(messages)
         except WireError as err:
             return err
         return None

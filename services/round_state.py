@@ -38,7 +38,7 @@ class Progress:
     ready: dict[SliceKey, asyncio.Future]
     applied: set[SliceKey] = field(default_factory=set)
     ended: set[int] = field(default_factory=set)
-    overflowed: list[SliceKey] = field(default_factory=list)  # slices whose summed parts were not finite
+    finite: dict[SliceKey, jax.Array] = field(default_factory=dict)  # each applied slice: was its sum finite
 
     @classmethod
     def of(cls, keys: Iterable[SliceKey], contributors: Iterable[int]) -> Progress:

@@ -13,11 +13,12 @@ the step counts, the table rows are updated and the checkpoint that falls on it 
 taken, as in a whole round.
 
 Exactly once: a process's part of a slice is added once (a retried Update adds only
-the slices its first attempt did not). A slice applied cannot be taken back: a
-contribution that is not finite is refused before it is added (the stub sends a step
-whose sums are not finite as a whole Update, whose refusal leaves nothing behind), a
-sum that overflows keeps that slice's values, and an update that fails after some
-slices were applied leaves the shard damaged (restore it from a checkpoint).
+the slices its first attempt did not). A slice applied cannot be taken back: the stub
+sends a step whose gradients are not all finite as a whole Update (whose refusal
+leaves nothing behind); a slice whose sum is not finite all the same (a client that
+marks such a step pipelined, a sum that overflows) keeps its values, checked inside
+the slice's jitted update, and the step counts as skipped; an update that fails after
+some slices were applied leaves the shard damaged (restore it from a checkpoint).
 """
 
 from __future__ import annotations
@@ -80,8 +81,6 @@ class SliceRounds:
         arrived = rnd.progress.arrived[key]
         if head.process in arrived or rnd.done.done():
             return  # a retry's: added before
-        if self.store.nonfinite == "reject" and not all(np.isfinite(p).all() for p in parts):
-            raise nonfinite(head.group, head.step, slice_name(key))
         rnd.contributions[head.process].sums[key] = parts
         arrived.add(head.process)
         await self._advance(state, rnd, head)
@@ -203,8 +202,7 @@ class SliceRounds:
             parts, store.values[key], store.opt_state[key], np.float32(rnd.rows), in_place
         )
         store.values[key], store.opt_state[key] = value, opt_state
-        if not finite:  # the summed parts overflowed: this slice keeps its values
-            progress.overflowed.append(key)
+        progress.finite[key] = finite  # not read now: the loop goes on while XLA computes
         progress.applied.add(key)
         progress.ready[key].set_result(value)
 
@@ -215,9 +213,10 @@ class SliceRounds:
         row_plans = store.tables.plan([c.push for c in rnd.contributions.values()], float(rnd.rows))
         if row_plans is not None:
             store.tables.commit(row_plans)
-        if progress.overflowed or row_plans is None:
+        kept = [key for key, finite in progress.finite.items() if not bool(finite)]
+        if kept or row_plans is None:
             store.skipped_nonfinite += 1
-            what = ", ".join(slice_name(k) for k in progress.overflowed[:5]) or "its table rows"
+            what = ", ".join(slice_name(k) for k in kept[:5]) or "its table rows"
             log.warning(
                 "shard %d: group %d step %d: the summed gradients of %s were not finite: kept as they were (the "
                 "other slices of a pipelined step are applied)",

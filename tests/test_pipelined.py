@@ -76,13 +76,13 @@ async def test_a_slice_is_answered_while_the_rest_of_the_update_is_still_on_its_
     first, second = messages(0, 1, grads)
     feed = Feed()
     answers = two_slices.requests.update_stream(first, feed.rest())
-    early = _reply(b"".join(await asyncio.wait_for(anext(answers), 5)))  # w[1] not sent yet
+    (early,) = [_reply(b"".join(p)) for p in (await asyncio.wait_for(anext(answers), 5))()]  # w[1] not sent yet
     assert [(c.key, c.slice) for c in early.chunks] == [("w", 0)]
     np.testing.assert_allclose(np.frombuffer(early.chunks[0].data, np.float32), -LR * 2.0)
     assert two_slices.store.groups[0].step == 0, "the step counts once every slice is applied"
     feed.queue.put_nowait(second)
     feed.queue.put_nowait(None)
-    rest = [_reply(b"".join(p)) async for p in answers]
+    rest = [_reply(b"".join(p)) async for make in answers for p in make()]
     assert [(c.key, c.slice) for c in rest[0].chunks] == [("w", 1)]
     np.testing.assert_allclose(np.frombuffer(rest[0].chunks[0].data, np.float32), 1.0 - LR * 3.0)
     assert rest[-1].header.step == 1 and not rest[-1].chunks
@@ -115,7 +115,8 @@ async def test_a_slice_waits_for_every_process_of_the_group_and_a_resent_update_
         for message in more:
             sent.queue.put_nowait(message)
         sent.queue.put_nowait(None)
-        replies[process] = [_reply(b"".join(p)) async for p in two_slices.requests.update_stream(head, sent.rest())]
+        answers = two_slices.requests.update_stream(head, sent.rest())
+        replies[process] = [_reply(b"".join(p)) async for make in answers for p in make()]
 
     await asyncio.wait_for(asyncio.gather(send(1, other), send(0, again)), 10)
     values = {(c.key, c.slice): np.frombuffer(c.data, np.float32) for c in replies[0][0].chunks + replies[0][1].chunks}

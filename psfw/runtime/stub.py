@@ -382,7 +382,8 @@ class Stub:
         wanted = [
             self.pipeline and self.worker_groups == 1 and not self.max_groups and c.pipelines for c in self.clients
         ]
-        if any(wanted) and not all(np.isfinite(g).all() for c in batch for g in c.grads.values()):
+        # a sum is finite only where every element is (and a sum that overflows sends the step whole)
+        if any(wanted) and not all(np.isfinite(np.sum(g)) for c in batch for g in c.grads.values()):
             return [False] * len(self.clients)
         return wanted
 
