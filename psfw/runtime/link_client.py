@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import math
 import socket
 import ssl
+import struct
+import termios
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +95,54 @@ def link_place(reply, address: str, same_host: bool = True) -> Place | None:
     return None
 
 
+class Lockstep:
+    """The pipelined Updates of one step to several shards, kept in step on the
+    wire: a call writes its next message only while it is at most ``ahead`` bytes
+    past what the slowest of them has had delivered (its bytes written less those its
+    socket still holds, ``TIOCOUTQ``). Every stub sends its slices in the layout's
+    order, so each shard then gets a slice from every worker at about the same time,
+    and answers it; a flow that ran ahead would take link the others need, and only
+    make its shard wait for them."""
+
+    POLL_S = 0.002
+
+    def __init__(self, ahead: int = 512 << 10):
+        self.ahead = ahead
+        self._lock = threading.Lock()
+        self._calls: dict[int, tuple[socket.socket, list[int]]] = {}  # socket, bytes written
+
+    def join(self, sock: socket.socket) -> list[int]:
+        """A call begins; returns its count of bytes written, for it to keep."""
+        written = [0]
+        with self._lock:
+            self._calls[id(sock)] = (sock, written)
+        return written
+
+    def leave(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._calls.pop(id(sock), None)
+
+    def wait(self, written: list[int], deadline: float) -> None:
+        """Until a call that has written ``written`` bytes may write more."""
+        while True:
+            with self._lock:
+                calls = list(self._calls.values())
+            slowest = min((count[0] - _unsent(sock) for sock, count in calls), default=written[0])
+            if written[0] - slowest <= self.ahead:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+            time.sleep(self.POLL_S)
+
+
+def _unsent(sock: socket.socket) -> int:
+    """The bytes a socket holds that its peer has not acknowledged yet (0 once closed)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0
+
+
 class LinkConnection:
     """An open link to one shard. ``call`` returns the shard's refusal as a
     WireError (the link stays open) and raises for a link that failed (an OSError:
@@ -140,19 +192,21 @@ class LinkConnection:
         answer: Callable[[list[memoryview]], T],
         timeout: float,
         duplex: bool = False,
+        lockstep: Lockstep | None = None,
     ) -> T | WireError:
         """Send a call's ``messages`` (made in the link's thread as they are sent)
         and return ``answer(its messages)`` (also run there), or the shard's refusal.
         ``duplex``: the answer may begin while the request is still going (a
         pipelined Update): it is read meanwhile, unless the link is in TLS (one TLS
         connection is not for two threads at once; the shard then answers after
-        the request). A call that fails, runs out of ``timeout`` or is cancelled
-        midway closes the link."""
+        the request); ``lockstep``: its messages go in step with the other calls
+        of it (not over TLS). A call that fails, runs out of ``timeout`` or is
+        cancelled midway closes the link."""
         async with self._lock:  # a call waits for the one before (a caller that must not: see ``busy``)
             if self.closed:
                 raise LinkBroken("the link is closed")
             deadline = time.monotonic() + timeout
-            running = self._thread.submit(self._exchange, method, messages, answer, deadline, duplex)
+            running = self._thread.submit(self._exchange, method, messages, answer, deadline, duplex, lockstep)
             try:
                 return await asyncio.wrap_future(running)
             except BaseException as err:
@@ -176,7 +230,9 @@ class LinkConnection:
         """Whether a call may read its answer while its request is still being sent."""
         return not isinstance(self._sock, ssl.SSLSocket)
 
-    def _exchange(self, method: str, messages, answer, deadline: float, duplex: bool = False):
+    def _exchange(
+        self, method: str, messages, answer, deadline: float, duplex: bool = False, lockstep: Lockstep | None = None
+    ):
         sock = self._sock
 
         def bounded() -> socket.socket:
@@ -187,10 +243,20 @@ class LinkConnection:
             return sock
 
         def send() -> None:
-            send_pieces(bounded(), framed(CALL, [method.encode()]))
-            for message in messages():
-                send_pieces(bounded(), framed(MESSAGE, message))
-            send_pieces(bounded(), framed(END, []))
+            stepped = lockstep if duplex and self.duplex else None
+            written = stepped.join(sock) if stepped is not None else [0]
+            try:
+                send_pieces(bounded(), framed(CALL, [method.encode()]))
+                for message in messages():
+                    if stepped is not None:
+                        stepped.wait(written, deadline)
+                    frame = framed(MESSAGE, message)
+                    send_pieces(bounded(), frame)
+                    written[0] += sum(len(p) for p in frame)
+                send_pieces(bounded(), framed(END, []))
+            finally:
+                if stepped is not None:
+                    stepped.leave(sock)
 
         def send_or_shut() -> None:  # a request that fails ends the answer's wait too
             try:
@@ -328,7 +394,16 @@ class ShardLink:
             self._link = None
             self._failed()
 
-    async def call(self, rpc: str, messages, answer: Callable, timeout: float, retries: int, duplex: bool = False):
+    async def call(
+        self,
+        rpc: str,
+        messages,
+        answer: Callable,
+        timeout: float,
+        retries: int,
+        duplex: bool = False,
+        lockstep: Lockstep | None = None,
+    ):
         """The call over the link: ``answer``'s result, or None when there is no link,
         it is busy (the call goes beside it, as gRPC's calls do) or it failed (then the
         caller goes over gRPC: a shard adds an Update's contribution once). The shard's
@@ -339,7 +414,7 @@ class ShardLink:
         if link is None or link.busy:
             return None
         try:
-            result = await link.call(rpc, messages, answer, timeout, duplex)
+            result = await link.call(rpc, messages, answer, timeout, duplex, lockstep)
         except WireError as err:  # the answer did not parse
             await self._lost(link)
             raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: bad reply: {err.message}") from None

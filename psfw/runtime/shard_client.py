@@ -48,7 +48,7 @@ from psfw.protocol.row_wire import RowCollector, row_messages
 from psfw.protocol.shm import host_id
 from psfw.protocol.wire import Assembler, Expect, update_request
 from psfw.runtime.grpc_channel import GrpcChannel, Locate
-from psfw.runtime.link_client import ShardLink
+from psfw.runtime.link_client import Lockstep, ShardLink
 from psfw.runtime.step_region import StepRegion
 from psfw.runtime.transport import Capabilities, Items
 
@@ -182,9 +182,10 @@ class ShardClient:
         timeout: float,
         attempt: Callable,
         duplex: bool = False,
+        lockstep: Lockstep | None = None,
     ):
         """The call over the link, else over gRPC (``attempt``): the one fallback rule."""
-        result = await self._link.call(rpc, messages, answer, timeout, self.retries, duplex)
+        result = await self._link.call(rpc, messages, answer, timeout, self.retries, duplex, lockstep)
         if result is not None:
             self.grpc.reached()
             return result
@@ -225,12 +226,14 @@ class ShardClient:
         grads: Gradients,
         expect: Expect,
         into: dict[SliceKey, np.ndarray] | None = None,
+        lockstep: Lockstep | None = None,
     ) -> Fresh:
         """Send one process's gradient sums of a step (``grads``: by slice, every
         slice the shard holds); returns the fresh values (written into ``into`` where
         it has the slice). Through shared memory, ``grads`` and ``into`` should lie in
         the region (``step_buffers``): else the gradients are copied into it first,
-        and the answer out of it."""
+        and the answer out of it. ``lockstep``: a pipelined Update's messages go in
+        step with the step's Updates to the other shards (``Lockstep``)."""
         region = self._region
         if region is not None:
             slots, values, to_read = region.slots(self._slices, header.step, grads, into)
@@ -246,7 +249,7 @@ class ShardClient:
                     target = (into or {}).get(key)
                     values[key] = place.copy() if target is None else _copied(target, place)
                 return reply._replace(values=values)
-        return await self._update_inline(header, grads, expect, into)
+        return await self._update_inline(header, grads, expect, into, lockstep)
 
     async def _update_shared(self, header: UpdateHeader, region: str, slots: list, expect: Expect) -> Fresh:
         """An Update whose tensors lie in ``region``: a message (more when table rows
@@ -270,7 +273,12 @@ class ShardClient:
         return await self._either("Update", lambda: [[m] for m in messages], answer, timeout, attempt)
 
     async def _update_inline(
-        self, header: UpdateHeader, grads: Gradients, expect: Expect, into: dict[SliceKey, np.ndarray] | None
+        self,
+        header: UpdateHeader,
+        grads: Gradients,
+        expect: Expect,
+        into: dict[SliceKey, np.ndarray] | None,
+        lockstep: Lockstep | None = None,
     ) -> Fresh:
         """An Update whose tensors travel in its messages; the answer's values are
         taken in as they arrive while the next one travels."""
@@ -305,7 +313,7 @@ class ShardClient:
                 raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
             return fresh_answer(reply, assembler.finish(), pulled.rows())
 
-        return await self._either("Update", messages, answer, timeout, attempt, duplex=header.pipelined)
+        return await self._either("Update", messages, answer, timeout, attempt, header.pipelined, lockstep)
 
     async def restore(self, step: int, epoch: int) -> None:
         """Roll the shard back to its complete checkpoint of ``step``, at ``epoch``."""

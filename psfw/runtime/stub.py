@@ -26,6 +26,7 @@ from psfw.protocol.messages import Gradients, UpdateHeader
 from psfw.protocol.wire import param_buffers, slice_views
 from psfw.runtime.fetch import fetch_params, fetch_rows, row_gets
 from psfw.runtime.gradient_sums import GradientStage, Sums
+from psfw.runtime.link_client import Lockstep
 from psfw.runtime.param_cache import StepValues
 from psfw.runtime.process_setup import ProcessSetup
 from psfw.runtime.sync import ShardSync
@@ -334,10 +335,17 @@ class Stub:
             heads = [header] * len(self.clients)
         else:  # in a thread: it reads the next step's rows of data and runs the model's ids() on them
             heads = await asyncio.to_thread(self.tables.headers, header, step, [c.row_grads for c in batch])
-        heads = [dataclasses.replace(h, pipelined=p) for h, p in zip(heads, self._pipelined(batch), strict=True)]
+        pipelined = self._pipelined(batch)
+        heads = [dataclasses.replace(h, pipelined=p) for h, p in zip(heads, pipelined, strict=True)]
+        # the pipelined Updates leave in step: each shard gets a slice from every worker at about one time
+        lockstep = Lockstep() if sum(pipelined) > 1 else None
 
         async def send(shard: int):
-            answer = await self.clients[shard].update(heads[shard], sums[shard], self.layout.slice_dtype_shape, into)
+            client, expect = self.clients[shard], self.layout.slice_dtype_shape
+            if pipelined[shard]:
+                answer = await client.update(heads[shard], sums[shard], expect, into, lockstep=lockstep)
+            else:
+                answer = await client.update(heads[shard], sums[shard], expect, into)
             waiting.discard(shard)
             self.cache.doing(note)  # an answer is progress
             return answer
