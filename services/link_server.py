@@ -23,6 +23,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+import grpc
+
 from psfw.base.errors import WireError
 from psfw.protocol.link import (
     CALL,
@@ -296,7 +298,10 @@ class LinkListener:
                 send_pieces(conn, framed(MESSAGE, pieces))
 
         def send(messages: Callable[[], Iterable[list]]) -> None:  # on the loop, in the answer's order
-            sends.append(writer.submit(write, messages))
+            try:
+                sends.append(writer.submit(write, messages))
+            except RuntimeError:  # the connection has ended: its writer with it
+                raise WireError(grpc.StatusCode.UNAVAILABLE, "the link connection closed") from None
 
         serving = self._running(conn, self.requests.answer_stream(first, feed, send, name))
         try:

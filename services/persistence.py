@@ -139,6 +139,10 @@ class ShardCheckpoints:
         store = self.store
         held = store.values or store.tables.tables
         if final and self.folder is not None and held and store.group_step(0) > self.saved_step:
+            half = store.half_applied()
+            if half is not None:  # its applied slices would be saved as the step before them
+                log.warning("shard %d: no checkpoint at the stop: %s (the last one stands)", store.shard, half)
+                return await self.flush()
             async with store.lock:
                 self.save_now()
         while self._saves:

@@ -218,9 +218,14 @@ class ShardRequests:
         added: list[SliceKey] = []  # this process's slices, as they were added
         more = asyncio.Event()
 
+        def with_rows() -> UpdateHeader:
+            return dataclasses.replace(head, push=pushed.rows(), pull=pulled.ids())
+
         async def take_in() -> UpdateHeader:
             ready = assembler.ready()
             while True:
+                if ready and rnd is not None:
+                    slices.rows_in(rnd, with_rows())  # checked before any slice is added
                 for key, array in ready:
                     if rnd is not None:
                         await slices.add(state, rnd, head, key, (array,))
@@ -230,11 +235,16 @@ class ShardRequests:
                 if message is None:
                     break
                 more_rows = assembler.add_message(message)
+                if (more_rows.push or more_rows.pull) and added:
+                    raise WireError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "a pipelined Update sends its table rows before its slices",
+                    )
                 pushed.add(more_rows.push)
                 pulled.add(more_rows.pull, ids_only=True)
                 ready = assembler.ready()
             assembler.finish()  # a slice cut short is refused
-            whole = dataclasses.replace(head, push=pushed.rows(), pull=pulled.ids())
+            whole = with_rows()
             if rnd is not None:
                 await slices.end(state, rnd, whole)
             return whole
@@ -243,6 +253,8 @@ class ShardRequests:
         sent, answered = 0, 0
         try:
             while rnd is not None:
+                if taking.done() and not taking.cancelled() and taking.exception() is not None:
+                    raise taking.exception()  # the request failed: said now, not once the group is done
                 if answered < len(added):
                     key = added[answered]
                     answered += 1
@@ -256,7 +268,7 @@ class ShardRequests:
                 waiter = asyncio.ensure_future(more.wait())
                 await asyncio.wait({taking, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
-            whole = await taking
+            whole = dataclasses.replace(await taking, wait_s=max(0.0, deadline - time.monotonic()))
             if rnd is None:  # a step complete already: acknowledged with the current values
                 replies = self.answer_pieces(await store.rounds.acknowledge(state, whole))
             else:

@@ -314,6 +314,10 @@ class ShardRounds:
         state.last_metrics = (metrics, rnd.rows)
         store.updates_applied += 1
         rnd.done.set_result(UpdateResult(state.step, dict(store.values), True, 0, metrics, rnd.rows))
+        if rnd.progress is not None:  # a pipelined Update that joined a round applied whole
+            for key, ready in rnd.progress.ready.items():
+                if not ready.done():
+                    ready.set_result(store.values[key])
         for contribution in rnd.contributions.values():
             contribution.sums, contribution.push = {}, {}  # the old gradients are freed now, not with the round
 

@@ -52,15 +52,19 @@ class SliceRounds:
         self.rounds, self.store = rounds, rounds.store
 
     async def open(self, head: UpdateHeader) -> tuple[GroupState, Round | None]:
-        """A pipelined Update's first message (``head``: its header, without the
-        table rows of later messages): the checks every Update gets, then its
-        process joins the group's round, slice by slice from now on. The round is
-        None for a step the group has completed (a retry: acknowledged once the
-        request has arrived)."""
+        """A pipelined Update's first message (``head``: its header; its table
+        rows come in ``rows_in``): the checks every Update gets, then its process
+        joins the group's round, slice by slice from now on. The round is None for
+        a step the group has completed (a retry: acknowledged once the request has
+        arrived). A job of several groups is refused: another group's checkpoint
+        would see a step half applied."""
         rounds, store = self.rounds, self.store
-        bad_rows = rounds.heard(head)
-        if bad_rows is not None and store.nonfinite == "reject":
-            raise nonfinite(head.group, head.step, f"table {bad_rows}")
+        if head.worker_groups != 1 or head.max_groups:
+            raise refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"group {head.group} step {head.step}: a pipelined update is for a job of one group: send it whole",
+            )
+        rounds.heard(head)
         state = await rounds.group_of(head)
         if head.step < state.step:
             return state, None
@@ -101,10 +105,24 @@ class SliceRounds:
             progress.ended.add(head.process)
         await self._advance(state, rnd, head)
 
-    async def end(self, state: GroupState, rnd: Round, head: UpdateHeader) -> None:
-        """The process's request has arrived whole (``head`` has all its table
-        rows): it must have sent every slice the shard holds."""
+    def rows_in(self, rnd: Round, head: UpdateHeader) -> None:
+        """The process's table rows (``head``'s: all of them), checked and kept
+        before any of its slices is added, so that a refusal leaves nothing applied."""
         progress, store = rnd.progress, self.store
+        if head.process in progress.ended:
+            return
+        store.tables.check_pull(head.pull)
+        bad_rows = store.tables.check_push(head.push)
+        if bad_rows is not None and store.nonfinite == "reject":
+            raise nonfinite(head.group, head.step, f"table {bad_rows}")
+        rnd.contributions[head.process].push = head.push
+        progress.ended.add(head.process)
+
+    async def end(self, state: GroupState, rnd: Round, head: UpdateHeader) -> None:
+        """The process's request has arrived whole: it must have sent every slice
+        the shard holds."""
+        progress, store = rnd.progress, self.store
+        self.rows_in(rnd, head)  # a request without slices
         missing = sorted(k for k, got in progress.arrived.items() if head.process not in got)
         if missing and not rnd.done.done():
             names = ", ".join(slice_name(k) for k in missing[:5])
@@ -113,13 +131,6 @@ class SliceRounds:
                 f"group {head.group} step {head.step}: the update lacks {len(missing)} slices of shard {store.shard} "
                 f"({names}): send a gradient for every slice the shard holds",
             )
-        if head.process not in progress.ended:
-            store.tables.check_pull(head.pull)
-            bad_rows = store.tables.check_push(head.push)
-            if bad_rows is not None and store.nonfinite == "reject":
-                raise nonfinite(head.group, head.step, f"table {bad_rows}")
-            rnd.contributions[head.process].push = head.push
-            progress.ended.add(head.process)
         await self._advance(state, rnd, head)
 
     async def value(self, rnd: Round, head: UpdateHeader, key: SliceKey, deadline: float, taking: asyncio.Future):
@@ -131,7 +142,7 @@ class SliceRounds:
         while not ready.done():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise incomplete(self.store.shard, head.group, rnd, head)
+                raise self._late(rnd, head, key)
             done, _ = await asyncio.wait(watch, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             if taking in done:
                 if taking.exception() is not None:
@@ -139,6 +150,17 @@ class SliceRounds:
                 watch = {ready}  # the request is in: the rest of the group may still be on its way
         self.rounds.check_current(head)
         return ready.result()
+
+    def _late(self, rnd: Round, head: UpdateHeader, key: SliceKey):
+        """The refusal when a slice's wait runs out: who has not sent it."""
+        waiting = sorted(set(rnd.contributions) - rnd.progress.arrived[key])
+        if rnd.workers != rnd.workers_per_group or not waiting:
+            return incomplete(self.store.shard, head.group, rnd, head)
+        return refusal(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"shard {self.store.shard}: group {head.group} step {rnd.step}: {slice_name(key)} still waits for "
+            f"processes {waiting} after {head.wait_s:.1f} s",
+        )
 
     def _complete(self, rnd: Round) -> list[SliceKey]:
         """The slices every process of the group has sent and that wait to be applied."""

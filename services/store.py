@@ -121,6 +121,15 @@ class ShardStore:
         ``GroupPresence``)."""
         return self.presence.slowest_step(worker_groups)
 
+    def half_applied(self) -> str | None:
+        """Which pipelined step has some of its slices applied and not all (None:
+        none): its values are neither the step before nor the step after."""
+        for group, state in sorted(self.groups.items()):
+            rnd = state.round
+            if rnd is not None and rnd.progress is not None and rnd.progress.applied and not rnd.done.done():
+                return f"group {group} step {rnd.step} is half applied"
+        return None
+
     def nbytes(self) -> int:
         """Bytes of the slices (an Update's values, each way)."""
         return sum(math.prod(s) * d.itemsize for d, s in self.specs.values())

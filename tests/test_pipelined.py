@@ -124,3 +124,31 @@ async def test_a_slice_waits_for_every_process_of_the_group_and_a_resent_update_
     np.testing.assert_allclose(values[("w", 1)], 1.0 - LR * (2.0 + 4.0) / 2)  # its w[1] came with the retry
     assert two_slices.store.groups[0].step == 1
     assert replies[1][-1].header.step == replies[0][-1].header.step == 1
+
+
+@pytest.mark.unit
+@pytest.mark.asyncio
+async def test_a_shard_stopped_with_a_step_half_applied_writes_no_checkpoint_of_it(tmp_path, caplog):
+    """Its applied slices would be saved as the step before them, and applied again
+    on resume: the stop keeps the last checkpoint instead, and says why."""
+    server = ShardServer(0, 1, checkpoint_dir=tmp_path)
+    await server.start("127.0.0.1:0")
+    client = ShardClient(server.address, 0, timeout_s=10, retries=0)
+    try:
+        await client.put([(k, i, v) for (k, i), v in START.items()], SGD)
+        grads = {("w", 0): np.full(4, 1.0, np.float32), ("w", 1): np.full(4, 1.0, np.float32)}
+        streams = []
+        for process in range(2):  # both send w[0] (in their first message); neither sends w[1]
+            head, _ = messages(process, 2, grads)
+            streams.append(server.requests.update_stream(head, Feed().rest()))
+        early = await asyncio.wait_for(asyncio.gather(*(anext(s) for s in streams)), 5)
+        assert len(early) == 2, "w[0] is applied and answered"
+        assert server.store.half_applied() == "group 0 step 0 is half applied"
+        await server.store.checkpoints.flush(final=True)
+        assert server.store.checkpoint_steps() == []
+        assert "no checkpoint at the stop: group 0 step 0 is half applied" in caplog.text
+        for stream in streams:
+            await stream.aclose()
+    finally:
+        await client.close()
+        await server.stop(0)

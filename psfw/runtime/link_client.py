@@ -105,6 +105,7 @@ class Lockstep:
     make its shard wait for them."""
 
     POLL_S = 0.002
+    STALL_S = 1.0  # a slowest flow that delivers nothing for this long is not waited for
 
     def __init__(self, ahead: int = 512 << 10):
         self.ahead = ahead
@@ -123,15 +124,21 @@ class Lockstep:
             self._calls.pop(id(sock), None)
 
     def wait(self, written: list[int], deadline: float) -> None:
-        """Until a call that has written ``written`` bytes may write more."""
+        """Until a call that has written ``written`` bytes may write more: the
+        slowest has caught up, or has delivered nothing for ``STALL_S`` (a shard
+        that is slow or gone holds up its own Update, not the others)."""
+        last, since = None, time.monotonic()
         while True:
             with self._lock:
                 calls = list(self._calls.values())
             slowest = min((count[0] - _unsent(sock) for sock, count in calls), default=written[0])
             if written[0] - slowest <= self.ahead:
                 return
-            if time.monotonic() >= deadline:
-                raise TimeoutError
+            now = time.monotonic()
+            if slowest != last:
+                last, since = slowest, now
+            if now - since >= self.STALL_S or now >= deadline:
+                return
             time.sleep(self.POLL_S)
 
 
@@ -258,10 +265,13 @@ class LinkConnection:
                 if stepped is not None:
                     stepped.leave(sock)
 
+        failed: list[BaseException] = []  # why the request failed, before the answer's wait ends
+
         def send_or_shut() -> None:  # a request that fails ends the answer's wait too
             try:
                 send()
-            except BaseException:
+            except BaseException as err:
+                failed.append(err)
                 with contextlib.suppress(OSError):
                     socket.socket.shutdown(sock, socket.SHUT_RDWR)
                 raise
@@ -287,12 +297,11 @@ class LinkConnection:
                     raise LinkBroken(f"frame kind {kind} in an answer")
                 replies.append(payload)
         except BaseException:
-            if sending is not None:
-                if not sending.done():
-                    with contextlib.suppress(OSError):  # the request stops too: the link is closed after this
-                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                elif sending.exception() is not None:
-                    raise sending.exception() from None  # what failed first
+            if failed:
+                raise failed[0] from None  # what failed first
+            if sending is not None and not sending.done():
+                with contextlib.suppress(OSError):  # the request stops too: the link is closed after this
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
             raise
         if sending is not None:
             sending.result()  # the shard answers after the request's END: it is sent

@@ -30,6 +30,7 @@ from psfw.proto import ps_pb2 as pb
 from psfw.protocol.calls import (
     DECODE,
     PUT_PIECES,
+    UPDATE_PIECES,
     assemble,
     fresh_answer,
     get_request,
@@ -292,6 +293,11 @@ class ShardClient:
         chunk_bytes = min(self.chunk_bytes, PIPELINED_MESSAGE_BYTES) if header.pipelined else self.chunk_bytes
 
         def messages() -> Iterator[list]:
+            if header.pipelined:  # the table rows first: a shard checks them before it adds a slice
+                yield UPDATE_PIECES(ChunkedMessage(head, []))
+                yield from row_pieces_messages(rows[1:])
+                yield from update_messages(grads, grads, None, chunk_bytes)
+                return
             yield from update_messages(grads, grads, head, chunk_bytes)
             yield from row_pieces_messages(rows[1:])
 

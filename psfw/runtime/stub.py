@@ -391,7 +391,8 @@ class Stub:
             self.pipeline and self.worker_groups == 1 and not self.max_groups and c.pipelines for c in self.clients
         ]
         # a sum is finite only where every element is (and a sum that overflows sends the step whole)
-        if any(wanted) and not all(np.isfinite(np.sum(g)) for c in batch for g in c.grads.values()):
+        grads = [g for c in batch for g in (*c.grads.values(), *(c.row_grads or {}).values())]
+        if any(wanted) and not all(np.isfinite(np.sum(g)) for g in grads):
             return [False] * len(self.clients)
         return wanted
 
