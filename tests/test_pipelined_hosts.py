@@ -46,6 +46,9 @@ def _ready(path, proc, seconds: float = 120.0) -> str:
     return record["address"]
 
 
+# the testbed forks its processes from this one, where JAX may run already: they exec
+# psfw at once, so JAX's warning about a fork of a process with threads does not apply
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 @pytest.mark.slow
 def test_pipelined_training_across_shaped_hosts_equals_single_process_training(root, tmp_path):
     config = tmp_path / "job.toml"
