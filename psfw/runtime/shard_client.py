@@ -58,7 +58,7 @@ RPC_MARGIN_S = 10.0  # the client's deadline exceeds the shard's own wait by thi
 log = logging.getLogger(__name__)
 
 
-PIPELINED_MESSAGE_BYTES = 256 << 10  # a pipelined Update's messages: a slice of 256 KiB or less each
+PIPELINED_MESSAGE_BYTES = 128 << 10  # a pipelined Update's messages: at most a slice of 128 KiB each
 
 
 class ShardClient:

@@ -34,7 +34,7 @@ from psfw.tools.hosts_figures import BATCH, Setup, Snapshot, model_bytes, ps_mod
 from psfw.tools.peer_bench import torch_installed
 from psfw.tools.testbed import Testbed
 
-SLICE_BYTES = 256 << 10
+SLICE_BYTES = 128 << 10
 TAIL = 2  # steps run after the measured ones: the window ends in the middle of the traffic, as it starts
 DDP_PORT = 29500  # rank 0's, inside its own namespace
 _STEP_LINE = re.compile(r"^group 0 step (\d+) .*\(compute ([\d.]+) / comm ([\d.]+) / wait ([\d.]+) ms\)")
