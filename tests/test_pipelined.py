@@ -8,7 +8,9 @@ import contextlib
 import numpy as np
 import pytest
 import pytest_asyncio
+from test_equivalence import OPTIMIZERS, STEPS, make_config
 
+from psfw.jobs.embedded import train_async
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.calls import update_messages
 from psfw.protocol.chunks import ChunkedMessage, chunked_deserializer
@@ -18,7 +20,7 @@ from psfw.runtime.shard_client import ShardClient
 from psfw.services.requests import DECODERS
 from psfw.services.server import ShardServer
 
-from helpers import SGD
+from helpers import SGD, reference
 
 LR = 0.1  # helpers.SGD's
 REPLY = chunked_deserializer(pb.UpdateReply)
@@ -152,3 +154,29 @@ async def test_a_shard_stopped_with_a_step_half_applied_writes_no_checkpoint_of_
     finally:
         await client.close()
         await server.stop(0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("per_process", [1, 2])
+async def test_training_with_pipelined_updates_equals_single_process_training(monkeypatch, per_process):
+    """The whole path through the link: stubs that take the shards for another
+    host's mark their Updates pipelined, send them in lockstep and read the answers
+    while they send; the job equals single-process training."""
+
+    import psfw.services.requests
+
+    monkeypatch.setattr(psfw.runtime.shard_client, "host_id", lambda: "another host")
+    streamed = []
+    stream = psfw.services.requests.ShardRequests.update_stream
+
+    def counted(self, first, rest):
+        streamed.append(first.header.process)
+        return stream(self, first, rest)
+
+    monkeypatch.setattr(psfw.services.requests.ShardRequests, "update_stream", counted)
+    config = make_config(OPTIMIZERS["adam"], 2, per_process, 64, slice_bytes=2048, transport="grpc")
+    result = await train_async(config, progress=False, outputs=False)
+    assert len(streamed) == STEPS * 2 * (2 // per_process), "every Update to each of the 2 shards went pipelined"
+    expected = reference(config, STEPS)
+    for name, value in expected.items():
+        np.testing.assert_allclose(result.params[name], value, rtol=2e-5, atol=2e-6, err_msg=name)

@@ -97,6 +97,7 @@ class ShardClient:
         self._region: StepRegion | None = None  # where this shard's Updates find their tensors
         self._held: StepRegion | None = None  # released on close: the stub's values may be views of it
         self._slices: list[SliceKey] = []
+        self._elsewhere = False  # the shard runs on another host, as its last Describe said
 
     def _moved(self, address: str) -> None:
         """The shard listens at ``address`` now (an engine restarted it elsewhere):
@@ -126,10 +127,12 @@ class ShardClient:
     @property
     def pipelines(self) -> bool:
         """Whether an Update may be answered slice by slice while it is being sent:
-        its tensors in its messages, over a link that reads and writes at once (not
+        to a shard on another host (where a link's two directions overlap; on this
+        host the bytes are a memory copy, and the pipeline only costs CPU), its
+        tensors in its messages, over a link that reads and writes at once (not
         TLS: one TLS connection is not for two threads)."""
         link = self._link.up
-        return link is not None and link.duplex and self._region is None
+        return self._elsewhere and link is not None and link.duplex and self._region is None
 
     @property
     def shares_memory(self) -> bool:
@@ -336,6 +339,7 @@ class ShardClient:
             lambda: self.grpc.describe(pb.DescribeRequest(), timeout=self.timeout_s, metadata=self.grpc.metadata),
         )
         await self._link.relink(reply)
+        self._elsewhere = reply.host != host_id()  # another network namespace counts as another host
         return reply
 
 
