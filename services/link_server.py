@@ -45,7 +45,8 @@ from psfw.protocol.link import (
     socket_name,
     token_refusal,
 )
-from psfw.services.requests import ShardRequests, pipelined
+from psfw.services.pipelined import pipelined
+from psfw.services.requests import ShardRequests
 
 log = logging.getLogger("psfw.server")
 

@@ -200,3 +200,8 @@ def same_form(new: Any, old: Any) -> bool:
         return [(tuple(x.shape), np.dtype(x.dtype)) for x in jax.tree.leaves(tree)]
 
     return jax.tree.structure(new) == jax.tree.structure(old) and forms(new) == forms(old)
+
+
+def bounded_wait(wait_s: float) -> float:
+    """The wait a request asked for, bounded; 0 means the default of 60 s."""
+    return min(wait_s, 3600.0) if wait_s > 0 else 60.0

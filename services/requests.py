@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import functools
 import json
 import logging
 import math
@@ -26,11 +24,10 @@ import grpc
 from psfw.base.errors import WireError
 from psfw.proto import ps_pb2 as pb
 from psfw.protocol.chunks import ChunkedMessage, Malformed, chunked_deserializer, chunked_encoder, message_deserializer
-from psfw.protocol.layout import SliceKey
-from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.row_wire import RowCollector, row_pieces
 from psfw.protocol.shm import RegionCache, host_id
 from psfw.protocol.wire import Assembler, update_header
+from psfw.services import pipelined
 from psfw.services.answers import (
     SHARED_REPLY_BYTES,
     UPDATE_REPLY,
@@ -38,12 +35,12 @@ from psfw.services.answers import (
     encoded_answer,
     get_replies,
     reply_head,
-    slice_pieces,
     write_answer,
 )
 from psfw.services.metrics import ShardMetrics
 from psfw.services.refusals import RefusalLog
 from psfw.services.region_slots import map_region, no_shared_memory, region_slots
+from psfw.services.request_checks import bounded_wait
 from psfw.services.store import ShardStore, UpdateResult
 
 log = logging.getLogger("psfw.server")
@@ -192,113 +189,15 @@ class ShardRequests:
             await write_answer(region, places, result.values)
         return result, bool(header.shm)
 
-    async def update_stream(
-        self, first: ChunkedMessage, rest: AsyncIterator[ChunkedMessage]
-    ) -> AsyncIterator[Callable[[], Iterable[list[bytes | memoryview]]]]:
-        """A pipelined Update (``first`` says so; ``rest``: its other messages as
-        they arrive): each slice joins the group's round as soon as it is whole, and
-        its value after the step is answered as soon as the group's slice is
-        applied, while the rest still arrives (``psfw.services.slice_rounds``). The
-        last message carries the steps, the metrics and the table rows pulled.
-        Yields the answer's messages a slice at a time, each as a call that makes
-        its pieces (views of the values): the carrier encodes them off the loop,
-        where waiting for the slice's update to finish blocks nothing else."""
-        store, slices = self.store, self.store.rounds.slices
-        assembler = Assembler(store.expect, max_bytes=self.max_request_bytes, widen=True)
-        pushed, pulled = RowCollector(), RowCollector()
-        header = assembler.add_message(first)
-        if header.shm:
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a pipelined Update carries its tensors in its messages")
-        pushed.add(header.push)
-        pulled.add(header.pull, ids_only=True)
-        wait = bounded_wait(header.wait_s)
-        deadline = time.monotonic() + wait
-        head = update_header(header, wait, {}, {})
-        state, rnd = await slices.open(head)
-        added: list[SliceKey] = []  # this process's slices, as they were added
-        more = asyncio.Event()
-
-        def with_rows() -> UpdateHeader:
-            return dataclasses.replace(head, push=pushed.rows(), pull=pulled.ids())
-
-        async def take_in() -> UpdateHeader:
-            ready = assembler.ready()
-            while True:
-                if ready and rnd is not None:
-                    slices.rows_in(rnd, with_rows())  # checked before any slice is added
-                for key, array in ready:
-                    if rnd is not None:
-                        await slices.add(state, rnd, head, key, (array,))
-                    added.append(key)
-                    more.set()
-                message = await anext(rest, None)
-                if message is None:
-                    break
-                more_rows = assembler.add_message(message)
-                if (more_rows.push or more_rows.pull) and added:
-                    raise WireError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        "a pipelined Update sends its table rows before its slices",
-                    )
-                pushed.add(more_rows.push)
-                pulled.add(more_rows.pull, ids_only=True)
-                ready = assembler.ready()
-            assembler.finish()  # a slice cut short is refused
-            whole = with_rows()
-            if rnd is not None:
-                await slices.end(state, rnd, whole)
-            return whole
-
-        taking = asyncio.get_running_loop().create_task(take_in())
-        sent, answered = 0, 0
-        try:
-            while rnd is not None:
-                if taking.done() and not taking.cancelled() and taking.exception() is not None:
-                    raise taking.exception()  # the request failed: said now, not once the group is done
-                if answered < len(added):
-                    key = added[answered]
-                    answered += 1
-                    value = await slices.value(rnd, head, key, deadline, taking)
-                    sent += value.nbytes
-                    yield functools.partial(slice_pieces, head.step + 1, key, value)
-                    continue
-                if taking.done():
-                    break
-                more.clear()
-                waiter = asyncio.ensure_future(more.wait())
-                await asyncio.wait({taking, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-            whole = dataclasses.replace(await taking, wait_s=max(0.0, deadline - time.monotonic()))
-            if rnd is None:  # a step complete already: acknowledged with the current values
-                replies = self.answer_pieces(await store.rounds.acknowledge(state, whole))
-            else:
-                replies = self.answer_pieces(await store.rounds.answer(rnd, whole), values=False)
-            yield lambda: replies
-        finally:
-            if not taking.done():
-                taking.cancel()
-            self.metrics.bytes_in.labels(self._shard).inc(assembler.total + pushed.total)
-            self.metrics.bytes_out.labels(self._shard).inc(sent)
+    def update_stream(self, first: ChunkedMessage, rest: AsyncIterator[ChunkedMessage]):
+        """A pipelined Update, answered slice by slice (``psfw.services.pipelined``)."""
+        return pipelined.update_stream(self, first, rest)
 
     async def answer_stream(
         self, first: memoryview, feed: asyncio.Queue, send: Callable[[Callable], None], peer: str
     ) -> WireError | None:
-        """A pipelined Update as the link carries it: ``first``, then the messages
-        ``feed`` gets as they arrive (None: the end); ``send`` takes each answer's
-        messages as they are made (a call that encodes them, for the carrier's thread). Returns the refusal, or None once it is answered."""
-        decode = DECODERS["Update"]
-
-        async def rest() -> AsyncIterator[ChunkedMessage]:
-            while (payload := await feed.get()) is not None:
-                yield decode(payload)
-
-        try:
-            async with self.served("Update", lambda: peer):
-                async for messages in self.update_stream(decode(first), rest()):
-                    send(messages)
-        except WireError as err:
-            return err
-        return None
+        """A pipelined Update as the link carries it (``psfw.services.pipelined``)."""
+        return await pipelined.answer_stream(self, first, feed, send, peer)
 
     async def update_replies(self, result: UpdateResult, shared: bool) -> AsyncIterator[bytes]:
         """An Update's answer, encoded a batch at a time (gRPC's): the table rows its
@@ -365,21 +264,10 @@ class ShardRequests:
         return pb.RestoreReply(step=step, epoch=self.store.epoch)
 
 
-def pipelined(payload: memoryview) -> bool:
-    """Whether an Update's first message asks to be answered slice by slice."""
-    message = DECODERS["Update"](payload)
-    return not message.error and message.header.pipelined
-
-
 async def each(items: Iterable) -> AsyncIterator:
     """``items`` as an async iterator (a whole request read by a carrier)."""
     for item in items:
         yield item
-
-
-def bounded_wait(wait_s: float) -> float:
-    """The wait a request asked for, bounded; 0 means the default of 60 s."""
-    return min(wait_s, 3600.0) if wait_s > 0 else 60.0
 
 
 def describe_store(store: ShardStore) -> pb.DescribeReply:

@@ -49,7 +49,8 @@ from psfw.protocol.row_wire import RowCollector, row_messages
 from psfw.protocol.shm import host_id
 from psfw.protocol.wire import Assembler, Expect, update_request
 from psfw.runtime.grpc_channel import GrpcChannel, Locate
-from psfw.runtime.link_client import Lockstep, ShardLink
+from psfw.runtime.link_client import ShardLink
+from psfw.runtime.lockstep import Lockstep
 from psfw.runtime.step_region import StepRegion
 from psfw.runtime.transport import Capabilities, Items
 

@@ -26,7 +26,7 @@ from psfw.protocol.messages import Gradients, UpdateHeader
 from psfw.protocol.wire import param_buffers, slice_views
 from psfw.runtime.fetch import fetch_params, fetch_rows, row_gets
 from psfw.runtime.gradient_sums import GradientStage, Sums
-from psfw.runtime.link_client import Lockstep
+from psfw.runtime.lockstep import Lockstep
 from psfw.runtime.param_cache import StepValues
 from psfw.runtime.process_setup import ProcessSetup
 from psfw.runtime.sync import ShardSync
