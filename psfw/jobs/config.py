@@ -233,9 +233,9 @@ class ClusterConfig(_Strict):
     # the network path's Update gradients: "bf16" halves their bytes (error feedback;
     # psfw.protocol.compression); "none" keeps training equal to single-process training
     compression: Literal["none", "bf16"] = "none"
-    # the network path's Updates over a link in clear: each shard answers a slice as soon
-    # as the group's slice is in, while the rest still travels up (psfw.services.slice_rounds;
-    # one group, no staleness bound); false: every answer waits for the whole push
+    # Updates to a shard on another host over a link in clear: the shard answers a slice as
+    # soon as the group's slice is in, while the rest still travels up
+    # (psfw.services.slice_rounds; one group); false: every answer waits for the whole push
     pipeline: bool = True
     # the network path's Put, Get and Update go over a shard's link where it offers one
     # (psfw.protocol.link: a Unix socket on this host, TCP elsewhere, TLS where the
