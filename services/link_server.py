@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 import grpc
 
 from psfw.base.errors import WireError
+from psfw.protocol.chunks import ChunkedMessage
 from psfw.protocol.link import (
     CALL,
     END,
@@ -39,13 +40,14 @@ from psfw.protocol.link import (
     error_frame,
     framed,
     fresh_buffer,
+    listen_tcp,
+    listen_unix,
     recv_frame,
     send_pieces,
-    socket_address,
     socket_name,
     token_refusal,
 )
-from psfw.services.pipelined import pipelined
+from psfw.services.pipelined import UPDATE_REQUEST, pipelined
 from psfw.services.requests import ShardRequests
 
 log = logging.getLogger("psfw.server")
@@ -94,13 +96,13 @@ class LinkListener:
         self.id, self._closing, self._cut = secrets.token_hex(16), False, False
         try:
             name = socket_name()
-            self._listening.append(await asyncio.to_thread(_listen_unix, name))
+            self._listening.append(await asyncio.to_thread(listen_unix, name))
             self.socket = name
         except OSError as err:
             log.info("shard %d: no Unix socket for the link (%s)", self.requests.store.shard, err)
         if host is not None:
             try:
-                tcp = await asyncio.to_thread(_listen_tcp, host, port)
+                tcp = await asyncio.to_thread(listen_tcp, host, port)
             except BaseException:
                 self._close_listening()
                 raise
@@ -252,8 +254,10 @@ class LinkListener:
                 first = next(frames, None)
                 # a pipelined Update is answered while it arrives: reading and writing at
                 # once, which one TLS connection cannot do from two threads
-                if method == "Update" and self._tls is None and first is not None and pipelined(first):
-                    outcome = self._stream(conn, first, frames, name)
+                streams = method == "Update" and self._tls is None and first is not None
+                head = UPDATE_REQUEST(first) if streams else None
+                if head is not None and pipelined(head):
+                    outcome = self._stream(conn, head, frames, name)
                 else:
                     payloads = [first, *frames] if first is not None else []
                     outcome = self._serve_whole(conn, method, payloads, name)
@@ -279,7 +283,7 @@ class LinkListener:
         """A call read whole: its answer (an Answer) or its refusal (a WireError)."""
         return self._running(conn, self.requests.answer(method, payloads, name)).result()
 
-    def _stream(self, conn: socket.socket, first: memoryview, frames, name: str) -> WireError | None:
+    def _stream(self, conn: socket.socket, first: ChunkedMessage, frames, name: str) -> WireError | None:
         """A pipelined Update: its messages go to the shard's loop as they arrive,
         and a thread of its own sends the answer's messages as the loop makes them;
         returns None once every one is sent (the END is the caller's), or the
@@ -363,35 +367,6 @@ def _peer_name(listening: socket.socket, peer) -> str:
     if listening.family == socket.AF_UNIX:
         return "link from this host"
     return f"link from {peer[0]}:{peer[1]}"
-
-
-def _listen_unix(name: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(socket_address(name))
-        sock.listen(64)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _listen_tcp(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host`` (the gRPC listen host: a name, an IPv4 or an
-    IPv6 address, the wildcard of all interfaces)."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(64)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _shut(conn: socket.socket) -> None:

@@ -35,9 +35,8 @@ if TYPE_CHECKING:
 UPDATE_REQUEST = chunked_deserializer(pb.UpdateRequest)
 
 
-def pipelined(payload: memoryview) -> bool:
+def pipelined(message: ChunkedMessage) -> bool:
     """Whether an Update's first message asks to be answered slice by slice."""
-    message = UPDATE_REQUEST(payload)
     return not message.error and message.header.pipelined
 
 
@@ -131,20 +130,20 @@ async def update_stream(
 
 
 async def answer_stream(
-    requests: ShardRequests, first: memoryview, feed: asyncio.Queue, send: Callable[[Callable], None], peer: str
+    requests: ShardRequests, first: ChunkedMessage, feed: asyncio.Queue, send: Callable[[Callable], None], peer: str
 ) -> WireError | None:
-    """A pipelined Update as the link carries it: ``first``, then the messages
-    ``feed`` gets as they arrive (None: the end); ``send`` takes each answer's
-    messages as they are made (a call that encodes them, for the carrier's thread). Returns the refusal, or None once it is answered."""
-    decode = UPDATE_REQUEST
+    """A pipelined Update as the link carries it: ``first`` (decoded), then the
+    messages ``feed`` gets as they arrive (None: the end); ``send`` takes each
+    answer's messages as they are made (a call that encodes them, for the carrier's
+    thread). Returns the refusal, or None once it is answered."""
 
     async def rest() -> AsyncIterator[ChunkedMessage]:
         while (payload := await feed.get()) is not None:
-            yield decode(payload)
+            yield UPDATE_REQUEST(payload)
 
     try:
         async with requests.served("Update", lambda: peer):
-            async for messages in requests.update_stream(decode(first), rest()):
+            async for messages in requests.update_stream(first, rest()):
                 send(messages)
     except WireError as err:
         return err

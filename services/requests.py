@@ -47,7 +47,7 @@ log = logging.getLogger("psfw.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 30
 SERVICE_METHODS = frozenset(pb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name)
-DECODERS = {"Put": chunked_deserializer(pb.PutRequest), "Update": chunked_deserializer(pb.UpdateRequest)}
+DECODERS = {"Put": chunked_deserializer(pb.PutRequest), "Update": pipelined.UPDATE_REQUEST}
 GET_REQUEST = message_deserializer(pb.GetRequest)
 GET_PIECES = chunked_encoder(pb.GetReply)
 
@@ -194,7 +194,7 @@ class ShardRequests:
         return pipelined.update_stream(self, first, rest)
 
     async def answer_stream(
-        self, first: memoryview, feed: asyncio.Queue, send: Callable[[Callable], None], peer: str
+        self, first: ChunkedMessage, feed: asyncio.Queue, send: Callable[[Callable], None], peer: str
     ) -> WireError | None:
         """A pipelined Update as the link carries it (``psfw.services.pipelined``)."""
         return await pipelined.answer_stream(self, first, feed, send, peer)

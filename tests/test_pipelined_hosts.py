@@ -37,6 +37,13 @@ def root():
         pytest.skip(why)
 
 
+def _start(bed, host: str, argv: list[str]) -> subprocess.Popen:
+    """``psfw ARGV`` in ``host``'s namespace, its output read as text."""
+    return bed.start(
+        host, psfw_command(*argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env()
+    )
+
+
 def _ready(path, proc, seconds: float = 120.0) -> str:
     deadline = time.monotonic() + seconds
     while (record := read_ready(path)) is None:
@@ -60,30 +67,14 @@ def test_pipelined_training_across_shaped_hosts_equals_single_process_training(r
             ready = tmp_path / f"ready-{j}.json"
             argv = ["server", "--shard", str(j), "--of", "2", "--insecure", "--ready-file", str(ready)]
             argv += ["--listen", f"{bed.address(f's{j}')}:0"]
-            proc = bed.start(
-                f"s{j}",
-                psfw_command(*argv),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=child_env(),
-            )
+            proc = _start(bed, f"s{j}", argv)
             shards.append(proc)
             addresses.append(_ready(ready, proc))
         workers = []
         for i in range(2):
             argv = ["worker", str(config), "--process", str(i), "--servers", ",".join(addresses)]
             argv += ["--run-dir", str(tmp_path / "run")] if i == 0 else []
-            workers.append(
-                bed.start(
-                    f"w{i}",
-                    psfw_command(*argv),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                    env=child_env(),
-                )
-            )
+            workers.append(_start(bed, f"w{i}", argv))
         outputs = [w.communicate(timeout=300)[0] for w in workers]
     for proc in shards:  # ended with the testbed
         proc.stdout.close()

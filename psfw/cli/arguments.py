@@ -185,3 +185,15 @@ def listen_address(text: str) -> str:
         hint = " (write an IPv6 host in brackets: [::1]:50051)" if ":" in host else ""
         raise ValueError(f"listen address {text!r}: {host!r} is not a host name or IP address{hint}")
     return text
+
+
+def add_overrides(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE``: a config key overridden (repeatable)."""
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable): --set train.epochs=5 --set optimizer.learning_rate=3e-4; "
+        "the value is a TOML value, else text; an empty value removes the key (--set train.epochs=)",
+    )

@@ -9,29 +9,19 @@ import os
 from psfw.cli import commands
 from psfw.cli.arguments import (
     Parser,
+    add_overrides,
     checkpoint_step,
     env,
     integer,
     link_port,
     listen_address,
     one_of,
-    positive_number,
     positive_seconds,
     seconds,
     switch,
 )
+from psfw.cli.tool_flags import add_bench, add_loadtest, add_plan
 from psfw.version import __version__
-
-
-def _add_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable): --set train.epochs=5 --set optimizer.learning_rate=3e-4; "
-        "the value is a TOML value, else text; an empty value removes the key (--set train.epochs=)",
-    )
 
 
 def _add_trained_run(p: argparse.ArgumentParser) -> None:
@@ -88,9 +78,9 @@ def parser() -> argparse.ArgumentParser:
         _add_ray,
         _add_status,
         _add_health,
-        _add_loadtest,
-        _add_bench,
-        _add_plan,
+        add_loadtest,
+        add_bench,
+        add_plan,
     ):
         add(sub)
     return p
@@ -100,7 +90,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     """``psfw train`` and its flags."""
     p = sub.add_parser("train", help="train a config end to end on this machine (embedded shards)")
     p.add_argument("config", help="TOML config, e.g. examples/digits_mlp.toml")
-    _add_overrides(p)
+    add_overrides(p)
     p.add_argument("--run-dir", help="folder for the outputs (default: a new folder under runs/)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
@@ -118,7 +108,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     """``psfw eval`` and its flags."""
     p = sub.add_parser("eval", help="evaluate what a run trained on the test split of a config")
     p.add_argument("config", help="TOML config whose model and test split to use (e.g. the run's own)")
-    _add_overrides(p)
+    add_overrides(p)
     _add_trained_run(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
@@ -131,7 +121,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     """``psfw predict`` and its flags."""
     p = sub.add_parser("predict", help="what a run's model answers for new rows (class probabilities, values)")
     p.add_argument("config", help="TOML config whose model to use (e.g. the run's own)")
-    _add_overrides(p)
+    add_overrides(p)
     _add_trained_run(p)
     p.add_argument(
         "--input", help="rows to predict: a .npy file, or an .npz file with x (default: the config's test split)"
@@ -148,7 +138,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     """``psfw generate`` and its flags."""
     p = sub.add_parser("generate", help="text from a run's byte-level language model (examples/lm.toml)")
     p.add_argument("config", help="the language model's TOML config (e.g. the run's own)")
-    _add_overrides(p)
+    add_overrides(p)
     _add_trained_run(p)
     p.add_argument("--prompt", required=True, help="the text to go on from")
     p.add_argument("--bytes", type=integer(1), default=200, help="how many bytes to write after the prompt")
@@ -193,7 +183,7 @@ def _add_reshard(sub: argparse._SubParsersAction) -> None:
         "themselves)",
     )
     p.add_argument("config", help="the job's TOML config: its model and cluster.slice_bytes give the new layout")
-    _add_overrides(p)
+    add_overrides(p)
     p.add_argument("--run-dir", help="the run folder whose checkpoints (RUN_DIR/checkpoints) to re-cut")
     p.add_argument("--checkpoint-dir", help="the shards' --checkpoint-dir of a cluster run, instead of --run-dir")
     p.add_argument(
@@ -279,7 +269,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     index = integer(0)
     p = sub.add_parser("worker", help="run one worker process of a cluster against running shards")
     p.add_argument("config", help="the job's TOML config (the same for every process)")
-    _add_overrides(p)
+    add_overrides(p)
     p.add_argument("--process", type=index, default=env("PROCESS", index, None), help="this process's index (0)")
     p.add_argument(
         "--group",
@@ -309,7 +299,7 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     """``psfw launch`` and its flags."""
     p = sub.add_parser("launch", help="run the shards and worker processes of a config as OS processes here")
     p.add_argument("config", help="TOML config")
-    _add_overrides(p)
+    add_overrides(p)
     p.add_argument("--run-dir", help="folder for the outputs (default: a new folder under runs/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
     _add_overwrite(p)
@@ -323,7 +313,7 @@ def _add_ray(sub: argparse._SubParsersAction) -> None:
         help='run the shards and worker processes of a config as Ray actors (pip install "psfw[ray]")',
     )
     p.add_argument("config", help="TOML config")
-    _add_overrides(p)
+    add_overrides(p)
     p.add_argument(
         "--address",
         default=os.environ.get("RAY_ADDRESS") or None,
@@ -371,113 +361,3 @@ def _add_health(sub: argparse._SubParsersAction) -> None:
     )
     _add_client_security(p)
     p.set_defaults(run=commands.run_health)
-
-
-def _add_loadtest(sub: argparse._SubParsersAction) -> None:
-    """``psfw loadtest`` and its flags."""
-    p = sub.add_parser(
-        "loadtest", help="concurrent streams against 2 shard processes: errors, lost/doubled updates, RSS"
-    )
-    p.add_argument(
-        "--groups", type=integer(1), default=32, help="concurrent groups; each keeps one stream open per shard"
-    )
-    p.add_argument("--seconds", type=positive_seconds, default=10.0, help="how long to send")
-    p.add_argument("--mb", type=positive_number("MB"), default=1.0, help="MB of values per shard")
-    p.add_argument("--json", action="store_true", help="one line of JSON")
-    p.set_defaults(run=commands.run_loadtest)
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    """``psfw bench`` and its flags."""
-    p = sub.add_parser("bench", help="samples/s of psfw against single-process JAX")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--steps", type=int, help="measured steps per variant (default: 60; with --hosts: 12)")
-    p.add_argument("--warmup", type=int, help="unmeasured steps first (default: 10; with --hosts: 3)")
-    p.add_argument("--rounds", type=int, help="side-by-side rounds; each figure is its best round (default: 3)")
-    p.add_argument("--path", choices=("auto", "grpc"), default="auto", help="grpc: force the network path everywhere")
-    p.add_argument("--transfer", metavar="SIZE", help="push + pull of a model of SIZE (e.g. 256MiB): GB/s each way")
-    p.add_argument("--scale", action="store_true", help="updates/s of simulated stubs against 1, 2 and 4 shards")
-    p.add_argument("--memory", metavar="SIZE", help="train a model of SIZE (e.g. 1GiB): shard peak RSS vs values")
-    p.add_argument(
-        "--sparse",
-        action="store_true",
-        help="embedding tables: samples/s and bytes per step by table size, rows held and shard RSS with and "
-        "without tables.max_rows (with --scale: rows/s by shards; with --memory SIZE: a table of SIZE over 2 shard "
-        "processes; with --stream: a table that runs for months)",
-    )
-    # --sparse --stream: a table that runs for months (psfw.tools.stream_bench); None: its default
-    p.add_argument(
-        "--stream",
-        action="store_true",
-        help="with --sparse: a stream of events through 2 shard processes under admit_after, expire_after and "
-        "max_rows, with and without the cap: shard RSS and rows held by step, and a plot",
-    )
-    p.add_argument("--events", metavar="N", type=integer(1), help="--stream: events in the stream (default 50,000,000)")
-    p.add_argument(
-        "--distinct", metavar="N", type=integer(20), help="--stream: about this many distinct ids (default 20,000,000)"
-    )
-    p.add_argument(
-        "--max-rows",
-        metavar="N",
-        type=integer(0),
-        help="--stream: tables.max_rows of the capped run (default 1,000,000)",
-    )
-    p.add_argument(
-        "--expire-after", metavar="N", type=integer(0), help="--stream: tables.expire_after, steps (default 2,000)"
-    )
-    p.add_argument(
-        "--admit-after", metavar="N", type=integer(1), help="--stream: tables.admit_after, steps (default 1)"
-    )
-    p.add_argument(
-        "--uncapped-events",
-        metavar="N",
-        type=integer(0),
-        help="--stream: the run without a cap takes the stream's first N events (default 10,000,000; 0: no such run)",
-    )
-    p.add_argument("--plot", metavar="FILE", help="--stream: where the PNG goes (default stream.png, in this folder)")
-    # between emulated hosts (psfw.tools.hosts_bench), as root
-    p.add_argument(
-        "--hosts",
-        metavar="N[,N...]",
-        help="the job between N worker hosts and --shard-hosts shard hosts, each a network namespace on one bridge, "
-        "every link shaped to --link each way (as root): psfw in clear and in TLS, and DDP, side by side",
-    )
-    p.add_argument(
-        "--shard-hosts",
-        metavar="K[,K...]",
-        help="--hosts: shard hosts, one count or one for each N (default: as many as worker hosts)",
-    )
-    p.add_argument(
-        "--link",
-        metavar="RATE[,RATE...]",
-        help="--hosts: each link's rate each way, e.g. 200mbit or 1gbit (default: 200mbit)",
-    )
-    p.set_defaults(run=commands.run_bench)
-
-
-def _add_plan(sub: argparse._SubParsersAction) -> None:
-    """``psfw plan`` and its flags."""
-    p = sub.add_parser(
-        "plan", help="predict a synchronous step on N worker hosts and K shard hosts from costs measured here"
-    )
-    p.add_argument("config", nargs="?", help="TOML config to plan, e.g. examples/lm.toml (or --bench)")
-    _add_overrides(p)
-    p.add_argument("--bench", action="store_true", help="plan the benchmark MLP of psfw bench instead of a config")
-    p.add_argument("--hosts", metavar="N[,N...]", help="worker hosts (one worker process each)")
-    p.add_argument("--shard-hosts", metavar="K[,K...]", help="shard hosts, one count or one for each N (default: N)")
-    p.add_argument("--link", metavar="RATE[,RATE...]", help="each link's rate each way, e.g. 200mbit, 10gbit")
-    p.add_argument("--tls", action="store_true", help="the links in TLS (then the step is whole by default)")
-    p.add_argument("--whole", action="store_true", help="the shards answer after the whole push (today's step)")
-    p.add_argument("--pipelined", action="store_true", help="the shards answer each part as it completes")
-    p.add_argument(
-        "--compute-ms",
-        type=float,
-        help="the compute of one sub-batch in ms, as your accelerator does it (default: measured here)",
-    )
-    p.add_argument(
-        "--constants", metavar="FILE", help="constants psfw plan --calibrate wrote (default: the ones shipped)"
-    )
-    p.add_argument("--calibrate", action="store_true", help="measure this machine's constants (about 15 s)")
-    p.add_argument("--out", metavar="FILE", help="--calibrate: where to write them (default: plan_constants.json)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(run=commands.run_plan)

@@ -146,6 +146,36 @@ class KeptPages:
 POPULATED = getattr(mmap, "MAP_POPULATE", 0) | mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 
 
+def listen_unix(name: str) -> socket.socket:
+    """A listening socket (non-blocking) on the abstract Unix socket ``name`` names."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(socket_address(name))
+        sock.listen(64)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_tcp(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host`` (the gRPC listen host: a name, an IPv4 or an
+    IPv6 address, the wildcard of all interfaces)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(64)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def recv_exactly(
     sock: socket.socket, size: int, deadline: float | None = None, buffer: Callable[[int], memoryview] = fresh_buffer
 ) -> memoryview:

@@ -5,14 +5,34 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 
+from psfw.base.errors import ConfigError, ShardError
 from psfw.protocol.layout import Layout, SliceKey
 from psfw.protocol.messages import GetHeader, RowBlock, TableIds
 from psfw.protocol.row_wire import PULL_IDS
 from psfw.protocol.wire import param_buffers
 from psfw.runtime.table_feed import TableFeed
 from psfw.runtime.transport import Transport
+
+
+async def put_params(clients: list[Transport], layout: Layout, values: dict, optimizer: str, job: str) -> int:
+    """Put whole parameters' initial ``values`` to the shards that hold their slices
+    (one Put per shard; ``optimizer`` and ``job``, JSON, name them); returns the Puts
+    made. A Put the shards refuse as invalid is the config's fault: ConfigError."""
+    by_shard: dict[int, list] = {}
+    for name, value in values.items():
+        flat = np.asarray(value).reshape(-1)
+        for s in layout.params[name].slices:
+            by_shard.setdefault(s.shard, []).append((name, s.index, flat[s.start : s.stop]))
+    try:
+        await asyncio.gather(*(clients[i].put(items, optimizer, job) for i, items in by_shard.items()))
+    except ShardError as err:
+        if err.code == grpc.StatusCode.INVALID_ARGUMENT:  # what the config asks for, not a fault of the shards
+            raise ConfigError(f"the shards refuse this job's first Put: {err}") from None
+        raise
+    return len(by_shard)
 
 
 async def fetch_params(

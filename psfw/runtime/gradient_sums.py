@@ -88,3 +88,19 @@ def add_up(parts: Parts, out: np.ndarray | None = None) -> np.ndarray:
     for part in parts[2:]:
         np.add(out, part, out=out)
     return out
+
+
+def shard_sums(clients: list, layout_slices: list, grads: list[dict[str, np.ndarray]], staged: dict | None) -> list:
+    """A process's gradient sum of every slice, per shard (``layout_slices``: each
+    shard's slices): the step's buffers' views where they are added up already
+    (``staged``, from ``GradientStage``); else the workers' parts as they are for a
+    transport that fuses the sum into the shard's update, and ``Sums`` for the others."""
+    sums = []
+    for client, slices in zip(clients, layout_slices, strict=True):
+        keys = [(s.key, s.index) for s in slices]
+        if staged is not None:
+            sums.append({key: staged[key] for key in keys})
+            continue
+        parts = {key: tuple(g[s.key].reshape(-1)[s.start : s.stop] for g in grads) for key, s in zip(keys, slices)}
+        sums.append(parts if client.capabilities.fuses_sum else Sums(parts, {}))
+    return sums

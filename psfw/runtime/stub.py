@@ -21,11 +21,11 @@ import grpc
 import jax
 import numpy as np
 
-from psfw.base.errors import ConfigError, PsfwError, ShardError, WaitTimeout
+from psfw.base.errors import PsfwError, ShardError, WaitTimeout
 from psfw.protocol.messages import Gradients, UpdateHeader
 from psfw.protocol.wire import param_buffers, slice_views
-from psfw.runtime.fetch import fetch_params, fetch_rows, row_gets
-from psfw.runtime.gradient_sums import GradientStage, Sums
+from psfw.runtime.fetch import fetch_params, fetch_rows, put_params, row_gets
+from psfw.runtime.gradient_sums import GradientStage, shard_sums
 from psfw.runtime.lockstep import Lockstep
 from psfw.runtime.param_cache import StepValues
 from psfw.runtime.process_setup import ProcessSetup
@@ -33,7 +33,7 @@ from psfw.runtime.sync import ShardSync
 from psfw.runtime.table_feed import TableFeed
 from psfw.runtime.waiting import GroupWait, whole_or_none
 from psfw.runtime.whole_params import whole_params
-from psfw.runtime.worker_report import TIMES, StopRequest, WorkerReport
+from psfw.runtime.worker_report import TIMES, StopRequest, WorkerReport, step_metrics
 
 log = logging.getLogger(__name__)
 
@@ -286,19 +286,8 @@ class Stub:
         return start
 
     async def _put_all(self, values: dict[str, np.ndarray]) -> None:
-        by_shard: dict[int, list] = {}
-        for name, value in values.items():
-            flat = np.asarray(value).reshape(-1)
-            for s in self.layout.params[name].slices:
-                by_shard.setdefault(s.shard, []).append((name, s.index, flat[s.start : s.stop]))
-        self.rpcs["Put"] += len(by_shard)
         job = json.dumps(self.identity) if self.identity is not None else ""
-        try:
-            await asyncio.gather(*(self.clients[i].put(items, self.optimizer, job) for i, items in by_shard.items()))
-        except ShardError as err:
-            if err.code == grpc.StatusCode.INVALID_ARGUMENT:  # what the config asks for, not a fault of the shards
-                raise ConfigError(f"the shards refuse this job's first Put: {err}") from None
-            raise
+        self.rpcs["Put"] += await put_params(self.clients, self.layout, values, self.optimizer, job)
 
     async def _get_all(self, group: int, step: int, names: list[str]) -> dict[str, np.ndarray]:
         self.rpcs["Get"] += len({s.shard for n in names for s in self.layout.params[n].slices})
@@ -397,35 +386,14 @@ class Stub:
         return wanted
 
     def _sums(self, grads: list[dict[str, np.ndarray]]) -> list[Gradients]:
-        """This process's gradient sum of every slice, per shard: added up already
-        where the stub has step buffers (``GradientStage``); else the workers' parts
-        as they are for a transport that fuses the sum into the shard's update, and
-        ``Sums`` for the others (see ``psfw.runtime.gradient_sums``)."""
-        sums: list[Gradients] = []
-        for client, slices in zip(self.clients, self.layout_slices, strict=True):
-            keys = [(s.key, s.index) for s in slices]
-            if self._stage is not None:
-                sums.append({key: self._staged[key] for key in keys})
-                continue
-            parts = {key: tuple(g[s.key].reshape(-1)[s.start : s.stop] for g in grads) for key, s in zip(keys, slices)}
-            sums.append(parts if client.capabilities.fuses_sum else Sums(parts, {}))
-        return sums
+        staged = self._staged if self._stage is not None else None
+        return shard_sums(self.clients, self.layout_slices, grads, staged)
 
     def _report(self, step: int, batch: list[WorkerReport], comm_s: float, wall_s: float) -> None:
         if self.on_metrics is None:
             return
-        rows = sum(c.rows for c in batch)
-        report: dict[str, Any] = {"group": self.group, "process": self.process, "step": step, "rows": rows}
-        group_metrics, group_rows = self.group_metrics
-        if group_rows:  # the whole group's, over all its processes (the shards added them up)
-            report["group_rows"] = group_rows
-            report.update({k: v / group_rows for k, v in group_metrics.items()})
-        else:  # shards that do not add metrics up: this process's own
-            for key in batch[0].metrics:
-                if key not in TIMES:
-                    report[key] = sum(float(c.metrics[key]) * c.rows for c in batch) / rows
-        compute_s = max(c.metrics["compute_s"] for c in batch)
-        report.update(compute_s=compute_s, comm_s=comm_s, wait_s=max(0.0, wall_s - compute_s - comm_s), wall_s=wall_s)
+        report: dict[str, Any] = {"group": self.group, "process": self.process, "step": step}
+        report.update(step_metrics(batch, self.group_metrics, comm_s, wall_s))
         if self.worker_groups > 1 or self.max_groups:
             # how far this group runs ahead of the slowest group (SSP bounds it by staleness)
             report.update(slowest_step=self.slowest_step, lead=step + 1 - self.slowest_step)

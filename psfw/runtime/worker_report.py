@@ -4,6 +4,7 @@ stubs learn from the shards."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 
 class WorkerReport:
@@ -18,6 +19,27 @@ class WorkerReport:
 
 
 TIMES = ("compute_s", "wait_s")  # a worker's timings: not metrics of the model
+
+
+def step_metrics(
+    batch: list[WorkerReport], group_metrics: tuple[dict[str, float], int], comm_s: float, wall_s: float
+) -> dict[str, Any]:
+    """A step's report from its workers' (``batch``): the rows, the group's metrics
+    (``group_metrics``: summed x rows by the shards, and the group's rows), else this
+    process's own, and the step's times: compute, communication, waiting, wall."""
+    rows = sum(c.rows for c in batch)
+    report: dict[str, Any] = {"rows": rows}
+    metrics, group_rows = group_metrics
+    if group_rows:  # the whole group's, over all its processes (the shards added them up)
+        report["group_rows"] = group_rows
+        report.update({k: v / group_rows for k, v in metrics.items()})
+    else:  # shards that do not add metrics up: this process's own
+        for key in batch[0].metrics:
+            if key not in TIMES:
+                report[key] = sum(float(c.metrics[key]) * c.rows for c in batch) / rows
+    compute_s = max(c.metrics["compute_s"] for c in batch)
+    report.update(compute_s=compute_s, comm_s=comm_s, wait_s=max(0.0, wall_s - compute_s - comm_s), wall_s=wall_s)
+    return report
 
 
 class StopRequest:
