@@ -197,7 +197,10 @@ def test_launch_starts_a_killed_worker_process_again_and_it_rejoins_its_group(tm
     assert "psfw launch: worker 1 was killed by SIGKILL; starting it again (1 of 3): it rejoins its group" in out
     assert "psfw launch: every worker process finished" in out
     steps = [r["step"] for r in records(run) if r.get("group") == 1 and "loss" in r]
-    assert steps[-1] == 200 and set(range(1, 201)) <= set(steps), "group 1 went on from where it was"
+    # the step under way when it was killed may be applied by the shards with its record never
+    # written (the process died in between): the one after step 30, and no other, may lack one
+    missing = set(range(1, 201)) - set(steps)
+    assert steps[-1] == 200 and missing <= {31}, f"group 1 went on from where it was (no record of {missing})"
     assert next(r for r in records(run) if r.get("final"))["test_accuracy"] >= 0.9
 
 
