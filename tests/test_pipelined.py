@@ -4,6 +4,8 @@ process's part of a slice once, also when the Update is sent again."""
 
 import asyncio
 import contextlib
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from psfw.protocol.calls import update_messages
 from psfw.protocol.chunks import ChunkedMessage, chunked_deserializer
 from psfw.protocol.messages import UpdateHeader
 from psfw.protocol.wire import update_request
-from psfw.runtime.shard_client import ShardClient
+from psfw.runtime.lockstep import Credit
+from psfw.runtime.shard_client import CREDIT_MESSAGES, PIPELINED_MESSAGE_BYTES, ShardClient, _pacing
 from psfw.services.requests import DECODERS
 from psfw.services.server import ShardServer
 
@@ -180,3 +183,71 @@ async def test_training_with_pipelined_updates_equals_single_process_training(mo
     expected = reference(config, STEPS)
     for name, value in expected.items():
         np.testing.assert_allclose(result.params[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+def _sending(credit: Credit, sizes: list[int]) -> tuple[threading.Thread, list[int]]:
+    """A sender thread that sends messages of ``sizes`` through ``credit``; the
+    list of those it has sent."""
+    sent: list[int] = []
+
+    def run():
+        for size in sizes:
+            credit.send(size)
+            sent.append(size)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, sent
+
+
+def _settled(sent: list[int], count: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(sent) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # and no further meanwhile
+    assert len(sent) == count
+
+
+@pytest.mark.unit
+def test_credit_holds_the_slices_sent_within_its_window_of_those_answered():
+    credit = Credit(window=300, ratio=0.5)  # the request's bytes are half the answer's: bf16 against float32
+    credit.begin(time.monotonic() + 30)
+    thread, sent = _sending(credit, [100] * 4)  # each 200 bytes of answer
+    _settled(sent, 1)  # 200 within 300; a second would make 400
+    credit.answer(100)
+    _settled(sent, 2)  # 400 - 100: 300
+    credit.answer(300)
+    _settled(sent, 3)
+    credit.answer(10_000)
+    thread.join(10)
+    assert sent == [100] * 4
+
+
+@pytest.mark.unit
+def test_credit_stops_waiting_for_a_shard_that_answers_nothing_or_whose_answer_comes_after_the_request():
+    credit = Credit(window=100)
+    credit.STALL_S = 0.2
+    credit.begin(time.monotonic() + 30)
+    started = time.monotonic()
+    thread, sent = _sending(credit, [100] * 5)
+    thread.join(10)
+    assert len(sent) == 5 and 0.2 <= time.monotonic() - started < 5, "one stall, then no more waits"
+    credit.begin(time.monotonic() + 30, waits=False)  # TLS: the answer is read after the request
+    thread, sent = _sending(credit, [100] * 5)
+    thread.join(10)
+    assert len(sent) == 5
+
+
+@pytest.mark.unit
+def test_a_pipelined_update_travels_a_slice_a_message_with_room_for_two_of_its_largest_slices():
+    shapes = {("w", 0): 4096, ("w", 1): 4096, ("b", 0): 10}
+    expect = lambda key: (np.dtype(np.float32), (shapes[key],))  # noqa: E731
+    message, credit = _pacing(dict.fromkeys(shapes), expect, compressed=False, chunk_bytes=1 << 20)
+    assert message == 4 * 4096 and credit.ratio == 1.0
+    assert credit.window >= CREDIT_MESSAGES * message
+    message, credit = _pacing(dict.fromkeys(shapes), expect, compressed=True, chunk_bytes=1 << 20)
+    assert message == 2 * 4096 and credit.ratio == 0.5, "bfloat16 on the wire, float32 in the answer"
+    big = {("w", 0): PIPELINED_MESSAGE_BYTES}  # elements: 4 times the message size in bytes
+    expect = lambda key: (np.dtype(np.float32), (big[key],))  # noqa: E731
+    message, credit = _pacing(dict.fromkeys(big), expect, compressed=False, chunk_bytes=1 << 20)
+    assert message == PIPELINED_MESSAGE_BYTES and credit.window >= 2 * 4 * PIPELINED_MESSAGE_BYTES

@@ -41,7 +41,7 @@ from psfw.protocol.link import (
     socket_address,
 )
 from psfw.protocol.shm import host_id
-from psfw.runtime.lockstep import Lockstep
+from psfw.runtime.lockstep import Credit, Lockstep
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ class LinkConnection:
         timeout: float,
         duplex: bool = False,
         lockstep: Lockstep | None = None,
+        credit: Credit | None = None,
     ) -> T | WireError:
         """Send a call's ``messages`` (made in the link's thread as they are sent)
         and return ``answer(its messages)`` (also run there), or the shard's refusal.
@@ -149,13 +150,14 @@ class LinkConnection:
         pipelined Update): it is read meanwhile, unless the link is in TLS (one TLS
         connection is not for two threads at once; the shard then answers after
         the request); ``lockstep``: its messages go in step with the other calls
-        of it (not over TLS). A call that fails, runs out of ``timeout`` or is
+        of it (not over TLS); ``credit``: begun anew, and told of each answer
+        message as it is read. A call that fails, runs out of ``timeout`` or is
         cancelled midway closes the link."""
         async with self._lock:  # a call waits for the one before (a caller that must not: see ``busy``)
             if self.closed:
                 raise LinkBroken("the link is closed")
             deadline = time.monotonic() + timeout
-            running = self._thread.submit(self._exchange, method, messages, answer, deadline, duplex, lockstep)
+            running = self._thread.submit(self._exchange, method, messages, answer, deadline, duplex, lockstep, credit)
             try:
                 return await asyncio.wrap_future(running)
             except BaseException as err:
@@ -180,9 +182,18 @@ class LinkConnection:
         return not isinstance(self._sock, ssl.SSLSocket)
 
     def _exchange(
-        self, method: str, messages, answer, deadline: float, duplex: bool = False, lockstep: Lockstep | None = None
+        self,
+        method: str,
+        messages,
+        answer,
+        deadline: float,
+        duplex: bool = False,
+        lockstep: Lockstep | None = None,
+        credit: Credit | None = None,
     ):
         sock = self._sock
+        if credit is not None:  # where no answer is read until the request is sent, nothing is waited for
+            credit.begin(deadline, waits=duplex and self.duplex)
 
         def bounded() -> socket.socket:
             left = deadline - time.monotonic()
@@ -238,6 +249,8 @@ class LinkConnection:
                 if kind != MESSAGE:
                     raise LinkBroken(f"frame kind {kind} in an answer")
                 replies.append(payload)
+                if credit is not None:
+                    credit.answer(len(payload))
         except BaseException:
             if failed:
                 raise failed[0] from None  # what failed first
@@ -354,6 +367,7 @@ class ShardLink:
         retries: int,
         duplex: bool = False,
         lockstep: Lockstep | None = None,
+        credit: Credit | None = None,
     ):
         """The call over the link: ``answer``'s result, or None when there is no link,
         it is busy (the call goes beside it, as gRPC's calls do) or it failed (then the
@@ -365,7 +379,7 @@ class ShardLink:
         if link is None or link.busy:
             return None
         try:
-            result = await link.call(rpc, messages, answer, timeout, duplex, lockstep)
+            result = await link.call(rpc, messages, answer, timeout, duplex, lockstep, credit)
         except WireError as err:  # the answer did not parse
             await self._lost(link)
             raise ShardError(f"shard {self.shard} ({self.address}) {rpc}: bad reply: {err.message}") from None

@@ -1,5 +1,7 @@
-"""Lockstep: a stub's pipelined Updates of one step to its shards, kept in step on
-the wire (``psfw.runtime.link_client`` waits on it before each message it sends)."""
+"""Pacing a pipelined Update on the wire: ``Lockstep`` keeps a stub's Updates of one
+step to its shards in step (``psfw.runtime.link_client`` waits on it before each
+message it sends); ``Credit`` keeps one Update's slices no further ahead of the
+shard's answers than a window (the Update's messages wait on it as they are made)."""
 
 from __future__ import annotations
 
@@ -56,6 +58,62 @@ class Lockstep:
             if now - since >= self.STALL_S or now >= deadline:
                 return
             time.sleep(self.POLL_S)
+
+
+class Credit:
+    """One pipelined Update's slices in flight: its next slice message is made only
+    while the bytes of slices sent, less those the shard has answered, are within
+    ``window``. A shard answers a slice once every process of the group has sent
+    it, so a process that runs ahead of the others at one shard is held there, and
+    its link carries what the shards that wait for it need; without it the answers
+    of a shard lag the fastest process, and the step ends with the link down
+    carrying the backlog while the link up is idle. Bytes are counted as the shard
+    answers them: ``ratio`` is the request's bytes for one byte of answer (a half
+    where the gradients travel as bfloat16).
+
+    The window holds two of the largest slices at least (a slice is answered only
+    once it is whole). A shard that answers nothing for ``STALL_S`` (one that
+    answers only at the end: a step it had complete already) is not waited for
+    again in that attempt; nor is one whose answer is not read while the request
+    is sent (TLS)."""
+
+    STALL_S = 1.0
+
+    def __init__(self, window: int, ratio: float = 1.0):
+        self.window, self.ratio = window, ratio
+        self._answered = threading.Condition()
+        self.begin(0.0, waits=False)
+
+    def begin(self, deadline: float, waits: bool = True) -> None:
+        """An attempt of the Update begins (nothing sent or answered yet), to end by
+        ``deadline``; ``waits`` False: its answer is read only after the request,
+        so its messages never wait."""
+        self.deadline = deadline
+        self.sent = 0.0  # in the answer's bytes
+        self.answered = 0
+        self.waited = not waits  # True: sent without waiting from now on
+
+    def answer(self, nbytes: int) -> None:
+        """The shard's answer brought ``nbytes`` more (in the link's reading thread)."""
+        with self._answered:
+            self.answered += nbytes
+            self._answered.notify()
+
+    def send(self, nbytes: int) -> None:
+        """Before a message of ``nbytes`` of slices is sent: wait for room for it."""
+        more = nbytes / self.ratio
+        with self._answered:
+            since = time.monotonic()  # when the answer last moved
+            while not self.waited and self.sent + more - self.answered > self.window:
+                left = min(since + self.STALL_S, self.deadline) - time.monotonic()
+                if left <= 0:
+                    self.waited = True
+                    break
+                before = self.answered
+                self._answered.wait(left)
+                if self.answered != before:
+                    since = time.monotonic()
+            self.sent += more
 
 
 def _unsent(sock: socket.socket) -> int:

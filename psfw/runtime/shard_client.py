@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -50,7 +51,7 @@ from psfw.protocol.shm import host_id
 from psfw.protocol.wire import Assembler, Expect, update_request
 from psfw.runtime.grpc_channel import GrpcChannel, Locate
 from psfw.runtime.link_client import ShardLink
-from psfw.runtime.lockstep import Lockstep
+from psfw.runtime.lockstep import Credit, Lockstep
 from psfw.runtime.step_region import StepRegion
 from psfw.runtime.transport import Capabilities, Items
 
@@ -59,7 +60,8 @@ RPC_MARGIN_S = 10.0  # the client's deadline exceeds the shard's own wait by thi
 log = logging.getLogger(__name__)
 
 
-PIPELINED_MESSAGE_BYTES = 128 << 10  # a pipelined Update's messages: at most a slice of 128 KiB each
+PIPELINED_MESSAGE_BYTES = 128 << 10  # a pipelined Update's messages: at most a slice, and at most 128 KiB
+CREDIT_MESSAGES = 4  # a pipelined Update's slices unanswered: at most this many messages (``Credit``)
 
 
 class ShardClient:
@@ -188,9 +190,10 @@ class ShardClient:
         attempt: Callable,
         duplex: bool = False,
         lockstep: Lockstep | None = None,
+        credit: Credit | None = None,
     ):
         """The call over the link, else over gRPC (``attempt``): the one fallback rule."""
-        result = await self._link.call(rpc, messages, answer, timeout, self.retries, duplex, lockstep)
+        result = await self._link.call(rpc, messages, answer, timeout, self.retries, duplex, lockstep, credit)
         if result is not None:
             self.grpc.reached()
             return result
@@ -293,14 +296,17 @@ class ShardClient:
             grads = self._feedback.compressed(grads)  # once: a retry sends the same bytes
         timeout = header.wait_s + RPC_MARGIN_S
 
-        # pipelined: small messages, so that a shard has a slice whole soon after it left
-        chunk_bytes = min(self.chunk_bytes, PIPELINED_MESSAGE_BYTES) if header.pipelined else self.chunk_bytes
+        chunk_bytes, credit = self.chunk_bytes, None
+        if header.pipelined:
+            chunk_bytes, credit = _pacing(grads, expect, self._feedback is not None, self.chunk_bytes)
 
         def messages() -> Iterator[list]:
             if header.pipelined:  # the table rows first: a shard checks them before it adds a slice
                 yield UPDATE_PIECES(ChunkedMessage(head, []))
                 yield from row_pieces_messages(rows[1:])
-                yield from update_messages(grads, grads, None, chunk_bytes)
+                for message in update_messages(grads, grads, None, chunk_bytes):
+                    credit.send(sum(len(piece) for piece in message))
+                    yield message
                 return
             yield from update_messages(grads, grads, head, chunk_bytes)
             yield from row_pieces_messages(rows[1:])
@@ -323,7 +329,7 @@ class ShardClient:
                 raise WireError(grpc.StatusCode.INTERNAL, "the shard answered with no message")
             return fresh_answer(reply, assembler.finish(), pulled.rows())
 
-        return await self._either("Update", messages, answer, timeout, attempt, header.pipelined, lockstep)
+        return await self._either("Update", messages, answer, timeout, attempt, header.pipelined, lockstep, credit)
 
     async def restore(self, step: int, epoch: int) -> None:
         """Roll the shard back to its complete checkpoint of ``step``, at ``epoch``."""
@@ -342,6 +348,23 @@ class ShardClient:
         await self._link.relink(reply)
         self._elsewhere = reply.host != host_id()  # another network namespace counts as another host
         return reply
+
+
+def _pacing(grads: Gradients, expect: Expect, compressed: bool, chunk_bytes: int) -> tuple[int, Credit]:
+    """A pipelined Update's message size and its ``Credit``: a message holds at most
+    the largest slice (a slice is answered once whole, and travels whole the sooner
+    the smaller its message), and at most ``PIPELINED_MESSAGE_BYTES``; the window
+    holds ``CREDIT_MESSAGES`` messages, and two of the largest slices at least."""
+    sent = answered = largest = 0
+    for key in grads:
+        dtype, shape = expect(key)
+        size = math.prod(shape)
+        wire = 2 if compressed and dtype == np.float32 else dtype.itemsize  # bfloat16 as it travels
+        sent, answered, largest = sent + size * wire, answered + size * dtype.itemsize, max(largest, size * wire)
+    message = max(1, min(chunk_bytes, PIPELINED_MESSAGE_BYTES, largest))
+    window = max(CREDIT_MESSAGES * message, 2 * largest)
+    ratio = sent / answered if answered else 1.0
+    return message, Credit((window + window // 16 + 4096) / ratio, ratio)  # a margin for the messages' framing
 
 
 def _copied(target: np.ndarray, place: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ from psfw.tools.hosts_figures import BATCH, Setup, Snapshot, model_bytes, ps_mod
 from psfw.tools.peer_bench import torch_installed
 from psfw.tools.testbed import Testbed
 
-SLICE_BYTES = 128 << 10
+FAST_LINK = 500 * 10**6  # bits/s: links from this rate on get the larger slices
 TAIL = 2  # steps run after the measured ones: the window ends in the middle of the traffic, as it starts
 DDP_PORT = 29500  # rank 0's, inside its own namespace
 _STEP_LINE = re.compile(r"^group 0 step (\d+) .*\(compute ([\d.]+) / comm ([\d.]+) / wait ([\d.]+) ms\)")
@@ -166,16 +166,26 @@ def _toml(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def job_config(workers: int, shards: int, steps: int, pipeline: bool = True) -> dict:
+def slice_bytes(rate: int) -> int:
+    """The job's cluster.slice_bytes on links of ``rate`` bits/s: 32 KiB below
+    ``FAST_LINK``, 128 KiB from it on. A pipelined step fills and drains in about
+    two slices per shard at the link's rate, while each slice's message costs the
+    hosts' processes the same CPU at any rate; on 4 x 4 hosts here, 32 KiB slices
+    took 100 Mbit/s from 1.34 to 1.25 times the floor, and 128 KiB ones kept 1
+    Gbit/s at 166 ms a step where 32 KiB ones, CPU-bound, took 307 ms."""
+    return 128 << 10 if rate >= FAST_LINK else 32 << 10
+
+
+def job_config(workers: int, shards: int, steps: int, rate: int, pipeline: bool = True) -> dict:
     """The benchmark job for ``workers`` worker hosts (one worker process each, one
-    group) and ``shards`` shards, ``steps`` steps; ``pipeline``: cluster.pipeline.
-    Slices of at most SLICE_BYTES: a shard's part of the model in several slices,
-    each answered as soon as the group's is in."""
+    group) and ``shards`` shards, ``steps`` steps, on links of ``rate`` bits/s;
+    ``pipeline``: cluster.pipeline. A shard's part of the model in many slices
+    (``slice_bytes``), each answered as soon as the group's is in."""
     cluster = {"worker_groups": 1, "workers_per_group": workers, "workers_per_process": 1, "servers": shards}
     data = {
         **BENCH_CONFIG,
         "train": {**BENCH_CONFIG["train"], "steps": steps},
-        "cluster": {**cluster, "slice_bytes": SLICE_BYTES, "pipeline": pipeline},
+        "cluster": {**cluster, "slice_bytes": slice_bytes(rate), "pipeline": pipeline},
     }
     parse_config(data, "hosts bench")  # refused here, before any host is made
     return data
@@ -188,12 +198,16 @@ class HostsBench:
         self.bed, self.workers, self.shards = bed, workers, shards
         self.warmup, self.steps, self.folder = warmup, steps, folder
         self.certs = make_certs(folder, [bed.address(f"s{j}") for j in range(shards)]) if openssl_installed() else None
-        self.configs = {
-            pipeline: folder / f"job-{'pipelined' if pipeline else 'whole'}.toml" for pipeline in (True, False)
-        }
-        for pipeline, path in self.configs.items():
-            path.write_text(_toml(job_config(workers, shards, warmup + steps + TAIL, pipeline)))
         self.runs = 0
+
+    def _config(self, rate: int, pipeline: bool) -> Path:
+        """The job's config file for links of ``rate`` bits/s."""
+        path = self.folder / f"job-{rate}-{'pipelined' if pipeline else 'whole'}.toml"
+        if not path.exists():
+            path.write_text(
+                _toml(job_config(self.workers, self.shards, self.warmup + self.steps + TAIL, rate, pipeline))
+            )
+        return path
 
     def _timeout(self, rate: int) -> float:
         per_step = max(5.0, 20 * 2 * model_bytes() * 8 / rate)
@@ -219,7 +233,7 @@ class HostsBench:
             for i in range(self.workers):
                 argv = [
                     "worker",
-                    str(self.configs[pipeline]),
+                    str(self._config(rate, pipeline)),
                     "--process",
                     str(i),
                     "--servers",
@@ -329,4 +343,4 @@ def _said(setup: Setup, label: str, figures: dict) -> str:
     )
 
 
-__all__ = ["VARIANTS", "HostsBench", "job_config", "run_hosts"]
+__all__ = ["VARIANTS", "HostsBench", "job_config", "run_hosts", "slice_bytes"]

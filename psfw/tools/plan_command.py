@@ -170,7 +170,7 @@ def plan_bench(cluster: Cluster, constants: Path | None = None) -> dict:
     from psfw.tools.plan_workload import workload
 
     costs = read_constants(constants)
-    job = build_job(parse_config(job_config(cluster.workers, cluster.shards, 1), "plan"))
+    job = build_job(parse_config(job_config(cluster.workers, cluster.shards, 1, cluster.rate), "plan"))
     return predict(workload(job, BENCH_NAME, cluster.workers, costs, True, None), cluster, costs)
 
 
