@@ -211,6 +211,7 @@ def _settled(sent: list[int], count: int, timeout_s: float = 10.0) -> None:
 @pytest.mark.unit
 def test_credit_holds_the_slices_sent_within_its_window_of_those_answered():
     credit = Credit(window=300, ratio=0.5)  # the request's bytes are half the answer's: bf16 against float32
+    credit.SPAN_S = 1e-9  # the window alone, not the answer's pace
     credit.begin(time.monotonic() + 30)
     thread, sent = _sending(credit, [100] * 4)  # each 200 bytes of answer
     _settled(sent, 1)  # 200 within 300; a second would make 400
@@ -221,6 +222,16 @@ def test_credit_holds_the_slices_sent_within_its_window_of_those_answered():
     credit.answer(10_000)
     thread.join(10)
     assert sent == [100] * 4
+
+
+@pytest.mark.unit
+def test_credit_widens_its_window_to_what_the_answer_brings_in_its_span_at_its_pace():
+    credit = Credit(window=300)
+    credit.begin(time.monotonic() + 30)
+    assert credit._room() == 300  # no answer yet
+    credit.answer(10_000_000)
+    credit.first = time.monotonic() - 1.0  # 10 MB in the last second
+    assert 0.9 * 10_000_000 * Credit.SPAN_S <= credit._room() <= 10_000_000 * Credit.SPAN_S
 
 
 @pytest.mark.unit

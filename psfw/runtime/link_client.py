@@ -252,6 +252,8 @@ class LinkConnection:
                 if credit is not None:
                     credit.answer(len(payload))
         except BaseException:
+            if credit is not None:
+                credit.release()  # a message waiting for room fails at once
             if failed:
                 raise failed[0] from None  # what failed first
             if sending is not None and not sending.done():
@@ -259,6 +261,8 @@ class LinkConnection:
                     socket.socket.shutdown(sock, socket.SHUT_RDWR)
             raise
         if sending is not None:
+            if credit is not None:
+                credit.release()  # a refusal: no more answers, the rest goes at once
             sending.result()  # the shard answers after the request's END: it is sent
         return outcome
 

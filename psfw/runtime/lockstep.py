@@ -72,12 +72,15 @@ class Credit:
     where the gradients travel as bfloat16).
 
     The window holds two of the largest slices at least (a slice is answered only
-    once it is whole). A shard that answers nothing for ``STALL_S`` (one that
+    once it is whole), and what the answer brings in ``SPAN_S`` at the pace it has
+    come so far: a fast link keeps its answers flowing through the delays of the
+    processes' threads. A shard that answers nothing for ``STALL_S`` (one that
     answers only at the end: a step it had complete already) is not waited for
     again in that attempt; nor is one whose answer is not read while the request
     is sent (TLS)."""
 
     STALL_S = 1.0
+    SPAN_S = 0.1
 
     def __init__(self, window: int, ratio: float = 1.0):
         self.window, self.ratio = window, ratio
@@ -91,12 +94,22 @@ class Credit:
         self.deadline = deadline
         self.sent = 0.0  # in the answer's bytes
         self.answered = 0
+        self.first = None  # when the first answer came
         self.waited = not waits  # True: sent without waiting from now on
 
     def answer(self, nbytes: int) -> None:
         """The shard's answer brought ``nbytes`` more (in the link's reading thread)."""
         with self._answered:
+            if self.first is None:
+                self.first = time.monotonic()
             self.answered += nbytes
+            self._answered.notify()
+
+    def release(self) -> None:
+        """No more answers will come (the attempt failed, or was refused): the
+        messages left go without waiting."""
+        with self._answered:
+            self.waited = True
             self._answered.notify()
 
     def send(self, nbytes: int) -> None:
@@ -104,7 +117,7 @@ class Credit:
         more = nbytes / self.ratio
         with self._answered:
             since = time.monotonic()  # when the answer last moved
-            while not self.waited and self.sent + more - self.answered > self.window:
+            while not self.waited and self.sent + more - self.answered > self._room():
                 left = min(since + self.STALL_S, self.deadline) - time.monotonic()
                 if left <= 0:
                     self.waited = True
@@ -114,6 +127,13 @@ class Credit:
                 if self.answered != before:
                     since = time.monotonic()
             self.sent += more
+
+    def _room(self) -> float:
+        """The window now: at least ``window``, and ``SPAN_S`` of the answer's pace."""
+        if self.first is None:
+            return self.window
+        pace = self.answered / max(time.monotonic() - self.first, self.SPAN_S)
+        return max(self.window, pace * self.SPAN_S)
 
 
 def _unsent(sock: socket.socket) -> int:

@@ -164,8 +164,10 @@ def _step(work: Workload, cluster: Cluster, costs: Constants) -> dict:
         links = max(busy[f"{side} link {way}"] for side in ("worker", "shard") for way in ("up", "down"))
         part = min(work.slice_bytes, (work.dense_bytes + work.table_bytes) / k)
         rate = cluster.rate / 8 * costs.payload_share
-        # one part up and its answer down through the busiest link's share, and its CPU
-        through = 2 * part * max(1.0, n / k) / rate
+        # the first part is whole once a part of every flow through the busiest link
+        # has crossed it (a worker's k flows and a shard's n go interleaved), the last
+        # answers likewise; and its CPU
+        through = 2 * part * max(n, k) / rate
         through += part * (costs.push_s_per_byte + costs.pull_s_per_byte + costs.update_cost(work.optimizer))
         push, update, pull, fill = None, busy["shard update cpu"], None, through
         comm = max(links, worker_cpu, shard_cpu) + fill + messages
