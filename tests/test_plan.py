@@ -35,9 +35,12 @@ def test_the_whole_step_is_push_then_pull_at_the_busiest_link():
 def test_the_pipelined_step_overlaps_the_directions_and_adds_a_part_of_every_flow_to_fill_and_drain():
     plan = predict(_work(), Cluster(4, 4, GBIT, "pipelined"), FREE)
     part = 1 << 20
-    # a worker's link carries its 4 flows interleaved: the first part of each is whole
-    # after 4 parts have crossed it, and the last answers take as long
-    assert plan["step_s"] == pytest.approx(M / (GBIT / 8) + 2 * 4 * part / (GBIT / 8))
+    # the links up and down at once, and one part of each of a link's 4 flows (a worker
+    # host's link carries them interleaved) before the first answer
+    assert plan["step_s"] == pytest.approx(M / (GBIT / 8) + 4 * part / (GBIT / 8))
+    whole = predict(_work(), Cluster(4, 4, GBIT, "whole"), FREE)
+    single = predict(_work()._replace(slice_bytes=M), Cluster(4, 4, GBIT, "pipelined"), FREE)
+    assert single["step_s"] == pytest.approx(whole["step_s"]), "a shard's share in one part: nothing to pipeline"
 
 
 @pytest.mark.unit

@@ -51,11 +51,13 @@ def test_the_plan_is_within_a_fifth_of_the_measured_step_on_every_cell_of_the_gr
     grid = GRIDS[variant, mode]
     cells = _cells(grid, variant, mode)
     assert sorted(cells) == sorted(grid)
-    # a cell that missed is measured once more: a step of a few measured steps is the
+    # a cell that missed is measured once more, and keeps the faster of its two steps
+    # (as psfw bench keeps its best round): a step of a few measured steps is the
     # machine's as much as the links' when something else ran on its 2 cores meanwhile
     again = _missed(cells)
     if again:
-        cells.update(_cells(again, variant, mode))
+        for setup, cell in _cells(again, variant, mode).items():
+            cells[setup] = min(cells[setup], cell)
     shown = "\n".join(
         f"{mode}, {n} x {k} at {r / 1e6:g} Mbit/s: {s * 1e3:.0f} ms, plan {p * 1e3:.0f} ms ({p / s - 1:+.0%})"
         + (" (measured again)" if Setup(n, k, r) in again else "")

@@ -153,24 +153,24 @@ def _step(work: Workload, cluster: Cluster, costs: Constants) -> dict:
     shard_cpu = busy["shard push cpu"] + busy["shard update cpu"] + busy["shard pull cpu"]
     # each process handles its own share of every message; one round trip's latency on top
     messages = costs.per_message_s / 2 * (max(k, n) + 1)
+    push = max(busy["worker link up"], busy["shard link down"], busy["worker push cpu"], busy["shard push cpu"])
+    pull = max(busy["worker link down"], busy["shard link up"], busy["worker pull cpu"], busy["shard pull cpu"])
+    update = busy["shard update cpu"]
+    # the first chunk is encoded before bytes flow, the last taken in after they stopped
+    fill = costs.chunk_bytes * (costs.push_s_per_byte + costs.pull_s_per_byte)
+    whole = push + update + pull + fill
     if cluster.mode == "whole":
-        push = max(busy["worker link up"], busy["shard link down"], busy["worker push cpu"], busy["shard push cpu"])
-        pull = max(busy["worker link down"], busy["shard link up"], busy["worker pull cpu"], busy["shard pull cpu"])
-        update = busy["shard update cpu"]
-        # the first chunk is encoded before bytes flow, the last taken in after they stopped
-        fill = costs.chunk_bytes * (costs.push_s_per_byte + costs.pull_s_per_byte)
-        comm = push + update + pull + fill + messages
+        comm = whole + messages
     else:
+        # a pipeline of parts: the busiest resource's time, and one part's share of the
+        # rest (the first part up, the last part's answer down: one part of every flow
+        # through the busiest link); a shard's share in one part is the whole step
         links = max(busy[f"{side} link {way}"] for side in ("worker", "shard") for way in ("up", "down"))
-        part = min(work.slice_bytes, (work.dense_bytes + work.table_bytes) / k)
-        rate = cluster.rate / 8 * costs.payload_share
-        # the first part is whole once a part of every flow through the busiest link
-        # has crossed it (a worker's k flows and a shard's n go interleaved), the last
-        # answers likewise; and its CPU
-        through = 2 * part * max(n, k) / rate
-        through += part * (costs.push_s_per_byte + costs.pull_s_per_byte + costs.update_cost(work.optimizer))
-        push, update, pull, fill = None, busy["shard update cpu"], None, through
-        comm = max(links, worker_cpu, shard_cpu) + fill + messages
+        busiest = max(links, worker_cpu, shard_cpu)
+        flow = (work.dense_bytes + work.table_bytes) / k  # a worker's bytes to one shard
+        parts = max(1.0, flow / work.slice_bytes)
+        push, pull, fill = None, None, (whole - busiest) / parts
+        comm = busiest + fill + messages
     step = work.compute_s + comm
     load = {
         "compute": busy["compute"],
