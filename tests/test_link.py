@@ -37,7 +37,7 @@ from psfw.protocol.link import (
 from psfw.protocol.messages import GetHeader, UpdateHeader
 from psfw.protocol.shm import host_id
 from psfw.runtime import link_client
-from psfw.runtime.link_client import LinkConnection, Place, link_place
+from psfw.runtime.link_connection import LinkConnection, Place, link_place
 from psfw.runtime.shard_client import ShardClient
 from psfw.services import link_server
 from psfw.services.server import ShardServer

@@ -14,7 +14,7 @@ import pytest
 from psfw.base.errors import ShardError
 from psfw.base.security import Security
 from psfw.protocol.messages import GetHeader, UpdateHeader
-from psfw.runtime.link_client import LinkConnection, link_place
+from psfw.runtime.link_connection import LinkConnection, link_place
 from psfw.runtime.shard_client import ShardClient
 from psfw.services import link_server
 from psfw.services.server import ShardServer

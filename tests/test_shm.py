@@ -24,7 +24,7 @@ from psfw.protocol.shm import SHM_DIR, Region, host_id
 from psfw.runtime.connect import connect
 from psfw.runtime.gradient_sums import GradientStage
 from psfw.runtime.grpc_channel import reason_of
-from psfw.runtime.link_client import LinkConnection, link_place
+from psfw.runtime.link_connection import LinkConnection, link_place
 from psfw.runtime.shard_client import ShardClient
 from psfw.runtime.step_region import StepRegion
 from psfw.services.server import ShardServer

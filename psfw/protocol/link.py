@@ -148,15 +148,7 @@ POPULATED = getattr(mmap, "MAP_POPULATE", 0) | mmap.MAP_PRIVATE | mmap.MAP_ANONY
 
 def listen_unix(name: str) -> socket.socket:
     """A listening socket (non-blocking) on the abstract Unix socket ``name`` names."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(socket_address(name))
-        sock.listen(64)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return _listening(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), socket_address(name))
 
 
 def listen_tcp(host: str, port: int) -> socket.socket:
@@ -164,9 +156,15 @@ def listen_tcp(host: str, port: int) -> socket.socket:
     IPv6 address, the wildcard of all interfaces)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
+    return _listening(socket.socket(family, kind, proto), address, reuse=True)
+
+
+def _listening(sock: socket.socket, address, reuse: bool = False) -> socket.socket:
+    """``sock`` bound to ``address`` (``reuse``: with SO_REUSEADDR), listening,
+    non-blocking; closed if that fails."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(64)
         sock.setblocking(False)

@@ -1,5 +1,5 @@
 """Pacing a pipelined Update on the wire: ``Lockstep`` keeps a stub's Updates of one
-step to its shards in step (``psfw.runtime.link_client`` waits on it before each
+step to its shards in step (``psfw.runtime.link_connection`` waits on it before each
 message it sends); ``Credit`` keeps one Update's slices no further ahead of the
 shard's answers than a window (the Update's messages wait on it as they are made)."""
 
